@@ -1,0 +1,7 @@
+"""npsd: Stable Diffusion v1.x inference in NumPy."""
+
+from .errors import CheckpointError, InputError, NpsdError
+from .pipeline import Pipeline
+
+__version__ = "0.1.0"
+__all__ = ["Pipeline", "NpsdError", "CheckpointError", "InputError", "__version__"]

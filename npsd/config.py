@@ -1,0 +1,46 @@
+"""Settings that the weights do not determine (DECISIONS: "Settings that are not in the weights").
+
+A model's config is a plain dict with one section per component. Tensor shapes decide everything
+else (channels, depths, input channels), so these few numbers are all a config holds.
+"""
+
+import copy
+
+SD15 = {
+    "text_encoder": {
+        "num_heads": 12,            # CLIP ViT-L/14 text tower: width 768 / 64
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "quick_gelu",
+    },
+    "unet": {
+        "num_heads": 8,             # SD v1.x: 8 heads at every level (diffusers' "attention_head_dim": 8)
+        "norm_groups": 32,
+        "resnet_eps": 1e-5,         # GroupNorm eps in ResBlocks, conv_norm_out
+        "transformer_eps": 1e-6,    # GroupNorm eps before proj_in of each spatial transformer
+    },
+    "vae": {
+        "scaling_factor": 0.18215,  # latents are multiplied by this before diffusion (LDM paper, sec. 4.3.2)
+        "norm_groups": 32,
+        "eps": 1e-6,
+    },
+    "defaults": {                   # what txt2img & co. use when an argument is None
+        "height": 512,
+        "width": 512,
+        "num_inference_steps": 50,
+        "guidance_scale": 7.5,
+        "sampler": "ddim",
+    },
+    "scheduler": {                  # SD v1.5's published scheduler configuration
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+    },
+}
+
+
+def sd15_config():
+    """A fresh copy of the SD v1.x config (safe to modify)."""
+    return copy.deepcopy(SD15)

@@ -1,0 +1,13 @@
+"""npsd's own errors. Every message is one line that says what is wrong and what to do."""
+
+
+class NpsdError(Exception):
+    """Base class of every error npsd raises on purpose."""
+
+
+class CheckpointError(NpsdError):
+    """A model file or folder cannot be used (missing, corrupt, unsafe, wrong architecture)."""
+
+
+class InputError(NpsdError, ValueError):
+    """A parameter or input image is not acceptable."""
