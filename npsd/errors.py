@@ -11,3 +11,7 @@ class CheckpointError(NpsdError):
 
 class InputError(NpsdError, ValueError):
     """A parameter or input image is not acceptable."""
+
+
+class TruncationWarning(UserWarning):
+    """A prompt was longer than CLIP's context; the message says how many tokens were dropped."""
