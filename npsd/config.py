@@ -35,8 +35,9 @@ SD15 = {
         "beta_start": 0.00085,
         "beta_end": 0.012,
         "beta_schedule": "scaled_linear",
-        "timestep_spacing": "leading",
-        "steps_offset": 1,
+        "timestep_spacing": "leading",  # "leading" | "trailing" | "linspace" (docs/samplers.md, sec. 3)
+        "steps_offset": 1,              # leading: t = i * (N // n) + 1 -> 981..1; 0 gives the course's 980..0
+        "set_alpha_to_one": False,      # DDIM's last step goes to alpha_bar_0 (not 1), as SD's config says
     },
 }
 
