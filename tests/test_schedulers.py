@@ -366,6 +366,20 @@ def test_sampling_loop(name, spacing, karras, n):
     print(f"  worst x0_pred: {worst}")
 
 
+@pytest.mark.parametrize("name", S.SAMPLERS)
+def test_sampling_loop_at_sd_latent_size(name):
+    """SD v1.5's own latent size (batch 2, 4 x 64 x 64 for 512 x 512 images), 3 steps."""
+    shape, n = (2, 4, 64, 64), 3
+    r = reference_set(name, n)
+    sched = S.make_schedule(name, n, CONFIG)
+    x_T = randn(60, shape) * np.float32(sched.init_noise_sigma)
+    ref, _ = run_reference(name, r, x_T, r.timesteps, eta=0.3 if name == "ddim" else 0.0)
+    g = torch.Generator().manual_seed(123)
+    noises = [torch.randn(shape, generator=g).numpy() for _ in range(n)]
+    out = S.sample(fake_eps_np, x_T, sched, noises=noises, eta=0.3 if name == "ddim" else 0.0)
+    print(assert_close(out, ref, RTOL_LOOP, f"loop {name} at 2x4x64x64"))
+
+
 def test_rng_order_is_documented():
     """rng= draws standard_normal(x.shape, float32) per noisy step: the same as noises= with those draws."""
     sched = S.make_schedule("euler_a", 5, CONFIG)
