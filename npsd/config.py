@@ -17,6 +17,7 @@ SD15 = {
         "norm_groups": 32,
         "resnet_eps": 1e-5,         # GroupNorm eps in ResBlocks, conv_norm_out
         "transformer_eps": 1e-6,    # GroupNorm eps before proj_in of each spatial transformer
+        "layer_norm_eps": 1e-5,     # LayerNorms (norm1/2/3) inside each transformer block
     },
     "vae": {
         "scaling_factor": 0.18215,  # latents are multiplied by this before diffusion (LDM paper, sec. 4.3.2)
@@ -28,7 +29,7 @@ SD15 = {
         "width": 512,
         "num_inference_steps": 50,
         "guidance_scale": 7.5,
-        "sampler": "ddim",
+        "sampler": "ddpm",            # the course's sampler, as the sampling issue asks
     },
     "scheduler": {                  # SD v1.5's published scheduler configuration
         "num_train_timesteps": 1000,

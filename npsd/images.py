@@ -1,0 +1,81 @@
+"""Images in and out: PIL <-> float32 arrays, masks, sizes.
+
+Pixel arrays inside npsd are float32 [B, 3, H, W] in [-1, 1] (what the VAE reads and writes).
+"""
+
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from .errors import InputError
+
+
+def open_image(image, what="image"):
+    """A path or PIL image -> an RGB PIL image (grayscale, RGBA, palette and 16-bit are converted)."""
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        try:
+            img = Image.open(image)
+            img.load()
+        except FileNotFoundError:
+            raise InputError(f"{what} file not found: {image}") from None
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read {what} {image}: {e}; give a PNG or JPEG file") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):                 # 16/32-bit grayscale -> 8-bit
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(a / max(a.max(), 1) * 255, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)                # transparent pixels become white
+    return img.convert("RGB")
+
+
+def fit_size(img, height, width, what="image"):
+    """Resize to (width, height) when the size differs, with a note (a warning)."""
+    if img.size != (width, height):
+        warnings.warn(f"{what} of size {img.size[0]}x{img.size[1]} resized to {width}x{height}", stacklevel=3)
+        img = img.resize((width, height), Image.LANCZOS)
+    return img
+
+
+def default_size(img):
+    """An image's size rounded down to multiples of 8: (height, width)."""
+    w, h = img.size
+    return h - h % 8, w - w % 8
+
+
+def to_array(img):
+    """RGB PIL image -> float32 [1, 3, H, W] in [-1, 1]  (x / 255 * 2 - 1, as diffusers does)."""
+    a = np.asarray(img, dtype=np.float32) / 255.0                  # [H, W, 3] in [0, 1]
+    return (2.0 * a - 1.0).transpose(2, 0, 1)[None]
+
+
+def mask_to_array(mask, blur=0):
+    """Mask image -> float32 [1, 1, H, W] of 0 and 1 (white, >= 0.5, means "repaint").
+
+    blur > 0 applies a Gaussian blur of that radius before binarising (softens the mask's edge)."""
+    m = mask.convert("L")
+    if blur:
+        m = m.filter(ImageFilter.GaussianBlur(blur))
+    a = np.asarray(m, dtype=np.float32) / 255.0
+    if np.any((a > 0.02) & (a < 0.98)):
+        warnings.warn("the mask is not binary: pixels >= 0.5 are repainted, the rest kept", stacklevel=3)
+    a = (a >= 0.5).astype(np.float32)
+    if a.max() == 0:
+        warnings.warn("the mask is all black: nothing will be repainted", stacklevel=3)
+    elif a.min() == 1:
+        warnings.warn("the mask is all white: the whole image will be repainted", stacklevel=3)
+    return a[None, None]
+
+
+def to_pil(images):
+    """float32 [B, H, W, 3] in [0, 1] -> list of PIL images (rounded to the nearest 8-bit value)."""
+    return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
+
+
+def postprocess(decoded):
+    """VAE output [B, 3, H, W] in about [-1, 1] -> float32 [B, H, W, 3] in [0, 1]."""
+    return np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
