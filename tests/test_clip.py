@@ -194,6 +194,18 @@ def test_pipeline_methods(tiny):
                  "Pipeline.encode_text clip_skip")
 
 
+def test_transformers_state_dict_names(tiny):
+    """transformers 5.x: CLIPTextModel.state_dict() has no "text_model." prefix and no position_ids
+    (4.x had both; build() accepts either). npsd's params must hold exactly the model's tensors."""
+    import transformers
+    from npsd.params import flatten
+    keys = set(tiny.model.state_dict())
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert not any(k.startswith("text_model.") or k.endswith("position_ids") for k in keys)
+    stripped = {k.removeprefix("text_model.") for k in keys if not k.endswith("position_ids")}
+    assert set(flatten(tiny.params)) == stripped
+
+
 def test_transformers_4_names_accepted(tiny):
     out = clip.encode_text({"text_model": tiny.params}, tiny.ids, tiny.config)
     assert_close(out, tiny.last, RTOL, "params under text_model")
