@@ -25,10 +25,9 @@ def _lists(node):
         return node
     node = {k: _lists(v) for k, v in node.items()}
     if node and all(k.isdigit() for k in node):
-        idx = sorted(int(k) for k in node)
-        if idx != list(range(len(idx))):
-            raise ValueError(f"parameter indices are not contiguous: {idx}")
-        return [node[str(i)] for i in idx]
+        # a gap is a module without parameters (the UNet's ff.net.1 is a Dropout): it becomes None,
+        # so ff.net.2 stays at index 2
+        return [node.get(str(i)) for i in range(max(int(k) for k in node) + 1)]
     return node
 
 
@@ -38,6 +37,8 @@ def flatten(tree, prefix=""):
     flat = {}
     for key, value in items:
         name = f"{prefix}{key}"
+        if value is None:                                  # a parameterless module (see _lists)
+            continue
         if isinstance(value, (dict, list)):
             flat.update(flatten(value, name + "."))
         else:

@@ -1,0 +1,234 @@
+"""npsd.unet against diffusers' UNet2DConditionModel with the same perturbed random weights.
+
+Every comparison is of whole tensors (npsd.testing.assert_close: max abs diff / max |ref|), at the
+final output and at each block (forward hooks on conv_in, time_embedding, every down block, the
+mid block and every up block), so a failure names the block where npsd first departs.
+
+Tolerances (relative, fp32), from measured errors:
+- tiny configs: RTOL_TINY = 1e-5. Measured 1.5e-7 .. 1.5e-6 at every block and the output (both
+  sides sum in float32 in a different order); the bugs tried below give 5e-2 .. 0.2.
+- full SD v1.5 size: RTOL_FULL = 2e-5. Measured <= 1.9e-6 at every block and eps, 3.9e-6 at
+  the time embedding (see the comment above RTOL_FULL).
+"""
+
+import gc
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from npsd.errors import InputError
+from npsd.params import unflatten
+from npsd.testing import assert_close, compare
+from npsd.unet import param_shapes, unet
+from tests.helpers import n2t, perturb_, t2n, to_numpy_params
+
+RTOL_TINY = 1e-5
+# Full size: 22 resnets and 16 transformers deep with up to 2560 input channels per conv, so
+# rounding accumulates more than in the tiny model. Measured (relative, SD v1.5 config):
+#   32x32 batch 2:  blocks 3.1e-7 (conv_in) .. 1.8e-6 (up_blocks.1), time_embedding 3.9e-6, eps 1.4e-6
+#   64x64 batch 2:  blocks 3.1e-7 .. 1.8e-6, time_embedding 1.1e-6, eps 1.5e-6
+#   20x28 batch 1:  blocks 0 .. 1.9e-6, time_embedding 4.2e-7, eps 1.3e-6
+# The largest, time_embedding at t = 500.25 / 999, comes from the sinusoid: torch evaluates
+# exp(-ln(10000) i/160) in float32 (an ulp off in some entries), npsd in float64 rounded once, and
+# t ~ 1000 multiplies that ulp into sin/cos (npsd/nn.py, timestep_embedding). 2e-5 is 5x the
+# largest measured error; every bug tried on the tiny model moves eps by >= 5e-2.
+RTOL_FULL = 2e-5
+
+rng = np.random.default_rng(0)
+
+BLOCKS = re.compile(r"^(conv_in|time_embedding|mid_block|(down|up)_blocks\.\d+)$")
+
+
+def randn(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def reference(model, latents, t, context):
+    """diffusers' eps and every block's output (by diffusers module name) as NumPy arrays."""
+    outs, hooks = {}, []
+    for name, mod in model.named_modules():
+        if BLOCKS.match(name):
+            # down blocks return (hidden_states, skips): keep hidden_states
+            hook = (lambda m, i, o, name=name: outs.__setitem__(name, t2n(o[0] if isinstance(o, tuple) else o)))
+            hooks.append(mod.register_forward_hook(hook))
+    tt = t if np.isscalar(t) else torch.from_numpy(np.asarray(t, dtype=np.float32))
+    with torch.no_grad():
+        eps = t2n(model(n2t(latents), tt, n2t(context)).sample)
+    for h in hooks:
+        h.remove()
+    return eps, outs
+
+
+def check(params, config, latents, t, context, ref, rtol):
+    """Run npsd and compare every block (in execution order) and the output; returns the comparisons."""
+    eps_ref, blocks_ref = ref
+    trace = {}
+    eps = unet(params, latents, t, context, config, trace=trace)
+    assert set(trace) == set(blocks_ref), f"blocks traced {sorted(trace)} != hooked {sorted(blocks_ref)}"
+    results = [assert_close(trace[k], blocks_ref[k], rtol, k) for k in trace]
+    results.append(assert_close(eps, eps_ref, rtol, "eps"))
+    for c in results:
+        print(c)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny configs (fast): SD v1's design with few channels
+# ---------------------------------------------------------------------------------------------
+
+TINY_SD = dict(  # the SD v1.5 block layout (4 levels, 3 with attention), few channels
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8)
+TINY_SD_CONFIG = {"num_heads": 4, "norm_groups": 8}
+
+TINY_INPAINT = dict(  # 9 input channels, linear proj_in/out, 2 transformer blocks, heads per level
+    sample_size=16, in_channels=9, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=24, attention_head_dim=(2, 4), use_linear_projection=True,
+    transformer_layers_per_block=2, norm_num_groups=8)
+TINY_INPAINT_CONFIG = {"num_heads": [2, 4], "norm_groups": 8}
+
+
+def build(kwargs, seed=0):
+    torch.manual_seed(seed)
+    return perturb_(UNet2DConditionModel(**kwargs).eval(), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    model = build(TINY_SD)
+    return model, to_numpy_params(model.state_dict())
+
+
+@pytest.mark.parametrize("name, latent_shape, t, tokens", [
+    ("t per item, fractional", (2, 4, 16, 16), [999.0, 0.5], 77),
+    ("scalar int t", (2, 4, 16, 16), 500, 77),
+    ("scalar fractional t", (1, 4, 8, 24), 261.75, 77),
+    ("t of shape [1]", (2, 4, 16, 16), [37.0], 77),
+    ("154-token context (two 77 chunks)", (2, 4, 16, 16), [10.0, 980.0], 154),
+    # 37 -> 19 -> 10 -> 5 on the way down: each upsampler must take its skip's size (5->10->19->37)
+    ("odd latent 37x21", (2, 4, 37, 21), [999.0, 1.0], 77),
+])
+def test_tiny_sd_layout(tiny_sd, name, latent_shape, t, tokens):
+    model, params = tiny_sd
+    latents, context = randn(*latent_shape), randn(latent_shape[0], tokens, 24)
+    check(params, TINY_SD_CONFIG, latents, t, context, reference(model, latents, t, context), RTOL_TINY)
+
+
+def test_tiny_inpaint_linear_projection_depth2():
+    """9-channel input (sd-v1-5-inpainting), use_linear_projection, 2 transformer blocks per
+    transformer, heads (2, 4) per level: the up path must use them reversed, the mid block the last."""
+    model = build(TINY_INPAINT, seed=1)
+    params = to_numpy_params(model.state_dict())
+    assert params["down_blocks"][0]["attentions"][0]["proj_in"]["weight"].ndim == 2      # linear
+    assert len(params["down_blocks"][0]["attentions"][0]["transformer_blocks"]) == 2
+    latents, context, t = randn(2, 9, 12, 10), randn(2, 5, 24), [3.25, 640.0]
+    ref = reference(model, latents, t, context)
+    check(params, TINY_INPAINT_CONFIG, latents, t, context, ref, RTOL_TINY)
+    with pytest.raises(AssertionError):         # same heads at every level: the check must fail
+        check(params, dict(TINY_INPAINT_CONFIG, num_heads=4), latents, t, context, ref, RTOL_TINY)
+
+
+def test_sensitivity(tiny_sd):
+    """The checks can fail: swapped context batch, swapped timesteps, wrong eps values.
+
+    eps only matters where a GroupNorm's variance is small, so here conv_in and the first resnet's
+    conv2 are scaled by 1e-2 (in the shared weights): the first transformer's GroupNorm then sees a
+    variance of about 1e-4, as low-variance channels of real checkpoints do."""
+    model = build(TINY_SD)
+    with torch.no_grad():
+        for mod in (model.conv_in, model.down_blocks[0].resnets[0].conv2):
+            mod.weight.mul_(1e-2)
+            mod.bias.mul_(1e-2)
+    params = to_numpy_params(model.state_dict())
+    latents, context, t = randn(2, 4, 16, 16), randn(2, 77, 24), np.array([10.0, 700.0], np.float32)
+    ref = reference(model, latents, t, context)
+    check(params, TINY_SD_CONFIG, latents, t, context, ref, RTOL_TINY)
+    wrong = {
+        "context batch swapped ([cond, uncond] for [uncond, cond])": (t, context[::-1], TINY_SD_CONFIG),
+        "timesteps swapped": (t[::-1], context, TINY_SD_CONFIG),
+        "transformer GroupNorm eps 1e-5 instead of 1e-6": (t, context, dict(TINY_SD_CONFIG, transformer_eps=1e-5)),
+        "resnet GroupNorm eps 1e-6 instead of 1e-5": (t, context, dict(TINY_SD_CONFIG, resnet_eps=1e-6)),
+    }
+    for what, (tw, cw, cfg) in wrong.items():
+        c = compare(unet(params, latents, tw, cw, cfg), ref[0], "eps")
+        print(f"{what}: {c}")
+        assert c.max_rel > 10 * RTOL_TINY, f"{what} was not detected: {c}"
+
+
+def test_input_errors(tiny_sd):
+    _, params = tiny_sd
+    latents, context = randn(2, 4, 8, 8), randn(2, 77, 24)
+    with pytest.raises(InputError, match="context batch 1 does not match the latent batch 2"):
+        unet(params, latents, 1, context[:1], TINY_SD_CONFIG)
+    with pytest.raises(InputError, match=r"latents must be \[B, 4, h, w\]"):
+        unet(params, randn(2, 9, 8, 8), 1, context, TINY_SD_CONFIG)
+    with pytest.raises(InputError, match=r"context must be \[B, tokens, 24\]"):
+        unet(params, latents, 1, randn(2, 77, 768), TINY_SD_CONFIG)
+    with pytest.raises(InputError, match="t must be a scalar or one timestep per batch item"):
+        unet(params, latents, [1, 2, 3], context, TINY_SD_CONFIG)
+    with pytest.raises(InputError, match="num_heads has 2 entries but the UNet has 4 levels"):
+        unet(params, latents, 1, context, dict(TINY_SD_CONFIG, num_heads=[4, 4]))
+    with pytest.raises(InputError, match="finite"):
+        unet(params, latents, np.nan, context, TINY_SD_CONFIG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full SD v1.5 size: the torch model is built once, its outputs computed, then it is freed
+# ---------------------------------------------------------------------------------------------
+
+SD15 = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+SD15_CONFIG = {"num_heads": 8, "norm_groups": 32, "resnet_eps": 1e-5, "transformer_eps": 1e-6, "layer_norm_eps": 1e-5}
+
+FULL_CASES = {
+    # name: (latent shape, t, context tokens, compare blocks)
+    "32x32 batch 2": ((2, 4, 32, 32), [999.0, 500.25], 77, True),
+    "64x64 batch 2": ((2, 4, 64, 64), 261, 77, True),
+    # 20 -> 10 -> 5 -> 3 down, 3 -> 5 -> 10 -> 20 up (the upsampler takes the skip's size); long prompt
+    "20x28 batch 1, 154 tokens": ((1, 4, 20, 28), 0.5, 154, True),
+}
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    """(params, {case: (inputs, reference)}). Module scope (this is the only module that uses it,
+    so it is built once per session) lets its 3.4 GB go before later test files run."""
+    model = build(SD15)
+    params = {k: v.detach().numpy() for k, v in model.state_dict().items()}   # shares torch's memory
+    assert {k: tuple(v.shape) for k, v in params.items()} == param_shapes()    # SD v1.5's 686 tensors
+    cases = {}
+    for name, (shape, t, tokens, _) in FULL_CASES.items():
+        latents, context = randn(*shape), randn(shape[0], tokens, 768)
+        cases[name] = ((latents, t, context), reference(model, latents, t, context))
+    del model                                     # the params keep the weights alive: 3.4 GB once
+    gc.collect()
+    yield unflatten(params), cases
+
+
+@pytest.mark.parametrize("case", list(FULL_CASES))
+def test_full_size(full_size, case):
+    params, cases = full_size
+    (latents, t, context), ref = cases[case]
+    check(params, SD15_CONFIG, latents, t, context, ref, RTOL_FULL)
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/unet.md: its python code blocks run as they are
+# ---------------------------------------------------------------------------------------------
+
+def test_docs_code_blocks_run():
+    text = (Path(__file__).parent.parent / "docs" / "unet.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "docs/unet.md has no python code block"
+    for code in blocks:
+        exec(compile(code, "docs/unet.md", "exec"), {})

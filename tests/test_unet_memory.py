@@ -1,0 +1,69 @@
+"""Memory of one full-size UNet call, measured as DECISIONS says ("Memory, measured one way").
+
+In a fresh subprocess without torch: random float32 weights of SD v1.5's UNet shapes (fan-in
+scaled, npsd.unet.random_params; their names and shapes equal the real checkpoint's, checked
+against reference/sd15_diffusers_manifest.json), then one call at batch 2 on 64x64 latents.
+overhead = peak RSS (ru_maxrss) - RSS right after building the weights; required <= 1.0 GB.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = Path("/work/shared/reference/sd15_diffusers_manifest.json")
+LIMIT_GB = 1.0
+
+CHILD = r"""
+import json, resource, sys, time
+sys.modules["torch"] = None                       # the measurement must not include torch
+import numpy as np
+from npsd.config import sd15_config
+from npsd.params import count
+from npsd.unet import random_params, unet
+
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+params = random_params(seed=0)                    # SD v1.5 shapes, 859.5M float32 values
+rss_weights = rss_kb()
+peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rng = np.random.default_rng(0)
+latents = rng.standard_normal((2, 4, 64, 64), dtype=np.float32)
+context = rng.standard_normal((2, 77, 768), dtype=np.float32)
+t0 = time.perf_counter()
+eps = unet(params, latents, [999, 500], context, sd15_config()["unet"])
+seconds = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"weights_gb": count(params) * 4 / 2**30, "rss_after_weights_gb": rss_weights / 2**20,
+                  "peak_before_call_gb": peak_before / 2**20, "peak_gb": peak / 2**20,
+                  "overhead_gb": (peak - rss_weights) / 2**20, "seconds": seconds,
+                  "eps_shape": list(eps.shape), "eps_finite": bool(np.isfinite(eps).all()),
+                  "eps_std": float(eps.std())}))
+"""
+
+
+def test_full_size_random_params_match_the_real_layout():
+    from npsd.unet import param_shapes
+    if not MANIFEST.exists():
+        pytest.skip(f"{MANIFEST} is not available")
+    real = json.loads(MANIFEST.read_text())["unet/diffusion_pytorch_model.safetensors"]
+    assert param_shapes() == {k: tuple(shape) for k, (shape, dtype) in real.items()}
+
+
+def test_unet_call_batch2_64x64_memory():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"UNet batch 2, 64x64: weights {m['weights_gb']:.2f} GB, RSS after weights "
+          f"{m['rss_after_weights_gb']:.2f} GB, peak {m['peak_gb']:.2f} GB -> overhead "
+          f"{m['overhead_gb']:.3f} GB (limit {LIMIT_GB} GB); call took {m['seconds']:.1f} s")
+    assert m["eps_shape"] == [2, 4, 64, 64] and m["eps_finite"] and m["eps_std"] > 0
+    assert m["overhead_gb"] <= LIMIT_GB, m
