@@ -2,6 +2,7 @@
 
 from .errors import CheckpointError, InputError, NpsdError
 from .pipeline import Pipeline
+from .loading import load
 
 __version__ = "0.1.0"
-__all__ = ["Pipeline", "NpsdError", "CheckpointError", "InputError", "__version__"]
+__all__ = ["Pipeline", "load", "NpsdError", "CheckpointError", "InputError", "__version__"]

@@ -1,0 +1,604 @@
+"""Load SD v1.x weights from the files users have: original single files and diffusers folders.
+
+    pipe = npsd.load("v1-5-pruned-emaonly.safetensors")   # or .ckpt, or a diffusers folder
+
+Every layout ends up in npsd's one naming (diffusers / transformers names, docs/parameters.md):
+
+    params = {"text_encoder": CLIPTextModel names without "text_model." and without position_ids,
+              "unet": UNet2DConditionModel names, "vae": AutoencoderKL names (current attention names)}
+
+The original single-file layout (CompVis latent-diffusion names) is translated by the tables
+below (docs/checkpoints.md shows them side by side): the UNet's flat `input_blocks.i` /
+`output_blocks.i` numbering is turned into (level, layer) from the blocks present, then renames
+of the leaf modules apply. Before reading any tensor, the translated names and shapes are checked
+against what npsd's components need (`expected_*` below), so a wrong or damaged file fails with
+the offending names. Tensors are then read and converted to float32 one at a time.
+"""
+
+import json
+import logging
+import os
+import re
+import warnings
+
+import numpy as np
+
+from .ckpt import CkptFile
+from .config import sd15_config
+from .errors import CheckpointError, NpsdError
+from .params import unflatten
+from .pipeline import Pipeline
+from .safetensors_io import SafetensorsFile, is_safetensors
+
+log = logging.getLogger("npsd")
+
+# --- the original single-file layout -------------------------------------------------------------
+
+PREFIXES = {  # original prefix -> component
+    "model.diffusion_model.": "unet",
+    "first_stage_model.": "vae",
+    "cond_stage_model.transformer.": "text_encoder",  # then "text_model." (transformers >= 4.x saves)
+}
+IGNORED = {  # the DDPM schedule buffers and EMA bookkeeping: recomputed by npsd's samplers, not weights
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "lvlb_weights", "model_ema.decay", "model_ema.num_updates",
+}
+
+# Leaf renames, applied in order with re.sub after the block numbering below.
+UNET_RENAMES = [
+    (r"^time_embed\.0\.", "time_embedding.linear_1."),
+    (r"^time_embed\.2\.", "time_embedding.linear_2."),
+    (r"^out\.0\.", "conv_norm_out."),
+    (r"^out\.2\.", "conv_out."),
+    (r"\.in_layers\.0\.", ".norm1."),           # ResBlock: GroupNorm, SiLU, conv
+    (r"\.in_layers\.2\.", ".conv1."),
+    (r"\.emb_layers\.1\.", ".time_emb_proj."),  # SiLU, linear
+    (r"\.out_layers\.0\.", ".norm2."),          # GroupNorm, SiLU, dropout, conv
+    (r"\.out_layers\.3\.", ".conv2."),
+    (r"\.skip_connection\.", ".conv_shortcut."),
+]   # spatial transformers (norm, proj_in, transformer_blocks.*, proj_out) already use diffusers' names
+VAE_RENAMES = [
+    (r"\.norm_out\.", ".conv_norm_out."),
+    (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
+    (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
+    (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
+    (r"\.mid\.attn_1\.q\.", ".mid_block.attentions.0.to_q."),       # 1x1 conv -> linear (reshaped)
+    (r"\.mid\.attn_1\.k\.", ".mid_block.attentions.0.to_k."),
+    (r"\.mid\.attn_1\.v\.", ".mid_block.attentions.0.to_v."),
+    (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
+    (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+    (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+    (r"^decoder\.up\.(\d+)\.block\.", r"decoder.up_blocks.\1.resnets."),      # after reversing the index
+    (r"^decoder\.up\.(\d+)\.upsample\.", r"decoder.up_blocks.\1.upsamplers.0."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+]
+VAE_LEGACY_RENAMES = [  # diffusers folders saved before diffusers 0.14 (the hub's fp32 SD v1.5 VAE)
+    (r"\.attentions\.0\.query\.", ".attentions.0.to_q."),
+    (r"\.attentions\.0\.key\.", ".attentions.0.to_k."),
+    (r"\.attentions\.0\.value\.", ".attentions.0.to_v."),
+    (r"\.attentions\.0\.proj_attn\.", ".attentions.0.to_out.0."),
+]
+LINEAR_ATTENTION = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+
+
+def _indices(names, pattern):
+    return sorted({int(m[1]) for n in names for m in [re.match(pattern, n)] if m})
+
+
+def unet_block_map(names):
+    """Original block prefixes -> diffusers prefixes, read off the blocks present (any depth/levels).
+
+    input_blocks.0 is conv_in; then each input block is a ResBlock (+ transformer) of the current
+    level, or a lone downsampler `.0.op` that closes the level. Output blocks mirror it: a ResBlock
+    (+ transformer), and an upsampler `.1.conv` or `.2.conv` closes the level.
+    """
+    m = {"input_blocks.0.0.": "conv_in.", "middle_block.0.": "mid_block.resnets.0.",
+         "middle_block.1.": "mid_block.attentions.0.", "middle_block.2.": "mid_block.resnets.1."}
+    has = lambda prefix: any(n.startswith(prefix) for n in names)
+    level = layer = 0
+    for i in _indices(names, r"input_blocks\.(\d+)\.")[1:]:
+        if has(f"input_blocks.{i}.0.op."):
+            m[f"input_blocks.{i}.0.op."] = f"down_blocks.{level}.downsamplers.0.conv."
+            level, layer = level + 1, 0
+        else:
+            m[f"input_blocks.{i}.0."] = f"down_blocks.{level}.resnets.{layer}."
+            m[f"input_blocks.{i}.1."] = f"down_blocks.{level}.attentions.{layer}."
+            layer += 1
+    level = layer = 0
+    for i in _indices(names, r"output_blocks\.(\d+)\."):
+        m[f"output_blocks.{i}.0."] = f"up_blocks.{level}.resnets.{layer}."
+        up = next((k for k in (1, 2) if has(f"output_blocks.{i}.{k}.conv.")), None)
+        if up is not None:
+            m[f"output_blocks.{i}.{up}.conv."] = f"up_blocks.{level}.upsamplers.0.conv."
+        if up != 1:
+            m[f"output_blocks.{i}.1."] = f"up_blocks.{level}.attentions.{layer}."
+        level, layer = (level + 1, 0) if up is not None else (level, layer + 1)
+    return m
+
+
+def _rename(name, rules):
+    for pattern, repl in rules:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def map_unet(names):
+    """Original UNet names (without "model.diffusion_model.") -> {diffusers name: original name}."""
+    blocks = unet_block_map(names)
+    out = {}
+    for n in names:
+        parts = n.split(".")
+        prefix = next((p for p in (".".join(parts[:k]) + "." for k in (4, 3, 2)) if p in blocks), None)
+        new = blocks[prefix] + n[len(prefix):] if prefix else n
+        out[_rename(new, UNET_RENAMES)] = n
+    return out
+
+
+def map_vae(names):
+    """Original VAE names (without "first_stage_model.") -> {diffusers name: original name}.
+    The decoder's `up.N` counts from the lowest resolution (up.3 runs first); diffusers' up_blocks
+    count in running order, so N -> levels - 1 - N."""
+    levels = len(_indices(names, r"decoder\.up\.(\d+)\."))
+    out = {}
+    for n in names:
+        new = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.", n)
+        out[_rename(new, VAE_RENAMES)] = n
+    return out
+
+
+def map_text_encoder(names):
+    """CLIP names (without "cond_stage_model.transformer." / "text_model.") map to themselves."""
+    return {re.sub(r"^text_model\.", "", n): n for n in names if not n.endswith("position_ids")}
+
+
+# --- what npsd's components need: expected {name: shape}, derived from a few anchor tensors ------
+
+class _Expect(dict):
+    def lin(self, n, o, i, bias=True):
+        self[n + ".weight"] = (o, i)
+        if bias:
+            self[n + ".bias"] = (o,)
+
+    def conv(self, n, o, i, k):
+        self[n + ".weight"], self[n + ".bias"] = (o, i, k, k), (o,)
+
+    def norm(self, n, c):
+        self[n + ".weight"], self[n + ".bias"] = (c,), (c,)
+
+    def resnet(self, n, i, o, temb=None):
+        self.norm(n + ".norm1", i)
+        self.conv(n + ".conv1", o, i, 3)
+        if temb:
+            self.lin(n + ".time_emb_proj", o, temb)
+        self.norm(n + ".norm2", o)
+        self.conv(n + ".conv2", o, o, 3)
+        if i != o:
+            self.conv(n + ".conv_shortcut", o, i, 1)
+
+    def transformer(self, n, c, depth, ctx, ff_mult):
+        self.norm(n + ".norm", c)
+        self.conv(n + ".proj_in", c, c, 1)
+        for j in range(depth):
+            b = f"{n}.transformer_blocks.{j}"
+            for a, kv in (("attn1", c), ("attn2", ctx)):
+                self.lin(f"{b}.{a}.to_q", c, c, bias=False)
+                self.lin(f"{b}.{a}.to_k", c, kv, bias=False)
+                self.lin(f"{b}.{a}.to_v", c, kv, bias=False)
+                self.lin(f"{b}.{a}.to_out.0", c, c)
+            for k in (1, 2, 3):
+                self.norm(f"{b}.norm{k}", c)
+            self.lin(f"{b}.ff.net.0.proj", 2 * ff_mult * c, c)  # GEGLU: value and gate halves
+            self.lin(f"{b}.ff.net.2", c, ff_mult * c)
+        self.conv(n + ".proj_out", c, c, 1)
+
+
+def _need(shapes, name, component):
+    if name not in shapes:
+        raise CheckpointError(f"the {component} weights lack {name}, which npsd needs to know the architecture; "
+                              f"the file is incomplete or not an SD v1.x model")
+    return shapes[name]
+
+
+def expected_unet(shapes, context_dim=None):
+    """{name: shape} of every UNet tensor npsd uses, for the architecture the anchors describe."""
+    need = lambda n: _need(shapes, n, "unet")
+    levels = len(_indices(shapes, r"down_blocks\.(\d+)\."))
+    n_res = len(_indices(shapes, r"down_blocks\.0\.resnets\.(\d+)\."))
+    ch = [need(f"down_blocks.{l}.resnets.0.conv1.weight")[0] for l in range(levels)]
+    attn = [any(n.startswith(f"down_blocks.{l}.attentions.") for n in shapes) for l in range(levels)]
+    block = next((n[: -len("attn2.to_k.weight")] for n in sorted(shapes) if n.endswith("attn2.to_k.weight")), None)
+    if block is None:
+        raise CheckpointError("the unet weights have no cross-attention (attn2.to_k); not an SD v1.x UNet")
+    ctx = context_dim or shapes[block + "attn2.to_k.weight"][1]
+    ff_mult = need(block + "ff.net.2.weight")[1] // need(block + "attn1.to_q.weight")[0]  # SD: 4
+    prefix = block.rsplit(".transformer_blocks.", 1)[0] + ".transformer_blocks."
+    depth = len(_indices(shapes, re.escape(prefix) + r"(\d+)\."))
+    temb, ch0 = need("time_embedding.linear_1.weight")[0], ch[0]
+    e = _Expect()
+    e.conv("conv_in", ch0, need("conv_in.weight")[1], 3)
+    e.lin("time_embedding.linear_1", temb, ch0)
+    e.lin("time_embedding.linear_2", temb, temb)
+    c, skips = ch0, [ch0]  # skip connections: every down-path output, consumed in reverse by the up path
+    for l in range(levels):
+        for j in range(n_res):
+            e.resnet(f"down_blocks.{l}.resnets.{j}", c, ch[l], temb)
+            c = ch[l]
+            if attn[l]:
+                e.transformer(f"down_blocks.{l}.attentions.{j}", c, depth, ctx, ff_mult)
+            skips.append(c)
+        if l < levels - 1:
+            e.conv(f"down_blocks.{l}.downsamplers.0.conv", c, c, 3)
+            skips.append(c)
+    e.resnet("mid_block.resnets.0", c, c, temb)
+    e.transformer("mid_block.attentions.0", c, depth, ctx, ff_mult)
+    e.resnet("mid_block.resnets.1", c, c, temb)
+    for u in range(levels):
+        l = levels - 1 - u
+        for j in range(n_res + 1):
+            e.resnet(f"up_blocks.{u}.resnets.{j}", c + skips.pop(), ch[l], temb)
+            c = ch[l]
+            if attn[l]:
+                e.transformer(f"up_blocks.{u}.attentions.{j}", c, depth, ctx, ff_mult)
+        if u < levels - 1:
+            e.conv(f"up_blocks.{u}.upsamplers.0.conv", c, c, 3)
+    e.norm("conv_norm_out", c)
+    e.conv("conv_out", need("conv_out.weight")[0], c, 3)
+    return e
+
+
+def expected_vae(shapes):
+    need = lambda n: _need(shapes, n, "vae")
+    levels = len(_indices(shapes, r"encoder\.down_blocks\.(\d+)\."))
+    n_res = len(_indices(shapes, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))
+    ch = [need(f"encoder.down_blocks.{l}.resnets.0.conv1.weight")[0] for l in range(levels)]
+    z2 = need("encoder.conv_out.weight")[0]  # 2 x latent channels (mean and log-variance)
+    e = _Expect()
+
+    def mid(p, c):
+        e.resnet(f"{p}.mid_block.resnets.0", c, c)
+        e.norm(f"{p}.mid_block.attentions.0.group_norm", c)
+        for k in ("to_q", "to_k", "to_v", "to_out.0"):
+            e.lin(f"{p}.mid_block.attentions.0.{k}", c, c)
+        e.resnet(f"{p}.mid_block.resnets.1", c, c)
+
+    e.conv("encoder.conv_in", ch[0], need("encoder.conv_in.weight")[1], 3)
+    c = ch[0]
+    for l in range(levels):
+        for j in range(n_res):
+            e.resnet(f"encoder.down_blocks.{l}.resnets.{j}", c, ch[l])
+            c = ch[l]
+        if l < levels - 1:
+            e.conv(f"encoder.down_blocks.{l}.downsamplers.0.conv", c, c, 3)
+    mid("encoder", c)
+    e.norm("encoder.conv_norm_out", c)
+    e.conv("encoder.conv_out", z2, c, 3)
+    e.conv("quant_conv", z2, z2, 1)
+    e.conv("post_quant_conv", z2 // 2, z2 // 2, 1)
+    e.conv("decoder.conv_in", c, z2 // 2, 3)
+    mid("decoder", c)
+    for u in range(levels):
+        for j in range(n_res + 1):
+            e.resnet(f"decoder.up_blocks.{u}.resnets.{j}", c, ch[levels - 1 - u])
+            c = ch[levels - 1 - u]
+        if u < levels - 1:
+            e.conv(f"decoder.up_blocks.{u}.upsamplers.0.conv", c, c, 3)
+    e.norm("decoder.conv_norm_out", c)
+    e.conv("decoder.conv_out", need("decoder.conv_out.weight")[0], c, 3)
+    return e
+
+
+def expected_text_encoder(shapes):
+    vocab, width = _need(shapes, "embeddings.token_embedding.weight", "text_encoder")
+    e = _Expect()
+    e["embeddings.token_embedding.weight"] = (vocab, width)
+    e["embeddings.position_embedding.weight"] = (_need(shapes, "embeddings.position_embedding.weight", "text_encoder")[0], width)
+    inner = _need(shapes, "encoder.layers.0.mlp.fc1.weight", "text_encoder")[0]
+    for i in _indices(shapes, r"encoder\.layers\.(\d+)\."):
+        p = f"encoder.layers.{i}"
+        for k in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            e.lin(f"{p}.self_attn.{k}", width, width)
+        e.norm(f"{p}.layer_norm1", width)
+        e.lin(f"{p}.mlp.fc1", inner, width)
+        e.lin(f"{p}.mlp.fc2", width, inner)
+        e.norm(f"{p}.layer_norm2", width)
+    e.norm("final_layer_norm", width)
+    return e
+
+
+def _few(names, k=4):
+    names = sorted(names)
+    return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
+
+
+def check(component, shapes, expected, where):
+    """Missing or mis-shaped tensors -> CheckpointError; unexpected ones -> a warning. Returns the
+    names of the unexpected tensors (they are not loaded)."""
+    missing = set(expected) - set(shapes)
+    if missing:
+        raise CheckpointError(f"{where}: the {component} weights lack {len(missing)} tensors npsd needs: {_few(missing)}")
+    bad = [n for n in sorted(expected) if tuple(shapes[n]) != tuple(expected[n])]
+    if bad:
+        raise CheckpointError(f"{where}: shape mismatch in the {component} weights: " + "; ".join(
+            f"{n} is {list(shapes[n])} but npsd expects {list(expected[n])}" for n in bad[:3])
+            + (f" ({len(bad)} in all)" if len(bad) > 3 else ""))
+    extra = set(shapes) - set(expected)
+    if extra:
+        warnings.warn(f"{where}: ignoring {len(extra)} unexpected {component} tensors: {_few(extra)}", stacklevel=3)
+    return extra
+
+
+# --- architecture detection ---------------------------------------------------------------------
+
+def _refuse_other_architectures(names, shapes, where):
+    if any(n.startswith(("conditioner.embedders", "model.diffusion_model.label_emb.", "add_embedding.")) for n in names):
+        raise CheckpointError(f"{where} looks like SDXL (conditioner.embedders / add_embedding weights); "
+                              f"npsd supports SD v1.x")
+    ctx = [s[1] for n, s in shapes.items() if n.endswith("attn2.to_k.weight")]
+    if any(n.startswith("cond_stage_model.model.") for n in names) or (ctx and ctx[0] == 1024):
+        raise CheckpointError(f"{where}: this looks like SD 2.x (text encoder OpenCLIP ViT-H / context dim 1024); "
+                              f"npsd supports SD v1.x")
+
+
+# --- opening files ------------------------------------------------------------------------------
+
+def open_weights(path):
+    """A .safetensors or torch zip file -> an object with .tensors {name: info(.shape, .dtype)},
+    .read(name, dtype) and .metadata, to be used as a context manager."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist; give a .safetensors or .ckpt file or a diffusers folder")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty; download it again")
+    if is_safetensors(path):
+        return SafetensorsFile(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        ck = CkptFile(path)
+        ck.metadata = {}
+        return ck
+    if path.endswith(".safetensors"):
+        raise CheckpointError(f"{path} is not a valid .safetensors file (bad header); the file is truncated or corrupt")
+    raise CheckpointError(f"{path} is not a checkpoint npsd can read (expected .safetensors or a torch .ckpt zip)")
+
+
+def _ema_name(name):
+    """model.diffusion_model.input_blocks.0.0.weight -> model_ema.diffusion_modelinput_blocks00weight"""
+    return "model_ema." + name[len("model."):].replace(".", "")
+
+
+def _load_original(path, ema, dtype):
+    with open_weights(path) as f:
+        shapes = {n: tuple(t.shape) for n, t in f.tensors.items()}
+        _refuse_other_architectures(shapes, shapes, path)
+        parts = {c: {} for c in ("unet", "vae", "text_encoder")}  # component -> {original name: full name}
+        ignored, unknown = [], []
+        for n in shapes:
+            comp = next((c for p, c in PREFIXES.items() if n.startswith(p)), None)
+            if comp:
+                parts[comp][n[len(next(p for p in PREFIXES if n.startswith(p))):]] = n
+            elif n in IGNORED or n.endswith("position_ids") or n.startswith("model_ema."):
+                ignored.append(n)
+            else:
+                unknown.append(n)
+        empty = [c for c, p in parts.items() if not p]
+        if len(empty) == 3:
+            raise CheckpointError(_not_sd1_message(path, shapes))
+        if empty:
+            raise CheckpointError(f"{path} lacks the {' and '.join(empty)} weights (no "
+                                  f"{' / '.join(p + '*' for p, c in PREFIXES.items() if c in empty)} tensors); "
+                                  f"npsd needs a complete SD v1.x checkpoint")
+        # EMA: in v1-5-pruned.* every UNet weight also has an EMA copy (prefix "model." dropped, dots removed)
+        ema_names = {n for n in shapes if n.startswith("model_ema.") and n not in IGNORED}
+        info = {"format": "original", "file": str(path), "ema": None}
+        source = dict(parts["unet"])  # unet original name -> name in the file
+        if ema_names:
+            info["ema"] = bool(ema)
+            if ema:
+                wanted = {k: _ema_name(v) for k, v in source.items()}
+                lacking = [w for w in wanted.values() if w not in ema_names]
+                if lacking:
+                    raise CheckpointError(f"{path}: the EMA copies are incomplete (missing {_few(lacking)}); "
+                                          f"load it with ema=False to use the raw weights")
+                source = wanted
+                unknown += sorted(ema_names - set(wanted.values()))
+            log.info("npsd: %s: using the %s UNet weights", path, "EMA (model_ema.*)" if ema else "raw (non-EMA)")
+        if unknown:
+            warnings.warn(f"{path}: ignoring {len(unknown)} unexpected tensors: {_few(unknown)}", stacklevel=3)
+        maps = {
+            "unet": {d: source[o] for d, o in map_unet(list(parts["unet"])).items()},
+            "vae": {d: parts["vae"][o] for d, o in map_vae(list(parts["vae"])).items()},
+            "text_encoder": {d: parts["text_encoder"][o]
+                             for d, o in map_text_encoder(list(parts["text_encoder"])).items()},
+        }
+        params = _read_components(f, maps, shapes, path, dtype, info)
+        config = sd15_config()  # SD v1.x fallbacks (DECISIONS), then what the tensors and metadata say
+        config["text_encoder"]["num_heads"] = params["text_encoder"]["final_layer_norm"]["weight"].shape[0] // 64
+        meta = f.metadata.get("npsd_config")
+        if meta:
+            _merge(config, _json(meta, f"{path}: __metadata__ npsd_config"))
+            info["config"] = "npsd_config metadata"
+        info["ignored"] = len(ignored) + (len(parts["unet"]) if ema_names and ema else len(ema_names))
+        info["unexpected"] = len(unknown) + info.pop("unexpected_in_components")
+    return params, config, info
+
+
+def _not_sd1_message(path, shapes):
+    names = list(shapes)
+    if any(n.startswith(("encoder.", "decoder.")) for n in names) and "quant_conv.weight" in shapes:
+        return f"{path} is a standalone VAE file, not a whole SD v1.x checkpoint"
+    if "conv_in.weight" in shapes and any(n.startswith("down_blocks.") for n in names):
+        return f"{path} is a single diffusers component file; pass the diffusers folder that contains it"
+    return (f"{path} is not an SD v1.x checkpoint: none of its {len(names)} tensors is named "
+            f"model.diffusion_model.* / first_stage_model.* / cond_stage_model.* (e.g. {_few(names, 3)})")
+
+
+def _read_components(f, maps, shapes, where, dtype, info, files=None):
+    """Check each component's translated names/shapes, then read its tensors one at a time."""
+    params, unexpected = {}, 0
+    width = None
+    for comp in ("text_encoder", "vae", "unet"):
+        src = files[comp] if files else f
+        mshapes = {d: shapes[comp][o] if files else shapes[o] for d, o in maps[comp].items()}
+        for d in mshapes:  # VAE attention 1x1 convs [C, C, 1, 1] become linear weights [C, C]
+            if LINEAR_ATTENTION.search(d) and len(mshapes[d]) == 4:
+                mshapes[d] = mshapes[d][:2]
+        if comp == "text_encoder":
+            expected = expected_text_encoder(mshapes)
+            width = expected["final_layer_norm.weight"][0]
+        elif comp == "vae":
+            expected = expected_vae(mshapes)
+        else:
+            expected = expected_unet(mshapes, context_dim=width)  # cross-attention dim = text width
+        extra = check(comp, mshapes, expected, where if not files else os.path.dirname(src.path))
+        unexpected += len(extra)
+        flat = {}
+        for d in expected:  # one tensor at a time: peak = the float32 weights + one tensor
+            flat[d] = src.read(maps[comp][d], dtype).reshape(expected[d])
+        params[comp] = unflatten(flat)
+    info["unexpected_in_components"] = unexpected
+    return params
+
+
+# --- diffusers folders --------------------------------------------------------------------------
+
+COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def _component_file(folder, comp, ema):
+    d = os.path.join(folder, comp)
+    base = COMPONENT_FILES[comp]
+    variants = ["", ".fp16"]
+    if comp == "unet" and not ema:
+        variants.insert(0, ".non_ema")
+    for v in variants:
+        for ext in (".safetensors", ".bin"):
+            p = os.path.join(d, base + v + ext)
+            if os.path.isfile(p):
+                return p
+    have = sorted(os.listdir(d)) if os.path.isdir(d) else None
+    if have is None:
+        raise CheckpointError(f"{folder} has no {comp}/ folder; a diffusers SD v1.x folder has unet/, vae/, text_encoder/")
+    raise CheckpointError(f"{d} has no {base}[.fp16].safetensors or .bin (found: {', '.join(have) or 'nothing'})"
+                          + ("; sharded weights are not supported, merge them into one .safetensors file"
+                             if any(h.endswith(".index.json") for h in have) else ""))
+
+
+def _json(text_or_path, what):
+    try:
+        if os.path.isfile(text_or_path):
+            with open(text_or_path) as fh:
+                return json.load(fh)
+        return json.loads(text_or_path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{what} is not valid JSON ({e})") from None
+
+
+def _merge(base, extra):
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def folder_config(folder):
+    """The settings a diffusers folder states in its config.json files, in npsd's config layout."""
+    config, read = sd15_config(), lambda *p: _json(os.path.join(folder, *p), os.path.join(*p))
+    if os.path.isfile(os.path.join(folder, "unet", "config.json")):
+        u = read("unet", "config.json")
+        heads = u.get("num_attention_heads") or u.get("attention_head_dim")  # SD1: "attention_head_dim": 8 heads
+        if isinstance(heads, (list, tuple)) and len(set(heads)) == 1:
+            heads = heads[0]
+        if heads is not None:
+            config["unet"]["num_heads"] = heads
+        config["unet"]["norm_groups"] = u.get("norm_num_groups", config["unet"]["norm_groups"])
+        config["unet"]["resnet_eps"] = u.get("norm_eps", config["unet"]["resnet_eps"])
+        if u.get("cross_attention_dim") == 1024 or u.get("addition_embed_type"):
+            raise CheckpointError(f"{folder}: this looks like SD 2.x or SDXL (unet/config.json); npsd supports SD v1.x")
+    if os.path.isfile(os.path.join(folder, "vae", "config.json")):
+        v = read("vae", "config.json")
+        config["vae"]["scaling_factor"] = v.get("scaling_factor", config["vae"]["scaling_factor"])
+        config["vae"]["norm_groups"] = v.get("norm_num_groups", config["vae"]["norm_groups"])
+    if os.path.isfile(os.path.join(folder, "text_encoder", "config.json")):
+        t = read("text_encoder", "config.json")
+        for ours, theirs in (("num_heads", "num_attention_heads"), ("layer_norm_eps", "layer_norm_eps"),
+                             ("hidden_act", "hidden_act")):
+            if theirs in t:
+                config["text_encoder"][ours] = t[theirs]
+    if os.path.isfile(os.path.join(folder, "scheduler", "scheduler_config.json")):
+        s = read("scheduler", "scheduler_config.json")
+        for k in config["scheduler"]:
+            if k in s:
+                config["scheduler"][k] = s[k]
+    return config
+
+
+def _load_folder(folder, ema, dtype):
+    if os.path.isdir(os.path.join(folder, "text_encoder_2")):
+        raise CheckpointError(f"{folder} looks like SDXL (it has text_encoder_2/); npsd supports SD v1.x")
+    config = folder_config(folder)
+    paths = {c: _component_file(folder, c, ema) for c in ("unet", "vae", "text_encoder")}
+    files = {}
+    try:
+        for c, p in paths.items():
+            files[c] = open_weights(p)
+        shapes = {c: {n: tuple(t.shape) for n, t in f.tensors.items()} for c, f in files.items()}
+        for c in files:
+            _refuse_other_architectures(shapes[c], shapes[c], paths[c])
+        maps = {
+            "unet": {n: n for n in shapes["unet"]},
+            "vae": {_rename(n, VAE_LEGACY_RENAMES): n for n in shapes["vae"]},
+            "text_encoder": map_text_encoder(list(shapes["text_encoder"])),
+        }
+        info = {"format": "diffusers", "folder": str(folder), "files": paths,
+                "ema": False if paths["unet"].count(".non_ema.") else None}
+        for c in ("unet", "vae"):
+            meta = files[c].metadata.get("npsd_config")
+            if meta:
+                _merge(config, _json(meta, f"{paths[c]}: __metadata__ npsd_config"))
+        params = _read_components(None, maps, shapes, folder, dtype, info, files=files)
+        info["unexpected"] = info.pop("unexpected_in_components")
+    finally:
+        for f in files.values():
+            f.close()
+    return params, config, info
+
+
+def _folder_tokenizer(folder):
+    vocab, merges = (os.path.join(folder, "tokenizer", n) for n in ("vocab.json", "merges.txt"))
+    if os.path.isfile(vocab) and os.path.isfile(merges):
+        from .tokenizer import Tokenizer
+        return Tokenizer.from_files(vocab, merges)
+    return None  # the Pipeline falls back to the shipped CLIP tokenizer (Tokenizer.default())
+
+
+# --- the public entry point ---------------------------------------------------------------------
+
+def load(path=None, ema=True, dtype=np.float32):
+    """Load an SD v1.x model and return an npsd.Pipeline.
+
+    path:  a single file (.safetensors or torch .ckpt, original SD layout) or a diffusers folder
+           (unet/, vae/, text_encoder/, optional tokenizer/; *.safetensors incl. *.fp16.safetensors).
+           None: the built-in model.
+    ema:   when the file holds EMA copies of the UNet (v1-5-pruned.*), use them (True, the default)
+           or the raw training weights (False). In a diffusers folder, ema=False prefers
+           unet/*.non_ema.safetensors when present. `pipe.info["ema"]` says what was used
+           (None: the file holds one set of UNet weights).
+    dtype: the floating type of the returned parameters (float32: what npsd computes in).
+    """
+    if path is None:
+        raise NpsdError("npsd has no built-in model yet; pass the path of an SD v1.x checkpoint "
+                        "(.safetensors / .ckpt) or diffusers folder to npsd.load(path)")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        params, config, info = _load_folder(path, ema, dtype)
+        tokenizer = _folder_tokenizer(path)
+    else:
+        params, config, info = _load_original(path, ema, dtype)
+        tokenizer = None
+    pipe = Pipeline(params, config, tokenizer)
+    pipe.info = info
+    return pipe

@@ -1,0 +1,97 @@
+"""Read `.safetensors` files tensor by tensor with plain file reads.
+
+The format (https://github.com/huggingface/safetensors): 8 bytes little-endian u64 N, then N bytes
+of JSON header {name: {"dtype": "F16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__":
+{str: str}}, then the raw little-endian tensor bytes (offsets are relative to the end of the header).
+
+Why not `safetensors.numpy.load_file`: it maps the whole file into memory, and mapped pages count
+in the process's resident memory, so loading a 2 GB fp16 file into 4.3 GB of float32 arrays would
+peak at about 6.4 GB. Reading each tensor into its own buffer and converting it keeps the peak at the
+final float32 weights plus one tensor. numpy also has no bfloat16; bf16 is converted by bit shifting.
+The test suite checks this reader against the `safetensors` package on the same files.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from .ckpt import bf16_to_float32
+from .errors import CheckpointError
+
+DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16",
+          "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class TensorInfo:
+    def __init__(self, dtype, shape, begin, end):
+        self.dtype, self.shape, self.begin, self.end = dtype, tuple(shape), begin, end
+
+    def __repr__(self):
+        return f"TensorInfo({self.dtype}, {list(self.shape)})"
+
+
+class SafetensorsFile:
+    """`.tensors` {name: TensorInfo}, `.metadata` {str: str}, `.read(name, dtype)` -> np.ndarray."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        size = os.path.getsize(self.path)
+        self.f = open(self.path, "rb")
+        head = self.f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            self.f.close()
+            raise CheckpointError(f"{self.path} is not a valid .safetensors file (bad header length); "
+                                  f"the file is truncated or not a checkpoint")
+        try:
+            header = json.loads(self.f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self.f.close()
+            raise CheckpointError(f"{self.path}: the .safetensors header is not valid JSON ({e}); the file is corrupt") from None
+        self.data_start, data_size = 8 + n, size - 8 - n
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.tensors = {}
+        for name, h in header.items():
+            try:
+                dtype, shape, (begin, end) = h["dtype"], h["shape"], h["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: malformed header entry for {name}") from None
+            if dtype not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name} has dtype {dtype}, which npsd cannot read "
+                                      f"(supported: {', '.join(DTYPES)})")
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize or begin < 0:
+                raise CheckpointError(f"{self.path}: tensor {name} has a byte range that does not fit its shape; corrupt header")
+            if end > data_size:
+                raise CheckpointError(f"{self.path} is truncated: tensor {name} ends at byte {end} of the data, "
+                                      f"but the file holds only {data_size} data bytes; download it again")
+            self.tensors[name] = TensorInfo(dtype, shape, begin, end)
+
+    def read(self, name, dtype=None):
+        """The tensor `name` as a new array; floating types (incl. bf16) converted to `dtype` if given."""
+        t = self.tensors[name]
+        raw = np.empty(t.shape, dtype=DTYPES[t.dtype])  # [*shape] as stored
+        self.f.seek(self.data_start + t.begin)
+        if self.f.readinto(raw.reshape(-1).view(np.uint8)) != t.end - t.begin:  # fills raw in place
+            raise CheckpointError(f"{self.path} is truncated while reading {name}; download it again")
+        if t.dtype == "BF16":
+            raw = bf16_to_float32(raw)  # [*shape] uint16 bits -> float32
+        if dtype is not None and raw.dtype.kind == "f" and raw.dtype != dtype:
+            raw = raw.astype(dtype)  # fp16 -> fp32: exact
+        return raw
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def is_safetensors(path):
+    """True if the file starts like a .safetensors file (header length, then '{')."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
