@@ -50,6 +50,9 @@ def hidden_states(params, ids, config, num_layers=None):
     """ids [B, L] (L <= positions) -> [embeddings, after layer 1, ..., after layer n], each [B, L, W],
     before the final LayerNorm: transformers' `output_hidden_states`. n = num_layers or all layers."""
     params = _text_model(params)
+    ids = _check_ids(params, ids)
+    if ids.shape[1] > params["embeddings"]["position_embedding"]["weight"].shape[0]:
+        raise InputError("hidden_states takes one window of at most 77 tokens; encode_text splits long-prompt chunks")
     layers = params["encoder"]["layers"]
     width = params["embeddings"]["token_embedding"]["weight"].shape[1]
     num_heads, eps, act = _settings(config, width)
