@@ -155,15 +155,23 @@ class _Inert:
         pass
 
 
-_INERT_CLASSES = {}
 _INERT_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric")
 
 
-def _inert(module, name):
-    key = f"{module}.{name}"
-    if key not in _INERT_CLASSES:
-        _INERT_CLASSES[key] = type(f"Inert[{key}]", (_Inert,), {})
-    return _INERT_CLASSES[key]
+class _Allowed:
+    """What find_class hands the unpickler: a fresh wrapper around one of npsd's functions. It can be
+    called (REDUCE) but refuses BUILD, so a pickle cannot set attributes on npsd's own objects."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __setstate__(self, state):
+        raise CheckpointError("the pickle tries to set state on a function; the file is not a plain checkpoint")
 
 
 _ALLOWED = {
@@ -183,18 +191,24 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
     ("_codecs", "encode"): _codecs_encode,
 }
-_ALLOWED.update({("torch", name): _StorageType(name) for name in STORAGE_DTYPES})
-_ALLOWED.update({("torch.storage", name): _StorageType(name) for name in ("UntypedStorage",)})
+_STORAGES = {("torch", name) for name in STORAGE_DTYPES} | {("torch.storage", "UntypedStorage")}
 
 
 class RestrictedUnpickler(pickle.Unpickler):
     """pickle.Unpickler that resolves globals only through the allow-list above."""
 
     def find_class(self, module, name):
+        if (module, name) in _STORAGES:
+            return _StorageType(name)  # a fresh marker per reference: nothing shared between loads
+        if (module, name) == ("numpy", "ndarray"):
+            return _NDARRAY
         if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if module.split(".")[0] in _INERT_MODULES:
-            return _inert(module, name)
+            return _Allowed(_ALLOWED[(module, name)])
+        if module.split(".")[0] in _INERT_MODULES:  # a class of its own per file, with no behaviour
+            key = f"{module}.{name}"
+            if key not in self.inert:
+                self.inert[key] = type(f"Inert[{key}]", (_Inert,), {})
+            return self.inert[key]
         raise CheckpointError(
             f"refusing to unpickle {self.path}: it names `{module}.{name}`, which a weights file does "
             f"not need (only tensors, storages, plain containers and training counters are allowed); "
@@ -252,7 +266,7 @@ class CkptFile:
 
     def _unpickle(self, data):
         unpickler = RestrictedUnpickler(io.BytesIO(data))
-        unpickler.path = self.path
+        unpickler.path, unpickler.inert = self.path, {}
         try:
             return unpickler.load()
         except CheckpointError:

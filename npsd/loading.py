@@ -104,7 +104,8 @@ def unet_block_map(names):
             level, layer = level + 1, 0
         else:
             m[f"input_blocks.{i}.0."] = f"down_blocks.{level}.resnets.{layer}."
-            m[f"input_blocks.{i}.1."] = f"down_blocks.{level}.attentions.{layer}."
+            if has(f"input_blocks.{i}.1."):
+                m[f"input_blocks.{i}.1."] = f"down_blocks.{level}.attentions.{layer}."
             layer += 1
     level = layer = 0
     for i in _indices(names, r"output_blocks\.(\d+)\."):
@@ -112,7 +113,7 @@ def unet_block_map(names):
         up = next((k for k in (1, 2) if has(f"output_blocks.{i}.{k}.conv.")), None)
         if up is not None:
             m[f"output_blocks.{i}.{up}.conv."] = f"up_blocks.{level}.upsamplers.0.conv."
-        if up != 1:
+        if up != 1 and has(f"output_blocks.{i}.1."):
             m[f"output_blocks.{i}.1."] = f"up_blocks.{level}.attentions.{layer}."
         level, layer = (level + 1, 0) if up is not None else (level, layer + 1)
     return m
@@ -313,8 +314,8 @@ def _few(names, k=4):
 
 
 def check(component, shapes, expected, where):
-    """Missing or mis-shaped tensors -> CheckpointError; unexpected ones -> a warning. Returns the
-    names of the unexpected tensors (they are not loaded)."""
+    """Missing or mis-shaped tensors -> CheckpointError. Returns the names of the unexpected
+    tensors (not loaded; `load` warns about them once)."""
     missing = set(expected) - set(shapes)
     if missing:
         raise CheckpointError(f"{where}: the {component} weights lack {len(missing)} tensors npsd needs: {_few(missing)}")
@@ -323,10 +324,7 @@ def check(component, shapes, expected, where):
         raise CheckpointError(f"{where}: shape mismatch in the {component} weights: " + "; ".join(
             f"{n} is {list(shapes[n])} but npsd expects {list(expected[n])}" for n in bad[:3])
             + (f" ({len(bad)} in all)" if len(bad) > 3 else ""))
-    extra = set(shapes) - set(expected)
-    if extra:
-        warnings.warn(f"{where}: ignoring {len(extra)} unexpected {component} tensors: {_few(extra)}", stacklevel=3)
-    return extra
+    return sorted(f"{component}: {n}" for n in set(shapes) - set(expected))
 
 
 # --- architecture detection ---------------------------------------------------------------------
@@ -376,9 +374,9 @@ def _load_original(path, ema, dtype):
         parts = {c: {} for c in ("unet", "vae", "text_encoder")}  # component -> {original name: full name}
         ignored, unknown = [], []
         for n in shapes:
-            comp = next((c for p, c in PREFIXES.items() if n.startswith(p)), None)
-            if comp:
-                parts[comp][n[len(next(p for p in PREFIXES if n.startswith(p))):]] = n
+            prefix = next((p for p in PREFIXES if n.startswith(p)), None)
+            if prefix:
+                parts[PREFIXES[prefix]][n[len(prefix):]] = n
             elif n in IGNORED or n.endswith("position_ids") or n.startswith("model_ema."):
                 ignored.append(n)
             else:
@@ -405,23 +403,22 @@ def _load_original(path, ema, dtype):
                 source = wanted
                 unknown += sorted(ema_names - set(wanted.values()))
             log.info("npsd: %s: using the %s UNet weights", path, "EMA (model_ema.*)" if ema else "raw (non-EMA)")
-        if unknown:
-            warnings.warn(f"{path}: ignoring {len(unknown)} unexpected tensors: {_few(unknown)}", stacklevel=3)
         maps = {
             "unet": {d: source[o] for d, o in map_unet(list(parts["unet"])).items()},
             "vae": {d: parts["vae"][o] for d, o in map_vae(list(parts["vae"])).items()},
             "text_encoder": {d: parts["text_encoder"][o]
                              for d, o in map_text_encoder(list(parts["text_encoder"])).items()},
         }
-        params = _read_components(f, maps, shapes, path, dtype, info)
+        params, extra = _read_components({c: f for c in maps}, maps, {c: shapes for c in maps}, dtype)
         config = sd15_config()  # SD v1.x fallbacks (DECISIONS), then what the tensors and metadata say
         config["text_encoder"]["num_heads"] = params["text_encoder"]["final_layer_norm"]["weight"].shape[0] // 64
         meta = f.metadata.get("npsd_config")
         if meta:
             _merge(config, _json(meta, f"{path}: __metadata__ npsd_config"))
             info["config"] = "npsd_config metadata"
-        info["ignored"] = len(ignored) + (len(parts["unet"]) if ema_names and ema else len(ema_names))
-        info["unexpected"] = len(unknown) + info.pop("unexpected_in_components")
+        unused_unet_copies = len(parts["unet"]) if ema_names and ema else len(ema_names)  # raw or EMA
+        info["ignored"] = len(ignored) + unused_unet_copies
+        info["unexpected"] = sorted(unknown) + extra
     return params, config, info
 
 
@@ -435,31 +432,32 @@ def _not_sd1_message(path, shapes):
             f"model.diffusion_model.* / first_stage_model.* / cond_stage_model.* (e.g. {_few(names, 3)})")
 
 
-def _read_components(f, maps, shapes, where, dtype, info, files=None):
-    """Check each component's translated names/shapes, then read its tensors one at a time."""
-    params, unexpected = {}, 0
-    width = None
-    for comp in ("text_encoder", "vae", "unet"):
-        src = files[comp] if files else f
-        mshapes = {d: shapes[comp][o] if files else shapes[o] for d, o in maps[comp].items()}
+def _read_components(sources, maps, shapes, dtype, components=("text_encoder", "vae", "unet")):
+    """Check all three components' translated names and shapes first (fail before reading
+    gigabytes), then read the tensors one at a time. sources/shapes: {component: open file /
+    {name in file: shape}}; maps: {component: {npsd name: name in file}}.
+    Returns (params, names of unexpected tensors, which are not loaded)."""
+    expected, unexpected, width = {}, [], None
+    for comp in components:
+        mshapes = {d: shapes[comp][o] for d, o in maps[comp].items()}
         for d in mshapes:  # VAE attention 1x1 convs [C, C, 1, 1] become linear weights [C, C]
             if LINEAR_ATTENTION.search(d) and len(mshapes[d]) == 4:
                 mshapes[d] = mshapes[d][:2]
         if comp == "text_encoder":
-            expected = expected_text_encoder(mshapes)
-            width = expected["final_layer_norm.weight"][0]
+            expected[comp] = expected_text_encoder(mshapes)
+            width = expected[comp]["final_layer_norm.weight"][0]
         elif comp == "vae":
-            expected = expected_vae(mshapes)
+            expected[comp] = expected_vae(mshapes)
         else:
-            expected = expected_unet(mshapes, context_dim=width)  # cross-attention dim = text width
-        extra = check(comp, mshapes, expected, where if not files else os.path.dirname(src.path))
-        unexpected += len(extra)
+            expected[comp] = expected_unet(mshapes, context_dim=width)  # cross-attention dim = text width
+        unexpected += check(comp, mshapes, expected[comp], sources[comp].path)
+    params = {}
+    for comp, exp in expected.items():
         flat = {}
-        for d in expected:  # one tensor at a time: peak = the float32 weights + one tensor
-            flat[d] = src.read(maps[comp][d], dtype).reshape(expected[d])
+        for d, shape in exp.items():  # one tensor at a time: peak = the float32 weights + one tensor
+            flat[d] = sources[comp].read(maps[comp][d], dtype).reshape(shape)
         params[comp] = unflatten(flat)
-    info["unexpected_in_components"] = unexpected
-    return params
+    return params, unexpected
 
 
 # --- diffusers folders --------------------------------------------------------------------------
@@ -516,6 +514,8 @@ def folder_config(folder):
             config["unet"]["num_heads"] = heads
         config["unet"]["norm_groups"] = u.get("norm_num_groups", config["unet"]["norm_groups"])
         config["unet"]["resnet_eps"] = u.get("norm_eps", config["unet"]["resnet_eps"])
+        if u.get("sample_size"):  # latent size -> default image size (x8 for SD's 4-level VAE)
+            config["defaults"]["height"] = config["defaults"]["width"] = int(u["sample_size"]) * 8
         if u.get("cross_attention_dim") == 1024 or u.get("addition_embed_type"):
             raise CheckpointError(f"{folder}: this looks like SD 2.x or SDXL (unet/config.json); npsd supports SD v1.x")
     if os.path.isfile(os.path.join(folder, "vae", "config.json")):
@@ -559,8 +559,7 @@ def _load_folder(folder, ema, dtype):
             meta = files[c].metadata.get("npsd_config")
             if meta:
                 _merge(config, _json(meta, f"{paths[c]}: __metadata__ npsd_config"))
-        params = _read_components(None, maps, shapes, folder, dtype, info, files=files)
-        info["unexpected"] = info.pop("unexpected_in_components")
+        params, info["unexpected"] = _read_components(files, maps, shapes, dtype)
     finally:
         for f in files.values():
             f.close()
@@ -573,6 +572,48 @@ def _folder_tokenizer(folder):
         from .tokenizer import Tokenizer
         return Tokenizer.from_files(vocab, merges)
     return None  # the Pipeline falls back to the shipped CLIP tokenizer (Tokenizer.default())
+
+
+# --- a VAE on its own (users swap VAEs: `--vae FILE`) ---------------------------------------------
+
+def load_vae(path, dtype=np.float32):
+    """Load only a VAE: a standalone original-layout file (e.g. vae-ft-mse-840000-ema-pruned.safetensors
+    / .ckpt), a diffusers VAE file or folder, or the VAE part of a whole SD checkpoint.
+    Returns (params, config) with params as `pipe.params["vae"]` and config as `pipe.config["vae"]`:
+    `pipe.params["vae"], pipe.config["vae"] = npsd.loading.load_vae("vae.safetensors")`."""
+    path, config = os.fspath(path), sd15_config()["vae"]
+    if os.path.isdir(path):
+        folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            c = _json(os.path.join(folder, "config.json"), os.path.join(folder, "config.json"))
+            config["scaling_factor"] = c.get("scaling_factor", config["scaling_factor"])
+            config["norm_groups"] = c.get("norm_num_groups", config["norm_groups"])
+        files = [os.path.join(folder, "diffusion_pytorch_model" + v) for v in (".safetensors", ".fp16.safetensors", ".bin")]
+        path = next((p for p in files if os.path.isfile(p)), None)
+        if path is None:
+            raise CheckpointError(f"{folder} has no diffusion_pytorch_model[.fp16].safetensors; not a diffusers VAE folder")
+    with open_weights(path) as f:
+        names = list(f.tensors)
+        if any(n.startswith("first_stage_model.") for n in names):  # a whole SD checkpoint
+            names = {n[len("first_stage_model."):]: n for n in names if n.startswith("first_stage_model.")}
+        else:  # skip EMA bookkeeping and the training discriminator ("loss.*") of VAE training files
+            names = {n: n for n in names if not n.startswith(("model_ema.", "loss."))}
+        if any(n.startswith("encoder.down.") for n in names):
+            vae_map = {d: names[o] for d, o in map_vae(list(names)).items()}
+        else:
+            vae_map = {_rename(n, VAE_LEGACY_RENAMES): names[n] for n in names}
+        shapes = {n: tuple(t.shape) for n, t in f.tensors.items()}
+        params, extra = _read_components({"vae": f}, {"vae": vae_map}, {"vae": shapes}, dtype, components=("vae",))
+        _warn_unexpected(path, extra)
+        meta = f.metadata.get("npsd_config")
+        if meta:
+            config.update(_json(meta, f"{path}: __metadata__ npsd_config").get("vae", {}))
+    return params["vae"], config
+
+
+def _warn_unexpected(where, names):
+    if names:
+        warnings.warn(f"{where}: ignoring {len(names)} unexpected tensors: {_few(names)}", stacklevel=3)
 
 
 # --- the public entry point ---------------------------------------------------------------------
@@ -599,6 +640,7 @@ def load(path=None, ema=True, dtype=np.float32):
     else:
         params, config, info = _load_original(path, ema, dtype)
         tokenizer = None
+    _warn_unexpected(path, info["unexpected"])
     pipe = Pipeline(params, config, tokenizer)
     pipe.info = info
     return pipe

@@ -180,3 +180,32 @@ def test_reading_a_ckpt_never_imports_torch(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr
     assert "float32" in out.stdout
+
+
+def _zip_with_pickle(path, data):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", data)
+        z.writestr("archive/byteorder", "little")
+
+
+def test_handmade_pickles_cannot_reach_or_modify_anything(tmp_path):
+    """Protocol-4 STACK_GLOBAL naming os.system, and BUILD on an allowed name (which would set
+    attributes on npsd's own function): both refused."""
+    import pickle
+    marker = tmp_path / "pwned"
+    # \x80\x04 PROTO 4; \x8c SHORT_BINUNICODE; \x93 STACK_GLOBAL; R REDUCE; . STOP
+    cmd = f"touch {marker}".encode()
+    evil = (b"\x80\x04\x8c\x02os\x8c\x06system\x93\x8c" + bytes([len(cmd)]) + cmd + b"\x85R.")
+    _zip_with_pickle(tmp_path / "a.ckpt", evil)
+    with pytest.raises(CheckpointError, match="os.system"):
+        CkptFile(tmp_path / "a.ckpt")
+    assert not marker.exists()
+    build = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n}U\x01xK\x01sb."  # GLOBAL, {x: 1}, BUILD
+    _zip_with_pickle(tmp_path / "b.ckpt", build)
+    with pytest.raises(CheckpointError, match="set state on a function"):
+        CkptFile(tmp_path / "b.ckpt")
+    from npsd import ckpt
+    assert not hasattr(ckpt._rebuild_tensor_v2, "x")
+    pickle.loads(evil)  # the handmade payload is live under the standard unpickler
+    assert marker.exists()

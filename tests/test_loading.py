@@ -164,7 +164,7 @@ def original_file(original_sd, tmp_path_factory):
 
 def test_original_safetensors_matches_diffusers_conversion(original_file, reference):
     pipe = npsd.load(original_file, dtype=np.float16)
-    assert pipe.info["ema"] is None and pipe.info["unexpected"] == 0
+    assert pipe.info["ema"] is None and pipe.info["unexpected"] == []
     # every tensor used: 1145 = 686 + 248 + 196 used + 15 ignored (12 schedule buffers, 2 EMA counters, position_ids)
     used = sum(len(flatten(pipe.params[c])) for c in pipe.params)
     assert used == 686 + 248 + 196 and pipe.info["ignored"] == 14 and used + 14 + 1 == 1145
@@ -194,7 +194,7 @@ def test_ckpt_full_size(original_sd, reference, tmp_path):
                 "lr_schedulers": [], "optimizer_states": []}, path)
     pipe = npsd.load(path, dtype=np.float16)
     path.unlink()
-    assert pipe.info["unexpected"] == 0
+    assert pipe.info["unexpected"] == []
     assert_same_tensors(pipe.params, reference)
 
 
@@ -213,13 +213,13 @@ def test_full_ema_layout_prefers_ema_copies(original_sd, reference, tmp_path):
     path = tmp_path / "v1-5-pruned.safetensors"
     write_safetensors(path, {k: (lambda r=ema_of[k]: -original_sd[r]) if k in ema_of else original_sd[k] for k in full})
     pipe = npsd.load(path, dtype=np.float16)  # ema=True by default
-    assert pipe.info["ema"] is True and pipe.info["unexpected"] == 0
+    assert pipe.info["ema"] is True and pipe.info["unexpected"] == []
     assert_same_tensors(pipe.params, reference, negate=("unet",))
     del pipe
     gc.collect()
     pipe = npsd.load(path, ema=False, dtype=np.float16)
     path.unlink()
-    assert pipe.info["ema"] is False and pipe.info["unexpected"] == 0
+    assert pipe.info["ema"] is False and pipe.info["unexpected"] == []
     assert_same_tensors(pipe.params, reference)
 
 
@@ -254,15 +254,28 @@ def write_diffusers_folder(folder, reference, legacy_vae, position_ids, fp16_var
         shutil.copy(ROOT / "weights" / n, folder / "tokenizer" / n)
 
 
-@pytest.mark.parametrize("legacy_vae,position_ids,fp16_variant", [(True, True, True), (False, False, False)])
-def test_diffusers_folder(reference, tmp_path, legacy_vae, position_ids, fp16_variant):
-    write_diffusers_folder(tmp_path / "sd15", reference, legacy_vae, position_ids, fp16_variant, scaling=0.2)
-    pipe = npsd.load(tmp_path / "sd15", dtype=np.float16)
-    shutil.rmtree(tmp_path / "sd15")
-    assert pipe.info["format"] == "diffusers" and pipe.info["unexpected"] == 0
+def test_diffusers_folder(reference, tmp_path):
+    """Two folders: (legacy VAE names, text encoder with text_model.position_ids, *.fp16 variant files)
+    and (current names, no position_ids, plain file names). The second reuses the first's UNet file."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_diffusers_folder(a, reference, legacy_vae=True, position_ids=True, fp16_variant=True, scaling=0.2)
+    pipe = npsd.load(a, dtype=np.float16)
+    assert pipe.info["format"] == "diffusers" and pipe.info["unexpected"] == []
+    assert pipe.info["files"]["unet"].endswith("diffusion_pytorch_model.fp16.safetensors")
     assert pipe.config["vae"]["scaling_factor"] == 0.2  # read from vae/config.json
     assert pipe.config["unet"]["num_heads"] == 8 and pipe.config["text_encoder"]["num_heads"] == 12
-    assert pipe._tokenizer is not None  # the folder's own tokenizer/ files
+    assert type(pipe._tokenizer).__name__ == "Tokenizer"  # the folder's own tokenizer/ files
+    assert_same_tensors(pipe.params, reference)
+    del pipe
+    gc.collect()
+    write_diffusers_folder(b, {"unet": {}, "vae": reference["vae"], "text_encoder": reference["text_encoder"]},
+                           legacy_vae=False, position_ids=False, fp16_variant=False)
+    os.remove(b / "unet" / "diffusion_pytorch_model.safetensors")
+    os.replace(a / "unet" / "diffusion_pytorch_model.fp16.safetensors", b / "unet" / "diffusion_pytorch_model.safetensors")
+    shutil.rmtree(a)
+    pipe = npsd.load(b, dtype=np.float16)
+    shutil.rmtree(b)
+    assert pipe.info["unexpected"] == [] and pipe.config["vae"]["scaling_factor"] == 0.18215
     assert_same_tensors(pipe.params, reference)
 
 
@@ -488,9 +501,9 @@ def test_missing_mismatched_and_unexpected_keys(tiny, tmp_path):
         npsd.load(p)
     write_safetensors(p, {**sd, "model.diffusion_model.extra.weight": np.zeros(3, np.float32),
                           "something_else": np.zeros(3, np.float32)})
-    with pytest.warns(UserWarning, match="ignoring 1 unexpected tensors: something_else"):
+    with pytest.warns(UserWarning, match="ignoring 2 unexpected tensors: something_else, unet: extra.weight"):
         pipe = npsd.load(p)
-    assert pipe.info["unexpected"] == 2  # + 1 unet tensor (warned separately)
+    assert pipe.info["unexpected"] == ["something_else", "unet: extra.weight"]
 
 
 def test_metadata_config_bf16_and_inpainting(tmp_path):
@@ -508,3 +521,35 @@ def test_metadata_config_bf16_and_inpainting(tmp_path):
     w = pipe.params["unet"]["conv_in"]["weight"]
     expect = torch.from_numpy(sd["model.diffusion_model.input_blocks.0.0.weight"]).to(torch.bfloat16).float().numpy()
     assert w.dtype == np.float32 and np.array_equal(w, expect)
+
+
+def test_docs_code_blocks_run():
+    """docs/checkpoints.md: every python block runs, except those marked <!-- needs real weights -->."""
+    import re
+    text = (ROOT / "docs" / "checkpoints.md").read_text()
+    blocks = re.findall(r"(<!-- needs real weights -->\n)?```python\n(.*?)```", text, re.S)
+    ran = 0
+    for marker, code in blocks:
+        if not marker:
+            exec(compile(code, "docs/checkpoints.md", "exec"), {})
+            ran += 1
+    assert ran == 3 and len(blocks) == 4
+
+
+def test_load_vae_alone(tiny, tmp_path):
+    """A standalone VAE file in the original layout (vae-ft-mse style: encoder.*, decoder.*, plus
+    training "loss.*" tensors), a diffusers VAE folder, and the VAE of a whole checkpoint agree."""
+    from npsd.loading import load_vae
+    sd, path = tiny
+    whole = npsd.load(path).params["vae"]
+    alone = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    write_safetensors(tmp_path / "vae.safetensors", {**alone, "loss.logvar": np.zeros((), np.float32)})
+    ref = diffusers_reference(sd)["vae"]
+    (tmp_path / "vaedir").mkdir()
+    write_safetensors(tmp_path / "vaedir" / "diffusion_pytorch_model.safetensors", {k: v.numpy() for k, v in ref.items()})
+    json.dump({"scaling_factor": 0.25}, open(tmp_path / "vaedir" / "config.json", "w"))
+    for src, scaling in ((tmp_path / "vae.safetensors", 0.18215), (tmp_path / "vaedir", 0.25), (path, 0.18215)):
+        params, config = load_vae(src)
+        assert config["scaling_factor"] == scaling
+        a, b = flatten(params), flatten(whole)
+        assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a), src
