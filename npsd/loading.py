@@ -329,7 +329,8 @@ def check(component, shapes, expected, where):
 
 # --- architecture detection ---------------------------------------------------------------------
 
-def _refuse_other_architectures(names, shapes, where):
+def _refuse_other_architectures(shapes, where):
+    names = list(shapes)
     if any(n.startswith(("conditioner.embedders", "model.diffusion_model.label_emb.", "add_embedding.")) for n in names):
         raise CheckpointError(f"{where} looks like SDXL (conditioner.embedders / add_embedding weights); "
                               f"npsd supports SD v1.x")
@@ -370,7 +371,7 @@ def _ema_name(name):
 def _load_original(path, ema, dtype):
     with open_weights(path) as f:
         shapes = {n: tuple(t.shape) for n, t in f.tensors.items()}
-        _refuse_other_architectures(shapes, shapes, path)
+        _refuse_other_architectures(shapes, path)
         parts = {c: {} for c in ("unet", "vae", "text_encoder")}  # component -> {original name: full name}
         ignored, unknown = [], []
         for n in shapes:
@@ -462,24 +463,24 @@ def _read_components(sources, maps, shapes, dtype, components=("text_encoder", "
 
 # --- diffusers folders --------------------------------------------------------------------------
 
-COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# file names per component (diffusers saves "diffusion_pytorch_model", transformers "model" /
+# "pytorch_model"); .safetensors first, then torch-zip .bin (read by the same safe unpickler as .ckpt)
+COMPONENT_FILES = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+                   "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+                   "text_encoder": ("model", "pytorch_model")}
 
 
 def _component_file(folder, comp, ema):
     d = os.path.join(folder, comp)
-    base = COMPONENT_FILES[comp]
-    variants = ["", ".fp16"]
-    if comp == "unet" and not ema:
-        variants.insert(0, ".non_ema")
-    for v in variants:
-        for ext in (".safetensors", ".bin"):
-            p = os.path.join(d, base + v + ext)
-            if os.path.isfile(p):
-                return p
-    have = sorted(os.listdir(d)) if os.path.isdir(d) else None
-    if have is None:
+    st, binary = COMPONENT_FILES[comp]
+    variants = [".non_ema", "", ".fp16"] if comp == "unet" and not ema else ["", ".fp16"]
+    for name in [st + v + ".safetensors" for v in variants] + [binary + v + ".bin" for v in variants]:
+        if os.path.isfile(os.path.join(d, name)):
+            return os.path.join(d, name)
+    if not os.path.isdir(d):
         raise CheckpointError(f"{folder} has no {comp}/ folder; a diffusers SD v1.x folder has unet/, vae/, text_encoder/")
-    raise CheckpointError(f"{d} has no {base}[.fp16].safetensors or .bin (found: {', '.join(have) or 'nothing'})"
+    have = sorted(os.listdir(d))
+    raise CheckpointError(f"{d} has no {st}[.fp16].safetensors or {binary}.bin (found: {', '.join(have) or 'nothing'})"
                           + ("; sharded weights are not supported, merge them into one .safetensors file"
                              if any(h.endswith(".index.json") for h in have) else ""))
 
@@ -547,7 +548,7 @@ def _load_folder(folder, ema, dtype):
             files[c] = open_weights(p)
         shapes = {c: {n: tuple(t.shape) for n, t in f.tensors.items()} for c, f in files.items()}
         for c in files:
-            _refuse_other_architectures(shapes[c], shapes[c], paths[c])
+            _refuse_other_architectures(shapes[c], paths[c])
         maps = {
             "unet": {n: n for n in shapes["unet"]},
             "vae": {_rename(n, VAE_LEGACY_RENAMES): n for n in shapes["vae"]},
@@ -641,6 +642,4 @@ def load(path=None, ema=True, dtype=np.float32):
         params, config, info = _load_original(path, ema, dtype)
         tokenizer = None
     _warn_unexpected(path, info["unexpected"])
-    pipe = Pipeline(params, config, tokenizer)
-    pipe.info = info
-    return pipe
+    return Pipeline(params, config, tokenizer, info=info)
