@@ -25,7 +25,7 @@ import numpy as np
 
 from .ckpt import CkptFile
 from .config import sd15_config
-from .errors import CheckpointError, NpsdError
+from .errors import CheckpointError, InputError, NpsdError
 from .params import unflatten
 from .pipeline import Pipeline
 from .safetensors_io import SafetensorsFile, is_safetensors
@@ -634,6 +634,8 @@ def load(path=None, ema=True, dtype=np.float32):
     if path is None:
         raise NpsdError("npsd has no built-in model yet; pass the path of an SD v1.x checkpoint "
                         "(.safetensors / .ckpt) or diffusers folder to npsd.load(path)")
+    if np.dtype(dtype).kind != "f":
+        raise InputError(f"dtype must be a floating type such as numpy.float32, not {np.dtype(dtype)}")
     path = os.fspath(path)
     if os.path.isdir(path):
         params, config, info = _load_folder(path, ema, dtype)

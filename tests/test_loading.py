@@ -193,9 +193,13 @@ def test_ckpt_full_size(original_sd, reference, tmp_path):
                 "pytorch-lightning_version": "1.4.2", "loss_scale": np.float64(65536.0),
                 "lr_schedulers": [], "optimizer_states": []}, path)
     pipe = npsd.load(path, dtype=np.float16)
-    path.unlink()
     assert pipe.info["unexpected"] == []
     assert_same_tensors(pipe.params, reference)
+    del pipe
+    gc.collect()
+    n, _, base, peak = measure_load(path)  # the .ckpt reader too keeps one storage's bytes at a time
+    path.unlink()
+    assert peak - base < 1.1 * 4 * n
 
 
 def test_full_ema_layout_prefers_ema_copies(original_sd, reference, tmp_path):
@@ -279,36 +283,41 @@ def test_diffusers_folder(reference, tmp_path):
     assert_same_tensors(pipe.params, reference)
 
 
-def test_peak_memory_of_a_full_size_fp16_load(original_file):
-    """Load the 2.1 GB fp16 file as float32 in a fresh subprocess without torch: peak RSS must stay
-    near the float32 weights (1.066B parameters = 4.26 GB), i.e. no second full copy is held."""
+def measure_load(path):
+    """Load `path` as float32 in a fresh subprocess without torch; returns (parameters, seconds,
+    RSS before loading, peak RSS) in bytes. The peak is the child's own VmHWM (ru_maxrss would
+    include the parent's peak, which Linux carries across fork + exec)."""
     code = textwrap.dedent(f"""
-        import sys, time, resource
+        import sys, time
         sys.modules["torch"] = None
         import numpy as np, npsd
-        from npsd.params import count
-        def hwm():  # peak RSS of this process's own memory (ru_maxrss would include the parent's peak,
-            # which Linux carries across fork + exec)
+        from npsd.params import count, flatten
+        def hwm():
             return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
         base = hwm()
         t = time.perf_counter()
-        pipe = npsd.load({str(original_file)!r})
+        pipe = npsd.load({str(path)!r})
         dt = time.perf_counter() - t
         peak = hwm()
         n = sum(count(p) for p in pipe.params.values())
-        assert all(a.dtype == np.float32 for c in pipe.params.values() for a in npsd.params.flatten(c).values())
-        print(f"{{n}} {{dt:.2f}} {{base}} {{peak}}")
+        assert all(a.dtype == np.float32 for c in pipe.params.values() for a in flatten(c).values())
+        print(n, dt, base, peak)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     n, dt, base, peak = out.stdout.split()
     n, dt, base, peak = int(n), float(dt), int(base), int(peak)
-    weights = 4 * n
-    print(f"\nfull-size fp16 .safetensors -> float32: {n} parameters, {weights / 1e9:.2f} GB float32; "
-          f"load {dt:.1f} s; peak RSS {peak / 1e9:.2f} GB (before load {base / 1e9:.2f} GB); "
-          f"peak / weights = {peak / weights:.3f}")
+    print(f"\n{Path(path).name} (fp16) -> float32: {n} parameters = {4 * n / 1e9:.2f} GB; load {dt:.1f} s; "
+          f"peak RSS {peak / 1e9:.2f} GB (before load {base / 1e9:.2f} GB); peak / weights = {peak / (4 * n):.3f}")
     assert n == 1_066_235_307
-    assert peak - base < 1.1 * weights  # measured: see the printed line
+    return n, dt, base, peak
+
+
+def test_peak_memory_of_a_full_size_fp16_load(original_file):
+    """Peak RSS must stay near the float32 weights (1.066B parameters = 4.26 GB): no second full
+    copy, no memory-mapped file pages. Measured 4.34 GB (1.02x), see the printed line."""
+    n, _, base, peak = measure_load(original_file)
+    assert peak - base < 1.1 * 4 * n
 
 
 # --- errors (small files) --------------------------------------------------------------------------
@@ -316,6 +325,8 @@ def test_peak_memory_of_a_full_size_fp16_load(original_file):
 def test_no_argument_says_no_builtin_model_yet():
     with pytest.raises(NpsdError, match="no built-in model yet"):
         npsd.load()
+    with pytest.raises(npsd.InputError, match="floating"):
+        npsd.load("x.safetensors", dtype=np.int32)
 
 
 def test_missing_path_and_not_a_checkpoint(tmp_path):
