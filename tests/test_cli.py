@@ -1,0 +1,529 @@
+"""The command line (npsd/cli.py, npsd/pngmeta.py): outputs, PNG metadata, errors, interrupts.
+
+Most tests call `npsd.cli.main([...])` in-process on a tiny random model saved as a diffusers folder
+(2-level UNet/VAE with 32/64 channels, 2-layer CLIP of width 32; 16x16 images, 1-3 steps); a few run
+`python -m npsd` in a subprocess (exit codes, SIGINT, determinism across processes, --threads).
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import npsd
+from npsd import cli
+from npsd.pngmeta import format_parameters, parse_parameters, read_parameters
+from tests.helpers import perturb_
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--height", "16", "--width", "16", "--steps", "2"]
+PROMPT = "a red circle on a blue background"
+
+
+# --- the tiny model -------------------------------------------------------------------------------
+
+def tiny_vae(seed=3):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    return perturb_(AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                                  layers_per_block=1, sample_size=32).eval(), seed)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny random SD-shaped model saved as a diffusers folder (read by npsd.load)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd"
+    torch.manual_seed(0)
+    text = perturb_(CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 max_position_embeddings=77, hidden_act="quick_gelu")).eval(), 2)
+    unet = perturb_(UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                         attention_head_dim=4, norm_num_groups=8).eval(), 1)
+    text.save_pretrained(folder / "text_encoder")
+    tiny_vae().save_pretrained(folder / "vae")
+    unet.save_pretrained(folder / "unet")
+    return str(folder)
+
+
+def run(args, capsys):
+    """main(args) in-process -> (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def gen(capsys, model, out, *extra, mode="txt2img", prompt=PROMPT):
+    args = [mode] + ([prompt] if prompt is not None else []) + ["--model", model, "-o", out, "--quiet"] + SMALL + list(extra)
+    rc, stdout, stderr = run(args, capsys)
+    assert rc == 0, stderr
+    return stdout, stderr
+
+
+def params_of(path):
+    return parse_parameters(read_parameters(path))
+
+
+def sha10(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()[:10]
+
+
+def make_image(path, size=16, mode="RGB"):
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    a = np.stack([yy, xx, 1 - xx * yy], -1) + 0.1 * rng.standard_normal((size, size, 3))
+    Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).convert(mode).save(path)
+    return str(path)
+
+
+def make_mask(path, size=16):
+    m = np.zeros((size, size), np.uint8)
+    m[4:12, 2:10] = 255
+    Image.fromarray(m, "L").save(path)
+    return str(path)
+
+
+def no_leftovers(folder):
+    """No temporary files (.part) anywhere under folder."""
+    return [str(p) for p in __import__("pathlib").Path(folder).rglob("*.part")] == []
+
+
+# --- PNG parameters -------------------------------------------------------------------------------
+
+def test_parameters_roundtrip_with_awkward_text():
+    fields = {"Steps": 20, "Sampler": "Euler a", "CFG scale": 7.5, "Seed": 4294967295, "Size": "512x768",
+              "Model hash": "0123456789", "Model": "my, model: v2.safetensors", "VAE": 'say "hi"',
+              "Pipeline": "txt2img", "npsd version": "0.1.0"}
+    for prompt, negative in [("a cat, on a mat: 8k", "blurry, ugly"), ("line one\nline two", ""),
+                             ("", "only negative"), ("ünïcödé 猫 🐱", "Negative prompt: inside"),
+                             ("Steps: 3, Seed: 4", "x")]:
+        text = format_parameters(prompt, negative, fields)
+        back = parse_parameters(text)
+        assert back["prompt"] == prompt and back["negative_prompt"] == negative, (prompt, back)
+        assert back["fields"] == {k: str(v) for k, v in fields.items()}
+
+
+def test_parses_a1111_text():
+    text = ("masterpiece, a castle\nNegative prompt: lowres, bad anatomy\nSteps: 28, Sampler: DPM++ 2M Karras, "
+            "CFG scale: 6.5, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
+            'Clip skip: 2, Lora hashes: "a: 1, b: 2", Version: v1.6.0')
+    p = parse_parameters(text)
+    assert p["prompt"] == "masterpiece, a castle" and p["negative_prompt"] == "lowres, bad anatomy"
+    assert p["fields"]["Lora hashes"] == "a: 1, b: 2" and p["fields"]["Size"] == "512x768"
+    assert parse_parameters("just a prompt") == {"prompt": "just a prompt", "negative_prompt": "", "fields": {}}
+
+
+def test_from_png_reads_a1111_settings(tmp_path):
+    path = tmp_path / "a1111.png"
+    from npsd.pngmeta import png_info
+    Image.new("RGB", (8, 8)).save(path, pnginfo=png_info(
+        "a castle\nNegative prompt: lowres\nSteps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 1234, "
+        "Size: 512x768, Model hash: 6ce0161689, Model: v1-5, Clip skip: 2, Denoising strength: 0.6"))
+    s = cli.settings_from_png(str(path), "img2img")
+    assert (s["prompt"], s["negative_prompt"], s["steps"], s["sampler"], s["karras"]) == \
+        ("a castle", "lowres", 28, "dpmpp_2m", True)
+    assert (s["guidance_scale"], s["seed"], s["width"], s["height"], s["clip_skip"], s["strength"]) == \
+        (6.5, 1234, 512, 768, 1, 0.6)
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+def test_txt2img_png_carries_its_parameters(model, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    stdout, stderr = gen(capsys, model, out, "--seed", 42, "--negative-prompt", "blurry, dark", "--sampler", "ddim")
+    assert stdout == f"{out}\n" and stderr == ""                   # --quiet: only the path
+    img = Image.open(out)
+    assert img.size == (16, 16) and img.mode == "RGB"
+    p = params_of(out)
+    assert p["prompt"] == PROMPT and p["negative_prompt"] == "blurry, dark"
+    f = p["fields"]
+    assert (f["Steps"], f["Sampler"], f["CFG scale"], f["Seed"], f["Size"]) == ("2", "DDIM", "7.5", "42", "16x16")
+    assert f["Model"] == "tiny-sd" and f["Model hash"] == sha10(os.path.join(model, "unet", "diffusion_pytorch_model.safetensors"))
+    assert f["npsd version"] == npsd.__version__ and f["Pipeline"] == "txt2img"
+    assert sorted(os.listdir(tmp_path)) == ["a.png"]               # nothing else left behind
+
+
+def test_same_seed_gives_byte_identical_pngs(model, tmp_path, capsys):
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    gen(capsys, model, a, "--seed", 7, "--sampler", "euler_a")      # a sampler that draws noise each step
+    gen(capsys, model, b, "--seed", 7, "--sampler", "euler_a")
+    assert a.read_bytes() == b.read_bytes()
+    gen(capsys, model, c, "--seed", 8, "--sampler", "euler_a")
+    assert np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(c), np.int16)).max() > 0
+
+
+def test_random_seed_is_printed_and_used_in_the_name(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(["txt2img", PROMPT, "--model", model] + SMALL, capsys)
+    assert rc == 0, err
+    seed = int(err.split("seed: ")[1].split()[0])
+    assert out == f"npsd-{seed}.png\n" and params_of(tmp_path / f"npsd-{seed}.png")["fields"]["Seed"] == str(seed)
+    assert "s/step" in err                                         # the progress bar shows time per step
+
+
+def test_num_images_get_numbered_names(model, tmp_path, capsys):
+    out = tmp_path / "batch.png"
+    stdout, _ = gen(capsys, model, out, "--seed", 3, "--num-images", 2)
+    names = [tmp_path / "batch-1.png", tmp_path / "batch-2.png"]
+    assert stdout.split() == [str(n) for n in names]
+    f1, f2 = params_of(names[0])["fields"], params_of(names[1])["fields"]
+    assert (f1["Batch size"], f1["Batch pos"], f2["Batch pos"]) == ("2", "1", "2")
+    assert names[0].read_bytes() != names[1].read_bytes()
+
+
+def test_from_png_reproduces_the_image_and_options_override(model, tmp_path, capsys):
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 11, "--negative-prompt", "dark", "--sampler", "dpmpp_2m", "--karras",
+        "--guidance-scale", 5, "--clip-skip", 1, "--timestep-spacing", "trailing")
+    assert params_of(a)["fields"]["Schedule type"] == "Karras" and params_of(a)["fields"]["Clip skip"] == "2"
+    b = tmp_path / "b.png"
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", b, "--quiet"], capsys)
+    assert rc == 0, err
+    assert a.read_bytes() == b.read_bytes()                        # same pixels, same parameters
+    c = tmp_path / "c.png"
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", c, "--quiet", "--steps", 1, "--seed", 12], capsys)
+    assert rc == 0, err
+    f = params_of(c)["fields"]
+    assert (f["Steps"], f["Seed"], f["Sampler"], f["CFG scale"]) == ("1", "12", "DPM++ 2M", "5")
+    # one image of a batch is re-made alone
+    gen(capsys, model, tmp_path / "batch.png", "--seed", 5, "--num-images", 2)
+    d = tmp_path / "d.png"
+    rc, _, err = run(["txt2img", "--from-png", tmp_path / "batch-2.png", "--model", model, "-o", d, "--quiet"], capsys)
+    assert rc == 0, err
+    assert d.read_bytes() == (tmp_path / "batch-2.png").read_bytes()
+
+
+def test_img2img_and_inpaint(model, tmp_path, capsys):
+    image, mask = make_image(tmp_path / "in.png"), make_mask(tmp_path / "mask.png")
+    a = tmp_path / "img2img.png"
+    gen(capsys, model, a, "--image", image, "--strength", 0.5, "--seed", 1, "--steps", 4, mode="img2img")
+    f = params_of(a)["fields"]
+    assert (f["Denoising strength"], f["Pipeline"], f["Steps"]) == ("0.5", "img2img", "4")
+    b = tmp_path / "inpaint.png"
+    gen(capsys, model, b, "--image", image, "--mask", mask, "--mask-blur", 2, "--seed", 1, mode="inpaint")
+    f = params_of(b)["fields"]
+    assert (f["Denoising strength"], f["Mask blur"], f["Pipeline"]) == ("1", "2", "inpaint")
+    # the kept region stays close to the input (the VAE round trip of a random tiny VAE is not exact,
+    # so only check that the repainted region moved more than the kept one)
+    src, res = (np.asarray(Image.open(p), np.float32) for p in (image, b))
+    m = np.asarray(Image.open(mask)) > 127
+    assert np.abs(res - src)[m].mean() != np.abs(res - src)[~m].mean()
+    # --from-png on an img2img image needs the same subcommand and --image
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "x.png"], capsys)
+    assert rc == 2 and "made by img2img" in err and err.count("\n") == 1
+    c = tmp_path / "again.png"
+    rc, _, err = run(["img2img", "--from-png", a, "--image", image, "--model", model, "-o", c, "--quiet"], capsys)
+    assert rc == 0, err
+    assert c.read_bytes() == a.read_bytes()
+    # a grayscale input of another size is converted and resized, with a one-line note
+    gray = make_image(tmp_path / "gray.png", size=20, mode="L")
+    rc, _, err = run(["img2img", PROMPT, "--image", gray, "--model", model, "-o", tmp_path / "g.png", "--quiet",
+                      "--steps", 2, "--height", 16, "--width", 16], capsys)
+    assert rc == 0 and err.strip().startswith("npsd: warning: image of size 20x20 resized to 16x16"), err
+
+
+def test_save_steps_writes_x0_previews_and_a_filmstrip(model, tmp_path, capsys):
+    out, steps = tmp_path / "a.png", tmp_path / "steps"
+    gen(capsys, model, out, "--seed", 2, "--steps", 3, "--save-steps", steps, "--num-images", 2, "--save-every", 2,
+        "--sampler", "ddpm")
+    names = sorted(os.listdir(steps))
+    assert names == ["filmstrip.png", "step-2-1.png", "step-2-2.png", "step-3-1.png", "step-3-2.png"]
+    strip = Image.open(steps / "filmstrip.png")
+    assert strip.size == (3 * 18 + 2, 2 * 18 + 2)                 # 2 rows (images) x (2 previews + result)
+    assert params_of(steps / "step-2-1.png")["fields"]["Preview of step"] == "2"
+    # the last preview's x0 is the final latent: the same picture as the result
+    last = np.asarray(Image.open(steps / "step-3-1.png"), np.int16)
+    assert np.abs(last - np.asarray(Image.open(tmp_path / "a-1.png"), np.int16)).max() <= 1
+    # existing previews are refused before any work
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "b.png", "--seed", 2, "--steps", 3,
+                      "--save-steps", steps, "--num-images", 2, "--save-every", 2, "--height", 16, "--width", 16], capsys)
+    assert rc == 2 and "already exists" in err and not (tmp_path / "b-1.png").exists()
+
+
+# --- refusing to overwrite, atomic files, Ctrl-C ---------------------------------------------------
+
+def test_existing_output_is_refused_before_any_work(model, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "a.png"
+    out.write_bytes(b"precious")
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(npsd, "load", no_loading)
+    rc, stdout, err = run(["txt2img", PROMPT, "--model", model, "-o", out] + SMALL, capsys)
+    assert rc == 2 and stdout == "" and out.read_bytes() == b"precious"
+    assert err == f"npsd: error: {out} already exists; use --overwrite to replace it or -o to choose another name\n"
+    monkeypatch.undo()
+    gen(capsys, model, out, "--overwrite", "--seed", 1)
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert oct(os.stat(out).st_mode & 0o777) != oct(0o600)          # the usual mode, not mkstemp's 0600
+
+
+def test_ctrl_c_in_process_leaves_nothing_and_exits_130(model, tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+    real = npsd.Pipeline.unet
+
+    def interrupted(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:                          # the second step, after the first step's preview
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(npsd.Pipeline, "unet", interrupted)
+    steps = tmp_path / "steps"
+    rc, out, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "a.png", "--save-steps", steps,
+                        "--guidance-scale", 7.5] + SMALL, capsys)
+    assert rc == 130 and out == "" and "interrupted" in err.splitlines()[-1]
+    assert calls["n"] == 2
+    assert list(steps.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["steps"]
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    out = tmp_path / "a.png"
+    out.write_bytes(b"old")
+
+    def boom(self, fp, *a, **k):
+        fp.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_png_atomic(Image.new("RGB", (4, 4)), str(out), "p\nNegative prompt: \nSteps: 1, Seed: 1", True)
+    assert out.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["a.png"]
+
+
+def python_m_npsd(*args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.update(kw.pop("env", {}))
+    return subprocess.Popen([sys.executable, "-m", "npsd", *map(str, args)], cwd=kw.pop("cwd", ROOT), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigint_in_a_subprocess_exits_130_and_leaves_no_file(model, tmp_path):
+    steps = tmp_path / "steps"
+    p = python_m_npsd("txt2img", PROMPT, "--model", model, "-o", tmp_path / "a.png", "--height", 16, "--width", 16,
+                      "--steps", 500, "--save-steps", steps, "--seed", 1)
+    deadline = time.time() + 120
+    while not (steps.is_dir() and any(steps.glob("step-*.png"))) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert out == "" and err.strip().splitlines()[-1] == "npsd: interrupted; no output written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["steps"] and list(steps.iterdir()) == []
+
+
+def test_subprocess_matches_in_process_bytes(model, tmp_path, capsys):
+    gen(capsys, model, tmp_path / "a.png", "--seed", 9, "--sampler", "ddpm")
+    p = python_m_npsd("txt2img", PROMPT, "--model", model, "-o", tmp_path / "b.png", "--seed", 9, "--sampler", "ddpm",
+                      "--quiet", *SMALL)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and err == "" and out == f"{tmp_path / 'b.png'}\n", err
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+# --- errors: one line, what to do, exit code -------------------------------------------------------
+
+def test_error_cases_are_one_line(model, tmp_path, capsys):
+    image, mask = make_image(tmp_path / "in.png"), make_mask(tmp_path / "mask.png")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"this is not a checkpoint at all")
+    bad_image = tmp_path / "bad.png"
+    bad_image.write_bytes(b"not a png")
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    base = ["--model", model, "-o", tmp_path / "out.png", "--quiet"]
+    cases = [  # (args, exit code, a phrase of the message)
+        (["txt2img", PROMPT, "--model", tmp_path / "missing.safetensors", "--quiet"], 2, "does not exist"),
+        (["txt2img", PROMPT, "--model", junk, "-o", tmp_path / "o.png", "--quiet"], 2, "not a valid .safetensors"),
+        (["txt2img", PROMPT, "--height", 17, "--width", 16, "--steps", 1] + base, 2, "height must be a multiple"),
+        (["txt2img", PROMPT, "--sampler", "plms"] + base, 2, "invalid choice: 'plms'"),
+        (["txt2img", PROMPT, "--steps", 0] + base, 2, "--steps: must be >= 1"),
+        (["txt2img", PROMPT, "--guidance-scale", "nan"] + base, 2, "finite"),
+        (["txt2img", PROMPT, "--seed", -1] + base, 2, "[0, 2**32)"),
+        (["txt2img", PROMPT, "--seed", 2**32] + base, 2, "[0, 2**32)"),
+        (["txt2img"] + base, 2, "give a PROMPT"),
+        (["img2img", PROMPT] + base, 2, "needs --image"),
+        (["img2img", PROMPT, "--image", image, "--strength", 0] + base, 2, "(0.0, 1.0]"),
+        (["img2img", PROMPT, "--image", image, "--strength", 1.5] + base, 2, "(0.0, 1.0]"),
+        (["img2img", PROMPT, "--image", bad_image] + base + SMALL, 2, "cannot read image"),
+        (["img2img", PROMPT, "--image", tmp_path / "nope.png"] + base, 2, "--image"),
+        (["inpaint", PROMPT, "--image", image] + base, 2, "needs --mask"),
+        (["inpaint", PROMPT, "--image", image, "--mask", bad_image] + base + SMALL, 2, "cannot read mask"),
+        (["txt2img", PROMPT, "--mask", mask] + base, 2, "--mask is for inpaint"),
+        (["txt2img", "--from-png", plain] + base, 2, "no 'parameters' text chunk"),
+        (["txt2img", "--from-png", tmp_path / "nope.png"] + base, 2, "does not exist"),
+        (["txt2img", PROMPT, "--vae", junk] + base + SMALL, 2, "not a valid .safetensors"),
+        (["txt2img", PROMPT, "-o", tmp_path / "no" / "dir" / "x.png", "--model", model, "--quiet"], 2, "does not exist"),
+        (["txt2img", PROMPT, "--karras", "--sampler", "ddim"] + base + SMALL, 2, "use_karras_sigmas applies"),
+        (["txt2img", PROMPT, "--bogus"] + base, 2, "unrecognized arguments"),
+        (["frobnicate"], 2, "invalid choice"),
+    ]
+    for args, code, phrase in cases:
+        rc, out, err = run(args, capsys)
+        assert (rc, out) == (code, ""), (args, rc, err)
+        assert err.count("\n") == 1 and err.startswith("npsd: error: ") and phrase in err, (args, err)
+        assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["bad.png", "in.png", "junk.safetensors", "mask.png", "plain.png"]
+    rc, _, err = run(["txt2img", PROMPT, "--debug"] + base + SMALL + ["--height", 17], capsys)
+    assert rc == 2 and "Traceback (most recent call last)" in err and err.strip().endswith("got 17")
+
+
+def test_nan_latents_stop_with_the_step(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(npsd.Pipeline, "unet", lambda self, x, t, c: np.full_like(x, np.nan))
+    rc, out, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "a.png", "--quiet"] + SMALL, capsys)
+    assert rc == 1 and "NaN or infinite at step 1" in err and err.count("\n") == 1
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_version_and_help(capsys):
+    rc, out, _ = run(["--version"], capsys)
+    assert rc == 0 and out.strip() == f"npsd {npsd.__version__}"
+    rc, out, _ = run(["txt2img", "--help"], capsys)
+    assert rc == 0
+    for option in ("--output", "--negative-prompt", "--steps", "--guidance-scale", "--sampler", "--seed", "--height",
+                   "--width", "--num-images", "--model", "--vae", "--image", "--mask", "--strength", "--eta", "--karras",
+                   "--timestep-spacing", "--clip-skip", "--long-prompt", "--mask-blur", "--threads", "--save-steps",
+                   "--save-every", "--from-png", "--overwrite", "--quiet", "--debug"):
+        assert option in out, option
+
+
+# --- --threads ------------------------------------------------------------------------------------
+
+def test_threads_with_threadpoolctl(model, tmp_path, capsys, monkeypatch):
+    seen = []
+    fake = types.ModuleType("threadpoolctl")
+    fake.threadpool_limits = lambda limits: seen.append(limits) or "limiter"
+    monkeypatch.setitem(sys.modules, "threadpoolctl", fake)
+    gen(capsys, model, tmp_path / "a.png", "--threads", 1, "--seed", 1)
+    assert seen == [1]
+
+
+def test_threads_without_threadpoolctl(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)          # import fails
+    for v in cli.THREAD_VARS:
+        monkeypatch.delenv(v, raising=False)
+    _, err = gen(capsys, model, tmp_path / "a.png", "--threads", 1, "--seed", 1)
+    assert err.startswith("npsd: warning: --threads 1: cannot change") and err.count("\n") == 1
+    # as a command, npsd sets the variables and restarts itself, so OpenBLAS starts with them
+    code = ("import sys; sys.modules['threadpoolctl'] = None; from npsd.cli import main; sys.exit(main())")
+    env = {k: v for k, v in os.environ.items() if k not in cli.THREAD_VARS}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-c", code, "txt2img", PROMPT, "--model", model, "-o", str(tmp_path / "b.png"),
+                        "--threads", "1", "--debug", "--quiet", *SMALL], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    if "threads: 1 via threadpoolctl" not in p.stderr:              # the restarted process may have it
+        assert "OPENBLAS_NUM_THREADS=1" in p.stderr and "via the environment" in p.stderr, p.stderr
+
+
+# --- --vae ----------------------------------------------------------------------------------------
+
+def vae_to_original(state_dict, levels=2):
+    """diffusers AutoencoderKL names -> the original (CompVis) names of a VAE file; checked against
+    diffusers' own converter in test_vae_file_layouts."""
+    import re
+    out = {}
+    for k, v in state_dict.items():
+        v = v.numpy().copy()
+        n = k
+        n = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", n)
+        n = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", n)
+        n = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", n)
+        n = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                   lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", n)
+        n = n.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
+        n = n.replace("mid_block.attentions.0.group_norm.", "mid.attn_1.norm.")
+        for a, b in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+            if f"mid_block.attentions.0.{a}." in n:
+                n = n.replace(f"mid_block.attentions.0.{a}.", f"mid.attn_1.{b}.")
+                if v.ndim == 2:
+                    v = v[:, :, None, None]                         # linear -> 1x1 conv
+        n = n.replace("conv_norm_out.", "norm_out.").replace("conv_shortcut.", "nin_shortcut.")
+        out[n] = v
+    return out
+
+
+def write_st(path, tensors, metadata=None):
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+    return str(path)
+
+
+def test_vae_file_layouts(model, tmp_path, capsys):
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    base = tmp_path / "base.png"
+    gen(capsys, model, base, "--seed", 4)
+    base_px = np.asarray(Image.open(base))
+    # the same VAE as the model's, in four layouts: the pixels must not change
+    same = tiny_vae()
+    orig = vae_to_original(same.state_dict())
+    conv = convert_ldm_vae_checkpoint({k: torch.from_numpy(v) for k, v in orig.items()}, dict(same.config))
+    for k, v in same.state_dict().items():                      # the test's inverse agrees with diffusers
+        assert torch.equal(conv[k].reshape(v.shape), v), k
+    files = {
+        "original": write_st(tmp_path / "vae-orig.safetensors", orig),
+        "prefixed": write_st(tmp_path / "vae-prefixed.safetensors",
+                             {"first_stage_model." + k: v for k, v in orig.items()} | {"loss.logvar": np.zeros(1, np.float32)}),
+        "diffusers file": write_st(tmp_path / "vae-diffusers.safetensors", {k: v.numpy() for k, v in same.state_dict().items()}),
+        "diffusers folder": os.path.join(model, "vae"),
+    }
+    for layout, path in files.items():
+        out = tmp_path / f"with-{layout.replace(' ', '-')}.png"
+        gen(capsys, model, out, "--seed", 4, "--vae", path)
+        assert np.array_equal(np.asarray(Image.open(out)), base_px), layout
+        f = params_of(out)["fields"]
+        assert f["VAE"] == os.path.basename(os.path.normpath(path)), layout
+        assert f["VAE hash"] == sha10(cli._vae_file(path)[0])
+    # another VAE changes the picture
+    other = write_st(tmp_path / "other.safetensors", vae_to_original(tiny_vae(seed=9).state_dict()))
+    gen(capsys, model, tmp_path / "other.png", "--seed", 4, "--vae", other)
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "other.png")), base_px)
+    # a file without VAE weights, and a VAE whose latent channels do not fit the UNet
+    unet_only = write_st(tmp_path / "unet.safetensors", {"model.diffusion_model.x": np.zeros(2, np.float32)})
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "--vae", unet_only, "-o", tmp_path / "x.png", "--quiet"] + SMALL,
+                     capsys)
+    assert rc == 2 and "holds no VAE weights" in err and err.count("\n") == 1
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    z8 = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=8, norm_num_groups=8, layers_per_block=1)
+    z8f = write_st(tmp_path / "z8.safetensors", vae_to_original(z8.state_dict()))
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "--vae", z8f, "-o", tmp_path / "x.png", "--quiet"] + SMALL, capsys)
+    assert rc == 2 and "8 channels" in err and err.count("\n") == 1
+
+
+# --- a real single-file checkpoint ----------------------------------------------------------------
+
+def test_original_single_file_checkpoint(tmp_path, capsys):
+    """The original (CompVis) single-file layout, written from tiny models with diffusers' own
+    routing (tests/test_loading.py), loaded through --model; Model hash is the file's SHA-256."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from tests.test_loading import TINY_CLIP, tiny_models, tiny_original_state, write_safetensors
+    unet, vae, _ = tiny_models()
+    torch.manual_seed(0)                      # a CLIP with the real vocabulary size, for the shipped tokenizer
+    clip = perturb_(CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "vocab_size": 49408})).eval(), seed=3)
+    path = tmp_path / "tiny-v1.safetensors"
+    write_safetensors(path, tiny_original_state(unet, vae, clip))
+    out = tmp_path / "a.png"
+    rc, stdout, err = run(["txt2img", PROMPT, "--model", path, "-o", out, "--quiet", "--height", 64, "--width", 64,
+                           "--steps", 1, "--seed", 1], capsys)
+    assert rc == 0, err
+    f = params_of(out)["fields"]
+    assert f["Model"] == "tiny-v1.safetensors" and f["Model hash"] == sha10(path)
+    assert Image.open(out).size == (64, 64)
