@@ -238,70 +238,32 @@ def limit_threads(n, argv_for_restart):
 
 # --- a separate VAE -----------------------------------------------------------------------------
 
-VAE_TOP = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-
-
-def _vae_file(path):
-    """A --vae path -> (weights file, config.json or None). Folders: a diffusers vae folder or a
-    whole pipeline folder with vae/."""
+def vae_weights_file(path):
+    """The weights file behind a --vae path (for its hash): the file itself, or a diffusers vae
+    folder's (or a pipeline folder's vae/) diffusion_pytorch_model file."""
     if not os.path.isdir(path):
-        return path, None
+        return path
     folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                  "diffusion_pytorch_model.bin"):
         if os.path.isfile(os.path.join(folder, name)):
-            cfg = os.path.join(folder, "config.json")
-            return os.path.join(folder, name), (cfg if os.path.isfile(cfg) else None)
-    raise CheckpointError(f"--vae: {path} has no diffusion_pytorch_model[.fp16].safetensors; give a VAE file "
-                          f"or a diffusers vae folder")
-
-
-def load_vae(path, config):
-    """A standalone VAE -> (params["vae"] in npsd's names, the VAE config section).
-
-    Accepts the original names (encoder.down.0.block.0.norm1.weight, as vae-ft-mse-840000-ema-pruned),
-    the same with a first_stage_model. prefix (also a whole SD checkpoint: its VAE is taken), or
-    diffusers names (current or legacy attention names). Uses npsd.loading's tables and checks."""
-    import numpy as np
-    from . import loading
-    from .params import unflatten
-    file, cfg_path = _vae_file(os.fspath(path))
-    vae_config = dict(config["vae"])
-    if cfg_path:
-        cfg = loading._json(cfg_path, cfg_path)
-        vae_config["scaling_factor"] = cfg.get("scaling_factor", vae_config["scaling_factor"])
-        vae_config["norm_groups"] = cfg.get("norm_num_groups", vae_config["norm_groups"])
-    with loading.open_weights(file) as f:
-        names = list(f.tensors)
-        prefix = "first_stage_model." if any(n.startswith("first_stage_model.") for n in names) else ""
-        own = [n[len(prefix):] for n in names if n.startswith(prefix) and n[len(prefix):].startswith(VAE_TOP)]
-        if not own:
-            raise CheckpointError(f"--vae: {file} holds no VAE weights (encoder.* / decoder.* / first_stage_model.*); "
-                                  f"give a VAE file such as vae-ft-mse-840000-ema-pruned.safetensors")
-        if any(n.startswith("encoder.down_blocks.") for n in own):      # diffusers names
-            mapping = {loading._rename(n, loading.VAE_LEGACY_RENAMES): n for n in own}
-        else:                                                           # original names
-            mapping = loading.map_vae(own)
-        shapes = {d: tuple(f.tensors[prefix + o].shape) for d, o in mapping.items()}
-        for d in shapes:                              # attention 1x1 convs [C, C, 1, 1] -> linear [C, C]
-            if loading.LINEAR_ATTENTION.search(d) and len(shapes[d]) == 4:
-                shapes[d] = shapes[d][:2]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")               # training leftovers (loss.*) are expected
-            expected = loading.expected_vae(shapes)
-            loading.check("vae", shapes, expected, file)
-        flat = {d: f.read(prefix + mapping[d], np.float32).reshape(shape) for d, shape in expected.items()}
-    return unflatten(flat), vae_config
+            return os.path.join(folder, name)
+    return None
 
 
 def attach_vae(pipe, path):
-    params, vae_config = load_vae(path, pipe.config)
+    """Replace the model's VAE by the one in `path` (npsd.loading.load_vae: original names as in
+    vae-ft-mse-840000-ema-pruned, with or without first_stage_model., or diffusers names). The
+    model's VAE settings (scaling factor, groups) stay unless the VAE brings its own config.json."""
+    from .loading import load_vae
+    params, vae_config = load_vae(path)
     z = params["post_quant_conv"]["weight"].shape[0]
     if z != pipe.latent_channels:
         raise CheckpointError(f"--vae: the VAE's latents have {z} channels but the model's UNet uses "
                               f"{pipe.latent_channels}; give a VAE made for SD v1.x")
     pipe.params["vae"] = params
-    pipe.config["vae"] = vae_config
+    if os.path.isdir(path):
+        pipe.config["vae"] = vae_config
 
 
 # --- parameters: from the options, from a PNG ---------------------------------------------------
@@ -498,8 +460,6 @@ def generate(args, argv_for_restart=None):
     s["guidance_scale"] = d.get("guidance_scale", 7.5) if s["guidance_scale"] is None else s["guidance_scale"]
     s["sampler"] = s["sampler"] or d.get("sampler", "ddim")
     s["timestep_spacing"] = s["timestep_spacing"] or pipe.config["scheduler"].get("timestep_spacing", "leading")
-    if stored.get("_model") and args.model is None and stored["_model"][0]:
-        _note(args, f"npsd: the PNG names the model {stored['_model'][0]}; using the built-in model (give --model)")
 
     # 4. the steps that will run, and the --save-steps files (refused before any work if they exist)
     from . import schedulers
@@ -518,21 +478,29 @@ def generate(args, argv_for_restart=None):
             check_writable([p for ps in step_files.values() for p in ps] + [strip_file], args.overwrite)
 
     # 5. generate
+    frames, written = {}, []
+    mfile = model_file(pipe, args.model)
+    model_name = os.path.basename(os.path.normpath(args.model or mfile or "built-in"))
+    hashes = {}
+    if stored.get("_model"):                         # --from-png: say when the model is not the same
+        name, digest = stored["_model"]
+        hashes["model"] = file_hash(mfile) if mfile else None
+        if digest and hashes["model"] and digest.lower() != hashes["model"]:
+            warnings.warn(f"--from-png: the PNG was made with {name or 'a model'} (hash {digest}), not "
+                          f"{model_name} (hash {hashes['model']}); the image will differ (give --model)")
+
     bar = None
     if not args.quiet:
         from tqdm import tqdm
         bar = tqdm(total=total - start, unit="step", file=sys.stderr, dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}]",
                    desc=mode)
-    frames, written = {}, []
-    model_name = os.path.basename(os.path.normpath(args.model)) if args.model else "npsd-tiny"
-    mfile = model_file(pipe, args.model)
-    hashes = {}
 
     def meta(width, height, pos, extra=None):
-        if "model" not in hashes:
-            hashes["model"] = file_hash(mfile) if mfile else None
-            vfile = _vae_file(args.vae)[0] if args.vae else None
+        if "vae" not in hashes:
+            if "model" not in hashes:
+                hashes["model"] = file_hash(mfile) if mfile else None
+            vfile = vae_weights_file(args.vae) if args.vae else None
             hashes["vae"] = file_hash(vfile) if vfile else None
         text = parameters_text(s, mode, model_name, hashes["model"],
                                os.path.basename(os.path.normpath(args.vae)) if args.vae else None, hashes["vae"],

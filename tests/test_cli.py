@@ -489,7 +489,7 @@ def test_vae_file_layouts(model, tmp_path, capsys):
         assert np.array_equal(np.asarray(Image.open(out)), base_px), layout
         f = params_of(out)["fields"]
         assert f["VAE"] == os.path.basename(os.path.normpath(path)), layout
-        assert f["VAE hash"] == sha10(cli._vae_file(path)[0])
+        assert f["VAE hash"] == sha10(cli.vae_weights_file(path))
     # another VAE changes the picture
     other = write_st(tmp_path / "other.safetensors", vae_to_original(tiny_vae(seed=9).state_dict()))
     gen(capsys, model, tmp_path / "other.png", "--seed", 4, "--vae", other)
@@ -498,7 +498,7 @@ def test_vae_file_layouts(model, tmp_path, capsys):
     unet_only = write_st(tmp_path / "unet.safetensors", {"model.diffusion_model.x": np.zeros(2, np.float32)})
     rc, _, err = run(["txt2img", PROMPT, "--model", model, "--vae", unet_only, "-o", tmp_path / "x.png", "--quiet"] + SMALL,
                      capsys)
-    assert rc == 2 and "holds no VAE weights" in err and err.count("\n") == 1
+    assert rc == 2 and "the vae weights lack" in err and err.count("\n") == 1
     from diffusers import AutoencoderKL
     torch.manual_seed(0)
     z8 = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -510,7 +510,7 @@ def test_vae_file_layouts(model, tmp_path, capsys):
 
 # --- a real single-file checkpoint ----------------------------------------------------------------
 
-def test_original_single_file_checkpoint(tmp_path, capsys):
+def test_original_single_file_checkpoint(model, tmp_path, capsys):
     """The original (CompVis) single-file layout, written from tiny models with diffusers' own
     routing (tests/test_loading.py), loaded through --model; Model hash is the file's SHA-256."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -527,3 +527,7 @@ def test_original_single_file_checkpoint(tmp_path, capsys):
     f = params_of(out)["fields"]
     assert f["Model"] == "tiny-v1.safetensors" and f["Model hash"] == sha10(path)
     assert Image.open(out).size == (64, 64)
+    # --from-png with another model: a one-line warning that the image will differ
+    rc, _, err = run(["txt2img", "--from-png", out, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and err.count("\n") == 1 and "the image will differ" in err, err
+    assert f"not tiny-sd (hash " in err and f"made with tiny-v1.safetensors (hash {sha10(path)})" in err
