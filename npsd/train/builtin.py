@@ -1,0 +1,444 @@
+"""Train the built-in model and export it as weights/npsd-tiny.safetensors (needs `pip install .[train]`).
+
+    python -m npsd.train.builtin                 # the whole run: data, VAE, latents, UNet + CLIP, export
+    python -m npsd.train.builtin --export-only   # export the last checkpoint in --workdir again
+
+The SD v1.x design scaled down, built from the same torch modules SD v1.x uses (diffusers'
+AutoencoderKL and UNet2DConditionModel, transformers' CLIPTextModel) so that the exported file has
+SD v1.5's original tensor names, only smaller shapes:
+
+1. data: procedural 64x64 scenes with captions (npsd.train.data), seeded;
+2. VAE: KL autoencoder 64x64x3 -> 16x16x4 (reconstruction L1 + MSE + a small KL term, as LDM's
+   KL-f8 models minus the perceptual and GAN losses); the latent scaling factor is 1 / std of the
+   training latents (LDM paper, sec. 4.3.2 / appendix G: "rescale the latent ... unit variance");
+3. the latents of all training images are computed once (posterior mean and std);
+4. UNet + CLIP text encoder trained together from scratch: epsilon prediction under SD's
+   scaled-linear schedule (0.00085..0.012, 1000 steps), the caption replaced by "" 10% of the time
+   (classifier-free guidance, Ho & Salimans 2022), min-SNR-5 loss weights (Hang et al. 2023), EMA weights;
+5. export: fp16 .safetensors in the original single-file layout with the npsd config in
+   __metadata__["npsd_config"] (read by npsd.load).
+
+Checkpoints go to --workdir every few hundred steps; a run stopped by --max-minutes still exports
+what it has (the README states which run the shipped file came from).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import data
+
+SEED = 0
+NUM_IMAGES = 20000
+VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=data.SIZE,
+                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                  block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=32, act_fn="silu")
+TEXT_CONFIG = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                   num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                   layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+# SD v1.x's block layout one level shorter: cross-attention at the 16x16 and 8x8 latent levels (so
+# that position words can act where positions are resolved), none at the lowest level, one in the middle.
+UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                   block_out_channels=(64, 96, 128),
+                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                   cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32)  # 4 heads (diffusers' naming)
+DEFAULTS = dict(height=64, width=64, num_inference_steps=20, guidance_scale=4.0, sampler="ddim")
+EMA_DECAY = 0.998
+P_UNCOND = 0.1
+
+
+def build_models():
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    return vae, text, unet
+
+
+def npsd_config(scaling_factor, defaults=DEFAULTS):
+    """The config npsd.load reads from __metadata__["npsd_config"] (npsd.config.SD15's layout)."""
+    return {
+        "text_encoder": {"num_heads": TEXT_CONFIG["num_attention_heads"], "layer_norm_eps": TEXT_CONFIG["layer_norm_eps"],
+                         "hidden_act": TEXT_CONFIG["hidden_act"]},
+        "unet": {"num_heads": UNET_CONFIG["attention_head_dim"], "norm_groups": UNET_CONFIG["norm_num_groups"],
+                 "resnet_eps": 1e-5, "transformer_eps": 1e-6, "layer_norm_eps": 1e-5},
+        "vae": {"scaling_factor": float(scaling_factor), "norm_groups": VAE_CONFIG["norm_num_groups"], "eps": 1e-6},
+        "defaults": dict(defaults),
+    }
+
+
+class Threads:
+    """--threads auto: on a shared machine 2 torch threads can be many times slower than 1 (spinning
+    OpenMP workers), on an idle one about twice as fast. Every 200 steps, time 10 steps with each
+    and keep the faster. (Thread counts change float summation order: runs are seeded, not bit-exact.)"""
+
+    def __init__(self, setting):
+        import torch
+        self.torch, self.fixed = torch, None if setting == "auto" else int(setting)
+        self.times, self.best, self.t = {1: [], 2: []}, 1, None
+        torch.set_num_threads(self.fixed or 1)
+
+    def before(self, step):
+        if self.fixed:
+            return
+        phase = step % 200
+        n = 1 if phase < 10 else 2 if phase < 20 else self.best
+        if phase == 20:
+            self.best = min((1, 2), key=lambda k: np.median(self.times[k]) if self.times[k] else 1e9)
+            self.times = {1: [], 2: []}
+            n = self.best
+        self.torch.set_num_threads(n)
+        self.n, self.t = n, time.time()
+
+    def after(self, step):
+        if self.fixed or self.t is None:
+            return
+        if step % 200 < 20:
+            self.times[self.n].append(time.time() - self.t)
+
+
+def log(msg):
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+# --- 1. data -------------------------------------------------------------------------------------
+
+def make_data(workdir, n=NUM_IMAGES):
+    path = os.path.join(workdir, "data.npz")
+    if os.path.exists(path):
+        z = np.load(path)
+        return z["images"], list(z["captions"])
+    images, captions, _ = data.dataset(n, seed=SEED)
+    np.savez(path, images=images, captions=np.array(captions))
+    return images, captions
+
+
+def to_tensor(images):
+    import torch
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()           # [B, 3, H, W] 0..255
+    return x / 127.5 - 1.0                                             # [-1, 1]
+
+
+# --- 2. VAE --------------------------------------------------------------------------------------
+
+def train_vae(vae, images, steps, batch, lr, workdir, deadline, threads):
+    import torch
+    path = os.path.join(workdir, "vae.pt")
+    if os.path.exists(path):
+        vae.load_state_dict(torch.load(path))
+        log(f"VAE: loaded {path}")
+        return
+    gen = np.random.default_rng(SEED + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    t0 = time.time()
+    for step in range(steps):
+        threads.before(step)
+        x = to_tensor(images[gen.integers(len(images), size=batch)])            # [B, 3, 64, 64]
+        if step < 0.9 * steps:  # a fully convolutional VAE: 32x32 crops (on the 4-pixel latent grid) cost 1/4
+            i, j = 4 * gen.integers(0, 9, size=2)
+            x = x[:, :, i:i + 32, j:j + 32]                                    # [B, 3, 32, 32]
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=None)
+        rec = vae.decode(z).sample
+        err = rec - x
+        kl = post.kl().mean() / z[0].numel()
+        loss = err.abs().mean() + (err ** 2).mean() + 1e-5 * kl     # per-element KL weight 1e-5
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        threads.after(step)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"VAE step {step}/{steps} loss {loss.item():.4f} l1 {err.abs().mean().item():.4f} "
+                f"kl {kl.item():.2f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+        if time.time() > deadline:
+            log(f"VAE: time budget reached at step {step}")
+            break
+    torch.save(vae.state_dict(), path)
+
+
+def encode_all(vae, images, workdir):
+    import torch
+    path = os.path.join(workdir, "latents.npz")
+    if os.path.exists(path):
+        z = np.load(path)
+        return z["mean"], z["std"]
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            post = vae.encode(to_tensor(images[i:i + 256])).latent_dist
+            means.append(post.mean.numpy())
+            stds.append(post.std.numpy())
+    mean, std = np.concatenate(means), np.concatenate(stds)
+    np.savez(path, mean=mean, std=std)
+    return mean, std
+
+
+# --- 4. UNet + text encoder ----------------------------------------------------------------------
+
+def alphas_cumprod():
+    """SD's scaled-linear schedule: beta_t = (linspace(sqrt(0.00085), sqrt(0.012), 1000))^2."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workdir, deadline, threads):
+    import copy
+    import torch
+    from ..tokenizer import Tokenizer
+    tok = Tokenizer.default()
+    unique = sorted(set(captions) | {""})
+    ids_of = dict(zip(unique, tok(unique)))                             # caption -> int64 [77]
+    cap_ids = np.stack([ids_of[c] for c in captions])                   # [N, 77]
+    empty = torch.from_numpy(ids_of[""]).long()
+    ac = torch.from_numpy(alphas_cumprod()).float()                      # [1000]
+    snr = ac / (1 - ac)                                                  # [1000]
+    weight = torch.clamp(snr, max=5.0) / snr                             # min-SNR-5 for epsilon targets
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    ema = {"unet": copy.deepcopy(unet).eval(), "text": copy.deepcopy(text).eval()}
+    start = 0
+    ckpt = os.path.join(workdir, "unet_ckpt.pt")
+    if os.path.exists(ckpt):
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
+        ema["unet"].load_state_dict(state["ema_unet"]); ema["text"].load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        start = state["step"]
+        log(f"UNet: resumed from step {start}")
+    gen = np.random.default_rng(SEED + 2 + start)
+    torch.manual_seed(SEED + 2 + start)
+
+    def save(step):
+        torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema["unet"].state_dict(),
+                    "ema_text": ema["text"].state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "step": step}, ckpt + ".tmp")
+        os.replace(ckpt + ".tmp", ckpt)
+
+    t0, avg = time.time(), None
+    step = start
+    for step in range(start, steps):
+        threads.before(step)
+        idx = gen.integers(len(mean), size=batch)
+        z0 = torch.from_numpy(mean[idx] + std[idx] * gen.standard_normal(mean[idx].shape, dtype=np.float32))
+        z0 = z0 * scaling                                                # [B, 4, 16, 16] unit-variance latents
+        ids = torch.from_numpy(cap_ids[idx]).long()                      # [B, 77]
+        drop = torch.from_numpy(gen.random(batch) < P_UNCOND)
+        ids[drop] = empty
+        t = torch.from_numpy(gen.integers(1000, size=batch)).long()      # [B]
+        eps = torch.from_numpy(gen.standard_normal(z0.shape, dtype=np.float32))
+        a = ac[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps                        # DDPM eq. 4
+        ctx = text(ids).last_hidden_state                                # [B, 77, 64]
+        pred = unet(zt, t, ctx).sample
+        loss = (weight[t] * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        d = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for m, e in ((unet, ema["unet"]), (text, ema["text"])):
+                for p, q in zip(m.parameters(), e.parameters()):
+                    q.mul_(d).add_(p.detach(), alpha=1 - d)
+        threads.after(step)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"UNet step {step}/{steps} loss {avg:.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step, "
+                f"{torch.get_num_threads()} threads)")
+        if step % 100 == 99:
+            save(step + 1)
+        if time.time() > deadline:
+            log(f"UNet: time budget reached at step {step}")
+            break
+    save(step + 1)
+    return ema["unet"], ema["text"], step + 1
+
+
+# --- 5. export in the original single-file layout ------------------------------------------------
+
+def unet_to_original(sd, levels, n_res, attn_levels):
+    """diffusers UNet2DConditionModel names -> CompVis names (model.diffusion_model.* without prefix).
+    The inverse of npsd.loading.map_unet: input_blocks count conv_in, then per level n_res ResBlocks
+    (+ transformer) and a downsampler; output_blocks count per level n_res + 1 ResBlocks (+ transformer)
+    with the upsampler in the last one."""
+    blocks = {"conv_in.": "input_blocks.0.0.", "mid_block.resnets.0.": "middle_block.0.",
+              "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.1.": "middle_block.2.",
+              "time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+              "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+    i = 1
+    for l in range(levels):
+        for j in range(n_res):
+            blocks[f"down_blocks.{l}.resnets.{j}."] = f"input_blocks.{i}.0."
+            blocks[f"down_blocks.{l}.attentions.{j}."] = f"input_blocks.{i}.1."
+            i += 1
+        if l < levels - 1:
+            blocks[f"down_blocks.{l}.downsamplers.0.conv."] = f"input_blocks.{i}.0.op."
+            i += 1
+    i = 0
+    for u in range(levels):
+        has_attn = attn_levels[levels - 1 - u]
+        for j in range(n_res + 1):
+            blocks[f"up_blocks.{u}.resnets.{j}."] = f"output_blocks.{i}.0."
+            blocks[f"up_blocks.{u}.attentions.{j}."] = f"output_blocks.{i}.1."
+            if j == n_res and u < levels - 1:
+                blocks[f"up_blocks.{u}.upsamplers.0.conv."] = f"output_blocks.{i}.{2 if has_attn else 1}.conv."
+            i += 1
+    leaf = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
+            "norm2.": "out_layers.0.", "conv2.": "out_layers.3.", "conv_shortcut.": "skip_connection."}
+    out = {}
+    for name, v in sd.items():
+        prefix = max((p for p in blocks if name.startswith(p)), key=len)
+        rest = name[len(prefix):]
+        if ".resnets." in prefix:
+            first = next((k for k in leaf if rest.startswith(k)), None)
+            rest = leaf[first] + rest[len(first):]
+        out[blocks[prefix] + rest] = v
+    return out
+
+
+def vae_to_original(sd, levels):
+    """diffusers AutoencoderKL names -> CompVis names (first_stage_model.* without prefix); the
+    decoder's up_blocks.u is up.(levels - 1 - u); the mid attention's linears become 1x1 convs."""
+    import re
+    out = {}
+    for name, v in sd.items():
+        n = name
+        n = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", n)
+        n = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", n)
+        n = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", n)
+        n = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", n)
+        n = n.replace(".mid_block.resnets.0.", ".mid.block_1.").replace(".mid_block.resnets.1.", ".mid.block_2.")
+        n = n.replace(".mid_block.attentions.0.group_norm.", ".mid.attn_1.norm.")
+        for a, b in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+            if f".mid_block.attentions.0.{a}." in n:
+                n = n.replace(f".mid_block.attentions.0.{a}.", f".mid.attn_1.{b}.")
+                if n.endswith(".weight") and hasattr(v, "reshape"):
+                    v = v.reshape(*v.shape, 1, 1)                     # [C, C] -> [C, C, 1, 1]
+        n = n.replace(".conv_norm_out.", ".norm_out.").replace(".conv_shortcut.", ".nin_shortcut.")
+        out[n] = v
+    return out
+
+
+def to_original(unet_sd, vae_sd, text_sd):
+    """The three modules' state dicts (values: tensors, or anything when only names matter)
+    -> {original SD v1.x name: value}."""
+    levels = len(UNET_CONFIG["block_out_channels"])
+    attn = [t.startswith("CrossAttn") for t in UNET_CONFIG["down_block_types"]]
+    out = {}
+    for n, v in unet_to_original(unet_sd, levels, UNET_CONFIG["layers_per_block"], attn).items():
+        out["model.diffusion_model." + n] = v
+    for n, v in vae_to_original(vae_sd, len(VAE_CONFIG["block_out_channels"])).items():
+        out["first_stage_model." + n] = v
+    for n, v in text_sd.items():
+        if not n.endswith("position_ids"):
+            out["cond_stage_model.transformer." + n] = v
+    return out
+
+
+def original_state_dict(unet, vae, text):
+    """The three torch modules -> {original SD v1.x name: float16 numpy array}."""
+    out = to_original(unet.state_dict(), vae.state_dict(), text.state_dict())
+    return {n: v.detach().float().numpy().astype(np.float16) for n, v in out.items()}
+
+
+def load_original(path):
+    """The inverse of export, with torch: a file in the original layout -> (vae, text, unet) torch
+    modules (float32). Used by the tests to run the shipped weights in the reference modules."""
+    import torch
+    from safetensors.numpy import load_file
+    tensors = load_file(str(path))
+    vae, text, unet = build_models()
+    for part, m in (("unet", unet), ("vae", vae), ("text", text)):
+        sds = {"unet": {}, "vae": {}, "text": {}}
+        sds[part] = {k: k for k in m.state_dict() if not k.endswith("position_ids")}
+        names = to_original(sds["unet"], sds["vae"], sds["text"])          # original name -> module name
+        state = {}
+        for orig, name in names.items():
+            shape = m.state_dict()[name].shape
+            state[name] = torch.from_numpy(tensors[orig].astype(np.float32)).reshape(shape)
+        m.load_state_dict(state, strict=False)
+        missing = set(sds[part]) - set(state)
+        if missing:
+            raise KeyError(f"{path}: no tensors for {sorted(missing)[:3]}")
+    return vae.eval(), text.eval(), unet.eval()
+
+
+def export(path, unet, vae, text, scaling, extra=None):
+    from safetensors.numpy import save_file
+    tensors = original_state_dict(unet, vae, text)
+    meta = {"npsd_config": json.dumps(npsd_config(scaling)), "format": "pt",
+            "npsd_training": json.dumps(extra or {})}
+    save_file(tensors, path, metadata=meta)
+    n = sum(v.size for v in tensors.values())
+    log(f"exported {path}: {len(tensors)} tensors, {n / 1e6:.2f}M parameters, {os.path.getsize(path) / 1e6:.1f} MB")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", default="build/npsd-train", help="data, latents and checkpoints")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "..", "weights", "npsd-tiny.safetensors"))
+    ap.add_argument("--vae-steps", type=int, default=800)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--unet-batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=7e-4)
+    ap.add_argument("--max-minutes", type=float, default=100, help="stop (and still export) after this long")
+    ap.add_argument("--vae-minutes", type=float, default=35, help="time budget of the VAE stage")
+    ap.add_argument("--num-images", type=int, default=NUM_IMAGES, help="training set size")
+    ap.add_argument("--threads", default="auto", help="torch threads: 1, 2, ... or auto (see Threads)")
+    ap.add_argument("--stage", choices=("all", "vae", "unet", "export"), default="all")
+    ap.add_argument("--export-only", action="store_true", help="= --stage export")
+    args = ap.parse_args(argv)
+    import torch
+    threads = Threads(args.threads)
+    os.makedirs(args.workdir, exist_ok=True)
+    start = time.time()
+    deadline = start + 60 * args.max_minutes
+    vae, text, unet = build_models()
+    for name, m in (("VAE", vae), ("text encoder", text), ("UNet", unet)):
+        log(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters")
+    images, captions = make_data(args.workdir, args.num_images)
+    log(f"data: {len(images)} images, {len(set(captions))} distinct captions")
+    stage = "export" if args.export_only else args.stage
+    if stage in ("all", "vae"):
+        train_vae(vae, images, args.vae_steps, args.vae_batch, 1e-3, args.workdir,
+                  min(deadline, time.time() + 60 * args.vae_minutes), threads)
+    else:
+        vae.load_state_dict(torch.load(os.path.join(args.workdir, "vae.pt")))
+    vae.eval()
+    mean, std = encode_all(vae, images, args.workdir)
+    # the latent std over all training latents (sampled), which unit variance needs (LDM, appendix G)
+    rng = np.random.default_rng(SEED + 3)
+    sample = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+    scaling = float(np.float16(1.0 / sample.std()))
+    log(f"latents: std {sample.std():.4f} -> scaling factor {scaling}")
+    if stage == "vae":
+        return
+    if stage in ("all", "unet"):
+        ema_unet, ema_text, steps = train_unet(unet, text, mean, std, captions, scaling, args.unet_steps,
+                                               args.unet_batch, args.lr, args.workdir, deadline, threads)
+    else:
+        state = torch.load(os.path.join(args.workdir, "unet_ckpt.pt"), weights_only=False)
+        unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
+        ema_unet, ema_text, steps = unet, text, state["step"]
+    extra = {"unet_steps": steps, "unet_batch": args.unet_batch, "vae_steps": args.vae_steps, "seed": SEED,
+             "num_images": args.num_images}
+    export(os.path.abspath(args.out), ema_unet.eval(), vae, ema_text.eval(), scaling, extra)
+    log(f"done in {(time.time() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

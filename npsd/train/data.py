@@ -1,0 +1,150 @@
+"""Procedurally drawn training images for the built-in model, with captions from a small grammar.
+
+One shape (circle, square, triangle) of one colour on a background of another colour, 64x64 RGB:
+
+    caption := "a" [size] colour shape [position] "on a" colour "background"
+    size     := "small" | "large"                       (left out: any size in between the two)
+    position := "in the top left" | "in the top right" | "in the bottom left" | "in the bottom right"
+              | "in the center"                         (left out: anywhere the shape fits)
+
+e.g. "a small red circle in the top left on a blue background", "a red circle on a blue background".
+Some (shape colour, background colour) pairs are never drawn in training (HELD_OUT) and serve as
+the evaluation prompts. NumPy and Pillow only (the NumPy evaluation uses it too); seeded.
+"""
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64                      # image side in pixels
+SUPERSAMPLE = 4                # drawn at 4x and box-filtered down: anti-aliased edges
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {                    # name -> RGB
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+COLOUR_NAMES = tuple(COLOURS)
+POSITIONS = {                  # phrase -> centre (x, y) in pixels
+    "top left": (16, 16),
+    "top right": (48, 16),
+    "bottom left": (16, 48),
+    "bottom right": (48, 48),
+    "center": (32, 32),
+}
+POSITION_NAMES = tuple(POSITIONS)
+SIZES = {"small": (6.0, 8.0), "large": (12.0, 15.0)}   # "radius" (half the side) in pixels
+ANY_SIZE = (6.0, 15.0)
+JITTER = 3.0                   # +- pixels around a named position's centre
+# (shape colour, background colour) pairs never drawn in training: each colour once on each side
+HELD_OUT = (("red", "green"), ("green", "blue"), ("blue", "yellow"),
+            ("yellow", "white"), ("white", "black"), ("black", "red"))
+TRAIN_PAIRS = tuple((a, b) for a in COLOUR_NAMES for b in COLOUR_NAMES if a != b and (a, b) not in HELD_OUT)
+P_SIZE, P_POSITION = 0.6, 0.6  # how often the caption names the size / the position
+
+
+def caption(shape, colour, background, size=None, position=None):
+    """The grammar's sentence; size / position None leave that phrase out."""
+    words = ["a"] + ([size] if size else []) + [colour, shape]
+    if position:
+        words += ["in the", position]
+    return " ".join(words + ["on a", background, "background"])
+
+
+def draw(shape, colour, background, radius, centre):
+    """-> uint8 [64, 64, 3]. radius: half the side of the bounding box; centre: (x, y) in pixels."""
+    s = SUPERSAMPLE
+    img = Image.new("RGB", (SIZE * s, SIZE * s), COLOURS[background])
+    d = ImageDraw.Draw(img)
+    x, y, r = centre[0] * s, centre[1] * s, radius * s
+    box = [x - r, y - r, x + r, y + r]
+    if shape == "circle":
+        d.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        d.rectangle(box, fill=COLOURS[colour])
+    else:                       # isosceles triangle, apex up, filling half of its bounding box
+        d.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=COLOURS[colour])
+    img = img.resize((SIZE, SIZE), Image.BOX)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def sample(rng, pairs=TRAIN_PAIRS):
+    """One random scene -> (image uint8 [64, 64, 3], caption, attributes dict)."""
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    colour, background = pairs[rng.integers(len(pairs))]
+    size = ("small", "large")[rng.integers(2)] if rng.random() < P_SIZE else None
+    position = POSITION_NAMES[rng.integers(len(POSITION_NAMES))] if rng.random() < P_POSITION else None
+    radius = rng.uniform(*(SIZES[size] if size else ANY_SIZE))
+    if position:
+        centre = np.array(POSITIONS[position]) + rng.uniform(-JITTER, JITTER, 2)
+    else:
+        centre = rng.uniform(radius + 1, SIZE - radius - 1, 2)
+    centre = np.clip(centre, radius + 1, SIZE - radius - 1)   # the whole shape stays in the image
+    attrs = dict(shape=shape, colour=colour, background=background, size=size, position=position,
+                 radius=float(radius), centre=(float(centre[0]), float(centre[1])))
+    return draw(shape, colour, background, radius, centre), caption(shape, colour, background, size, position), attrs
+
+
+def dataset(n, seed=0, pairs=TRAIN_PAIRS):
+    """n scenes -> (uint8 [n, 64, 64, 3], list of captions, list of attribute dicts)."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    captions, attrs = [], []
+    for i in range(n):
+        images[i], c, a = sample(rng, pairs)
+        captions.append(c)
+        attrs.append(a)
+    return images, captions, attrs
+
+
+def held_out_prompts():
+    """Evaluation prompts: every held-out colour pair x shape x {plain, sized + placed} forms.
+    -> list of attribute dicts (with "prompt")."""
+    out = []
+    for k, (colour, background) in enumerate(HELD_OUT):
+        for j, shape in enumerate(SHAPES):
+            out.append(dict(shape=shape, colour=colour, background=background, size=None, position=None))
+            size = ("small", "large")[(k + j) % 2]
+            position = POSITION_NAMES[(k * 3 + j) % len(POSITION_NAMES)]
+            out.append(dict(shape=shape, colour=colour, background=background, size=size, position=position))
+    for a in out:
+        a["prompt"] = caption(a["shape"], a["colour"], a["background"], a["size"], a["position"])
+    return out
+
+
+# --- measuring a generated image (used by the evaluation) --------------------------------------
+
+PALETTE = np.array([COLOURS[c] for c in COLOUR_NAMES], np.float32)   # [6, 3]
+FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}           # area / bounding-box area
+
+
+def measure(image):
+    """uint8 or float [64, 64, 3] (0..255) -> dict: background, colour (nearest palette colours),
+    centre (x, y) of the shape, position (nearest named position), area, size, fill, shape."""
+    img = np.asarray(image, np.float32)                                          # [H, W, 3]
+    d = ((img[:, :, None, :] - PALETTE) ** 2).sum(-1)                            # [H, W, 6]
+    label = d.argmin(-1)                                                         # [H, W]
+    border = np.concatenate([label[0], label[-1], label[:, 0], label[:, -1]])    # [4W]
+    bg = np.bincount(label.ravel(), minlength=6).argmax()                        # most pixels: background
+    counts = np.bincount(label[label != bg], minlength=6)
+    if counts.sum() == 0:
+        return dict(background=COLOUR_NAMES[bg], colour=None, centre=None, position=None, area=0,
+                    size=None, fill=None, shape=None, border_bg=float((border == bg).mean()))
+    fg = counts.argmax()
+    mask = label == fg                                                           # [H, W]
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    # bounding box centre is the drawn centre (the triangle's centroid sits lower)
+    bx, by = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+    fill = mask.sum() / box
+    radius = np.sqrt(box) / 2
+    names = list(POSITIONS)
+    dist = [np.hypot(bx - POSITIONS[p][0], by - POSITIONS[p][1]) for p in names]
+    return dict(background=COLOUR_NAMES[bg], colour=COLOUR_NAMES[fg], centre=(float(bx), float(by)),
+                position=names[int(np.argmin(dist))], area=int(mask.sum()), radius=float(radius),
+                size="small" if radius < (SIZES["small"][1] + SIZES["large"][0]) / 2 else "large",
+                fill=float(fill), shape=min(FILL, key=lambda s: abs(FILL[s] - fill)),
+                border_bg=float((border == bg).mean()))

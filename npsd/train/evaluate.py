@@ -1,0 +1,114 @@
+"""Measure how well the built-in model follows held-out prompts (NumPy pipeline only, no torch).
+
+    python -m npsd.train.evaluate [--model FILE] [--seeds 2] [--steps N] [--grid out.png]
+
+Prompts: every held-out (shape colour, background colour) pair of npsd.train.data (never drawn in
+training) x every shape, in the plain form ("a red circle on a green background") and with a size and
+a position. Each generated image is measured with npsd.train.data.measure (nearest palette colours,
+the shape's bounding box) and compared with the prompt, per attribute:
+
+    attribute    chance                          counted on
+    background   1/6                             all prompts
+    colour       1/5 (any colour but the background's)  all prompts
+    shape        1/3 (fill of the bounding box: circle 0.785, square 1, triangle 0.5)  all prompts
+    position     1/5 (nearest of the 5 named centres)   prompts that name a position
+    size         1/2 (small / large)              prompts that name a size
+
+Accuracies are reported without guidance (guidance_scale 1) and at the model's default guidance.
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+from . import data
+
+ATTRIBUTES = ("background", "colour", "shape", "position", "size")
+CHANCE = {"background": 1 / 6, "colour": 1 / 5, "shape": 1 / 3, "position": 1 / 5, "size": 1 / 2}
+
+
+def generate(pipe, prompts, seed, guidance_scale=None, num_inference_steps=None, batch=16):
+    """-> uint8 [N, H, W, 3], one image per prompt; image k of a batch uses seed + k's batch seed."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        imgs = pipe.txt2img(prompts[i:i + batch], seed=seed + i, guidance_scale=guidance_scale,
+                            num_inference_steps=num_inference_steps, output_type="np")   # [b, H, W, 3]
+        out.append(np.round(np.clip(imgs, 0, 1) * 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def score(cases, images):
+    """cases: attribute dicts (data.held_out_prompts()); images uint8 [N, H, W, 3]
+    -> {attribute: (correct, counted)}, list of measurements."""
+    hits = {a: [0, 0] for a in ATTRIBUTES}
+    measured = []
+    for case, img in zip(cases, images):
+        m = data.measure(img)
+        measured.append(m)
+        for a in ATTRIBUTES:
+            if case[a] is None:         # the prompt does not name it (plain form): not counted
+                continue
+            hits[a][1] += 1
+            hits[a][0] += int(m[a] == case[a])
+    return {a: tuple(v) for a, v in hits.items()}, measured
+
+
+def evaluate(pipe, seeds=(0,), guidance_scale=None, num_inference_steps=None, cases=None):
+    """-> {attribute: accuracy}, {attribute: (correct, counted)}, images, cases (one per seed x prompt)."""
+    cases = cases if cases is not None else data.held_out_prompts()
+    all_cases, images = [], []
+    for s in seeds:
+        images.append(generate(pipe, [c["prompt"] for c in cases], 1000 * s, guidance_scale, num_inference_steps))
+        all_cases += cases
+    images = np.concatenate(images)
+    hits, _ = score(all_cases, images)
+    return {a: c / n for a, (c, n) in hits.items() if n}, hits, images, all_cases
+
+
+def grid(images, cols=8, scale=2):
+    """uint8 [N, H, W, 3] -> one PIL image, `cols` per row, each enlarged `scale` times (nearest)."""
+    from PIL import Image
+    n, h, w, _ = images.shape
+    rows = -(-n // cols)
+    canvas = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        canvas[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = images[k]
+    img = Image.fromarray(canvas)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def main(argv=None):
+    import npsd
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="a checkpoint (default: the built-in model)")
+    ap.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    ap.add_argument("--guidance", type=float, nargs="*", default=None,
+                    help="guidance scales to evaluate (default: 1 and the model's default)")
+    ap.add_argument("--sampler", default=None)
+    ap.add_argument("--grid", default=None, help="save the images of the first seed at the default guidance here")
+    args = ap.parse_args(argv)
+    pipe = npsd.load(args.model)
+    if args.sampler:
+        pipe.config["defaults"]["sampler"] = args.sampler
+    d = pipe.config["defaults"]
+    scales = args.guidance or [1.0, float(d["guidance_scale"])]
+    print(f"model defaults: {d}")
+    print(f"{len(data.held_out_prompts())} held-out prompts x {args.seeds} seeds")
+    print("guidance | " + " | ".join(f"{a} (chance {CHANCE[a]:.2f})" for a in ATTRIBUTES) + " | s/image")
+    for g in scales:
+        t = time.time()
+        acc, hits, images, cases = evaluate(pipe, range(args.seeds), g, args.steps)
+        per = (time.time() - t) / len(images)
+        print(f"{g:g} | " + " | ".join(f"{acc[a]:.2f} ({hits[a][0]}/{hits[a][1]})" for a in ATTRIBUTES)
+              + f" | {per:.2f}", flush=True)
+        if args.grid and g == scales[-1]:
+            n = len(data.held_out_prompts())
+            grid(images[:n], cols=6).save(args.grid)
+            print(f"saved {args.grid}")
+
+
+if __name__ == "__main__":
+    main()
