@@ -510,16 +510,23 @@ def test_vae_file_layouts(model, tmp_path, capsys):
 
 # --- a real single-file checkpoint ----------------------------------------------------------------
 
-def test_original_single_file_checkpoint(model, tmp_path, capsys):
-    """The original (CompVis) single-file layout, written from tiny models with diffusers' own
-    routing (tests/test_loading.py), loaded through --model; Model hash is the file's SHA-256."""
+@pytest.fixture(scope="module")
+def original_file(tmp_path_factory):
+    """A tiny checkpoint in the original (CompVis) single-file layout, written from tiny models with
+    diffusers' own routing (tests/test_loading.py): 4 levels like SD v1.x, 64x64 images at least."""
     from transformers import CLIPTextConfig, CLIPTextModel
     from tests.test_loading import TINY_CLIP, tiny_models, tiny_original_state, write_safetensors
     unet, vae, _ = tiny_models()
     torch.manual_seed(0)                      # a CLIP with the real vocabulary size, for the shipped tokenizer
     clip = perturb_(CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "vocab_size": 49408})).eval(), seed=3)
-    path = tmp_path / "tiny-v1.safetensors"
+    path = tmp_path_factory.mktemp("original") / "tiny-v1.safetensors"
     write_safetensors(path, tiny_original_state(unet, vae, clip))
+    return path
+
+
+def test_original_single_file_checkpoint(model, original_file, tmp_path, capsys):
+    """--model with an original-layout file; Model hash is the file's SHA-256."""
+    path = original_file
     out = tmp_path / "a.png"
     rc, stdout, err = run(["txt2img", PROMPT, "--model", path, "-o", out, "--quiet", "--height", 64, "--width", 64,
                            "--steps", 1, "--seed", 1], capsys)
@@ -530,4 +537,63 @@ def test_original_single_file_checkpoint(model, tmp_path, capsys):
     # --from-png with another model: a one-line warning that the image will differ
     rc, _, err = run(["txt2img", "--from-png", out, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
     assert rc == 0 and err.count("\n") == 1 and "the image will differ" in err, err
-    assert f"not tiny-sd (hash " in err and f"made with tiny-v1.safetensors (hash {sha10(path)})" in err
+    assert "not tiny-sd (hash " in err and f"made with tiny-v1.safetensors (hash {sha10(path)})" in err
+
+
+# --- npsd parity ----------------------------------------------------------------------------------
+
+PARITY_BLOCKS = ["text_encoder.embeddings", "text_encoder.layers.1", "text_encoder (final)", "vae.encoder.down_blocks.3",
+                 "vae.encode (mean)", "vae.decoder.up_blocks.3", "vae.decode (image)", "unet.time_embedding",
+                 "unet.down_blocks.3", "unet.mid_block", "unet.up_blocks.3", "unet (eps)", "(x_prev)"]
+
+
+def test_parity_on_an_original_file(original_file, capsys):
+    """diffusers' single-file converters vs npsd's loader, and every block at 64x64: all within 1e-4
+    (float32; the tiny blocks measure about 1e-6, the guided eps about 1e-5 because CFG scales the
+    difference of two predictions by 7.5)."""
+    rc, out, err = run(["parity", "--model", original_file, "--size", 64], capsys)
+    assert rc == 0, out + err
+    for block in PARITY_BLOCKS:
+        assert block in out, block
+    assert out.strip().splitlines()[-1].startswith("npsd parity: OK: 34 blocks within 0.0001")
+    print(out)
+
+
+def test_parity_on_a_diffusers_folder(model, capsys):
+    rc, out, err = run(["parity", "--model", model, "--size", 32], capsys)
+    assert rc == 0, out + err
+    assert "diffusers folder" in out and "npsd parity: OK: 26 blocks" in out
+
+
+def test_parity_fails_when_npsd_is_wrong(model, capsys, monkeypatch):
+    """Sensitivity: the same weights, but npsd's UNet mid-block GroupNorm eps changed 1e-5 -> 1e-2:
+    the blocks from the mid-block on are above tolerance, the exit code is 1."""
+    real_load = npsd.load
+
+    def wrong_eps(path):
+        pipe = real_load(path)
+        pipe.config["unet"]["resnet_eps"] = 1e-2
+        return pipe
+
+    monkeypatch.setattr(npsd, "load", wrong_eps)
+    rc, out, err = run(["parity", "--model", model, "--size", 32], capsys)
+    assert rc == 1, out + err
+    lines = {l.split()[0]: l for l in out.splitlines() if l.startswith(("unet.", "text_encoder."))}
+    assert lines["text_encoder.layers.1"].endswith("ok") and lines["unet.conv_in"].endswith("ok")
+    assert lines["unet.down_blocks.0"].endswith("ABOVE TOLERANCE") and "npsd parity: FAILED" in out
+
+
+def test_parity_needs_the_test_extra(model, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    rc, out, err = run(["parity", "--model", model], capsys)
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    assert 'pip install "npsd[test]"' in err and "diffusers" in err
+
+
+def test_import_npsd_does_not_import_torch_or_parity():
+    code = ("import sys; sys.modules['torch'] = None; import npsd, npsd.cli, npsd.pngmeta; "
+            "assert 'npsd.parity_cli' not in sys.modules; "
+            "from npsd.cli import main; sys.exit(main(['parity', '--model', '.']))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and 'pip install "npsd[test]"' in p.stderr, p.stderr
