@@ -185,7 +185,6 @@ def unet(params, latents, t, context, config, trace=None):
         x, block_skips = down_block(block, x, temb, context, heads[i], cfg)             # [B, C_i, h/2^i.., ..]
         skips += block_skips
         _record(trace, f"down_blocks.{i}", x)
-    del block_skips
 
     if "mid_block" in params:
         x = mid_block(params["mid_block"], x, temb, context, heads[-1], cfg)            # [B, 1280, h/8, w/8]
@@ -198,7 +197,8 @@ def unet(params, latents, t, context, config, trace=None):
         x = up_block(block, x, skips, temb, context, heads[levels - 1 - i], cfg, size)  # pops n skips
         _record(trace, f"up_blocks.{i}", x)
 
-    x = nn.silu(nn.group_norm(x, cfg["norm_groups"], **params["conv_norm_out"], eps=cfg["resnet_eps"]))
+    x = nn.group_norm(x, cfg["norm_groups"], **params["conv_norm_out"], eps=cfg["resnet_eps"])  # [B, 320, h, w]
+    x = nn.silu(x)
     return nn.conv2d(x, **params["conv_out"], padding=1)                                # [B, 320, h, w] -> [B, 4, h, w]
 
 
