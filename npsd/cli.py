@@ -130,7 +130,8 @@ def _generation_options(p, mode):
     a("--strength", type=_float_in(0.0, 1.0, lo_open=True, what="strength"),
       help="how much of --image to redraw, in (0, 1] (default: img2img 0.8, inpaint 1.0)")
     a("--eta", type=_float_in(0.0, what="eta"), help="DDIM eta; 0 is deterministic (default 0)")
-    a("--karras", action="store_true", default=None, help="Karras sigmas (euler, euler_a, heun, dpmpp_2m)")
+    a("--karras", action=argparse.BooleanOptionalAction, default=None,
+      help="Karras sigmas (euler, euler_a, heun, dpmpp_2m; default off)")
     a("--timestep-spacing", choices=SPACINGS, help="timestep spacing (default: the model's, SD v1.x: leading)")
     a("--clip-skip", type=_int_at_least(0, "layers"),
       help="skip the last N CLIP layers, as diffusers' clip_skip (A1111's 'Clip skip' is N + 1) (default 0)")

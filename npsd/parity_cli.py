@@ -128,7 +128,7 @@ class OriginalFile:
         self.f.close()
 
 
-def _load_strict(model, sd, what):
+def _load_strict(model, sd, what, assign=False):
     """load_state_dict(strict) after the usual name differences (transformers 5: no "text_model."
     prefix, no position_ids buffer); legacy VAE attention 1x1 convs become linear weights."""
     own = model.state_dict()
@@ -140,12 +140,12 @@ def _load_strict(model, sd, what):
             k = k[len("text_model."):]
         if k in own and v is not None and v.ndim == 4 and own[k].ndim == 2:
             v = v[:, :, 0, 0]
-        fixed[k] = v
+        fixed[k] = v.contiguous() if v is not None else v
     missing, unexpected = set(own) - set(fixed), set(fixed) - set(own)
     if missing or unexpected:
         raise CheckpointError(f"parity: the reference {what} does not fit the checkpoint: missing "
                               f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    model.load_state_dict(fixed, strict=True)
+    model.load_state_dict(fixed, strict=True, assign=assign)
     return model.eval()
 
 
@@ -162,13 +162,14 @@ def reference_model(kind, pipe, source, folder):
         model = cls.from_pretrained(folder, subfolder=kind, local_files_only=True, variant=variant,
                                     torch_dtype=torch.float32)
         return model.float().eval()
-    if kind == "unet":
-        model = UNet2DConditionModel(**unet_kwargs(pipe))
-    elif kind == "vae":
-        model = AutoencoderKL(**vae_kwargs(pipe))
-    else:
+    if kind == "text_encoder":                   # small; has non-persistent buffers, so built normally
         model = CLIPTextModel(CLIPTextConfig(**clip_kwargs(pipe)))
-    return _load_strict(model, getattr(source, kind)(model), kind)
+        return _load_strict(model, source.text_encoder(model), kind)
+    # UNet and VAE: built without memory ("meta" tensors), then given the converted tensors
+    # themselves (assign=True), so the weights are in memory once, not three times
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**unet_kwargs(pipe)) if kind == "unet" else AutoencoderKL(**vae_kwargs(pipe))
+    return _load_strict(model, getattr(source, kind)(model), kind, assign=True)
 
 
 # --- the comparisons --------------------------------------------------------------------------------
@@ -331,8 +332,11 @@ def run_parity(args, out=None):
             del model
             gc.collect()
             model = reference_model("unet", pipe, source, folder)
-            ctx = ctx_ref[:1]
-            compare_unet(torch, pipe, model, table, latents, 500.0, ctx)
+            x = latents                              # an inpainting UNet reads 9 channels: add 5 more
+            if pipe.unet_in_channels != pipe.latent_channels:
+                extra = rng.standard_normal((1, pipe.unet_in_channels - pipe.latent_channels, h, h), dtype=np.float32)
+                x = np.concatenate([latents, extra], axis=1)
+            compare_unet(torch, pipe, model, table, x, 500.0, ctx_ref[:1])
             if pipe.unet_in_channels == pipe.latent_channels:       # inpainting UNets need 9 channels
                 compare_ddim_step(torch, pipe, model, table, latents, ctx_ref, ids)
             del model

@@ -254,6 +254,34 @@ def test_save_steps_writes_x0_previews_and_a_filmstrip(model, tmp_path, capsys):
     assert rc == 2 and "already exists" in err and not (tmp_path / "b-1.png").exists()
 
 
+def test_long_prompts_warn_or_chunk(model, tmp_path, capsys):
+    long = " ".join(["red"] * 90)                                       # 90 tokens + start/end
+    _, err = gen(capsys, model, tmp_path / "a.png", "--seed", 1, prompt=long)
+    assert err.count("\n") == 1 and err.startswith("npsd: warning: ") and "15" in err, err   # 90 - 75 dropped
+    _, err = gen(capsys, model, tmp_path / "b.png", "--seed", 1, "--long-prompt", "chunk", prompt=long)
+    assert err == "" and params_of(tmp_path / "b.png")["fields"]["Long prompt"] == "chunk"
+    assert params_of(tmp_path / "b.png")["prompt"] == long
+
+
+def test_default_model_is_the_built_in_one(original_file, tmp_path, capsys, monkeypatch):
+    """Without --model, npsd.load() loads the built-in model (weights/npsd-tiny.safetensors, stood in
+    for here by the tiny original-layout file); --from-png then needs no --model either."""
+    from npsd import loading, weights
+    real = weights.path
+    monkeypatch.setattr(weights, "path", lambda name: original_file if name == loading.BUILTIN_MODEL else real(name))
+    out = tmp_path / "a.png"
+    rc, _, err = run(["txt2img", PROMPT, "-o", out, "--quiet", "--height", 64, "--width", 64, "--steps", 1,
+                      "--seed", 3, "--sampler", "euler", "--karras"], capsys)
+    assert rc == 0, err
+    f = params_of(out)["fields"]
+    assert f["Model hash"] == sha10(original_file) and f["Model"] == os.path.basename(original_file)
+    rc, _, err = run(["txt2img", "--from-png", out, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and err == "", err
+    assert (tmp_path / "b.png").read_bytes() == out.read_bytes()
+    rc, _, err = run(["txt2img", "--from-png", out, "-o", tmp_path / "c.png", "--quiet", "--no-karras"], capsys)
+    assert rc == 0 and "Schedule type" not in params_of(tmp_path / "c.png")["fields"]
+
+
 # --- refusing to overwrite, atomic files, Ctrl-C ---------------------------------------------------
 
 def test_existing_output_is_refused_before_any_work(model, tmp_path, capsys, monkeypatch):
@@ -557,6 +585,21 @@ def test_parity_on_an_original_file(original_file, capsys):
         assert block in out, block
     assert out.strip().splitlines()[-1].startswith("npsd parity: OK: 34 blocks within 0.0001")
     print(out)
+
+
+def test_parity_on_an_inpainting_file(tmp_path, capsys):
+    """A 9-channel (inpainting) UNet: the UNet blocks are compared on 9-channel input; no DDIM step."""
+    from tests.test_loading import tiny_models, tiny_original_state, write_safetensors
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from tests.test_loading import TINY_CLIP
+    unet, vae, _ = tiny_models(in_channels=9)
+    torch.manual_seed(0)
+    clip = perturb_(CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "vocab_size": 49408})).eval(), seed=3)
+    path = tmp_path / "tiny-inpainting.safetensors"
+    write_safetensors(path, tiny_original_state(unet, vae, clip))
+    rc, out, err = run(["parity", "--model", path, "--size", 64], capsys)
+    assert rc == 0, out + err
+    assert "unet (eps)                         [1, 4, 8, 8]" in out and "ddim step" not in out
 
 
 def test_parity_on_a_diffusers_folder(model, capsys):
