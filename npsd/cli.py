@@ -479,7 +479,7 @@ def generate(args, argv_for_restart=None):
             check_writable([p for ps in step_files.values() for p in ps] + [strip_file], args.overwrite)
 
     # 5. generate
-    frames, written = {}, []
+    frames, written, created = {}, [], []
     mfile = model_file(pipe, args.model)
     model_name = os.path.basename(os.path.normpath(args.model or mfile or "built-in"))
     hashes = {}
@@ -513,8 +513,9 @@ def generate(args, argv_for_restart=None):
             from .images import postprocess, to_pil
             decoded = postprocess(pipe.vae_decode(x0_pred / np.float32(pipe.scaling_factor)))  # [B, H, W, 3]
             images = to_pil(decoded)
-            if args.save_steps is not None and not os.path.isdir(args.save_steps):
-                os.makedirs(args.save_steps, exist_ok=True)
+            if not os.path.isdir(args.save_steps):
+                os.makedirs(args.save_steps)
+                created.append(args.save_steps)
             for b, (img, path) in enumerate(zip(images, step_files[i])):
                 write_png_atomic(img, path, meta(img.width, img.height, b + 1, f"Preview of step: {i + 1}"),
                                  args.overwrite)
@@ -551,13 +552,17 @@ def generate(args, argv_for_restart=None):
         if frames:
             rows = [[frames[i][b] for i in saved_steps] + [images[b]] for b in range(n)]
             labels = [f"x0 {i + 1}" for i in saved_steps] + ["result"]
-            strip = filmstrip(rows, labels)
-            write_png_atomic(strip, strip_file, meta(strip.width, strip.height, 1, "Filmstrip: true"), args.overwrite)
+            strip = filmstrip(rows, labels)          # its parameters are those of the images it shows
+            write_png_atomic(strip, strip_file, meta(images[0].width, images[0].height, 1, "Filmstrip: true"),
+                             args.overwrite)
             written.append(strip_file)
     except KeyboardInterrupt:
         for path in written:                        # Ctrl-C: leave no file of this run behind
             if os.path.exists(path):
                 os.unlink(path)
+        for folder in created:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
         raise
     finally:
         if bar is not None:
