@@ -206,8 +206,13 @@ def check_writable(paths, overwrite):
     """Refuse existing outputs (without --overwrite) and missing folders, before any work."""
     for p in paths:
         folder = os.path.dirname(os.path.abspath(p))
+        if not p.lower().endswith(".png"):
+            raise UsageError(f"{p}: npsd writes PNG files (the parameters live in a PNG text chunk); give a name "
+                             f"ending in .png")
         if not os.path.isdir(folder):
             raise UsageError(f"the folder of {p} does not exist; create it or choose another -o")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"cannot write to the folder of {p}; choose another -o")
         if os.path.isdir(p):
             raise UsageError(f"{p} is a folder; give a file name with -o")
         if os.path.exists(p) and not overwrite:
@@ -508,6 +513,15 @@ def generate(args, argv_for_restart=None):
                                width, height, n, pos)
         return text + (f", {extra}" if extra else "")
 
+    def save(image, path, text):
+        # a new file is listed BEFORE it appears, so that Ctrl-C at any moment finds it
+        new = not os.path.exists(path)
+        if new:
+            written.append(path)
+        write_png_atomic(image, path, text, args.overwrite)
+        if not new:
+            written.append(path)
+
     def on_step(i, t, latents, x0_pred):
         if i in step_files:
             from .images import postprocess, to_pil
@@ -517,9 +531,7 @@ def generate(args, argv_for_restart=None):
                 os.makedirs(args.save_steps)
                 created.append(args.save_steps)
             for b, (img, path) in enumerate(zip(images, step_files[i])):
-                write_png_atomic(img, path, meta(img.width, img.height, b + 1, f"Preview of step: {i + 1}"),
-                                 args.overwrite)
-                written.append(path)
+                save(img, path, meta(img.width, img.height, b + 1, f"Preview of step: {i + 1}"))
             frames[i] = images
         if bar is not None:
             bar.update(1)
@@ -547,15 +559,12 @@ def generate(args, argv_for_restart=None):
             raise InputError(f"--from-png: Batch pos {select} is larger than the batch size {n}")
         for path, b in zip(outputs, picks):
             img = images[b]
-            write_png_atomic(img, path, meta(img.width, img.height, b + 1), args.overwrite)
-            written.append(path)
+            save(img, path, meta(img.width, img.height, b + 1))
         if frames:
             rows = [[frames[i][b] for i in saved_steps] + [images[b]] for b in range(n)]
             labels = [f"x0 {i + 1}" for i in saved_steps] + ["result"]
             strip = filmstrip(rows, labels)          # its parameters are those of the images it shows
-            write_png_atomic(strip, strip_file, meta(images[0].width, images[0].height, 1, "Filmstrip: true"),
-                             args.overwrite)
-            written.append(strip_file)
+            save(strip, strip_file, meta(images[0].width, images[0].height, 1, "Filmstrip: true"))
     except KeyboardInterrupt:
         for path in written:                        # Ctrl-C: leave no file of this run behind
             if os.path.exists(path):

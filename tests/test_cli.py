@@ -401,6 +401,7 @@ def test_error_cases_are_one_line(model, tmp_path, capsys):
         (["txt2img", PROMPT, "-o", tmp_path / "no" / "dir" / "x.png", "--model", model, "--quiet"], 2, "does not exist"),
         (["txt2img", PROMPT, "--karras", "--sampler", "ddim"] + base + SMALL, 2, "use_karras_sigmas applies"),
         (["txt2img", PROMPT, "--bogus"] + base, 2, "unrecognized arguments"),
+        (["txt2img", PROMPT, "--model", model, "-o", tmp_path / "x.jpg"], 2, "ending in .png"),
         (["frobnicate"], 2, "invalid choice"),
     ]
     for args, code, phrase in cases:
@@ -418,6 +419,13 @@ def test_nan_latents_stop_with_the_step(model, tmp_path, capsys, monkeypatch):
     rc, out, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "a.png", "--quiet"] + SMALL, capsys)
     assert rc == 1 and "NaN or infinite at step 1" in err and err.count("\n") == 1
     assert not (tmp_path / "a.png").exists()
+
+
+def test_console_script_entry_point():
+    from importlib.metadata import entry_points
+    eps = [e for e in entry_points(group="console_scripts") if e.name == "npsd"]
+    assert [e.value for e in eps] == ["npsd.cli:main"]          # pyproject.toml [project.scripts], installed
+    assert eps[0].load() is cli.main
 
 
 def test_version_and_help(capsys):
