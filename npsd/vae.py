@@ -25,9 +25,9 @@ from .errors import CheckpointError, InputError
 # Fraction of a tile that overlaps its neighbour in tiled decoding (diffusers' tile_overlap_factor).
 TILE_OVERLAP = 0.25
 
-# GroupNorm + SiLU process channel groups in slices of about this many bytes, so that their
-# temporaries (x - mean, its square, the normalised map, exp(-x), ...) stay small.
-_NORM_SLICE_FRACTION = 8        # slice = nn.CHUNK_BYTES / 8
+# GroupNorm + SiLU process whole channel groups in slices of about nn.CHUNK_BYTES / 8 bytes, so
+# that their temporaries (x - mean, its square, the normalised map, exp(-x), ...) stay small.
+_NORM_SLICE_FRACTION = 8
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,9 +109,9 @@ def test_tiled_decode_512_memory_and_difference(untiled_512, tmp_path, record_pr
     record_property("vae_tiled_vs_untiled_512_max_rel", rel)
     print(f"full SD v1.5 VAE (random weights), 512x512, tiles of 44: tiled vs untiled max rel diff {rel:.3g}, "
           f"mean abs diff {mean_abs:.3g} (image max |x| {np.abs(untiled).max():.3g})")
-    # Measured 0.11 max rel (see the closing note); random weights exaggerate the difference, since
+    # Measured 0.084 max rel (mean abs 0.021; see the closing note); random weights exaggerate it, since
     # each tile's GroupNorm statistics and attention context differ from the whole image's.
-    assert rel < 0.5
+    assert rel < 0.2
 
 
 # Defined only with NPSD_SLOW=1 (not skipped: under CI=true a skip counts as a failure).
