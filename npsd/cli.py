@@ -15,6 +15,18 @@ What this module promises (tests/test_cli.py checks each):
   (a run that fails, e.g. NaN latents; a file system error; an internal error); --debug adds the traceback;
 - the same seed and parameters give byte-identical PNGs.
 stdout receives only the paths of the images written (one a line); everything else goes to stderr.
+
+Decisions:
+- Model hash: the first 10 hex digits of the SHA-256 of the checkpoint file (A1111's "AutoV2" hash);
+  for a diffusers folder, of its UNet weights file (unet/diffusion_pytorch_model.*).
+- --clip-skip N counts as diffusers' clip_skip (0 = last layer); the PNG stores A1111's "Clip skip"
+  (N + 1), and --from-png converts it back.
+- --threads N: with threadpoolctl installed, the BLAS pools of the running process are limited.
+  Without it, npsd sets OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS and restarts itself
+  with the same arguments (os.execv): OpenBLAS reads them only when numpy loads it, which importing
+  npsd has already done. npsd starts no threads of its own.
+- --from-png re-makes one image of a batch alone (it re-runs the batch and keeps "Batch pos");
+  a PNG made by img2img/inpaint needs the same subcommand and the input --image (and --mask).
 """
 
 import argparse
@@ -71,8 +83,11 @@ def _float_in(lo, hi=math.inf, lo_open=False, what=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi:
-            rng = f"({lo}, {hi}]" if lo_open else (f"[{lo}, {hi}]" if hi != math.inf else f">= {lo}")
-            raise argparse.ArgumentTypeError(f"must be a finite number {'in ' if '[' in rng or '(' in rng else ''}{rng}, got {text}")
+            if hi == math.inf:
+                rng = f"> {lo}" if lo_open else f">= {lo}"
+            else:
+                rng = f"in ({lo}, {hi}]" if lo_open else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number {rng}, got {text}")
         return v
     parse.__name__ = what or "number"
     return parse
@@ -136,11 +151,13 @@ def _generation_options(p, mode):
     a("--clip-skip", type=_int_at_least(0, "layers"),
       help="skip the last N CLIP layers, as diffusers' clip_skip (A1111's 'Clip skip' is N + 1) (default 0)")
     a("--long-prompt", choices=("truncate", "chunk"), help="prompts over 77 tokens: truncate (default) or chunk")
-    a("--mask-blur", type=_int_at_least(0, "pixels"), help="blur radius of the mask edge in pixels (inpaint; default 0)")
+    a("--mask-blur", type=_int_at_least(0, "pixels"),
+      help="blur radius of the mask edge in pixels (inpaint; default 0)")
     a("--threads", type=_int_at_least(1, "threads"),
       help="BLAS threads (via threadpoolctl when installed, else OMP/OPENBLAS/MKL_NUM_THREADS and a restart)")
     a("--save-steps", metavar="DIR", help="write every k-th step's predicted x0 as PNG and a filmstrip.png into DIR")
-    a("--save-every", type=_int_at_least(1, "K"), default=1, metavar="K", help="with --save-steps: every K-th step (default 1)")
+    a("--save-every", type=_int_at_least(1, "K"), default=1, metavar="K",
+      help="with --save-steps: every K-th step (default 1)")
     a("--from-png", metavar="IMAGE", help="re-run from the parameters stored in a PNG; options given override them")
     a("--overwrite", action="store_true", help="replace existing output files")
     a("--quiet", action="store_true", help="no progress bar or notes; print only the output path(s)")
@@ -286,7 +303,8 @@ def _convert(fields, name, kind, what):
     try:
         return kind(text)
     except ValueError:
-        raise InputError(f"--from-png: the stored '{name}' is {text!r}, not {what}; give the option explicitly") from None
+        raise InputError(f"--from-png: the stored '{name}' is {text!r}, not {what}; "
+                         f"give the option explicitly") from None
 
 
 def settings_from_png(path, mode):
@@ -562,7 +580,7 @@ def generate(args, argv_for_restart=None):
             save(img, path, meta(img.width, img.height, b + 1))
         if frames:
             rows = [[frames[i][b] for i in saved_steps] + [images[b]] for b in range(n)]
-            labels = [f"x0 {i + 1}" for i in saved_steps] + ["result"]
+            labels = [f"step {i + 1}" for i in saved_steps] + ["result"]
             strip = filmstrip(rows, labels)          # its parameters are those of the images it shows
             save(strip, strip_file, meta(images[0].width, images[0].height, 1, "Filmstrip: true"))
     except KeyboardInterrupt:

@@ -193,11 +193,18 @@ class Table:
 
 
 def _hook_outputs(torch, model, names):
+    """Forward hooks that keep each named module's output (a block's first output) as NumPy."""
     outs, hooks = {}, []
+
+    def keep(name):
+        def hook(module, inputs, output):
+            first = output[0] if isinstance(output, tuple) else output
+            outs[name] = first.detach().float().numpy().copy()
+        return hook
+
     for name, mod in model.named_modules():
         if name in names:
-            hooks.append(mod.register_forward_hook(
-                lambda m, i, o, name=name: outs.__setitem__(name, (o[0] if isinstance(o, tuple) else o).detach().float().numpy().copy())))
+            hooks.append(mod.register_forward_hook(keep(name)))
     return outs, hooks
 
 
@@ -217,7 +224,8 @@ def compare_text_encoder(torch, pipe, model, table):
 def compare_unet(torch, pipe, model, table, latents, t, context):
     from . import unet as unet_model
     names = {n for n, _ in model.named_modules()
-             if n in ("time_embedding", "conv_in", "mid_block") or (n.count(".") == 1 and n.split(".")[0] in ("down_blocks", "up_blocks"))}
+             if n in ("time_embedding", "conv_in", "mid_block")
+             or (n.count(".") == 1 and n.split(".")[0] in ("down_blocks", "up_blocks"))}
     outs, hooks = _hook_outputs(torch, model, names)
     with torch.no_grad():
         eps_ref = model(torch.from_numpy(latents), torch.tensor(t), torch.from_numpy(context)).sample.numpy()

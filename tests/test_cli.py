@@ -6,7 +6,6 @@ Most tests call `npsd.cli.main([...])` in-process on a tiny random model saved a
 """
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
