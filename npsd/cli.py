@@ -120,6 +120,7 @@ def build_parser():
     par.add_argument("--tolerance", type=_float_in(0, lo_open=True), default=1e-4,
                      help="largest accepted relative error per block (default 1e-4)")
     par.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default 0)")
+    par.add_argument("--no-ema", action="store_true", help="compare the raw UNet weights instead of the EMA copies")
     par.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -138,6 +139,8 @@ def _generation_options(p, mode):
     a("--width", type=_int_at_least(1, "width"), help="image width, a multiple of 8 (default: the model's)")
     a("--num-images", type=_int_at_least(1, "count"), help="images to generate (default 1)")
     a("--model", help="an SD v1.x .safetensors/.ckpt file or diffusers folder (default: the built-in small model)")
+    a("--no-ema", action="store_true", default=None,
+      help="use the raw UNet weights of a file that also holds EMA copies (v1-5-pruned.*; default: the EMA ones)")
     a("--vae", help="a separate VAE: a .safetensors/.ckpt file (original names, optionally first_stage_model.*, "
                     "or diffusers names) or a diffusers vae folder")
     a("--image", help="input image" + (" (required)" if mode != "txt2img" else " (img2img/inpaint only)"))
@@ -293,7 +296,7 @@ def attach_vae(pipe, path):
 
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "height", "width",
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
-            "mask_blur")
+            "mask_blur", "no_ema")
 
 
 def _convert(fields, name, kind, what):
@@ -351,6 +354,7 @@ def settings_from_png(path, mode):
     pos = _convert(f, "Batch pos", int, "a whole number")
     s["_select"] = pos if pos is not None and s["num_images"] and s["num_images"] > 1 else None
     s["_model"] = (f.get("Model"), f.get("Model hash"))
+    s["no_ema"] = True if f.get("EMA") == "off" else None
     return {k: v for k, v in s.items() if v is not None}
 
 
@@ -377,6 +381,7 @@ def parameters_text(s, mode, model_name, model_hash, vae_name, vae_hash, width, 
         "Long prompt": s["long_prompt"] if s["long_prompt"] != "truncate" else None,
         "Batch size": batch if batch > 1 else None,
         "Batch pos": pos if batch > 1 else None,
+        "EMA": "off" if s["no_ema"] else None,
         "Pipeline": mode,
         "npsd version": __version__,
     }
@@ -475,7 +480,9 @@ def generate(args, argv_for_restart=None):
     # 3. the model
     import npsd
     t0 = time.perf_counter()
-    pipe = npsd.load(args.model) if args.model is not None else npsd.load()
+    ema = not s["no_ema"]
+    pipe = npsd.load(args.model, ema=ema) if args.model is not None else npsd.load(ema=ema)
+    s["no_ema"] = pipe.info.get("ema") is False              # recorded only when raw weights were chosen
     if args.vae is not None:
         attach_vae(pipe, args.vae)
     _note(args, f"npsd: model {args.model or 'built-in'} loaded in {time.perf_counter() - t0:.1f} s")

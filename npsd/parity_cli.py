@@ -315,7 +315,7 @@ def run_parity(args, out=None):
         raise UsageError(f"--model {path} does not exist; give an SD v1.x .safetensors/.ckpt file or diffusers folder")
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    pipe = npsd.load(path)
+    pipe = npsd.load(path, ema=not args.no_ema)
     folder = path if os.path.isdir(path) else None
     source = None if folder else OriginalFile(path, ema=bool((pipe.info or {}).get("ema")))
     print(f"npsd parity: {path} ({'diffusers folder' if folder else 'single file, converted by diffusers'}), "

@@ -576,6 +576,38 @@ def test_original_single_file_checkpoint(model, original_file, tmp_path, capsys)
     assert "not tiny-sd (hash " in err and f"made with tiny-v1.safetensors (hash {sha10(path)})" in err
 
 
+def test_no_ema_chooses_the_raw_weights(tmp_path, capsys):
+    """A v1-5-pruned-like file with EMA copies of every UNet weight (model_ema.<name without dots>):
+    the EMA weights by default, the raw ones with --no-ema, recorded in the PNG as "EMA: off"."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from tests.test_loading import TINY_CLIP, tiny_models, tiny_original_state, write_safetensors
+    unet, vae, _ = tiny_models()
+    torch.manual_seed(0)
+    clip = perturb_(CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "vocab_size": 49408})).eval(), seed=3)
+    sd = tiny_original_state(unet, vae, clip)
+    rng = np.random.default_rng(0)
+    for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
+        sd["model_ema." + k[len("model."):].replace(".", "")] = sd[k] * np.float32(1.2) + np.float32(0.05) * \
+            rng.standard_normal(sd[k].shape, dtype=np.float32)
+    path = tmp_path / "tiny-full-ema.safetensors"
+    write_safetensors(path, sd)
+    small = ["--height", 64, "--width", 64, "--steps", 1, "--seed", 1, "--quiet", "--model", path]
+    rc, _, err = run(["txt2img", PROMPT, "-o", tmp_path / "ema.png"] + small, capsys)
+    assert rc == 0, err
+    rc, _, err = run(["txt2img", PROMPT, "-o", tmp_path / "raw.png", "--no-ema"] + small, capsys)
+    assert rc == 0, err
+    assert "EMA" not in params_of(tmp_path / "ema.png")["fields"]
+    assert params_of(tmp_path / "raw.png")["fields"]["EMA"] == "off"
+    assert (tmp_path / "ema.png").read_bytes() != (tmp_path / "raw.png").read_bytes()
+    rc, _, err = run(["txt2img", "--from-png", tmp_path / "raw.png", "--model", path, "-o", tmp_path / "again.png",
+                      "--quiet"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "raw.png").read_bytes()
+    # npsd parity compares the EMA copies (diffusers' extract_ema=True) by default
+    rc, out, err = run(["parity", "--model", path, "--size", 64], capsys)
+    assert rc == 0 and "npsd parity: OK: 34 blocks" in out, out + err
+
+
 # --- npsd parity ----------------------------------------------------------------------------------
 
 PARITY_BLOCKS = ["text_encoder.embeddings", "text_encoder.layers.1", "text_encoder (final)", "vae.encoder.down_blocks.3",
@@ -621,8 +653,8 @@ def test_parity_fails_when_npsd_is_wrong(model, capsys, monkeypatch):
     the blocks from the mid-block on are above tolerance, the exit code is 1."""
     real_load = npsd.load
 
-    def wrong_eps(path):
-        pipe = real_load(path)
+    def wrong_eps(path, **kw):
+        pipe = real_load(path, **kw)
         pipe.config["unet"]["resnet_eps"] = 1e-2
         return pipe
 
