@@ -316,14 +316,15 @@ def run_parity(args, out=None):
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     pipe = npsd.load(path, ema=not args.no_ema)
+    f = pipe.vae_factor
+    smallest = f * 2 ** (len(pipe.params["unet"]["down_blocks"]) - 1)   # the UNet's lowest level is 1x1
+    if args.size % f or args.size < smallest:
+        from .cli import UsageError
+        raise UsageError(f"--size must be a multiple of {f} and at least {smallest}, got {args.size}")
     folder = path if os.path.isdir(path) else None
     source = None if folder else OriginalFile(path, ema=bool((pipe.info or {}).get("ema")))
     print(f"npsd parity: {path} ({'diffusers folder' if folder else 'single file, converted by diffusers'}), "
           f"loaded by npsd in {time.perf_counter() - t0:.1f} s; tolerance {args.tolerance:g} (relative)", file=out)
-    f = pipe.vae_factor
-    if args.size % f:
-        from .cli import UsageError
-        raise UsageError(f"--size must be a multiple of {f} (the VAE's factor), got {args.size}")
     rng = np.random.default_rng(args.seed)
     h = args.size // f
     latents = rng.standard_normal((1, pipe.latent_channels, h, h), dtype=np.float32)     # [1, 4, h, h]

@@ -606,6 +606,8 @@ def test_no_ema_chooses_the_raw_weights(tmp_path, capsys):
     # npsd parity compares the EMA copies (diffusers' extract_ema=True) by default
     rc, out, err = run(["parity", "--model", path, "--size", 64], capsys)
     assert rc == 0 and "npsd parity: OK: 34 blocks" in out, out + err
+    rc, out, err = run(["parity", "--model", path, "--size", 32], capsys)      # too small for 4 levels
+    assert rc == 2 and out == "" and "--size must be a multiple of 8 and at least 64" in err and err.count("\n") == 1
 
 
 # --- npsd parity ----------------------------------------------------------------------------------
