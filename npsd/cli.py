@@ -427,23 +427,15 @@ def _exists(path, what):
         raise UsageError(f"{what} {path} does not exist; check the path")
 
 
-def generate(args, argv_for_restart=None):
-    import numpy as np
-    mode = args.command
-    started = time.perf_counter()
-    limiter = limit_threads(args.threads, argv_for_restart) if args.threads else None  # noqa: F841 (kept alive)
-    if args.debug and args.threads:
-        print(f"npsd: threads: {args.threads} via "
-              f"{'threadpoolctl' if limiter not in (None, 'environment') else 'the environment'} "
-              f"({', '.join(f'{v}={os.environ.get(v)}' for v in THREAD_VARS)})", file=sys.stderr)
-    # 1. the settings: stored in --from-png, overridden by the options given
+def resolve_settings(args, mode):
+    """The settings of a run: those stored in --from-png, overridden by the options given, the rest
+    left None (the model's defaults, filled in after loading). -> (settings, stored, batch pos to keep)."""
     stored = settings_from_png(args.from_png, mode) if args.from_png else {}
     s = {k: stored.get(k) for k in SETTINGS}
     for k in SETTINGS:
         v = getattr(args, k, None)
         if v is not None:
             s[k] = v
-    select = stored.get("_select") if args.num_images is None else None
     if s["prompt"] is None:
         raise UsageError(f"give a PROMPT (or --from-png IMAGE); see `npsd {mode} --help`")
     s["negative_prompt"] = s["negative_prompt"] or ""
@@ -455,29 +447,68 @@ def generate(args, argv_for_restart=None):
     s["mask_blur"] = s["mask_blur"] or 0
     if s["strength"] is None:
         s["strength"] = 0.8 if mode == "img2img" else 1.0
-    random_seed = s["seed"] is None
-    if random_seed:
-        s["seed"] = int.from_bytes(os.urandom(4), "little")          # [0, 2**32)
+    select = stored.get("_select") if args.num_images is None else None
+    return s, stored, select
+
+
+def check_inputs(args, mode):
+    """Options that fit the subcommand, input files that exist: one-line usage errors."""
     if mode != "txt2img" and args.image is None:
         raise UsageError(f"{mode} needs --image FILE" + (" and --mask FILE" if mode == "inpaint" else ""))
     if mode == "inpaint" and args.mask is None:
         raise UsageError("inpaint needs --mask FILE (white = repaint)")
     if mode != "inpaint" and args.mask is not None:
-        raise UsageError(f"--mask is for inpaint; use `npsd inpaint` or drop --mask")
+        raise UsageError("--mask is for inpaint; use `npsd inpaint` or drop --mask")
     if mode == "txt2img" and args.image is not None:
         raise UsageError("--image is for img2img and inpaint; use `npsd img2img` or drop --image")
     for path, what in ((args.model, "--model"), (args.vae, "--vae"), (args.image, "--image"), (args.mask, "--mask")):
         _exists(path, what)
     if args.save_steps is not None and os.path.exists(args.save_steps) and not os.path.isdir(args.save_steps):
         raise UsageError(f"--save-steps {args.save_steps} is a file; give a folder")
-    # 2. refuse to overwrite before doing any work
+
+
+def model_defaults(s, pipe):
+    """Fill the settings left None with the model's own defaults (config["defaults"])."""
+    d = pipe.config.get("defaults", {})
+    s["steps"] = s["steps"] or d.get("num_inference_steps", 50)
+    s["guidance_scale"] = d.get("guidance_scale", 7.5) if s["guidance_scale"] is None else s["guidance_scale"]
+    s["sampler"] = s["sampler"] or d.get("sampler", "ddim")
+    s["timestep_spacing"] = s["timestep_spacing"] or pipe.config["scheduler"].get("timestep_spacing", "leading")
+
+
+def step_targets(folder, every, start, total, n):
+    """--save-steps: the steps whose x0 is saved (every k-th and the last) -> ({step: [path per image]},
+    filmstrip path). Steps are numbered from 1 in the names: step-07.png (step-07-2.png for image 2)."""
+    digits = len(str(total))
+    saved = [i for i in range(start, total) if (i + 1) % every == 0 or i == total - 1]
+    files = {i: [os.path.join(folder, f"step-{i + 1:0{digits}d}" + (f"-{b + 1}" if n > 1 else "") + ".png")
+                 for b in range(n)] for i in saved}
+    return files, os.path.join(folder, "filmstrip.png")
+
+
+def generate(args, argv_for_restart=None):
+    """txt2img / img2img / inpaint from parsed options; returns 0 (errors are raised)."""
+    import numpy as np
+    mode = args.command
+    started = time.perf_counter()
+    limiter = limit_threads(args.threads, argv_for_restart) if args.threads else None  # noqa: F841 (kept alive)
+    if args.debug and args.threads:
+        print(f"npsd: threads: {args.threads} via "
+              f"{'threadpoolctl' if limiter not in (None, 'environment') else 'the environment'} "
+              f"({', '.join(f'{v}={os.environ.get(v)}' for v in THREAD_VARS)})", file=sys.stderr)
+    # 1. the settings, the inputs, and the outputs, which must not exist (checked before any work)
+    s, stored, select = resolve_settings(args, mode)
+    check_inputs(args, mode)
+    random_seed = s["seed"] is None
+    if random_seed:
+        s["seed"] = int.from_bytes(os.urandom(4), "little")          # [0, 2**32)
     n = s["num_images"]
     outputs = output_paths(args.output, s["seed"], 1 if select else n)
     check_writable(outputs, args.overwrite)
     if random_seed:
         _note(args, f"seed: {s['seed']}")
 
-    # 3. the model
+    # 2. the model
     import npsd
     t0 = time.perf_counter()
     ema = not s["no_ema"]
@@ -486,29 +517,21 @@ def generate(args, argv_for_restart=None):
     if args.vae is not None:
         attach_vae(pipe, args.vae)
     _note(args, f"npsd: model {args.model or 'built-in'} loaded in {time.perf_counter() - t0:.1f} s")
-    d = pipe.config.get("defaults", {})
-    s["steps"] = s["steps"] or d.get("num_inference_steps", 50)
-    s["guidance_scale"] = d.get("guidance_scale", 7.5) if s["guidance_scale"] is None else s["guidance_scale"]
-    s["sampler"] = s["sampler"] or d.get("sampler", "ddim")
-    s["timestep_spacing"] = s["timestep_spacing"] or pipe.config["scheduler"].get("timestep_spacing", "leading")
+    model_defaults(s, pipe)
 
-    # 4. the steps that will run, and the --save-steps files (refused before any work if they exist)
+    # 3. the steps that will run, and the --save-steps files (refused before any work if they exist)
     from . import schedulers
     schedule = schedulers.make_schedule(s["sampler"], s["steps"], pipe.config, s["karras"], s["timestep_spacing"])
     total = schedule.num_inference_steps
     start = 0 if mode == "txt2img" else schedulers.img2img_start_index(s["steps"], s["strength"])
-    saved_steps, step_files, strip_file = [], {}, None
+    step_files, strip_file = {}, None
     if args.save_steps is not None:
-        k, digits = args.save_every, len(str(total))
-        saved_steps = [i for i in range(start, total) if (i + 1) % k == 0 or i == total - 1]
-        for i in saved_steps:
-            step_files[i] = [os.path.join(args.save_steps, f"step-{i + 1:0{digits}d}" + (f"-{b + 1}" if n > 1 else "")
-                                          + ".png") for b in range(n)]
-        strip_file = os.path.join(args.save_steps, "filmstrip.png")
+        step_files, strip_file = step_targets(args.save_steps, args.save_every, start, total, n)
         if os.path.isdir(args.save_steps):
             check_writable([p for ps in step_files.values() for p in ps] + [strip_file], args.overwrite)
+    saved_steps = sorted(step_files)
 
-    # 5. generate
+    # 4. generate
     frames, written, created = {}, [], []
     mfile = model_file(pipe, args.model)
     model_name = os.path.basename(os.path.normpath(args.model or mfile or "built-in"))
