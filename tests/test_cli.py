@@ -116,6 +116,16 @@ def test_parameters_roundtrip_with_awkward_text():
         assert back["fields"] == {k: str(v) for k, v in fields.items()}
 
 
+def test_png_chunk_roundtrip_latin1_and_utf8(tmp_path):
+    """Latin-1 text goes into a tEXt chunk (what A1111 writes), other text into iTXt (UTF-8); both read back."""
+    for name, prompt in (("latin.png", "café, naïve"), ("utf8.png", "猫 🐱 on a mat")):
+        text = format_parameters(prompt, "", {"Steps": 1, "Seed": 2})
+        cli.write_png_atomic(Image.new("RGB", (4, 4)), str(tmp_path / name), text, overwrite=False)
+        assert read_parameters(tmp_path / name) == text
+    raw = (tmp_path / "latin.png").read_bytes()
+    assert b"tEXtparameters" in raw and b"iTXtparameters" in (tmp_path / "utf8.png").read_bytes()
+
+
 def test_parses_a1111_text():
     text = ("masterpiece, a castle\nNegative prompt: lowres, bad anatomy\nSteps: 28, Sampler: DPM++ 2M Karras, "
             "CFG scale: 6.5, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
