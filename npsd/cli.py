@@ -511,12 +511,13 @@ def generate(args, argv_for_restart=None):
     # 2. the model
     import npsd
     t0 = time.perf_counter()
+    _note(args, f"npsd: loading {args.model or 'the built-in model'} ...")
     ema = not s["no_ema"]
     pipe = npsd.load(args.model, ema=ema) if args.model is not None else npsd.load(ema=ema)
     s["no_ema"] = pipe.info.get("ema") is False              # recorded only when raw weights were chosen
     if args.vae is not None:
         attach_vae(pipe, args.vae)
-    _note(args, f"npsd: model {args.model or 'built-in'} loaded in {time.perf_counter() - t0:.1f} s")
+    _note(args, f"npsd: loaded in {time.perf_counter() - t0:.1f} s")
     model_defaults(s, pipe)
 
     # 3. the steps that will run, and the --save-steps files (refused before any work if they exist)
@@ -583,6 +584,9 @@ def generate(args, argv_for_restart=None):
             frames[i] = images
         if bar is not None:
             bar.update(1)
+            if i == total - 1:
+                bar.close()
+                _note(args, "npsd: decoding the latents with the VAE ...")
 
     kw = dict(negative_prompt=s["negative_prompt"], num_inference_steps=s["steps"],
               guidance_scale=s["guidance_scale"], height=s["height"], width=s["width"], seed=s["seed"],
