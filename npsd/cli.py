@@ -335,9 +335,9 @@ def settings_from_png(path, mode):
             name, s["karras"] = name[: -len(" karras")], True
         by_label = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
         sampler = by_label.get(name.lower(), name if name in SAMPLERS else None)
-        if sampler is None:
-            raise InputError(f"--from-png: the stored sampler {f['Sampler']!r} is not one npsd has "
-                             f"({', '.join(A1111_SAMPLERS.values())}); give --sampler")
+        if sampler is None:                                           # an error unless --sampler is given
+            s["_bad_sampler"] = (f"--from-png: the stored sampler {f['Sampler']!r} is not one npsd has "
+                                 f"({', '.join(A1111_SAMPLERS.values())}); give --sampler")
         s["sampler"] = sampler
     if f.get("Schedule type", "").lower() == "karras":
         s["karras"] = True
@@ -438,6 +438,8 @@ def resolve_settings(args, mode):
             s[k] = v
     if s["prompt"] is None:
         raise UsageError(f"give a PROMPT (or --from-png IMAGE); see `npsd {mode} --help`")
+    if stored.get("_bad_sampler") and args.sampler is None:
+        raise InputError(stored["_bad_sampler"])
     s["negative_prompt"] = s["negative_prompt"] or ""
     s["num_images"] = s["num_images"] or 1
     s["long_prompt"] = s["long_prompt"] or "truncate"

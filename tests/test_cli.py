@@ -149,6 +149,20 @@ def test_from_png_reads_a1111_settings(tmp_path):
         (6.5, 1234, 512, 768, 1, 0.6)
 
 
+def test_from_png_with_a_sampler_npsd_lacks(model, tmp_path, capsys):
+    from npsd.pngmeta import png_info
+    path = tmp_path / "sde.png"
+    Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(
+        f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: DPM++ 2M SDE Karras, CFG scale: 7, Seed: 5, Size: 16x16"))
+    rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet"], capsys)
+    assert rc == 2 and "'DPM++ 2M SDE Karras' is not one npsd has" in err and "give --sampler" in err
+    rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet",
+                      "--sampler", "dpmpp_2m"], capsys)
+    assert rc == 0, err
+    f = params_of(tmp_path / "a.png")["fields"]
+    assert (f["Sampler"], f["Schedule type"], f["Seed"], f["Size"]) == ("DPM++ 2M", "Karras", "5", "16x16")
+
+
 # --- generation -----------------------------------------------------------------------------------
 
 def test_txt2img_png_carries_its_parameters(model, tmp_path, capsys):
