@@ -128,37 +128,40 @@ def build_parser():
 def _generation_options(p, mode):
     a = p.add_argument
     a("prompt", nargs="?", default=None, help="what the image should show (optional with --from-png)")
-    a("-o", "--output", help="output PNG (default npsd-<seed>.png; with --num-images N, NAME-1.png ... NAME-N.png)")
-    a("--negative-prompt", help="what the image should not show (default: empty)")
-    a("--steps", type=_int_at_least(1, "steps"), help="denoising steps (default: the model's, SD v1.x: 50)")
-    a("--guidance-scale", type=_float_in(0.0, what="guidance"),
+    a("-o", "--output", metavar="FILE", help="output PNG (default npsd-<seed>.png; with --num-images N, NAME-1.png ... NAME-N.png)")
+    a("--negative-prompt", metavar="TEXT", help="what the image should not show (default: empty)")
+    a("--steps", metavar="N", type=_int_at_least(1, "steps"), help="denoising steps (default: the model's, SD v1.x: 50)")
+    a("--guidance-scale", metavar="SCALE", type=_float_in(0.0, what="guidance"),
       help="classifier-free guidance scale; <= 1 turns guidance off (default: the model's, SD v1.x: 7.5)")
     a("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
-    a("--seed", type=_seed, help="random seed in [0, 2**32) (default: random, printed)")
-    a("--height", type=_int_at_least(1, "height"), help="image height, a multiple of 8 (default: the model's)")
-    a("--width", type=_int_at_least(1, "width"), help="image width, a multiple of 8 (default: the model's)")
-    a("--num-images", type=_int_at_least(1, "count"), help="images to generate (default 1)")
-    a("--model", help="an SD v1.x .safetensors/.ckpt file or diffusers folder (default: the built-in small model)")
+    a("--seed", metavar="N", type=_seed, help="random seed in [0, 2**32) (default: random, printed)")
+    a("--height", metavar="PIXELS", type=_int_at_least(1, "height"), help="image height, a multiple of 8 (default: the model's)")
+    a("--width", metavar="PIXELS", type=_int_at_least(1, "width"), help="image width, a multiple of 8 (default: the model's)")
+    a("--num-images", metavar="N", type=_int_at_least(1, "count"), help="images to generate (default 1)")
+    a("--model", metavar="PATH", help="an SD v1.x .safetensors/.ckpt file or diffusers folder (default: the built-in small model)")
     a("--no-ema", action="store_true", default=None,
       help="use the raw UNet weights of a file that also holds EMA copies (v1-5-pruned.*; default: the EMA ones)")
-    a("--vae", help="a separate VAE: a .safetensors/.ckpt file (original names, optionally first_stage_model.*, "
+    a("--vae", metavar="PATH", help="a separate VAE: a .safetensors/.ckpt file (original names, optionally first_stage_model.*, "
                     "or diffusers names) or a diffusers vae folder")
-    a("--image", help="input image" + (" (required)" if mode != "txt2img" else " (img2img/inpaint only)"))
-    a("--mask", help="mask image, white = repaint" + (" (required)" if mode == "inpaint" else " (inpaint only)"))
-    a("--strength", type=_float_in(0.0, 1.0, lo_open=True, what="strength"),
-      help="how much of --image to redraw, in (0, 1] (default: img2img 0.8, inpaint 1.0)")
+    if mode != "txt2img":
+        a("--image", metavar="FILE", help="input image (required)")
+        a("--strength", metavar="S", type=_float_in(0.0, 1.0, lo_open=True, what="strength"),
+          help=f"how much of --image to redraw, in (0, 1] (default {0.8 if mode == 'img2img' else 1.0})")
+    if mode == "inpaint":
+        a("--mask", metavar="FILE", help="mask image, white = repaint (required)")
+        a("--mask-blur", metavar="PIXELS", type=_int_at_least(0, "pixels"),
+          help="blur radius of the mask edge in pixels (default 0)")
     a("--eta", type=_float_in(0.0, what="eta"), help="DDIM eta; 0 is deterministic (default 0)")
     a("--karras", action=argparse.BooleanOptionalAction, default=None,
       help="Karras sigmas (euler, euler_a, heun, dpmpp_2m; default off)")
     a("--timestep-spacing", choices=SPACINGS, help="timestep spacing (default: the model's, SD v1.x: leading)")
-    a("--clip-skip", type=_int_at_least(0, "layers"),
+    a("--clip-skip", metavar="N", type=_int_at_least(0, "layers"),
       help="skip the last N CLIP layers, as diffusers' clip_skip (A1111's 'Clip skip' is N + 1) (default 0)")
     a("--long-prompt", choices=("truncate", "chunk"), help="prompts over 77 tokens: truncate (default) or chunk")
-    a("--mask-blur", type=_int_at_least(0, "pixels"),
-      help="blur radius of the mask edge in pixels (inpaint; default 0)")
-    a("--threads", type=_int_at_least(1, "threads"),
+    a("--threads", metavar="N", type=_int_at_least(1, "threads"),
       help="BLAS threads (via threadpoolctl when installed, else OMP/OPENBLAS/MKL_NUM_THREADS and a restart)")
-    a("--save-steps", metavar="DIR", help="write every k-th step's predicted x0 as PNG and a filmstrip.png into DIR")
+    a("--save-steps", metavar="DIR", help="write every K-th step's predicted x0 as PNG and a filmstrip.png into DIR "
+                                          "(each preview costs one VAE decode)")
     a("--save-every", type=_int_at_least(1, "K"), default=1, metavar="K",
       help="with --save-steps: every K-th step (default 1)")
     a("--from-png", metavar="IMAGE", help="re-run from the parameters stored in a PNG; options given override them")
@@ -455,15 +458,12 @@ def resolve_settings(args, mode):
 
 def check_inputs(args, mode):
     """Options that fit the subcommand, input files that exist: one-line usage errors."""
-    if mode != "txt2img" and args.image is None:
+    image, mask = getattr(args, "image", None), getattr(args, "mask", None)   # img2img / inpaint options
+    if mode != "txt2img" and image is None:
         raise UsageError(f"{mode} needs --image FILE" + (" and --mask FILE" if mode == "inpaint" else ""))
-    if mode == "inpaint" and args.mask is None:
+    if mode == "inpaint" and mask is None:
         raise UsageError("inpaint needs --mask FILE (white = repaint)")
-    if mode != "inpaint" and args.mask is not None:
-        raise UsageError("--mask is for inpaint; use `npsd inpaint` or drop --mask")
-    if mode == "txt2img" and args.image is not None:
-        raise UsageError("--image is for img2img and inpaint; use `npsd img2img` or drop --image")
-    for path, what in ((args.model, "--model"), (args.vae, "--vae"), (args.image, "--image"), (args.mask, "--mask")):
+    for path, what in ((args.model, "--model"), (args.vae, "--vae"), (image, "--image"), (mask, "--mask")):
         _exists(path, what)
     if args.save_steps is not None and os.path.exists(args.save_steps) and not os.path.isdir(args.save_steps):
         raise UsageError(f"--save-steps {args.save_steps} is a file; give a folder")
