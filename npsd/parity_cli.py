@@ -11,7 +11,8 @@ key mapping:
 - a diffusers folder: the models' from_pretrained on the local folder.
 The models' sizes (channels, depths) come from the tensor shapes; strict loading fails if they do
 not fit. Then, at a small image size (--size, default 64 pixels), the same random inputs go through
-both and every block is compared: the text encoder's embeddings and layers (and the final output),
+both and every block is compared: the tokenizer's ids (against transformers' CLIPTokenizer), the
+text encoder's embeddings and layers (and the final output),
 the UNet's time embedding, conv_in, down/mid/up blocks and output (forward hooks on the reference),
 the VAE encoder's and decoder's blocks and outputs, and one DDIM step with classifier-free guidance.
 The table shows max abs error and relative error (max abs error / max |reference|, as
@@ -208,6 +209,20 @@ def _hook_outputs(torch, model, names):
     return outs, hooks
 
 
+def compare_tokenizer(pipe, folder, table):
+    """npsd's token ids vs transformers' CLIPTokenizer on the same vocabulary (the folder's tokenizer/
+    when it has one, else the one shipped with npsd): they must be equal."""
+    from transformers import CLIPTokenizer
+    from . import weights
+    sub = os.path.join(folder, "tokenizer") if folder else None
+    files = ([os.path.join(sub, n) for n in ("vocab.json", "merges.txt")] if sub and os.path.isdir(sub)
+             else [str(weights.path(n)) for n in ("vocab.json", "merges.txt")])
+    ref = CLIPTokenizer(*files, model_max_length=77)
+    prompts = [PROMPT, NEGATIVE, "A  Portable RADIO, 8k!!"]
+    ids_ref = ref(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    table.add("tokenizer (ids)", pipe.tokenize(prompts), ids_ref)
+
+
 def compare_text_encoder(torch, pipe, model, table):
     from . import clip
     ids = pipe.tokenize([PROMPT, NEGATIVE])                                    # [2, 77] int64
@@ -332,6 +347,7 @@ def run_parity(args, out=None):
     table = Table(args.tolerance, out)
     try:
         with torch.no_grad():
+            compare_tokenizer(pipe, folder, table)
             model = reference_model("text_encoder", pipe, source, folder)
             ids, ctx_ref = compare_text_encoder(torch, pipe, model, table)
             del model

@@ -633,14 +633,14 @@ def test_no_ema_chooses_the_raw_weights(tmp_path, capsys):
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "raw.png").read_bytes()
     # npsd parity compares the EMA copies (diffusers' extract_ema=True) by default
     rc, out, err = run(["parity", "--model", path, "--size", 64], capsys)
-    assert rc == 0 and "npsd parity: OK: 34 blocks" in out, out + err
+    assert rc == 0 and "npsd parity: OK: 35 blocks" in out, out + err
     rc, out, err = run(["parity", "--model", path, "--size", 32], capsys)      # too small for 4 levels
     assert rc == 2 and out == "" and "--size must be a multiple of 8 and at least 64" in err and err.count("\n") == 1
 
 
 # --- npsd parity ----------------------------------------------------------------------------------
 
-PARITY_BLOCKS = ["text_encoder.embeddings", "text_encoder.layers.1", "text_encoder (final)", "vae.encoder.down_blocks.3",
+PARITY_BLOCKS = ["tokenizer (ids)", "text_encoder.embeddings", "text_encoder.layers.1", "text_encoder (final)", "vae.encoder.down_blocks.3",
                  "vae.encode (mean)", "vae.decoder.up_blocks.3", "vae.decode (image)", "unet.time_embedding",
                  "unet.down_blocks.3", "unet.mid_block", "unet.up_blocks.3", "unet (eps)", "(x_prev)"]
 
@@ -653,7 +653,7 @@ def test_parity_on_an_original_file(original_file, capsys):
     assert rc == 0, out + err
     for block in PARITY_BLOCKS:
         assert block in out, block
-    assert out.strip().splitlines()[-1].startswith("npsd parity: OK: 34 blocks within 0.0001")
+    assert out.strip().splitlines()[-1].startswith("npsd parity: OK: 35 blocks within 0.0001")
     print(out)
 
 
@@ -675,7 +675,7 @@ def test_parity_on_an_inpainting_file(tmp_path, capsys):
 def test_parity_on_a_diffusers_folder(model, capsys):
     rc, out, err = run(["parity", "--model", model, "--size", 32], capsys)
     assert rc == 0, out + err
-    assert "diffusers folder" in out and "npsd parity: OK: 26 blocks" in out
+    assert "diffusers folder" in out and "npsd parity: OK: 27 blocks" in out
 
 
 def test_parity_fails_when_npsd_is_wrong(model, capsys, monkeypatch):
