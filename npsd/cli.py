@@ -521,6 +521,9 @@ def generate(args, argv_for_restart=None):
         attach_vae(pipe, args.vae)
     _note(args, f"npsd: loaded in {time.perf_counter() - t0:.1f} s")
     model_defaults(s, pipe)
+    if s["eta"] and s["sampler"] != "ddim":
+        warnings.warn(f"--eta is DDIM's; the {s['sampler']} sampler ignores it")
+        s["eta"] = 0.0
 
     # 3. the steps that will run, and the --save-steps files (refused before any work if they exist)
     from . import schedulers

@@ -278,6 +278,14 @@ def test_save_steps_writes_x0_previews_and_a_filmstrip(model, tmp_path, capsys):
     assert rc == 2 and "already exists" in err and not (tmp_path / "b-1.png").exists()
 
 
+def test_eta_is_for_ddim(model, tmp_path, capsys):
+    _, err = gen(capsys, model, tmp_path / "a.png", "--seed", 1, "--sampler", "euler", "--eta", 0.5)
+    assert err == "npsd: warning: --eta is DDIM's; the euler sampler ignores it\n"
+    assert "Eta" not in params_of(tmp_path / "a.png")["fields"]
+    gen(capsys, model, tmp_path / "b.png", "--seed", 1, "--sampler", "ddim", "--eta", 0.5)
+    assert params_of(tmp_path / "b.png")["fields"]["Eta"] == "0.5"
+
+
 def test_long_prompts_warn_or_chunk(model, tmp_path, capsys):
     long = " ".join(["red"] * 90)                                       # 90 tokens + start/end
     _, err = gen(capsys, model, tmp_path / "a.png", "--seed", 1, prompt=long)
