@@ -95,12 +95,30 @@ def png_info(text):
     return info
 
 
+def _exif_user_comment(img):
+    """A1111 stores the parameters of JPEG/WebP images in EXIF UserComment: an 8-byte charset
+    prefix ("UNICODE\\0": UTF-16, big-endian as written; "ASCII\\0\\0\\0") then the text."""
+    raw = img.getexif().get_ifd(0x8769).get(0x9286)            # Exif IFD, UserComment
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, bytes) or len(raw) < 8:
+        return None
+    head, body = raw[:8], raw[8:]
+    if head.startswith(b"UNICODE"):
+        le = body[:1] != b"\x00" and body[1:2] == b"\x00"        # a few writers use little-endian
+        return body.decode("utf-16-le" if le else "utf-16-be", errors="replace")
+    return body.decode("utf-8", errors="replace").rstrip("\x00")
+
+
 def read_parameters(path):
-    """The "parameters" text of a PNG file; a one-line InputError when there is none."""
+    """The "parameters" text of an image: the PNG chunk npsd writes, or the EXIF UserComment that
+    A1111 writes in JPEG/WebP files. A one-line InputError when there is none."""
     try:
         with Image.open(path) as img:
             img.load()
             text = img.info.get(KEY)
+            if not isinstance(text, str):
+                text = _exif_user_comment(img)
     except FileNotFoundError:
         raise InputError(f"--from-png: {path} does not exist") from None
     except (OSError, ValueError) as e:

@@ -126,6 +126,17 @@ def test_png_chunk_roundtrip_latin1_and_utf8(tmp_path):
     assert b"tEXtparameters" in raw and b"iTXtparameters" in (tmp_path / "utf8.png").read_bytes()
 
 
+def test_reads_a1111_jpeg_exif(tmp_path):
+    text = "a castle, at dusk\nNegative prompt: lowres\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 9, Size: 512x512"
+    img = Image.new("RGB", (8, 8))
+    exif = img.getexif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + text.encode("utf-16-be")     # as A1111 writes it
+    img.save(tmp_path / "a.jpg", exif=exif)
+    assert read_parameters(tmp_path / "a.jpg") == text
+    s = cli.settings_from_png(str(tmp_path / "a.jpg"), "txt2img")
+    assert (s["prompt"], s["sampler"], s["seed"], s["steps"]) == ("a castle, at dusk", "euler_a", 9, 20)
+
+
 def test_parses_a1111_text():
     text = ("masterpiece, a castle\nNegative prompt: lowres, bad anatomy\nSteps: 28, Sampler: DPM++ 2M Karras, "
             "CFG scale: 6.5, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
