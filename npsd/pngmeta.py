@@ -124,6 +124,6 @@ def read_parameters(path):
     except (OSError, ValueError) as e:
         raise InputError(f"--from-png: cannot read {path} as an image ({e})") from None
     if not isinstance(text, str) or not text.strip():
-        raise InputError(f"--from-png: {path} has no '{KEY}' text chunk (not made by npsd or A1111, "
-                         f"or the metadata was stripped); give the PNG that npsd wrote")
+        raise InputError(f"--from-png: {path} has no '{KEY}' text chunk or EXIF comment (not made by npsd or "
+                         f"A1111, or the metadata was stripped); give the PNG that npsd wrote")
     return text
