@@ -13,7 +13,6 @@ tried (no causal mask, LayerNorm eps 1e-6, gelu for quick_gelu, clip_skip off by
 
 import gc
 import json
-import re
 import shutil
 import types
 from pathlib import Path
@@ -33,7 +32,6 @@ RTOL = 1e-5
 PROMPTS = ["a photograph of an astronaut riding a horse", "A Portable Radio, 1950s style; photo by someone's friend"]
 LONG = ("a detailed oil painting of a lighthouse on a rocky cliff at dusk, crashing waves, seagulls, "
         "dramatic clouds, warm light from the windows, ") * 4
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "clip.md"
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
 TINY = dict(vocab_size=49408, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=160,
@@ -291,12 +289,3 @@ def test_full_size_sensitivity(full):
     c = compare(clip.encode_text(full.params, full.ids, dict(full.config, layer_norm_eps=1e-6)), full.last)
     print("wrong eps at full size:", c)
     assert c.max_rel > 100 * RTOL, c
-
-
-# --- docs/clip.md runs -----------------------------------------------------------------------------
-
-def test_docs_code_blocks_run():
-    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
-    assert blocks, "docs/clip.md has a python example"
-    for code in blocks:
-        exec(compile(code, str(DOCS), "exec"), {"__name__": "docs_clip"})

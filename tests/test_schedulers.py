@@ -22,9 +22,7 @@ Tolerances (relative error = max |npsd - ref| / max |ref|, see npsd.testing):
 """
 
 import math
-import re
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -513,16 +511,3 @@ def test_errors():
         S.ddim_step(randn(50), randn(51), 981, 961, sched.alphas_cumprod, eta=0.5)
     with pytest.raises(ValueError):                          # the schedule's arrays are read-only
         sched.sigmas[0] = 1.0
-
-
-# ---------------------------------------------------------------------------------------------
-# docs/samplers.md: its Python blocks run as they are
-# ---------------------------------------------------------------------------------------------
-
-def test_docs_code_blocks_run():
-    text = (Path(__file__).resolve().parents[1] / "docs" / "samplers.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 3
-    namespace = {}
-    for block in blocks:                                      # one namespace: later blocks build on earlier ones
-        exec(compile(block, "docs/samplers.md", "exec"), namespace)

@@ -13,7 +13,6 @@ Block outputs are captured with forward hooks on diffusers' blocks, so a failure
 
 import gc
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -332,18 +331,6 @@ def test_sd15_blocks(sd15):
     and the decoder's mid-block attention over 64x64 = 4096 positions."""
     for name, (x, ref) in sd15["ref"]["blocks"].items():
         check(npsd_block(sd15["params"], name.split(" ")[0], x, sd15["config"]), ref, RTOL, name)
-
-
-# ---------------------------------------------------------------------------------------------
-# docs/vae.md runs as written
-# ---------------------------------------------------------------------------------------------
-
-def test_docs_code_runs():
-    text = (ROOT / "docs" / "vae.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks, "docs/vae.md has no python code block"
-    for code in blocks:
-        exec(compile(code, "docs/vae.md", "exec"), {"__name__": "docs_vae"})
 
 
 # ---------------------------------------------------------------------------------------------
