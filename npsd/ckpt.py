@@ -29,7 +29,9 @@ any call that would use it could happen.
 
 import collections
 import io
+import math
 import pickle
+import pickletools
 import zipfile
 
 import numpy as np
@@ -220,7 +222,23 @@ class RestrictedUnpickler(pickle.Unpickler):
                 and isinstance(pid[1], _StorageType)):
             raise CheckpointError(f"{self.path}: unknown persistent id in the pickle: {pid!r:.80}")
         _, stype, key, _location, numel = pid
+        if int(numel) < 0:
+            raise CheckpointError(f"{self.path}: a storage in the pickle has a negative size; the file is corrupt")
         return StorageRef(str(key), stype.dtype, int(numel))
+
+
+def _prescan(data, path):
+    """Walk the pickle's opcodes (pickletools, pure Python, runs nothing) before the C unpickler sees
+    them: every length must fit in the data (the C unpickler allocates a BYTEARRAY8's claimed size
+    before reading it) and every memo index must be below the pickle's size (the C unpickler grows its
+    memo array to the index: `LONG_BINPUT 1175087203` would fill 18 GB with zeros). Both are what
+    corrupt or crafted files do; torch.save never writes them."""
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= int(arg) <= len(data):
+                raise ValueError(f"memo index {arg} in a pickle of {len(data)} bytes")
+    except Exception as e:  # genops: unknown opcode, truncated argument, bad text, ...
+        raise CheckpointError(f"{path}: the checkpoint's pickle is corrupt ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _unwrap(obj):
@@ -247,43 +265,62 @@ class CkptFile:
             self.zip = zipfile.ZipFile(self.path)
         except zipfile.BadZipFile:
             raise CheckpointError(_not_zip_message(self.path)) from None
+        except Exception as e:  # zipfile meets a damaged directory with assorted errors (ValueError, EOFError, ...)
+            raise CheckpointError(f"{self.path}: the zip directory is corrupt ({type(e).__name__}); download it again") from None
+        try:
+            self._open()
+        except BaseException:
+            self.zip.close()
+            raise
+
+    def _open(self):
         names = self.zip.namelist()
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
             raise CheckpointError(f"{self.path} is a zip file but not a torch checkpoint (no <folder>/data.pkl)")
         self.top = pkls[0][: -len("data.pkl")]
-        if self.top + "byteorder" in names and self.zip.read(self.top + "byteorder").strip() != b"little":
+        if self.top + "byteorder" in names and self._record(self.top + "byteorder").strip() != b"little":
             raise CheckpointError(f"{self.path} was saved on a big-endian machine; re-save it on a little-endian one")
-        self.obj = _unwrap(self._unpickle(self.zip.read(pkls[0])))
+        self.obj = self._unpickle(self._record(pkls[0]))
         state = self.obj
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path} holds a {type(state).__name__}, not a state dict of tensors")
         self.tensors = {k: v for k, v in state.items() if isinstance(v, TensorRef)}
+        if not all(isinstance(k, str) for k in self.tensors):
+            raise CheckpointError(f"{self.path}: the state dict has tensor names that are not strings; the file is corrupt")
         self.other = {k: v for k, v in state.items() if not isinstance(v, TensorRef)}
         self._cache = (None, None)  # the last storage read (tensors that share a storage are adjacent)
 
     def _unpickle(self, data):
+        _prescan(data, self.path)
         unpickler = RestrictedUnpickler(io.BytesIO(data))
         unpickler.path, unpickler.inert = self.path, {}
         try:
-            return unpickler.load()
+            return _unwrap(unpickler.load())
         except CheckpointError:
             raise
-        except Exception as e:  # truncated pickle, wrong arguments to our functions, ...
-            raise CheckpointError(f"{self.path}: the checkpoint's pickle is corrupt ({type(e).__name__}: {e})") from None
+        except Exception as e:  # truncated pickle, wrong arguments to our functions, too deep nesting, ...
+            raise CheckpointError(f"{self.path}: the checkpoint's pickle is corrupt ({type(e).__name__}: {str(e)[:200]})") from None
+
+    def _record(self, name):
+        """The bytes of one zip record; a damaged record (bad CRC, bad compression, cut short) -> CheckpointError."""
+        try:
+            return self.zip.read(name)
+        except KeyError:
+            raise CheckpointError(f"{self.path}: record {name} is missing; the file is corrupt") from None
+        except Exception as e:  # BadZipFile, zlib.error, EOFError, NotImplementedError (unknown compression), ...
+            raise CheckpointError(f"{self.path}: cannot read {name} ({type(e).__name__}: {e}); "
+                                  f"the file is truncated or corrupt") from None
 
     def _storage(self, ref):
         if self._cache[0] is not ref.key:
             self._cache = (None, None)  # drop the previous storage before reading the next
             name = f"{self.top}data/{ref.key}"
-            try:
-                raw = self.zip.read(name)
-            except KeyError:
-                raise CheckpointError(f"{self.path}: storage record {name} is missing; the file is corrupt") from None
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
-                raise CheckpointError(f"{self.path}: cannot read {name} ({e}); the file is truncated or corrupt") from None
+            if name not in self.zip.NameToInfo:
+                raise CheckpointError(f"{self.path}: storage record {name} is missing; the file is corrupt")
+            raw = self._record(name)
             dt = np.dtype("uint16" if ref.dtype == "bfloat16" else ref.dtype)
             if len(raw) < ref.numel * dt.itemsize:
                 raise CheckpointError(f"{self.path}: storage {name} has {len(raw)} bytes, expected "
@@ -297,8 +334,12 @@ class CkptFile:
         flat = self._storage(ref.storage)  # [numel] of the storage's dtype
         # a view: element (i, j, ...) sits at offset + i*stride0 + j*stride1 + ... in the storage
         end = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride)) + 1 if all(ref.shape) else 0
-        if ref.offset < 0 or end > flat.size or any(s < 0 for s in ref.stride):
+        if ref.offset < 0 or end > flat.size or any(s < 0 for s in ref.stride) or any(n < 0 for n in ref.shape) \
+                or len(ref.stride) != len(ref.shape):
             raise CheckpointError(f"{self.path}: tensor {name} reaches outside its storage; the file is corrupt")
+        if math.prod(ref.shape) > max(flat.size, 1):  # stride-0 repeats: a crafted file asking for terabytes
+            raise CheckpointError(f"{self.path}: tensor {name} {list(ref.shape)} has more elements than its "
+                                  f"storage ({flat.size}); the file is corrupt")
         view = np.lib.stride_tricks.as_strided(
             flat[ref.offset:], shape=ref.shape, strides=[s * flat.itemsize for s in ref.stride], writeable=False)
         if ref.dtype == "bfloat16":

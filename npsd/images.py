@@ -16,12 +16,15 @@ def open_image(image, what="image"):
     if isinstance(image, Image.Image):
         img = image
     else:
+        img = None
         try:
             img = Image.open(image)
             img.load()
         except FileNotFoundError:
             raise InputError(f"{what} file not found: {image}") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # bomb: > 179 Mpixels
+            if img is not None:
+                img.close()                                         # no open file left behind
             raise InputError(f"cannot read {what} {image}: {e}; give a PNG or JPEG file") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):                 # 16/32-bit grayscale -> 8-bit
         a = np.asarray(img, dtype=np.float64)

@@ -334,7 +334,7 @@ def _refuse_other_architectures(shapes, where):
     if any(n.startswith(("conditioner.embedders", "model.diffusion_model.label_emb.", "add_embedding.")) for n in names):
         raise CheckpointError(f"{where} looks like SDXL (conditioner.embedders / add_embedding weights); "
                               f"npsd supports SD v1.x")
-    ctx = [s[1] for n, s in shapes.items() if n.endswith("attn2.to_k.weight")]
+    ctx = [s[1] for n, s in shapes.items() if n.endswith("attn2.to_k.weight") and len(s) == 2]
     if any(n.startswith("cond_stage_model.model.") for n in names) or (ctx and ctx[0] == 1024):
         raise CheckpointError(f"{where}: this looks like SD 2.x (text encoder OpenCLIP ViT-H / context dim 1024); "
                               f"npsd supports SD v1.x")
@@ -442,15 +442,19 @@ def _read_components(sources, maps, shapes, dtype, components=("text_encoder", "
     for comp in components:
         mshapes = {d: shapes[comp][o] for d, o in maps[comp].items()}
         for d in mshapes:  # VAE attention 1x1 convs [C, C, 1, 1] become linear weights [C, C]
-            if LINEAR_ATTENTION.search(d) and len(mshapes[d]) == 4:
+            if LINEAR_ATTENTION.search(d) and len(mshapes[d]) == 4 and mshapes[d][2:] == (1, 1):
                 mshapes[d] = mshapes[d][:2]
-        if comp == "text_encoder":
-            expected[comp] = expected_text_encoder(mshapes)
-            width = expected[comp]["final_layer_norm.weight"][0]
-        elif comp == "vae":
-            expected[comp] = expected_vae(mshapes)
-        else:
-            expected[comp] = expected_unet(mshapes, context_dim=width)  # cross-attention dim = text width
+        try:  # the anchors' shapes come from the file: a damaged one must not crash the arithmetic
+            if comp == "text_encoder":
+                expected[comp] = expected_text_encoder(mshapes)
+                width = expected[comp]["final_layer_norm.weight"][0]
+            elif comp == "vae":
+                expected[comp] = expected_vae(mshapes)
+            else:
+                expected[comp] = expected_unet(mshapes, context_dim=width)  # cross-attention dim = text width
+        except (IndexError, ValueError, TypeError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{sources[comp].path}: the {comp} weights have shapes npsd cannot interpret "
+                                  f"({type(e).__name__}: {e}); the file is damaged or not an SD v1.x model") from None
         unexpected += check(comp, mshapes, expected[comp], sources[comp].path)
     params = {}
     for comp, exp in expected.items():
@@ -489,10 +493,14 @@ def _json(text_or_path, what):
     try:
         if os.path.isfile(text_or_path):
             with open(text_or_path) as fh:
-                return json.load(fh)
-        return json.loads(text_or_path)
-    except (OSError, ValueError) as e:
+                value = json.load(fh)
+        else:
+            value = json.loads(text_or_path)
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{what} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):  # every config npsd reads is a JSON object
+        raise CheckpointError(f"{what} is not a JSON object (it is a {type(value).__name__})")
+    return value
 
 
 def _merge(base, extra):

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from . import clip, schedulers, unet as unet_model, vae
+from . import clip, resources, schedulers, unet as unet_model, vae
 from .config import sd15_config
 from .errors import InputError, NpsdError
 from .guidance import guided_model, uses_guidance
@@ -108,6 +108,7 @@ class Pipeline:
         long_prompt: "truncate" (to 77 tokens, as diffusers) or "chunk" (75-token chunks, concatenated).
         """
         s = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed)
+        resources.check_request(self, prompt, num_images, s)                        # refuse what cannot fit
         rng = np.random.default_rng(s["seed"])
         cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, s["guidance_scale"],
                                              clip_skip, long_prompt)
@@ -140,6 +141,7 @@ class Pipeline:
         _check_strength(strength)
         img = open_image(image)
         s = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img)
+        resources.check_request(self, prompt, num_images, s)                        # refuse what cannot fit
         img = fit_size(img, s["height"], s["width"])
         rng = np.random.default_rng(s["seed"])
         cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, s["guidance_scale"],
@@ -173,6 +175,7 @@ class Pipeline:
         _check_strength(strength)
         img = open_image(image)
         s = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img)
+        resources.check_request(self, prompt, num_images, s)                        # refuse what cannot fit
         img = fit_size(img, s["height"], s["width"])
         mask_img = fit_size(open_image(mask_image, "mask"), s["height"], s["width"], "mask")
         rng = np.random.default_rng(s["seed"])
@@ -298,8 +301,9 @@ class Pipeline:
                 bar.update(1)
             return replaced
 
-        try:
-            return schedulers.sample(model, x, schedule, rng=rng, callback=each_step, start_index=start, eta=eta)
+        try:  # overflow shows as a non-finite latent, reported above with its step: no numpy warnings
+            with np.errstate(over="ignore", invalid="ignore"):
+                return schedulers.sample(model, x, schedule, rng=rng, callback=each_step, start_index=start, eta=eta)
         finally:
             if bar is not None:
                 bar.close()

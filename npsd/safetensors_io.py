@@ -12,6 +12,7 @@ The test suite checks this reader against the `safetensors` package on the same 
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -21,6 +22,7 @@ from .errors import CheckpointError
 
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16",
           "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors package's own limit; SD v1.5's header is about 150 kB
 
 
 class TensorInfo:
@@ -38,34 +40,52 @@ class SafetensorsFile:
         self.path = str(path)
         size = os.path.getsize(self.path)
         self.f = open(self.path, "rb")
+        try:
+            self._parse_header(size)
+        except BaseException:
+            self.f.close()  # a refused file is not left open
+            raise
+
+    def _parse_header(self, size):
+        """Check every header field before anything is read: the file comes from the internet."""
         head = self.f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or 8 + n > size:
-            self.f.close()
-            raise CheckpointError(f"{self.path} is not a valid .safetensors file (bad header length); "
+        if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"{self.path} is not a valid .safetensors file (bad header length {n}); "
                                   f"the file is truncated or not a checkpoint")
         try:
             header = json.loads(self.f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            self.f.close()
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(f"{self.path}: the .safetensors header is not valid JSON ({e}); the file is corrupt") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: the .safetensors header is not a JSON object; the file is corrupt")
         self.data_start, data_size = 8 + n, size - 8 - n
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise CheckpointError(f"{self.path}: the .safetensors __metadata__ is not a map of strings; the file is corrupt")
         self.tensors = {}
         for name, h in header.items():
             try:
                 dtype, shape, (begin, end) = h["dtype"], h["shape"], h["data_offsets"]
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: malformed header entry for {name}") from None
-            if dtype not in DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name} has dtype {dtype}, which npsd cannot read "
+                raise CheckpointError(f"{self.path}: malformed header entry for {name!r}") from None
+            if not isinstance(dtype, str) or dtype not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype!r:.40}, which npsd cannot read "
                                       f"(supported: {', '.join(DTYPES)})")
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize or begin < 0:
-                raise CheckpointError(f"{self.path}: tensor {name} has a byte range that does not fit its shape; corrupt header")
+            if not isinstance(shape, list) or not all(type(v) is int and v >= 0 for v in shape) \
+                    or not all(type(v) is int for v in (begin, end)):  # bool is not a size
+                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed shape or offsets; corrupt header")
+            nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize  # Python ints: no overflow
+            if begin < 0 or end - begin != nbytes:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has a byte range that does not fit its shape; corrupt header")
             if end > data_size:
-                raise CheckpointError(f"{self.path} is truncated: tensor {name} ends at byte {end} of the data, "
+                raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte {end} of the data, "
                                       f"but the file holds only {data_size} data bytes; download it again")
             self.tensors[name] = TensorInfo(dtype, shape, begin, end)
+        spans = sorted((t.begin, t.end, name) for name, t in self.tensors.items() if t.end > t.begin)
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:  # two tensors would share bytes: a crafted or corrupt header
+                raise CheckpointError(f"{self.path}: tensors {a!r} and {b!r} overlap in the file; corrupt header")
 
     def read(self, name, dtype=None):
         """The tensor `name` as a new array; floating types (incl. bf16) converted to `dtype` if given."""
@@ -73,7 +93,7 @@ class SafetensorsFile:
         raw = np.empty(t.shape, dtype=DTYPES[t.dtype])  # [*shape] as stored
         self.f.seek(self.data_start + t.begin)
         if self.f.readinto(raw.reshape(-1).view(np.uint8)) != t.end - t.begin:  # fills raw in place
-            raise CheckpointError(f"{self.path} is truncated while reading {name}; download it again")
+            raise CheckpointError(f"{self.path} is truncated while reading {name!r}; download it again")
         if t.dtype == "BF16":
             raw = bf16_to_float32(raw)  # [*shape] uint16 bits -> float32
         if dtype is not None and raw.dtype.kind == "f" and raw.dtype != dtype:
