@@ -211,3 +211,18 @@ def test_bad_arguments(models):
     for strength in (0, 1.5, -0.1):
         with pytest.raises(InputError, match="strength"):
             pipe.img2img(PROMPT, make_image(), strength=strength)
+
+
+def test_long_prompt_chunk_mode(models):
+    """long_prompt="chunk": a 100-token prompt gives a [B, 154, D] context (two 77-token windows),
+    the negative prompt is padded to the same number of windows, and the result differs from
+    truncation (the words after token 75 count)."""
+    pipe = npsd_pipe(models)
+    long_prompt = " ".join(["red circle"] * 40 + ["on a green background"])   # about 85 tokens
+    cond, uncond, batch = pipe._contexts(long_prompt, "blurry", 2, 7.5, None, "chunk")
+    assert cond.shape == uncond.shape == (2, 154, 32) and batch == 2
+    kw = dict(num_inference_steps=2, height=SIZE, width=SIZE, sampler="ddim", seed=1, output_type="latent")
+    chunked = pipe.txt2img(long_prompt, long_prompt="chunk", **kw)
+    with pytest.warns(UserWarning, match="dropped"):
+        truncated = pipe.txt2img(long_prompt, **kw)
+    assert np.abs(chunked - truncated).max() > 1e-4
