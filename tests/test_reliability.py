@@ -9,19 +9,20 @@ without a traceback (tests/test_fuzz.py fuzzes the readers).
 | folder that is not a diffusers layout           | test_folders_that_are_not_diffusers_layouts, test_cli_checkpoint_errors |
 | file that is not a checkpoint                   | test_loading::test_missing_path_and_not_a_checkpoint, test_cli_checkpoint_errors |
 | truncated .safetensors                          | test_ckpt::test_truncated_and_corrupt_safetensors, test_safetensors_header_cases, CLI |
-| header not JSON / overlapping offsets / past the end / disagreeing with shapes / absurd length | test_safetensors_header_cases, test_cli_checkpoint_errors, fuzz |
+| header not JSON / overlapping offsets / past the end / disagreeing with shapes / absurd length | test_safetensors_header_cases, test_refused_safetensors_files_are_closed, test_damaged_shapes_do_not_crash_the_architecture_check, test_cli_checkpoint_errors, fuzz |
 | .ckpt zip with a missing record                 | test_ckpt_missing_records, test_cli_checkpoint_errors, fuzz   |
+| damaged pickles (fuzz findings, fixed examples) | test_fuzz_regressions_in_the_ckpt_reader                      |
 | pickle global outside the allow-list (marker)   | test_ckpt::test_malicious_pickle_is_refused_and_never_runs, test_cli_malicious_pickles_never_run, fuzz |
 | legacy non-zip torch format                     | test_ckpt::test_truncated_corrupt_and_legacy_files, test_cli_checkpoint_errors |
 | SD 2.x and SDXL files (named)                   | test_loading::test_other_architectures_are_named, test_cli_checkpoint_errors |
 | missing keys, wrong shapes, unexpected keys     | test_loading::test_missing_mismatched_and_unexpected_keys, test_cli_checkpoint_errors, test_cli_unexpected_keys_warn_in_one_line |
 | parameters (size, steps, strength, guidance, sampler, seeds, prompt types) | test_pipelines::test_bad_arguments, test_cli::test_error_cases_are_one_line, test_prompts_that_are_not_strings, test_cli_parameter_errors |
 | prompt over 77 tokens (count of dropped tokens) | test_tokenizer::test_truncation_warns_with_the_count, test_cli::test_long_prompts_warn_or_chunk |
-| unreadable images                               | test_unreadable_images, test_cli_image_cases, test_cli::test_error_cases_are_one_line |
+| unreadable images (incl. decompression bombs)   | test_unreadable_images, test_huge_images_are_refused, test_cli_image_cases, test_cli::test_error_cases_are_one_line |
 | grayscale/RGBA/palette/16-bit (converted)       | test_image_modes_are_converted, test_cli_image_cases          |
 | mask of another size (resized, note)            | test_mask_notes, test_cli_image_cases                         |
 | all-black / all-white / non-binary mask         | test_mask_notes, test_cli_image_cases                         |
-| estimated peak memory > available: refused      | test_memory_estimate_matches_the_measurements, test_request_too_large_is_refused_before_any_work, test_cli_request_too_large |
+| estimated peak memory > available: refused      | test_memory_estimate_matches_the_measurements, test_request_too_large_is_refused_before_any_work, test_available_memory_is_read_from_proc_meminfo, test_cli_request_too_large |
 | NaN / inf in the latents: stop with the step    | test_cli::test_nan_latents_stop_with_the_step, test_inf_latents_stop_with_the_step |
 | no partial file (temporary file + rename)       | test_cli::test_interrupted_write_leaves_no_partial_file, test_failed_write_keeps_the_old_file |
 | Ctrl-C: no file, exit 130                       | test_cli::test_ctrl_c_in_process_leaves_nothing_and_exits_130, test_cli::test_sigint_in_a_subprocess_exits_130_and_leaves_no_file |
@@ -149,6 +150,9 @@ def test_folders_that_are_not_diffusers_layouts(tmp_path):
         npsd.load(half)
     (half / "unet" / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="not a JSON object"):
+        npsd.load(half)
+    (half / "unet" / "config.json").write_text('{"cross_attention_dim": 1024}')         # SD 2.x's UNet
+    with pytest.raises(CheckpointError, match=r"this looks like SD 2.x or SDXL \(unet/config.json\)"):
         npsd.load(half)
 
 
