@@ -30,6 +30,7 @@ any call that would use it could happen.
 import collections
 import io
 import math
+import os
 import pickle
 import pickletools
 import zipfile
@@ -305,9 +306,18 @@ class CkptFile:
             raise CheckpointError(f"{self.path}: the checkpoint's pickle is corrupt ({type(e).__name__}: {str(e)[:200]})") from None
 
     def _record(self, name):
-        """The bytes of one zip record; a damaged record (bad CRC, bad compression, cut short) -> CheckpointError."""
+        """The bytes of one zip record; a damaged record (bad CRC, bad compression, cut short) -> CheckpointError.
+
+        zipfile inflates a record up to its declared size, so a compressed record declaring far more
+        bytes than the whole file holds (a zip bomb; torch.save stores records uncompressed) is refused."""
         try:
+            info = self.zip.getinfo(name)
+            if info.compress_type != zipfile.ZIP_STORED and info.file_size > 20 * os.path.getsize(self.path) + 2**20:
+                raise CheckpointError(f"{self.path}: record {name} would expand to {info.file_size} bytes, far more "
+                                      f"than the file's size; the file is not a plain torch checkpoint")
             return self.zip.read(name)
+        except CheckpointError:
+            raise
         except KeyError:
             raise CheckpointError(f"{self.path}: record {name} is missing; the file is corrupt") from None
         except Exception as e:  # BadZipFile, zlib.error, EOFError, NotImplementedError (unknown compression), ...

@@ -11,7 +11,7 @@ without a traceback (tests/test_fuzz.py fuzzes the readers).
 | truncated .safetensors                          | test_ckpt::test_truncated_and_corrupt_safetensors, test_safetensors_header_cases, CLI |
 | header not JSON / overlapping offsets / past the end / disagreeing with shapes / absurd length | test_safetensors_header_cases, test_refused_safetensors_files_are_closed, test_damaged_shapes_do_not_crash_the_architecture_check, test_cli_checkpoint_errors, fuzz |
 | .ckpt zip with a missing record                 | test_ckpt_missing_records, test_cli_checkpoint_errors, fuzz   |
-| damaged pickles (fuzz findings, fixed examples) | test_fuzz_regressions_in_the_ckpt_reader                      |
+| damaged pickles (fuzz findings, fixed examples) | test_fuzz_regressions_in_the_ckpt_reader, test_zip_bombs_are_refused_before_inflating |
 | pickle global outside the allow-list (marker)   | test_ckpt::test_malicious_pickle_is_refused_and_never_runs, test_cli_malicious_pickles_never_run, fuzz |
 | legacy non-zip torch format                     | test_ckpt::test_truncated_corrupt_and_legacy_files, test_cli_checkpoint_errors |
 | SD 2.x and SDXL files (named)                   | test_loading::test_other_architectures_are_named, test_cli_checkpoint_errors |
@@ -295,6 +295,18 @@ def test_damaged_shapes_do_not_crash_the_architecture_check(tiny, tmp_path):
     h["__metadata__"] = {"npsd_config": "null"}
     with pytest.raises(CheckpointError, match="npsd_config is not a JSON object"):
         npsd.load(st_file(tmp_path / "y.safetensors", h, tiny["data"]))
+
+
+def test_zip_bombs_are_refused_before_inflating(tmp_path):
+    """A deflated data.pkl declaring 64 MB in a 64 kB file: refused from the zip directory, nothing inflated."""
+    p = tmp_path / "bomb.ckpt"
+    with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        with z.open("archive/data.pkl", "w") as f:
+            for _ in range(64):
+                f.write(bytes(2**20))
+    assert os.path.getsize(p) < 2**17
+    with pytest.raises(CheckpointError, match="would expand to 67108864 bytes"):
+        npsd.load(p)
 
 
 def _sd2_sdxl_files(tmp_path):
