@@ -78,6 +78,12 @@ def linear(x, weight, bias=None):
     return y
 
 
+def pointwise(x, weight, bias=None):
+    # a linear layer whose weight may be stored as a 1x1 conv [out, in, 1, 1] (SD v1's UNet
+    # proj_in/proj_out, legacy VAE attention): on tokens [..., in] it is the same map [out, in]
+    return linear(x, weight.reshape(weight.shape[0], -1), bias)
+
+
 def geglu(x, weight, bias):
     # GEGLU (Shazeer 2020): project to 2*inner, split into (value, gate), value * gelu(gate)
     h = linear(x, weight, bias)                       # [..., in] -> [..., 2*inner]

@@ -57,13 +57,6 @@ def resnet(p, x, temb, cfg):
     return h
 
 
-def _proj(x, p):
-    # proj_in/proj_out: a 1x1 conv [C', C, 1, 1] (SD v1) on the tokens is the linear map [C', C]
-    # (use_linear_projection checkpoints store it that way): [B, N, C] -> [B, N, C']
-    w = p["weight"]
-    return nn.linear(x, w.reshape(w.shape[0], -1), p.get("bias"))
-
-
 def attention(p, x, context, heads):
     """Multi-head attention (Vaswani et al. 2017, eq. 1) with diffusers' names.
 
@@ -101,10 +94,10 @@ def spatial_transformer(p, x, context, heads, cfg):
     b, c, hh, ww = x.shape
     h = nn.group_norm(x, cfg["norm_groups"], **p["norm"], eps=cfg["transformer_eps"])   # [B, C, H, W]
     h = h.reshape(b, c, hh * ww).transpose(0, 2, 1)                                     # [B, H*W, C] (view)
-    h = _proj(h, p["proj_in"])                                                          # [B, H*W, C]
+    h = nn.pointwise(h, **p["proj_in"])                                                 # [B, H*W, C]
     for block in p["transformer_blocks"]:
         h = transformer_block(block, h, context, heads, cfg)                            # [B, H*W, C]
-    h = _proj(h, p["proj_out"])                                                         # [B, H*W, C]
+    h = nn.pointwise(h, **p["proj_out"])                                                # [B, H*W, C]
     h = h.transpose(0, 2, 1).reshape(b, c, hh, ww)                                      # [B, C, H, W]
     h += x
     return h

@@ -91,12 +91,6 @@ def resnet_block(p, x, config):
     return h
 
 
-def _linear(x, p):
-    # [..., C] @ [C, O] -> [..., O]; a legacy 1x1-conv weight [O, C, 1, 1] is used as [O, C]
-    w = p["weight"]
-    return nn.linear(x, w.reshape(w.shape[0], -1), p.get("bias"))
-
-
 def attention_block(p, x, config):
     """The mid-block self-attention: one head over all H*W positions, with a residual.
 
@@ -107,11 +101,11 @@ def attention_block(p, x, config):
     t = nn.group_norm(x, config["norm_groups"], p["group_norm"]["weight"], p["group_norm"]["bias"],
                       config["eps"])                                       # [B, C, H, W]
     t = t.reshape(b, c, h * w).transpose(0, 2, 1)                          # [B, HW, C]
-    q, k, v = _linear(t, p["to_q"]), _linear(t, p["to_k"]), _linear(t, p["to_v"])   # 3 x [B, HW, C]
+    q, k, v = nn.pointwise(t, **p["to_q"]), nn.pointwise(t, **p["to_k"]), nn.pointwise(t, **p["to_v"])  # 3 x [B, HW, C]
     del t
     o = nn.attention(q, k, v, num_heads=1)                                 # [B, HW, C]
     del q, k, v
-    o = _linear(o, p["to_out"][0])                                         # [B, HW, C]
+    o = nn.pointwise(o, **p["to_out"][0])                                  # [B, HW, C]
     out = o.transpose(0, 2, 1).reshape(b, c, h, w)                         # [B, C, H, W] (a copy)
     out += x                                                               # residual connection
     return out
