@@ -7,7 +7,6 @@ A block that needs real SD v1.5 weights (which cannot be had here) is preceded b
 test_real_weight_blocks_are_listed prints the list of such blocks with their count.
 """
 
-import os
 import re
 from pathlib import Path
 

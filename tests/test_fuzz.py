@@ -32,7 +32,6 @@ import datetime
 import io
 import json
 import os
-import pickle
 import pickletools
 import shutil
 import signal

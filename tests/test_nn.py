@@ -210,7 +210,7 @@ def test_timestep_embedding_scalar():
 
 def test_pointwise_is_a_1x1_conv_on_tokens():
     """nn.pointwise takes a [O, C] or [O, C, 1, 1] weight: on tokens [B, N, C] it is the 1x1 conv."""
-    x, w, b = randn(2, 6, 5, 16), randn(8, 16, 1, 1), randn(8)
+    x, w, b = randn(2, 16, 6, 5), randn(8, 16, 1, 1), randn(8)
     ref = t2n(F.conv2d(n2t(x), n2t(w), n2t(b)))                                    # [2, 8, 6, 5]
     tokens = x.reshape(2, 16, 30).transpose(0, 2, 1)                                 # [2, 30, 16]
     for weight in (w, w.reshape(8, 16)):
