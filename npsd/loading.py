@@ -627,6 +627,8 @@ def _warn_unexpected(where, names):
 
 # --- the public entry point ---------------------------------------------------------------------
 
+BUILTIN_MODEL = "npsd-tiny.safetensors"  # in weights/ (npsd.weights); made by python -m npsd.train.builtin
+
 def load(path=None, ema=True, dtype=np.float32):
     """Load an SD v1.x model and return an npsd.Pipeline.
 
@@ -639,9 +641,12 @@ def load(path=None, ema=True, dtype=np.float32):
            (None: the file holds one set of UNet weights).
     dtype: the floating type of the returned parameters (float32: what npsd computes in).
     """
-    if path is None:
-        raise NpsdError("npsd has no built-in model yet; pass the path of an SD v1.x checkpoint "
-                        "(.safetensors / .ckpt) or diffusers folder to npsd.load(path)")
+    if path is None:  # the built-in model (weights/README.md), installed with npsd as npsd.weights
+        from . import weights
+        path = weights.path(BUILTIN_MODEL)
+        if not os.path.isfile(path):
+            raise NpsdError(f"the built-in model {BUILTIN_MODEL} is missing from {os.path.dirname(str(path))}; "
+                            f"reinstall npsd, or pass the path of an SD v1.x checkpoint to npsd.load(path)")
     if np.dtype(dtype).kind != "f":
         raise InputError(f"dtype must be a floating type such as numpy.float32, not {np.dtype(dtype)}")
     path = os.fspath(path)

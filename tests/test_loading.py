@@ -322,9 +322,8 @@ def test_peak_memory_of_a_full_size_fp16_load(original_file):
 
 # --- errors (small files) --------------------------------------------------------------------------
 
-def test_no_argument_says_no_builtin_model_yet():
-    with pytest.raises(NpsdError, match="no built-in model yet"):
-        npsd.load()
+def test_no_argument_loads_the_builtin_model():
+    assert npsd.load().info["file"].endswith("npsd-tiny.safetensors")   # tests/test_builtin_model.py tests it
     with pytest.raises(npsd.InputError, match="floating"):
         npsd.load("x.safetensors", dtype=np.int32)
 

@@ -48,7 +48,7 @@ UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_blo
                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                    cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32)  # 4 heads (diffusers' naming)
-DEFAULTS = dict(height=64, width=64, num_inference_steps=20, guidance_scale=4.0, sampler="ddim")
+DEFAULTS = dict(height=64, width=64, num_inference_steps=20, guidance_scale=7.5, sampler="ddim")
 EMA_DECAY = 0.998
 P_UNCOND = 0.1
 
@@ -130,41 +130,49 @@ def to_tensor(images):
 
 # --- 2. VAE --------------------------------------------------------------------------------------
 
-def train_vae(vae, images, steps, batch, lr, workdir, deadline, threads):
+# Two cosine cycles (a warm restart, as SGDR): first cheap 32x32 crops (the VAE is convolutional up to
+# its one mid-block attention), then larger crops and whole images so that attention sees 256 tokens.
+# (steps, peak lr, crop size, fraction of steps on whole 64x64 images at the end)
+VAE_PHASES = ((800, 1e-3, 32, 0.1), (400, 5e-4, 48, 0.25))
+
+
+def train_vae(vae, images, batch, workdir, deadline, threads, phases=VAE_PHASES):
     import torch
-    path = os.path.join(workdir, "vae.pt")
-    if os.path.exists(path):
-        vae.load_state_dict(torch.load(path))
-        log(f"VAE: loaded {path}")
-        return
-    gen = np.random.default_rng(SEED + 1)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    t0 = time.time()
-    for step in range(steps):
-        threads.before(step)
-        x = to_tensor(images[gen.integers(len(images), size=batch)])            # [B, 3, 64, 64]
-        if step < 0.9 * steps:  # a fully convolutional VAE: 32x32 crops (on the 4-pixel latent grid) cost 1/4
-            i, j = 4 * gen.integers(0, 9, size=2)
-            x = x[:, :, i:i + 32, j:j + 32]                                    # [B, 3, 32, 32]
-        post = vae.encode(x).latent_dist
-        z = post.sample(generator=None)
-        rec = vae.decode(z).sample
-        err = rec - x
-        kl = post.kl().mean() / z[0].numel()
-        loss = err.abs().mean() + (err ** 2).mean() + 1e-5 * kl     # per-element KL weight 1e-5
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        threads.after(step)
-        if step % 50 == 0 or step == steps - 1:
-            log(f"VAE step {step}/{steps} loss {loss.item():.4f} l1 {err.abs().mean().item():.4f} "
-                f"kl {kl.item():.2f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
-        if time.time() > deadline:
-            log(f"VAE: time budget reached at step {step}")
-            break
-    torch.save(vae.state_dict(), path)
+    for k, (steps, lr, crop, full) in enumerate(phases, 1):
+        path = os.path.join(workdir, f"vae_phase{k}.pt")
+        if os.path.exists(path):
+            vae.load_state_dict(torch.load(path))
+            log(f"VAE: loaded {path}")
+            continue
+        gen = np.random.default_rng(SEED + 1 if k == 1 else SEED + 10 + k)
+        opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        t0 = time.time()
+        for step in range(steps):
+            threads.before(step)
+            x = to_tensor(images[gen.integers(len(images), size=batch)])            # [B, 3, 64, 64]
+            if step < (1 - full) * steps:  # a crop on the 4-pixel latent grid
+                i, j = 4 * gen.integers(0, (data.SIZE - crop) // 4 + 1, size=2)
+                x = x[:, :, i:i + crop, j:j + crop]                                # [B, 3, crop, crop]
+            post = vae.encode(x).latent_dist
+            z = post.sample(generator=None)
+            rec = vae.decode(z).sample
+            err = rec - x
+            kl = post.kl().mean() / z[0].numel()
+            loss = err.abs().mean() + (err ** 2).mean() + 1e-5 * kl     # per-element KL weight 1e-5
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            threads.after(step)
+            if step % 50 == 0 or step == steps - 1:
+                log(f"VAE phase {k} step {step}/{steps} loss {loss.item():.4f} l1 {err.abs().mean().item():.4f} "
+                    f"kl {kl.item():.2f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+            if time.time() > deadline:
+                log(f"VAE: time budget reached at phase {k} step {step}")
+                break
+        torch.save(vae.state_dict(), path)
 
 
 def encode_all(vae, images, workdir):
@@ -390,7 +398,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="build/npsd-train", help="data, latents and checkpoints")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "..", "weights", "npsd-tiny.safetensors"))
-    ap.add_argument("--vae-steps", type=int, default=800)
+    ap.add_argument("--vae-steps", type=int, default=None, help="one VAE cycle of this many steps "
+                    "(default: VAE_PHASES)")
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--unet-steps", type=int, default=6000)
     ap.add_argument("--unet-batch", type=int, default=32)
@@ -414,10 +423,11 @@ def main(argv=None):
     log(f"data: {len(images)} images, {len(set(captions))} distinct captions")
     stage = "export" if args.export_only else args.stage
     if stage in ("all", "vae"):
-        train_vae(vae, images, args.vae_steps, args.vae_batch, 1e-3, args.workdir,
-                  min(deadline, time.time() + 60 * args.vae_minutes), threads)
+        phases = VAE_PHASES if args.vae_steps is None else ((args.vae_steps, 1e-3, 32, 0.1),)
+        train_vae(vae, images, args.vae_batch, args.workdir, min(deadline, time.time() + 60 * args.vae_minutes),
+                  threads, phases)
     else:
-        vae.load_state_dict(torch.load(os.path.join(args.workdir, "vae.pt")))
+        vae.load_state_dict(torch.load(os.path.join(args.workdir, f"vae_phase{len(VAE_PHASES)}.pt")))
     vae.eval()
     mean, std = encode_all(vae, images, args.workdir)
     # the latent std over all training latents (sampled), which unit variance needs (LDM, appendix G)
@@ -434,7 +444,7 @@ def main(argv=None):
         state = torch.load(os.path.join(args.workdir, "unet_ckpt.pt"), weights_only=False)
         unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
         ema_unet, ema_text, steps = unet, text, state["step"]
-    extra = {"unet_steps": steps, "unet_batch": args.unet_batch, "vae_steps": args.vae_steps, "seed": SEED,
+    extra = {"unet_steps": steps, "unet_batch": args.unet_batch, "vae_phases": VAE_PHASES if args.vae_steps is None else args.vae_steps, "seed": SEED,
              "num_images": args.num_images}
     export(os.path.abspath(args.out), ema_unet.eval(), vae, ema_text.eval(), scaling, extra)
     log(f"done in {(time.time() - start) / 60:.1f} min")

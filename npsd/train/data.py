@@ -14,6 +14,7 @@ the evaluation prompts. NumPy and Pillow only (the NumPy evaluation uses it too)
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 SIZE = 64                      # image side in pixels
 SUPERSAMPLE = 4                # drawn at 4x and box-filtered down: anti-aliased edges
@@ -133,18 +134,30 @@ def measure(image):
         return dict(background=COLOUR_NAMES[bg], colour=None, centre=None, position=None, area=0,
                     size=None, fill=None, shape=None, border_bg=float((border == bg).mean()))
     fg = counts.argmax()
-    mask = label == fg                                                           # [H, W]
+    # the shape: the largest 8-connected region of its colour (stray pixels would inflate the box)
+    regions, n = ndimage.label(label == fg, structure=np.ones((3, 3)))           # [H, W] region ids
+    mask = regions == 1 + np.bincount(regions.ravel(), minlength=n + 1)[1:].argmax()   # [H, W]
     ys, xs = np.nonzero(mask)
     cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
     # bounding box centre is the drawn centre (the triangle's centroid sits lower)
     bx, by = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
     box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
     fill = mask.sum() / box
+    # shape: the ideal circle / square / triangle inscribed in the bounding box that overlaps the
+    # mask best (intersection over union); robust to the soft edges a decoder draws
+    x0, y0, w, h = xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    u = (np.arange(w) + 0.5) / w                                                 # [w] 0..1 across the box
+    v = (np.arange(h) + 0.5) / h                                                 # [h] 0..1 down the box
+    ideal = {"circle": (u[None] - 0.5) ** 2 + (v[:, None] - 0.5) ** 2 <= 0.25,   # [h, w]
+             "square": np.ones((h, w), bool),
+             "triangle": np.abs(u[None] - 0.5) <= v[:, None] / 2}               # apex up
+    m = mask[y0:y0 + h, x0:x0 + w]                                               # [h, w]
+    iou = {k: (m & i).sum() / (m | i).sum() for k, i in ideal.items()}
     radius = np.sqrt(box) / 2
     names = list(POSITIONS)
     dist = [np.hypot(bx - POSITIONS[p][0], by - POSITIONS[p][1]) for p in names]
     return dict(background=COLOUR_NAMES[bg], colour=COLOUR_NAMES[fg], centre=(float(bx), float(by)),
                 position=names[int(np.argmin(dist))], area=int(mask.sum()), radius=float(radius),
                 size="small" if radius < (SIZES["small"][1] + SIZES["large"][0]) / 2 else "large",
-                fill=float(fill), shape=min(FILL, key=lambda s: abs(FILL[s] - fill)),
+                fill=float(fill), shape=max(iou, key=iou.get),
                 border_bg=float((border == bg).mean()))

@@ -1,0 +1,207 @@
+"""The built-in model, weights/npsd-tiny.safetensors (issue 9; weights/README.md).
+
+1. The export (npsd.train.builtin, torch modules -> original single-file layout + npsd_config) and
+   the loader (npsd.load) agree: random weights through both, and the shipped file itself, give the
+   torch modules' outputs.
+2. It follows held-out prompts: per-attribute accuracy floors that were MEASURED (see each floor's
+   comment; chance levels stated); attributes it did not learn are reported, not tested.
+3. txt2img at its native size with its defaults is fast; img2img and inpaint repaint a shape.
+"""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import npsd
+from npsd import weights
+from npsd.testing import assert_close
+from npsd.train import builtin, data, evaluate
+from tests.helpers import n2t, perturb_, t2n
+
+SHIPPED = str(weights.path("npsd-tiny.safetensors"))
+
+
+def compare_with_torch(pipe, vae, text, unet, seed=0):
+    """Run the torch modules and the npsd pipeline on the same inputs; -> {name: (npsd, torch)}."""
+    rng = np.random.default_rng(seed)
+    ids = pipe.tokenize(["a small red circle in the top left on a blue background", ""])       # [2, 77]
+    x = rng.standard_normal((2, 4, 16, 16), dtype=np.float32)                                 # [2, 4, 16, 16]
+    t = np.array([10, 700])
+    ctx = rng.standard_normal((2, 77, 64), dtype=np.float32)                                  # [2, 77, 64]
+    img = rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)                               # [1, 3, 64, 64]
+    z = rng.standard_normal((1, 4, 16, 16), dtype=np.float32)                                 # [1, 4, 16, 16]
+    out = {}
+    with torch.no_grad():
+        out["text_encoder"] = (pipe.encode_text(ids), t2n(text(torch.from_numpy(ids).long()).last_hidden_state))
+        out["unet"] = (pipe.unet(x, t, ctx), t2n(unet(n2t(x), torch.from_numpy(t), n2t(ctx)).sample))
+        post = vae.encode(n2t(img)).latent_dist
+        mean, logvar = pipe.vae_encode(img)
+        out["vae mean"], out["vae logvar"] = (mean, t2n(post.mean)), (logvar, t2n(post.logvar))
+        out["vae decode"] = (pipe.vae_decode(z), t2n(vae.decode(n2t(z)).sample))
+    return out
+
+
+# fp32 on both sides with identical (fp16-representable) weights; differences are summation order.
+# Measured max relative errors are printed; 1e-5 holds with margin for all (the UNet's ~20 layers included).
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def random_export(tmp_path_factory):
+    """Random, perturbed torch modules of the built-in architecture, exported by the training script."""
+    vae, text, unet = builtin.build_models()
+    for k, m in enumerate((vae, text, unet)):
+        perturb_(m, seed=k)
+        with torch.no_grad():
+            for p in m.parameters():      # the file stores fp16: make the torch weights fp16-exact
+                p.copy_(p.half().float())
+        m.eval()
+    path = tmp_path_factory.mktemp("builtin") / "random.safetensors"
+    builtin.export(str(path), unet, vae, text, scaling=0.75)
+    return path, vae, text, unet
+
+
+def test_export_and_loader_agree_on_random_weights(random_export):
+    path, vae, text, unet = random_export
+    pipe = npsd.load(path)
+    assert pipe.info["format"] == "original" and pipe.info["config"] == "npsd_config metadata"
+    assert pipe.config["vae"]["scaling_factor"] == 0.75
+    assert pipe.config["unet"]["num_heads"] == 4 and pipe.config["text_encoder"]["num_heads"] == 4
+    assert pipe.config["defaults"] == builtin.DEFAULTS
+    for name, (a, ref) in compare_with_torch(pipe, vae, text, unet).items():
+        print("\nrandom weights:", assert_close(a, ref, RTOL, name))
+
+
+def test_wrong_head_count_is_caught(random_export):
+    """Sensitivity: the head counts live only in the metadata; with SD's fallback (width / 64 = 1
+    head for the text encoder, 8 for the UNet) the parity checks must fail."""
+    path, vae, text, unet = random_export
+    pipe = npsd.load(path)
+    pipe.config["text_encoder"]["num_heads"] = 1
+    pipe.config["unet"]["num_heads"] = 8
+    out = compare_with_torch(pipe, vae, text, unet)
+    for name in ("text_encoder", "unet"):
+        with pytest.raises(AssertionError):
+            assert_close(*out[name], RTOL, name)
+
+
+def test_names_invert_the_loaders_table():
+    """builtin.to_original is the exact inverse of npsd.loading's original -> diffusers mapping."""
+    from npsd import loading
+    vae, text, unet = builtin.build_models()
+    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
+    for prefix, sd, mapper, args in (
+            ("model.diffusion_model.", unet_sd, loading.map_unet, ({k: k for k in unet_sd}, {}, {})),
+            ("first_stage_model.", vae_sd, loading.map_vae, ({}, {k: k for k in vae_sd}, {}))):
+        names = {o[len(prefix):]: d for o, d in builtin.to_original(*args).items()}   # original -> diffusers
+        back = mapper(list(names))                                                     # diffusers -> original
+        assert len(back) == len(sd) > 100
+        assert all(names[o] == d for d, o in back.items())
+
+
+# --- the shipped file ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe():
+    return npsd.load()           # no argument: the built-in model
+
+
+def test_no_argument_loads_the_shipped_file(pipe):
+    assert os.path.samefile(pipe.info["file"], SHIPPED)
+    assert os.path.getsize(SHIPPED) < 20e6
+    d = pipe.config["defaults"]
+    assert (d["height"], d["width"]) == (64, 64)
+
+
+def test_shipped_file_reproduces_the_torch_model(pipe):
+    vae, text, unet = builtin.load_original(SHIPPED)
+    for name, (a, ref) in compare_with_torch(pipe, vae, text, unet, seed=1).items():
+        print("\nshipped weights:", assert_close(a, ref, RTOL, name))
+
+
+# --- what it learned -------------------------------------------------------------------------------
+# 12 held-out prompts (colour pairs never drawn in training), one seed, DDIM 10 steps. Measured with the
+# shipped file (2,200 UNet steps; 2 cores): no guidance: background 4/12, colour 6/12, shape 5/12,
+# position 1/6, size 3/6; default guidance 7.5: background 7/12, colour 7/12, shape 4/12, position 1/6,
+# size 5/6. The full evaluation (72 images, 20 steps; weights/README.md) measured: no guidance background
+# 0.25, colour 0.54, shape 0.33, position 0.25, size 0.69; guidance 7.5: background 0.44, colour 0.47,
+# shape 0.58, position 0.25, size 0.67.
+# Chance: background 1/6, colour 1/5, shape 1/3, position 1/5, size 1/2. Floors allow two images fewer
+# than measured (one for size). NOT LEARNED, so not tested: position (0.25 ~ chance 0.20); shape and
+# background without guidance (0.33 = chance, 0.25 ~ 0.17). Shape with guidance (0.58 in the full
+# evaluation) is only 4/12 on this subset, so it is reported in the README, not tested here.
+FLOORS = {1.0: {"colour": 0.4}, None: {"background": 0.4, "colour": 0.4, "size": 0.6}}
+NOT_LEARNED = ("position",)
+
+CASES = data.held_out_prompts()[::3]          # 12 of the 36: every pair, both forms, all shapes
+
+
+@pytest.fixture(scope="module")
+def measured(pipe):
+    out = {}
+    for g in (1.0, None):
+        acc, hits, _, _ = evaluate.evaluate(pipe, seeds=(0,), guidance_scale=g, num_inference_steps=10, cases=CASES)
+        print(f"\nguidance {g or pipe.config['defaults']['guidance_scale']}: "
+              + ", ".join(f"{a} {acc[a]:.2f} ({hits[a][0]}/{hits[a][1]})" for a in acc))
+        out[g] = acc
+    return out
+
+
+@pytest.mark.parametrize("guidance", [1.0, None], ids=["no-guidance", "default-guidance"])
+def test_held_out_prompt_accuracy(measured, guidance):
+    for attr, floor in FLOORS[guidance].items():
+        assert floor > evaluate.CHANCE[attr], f"{attr}: a floor at or below chance tests nothing"
+        assert measured[guidance][attr] >= floor, f"{attr}: {measured[guidance][attr]:.2f} < floor {floor}"
+
+
+def _calibrate():
+    """Seconds for a fixed NumPy workload (float32 matmuls, like the UNet's): a quiet 2-core
+    machine measured CALIBRATION_QUIET; a loaded one is slower by the same factor as generation."""
+    a = np.random.default_rng(0).standard_normal((256, 256), dtype=np.float32)
+    t = time.perf_counter()
+    for _ in range(200):
+        a = np.tanh(a @ a * 0.01)
+    return time.perf_counter() - t
+
+
+CALIBRATION_QUIET = 0.05  # s, measured on the quiet 2-core machine (0.044-0.08); txt2img took 0.93 s there
+SECONDS_QUIET = 10.0
+
+
+def test_txt2img_at_native_size_with_defaults_is_fast(pipe):
+    pipe.txt2img("a red circle on a blue background", seed=0)          # warm-up (first-call costs)
+    t = time.perf_counter()
+    img = pipe.txt2img("a red circle on a blue background", seed=1)
+    took = time.perf_counter() - t
+    cal = _calibrate()
+    load = max(1.0, cal / CALIBRATION_QUIET)
+    print(f"\ntxt2img 64x64 with defaults: {took:.2f} s; calibration {cal:.3f} s (quiet {CALIBRATION_QUIET}) "
+          f"-> allowed {SECONDS_QUIET * load:.1f} s")
+    assert img.size == (64, 64)
+    assert took < SECONDS_QUIET * load
+
+
+# --- img2img and inpaint: repaint the shape in another colour --------------------------------------
+
+def test_img2img_and_inpaint_repaint_the_shape(pipe):
+    """A red circle on blue, prompted yellow: the shape measured in the output (the largest region of
+    one palette colour, npsd.train.data.measure) is yellow and the background stays blue. (The model
+    may move the shape a little, so no fixed pixel region is compared.)"""
+    source = data.draw("circle", "red", "blue", 14, (32, 32))                 # uint8 [64, 64, 3]
+    assert data.measure(source)["colour"] == "red"
+    ys, xs = np.mgrid[:64, :64]
+    mask = (np.hypot(xs + 0.5 - 32, ys + 0.5 - 32) < 17).astype(np.uint8) * 255   # the circle and a margin
+    prompt = "a large yellow circle in the center on a blue background"
+    out = np.asarray(pipe.img2img(prompt, Image.fromarray(source), strength=0.7, seed=0))
+    m = data.measure(out)
+    print(f"\nimg2img: shape {m['colour']}, background {m['background']}")
+    assert (m["colour"], m["background"]) == ("yellow", "blue")
+    out = np.asarray(pipe.inpaint(prompt, Image.fromarray(source), Image.fromarray(mask), seed=0))
+    m = data.measure(out)
+    print(f"inpaint: shape {m['colour']}, background {m['background']}")
+    assert (m["colour"], m["background"]) == ("yellow", "blue")
+    assert np.abs(out[mask == 0].astype(int) - source[mask == 0]).mean() < 20    # outside the mask: kept
