@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from diffusers.loaders import single_file_utils as sfu
 
 import npsd
-from npsd.errors import CheckpointError, NpsdError
+from npsd.errors import CheckpointError
 from npsd.params import flatten
 
 DATA = Path(__file__).parent / "data"
