@@ -21,10 +21,11 @@ Decisions:
   for a diffusers folder, of its UNet weights file (unet/diffusion_pytorch_model.*).
 - --clip-skip N counts as diffusers' clip_skip (0 = last layer); the PNG stores A1111's "Clip skip"
   (N + 1), and --from-png converts it back.
-- --threads N: with threadpoolctl installed, the BLAS pools of the running process are limited.
-  Without it, npsd sets OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS and restarts itself
-  with the same arguments (os.execv): OpenBLAS reads them only when numpy loads it, which importing
-  npsd has already done. npsd starts no threads of its own.
+- --threads N: npsd's own threads (the fast kernels' pieces, nn.set_threads) and the BLAS threads
+  of the plain path. BLAS is set through npsd.blas (NumPy's OpenBLAS, by ctypes); where that is not
+  possible (another BLAS), through threadpoolctl when installed; without it, npsd sets
+  OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS and restarts itself with the same
+  arguments (os.execv): OpenBLAS reads them only when numpy loads it, which importing npsd has done.
 - --from-png re-makes one image of a batch alone (it re-runs the batch and keeps "Batch pos");
   a PNG made by img2img/inpaint needs the same subcommand and the input --image (and --mask).
 """
@@ -159,7 +160,7 @@ def _generation_options(p, mode):
       help="skip the last N CLIP layers, as diffusers' clip_skip (A1111's 'Clip skip' is N + 1) (default 0)")
     a("--long-prompt", choices=("truncate", "chunk"), help="prompts over 77 tokens: truncate (default) or chunk")
     a("--threads", metavar="N", type=_int_at_least(1, "threads"),
-      help="BLAS threads (via threadpoolctl when installed, else OMP/OPENBLAS/MKL_NUM_THREADS and a restart)")
+      help="threads: npsd's own and BLAS's (default: one per core)")
     a("--save-steps", metavar="DIR", help="write every K-th step's predicted x0 as PNG and a filmstrip.png into DIR "
                                           "(each preview costs one VAE decode)")
     a("--save-every", type=_int_at_least(1, "K"), default=1, metavar="K",
@@ -246,8 +247,12 @@ def limit_threads(n, argv_for_restart):
     """--threads N. With threadpoolctl: limit the BLAS pools of this process (returns the limiter,
     keep it alive). Without it: OpenBLAS/MKL read their thread count only when numpy loads them, which
     has happened by now (importing npsd imports numpy), so set OMP/OPENBLAS/MKL_NUM_THREADS and
-    restart the process with the same arguments (os.execv) when running as a command. npsd itself
-    starts no threads of its own."""
+    restart the process with the same arguments (os.execv) when running as a command. npsd's own
+    threads (the fast kernels) are set first, and BLAS's through npsd.blas when it can."""
+    from . import blas, nn
+    nn.set_threads(n)
+    if blas.set_threads(n):
+        return "npsd.blas"
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -496,7 +501,7 @@ def generate(args, argv_for_restart=None):
     limiter = limit_threads(args.threads, argv_for_restart) if args.threads else None  # noqa: F841 (kept alive)
     if args.debug and args.threads:
         print(f"npsd: threads: {args.threads} via "
-              f"{'threadpoolctl' if limiter not in (None, 'environment') else 'the environment'} "
+              f"{limiter if limiter in ('npsd.blas',) else 'threadpoolctl' if limiter not in (None, 'environment') else 'the environment'} "
               f"({', '.join(f'{v}={os.environ.get(v)}' for v in THREAD_VARS)})", file=sys.stderr)
     # 1. the settings, the inputs, and the outputs, which must not exist (checked before any work)
     s, stored, select = resolve_settings(args, mode)

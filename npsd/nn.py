@@ -10,7 +10,15 @@ Memory is bounded by one setting, ``CHUNK_BYTES``: conv2d builds its im2col matr
 output rows at a time, and attention scores a block of queries at a time, so that neither
 temporary exceeds the budget. Chunking changes only the order of work, not the arithmetic of any
 single output value, so results are identical whatever the budget (tests/test_nn.py checks it).
+
+Fast path: with ``FAST`` on (the default), linear, conv2d, attention, softmax, group_norm,
+layer_norm, silu, gelu and geglu hand their work to npsd/fast.py, which computes the same formulas with fewer
+passes over memory, on several threads, and 3x3 convolutions on large maps by Winograd's
+F(2x2, 3x3). The code below is the plain reference that docs/ explains; to step through it, run
+with ``nn.set_fast(False)``, ``with nn.fast(False):`` or the environment variable NPSD_FAST=0.
 """
+
+import os
 
 from contextlib import contextmanager
 
@@ -20,6 +28,9 @@ from scipy.special import erf
 
 # The largest temporary (im2col matrix, attention score block) one call may build, in bytes.
 CHUNK_BYTES = 128 * 2**20
+# Use npsd/fast.py (see above); the threads its elementwise work is split across.
+FAST = os.environ.get("NPSD_FAST", "1") != "0"
+THREADS = os.cpu_count() or 1
 
 
 def set_chunk_bytes(n):
@@ -41,16 +52,45 @@ def chunk_bytes(n):
         set_chunk_bytes(old)
 
 
+def set_fast(on):
+    """True: the fast kernels of npsd/fast.py; False: the plain forward passes of this file."""
+    global FAST
+    FAST = bool(on)
+
+
+@contextmanager
+def fast(on):
+    """Temporarily choose the kernels: ``with fast(False): ...`` runs the plain reference path."""
+    old = FAST
+    set_fast(on)
+    try:
+        yield
+    finally:
+        set_fast(old)
+
+
+def set_threads(n):
+    """Threads for npsd's own elementwise work on the fast path (BLAS has its own setting)."""
+    global THREADS
+    if int(n) < 1:
+        raise ValueError(f"threads must be a positive number, got {n}")
+    THREADS = int(n)
+
+
 # ---------------------------------------------------------------------------------------------
 # Elementwise activations
 # ---------------------------------------------------------------------------------------------
 
 def silu(x):
+    if FAST:
+        return _fast.silu(x)
     # silu(x) = x * sigmoid(x) = x / (1 + e^-x)
     return x / (1.0 + np.exp(-x))
 
 
 def gelu(x):
+    if FAST:
+        return _fast.gelu(x)
     # exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))
     return (0.5 * x * (1.0 + erf(x * np.float32(1 / np.sqrt(2))))).astype(np.float32, copy=False)
 
@@ -61,6 +101,8 @@ def quick_gelu(x):
 
 
 def softmax(x, axis=-1):
+    if FAST:
+        return _fast.softmax(x, axis)
     # softmax(x)_i = e^(x_i - max x) / sum_j e^(x_j - max x); subtracting the max avoids overflow
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
@@ -72,6 +114,8 @@ def softmax(x, axis=-1):
 
 def linear(x, weight, bias=None):
     # [..., in] @ [in, out] -> [..., out]   (weight is stored [out, in], as in PyTorch)
+    if FAST:
+        return _fast.linear(x, weight, bias)
     y = x @ weight.T
     if bias is not None:
         y += bias
@@ -88,10 +132,14 @@ def geglu(x, weight, bias):
     # GEGLU (Shazeer 2020): project to 2*inner, split into (value, gate), value * gelu(gate)
     h = linear(x, weight, bias)                       # [..., in] -> [..., 2*inner]
     value, gate = np.split(h, 2, axis=-1)             # 2 x [..., inner]
+    if FAST:
+        return _fast.geglu_product(value, gate)
     return value * gelu(gate)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
+    if FAST:
+        return _fast.layer_norm(x, weight, bias, eps)
     # normalise over the last axis: (x - mean) / sqrt(var + eps) * weight + bias
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
@@ -102,6 +150,8 @@ def group_norm(x, num_groups, weight, bias, eps):
     # x [B, C, ...]: channels split into num_groups groups; each group normalised over its channels
     # and all positions, then a per-channel affine transform. eps differs between models (UNet
     # resnets 1e-5, transformer blocks and the VAE 1e-6), so it has no default.
+    if FAST:
+        return _fast.group_norm(x, num_groups, weight, bias, eps)
     b, c = x.shape[:2]
     g = x.reshape(b, num_groups, -1)                  # [B, G, C/G * positions]
     mean = g.mean(axis=-1, keepdims=True)
@@ -122,6 +172,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     padding: an int (all sides) or (top, bottom, left, right), e.g. (0, 1, 0, 1) for the VAE's
     asymmetric downsampling pad.
     """
+    if FAST:
+        return _fast.conv2d(x, weight, bias, stride, padding)
     b, c, h, w = x.shape
     o, c_w, kh, kw = weight.shape
     if c_w != c:
@@ -181,6 +233,8 @@ def attention(q, k, v, num_heads, causal=False):
     keys j <= i (CLIP's text transformer). Queries are processed in blocks so that the score
     block [B, heads, n, M] stays within CHUNK_BYTES.
     """
+    if FAST:
+        return _fast.attention(q, k, v, num_heads, causal)
     b, n, c = q.shape
     m = k.shape[1]
     d = c // num_heads
@@ -226,3 +280,6 @@ def timestep_embedding(t, dim=320, flip_sin_to_cos=True, freq_shift=0, max_perio
     if dim % 2:
         emb = np.pad(emb, ((0, 0), (0, 1)))
     return emb.astype(np.float32)
+
+
+from . import fast as _fast  # noqa: E402  (the fast path; it reads the settings above)

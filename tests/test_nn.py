@@ -4,6 +4,9 @@ Tolerance: relative error (max abs difference / max |reference|) <= 1e-5 for flo
 accumulate sums in float32 in a different order; measured errors are 1e-7 .. 2e-6 (the closing
 note of the foundation issue lists them), so 1e-5 leaves a margin without hiding a real bug: every
 real bug tried (wrong eps, wrong padding side, missing scale) gives errors of 1e-3 or more.
+
+Every test runs twice: with the plain reference kernels of npsd/nn.py and with the fast path
+(npsd/fast.py, the default), so both are checked against torch.
 """
 
 import numpy as np
@@ -22,6 +25,12 @@ rng = np.random.default_rng(0)
 
 def randn(*shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.fixture(autouse=True, params=["fast", "plain"])
+def kernels(request):
+    with nn.fast(request.param == "fast"):
+        yield request.param
 
 
 @pytest.mark.parametrize("shape, cin, cout", [((2, 4096, 320), 320, 1280), ((3, 77, 768), 768, 768), ((5, 7), 7, 3)])

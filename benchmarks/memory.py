@@ -1,0 +1,99 @@
+"""Peak memory of a whole npsd generation with SD v1.5-sized weights, measured as DECISIONS says.
+
+    python -m benchmarks.memory                      # 512x512, 2 DDIM steps with guidance
+    python -m benchmarks.memory --size 1024 --steps 2
+
+A random checkpoint with the real SD v1.5 tensor names and shapes (fp16, the shared key manifest)
+is written once to --cache; a fresh process without torch loads it with npsd.load (float32 in
+memory), records its resident size, generates, and reports its own peak (VmHWM). Printed: the
+float32 weights, the size after loading, the peak, overhead = peak - size after loading, and
+peak / weights. The number of steps does not change the peak (every step does the same work), so
+two steps measure what twenty would.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def child(path, size, steps, sampler):
+    import numpy as np
+    import npsd
+    t0 = time.time()
+    pipe = npsd.load(path)
+    weights = sum(a.nbytes for a in _arrays(pipe.params))
+    loaded = status("VmRSS")
+    t1 = time.time()
+    image = pipe.txt2img("a photograph of an astronaut riding a horse", negative_prompt="blurry", height=size,
+                         width=size, num_inference_steps=steps, guidance_scale=7.5, sampler=sampler, seed=0,
+                         output_type="np")
+    assert image.shape == (1, size, size, 3) and np.isfinite(image).all()
+    print(json.dumps({"weights": weights, "loaded": loaded, "peak": status("VmHWM"), "load_s": t1 - t0,
+                      "generate_s": time.time() - t1, "torch_imported": "torch" in sys.modules}))
+
+
+def _arrays(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _arrays(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _arrays(v)
+    elif tree is not None:
+        yield tree
+
+
+def checkpoint(cache):
+    """The random SD v1.5 checkpoint (original layout, fp16), written once."""
+    path = os.path.join(cache, "sd15-random-fp16.safetensors")
+    if not os.path.exists(path):
+        sys.path.insert(0, ROOT)
+        from tests.test_loading import manifest, random_state, write_safetensors
+        os.makedirs(cache, exist_ok=True)
+        write_safetensors(path + ".tmp", random_state(manifest("sd15_original_manifest.json")))
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--sampler", default="ddim")
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "npsd-bench"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.size, args.steps, args.sampler)
+        return 0
+    path = checkpoint(args.cache)
+    cmd = [sys.executable, "-m", "benchmarks.memory", "--child", path, "--size", str(args.size),
+           "--steps", str(args.steps), "--sampler", args.sampler]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    if p.returncode != 0:
+        print(p.stderr, file=sys.stderr)
+        return 1
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    gib = 2 ** 30
+    print(f"txt2img {args.size}x{args.size}, {args.steps} {args.sampler} steps with guidance, SD v1.5-sized random "
+          f"weights (float32 in memory: {r['weights'] / gib:.2f} GiB)")
+    print(f"  after loading {r['loaded'] / gib:.2f} GiB, peak {r['peak'] / gib:.2f} GiB, overhead "
+          f"{(r['peak'] - r['loaded']) / gib:.2f} GiB, peak / weights {r['peak'] / r['weights']:.3f}; "
+          f"load {r['load_s']:.0f} s, generation {r['generate_s']:.0f} s; torch imported: {r['torch_imported']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

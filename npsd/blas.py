@@ -1,0 +1,83 @@
+"""The BLAS thread count of the running process, for npsd's fast path (npsd/fast.py).
+
+The fast path splits its work into pieces that run on ``nn.THREADS`` threads of its own, each piece
+calling single-threaded BLAS. Mixing its threads with BLAS's own pool is slow: OpenBLAS's workers
+spin for a while after each call and take the cores that the next elementwise step needs. So each
+fast kernel runs with BLAS set to one thread and restores the previous count afterwards.
+
+NumPy's wheels ship OpenBLAS, whose ``openblas_set_num_threads`` we call through ctypes (as
+threadpoolctl does; a library already loaded by NumPy, no new dependency). With another BLAS (MKL,
+Apple Accelerate) or where the library is not found, ``available()`` is False and the fast path
+leaves matrix products to the BLAS's own threads.
+"""
+
+import ctypes
+from contextlib import contextmanager
+
+_SET = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
+        "openblas_set_num_threads")
+_GET = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads", "openblas_get_num_threads64_",
+        "openblas_get_num_threads")
+_funcs = None
+
+
+def _find():
+    global _funcs
+    if _funcs is not None:
+        return _funcs
+    _funcs = ()
+    import numpy  # noqa: F401  (loads its BLAS)
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return _funcs
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        get = next((getattr(lib, n) for n in _GET if hasattr(lib, n)), None)
+        set_ = next((getattr(lib, n) for n in _SET if hasattr(lib, n)), None)
+        if get and set_:
+            get.restype, get.argtypes = ctypes.c_int, []
+            set_.restype, set_.argtypes = None, [ctypes.c_int]
+            _funcs = (get, set_)
+            break
+    return _funcs
+
+
+def available():
+    """True when npsd can set the BLAS thread count of this process."""
+    return bool(_find())
+
+
+def get_threads():
+    f = _find()
+    return f[0]() if f else None
+
+
+def set_threads(n):
+    """Set the BLAS thread count of this process; False where npsd cannot (see available())."""
+    f = _find()
+    if f:
+        f[1](int(n))
+    return bool(f)
+
+
+@contextmanager
+def single_threaded():
+    """BLAS calls inside the block use one thread (the previous count is restored after)."""
+    f = _find()
+    if not f:
+        yield
+        return
+    old = f[0]()
+    if old == 1:
+        yield
+        return
+    f[1](1)
+    try:
+        yield
+    finally:
+        f[1](old)

@@ -1,0 +1,205 @@
+"""The fast path (npsd/fast.py) against the plain reference path of npsd/nn.py.
+
+DECISIONS ("Fast paths ... both stay, selected by one setting, and the fast path is tested against
+the plain one"). The parity tests against PyTorch run with the fast path (the default); this file
+checks that every fast kernel computes what the plain one computes, on shapes that reach every
+branch: Winograd and im2col convolutions, odd sizes, strides, asymmetric padding, bands forced by a
+small chunk budget, causal and cross attention, several thread counts.
+
+Tolerance 1e-5 relative (max |fast - plain| / max |plain|), the per-layer float32 figure: the fast
+kernels sum in a different order (Winograd's transforms, blocked reductions). Measured at SD shapes:
+<= 2e-6 (attention over 1024 tokens 1.8e-6, 3x3 conv 7e-7); the fast GELU (erfc by Abramowitz &
+Stegun 7.1.26) 3e-8.
+"""
+
+import numpy as np
+import pytest
+
+from npsd import blas, fast, nn
+from npsd.testing import assert_close
+
+RTOL = 1e-5
+rng = np.random.default_rng(0)
+
+
+def randn(*shape, scale=1.0):
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+
+
+def both(f):
+    """(plain result, fast result) of f()."""
+    with nn.fast(False):
+        plain = f()
+    with nn.fast(True):
+        quick = f()
+    return plain, quick
+
+
+def check(f, what, rtol=RTOL):
+    plain, quick = both(f)
+    assert quick.shape == plain.shape and quick.dtype == np.float32, what
+    return assert_close(quick, plain, rtol, what)
+
+
+@pytest.fixture(params=["winograd", "im2col"])
+def conv_route(request, monkeypatch):
+    """Route every eligible 3x3 conv through Winograd (threshold 1), or none through it."""
+    monkeypatch.setattr(fast, "WINOGRAD", request.param == "winograd")
+    monkeypatch.setattr(fast, "WINOGRAD_MIN_POSITIONS", 1)
+    return request.param
+
+
+CONV_CASES = [
+    # x shape, out channels, kernel, stride, padding
+    ((2, 8, 16, 16), 12, 3, 1, 1),
+    ((1, 5, 9, 7), 6, 3, 1, 1),             # odd sizes: Winograd's last tile row/column is cropped
+    ((2, 3, 1, 1), 4, 3, 1, 1),             # a single pixel
+    ((1, 4, 10, 12), 4, 3, 1, 0),           # no padding
+    ((1, 4, 10, 11), 4, 3, 1, (0, 1, 0, 1)),  # asymmetric padding, stride 1
+    ((2, 6, 13, 11), 5, 3, 2, 1),           # stride 2 (im2col)
+    ((1, 6, 12, 12), 5, 3, 2, (0, 1, 0, 1)),  # the VAE's downsampler
+    ((2, 7, 5, 6), 3, 1, 1, 0),             # 1x1
+    ((1, 2, 8, 8), 3, 5, 1, 2),             # another kernel size (im2col)
+]
+
+
+@pytest.mark.parametrize("xs, cout, k, stride, pad", CONV_CASES)
+def test_conv2d(conv_route, xs, cout, k, stride, pad):
+    x, w, b = randn(*xs), randn(cout, xs[1], k, k, scale=0.3), randn(cout)
+    check(lambda: nn.conv2d(x, w, b, stride=stride, padding=pad), f"conv2d {xs} k{k} s{stride} p{pad} ({conv_route})")
+
+
+@pytest.mark.parametrize("budget", [4096, 50_000])
+def test_conv2d_in_bands(conv_route, budget):
+    """A small chunk budget splits both the im2col matrix and Winograd's tile rows into bands."""
+    x, w, b = randn(2, 16, 23, 19), randn(24, 16, 3, 3, scale=0.1), randn(24)
+    with nn.chunk_bytes(budget):
+        check(lambda: nn.conv2d(x, w, b, padding=1), f"conv2d in bands of {budget} bytes ({conv_route})")
+
+
+def test_winograd_is_used_at_sd_sizes_and_matches():
+    """At the default threshold a 64x64 map goes through Winograd (checked by counting calls)."""
+    calls = []
+    original = fast.winograd_f2x2_3x3
+    x, w = randn(1, 32, 64, 64), randn(32, 32, 3, 3, scale=1 / 17)
+    try:
+        fast.winograd_f2x2_3x3 = lambda *a: calls.append(1) or original(*a)
+        check(lambda: nn.conv2d(x, w, None, padding=1), "conv2d 64x64 (Winograd)")
+    finally:
+        fast.winograd_f2x2_3x3 = original
+    assert calls == [1]
+
+
+def test_winograd_weights_are_g_g_gt():
+    """U = G g G^T, computed by the elementwise formula, equals the matrix product."""
+    w = randn(5, 3, 3, 3)
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
+    want = np.einsum("ik,ockl,jl->ijoc", g, w.astype(np.float64), g).reshape(16, 5, 3)
+    np.testing.assert_allclose(fast.winograd_weights(w), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("b, n, m, c, heads, causal", [
+    (2, 77, 77, 64, 4, True),
+    (2, 300, 300, 32, 4, False),            # several query blocks, the last one short
+    (1, 257, 77, 48, 8, False),             # cross-attention
+    (3, 5, 9, 6, 1, False),                 # one head
+])
+def test_attention(b, n, m, c, heads, causal):
+    q, k, v = randn(b, n, c), randn(b, m, c), randn(b, m, c)
+    check(lambda: nn.attention(q, k, v, heads, causal), f"attention {b}x{n}x{m}x{c}/{heads} causal={causal}")
+
+
+def test_attention_small_blocks(monkeypatch):
+    monkeypatch.setattr(fast, "BLOCK_ELEMENTS", 7 * 300)               # 7 queries per block
+    q, k, v = randn(2, 100, 32), randn(2, 300, 32), randn(2, 300, 32)
+    check(lambda: nn.attention(q, k, v, 4), "attention in 7-query blocks")
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 64, 16, 16), 32), ((1, 6, 5, 7), 3), ((2, 8, 4), 2)])
+def test_group_norm(shape, groups):
+    x, w, b = randn(*shape) + 2, 1 + randn(shape[1], scale=0.1), randn(shape[1], scale=0.1)
+    check(lambda: nn.group_norm(x, groups, w, b, 1e-6), f"group_norm {shape}")
+
+
+def test_norms_of_views():
+    """Inputs that are views (a transposed token layout, a channel slice) give the plain result."""
+    x = randn(2, 16, 8, 8)
+    tokens = x.reshape(2, 16, 64).transpose(0, 2, 1)                      # [B, HW, C], not contiguous
+    w, b = 1 + randn(16, scale=0.1), randn(16, scale=0.1)
+    check(lambda: nn.layer_norm(tokens, w, b), "layer_norm of a transposed view")
+    check(lambda: nn.group_norm(x[:, 4:12], 4, w[:8], b[:8], 1e-6), "group_norm of a channel slice")
+    lw, lb = randn(24, 16), randn(24)
+    check(lambda: nn.linear(tokens, lw, lb), "linear of a transposed view")
+
+
+@pytest.mark.parametrize("shape", [(2, 77, 768), (5, 3), (7,)])
+def test_layer_norm_and_linear(shape):
+    x = randn(*shape)
+    w, b = 1 + randn(shape[-1], scale=0.1), randn(shape[-1], scale=0.1)
+    check(lambda: nn.layer_norm(x, w, b), f"layer_norm {shape}")
+    lw, lb = randn(9, shape[-1]), randn(9)
+    check(lambda: nn.linear(x, lw, lb), f"linear {shape}")
+    check(lambda: nn.linear(x, lw), f"linear without bias {shape}")
+
+
+def test_activations():
+    # GELU over its whole float32 range, where erf saturates, and around 0
+    x = np.concatenate([np.linspace(-12, 12, 48_001, dtype=np.float32), randn(10_000, scale=3)]).reshape(-1, 31)
+    check(lambda: nn.gelu(x), "gelu")
+    check(lambda: nn.silu(x), "silu")
+    check(lambda: nn.softmax(x * 5, axis=0), "softmax over axis 0")
+    scores = randn(3, 4, 50, 60, scale=4)
+    check(lambda: nn.softmax(scores), "softmax")
+    h, gw, gb = randn(2, 40, 96), randn(2 * 80, 96, scale=0.1), randn(2 * 80)
+    check(lambda: nn.geglu(h, gw, gb), "geglu")
+
+
+def test_gelu_error_bound():
+    """The fast GELU's Phi is within 3e-7 of the float64 value everywhere: A&S 7.1.26's bound gives
+    7.5e-8, float32 rounding of t, e^(-z^2) and the polynomial the rest (measured 2.6e-7); GELU's
+    error is then |x| * 3e-7, relative 6e-7 at most, against the 1e-5 per-layer tolerance."""
+    from scipy.special import erf
+    x = np.linspace(-10, 10, 200_001, dtype=np.float32)
+    exact = 0.5 * (1 + erf(x.astype(np.float64) / np.sqrt(2)))
+    phi = np.empty_like(x)
+    fast._phi(x, phi, np.empty_like(x))
+    assert np.abs(phi - exact).max() < 3e-7
+
+
+def test_thread_counts_agree(monkeypatch):
+    """One thread and three give the same results (the pieces only change who computes what)."""
+    x, w = randn(2, 8, 33, 31), randn(8, 8, 3, 3, scale=0.3)
+    q, k = randn(2, 200, 32), randn(2, 150, 32)
+    monkeypatch.setattr(fast, "MIN_PARALLEL", 1)                        # split even small jobs
+    results = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(nn, "THREADS", threads)
+        results[threads] = [nn.conv2d(x, w, None, padding=1), nn.attention(q, k, k, 4),
+                            nn.group_norm(x, 4, np.ones(8, np.float32), np.zeros(8, np.float32), 1e-5),
+                            nn.gelu(x), nn.linear(q, w.reshape(8, -1)[:, :32])]
+    for a, b in zip(results[1], results[3]):
+        assert_close(b, a, 1e-6, "3 threads vs 1")
+
+
+def test_blas_threads_restored():
+    """A fast kernel holds BLAS to one thread while it runs and restores the count afterwards."""
+    if not blas.available():
+        pytest.skip("NumPy's BLAS here is not an OpenBLAS that npsd.blas can find")
+    before = blas.get_threads()
+    seen = []
+    with blas.single_threaded():
+        seen.append(blas.get_threads())
+    nn.conv2d(randn(1, 4, 8, 8), randn(4, 4, 3, 3), None, padding=1)
+    assert seen == [1] and blas.get_threads() == before
+
+
+def test_setting_selects_the_path(monkeypatch):
+    """nn.FAST really switches: with a broken fast kernel only the fast setting sees it."""
+    monkeypatch.setattr(fast, "silu", lambda x: x)
+    x = randn(10)
+    with nn.fast(False):
+        assert not np.allclose(nn.silu(x), x)
+    with nn.fast(True):
+        assert np.array_equal(nn.silu(x), x)
+    with pytest.raises(ValueError, match="threads"):
+        nn.set_threads(0)
