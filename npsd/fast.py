@@ -23,7 +23,9 @@ from . import blas, nn
 
 _POOL = {}
 _IN_WORKER = threading.local()     # set in a piece's thread: a piece that splits again runs inline
-MIN_PARALLEL = 1 << 15        # elements below which splitting work across threads does not pay
+# Work below which splitting does not pay (handing a piece to another thread costs about 0.1 ms):
+MIN_PARALLEL = 1 << 18        # elements, for elementwise work
+MIN_PARALLEL_BLAS = 1 << 24   # multiply-adds, for work that calls BLAS
 
 
 def _pool(n):
@@ -38,7 +40,8 @@ def parallel(work, n, size=None, uses_blas=False):
     takes the first piece). `size`: the elements the whole job touches; small jobs run inline.
     uses_blas: the work calls BLAS, so it is split only where BLAS can be held to one thread."""
     parts = min(nn.THREADS, n)
-    if (parts <= 1 or (size is not None and size < MIN_PARALLEL) or (uses_blas and not blas.available())
+    small = size is not None and size < (MIN_PARALLEL_BLAS if uses_blas else MIN_PARALLEL)
+    if (parts <= 1 or small or (uses_blas and not blas.available())
             or getattr(_IN_WORKER, "on", False)):
         work(0, n)
         return
@@ -215,12 +218,14 @@ def group_norm(x, num_groups, weight, bias, eps):
     cg = c // num_groups
     rows = np.ascontiguousarray(x).reshape(b * num_groups, -1)            # [B*G, C/G * positions]
 
-    def affine(y, r0, r1):
-        for r in range(r0, r1):                                            # one group: [C/G, positions]
-            ch = slice((r % num_groups) * cg, (r % num_groups + 1) * cg)
-            yr = y[r - r0].reshape(cg, -1)
-            yr *= weight[ch, None]
-            yr += bias[ch, None]
+    w = weight.reshape(num_groups, cg, 1)                                 # per group: its channels' scale
+    bb = bias.reshape(num_groups, cg, 1)
+
+    def affine(y, r0, r1):                                                 # rows r0..r1 are groups r % G
+        g = np.arange(r0, r1) % num_groups
+        yr = y.reshape(r1 - r0, cg, -1)                                    # [rows, C/G, positions]
+        yr *= w[g]
+        yr += bb[g]
     return _normalise_rows(rows, eps, affine).reshape(x.shape)
 
 

@@ -171,6 +171,7 @@ def test_thread_counts_agree(monkeypatch):
     x, w = randn(2, 8, 33, 31), randn(8, 8, 3, 3, scale=0.3)
     q, k = randn(2, 200, 32), randn(2, 150, 32)
     monkeypatch.setattr(fast, "MIN_PARALLEL", 1)                        # split even small jobs
+    monkeypatch.setattr(fast, "MIN_PARALLEL_BLAS", 1)
     results = {}
     for threads in (1, 3):
         monkeypatch.setattr(nn, "THREADS", threads)
