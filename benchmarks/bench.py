@@ -8,7 +8,8 @@ Needs the test extra (torch, diffusers, transformers). The weights are random, a
 torch and npsd share them (npsd's arrays are views of torch's tensors), so one copy is in memory.
 
 For every case the two implementations run alternately (npsd, torch, npsd, torch, ...) after one
-warm-up call each, and the table gives:
+warm-up call each (the whole txt2img, minutes long, is timed once, on that first call), and the
+table gives:
 - the median time of each and the ratio npsd / torch (below 1: npsd is faster);
 - the peak working memory of each call: the largest resident set size sampled every millisecond
   during the call, minus the size just before it (inputs and weights already exist then);
@@ -296,7 +297,7 @@ def txt2img_case(torch, quick, models, params, config):
     return Case(f"txt2img {size}x{size}, {steps} DDIM steps, CFG 7.5",
                 lambda: pipe.txt2img(prompt, sampler="ddim", latents=latents, output_type="np", **kw),
                 lambda tl=_t(latents): ref(prompt, latents=tl, output_type="np", **kw).images,
-                1e-3, repeat=1 if not quick else 0,
+                1e-3, repeat=1,
                 note="vs diffusers' StableDiffusionPipeline on the same weights; images in [0, 1], so the "
                      "difference is absolute")
 
@@ -305,28 +306,30 @@ def txt2img_case(torch, quick, models, params, config):
 # Running and reporting
 # ---------------------------------------------------------------------------------------------
 
+def _measured(f):
+    """(seconds, peak working memory in bytes, result) of one call f()."""
+    gc.collect()
+    with PeakRSS() as m:
+        dt, out = _timed(f)
+    return dt, m.peak, out
+
+
 def run_case(case, repeat):
-    res = Result(case)
+    """Warm-up calls (npsd's with the FLOP count), the output check, then `repeat` alternating timed
+    calls of each. A case run once (repeat 1: the whole txt2img) is timed on those first calls."""
+    res, n = Result(case), case.repeat or repeat
     with FlopCounter() as fc:
-        ours = case.npsd()                                         # warm-up, FLOP count
+        first = {"npsd": _measured(case.npsd)}
     res.flops = fc.flops
-    theirs = case.torch()                                          # warm-up
-    c = compare(np.asarray(ours), np.asarray(theirs))
+    first["torch"] = _measured(case.torch)
+    c = compare(np.asarray(first["npsd"][2]), np.asarray(first["torch"][2]))
     res.rel_err = c.max_abs if "txt2img" in case.name else c.max_rel
-    del ours, theirs
-    for _ in range(case.repeat or repeat):
-        gc.collect()
-        with PeakRSS() as m:
-            dt, out = _timed(case.npsd)
-        del out
-        res.npsd_times.append(dt)
-        res.npsd_mem = max(res.npsd_mem, m.peak)
-        gc.collect()
-        with PeakRSS() as m:
-            dt, out = _timed(case.torch)
-        del out
-        res.torch_times.append(dt)
-        res.torch_mem = max(res.torch_mem, m.peak)
+    runs = [{side: r[:2] for side, r in first.items()}] if n == 1 else []
+    del first, c
+    for _ in range(n if n > 1 else 0):
+        runs.append({side: _measured(getattr(case, side))[:2] for side in ("npsd", "torch")})
+    res.npsd_times, res.torch_times = [r["npsd"][0] for r in runs], [r["torch"][0] for r in runs]
+    res.npsd_mem, res.torch_mem = max(r["npsd"][1] for r in runs), max(r["torch"][1] for r in runs)
     return res
 
 
