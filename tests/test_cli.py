@@ -375,11 +375,18 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert out.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["a.png"]
 
 
+def _default_sigint():
+    # a test run started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no Ctrl-C handler in the child: give the child the default disposition
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def python_m_npsd(*args, **kw):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.update(kw.pop("env", {}))
     return subprocess.Popen([sys.executable, "-m", "npsd", *map(str, args)], cwd=kw.pop("cwd", ROOT), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
+                            **kw)
 
 
 def test_sigint_in_a_subprocess_exits_130_and_leaves_no_file(model, tmp_path):
