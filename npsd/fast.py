@@ -14,6 +14,7 @@ contiguous pieces that run at once in a thread pool. Each kernel runs with BLAS 
 """
 
 import functools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,14 @@ _IN_WORKER = threading.local()     # set in a piece's thread: a piece that split
 # Work below which splitting does not pay (handing a piece to another thread costs about 0.1 ms):
 MIN_PARALLEL = 1 << 18        # elements, for elementwise work
 MIN_PARALLEL_BLAS = 1 << 24   # multiply-adds, for work that calls BLAS
+
+
+def _forget_pool():
+    _POOL.clear()             # a forked child has none of the parent's threads: start a new pool
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _pool(n):

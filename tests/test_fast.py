@@ -216,3 +216,23 @@ def test_group_norm_of_long_groups_is_accurate():
     exact = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-6)).reshape(x.shape)
     exact = exact * w.reshape(1, 4, 1, 1) + b.reshape(1, 4, 1, 1)
     assert_close(nn.group_norm(x, 2, w, b, 1e-6), exact, 1e-6, "fast group_norm, 2 groups of 524288")
+
+
+def test_threads_work_in_a_forked_child(monkeypatch):
+    """After the pool has run, a fork()ed child (multiprocessing's default on Linux) still computes:
+    it starts a pool of its own instead of waiting on the parent's threads, which it does not have."""
+    import multiprocessing
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork() on this platform")
+    monkeypatch.setattr(nn, "THREADS", 2)
+    x = randn(1 << 20)
+    nn.silu(x)                                                     # the parent's pool now exists
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(_child_silu_sum, (x,))
+        assert np.isclose(result.get(timeout=60), nn.silu(x).sum(dtype=np.float64), rtol=1e-6)
+
+
+def _child_silu_sum(x):
+    nn.THREADS = 2
+    return nn.silu(x).sum(dtype=np.float64)
