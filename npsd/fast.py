@@ -112,7 +112,7 @@ _PIECE = 1 << 15
 
 
 def _phi(x, out, tmp):
-    """out = Phi(x) for a 1-D piece; tmp: scratch of the same size."""
+    """out = Phi(x) for a piece (a block of rows); tmp: scratch of the same shape."""
     np.abs(x, out=tmp)
     tmp *= np.float32(1 / np.sqrt(2))                  # z
     np.multiply(tmp, _AS_P, out=out)
@@ -121,7 +121,7 @@ def _phi(x, out, tmp):
     np.square(tmp, out=tmp)
     np.negative(tmp, out=tmp)
     np.exp(tmp, out=tmp)                               # e^(-z^2)
-    t = out.copy()                                     # (the only allocation: one piece)
+    t = out.copy()                                     # (a piece-sized copy)
     out *= _AS_A[0]                                    # Horner: ((((a5 t + a4) t + a3) t + a2) t + a1) t
     for a in _AS_A[1:]:
         out += a
@@ -151,7 +151,8 @@ def _gelu_pieces(x, out, value=None):
 
 @kernel
 def gelu(x):
-    x2 = np.ascontiguousarray(x).reshape(-1, _PIECE if x.size % _PIECE == 0 else x.shape[-1] if x.ndim else 1)
+    x2 = np.ascontiguousarray(np.atleast_1d(x))
+    x2 = x2.reshape(-1, max(1, x2.shape[-1]))                             # rows; blocked into pieces below
     return _gelu_pieces(x2, np.empty(x2.shape, np.float32)).reshape(x.shape)
 
 
@@ -275,11 +276,10 @@ BLOCK_ELEMENTS = 2**18       # one score block (queries x keys) of 1 MiB, kept i
 
 @kernel
 def attention(q, k, v, num_heads, causal=False):
+    """nn.attention, whose checks the arguments have passed."""
     b, n, c = q.shape
     m = k.shape[1]
     d = c // num_heads
-    if d * num_heads != c:
-        raise ValueError(f"attention: width {c} is not divisible by {num_heads} heads")
     scale = np.float32(1.0 / np.sqrt(d))
     qh = np.ascontiguousarray((q * scale).reshape(b, n, num_heads, d).transpose(0, 2, 1, 3))   # [B, h, N, d]
     kt = np.ascontiguousarray(k.reshape(b, m, num_heads, d).transpose(0, 2, 3, 1))             # [B, h, d, M]
@@ -317,12 +317,10 @@ WINOGRAD_MIN_POSITIONS = 2048      # Winograd for 3x3 stride-1 convs with at lea
 
 
 @kernel
-def conv2d(x, weight, bias=None, stride=1, padding=0):
+def conv2d(x, weight, bias, stride, pad):
+    """nn.conv2d, whose checks the arguments have passed; pad = (top, bottom, left, right)."""
     b, c, h, w = x.shape
-    o, c_w, kh, kw = weight.shape
-    if c_w != c:
-        raise ValueError(f"conv2d: input has {c} channels but the weight expects {c_w}")
-    pad = (padding,) * 4 if np.isscalar(padding) else tuple(padding)
+    o, _, kh, kw = weight.shape
     top, bottom, left, right = pad
     ho = (h + top + bottom - kh) // stride + 1
     wo = (w + left + right - kw) // stride + 1
@@ -384,7 +382,6 @@ def _im2col_conv(x, weight, pad, stride, ho, wo):
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks"):
 # each 2x2 output tile is Y = A^T [ (G g G^T) * (B^T d B) ] A, d the 4x4 input tile it reads,
 # g the 3x3 kernel; 16 multiplications per tile and channel pair instead of 36.
-_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 
 
 def winograd_weights(weight):

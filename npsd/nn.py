@@ -19,7 +19,6 @@ with ``nn.set_fast(False)``, ``with nn.fast(False):`` or the environment variabl
 """
 
 import os
-
 from contextlib import contextmanager
 
 import numpy as np
@@ -28,7 +27,7 @@ from scipy.special import erf
 
 # The largest temporary (im2col matrix, attention score block) one call may build, in bytes.
 CHUNK_BYTES = 128 * 2**20
-# Use npsd/fast.py (see above); the threads its elementwise work is split across.
+# Use npsd/fast.py (see above); the threads it splits its work across.
 FAST = os.environ.get("NPSD_FAST", "1") != "0"
 THREADS = os.cpu_count() or 1
 
@@ -70,7 +69,7 @@ def fast(on):
 
 
 def set_threads(n):
-    """Threads for npsd's own elementwise work on the fast path (BLAS has its own setting)."""
+    """Threads the fast path splits its work across (each piece calls BLAS with one thread)."""
     global THREADS
     if int(n) < 1:
         raise ValueError(f"threads must be a positive number, got {n}")
@@ -172,13 +171,13 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     padding: an int (all sides) or (top, bottom, left, right), e.g. (0, 1, 0, 1) for the VAE's
     asymmetric downsampling pad.
     """
-    if FAST:
-        return _fast.conv2d(x, weight, bias, stride, padding)
     b, c, h, w = x.shape
     o, c_w, kh, kw = weight.shape
     if c_w != c:
         raise ValueError(f"conv2d: input has {c} channels but the weight expects {c_w}")
     pad = (padding,) * 4 if np.isscalar(padding) else tuple(padding)
+    if FAST:
+        return _fast.conv2d(x, weight, bias, stride, pad)
 
     if kh == kw == 1 and stride == 1 and not any(pad):
         # 1x1 fast path: a single GEMM over all positions, no im2col needed
@@ -233,13 +232,13 @@ def attention(q, k, v, num_heads, causal=False):
     keys j <= i (CLIP's text transformer). Queries are processed in blocks so that the score
     block [B, heads, n, M] stays within CHUNK_BYTES.
     """
-    if FAST:
-        return _fast.attention(q, k, v, num_heads, causal)
     b, n, c = q.shape
     m = k.shape[1]
     d = c // num_heads
     if d * num_heads != c:
         raise ValueError(f"attention: width {c} is not divisible by {num_heads} heads")
+    if FAST:
+        return _fast.attention(q, k, v, num_heads, causal)
     qh = q.reshape(b, n, num_heads, d).transpose(0, 2, 1, 3)               # [B, h, N, d]
     kh = k.reshape(b, m, num_heads, d).transpose(0, 2, 3, 1)               # [B, h, d, M]
     vh = v.reshape(b, m, num_heads, d).transpose(0, 2, 1, 3)               # [B, h, M, d]
