@@ -239,7 +239,11 @@ def _prescan(data, path):
             if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= int(arg) <= len(data):
                 raise ValueError(f"memo index {arg} in a pickle of {len(data)} bytes")
     except Exception as e:  # genops: unknown opcode, truncated argument, bad text, ...
-        raise CheckpointError(f"{path}: the checkpoint's pickle is corrupt ({type(e).__name__}: {str(e)[:200]})") from None
+        raise _corrupt_pickle(path, e) from None
+
+
+def _corrupt_pickle(path, e):
+    return CheckpointError(f"{path}: the checkpoint's pickle is corrupt ({type(e).__name__}: {str(e)[:200]})")
 
 
 def _unwrap(obj):
@@ -303,10 +307,11 @@ class CkptFile:
         except CheckpointError:
             raise
         except Exception as e:  # truncated pickle, wrong arguments to our functions, too deep nesting, ...
-            raise CheckpointError(f"{self.path}: the checkpoint's pickle is corrupt ({type(e).__name__}: {str(e)[:200]})") from None
+            raise _corrupt_pickle(self.path, e) from None
 
-    def _record(self, name):
-        """The bytes of one zip record; a damaged record (bad CRC, bad compression, cut short) -> CheckpointError.
+    def _record(self, name, what="record"):
+        """The bytes of one zip record; a missing or damaged one (bad CRC, bad compression, cut short)
+        -> CheckpointError naming it as `what`.
 
         zipfile inflates a record up to its declared size, so a compressed record declaring far more
         bytes than the whole file holds (a zip bomb; torch.save stores records uncompressed) is refused."""
@@ -319,7 +324,7 @@ class CkptFile:
         except CheckpointError:
             raise
         except KeyError:
-            raise CheckpointError(f"{self.path}: record {name} is missing; the file is corrupt") from None
+            raise CheckpointError(f"{self.path}: {what} {name} is missing; the file is corrupt") from None
         except Exception as e:  # BadZipFile, zlib.error, EOFError, NotImplementedError (unknown compression), ...
             raise CheckpointError(f"{self.path}: cannot read {name} ({type(e).__name__}: {e}); "
                                   f"the file is truncated or corrupt") from None
@@ -328,9 +333,7 @@ class CkptFile:
         if self._cache[0] is not ref.key:
             self._cache = (None, None)  # drop the previous storage before reading the next
             name = f"{self.top}data/{ref.key}"
-            if name not in self.zip.NameToInfo:
-                raise CheckpointError(f"{self.path}: storage record {name} is missing; the file is corrupt")
-            raw = self._record(name)
+            raw = self._record(name, "storage record")
             dt = np.dtype("uint16" if ref.dtype == "bfloat16" else ref.dtype)
             if len(raw) < ref.numel * dt.itemsize:
                 raise CheckpointError(f"{self.path}: storage {name} has {len(raw)} bytes, expected "
