@@ -30,9 +30,10 @@ def status(field):
 def child(path, size, steps, sampler):
     import numpy as np
     import npsd
+    from npsd.params import flatten
     t0 = time.time()
     pipe = npsd.load(path)
-    weights = sum(a.nbytes for a in _arrays(pipe.params))
+    weights = sum(a.nbytes for a in flatten(pipe.params).values())
     loaded = status("VmRSS")
     t1 = time.time()
     image = pipe.txt2img("a photograph of an astronaut riding a horse", negative_prompt="blurry", height=size,
@@ -41,17 +42,6 @@ def child(path, size, steps, sampler):
     assert image.shape == (1, size, size, 3) and np.isfinite(image).all()
     print(json.dumps({"weights": weights, "loaded": loaded, "peak": status("VmHWM"), "load_s": t1 - t0,
                       "generate_s": time.time() - t1, "torch_imported": "torch" in sys.modules}))
-
-
-def _arrays(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _arrays(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _arrays(v)
-    elif tree is not None:
-        yield tree
 
 
 def checkpoint(cache):

@@ -500,8 +500,8 @@ def generate(args, argv_for_restart=None):
     started = time.perf_counter()
     limiter = limit_threads(args.threads, argv_for_restart) if args.threads else None  # noqa: F841 (kept alive)
     if args.debug and args.threads:
-        print(f"npsd: threads: {args.threads} via "
-              f"{limiter if limiter in ('npsd.blas',) else 'threadpoolctl' if limiter not in (None, 'environment') else 'the environment'} "
+        how = {"npsd.blas": "npsd.blas", "environment": "the environment", None: "the environment"}.get(limiter, "threadpoolctl")
+        print(f"npsd: threads: {args.threads} via {how} "
               f"({', '.join(f'{v}={os.environ.get(v)}' for v in THREAD_VARS)})", file=sys.stderr)
     # 1. the settings, the inputs, and the outputs, which must not exist (checked before any work)
     s, stored, select = resolve_settings(args, mode)

@@ -506,10 +506,15 @@ def test_threads_via_npsd_blas(model, tmp_path, capsys, monkeypatch):
         blas.set_threads(before)
 
 
-def test_threads_with_threadpoolctl(model, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def blas_out_of_reach(monkeypatch):
+    """As with a BLAS that npsd.blas cannot set (MKL, Accelerate); npsd's own thread count restored after."""
     from npsd import blas, nn
-    monkeypatch.setattr(blas, "set_threads", lambda n: False)       # as with a BLAS npsd cannot set
+    monkeypatch.setattr(blas, "set_threads", lambda n: False)
     monkeypatch.setattr(nn, "THREADS", nn.THREADS)
+
+
+def test_threads_with_threadpoolctl(model, tmp_path, capsys, monkeypatch, blas_out_of_reach):
     seen = []
     fake = types.ModuleType("threadpoolctl")
     fake.threadpool_limits = lambda limits: seen.append(limits) or "limiter"
@@ -518,10 +523,7 @@ def test_threads_with_threadpoolctl(model, tmp_path, capsys, monkeypatch):
     assert seen == [1]
 
 
-def test_threads_without_threadpoolctl(model, tmp_path, capsys, monkeypatch):
-    from npsd import blas, nn
-    monkeypatch.setattr(blas, "set_threads", lambda n: False)
-    monkeypatch.setattr(nn, "THREADS", nn.THREADS)
+def test_threads_without_threadpoolctl(model, tmp_path, capsys, monkeypatch, blas_out_of_reach):
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)          # import fails
     for v in cli.THREAD_VARS:
         monkeypatch.delenv(v, raising=False)
