@@ -5,10 +5,12 @@ scaled, npsd.unet.random_params; their names and shapes equal the real checkpoin
 against reference/sd15_diffusers_manifest.json), then one call at batch 2 on 64x64 latents.
 overhead = peak RSS (VmHWM, the child's own; see the script) - RSS right after building the weights; required <= 1.0 GB.
 
-Measured (numpy default CHUNK_BYTES 128 MB): weights 3.20 GB, RSS after weights 3.26 GB, peak
-3.94 GB, overhead 0.683 GB. Most of it is the level-0 self-attention over 4096 tokens: a 128 MB
-score block lives three times at once inside nn.softmax (scores, exp, normalised), plus the
-[2, 4096, 2560] GEGLU projection (84 MB) and the 12 skips (about 70 MB at batch 2).
+Measured (numpy default CHUNK_BYTES 128 MB): weights 3.20 GB, RSS after weights 3.26 GB; overhead
+0.313 GB on the fast path (the default, which this test runs), 0.683 GB on the plain path of
+npsd/nn.py. There, most of it is the level-0 self-attention over 4096 tokens: a 128 MB score block
+lives three times at once inside nn.softmax (scores, exp, normalised), plus the [2, 4096, 2560]
+GEGLU projection (84 MB) and the 12 skips (about 70 MB at batch 2); the fast path scores 1 MiB
+blocks in place.
 """
 
 import json
