@@ -42,12 +42,16 @@ import warnings
 
 from . import __version__
 from .errors import CheckpointError, InputError, NpsdError
-from .schedulers import SAMPLERS, SPACINGS
+from .rng import RNG_KINDS
+from .schedulers import PREDICTION_TYPES, SAMPLERS, SIGMA_SAMPLERS, SPACINGS
 
 MODES = ("txt2img", "img2img", "inpaint")
 # npsd's sampler names <-> the names A1111 writes in "Sampler:" (read case-insensitively)
 A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
-                  "dpmpp_2m": "DPM++ 2M"}
+                  "dpmpp_2m": "DPM++ 2M", "pndm": "PLMS", "lms": "LMS", "dpmpp_2m_sde": "DPM++ 2M SDE",
+                  "unipc": "UniPC", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lcm": "LCM", "deis": "DEIS"}
+# --rng <-> the "RNG" field (A1111's value "CPU" is torch's CPU generator, which rng="torch" reproduces)
+RNG_FIELD = {"numpy": "numpy", "torch": "CPU"}
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -136,6 +140,8 @@ def _generation_options(p, mode):
       help="classifier-free guidance scale; <= 1 turns guidance off (default: the model's, SD v1.x: 7.5)")
     a("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
     a("--seed", metavar="N", type=_seed, help="random seed in [0, 2**32) (default: random, printed)")
+    a("--rng", choices=RNG_KINDS, help="random numbers: numpy (npsd's own, default) or torch (torch's CPU "
+                                       "generator: diffusers' and A1111's 'CPU' images from the same seed)")
     a("--height", metavar="PIXELS", type=_int_at_least(1, "height"), help="image height, a multiple of 8 (default: the model's)")
     a("--width", metavar="PIXELS", type=_int_at_least(1, "width"), help="image width, a multiple of 8 (default: the model's)")
     a("--num-images", metavar="N", type=_int_at_least(1, "count"), help="images to generate (default 1)")
@@ -154,8 +160,12 @@ def _generation_options(p, mode):
           help="blur radius of the mask edge in pixels (default 0)")
     a("--eta", type=_float_in(0.0, what="eta"), help="DDIM eta; 0 is deterministic (default 0)")
     a("--karras", action=argparse.BooleanOptionalAction, default=None,
-      help="Karras sigmas (euler, euler_a, heun, dpmpp_2m; default off)")
+      help="Karras sigmas (the sigma samplers: " + ", ".join(SIGMA_SAMPLERS) + "; default off)")
     a("--timestep-spacing", choices=SPACINGS, help="timestep spacing (default: the model's, SD v1.x: leading)")
+    a("--prediction-type", choices=PREDICTION_TYPES,
+      help="what the UNet predicts (default: the model's config, SD v1.x: epsilon)")
+    a("--guidance-rescale", metavar="PHI", type=_float_in(0.0, 1.0, what="phi"),
+      help="rescale the guided prediction's std to the conditional one's (Lin et al. 2024 eq. 16), 0 = off (default)")
     a("--clip-skip", metavar="N", type=_int_at_least(0, "layers"),
       help="skip the last N CLIP layers, as diffusers' clip_skip (A1111's 'Clip skip' is N + 1) (default 0)")
     a("--long-prompt", choices=("truncate", "chunk"), help="prompts over 77 tokens: truncate (default) or chunk")
@@ -304,7 +314,7 @@ def attach_vae(pipe, path):
 
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "height", "width",
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
-            "mask_blur", "no_ema")
+            "mask_blur", "no_ema", "rng", "prediction_type", "guidance_rescale")
 
 
 def _convert(fields, name, kind, what):
@@ -356,6 +366,9 @@ def settings_from_png(path, mode):
     s["mask_blur"] = _convert(f, "Mask blur", int, "a whole number")
     if f.get("Timestep spacing") in SPACINGS:
         s["timestep_spacing"] = f["Timestep spacing"]
+    if f.get("Prediction type") in PREDICTION_TYPES:
+        s["prediction_type"] = f["Prediction type"]
+    s["guidance_rescale"] = _convert(f, "Guidance rescale", float, "a number")
     if f.get("Long prompt") in ("truncate", "chunk"):
         s["long_prompt"] = f["Long prompt"]
     s["num_images"] = _convert(f, "Batch size", int, "a whole number")
@@ -363,6 +376,12 @@ def settings_from_png(path, mode):
     s["_select"] = pos if pos is not None and s["num_images"] and s["num_images"] > 1 else None
     s["_model"] = (f.get("Model"), f.get("Model hash"))
     s["no_ema"] = True if f.get("EMA") == "off" else None
+    if "RNG" in f:                                                    # absent: npsd's own numpy numbers
+        by_field = {v.lower(): k for k, v in RNG_FIELD.items()}
+        s["rng"] = by_field.get(f["RNG"].strip().lower())
+        if s["rng"] is None:                                          # an error unless --rng is given
+            s["_bad_rng"] = (f"--from-png: the image's noise came from the {f['RNG']!r} generator, which npsd "
+                             f"cannot reproduce (it has numpy and torch's CPU one); give --rng to run anyway")
     return {k: v for k, v in s.items() if v is not None}
 
 
@@ -386,10 +405,13 @@ def parameters_text(s, mode, model_name, model_hash, vae_name, vae_hash, width, 
         "Eta": _num(s["eta"]) if s["eta"] else None,
         "Clip skip": s["clip_skip"] + 1 if s["clip_skip"] else None,
         "Timestep spacing": s["timestep_spacing"],
+        "Prediction type": s["prediction_type"] if s["prediction_type"] != "epsilon" else None,
+        "Guidance rescale": _num(s["guidance_rescale"]) if s["guidance_rescale"] else None,
         "Long prompt": s["long_prompt"] if s["long_prompt"] != "truncate" else None,
         "Batch size": batch if batch > 1 else None,
         "Batch pos": pos if batch > 1 else None,
         "EMA": "off" if s["no_ema"] else None,
+        "RNG": RNG_FIELD[s["rng"]],
         "Pipeline": mode,
         "npsd version": __version__,
     }
@@ -448,6 +470,9 @@ def resolve_settings(args, mode):
         raise UsageError(f"give a PROMPT (or --from-png IMAGE); see `npsd {mode} --help`")
     if stored.get("_bad_sampler") and args.sampler is None:
         raise InputError(stored["_bad_sampler"])
+    if stored.get("_bad_rng") and args.rng is None:
+        raise InputError(stored["_bad_rng"])
+    s["rng"] = s["rng"] or "numpy"
     s["negative_prompt"] = s["negative_prompt"] or ""
     s["num_images"] = s["num_images"] or 1
     s["long_prompt"] = s["long_prompt"] or "truncate"
@@ -481,6 +506,7 @@ def model_defaults(s, pipe):
     s["guidance_scale"] = d.get("guidance_scale", 7.5) if s["guidance_scale"] is None else s["guidance_scale"]
     s["sampler"] = s["sampler"] or d.get("sampler", "ddim")
     s["timestep_spacing"] = s["timestep_spacing"] or pipe.config["scheduler"].get("timestep_spacing", "leading")
+    s["prediction_type"] = s["prediction_type"] or pipe.config["scheduler"].get("prediction_type", "epsilon")
 
 
 def step_targets(folder, every, start, total, n):
@@ -602,7 +628,8 @@ def generate(args, argv_for_restart=None):
               guidance_scale=s["guidance_scale"], height=s["height"], width=s["width"], seed=s["seed"],
               sampler=s["sampler"], num_images=n, output_type="np", callback=on_step, eta=s["eta"],
               use_karras_sigmas=s["karras"], timestep_spacing=s["timestep_spacing"], clip_skip=s["clip_skip"] or None,
-              long_prompt=s["long_prompt"])
+              long_prompt=s["long_prompt"], rng=s["rng"], prediction_type=s["prediction_type"],
+              guidance_rescale=s["guidance_rescale"] or 0.0)
     try:
         if mode == "txt2img":
             result = pipe.txt2img(s["prompt"], **kw)

@@ -39,6 +39,10 @@ SD15 = {
         "timestep_spacing": "leading",  # "leading" | "trailing" | "linspace" (docs/samplers.md, sec. 3)
         "steps_offset": 1,              # leading: t = i * (N // n) + 1 -> 981..1; 0 gives the course's 980..0
         "set_alpha_to_one": False,      # DDIM's last step goes to alpha_bar_0 (not 1), as SD's config says
+        "skip_prk_steps": True,         # PNDM starts PLMS with an improved-Euler step (docs/samplers.md, 13.1)
+        "prediction_type": "epsilon",   # the UNet predicts the noise; SD 2.x 768 models: "v_prediction"
+        "rescale_betas_zero_snr": False,  # True: zero SNR at t = N - 1 (Lin et al. 2024), for v-models trained so
+        "original_inference_steps": 50,   # LCM: the distillation grid (k - 1, 2k - 1, .., N - 1, k = N // 50)
     },
 }
 

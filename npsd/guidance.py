@@ -3,7 +3,8 @@ a pipeline hands to npsd.schedulers.sample.
 
 The UNet runs once per step on the concatenated batch [uncond, cond] (the unconditional half first,
 as diffusers does); the two halves of its output are combined with ``cfg``. A scale <= 1 skips the
-unconditional half entirely, as in diffusers (DECISIONS: "Guidance is skipped ... <= 1").
+unconditional half entirely, as in diffusers. ``rescale_cfg`` is the optional guidance rescale of
+Lin et al. 2024.
 """
 
 import numpy as np
@@ -18,17 +19,38 @@ def cfg(eps_uncond, eps_cond, scale):
     return eps_uncond + np.float32(scale) * (eps_cond - eps_uncond)
 
 
+def rescale_cfg(eps_cfg, eps_cond, guidance_rescale):
+    """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", sec. 3.4, eq. 15-16), as diffusers' pipelines apply it to the guided model output.
+
+    A large guidance scale inflates the output's standard deviation; eq. 15 scales it back to the
+    conditional prediction's (per batch item, over all other axes; unbiased std as torch's), and
+    eq. 16 blends: phi = guidance_rescale (0: plain CFG; the paper uses 0.7).
+    eps_cfg, eps_cond [B, C, h, w] -> [B, C, h, w].
+    """
+    axes = tuple(range(1, eps_cfg.ndim))
+    std_cond = eps_cond.std(axis=axes, keepdims=True, ddof=1, dtype=np.float64)         # [B, 1, 1, 1]
+    std_cfg = eps_cfg.std(axis=axes, keepdims=True, ddof=1, dtype=np.float64)           # [B, 1, 1, 1]
+    # eq. 15: x_rescaled = x_cfg * std(x_cond) / std(x_cfg)
+    rescaled = eps_cfg * (std_cond / std_cfg).astype(np.float32)                          # [B, C, h, w]
+    # eq. 16: x_final = phi x_rescaled + (1 - phi) x_cfg
+    phi = np.float32(guidance_rescale)
+    return phi * rescaled + (np.float32(1) - phi) * eps_cfg
+
+
 def uses_guidance(scale):
     """True when the unconditional pass runs (scale > 1)."""
     return scale is not None and float(scale) > 1.0
 
 
-def guided_model(unet, context_cond, context_uncond, scale):
+def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0):
     """Wrap a UNet into model(x, t) -> eps for npsd.schedulers.sample.
 
     unet(latents [B, 4, h, w], t, context [B, L, D]) -> eps [B, 4, h, w] (e.g. Pipeline.unet);
     context_cond / context_uncond [B, L, D]: the prompt's and the negative prompt's embeddings.
     With scale > 1 the UNet sees the batch [uncond, cond] once; else only the conditional batch.
+    guidance_rescale > 0 applies ``rescale_cfg`` to the guided output (only when guidance runs, as
+    diffusers).
     """
     if not uses_guidance(scale):
         return lambda x, t: unet(x, t, context_cond)
@@ -38,5 +60,8 @@ def guided_model(unet, context_cond, context_uncond, scale):
         x_in = np.concatenate([x, x], axis=0)                                  # [B, 4, h, w] -> [2B, 4, h, w]
         eps_both = unet(x_in, t, context)                                      # [2B, 4, h, w]
         eps_uncond, eps_cond = np.split(eps_both, 2, axis=0)                   # 2 x [B, 4, h, w]
-        return cfg(eps_uncond, eps_cond, scale)
+        eps = cfg(eps_uncond, eps_cond, scale)
+        if guidance_rescale > 0:
+            eps = rescale_cfg(eps, eps_cond, guidance_rescale)
+        return eps
     return model

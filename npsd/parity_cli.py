@@ -2,25 +2,30 @@
 
     npsd parity --model v1-5-pruned-emaonly.safetensors          # or a .ckpt, or a diffusers folder
 
-The checkpoint is loaded twice: by npsd (npsd.load) and by the references, independently of npsd's
-key mapping:
-- an original single file: its tensors (read with npsd's safe reader, no pickle code is run) are
-  converted by diffusers' own single-file converters (convert_ldm_unet_checkpoint,
-  convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint) into diffusers' UNet2DConditionModel,
-  AutoencoderKL and transformers' CLIPTextModel, loaded with strict=True;
-- a diffusers folder: the models' from_pretrained on the local folder.
-The models' sizes (channels, depths) come from the tensor shapes; strict loading fails if they do
-not fit. Then, at a small image size (--size, default 64 pixels), the same random inputs go through
-both and every block is compared: the tokenizer's ids (against transformers' CLIPTokenizer), the
-text encoder's embeddings and layers (and the final output),
-the UNet's time embedding, conv_in, down/mid/up blocks and output (forward hooks on the reference),
-the VAE encoder's and decoder's blocks and outputs, and one DDIM step with classifier-free guidance.
+The checkpoint is loaded twice: by npsd (npsd.load) and by the references, which share nothing
+with npsd's loader, key mapping or config:
+- an original single file: diffusers reads it (its tensors, and which model it is), and builds
+  UNet2DConditionModel and AutoencoderKL with its single-file loading (from_single_file), the text
+  encoder (transformers' CLIPTextModel) with its single-file CLIP loader, from the published
+  configuration of that model (npsd/published_configs.py: SD v1.x's v1-inference.yaml, or
+  v1-inpainting-inference.yaml, CLIP ViT-L/14's config.json), offline. A file that does not fit
+  that configuration is refused with diffusers' reason;
+- a diffusers folder: the models' from_pretrained on the local folder, with its own config.json files.
+Then, at a small image size (--size, default 64 pixels), the same random inputs go through both
+and every block is compared: the tokenizer's ids (against transformers' CLIPTokenizer), the text
+encoder's embeddings and layers (and the final output), the UNet's time embedding, conv_in,
+down/mid/up blocks and output (forward hooks on the reference), the VAE encoder's and decoder's
+blocks and outputs, the VAE's latent scaling factor, and one DDIM step with classifier-free guidance
+(the reference's scheduler from the folder's scheduler_config.json, else SD v1.5's published one).
+A wrong key mapping or a wrongly inferred setting in npsd (the number of attention heads, the
+scaling factor) therefore shows up as a block above tolerance.
 The table shows max abs error and relative error (max abs error / max |reference|, as
 npsd.testing) per block; the exit code is 1 when any block is above --tolerance (default 1e-4;
 float32 SD v1.5 blocks measure about 1e-6 to 1e-5).
 
-Needs the test extra (torch, diffusers, transformers): pip install "npsd[test]". torch is imported
-here only, never by `import npsd`. One torch component is in memory at a time, beside npsd's weights.
+Needs the test extra (torch, diffusers, transformers, accelerate): pip install "npsd[test]". torch
+is imported here only, never by `import npsd`. One torch component is in memory at a time, beside
+npsd's weights (and, for a single file, the file's tensors as diffusers read them).
 """
 
 import gc
@@ -30,6 +35,7 @@ import time
 
 import numpy as np
 
+from . import published_configs
 from .errors import CheckpointError, NpsdError
 from .testing import compare
 
@@ -40,137 +46,173 @@ NEGATIVE = "blurry"
 def _references():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")                # never reach for the hub
     try:
+        import accelerate  # noqa: F401 - diffusers' single-file loading builds models without memory with it
         import diffusers  # noqa: F401
         import torch
         import transformers  # noqa: F401
     except ImportError as e:
-        raise NpsdError(f"npsd parity needs torch, diffusers and transformers ({e.name or e} is missing); "
+        raise NpsdError(f"npsd parity needs torch, diffusers, transformers and accelerate ({e.name or e} is missing); "
                         f'install them with: pip install "npsd[test]"') from None
     return torch
 
 
-# --- the reference models, built from the checkpoint -------------------------------------------------
+# --- the reference models, built by diffusers/transformers from the checkpoint ---------------------
 
-def unet_kwargs(pipe):
-    """UNet2DConditionModel arguments for the UNet whose weights npsd loaded (read off the shapes)."""
-    p, c = pipe.params["unet"], pipe.config["unet"]
-    attn = ["attentions" in b and b["attentions"] for b in p["down_blocks"]]
-    first = next(b["attentions"][0] for b, a in zip(p["down_blocks"], attn) if a)
-    heads = c["num_heads"]
-    return dict(
-        sample_size=64, in_channels=p["conv_in"]["weight"].shape[1], out_channels=p["conv_out"]["weight"].shape[0],
-        block_out_channels=tuple(b["resnets"][0]["conv1"]["weight"].shape[0] for b in p["down_blocks"]),
-        layers_per_block=len(p["down_blocks"][0]["resnets"]),
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        cross_attention_dim=first["transformer_blocks"][0]["attn2"]["to_k"]["weight"].shape[1],
-        attention_head_dim=tuple(heads) if isinstance(heads, (list, tuple)) else heads,
-        norm_num_groups=c["norm_groups"], norm_eps=c.get("resnet_eps", 1e-5),
-        use_linear_projection=first["proj_in"]["weight"].ndim == 2,
-        transformer_layers_per_block=len(first["transformer_blocks"]))
+# names that real SD .ckpt files pickle beside the tensors (training state); torch's weights-only
+# unpickler refuses them, so they are bound to an inert placeholder (never to the named code)
+TRAINING_STATE = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "numpy.")
 
 
-def vae_kwargs(pipe):
-    p, c = pipe.params["vae"], pipe.config["vae"]
-    enc = p["encoder"]
-    levels = len(enc["down_blocks"])
-    return dict(
-        in_channels=enc["conv_in"]["weight"].shape[1], out_channels=p["decoder"]["conv_out"]["weight"].shape[0],
-        latent_channels=p["post_quant_conv"]["weight"].shape[0],
-        block_out_channels=tuple(b["resnets"][0]["conv1"]["weight"].shape[0] for b in enc["down_blocks"]),
-        layers_per_block=len(enc["down_blocks"][0]["resnets"]), norm_num_groups=c["norm_groups"],
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        scaling_factor=c["scaling_factor"], sample_size=64)
+class _Placeholder:
+    """Stands for a pickled training-state object (a callback, a numpy scalar): takes any
+    arguments and state, does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
 
 
-def clip_kwargs(pipe):
-    p, c = pipe.params["text_encoder"], pipe.config["text_encoder"]
-    p = p.get("text_model", p)
-    vocab, width = p["embeddings"]["token_embedding"]["weight"].shape
-    return dict(vocab_size=vocab, hidden_size=width,
-                intermediate_size=p["encoder"]["layers"][0]["mlp"]["fc1"]["weight"].shape[0],
-                num_hidden_layers=len(p["encoder"]["layers"]), num_attention_heads=c["num_heads"],
-                max_position_embeddings=p["embeddings"]["position_embedding"]["weight"].shape[0],
-                hidden_act=c.get("hidden_act", "quick_gelu"), layer_norm_eps=c.get("layer_norm_eps", 1e-5))
+def _first_sentence(e):
+    text = " ".join(str(e).split())
+    return text.split(". ")[0].rstrip(".")
+
+
+def read_checkpoint(torch, path):
+    """The file's tensors as diffusers reads them: load_single_file_checkpoint (safetensors, or
+    torch.load(weights_only=True)). Real SD .ckpt files also pickle training state, which
+    torch.load(weights_only=True) refuses; such a file is read by the same weights-only unpickler
+    with those names (TRAINING_STATE, nothing else) bound to _Placeholder. npsd's reader is not used.
+    Returns ({name: tensor}, how it was read)."""
+    import zipfile
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+    try:
+        return load_single_file_checkpoint(path, local_files_only=True), "read by diffusers"
+    except Exception as e:                          # noqa: BLE001 - diffusers wraps torch's error
+        if path.endswith(".safetensors"):
+            raise CheckpointError(f"parity: diffusers cannot read {path}: {_first_sentence(e)}") from None
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:                          # noqa: BLE001
+        raise CheckpointError(f"parity: torch cannot read {path}: {_first_sentence(e)}") from None
+    refused = [n for n in names if not n.startswith(TRAINING_STATE)]
+    if refused:
+        raise CheckpointError(f"parity: torch.load(weights_only=True) refuses {path}: it names {', '.join(refused[:3])}")
+    try:
+        with torch.serialization.safe_globals([(_Placeholder, n) for n in names]):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:                          # noqa: BLE001
+        raise CheckpointError(f"parity: torch cannot read {path}: {_first_sentence(e)}") from None
+    while isinstance(obj, dict) and "state_dict" in obj:   # as load_single_file_checkpoint does
+        obj = obj["state_dict"]
+    packages = ", ".join(sorted({n.split(".")[0] for n in names}))
+    return obj, f"read by torch.load(weights_only=True), the training state it pickles ({packages} objects) as placeholders"
 
 
 class OriginalFile:
-    """The original single-file layout: tensors by name (torch, float32), read on demand."""
+    """An original single file as diffusers reads it, independently of npsd's loader and config:
+    the tensors by diffusers' reader (read_checkpoint), the model type by diffusers'
+    infer_diffusers_model_type, and each model by diffusers' single-file loading, offline, with the
+    published configuration of that type (npsd.published_configs), written to a temporary folder:
+    - UNet, VAE: from_single_file(checkpoint, original_config=<the LDM YAML>), i.e. diffusers'
+      create_*_diffusers_config_from_ldm + convert_ldm_*_checkpoint (extract_ema as --no-ema says);
+    - text encoder: create_diffusers_clip_model_from_ldm(config=<folder>/text_encoder/config.json),
+      i.e. convert_ldm_clip_checkpoint into transformers' CLIPTextModel;
+    - scheduler: DDIMScheduler from SD v1.5's published scheduler_config.json.
+    A wrong key mapping or a wrong inferred setting in npsd then shows up as a difference."""
 
-    def __init__(self, path, ema):
-        from .loading import open_weights
-        self.path, self.ema = path, ema
-        self.f = open_weights(path)
+    def __init__(self, torch, path, ema):
+        import json
+        import tempfile
+        from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+        self.ema = ema
+        self.checkpoint, self.how = read_checkpoint(torch, path)
+        self.model_type = infer_diffusers_model_type(self.checkpoint)
+        if self.model_type not in published_configs.LDM_CONFIGS:
+            raise CheckpointError(f"parity: diffusers reads {path} as {self.model_type!r}; npsd parity compares "
+                                  f"original files of SD v1.x ({' and '.join(map(repr, published_configs.LDM_CONFIGS))})")
+        self.config_name, text = published_configs.LDM_CONFIGS[self.model_type]
+        self.folder = tempfile.mkdtemp(prefix="npsd-parity-")
+        self.yaml = os.path.join(self.folder, self.config_name)
+        with open(self.yaml, "w") as f:
+            f.write(text)
+        os.mkdir(os.path.join(self.folder, "text_encoder"))
+        with open(os.path.join(self.folder, "text_encoder", "config.json"), "w") as f:
+            json.dump(published_configs.CLIP_TEXT_CONFIG, f)
 
-    def state(self, prefixes, placeholders=()):
+    def model(self, kind):
+        """The reference model (kind: text_encoder, vae, unet), float32; then the checkpoint's
+        tensors of that component are dropped."""
         import torch
-        out = {n: torch.from_numpy(np.ascontiguousarray(self.f.read(n, np.float32)))
-               for n in self.f.tensors if n.startswith(prefixes)}
-        out.update({n: None for n in self.f.tensors if n.startswith(placeholders)})
-        return out
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+        from transformers import CLIPTextModel
+        try:
+            if kind == "text_encoder":
+                model = create_diffusers_clip_model_from_ldm(
+                    CLIPTextModel, self.checkpoint, subfolder="text_encoder", config=self.folder,
+                    torch_dtype=torch.float32, local_files_only=True)
+            else:
+                cls, extra = (UNet2DConditionModel, {"extract_ema": self.ema}) if kind == "unet" else (AutoencoderKL, {})
+                model = cls.from_single_file(self.checkpoint, original_config=self.yaml, local_files_only=True,
+                                             torch_dtype=torch.float32,       # whatever the file's precision
+                                             low_cpu_mem_usage=True, **extra)
+        except (ValueError, KeyError, IndexError, RuntimeError) as e:   # e.g. a tensor of another shape
+            raise CheckpointError(f"parity: the {kind} weights do not fit diffusers' model for the published "
+                                  f"{self.config_name}: {_first_sentence(e)}") from None
+        # diffusers builds the model without memory and fills in what its converter produced:
+        # a parameter still without memory is one the file lacks
+        missing = [n for n, p in (*model.named_parameters(), *model.named_buffers()) if p.is_meta]
+        if missing:
+            raise CheckpointError(f"parity: the {kind} weights lack {len(missing)} tensors of diffusers' model for the "
+                                  f"published {self.config_name}, e.g. {', '.join(missing[:3])}")
+        prefix = {"text_encoder": "cond_stage_model.", "vae": "first_stage_model.", "unet": ""}[kind]
+        for k in [k for k in self.checkpoint if k.startswith(prefix)]:
+            del self.checkpoint[k]
+        return model.eval()
 
-    def unet(self, model):
-        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-        if self.ema:   # the EMA copies (model_ema.*), as npsd.load uses them; the raw names route them
-            sd = self.state(("model_ema.",), placeholders=("model.diffusion_model.",))
-        else:
-            sd = self.state(("model.diffusion_model.",))
-        return convert_ldm_unet_checkpoint(sd, dict(model.config), extract_ema=self.ema)
+    def scheduler(self):
+        from diffusers import DDIMScheduler
+        return DDIMScheduler.from_config(published_configs.SCHEDULER_CONFIG)
 
-    def vae(self, model):
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-        return convert_ldm_vae_checkpoint(self.state(("first_stage_model.",)), dict(model.config))
-
-    def text_encoder(self, model):
-        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-        return convert_ldm_clip_checkpoint(self.state(("cond_stage_model.transformer.",)))
+    def describe(self):
+        return f"single file, {self.how}, as {self.model_type!r} with the published {self.config_name}"
 
     def close(self):
-        self.f.close()
+        import shutil
+        self.checkpoint = None
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _load_strict(model, sd, what, assign=False):
-    """load_state_dict(strict) after the usual name differences (transformers 5: no "text_model."
-    prefix, no position_ids buffer); legacy VAE attention 1x1 convs become linear weights."""
-    own = model.state_dict()
-    fixed = {}
-    for k, v in sd.items():
-        if k.endswith("position_ids"):
-            continue
-        if k not in own and k.startswith("text_model.") and k[len("text_model."):] in own:
-            k = k[len("text_model."):]
-        if k in own and v is not None and v.ndim == 4 and own[k].ndim == 2:
-            v = v[:, :, 0, 0]
-        fixed[k] = v.contiguous() if v is not None else v
-    missing, unexpected = set(own) - set(fixed), set(fixed) - set(own)
-    if missing or unexpected:
-        raise CheckpointError(f"parity: the reference {what} does not fit the checkpoint: missing "
-                              f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    model.load_state_dict(fixed, strict=True, assign=assign)
-    return model.eval()
+class DiffusersFolder:
+    """A diffusers folder: the models' and the scheduler's from_pretrained on the local folder."""
 
+    def __init__(self, folder, pipe):
+        self.folder, self.files = folder, (pipe.info or {}).get("files", {})
 
-def reference_model(kind, pipe, source, folder):
-    """One reference model (kind: unet, vae, text_encoder) holding the checkpoint's weights."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    if folder:
-        files = (pipe.info or {}).get("files", {})
-        variant = "fp16" if ".fp16." in str(files.get(kind, "")) else (
-            "non_ema" if ".non_ema." in str(files.get(kind, "")) else None)
+    def model(self, kind):
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+        name = str(self.files.get(kind, ""))
+        variant = "fp16" if ".fp16." in name else ("non_ema" if ".non_ema." in name else None)
         cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[kind]
-        model = cls.from_pretrained(folder, subfolder=kind, local_files_only=True, variant=variant,
-                                    torch_dtype=torch.float32)
-        return model.float().eval()
-    if kind == "text_encoder":                   # small; has non-persistent buffers, so built normally
-        model = CLIPTextModel(CLIPTextConfig(**clip_kwargs(pipe)))
-        return _load_strict(model, source.text_encoder(model), kind)
-    # UNet and VAE: built without memory ("meta" tensors), then given the converted tensors
-    # themselves (assign=True), so the weights are in memory once, not three times
-    with torch.device("meta"):
-        model = UNet2DConditionModel(**unet_kwargs(pipe)) if kind == "unet" else AutoencoderKL(**vae_kwargs(pipe))
-    return _load_strict(model, getattr(source, kind)(model), kind, assign=True)
+        model = cls.from_pretrained(self.folder, subfolder=kind, local_files_only=True, variant=variant,
+                                    torch_dtype=torch.float32)                  # float32 whatever the files hold
+        return model.eval()
+
+    def scheduler(self):
+        from diffusers import DDIMScheduler
+        if os.path.isfile(os.path.join(self.folder, "scheduler", "scheduler_config.json")):
+            return DDIMScheduler.from_pretrained(self.folder, subfolder="scheduler", local_files_only=True)
+        return DDIMScheduler.from_config(published_configs.SCHEDULER_CONFIG)   # as npsd's SD v1.x default
+
+    def describe(self):
+        return "diffusers folder"
+
+    def close(self):
+        pass
 
 
 # --- the comparisons --------------------------------------------------------------------------------
@@ -290,18 +332,16 @@ def compare_vae(torch, pipe, model, table, images, z):
         x = vae.up_block(block, x, cfg)
         table.add(f"vae.decoder.up_blocks.{i}", x, outs[f"decoder.up_blocks.{i}"])
     table.add("vae.decode (image)", pipe.vae_decode(z), decoded_ref)
+    # the latent scaling is not in the weights (npsd: its config; the reference: its model config)
+    table.add("vae scaling factor", np.float32([pipe.scaling_factor]), np.float32([model.config.scaling_factor]))
 
 
-def compare_ddim_step(torch, pipe, unet_ref, table, latents, ctx_ref, ids, steps=20, guidance=7.5):
-    """One DDIM step with classifier-free guidance, each side with its own text encoder and UNet."""
-    from diffusers import DDIMScheduler
+def compare_ddim_step(torch, pipe, unet_ref, sched, table, latents, ctx_ref, ids, steps=20, guidance=7.5):
+    """One DDIM step with classifier-free guidance, each side with its own text encoder, UNet and
+    scheduler settings (sched: the reference's DDIMScheduler; npsd's from pipe.config)."""
     from . import schedulers
     from .guidance import cfg
     s = pipe.config["scheduler"]
-    sched = DDIMScheduler(num_train_timesteps=s["num_train_timesteps"], beta_start=s["beta_start"],
-                          beta_end=s["beta_end"], beta_schedule=s["beta_schedule"], clip_sample=False,
-                          set_alpha_to_one=s.get("set_alpha_to_one", False), steps_offset=s.get("steps_offset", 1),
-                          timestep_spacing=s.get("timestep_spacing", "leading"))
     sched.set_timesteps(steps)
     t = int(sched.timesteps[0])
     with torch.no_grad():
@@ -337,38 +377,38 @@ def run_parity(args, out=None):
         from .cli import UsageError
         raise UsageError(f"--size must be a multiple of {f} and at least {smallest}, got {args.size}")
     folder = path if os.path.isdir(path) else None
-    source = None if folder else OriginalFile(path, ema=bool((pipe.info or {}).get("ema")))
-    print(f"npsd parity: {path} ({'diffusers folder' if folder else 'single file, converted by diffusers'}), "
-          f"loaded by npsd in {time.perf_counter() - t0:.1f} s; tolerance {args.tolerance:g} (relative)", file=out)
-    rng = np.random.default_rng(args.seed)
-    h = args.size // f
-    latents = rng.standard_normal((1, pipe.latent_channels, h, h), dtype=np.float32)     # [1, 4, h, h]
-    images = np.clip(rng.standard_normal((1, 3, args.size, args.size), dtype=np.float32) * 0.5, -1, 1)
-    table = Table(args.tolerance, out)
+    t1 = time.perf_counter()
+    source = DiffusersFolder(folder, pipe) if folder else OriginalFile(torch, path, ema=not args.no_ema)
     try:
+        print(f"npsd parity: {path} ({source.describe()}); loaded by npsd in {t1 - t0:.1f} s; "
+              f"tolerance {args.tolerance:g} (relative)", file=out)
+        rng = np.random.default_rng(args.seed)
+        h = args.size // f
+        latents = rng.standard_normal((1, pipe.latent_channels, h, h), dtype=np.float32)     # [1, 4, h, h]
+        images = np.clip(rng.standard_normal((1, 3, args.size, args.size), dtype=np.float32) * 0.5, -1, 1)
+        table = Table(args.tolerance, out)
         with torch.no_grad():
             compare_tokenizer(pipe, folder, table)
-            model = reference_model("text_encoder", pipe, source, folder)
+            model = source.model("text_encoder")
             ids, ctx_ref = compare_text_encoder(torch, pipe, model, table)
             del model
             gc.collect()
-            model = reference_model("vae", pipe, source, folder)
+            model = source.model("vae")
             compare_vae(torch, pipe, model, table, images, latents)
             del model
             gc.collect()
-            model = reference_model("unet", pipe, source, folder)
+            model = source.model("unet")
             x = latents                              # an inpainting UNet reads 9 channels: add 5 more
             if pipe.unet_in_channels != pipe.latent_channels:
                 extra = rng.standard_normal((1, pipe.unet_in_channels - pipe.latent_channels, h, h), dtype=np.float32)
                 x = np.concatenate([latents, extra], axis=1)
             compare_unet(torch, pipe, model, table, x, 500.0, ctx_ref[:1])
             if pipe.unet_in_channels == pipe.latent_channels:       # inpainting UNets need 9 channels
-                compare_ddim_step(torch, pipe, model, table, latents, ctx_ref, ids)
+                compare_ddim_step(torch, pipe, model, source.scheduler(), table, latents, ctx_ref, ids)
             del model
             gc.collect()
     finally:
-        if source is not None:
-            source.close()
+        source.close()
     bad = [r for r in table.rows if not r[2]]
     worst = max(table.rows, key=lambda r: r[1])
     if bad:

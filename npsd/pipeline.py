@@ -1,16 +1,21 @@
 """The Pipeline object: a model's parameters and config, and the generation loops built on them.
 
-All randomness of one call comes from one ``np.random.Generator`` (``np.random.default_rng(seed)``),
-drawn in this order (each as ``standard_normal(shape, dtype=float32)``):
+All randomness of one call comes from one generator (npsd/rng.py), chosen by ``rng``:
 
-1. img2img / inpaint with ``sample_posterior=True``: the VAE posterior noise of the input image,
-   then (inpainting with a 9-channel UNet) that of the masked image;
-2. the initial noise: txt2img's ``latents`` [B, C, h, w], img2img's and inpaint's forward noise
-   (unless passed explicitly as ``latents`` / ``noise``);
-3. the samplers that add noise at each step (ddpm, ddim with eta > 0, euler_a), one draw per step.
+- ``rng="numpy"`` (default): ``np.random.default_rng(seed)``. Draws, each a
+  ``standard_normal(shape, dtype=float32)``, in this order:
+  1. img2img / inpaint with ``sample_posterior=True``: the VAE posterior noise of the input image,
+     then (inpainting with a 9-channel UNet) that of the masked image;
+  2. the initial noise: txt2img's ``latents`` [B, C, h, w], img2img's and inpaint's forward noise
+     (unless passed explicitly as ``latents`` / ``noise``);
+  3. the samplers that add noise at each step (ddpm, ddim with eta > 0, euler_a), one draw per step.
+- ``rng="torch"``: ``torch.Generator("cpu").manual_seed(seed)``'s numbers, drawn in the order and
+  shapes of diffusers' StableDiffusion(Img2Img|Inpaint)Pipeline, so that the same seed gives
+  diffusers' image (docs/reproducibility.md). The VAE posterior is then sampled by default, as
+  diffusers does; inpainting draws the image's posterior (when diffusers encodes it), the initial
+  noise, then the masked image's posterior (drawn even for a 4-channel UNet, which does not use it).
 
-The same seed and arguments therefore give the same images on every run and machine (but not the
-images of diffusers or A1111, whose random generators differ).
+The same seed and arguments give the same images on every run and machine.
 """
 
 import math
@@ -18,6 +23,7 @@ import math
 import numpy as np
 
 from . import clip, resources, schedulers, unet as unet_model, vae
+from .rng import make_rng
 from .config import sd15_config
 from .errors import InputError, NpsdError
 from .guidance import guided_model, uses_guidance
@@ -95,7 +101,8 @@ class Pipeline:
     def txt2img(self, prompt, negative_prompt="", num_inference_steps=None, guidance_scale=None,
                 height=None, width=None, seed=None, sampler=None, latents=None, num_images=1,
                 output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
-                timestep_spacing=None, clip_skip=None, long_prompt="truncate", progress=False):
+                timestep_spacing=None, clip_skip=None, long_prompt="truncate", rng="numpy",
+                prediction_type=None, guidance_rescale=0.0, progress=False):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -106,13 +113,14 @@ class Pipeline:
         one image when one was asked), "np" (float32 [B, H, W, 3] in [0, 1]) or "latent" (the final
         latents in the scaled latent space). callback(step, t, latents, x0_pred) after every step.
         long_prompt: "truncate" (to 77 tokens, as diffusers) or "chunk" (75-token chunks, concatenated).
+        rng: "numpy" (default) or "torch" (torch's CPU generator: diffusers' image from the same seed).
+        prediction_type: what the UNet predicts, "epsilon", "v_prediction" or "sample" (None: the
+        model's config). guidance_rescale: Lin et al. 2024's rescaled guidance (eq. 16), 0 = off.
         """
         s = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed)
         resources.check_request(self, prompt, num_images, s)                        # refuse what cannot fit
-        rng = np.random.default_rng(s["seed"])
-        cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, s["guidance_scale"],
-                                             clip_skip, long_prompt)
-        schedule = schedulers.make_schedule(s["sampler"], s["steps"], self.config, use_karras_sigmas, timestep_spacing)
+        rng, model, batch, schedule = self._begin(s, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt,
+                                                  use_karras_sigmas, timestep_spacing, prediction_type, guidance_rescale)
         h, w = s["height"] // self.vae_factor, s["width"] // self.vae_factor
         shape = (batch, self.latent_channels, h, w)
         if latents is None:
@@ -120,47 +128,45 @@ class Pipeline:
         else:
             latents = _check_array(latents, shape, "latents")
         x = latents * np.float32(schedule.init_noise_sigma)                        # x_T
-        model = guided_model(self.unet, cond, uncond, s["guidance_scale"])
         x = self._sample(model, x, schedule, rng, 0, eta, callback, progress)
         return self._output(x, output_type)
 
     def img2img(self, prompt, image, strength=0.8, negative_prompt="", num_inference_steps=None,
                 guidance_scale=None, height=None, width=None, seed=None, sampler=None, noise=None,
                 num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
-                timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=False,
-                progress=False):
+                timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
+                rng="numpy", prediction_type=None, guidance_rescale=0.0, progress=False):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
         image: a PIL image or a path; it is resized (with a warning) to height x width, which default
         to its own size rounded down to multiples of 8. strength in (0, 1]: 1 starts from pure noise
         at the first step, small values keep more of the image. noise: the forward-process noise
-        [B, C, h, w] (default drawn from the seed). The image is encoded to the posterior mean unless
-        sample_posterior=True. Other arguments as in txt2img.
+        [B, C, h, w] (default drawn from the seed). sample_posterior: encode the image to a sample of
+        the VAE posterior (True) or to its mean (False); None: a sample with rng="torch" (as diffusers),
+        the mean with rng="numpy". Other arguments as in txt2img.
         """
         _check_strength(strength)
         img = open_image(image)
         s = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img)
         resources.check_request(self, prompt, num_images, s)                        # refuse what cannot fit
         img = fit_size(img, s["height"], s["width"])
-        rng = np.random.default_rng(s["seed"])
-        cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, s["guidance_scale"],
-                                             clip_skip, long_prompt)
-        schedule = schedulers.make_schedule(s["sampler"], s["steps"], self.config, use_karras_sigmas, timestep_spacing)
+        sample_posterior = rng == "torch" if sample_posterior is None else sample_posterior
+        rng, model, batch, schedule = self._begin(s, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt,
+                                                  use_karras_sigmas, timestep_spacing, prediction_type, guidance_rescale)
         start = schedulers.img2img_start_index(s["steps"], strength)
         x0 = self._encode_image(to_array(img), rng, sample_posterior)               # [1, 4, h, w], scaled
         x0 = np.repeat(x0, batch, axis=0)                                          # [B, 4, h, w]
         noise = rng.standard_normal(x0.shape, dtype=np.float32) if noise is None else _check_array(noise, x0.shape, "noise")
         x = schedulers.noise_at_step(schedule, x0, noise, start)                    # x at step `start`
-        model = guided_model(self.unet, cond, uncond, s["guidance_scale"])
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress)
         return self._output(x, output_type)
 
     def inpaint(self, prompt, image, mask_image, strength=1.0, negative_prompt="", num_inference_steps=None,
                 guidance_scale=None, height=None, width=None, seed=None, sampler=None, latents=None,
                 noise=None, num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
-                timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=False,
-                mask_blur=0, progress=False):
+                timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
+                mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, progress=False):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -170,7 +176,8 @@ class Pipeline:
         (concatenated to its input). strength 1 starts from pure noise; < 1 from the image noised to
         the step that strength selects. latents (strength 1) / noise (strength < 1): the initial
         noise, as in txt2img / img2img. mask_blur: a Gaussian blur radius in pixels applied to the
-        mask; the blurred mask's soft values then weight the blending.
+        mask; the blurred mask's soft values then weight the blending. sample_posterior, rng: as in
+        img2img.
         """
         _check_strength(strength)
         img = open_image(image)
@@ -178,37 +185,47 @@ class Pipeline:
         resources.check_request(self, prompt, num_images, s)                        # refuse what cannot fit
         img = fit_size(img, s["height"], s["width"])
         mask_img = fit_size(open_image(mask_image, "mask"), s["height"], s["width"], "mask")
-        rng = np.random.default_rng(s["seed"])
-        cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, s["guidance_scale"],
-                                             clip_skip, long_prompt)
-        schedule = schedulers.make_schedule(s["sampler"], s["steps"], self.config, use_karras_sigmas, timestep_spacing)
-        start = schedulers.img2img_start_index(s["steps"], strength)
+        nine = self.unet_in_channels == self.latent_channels * 2 + 1
+        if not nine and self.unet_in_channels != self.latent_channels:
+            raise NpsdError(f"a UNet with {self.unet_in_channels} input channels is neither an ordinary "
+                            f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) model")
         f = self.vae_factor
         pixels = to_array(img)                                                     # [1, 3, H, W]
         mask_px = mask_to_array(mask_img, mask_blur)                               # [1, 1, H, W], 1 = repaint
         mask = mask_px[:, :, ::f, ::f]                                             # [1, 1, h, w] (nearest)
-        x0 = self._encode_image(pixels, rng, sample_posterior)                     # [1, 4, h, w]
-        nine = self.unet_in_channels == self.latent_channels * 2 + 1
-        unet = self.unet
-        if nine:
-            masked = self._encode_image(pixels * (mask_px < 0.5), rng, sample_posterior)
+        masked_pixels = pixels * (mask_px < 0.5)                                   # the kept region only
+        masked = None                                                              # its latents, below
 
-            def unet(x, t, context):                                                # 9-channel input
-                b = x.shape[0]
-                extra = [np.repeat(mask, b, axis=0), np.repeat(masked, b, axis=0)]
-                return self.unet(np.concatenate([x] + extra, axis=1), t, context)  # [b, 9, h, w]
-        elif self.unet_in_channels != self.latent_channels:
-            raise NpsdError(f"a UNet with {self.unet_in_channels} input channels is neither an ordinary "
-                            f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) model")
+        def nine_channel_unet(x, t, context):                                      # the UNet also reads
+            b = x.shape[0]                                                         # mask and masked image
+            extra = [np.repeat(mask, b, axis=0), np.repeat(masked, b, axis=0)]
+            return self.unet(np.concatenate([x] + extra, axis=1), t, context)      # [b, 9, h, w]
+
+        diffusers_order = rng == "torch"
+        sample_posterior = diffusers_order if sample_posterior is None else sample_posterior
+        rng, model, batch, schedule = self._begin(s, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt,
+                                                  use_karras_sigmas, timestep_spacing, prediction_type,
+                                                  guidance_rescale, nine_channel_unet if nine else None)
+        start = schedulers.img2img_start_index(s["steps"], strength)
+        pure_noise = start == 0 and strength == 1.0
+        # diffusers does not encode the image for a 9-channel UNet that starts from pure noise
+        x0 = self._encode_image(pixels, rng, sample_posterior and not (diffusers_order and nine and pure_noise))
+        if nine and not diffusers_order:
+            masked = self._encode_image(masked_pixels, rng, sample_posterior)     # [1, 4, h, w]
         x0 = np.repeat(x0, batch, axis=0)                                          # [B, 4, h, w]
         shape = x0.shape
-        if start == 0 and strength == 1.0:
+        if pure_noise:
             eps0 = rng.standard_normal(shape, dtype=np.float32) if latents is None else _check_array(latents, shape, "latents")
             x = eps0 * np.float32(schedule.init_noise_sigma)                        # pure noise
             noise = eps0 if noise is None else _check_array(noise, shape, "noise")
         else:
             noise = rng.standard_normal(shape, dtype=np.float32) if noise is None else _check_array(noise, shape, "noise")
             x = schedulers.noise_at_step(schedule, x0, noise, start)
+        if diffusers_order:             # diffusers encodes the masked image now, even for a 4-channel UNet
+            if nine:
+                masked = self._encode_image(masked_pixels, rng, sample_posterior)
+            elif sample_posterior:
+                rng.standard_normal(shape[1:], dtype=np.float32)[None]            # drawn and not used
 
         def keep_known(i, t, x, x0_pred):
             if nine:
@@ -217,7 +234,6 @@ class Pipeline:
             known = schedulers.noise_at_step(schedule, x0, noise, i + 1)           # [B, 4, h, w]
             return (1 - mask) * known + mask * x
 
-        model = guided_model(unet, cond, uncond, s["guidance_scale"])
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress, keep_known)
         return self._output(x, output_type)
 
@@ -254,6 +270,18 @@ class Pipeline:
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
                 "width": int(width), "sampler": sampler, "seed": int(seed)}
 
+    def _begin(self, s, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
+               timestep_spacing, prediction_type, guidance_rescale, unet=None):
+        """What every generation sets up first -> (the generator, model(x, t) with guidance, batch, schedule).
+        unet: the UNet call to guide (default self.unet)."""
+        rng = make_rng(rng, s["seed"])
+        cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, s["guidance_scale"],
+                                             clip_skip, long_prompt)
+        schedule = schedulers.make_schedule(s["sampler"], s["steps"], self.config, use_karras_sigmas,
+                                            timestep_spacing, prediction_type=prediction_type)
+        model = guided_model(unet or self.unet, cond, uncond, s["guidance_scale"], guidance_rescale)
+        return rng, model, batch, schedule
+
     def _contexts(self, prompt, negative_prompt, num_images, guidance_scale, clip_skip, long_prompt):
         """Encode prompt and negative prompt -> (cond [B, L, D], uncond [B, L, D] or None, B).
 
@@ -281,7 +309,9 @@ class Pipeline:
         return cond, uncond, cond.shape[0]
 
     def _sample(self, model, x, schedule, rng, start, eta, callback, progress, after_step=None):
-        """Run the sampler; stops with a clear error as soon as the latents stop being finite."""
+        """Run the sampler; stops with a clear error as soon as the latents stop being finite.
+        after_step(i, t, x, x0_pred) -> array or None replaces the state after every step, and
+        between the two stages of a two-stage sampler (as diffusers' inpainting does)."""
         n = schedule.num_inference_steps
         bar = None
         if progress:
@@ -303,7 +333,9 @@ class Pipeline:
 
         try:  # overflow shows as a non-finite latent, reported above with its step: no numpy warnings
             with np.errstate(over="ignore", invalid="ignore"):
-                return schedulers.sample(model, x, schedule, rng=rng, callback=each_step, start_index=start, eta=eta)
+                mid = None if after_step is None else (lambda i, x_mid: after_step(i, None, x_mid, None))
+                return schedulers.sample(model, x, schedule, rng=rng, callback=each_step, start_index=start, eta=eta,
+                                         between_stages=mid)
         finally:
             if bar is not None:
                 bar.close()

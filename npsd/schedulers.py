@@ -1,13 +1,15 @@
-"""Noise schedule, forward process, timestep selection and the six samplers, as pure functions.
+"""Noise schedule, forward process, timestep selection and the samplers, as pure functions.
 
 Read docs/samplers.md first: it derives every formula used here, with the notation below.
 
 Glossary (code name -> paper symbol)
 - ``alphas_cumprod[t]``  alpha_bar_t = prod_{s<=t} (1 - beta_s)          (Ho et al. 2020, "DDPM")
-- ``sigma``              sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)   (Karras et al. 2022, "EDM")
-- ``x`` / ``x_t``        the noisy latent. DDPM, DDIM and DPM-Solver++ work with the variance-
-                         preserving x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps; Euler,
-                         Euler ancestral and Heun with Karras' x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps.
+- ``sigma``              sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)   (Karras et al. 2022, "EDM");
+                         DEIS calls it rho, and lambda = -log(sigma) is DPM-Solver's half log-SNR
+- ``x`` / ``x_t``        the noisy latent. DDPM, DDIM, PNDM, LCM and the DPM-Solver family
+                         (DPM++ 2M, DPM++ 2M SDE, UniPC, DEIS) work with the variance-preserving
+                         x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps; Euler, Euler ancestral,
+                         Heun, LMS, DPM2 and DPM2 ancestral with Karras' x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps.
 - ``eps``                the model's noise prediction eps_theta(x_t, t)
 - ``x0_pred``            the model's estimate of the clean latent x0 at this step
 
@@ -15,7 +17,7 @@ How the pieces fit (what a pipeline does; txt2img with Euler)::
 
     sched = make_schedule("euler", 50, config)                  # timesteps, sigmas, init_noise_sigma
     x = noise * sched.init_noise_sigma                           # noise ~ N(0, I) [B, 4, h, w]
-    x = sample(model, x, sched, rng=rng, callback=cb)            # model(x_in, t) -> eps
+    x = sample(model, x, sched, rng=rng, callback=cb)            # model(x_in, t) -> model output
 
 img2img: ``start = img2img_start_index(steps, strength)``, ``x = noise_at_step(sched, x0, noise,
 start)``, ``sample(model, x, sched, start_index=start, ...)``.
@@ -25,7 +27,8 @@ floats computed in float64 from the float32 schedule, which NumPy applies withou
 
 Every function is pure: arrays in, arrays out. Randomness enters only as explicit noise arrays or an
 ``np.random.Generator`` argument. Schedules are computed like SD v1.5's diffusers schedulers
-(diffusers 0.42.1, each with its own ``set_timesteps`` rules); tests/test_schedulers.py checks them.
+(diffusers 0.42.1, each with its own ``set_timesteps`` rules); tests/test_schedulers.py and
+tests/test_samplers_more.py check them.
 """
 
 import math
@@ -35,9 +38,15 @@ import numpy as np
 
 from .errors import InputError
 
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m")
-SIGMA_SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m")   # schedules described by sigmas
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "pndm", "lms", "dpmpp_2m_sde", "unipc",
+            "dpm2", "dpm2_a", "lcm", "deis")
+# samplers in Karras' variable x = x0 + sigma eps; the model sees scale_model_input(x, sigma)
+KARRAS_VARIABLE = ("euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a")
+# the DPM-Solver family: the variance-preserving x_t, described by the sigmas of DPM-Solver's timesteps
+DPM_SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis")
+SIGMA_SAMPLERS = KARRAS_VARIABLE + DPM_SOLVERS      # schedules described by sigmas (Karras sigmas apply)
 SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,11 +63,40 @@ def _betas64(cfg):
     kind = cfg.get("beta_schedule", "scaled_linear")
     if kind == "scaled_linear":
         # SD v1.x: betas = linspace(sqrt(beta_start), sqrt(beta_end), N)^2
-        return np.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=np.float64) ** 2    # [N]
-    if kind == "linear":
+        b = np.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=np.float64) ** 2       # [N]
+    elif kind == "linear":
         # DDPM (Ho et al. 2020, sec. 4): betas linear from beta_start to beta_end
-        return np.linspace(b0, b1, n, dtype=np.float64)                       # [N]
-    raise InputError(f"beta_schedule {kind!r} is not supported; use 'scaled_linear' (SD v1.x) or 'linear'")
+        b = np.linspace(b0, b1, n, dtype=np.float64)                          # [N]
+    else:
+        raise InputError(f"beta_schedule {kind!r} is not supported; use 'scaled_linear' (SD v1.x) or 'linear'")
+    return rescale_zero_terminal_snr(b) if cfg.get("rescale_betas_zero_snr", False) else b
+
+
+def rescale_zero_terminal_snr(betas):
+    """Rescale a beta schedule so that the last timestep has zero SNR (Lin et al. 2024, "Common
+    Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.1, Algorithm 1), float64 [N].
+
+    sqrt(alpha_bar) is shifted so that its last value is 0 and scaled so that its first is unchanged:
+    the model then trains on (and samples from) pure noise at t = N - 1. Use it with v-prediction
+    (an eps-model cannot say anything at zero SNR: x0 = (x_t - eps) / 0).
+    """
+    abar_sqrt = np.sqrt(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))   # [N]
+    first, last = abar_sqrt[0], abar_sqrt[-1]
+    # sqrt(abar)_new = (sqrt(abar) - sqrt(abar_T)) * sqrt(abar_0) / (sqrt(abar_0) - sqrt(abar_T))
+    abar = ((abar_sqrt - last) * first / (first - last)) ** 2                   # [N], abar[-1] = 0
+    # back to betas: alpha_t = abar_t / abar_{t-1}, alpha_0 = abar_0
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])                  # [N]
+    return 1.0 - alphas
+
+
+def _finite_terminal(ac):
+    """alpha_bar with a zero last value (a zero-SNR schedule) replaced by 2^-24, so that its sigma
+    is finite (4096), as diffusers' sigma-based schedulers do; other schedules unchanged."""
+    if ac[-1] > 0:
+        return ac
+    ac = ac.copy()
+    ac[-1] = 2.0 ** -24
+    return ac
 
 
 def betas(config):
@@ -216,17 +254,26 @@ class Schedule:
     """The fixed numbers of one sampling run (read-only arrays; compute with ``make_schedule``).
 
     sampler           one of SAMPLERS
-    timesteps         [n] the t given to the model at step i (int64; float32 for euler, euler_a, heun,
-                      which may be fractional). Heun evaluates the model twice per step: at
-                      timesteps[i] and, for the correction, at timesteps[i + 1].
-    sigmas            [n + 1] float32 noise levels, sigmas[n] = 0 (sigma-based samplers), else None
-    prev_timesteps    [n] int64 t_prev of each DDPM/DDIM step (negative: "past the end", whose
-                      alpha_bar is final_alpha_cumprod), else None
+    timesteps         [n] the t given to the model at step i (int64; float32 for the samplers in
+                      KARRAS_VARIABLE, whose timesteps may be fractional). Heun evaluates the model
+                      twice per step: at timesteps[i] and, for the correction, at timesteps[i + 1];
+                      DPM2 and DPM2 ancestral at timesteps[i] and mid_timesteps[i].
+    sigmas            [n + 1] float32 noise levels, sigmas[n] = 0 (sigma-based samplers; DEIS ends at
+                      sigma_min instead, as diffusers'), else None
+    prev_timesteps    [n] int64 t_prev of each DDPM/DDIM/PNDM/LCM step (negative: "past the end",
+                      whose alpha_bar is final_alpha_cumprod), else None
     alphas_cumprod    [N] float32 training schedule alpha_bar_t
-    final_alpha_cumprod  alpha_bar used for t_prev < 0: DDPM 1.0; DDIM alphas_cumprod[0]
+    final_alpha_cumprod  alpha_bar used for t_prev < 0: DDPM 1.0; DDIM and PNDM alphas_cumprod[0]
                       (SD's set_alpha_to_one=False)
     init_noise_sigma  the std of the starting latent: x_T = N(0, I) * init_noise_sigma
     spacing, use_karras_sigmas   how the schedule was chosen
+    mid_timesteps     [n] the model's timestep at the midpoint evaluation of each step: DPM2 and
+                      DPM2 ancestral (float32, at the midpoint sigma; unused at the last step) and
+                      PNDM's Runge-Kutta warm-up (int64, t_next + (N // n) // 2); else None
+    skip_prk_steps    PNDM: True starts PLMS with one improved-Euler step (SD v1.5's configuration),
+                      False with three Runge-Kutta steps (Liu et al. 2022's F-PNDM)
+    prediction_type   what the model predicts: "epsilon" (SD v1.x), "v_prediction" or "sample";
+                      sample() converts it to the sampler's eps (and x0)
     """
     sampler: str
     timesteps: np.ndarray
@@ -237,6 +284,9 @@ class Schedule:
     init_noise_sigma: float
     spacing: str
     use_karras_sigmas: bool
+    mid_timesteps: np.ndarray = None
+    skip_prk_steps: bool = True
+    prediction_type: str = "epsilon"
 
     @property
     def num_inference_steps(self):
@@ -250,6 +300,13 @@ def check_sampler(name):
     return name
 
 
+def check_prediction_type(name):
+    """Return name if it is a known prediction type, else raise InputError listing the valid ones."""
+    if name not in PREDICTION_TYPES:
+        raise InputError(f"unknown prediction_type {name!r}; use one of {', '.join(PREDICTION_TYPES)}")
+    return name
+
+
 def _readonly(a):
     if a is not None:
         a = np.ascontiguousarray(a)
@@ -257,53 +314,95 @@ def _readonly(a):
     return a
 
 
-def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False, timestep_spacing=None):
+def lcm_timesteps(num_inference_steps, num_train_timesteps=1000, original_inference_steps=50):
+    """LCM's timesteps, int64 [n] (diffusers' LCMScheduler; spacing and steps_offset do not apply).
+
+    The model was distilled on the original_inference_steps timesteps k - 1, 2k - 1, .., N - 1
+    (k = N // original_inference_steps: 19, 39, .., 999 for SD); n of them are taken at evenly spaced
+    indices from the noisy end: n = 4 gives 999, 759, 499, 259.
+    """
+    _check_steps(num_inference_steps, num_train_timesteps)
+    n, N, orig = int(num_inference_steps), int(num_train_timesteps), int(original_inference_steps)
+    if n > orig:
+        raise InputError(f"lcm takes at most original_inference_steps = {orig} steps (the timesteps the model "
+                         f"was distilled on), got {n}")
+    k = N // orig
+    origin = (np.arange(1, orig + 1) * k - 1)[::-1]                            # [orig] 999, 979, .., 19
+    return origin[np.floor(np.linspace(0, orig, n, endpoint=False)).astype(np.int64)].astype(np.int64)  # [n]
+
+
+def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False, timestep_spacing=None,
+                  skip_prk_steps=None, prediction_type=None):
     """Compute the Schedule of one sampler for num_inference_steps steps, as diffusers does.
 
     config: a model config or its "scheduler" section (npsd.config.SD15["scheduler"]).
     timestep_spacing: "leading", "trailing" or "linspace"; None takes the config's (SD v1.5: leading,
-    steps_offset 1). use_karras_sigmas (Karras eq. 5) applies to euler, euler_a, heun, dpmpp_2m.
+    steps_offset 1); lcm has its own timesteps and ignores it. use_karras_sigmas (Karras eq. 5)
+    applies to the samplers in SIGMA_SAMPLERS. skip_prk_steps (pndm) and prediction_type: None takes
+    the config's (SD v1.5: True, "epsilon").
     """
     check_sampler(sampler)
     cfg = _section(config)
     N = int(cfg["num_train_timesteps"])
+    n = num_inference_steps
     spacing = timestep_spacing if timestep_spacing is not None else cfg.get("timestep_spacing", "leading")
     offset = int(cfg.get("steps_offset", 0))
+    skip_prk = bool(cfg.get("skip_prk_steps", True) if skip_prk_steps is None else skip_prk_steps)
+    prediction = check_prediction_type(cfg.get("prediction_type", "epsilon") if prediction_type is None
+                                       else prediction_type)
     if use_karras_sigmas and sampler not in SIGMA_SAMPLERS:
         raise InputError(f"use_karras_sigmas applies to {', '.join(SIGMA_SAMPLERS)}, not to {sampler!r}")
     ac = alphas_cumprod(cfg)                                                   # [N]
-    table = sigmas_from_alphas_cumprod(ac)                                     # [N] sigma_t, increasing
-    sigmas = prev = None
+    table = sigmas_from_alphas_cumprod(_finite_terminal(ac))                   # [N] sigma_t, increasing
+    sigmas = prev = mid = None
     final_ac, init_sigma = 1.0, 1.0
 
-    if sampler in ("ddpm", "ddim"):
-        ts = timesteps(num_inference_steps, spacing, offset, N)                # [n] int64
+    if sampler in ("ddpm", "ddim", "pndm"):
+        ts = timesteps(n, spacing, offset, N)                                  # [n] int64
         if sampler == "ddpm":
             # DDPM steps to the next timestep of the list; past the end alpha_bar_prev = 1
             prev = np.append(ts[1:], -1)                                       # [n]
         else:
-            # diffusers' DDIM steps to t - N // n whatever the spacing (for leading this is the next
-            # timestep); past the end it uses alpha_bar_0 (SD's set_alpha_to_one=False)
-            prev = ts - N // int(num_inference_steps)                          # [n]
+            # diffusers' DDIM and PNDM step to t - N // n whatever the spacing (for leading this is
+            # the next timestep); past the end they use alpha_bar_0 (SD's set_alpha_to_one=False)
+            prev = ts - N // int(n)                                            # [n]
             final_ac = float(ac[0]) if not cfg.get("set_alpha_to_one", False) else 1.0
-    elif sampler == "dpmpp_2m":
-        ts = dpm_timesteps(num_inference_steps, spacing, offset, N)            # [n] int64
+        if sampler == "pndm" and not skip_prk:
+            if n < 4:
+                raise InputError(f"pndm's Runge-Kutta warm-up (skip_prk_steps=False) needs at least 4 steps, got {n}")
+            # the warm-up evaluates the model halfway, at t_next + (N // n) // 2 (diffusers' prk_timesteps)
+            mid = np.append(ts[1:] + (N // int(n)) // 2, -1)                   # [n] int64, last unused
+    elif sampler == "lcm":
+        ts = lcm_timesteps(n, N, int(cfg.get("original_inference_steps", 50)))  # [n] int64
+        # each step re-noises its x0 estimate to the next timestep; the last returns the estimate
+        prev = np.append(ts[1:], -1)                                           # [n]
+    elif sampler in DPM_SOLVERS:
+        ts = dpm_timesteps(n, spacing, offset, N)                              # [n] int64
         if use_karras_sigmas:
             # Karras sigmas over the whole training range, timesteps rounded to integers
-            s = karras_sigmas(table[0], table[-1], int(num_inference_steps))   # [n]
+            s = karras_sigmas(table[0], table[-1], int(n))                     # [n]
             ts = np.round(sigma_to_t(s, table)).astype(np.int64)               # [n]
         else:
             s = table[ts]                                                      # [n]
-        sigmas = np.append(s, 0.0).astype(np.float32)                          # [n + 1]
-    else:                                                                      # euler, euler_a, heun
-        ts = sigma_timesteps(num_inference_steps, spacing, offset, N)          # [n] float32
+        # the last step goes to sigma 0, except DEIS: to sigma_min (Karras: its last sigma again)
+        last = 0.0 if sampler != "deis" else (s[-1] if use_karras_sigmas else table[0])
+        sigmas = np.append(s, last).astype(np.float32)                         # [n + 1]
+    else:                                                                      # KARRAS_VARIABLE
+        ts = sigma_timesteps(n, spacing, offset, N)                            # [n] float32
         # sigma at each (maybe fractional) timestep: linear interpolation of the table
         s = np.interp(ts, np.arange(N), table)                                 # [n] float64
         if use_karras_sigmas:
             # Karras sigmas between the first and last sigma of the spaced schedule
-            s = karras_sigmas(s[-1], s[0], int(num_inference_steps))           # [n]
-            ts = sigma_to_t(s, table).astype(np.float32)                       # [n], fractional
+            s = karras_sigmas(s[-1], s[0], int(n))                             # [n]
+            ts = sigma_to_t(s, table)                                          # [n], fractional
+            if sampler in ("dpm2", "dpm2_a"):
+                ts = np.round(ts)                                              # diffusers' KDPM2 rounds them
+            ts = ts.astype(np.float32)
         sigmas = np.append(s, 0.0).astype(np.float32)                          # [n + 1]
+        if sampler in ("dpm2", "dpm2_a"):
+            # the timestep of each step's midpoint evaluation (the last step has none)
+            sm = [dpm2_sigma_mid(sigmas[i], sigmas[i + 1], sampler == "dpm2_a") for i in range(int(n) - 1)]
+            mid = np.append(sigma_to_t(np.array(sm, dtype=np.float64), table), 0.0).astype(np.float32)  # [n]
         smax = float(sigmas.max())
         # diffusers: leading spacing starts from the VP noise N(0, I) / sqrt(alpha_bar) (std
         # sqrt(sigma_max^2 + 1)); linspace / trailing start from std sigma_max
@@ -312,7 +411,8 @@ def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False,
     return Schedule(sampler=sampler, timesteps=_readonly(ts), sigmas=_readonly(sigmas),
                     prev_timesteps=_readonly(prev), alphas_cumprod=_readonly(ac),
                     final_alpha_cumprod=final_ac, init_noise_sigma=init_sigma,
-                    spacing=spacing, use_karras_sigmas=bool(use_karras_sigmas))
+                    spacing=spacing, use_karras_sigmas=bool(use_karras_sigmas),
+                    mid_timesteps=_readonly(mid), skip_prk_steps=skip_prk, prediction_type=prediction)
 
 
 def img2img_start_index(num_inference_steps, strength):
@@ -337,19 +437,19 @@ def noise_at_step(schedule, x0, noise, step_index):
     """x0 noised to the noise level of step ``step_index``, in the sampler's own variable (what
     diffusers' scheduler.add_noise gives there). step_index == n (past the end) returns x0.
 
-    ddpm, ddim:     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise         (DDPM eq. 4, t = timesteps[i])
-    dpmpp_2m:       the same with alpha = 1 / sqrt(sigma_i^2 + 1), sigma_t = sigma_i alpha
-    euler, euler_a, heun:  x = x0 + sigma_i noise                          (Karras' variable)
+    ddpm, ddim, pndm, lcm:   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise     (DDPM eq. 4, t = timesteps[i])
+    DPM_SOLVERS:             the same with alpha = 1 / sqrt(sigma_i^2 + 1), sigma_t = sigma_i alpha
+    KARRAS_VARIABLE:         x = x0 + sigma_i noise                             (Karras' variable)
     """
     n = schedule.num_inference_steps
     if not 0 <= step_index <= n:
         raise InputError(f"step_index must be in 0..{n}, got {step_index}")
     if step_index == n:
         return np.asarray(x0, dtype=np.float32)
-    if schedule.sampler in ("ddpm", "ddim"):
+    if schedule.sampler not in SIGMA_SAMPLERS:
         return add_noise(x0, noise, int(schedule.timesteps[step_index]), schedule.alphas_cumprod)
     sigma = float(schedule.sigmas[step_index])
-    if schedule.sampler == "dpmpp_2m":
+    if schedule.sampler in DPM_SOLVERS:
         alpha_t, sigma_t = vp_alpha_sigma(sigma)
         return (alpha_t * x0 + sigma_t * noise).astype(np.float32, copy=False)
     # x = x0 + sigma * noise
@@ -360,19 +460,21 @@ def noise_at_step(schedule, x0, noise, step_index):
 # Step functions. Each returns (x_next, x0_pred); scalars are Python floats, arrays float32.
 # ---------------------------------------------------------------------------------------------
 
-def ddpm_step(x_t, eps, t, t_prev, alphas_cumprod, noise=None):
+def ddpm_step(x_t, eps, t, t_prev, alphas_cumprod, noise=None, x0_pred=None):
     """One ancestral DDPM step x_t -> x_{t_prev} (Ho et al. 2020, eq. 6-7), fixed small variance.
 
     x_t, eps [B, C, h, w]; t, t_prev integer timesteps (t_prev < 0: the end, alpha_bar_prev = 1);
     noise: N(0, I) like x_t, or None for the posterior mean alone (diffusers draws no noise at t = 0).
+    x0_pred: the model's own x0 estimate (v- and x0-prediction models); default derived from eps.
     Returns (x_prev, x0_pred).
     """
     ab_t = float(alphas_cumprod[t])
     ab_prev = float(alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
     alpha_t = ab_t / ab_prev                                  # alpha of this (strided) step
     beta_t = 1.0 - alpha_t
-    # x0_pred = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)                 (DDPM eq. 15 rearranged)
-    x0_pred = (x_t - math.sqrt(1.0 - ab_t) * eps) / math.sqrt(ab_t)           # [B, C, h, w]
+    if x0_pred is None:
+        # x0_pred = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)             (DDPM eq. 15 rearranged)
+        x0_pred = (x_t - math.sqrt(1.0 - ab_t) * eps) / math.sqrt(ab_t)       # [B, C, h, w]
     # posterior mean (eq. 7):
     #   mu = sqrt(abar_prev) beta_t / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x_t
     c_x0 = math.sqrt(ab_prev) * beta_t / (1.0 - ab_t)
@@ -386,11 +488,12 @@ def ddpm_step(x_t, eps, t, t_prev, alphas_cumprod, noise=None):
     return x_prev, x0_pred
 
 
-def ddim_step(x_t, eps, t, t_prev, alphas_cumprod, eta=0.0, noise=None, final_alpha_cumprod=None):
+def ddim_step(x_t, eps, t, t_prev, alphas_cumprod, eta=0.0, noise=None, final_alpha_cumprod=None, x0_pred=None):
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12; sigma_t(eta) from eq. 16).
 
     t_prev < 0 means the end, whose alpha_bar is final_alpha_cumprod (default alphas_cumprod[0],
     SD's set_alpha_to_one=False). eta = 0: deterministic; eta > 0 needs noise N(0, I) like x_t.
+    x0_pred: the model's own x0 estimate (v- and x0-prediction models); default derived from eps.
     Returns (x_prev, x0_pred).
     """
     if eta > 0 and noise is None:
@@ -399,8 +502,9 @@ def ddim_step(x_t, eps, t, t_prev, alphas_cumprod, eta=0.0, noise=None, final_al
         final_alpha_cumprod = float(alphas_cumprod[0])
     ab_t = float(alphas_cumprod[t])
     ab_prev = float(alphas_cumprod[t_prev]) if t_prev >= 0 else float(final_alpha_cumprod)
-    # x0_pred = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)                 ("predicted x0" of eq. 12)
-    x0_pred = (x_t - math.sqrt(1.0 - ab_t) * eps) / math.sqrt(ab_t)           # [B, C, h, w]
+    if x0_pred is None:
+        # x0_pred = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)             ("predicted x0" of eq. 12)
+        x0_pred = (x_t - math.sqrt(1.0 - ab_t) * eps) / math.sqrt(ab_t)       # [B, C, h, w]
     # eq. 16: sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
     std = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev))
     # eq. 12: x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma_t^2) eps + sigma_t noise
@@ -419,13 +523,15 @@ def scale_model_input(x, sigma):
     return x / math.sqrt(float(sigma) ** 2 + 1.0)
 
 
-def euler_step(x, eps, sigma, sigma_next):
+def euler_step(x, eps, sigma, sigma_next, x0_pred=None):
     """One Euler step of the probability-flow ODE dx/dsigma = (x - x0_pred) / sigma from sigma to
     sigma_next (Karras et al. 2022, eq. 3 with sigma(t) = t, s(t) = 1; Algorithm 2 without churn).
-    eps is the model's output for scale_model_input(x, sigma). Returns (x_next, x0_pred)."""
+    eps is the model's output for scale_model_input(x, sigma); x0_pred, where given, the model's
+    own x0 estimate (v- and x0-prediction models). Returns (x_next, x0_pred)."""
     sigma, sigma_next = float(sigma), float(sigma_next)
-    # x0_pred = x - sigma eps   (the denoiser D(x; sigma))
-    x0_pred = x - sigma * eps                                                  # [B, C, h, w]
+    if x0_pred is None:
+        # x0_pred = x - sigma eps   (the denoiser D(x; sigma))
+        x0_pred = x - sigma * eps                                              # [B, C, h, w]
     # d = dx/dsigma = (x - D(x; sigma)) / sigma
     d = (x - x0_pred) / sigma                                                  # [B, C, h, w]
     # x_next = x + (sigma_next - sigma) d
@@ -444,38 +550,41 @@ def ancestral_sigmas(sigma, sigma_next):
     return sigma_down, sigma_up
 
 
-def euler_ancestral_step(x, eps, sigma, sigma_next, noise):
+def euler_ancestral_step(x, eps, sigma, sigma_next, noise, x0_pred=None):
     """Euler ancestral: an Euler step down to sigma_down, then fresh noise of std sigma_up.
     noise N(0, I) like x (drawn even on the last step, where sigma_up = 0). Returns (x_next, x0_pred)."""
     sigma, sigma_next = float(sigma), float(sigma_next)
     sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next)
-    # x0_pred = x - sigma eps;  d = (x - x0_pred) / sigma
-    x0_pred = x - sigma * eps                                                  # [B, C, h, w]
+    if x0_pred is None:
+        x0_pred = x - sigma * eps                                              # [B, C, h, w]
+    # d = (x - x0_pred) / sigma
     d = (x - x0_pred) / sigma                                                  # [B, C, h, w]
     # x_next = x + (sigma_down - sigma) d + sigma_up noise
     x_next = x + d * (sigma_down - sigma) + sigma_up * noise                   # [B, C, h, w]
     return x_next, x0_pred
 
 
-def heun_predict(x, eps, sigma, sigma_next):
+def heun_predict(x, eps, sigma, sigma_next, x0_pred=None):
     """Heun, stage 1 (Karras et al. 2022, Algorithm 1, lines 4-5): the Euler step to sigma_next.
 
     Returns (x_euler, x0_pred, d) with d = (x - x0_pred) / sigma, the slope that stage 2 averages.
     When sigma_next == 0 (the last step) x_euler is the result and there is no stage 2.
     """
     sigma, sigma_next = float(sigma), float(sigma_next)
-    x0_pred = x - sigma * eps                                                  # [B, C, h, w]
+    if x0_pred is None:
+        x0_pred = x - sigma * eps                                              # [B, C, h, w]
     d = (x - x0_pred) / sigma                                                  # [B, C, h, w]
     x_euler = x + d * (sigma_next - sigma)                                     # [B, C, h, w]
     return x_euler, x0_pred, d
 
 
-def heun_correct(x, d, eps_next, x_euler, sigma, sigma_next):
+def heun_correct(x, d, eps_next, x_euler, sigma, sigma_next, x0_pred=None):
     """Heun, stage 2 (Algorithm 1, lines 6-8): with eps_next, the model's output at
     (scale_model_input(x_euler, sigma_next), t_next), average the two slopes and redo the step from x.
     Returns (x_next, x0_pred) where x0_pred is the estimate made at sigma_next."""
     sigma, sigma_next = float(sigma), float(sigma_next)
-    x0_pred = x_euler - sigma_next * eps_next                                  # [B, C, h, w]
+    if x0_pred is None:
+        x0_pred = x_euler - sigma_next * eps_next                              # [B, C, h, w]
     d_next = (x_euler - x0_pred) / sigma_next                                  # [B, C, h, w]
     # x_next = x + (sigma_next - sigma) (d + d_next) / 2
     x_next = x + (d + d_next) / 2 * (sigma_next - sigma)                       # [B, C, h, w]
@@ -489,7 +598,7 @@ def vp_alpha_sigma(sigma):
     return alpha_t, float(sigma) * alpha_t
 
 
-def dpmpp_2m_step(x, eps, sigma, sigma_next, sigma_prev=None, prev_x0=None):
+def dpmpp_2m_step(x, eps, sigma, sigma_next, sigma_prev=None, prev_x0=None, x0_pred=None):
     """One DPM-Solver++(2M) step on the variance-preserving x_t (Lu et al. 2022, Algorithm 2).
 
     x, eps [B, C, h, w] (the model sees x unscaled); sigma, sigma_next, sigma_prev: noise-to-signal
@@ -499,8 +608,9 @@ def dpmpp_2m_step(x, eps, sigma, sigma_next, sigma_prev=None, prev_x0=None):
     and sigma as prev_x0 and sigma_prev to the next step.
     """
     alpha_s, sigma_s = vp_alpha_sigma(sigma)
-    # data prediction: x0 = (x_t - sigma_t eps) / alpha_t
-    x0_pred = (x - sigma_s * eps) / alpha_s                                    # [B, C, h, w]
+    if x0_pred is None:
+        # data prediction: x0 = (x_t - sigma_t eps) / alpha_t
+        x0_pred = (x - sigma_s * eps) / alpha_s                                # [B, C, h, w]
     if float(sigma_next) == 0.0:
         # the limit of the update below as sigma_t -> 0 (lambda -> inf, e^-h -> 0): x_next = x0_pred
         return x0_pred, x0_pred
@@ -522,28 +632,383 @@ def dpmpp_2m_step(x, eps, sigma, sigma_next, sigma_prev=None, prev_x0=None):
     return x_next, x0_pred
 
 
+def x0_from_eps(x_t, eps, alpha_bar):
+    """x0_pred = (x_t - sqrt(1 - abar) eps) / sqrt(abar): DDPM eq. 4 solved for x0 (eq. 15)."""
+    ab = float(alpha_bar)
+    return (x_t - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)                  # [B, C, h, w]
+
+
+def model_output_to_eps(output, x_t, alpha_bar, prediction_type="epsilon"):
+    """The model's output as (eps, x0_pred) for the variance-preserving input x_t = sqrt(abar) x0 +
+    sqrt(1 - abar) eps. x0_pred is None for "epsilon" (each step derives it from eps, as before);
+    for the others both come straight from the output, so that x0 stays exact where abar = 0.
+
+    v_prediction (Salimans & Ho 2022, "Progressive Distillation", sec. 4 and appendix D):
+        v = sqrt(abar) eps - sqrt(1 - abar) x0, so eps = sqrt(abar) v + sqrt(1 - abar) x_t and
+        x0 = sqrt(abar) x_t - sqrt(1 - abar) v
+    sample: the output is x0, and eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+    """
+    if prediction_type == "epsilon":
+        return output, None
+    a, s = math.sqrt(float(alpha_bar)), math.sqrt(1.0 - float(alpha_bar))
+    if prediction_type == "v_prediction":
+        return a * output + s * x_t, a * x_t - s * output                      # [B, C, h, w] x 2
+    if prediction_type == "sample":
+        return (x_t - a * output) / s, output
+    raise InputError(f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
+
+
+# --- PNDM (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds") ---------
+
+# Adams-Bashforth coefficients with 1..4 points, newest first: PLMS's combination of eps
+PLMS_COEFFICIENTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def pndm_transfer(x_t, eps, t, t_prev, alphas_cumprod, final_alpha_cumprod=1.0):
+    """PNDM's transfer part phi(x_t, eps, t, t_prev) (Liu et al. 2022, eq. 9): the step from t to
+    t_prev along the DDIM trajectory of the noise estimate eps (it equals DDIM with eta = 0).
+    t_prev < 0 means the end, whose alpha_bar is final_alpha_cumprod. Returns x_prev [B, C, h, w]."""
+    ab_t = float(alphas_cumprod[t])
+    ab_prev = float(alphas_cumprod[t_prev]) if t_prev >= 0 else float(final_alpha_cumprod)
+    # eq. 9: x_prev = sqrt(abar_prev / abar_t) x_t - (abar_prev - abar_t) eps
+    #                 / (abar_t sqrt(1 - abar_prev) + sqrt(abar_t (1 - abar_t) abar_prev))
+    denom = ab_t * math.sqrt(1.0 - ab_prev) + math.sqrt(ab_t * (1.0 - ab_t) * ab_prev)
+    return math.sqrt(ab_prev / ab_t) * x_t - ((ab_prev - ab_t) / denom) * eps
+
+
+def plms_eps(eps, prev_eps=()):
+    """PLMS's gradient part (Liu et al. 2022's pseudo linear multi-step method): the 4-step
+    Adams-Bashforth combination of this step's eps and up to 3 earlier ones (prev_eps, oldest
+    first), e.g. with 3: eps' = (55 eps - 59 eps_-1 + 37 eps_-2 - 9 eps_-3) / 24."""
+    c = PLMS_COEFFICIENTS[len(prev_eps)]
+    e = c[0] * eps                                                             # [B, C, h, w]
+    for cj, ej in zip(c[1:], reversed(prev_eps)):
+        e = e + cj * ej
+    return e
+
+
+def plms_step(x_t, eps, t, t_prev, alphas_cumprod, prev_eps=(), final_alpha_cumprod=1.0):
+    """One PLMS step x_t -> x_{t_prev}: phi(x_t, plms_eps(eps, prev_eps), t, t_prev).
+
+    prev_eps: the eps of up to 3 earlier steps, oldest first (fewer at the start: the lower-order
+    Adams-Bashforth formulas, as diffusers). Returns (x_prev, x0_pred) with x0_pred from this eps.
+    """
+    x_prev = pndm_transfer(x_t, plms_eps(eps, prev_eps), t, t_prev, alphas_cumprod, final_alpha_cumprod)
+    return x_prev, x0_from_eps(x_t, eps, alphas_cumprod[t])
+
+
+def prk_eps(eps1, eps2, eps3, eps4):
+    """PNDM's Runge-Kutta gradient part (Liu et al. 2022, PRK): eps' = (e1 + 2 e2 + 2 e3 + e4) / 6."""
+    return (eps1 + 2.0 * eps2 + 2.0 * eps3 + eps4) / 6.0
+
+
+# --- LMS (k-diffusion's sample_lms; diffusers' LMSDiscreteScheduler) ------------------------------
+
+def _lagrange_basis(nodes, j):
+    """ell_j(tau) = prod_{k != j} (tau - nodes[k]) / (nodes[j] - nodes[k]), a numpy Polynomial."""
+    others = [s for k, s in enumerate(nodes) if k != j]
+    if not others:
+        return np.polynomial.Polynomial([1.0])
+    return np.polynomial.Polynomial.fromroots(others) / math.prod(nodes[j] - s for s in others)
+
+
+def lms_coefficients(sigmas, i, order):
+    """The linear multistep weights of step i: c_j = integral from sigma_i to sigma_{i+1} of
+    ell_j(sigma) d sigma, ell_j the Lagrange basis on sigma_i, sigma_{i-1}, .., sigma_{i-order+1}
+    (j = 0 is this step). Integrated exactly (float64); diffusers uses scipy.integrate.quad."""
+    nodes = [float(sigmas[i - k]) for k in range(order)]
+    a, b = float(sigmas[i]), float(sigmas[i + 1])
+    coeffs = []
+    for j in range(order):
+        F = _lagrange_basis(nodes, j).integ()                                  # antiderivative
+        coeffs.append(float(F(b) - F(a)))
+    return coeffs
+
+
+def lms_step(x, eps, sigmas, i, prev_derivatives=(), order=4, x0_pred=None):
+    """One LMS step from sigmas[i] to sigmas[i + 1] in Karras' variable: the probability-flow ODE
+    dx/dsigma = d(x, sigma) integrated over the polynomial that interpolates the slopes of this and
+    up to order - 1 earlier steps (prev_derivatives, oldest first):
+
+        x_{i+1} = x_i + sum_j c_j d_{i-j},   c_j = lms_coefficients(sigmas, i, k)
+
+    eps: the model's output for scale_model_input(x, sigmas[i]). Returns (x_next, x0_pred, d); pass
+    d on in prev_derivatives.
+    """
+    sigma = float(sigmas[i])
+    if x0_pred is None:
+        # x0_pred = x - sigma eps   (the denoiser D(x; sigma))
+        x0_pred = x - sigma * eps                                              # [B, C, h, w]
+    # d = dx/dsigma = (x - x0_pred) / sigma
+    d = (x - x0_pred) / sigma                                                  # [B, C, h, w]
+    history = (list(prev_derivatives) + [d])[-order:]                          # oldest first
+    coeffs = lms_coefficients(sigmas, i, len(history))
+    x_next = x
+    for c, dj in zip(coeffs, reversed(history)):                               # d_i, d_{i-1}, ..
+        x_next = x_next + c * dj                                               # [B, C, h, w]
+    return x_next, x0_pred, d
+
+
+# --- DPM++ 2M SDE (Lu et al. 2022b, "DPM-Solver++", its SDE variant) ------------------------------
+
+def half_log_snr(sigma):
+    """lambda = log(alpha_t / sigma_t) = -log(sigma) for the noise-to-signal ratio sigma."""
+    return -math.log(float(sigma))
+
+
+def dpmpp_2m_sde_step(x, eps, sigma, sigma_next, noise, sigma_prev=None, prev_x0=None, x0_pred=None):
+    """One SDE-DPM-Solver++(2M) step on the variance-preserving x_t (Lu et al. 2022b; diffusers'
+    algorithm_type="sde-dpmsolver++" with its "midpoint" solver_type, k-diffusion's
+    sample_dpmpp_2m_sde): the exact solution of the linear part of the reverse SDE, with the data
+    prediction extrapolated from two steps as in DPM-Solver++(2M), and fresh noise.
+
+    noise: N(0, I) like x (drawn on every step; unused on the last, where x_next = x0_pred).
+    First-order when there is no previous step. Returns (x_next, x0_pred).
+    """
+    alpha_s, sigma_s = vp_alpha_sigma(sigma)
+    if x0_pred is None:
+        # data prediction: x0 = (x_t - sigma_t eps) / alpha_t
+        x0_pred = (x - sigma_s * eps) / alpha_s                                # [B, C, h, w]
+    if float(sigma_next) == 0.0:
+        # the limit of the update below as sigma_t -> 0 (e^-h -> 0): x_next = x0_pred
+        return x0_pred, x0_pred
+    alpha_t, sigma_t = vp_alpha_sigma(sigma_next)
+    h = half_log_snr(sigma_next) - half_log_snr(sigma)                         # lambda_t - lambda_s
+    D = x0_pred
+    if prev_x0 is not None:
+        r = (half_log_snr(sigma) - half_log_snr(sigma_prev)) / h               # r = h_prev / h
+        # D = x0 + (x0 - x0_prev) / (2r)   (the 2M extrapolation, as in dpmpp_2m_step)
+        D = x0_pred + 0.5 * (1.0 / r) * (x0_pred - prev_x0)                    # [B, C, h, w]
+    # x_t = (sigma_t / sigma_s) e^-h x_s + alpha_t (1 - e^-2h) D + sigma_t sqrt(1 - e^-2h) z
+    x_next = ((sigma_t / sigma_s * math.exp(-h)) * x + (alpha_t * -math.expm1(-2.0 * h)) * D
+              + (sigma_t * math.sqrt(-math.expm1(-2.0 * h))) * noise)          # [B, C, h, w]
+    return x_next, x0_pred
+
+
+# --- UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework") -------------------
+
+def _unipc_update(x, x0_s, sigma_s, sigma_t, diffs, rks, x0_t=None):
+    """The UniPC update from sigma_s to sigma_t with data prediction and B(h) = e^h - 1 in the
+    variable -h ("bh2"), as diffusers' UniPCMultistepScheduler:
+
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) x0_s - alpha_t B(h) sum_k rho_k D_k
+
+    diffs D_k = (x0_{s_k} - x0_s) / r_k of earlier points with r_k = (lambda_{s_k} - lambda_s) / h.
+    Predictor (x0_t None): rho = 1/2 for one earlier point (UniP-2), none for UniP-1 (DDIM).
+    Corrector (x0_t, the model's estimate at the new point; D = x0_t - x0_s with r = 1): the rho
+    that make the update exact for polynomials of x0 in lambda up to order p (solve R rho = b),
+    rho = 1/2 for p = 1 (UniC-1).
+    """
+    alpha_t, sig_t = vp_alpha_sigma(sigma_t)
+    _, sig_s = vp_alpha_sigma(sigma_s)
+    hh = -(half_log_snr(sigma_t) - half_log_snr(sigma_s))                      # -h
+    h_phi_1 = math.expm1(hh)                                                   # e^-h - 1
+    B_h = math.expm1(hh)                                                       # bh2: B(h) = e^-h - 1
+    # x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) x0_s
+    x_t = (sig_t / sig_s) * x - (alpha_t * h_phi_1) * x0_s                     # [B, C, h, w]
+    if x0_t is None:
+        if not diffs:
+            return x_t                                                         # UniP-1
+        rhos = [0.5]                                                           # UniP-2
+    else:
+        diffs, rks = list(diffs) + [x0_t - x0_s], list(rks) + [1.0]
+        p = len(rks)
+        if p == 1:
+            rhos = [0.5]                                                       # UniC-1
+        else:
+            # R[k, j] = r_j^k, b_k = k! h phi_{k+1}(h) / B(h)  (k = 0..p-1), in the variable -h
+            R = np.array([[r ** k for r in rks] for k in range(p)], dtype=np.float64)
+            b, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1
+            for k in range(1, p + 1):
+                b.append(h_phi_k * fact / B_h)
+                fact *= k + 1
+                h_phi_k = h_phi_k / hh - 1.0 / fact
+            rhos = list(np.linalg.solve(R, np.array(b)))
+    res = sum(float(rho) * D for rho, D in zip(rhos, diffs))                   # [B, C, h, w]
+    # x_t -= alpha_t B(h) sum_k rho_k D_k
+    return x_t - (alpha_t * B_h) * res
+
+
+def unipc_predict(x, x0_pred, sigma, sigma_next, prev_x0=None, sigma_prev=None):
+    """UniP (Zhao et al. 2023): the predictor from sigma to sigma_next with this step's data
+    prediction x0_pred and, for order 2, the previous step's (prev_x0 at sigma_prev). First-order
+    (= DPM-Solver++(1)) without one; diffusers also uses first order on the last step. At
+    sigma_next = 0 the update is x0_pred. Returns x_next."""
+    if float(sigma_next) == 0.0:
+        return x0_pred
+    diffs, rks = [], []
+    if prev_x0 is not None:
+        h = half_log_snr(sigma_next) - half_log_snr(sigma)
+        r = (half_log_snr(sigma_prev) - half_log_snr(sigma)) / h               # r_1 = -h_prev / h
+        diffs, rks = [(prev_x0 - x0_pred) / r], [r]                            # D_1
+    return _unipc_update(x, x0_pred, sigma, sigma_next, diffs, rks)
+
+
+def unipc_correct(x_prev, x0_prev, x0_pred, sigma_prev, sigma, prev2_x0=None, sigma_prev2=None):
+    """UniC (Zhao et al. 2023): correct the predicted x at sigma with the model's estimate x0_pred
+    there, redoing the step from x_prev (the previous corrected x, at sigma_prev, with estimate
+    x0_prev); order 2 also uses the estimate of the step before (prev2_x0 at sigma_prev2), as
+    diffusers does when the previous predictor was second-order. Returns the corrected x at sigma."""
+    diffs, rks = [], []
+    if prev2_x0 is not None:
+        h = half_log_snr(sigma) - half_log_snr(sigma_prev)
+        r = (half_log_snr(sigma_prev2) - half_log_snr(sigma_prev)) / h
+        diffs, rks = [(prev2_x0 - x0_prev) / r], [r]
+    return _unipc_update(x_prev, x0_prev, sigma_prev, sigma, diffs, rks, x0_t=x0_pred)
+
+
+# --- DPM2 and DPM2 ancestral (k-diffusion's sample_dpm_2 / sample_dpm_2_ancestral) ----------------
+
+def dpm2_sigma_mid(sigma, sigma_next, ancestral=False):
+    """The midpoint noise level of a DPM2 step: sigma_mid = exp((log sigma + log sigma_target) / 2)
+    = sqrt(sigma sigma_target), halfway in log sigma (DPM-Solver-2's r = 1/2); the target is
+    sigma_next, or sigma_down for the ancestral sampler. 0 when the target is 0 (the last step)."""
+    target = ancestral_sigmas(float(sigma), float(sigma_next))[0] if ancestral else float(sigma_next)
+    return math.sqrt(float(sigma) * target)
+
+
+def dpm2_predict(x, eps, sigma, sigma_mid, x0_pred=None):
+    """DPM2, stage 1: an Euler step from sigma to sigma_mid. Returns (x_mid, x0_pred); when
+    sigma_mid == 0 (the last step) x_mid is the result and there is no stage 2."""
+    sigma, sigma_mid = float(sigma), float(sigma_mid)
+    if x0_pred is None:
+        x0_pred = x - sigma * eps                                              # [B, C, h, w]
+    # d = (x - x0_pred) / sigma;  x_mid = x + (sigma_mid - sigma) d
+    d = (x - x0_pred) / sigma                                                  # [B, C, h, w]
+    return x + d * (sigma_mid - sigma), x0_pred
+
+
+def dpm2_correct(x, eps_mid, x_mid, sigma, sigma_mid, sigma_next, x0_mid=None):
+    """DPM2, stage 2: with eps_mid, the model's output at (scale_model_input(x_mid, sigma_mid),
+    t(sigma_mid)), redo the whole step from x with the midpoint's slope (the midpoint rule, as
+    DPM-Solver-2 and Karras et al. 2022, Algorithm 2). For the ancestral sampler sigma_next is
+    sigma_down, and its noise is added after. Returns (x_next, x0_pred at the midpoint)."""
+    sigma, sigma_mid, sigma_next = float(sigma), float(sigma_mid), float(sigma_next)
+    if x0_mid is None:
+        x0_mid = x_mid - sigma_mid * eps_mid                                   # [B, C, h, w]
+    # d_mid = (x_mid - x0_mid) / sigma_mid;  x_next = x + (sigma_next - sigma) d_mid
+    d_mid = (x_mid - x0_mid) / sigma_mid                                       # [B, C, h, w]
+    return x + d_mid * (sigma_next - sigma), x0_mid
+
+
+# --- DEIS (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator") ----
+
+def _deis_coefficient(rho_s, rho_t, nodes, j):
+    """integral from rho_s to rho_t of ell_j(log rho) d rho, ell_j the Lagrange basis in
+    u = log rho on the nodes log rho_k. With rho = e^u: integral of P(u) e^u du =
+    e^u (P - P' + P'' - ...), exact for the polynomial P = ell_j."""
+    P = _lagrange_basis([math.log(r) for r in nodes], j)
+
+    def F(rho):                                                                # antiderivative in rho
+        if rho == 0.0:
+            return 0.0                                                         # e^u P(u) -> 0 as u -> -inf
+        u, total, Q, sign = math.log(rho), 0.0, P, 1.0
+        while True:
+            total += sign * Q(u)
+            if Q.degree() == 0:
+                break
+            Q, sign = Q.deriv(), -sign
+        return rho * total
+    return F(float(rho_t)) - F(float(rho_s))
+
+
+def deis_step(x, eps, sigma, sigma_next, prev_sigmas=(), prev_eps=()):
+    """One DEIS step (rho-AB-DEIS, the "logrho" solver of diffusers' DEISMultistepScheduler) on the
+    variance-preserving x_t. In Karras' variable x_t / alpha_t = x0 + rho eps (rho = sigma) the ODE
+    is d(x_t / alpha_t) / d rho = eps, integrated over the polynomial in log rho through this
+    step's eps and the earlier ones (prev_eps at prev_sigmas, oldest first):
+
+        x_next = alpha_next (x_t / alpha_t + sum_j c_j eps_j),  c_j = integral of ell_j(log rho) d rho
+
+    Returns (x_next, x0_pred).
+    """
+    if len(prev_sigmas) != len(prev_eps):
+        raise ValueError(f"deis_step: {len(prev_sigmas)} prev_sigmas for {len(prev_eps)} prev_eps")
+    alpha_s, sigma_s = vp_alpha_sigma(sigma)
+    alpha_t, _ = vp_alpha_sigma(sigma_next)
+    nodes = [float(sigma)] + [float(s) for s in reversed(prev_sigmas)]        # newest first
+    epss = [eps] + list(reversed(prev_eps))
+    x_hat = x / alpha_s                                                        # x_t / alpha_t [B, C, h, w]
+    for j, e in enumerate(epss):
+        x_hat = x_hat + _deis_coefficient(sigma, sigma_next, nodes, j) * e
+    return alpha_t * x_hat, (x - sigma_s * eps) / alpha_s
+
+
+# --- LCM (Luo et al. 2023, "Latent Consistency Models") -------------------------------------------
+
+LCM_SIGMA_DATA = 0.5            # the consistency models' sigma_data (diffusers' LCMScheduler)
+LCM_TIMESTEP_SCALING = 10.0     # diffusers' timestep_scaling: c_skip and c_out see 10 t
+
+
+def lcm_scalings(t, timestep_scaling=LCM_TIMESTEP_SCALING):
+    """The consistency function's boundary-condition scalings (Song et al. 2023, "Consistency
+    Models", sec. 3; as diffusers' LCMScheduler with its timestep_scaling): with s = 10 t,
+    c_skip = sigma_data^2 / (s^2 + sigma_data^2), c_out = s / sqrt(s^2 + sigma_data^2), so that
+    f(x, 0) = x. Returns (c_skip, c_out)."""
+    st = float(t) * timestep_scaling
+    return LCM_SIGMA_DATA ** 2 / (st ** 2 + LCM_SIGMA_DATA ** 2), st / math.sqrt(st ** 2 + LCM_SIGMA_DATA ** 2)
+
+
+def lcm_step(x_t, eps, t, t_next, alphas_cumprod, noise=None, x0_pred=None):
+    """One step of multistep latent consistency sampling (Luo et al. 2023, after Song et al. 2023's
+    multistep consistency sampling, their Algorithm 1): the consistency function's estimate f(x_t, t) = c_skip x_t + c_out x0_pred, then (except on the last
+    step: t_next < 0 or noise None) fresh noise to timestep t_next:
+    x_next = sqrt(abar_next) f + sqrt(1 - abar_next) noise. Returns (x_next, f)."""
+    if x0_pred is None:
+        x0_pred = x0_from_eps(x_t, eps, alphas_cumprod[t])                     # [B, C, h, w]
+    c_skip, c_out = lcm_scalings(t)
+    # f(x_t, t) = c_skip(t) x_t + c_out(t) x0_pred
+    denoised = c_out * x0_pred + c_skip * x_t                                  # [B, C, h, w]
+    if noise is None or t_next < 0:
+        return denoised, denoised
+    ab_next = float(alphas_cumprod[t_next])
+    # x_next = sqrt(abar_next) f + sqrt(1 - abar_next) z
+    return math.sqrt(ab_next) * denoised + math.sqrt(1.0 - ab_next) * noise, denoised
+
+
 # ---------------------------------------------------------------------------------------------
 # The sampling loop
 # ---------------------------------------------------------------------------------------------
 
-def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_index=0, eta=0.0):
+def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_index=0, eta=0.0,
+           between_stages=None):
     """Run a sampler from step start_index to the end; return the final latents (float32).
 
-    model(x_in, t) -> eps: the noise prediction for the model input x_in at timestep t (a pipeline
-        wraps UNet + text context + classifier-free guidance in this closure; see npsd.guidance).
-        The loop calls it with x_in = scale_model_input(x, sigma) for euler, euler_a, heun and with
-        x itself for ddpm, ddim, dpmpp_2m; t is schedule.timesteps[i] (a NumPy scalar).
+    model(x_in, t) -> the model's output for the model input x_in at timestep t: the noise
+        prediction eps, or v / x0 per schedule.prediction_type (converted here to eps and x0 for the
+        VP x_in). A pipeline wraps UNet + text context + classifier-free guidance in this closure
+        (see npsd.guidance). The loop calls it with x_in = scale_model_input(x, sigma) for the
+        samplers in KARRAS_VARIABLE and with x itself for the others; t is schedule.timesteps[i] (a
+        NumPy scalar), or another timestep of the schedule for a stage inside a step (heun at
+        timesteps[i + 1], dpm2 and dpm2_a at mid_timesteps[i], pndm's first step at timesteps[i + 1],
+        its Runge-Kutta warm-up at mid_timesteps[i] and timesteps[i + 1]).
     x: the state at step start_index in the sampler's own variable: for txt2img
         N(0, I) * schedule.init_noise_sigma (as diffusers' pipelines multiply their latents); for
         img2img noise_at_step(schedule, x0, noise, start_index).
-    rng: np.random.Generator for the stochastic samplers (ddpm; ddim with eta > 0; euler_a). Each
-        step that needs noise draws rng.standard_normal(x.shape, dtype=np.float32), in step order:
-        ddpm at every step with t > 0, ddim (eta > 0) and euler_a at every step.
+    rng: np.random.Generator (or any object with the same standard_normal method) for the
+        stochastic samplers. Each draw is rng.standard_normal(x.shape, dtype=np.float32), one per
+        step that needs noise, in step order, where diffusers draws:
+            ddpm          every step with t > 0
+            ddim          every step, when eta > 0
+            euler_a       every step (also the last, where the noise is multiplied by 0)
+            dpmpp_2m_sde  every step (also the last, where it is not used)
+            dpm2_a        every step but the last (after the step's second model evaluation)
+            lcm           every step but the last
+        The other samplers (euler, heun, dpmpp_2m, pndm, lms, unipc, dpm2, deis, ddim with eta 0)
+        draw nothing.
     noises: instead of rng, the same draws as a list of arrays, used in that order (tests inject
         the reference's noise this way).
-    callback(i, t, x, x0_pred): called after every step i with the new x and that step's x0_pred;
-        if it returns an array, that array replaces x (inpainting re-imposes the known region so).
-    eta: DDIM's eta (Song et al. eq. 16); 0 is deterministic.
+    callback(i, t, x, x0_pred): called after every step i with the new x and the x0 estimate of the
+        step's last model evaluation (for lcm, the consistency function's estimate); if it returns an
+        array, that array replaces x (inpainting re-imposes the known region so).
+    eta: DDIM's eta (Song et al. eq. 16); 0 is deterministic. The other samplers ignore it.
+    between_stages(i, x_mid): called inside the steps that evaluate the model twice (heun at its
+        Euler point, dpm2 and dpm2_a at the midpoint, pndm's improved-Euler first step) with the
+        intermediate state before the second evaluation; if it returns an array, that array
+        replaces it (diffusers' inpainting re-imposes the known region after every scheduler call).
+
+    Multistep samplers (dpmpp_2m, dpmpp_2m_sde, pndm, lms, unipc, deis) keep their memory of earlier
+    steps inside this loop, from start_index on: an img2img run starts them at first order.
     """
     s = check_sampler(schedule.sampler)
     n = schedule.num_inference_steps
@@ -551,7 +1016,9 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         raise InputError(f"start_index must be in 0..{n - 1} for {n} steps, got {start_index}")
     if eta < 0:
         raise InputError(f"eta must be >= 0, got {eta}")
-    stochastic = s in ("ddpm", "euler_a") or (s == "ddim" and eta > 0)
+    if s == "pndm" and not schedule.skip_prk_steps and n - start_index < 4:
+        raise InputError(f"pndm's Runge-Kutta warm-up needs at least 4 steps to run, got {n - start_index}")
+    stochastic = s in ("ddpm", "euler_a", "dpmpp_2m_sde", "dpm2_a", "lcm") or (s == "ddim" and eta > 0)
     if stochastic and rng is None and noises is None:
         raise InputError(f"sampler {s!r} adds fresh noise at each step: "
                          "pass rng=np.random.default_rng(seed) or noises=")
@@ -566,43 +1033,152 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         return rng.standard_normal(x.shape, dtype=np.float32)
 
     x = np.asarray(x, dtype=np.float32)
-    ts, sig, ac = schedule.timesteps, schedule.sigmas, schedule.alphas_cumprod
-    prev_x0 = None                                          # DPM-Solver++(2M)'s memory
+    ts, sig, ac, prev_ts = schedule.timesteps, schedule.sigmas, schedule.alphas_cumprod, schedule.prev_timesteps
+    final_ac = schedule.final_alpha_cumprod
+
+    def predict(x_i, t, sigma=None):
+        """The model at state x_i (the sampler's variable) and timestep t -> (eps, x0 or None).
+        sigma: the noise-to-signal ratio of x_i for sigma-based samplers; else alpha_bar[t] is used."""
+        if sigma is None:
+            x_in, abar = x_i, float(ac[int(t)])
+        else:
+            x_in = scale_model_input(x_i, sigma) if s in KARRAS_VARIABLE else x_i
+            abar = 1.0 / (float(sigma) ** 2 + 1.0)
+        return model_output_to_eps(model(x_in, t), x_in, abar, schedule.prediction_type)
+
+    def staged(i, x_mid):
+        replaced = between_stages(i, x_mid) if between_stages is not None else None
+        return x_mid if replaced is None else np.asarray(replaced, dtype=np.float32)
+
+    hist = []               # multistep memory, oldest first: eps (pndm), slopes d (lms), x0 (dpm++, unipc),
+    hist_sigmas = []        # (sigma, eps) (deis); and the sigmas they were made at
+    x_last = None           # UniPC: the previous step's corrected x
     for i in range(start_index, n):
         t = ts[i]
+        last = i == n - 1
         if s == "ddpm":
-            eps = model(x, t)                                                  # [B, 4, h, w]
+            eps, x0 = predict(x, t)                                            # [B, 4, h, w]
             noise = draw() if t > 0 else None
-            x_prev, x0_pred = ddpm_step(x, eps, int(t), int(schedule.prev_timesteps[i]), ac, noise)
+            x_prev, x0_pred = ddpm_step(x, eps, int(t), int(prev_ts[i]), ac, noise, x0_pred=x0)
         elif s == "ddim":
-            eps = model(x, t)
+            eps, x0 = predict(x, t)
             noise = draw() if eta > 0 else None
-            x_prev, x0_pred = ddim_step(x, eps, int(t), int(schedule.prev_timesteps[i]), ac, eta, noise,
-                                        schedule.final_alpha_cumprod)
+            x_prev, x0_pred = ddim_step(x, eps, int(t), int(prev_ts[i]), ac, eta, noise, final_ac, x0_pred=x0)
+        elif s == "pndm":
+            x_prev, x0_pred, eps = _pndm_step(predict, x, i, i - start_index, schedule, hist, staged)
+            hist = (hist + [eps])[-3:]
+        elif s == "lcm":
+            eps, x0 = predict(x, t)
+            noise = draw() if not last else None
+            x_prev, x0_pred = lcm_step(x, eps, int(t), int(prev_ts[i]), ac, noise, x0_pred=x0)
         elif s == "euler":
-            eps = model(scale_model_input(x, sig[i]), t)
-            x_prev, x0_pred = euler_step(x, eps, sig[i], sig[i + 1])
+            eps, x0 = predict(x, t, sig[i])
+            x_prev, x0_pred = euler_step(x, eps, sig[i], sig[i + 1], x0_pred=x0)
         elif s == "euler_a":
-            eps = model(scale_model_input(x, sig[i]), t)
+            eps, x0 = predict(x, t, sig[i])
             noise = draw()
-            x_prev, x0_pred = euler_ancestral_step(x, eps, sig[i], sig[i + 1], noise)
+            x_prev, x0_pred = euler_ancestral_step(x, eps, sig[i], sig[i + 1], noise, x0_pred=x0)
         elif s == "heun":
-            eps = model(scale_model_input(x, sig[i]), t)
-            x_euler, x0_pred, d = heun_predict(x, eps, sig[i], sig[i + 1])
+            eps, x0 = predict(x, t, sig[i])
+            x_euler, x0_pred, d = heun_predict(x, eps, sig[i], sig[i + 1], x0_pred=x0)
             if sig[i + 1] > 0:
                 # second model evaluation at the Euler point: noise level sigma_{i+1}, timestep t_{i+1}
-                eps_next = model(scale_model_input(x_euler, sig[i + 1]), ts[i + 1])
-                x_prev, x0_pred = heun_correct(x, d, eps_next, x_euler, sig[i], sig[i + 1])
+                x_euler = staged(i, x_euler)
+                eps_next, x0_next = predict(x_euler, ts[i + 1], sig[i + 1])
+                x_prev, x0_pred = heun_correct(x, d, eps_next, x_euler, sig[i], sig[i + 1], x0_pred=x0_next)
             else:
                 x_prev = x_euler
-        else:                                                                  # dpmpp_2m
-            eps = model(x, t)
-            x_prev, x0_pred = dpmpp_2m_step(x, eps, sig[i], sig[i + 1],
-                                            sig[i - 1] if prev_x0 is not None else None, prev_x0)
-            prev_x0 = x0_pred
+        elif s == "lms":
+            eps, x0 = predict(x, t, sig[i])
+            x_prev, x0_pred, d = lms_step(x, eps, sig, i, hist, x0_pred=x0)
+            hist = (hist + [d])[-3:]
+        elif s in ("dpm2", "dpm2_a"):
+            eps, x0 = predict(x, t, sig[i])
+            ancestral = s == "dpm2_a"
+            sigma_mid = dpm2_sigma_mid(sig[i], sig[i + 1], ancestral)
+            x_mid, x0_pred = dpm2_predict(x, eps, sig[i], sigma_mid, x0_pred=x0)
+            x_prev = x_mid
+            if sigma_mid > 0:
+                # second model evaluation at the midpoint: noise level sigma_mid, timestep mid_timesteps[i]
+                x_mid = staged(i, x_mid)
+                eps_mid, x0_mid = predict(x_mid, schedule.mid_timesteps[i], sigma_mid)
+                sigma_down, sigma_up = ancestral_sigmas(float(sig[i]), float(sig[i + 1])) if ancestral \
+                    else (float(sig[i + 1]), 0.0)
+                x_prev, x0_pred = dpm2_correct(x, eps_mid, x_mid, sig[i], sigma_mid, sigma_down, x0_mid=x0_mid)
+                if ancestral:
+                    # fresh noise of std sigma_up (k-diffusion's sample_dpm_2_ancestral)
+                    x_prev = x_prev + sigma_up * draw()
+        elif s in ("dpmpp_2m", "dpmpp_2m_sde"):
+            eps, x0 = predict(x, t, sig[i])
+            prev_x0, sigma_prev = (hist[-1], sig[i - 1]) if hist else (None, None)
+            if s == "dpmpp_2m":
+                x_prev, x0_pred = dpmpp_2m_step(x, eps, sig[i], sig[i + 1], sigma_prev, prev_x0, x0_pred=x0)
+            else:
+                noise = draw()
+                x_prev, x0_pred = dpmpp_2m_sde_step(x, eps, sig[i], sig[i + 1], noise, sigma_prev, prev_x0,
+                                                    x0_pred=x0)
+            hist = [x0_pred]
+        elif s == "unipc":
+            eps, x0_pred = predict(x, t, sig[i])
+            if x0_pred is None:
+                alpha_s, sigma_s = vp_alpha_sigma(sig[i])
+                x0_pred = (x - sigma_s * eps) / alpha_s                        # data prediction
+            if x_last is not None:
+                # UniC: correct this step's x with the estimate just made here
+                x = unipc_correct(x_last, hist[-1], x0_pred, sig[i - 1], sig[i],
+                                  *((hist[-2], sig[i - 2]) if len(hist) == 2 else ()))
+            # UniP: predict the next x (second-order from the second step on, first-order on the last)
+            x_prev = unipc_predict(x, x0_pred, sig[i], sig[i + 1],
+                                   *((hist[-1], sig[i - 1]) if hist and not last else ()))
+            x_last, hist = x, (hist + [x0_pred])[-2:]
+        else:                                                                  # deis
+            eps, _ = predict(x, t, sig[i])
+            # second order (diffusers' solver_order=2); the last step is first-order when n < 15
+            k = 0 if last and n < 15 else 1
+            x_prev, x0_pred = deis_step(x, eps, sig[i], sig[i + 1], hist_sigmas[len(hist_sigmas) - k:],
+                                        hist[len(hist) - k:])
+            hist, hist_sigmas = [eps], [sig[i]]
         x = x_prev.astype(np.float32, copy=False)
         if callback is not None:
             replaced = callback(i, t, x, x0_pred)
             if replaced is not None:
                 x = np.asarray(replaced, dtype=np.float32)
     return x
+
+
+def _pndm_step(predict, x, i, k, schedule, prev_eps, staged):
+    """Step i of PNDM, the k-th of this run, with the eps of up to 3 earlier steps (prev_eps).
+    Returns (x_next, x0_pred, eps), eps being the one PLMS remembers. staged(i, x_mid) may replace
+    the improved-Euler point (sample()'s between_stages).
+
+    skip_prk_steps (SD v1.5): PLMS, whose first step is an improved-Euler (Heun) step as in Liu et
+    al.'s S-PNDM, written the way diffusers does it: x_1 = phi(x, e_0, t, t - N/n); e_1 at
+    (x_1, t_next); x_1 = phi(x, (e_0 + e_1) / 2, t_next + N/n, t_next). Else the first three steps
+    are Runge-Kutta (PRK) steps, as in F-PNDM, evaluating the model at t, t_mid, t_mid and t_next.
+    """
+    ts, prev, ac = schedule.timesteps, schedule.prev_timesteps, schedule.alphas_cumprod
+    fac = schedule.final_alpha_cumprod
+    t, t_prev = int(ts[i]), int(prev[i])
+    ratio = t - t_prev                                                         # N // n
+    eps, x0 = predict(x, ts[i])
+    if schedule.skip_prk_steps or k >= 3:
+        x_next, x0_pred = plms_step(x, eps, t, t_prev, ac, prev_eps, fac)
+        if schedule.skip_prk_steps and k == 0 and i + 1 < len(ts):
+            # improved Euler: the model again at the end point, then the step with the mean of both eps
+            x_next = staged(i, x_next)
+            eps_1, _ = predict(x_next, ts[i + 1])
+            t_next = int(ts[i + 1])
+            x0_pred = x0_from_eps(x_next, eps_1, ac[t_next])
+            # phi(x, (e_0 + e_1) / 2, t_next + N // n, t_next)   (t_next + N // n = t for leading spacing)
+            x_next = pndm_transfer(x, (eps + eps_1) / 2, t_next + ratio, t_next, ac, fac)
+        return x_next, x0_pred, eps
+    # PRK: eps' = (e1 + 2 e2 + 2 e3 + e4) / 6 with the transfer phi from x each time
+    t_mid, t_next = schedule.mid_timesteps[i], ts[i + 1]
+    x_1 = pndm_transfer(x, eps, t, t - ratio // 2, ac, fac)                    # half step with e1
+    eps_2, _ = predict(x_1, t_mid)
+    x_2 = pndm_transfer(x, eps_2, t, int(t_mid), ac, fac)                      # half step with e2
+    eps_3, _ = predict(x_2, t_mid)
+    x_3 = pndm_transfer(x, eps_3, t, int(t_next), ac, fac)                     # full step with e3
+    eps_4, _ = predict(x_3, t_next)
+    x_next = pndm_transfer(x, prk_eps(eps, eps_2, eps_3, eps_4), t, int(t_next), ac, fac)
+    return x_next, x0_from_eps(x_3, eps_4, ac[int(t_next)]), eps

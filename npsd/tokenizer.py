@@ -12,6 +12,9 @@ pipelines use), which reproduces OpenAI's simple_tokenizer.py apart from its ftf
 5. BPE with the 48,894 merges, the last symbol of each piece carrying the end-of-word mark "</w>";
 6. wrap in <|startoftext|> = 49406 ... <|endoftext|> = 49407, pad with 49407 to 77 (truncate to 77
    with a warning), or, in chunk mode, split into 75-token chunks each wrapped and padded to 77.
+
+Added words (textual inversion, npsd/embeddings.py): add_word(word, n) gives a word n new ids after
+the vocabulary; wherever the word's own tokens occur in a prompt, encode() puts the new ids instead.
 """
 
 import warnings
@@ -38,6 +41,7 @@ class Tokenizer:
     tok("a photo")           -> int64 [1, 77]
     tok(["a", "b"])          -> int64 [2, 77]   (truncation mode, as diffusers)
     tok.chunked(prompts, k)  -> int64 [B, 77 * k] (long prompts: 75-token chunks)
+    tok.add_word("my-style", 2) -> [49408, 49409]  (a textual-inversion word; see add_word)
     """
 
     def __init__(self, vocab, merges):
@@ -64,7 +68,9 @@ class Tokenizer:
         self.bos_id = vocab[BOS]                # 49406
         self.eos_id = vocab[EOS]                # 49407
         self.pad_id = self.eos_id               # SD v1.x pads with <|endoftext|>
-        self.vocab_size = len(vocab)
+        self.vocab_size = len(vocab)            # the BPE vocabulary; added words' ids come after it
+        self.added_words = {}                   # word -> tuple of its new ids, in the order added
+        self._added_by_first = {}               # first token of a word -> [(word's tokens, new ids)], longest first
 
     @classmethod
     def from_files(cls, vocab_json, merges_txt):
@@ -97,7 +103,8 @@ class Tokenizer:
             raise InputError(f"a prompt must be a str or a list of str, got {got}")
         if len(prompts) == 0:
             raise InputError("the list of prompts is empty; pass at least one prompt (\"\" for none)")
-        return [e.ids for e in self._tok.encode_batch(list(prompts), add_special_tokens=False)]
+        ids = [e.ids for e in self._tok.encode_batch(list(prompts), add_special_tokens=False)]
+        return [self._put_added_words(t) for t in ids] if self.added_words else ids
 
     def __call__(self, prompts):
         """str or list of str -> int64 [B, 77]: BOS, up to 75 tokens, EOS, EOS padding.
@@ -142,10 +149,59 @@ class Tokenizer:
                 out[b, c, 1 + len(chunk)] = self.eos_id
         return out.reshape(len(ids), num_chunks * MAX_LENGTH)                          # [B, 77k]
 
+    # --- added words (textual inversion) ----------------------------------------------------------
+
+    def add_word(self, word, num_ids):
+        """Give `word` num_ids new token ids, numbered after the vocabulary and every id added before;
+        returns them. From now on encode() replaces each occurrence of the word's own tokens by the new
+        ids, as A1111 finds embedding names: by token sequence (case-insensitive, as the tokens are),
+        so "my-style" matches "a my-style photo" but not "my-styles"; where two added words could match
+        at one place, the one with more tokens wins."""
+        tokens = tuple(self._tok.encode(word, add_special_tokens=False).ids)   # the word's own tokens
+        if not tokens:
+            raise InputError(f"cannot add the word {word!r}: it has no tokens; use letters, digits or symbols")
+        matches = self._added_by_first.setdefault(tokens[0], [])
+        if any(other == tokens for other, _ in matches):
+            raise InputError(f"a word with the tokens of {word!r} is already added; give it another name")
+        if isinstance(num_ids, bool) or not isinstance(num_ids, (int, np.integer)) or num_ids < 1:
+            raise InputError(f"num_ids must be a whole number >= 1, got {num_ids!r}")
+        first = self.vocab_size + sum(len(ids) for ids in self.added_words.values())
+        ids = tuple(range(first, first + int(num_ids)))
+        self.added_words[word] = ids
+        matches.append((tokens, ids))
+        matches.sort(key=lambda m: len(m[0]), reverse=True)                     # longest word first
+        return list(ids)
+
+    def _put_added_words(self, ids):
+        """One prompt's token ids with every added word's tokens replaced by the word's new ids."""
+        out, i = [], 0
+        while i < len(ids):
+            for tokens, new_ids in self._added_by_first.get(ids[i], ()):
+                if tuple(ids[i:i + len(tokens)]) == tokens:
+                    out += new_ids
+                    i += len(tokens)
+                    break
+            else:
+                out.append(ids[i])
+                i += 1
+        return out
+
     # --- ids -> text ------------------------------------------------------------------------------
 
     def decode(self, ids):
         """One row of token ids -> text (special tokens dropped; an approximation of the prompt:
-        lower case, single spaces)."""
-        words = self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        lower case, single spaces). An added word's ids decode to the word."""
+        word_at = {new_ids[0]: word for word, new_ids in self.added_words.items()}
+        parts, run = [], []
+        for i in (int(i) for i in ids):
+            if i < self.vocab_size:
+                run.append(i)
+            else:                                       # an added id: the word for its first id, else ""
+                parts += [self._decode_vocab(run), word_at.get(i, "")]
+                run = []
+        parts.append(self._decode_vocab(run))
+        return " ".join(p for p in parts if p)
+
+    def _decode_vocab(self, ids):
+        words = self._tok.decode(ids, skip_special_tokens=True)
         return words.replace("</w>", " ").strip()

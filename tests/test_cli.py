@@ -4,8 +4,7 @@ Most tests call `npsd.cli.main([...])` in-process on a tiny random model saved a
 (2-level UNet/VAE with 32/64 channels, 2-layer CLIP of width 32; 16x16 images, 1-3 steps); a few run
 `python -m npsd` in a subprocess (exit codes, SIGINT, determinism across processes, --threads).
 Tiny checkpoints in the original single-file layout (4 levels, as SD v1.x; written with diffusers'
-own routing, tests/test_loading.py) go through --model, --no-ema and `npsd parity`, whose tolerance
-is 1e-4 relative (measured on these files: <= 1e-5, the largest at the guided eps; see the tests).
+own routing, tests/test_loading.py) go through --model and --no-ema. `npsd parity`: tests/test_parity.py.
 """
 
 import hashlib
@@ -162,14 +161,49 @@ def test_from_png_with_a_sampler_npsd_lacks(model, tmp_path, capsys):
     from npsd.pngmeta import png_info
     path = tmp_path / "sde.png"
     Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(
-        f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: DPM++ 2M SDE Karras, CFG scale: 7, Seed: 5, Size: 16x16"))
+        f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: DPM++ SDE Karras, CFG scale: 7, Seed: 5, Size: 16x16"))
     rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet"], capsys)
-    assert rc == 2 and "'DPM++ 2M SDE Karras' is not one npsd has" in err and "give --sampler" in err
+    assert rc == 2 and "'DPM++ SDE Karras' is not one npsd has" in err and "give --sampler" in err
     rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet",
                       "--sampler", "dpmpp_2m"], capsys)
     assert rc == 0, err
     f = params_of(tmp_path / "a.png")["fields"]
     assert (f["Sampler"], f["Schedule type"], f["Seed"], f["Size"]) == ("DPM++ 2M", "Karras", "5", "16x16")
+
+
+
+def test_rng_torch_is_recorded_and_reproduced(model, tmp_path, capsys):
+    """--rng torch: the PNG says "RNG: CPU" (A1111's name for torch's CPU generator), the pixels are
+    those of the API with rng="torch", and --from-png re-makes the same file."""
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 21, "--sampler", "euler_a", "--rng", "torch")
+    assert params_of(a)["fields"]["RNG"] == "CPU"
+    api = npsd.load(str(model)).txt2img(PROMPT, seed=21, sampler="euler_a", rng="torch", height=16, width=16,
+                                        num_inference_steps=2)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(api))
+    b = tmp_path / "b.png"
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", b, "--quiet"], capsys)
+    assert rc == 0, err
+    assert a.read_bytes() == b.read_bytes()
+    c = tmp_path / "c.png"                                          # the default: npsd's own numbers
+    gen(capsys, model, c, "--seed", 21, "--sampler", "euler_a")
+    assert params_of(c)["fields"]["RNG"] == "numpy"
+    assert np.asarray(Image.open(a)).tobytes() != np.asarray(Image.open(c)).tobytes()
+
+
+def test_from_png_with_a_noise_source_npsd_lacks(model, tmp_path, capsys):
+    from npsd.pngmeta import png_info
+    path = tmp_path / "gpu.png"
+    Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(
+        f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 16x16, RNG: GPU"))
+    rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet"], capsys)
+    assert rc == 2 and "'GPU' generator, which npsd cannot reproduce" in err and "give --rng" in err
+    rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet",
+                      "--rng", "torch"], capsys)
+    assert rc == 0, err
+    assert params_of(tmp_path / "a.png")["fields"]["RNG"] == "CPU"
+    rc, _, err = run(["txt2img", PROMPT, "--rng", "cuda"], capsys)
+    assert rc == 2 and "--rng: invalid choice: 'cuda'" in err
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -487,7 +521,7 @@ def test_version_and_help(capsys):
     for option in ("--output", "--negative-prompt", "--steps", "--guidance-scale", "--sampler", "--seed", "--height",
                    "--width", "--num-images", "--model", "--vae", "--image", "--mask", "--strength", "--eta", "--karras",
                    "--timestep-spacing", "--clip-skip", "--long-prompt", "--mask-blur", "--threads", "--save-steps",
-                   "--save-every", "--from-png", "--overwrite", "--quiet", "--debug"):
+                   "--save-every", "--from-png", "--overwrite", "--quiet", "--debug", "--rng"):
         assert option in out, option
 
 
@@ -678,82 +712,3 @@ def test_no_ema_chooses_the_raw_weights(tmp_path, capsys):
                       "--quiet"], capsys)
     assert rc == 0, err
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "raw.png").read_bytes()
-    # npsd parity compares the EMA copies (diffusers' extract_ema=True) by default
-    rc, out, err = run(["parity", "--model", path, "--size", 64], capsys)
-    assert rc == 0 and "npsd parity: OK: 35 blocks" in out, out + err
-    rc, out, err = run(["parity", "--model", path, "--size", 32], capsys)      # too small for 4 levels
-    assert rc == 2 and out == "" and "--size must be a multiple of 8 and at least 64" in err and err.count("\n") == 1
-
-
-# --- npsd parity ----------------------------------------------------------------------------------
-
-PARITY_BLOCKS = ["tokenizer (ids)", "text_encoder.embeddings", "text_encoder.layers.1", "text_encoder (final)", "vae.encoder.down_blocks.3",
-                 "vae.encode (mean)", "vae.decoder.up_blocks.3", "vae.decode (image)", "unet.time_embedding",
-                 "unet.down_blocks.3", "unet.mid_block", "unet.up_blocks.3", "unet (eps)", "(x_prev)"]
-
-
-def test_parity_on_an_original_file(original_file, capsys):
-    """diffusers' single-file converters vs npsd's loader, and every block at 64x64: all within 1e-4
-    (float32; the tiny blocks measure about 1e-6, the guided eps about 1e-5 because CFG scales the
-    difference of two predictions by 7.5)."""
-    rc, out, err = run(["parity", "--model", original_file, "--size", 64], capsys)
-    assert rc == 0, out + err
-    for block in PARITY_BLOCKS:
-        assert block in out, block
-    assert out.strip().splitlines()[-1].startswith("npsd parity: OK: 35 blocks within 0.0001")
-    print(out)
-
-
-def test_parity_on_an_inpainting_file(tmp_path, capsys):
-    """A 9-channel (inpainting) UNet: the UNet blocks are compared on 9-channel input; no DDIM step."""
-    from tests.test_loading import tiny_models, tiny_original_state, write_safetensors
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from tests.test_loading import TINY_CLIP
-    unet, vae, _ = tiny_models(in_channels=9)
-    torch.manual_seed(0)
-    clip = perturb_(CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "vocab_size": 49408})).eval(), seed=3)
-    path = tmp_path / "tiny-inpainting.safetensors"
-    write_safetensors(path, tiny_original_state(unet, vae, clip))
-    rc, out, err = run(["parity", "--model", path, "--size", 64], capsys)
-    assert rc == 0, out + err
-    assert "unet (eps)                         [1, 4, 8, 8]" in out and "ddim step" not in out
-
-
-def test_parity_on_a_diffusers_folder(model, capsys):
-    rc, out, err = run(["parity", "--model", model, "--size", 32], capsys)
-    assert rc == 0, out + err
-    assert "diffusers folder" in out and "npsd parity: OK: 27 blocks" in out
-
-
-def test_parity_fails_when_npsd_is_wrong(model, capsys, monkeypatch):
-    """Sensitivity: the same weights, but npsd's UNet mid-block GroupNorm eps changed 1e-5 -> 1e-2:
-    the blocks from the mid-block on are above tolerance, the exit code is 1."""
-    real_load = npsd.load
-
-    def wrong_eps(path, **kw):
-        pipe = real_load(path, **kw)
-        pipe.config["unet"]["resnet_eps"] = 1e-2
-        return pipe
-
-    monkeypatch.setattr(npsd, "load", wrong_eps)
-    rc, out, err = run(["parity", "--model", model, "--size", 32], capsys)
-    assert rc == 1, out + err
-    lines = {l.split()[0]: l for l in out.splitlines() if l.startswith(("unet.", "text_encoder."))}
-    assert lines["text_encoder.layers.1"].endswith("ok") and lines["unet.conv_in"].endswith("ok")
-    assert lines["unet.down_blocks.0"].endswith("ABOVE TOLERANCE") and "npsd parity: FAILED" in out
-
-
-def test_parity_needs_the_test_extra(model, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "diffusers", None)
-    rc, out, err = run(["parity", "--model", model], capsys)
-    assert rc == 1 and out == "" and err.count("\n") == 1
-    assert 'pip install "npsd[test]"' in err and "diffusers" in err
-
-
-def test_import_npsd_does_not_import_torch_or_parity():
-    code = ("import sys; sys.modules['torch'] = None; import npsd, npsd.cli, npsd.pngmeta; "
-            "assert 'npsd.parity_cli' not in sys.modules; "
-            "from npsd.cli import main; sys.exit(main(['parity', '--model', '.']))")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": ROOT})
-    assert p.returncode == 1 and p.stderr.count("\n") == 1 and 'pip install "npsd[test]"' in p.stderr, p.stderr

@@ -44,8 +44,9 @@ RTOL_LOOP = 5e-6
 KARRAS_T_ATOL = 1e-3
 SHAPE = (2, 4, 8, 8)
 STEP_COUNTS = (1, 2, 10, 25, 50)
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m")   # the rest: tests/test_samplers_more.py
 KARRAS_OK = ("euler", "euler_a", "heun", "dpmpp_2m")
-WITH_KARRAS = [(name, k) for name in S.SAMPLERS for k in ((False, True) if name in KARRAS_OK else (False,))]
+WITH_KARRAS = [(name, k) for name in SAMPLERS for k in ((False, True) if name in KARRAS_OK else (False,))]
 
 # diffusers' schedulers call np.array(tensor) in a way NumPy 2 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -145,7 +146,7 @@ def run_npsd(sched, x, seed=123, eta=0.0, start_index=0):
 
 def loop_cases():
     cases = []
-    for name in S.SAMPLERS:
+    for name in SAMPLERS:
         for spacing in S.SPACINGS:
             for karras in ((False, True) if name in KARRAS_OK else (False,)):
                 for n in ((1, 2, 10, 25) if spacing == "leading" else (10,)):
@@ -206,7 +207,7 @@ def test_noise_at_step_equals_scheduler_add_noise(name, karras):
 # Timesteps and sigmas
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", S.SAMPLERS)
+@pytest.mark.parametrize("name", SAMPLERS)
 @pytest.mark.parametrize("spacing", S.SPACINGS)
 def test_timesteps_and_sigmas(name, spacing):
     for karras in ((False, True) if name in KARRAS_OK else (False,)):
@@ -364,7 +365,7 @@ def test_sampling_loop(name, spacing, karras, n):
     print(f"  worst x0_pred: {worst}")
 
 
-@pytest.mark.parametrize("name", S.SAMPLERS)
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_sampling_loop_at_sd_latent_size(name):
     """SD v1.5's own latent size (batch 2, 4 x 64 x 64 for 512 x 512 images), 3 steps."""
     shape, n = (2, 4, 64, 64), 3
@@ -409,7 +410,7 @@ def test_wrong_sigma_fails():
 # img2img: the start step for a strength, and the loop from there
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", S.SAMPLERS)
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_img2img_start_equals_diffusers_get_timesteps(name):
     for n in (10, 25, 50):
         for strength in (0.05, 0.3, 0.5, 0.75, 0.99, 1.0):
@@ -484,7 +485,7 @@ def test_guided_model_batches_uncond_first_and_skips_at_scale_1():
 
 def test_errors():
     with pytest.raises(InputError, match="ddpm, ddim, euler, euler_a, heun, dpmpp_2m"):
-        S.make_schedule("lms", 10, CONFIG)
+        S.make_schedule("k_lms", 10, CONFIG)
     for bad in (0, -3):
         with pytest.raises(InputError, match="at least 1"):
             S.make_schedule("ddim", bad, CONFIG)

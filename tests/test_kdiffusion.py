@@ -1,0 +1,451 @@
+"""npsd's sigma samplers against k-diffusion (k-diffusion 0.1.1.post1, Crowson), the sampler library that
+AUTOMATIC1111's web UI runs; docs/samplers.md ("k-diffusion and AUTOMATIC1111") gives the numbers.
+
+What is compared
+- The samplers: npsd's euler, euler_a, heun, dpmpp_2m (``npsd.schedulers.sample``) against
+  k-diffusion's sample_euler, sample_euler_ancestral, sample_heun, sample_dpmpp_2m, given the SAME
+  sigma sequence (k-diffusion's own: ``CompVisDenoiser.get_sigmas(n)`` and ``get_sigmas_karras``, as
+  AUTOMATIC1111 builds them) and the same fake noise predictor eps(x_in, t), which depends on x and t.
+  k-diffusion wraps it as A1111 wraps the UNet, in ``CompVisDenoiser``: D(x, sigma) = x - sigma
+  eps(x / sqrt(sigma^2 + 1), t(sigma)) with fractional t(sigma); npsd's loop calls the same eps with
+  its own fractional timesteps (``sigma_to_t``) and forms the same x0. DPM-Solver++(2M) steps in
+  npsd on the variance-preserving x_t = x / sqrt(sigma^2 + 1), in k-diffusion on x itself: npsd starts
+  from x_T / sqrt(sigma_0^2 + 1) and the trajectories are compared in k-diffusion's variable.
+- The discretisation: npsd's default schedule (SD v1.5's "leading" spacing, steps_offset=1, as
+  diffusers' EulerDiscreteScheduler) against A1111's, and npsd's "linspace" spacing, which is the
+  same up to how the table is interpolated.
+
+Tolerances (relative error = max |npsd - ref| / max |ref|, npsd.testing; ``pytest -s`` prints each):
+- The sigma table sqrt((1 - abar) / abar): npsd in float64 rounded to float32, k-diffusion in float32;
+  measured 6.5e-8; tolerance 5e-7 (also for npsd's dpmpp_2m Karras sigmas against A1111's, 2.3e-7).
+- Fractional timesteps t(sigma) (both interpolate log sigma linearly between neighbouring integer
+  timesteps): measured max |dt| 6.4e-5, Karras sigmas 8.8e-5 (of 0..999; k-diffusion computes t in
+  float32); tolerance 5e-4 absolute.
+- Whole loops (n = 1, 2, 10, 20, 50 steps), final latents and the state after every step, measured
+  worst: euler 2.1e-7, euler_a 2.6e-7, heun 1.6e-7, dpmpp_2m 1.1e-6; tolerances 2e-6, 2e-6, 1.5e-6, 1e-5.
+  One exception, Heun with 2 steps (sigmas 14.6, 0.029, 0): its correction divides x - D(x) by
+  sigma_next = 0.029, which multiplies float32's rounding of x by 1 / 0.029; npsd and k-diffusion
+  are then both 1.1e-5 away from a float64 run of k-diffusion, and 1.2e-5 (Karras: 5.8e-6) from each
+  other; tolerance 1e-4.
+- npsd's "linspace" sigmas against A1111's default ones, each sigma against its own value (the two
+  libraries interpolate sigma, resp. log sigma, linearly between integer timesteps): measured 7.3e-5
+  for n <= 50 steps, 2.5e-4 for n <= 100; tolerances 2e-4, 1e-3. With Karras sigmas: measured 7.1e-7;
+  tolerance 5e-6. A whole 20-step run of each on its own sigmas: measured <= 1.7e-6; tolerance 1.5e-5.
+- dpmpp_2m with Karras sigmas as npsd runs it (start N(0, I), integer timesteps) against A1111's run:
+  measured 2.0e-3, bound 2e-2 (and > 1e-3: a real difference); from A1111's scaled start 4.3e-5,
+  bound 4e-4.
+"""
+
+import dataclasses
+import importlib
+import importlib.util
+import math
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from npsd import schedulers as S
+from npsd.config import sd15_config
+from npsd.testing import assert_close
+
+# diffusers' Heun scheduler calls np.array(tensor) in a way NumPy 2 deprecates; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+CONFIG = sd15_config()
+SHAPE = (2, 4, 8, 8)
+KDIFFUSION_VERSION = "0.1.1.post1"
+INSTALL = f"pip install --no-deps k-diffusion=={KDIFFUSION_VERSION} torchsde torchdiffeq"
+RTOL_TABLE = 5e-7
+T_ATOL = 5e-4
+RTOL_LOOP = {"euler": 2e-6, "euler_a": 2e-6, "heun": 1.5e-6, "dpmpp_2m": 1e-5}
+RTOL_HEUN_TWO_STEPS = 1e-4     # Heun, n = 2: see the module docstring
+RTOL_LINSPACE_50 = 2e-4       # each sigma's own relative error, n <= 50 (measured 7.3e-5)
+RTOL_LINSPACE_100 = 1e-3      # n <= 100 (measured 2.5e-4)
+RTOL_KARRAS_EACH = 5e-6       # Karras sigmas, each its own relative error (measured 7.1e-7)
+RTOL_RUN = 1.5e-5             # a whole 20-step run on either library's sigmas (measured 1.7e-6)
+SAMPLER_PAIRS = {              # npsd name -> k-diffusion function
+    "euler": "sample_euler",
+    "euler_a": "sample_euler_ancestral",
+    "heun": "sample_heun",
+    "dpmpp_2m": "sample_dpmpp_2m",
+}
+
+
+def load_kdiffusion():
+    """k_diffusion.sampling and k_diffusion.external, imported without running the package's
+    ``__init__`` (which imports every module, torchvision included): the package directory is
+    registered under a private name, and while its modules import, a stub stands in for torchvision
+    (only ``k_diffusion/utils.py``'s image helpers use it, and nothing here calls them). The stubs
+    are removed afterwards, so no other test sees a fake torchvision or a half-loaded k_diffusion."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"k-diffusion is not installed: {INSTALL}")
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    name = "_npsd_test_k_diffusion"
+    if name + ".external" in sys.modules:
+        return sys.modules[name + ".sampling"], sys.modules[name + ".external"]
+    pkg_spec = importlib.util.spec_from_file_location(name, pkg_dir / "__init__.py",
+                                                      submodule_search_locations=[str(pkg_dir)])
+    pkg = importlib.util.module_from_spec(pkg_spec)     # created, never executed
+    stub_names = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+    saved = {k: sys.modules[k] for k in stub_names if k in sys.modules}
+    stubs = {k: types.ModuleType(k) for k in stub_names}
+    stubs["torchvision"].transforms = stubs["torchvision.transforms"]
+    stubs["torchvision.transforms"].functional = stubs["torchvision.transforms.functional"]
+    sys.modules[name] = pkg
+    sys.modules.update(stubs)
+    try:
+        sampling = importlib.import_module(name + ".sampling")
+        external = importlib.import_module(name + ".external")
+    finally:
+        for k in stub_names:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    return sampling, external
+
+
+@pytest.fixture(scope="module")
+def kd():
+    sampling, external = load_kdiffusion()
+    return types.SimpleNamespace(sampling=sampling, external=external)
+
+
+class FakeLDM:
+    """What CompVisDenoiser needs of a latent-diffusion model: alphas_cumprod and apply_model(x, t)."""
+
+    def __init__(self, alphas_cumprod):
+        self.alphas_cumprod = torch.from_numpy(np.asarray(alphas_cumprod, dtype=np.float32))
+        self.calls = 0
+
+    def apply_model(self, x_in, t):
+        self.calls += 1
+        return fake_eps_torch(x_in, t)
+
+
+def fake_eps_np(x, t):
+    # a fake noise predictor that depends on both x and t (as in tests/test_schedulers.py)
+    return np.tanh(np.float32(0.3) * x) * np.float32(math.cos(float(t) / 300)) + np.float32(0.1)
+
+
+def fake_eps_torch(x, t):
+    # t: [B] fractional timesteps, one per item (k-diffusion passes sigma_to_t(sigma * ones(B)))
+    return torch.tanh(0.3 * x) * torch.cos(t.to(torch.float64) / 300).to(x.dtype).view(-1, 1, 1, 1) + 0.1
+
+
+def denoiser(kd):
+    """k-diffusion's CompVisDenoiser around the fake model, built from SD v1.5's alphas_cumprod as
+    A1111 builds it from the checkpoint's buffer (the same float32 numbers as npsd's)."""
+    return kd.external.CompVisDenoiser(FakeLDM(S.alphas_cumprod(CONFIG)))
+
+
+def kd_sigmas(kd, n, karras):
+    """A1111's sigmas for n steps: get_sigmas(n) (its default "Automatic" schedule) or Karras with the
+    model's own sigma_min and sigma_max. [n + 1] float32, the last one 0."""
+    den = denoiser(kd)
+    if karras:
+        s = kd.sampling.get_sigmas_karras(n, den.sigma_min.item(), den.sigma_max.item())
+    else:
+        s = den.get_sigmas(n)
+    return s.numpy()
+
+
+def npsd_schedule(name, sigmas):
+    """An npsd Schedule for sampler `name` on the given sigmas [n + 1], with npsd's own fractional
+    timesteps for them (the t at which the training table has noise level sigma)."""
+    n = len(sigmas) - 1
+    table = S.sigmas_from_alphas_cumprod(S.alphas_cumprod(CONFIG))
+    ts = S.sigma_to_t(sigmas[:-1], table).astype(np.float32)                   # [n], fractional
+    base = S.make_schedule(name, n, CONFIG)
+    return dataclasses.replace(base, sigmas=np.asarray(sigmas, np.float32), timesteps=ts,
+                               init_noise_sigma=float(sigmas[0]))
+
+
+def randn(seed, shape=SHAPE):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def torch_draws(seed, count, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).numpy() for _ in range(count)]
+
+
+def run_kdiffusion(kd, name, sigmas, x_T, noises):
+    """k-diffusion's sampler on sigmas from x_T (its own variable x = x0 + sigma eps). Returns the
+    final latents, the state before every step and the number of model evaluations."""
+    den = denoiser(kd)
+    fn = getattr(kd.sampling, SAMPLER_PAIRS[name])
+    states = []
+    kw = {}
+    if name == "euler_a":
+        draws = iter(noises)
+        kw["noise_sampler"] = lambda sigma, sigma_next: torch.from_numpy(next(draws))
+    out = fn(den, torch.from_numpy(x_T.copy()), torch.from_numpy(sigmas), disable=True,
+             callback=lambda d: states.append(d["x"].numpy().copy()), **kw)
+    return out.numpy(), states + [out.numpy()], den.inner_model.calls
+
+
+def run_npsd(name, sigmas, x_T, noises):
+    """npsd's sample() on the same sigmas; states in k-diffusion's variable (see the module docstring)."""
+    sched = npsd_schedule(name, sigmas)
+    vp = name == "dpmpp_2m"                     # DPM-Solver++ steps on x_t = x / sqrt(sigma^2 + 1)
+    to_vp = 1.0 / math.sqrt(float(sigmas[0]) ** 2 + 1.0) if vp else 1.0
+    states = [x_T]
+    calls = []
+
+    def model(x_in, t):
+        calls.append(t)
+        return fake_eps_np(x_in, t)
+
+    def callback(i, t, x, x0_pred):
+        states.append(x * np.float32(math.sqrt(float(sigmas[i + 1]) ** 2 + 1.0)) if vp else x)
+
+    out = S.sample(model, x_T * np.float32(to_vp), sched, noises=noises, callback=callback)
+    return out, states, len(calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# The installation: k-diffusion beside the pinned CPU torch
+# ---------------------------------------------------------------------------------------------
+
+def test_torch_is_still_the_pinned_cpu_build():
+    """k-diffusion's own dependencies (torchvision) would make pip replace torch with a CUDA build;
+    the test extra installs it with --no-deps, and this checks that torch stayed as pinned."""
+    assert torch.__version__ == "2.13.0+cpu", (
+        f"torch {torch.__version__} is installed, not the pinned 2.13.0+cpu: reinstall with "
+        f"`pip install torch==2.13.0` and install k-diffusion with --no-deps ({INSTALL})")
+
+
+def test_kdiffusion_version(kd):
+    from importlib.metadata import version
+    assert version("k-diffusion") == KDIFFUSION_VERSION
+
+
+# ---------------------------------------------------------------------------------------------
+# The noise table and the fractional timesteps
+# ---------------------------------------------------------------------------------------------
+
+def test_sigma_table_equals_compvis_denoiser(kd):
+    """A1111: sigmas = sqrt((1 - abar) / abar) from the checkpoint's alphas_cumprod (k-diffusion's
+    DiscreteEpsDDPMDenoiser); npsd's table is the same, and so are sigma_min and sigma_max."""
+    den = denoiser(kd)
+    table = S.sigmas_from_alphas_cumprod(S.alphas_cumprod(CONFIG))
+    print(assert_close(table, den.sigmas.numpy(), RTOL_TABLE, "sigma table"))
+    assert abs(float(table[0]) - 0.029168) < 1e-6 and abs(float(table[-1]) - 14.614642) < 1e-5
+    assert abs(den.sigma_min.item() - float(table[0])) <= 1e-7
+    assert abs(den.sigma_max.item() - float(table[-1])) <= 2e-6
+
+
+@pytest.mark.parametrize("karras", [False, True])
+def test_fractional_timesteps_equal_kdiffusion(kd, karras):
+    """t(sigma): both interpolate log sigma linearly between the two neighbouring table entries."""
+    den = denoiser(kd)
+    table = S.sigmas_from_alphas_cumprod(S.alphas_cumprod(CONFIG))
+    worst = 0.0
+    for n in (5, 10, 20, 25, 30, 50, 100):
+        sig = kd_sigmas(kd, n, karras)[:-1]                                    # [n]
+        t_kd = den.sigma_to_t(torch.from_numpy(sig)).numpy()
+        t_np = S.sigma_to_t(sig, table)
+        worst = max(worst, float(np.abs(t_np - t_kd).max()))
+    print(f"fractional timesteps, karras={karras}: max |dt| = {worst:.3g}")
+    assert worst <= T_ATOL
+
+
+# ---------------------------------------------------------------------------------------------
+# The samplers, given the same sigmas and the same model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("karras", [False, True], ids=["default-sigmas", "karras"])
+@pytest.mark.parametrize("name", list(SAMPLER_PAIRS))
+def test_sampler_equals_kdiffusion(kd, name, karras):
+    worst_final = worst_state = 0.0
+    for n in (1, 2, 10, 20, 50):
+        sigmas = kd_sigmas(kd, n, karras)                                       # [n + 1]
+        x_T = randn(n) * np.float32(sigmas[0])     # A1111: x = noise * sigmas[0]
+        noises = torch_draws(100 + n, n)
+        ref, ref_states, ref_calls = run_kdiffusion(kd, name, sigmas, x_T, noises)
+        out, states, calls = run_npsd(name, sigmas, x_T, noises)
+        what = f"{name} karras={karras} n={n}"
+        rtol = RTOL_HEUN_TWO_STEPS if (name, n) == ("heun", 2) else RTOL_LOOP[name]
+        c = assert_close(out, ref, rtol, f"final latents {what}")
+        if rtol == RTOL_LOOP[name]:
+            worst_final = max(worst_final, c.max_rel)
+        else:
+            print(c)
+        assert len(states) == len(ref_states) == n + 1
+        for i, (a, b) in enumerate(zip(states[1:], ref_states[1:])):
+            c = assert_close(a, b, rtol, f"x after step {i} {what}")
+            if rtol == RTOL_LOOP[name]:
+                worst_state = max(worst_state, c.max_rel)
+        # model evaluations: one per step; Heun two per step except the last (to sigma = 0)
+        assert calls == ref_calls == (2 * n - 1 if name == "heun" else n)
+    print(f"{name} karras={karras}: final latents {worst_final:.3g}, every step's x {worst_state:.3g}"
+          f"{' (n = 2 apart)' if name == 'heun' else ''}")
+
+
+def test_wrong_sigma_fails(kd):
+    """Sensitivity: the same comparison with one sigma off by 1% fails (by 4e-5, 20x the tolerance)."""
+    sigmas = kd_sigmas(kd, 10, False)
+    x_T = randn(0) * np.float32(sigmas[0])
+    ref, _, _ = run_kdiffusion(kd, "euler", sigmas, x_T, [])
+    bad = sigmas.copy()
+    bad[3] *= 1.01
+    out, _, _ = run_npsd("euler", bad, x_T, [])
+    with pytest.raises(AssertionError):
+        assert_close(out, ref, RTOL_LOOP["euler"], "euler with one sigma off by 1%")
+
+
+def test_ancestral_noise_is_used_in_the_same_order(kd):
+    """Sensitivity: Euler ancestral with the noise arrays in another order fails."""
+    sigmas = kd_sigmas(kd, 10, False)
+    x_T = randn(1) * np.float32(sigmas[0])
+    noises = torch_draws(5, 10)
+    ref, _, _ = run_kdiffusion(kd, "euler_a", sigmas, x_T, noises)
+    out, _, _ = run_npsd("euler_a", sigmas, x_T, noises[1:] + noises[:1])
+    with pytest.raises(AssertionError):
+        assert_close(out, ref, RTOL_LOOP["euler_a"], "euler_a with the noises rotated")
+
+
+# ---------------------------------------------------------------------------------------------
+# How npsd's schedules differ from A1111's
+# ---------------------------------------------------------------------------------------------
+
+def test_default_schedule_differs_from_a1111(kd):
+    """npsd's default (SD v1.5's diffusers config: "leading", steps_offset=1) against A1111's default
+    get_sigmas(n): a lower first sigma, a higher last one, and a larger starting noise std. The
+    numbers here are the ones docs/samplers.md gives."""
+    rows = {}
+    for n in (10, 20, 50):
+        a = kd_sigmas(kd, n, False)
+        s = S.make_schedule("euler", n, CONFIG)
+        rows[n] = (float(s.sigmas[0]), float(a[0]), float(s.sigmas[-2]), float(a[-2]),
+                   float(s.init_noise_sigma), float(s.timesteps[0]))
+        print(f"n={n}: first sigma npsd {s.sigmas[0]:.4f} (t={s.timesteps[0]:.0f}) vs A1111 {a[0]:.4f} (t=999); "
+              f"last nonzero npsd {s.sigmas[-2]:.5f} (t={s.timesteps[-1]:.0f}) vs A1111 {a[-2]:.5f} (t=0); "
+              f"start std npsd {s.init_noise_sigma:.4f} vs A1111 {a[0]:.4f}")
+    expected = {10: (8.3907, 901), 20: (11.0283, 951), 50: (13.1204, 981)}
+    for n, (first, t0) in expected.items():
+        assert abs(rows[n][0] - first) < 1e-3 and rows[n][5] == t0
+        assert abs(rows[n][1] - 14.6146) < 1e-3                     # A1111 always starts at sigma_max
+        assert abs(rows[n][2] - 0.04131) < 1e-4 and abs(rows[n][3] - 0.02917) < 1e-4
+        assert abs(rows[n][4] - math.sqrt(first ** 2 + 1)) < 1e-3   # leading: std sqrt(sigma^2 + 1)
+    # DPM-Solver++(2M)'s leading schedule is coarser still: n + 1 points, the last dropped
+    for n, (t0, first, t1, last) in {10: (901, 8.3907, 91, 0.3235), 20: (941, 10.4250, 48, 0.2204),
+                                     50: (951, 11.0283, 20, 0.1380)}.items():
+        d = S.make_schedule("dpmpp_2m", n, CONFIG)
+        assert (int(d.timesteps[0]), int(d.timesteps[-1])) == (t0, t1)
+        assert abs(float(d.sigmas[0]) - first) < 1e-3 and abs(float(d.sigmas[-2]) - last) < 1e-4
+    assert abs(d.init_noise_sigma - 1.0) < 1e-12   # it steps on x_t: N(0, I), vs A1111's N(0, I) * sigma_max
+
+
+def test_karras_endpoints_differ_from_a1111(kd):
+    """Karras sigmas: npsd (as diffusers' Euler and Heun) spans the spaced schedule's own first and last
+    sigma (leading: sigma(t=1) .. sigma(t=981) for 50 steps); A1111 spans the model's whole range,
+    sigma_min = sigma(0) = 0.0292 to sigma_max = sigma(999) = 14.6146. npsd's dpmpp_2m already spans
+    the whole range, and rounds its timesteps to integers."""
+    for n in (20, 50):
+        a = kd_sigmas(kd, n, True)
+        s = S.make_schedule("euler", n, CONFIG, use_karras_sigmas=True)
+        print(f"Karras n={n}: npsd euler {s.sigmas[0]:.4f} .. {s.sigmas[-2]:.5f}, A1111 {a[0]:.4f} .. {a[-2]:.5f}")
+        assert float(s.sigmas[0]) < float(a[0]) - 1 and float(s.sigmas[-2]) > float(a[-2]) + 0.01
+        d = S.make_schedule("dpmpp_2m", n, CONFIG, use_karras_sigmas=True)
+        print(assert_close(d.sigmas, a, RTOL_TABLE, f"dpmpp_2m Karras sigmas n={n}"))
+        dt = float(np.abs(d.timesteps - denoiser(kd).sigma_to_t(torch.from_numpy(a[:-1])).numpy()).max())
+        print(f"  dpmpp_2m Karras: max |t_npsd - t_A1111| = {dt:.3f} (npsd rounds t to integers)")
+        assert 0 < dt <= 0.5 + T_ATOL
+
+
+def max_rel_each(sigmas, ref):
+    """max over the nonzero sigmas of |sigma / ref - 1| (each sigma against its own value)."""
+    return float(np.abs(np.asarray(sigmas[:-1], np.float64) / np.asarray(ref[:-1], np.float64) - 1).max())
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "heun"])
+def test_linspace_spacing_reproduces_a1111_sigmas(kd, name):
+    """npsd's timestep_spacing="linspace" (euler, euler_a, heun) gives A1111's sigmas: t = linspace(999,
+    0, n) as in CompVisDenoiser.get_sigmas, with sigma interpolated linearly in t (diffusers) instead
+    of log sigma (k-diffusion). Equal where every t is whole (n = 10: 1.3e-7); else the largest
+    difference is at the smallest nonzero t, 999 / (n - 1), where log sigma bends most: measured
+    7.3e-5 for n <= 50 (n = 50, t = 20.4), 2.5e-4 for n <= 100. With Karras sigmas it spans sigma(0) ..
+    sigma(999) exactly like A1111 (7.1e-7), and the starting noise std is sigma_max in both."""
+    worst = {50: 0.0, 100: 0.0}
+    for n in range(2, 101):
+        a = kd_sigmas(kd, n, False)
+        s = S.make_schedule(name, n, CONFIG, timestep_spacing="linspace")
+        assert float(s.sigmas[-1]) == float(a[-1]) == 0.0
+        err = max_rel_each(s.sigmas, a)
+        for m in worst:
+            if n <= m:
+                worst[m] = max(worst[m], err)
+        if n in (10, 20, 50):
+            assert abs(s.init_noise_sigma - float(a[0])) < 1e-5
+            k = S.make_schedule(name, n, CONFIG, timestep_spacing="linspace", use_karras_sigmas=True)
+            kerr = max_rel_each(k.sigmas, kd_sigmas(kd, n, True))
+            print(f"{name} linspace n={n}: {err:.3g}; with Karras: {kerr:.3g}")
+            assert kerr <= RTOL_KARRAS_EACH
+    print(f"{name} linspace vs A1111 get_sigmas(n): n <= 50: {worst[50]:.3g}, n <= 100: {worst[100]:.3g}")
+    assert worst[50] <= RTOL_LINSPACE_50 and worst[100] <= RTOL_LINSPACE_100
+
+
+def test_dpmpp_2m_has_no_a1111_uniform_schedule(kd):
+    """npsd's dpmpp_2m follows diffusers' DPMSolverMultistepScheduler: its "linspace" spaces n + 1
+    integer timesteps and drops the last (t = 0), so it never ends at A1111's sigma_min."""
+    n = 20
+    d = S.make_schedule("dpmpp_2m", n, CONFIG, timestep_spacing="linspace")
+    a = kd_sigmas(kd, n, False)
+    print(f"dpmpp_2m linspace n={n}: t = {d.timesteps[:3]} .. {d.timesteps[-1]}, sigmas {d.sigmas[0]:.4f} .. "
+          f"{d.sigmas[-2]:.4f}; A1111 {a[0]:.4f}, {a[1]:.4f} .. {a[-2]:.5f}")
+    assert int(d.timesteps[-1]) == 50 and abs(float(d.sigmas[-2]) - 0.2256) < 1e-3 and abs(float(a[-2]) - 0.02917) < 1e-4
+    assert abs(float(d.sigmas[1]) / float(a[1]) - 1) > 0.01          # 10.9042 (t = 949) vs 10.7468 (t = 946.4)
+
+
+def test_heun_counts_steps_like_kdiffusion():
+    """n Heun steps are 2n - 1 model evaluations in npsd, k-diffusion (n + 1 sigmas; the last step, to
+    sigma 0, is an Euler step) and diffusers (num_inference_steps=n lists 2n - 1 timesteps); the
+    sampler comparison above counts npsd's and k-diffusion's calls."""
+    from diffusers import HeunDiscreteScheduler
+    for n in (1, 2, 10, 20, 50):
+        r = HeunDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+        r.set_timesteps(n)
+        assert len(r.timesteps) == 2 * n - 1
+        assert S.make_schedule("heun", n, CONFIG).num_inference_steps == n
+
+
+@pytest.mark.parametrize("karras", [False, True], ids=["default-sigmas", "karras"])
+@pytest.mark.parametrize("name", ["euler", "euler_a", "heun"])
+def test_linspace_run_against_a1111_run(kd, name, karras):
+    """A whole run as a user would do it: npsd with timestep_spacing="linspace" against k-diffusion on
+    A1111's sigmas, both from the same noise (times each one's init sigma). The small sigma differences
+    above carry through to the final latents (measured in the test output)."""
+    n = 20
+    sigmas = kd_sigmas(kd, n, karras)
+    noise, noises = randn(7), torch_draws(8, n)
+    ref, _, _ = run_kdiffusion(kd, name, sigmas, noise * np.float32(sigmas[0]), noises)
+    sched = S.make_schedule(name, n, CONFIG, timestep_spacing="linspace", use_karras_sigmas=karras)
+    out = S.sample(fake_eps_np, noise * np.float32(sched.init_noise_sigma), sched, noises=noises)
+    c = assert_close(out, ref, RTOL_RUN, f"{name} linspace karras={karras} vs A1111, 20 steps")
+    print(c)
+
+
+def test_dpmpp_2m_karras_run_against_a1111_run(kd):
+    """npsd's dpmpp_2m with Karras sigmas has A1111's sigmas (test above) but differs in two ways:
+    it starts from x_t = N(0, I) where A1111 starts from N(0, I) * sigma_max in Karras' variable, i.e.
+    x_t = N(0, I) * sigma_max / sqrt(sigma_max^2 + 1) = N(0, I) * 0.99767; and it gives the model
+    integer timesteps (|dt| <= 0.5). With the fake model, 20 steps: measured 2.0e-3 as npsd runs it,
+    4.3e-5 when npsd starts from A1111's scaled noise (the rest is the rounded timesteps)."""
+    n = 20
+    sigmas = kd_sigmas(kd, n, True)
+    noise = randn(7)
+    ref, _, _ = run_kdiffusion(kd, "dpmpp_2m", sigmas, noise * np.float32(sigmas[0]), [])
+    sched = S.make_schedule("dpmpp_2m", n, CONFIG, use_karras_sigmas=True)
+    assert sched.init_noise_sigma == 1.0
+    scale = float(sigmas[0]) / math.sqrt(float(sigmas[0]) ** 2 + 1)
+    assert abs(scale - 0.99767) < 1e-5
+    as_is = assert_close(S.sample(fake_eps_np, noise, sched), ref, 2e-2, "dpmpp_2m Karras as npsd runs it")
+    scaled = assert_close(S.sample(fake_eps_np, noise * np.float32(scale), sched), ref, 4e-4,
+                          "dpmpp_2m Karras from A1111's scaled start")
+    print(as_is, scaled, sep="\n")
+    assert as_is.max_rel > 1e-3          # the starting scale is a real difference, not rounding

@@ -1,0 +1,291 @@
+"""`npsd parity` (npsd/parity_cli.py): npsd against diffusers/transformers on a user's checkpoint.
+
+For an original single file the reference is diffusers' own reading of it (its single-file loading,
+with the published SD v1.x configuration in npsd/published_configs.py), never npsd's loader or
+config, so a wrong key mapping or a wrongly inferred setting in npsd must show up as a block above
+tolerance. Checked here:
+- at full SD v1.5 size (random fp16 weights under the real file's names and shapes,
+  tests/data/sd15_original_manifest.json; 64x64 images, 8x8 latents): every block passes; and with
+  npsd's loader broken three ways (CLIP q/k swapped in the key mapping, the UNet's head count and
+  the VAE's scaling factor inferred wrongly) the affected blocks fail, those before them agree;
+- on tiny original files (4 levels like SD v1.x), with a tiny LDM configuration in place of the
+  published one (the route is the same: diffusers reads the YAML and the file): EMA copies
+  (diffusers' extract_ema), a 9-channel inpainting UNet, a .ckpt with training state (read by
+  torch's weights-only unpickler), and a file that does not fit the published configuration;
+- on a tiny diffusers folder: the references' from_pretrained.
+The tolerance of `npsd parity` is 1e-4 relative (max |npsd - reference| / max |reference|).
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import npsd
+from npsd import loading, published_configs
+from tests import test_cli
+from tests.helpers import perturb_
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+model = test_cli.model            # the tiny diffusers folder (2 levels, CLIP width 32), a module fixture
+run = test_cli.run                # main([...]) in-process -> (exit code, stdout, stderr)
+ROW = re.compile(r"^(?P<name>.{34}) (?:\[[^\]]*\]\s+\S+\s+(?P<rel>\S+)  (?P<result>ok|ABOVE TOLERANCE)|FAILED: .*)$")
+
+
+def rows(out):
+    """The table of a parity run: {block: (relative error, result)}."""
+    table = {}
+    for line in out.splitlines():
+        m = ROW.match(line)
+        if m and not line.startswith("block "):
+            table[m["name"].strip()] = (float(m["rel"]) if m["rel"] else float("inf"), m["result"] or "FAILED")
+    return table
+
+
+# --- full SD v1.5 size -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd15_file(tmp_path_factory):
+    """v1-5-pruned-emaonly.safetensors' names and shapes (1145 tensors) with random fp16 values (2.1 GB)."""
+    from tests.test_loading import manifest, random_state, write_safetensors
+    path = tmp_path_factory.mktemp("sd15") / "v1-5-pruned-emaonly.safetensors"
+    write_safetensors(path, random_state(manifest("sd15_original_manifest.json"), seed=1))
+    yield path
+    path.unlink()
+
+
+SD15_BLOCKS = (["tokenizer (ids)", "text_encoder.embeddings"] + [f"text_encoder.layers.{i}" for i in range(12)]
+               + ["text_encoder (final)", "vae.encoder.conv_in"] + [f"vae.encoder.down_blocks.{i}" for i in range(4)]
+               + ["vae.encoder.mid_block", "vae.encode (mean)", "vae.encode (logvar)", "vae.post_quant_conv",
+                  "vae.decoder.conv_in", "vae.decoder.mid_block"] + [f"vae.decoder.up_blocks.{i}" for i in range(4)]
+               + ["vae.decode (image)", "vae scaling factor", "unet.time_embedding", "unet.conv_in"]
+               + [f"unet.down_blocks.{i}" for i in range(4)] + ["unet.mid_block"]
+               + [f"unet.up_blocks.{i}" for i in range(4)]
+               + ["unet (eps)", "ddim step t=951 (guided eps)", "ddim step t=951 (x_prev)"])
+
+
+def test_parity_on_an_original_sd15_file(sd15_file, capsys):
+    """Every block of the full-size model within 1e-4. Measured (float32): the guided eps 2.7e-5
+    (classifier-free guidance scales the difference of two predictions by 7.5), held to 1e-4; every
+    other block <= 5.5e-6 (the DDIM x_prev; the UNet's eps 2.5e-6), held to 2e-5."""
+    rc, out, err = run(["parity", "--model", sd15_file, "--size", 64], capsys)
+    print(out)
+    assert rc == 0, out + err
+    assert "(single file, read by diffusers, as 'v1' with the published v1-inference.yaml)" in out.splitlines()[0]
+    table = rows(out)
+    assert list(table) == SD15_BLOCKS
+    assert all(result == "ok" for _, result in table.values())
+    assert table["tokenizer (ids)"][0] == 0 and table["vae scaling factor"][0] == 0
+    assert table["ddim step t=951 (guided eps)"][0] <= 1e-4
+    assert max(rel for name, (rel, _) in table.items() if "guided eps" not in name) <= 2e-5
+    assert out.strip().splitlines()[-1].startswith(f"npsd parity: OK: {len(SD15_BLOCKS)} blocks within 0.0001")
+
+
+def test_parity_finds_npsd_loading_errors_in_an_original_file(sd15_file, capsys, monkeypatch):
+    """Sensitivity: the same file, with npsd's loader broken where the file does not say what is
+    right. Key mapping: the text encoder's q_proj and k_proj exchanged (same shapes, so npsd's
+    shape checks pass). Inference: the UNet's heads taken as width / 64 per level (SD 2.x's rule:
+    5, 10, 20, 20 instead of SD v1.x's 8) and SDXL's VAE scaling factor 0.13025. The reference
+    takes neither from npsd, so the text encoder's layers, the UNet's attention blocks and the
+    scaling factor fail while the blocks before them (embeddings, VAE, time embedding, conv_in)
+    still agree; the exit code is 1. Measured: text_encoder.layers.0 5.8e-1, unet.down_blocks.0
+    1.8e-3, the scaling factor 2.8e-1 (tolerance 1e-4)."""
+    real_config, real_map = loading.sd15_config, loading.map_text_encoder
+
+    def wrong_config():
+        config = real_config()
+        config["unet"]["num_heads"] = [5, 10, 20, 20]
+        config["vae"]["scaling_factor"] = 0.13025
+        return config
+
+    def swapped_q_k(names):
+        swap = {"self_attn.q_proj.": "self_attn.k_proj.", "self_attn.k_proj.": "self_attn.q_proj."}
+        return {re.sub(r"self_attn\.[qk]_proj\.", lambda m: swap[m[0]], d): o for d, o in real_map(names).items()}
+
+    monkeypatch.setattr(loading, "sd15_config", wrong_config)
+    monkeypatch.setattr(loading, "map_text_encoder", swapped_q_k)
+    rc, out, err = run(["parity", "--model", sd15_file, "--size", 64], capsys)
+    print(out)
+    assert rc == 1, out + err
+    table = rows(out)
+    failed = {name for name, (_, result) in table.items() if result != "ok"}
+    assert {"text_encoder.layers.0", "text_encoder (final)", "vae scaling factor", "unet.down_blocks.0",
+            "unet (eps)"} <= failed
+    for name in ["tokenizer (ids)", "text_encoder.embeddings", "unet.time_embedding", "unet.conv_in"] + \
+            [n for n in table if n.startswith("vae.")]:
+        assert table[name][1] == "ok", name
+    assert out.strip().splitlines()[-1].startswith(f"npsd parity: FAILED: {len(failed)} of {len(SD15_BLOCKS)} blocks")
+
+
+# --- tiny original files, with a tiny LDM configuration in place of the published one ----------
+
+def tiny_ldm_yaml(in_channels=4):
+    """The LDM configuration of tests/test_loading.py's tiny models (diffusers reads it as it reads
+    v1-inference.yaml): channels 32, 32, 64, 64; 8 heads; context 128; latent 4."""
+    from tests.test_loading import TINY_UNET, TINY_VAE
+    ch = TINY_UNET["block_out_channels"]
+    unet = {"in_channels": in_channels, "out_channels": 4, "model_channels": ch[0],
+            "channel_mult": [c // ch[0] for c in ch], "num_res_blocks": TINY_UNET["layers_per_block"],
+            "attention_resolutions": [4, 2, 1], "num_heads": TINY_UNET["attention_head_dim"],
+            "use_spatial_transformer": True, "transformer_depth": 1,
+            "context_dim": TINY_UNET["cross_attention_dim"], "legacy": False}
+    vc = TINY_VAE["block_out_channels"]
+    vae = {"double_z": True, "z_channels": TINY_VAE["latent_channels"], "resolution": 64, "in_channels": 3,
+           "out_ch": 3, "ch": vc[0], "ch_mult": [c // vc[0] for c in vc], "num_res_blocks": TINY_VAE["layers_per_block"],
+           "attn_resolutions": [], "dropout": 0.0}
+    return yaml.safe_dump({"model": {"params": {
+        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "scale_factor": 0.18215,
+        "unet_config": {"params": unet},
+        "first_stage_config": {"params": {"embed_dim": TINY_VAE["latent_channels"], "ddconfig": vae}}}}})
+
+
+@pytest.fixture
+def tiny_configs(monkeypatch):
+    """The tiny models' configurations where npsd parity takes the published ones."""
+    from tests.test_loading import TINY_CLIP
+    monkeypatch.setattr(published_configs, "LDM_CONFIGS", {
+        "v1": ("tiny-inference.yaml", tiny_ldm_yaml()), "inpainting": ("tiny-inpainting.yaml", tiny_ldm_yaml(9))})
+    monkeypatch.setattr(published_configs, "CLIP_TEXT_CONFIG", {
+        **TINY_CLIP, "vocab_size": 49408, "model_type": "clip_text_model", "bos_token_id": 0, "eos_token_id": 2,
+        "pad_token_id": 1})
+
+
+def tiny_state(in_channels=4):
+    """A tiny model's weights under the original single-file names (diffusers' own routing)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from tests.test_loading import TINY_CLIP, tiny_models, tiny_original_state
+    unet, vae, _ = tiny_models(in_channels=in_channels)
+    torch.manual_seed(0)                      # a CLIP with the real vocabulary size, for the shipped tokenizer
+    clip = perturb_(CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "vocab_size": 49408})).eval(), seed=3)
+    return tiny_original_state(unet, vae, clip)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    from tests.test_loading import write_safetensors
+    path = tmp_path_factory.mktemp("tiny") / "tiny-v1.safetensors"
+    write_safetensors(path, tiny_state())
+    return path
+
+
+def test_parity_on_a_tiny_original_file(tiny_file, tiny_configs, capsys):
+    """Measured: the guided eps 6.4e-6 (CFG's factor 7.5), every other block <= 3.2e-6; held to 3e-5."""
+    rc, out, err = run(["parity", "--model", tiny_file, "--size", 64], capsys)
+    print(out)
+    assert rc == 0, out + err
+    assert "as 'v1' with the published tiny-inference.yaml" in out
+    assert max(rel for rel, _ in rows(out).values()) <= 3e-5
+    assert out.strip().splitlines()[-1].startswith("npsd parity: OK: 36 blocks within 0.0001")
+
+
+def test_a_file_that_does_not_fit_the_published_configuration_is_refused(tiny_file, capsys, monkeypatch):
+    """Without the tiny configuration diffusers builds SD v1.x's models, which the tiny weights do
+    not fit: one line naming the tensor, exit code 2. A model type without a published
+    configuration is refused the same way."""
+    rc, out, err = run(["parity", "--model", tiny_file, "--size", 64], capsys)
+    assert rc == 2 and err.count("\n") == 1, out + err
+    assert err.startswith("npsd: error: parity: the text_encoder weights do not fit diffusers' model for the "
+                          "published v1-inference.yaml") and "embeddings.token_embedding.weight" in err, err
+    monkeypatch.delitem(published_configs.LDM_CONFIGS, "v1")
+    rc, out, err = run(["parity", "--model", tiny_file, "--size", 64], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1, out + err
+    assert "diffusers reads" in err and "as 'v1'; npsd parity compares original files of SD v1.x ('inpainting')" in err
+    rc, out, err = run(["parity", "--model", tiny_file, "--size", 32], capsys)   # too small for 4 levels
+    assert rc == 2 and out == "" and "--size must be a multiple of 8 and at least 64" in err and err.count("\n") == 1
+
+
+def test_parity_compares_the_ema_copies_unless_no_ema(tmp_path, tiny_configs, capsys, monkeypatch):
+    """A v1-5-pruned-like file with EMA copies of every UNet weight (model_ema.<name without dots>):
+    diffusers extracts them (extract_ema=True) unless --no-ema; both runs pass. Sensitivity: npsd
+    using the raw weights where the EMA copies were asked for fails at the UNet's first block."""
+    from tests.test_loading import write_safetensors
+    sd = tiny_state()
+    rng = np.random.default_rng(0)
+    for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
+        sd["model_ema." + k[len("model."):].replace(".", "")] = sd[k] * np.float32(1.2) + np.float32(0.05) * \
+            rng.standard_normal(sd[k].shape, dtype=np.float32)
+    path = tmp_path / "tiny-full-ema.safetensors"
+    write_safetensors(path, sd)
+    for extra in ([], ["--no-ema"]):
+        rc, out, err = run(["parity", "--model", path, "--size", 64] + extra, capsys)
+        assert rc == 0 and "npsd parity: OK: 36 blocks" in out, out + err
+    real_load = npsd.load
+    monkeypatch.setattr(npsd, "load", lambda p, **kw: real_load(p, **{**kw, "ema": False}))
+    rc, out, err = run(["parity", "--model", path, "--size", 64], capsys)
+    assert rc == 1, out + err
+    table = rows(out)
+    assert table["unet.conv_in"][1] == "ABOVE TOLERANCE" and table["vae.decode (image)"][1] == "ok"
+
+
+def test_parity_on_an_inpainting_file(tmp_path, tiny_configs, capsys):
+    """A 9-channel (inpainting) UNet: diffusers reads the file as 'inpainting' (its configuration
+    has 9 input channels); the UNet blocks are compared on 9-channel input; no DDIM step."""
+    from tests.test_loading import write_safetensors
+    path = tmp_path / "tiny-inpainting.safetensors"
+    write_safetensors(path, tiny_state(in_channels=9))
+    rc, out, err = run(["parity", "--model", path, "--size", 64], capsys)
+    assert rc == 0, out + err
+    assert "as 'inpainting' with the published tiny-inpainting.yaml" in out
+    assert "unet (eps)                         [1, 4, 8, 8]" in out and "ddim step" not in out
+
+
+def test_parity_on_a_ckpt_with_training_state(tmp_path, tiny_configs, capsys):
+    """A .ckpt that pickles training state beside the tensors (a pytorch_lightning callback, numpy
+    scalars and arrays, as real SD .ckpt files do): torch's weights-only unpickler reads it, those
+    names bound to a placeholder; every block passes."""
+    from tests.test_ckpt import write_ckpt
+    path = tmp_path / "tiny.ckpt"
+    write_ckpt(path, {k: torch.from_numpy(v) for k, v in tiny_state().items()})
+    rc, out, err = run(["parity", "--model", path, "--size", 64], capsys)
+    assert rc == 0, out + err
+    header = out.splitlines()[0]
+    assert "read by torch.load(weights_only=True), the training state it pickles (numpy, pytorch_lightning " \
+        "objects) as placeholders, as 'v1'" in header
+    assert "npsd parity: OK: 36 blocks" in out
+
+
+# --- a tiny diffusers folder -------------------------------------------------------------------
+
+def test_parity_on_a_diffusers_folder(model, capsys):
+    rc, out, err = run(["parity", "--model", model, "--size", 32], capsys)
+    assert rc == 0, out + err
+    assert "diffusers folder" in out and "npsd parity: OK: 28 blocks" in out
+
+
+def test_parity_fails_when_npsd_is_wrong(model, capsys, monkeypatch):
+    """Sensitivity: the same weights, but npsd's UNet GroupNorm eps changed 1e-5 -> 1e-2:
+    the blocks from the first down block on are above tolerance, the exit code is 1."""
+    real_load = npsd.load
+
+    def wrong_eps(path, **kw):
+        pipe = real_load(path, **kw)
+        pipe.config["unet"]["resnet_eps"] = 1e-2
+        return pipe
+
+    monkeypatch.setattr(npsd, "load", wrong_eps)
+    rc, out, err = run(["parity", "--model", model, "--size", 32], capsys)
+    assert rc == 1, out + err
+    table = rows(out)
+    assert table["text_encoder.layers.1"][1] == "ok" and table["unet.conv_in"][1] == "ok"
+    assert table["unet.down_blocks.0"][1] == "ABOVE TOLERANCE" and "npsd parity: FAILED" in out
+
+
+def test_parity_needs_the_test_extra(model, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    rc, out, err = run(["parity", "--model", model], capsys)
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    assert 'pip install "npsd[test]"' in err and "diffusers" in err
+
+
+def test_import_npsd_does_not_import_torch_or_parity():
+    code = ("import sys; sys.modules['torch'] = None; import npsd, npsd.cli, npsd.pngmeta; "
+            "assert 'npsd.parity_cli' not in sys.modules; "
+            "from npsd.cli import main; sys.exit(main(['parity', '--model', '.']))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and 'pip install "npsd[test]"' in p.stderr, p.stderr

@@ -1,0 +1,133 @@
+"""npsd.rng.TorchGenerator against torch.randn with torch.Generator("cpu").manual_seed(seed): the
+same float32 numbers, bit for bit (compared as int32 bit patterns, tolerance 0), for the shapes npsd
+draws, for torch's two code paths (tensors of fewer than 16 elements take a double-precision path;
+larger ones are filled in blocks of 16, with a redrawn tail when the size is not a multiple of 16),
+and for several draws in a row from one generator.
+"""
+
+import math
+import subprocess
+import sys
+import time
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from npsd.rng import MT19937, TorchGenerator, fma, log_ps, make_rng, sincos_ps
+
+SEEDS = (0, 1, 42, 123456789, 2**31, 2**32 - 1)
+SHAPES = [
+    (1, 4, 64, 64), (2, 4, 64, 64), (3, 4, 16, 16), (1, 4, 96, 96),      # latents and per-step noise
+    (1, 4, 9, 9), (2, 4, 5, 7), (33,), (17,), (16,), (48,),              # tails and exact multiples of 16
+    (1,), (3,), (15,), (2, 7), (1, 4, 1, 3),                             # fewer than 16: the scalar path
+]
+
+
+def bits(a):
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.int32)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bit_exact_sequence_of_draws(seed):
+    """All shapes above, drawn one after another from one generator (the stream continues), equal
+    torch's draws from one torch generator."""
+    g, ours = torch.Generator("cpu").manual_seed(seed), TorchGenerator(seed)
+    for shape in SHAPES:
+        ref = torch.randn(shape, generator=g).numpy()
+        got = ours.standard_normal(shape, dtype=np.float32)
+        assert got.shape == ref.shape and got.dtype == np.float32
+        same = bits(got) == bits(ref)
+        assert same.all(), f"seed {seed}, shape {shape}: {int((~same).sum())} of {same.size} values differ"
+
+
+def test_a_million_numbers_bit_exact():
+    ref = torch.randn(2**20, generator=torch.Generator("cpu").manual_seed(20261201)).numpy()
+    got = TorchGenerator(20261201).standard_normal(2**20)
+    assert np.array_equal(bits(got), bits(ref))
+
+
+def test_mersenne_twister_is_mt19937_as_numpy_seeds_it():
+    """init_genrand + MT19937: the raw 32-bit outputs equal NumPy's legacy RandomState (the same
+    published algorithm and seeding), across several twists."""
+    for seed in (0, 5489, 2**32 - 1):
+        ours = MT19937(seed).random_raw(3 * 624 + 5)
+        ref = np.random.RandomState(seed).randint(0, 2**32, size=3 * 624 + 5, dtype=np.uint32)
+        assert np.array_equal(ours, ref)
+    assert MT19937(5489).random_raw(1)[0] == 3499211612            # the reference implementation's first output
+
+
+def test_fma_rounds_once():
+    """a * b + c rounded once, against exact rational arithmetic; the second case is a sum that lands
+    exactly halfway between two float32 values in float64, where rounding twice goes the wrong way."""
+    a = np.float32(1 + 2**-12)
+    c_cases = [np.float32(2.0**-80), np.float32(-(2.0**-80)), np.float32(0.1), np.float32(-1)]
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal(1000).astype(np.float32)
+    ys = rng.standard_normal(1000).astype(np.float32)
+    zs = rng.standard_normal(1000).astype(np.float32)
+    for x, y, z in [(a, a, c) for c in c_cases] + list(zip(xs, ys, zs)):
+        exact = Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))
+        got = fma(np.array([x]), np.array([y]), np.array([z]))[0]
+        lo = np.float32(float(exact))                              # a neighbour of the exact value
+        cands = [lo, np.nextafter(lo, np.float32(np.inf)), np.nextafter(lo, np.float32(-np.inf))]
+        best = min(cands, key=lambda v: (abs(Fraction(float(v)) - exact), int(bits(np.array([v]))[0]) & 1))
+        assert got == best, (x, y, z, got, best)
+    naive = np.float32(np.float64(a) * np.float64(a) + np.float64(2.0**-80))
+    assert fma(np.array([a]), np.array([a]), np.array([np.float32(2.0**-80)]))[0] != naive
+
+
+def test_polynomial_log_and_sincos_are_accurate():
+    """The float32 polynomials are a few ulp from the true functions (their purpose is exactness with
+    torch, but a wrong constant would show here as a large error)."""
+    u = np.linspace(2**-24, 1, 100001, dtype=np.float32)
+    assert np.abs(log_ps(u) - np.log(u.astype(np.float64))).max() < 1e-6 * 20
+    x = np.linspace(0, 2 * math.pi, 100001, dtype=np.float32)
+    s, c = sincos_ps(x)
+    assert np.abs(s - np.sin(x.astype(np.float64))).max() < 1e-6
+    assert np.abs(c - np.cos(x.astype(np.float64))).max() < 1e-6
+
+
+def test_sensitivity_a_wrong_transform_fails():
+    """One rounding step done differently (a separate multiply and add instead of the fused one)
+    already changes about 1% of the numbers by one ulp: bit-exactness is a real constraint."""
+    ref = torch.randn(2**16, generator=torch.Generator("cpu").manual_seed(3)).numpy()
+    u = TorchGenerator(3).uniform24(2**16).reshape(-1, 16)
+    theta = np.float32(2 * math.pi) * u[:, 8:]
+    s, c = np.sin(theta), np.cos(theta)                             # libm's instead of torch's polynomial
+    r = np.sqrt(np.float32(-2) * log_ps(np.float32(1) - u[:, :8]))
+    other = np.concatenate([r * c, r * s], axis=1).ravel()
+    assert not np.array_equal(bits(other), bits(ref))
+    assert np.abs(other - ref).max() < 1e-5                          # close, but not the same numbers
+
+
+def test_only_float32_and_known_kinds():
+    from npsd.errors import InputError
+    with pytest.raises(InputError, match="float32 only"):
+        TorchGenerator(0).standard_normal((4,), dtype=np.float64)
+    with pytest.raises(InputError, match="rng must be one of numpy, torch"):
+        make_rng("philox", 0)
+    assert isinstance(make_rng("numpy", 0), np.random.Generator)
+
+
+def test_speed_is_not_a_visible_part_of_a_generation():
+    """A 512x512 batch of 2's latents (32,768 numbers) in well under a UNet step (seconds)."""
+    g = TorchGenerator(0)
+    g.standard_normal((2, 4, 64, 64))                               # warm up
+    t0 = time.perf_counter()
+    g.standard_normal((2, 4, 64, 64))
+    took = time.perf_counter() - t0
+    print(f"TorchGenerator: 2x4x64x64 in {took * 1e3:.1f} ms")
+    assert took < 0.25
+
+
+def test_generation_with_torch_rng_never_imports_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np, npsd\n"
+            "pipe = npsd.load()\n"
+            "img = pipe.txt2img('a red circle on a blue background', seed=1, rng='torch', sampler='euler_a',\n"
+            "                   num_inference_steps=2, output_type='np')\n"
+            "print('ok', img.shape)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
