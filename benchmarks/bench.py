@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import npsd  # noqa: E402
-from npsd import clip, nn, unet as unet_model, vae  # noqa: E402
+from npsd import clip, nn, settings, unet as unet_model, vae  # noqa: E402
 from npsd.config import sd15_config  # noqa: E402
 from npsd.params import unflatten  # noqa: E402
 from npsd.testing import compare  # noqa: E402
@@ -376,7 +376,7 @@ def main(argv=None):
     if args.plain:
         nn.set_fast(False)
     header = (f"{time.strftime('%Y-%m-%d')}, {machine()}, numpy {np.__version__}, torch {torch.__version__} "
-              f"({torch.get_num_threads()} threads), npsd kernels: {'fast' if nn.FAST else 'plain'}, "
+              f"({torch.get_num_threads()} threads), npsd kernels: {'fast' if settings.FAST else 'plain'}, "
               f"{'quick' if args.quick else 'full'} mode")
     print(header, flush=True)
     rates = sgemm_rate(torch)

@@ -1,4 +1,4 @@
-"""Peak memory of a whole npsd generation with SD v1.5-sized weights, measured as DECISIONS says.
+"""Peak memory of a whole npsd generation with SD v1.5-sized weights (README.md's memory table).
 
     python -m benchmarks.memory                      # 512x512, 2 DDIM steps with guidance
     python -m benchmarks.memory --size 1024 --steps 2

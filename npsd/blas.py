@@ -1,9 +1,9 @@
 """The BLAS thread count of the running process, for npsd's fast path (npsd/fast.py).
 
-The fast path splits its work into pieces that run on ``nn.THREADS`` threads of its own, each piece
-calling single-threaded BLAS. Mixing its threads with BLAS's own pool is slow: OpenBLAS's workers
-spin for a while after each call and take the cores that the next elementwise step needs. So each
-fast kernel runs with BLAS set to one thread and restores the previous count afterwards.
+The fast path splits its work into pieces that run on ``settings.THREADS`` threads of its own,
+each piece calling single-threaded BLAS. Mixing its threads with BLAS's own pool is slow: OpenBLAS's
+workers spin for a while after each call and take the cores that the next elementwise step needs.
+So each fast kernel runs with BLAS set to one thread and restores the previous count afterwards.
 
 NumPy's wheels ship OpenBLAS, whose ``openblas_set_num_threads`` we call through ctypes (as
 threadpoolctl does; a library already loaded by NumPy, no new dependency). With another BLAS (MKL,
@@ -81,3 +81,40 @@ def single_threaded():
         yield
     finally:
         f[1](old)
+
+
+# --- the command line's --threads N: BLAS's threads for the whole run ----------------------------
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def limit_threads(n, argv_for_restart=None):
+    """Limit the BLAS threads of this process to n, for good (npsd/cli.py's --threads N). -> how:
+    "npsd.blas" (set_threads above), a threadpoolctl limiter (keep it alive while the limit should
+    hold), "environment" (the variables were set before numpy loaded its BLAS, or after a restart),
+    or None (not possible; a warning says so).
+
+    Where set_threads cannot (another BLAS) and threadpoolctl is not installed: OpenBLAS/MKL read
+    THREAD_VARS only when numpy loads them, which has happened by now (importing npsd imports numpy),
+    so set the variables and restart the process with the same arguments (os.execv of
+    `python -m npsd *argv_for_restart`) when running as a command (argv_for_restart not None)."""
+    import os
+    import sys
+    import warnings
+    if set_threads(n):
+        return "npsd.blas"
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        if all(os.environ.get(v) == str(n) for v in THREAD_VARS):
+            return "environment"                   # set before numpy loaded (or after our restart)
+        for v in THREAD_VARS:
+            os.environ[v] = str(n)
+        if argv_for_restart is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "npsd", *argv_for_restart])
+        warnings.warn(f"--threads {n}: cannot change the BLAS threads of this running process without "
+                      f"threadpoolctl (pip install threadpoolctl); set {THREAD_VARS[1]}={n} before starting")
+        return None
+    return threadpool_limits(limits=n)

@@ -7,24 +7,26 @@
     npsd parity --model v1-5-pruned-emaonly.safetensors
 
 What this module promises (tests/test_cli.py checks each):
-- every PNG carries its generation parameters in the "parameters" text chunk (npsd/pngmeta.py);
-- files are written atomically (a temporary file in the same folder, then os.replace); an existing
-  output is refused before any work unless --overwrite; Ctrl-C leaves no file behind and exits 130;
+- every PNG carries its generation parameters in the "parameters" text chunk, in A1111's names
+  (npsd/pngmeta.py writes them and reads them back for --from-png);
+- files are written atomically (npsd/images.py's write_png_atomic: a temporary file in the same
+  folder, then os.replace); an existing output is refused before any work unless --overwrite;
+  Ctrl-C leaves no file behind and exits 130;
 - errors are one line on stderr that says what to do; exit code 2 for bad usage or input (options,
   images, model or VAE files that cannot be used: InputError, CheckpointError), 1 for anything else
   (a run that fails, e.g. NaN latents; a file system error; an internal error); --debug adds the traceback;
 - the same seed and parameters give byte-identical PNGs.
 stdout receives only the paths of the images written (one a line); everything else goes to stderr.
 
-Decisions:
+Conventions:
 - Model hash: the first 10 hex digits of the SHA-256 of the checkpoint file (A1111's "AutoV2" hash);
   for a diffusers folder, of its UNet weights file (unet/diffusion_pytorch_model.*).
 - --clip-skip N counts as diffusers' clip_skip (0 = last layer); the PNG stores A1111's "Clip skip"
   (N + 1), and --from-png converts it back.
 - --threads N: npsd's own threads (the fast kernels' pieces, nn.set_threads) and the BLAS threads
-  of the plain path. BLAS is set through npsd.blas (NumPy's OpenBLAS, by ctypes); where that is not
-  possible (another BLAS), through threadpoolctl when installed; without it, npsd sets
-  OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS and restarts itself with the same
+  of the plain path (npsd.blas.limit_threads): through npsd.blas (NumPy's OpenBLAS, by ctypes);
+  where that is not possible (another BLAS), through threadpoolctl when installed; without it, npsd
+  sets OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS and restarts itself with the same
   arguments (os.execv): OpenBLAS reads them only when numpy loads it, which importing npsd has done.
 - --from-png re-makes one image of a batch alone (it re-runs the batch and keeps "Batch pos");
   a PNG made by img2img/inpaint needs the same subcommand and the input --image (and --mask).
@@ -35,28 +37,20 @@ import hashlib
 import math
 import os
 import sys
-import tempfile
 import time
 import traceback
 import warnings
 
-from . import __version__
-from .errors import CheckpointError, InputError, NpsdError
+import numpy as np
+
+from . import __version__, nn
+from .blas import THREAD_VARS, limit_threads
+from .config import generation_defaults, with_fallbacks
+from .errors import CheckpointError, InputError, NpsdError, UsageError
+from .images import filmstrip, postprocess, to_pil, write_png_atomic
+from .pngmeta import parameters_text, settings_from_png, short_hash
 from .rng import RNG_KINDS
 from .schedulers import PREDICTION_TYPES, SAMPLERS, SIGMA_SAMPLERS, SPACINGS
-
-MODES = ("txt2img", "img2img", "inpaint")
-# npsd's sampler names <-> the names A1111 writes in "Sampler:" (read case-insensitively)
-A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
-                  "dpmpp_2m": "DPM++ 2M", "pndm": "PLMS", "lms": "LMS", "dpmpp_2m_sde": "DPM++ 2M SDE",
-                  "unipc": "UniPC", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lcm": "LCM", "deis": "DEIS"}
-# --rng <-> the "RNG" field (A1111's value "CPU" is torch's CPU generator, which rng="torch" reproduces)
-RNG_FIELD = {"numpy": "numpy", "torch": "CPU"}
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-class UsageError(InputError):
-    """Bad command-line usage (exit code 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,6 +90,18 @@ def _float_in(lo, hi=math.inf, lo_open=False, what=None):
         return v
     parse.__name__ = what or "number"
     return parse
+
+
+def _lora_option(text):
+    """--lora FILE[:STRENGTH] -> (FILE, strength)."""
+    path, _, strength = text.rpartition(":") if ":" in text and not os.path.exists(text) else (text, "", "1")
+    try:
+        value = float(strength)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FILE[:STRENGTH], got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the strength must be a finite number, got {strength}")
+    return path, value
 
 
 def _seed(text):
@@ -169,6 +175,13 @@ def _generation_options(p, mode):
     a("--clip-skip", metavar="N", type=_int_at_least(0, "layers"),
       help="skip the last N CLIP layers, as diffusers' clip_skip (A1111's 'Clip skip' is N + 1) (default 0)")
     a("--long-prompt", choices=("truncate", "chunk"), help="prompts over 77 tokens: truncate (default) or chunk")
+    a("--prompt-syntax", choices=("a1111", "plain"),
+      help="a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK, [a:b:when], [a|b] and <lora:NAME:S> "
+           "(docs/prompts.md); plain: brackets are literal, as in diffusers")
+    a("--lora", metavar="FILE[:STRENGTH]", action="append", type=_lora_option,
+      help="apply a LoRA file (kohya/A1111 or diffusers/PEFT) with a strength (default 1); repeatable")
+    a("--lora-dir", metavar="DIR", help="where <lora:NAME:S> in a prompt finds NAME.safetensors (also --from-png's LoRAs)")
+    a("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings used by name in prompts (the file's stem)")
     a("--threads", metavar="N", type=_int_at_least(1, "threads"),
       help="threads: npsd's own and BLAS's (default: one per core)")
     a("--save-steps", metavar="DIR", help="write every K-th step's predicted x0 as PNG and a filmstrip.png into DIR "
@@ -202,30 +215,6 @@ def model_file(pipe, model_arg):
     return None
 
 
-def write_png_atomic(image, path, parameters, overwrite):
-    """Save a PIL image as PNG with its "parameters" chunk: a temporary file in the same folder, then
-    os.replace, so the path holds either nothing/the old file or the whole new file, never a part."""
-    from .pngmeta import png_info
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=png_info(parameters))
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)             # mkstemp makes 0600 files; give the usual mode
-        if not overwrite and os.path.exists(path):
-            raise UsageError(f"{path} appeared while npsd was running; use --overwrite to replace it")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def output_paths(output, seed, n):
     """-o and --num-images -> the list of output paths."""
     if output is None:
@@ -251,33 +240,6 @@ def check_writable(paths, overwrite):
             raise UsageError(f"{p} is a folder; give a file name with -o")
         if os.path.exists(p) and not overwrite:
             raise UsageError(f"{p} already exists; use --overwrite to replace it or -o to choose another name")
-
-
-def limit_threads(n, argv_for_restart):
-    """--threads N. With threadpoolctl: limit the BLAS pools of this process (returns the limiter,
-    keep it alive). Without it: OpenBLAS/MKL read their thread count only when numpy loads them, which
-    has happened by now (importing npsd imports numpy), so set OMP/OPENBLAS/MKL_NUM_THREADS and
-    restart the process with the same arguments (os.execv) when running as a command. npsd's own
-    threads (the fast kernels) are set first, and BLAS's through npsd.blas when it can."""
-    from . import blas, nn
-    nn.set_threads(n)
-    if blas.set_threads(n):
-        return "npsd.blas"
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        if all(os.environ.get(v) == str(n) for v in THREAD_VARS):
-            return "environment"                   # set before numpy loaded (or after our restart)
-        for v in THREAD_VARS:
-            os.environ[v] = str(n)
-        if argv_for_restart is not None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execv(sys.executable, [sys.executable, "-m", "npsd", *argv_for_restart])
-        warnings.warn(f"--threads {n}: cannot change the BLAS threads of this running process without "
-                      f"threadpoolctl (pip install threadpoolctl); set {THREAD_VARS[1]}={n} before starting")
-        return None
-    return threadpool_limits(limits=n)
 
 
 # --- a separate VAE -----------------------------------------------------------------------------
@@ -310,139 +272,55 @@ def attach_vae(pipe, path):
         pipe.config["vae"] = vae_config
 
 
-# --- parameters: from the options, from a PNG ---------------------------------------------------
+# --- LoRAs and embeddings -------------------------------------------------------------------------
+
+def attach_networks(pipe, args, settings):
+    """--lora files, or --from-png's LoRA names looked up in --lora-dir; --lora-dir for prompt tags;
+    --embeddings-dir for embeddings named in prompts."""
+    from .pipeline import _lora_file
+    pipe.lora_dir, pipe.embeddings_dir = args.lora_dir, args.embeddings_dir
+    for path, strength in settings["lora"]:
+        if not os.path.isfile(path):
+            raise UsageError(f"--lora {path} does not exist; check the path")
+        pipe.load_lora(path, strength)
+    for name, strength in settings["lora_names"]:                      # stored in --from-png's image
+        if args.lora_dir is None:
+            raise UsageError(f"--from-png: the image used the LoRA {name!r}; give --lora-dir (a folder with "
+                             f"{name}.safetensors) or --lora FILE")
+        pipe.load_lora(_lora_file(args.lora_dir, name), strength, name=name)
+    if settings["ti_names"] and args.embeddings_dir is None:
+        raise UsageError(f"--from-png: the image used the embeddings {', '.join(settings['ti_names'])}; give "
+                         "--embeddings-dir (a folder with those files)")
+
+
+def network_hashes(pipe, settings, args):
+    """{"Lora hashes": "name: hash, ...", "TI hashes": ...} as A1111 writes them (npsd.pngmeta.short_hash)
+    for the LoRAs of --lora and of the prompt's tags, and the embeddings the prompts used."""
+    from .embeddings import embedding_files
+    from .pipeline import _lora_file
+    from .prompts import extract_loras
+    loras = {os.path.splitext(os.path.basename(path))[0]: path for path, _ in settings["lora"]}
+    loras.update({name: pipe.loras[name].path for name, _ in settings["lora_names"]})
+    if settings["prompt_syntax"] == "a1111":
+        for tag in extract_loras(settings["prompt"])[1]:
+            loras.setdefault(tag.name, _lora_file(args.lora_dir, tag.name))
+    used = list(pipe.tokenizer.added_words) if args.embeddings_dir else []
+    files = embedding_files(args.embeddings_dir) if used else {}
+    embeddings = {name: files[name][0] for name in used if name in files}
+    return {"Lora hashes": ", ".join(f"{n}: {short_hash(p)}" for n, p in loras.items()) or None,
+            "TI hashes": ", ".join(f"{n}: {short_hash(p)}" for n, p in embeddings.items()) or None}
+
+
+# --- the settings of a run: the options given, over those stored in --from-png's PNG ------------
 
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "height", "width",
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
-            "mask_blur", "no_ema", "rng", "prediction_type", "guidance_rescale")
-
-
-def _convert(fields, name, kind, what):
-    if name not in fields:
-        return None
-    text = fields[name]
-    try:
-        return kind(text)
-    except ValueError:
-        raise InputError(f"--from-png: the stored '{name}' is {text!r}, not {what}; "
-                         f"give the option explicitly") from None
-
-
-def settings_from_png(path, mode):
-    """The settings stored in a PNG's "parameters" text (npsd's or A1111's) -> {setting: value}."""
-    from .pngmeta import parse_parameters, read_parameters
-    p = parse_parameters(read_parameters(path))
-    f = p["fields"]
-    s = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"]}
-    made_by = f.get("Pipeline")
-    if made_by in MODES and made_by != mode:
-        needs = {"img2img": " --image FILE", "inpaint": " --image FILE --mask FILE"}.get(made_by, "")
-        raise UsageError(f"{path} was made by {made_by}; run `npsd {made_by} --from-png {path}{needs}`")
-    s["steps"] = _convert(f, "Steps", int, "a whole number")
-    s["guidance_scale"] = _convert(f, "CFG scale", float, "a number")
-    s["seed"] = _convert(f, "Seed", int, "a whole number")
-    if "Size" in f:
-        try:
-            w, h = (int(v) for v in f["Size"].lower().split("x"))
-        except ValueError:
-            raise InputError(f"--from-png: the stored Size is {f['Size']!r}, not WIDTHxHEIGHT") from None
-        s["width"], s["height"] = w, h
-    if "Sampler" in f:
-        name = f["Sampler"].strip()
-        if name.lower().endswith(" karras"):                         # older A1111: "DPM++ 2M Karras"
-            name, s["karras"] = name[: -len(" karras")], True
-        by_label = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
-        sampler = by_label.get(name.lower(), name if name in SAMPLERS else None)
-        if sampler is None:                                           # an error unless --sampler is given
-            s["_bad_sampler"] = (f"--from-png: the stored sampler {f['Sampler']!r} is not one npsd has "
-                                 f"({', '.join(A1111_SAMPLERS.values())}); give --sampler")
-        s["sampler"] = sampler
-    if f.get("Schedule type", "").lower() == "karras":
-        s["karras"] = True
-    s["strength"] = _convert(f, "Denoising strength", float, "a number")
-    s["eta"] = _convert(f, "Eta", float, "a number")
-    skip = _convert(f, "Clip skip", int, "a whole number")            # A1111's count: 1 = last layer
-    s["clip_skip"] = None if skip is None else max(skip - 1, 0)
-    s["mask_blur"] = _convert(f, "Mask blur", int, "a whole number")
-    if f.get("Timestep spacing") in SPACINGS:
-        s["timestep_spacing"] = f["Timestep spacing"]
-    if f.get("Prediction type") in PREDICTION_TYPES:
-        s["prediction_type"] = f["Prediction type"]
-    s["guidance_rescale"] = _convert(f, "Guidance rescale", float, "a number")
-    if f.get("Long prompt") in ("truncate", "chunk"):
-        s["long_prompt"] = f["Long prompt"]
-    s["num_images"] = _convert(f, "Batch size", int, "a whole number")
-    pos = _convert(f, "Batch pos", int, "a whole number")
-    s["_select"] = pos if pos is not None and s["num_images"] and s["num_images"] > 1 else None
-    s["_model"] = (f.get("Model"), f.get("Model hash"))
-    s["no_ema"] = True if f.get("EMA") == "off" else None
-    if "RNG" in f:                                                    # absent: npsd's own numpy numbers
-        by_field = {v.lower(): k for k, v in RNG_FIELD.items()}
-        s["rng"] = by_field.get(f["RNG"].strip().lower())
-        if s["rng"] is None:                                          # an error unless --rng is given
-            s["_bad_rng"] = (f"--from-png: the image's noise came from the {f['RNG']!r} generator, which npsd "
-                             f"cannot reproduce (it has numpy and torch's CPU one); give --rng to run anyway")
-    return {k: v for k, v in s.items() if v is not None}
-
-
-def parameters_text(s, mode, model_name, model_hash, vae_name, vae_hash, width, height, batch, pos):
-    """The "parameters" text of one image (see npsd/pngmeta.py)."""
-    from .pngmeta import format_parameters
-    karras = bool(s["karras"])
-    fields = {
-        "Steps": s["steps"],
-        "Sampler": A1111_SAMPLERS[s["sampler"]],
-        "Schedule type": "Karras" if karras else None,
-        "CFG scale": _num(s["guidance_scale"]),
-        "Seed": s["seed"],
-        "Size": f"{width}x{height}",
-        "Model hash": model_hash,
-        "Model": model_name,
-        "VAE hash": vae_hash,
-        "VAE": vae_name,
-        "Denoising strength": _num(s["strength"]) if mode != "txt2img" else None,
-        "Mask blur": s["mask_blur"] if mode == "inpaint" else None,
-        "Eta": _num(s["eta"]) if s["eta"] else None,
-        "Clip skip": s["clip_skip"] + 1 if s["clip_skip"] else None,
-        "Timestep spacing": s["timestep_spacing"],
-        "Prediction type": s["prediction_type"] if s["prediction_type"] != "epsilon" else None,
-        "Guidance rescale": _num(s["guidance_rescale"]) if s["guidance_rescale"] else None,
-        "Long prompt": s["long_prompt"] if s["long_prompt"] != "truncate" else None,
-        "Batch size": batch if batch > 1 else None,
-        "Batch pos": pos if batch > 1 else None,
-        "EMA": "off" if s["no_ema"] else None,
-        "RNG": RNG_FIELD[s["rng"]],
-        "Pipeline": mode,
-        "npsd version": __version__,
-    }
-    return format_parameters(s["prompt"], s["negative_prompt"], fields)
-
-
-def _num(x):
-    """7.5 -> "7.5", 7.0 -> "7" (what A1111 writes), full float precision otherwise."""
-    return int(x) if float(x).is_integer() else repr(float(x))
-
-
-# --- the denoising filmstrip ------------------------------------------------------------------
-
-def filmstrip(rows, labels, height=128):
-    """rows: one list of PIL images per generated image (the saved x0 predictions, then the result);
-    labels: one per column. -> one image, frames scaled to `height` pixels, labelled."""
-    from PIL import Image, ImageDraw
-    w0, h0 = rows[0][0].size
-    h = min(height, h0)
-    w = max(1, round(w0 * h / h0))
-    pad = 2
-    sheet = Image.new("RGB", (len(rows[0]) * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for r, frames in enumerate(rows):
-        for c, frame in enumerate(frames):
-            x, y = pad + c * (w + pad), pad + r * (h + pad)
-            sheet.paste(frame.resize((w, h), Image.LANCZOS) if frame.size != (w, h) else frame, (x, y))
-            if r == 0 and h >= 24:
-                draw.rectangle([x, y, x + 6 * len(labels[c]) + 3, y + 11], fill=(0, 0, 0))
-                draw.text((x + 2, y), labels[c], fill=(255, 255, 255))
-    return sheet
+            "mask_blur", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
+            "lora_names", "ti_names")
+# the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
+OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
+                   "clip_skip": 0, "mask_blur": 0, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
+                   "ti_names": []}
 
 
 # --- the generation command ---------------------------------------------------------------------
@@ -461,29 +339,26 @@ def resolve_settings(args, mode):
     """The settings of a run: those stored in --from-png, overridden by the options given, the rest
     left None (the model's defaults, filled in after loading). -> (settings, stored, batch pos to keep)."""
     stored = settings_from_png(args.from_png, mode) if args.from_png else {}
-    s = {k: stored.get(k) for k in SETTINGS}
+    settings = {k: stored.get(k) for k in SETTINGS}
     for k in SETTINGS:
         v = getattr(args, k, None)
         if v is not None:
-            s[k] = v
-    if s["prompt"] is None:
+            settings[k] = v
+    if settings["prompt"] is None:
         raise UsageError(f"give a PROMPT (or --from-png IMAGE); see `npsd {mode} --help`")
     if stored.get("_bad_sampler") and args.sampler is None:
         raise InputError(stored["_bad_sampler"])
     if stored.get("_bad_rng") and args.rng is None:
         raise InputError(stored["_bad_rng"])
-    s["rng"] = s["rng"] or "numpy"
-    s["negative_prompt"] = s["negative_prompt"] or ""
-    s["num_images"] = s["num_images"] or 1
-    s["long_prompt"] = s["long_prompt"] or "truncate"
-    s["karras"] = bool(s["karras"])
-    s["eta"] = s["eta"] or 0.0
-    s["clip_skip"] = s["clip_skip"] or 0
-    s["mask_blur"] = s["mask_blur"] or 0
-    if s["strength"] is None:
-        s["strength"] = 0.8 if mode == "img2img" else 1.0
+    if args.lora is not None:                                  # --lora replaces the image's LoRAs
+        settings["lora_names"] = []
+    for k, default in OPTION_DEFAULTS.items():
+        settings[k] = settings[k] or default
+    settings["karras"] = bool(settings["karras"])
+    if settings["strength"] is None:
+        settings["strength"] = 0.8 if mode == "img2img" else 1.0
     select = stored.get("_select") if args.num_images is None else None
-    return s, stored, select
+    return settings, stored, select
 
 
 def check_inputs(args, mode):
@@ -499,14 +374,17 @@ def check_inputs(args, mode):
         raise UsageError(f"--save-steps {args.save_steps} is a file; give a folder")
 
 
-def model_defaults(s, pipe):
-    """Fill the settings left None with the model's own defaults (config["defaults"])."""
-    d = pipe.config.get("defaults", {})
-    s["steps"] = s["steps"] or d.get("num_inference_steps", 50)
-    s["guidance_scale"] = d.get("guidance_scale", 7.5) if s["guidance_scale"] is None else s["guidance_scale"]
-    s["sampler"] = s["sampler"] or d.get("sampler", "ddim")
-    s["timestep_spacing"] = s["timestep_spacing"] or pipe.config["scheduler"].get("timestep_spacing", "leading")
-    s["prediction_type"] = s["prediction_type"] or pipe.config["scheduler"].get("prediction_type", "epsilon")
+def model_defaults(settings, pipe):
+    """Fill the settings left None with the model's own defaults: npsd.config.generation_defaults
+    (what the pipeline uses too), and the timestep spacing and prediction type of its scheduler."""
+    defaults = generation_defaults(pipe.config)
+    scheduler = with_fallbacks("scheduler", pipe.config.get("scheduler"))
+    settings["steps"] = settings["steps"] or defaults["num_inference_steps"]
+    if settings["guidance_scale"] is None:
+        settings["guidance_scale"] = defaults["guidance_scale"]
+    settings["sampler"] = settings["sampler"] or defaults["sampler"]
+    settings["timestep_spacing"] = settings["timestep_spacing"] or scheduler["timestep_spacing"]
+    settings["prediction_type"] = settings["prediction_type"] or scheduler["prediction_type"]
 
 
 def step_targets(folder, every, start, total, n):
@@ -520,157 +398,219 @@ def step_targets(folder, every, start, total, n):
 
 
 def generate(args, argv_for_restart=None):
-    """txt2img / img2img / inpaint from parsed options; returns 0 (errors are raised)."""
-    import numpy as np
-    mode = args.command
+    """txt2img / img2img / inpaint from parsed options; returns 0 (errors are raised).
+    argv_for_restart: the arguments to restart with for --threads (npsd.blas.limit_threads), or None."""
     started = time.perf_counter()
-    limiter = limit_threads(args.threads, argv_for_restart) if args.threads else None  # noqa: F841 (kept alive)
-    if args.debug and args.threads:
-        how = {"npsd.blas": "npsd.blas", "environment": "the environment", None: "the environment"}.get(limiter, "threadpoolctl")
-        print(f"npsd: threads: {args.threads} via {how} "
-              f"({', '.join(f'{v}={os.environ.get(v)}' for v in THREAD_VARS)})", file=sys.stderr)
-    # 1. the settings, the inputs, and the outputs, which must not exist (checked before any work)
-    s, stored, select = resolve_settings(args, mode)
-    check_inputs(args, mode)
-    random_seed = s["seed"] is None
-    if random_seed:
-        s["seed"] = int.from_bytes(os.urandom(4), "little")          # [0, 2**32)
-    n = s["num_images"]
-    outputs = output_paths(args.output, s["seed"], 1 if select else n)
-    check_writable(outputs, args.overwrite)
-    if random_seed:
-        _note(args, f"seed: {s['seed']}")
-
-    # 2. the model
-    import npsd
-    t0 = time.perf_counter()
-    _note(args, f"npsd: loading {args.model or 'the built-in model'} ...")
-    ema = not s["no_ema"]
-    pipe = npsd.load(args.model, ema=ema) if args.model is not None else npsd.load(ema=ema)
-    s["no_ema"] = pipe.info.get("ema") is False              # recorded only when raw weights were chosen
-    if args.vae is not None:
-        attach_vae(pipe, args.vae)
-    _note(args, f"npsd: loaded in {time.perf_counter() - t0:.1f} s")
-    model_defaults(s, pipe)
-    if s["eta"] and s["sampler"] != "ddim":
-        warnings.warn(f"--eta is DDIM's; the {s['sampler']} sampler ignores it")
-        s["eta"] = 0.0
-
-    # 3. the steps that will run, and the --save-steps files (refused before any work if they exist)
-    from . import schedulers
-    schedule = schedulers.make_schedule(s["sampler"], s["steps"], pipe.config, s["karras"], s["timestep_spacing"])
-    total = schedule.num_inference_steps
-    start = 0 if mode == "txt2img" else schedulers.img2img_start_index(s["steps"], s["strength"])
-    step_files, strip_file = {}, None
-    if args.save_steps is not None:
-        step_files, strip_file = step_targets(args.save_steps, args.save_every, start, total, n)
-        if os.path.isdir(args.save_steps):
-            check_writable([p for ps in step_files.values() for p in ps] + [strip_file], args.overwrite)
-    saved_steps = sorted(step_files)
-
-    # 4. generate
-    frames, written, created = {}, [], []
-    mfile = model_file(pipe, args.model)
-    model_name = os.path.basename(os.path.normpath(args.model or mfile or "built-in"))
-    hashes = {}
-    if stored.get("_model"):                         # --from-png: say when the model is not the same
-        name, digest = stored["_model"]
-        hashes["model"] = file_hash(mfile) if mfile else None
-        if digest and hashes["model"] and digest.lower() != hashes["model"]:
-            warnings.warn(f"--from-png: the PNG was made with {name or 'a model'} (hash {digest}), not "
-                          f"{model_name} (hash {hashes['model']}); the image will differ (give --model)")
-
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=total - start, unit="step", file=sys.stderr, dynamic_ncols=True,
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}]",
-                   desc=mode)
-
-    def meta(width, height, pos, extra=None):
-        if "vae" not in hashes:
-            if "model" not in hashes:
-                hashes["model"] = file_hash(mfile) if mfile else None
-            vfile = vae_weights_file(args.vae) if args.vae else None
-            hashes["vae"] = file_hash(vfile) if vfile else None
-        text = parameters_text(s, mode, model_name, hashes["model"],
-                               os.path.basename(os.path.normpath(args.vae)) if args.vae else None, hashes["vae"],
-                               width, height, n, pos)
-        return text + (f", {extra}" if extra else "")
-
-    def save(image, path, text):
-        # a new file is listed BEFORE it appears, so that Ctrl-C at any moment finds it
-        new = not os.path.exists(path)
-        if new:
-            written.append(path)
-        write_png_atomic(image, path, text, args.overwrite)
-        if not new:
-            written.append(path)
-
-    def on_step(i, t, latents, x0_pred):
-        if i in step_files:
-            from .images import postprocess, to_pil
-            decoded = postprocess(pipe.vae_decode(x0_pred / np.float32(pipe.scaling_factor)))  # [B, H, W, 3]
-            images = to_pil(decoded)
-            if not os.path.isdir(args.save_steps):
-                os.makedirs(args.save_steps)
-                created.append(args.save_steps)
-            for b, (img, path) in enumerate(zip(images, step_files[i])):
-                save(img, path, meta(img.width, img.height, b + 1, f"Preview of step: {i + 1}"))
-            frames[i] = images
-        if bar is not None:
-            bar.update(1)
-            if i == total - 1:
-                bar.close()
-                _note(args, "npsd: decoding the latents with the VAE ...")
-
-    kw = dict(negative_prompt=s["negative_prompt"], num_inference_steps=s["steps"],
-              guidance_scale=s["guidance_scale"], height=s["height"], width=s["width"], seed=s["seed"],
-              sampler=s["sampler"], num_images=n, output_type="np", callback=on_step, eta=s["eta"],
-              use_karras_sigmas=s["karras"], timestep_spacing=s["timestep_spacing"], clip_skip=s["clip_skip"] or None,
-              long_prompt=s["long_prompt"], rng=s["rng"], prediction_type=s["prediction_type"],
-              guidance_rescale=s["guidance_rescale"] or 0.0)
-    try:
-        if mode == "txt2img":
-            result = pipe.txt2img(s["prompt"], **kw)
-        elif mode == "img2img":
-            result = pipe.img2img(s["prompt"], args.image, strength=s["strength"], **kw)
-        else:
-            result = pipe.inpaint(s["prompt"], args.image, args.mask, strength=s["strength"],
-                                  mask_blur=s["mask_blur"], **kw)
-        if bar is not None:
-            bar.close()
-            bar = None
-        from .images import to_pil
-        images = to_pil(result)                                               # B PIL images
-        picks = [select - 1] if select else range(n)
-        if select and select > len(images):
-            raise InputError(f"--from-png: Batch pos {select} is larger than the batch size {n}")
-        for path, b in zip(outputs, picks):
-            img = images[b]
-            save(img, path, meta(img.width, img.height, b + 1))
-        if frames:
-            rows = [[frames[i][b] for i in saved_steps] + [images[b]] for b in range(n)]
-            labels = [f"step {i + 1}" for i in saved_steps] + ["result"]
-            strip = filmstrip(rows, labels)          # its parameters are those of the images it shows
-            save(strip, strip_file, meta(images[0].width, images[0].height, 1, "Filmstrip: true"))
-    except KeyboardInterrupt:
-        for path in written:                        # Ctrl-C: leave no file of this run behind
-            if os.path.exists(path):
-                os.unlink(path)
-        for folder in created:
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+    limiter = _limit_threads(args, argv_for_restart)  # noqa: F841 (kept alive while generating)
+    settings, stored, select, outputs = _plan(args)                 # all checked before any work
+    pipe = _load_model(args, settings)
+    run = _Generation(args, settings, pipe, outputs, select)
+    run.check_model(stored.get("_model"))
+    run.run()
     for path in outputs:
         print(path, flush=True)
     if args.save_steps is not None:
-        _note(args, f"npsd: {len(step_files) * n} step previews and {strip_file} in {args.save_steps}")
-    _note(args, f"npsd: done in {time.perf_counter() - started:.1f} s (seed {s['seed']})")
+        _note(args, f"npsd: {len(run.step_files) * run.n} step previews and {run.strip_file} in {args.save_steps}")
+    _note(args, f"npsd: done in {time.perf_counter() - started:.1f} s (seed {settings['seed']})")
     return 0
+
+
+def _limit_threads(args, argv_for_restart):
+    """--threads N: npsd's own threads, then BLAS's -> the BLAS limiter (None without --threads)."""
+    if not args.threads:
+        return None
+    nn.set_threads(args.threads)
+    limiter = limit_threads(args.threads, argv_for_restart)
+    if args.debug:
+        how = {"npsd.blas": "npsd.blas", "environment": "the environment", None: "the environment"}
+        print(f"npsd: threads: {args.threads} via {how.get(limiter, 'threadpoolctl')} "
+              f"({', '.join(f'{v}={os.environ.get(v)}' for v in THREAD_VARS)})", file=sys.stderr)
+    return limiter
+
+
+def _plan(args):
+    """The settings, the inputs and the outputs, which must not exist, checked before any work
+    -> (settings, the settings stored in --from-png's PNG, batch pos to keep, output paths)."""
+    mode = args.command
+    settings, stored, select = resolve_settings(args, mode)
+    check_inputs(args, mode)
+    random_seed = settings["seed"] is None
+    if random_seed:
+        settings["seed"] = int.from_bytes(os.urandom(4), "little")          # [0, 2**32)
+    outputs = output_paths(args.output, settings["seed"], 1 if select else settings["num_images"])
+    check_writable(outputs, args.overwrite)
+    if random_seed:
+        _note(args, f"seed: {settings['seed']}")
+    return settings, stored, select, outputs
+
+
+def _load_model(args, settings):
+    """Load the model (and --vae), then fill the settings left None with its defaults -> the Pipeline."""
+    import npsd
+    t0 = time.perf_counter()
+    _note(args, f"npsd: loading {args.model or 'the built-in model'} ...")
+    ema = not settings["no_ema"]
+    pipe = npsd.load(args.model, ema=ema) if args.model is not None else npsd.load(ema=ema)
+    settings["no_ema"] = pipe.info.get("ema") is False              # recorded only when raw weights were chosen
+    if args.vae is not None:
+        attach_vae(pipe, args.vae)
+    attach_networks(pipe, args, settings)
+    _note(args, f"npsd: loaded in {time.perf_counter() - t0:.1f} s")
+    model_defaults(settings, pipe)
+    if settings["eta"] and settings["sampler"] != "ddim":
+        warnings.warn(f"--eta is DDIM's; the {settings['sampler']} sampler ignores it")
+        settings["eta"] = 0.0
+    return pipe
+
+
+class _Generation:
+    """One generation command once its settings are checked and its model loaded: the steps that will
+    run, the files it writes (each listed before it appears, so that Ctrl-C can remove them all),
+    the progress bar, and the --save-steps previews and filmstrip."""
+
+    def __init__(self, args, settings, pipe, outputs, select):
+        from . import schedulers
+        self.args, self.settings, self.pipe, self.outputs, self.select = args, settings, pipe, outputs, select
+        self.mode, self.n = args.command, settings["num_images"]
+        schedule = schedulers.make_schedule(settings["sampler"], settings["steps"], pipe.config, settings["karras"],
+                                            settings["timestep_spacing"])
+        self.total = schedule.num_inference_steps
+        self.start = (0 if self.mode == "txt2img"
+                      else schedulers.img2img_start_index(settings["steps"], settings["strength"]))
+        self.step_files, self.strip_file = {}, None      # --save-steps; refused before any work if they exist
+        if args.save_steps is not None:
+            self.step_files, self.strip_file = step_targets(args.save_steps, args.save_every, self.start,
+                                                            self.total, self.n)
+            if os.path.isdir(args.save_steps):
+                previews = [p for paths in self.step_files.values() for p in paths]
+                check_writable(previews + [self.strip_file], args.overwrite)
+        self.frames, self.written, self.created, self.hashes = {}, [], [], {}
+        self.model_path = model_file(pipe, args.model)
+        self.model_name = os.path.basename(os.path.normpath(args.model or self.model_path or "built-in"))
+        self.bar = None
+
+    def check_model(self, stored_model):
+        """--from-png: warn when the PNG was made with another model (by its hash) than the one loaded."""
+        if not stored_model:
+            return
+        name, digest = stored_model
+        self.hashes["model"] = file_hash(self.model_path) if self.model_path else None
+        if digest and self.hashes["model"] and digest.lower() != self.hashes["model"]:
+            warnings.warn(f"--from-png: the PNG was made with {name or 'a model'} (hash {digest}), not "
+                          f"{self.model_name} (hash {self.hashes['model']}); the image will differ (give --model)")
+
+    def run(self):
+        """Generate and write the images (and the filmstrip); Ctrl-C removes every file of this run."""
+        if not self.args.quiet:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total - self.start, unit="step", file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}]",
+                            desc=self.mode)
+        try:
+            result = self._call_pipeline()
+            self._close_bar()
+            self._save_results(result)
+        except KeyboardInterrupt:
+            self._remove_written()
+            raise
+        finally:
+            self._close_bar()
+
+    def _call_pipeline(self):
+        """The pipeline call of the subcommand -> float32 images [B, H, W, 3] in [0, 1]."""
+        settings, args, pipe = self.settings, self.args, self.pipe
+        kw = dict(negative_prompt=settings["negative_prompt"], num_inference_steps=settings["steps"],
+                  guidance_scale=settings["guidance_scale"], height=settings["height"], width=settings["width"],
+                  seed=settings["seed"], sampler=settings["sampler"], num_images=self.n, output_type="np",
+                  callback=self.on_step, eta=settings["eta"], use_karras_sigmas=settings["karras"],
+                  timestep_spacing=settings["timestep_spacing"], clip_skip=settings["clip_skip"] or None,
+                  long_prompt=settings["long_prompt"], rng=settings["rng"],
+                  prediction_type=settings["prediction_type"], guidance_rescale=settings["guidance_rescale"] or 0.0,
+                  prompt_syntax=settings["prompt_syntax"])
+        if self.mode == "txt2img":
+            return pipe.txt2img(settings["prompt"], **kw)
+        if self.mode == "img2img":
+            return pipe.img2img(settings["prompt"], args.image, strength=settings["strength"], **kw)
+        return pipe.inpaint(settings["prompt"], args.image, args.mask, strength=settings["strength"],
+                            mask_blur=settings["mask_blur"], **kw)
+
+    def on_step(self, i, t, latents, x0_pred):
+        """The pipeline's callback after every step: the step's previews (--save-steps), the progress bar."""
+        if i in self.step_files:
+            self.frames[i] = self._save_previews(i, x0_pred)
+        if self.bar is not None:
+            self.bar.update(1)
+            if i == self.total - 1:
+                self.bar.close()
+                _note(self.args, "npsd: decoding the latents with the VAE ...")
+
+    def _save_previews(self, i, x0_pred):
+        """Decode step i's predicted x0 and write one preview per image -> the preview images (PIL)."""
+        decoded = postprocess(self.pipe.vae_decode(x0_pred / np.float32(self.pipe.scaling_factor)))  # [B, H, W, 3]
+        images = to_pil(decoded)
+        folder = self.args.save_steps
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+            self.created.append(folder)
+        for b, (img, path) in enumerate(zip(images, self.step_files[i])):
+            self.save(img, path, self.parameters(img.width, img.height, b + 1, f"Preview of step: {i + 1}"))
+        return images
+
+    def _save_results(self, result):
+        """Write the images (only "Batch pos" for --from-png of one image of a batch), then the filmstrip."""
+        images = to_pil(result)                                               # B PIL images
+        picks = [self.select - 1] if self.select else range(self.n)
+        if self.select and self.select > len(images):
+            raise InputError(f"--from-png: Batch pos {self.select} is larger than the batch size {self.n}")
+        for path, b in zip(self.outputs, picks):
+            img = images[b]
+            self.save(img, path, self.parameters(img.width, img.height, b + 1))
+        if self.frames:
+            saved_steps = sorted(self.step_files)
+            rows = [[self.frames[i][b] for i in saved_steps] + [images[b]] for b in range(self.n)]
+            labels = [f"step {i + 1}" for i in saved_steps] + ["result"]
+            strip = filmstrip(rows, labels)          # its parameters are those of the images it shows
+            text = self.parameters(images[0].width, images[0].height, 1, "Filmstrip: true")
+            self.save(strip, self.strip_file, text)
+
+    def parameters(self, width, height, pos, extra=None):
+        """The "parameters" text of image `pos` (from 1) of the batch, `extra` fields appended. The
+        model's and the VAE's hashes are computed once, for the first file written."""
+        args = self.args
+        if "vae" not in self.hashes:
+            if "model" not in self.hashes:
+                self.hashes["model"] = file_hash(self.model_path) if self.model_path else None
+            vae_file = vae_weights_file(args.vae) if args.vae else None
+            self.hashes["vae"] = file_hash(vae_file) if vae_file else None
+            self.hashes["networks"] = network_hashes(self.pipe, self.settings, args)
+        vae_name = os.path.basename(os.path.normpath(args.vae)) if args.vae else None
+        text = parameters_text(self.settings, self.mode, self.model_name, self.hashes["model"], vae_name,
+                               self.hashes["vae"], width, height, self.n, pos, self.hashes["networks"])
+        return text + (f", {extra}" if extra else "")
+
+    def save(self, image, path, text):
+        """Write one PNG (atomically); a new file is listed BEFORE it appears, so that Ctrl-C at any
+        moment finds it."""
+        new = not os.path.exists(path)
+        if new:
+            self.written.append(path)
+        write_png_atomic(image, path, text, self.args.overwrite)
+        if not new:
+            self.written.append(path)
+
+    def _remove_written(self):
+        """Ctrl-C: leave no file of this run behind (nor a --save-steps folder it created)."""
+        for path in self.written:
+            if os.path.exists(path):
+                os.unlink(path)
+        for folder in self.created:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+
+    def _close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # --- the entry point ----------------------------------------------------------------------------

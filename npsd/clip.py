@@ -15,6 +15,7 @@ Width, layer count, vocabulary and position count come from the weights.
 import numpy as np
 
 from . import nn
+from .config import with_fallbacks
 from .errors import CheckpointError, InputError
 
 ACTIVATIONS = {"quick_gelu": nn.quick_gelu, "gelu": nn.gelu}
@@ -106,15 +107,17 @@ def _text_model(params):
 
 
 def _settings(config, width):
-    """(num_heads, eps, activation) from the config, with SD v1.x fallbacks."""
-    num_heads = config.get("num_heads") or width // 64                     # SD v1.x fallback: 64 per head
+    """(num_heads, eps, activation) from the config; a key it lacks takes SD v1.x's value
+    (npsd.config.SD15["text_encoder"]), but num_heads SD v1.x's rule for any width: 64 per head."""
+    num_heads = config.get("num_heads") or width // 64
     if width % num_heads:
         raise CheckpointError(f"text encoder width {width} is not divisible by num_heads={num_heads}; "
                               "fix config['text_encoder']['num_heads']")
-    name = config.get("hidden_act", "quick_gelu")
+    settings = with_fallbacks("text_encoder", config)
+    name = settings["hidden_act"]
     if name not in ACTIVATIONS:
         raise InputError(f"unknown text encoder activation {name!r}; use one of {sorted(ACTIVATIONS)}")
-    return num_heads, config.get("layer_norm_eps", 1e-5), ACTIVATIONS[name]
+    return num_heads, settings["layer_norm_eps"], ACTIVATIONS[name]
 
 
 def _check_ids(params, ids):

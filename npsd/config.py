@@ -1,7 +1,12 @@
-"""Settings that the weights do not determine (DECISIONS: "Settings that are not in the weights").
+"""Settings that the weights do not determine: attention heads, norm groups and eps, the VAE's
+latent scaling factor, the scheduler, and the defaults of a generation.
 
 A model's config is a plain dict with one section per component. Tensor shapes decide everything
-else (channels, depths, input channels), so these few numbers are all a config holds.
+else (channels, depths, input channels), so these few numbers are all a config holds. SD15 below is
+the one place where SD v1.x's values are written: npsd.load starts every model's config from it
+(docs/checkpoints.md says what overrides it), and `with_fallbacks` / `generation_defaults` fill a
+config that lacks a key with it, for the pipeline (npsd/pipeline.py), the UNet, CLIP and the
+command line (npsd/cli.py).
 """
 
 import copy
@@ -29,7 +34,9 @@ SD15 = {
         "width": 512,
         "num_inference_steps": 50,
         "guidance_scale": 7.5,
-        "sampler": "ddpm",            # the course's sampler, as the sampling issue asks
+        "sampler": "ddpm",            # DDPM (Ho et al. 2020), the sampler of the course npsd grew from
+                                      # (hkproj/pytorch-stable-diffusion); the built-in model's file
+                                      # names its own ("ddim", npsd/train/builtin.py's DEFAULTS)
     },
     "scheduler": {                  # SD v1.5's published scheduler configuration
         "num_train_timesteps": 1000,
@@ -50,3 +57,19 @@ SD15 = {
 def sd15_config():
     """A fresh copy of the SD v1.x config (safe to modify)."""
     return copy.deepcopy(SD15)
+
+
+def with_fallbacks(name, section=None):
+    """One section of a config ("text_encoder", "unet", "vae", "scheduler" or "defaults"), with SD
+    v1.x's value (SD15[name]) for every key it lacks: a new dict.
+
+    >>> with_fallbacks("defaults", {"sampler": "ddim", "height": 64})["num_inference_steps"]
+    50
+    """
+    return {**SD15[name], **(section or {})}
+
+
+def generation_defaults(config):
+    """What txt2img, img2img and inpaint use for an argument left None: config["defaults"], with SD
+    v1.x's value for every key it lacks (num_inference_steps, guidance_scale, height, width, sampler)."""
+    return with_fallbacks("defaults", (config or {}).get("defaults"))

@@ -13,5 +13,9 @@ class InputError(NpsdError, ValueError):
     """A parameter or input image is not acceptable."""
 
 
+class UsageError(InputError):
+    """Bad command-line usage (the command line, npsd/cli.py, exits with code 2)."""
+
+
 class TruncationWarning(UserWarning):
     """A prompt was longer than CLIP's context; the message says how many tokens were dropped."""

@@ -1,16 +1,19 @@
 """Fast kernels: the arithmetic of nn.py's plain forward passes, reorganised for speed.
 
-nn.py is the reference that docs/ explains; with ``nn.FAST`` on (the default) its linear, conv2d,
-attention, softmax, group_norm, layer_norm, silu, gelu and geglu hand their work to the functions here,
-which compute the same formulas with fewer passes over memory, fewer temporaries, work split across
-threads, and (for 3x3 convolutions on large maps) fewer multiplications. ``nn.set_fast(False)`` or
+nn.py is the reference that docs/ explains; with ``settings.FAST`` on (the default) its linear,
+conv2d, attention, softmax, group_norm, layer_norm, silu, gelu and geglu hand their work to the
+functions here, which compute the same formulas with fewer passes over memory, fewer temporaries,
+work split across threads, and (for 3x3 convolutions on large maps) fewer multiplications; so do
+the VAE's resnet blocks, upsamplers and output layers (npsd/vae.py), whose fast versions at the end
+of this file keep a 512x512 decode's full-size maps few. ``nn.set_fast(False)`` or
 ``with nn.fast(False):`` runs the plain path instead; tests/test_fast.py checks every function
 here against its plain counterpart, and the parity tests against PyTorch run with the fast path.
 
 Threads: NumPy's ufuncs (exp, add, ...) and BLAS release the GIL, so the functions here split
-their work (elementwise passes, and matrix products into independent pieces) into ``nn.THREADS``
-contiguous pieces that run at once in a thread pool. Each kernel runs with BLAS set to one thread
-(npsd/blas.py says why), so there is one thread per core and no BLAS pool competing with them.
+their work (elementwise passes, and matrix products into independent pieces) into
+``settings.THREADS`` contiguous pieces that run at once in a thread pool. Each kernel runs with
+BLAS set to one thread (``@single_threaded_blas``; npsd/blas.py says why), so there is one thread
+per core and no BLAS pool competing with them.
 """
 
 import functools
@@ -20,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import blas, nn
+from . import blas, settings
 
 _POOL = {}
 _IN_WORKER = threading.local()     # set in a piece's thread: a piece that splits again runs inline
@@ -45,10 +48,10 @@ def _pool(n):
 
 
 def parallel(work, n, size=None, uses_blas=False):
-    """Call work(i0, i1) on nn.THREADS contiguous pieces of range(n) at once (the calling thread
+    """Call work(i0, i1) on settings.THREADS contiguous pieces of range(n) at once (the calling thread
     takes the first piece). `size`: the elements the whole job touches; small jobs run inline.
     uses_blas: the work calls BLAS, so it is split only where BLAS can be held to one thread."""
-    parts = min(nn.THREADS, n)
+    parts = min(settings.THREADS, n)
     small = size is not None and size < (MIN_PARALLEL_BLAS if uses_blas else MIN_PARALLEL)
     if (parts <= 1 or small or (uses_blas and not blas.available())
             or getattr(_IN_WORKER, "on", False)):
@@ -71,8 +74,8 @@ def _as_piece(work, a, b):
         _IN_WORKER.on = False
 
 
-def kernel(f):
-    """A fast kernel: runs with single-threaded BLAS (its own pieces are the threads)."""
+def single_threaded_blas(f):
+    """Decorator: f runs with BLAS held to one thread (f's own pieces are the threads)."""
     @functools.wraps(f)
     def run(*args, **kwargs):
         with blas.single_threaded():
@@ -91,7 +94,7 @@ def _flat_pieces(x, out, fn):
 # Elementwise
 # ---------------------------------------------------------------------------------------------
 
-@kernel
+@single_threaded_blas
 def silu(x):
     def f(x, y):                     # y = x / (1 + e^-x), in y's memory
         np.negative(x, out=y)
@@ -149,14 +152,14 @@ def _gelu_pieces(x, out, value=None):
     return out
 
 
-@kernel
+@single_threaded_blas
 def gelu(x):
     x2 = np.ascontiguousarray(np.atleast_1d(x))
     x2 = x2.reshape(-1, max(1, x2.shape[-1]))                             # rows; blocked into pieces below
     return _gelu_pieces(x2, np.empty(x2.shape, np.float32)).reshape(x.shape)
 
 
-@kernel
+@single_threaded_blas
 def geglu_product(value, gate):
     """value * gelu(gate) for the GEGLU halves (strided views of one projection), one output."""
     v, g = (a.reshape(-1, a.shape[-1]) for a in (value, gate))
@@ -175,7 +178,7 @@ def softmax_(s):
     return s
 
 
-@kernel
+@single_threaded_blas
 def softmax(x, axis=-1):
     x = np.moveaxis(x, axis, -1)
     s = np.array(x, dtype=np.float32, order="C")            # the one copy; then in place
@@ -187,7 +190,7 @@ def softmax(x, axis=-1):
 # Linear: rows of x split across threads
 # ---------------------------------------------------------------------------------------------
 
-@kernel
+@single_threaded_blas
 def linear(x, weight, bias=None):
     x2 = x.reshape(-1, x.shape[-1])
     out = np.empty((x2.shape[0], weight.shape[0]), np.float32)
@@ -240,7 +243,7 @@ def _normalise_rows(rows, eps, scale_shift):
     return out
 
 
-@kernel
+@single_threaded_blas
 def group_norm(x, num_groups, weight, bias, eps):
     b, c = x.shape[:2]
     cg = c // num_groups
@@ -257,7 +260,7 @@ def group_norm(x, num_groups, weight, bias, eps):
     return _normalise_rows(rows, eps, affine).reshape(x.shape)
 
 
-@kernel
+@single_threaded_blas
 def layer_norm(x, weight, bias, eps=1e-5):
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
 
@@ -274,7 +277,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
 BLOCK_ELEMENTS = 2**18       # one score block (queries x keys) of 1 MiB, kept in a core's L2 cache
 
 
-@kernel
+@single_threaded_blas
 def attention(q, k, v, num_heads, causal=False):
     """nn.attention, whose checks the arguments have passed."""
     b, n, c = q.shape
@@ -285,7 +288,7 @@ def attention(q, k, v, num_heads, causal=False):
     kt = np.ascontiguousarray(k.reshape(b, m, num_heads, d).transpose(0, 2, 3, 1))             # [B, h, d, M]
     vh = np.ascontiguousarray(v.reshape(b, m, num_heads, d).transpose(0, 2, 1, 3))             # [B, h, M, d]
     out = np.empty((b, n, num_heads, d), dtype=np.float32)
-    rows = max(1, min(n, BLOCK_ELEMENTS // m, nn.CHUNK_BYTES // (m * 4 * nn.THREADS)))
+    rows = max(1, min(n, BLOCK_ELEMENTS // m, settings.CHUNK_BYTES // (m * 4 * settings.THREADS)))
     blocks = [(bi, hi, i0) for bi in range(b) for hi in range(num_heads) for i0 in range(0, n, rows)]
 
     def work(j0, j1):
@@ -316,7 +319,7 @@ WINOGRAD_MIN_POSITIONS = 2048      # Winograd for 3x3 stride-1 convs with at lea
                                     # more than the multiplications it saves)
 
 
-@kernel
+@single_threaded_blas
 def conv2d(x, weight, bias, stride, pad):
     """nn.conv2d, whose checks the arguments have passed; pad = (top, bottom, left, right)."""
     b, c, h, w = x.shape
@@ -357,7 +360,7 @@ def _im2col_conv(x, weight, pad, stride, ho, wo):
     xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right))) if any(pad) else x
     w2 = weight.reshape(o, c * kh * kw)
     y = np.empty((b, o, ho, wo), dtype=np.float32)
-    rows = max(1, min(ho, nn.CHUNK_BYTES // (wo * c * kh * kw * 4)))
+    rows = max(1, min(ho, settings.CHUNK_BYTES // (wo * c * kh * kw * 4)))
     cols_buf = np.empty((c, kh, kw, rows, wo), np.float32)
     for bi in range(b):
         for r0 in range(0, ho, rows):
@@ -412,7 +415,7 @@ def winograd_f2x2_3x3(x, weight, pad, ho, wo):
     xp = np.pad(x, widths) if any(a or b for a, b in widths) else x       # (np.pad always copies)
     u = winograd_weights(weight)                                          # [16, O, C]
     y = np.empty((b, o, 2 * th, 2 * tw), dtype=np.float32)
-    tr = max(1, min(th, nn.CHUNK_BYTES // (16 * max(c, o) * tw * 4 * 2)))   # tile rows per band
+    tr = max(1, min(th, settings.CHUNK_BYTES // (16 * max(c, o) * tw * 4 * 2)))   # tile rows per band
     v_buf = np.empty((16, c, tr * tw), np.float32)
     m_buf = np.empty((16, o, tr * tw), np.float32)
     for bi in range(b):
@@ -454,3 +457,75 @@ def _output_transform(m, yb):
         yb[:, :, a, :, 0] += s[2]
         np.subtract(s[1], s[2], out=yb[:, :, a, :, 1])
         yb[:, :, a, :, 1] -= s[3]
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE blocks (npsd/vae.py): the same formulas with fewer full-size maps
+# ---------------------------------------------------------------------------------------------
+# A 512x512 decode's largest activation is 256 channels at 512x512 (256 MiB). vae.py's plain blocks
+# hold several maps of that size at once: GroupNorm's and SiLU's temporaries, the zero-padded copy a
+# 3x3 conv makes of its input, the upsampled map and its padded copy, the residual sum. The versions
+# here write GroupNorm + SiLU, and the 2x upsampling, straight into a zero-bordered buffer that the
+# next 3x3 conv reads without padding it again; normalise a few groups at a time (GroupNorm's
+# statistics are per group, so this changes no value); and add residuals in place.
+
+# GroupNorm + SiLU process whole channel groups in slices of about settings.CHUNK_BYTES / 8 bytes,
+# so that their temporaries (the normalised slice, exp(-x), ...) stay small.
+NORM_SLICE_FRACTION = 8
+
+
+def norm_silu_padded(x, weight, bias, groups, eps):
+    """silu(GroupNorm(x)) of x [B, C, H, W], written into a zero-bordered buffer [B, C, H+2, W+2]:
+    the input of a 3x3 conv with padding 1, which then needs no padded copy."""
+    b, c, h, w = x.shape
+    cg = c // groups                                                       # channels per group
+    out = np.zeros((b, c, h + 2, w + 2), dtype=np.float32)                # [B, C, H+2, W+2]
+    inner = out[:, :, 1:h + 1, 1:w + 1]                                    # view [B, C, H, W]
+    group_bytes = b * cg * h * w * 4
+    step = max(1, settings.CHUNK_BYTES // NORM_SLICE_FRACTION // group_bytes) * cg   # channels per slice
+    for c0 in range(0, c, step):
+        c1 = min(c, c0 + step)
+        y = group_norm(x[:, c0:c1], (c1 - c0) // cg, weight[c0:c1], bias[c0:c1], eps)   # [B, slice, H, W]
+        inner[:, c0:c1] = silu(y)
+    return out
+
+
+def upsample_padded(x):
+    """Nearest-neighbour 2x upsampling of x [B, C, H, W] into a zero-bordered [B, C, 2H+2, 2W+2]: the
+    input of the 3x3 conv (padding 1) that follows. out[2i+dy+1, 2j+dx+1] = x[i, j], dy, dx in {0, 1}."""
+    b, c, h, w = x.shape
+    out = np.zeros((b, c, 2 * h + 2, 2 * w + 2), dtype=np.float32)       # [B, C, 2H+2, 2W+2]
+    for dy in (0, 1):
+        for dx in (0, 1):
+            out[:, :, 1 + dy:1 + dy + 2 * h:2, 1 + dx:1 + dx + 2 * w:2] = x
+    return out
+
+
+def _conv_of_padded(xp, conv):
+    """A 3x3 conv (padding 1) of a map already zero-bordered: [B, C, H+2, W+2] -> [B, O, H, W]."""
+    return conv2d(xp, conv["weight"], conv.get("bias"), 1, (0, 0, 0, 0))
+
+
+def vae_norm_silu_conv(x, norm, conv, groups, eps):
+    """vae.py's conv(silu(GroupNorm(x))), a 3x3 conv with padding 1: [B, C, H, W] -> [B, O, H, W]."""
+    return _conv_of_padded(norm_silu_padded(x, norm["weight"], norm["bias"], groups, eps), conv)
+
+
+def vae_resnet_block(p, x, groups, eps):
+    """vae.resnet_block: x + conv2(silu(norm2(conv1(silu(norm1(x)))))), the residual added in place.
+    Each step rebinds h, so that no map outlives the step that reads it."""
+    h = norm_silu_padded(x, p["norm1"]["weight"], p["norm1"]["bias"], groups, eps)   # [B, C, H+2, W+2]
+    h = _conv_of_padded(h, p["conv1"])                                    # [B, O, H, W]
+    h = norm_silu_padded(h, p["norm2"]["weight"], p["norm2"]["bias"], groups, eps)   # [B, O, H+2, W+2]
+    h = _conv_of_padded(h, p["conv2"])                                    # [B, O, H, W]
+    if "conv_shortcut" in p:
+        s = p["conv_shortcut"]
+        h += conv2d(x, s["weight"], s.get("bias"), 1, (0, 0, 0, 0))       # 1x1: [B, C, H, W] -> [B, O, H, W]
+    else:
+        h += x
+    return h
+
+
+def vae_upsample(p, x):
+    """vae.upsample: conv(upsample_nearest(x)), a 3x3 conv with padding 1: [B, C, h, w] -> [B, O, 2h, 2w]."""
+    return _conv_of_padded(upsample_padded(x), p["conv"])

@@ -7,6 +7,8 @@ unconditional half entirely, as in diffusers. ``rescale_cfg`` is the optional gu
 Lin et al. 2024.
 """
 
+import itertools
+
 import numpy as np
 
 
@@ -47,16 +49,22 @@ def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0
     """Wrap a UNet into model(x, t) -> eps for npsd.schedulers.sample.
 
     unet(latents [B, 4, h, w], t, context [B, L, D]) -> eps [B, 4, h, w] (e.g. Pipeline.unet);
-    context_cond / context_uncond [B, L, D]: the prompt's and the negative prompt's embeddings.
+    context_cond / context_uncond [B, L, D]: the prompt's and the negative prompt's embeddings, or
+    functions of the model call's index k = 0, 1, ... that return them (A1111's prompt editing
+    changes the prompt during sampling; npsd.prompts.text_at_step).
     With scale > 1 the UNet sees the batch [uncond, cond] once; else only the conditional batch.
     guidance_rescale > 0 applies ``rescale_cfg`` to the guided output (only when guidance runs, as
     diffusers).
     """
+    cond_at = context_cond if callable(context_cond) else (lambda k: context_cond)
+    uncond_at = context_uncond if callable(context_uncond) else (lambda k: context_uncond)
+    calls = itertools.count()
     if not uses_guidance(scale):
-        return lambda x, t: unet(x, t, context_cond)
-    context = np.concatenate([context_uncond, context_cond], axis=0)           # [2B, L, D]
+        return lambda x, t: unet(x, t, cond_at(next(calls)))
 
     def model(x, t):
+        k = next(calls)
+        context = np.concatenate([uncond_at(k), cond_at(k)], axis=0)           # [2B, L, D]
         x_in = np.concatenate([x, x], axis=0)                                  # [B, 4, h, w] -> [2B, 4, h, w]
         eps_both = unet(x_in, t, context)                                      # [2B, 4, h, w]
         eps_uncond, eps_cond = np.split(eps_both, 2, axis=0)                   # 2 x [B, 4, h, w]

@@ -1,14 +1,17 @@
-"""Images in and out: PIL <-> float32 arrays, masks, sizes.
+"""Images in and out: PIL <-> float32 arrays, masks, sizes; PNG files written whole; the filmstrip.
 
 Pixel arrays inside npsd are float32 [B, 3, H, W] in [-1, 1] (what the VAE reads and writes).
 """
 
+import os
+import tempfile
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
-from .errors import InputError
+from .errors import InputError, UsageError
+from .pngmeta import png_info
 
 
 def open_image(image, what="image"):
@@ -82,3 +85,47 @@ def to_pil(images):
 def postprocess(decoded):
     """VAE output [B, 3, H, W] in about [-1, 1] -> float32 [B, H, W, 3] in [0, 1]."""
     return np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
+
+
+def write_png_atomic(image, path, parameters, overwrite):
+    """Save a PIL image as PNG with its "parameters" chunk (npsd/pngmeta.py): a temporary file in the
+    same folder, then os.replace, so the path holds either nothing/the old file or the whole new
+    file, never a part. Without `overwrite`, a file that appeared at `path` meanwhile is kept."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=png_info(parameters))
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)             # mkstemp makes 0600 files; give the usual mode
+        if not overwrite and os.path.exists(path):
+            raise UsageError(f"{path} appeared while npsd was running; use --overwrite to replace it")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def filmstrip(rows, labels, height=128):
+    """The denoising filmstrip. rows: one list of PIL images per generated image (the saved x0
+    predictions, then the result); labels: one per column. -> one image, frames scaled to `height`
+    pixels, labelled."""
+    w0, h0 = rows[0][0].size
+    h = min(height, h0)
+    w = max(1, round(w0 * h / h0))
+    pad = 2
+    sheet = Image.new("RGB", (len(rows[0]) * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, frames in enumerate(rows):
+        for c, frame in enumerate(frames):
+            x, y = pad + c * (w + pad), pad + r * (h + pad)
+            sheet.paste(frame.resize((w, h), Image.LANCZOS) if frame.size != (w, h) else frame, (x, y))
+            if r == 0 and h >= 24:
+                draw.rectangle([x, y, x + 6 * len(labels[c]) + 3, y + 11], fill=(0, 0, 0))
+                draw.text((x + 2, y), labels[c], fill=(255, 255, 255))
+    return sheet

@@ -11,8 +11,9 @@ The original single-file layout (CompVis latent-diffusion names) is translated b
 below (docs/checkpoints.md shows them side by side): the UNet's flat `input_blocks.i` /
 `output_blocks.i` numbering is turned into (level, layer) from the blocks present, then renames
 of the leaf modules apply. Before reading any tensor, the translated names and shapes are checked
-against what npsd's components need (`expected_*` below), so a wrong or damaged file fails with
-the offending names. Tensors are then read and converted to float32 one at a time.
+against what npsd's components need (npsd.architecture: the design read from a few anchor tensors,
+then every tensor of that design), so a wrong or damaged file fails with the offending names.
+Tensors are then read and converted to float32 one at a time.
 """
 
 import json
@@ -20,9 +21,11 @@ import logging
 import os
 import re
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
+from . import architecture
 from .ckpt import CkptFile
 from .config import sd15_config
 from .errors import CheckpointError, InputError, NpsdError
@@ -83,10 +86,6 @@ VAE_LEGACY_RENAMES = [  # diffusers folders saved before diffusers 0.14 (the hub
 LINEAR_ATTENTION = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 
 
-def _indices(names, pattern):
-    return sorted({int(m[1]) for n in names for m in [re.match(pattern, n)] if m})
-
-
 def unet_block_map(names):
     """Original block prefixes -> diffusers prefixes, read off the blocks present (any depth/levels).
 
@@ -98,7 +97,7 @@ def unet_block_map(names):
          "middle_block.1.": "mid_block.attentions.0.", "middle_block.2.": "mid_block.resnets.1."}
     has = lambda prefix: any(n.startswith(prefix) for n in names)
     level = layer = 0
-    for i in _indices(names, r"input_blocks\.(\d+)\.")[1:]:
+    for i in architecture.block_indices(names, r"input_blocks\.(\d+)\.")[1:]:
         if has(f"input_blocks.{i}.0.op."):
             m[f"input_blocks.{i}.0.op."] = f"down_blocks.{level}.downsamplers.0.conv."
             level, layer = level + 1, 0
@@ -108,7 +107,7 @@ def unet_block_map(names):
                 m[f"input_blocks.{i}.1."] = f"down_blocks.{level}.attentions.{layer}."
             layer += 1
     level = layer = 0
-    for i in _indices(names, r"output_blocks\.(\d+)\."):
+    for i in architecture.block_indices(names, r"output_blocks\.(\d+)\."):
         m[f"output_blocks.{i}.0."] = f"up_blocks.{level}.resnets.{layer}."
         up = next((k for k in (1, 2) if has(f"output_blocks.{i}.{k}.conv.")), None)
         if up is not None:
@@ -141,7 +140,7 @@ def map_vae(names):
     """Original VAE names (without "first_stage_model.") -> {diffusers name: original name}.
     The decoder's `up.N` counts from the lowest resolution (up.3 runs first); diffusers' up_blocks
     count in running order, so N -> levels - 1 - N."""
-    levels = len(_indices(names, r"decoder\.up\.(\d+)\."))
+    levels = len(architecture.block_indices(names, r"decoder\.up\.(\d+)\."))
     out = {}
     for n in names:
         new = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.", n)
@@ -154,159 +153,7 @@ def map_text_encoder(names):
     return {re.sub(r"^text_model\.", "", n): n for n in names if not n.endswith("position_ids")}
 
 
-# --- what npsd's components need: expected {name: shape}, derived from a few anchor tensors ------
-
-class _Expect(dict):
-    def lin(self, n, o, i, bias=True):
-        self[n + ".weight"] = (o, i)
-        if bias:
-            self[n + ".bias"] = (o,)
-
-    def conv(self, n, o, i, k):
-        self[n + ".weight"], self[n + ".bias"] = (o, i, k, k), (o,)
-
-    def norm(self, n, c):
-        self[n + ".weight"], self[n + ".bias"] = (c,), (c,)
-
-    def resnet(self, n, i, o, temb=None):
-        self.norm(n + ".norm1", i)
-        self.conv(n + ".conv1", o, i, 3)
-        if temb:
-            self.lin(n + ".time_emb_proj", o, temb)
-        self.norm(n + ".norm2", o)
-        self.conv(n + ".conv2", o, o, 3)
-        if i != o:
-            self.conv(n + ".conv_shortcut", o, i, 1)
-
-    def transformer(self, n, c, depth, ctx, ff_mult):
-        self.norm(n + ".norm", c)
-        self.conv(n + ".proj_in", c, c, 1)
-        for j in range(depth):
-            b = f"{n}.transformer_blocks.{j}"
-            for a, kv in (("attn1", c), ("attn2", ctx)):
-                self.lin(f"{b}.{a}.to_q", c, c, bias=False)
-                self.lin(f"{b}.{a}.to_k", c, kv, bias=False)
-                self.lin(f"{b}.{a}.to_v", c, kv, bias=False)
-                self.lin(f"{b}.{a}.to_out.0", c, c)
-            for k in (1, 2, 3):
-                self.norm(f"{b}.norm{k}", c)
-            self.lin(f"{b}.ff.net.0.proj", 2 * ff_mult * c, c)  # GEGLU: value and gate halves
-            self.lin(f"{b}.ff.net.2", c, ff_mult * c)
-        self.conv(n + ".proj_out", c, c, 1)
-
-
-def _need(shapes, name, component):
-    if name not in shapes:
-        raise CheckpointError(f"the {component} weights lack {name}, which npsd needs to know the architecture; "
-                              f"the file is incomplete or not an SD v1.x model")
-    return shapes[name]
-
-
-def expected_unet(shapes, context_dim=None):
-    """{name: shape} of every UNet tensor npsd uses, for the architecture the anchors describe."""
-    need = lambda n: _need(shapes, n, "unet")
-    levels = len(_indices(shapes, r"down_blocks\.(\d+)\."))
-    n_res = len(_indices(shapes, r"down_blocks\.0\.resnets\.(\d+)\."))
-    ch = [need(f"down_blocks.{l}.resnets.0.conv1.weight")[0] for l in range(levels)]
-    attn = [any(n.startswith(f"down_blocks.{l}.attentions.") for n in shapes) for l in range(levels)]
-    block = next((n[: -len("attn2.to_k.weight")] for n in sorted(shapes) if n.endswith("attn2.to_k.weight")), None)
-    if block is None:
-        raise CheckpointError("the unet weights have no cross-attention (attn2.to_k); not an SD v1.x UNet")
-    ctx = context_dim or shapes[block + "attn2.to_k.weight"][1]
-    ff_mult = need(block + "ff.net.2.weight")[1] // need(block + "attn1.to_q.weight")[0]  # SD: 4
-    prefix = block.rsplit(".transformer_blocks.", 1)[0] + ".transformer_blocks."
-    depth = len(_indices(shapes, re.escape(prefix) + r"(\d+)\."))
-    temb, ch0 = need("time_embedding.linear_1.weight")[0], ch[0]
-    e = _Expect()
-    e.conv("conv_in", ch0, need("conv_in.weight")[1], 3)
-    e.lin("time_embedding.linear_1", temb, ch0)
-    e.lin("time_embedding.linear_2", temb, temb)
-    c, skips = ch0, [ch0]  # skip connections: every down-path output, consumed in reverse by the up path
-    for l in range(levels):
-        for j in range(n_res):
-            e.resnet(f"down_blocks.{l}.resnets.{j}", c, ch[l], temb)
-            c = ch[l]
-            if attn[l]:
-                e.transformer(f"down_blocks.{l}.attentions.{j}", c, depth, ctx, ff_mult)
-            skips.append(c)
-        if l < levels - 1:
-            e.conv(f"down_blocks.{l}.downsamplers.0.conv", c, c, 3)
-            skips.append(c)
-    e.resnet("mid_block.resnets.0", c, c, temb)
-    e.transformer("mid_block.attentions.0", c, depth, ctx, ff_mult)
-    e.resnet("mid_block.resnets.1", c, c, temb)
-    for u in range(levels):
-        l = levels - 1 - u
-        for j in range(n_res + 1):
-            e.resnet(f"up_blocks.{u}.resnets.{j}", c + skips.pop(), ch[l], temb)
-            c = ch[l]
-            if attn[l]:
-                e.transformer(f"up_blocks.{u}.attentions.{j}", c, depth, ctx, ff_mult)
-        if u < levels - 1:
-            e.conv(f"up_blocks.{u}.upsamplers.0.conv", c, c, 3)
-    e.norm("conv_norm_out", c)
-    e.conv("conv_out", need("conv_out.weight")[0], c, 3)
-    return e
-
-
-def expected_vae(shapes):
-    need = lambda n: _need(shapes, n, "vae")
-    levels = len(_indices(shapes, r"encoder\.down_blocks\.(\d+)\."))
-    n_res = len(_indices(shapes, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))
-    ch = [need(f"encoder.down_blocks.{l}.resnets.0.conv1.weight")[0] for l in range(levels)]
-    z2 = need("encoder.conv_out.weight")[0]  # 2 x latent channels (mean and log-variance)
-    e = _Expect()
-
-    def mid(p, c):
-        e.resnet(f"{p}.mid_block.resnets.0", c, c)
-        e.norm(f"{p}.mid_block.attentions.0.group_norm", c)
-        for k in ("to_q", "to_k", "to_v", "to_out.0"):
-            e.lin(f"{p}.mid_block.attentions.0.{k}", c, c)
-        e.resnet(f"{p}.mid_block.resnets.1", c, c)
-
-    e.conv("encoder.conv_in", ch[0], need("encoder.conv_in.weight")[1], 3)
-    c = ch[0]
-    for l in range(levels):
-        for j in range(n_res):
-            e.resnet(f"encoder.down_blocks.{l}.resnets.{j}", c, ch[l])
-            c = ch[l]
-        if l < levels - 1:
-            e.conv(f"encoder.down_blocks.{l}.downsamplers.0.conv", c, c, 3)
-    mid("encoder", c)
-    e.norm("encoder.conv_norm_out", c)
-    e.conv("encoder.conv_out", z2, c, 3)
-    e.conv("quant_conv", z2, z2, 1)
-    e.conv("post_quant_conv", z2 // 2, z2 // 2, 1)
-    e.conv("decoder.conv_in", c, z2 // 2, 3)
-    mid("decoder", c)
-    for u in range(levels):
-        for j in range(n_res + 1):
-            e.resnet(f"decoder.up_blocks.{u}.resnets.{j}", c, ch[levels - 1 - u])
-            c = ch[levels - 1 - u]
-        if u < levels - 1:
-            e.conv(f"decoder.up_blocks.{u}.upsamplers.0.conv", c, c, 3)
-    e.norm("decoder.conv_norm_out", c)
-    e.conv("decoder.conv_out", need("decoder.conv_out.weight")[0], c, 3)
-    return e
-
-
-def expected_text_encoder(shapes):
-    vocab, width = _need(shapes, "embeddings.token_embedding.weight", "text_encoder")
-    e = _Expect()
-    e["embeddings.token_embedding.weight"] = (vocab, width)
-    e["embeddings.position_embedding.weight"] = (_need(shapes, "embeddings.position_embedding.weight", "text_encoder")[0], width)
-    inner = _need(shapes, "encoder.layers.0.mlp.fc1.weight", "text_encoder")[0]
-    for i in _indices(shapes, r"encoder\.layers\.(\d+)\."):
-        p = f"encoder.layers.{i}"
-        for k in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            e.lin(f"{p}.self_attn.{k}", width, width)
-        e.norm(f"{p}.layer_norm1", width)
-        e.lin(f"{p}.mlp.fc1", inner, width)
-        e.lin(f"{p}.mlp.fc2", width, inner)
-        e.norm(f"{p}.layer_norm2", width)
-    e.norm("final_layer_norm", width)
-    return e
-
+# --- the check: every tensor of the design the anchors describe (npsd.architecture) ---------------
 
 def _few(names, k=4):
     names = sorted(names)
@@ -334,8 +181,7 @@ def _refuse_other_architectures(shapes, where):
     if any(n.startswith(("conditioner.embedders", "model.diffusion_model.label_emb.", "add_embedding.")) for n in names):
         raise CheckpointError(f"{where} looks like SDXL (conditioner.embedders / add_embedding weights); "
                               f"npsd supports SD v1.x")
-    ctx = [s[1] for n, s in shapes.items() if n.endswith("attn2.to_k.weight") and len(s) == 2]
-    if any(n.startswith("cond_stage_model.model.") for n in names) or (ctx and ctx[0] == 1024):
+    if any(n.startswith("cond_stage_model.model.") for n in names) or architecture.context_width(shapes) == 1024:
         raise CheckpointError(f"{where}: this looks like SD 2.x (text encoder OpenCLIP ViT-H / context dim 1024); "
                               f"npsd supports SD v1.x")
 
@@ -411,7 +257,7 @@ def _load_original(path, ema, dtype):
                              for d, o in map_text_encoder(list(parts["text_encoder"])).items()},
         }
         params, extra = _read_components({c: f for c in maps}, maps, {c: shapes for c in maps}, dtype)
-        config = sd15_config()  # SD v1.x fallbacks (DECISIONS), then what the tensors and metadata say
+        config = sd15_config()  # SD v1.x fallbacks (npsd/config.py), then what the tensors and metadata say
         config["text_encoder"]["num_heads"] = params["text_encoder"]["final_layer_norm"]["weight"].shape[0] // 64
         meta = f.metadata.get("npsd_config")
         if meta:
@@ -446,12 +292,15 @@ def _read_components(sources, maps, shapes, dtype, components=("text_encoder", "
                 mshapes[d] = mshapes[d][:2]
         try:  # the anchors' shapes come from the file: a damaged one must not crash the arithmetic
             if comp == "text_encoder":
-                expected[comp] = expected_text_encoder(mshapes)
-                width = expected[comp]["final_layer_norm.weight"][0]
+                design = architecture.text_encoder_design(mshapes)
+                width = design.hidden_size
+                expected[comp] = architecture.text_encoder_shapes(design)
             elif comp == "vae":
-                expected[comp] = expected_vae(mshapes)
-            else:
-                expected[comp] = expected_unet(mshapes, context_dim=width)  # cross-attention dim = text width
+                expected[comp] = architecture.vae_shapes(architecture.vae_design(mshapes))
+            else:  # the cross-attention reads the text encoder's states: its width is the text width
+                design = architecture.unet_design(mshapes)
+                design = replace(design, cross_attention_dim=width) if width else design
+                expected[comp] = architecture.unet_shapes(design)
         except (IndexError, ValueError, TypeError, ZeroDivisionError) as e:
             raise CheckpointError(f"{sources[comp].path}: the {comp} weights have shapes npsd cannot interpret "
                                   f"({type(e).__name__}: {e}); the file is damaged or not an SD v1.x model") from None

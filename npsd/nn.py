@@ -6,74 +6,26 @@ Conventions (the same as PyTorch, so weights load without transposes):
 - a linear weight is [out, in]; a conv weight is [out, in, kh, kw];
 - everything is float32.
 
-Memory is bounded by one setting, ``CHUNK_BYTES``: conv2d builds its im2col matrix a band of
-output rows at a time, and attention scores a block of queries at a time, so that neither
+Memory is bounded by one setting, ``settings.CHUNK_BYTES``: conv2d builds its im2col matrix a band
+of output rows at a time, and attention scores a block of queries at a time, so that neither
 temporary exceeds the budget. Chunking changes only the order of work, not the arithmetic of any
 single output value, so results are identical whatever the budget (tests/test_nn.py checks it).
 
-Fast path: with ``FAST`` on (the default), linear, conv2d, attention, softmax, group_norm,
-layer_norm, silu, gelu and geglu hand their work to npsd/fast.py, which computes the same formulas with fewer
-passes over memory, on several threads, and 3x3 convolutions on large maps by Winograd's
-F(2x2, 3x3). The code below is the plain reference that docs/ explains; to step through it, run
-with ``nn.set_fast(False)``, ``with nn.fast(False):`` or the environment variable NPSD_FAST=0.
+Fast path: with ``settings.FAST`` on (the default), linear, conv2d, attention, softmax,
+group_norm, layer_norm, silu, gelu and geglu hand their work to npsd/fast.py, which computes the
+same formulas with fewer passes over memory, on several threads, and 3x3 convolutions on large maps
+by Winograd's F(2x2, 3x3). The code below is the plain reference that docs/ explains; to step
+through it, run with ``nn.set_fast(False)``, ``with nn.fast(False):`` or the environment variable
+NPSD_FAST=0. The settings live in npsd/settings.py; nn offers their functions under the same names.
 """
-
-import os
-from contextlib import contextmanager
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.special import erf
 
-# The largest temporary (im2col matrix, attention score block) one call may build, in bytes.
-CHUNK_BYTES = 128 * 2**20
-# Use npsd/fast.py (see above); the threads it splits its work across.
-FAST = os.environ.get("NPSD_FAST", "1") != "0"
-THREADS = os.cpu_count() or 1
-
-
-def set_chunk_bytes(n):
-    """Set the memory budget of one temporary (im2col block, attention scores) in bytes."""
-    global CHUNK_BYTES
-    if int(n) < 1:
-        raise ValueError(f"chunk budget must be a positive number of bytes, got {n}")
-    CHUNK_BYTES = int(n)
-
-
-@contextmanager
-def chunk_bytes(n):
-    """Temporarily change the chunk budget: ``with chunk_bytes(2**20): ...``."""
-    old = CHUNK_BYTES
-    set_chunk_bytes(n)
-    try:
-        yield
-    finally:
-        set_chunk_bytes(old)
-
-
-def set_fast(on):
-    """True: the fast kernels of npsd/fast.py; False: the plain forward passes of this file."""
-    global FAST
-    FAST = bool(on)
-
-
-@contextmanager
-def fast(on):
-    """Temporarily choose the kernels: ``with fast(False): ...`` runs the plain reference path."""
-    old = FAST
-    set_fast(on)
-    try:
-        yield
-    finally:
-        set_fast(old)
-
-
-def set_threads(n):
-    """Threads the fast path splits its work across (each piece calls BLAS with one thread)."""
-    global THREADS
-    if int(n) < 1:
-        raise ValueError(f"threads must be a positive number, got {n}")
-    THREADS = int(n)
+from . import fast as _fast
+from . import settings
+from .settings import chunk_bytes, fast, set_chunk_bytes, set_fast, set_threads  # noqa: F401  (nn.set_fast, ...)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,14 +33,14 @@ def set_threads(n):
 # ---------------------------------------------------------------------------------------------
 
 def silu(x):
-    if FAST:
+    if settings.FAST:
         return _fast.silu(x)
     # silu(x) = x * sigmoid(x) = x / (1 + e^-x)
     return x / (1.0 + np.exp(-x))
 
 
 def gelu(x):
-    if FAST:
+    if settings.FAST:
         return _fast.gelu(x)
     # exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))
     return (0.5 * x * (1.0 + erf(x * np.float32(1 / np.sqrt(2))))).astype(np.float32, copy=False)
@@ -100,7 +52,7 @@ def quick_gelu(x):
 
 
 def softmax(x, axis=-1):
-    if FAST:
+    if settings.FAST:
         return _fast.softmax(x, axis)
     # softmax(x)_i = e^(x_i - max x) / sum_j e^(x_j - max x); subtracting the max avoids overflow
     e = np.exp(x - x.max(axis=axis, keepdims=True))
@@ -113,7 +65,7 @@ def softmax(x, axis=-1):
 
 def linear(x, weight, bias=None):
     # [..., in] @ [in, out] -> [..., out]   (weight is stored [out, in], as in PyTorch)
-    if FAST:
+    if settings.FAST:
         return _fast.linear(x, weight, bias)
     y = x @ weight.T
     if bias is not None:
@@ -121,9 +73,9 @@ def linear(x, weight, bias=None):
     return y
 
 
-def pointwise(x, weight, bias=None):
-    # a linear layer whose weight may be stored as a 1x1 conv [out, in, 1, 1] (SD v1's UNet
-    # proj_in/proj_out, legacy VAE attention): on tokens [..., in] it is the same map [out, in]
+def linear_or_conv1x1(x, weight, bias=None):
+    # a linear layer whose weight is [out, in] or stored as a 1x1 conv [out, in, 1, 1] (SD v1's UNet
+    # proj_in/proj_out, legacy VAE attention): on tokens [..., in] both are the same map [out, in]
     return linear(x, weight.reshape(weight.shape[0], -1), bias)
 
 
@@ -131,13 +83,13 @@ def geglu(x, weight, bias):
     # GEGLU (Shazeer 2020): project to 2*inner, split into (value, gate), value * gelu(gate)
     h = linear(x, weight, bias)                       # [..., in] -> [..., 2*inner]
     value, gate = np.split(h, 2, axis=-1)             # 2 x [..., inner]
-    if FAST:
+    if settings.FAST:
         return _fast.geglu_product(value, gate)
     return value * gelu(gate)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
-    if FAST:
+    if settings.FAST:
         return _fast.layer_norm(x, weight, bias, eps)
     # normalise over the last axis: (x - mean) / sqrt(var + eps) * weight + bias
     mean = x.mean(axis=-1, keepdims=True)
@@ -149,7 +101,7 @@ def group_norm(x, num_groups, weight, bias, eps):
     # x [B, C, ...]: channels split into num_groups groups; each group normalised over its channels
     # and all positions, then a per-channel affine transform. eps differs between models (UNet
     # resnets 1e-5, transformer blocks and the VAE 1e-6), so it has no default.
-    if FAST:
+    if settings.FAST:
         return _fast.group_norm(x, num_groups, weight, bias, eps)
     b, c = x.shape[:2]
     g = x.reshape(b, num_groups, -1)                  # [B, G, C/G * positions]
@@ -176,7 +128,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     if c_w != c:
         raise ValueError(f"conv2d: input has {c} channels but the weight expects {c_w}")
     pad = (padding,) * 4 if np.isscalar(padding) else tuple(padding)
-    if FAST:
+    if settings.FAST:
         return _fast.conv2d(x, weight, bias, stride, pad)
 
     if kh == kw == 1 and stride == 1 and not any(pad):
@@ -191,7 +143,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
         w2 = weight.reshape(o, c * kh * kw).T                                # [C*kh*kw, O]
         y = np.empty((b, o, ho, wo), dtype=np.float32)
         row_bytes = b * wo * c * kh * kw * 4                                 # im2col bytes per output row
-        rows = max(1, min(ho, CHUNK_BYTES // row_bytes))
+        rows = max(1, min(ho, settings.CHUNK_BYTES // row_bytes))
         for r0 in range(0, ho, rows):
             r1 = min(ho, r0 + rows)
             band = xp[:, :, r0 * stride:(r1 - 1) * stride + kh]            # input rows this band reads
@@ -230,21 +182,21 @@ def attention(q, k, v, num_heads, causal=False):
     q [B, N, C], k and v [B, M, C] -> [B, N, C]; C is split into num_heads heads of d = C / heads.
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V, per head. With causal=True, query i sees only
     keys j <= i (CLIP's text transformer). Queries are processed in blocks so that the score
-    block [B, heads, n, M] stays within CHUNK_BYTES.
+    block [B, heads, n, M] stays within settings.CHUNK_BYTES.
     """
     b, n, c = q.shape
     m = k.shape[1]
     d = c // num_heads
     if d * num_heads != c:
         raise ValueError(f"attention: width {c} is not divisible by {num_heads} heads")
-    if FAST:
+    if settings.FAST:
         return _fast.attention(q, k, v, num_heads, causal)
     qh = q.reshape(b, n, num_heads, d).transpose(0, 2, 1, 3)               # [B, h, N, d]
     kh = k.reshape(b, m, num_heads, d).transpose(0, 2, 3, 1)               # [B, h, d, M]
     vh = v.reshape(b, m, num_heads, d).transpose(0, 2, 1, 3)               # [B, h, M, d]
     scale = np.float32(1.0 / np.sqrt(d))
     out = np.empty((b, n, num_heads, d), dtype=np.float32)
-    rows = max(1, min(n, CHUNK_BYTES // (b * num_heads * m * 4)))
+    rows = max(1, min(n, settings.CHUNK_BYTES // (b * num_heads * m * 4)))
     for i0 in range(0, n, rows):
         i1 = min(n, i0 + rows)
         s = (qh[:, :, i0:i1] * scale) @ kh                                  # [B, h, n, M]
@@ -279,6 +231,3 @@ def timestep_embedding(t, dim=320, flip_sin_to_cos=True, freq_shift=0, max_perio
     if dim % 2:
         emb = np.pad(emb, ((0, 0), (0, 1)))
     return emb.astype(np.float32)
-
-
-from . import fast as _fast  # noqa: E402  (the fast path; it reads the settings above)

@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 from . import published_configs
-from .errors import CheckpointError, NpsdError
+from .errors import CheckpointError, NpsdError, UsageError
 from .testing import compare
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -366,7 +366,6 @@ def run_parity(args, out=None):
     import npsd
     path = os.fspath(args.model)
     if not os.path.exists(path):
-        from .cli import UsageError
         raise UsageError(f"--model {path} does not exist; give an SD v1.x .safetensors/.ckpt file or diffusers folder")
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -374,7 +373,6 @@ def run_parity(args, out=None):
     f = pipe.vae_factor
     smallest = f * 2 ** (len(pipe.params["unet"]["down_blocks"]) - 1)   # the UNet's lowest level is 1x1
     if args.size % f or args.size < smallest:
-        from .cli import UsageError
         raise UsageError(f"--size must be a multiple of {f} and at least {smallest}, got {args.size}")
     folder = path if os.path.isdir(path) else None
     t1 = time.perf_counter()

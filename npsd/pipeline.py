@@ -18,19 +18,72 @@ All randomness of one call comes from one generator (npsd/rng.py), chosen by ``r
 The same seed and arguments give the same images on every run and machine.
 """
 
+import functools
 import math
+from pathlib import Path
 
 import numpy as np
 
 from . import clip, resources, schedulers, unet as unet_model, vae
+from .embeddings import load_used_embeddings
+from .prompts import PROMPT_SYNTAXES, encode_schedule, extract_loras, encode_weighted, pad_chunks, prompt_syntax_used, text_at_step
 from .rng import make_rng
-from .config import sd15_config
+from .config import generation_defaults, sd15_config
 from .errors import InputError, NpsdError
 from .guidance import guided_model, uses_guidance
 from .images import default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil
 from .tokenizer import Tokenizer
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+def _lora_file(folder, name):
+    """<lora:NAME> -> the file NAME.safetensors (or .pt/.ckpt) found under folder (recursively, as
+    A1111 does); only files inside the folder count, whatever NAME says."""
+    if folder is None:
+        raise InputError(f"the prompt names <lora:{name}> but no LoRA folder is set; set pipe.lora_dir "
+                         "(CLI: --lora-dir)")
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise InputError(f"LoRA folder {folder} does not exist or is not a folder")
+    for path in sorted(root.rglob("*")):
+        if path.stem == name and path.suffix.lower() in LORA_SUFFIXES and path.is_file() \
+                and path.resolve().is_relative_to(root):
+            return path
+    raise InputError(f"<lora:{name}>: no {name}.safetensors/.pt/.ckpt in {folder}; check the name or --lora-dir")
+
+
+def _loras_from_prompt(generate):
+    """With prompt_syntax="a1111", the prompts' <lora:NAME:STRENGTH> tags (npsd.prompts.extract_loras)
+    load NAME from self.lora_dir for this call only (tags from every prompt of the batch apply to
+    the whole batch); the prompts go on without the tags."""
+    @functools.wraps(generate)
+    def run(self, prompt, *args, prompt_syntax="plain", **kwargs):
+        if prompt_syntax != "a1111" or not isinstance(prompt, (str, list, tuple)) \
+                or not all(isinstance(p, str) for p in ([prompt] if isinstance(prompt, str) else prompt)):
+            return generate(self, prompt, *args, prompt_syntax=prompt_syntax, **kwargs)
+        cleaned, tags = [], []
+        for p in [prompt] if isinstance(prompt, str) else prompt:
+            text, found = extract_loras(p)
+            cleaned.append(text)
+            tags += found
+        loaded = []
+        try:
+            for tag in tags:
+                name = f"<lora:{tag.name}>"
+                if name not in loaded:
+                    self.load_lora(_lora_file(self.lora_dir, tag.name), tag.strength, name=name,
+                                   unet_strength=tag.unet_strength)
+                    loaded.append(name)
+            prompt = cleaned[0] if isinstance(prompt, str) else cleaned
+            return generate(self, prompt, *args, prompt_syntax=prompt_syntax, **kwargs)
+        finally:
+            for name in loaded:
+                self.unload_lora(name)
+    return run
 
 
 class Pipeline:
@@ -48,6 +101,8 @@ class Pipeline:
         self.config = config if config is not None else sd15_config()
         self._tokenizer = tokenizer
         self.info = dict(info or {})          # where the weights came from (set by npsd.load)
+        self.lora_dir = None                  # where A1111-syntax <lora:NAME> tags find NAME.safetensors
+        self.embeddings_dir = None            # where embeddings named in prompts are found (stem = name)
 
     @property
     def tokenizer(self):
@@ -77,6 +132,30 @@ class Pipeline:
         """unscaled latents [B, 4, h, w] -> images float32 [B, 3, 8h, 8w] in [-1, 1]."""
         return vae.decode(self.params["vae"], latents, self.config["vae"], tile_size=tile_size)
 
+    # --- LoRA (npsd/lora.py, docs/lora.md) -------------------------------------------------------
+
+    def load_lora(self, path, strength=1.0, name=None, unet_strength=None):
+        """Merge a LoRA (kohya/A1111 or diffusers/PEFT; .safetensors, or .pt/.ckpt read without pickle's
+        code) into the text encoder and UNet: W + strength * (alpha / r) * up @ down. name: default the
+        file's stem; loading a name again replaces it. unet_strength: the UNet's own (None: strength).
+        -> the number of layers it touches."""
+        return self._lora_set().load(path, strength, name, unet_strength)
+
+    def unload_lora(self, name=None):
+        """Remove the LoRA `name` (None: all); the layers no LoRA touches get their original arrays back."""
+        self._lora_set().unload(name)
+
+    @property
+    def loras(self):
+        """{name: npsd.lora.Loaded(path, format, strength, unet_strength, layers)}, in load order."""
+        return self._lora_set().info()
+
+    def _lora_set(self):
+        from .lora import LoraSet
+        if getattr(self, "_loras", None) is None:
+            self._loras = LoraSet(self.params)
+        return self._loras
+
     # --- facts derived from the weights -------------------------------------------------------
 
     @property
@@ -98,16 +177,18 @@ class Pipeline:
 
     # --- generation ---------------------------------------------------------------------------
 
+    @_loras_from_prompt
     def txt2img(self, prompt, negative_prompt="", num_inference_steps=None, guidance_scale=None,
                 height=None, width=None, seed=None, sampler=None, latents=None, num_images=1,
                 output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", rng="numpy",
-                prediction_type=None, guidance_rescale=0.0, progress=False):
+                prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
         unconditional prompt). num_images: images per prompt. None for num_inference_steps,
-        guidance_scale, height, width, sampler means the model's own defaults (config["defaults"]).
+        guidance_scale, height, width, sampler means the model's own defaults (config["defaults"],
+        npsd.config.generation_defaults).
         latents: the initial noise [B, C, h, w] BEFORE multiplication by the sampler's initial sigma
         (as in diffusers); default drawn from the seed. output_type "pil" (a list of PIL images, or
         one image when one was asked), "np" (float32 [B, H, W, 3] in [0, 1]) or "latent" (the final
@@ -116,12 +197,19 @@ class Pipeline:
         rng: "numpy" (default) or "torch" (torch's CPU generator: diffusers' image from the same seed).
         prediction_type: what the UNet predicts, "epsilon", "v_prediction" or "sample" (None: the
         model's config). guidance_rescale: Lin et al. 2024's rescaled guidance (eq. 16), 0 = off.
+        prompt_syntax: "plain" (brackets are literal, as in diffusers) or "a1111": AUTOMATIC1111's
+        emphasis "(word:1.3)", "[word]", BREAK, prompt editing "[a:b:0.5]", alternation "[a|b]" and
+        "<lora:NAME:STRENGTH>" tags (files in self.lora_dir; active for this call only), as
+        npsd/prompts.py parses and weights them (docs/prompts.md). A prompt without any of these gives
+        the numbers of "plain". Embeddings named in a prompt are loaded from self.embeddings_dir
+        (when set) in either mode.
         """
-        s = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed)
-        resources.check_request(self, prompt, num_images, s)                        # refuse what cannot fit
-        rng, model, batch, schedule = self._begin(s, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt,
-                                                  use_karras_sigmas, timestep_spacing, prediction_type, guidance_rescale)
-        h, w = s["height"] // self.vae_factor, s["width"] // self.vae_factor
+        settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed)
+        resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
+        rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
+                                                  long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
+                                                  guidance_rescale, prompt_syntax)
+        h, w = settings["height"] // self.vae_factor, settings["width"] // self.vae_factor
         shape = (batch, self.latent_channels, h, w)
         if latents is None:
             latents = rng.standard_normal(shape, dtype=np.float32)                 # [B, 4, h, w]
@@ -131,11 +219,12 @@ class Pipeline:
         x = self._sample(model, x, schedule, rng, 0, eta, callback, progress)
         return self._output(x, output_type)
 
+    @_loras_from_prompt
     def img2img(self, prompt, image, strength=0.8, negative_prompt="", num_inference_steps=None,
                 guidance_scale=None, height=None, width=None, seed=None, sampler=None, noise=None,
                 num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
-                rng="numpy", prediction_type=None, guidance_rescale=0.0, progress=False):
+                rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -148,25 +237,27 @@ class Pipeline:
         """
         _check_strength(strength)
         img = open_image(image)
-        s = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img)
-        resources.check_request(self, prompt, num_images, s)                        # refuse what cannot fit
-        img = fit_size(img, s["height"], s["width"])
+        settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img)
+        resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
+        img = fit_size(img, settings["height"], settings["width"])
         sample_posterior = rng == "torch" if sample_posterior is None else sample_posterior
-        rng, model, batch, schedule = self._begin(s, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt,
-                                                  use_karras_sigmas, timestep_spacing, prediction_type, guidance_rescale)
-        start = schedulers.img2img_start_index(s["steps"], strength)
+        rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
+                                                  long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
+                                                  guidance_rescale, prompt_syntax)
+        start = schedulers.img2img_start_index(settings["steps"], strength)
         x0 = self._encode_image(to_array(img), rng, sample_posterior)               # [1, 4, h, w], scaled
         x0 = np.repeat(x0, batch, axis=0)                                          # [B, 4, h, w]
         noise = rng.standard_normal(x0.shape, dtype=np.float32) if noise is None else _check_array(noise, x0.shape, "noise")
-        x = schedulers.noise_at_step(schedule, x0, noise, start)                    # x at step `start`
+        x = schedulers.noise_at_start(schedule, x0, noise, start)                   # x at step `start`
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress)
         return self._output(x, output_type)
 
+    @_loras_from_prompt
     def inpaint(self, prompt, image, mask_image, strength=1.0, negative_prompt="", num_inference_steps=None,
                 guidance_scale=None, height=None, width=None, seed=None, sampler=None, latents=None,
                 noise=None, num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
-                mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, progress=False):
+                mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -181,12 +272,12 @@ class Pipeline:
         """
         _check_strength(strength)
         img = open_image(image)
-        s = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img)
-        resources.check_request(self, prompt, num_images, s)                        # refuse what cannot fit
-        img = fit_size(img, s["height"], s["width"])
-        mask_img = fit_size(open_image(mask_image, "mask"), s["height"], s["width"], "mask")
-        nine = self.unet_in_channels == self.latent_channels * 2 + 1
-        if not nine and self.unet_in_channels != self.latent_channels:
+        settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img)
+        resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
+        img = fit_size(img, settings["height"], settings["width"])
+        mask_img = fit_size(open_image(mask_image, "mask"), settings["height"], settings["width"], "mask")
+        inpainting_unet = self.unet_in_channels == self.latent_channels * 2 + 1
+        if not inpainting_unet and self.unet_in_channels != self.latent_channels:
             raise NpsdError(f"a UNet with {self.unet_in_channels} input channels is neither an ordinary "
                             f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) model")
         f = self.vae_factor
@@ -203,14 +294,16 @@ class Pipeline:
 
         diffusers_order = rng == "torch"
         sample_posterior = diffusers_order if sample_posterior is None else sample_posterior
-        rng, model, batch, schedule = self._begin(s, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt,
-                                                  use_karras_sigmas, timestep_spacing, prediction_type,
-                                                  guidance_rescale, nine_channel_unet if nine else None)
-        start = schedulers.img2img_start_index(s["steps"], strength)
+        rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
+                                                  long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
+                                                  guidance_rescale, prompt_syntax,
+                                                  nine_channel_unet if inpainting_unet else None)
+        start = schedulers.img2img_start_index(settings["steps"], strength)
         pure_noise = start == 0 and strength == 1.0
         # diffusers does not encode the image for a 9-channel UNet that starts from pure noise
-        x0 = self._encode_image(pixels, rng, sample_posterior and not (diffusers_order and nine and pure_noise))
-        if nine and not diffusers_order:
+        x0 = self._encode_image(pixels, rng,
+                                sample_posterior and not (diffusers_order and inpainting_unet and pure_noise))
+        if inpainting_unet and not diffusers_order:
             masked = self._encode_image(masked_pixels, rng, sample_posterior)     # [1, 4, h, w]
         x0 = np.repeat(x0, batch, axis=0)                                          # [B, 4, h, w]
         shape = x0.shape
@@ -220,15 +313,15 @@ class Pipeline:
             noise = eps0 if noise is None else _check_array(noise, shape, "noise")
         else:
             noise = rng.standard_normal(shape, dtype=np.float32) if noise is None else _check_array(noise, shape, "noise")
-            x = schedulers.noise_at_step(schedule, x0, noise, start)
+            x = schedulers.noise_at_start(schedule, x0, noise, start)
         if diffusers_order:             # diffusers encodes the masked image now, even for a 4-channel UNet
-            if nine:
+            if inpainting_unet:
                 masked = self._encode_image(masked_pixels, rng, sample_posterior)
             elif sample_posterior:
                 rng.standard_normal(shape[1:], dtype=np.float32)[None]            # drawn and not used
 
         def keep_known(i, t, x, x0_pred):
-            if nine:
+            if inpainting_unet:
                 return None
             # the kept region: the original latents noised to the level of the next step
             known = schedulers.noise_at_step(schedule, x0, noise, i + 1)           # [B, 4, h, w]
@@ -240,16 +333,17 @@ class Pipeline:
     # --- the pieces of the loops ----------------------------------------------------------------
 
     def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None):
-        """Fill None with the model's defaults and check every value; one-line errors."""
-        d = self.config.get("defaults", {})
+        """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
+        the image's own size first) and check every value; one-line errors."""
+        defaults = generation_defaults(self.config)
         if image is not None and (height is None or width is None):
             ih, iw = default_size(image)
             height, width = height or ih, width or iw
-        steps = d.get("num_inference_steps", 50) if steps is None else steps
-        guidance = d.get("guidance_scale", 7.5) if guidance is None else guidance
-        height = d.get("height", 512) if height is None else height
-        width = d.get("width", 512) if width is None else width
-        sampler = d.get("sampler", "ddim") if sampler is None else sampler
+        steps = defaults["num_inference_steps"] if steps is None else steps
+        guidance = defaults["guidance_scale"] if guidance is None else guidance
+        height = defaults["height"] if height is None else height
+        width = defaults["width"] if width is None else width
+        sampler = defaults["sampler"] if sampler is None else sampler
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"num_inference_steps must be a whole number >= 1, got {steps!r}")
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating, np.integer)) \
@@ -270,22 +364,26 @@ class Pipeline:
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
                 "width": int(width), "sampler": sampler, "seed": int(seed)}
 
-    def _begin(self, s, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
-               timestep_spacing, prediction_type, guidance_rescale, unet=None):
+    def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
+               timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, unet=None):
         """What every generation sets up first -> (the generator, model(x, t) with guidance, batch, schedule).
         unet: the UNet call to guide (default self.unet)."""
-        rng = make_rng(rng, s["seed"])
-        cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, s["guidance_scale"],
-                                             clip_skip, long_prompt)
-        schedule = schedulers.make_schedule(s["sampler"], s["steps"], self.config, use_karras_sigmas,
+        rng = make_rng(rng, settings["seed"])
+        schedule = schedulers.make_schedule(settings["sampler"], settings["steps"], self.config, use_karras_sigmas,
                                             timestep_spacing, prediction_type=prediction_type)
-        model = guided_model(unet or self.unet, cond, uncond, s["guidance_scale"], guidance_rescale)
+        model_calls = settings["steps"] * (2 if settings["sampler"] in schedulers.TWO_STAGE else 1)
+        cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, settings["guidance_scale"],
+                                             clip_skip, long_prompt, prompt_syntax, model_calls)
+        model = guided_model(unet or self.unet, cond, uncond, settings["guidance_scale"], guidance_rescale)
         return rng, model, batch, schedule
 
-    def _contexts(self, prompt, negative_prompt, num_images, guidance_scale, clip_skip, long_prompt):
+    def _contexts(self, prompt, negative_prompt, num_images, guidance_scale, clip_skip, long_prompt,
+                  prompt_syntax="plain", model_calls=1):
         """Encode prompt and negative prompt -> (cond [B, L, D], uncond [B, L, D] or None, B).
 
-        B = number of prompts * num_images (each prompt's images are consecutive, as in diffusers)."""
+        B = number of prompts * num_images (each prompt's images are consecutive, as in diffusers).
+        With A1111's syntax in use, cond and uncond may be functions of the model call's index k (prompt
+        editing), for guided_model."""
         prompts = _as_prompt_list(prompt, "prompt")
         negatives = _as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
         if len(negatives) == 1 and len(prompts) > 1:
@@ -295,6 +393,13 @@ class Pipeline:
         if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
             raise InputError(f"num_images must be a whole number >= 1, got {num_images!r}")
         guided = uses_guidance(guidance_scale)
+        texts = prompts + (negatives if guided else [])
+        if getattr(self, "embeddings_dir", None):
+            load_used_embeddings(self, self.embeddings_dir, texts)
+        if prompt_syntax not in PROMPT_SYNTAXES:
+            raise InputError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {prompt_syntax!r}")
+        if prompt_syntax == "a1111" and any(prompt_syntax_used(t, model_calls) for t in texts):
+            return self._a1111_contexts(prompts, negatives if guided else None, num_images, clip_skip, model_calls)
         if long_prompt == "truncate":
             ids, neg_ids = self.tokenizer(prompts), (self.tokenizer(negatives) if guided else None)
         elif long_prompt == "chunk":
@@ -307,6 +412,23 @@ class Pipeline:
         cond = np.repeat(self.encode_text(ids, clip_skip), num_images, axis=0)     # [B, L, D]
         uncond = np.repeat(self.encode_text(neg_ids, clip_skip), num_images, axis=0) if guided else None
         return cond, uncond, cond.shape[0]
+
+    def _a1111_contexts(self, prompts, negatives, num_images, clip_skip, model_calls):
+        """A1111's weighted, chunked, scheduled prompts (npsd/prompts.py) -> (cond, uncond or None, B).
+        Every context is padded to the same number of 77-token chunks with the empty prompt's."""
+        groups = [prompts] + ([negatives] if negatives is not None else [])
+        schedules = [[encode_schedule(self, t, model_calls, clip_skip) for t in group] for group in groups]
+        contexts = pad_chunks([c for g in schedules for sch in g for _, c in sch], encode_weighted(self, "", clip_skip))
+        it = iter(contexts)
+        schedules = [[[(end, next(it)) for end, _ in sch] for sch in g] for g in schedules]
+
+        def context_at(group):                                      # model call k -> [B, L, D]
+            def at(k):
+                return np.repeat(np.concatenate([text_at_step(sch, k) for sch in group]), num_images, axis=0)
+            return at if any(len(sch) > 1 for sch in group) else at(0)
+        cond = context_at(schedules[0])
+        uncond = context_at(schedules[1]) if negatives is not None else None
+        return cond, uncond, len(prompts) * num_images
 
     def _sample(self, model, x, schedule, rng, start, eta, callback, progress, after_step=None):
         """Run the sampler; stops with a clear error as soon as the latents stop being finite.

@@ -11,6 +11,10 @@ The last line is a list of `Name: value` fields separated by ", "; a value that 
 a colon or a newline is written as a JSON string ("..."). `Size` is WIDTHxHEIGHT; `Model hash` is
 the first 10 hex digits of the SHA-256 of the model file (A1111's "AutoV2" hash).
 
+`parameters_text` writes a run's settings in A1111's names ("Sampler: DPM++ 2M", "CFG scale",
+"Clip skip" counted from 1, "RNG: CPU" for torch's CPU generator); `settings_from_png` reads them
+back, from npsd's images and A1111's, as the command line's settings (npsd/cli.py, --from-png).
+
     >>> text = format_parameters("a cat", "blurry", {"Steps": 2, "Sampler": "DDIM", "Seed": 7})
     >>> text
     'a cat\\nNegative prompt: blurry\\nSteps: 2, Sampler: DDIM, Seed: 7'
@@ -23,12 +27,22 @@ import re
 
 from PIL import Image, PngImagePlugin
 
-from .errors import InputError
+from .errors import InputError, UsageError
+from .schedulers import PREDICTION_TYPES, SAMPLERS, SPACINGS
 
 KEY = "parameters"
 NEGATIVE = "Negative prompt:"
 # one "Name: value" field: a name of word characters, spaces, - and /; a JSON-quoted or plain value
 FIELD = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+MODES = ("txt2img", "img2img", "inpaint")   # the "Pipeline" field: which command made the image
+# npsd's sampler names <-> the names A1111 writes in "Sampler:" (read case-insensitively; the table
+# at the top of docs/samplers.md)
+A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
+                  "dpmpp_2m": "DPM++ 2M", "pndm": "PLMS", "lms": "LMS", "dpmpp_2m_sde": "DPM++ 2M SDE",
+                  "unipc": "UniPC", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lcm": "LCM", "deis": "DEIS"}
+# --rng <-> the "RNG" field (A1111's value "CPU" is torch's CPU generator, which rng="torch" reproduces)
+RNG_FIELD = {"numpy": "numpy", "torch": "CPU"}
 
 
 def quote(value):
@@ -127,3 +141,172 @@ def read_parameters(path):
         raise InputError(f"--from-png: {path} has no '{KEY}' text chunk or EXIF comment (not made by npsd or "
                          f"A1111, or the metadata was stripped); give the PNG that npsd wrote")
     return text
+
+
+# --- A1111's fields <-> the command line's settings ---------------------------------------------
+
+def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, width, height, batch, pos,
+                    networks=None):
+    """The "parameters" text of one image made by the command line (settings: npsd/cli.py's SETTINGS,
+    the model's defaults filled in). Settings at their default values are left out. networks: the
+    "Lora hashes" and "TI hashes" fields (npsd/cli.py's network_hashes)."""
+    from . import __version__
+    fields = {
+        "Steps": settings["steps"],
+        "Sampler": A1111_SAMPLERS[settings["sampler"]],
+        "Schedule type": "Karras" if settings["karras"] else None,
+        "CFG scale": _num(settings["guidance_scale"]),
+        "Seed": settings["seed"],
+        "Size": f"{width}x{height}",
+        "Model hash": model_hash,
+        "Model": model_name,
+        "VAE hash": vae_hash,
+        "VAE": vae_name,
+        "Denoising strength": _num(settings["strength"]) if mode != "txt2img" else None,
+        "Mask blur": settings["mask_blur"] if mode == "inpaint" else None,
+        "Eta": _num(settings["eta"]) if settings["eta"] else None,
+        "Clip skip": settings["clip_skip"] + 1 if settings["clip_skip"] else None,
+        "Timestep spacing": settings["timestep_spacing"],
+        "Prediction type": settings["prediction_type"] if settings["prediction_type"] != "epsilon" else None,
+        "Guidance rescale": _num(settings["guidance_rescale"]) if settings["guidance_rescale"] else None,
+        "Long prompt": settings["long_prompt"] if settings["long_prompt"] != "truncate" else None,
+        "Batch size": batch if batch > 1 else None,
+        "Batch pos": pos if batch > 1 else None,
+        "EMA": "off" if settings["no_ema"] else None,
+        "RNG": RNG_FIELD[settings["rng"]],
+        "Prompt syntax": settings["prompt_syntax"],
+        "Lora": ", ".join(f"{name}: {_num(strength)}" for name, strength in _loras(settings)) or None,
+        **(networks or {}),
+        "Pipeline": mode,
+        "npsd version": __version__,
+    }
+    return format_parameters(settings["prompt"], settings["negative_prompt"], fields)
+
+
+def _loras(settings):
+    """The --lora files (by stem) and the LoRAs re-made from a PNG (by name), with their strengths."""
+    import os
+    return ([(os.path.splitext(os.path.basename(path))[0], strength) for path, strength in settings["lora"]]
+            + list(settings["lora_names"]))
+
+
+def short_hash(path):
+    """A1111's short hash of a LoRA or an embedding file: the first 12 hex digits of the SHA-256 of a
+    .safetensors file's tensor data (after its header: the "addnet" hash) or of any other whole file."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if str(path).lower().endswith(".safetensors"):
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def _num(x):
+    """7.5 -> "7.5", 7.0 -> "7" (what A1111 writes), full float precision otherwise."""
+    return int(x) if float(x).is_integer() else repr(float(x))
+
+
+def settings_from_png(path, mode):
+    """The settings stored in an image's "parameters" text (npsd's or A1111's) -> {setting: value},
+    named as the command line's options (npsd/cli.py's SETTINGS). Fields that are absent are left
+    out. Keys starting with "_" are not options: "_select" (the batch position to re-make), "_model"
+    (the stored model name and hash), "_bad_sampler" / "_bad_rng" (an error unless --sampler / --rng
+    is given)."""
+    p = parse_parameters(read_parameters(path))
+    f = p["fields"]
+    made_by = f.get("Pipeline")
+    if made_by in MODES and made_by != mode:
+        needs = {"img2img": " --image FILE", "inpaint": " --image FILE --mask FILE"}.get(made_by, "")
+        raise UsageError(f"{path} was made by {made_by}; run `npsd {made_by} --from-png {path}{needs}`")
+    settings = {"prompt": p["prompt"], "negative_prompt": p["negative_prompt"],
+                "steps": _convert(f, "Steps", int, "a whole number"),
+                "guidance_scale": _convert(f, "CFG scale", float, "a number"),
+                "seed": _convert(f, "Seed", int, "a whole number")}
+    if "Size" in f:
+        try:
+            w, h = (int(v) for v in f["Size"].lower().split("x"))
+        except ValueError:
+            raise InputError(f"--from-png: the stored Size is {f['Size']!r}, not WIDTHxHEIGHT") from None
+        settings["width"], settings["height"] = w, h
+    if "Sampler" in f:
+        settings.update(_sampler_from_field(f["Sampler"]))
+    if f.get("Schedule type", "").lower() == "karras":
+        settings["karras"] = True
+    settings["strength"] = _convert(f, "Denoising strength", float, "a number")
+    settings["eta"] = _convert(f, "Eta", float, "a number")
+    skip = _convert(f, "Clip skip", int, "a whole number")            # A1111's count: 1 = last layer
+    settings["clip_skip"] = None if skip is None else max(skip - 1, 0)
+    settings["mask_blur"] = _convert(f, "Mask blur", int, "a whole number")
+    if f.get("Timestep spacing") in SPACINGS:
+        settings["timestep_spacing"] = f["Timestep spacing"]
+    if f.get("Prediction type") in PREDICTION_TYPES:
+        settings["prediction_type"] = f["Prediction type"]
+    settings["guidance_rescale"] = _convert(f, "Guidance rescale", float, "a number")
+    if f.get("Long prompt") in ("truncate", "chunk"):
+        settings["long_prompt"] = f["Long prompt"]
+    settings["num_images"] = n = _convert(f, "Batch size", int, "a whole number")
+    pos = _convert(f, "Batch pos", int, "a whole number")
+    settings["_select"] = pos if pos is not None and n and n > 1 else None
+    settings["_model"] = (f.get("Model"), f.get("Model hash"))
+    settings["no_ema"] = True if f.get("EMA") == "off" else None
+    if "RNG" in f:                                                    # absent: npsd's own numpy numbers
+        settings.update(_rng_from_field(f["RNG"]))
+    if f.get("Prompt syntax") in ("a1111", "plain"):
+        settings["prompt_syntax"] = f["Prompt syntax"]
+    settings["lora_names"] = _named_values(f.get("Lora"), "Lora") or None
+    settings["ti_names"] = [name for name, _ in _named_pairs(f.get("TI hashes"))] or None
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _named_pairs(text):
+    """ "a: 1, b: 0.5" -> [("a", "1"), ("b", "0.5")] (A1111's "Lora hashes" / "TI hashes" layout)."""
+    pairs = []
+    for item in (text or "").split(","):
+        name, _, value = item.strip().rpartition(":")
+        if name.strip():
+            pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def _named_values(text, field):
+    try:
+        return [(name, float(value)) for name, value in _named_pairs(text)]
+    except ValueError:
+        raise InputError(f"--from-png: the stored '{field}' is {text!r}, not NAME: STRENGTH, ...") from None
+
+
+def _convert(fields, name, kind, what):
+    if name not in fields:
+        return None
+    text = fields[name]
+    try:
+        return kind(text)
+    except ValueError:
+        raise InputError(f"--from-png: the stored '{name}' is {text!r}, not {what}; "
+                         f"give the option explicitly") from None
+
+
+def _sampler_from_field(text):
+    """A "Sampler" field -> {"sampler": npsd's name or None, and "karras" / "_bad_sampler" when they apply}."""
+    found = {}
+    name = text.strip()
+    if name.lower().endswith(" karras"):                             # older A1111: "DPM++ 2M Karras"
+        name, found["karras"] = name[: -len(" karras")], True
+    by_label = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
+    found["sampler"] = by_label.get(name.lower(), name if name in SAMPLERS else None)
+    if found["sampler"] is None:                                      # an error unless --sampler is given
+        found["_bad_sampler"] = (f"--from-png: the stored sampler {text!r} is not one npsd has "
+                                 f"({', '.join(A1111_SAMPLERS.values())}); give --sampler")
+    return found
+
+
+def _rng_from_field(text):
+    """An "RNG" field -> {"rng": "numpy" | "torch" | None, and "_bad_rng" for a generator npsd lacks}."""
+    by_field = {v.lower(): k for k, v in RNG_FIELD.items()}
+    found = {"rng": by_field.get(text.strip().lower())}
+    if found["rng"] is None:                                          # an error unless --rng is given
+        found["_bad_rng"] = (f"--from-png: the image's noise came from the {text!r} generator, which npsd "
+                             f"cannot reproduce (it has numpy and torch's CPU one); give --rng to run anyway")
+    return found

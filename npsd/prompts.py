@@ -10,8 +10,9 @@ modules/sd_emphasis.py and modules/extra_networks.py. In the order A1111 applies
 2. prompt_schedule("a [cat:dog:0.5]", 10) -> [(5, "a cat"), (10, "a dog")]
    prompt editing [from:to:when], [to:when], [from::when] and alternation [a|b|c]: the plain prompt
    of each stretch of steps; text_at_step(schedule, i) picks sampling step i's (A1111's counting).
-3. parse_attention("a (cat:1.3) BREAK [dog]") -> [("a ", 1.0), ("cat", 1.3), ("BREAK", -1), ("dog", 0.909...)]
-   emphasis: (x) * 1.1, [x] / 1.1, (x:w) * w, nested brackets multiply; \\( \\) \\[ \\] \\\\ are literal.
+3. parse_attention("a (cat:1.3) [dog]") -> [("a ", 1.0), ("cat", 1.3), (" ", 1.0), ("dog", 0.909...)]
+   emphasis: (x) * 1.1, [x] / 1.1, (x:w) * w, nested brackets multiply; \\( \\) \\[ \\] \\\\ are literal;
+   BREAK gives a piece ("BREAK", -1).
 4. tokenize_weighted(tokenizer, text) -> ids [k, 77], multipliers [k, 77]
    each piece tokenized on its own, packed into 75-token chunks (a chunk that would overflow moves
    its words after the last comma of its final 20 tokens to the next chunk; BREAK starts a new chunk;
@@ -25,7 +26,7 @@ modules/sd_emphasis.py and modules/extra_networks.py. In the order A1111 applies
 
 A prompt without brackets, BREAK or tags gives the same token ids and contexts as the plain chunked
 path (Tokenizer.chunked + encode_text) whenever it fits in one chunk; longer ones differ only where
-the comma rule moves words (comma_backtrack=0 turns it off). docs/prompts.md has worked examples.
+the comma rule moves words (comma_backtrack=0 turns it off).
 """
 
 import re
@@ -42,6 +43,15 @@ SQUARE = 1 / 1.1                # [x]: weight / 1.1
 BREAK_WEIGHT = -1               # parse_attention's marker for BREAK (a piece ("BREAK", -1))
 COMMA_BACKTRACK = 20            # A1111's default "Prompt word wrap length limit", in tokens
 EMPHASIS = ("original", "no_norm", "ignore", "none")   # A1111's emphasis modes (lower case)
+PROMPT_SYNTAXES = ("plain", "a1111")                   # the pipelines' prompt_syntax values
+
+
+def prompt_syntax_used(text, steps):
+    """True when a prompt (after extract_loras) uses A1111's syntax: emphasis, escapes, BREAK,
+    prompt editing or alternation. Pipelines give such prompts to encode_schedule and the others to
+    the plain tokenizer path, so that a plain prompt gives the same numbers in either syntax."""
+    pieces = parse_attention(text)
+    return pieces not in ([], [(text, 1.0)]) or len(prompt_schedule(text, steps)) > 1
 
 
 # --- 1. <lora:NAME:STRENGTH> and other extra-network tags -----------------------------------------
@@ -106,8 +116,11 @@ def _lora_tag(tag, args):
 #                 | "[" elements ("|" [elements])+ "]"                            (alternation)
 #     plain:      characters other than \ [ ] ( ) : |, or "\" + any character but a newline
 # Inside brackets every bracket must be part of an element; a stray bracket is allowed only at the
-# top level. Where both readings parse, the bracket group wins (A1111's documented examples). A
-# prompt that does not parse at all ("|" or a lone "\" at the top level) is used as it is.
+# top level. Where both readings parse, the bracket group wins, as in A1111's documented examples.
+# (lark's choice between such readings is not a simple rule: for a group directly followed by
+# unmatched brackets or colons, as in "[a:b:2]))", A1111 sometimes reads the group as plain text.
+# npsd keeps the group; prompts whose brackets all match are not affected.) A prompt that does not
+# parse at all ("|" or a lone "\" at the top level) is used as it is.
 
 PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
 NUMBER = re.compile(r"[+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+)")
@@ -158,9 +171,11 @@ def prompt_schedule(text, steps, old_timelines=False):
 
 
 def text_at_step(schedule, step):
-    """The entry of `schedule` for sampling step `step` (0, 1, ... counting the model calls of one
-    generation, as A1111's CFG denoiser counts them): the first whose end_step >= step. Note that
-    step 0 and step 1 both fall in an entry ending at 1 (A1111's counting)."""
+    """[(end_step, value)] -> the value for sampling step `step` (0, 1, ... counting the model calls
+    of one generation, as A1111's CFG denoiser counts them): that of the first entry whose
+    end_step >= step. So [(3, a), (10, b)] gives a at steps 0-3 and b at 4-9; with alternation,
+    steps 0 and 1 both get the first option (A1111's counting). Works on prompt_schedule's texts and
+    on encode_schedule's contexts alike."""
     for entry in schedule:
         if step <= entry[0]:
             return entry[1]
@@ -406,10 +421,8 @@ def encode_weighted(pipe, texts, clip_skip=None, comma_backtrack=COMMA_BACKTRACK
     empty = np.array([tok.bos_id] + [tok.pad_id] * CHUNK_TOKENS + [tok.eos_id], dtype=np.int64)   # [77]
     ids = np.stack([np.concatenate([i] + [empty[None]] * (k - len(i))) for i, _ in chunked])      # [B, k, 77]
     mults = np.stack([np.concatenate([m] + [np.ones((k - len(m), MAX_LENGTH), np.float32)]) for _, m in chunked])
-    out = []
-    for c in range(k):
-        z = _encode_rows(pipe, ids[:, c], clip_skip)                      # [B, 77, D]
-        out.append(apply_emphasis(z, mults[:, c], emphasis))
+    z = _encode_rows(pipe, ids.reshape(len(texts), k * MAX_LENGTH), clip_skip)    # [B, 77k, D], windows apart
+    out = [apply_emphasis(z[:, c * MAX_LENGTH:(c + 1) * MAX_LENGTH], mults[:, c], emphasis) for c in range(k)]
     return np.concatenate(out, axis=1)                                    # [B, 77k, D]
 
 
@@ -422,12 +435,12 @@ def apply_emphasis(z, multipliers, emphasis="original"):
     weighted = z * multipliers[..., None].astype(z.dtype)                 # [B, 77, D]
     if emphasis == "no_norm":
         return weighted
-    original_mean, new_mean = z.mean(), weighted.mean()
-    return weighted * (original_mean / new_mean)
+    ratio = z.mean(dtype=np.float64) / weighted.mean(dtype=np.float64)   # original mean / new mean
+    return weighted * np.float32(ratio)
 
 
 def _encode_rows(pipe, ids, clip_skip):
-    """ids [B, 77] -> [B, 77, D], encoding each distinct row once (a schedule repeats its texts)."""
+    """ids [B, 77k] -> [B, 77k, D], encoding each distinct row once (a schedule repeats its texts)."""
     rows, inverse = np.unique(ids, axis=0, return_inverse=True)
     if len(rows) == len(ids):
         return pipe.encode_text(ids, clip_skip)

@@ -10,7 +10,7 @@ of one VAE decode; they run one after the other, so the request needs about the 
   UNet's level-0 channels (conv_in's output, 320 for SD v1.x); h x w: the latent size. One level-0
   activation B_unet*C0*h*w float32 is the unit: skips, the GEGLU projection (8 x C0 channels) and the
   attention inputs are all multiples of it. The two CHUNK_BYTES are the attention score block and the
-  im2col band (npsd.nn.CHUNK_BYTES bounds each).
+  im2col band (npsd.settings.CHUNK_BYTES bounds each).
 - C_up x H x W: the decoder's largest activation (for SD v1.x 256 channels at full resolution after
   the last-but-one upsampling: 268 MB at 512x512); images are decoded one at a time, so it does not
   grow with the batch; the decoded and converted images do (the last term). The encoder (img2img,
@@ -26,7 +26,7 @@ Available memory is /proc/meminfo's MemAvailable (what the kernel can give witho
 that file does not exist (macOS, Windows) no check is made.
 """
 
-from . import nn
+from . import settings as npsd_settings     # (check_request's `settings` are a request's)
 from .errors import NpsdError
 
 GB = 2 ** 30
@@ -36,13 +36,13 @@ K_VAE = 3.5     # largest decoder activations alive at the VAE's peak (calibrate
 
 def unet_bytes(batch, c0, h, w, chunk_bytes=None):
     """Peak bytes of one UNet call above the weights: batch [B_unet], C0 channels at h x w latents."""
-    chunk = nn.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    chunk = npsd_settings.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     return 2 * chunk + K_UNET * batch * c0 * h * w * 4
 
 
 def vae_decode_bytes(batch, c_up, height, width, chunk_bytes=None):
     """Peak bytes of decoding `batch` images of height x width (one at a time) above the weights."""
-    chunk = nn.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    chunk = npsd_settings.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     return chunk + K_VAE * c_up * height * width * 4 + 2 * batch * 3 * height * width * 4
 
 

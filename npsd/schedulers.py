@@ -19,7 +19,7 @@ How the pieces fit (what a pipeline does; txt2img with Euler)::
     x = noise * sched.init_noise_sigma                           # noise ~ N(0, I) [B, 4, h, w]
     x = sample(model, x, sched, rng=rng, callback=cb)            # model(x_in, t) -> model output
 
-img2img: ``start = img2img_start_index(steps, strength)``, ``x = noise_at_step(sched, x0, noise,
+img2img: ``start = img2img_start_index(steps, strength)``, ``x = noise_at_start(sched, x0, noise,
 start)``, ``sample(model, x, sched, start_index=start, ...)``.
 
 Arrays stay float32; the scalar coefficients of a step (sqrt(abar), 1/sigma, e^-h, ...) are Python
@@ -45,6 +45,8 @@ KARRAS_VARIABLE = ("euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a")
 # the DPM-Solver family: the variance-preserving x_t, described by the sigmas of DPM-Solver's timesteps
 DPM_SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis")
 SIGMA_SAMPLERS = KARRAS_VARIABLE + DPM_SOLVERS      # schedules described by sigmas (Karras sigmas apply)
+# samplers that call the model twice in a step (all but the last)
+TWO_STAGE = ("heun", "dpm2", "dpm2_a")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -58,9 +60,10 @@ def _section(config):
     return config["scheduler"] if "scheduler" in config else config
 
 
-def _betas64(cfg):
-    n, b0, b1 = int(cfg["num_train_timesteps"]), float(cfg["beta_start"]), float(cfg["beta_end"])
-    kind = cfg.get("beta_schedule", "scaled_linear")
+def _betas64(sched_config):
+    n = int(sched_config["num_train_timesteps"])
+    b0, b1 = float(sched_config["beta_start"]), float(sched_config["beta_end"])
+    kind = sched_config.get("beta_schedule", "scaled_linear")
     if kind == "scaled_linear":
         # SD v1.x: betas = linspace(sqrt(beta_start), sqrt(beta_end), N)^2
         b = np.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=np.float64) ** 2       # [N]
@@ -69,7 +72,7 @@ def _betas64(cfg):
         b = np.linspace(b0, b1, n, dtype=np.float64)                          # [N]
     else:
         raise InputError(f"beta_schedule {kind!r} is not supported; use 'scaled_linear' (SD v1.x) or 'linear'")
-    return rescale_zero_terminal_snr(b) if cfg.get("rescale_betas_zero_snr", False) else b
+    return rescale_zero_terminal_snr(b) if sched_config.get("rescale_betas_zero_snr", False) else b
 
 
 def rescale_zero_terminal_snr(betas):
@@ -342,17 +345,17 @@ def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False,
     the config's (SD v1.5: True, "epsilon").
     """
     check_sampler(sampler)
-    cfg = _section(config)
-    N = int(cfg["num_train_timesteps"])
+    sched_config = _section(config)
+    N = int(sched_config["num_train_timesteps"])
     n = num_inference_steps
-    spacing = timestep_spacing if timestep_spacing is not None else cfg.get("timestep_spacing", "leading")
-    offset = int(cfg.get("steps_offset", 0))
-    skip_prk = bool(cfg.get("skip_prk_steps", True) if skip_prk_steps is None else skip_prk_steps)
-    prediction = check_prediction_type(cfg.get("prediction_type", "epsilon") if prediction_type is None
+    spacing = timestep_spacing if timestep_spacing is not None else sched_config.get("timestep_spacing", "leading")
+    offset = int(sched_config.get("steps_offset", 0))
+    skip_prk = bool(sched_config.get("skip_prk_steps", True) if skip_prk_steps is None else skip_prk_steps)
+    prediction = check_prediction_type(sched_config.get("prediction_type", "epsilon") if prediction_type is None
                                        else prediction_type)
     if use_karras_sigmas and sampler not in SIGMA_SAMPLERS:
         raise InputError(f"use_karras_sigmas applies to {', '.join(SIGMA_SAMPLERS)}, not to {sampler!r}")
-    ac = alphas_cumprod(cfg)                                                   # [N]
+    ac = alphas_cumprod(sched_config)                                          # [N]
     table = sigmas_from_alphas_cumprod(_finite_terminal(ac))                   # [N] sigma_t, increasing
     sigmas = prev = mid = None
     final_ac, init_sigma = 1.0, 1.0
@@ -366,14 +369,14 @@ def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False,
             # diffusers' DDIM and PNDM step to t - N // n whatever the spacing (for leading this is
             # the next timestep); past the end they use alpha_bar_0 (SD's set_alpha_to_one=False)
             prev = ts - N // int(n)                                            # [n]
-            final_ac = float(ac[0]) if not cfg.get("set_alpha_to_one", False) else 1.0
+            final_ac = float(ac[0]) if not sched_config.get("set_alpha_to_one", False) else 1.0
         if sampler == "pndm" and not skip_prk:
             if n < 4:
                 raise InputError(f"pndm's Runge-Kutta warm-up (skip_prk_steps=False) needs at least 4 steps, got {n}")
             # the warm-up evaluates the model halfway, at t_next + (N // n) // 2 (diffusers' prk_timesteps)
             mid = np.append(ts[1:] + (N // int(n)) // 2, -1)                   # [n] int64, last unused
     elif sampler == "lcm":
-        ts = lcm_timesteps(n, N, int(cfg.get("original_inference_steps", 50)))  # [n] int64
+        ts = lcm_timesteps(n, N, int(sched_config.get("original_inference_steps", 50)))  # [n] int64
         # each step re-noises its x0 estimate to the next timestep; the last returns the estimate
         prev = np.append(ts[1:], -1)                                           # [n]
     elif sampler in DPM_SOLVERS:
@@ -419,9 +422,10 @@ def img2img_start_index(num_inference_steps, strength):
     """The step at which img2img (and inpainting with strength < 1) starts, as diffusers computes it.
 
     init_timestep = min(int(n * strength), n); t_start = n - init_timestep. The run then does the
-    last n - t_start steps of the schedule, starting from the input noised to step t_start
-    (``noise_at_step``). Valid for every sampler: diffusers' Heun lists each timestep twice and
-    starts at t_start * 2 of its list, which is npsd's step t_start (see docs/samplers.md).
+    last n - t_start steps of the schedule, starting from the input noised as ``noise_at_start``
+    says. Valid for every sampler: diffusers' Heun lists each timestep twice and starts at
+    t_start * 2 of its list, which is npsd's step t_start; PNDM's start is one list entry early
+    (``pndm_start``; see docs/samplers.md).
     """
     if not 0.0 <= float(strength) <= 1.0:
         raise InputError(f"strength must be between 0 and 1, got {strength}")
@@ -454,6 +458,43 @@ def noise_at_step(schedule, x0, noise, step_index):
         return (alpha_t * x0 + sigma_t * noise).astype(np.float32, copy=False)
     # x = x0 + sigma * noise
     return (x0 + sigma * noise).astype(np.float32, copy=False)
+
+
+def pndm_start(schedule, start_index):
+    """The two timesteps of PNDM's improved-Euler first step in a run from step start_index, as
+    diffusers runs it: (t_first, t_second), or (t_first, None) for a one-step schedule. x starts at
+    the noise level of t_first; the model is evaluated at t_first and, on the Euler point, at
+    t_second, where the step lands; the run then goes on with step start_index + 1.
+
+    diffusers' PNDMScheduler (skip_prk_steps) lists its timesteps with the second one twice,
+    d = [t_0, t_1, t_1, t_2, .., t_{n-1}], one entry per model call (the first step takes two), and
+    its order is 1, so diffusers' img2img pipeline starts PLMS at d[t_start * 1] = d[t_start], with
+    PLMS's warm-up counter at 0. Step s of the schedule begins at d[s + 1] (s >= 1), so:
+        s = 0:   (d[0], d[1]) = (t_0, t_1)       txt2img's start, unchanged
+        s = 1:   (d[1], d[2]) = (t_1, t_1)
+        s >= 2:  (d[s], d[s + 1]) = (t_{s-1}, t_s): one step early
+    and the next call, at d[s + 2] = t_{s+1}, sees x at the level of t_s: from s >= 1 diffusers'
+    img2img PNDM ends one step short (from s = n - 1 it stops at t_{n-1}'s noise level).
+    """
+    ts = schedule.timesteps
+    d = np.concatenate([ts[:2], ts[1:]]) if len(ts) > 1 else ts               # [n + 1] diffusers' list
+    return d[start_index], (d[start_index + 1] if start_index + 1 < len(d) else None)
+
+
+def noise_at_start(schedule, x0, noise, start_index):
+    """The state a run from step start_index starts from (img2img; inpainting with strength < 1),
+    as diffusers' pipelines make it: ``noise_at_step(schedule, x0, noise, start_index)`` for every
+    sampler but PNDM, which diffusers' img2img pipeline noises to the level of the first timestep
+    of its part-way start, ``pndm_start(schedule, start_index)[0]`` (one step early from step 2 on).
+    """
+    n = schedule.num_inference_steps
+    if not 0 <= start_index < n:
+        raise InputError(f"start_index must be in 0..{n - 1} for {n} steps, got {start_index}")
+    if schedule.sampler == "pndm" and schedule.skip_prk_steps:
+        t_first, _ = pndm_start(schedule, start_index)
+        # x = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise at diffusers' t_first, not at timesteps[start_index]
+        return add_noise(x0, noise, int(t_first), schedule.alphas_cumprod)
+    return noise_at_step(schedule, x0, noise, start_index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,8 +771,12 @@ def lms_step(x, eps, sigmas, i, prev_derivatives=(), order=4, x0_pred=None):
     dx/dsigma = d(x, sigma) integrated over the polynomial that interpolates the slopes of this and
     up to order - 1 earlier steps (prev_derivatives, oldest first):
 
-        x_{i+1} = x_i + sum_j c_j d_{i-j},   c_j = lms_coefficients(sigmas, i, k)
+        x_{i+1} = x_i + sum_j c_j d_{i-j},   c_j = lms_coefficients(sigmas, i, k),  k = min(i + 1, order)
 
+    The order k comes from the step index i, as in diffusers' LMSDiscreteScheduler, and the sum runs
+    over the slopes there are. From step 0 (txt2img) there are always k of them; diffusers' img2img
+    pipeline starts LMS at step t_start (its begin_index) with no slopes, so its first steps use
+    the weights of order min(i + 1, 4) on fewer slopes (the first only c_0 d_i).
     eps: the model's output for scale_model_input(x, sigmas[i]). Returns (x_next, x0_pred, d); pass
     d on in prev_derivatives.
     """
@@ -742,9 +787,10 @@ def lms_step(x, eps, sigmas, i, prev_derivatives=(), order=4, x0_pred=None):
     # d = dx/dsigma = (x - x0_pred) / sigma
     d = (x - x0_pred) / sigma                                                  # [B, C, h, w]
     history = (list(prev_derivatives) + [d])[-order:]                          # oldest first
-    coeffs = lms_coefficients(sigmas, i, len(history))
+    # diffusers: order = min(step_index + 1, 4) with the index in the whole schedule (see above)
+    coeffs = lms_coefficients(sigmas, i, min(i + 1, order))
     x_next = x
-    for c, dj in zip(coeffs, reversed(history)):                               # d_i, d_{i-1}, ..
+    for c, dj in zip(coeffs, reversed(history)):                               # d_i, d_{i-1}, .. (zip: those there are)
         x_next = x_next + c * dj                                               # [B, C, h, w]
     return x_next, x0_pred, d
 
@@ -980,11 +1026,12 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         (see npsd.guidance). The loop calls it with x_in = scale_model_input(x, sigma) for the
         samplers in KARRAS_VARIABLE and with x itself for the others; t is schedule.timesteps[i] (a
         NumPy scalar), or another timestep of the schedule for a stage inside a step (heun at
-        timesteps[i + 1], dpm2 and dpm2_a at mid_timesteps[i], pndm's first step at timesteps[i + 1],
-        its Runge-Kutta warm-up at mid_timesteps[i] and timesteps[i + 1]).
+        timesteps[i + 1], dpm2 and dpm2_a at mid_timesteps[i], pndm's first step at the two timesteps
+        of pndm_start(schedule, start_index), its Runge-Kutta warm-up at mid_timesteps[i] and
+        timesteps[i + 1]).
     x: the state at step start_index in the sampler's own variable: for txt2img
         N(0, I) * schedule.init_noise_sigma (as diffusers' pipelines multiply their latents); for
-        img2img noise_at_step(schedule, x0, noise, start_index).
+        img2img noise_at_start(schedule, x0, noise, start_index).
     rng: np.random.Generator (or any object with the same standard_normal method) for the
         stochastic samplers. Each draw is rng.standard_normal(x.shape, dtype=np.float32), one per
         step that needs noise, in step order, where diffusers draws:
@@ -1004,11 +1051,15 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
     eta: DDIM's eta (Song et al. eq. 16); 0 is deterministic. The other samplers ignore it.
     between_stages(i, x_mid): called inside the steps that evaluate the model twice (heun at its
         Euler point, dpm2 and dpm2_a at the midpoint, pndm's improved-Euler first step) with the
-        intermediate state before the second evaluation; if it returns an array, that array
-        replaces it (diffusers' inpainting re-imposes the known region after every scheduler call).
+        intermediate state before the second evaluation, which is at the noise level of step i + 1
+        (pndm's part-way start: at step start_index's, and i = start_index - 1 is passed); if it
+        returns an array, that array replaces it (diffusers' inpainting re-imposes the known region,
+        noised to that level, after every scheduler call).
 
     Multistep samplers (dpmpp_2m, dpmpp_2m_sde, pndm, lms, unipc, deis) keep their memory of earlier
-    steps inside this loop, from start_index on: an img2img run starts them at first order.
+    steps inside this loop, from start_index on: an img2img run starts them at first order, except
+    that lms takes its weights' order from the step index (lms_step) and pndm starts one step early
+    (pndm_start), as diffusers' img2img pipeline runs them.
     """
     s = check_sampler(schedule.sampler)
     n = schedule.num_inference_steps
@@ -1153,21 +1204,26 @@ def _pndm_step(predict, x, i, k, schedule, prev_eps, staged):
 
     skip_prk_steps (SD v1.5): PLMS, whose first step is an improved-Euler (Heun) step as in Liu et
     al.'s S-PNDM, written the way diffusers does it: x_1 = phi(x, e_0, t, t - N/n); e_1 at
-    (x_1, t_next); x_1 = phi(x, (e_0 + e_1) / 2, t_next + N/n, t_next). Else the first three steps
-    are Runge-Kutta (PRK) steps, as in F-PNDM, evaluating the model at t, t_mid, t_mid and t_next.
+    (x_1, t_next); x_1 = phi(x, (e_0 + e_1) / 2, t_next + N/n, t_next), with (t, t_next) =
+    pndm_start(schedule, i): (t_i, t_{i+1}) from step 0, diffusers' img2img start from a later step.
+    Else the first three steps are Runge-Kutta (PRK) steps, as in F-PNDM, evaluating the model at
+    t, t_mid, t_mid and t_next.
     """
     ts, prev, ac = schedule.timesteps, schedule.prev_timesteps, schedule.alphas_cumprod
     fac = schedule.final_alpha_cumprod
-    t, t_prev = int(ts[i]), int(prev[i])
-    ratio = t - t_prev                                                         # N // n
-    eps, x0 = predict(x, ts[i])
+    ratio = int(ts[i] - prev[i])                                               # N // n
+    t, t_next = ts[i], None
+    if schedule.skip_prk_steps and k == 0:
+        t, t_next = pndm_start(schedule, i)                                    # the first step's two timesteps
+    eps, x0 = predict(x, t)
     if schedule.skip_prk_steps or k >= 3:
-        x_next, x0_pred = plms_step(x, eps, t, t_prev, ac, prev_eps, fac)
-        if schedule.skip_prk_steps and k == 0 and i + 1 < len(ts):
-            # improved Euler: the model again at the end point, then the step with the mean of both eps
-            x_next = staged(i, x_next)
-            eps_1, _ = predict(x_next, ts[i + 1])
-            t_next = int(ts[i + 1])
+        x_next, x0_pred = plms_step(x, eps, int(t), int(t) - ratio, ac, prev_eps, fac)
+        if t_next is not None:
+            # improved Euler: the model again at the end point, then the step with the mean of both eps;
+            # the end point is at t_next, the level of step i + 1 (from step 0) or of step i (part-way)
+            x_next = staged(i if i == 0 else i - 1, x_next)
+            eps_1, _ = predict(x_next, t_next)
+            t_next = int(t_next)
             x0_pred = x0_from_eps(x_next, eps_1, ac[t_next])
             # phi(x, (e_0 + e_1) / 2, t_next + N // n, t_next)   (t_next + N // n = t for leading spacing)
             x_next = pndm_transfer(x, (eps + eps_1) / 2, t_next + ratio, t_next, ac, fac)

@@ -117,7 +117,8 @@ class Tokenizer:
         """Long-prompt mode: str or list of str -> int64 [B, 77 * k].
 
         Each prompt's tokens are split into chunks of 75; each chunk becomes its own 77-token window
-        (BOS, tokens, EOS, padding), as A1111 and stable-diffusion.cpp do; encode_text encodes the
+        (BOS, tokens, EOS, padding), as stable-diffusion.cpp does (A1111 also moves the words after a
+        comma near the end of a chunk to the next one: npsd/prompts.py); encode_text encodes the
         windows independently and concatenates them. k is the largest number of chunks in the batch
         (at least 1), or num_chunks when given, so that a negative prompt can be padded to the
         positive prompt's k (a missing chunk is BOS, EOS, padding). Tokens beyond num_chunks * 75

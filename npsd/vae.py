@@ -9,70 +9,46 @@ Parameters are the diffusers names (``params["decoder"]["up_blocks"][0]["resnets
 channels, resnets per level and the number of levels come from the weight shapes, so small VAEs of
 the same design run too. config is the "vae" section of npsd.config (norm_groups, eps).
 
-Memory: the largest activation of a 512x512 decode is 256 channels at 512x512 (268 MB). The forward
-pass avoids needless copies of such maps: GroupNorm + SiLU and the 2x upsampling write straight
-into a zero-padded buffer that the next 3x3 conv reads without padding again, GroupNorm/SiLU work a
-few groups at a time, residual adds are in place, and a batch is processed one image at a time.
+The blocks below are the formulas (h = conv(silu(GroupNorm(x))), upsample then conv, x + h), which
+a debugger steps through with the fast path off (``nn.set_fast(False)`` or NPSD_FAST=0). With it
+on (the default) the resnet blocks, the upsamplers and the output layers run their fast versions
+in npsd/fast.py, which compute the same values holding fewer copies of the largest maps (256
+channels at 512x512, 268 MB, in a 512x512 decode): GroupNorm + SiLU and the 2x upsampling written
+straight into the zero-bordered buffer the next 3x3 conv reads, residuals added in place
+(docs/vae.md gives both paths' memory). Either way a batch is encoded and decoded one image at a time.
 ``decode(..., tile_size=T)`` decodes large latents in overlapping tiles blended linearly, as
 diffusers' ``AutoencoderKL.tiled_decode`` does (docs/vae.md shows the difference tiling makes).
 """
 
 import numpy as np
 
-from . import nn
+from . import fast as _fast
+from . import nn, settings
 from .errors import CheckpointError, InputError
 
 # Fraction of a tile that overlaps its neighbour in tiled decoding (diffusers' tile_overlap_factor).
 TILE_OVERLAP = 0.25
-
-# GroupNorm + SiLU process whole channel groups in slices of about nn.CHUNK_BYTES / 8 bytes, so
-# that their temporaries (x - mean, its square, the normalised map, exp(-x), ...) stay small.
-_NORM_SLICE_FRACTION = 8
 
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
 
-def norm_silu(x, p, config, pad=0):
-    """silu(GroupNorm(x)) of x [B, C, H, W], written into a zero-bordered buffer [B, C, H+2pad, W+2pad].
-
-    The result is the same as nn.silu(nn.group_norm(x, ...)) (GroupNorm's statistics are per group,
-    so computing a few groups at a time changes nothing); with pad=1 it is ready for a 3x3 conv
-    with padding 0, so the conv does not copy the map to pad it.
-    """
-    b, c, h, w = x.shape
+def _norm_groups(config, *norms):
+    """config["norm_groups"], checked against the channels of each GroupNorm in norms."""
     groups = config["norm_groups"]
-    if c % groups:
-        raise CheckpointError(f"VAE GroupNorm: {c} channels cannot be split into {groups} groups; "
-                              "check the config's vae.norm_groups")
-    cg = c // groups                                                       # channels per group
-    out = np.zeros((b, c, h + 2 * pad, w + 2 * pad), dtype=np.float32)    # [B, C, H+2p, W+2p]
-    inner = out[:, :, pad:pad + h, pad:pad + w]                           # view [B, C, H, W]
-    group_bytes = b * cg * h * w * 4
-    step = max(1, nn.CHUNK_BYTES // _NORM_SLICE_FRACTION // group_bytes) * cg   # channels per slice
-    for c0 in range(0, c, step):
-        c1 = min(c, c0 + step)
-        # GroupNorm (Wu & He 2018): (x - mean_g) / sqrt(var_g + eps) * weight + bias, per group g
-        y = nn.group_norm(x[:, c0:c1], (c1 - c0) // cg, p["weight"][c0:c1], p["bias"][c0:c1],
-                          config["eps"])                                   # [B, slice, H, W]
-        # SiLU: y * sigmoid(y)
-        inner[:, c0:c1] = nn.silu(y)
-    return out
+    for norm in norms:
+        c = norm["weight"].shape[0]
+        if c % groups:
+            raise CheckpointError(f"VAE GroupNorm: {c} channels cannot be split into {groups} groups; "
+                                  "check the config's vae.norm_groups")
+    return groups
 
 
-def upsample_pad(x):
-    """Nearest-neighbour 2x upsampling of x [B, C, H, W] into a zero-bordered [B, C, 2H+2, 2W+2].
-
-    Each input pixel is copied to a 2x2 block (what F.interpolate(scale_factor=2, mode="nearest")
-    does); the 1-pixel zero border is the padding of the 3x3 conv that follows.
-    """
-    b, c, h, w = x.shape
-    out = np.zeros((b, c, 2 * h + 2, 2 * w + 2), dtype=np.float32)       # [B, C, 2H+2, 2W+2]
-    for dy in (0, 1):
-        for dx in (0, 1):
-            out[:, :, 1 + dy:1 + dy + 2 * h:2, 1 + dx:1 + dx + 2 * w:2] = x  # out[2i+dy+1, 2j+dx+1] = x[i, j]
-    return out
+def group_norm(x, p, config):
+    """GroupNorm (Wu & He 2018) of x [B, C, H, W] with the VAE's groups and eps:
+    (x - mean_g) / sqrt(var_g + eps) * weight + bias, mean and variance over each group g of channels."""
+    return nn.group_norm(x, _norm_groups(config, p), p["weight"], p["bias"], config["eps"])
 
 
 def resnet_block(p, x, config):
@@ -80,15 +56,34 @@ def resnet_block(p, x, config):
 
     x [B, C, H, W] -> [B, O, H, W]; when C != O the skip is a 1x1 conv (conv_shortcut).
     """
-    h = norm_silu(x, p["norm1"], config, pad=1)                            # [B, C, H+2, W+2]
-    h = nn.conv2d(h, **p["conv1"])                                         # [B, O, H, W]
-    h = norm_silu(h, p["norm2"], config, pad=1)                            # [B, O, H+2, W+2]
-    h = nn.conv2d(h, **p["conv2"])                                         # [B, O, H, W]
-    if "conv_shortcut" in p:
-        h += nn.conv2d(x, **p["conv_shortcut"])                            # 1x1: [B, C, H, W] -> [B, O, H, W]
-    else:
-        h += x
-    return h
+    if settings.FAST:
+        return _fast.vae_resnet_block(p, x, _norm_groups(config, p["norm1"], p["norm2"]), config["eps"])
+    h = nn.silu(group_norm(x, p["norm1"], config))                         # [B, C, H, W]
+    h = nn.conv2d(h, **p["conv1"], padding=1)                              # [B, O, H, W]
+    h = nn.silu(group_norm(h, p["norm2"], config))                         # [B, O, H, W]
+    h = nn.conv2d(h, **p["conv2"], padding=1)                              # [B, O, H, W]
+    skip = nn.conv2d(x, **p["conv_shortcut"]) if "conv_shortcut" in p else x   # 1x1 when C != O
+    return skip + h
+
+
+def upsample(p, x):
+    """Upsample2D: nearest-neighbour 2x upsampling, then a 3x3 conv. [B, C, h, w] -> [B, O, 2h, 2w]."""
+    if settings.FAST:
+        return _fast.vae_upsample(p, x)
+    x = nn.upsample_nearest(x)                                             # [B, C, 2h, 2w]: each pixel a 2x2 block
+    return nn.conv2d(x, **p["conv"], padding=1)                            # [B, O, 2h, 2w]
+
+
+def output_layers(p, x, config):
+    """The last layers of the encoder and the decoder: conv_out(silu(conv_norm_out(x))), a 3x3 conv.
+
+    [B, C, H, W] -> [B, O, H, W].
+    """
+    if settings.FAST:
+        groups = _norm_groups(config, p["conv_norm_out"])
+        return _fast.vae_norm_silu_conv(x, p["conv_norm_out"], p["conv_out"], groups, config["eps"])
+    x = nn.silu(group_norm(x, p["conv_norm_out"], config))                 # [B, C, H, W]
+    return nn.conv2d(x, **p["conv_out"], padding=1)                        # [B, O, H, W]
 
 
 def attention_block(p, x, config):
@@ -98,17 +93,16 @@ def attention_block(p, x, config):
     q, k, v = to_q/to_k/to_v(GroupNorm(x)) as tokens [B, H*W, C] (Vaswani et al. 2017, eq. 1).
     """
     b, c, h, w = x.shape
-    t = nn.group_norm(x, config["norm_groups"], p["group_norm"]["weight"], p["group_norm"]["bias"],
-                      config["eps"])                                       # [B, C, H, W]
+    t = group_norm(x, p["group_norm"], config)                             # [B, C, H, W]
     t = t.reshape(b, c, h * w).transpose(0, 2, 1)                          # [B, HW, C]
-    q, k, v = nn.pointwise(t, **p["to_q"]), nn.pointwise(t, **p["to_k"]), nn.pointwise(t, **p["to_v"])  # 3 x [B, HW, C]
+    q = nn.linear_or_conv1x1(t, **p["to_q"])                               # [B, HW, C]
+    k = nn.linear_or_conv1x1(t, **p["to_k"])                               # [B, HW, C]
+    v = nn.linear_or_conv1x1(t, **p["to_v"])                               # [B, HW, C]
     del t
     o = nn.attention(q, k, v, num_heads=1)                                 # [B, HW, C]
     del q, k, v
-    o = nn.pointwise(o, **p["to_out"][0])                                  # [B, HW, C]
-    out = o.transpose(0, 2, 1).reshape(b, c, h, w)                         # [B, C, H, W] (a copy)
-    out += x                                                               # residual connection
-    return out
+    o = nn.linear_or_conv1x1(o, **p["to_out"][0])                          # [B, HW, C]
+    return x + o.transpose(0, 2, 1).reshape(b, c, h, w)                    # residual connection: [B, C, H, W]
 
 
 def mid_block(p, x, config):
@@ -143,7 +137,7 @@ def up_block(p, x, config):
     for res in p["resnets"]:
         x = resnet_block(res, x, config)                                   # [B, O, h, w]
     if p.get("upsamplers"):
-        x = nn.conv2d(upsample_pad(x), **p["upsamplers"][0]["conv"])       # [B, O, 2h+2, 2w+2] -> [B, O, 2h, 2w]
+        x = upsample(p["upsamplers"][0], x)                                # [B, O, 2h, 2w]
     return x
 
 
@@ -157,8 +151,7 @@ def encoder(p, x, config):
     for block in p["down_blocks"]:
         x = down_block(block, x, config)                                   # 128@H -> 128@H/2 -> 256@H/4 -> 512@H/8 -> 512@H/8
     x = mid_block(p["mid_block"], x, config)                               # [B, 512, H/8, W/8]
-    x = norm_silu(x, p["conv_norm_out"], config, pad=1)                    # [B, 512, H/8+2, W/8+2]
-    return nn.conv2d(x, **p["conv_out"])                                   # [B, 8, H/8, W/8]
+    return output_layers(p, x, config)                                     # [B, 8, H/8, W/8]
 
 
 def decoder(p, z, config):
@@ -167,61 +160,7 @@ def decoder(p, z, config):
     x = mid_block(p["mid_block"], x, config)                               # [B, 512, h, w]
     for block in p["up_blocks"]:
         x = up_block(block, x, config)                                     # 512@2h -> 512@4h -> 256@8h -> 128@8h
-    x = norm_silu(x, p["conv_norm_out"], config, pad=1)                    # [B, 128, 8h+2, 8w+2]
-    return nn.conv2d(x, **p["conv_out"])                                   # [B, 3, 8h, 8w]
-
-
-def init_params(rng, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                in_channels=3):
-    """Random parameters of a VAE of this design (defaults: SD v1.x's shapes and names).
-
-    Weights are N(0, 1/fan_in), biases 0.1 N(0, 1), norm weights 1 + 0.1 N(0, 1). Useful for docs,
-    memory tests and to read the layout: the encoder has len(block_out_channels) levels of
-    layers_per_block resnets, the decoder the same levels reversed with one resnet more each.
-    """
-    def conv(o, i, k):
-        return {"weight": (rng.standard_normal((o, i, k, k)) / np.sqrt(i * k * k)).astype(np.float32),
-                "bias": (0.1 * rng.standard_normal(o)).astype(np.float32)}
-
-    def norm(c):
-        return {"weight": (1 + 0.1 * rng.standard_normal(c)).astype(np.float32),
-                "bias": (0.1 * rng.standard_normal(c)).astype(np.float32)}
-
-    def resnet(i, o):
-        p = {"norm1": norm(i), "conv1": conv(o, i, 3), "norm2": norm(o), "conv2": conv(o, o, 3)}
-        if i != o:
-            p["conv_shortcut"] = conv(o, i, 1)
-        return p
-
-    def linear(c):
-        p = conv(c, c, 1)
-        return {"weight": p["weight"][:, :, 0, 0], "bias": p["bias"]}
-
-    def mid(c):
-        attn = {"group_norm": norm(c), "to_q": linear(c), "to_k": linear(c), "to_v": linear(c), "to_out": [linear(c)]}
-        return {"resnets": [resnet(c, c), resnet(c, c)], "attentions": [attn]}
-
-    ch, top, n = list(block_out_channels), block_out_channels[-1], len(block_out_channels)
-    down = []
-    for i, c in enumerate(ch):
-        block = {"resnets": [resnet(ch[max(i - 1, 0)] if j == 0 else c, c) for j in range(layers_per_block)]}
-        if i < n - 1:
-            block["downsamplers"] = [{"conv": conv(c, c, 3)}]
-        down.append(block)
-    rev, up = ch[::-1], []
-    for i, c in enumerate(rev):
-        block = {"resnets": [resnet(rev[max(i - 1, 0)] if j == 0 else c, c) for j in range(layers_per_block + 1)]}
-        if i < n - 1:
-            block["upsamplers"] = [{"conv": conv(c, c, 3)}]
-        up.append(block)
-    return {
-        "encoder": {"conv_in": conv(ch[0], in_channels, 3), "down_blocks": down, "mid_block": mid(top),
-                    "conv_norm_out": norm(top), "conv_out": conv(2 * latent_channels, top, 3)},
-        "quant_conv": conv(2 * latent_channels, 2 * latent_channels, 1),
-        "post_quant_conv": conv(latent_channels, latent_channels, 1),
-        "decoder": {"conv_in": conv(top, latent_channels, 3), "mid_block": mid(top), "up_blocks": up,
-                    "conv_norm_out": norm(ch[0]), "conv_out": conv(in_channels, ch[0], 3)},
-    }
+    return output_layers(p, x, config)                                     # [B, 3, 8h, 8w]
 
 
 def _check_params(params, part):

@@ -1,4 +1,4 @@
-"""The built-in model, weights/npsd-tiny.safetensors (issue 9; weights/README.md).
+"""The built-in model, weights/npsd-tiny.safetensors (weights/README.md).
 
 1. The export (npsd.train.builtin, torch modules -> original single-file layout + npsd_config) and
    the loader (npsd.load) agree: random weights through both, and the shipped file itself, give the

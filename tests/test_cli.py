@@ -22,7 +22,9 @@ from PIL import Image
 
 import npsd
 from npsd import cli
-from npsd.pngmeta import format_parameters, parse_parameters, read_parameters
+from npsd.blas import THREAD_VARS
+from npsd.images import write_png_atomic
+from npsd.pngmeta import A1111_SAMPLERS, format_parameters, parse_parameters, read_parameters, settings_from_png
 from tests.helpers import perturb_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +119,7 @@ def test_png_chunk_roundtrip_latin1_and_utf8(tmp_path):
     """Latin-1 text goes into a tEXt chunk (what A1111 writes), other text into iTXt (UTF-8); both read back."""
     for name, prompt in (("latin.png", "café, naïve"), ("utf8.png", "猫 🐱 on a mat")):
         text = format_parameters(prompt, "", {"Steps": 1, "Seed": 2})
-        cli.write_png_atomic(Image.new("RGB", (4, 4)), str(tmp_path / name), text, overwrite=False)
+        write_png_atomic(Image.new("RGB", (4, 4)), str(tmp_path / name), text, overwrite=False)
         assert read_parameters(tmp_path / name) == text
     raw = (tmp_path / "latin.png").read_bytes()
     assert b"tEXtparameters" in raw and b"iTXtparameters" in (tmp_path / "utf8.png").read_bytes()
@@ -130,7 +132,7 @@ def test_reads_a1111_jpeg_exif(tmp_path):
     exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + text.encode("utf-16-be")     # as A1111 writes it
     img.save(tmp_path / "a.jpg", exif=exif)
     assert read_parameters(tmp_path / "a.jpg") == text
-    s = cli.settings_from_png(str(tmp_path / "a.jpg"), "txt2img")
+    s = settings_from_png(str(tmp_path / "a.jpg"), "txt2img")
     assert (s["prompt"], s["sampler"], s["seed"], s["steps"]) == ("a castle, at dusk", "euler_a", 9, 20)
 
 
@@ -150,7 +152,7 @@ def test_from_png_reads_a1111_settings(tmp_path):
     Image.new("RGB", (8, 8)).save(path, pnginfo=png_info(
         "a castle\nNegative prompt: lowres\nSteps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 1234, "
         "Size: 512x768, Model hash: 6ce0161689, Model: v1-5, Clip skip: 2, Denoising strength: 0.6"))
-    s = cli.settings_from_png(str(path), "img2img")
+    s = settings_from_png(str(path), "img2img")
     assert (s["prompt"], s["negative_prompt"], s["steps"], s["sampler"], s["karras"]) == \
         ("a castle", "lowres", 28, "dpmpp_2m", True)
     assert (s["guidance_scale"], s["seed"], s["width"], s["height"], s["clip_skip"], s["strength"]) == \
@@ -204,6 +206,37 @@ def test_from_png_with_a_noise_source_npsd_lacks(model, tmp_path, capsys):
     assert params_of(tmp_path / "a.png")["fields"]["RNG"] == "CPU"
     rc, _, err = run(["txt2img", PROMPT, "--rng", "cuda"], capsys)
     assert rc == 2 and "--rng: invalid choice: 'cuda'" in err
+
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "lms", "dpmpp_2m_sde", "unipc", "dpm2", "dpm2_a", "lcm", "deis"])
+def test_every_sampler_is_written_and_read_back_by_its_a1111_name(model, tmp_path, capsys, sampler):
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 3, "--sampler", sampler, "--rng", "torch")
+    f = params_of(a)["fields"]
+    assert f["Sampler"] == A1111_SAMPLERS[sampler]
+    b = tmp_path / "b.png"
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", b, "--quiet"], capsys)
+    assert rc == 0, err
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_prediction_type_and_guidance_rescale_options(model, tmp_path, capsys):
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 3, "--prediction-type", "v_prediction", "--guidance-rescale", 0.7)
+    f = params_of(a)["fields"]
+    assert (f["Prediction type"], f["Guidance rescale"]) == ("v_prediction", "0.7")
+    api = npsd.load(str(model)).txt2img(PROMPT, seed=3, height=16, width=16, num_inference_steps=2,
+                                        prediction_type="v_prediction", guidance_rescale=0.7)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(api))
+    b = tmp_path / "b.png"
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", b, "--quiet"], capsys)
+    assert rc == 0 and a.read_bytes() == b.read_bytes(), err
+    c = tmp_path / "c.png"                                            # the defaults are not written
+    gen(capsys, model, c, "--seed", 3)
+    assert "Prediction type" not in params_of(c)["fields"] and "Guidance rescale" not in params_of(c)["fields"]
+    rc, _, err = run(["txt2img", PROMPT, "--guidance-rescale", "1.5"], capsys)
+    assert rc == 2 and "--guidance-rescale" in err
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -405,7 +438,7 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", boom)
     with pytest.raises(KeyboardInterrupt):
-        cli.write_png_atomic(Image.new("RGB", (4, 4)), str(out), "p\nNegative prompt: \nSteps: 1, Seed: 1", True)
+        write_png_atomic(Image.new("RGB", (4, 4)), str(out), "p\nNegative prompt: \nSteps: 1, Seed: 1", True)
     assert out.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["a.png"]
 
 
@@ -528,14 +561,14 @@ def test_version_and_help(capsys):
 # --- --threads ------------------------------------------------------------------------------------
 
 def test_threads_via_npsd_blas(model, tmp_path, capsys, monkeypatch):
-    from npsd import blas, nn
+    from npsd import blas, settings
     if not blas.available():
         pytest.skip("NumPy's BLAS here is not an OpenBLAS that npsd.blas can find")
     before = blas.get_threads()
-    monkeypatch.setattr(nn, "THREADS", nn.THREADS)                  # restored after the test
+    monkeypatch.setattr(settings, "THREADS", settings.THREADS)      # restored after the test
     try:
         gen(capsys, model, tmp_path / "a.png", "--threads", 1, "--seed", 1)
-        assert blas.get_threads() == 1 and nn.THREADS == 1
+        assert blas.get_threads() == 1 and settings.THREADS == 1
     finally:
         blas.set_threads(before)
 
@@ -543,9 +576,9 @@ def test_threads_via_npsd_blas(model, tmp_path, capsys, monkeypatch):
 @pytest.fixture
 def blas_out_of_reach(monkeypatch):
     """As with a BLAS that npsd.blas cannot set (MKL, Accelerate); npsd's own thread count restored after."""
-    from npsd import blas, nn
+    from npsd import blas, settings
     monkeypatch.setattr(blas, "set_threads", lambda n: False)
-    monkeypatch.setattr(nn, "THREADS", nn.THREADS)
+    monkeypatch.setattr(settings, "THREADS", settings.THREADS)
 
 
 def test_threads_with_threadpoolctl(model, tmp_path, capsys, monkeypatch, blas_out_of_reach):
@@ -559,14 +592,14 @@ def test_threads_with_threadpoolctl(model, tmp_path, capsys, monkeypatch, blas_o
 
 def test_threads_without_threadpoolctl(model, tmp_path, capsys, monkeypatch, blas_out_of_reach):
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)          # import fails
-    for v in cli.THREAD_VARS:
+    for v in THREAD_VARS:
         monkeypatch.delenv(v, raising=False)
     _, err = gen(capsys, model, tmp_path / "a.png", "--threads", 1, "--seed", 1)
     assert err.startswith("npsd: warning: --threads 1: cannot change") and err.count("\n") == 1
     # as a command, npsd sets the variables and restarts itself, so OpenBLAS starts with them
     code = ("import sys; sys.modules['threadpoolctl'] = None; import npsd.blas; npsd.blas.set_threads = lambda n: False; "
             "from npsd.cli import main; sys.exit(main())")
-    env = {k: v for k, v in os.environ.items() if k not in cli.THREAD_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
     p = subprocess.run([sys.executable, "-c", code, "txt2img", PROMPT, "--model", model, "-o", str(tmp_path / "b.png"),
                         "--threads", "1", "--debug", "--quiet", *SMALL], env=env, capture_output=True, text=True,

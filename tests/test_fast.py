@@ -1,10 +1,11 @@
-"""The fast path (npsd/fast.py) against the plain reference path of npsd/nn.py.
+"""The fast path (npsd/fast.py) against the plain reference path of npsd/nn.py and npsd/vae.py.
 
-DECISIONS ("Fast paths ... both stay, selected by one setting, and the fast path is tested against
-the plain one"). The parity tests against PyTorch run with the fast path (the default); this file
+Both paths stay, selected by one setting, and the fast path is tested against the plain one, which
+the docs explain. The parity tests against PyTorch run with the fast path (the default); this file
 checks that every fast kernel computes what the plain one computes, on shapes that reach every
 branch: Winograd and im2col convolutions, odd sizes, strides, asymmetric padding, bands forced by a
-small chunk budget, causal and cross attention, several thread counts.
+small chunk budget, causal and cross attention, several thread counts; then the VAE's fast blocks,
+and whole generations with the built-in model on both paths.
 
 Tolerance 1e-5 relative (max |fast - plain| / max |plain|), the per-layer float32 figure: the fast
 kernels sum in a different order (Winograd's transforms, blocked reductions). Measured at SD shapes:
@@ -12,10 +13,15 @@ kernels sum in a different order (Winograd's transforms, blocked reductions). Me
 Stegun 7.1.26) 3e-8.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from npsd import blas, fast, nn
+import npsd
+from npsd import blas, fast, nn, settings, vae
 from npsd.testing import assert_close
 
 RTOL = 1e-5
@@ -174,7 +180,7 @@ def test_thread_counts_agree(monkeypatch):
     monkeypatch.setattr(fast, "MIN_PARALLEL_BLAS", 1)
     results = {}
     for threads in (1, 3):
-        monkeypatch.setattr(nn, "THREADS", threads)
+        monkeypatch.setattr(settings, "THREADS", threads)
         results[threads] = [nn.conv2d(x, w, None, padding=1), nn.attention(q, k, k, 4),
                             nn.group_norm(x, 4, np.ones(8, np.float32), np.zeros(8, np.float32), 1e-5),
                             nn.gelu(x), nn.linear(q, w.reshape(8, -1)[:, :32])]
@@ -195,7 +201,7 @@ def test_blas_threads_restored():
 
 
 def test_setting_selects_the_path(monkeypatch):
-    """nn.FAST really switches: with a broken fast kernel only the fast setting sees it."""
+    """settings.FAST really switches: with a broken fast kernel only the fast setting sees it."""
     monkeypatch.setattr(fast, "silu", lambda x: x)
     x = randn(10)
     with nn.fast(False):
@@ -224,7 +230,7 @@ def test_threads_work_in_a_forked_child(monkeypatch):
     import multiprocessing
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork() on this platform")
-    monkeypatch.setattr(nn, "THREADS", 2)
+    monkeypatch.setattr(settings, "THREADS", 2)
     x = randn(1 << 20)
     nn.silu(x)                                                     # the parent's pool now exists
     ctx = multiprocessing.get_context("fork")
@@ -234,5 +240,105 @@ def test_threads_work_in_a_forked_child(monkeypatch):
 
 
 def _child_silu_sum(x):
-    nn.THREADS = 2
+    settings.set_threads(2)
     return nn.silu(x).sum(dtype=np.float64)
+
+
+def test_settings_are_reached_from_nn_and_the_environment():
+    """nn offers the settings' functions under their old names, and NPSD_FAST=0 starts on the plain path."""
+    assert (nn.set_fast, nn.fast, nn.set_threads, nn.set_chunk_bytes, nn.chunk_bytes) == (
+        settings.set_fast, settings.fast, settings.set_threads, settings.set_chunk_bytes, settings.chunk_bytes)
+    with nn.fast(False):
+        assert settings.FAST is False
+    code = "from npsd import nn, settings; print(settings.FAST)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NPSD_FAST": "0"}, cwd=root).stdout.strip()
+    assert out == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# The VAE's fast blocks (GroupNorm + SiLU and upsampling into padded buffers, in-place residuals)
+# ---------------------------------------------------------------------------------------------
+
+VAE_CONFIG = {"norm_groups": 4, "eps": 1e-6}
+
+
+def conv_params(o, i, k):
+    return {"weight": randn(o, i, k, k, scale=(i * k * k) ** -0.5), "bias": randn(o, scale=0.1)}
+
+
+def norm_params(c):
+    return {"weight": 1 + randn(c, scale=0.1), "bias": randn(c, scale=0.1)}
+
+
+def test_padded_buffers_hold_exactly_the_formula():
+    """The buffers the fast VAE blocks hand to a 3x3 conv are pad(silu(GroupNorm(x))) and
+    pad(upsample(x)), bit for bit, whether GroupNorm takes all groups at once or a slice at a time."""
+    x, norm = randn(2, 12, 9, 7) + 1, norm_params(12)
+    border = ((0, 0), (0, 0), (1, 1), (1, 1))
+    want = np.pad(fast.silu(fast.group_norm(x, 4, norm["weight"], norm["bias"], 1e-6)), border)
+    for budget in (2**27, 1):                                          # one slice; one group per slice
+        with nn.chunk_bytes(budget):
+            assert np.array_equal(fast.norm_silu_padded(x, norm["weight"], norm["bias"], 4, 1e-6), want)
+    want = np.pad(nn.upsample_nearest(x), border)
+    assert np.array_equal(fast.upsample_padded(x), want)
+
+
+@pytest.mark.parametrize("cin, cout", [(8, 8), (8, 12)])           # identity skip; 1x1 conv_shortcut
+def test_vae_resnet_block(conv_route, cin, cout):
+    p = {"norm1": norm_params(cin), "conv1": conv_params(cout, cin, 3),
+         "norm2": norm_params(cout), "conv2": conv_params(cout, cout, 3)}
+    if cin != cout:
+        p["conv_shortcut"] = conv_params(cout, cin, 1)
+    x = randn(2, cin, 10, 9)
+    check(lambda: vae.resnet_block(p, x, VAE_CONFIG), f"VAE resnet block {cin}->{cout} ({conv_route})")
+
+
+def test_vae_upsample_and_output_layers(conv_route):
+    x = randn(1, 8, 6, 5)
+    up = {"conv": conv_params(8, 8, 3)}
+    check(lambda: vae.upsample(up, x), f"VAE upsampler ({conv_route})")
+    out = {"conv_norm_out": norm_params(8), "conv_out": conv_params(3, 8, 3)}
+    check(lambda: vae.output_layers(out, x, VAE_CONFIG), f"VAE output layers ({conv_route})")
+
+
+def test_vae_fast_blocks_check_the_groups():
+    """Both paths refuse a GroupNorm whose channels do not split into the config's groups."""
+    from npsd.errors import CheckpointError
+    p = {"norm1": norm_params(6), "conv1": conv_params(6, 6, 3), "norm2": norm_params(6), "conv2": conv_params(6, 6, 3)}
+    for on in (True, False):
+        with nn.fast(on), pytest.raises(CheckpointError, match="6 channels cannot be split into 4 groups"):
+            vae.resnet_block(p, randn(1, 6, 4, 4), VAE_CONFIG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole generations: the built-in model on the plain path and on the fast path
+# ---------------------------------------------------------------------------------------------
+
+# Max |plain - fast| over the [0, 1] images, measured: txt2img 4.6e-6, img2img 6.0e-6 (float32
+# rounding; an image's 8-bit step is 3.9e-3). The tolerance is 8.7x and 6.7x those.
+GENERATION_TOL = 4e-5
+
+
+def test_generation_plain_against_fast():
+    """txt2img and img2img (rng="numpy", 3 and 2 DDIM steps with guidance) give the same images on
+    both paths, up to float32 rounding compounded through CLIP, the UNet's steps and the VAE."""
+    from PIL import Image
+    pipe = npsd.load()
+    h, w = pipe.config["defaults"]["height"], pipe.config["defaults"]["width"]
+    yy, xx = np.mgrid[0:h, 0:w]                                       # an image: two ramps and a checkerboard
+    image = Image.fromarray(np.stack([xx * 255 // w, yy * 255 // h, (xx // 8 + yy // 8) % 2 * 255], -1)
+                            .astype(np.uint8))
+    kw = dict(seed=1, rng="numpy", sampler="ddim", output_type="np")
+
+    def generate():
+        a = pipe.txt2img("a red circle on a blue background", num_inference_steps=3, **kw)
+        b = pipe.img2img("a green square", image, strength=0.5, num_inference_steps=4, **kw)
+        return a, b
+    (plain_a, plain_b), (fast_a, fast_b) = both(generate)
+    for what, plain, quick in (("txt2img", plain_a, fast_a), ("img2img", plain_b, fast_b)):
+        diff = float(np.abs(quick - plain).max())
+        print(f"{what}: max |plain - fast| = {diff:.3g} (tolerance {GENERATION_TOL})")
+        assert plain.shape == quick.shape == (1, h, w, 3)
+        assert 0 < diff <= GENERATION_TOL, (what, diff)     # > 0: the two paths really ran

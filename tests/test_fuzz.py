@@ -1,4 +1,4 @@
-"""Fuzzing the checkpoint readers (issue 11): mutated `.safetensors` headers and `.ckpt` pickles.
+"""Fuzzing the checkpoint readers (tests/test_reliability.py): mutated `.safetensors` headers and `.ckpt` pickles.
 
 Property: whatever the bytes, `SafetensorsFile`, `CkptFile` and `npsd.load` either work or raise
 npsd.errors.CheckpointError - never another exception type, never a crash, never a hang, and a
@@ -512,3 +512,90 @@ def test_load_full_checkpoint_pickle_mutations(full, edits):
     records[name] = data
     path = write("full.ckpt", zip_bytes(records))
     only_checkpoint_errors("npsd.load ckpt pickle mutations", load, path)
+
+
+# --- LoRA and textual-inversion files: the same readers, the same fuzzing --------------------------
+# A mutated LoRA may load (a flipped bit in a weight) or be refused with one line (CheckpointError for
+# a broken file, InputError for a file that reads but does not fit the model); it never raises anything
+# else, never runs code, and a refused LoRA leaves the model's weights exactly as they were.
+
+@pytest.fixture(scope="module")
+def builtin_pipe():
+    return npsd.load()
+
+
+def lora_bytes(pipe):
+    """A kohya LoRA for the built-in model on one UNet projection and one text-encoder projection."""
+    from safetensors.numpy import save
+    from npsd.params import flatten
+    rng = np.random.default_rng(0)
+    q = flatten(pipe.params["unet"])["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
+    k = flatten(pipe.params["text_encoder"])["encoder.layers.0.self_attn.k_proj.weight"]
+    tensors = {}
+    for name, (out_f, in_f) in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", q.shape),
+                                ("lora_te_text_model_encoder_layers_0_self_attn_k_proj", k.shape)):
+        tensors[name + ".lora_down.weight"] = rng.standard_normal((2, in_f)).astype(np.float16)
+        tensors[name + ".lora_up.weight"] = rng.standard_normal((out_f, 2)).astype(np.float16)
+        tensors[name + ".alpha"] = np.array(1.0, np.float16)
+    return save(tensors)
+
+
+def refused_cleanly(target, fn, path, state=None):
+    """fn(path) works, or raises a one-line CheckpointError/InputError; `state()` is unchanged after a refusal."""
+    from npsd.errors import InputError
+    before = state() if state else None
+    with time_limit(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            fn(path)
+            COUNTS[target, "accepted"] += 1
+        except (CheckpointError, InputError) as e:
+            assert "\n" not in str(e), f"error message is not one line: {e!r}"
+            COUNTS[target, "refused"] += 1
+            if state:
+                after = state()
+                assert before.keys() == after.keys() and all(before[k] is after[k] for k in before), \
+                    "a refused LoRA changed the model's weights"
+    assert not os.path.exists(MARKER), "a mutated file ran code"
+
+
+def weight_arrays(pipe):
+    from npsd.params import flatten
+    return {(c, k): v for c in ("unet", "text_encoder") for k, v in flatten(pipe.params[c]).items()}
+
+
+@fuzz_settings(300)
+@given(edits=st.lists(byte_edits, min_size=1, max_size=3))
+def test_lora_byte_mutations(builtin_pipe, edits):
+    data = lora_bytes(builtin_pipe)
+    for e in edits:
+        data = apply_byte_edit(data, e)
+    path = write("lora.safetensors", data)
+
+    def load_and_unload(p):
+        builtin_pipe.load_lora(p, 0.7, name="fuzz")
+        builtin_pipe.unload_lora("fuzz")
+    refused_cleanly("LoRA byte mutations", load_and_unload, path, lambda: weight_arrays(builtin_pipe))
+
+
+@fuzz_settings(300)
+@given(edits=st.lists(pickle_edits, min_size=1, max_size=3))
+def test_embedding_pt_pickle_mutations(edits):
+    """An A1111 .pt embedding (string_to_param) whose pickle is mutated: read or refused, never run."""
+    import torch
+    from npsd.embeddings import read_embedding
+    base = os.path.join(WORK, "emb-base.pt")
+    if not os.path.exists(base):
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(2, 8)}, "name": "x",
+                    "step": 10}, base)
+    with zipfile.ZipFile(base) as z:
+        records = {n: z.read(n) for n in z.namelist()}
+    name = pkl_name(records)
+    data = records[name]
+    for e in edits:
+        try:
+            data = apply_pickle_edit(data, e)
+        except (ValueError, IndexError):
+            data = apply_pickle_edit(data, ("flip", 0.5, 0x55))
+    records[name] = data
+    refused_cleanly("embedding .pt pickle mutations", read_embedding, write("emb.pt", zip_bytes(records)))

@@ -1,9 +1,9 @@
-"""Issue 11, case by case: bad input, malicious files and faults give a clear one-line error, nothing
-is executed, nothing is lost. Each case of the issue is tested here or in the file named below; the
+"""Reliability, case by case: bad input, malicious files and faults give a clear one-line error,
+nothing is executed, nothing is lost. Each case is tested here or in the file named below; the
 CLI cases run `npsd.cli.main([...])` in-process and check the exit code and that stderr is one line
 without a traceback (tests/test_fuzz.py fuzzes the readers).
 
-| issue 11 case                                   | tests                                                         |
+| case                                            | tests                                                         |
 | ----------------------------------------------- | ------------------------------------------------------------- |
 | missing path                                    | test_loading::test_missing_path_and_not_a_checkpoint, test_cli_checkpoint_errors |
 | folder that is not a diffusers layout           | test_folders_that_are_not_diffusers_layouts, test_cli_checkpoint_errors |
@@ -157,7 +157,7 @@ def test_folders_that_are_not_diffusers_layouts(tmp_path):
 
 
 def test_safetensors_header_cases(tiny, tmp_path):
-    """Every header defect of the issue, on the real tiny checkpoint's header, through npsd.load."""
+    """Every header defect in the table above, on the real tiny checkpoint's header, through npsd.load."""
     h, data = tiny["header"], tiny["data"]
     names = list(h)
     a, b = names[0], names[1]

@@ -94,7 +94,7 @@ def ref_timesteps_sigmas(r, name):
 
 
 def fake_eps_np(x, t):
-    # a fake noise predictor that depends on both x and t (DECISIONS)
+    # a fake noise predictor that depends on both x and t (so a sampler that gives it the wrong x or t fails)
     return np.tanh(np.float32(0.3) * x) * np.float32(math.cos(float(t) / 300)) + np.float32(0.1)
 
 

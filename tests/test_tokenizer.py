@@ -1,6 +1,6 @@
 """npsd's CLIP tokenizer against two references: transformers' CLIPTokenizer (what diffusers' SD
 pipelines use, built offline from the SHIPPED vocab.json/merges.txt) and OpenAI's own
-simple_tokenizer.py (from the clip-anytorch wheel; DECISIONS: transformers 5.x is itself built on
+simple_tokenizer.py (from the clip-anytorch wheel: transformers 5.x's tokenizer is itself built on
 `tokenizers`, so it is not an independent reference).
 
 Token ids are integers: every comparison is exact equality of whole arrays.

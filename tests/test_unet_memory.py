@@ -1,8 +1,8 @@
-"""Memory of one full-size UNet call, measured as DECISIONS says ("Memory, measured one way").
+"""Memory of one full-size UNet call, measured in a fresh process as the peak RSS above the weights.
 
 In a fresh subprocess without torch: random float32 weights of SD v1.5's UNet shapes (fan-in
-scaled, npsd.unet.random_params; their names and shapes equal the real checkpoint's, checked
-against reference/sd15_diffusers_manifest.json), then one call at batch 2 on 64x64 latents.
+scaled, npsd.architecture.random_params; their names and shapes equal the real checkpoint's, checked
+against tests/data/sd15_diffusers_manifest.json), then one call at batch 2 on 64x64 latents.
 overhead = peak RSS (VmHWM, the child's own; see the script) - RSS right after building the weights; required <= 1.0 GB.
 
 Measured (numpy default CHUNK_BYTES 128 MB): weights 3.20 GB, RSS after weights 3.26 GB; overhead
@@ -19,10 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = Path("/work/shared/reference/sd15_diffusers_manifest.json")
+# The names, shapes and dtypes of the SD v1.5 diffusers folder's files (runwayml/stable-diffusion-v1-5)
+MANIFEST = ROOT / "tests" / "data" / "sd15_diffusers_manifest.json"
 LIMIT_GB = 1.0
 
 CHILD = r"""
@@ -31,7 +31,8 @@ sys.modules["torch"] = None                       # the measurement must not inc
 import numpy as np
 from npsd.config import sd15_config
 from npsd.params import count
-from npsd.unet import random_params, unet
+from npsd.architecture import random_params, unet_shapes
+from npsd.unet import unet
 
 def rss_kb(field="VmRSS:"):
     with open("/proc/self/status") as f:
@@ -41,7 +42,7 @@ def rss_kb(field="VmRSS:"):
 # carries the parent's peak into a child (fork keeps it, exec does not reset it), so inside a
 # large pytest process it reports the parent's size, not this measurement's.
 
-params = random_params(seed=0)                    # SD v1.5 shapes, 859.5M float32 values
+params = random_params(unet_shapes(), np.random.default_rng(0))   # SD v1.5 shapes, 859.5M float32 values
 rss_weights = rss_kb()
 peak_before = rss_kb("VmHWM:")
 rng = np.random.default_rng(0)
@@ -60,11 +61,9 @@ print(json.dumps({"weights_gb": count(params) * 4 / 2**30, "rss_after_weights_gb
 
 
 def test_full_size_random_params_match_the_real_layout():
-    from npsd.unet import param_shapes
-    if not MANIFEST.exists():
-        pytest.skip(f"{MANIFEST} is not available")
+    from npsd.architecture import unet_shapes
     real = json.loads(MANIFEST.read_text())["unet/diffusion_pytorch_model.safetensors"]
-    assert param_shapes() == {k: tuple(shape) for k, (shape, dtype) in real.items()}
+    assert unet_shapes() == {k: tuple(shape) for k, (shape, dtype) in real.items()}
 
 
 def test_unet_call_batch2_64x64_memory():

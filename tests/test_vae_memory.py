@@ -1,15 +1,15 @@
-"""Peak memory of the full SD v1.5 VAE, measured as DECISIONS says ("Memory, measured one way").
+"""Peak memory of the full SD v1.5 VAE, measured in a fresh process as the peak RSS above the weights.
 
 Each measurement runs in a fresh Python process that cannot import torch, builds random float32
-weights with the exact names and shapes of SD v1.5's VAE (npsd.vae.init_params; tests/test_vae.py
+weights with the exact names and shapes of SD v1.5's VAE (npsd.architecture; tests/test_vae.py
 checks them against the real file's manifest), and reports
 overhead = peak RSS (the child's own VmHWM) - RSS right after building the weights. Bound: 1.5 GB (1.5e9 bytes)
 for a 512x512 decode, a 512x512 encode, and tiled decodes.
 
 The tiled 1024x1024 decode (tiles of 64 latent pixels, diffusers' default for SD v1.x) decodes
 3 x 3 tiles and takes about 6 minutes on 2 cores, so it runs only with NPSD_SLOW=1; the default
-suite measures a tiled 512x512 decode with tiles of 44 latent pixels instead (DECISIONS, CI budget:
-"Tiling: 512x512 with small tiles"). Numbers measured for issue 4 are in its closing note.
+suite measures a tiled 512x512 decode with tiles of 44 latent pixels instead, to stay within its
+time budget.
 
 Run with `pytest -s tests/test_vae_memory.py` to see the numbers.
 """
@@ -31,6 +31,7 @@ import json, sys, time
 sys.modules["torch"] = None                                               # the measured process has no torch
 import numpy as np
 from npsd import vae
+from npsd.architecture import random_params, vae_shapes
 from npsd.config import sd15_config
 from npsd.params import flatten
 
@@ -42,7 +43,7 @@ def rss_mib():
 what, size, tile, save = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 tile = None if tile == "none" else int(tile)
 rng = np.random.default_rng(0)
-params = vae.init_params(rng)                                              # SD v1.5 names and shapes (tests/test_vae.py checks them)
+params = random_params(vae_shapes(), rng)                                  # SD v1.5 names and shapes (tests/test_vae.py checks them)
 x = (rng.standard_normal((1, 4, size // 8, size // 8)) if what == "decode"
      else rng.uniform(-1, 1, (1, 3, size, size))).astype(np.float32)
 base = rss_mib()
@@ -110,7 +111,7 @@ def test_tiled_decode_512_memory_and_difference(untiled_512, tmp_path, record_pr
     record_property("vae_tiled_vs_untiled_512_max_rel", rel)
     print(f"full SD v1.5 VAE (random weights), 512x512, tiles of 44: tiled vs untiled max rel diff {rel:.3g}, "
           f"mean abs diff {mean_abs:.3g} (image max |x| {np.abs(untiled).max():.3g})")
-    # Measured 0.084 max rel (mean abs 0.021; see the closing note); random weights exaggerate it, since
+    # Measured 0.084 max rel (mean abs 0.021); random weights exaggerate it, since
     # each tile's GroupNorm statistics and attention context differ from the whole image's.
     assert rel < 0.2
 
