@@ -125,8 +125,9 @@ class Bug:
 BUGS = {
     "geglu_tanh": Bug("GELU's tanh form inside GEGLU", patches=((nn, "geglu", _geglu_with_tanh_gelu),)),
     "group_norm_eps": Bug("UNet ResBlock GroupNorm eps 1e-6 instead of 1e-5", config={"unet": {"resnet_eps": 1e-6}}),
-    # 10x too large; 10x too small (1e-6) moves unit-variance LayerNorm inputs by only 4.5e-6
-    # relative, below the UNet's float32 noise at full size, but CLIP's small embeddings show it
+    # 10x too large. 10x too small (1e-6) moves the normalised values of unit-variance inputs by
+    # only 4.5e-6 relative: the full UNet's eps by 5e-6, within its tolerance of 1e-5; CLIP's small
+    # embeddings show it (tests/test_clip.py, test_full_size_sensitivity)
     "layer_norm_eps": Bug("LayerNorm eps 1e-4 instead of 1e-5",
                           config={"unet": {"layer_norm_eps": 1e-4}, "text_encoder": {"layer_norm_eps": 1e-4}}),
     "attention_scale": Bug("attention scaled by 1/sqrt(width) instead of 1/sqrt(head width)",

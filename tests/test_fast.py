@@ -16,6 +16,7 @@ Stegun 7.1.26) 3e-8.
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -342,3 +343,21 @@ def test_generation_plain_against_fast():
         print(f"{what}: max |plain - fast| = {diff:.3g} (tolerance {GENERATION_TOL})")
         assert plain.shape == quick.shape == (1, h, w, 3)
         assert 0 < diff <= GENERATION_TOL, (what, diff)     # > 0: the two paths really ran
+
+
+def test_vae_fast_blocks_are_the_formulas_bit_for_bit(conv_route, monkeypatch):
+    """With the fast kernels under both, the fast VAE blocks give exactly what vae.py's formulas give:
+    the padded buffers, the slices of groups and the in-place residual change no value."""
+    p = {"norm1": norm_params(8), "conv1": conv_params(12, 8, 3), "norm2": norm_params(12),
+         "conv2": conv_params(12, 12, 3), "conv_shortcut": conv_params(12, 8, 1)}
+    up, out = {"conv": conv_params(8, 8, 3)}, {"conv_norm_out": norm_params(8), "conv_out": conv_params(3, 8, 3)}
+    x = randn(1, 8, 9, 7)
+
+    def blocks():
+        return [vae.resnet_block(p, x, VAE_CONFIG), vae.upsample(up, x), vae.output_layers(out, x, VAE_CONFIG)]
+    with nn.fast(True), nn.chunk_bytes(8 * 4 * 2 * 63):               # GroupNorm + SiLU one group at a time
+        quick = blocks()
+        monkeypatch.setattr(vae, "settings", types.SimpleNamespace(FAST=False))   # vae's formulas, nn's fast kernels
+        formulas = blocks()
+    for a, b in zip(quick, formulas):
+        assert np.array_equal(a, b)

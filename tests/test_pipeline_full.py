@@ -16,7 +16,9 @@ import gc
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler,
+                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel)
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import npsd
@@ -30,6 +32,15 @@ SIZE = 256
 RTOL_LATENTS = 2e-5             # guided, the final latents: measured 3.2e-6 / 2.9e-6
 RTOL_IMAGES = 3e-5              # guided, the decoded images in [0, 1]: 4.3e-6 / 3.8e-6
 RTOL_UNGUIDED = 3e-6            # unguided, the final latents: 4.4e-7 / 5.1e-7
+RTOL_SEED = 4e-5                # from the seed alone (rng="torch"): txt2img Euler a images 4.2e-6, img2img DDPM latents 4.0e-6
+SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+             timestep_spacing="leading")
+
+
+def input_image():
+    """A smooth 256x256 test image (the img2img input)."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    return Image.fromarray((np.stack([yy, xx, 1 - xx * yy], -1) * 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +70,15 @@ def full_run():
         ref_images = ref_pipe(PROMPT, latents=n2t(latents), output_type="np", **kw).images
         ref_unguided = ref_pipe(PROMPT, latents=n2t(latents), output_type="latent",
                                 **dict(kw, guidance_scale=1.0)).images.numpy()
+        # from the seed alone: Euler a (txt2img) and DDPM (img2img, which samples the VAE posterior)
+        ref_pipe.scheduler = EulerAncestralDiscreteScheduler(**SCHED)
+        seeded = ref_pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(21), output_type="np", **kw).images
+        img2img = StableDiffusionImg2ImgPipeline(**ref_pipe.components)
+        img2img.scheduler = DDPMScheduler(**SCHED, clip_sample=False, variance_type="fixed_small")
+        seeded_img2img = img2img(PROMPT, image=input_image(), strength=0.5, generator=torch.Generator("cpu").manual_seed(22),
+                                 output_type="latent", **dict(kw, num_inference_steps=4, height=None,
+                                                             width=None)).images.numpy()
+        del img2img
     sd = text.state_dict()
     prefix = "text_model." if any(k.startswith("text_model.") for k in sd) else ""
     params = {"text_encoder": to_numpy_params(sd, prefix, drop=("position_ids",)),
@@ -66,7 +86,7 @@ def full_run():
     del ref_pipe, text, unet, vae, sd
     gc.collect()
     return dict(params=params, latents=latents, kw=kw, ref_latents=ref_latents, ref_images=ref_images,
-                ref_unguided=ref_unguided)
+                ref_unguided=ref_unguided, seeded=seeded, seeded_img2img=seeded_img2img)
 
 
 def txt2img(run, guidance_scale, config=None):
@@ -88,6 +108,21 @@ def test_full_size_txt2img_matches_diffusers(full_run):
 def test_full_size_txt2img_without_guidance_matches_diffusers(full_run):
     _, ours = txt2img(full_run, 1.0)
     print(assert_close(ours, full_run["ref_unguided"], RTOL_UNGUIDED, "full-size txt2img latents, no guidance"))
+
+
+def test_full_size_same_seed_txt2img_euler_a(full_run):
+    """rng="torch": the seed alone gives diffusers' image (Euler a draws noise at every step)."""
+    pipe = npsd.Pipeline(full_run["params"], sd15_config())
+    ours = pipe.txt2img(PROMPT, sampler="euler_a", seed=21, rng="torch", output_type="np", **full_run["kw"])
+    print(assert_close(ours, full_run["seeded"], RTOL_SEED, "full-size txt2img from the seed, Euler a"))
+
+
+def test_full_size_same_seed_img2img_ddpm(full_run):
+    """rng="torch": posterior sample, forward noise and DDPM's noise all drawn as diffusers draws them."""
+    pipe = npsd.Pipeline(full_run["params"], sd15_config())
+    ours = pipe.img2img(PROMPT, input_image(), strength=0.5, sampler="ddpm", seed=22, rng="torch",
+                        output_type="latent", **dict(full_run["kw"], num_inference_steps=4, height=None, width=None))
+    print(assert_close(ours, full_run["seeded_img2img"], RTOL_SEED, "full-size img2img from the seed, DDPM"))
 
 
 @pytest.mark.parametrize("bug", [b for b in BUGS if b != "vae_group_norm_eps"])

@@ -89,7 +89,6 @@ def check(params, config, latents, t, context, ref, rtol):
     for actual, reference, name in pairs:
         print(f"{compare(actual, reference, name)}, tolerance {tol(name):g}")
     return [assert_close(actual, reference, tol(name), name) for actual, reference, name in pairs]
-    return results
 
 
 # ---------------------------------------------------------------------------------------------

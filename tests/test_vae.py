@@ -5,8 +5,9 @@ float32 in different orders. Tiny configs: RTOL = 1e-5. Full SD v1.5 VAE (every 
 reference's own block input, the encoder and decoder end to end): one tolerance per comparison,
 at most ~10x the error measured for it on both kernel paths (RTOL_SD15; pytest -s prints them).
 Real bugs fail them: GroupNorm eps 1e-5 instead of 1e-6 gives 9.7e-5 at the full encoder's mean
-and 1.2e-4 at its decoder on ordinary inputs (test_sd15_sensitivity), 5e-4 .. 1.6e-3 on
-low-variance ones; an unclamped logvar or unblended tiles give errors of order 1.
+and 1.2e-4 at the full decoder's output on ordinary inputs (test_sd15_sensitivity), and 5e-4 ..
+1.6e-3 on the tiny VAE's low-variance ones; an unclamped logvar or unblended tiles give errors of
+order 1.
 
 Block outputs are captured with forward hooks on diffusers' blocks, so a failure names the block.
 """
