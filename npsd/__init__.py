@@ -3,6 +3,6 @@
 from .errors import CheckpointError, InputError, NpsdError
 from .pipeline import Pipeline
 from .loading import load
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["Pipeline", "load", "NpsdError", "CheckpointError", "InputError", "__version__"]

@@ -43,7 +43,8 @@ import warnings
 
 import numpy as np
 
-from . import __version__, nn
+from . import nn
+from .version import __version__
 from .blas import THREAD_VARS, limit_threads
 from .config import generation_defaults, with_fallbacks
 from .errors import CheckpointError, InputError, NpsdError, UsageError

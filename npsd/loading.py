@@ -26,12 +26,11 @@ from dataclasses import replace
 import numpy as np
 
 from . import architecture
-from .ckpt import CkptFile
 from .config import sd15_config
 from .errors import CheckpointError, InputError, NpsdError
 from .params import unflatten
 from .pipeline import Pipeline
-from .safetensors_io import SafetensorsFile, is_safetensors
+from .safetensors_io import open_weights
 
 log = logging.getLogger("npsd")
 
@@ -187,27 +186,6 @@ def _refuse_other_architectures(shapes, where):
 
 
 # --- opening files ------------------------------------------------------------------------------
-
-def open_weights(path):
-    """A .safetensors or torch zip file -> an object with .tensors {name: info(.shape, .dtype)},
-    .read(name, dtype) and .metadata, to be used as a context manager."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path} does not exist; give a .safetensors or .ckpt file or a diffusers folder")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path} is empty; download it again")
-    if is_safetensors(path):
-        return SafetensorsFile(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        ck = CkptFile(path)
-        ck.metadata = {}
-        return ck
-    if path.endswith(".safetensors"):
-        raise CheckpointError(f"{path} is not a valid .safetensors file (bad header); the file is truncated or corrupt")
-    raise CheckpointError(f"{path} is not a checkpoint npsd can read (expected .safetensors or a torch .ckpt zip)")
-
 
 def _ema_name(name):
     """model.diffusion_model.input_blocks.0.0.weight -> model_ema.diffusion_modelinput_blocks00weight"""

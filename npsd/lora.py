@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import CheckpointError, InputError
-from .loading import open_weights
+from .safetensors_io import open_weights
 from .params import flatten
 
 COMPONENTS = ("text_encoder", "unet")

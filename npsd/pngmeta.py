@@ -28,6 +28,7 @@ import re
 from PIL import Image, PngImagePlugin
 
 from .errors import InputError, UsageError
+from .version import __version__
 from .schedulers import PREDICTION_TYPES, SAMPLERS, SPACINGS
 
 KEY = "parameters"
@@ -150,7 +151,6 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
     """The "parameters" text of one image made by the command line (settings: npsd/cli.py's SETTINGS,
     the model's defaults filled in). Settings at their default values are left out. networks: the
     "Lora hashes" and "TI hashes" fields (npsd/cli.py's network_hashes)."""
-    from . import __version__
     fields = {
         "Steps": settings["steps"],
         "Sampler": A1111_SAMPLERS[settings["sampler"]],

@@ -14,13 +14,13 @@ of one VAE decode; they run one after the other, so the request needs about the 
 - C_up x H x W: the decoder's largest activation (for SD v1.x 256 channels at full resolution after
   the last-but-one upsampling: 268 MB at 512x512); images are decoded one at a time, so it does not
   grow with the batch; the decoded and converted images do (the last term). The encoder (img2img,
-  inpaint) peaks lower than the decoder at the same size (docs/vae.md: 863 vs 998 MiB).
+  inpaint) peaks lower than the decoder at the same size (docs/vae.md: 977 vs 1268 MiB, plain path).
 
 K_UNET and K_VAE are calibrated on the measurements in docs/unet.md (SD v1.5 UNet, batch 2, 64x64
 latents: 0.683 GB above the weights, CHUNK_BYTES 128 MiB -> K_UNET = 45) and docs/vae.md (SD v1.5
-VAE decode 512x512: 998 MiB -> K_VAE = 3.5), rounded up; those are the plain path's, the larger
-(the fast path, the default, measured 0.31 GB and 876 MiB), so the estimate holds for both; tests/test_reliability.py checks that the
-formula reproduces both within 10 %. GB here means 2**30 bytes, as in those pages.
+VAE decode 512x512: 1268 MiB -> K_VAE = 4.5), rounded up; those are the plain path's, the larger
+(the fast path, the default, measured 0.31 GB and 877 MiB), so the estimate holds for both;
+tests/test_reliability.py checks that the formula reproduces both within 10 %. GB here means 2**30 bytes, as in those pages.
 
 Available memory is /proc/meminfo's MemAvailable (what the kernel can give without swapping); where
 that file does not exist (macOS, Windows) no check is made.
@@ -31,7 +31,7 @@ from .errors import NpsdError
 
 GB = 2 ** 30
 K_UNET = 45     # level-0 activations alive at the UNet's peak (calibrated, see above)
-K_VAE = 3.5     # largest decoder activations alive at the VAE's peak (calibrated, see above)
+K_VAE = 4.5     # largest decoder activations alive at the VAE's peak (calibrated, see above)
 
 
 def unet_bytes(batch, c0, h, w, chunk_bytes=None):

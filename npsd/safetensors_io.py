@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from .ckpt import bf16_to_float32
+from .ckpt import CkptFile, bf16_to_float32
 from .errors import CheckpointError
 
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16",
@@ -115,3 +115,24 @@ def is_safetensors(path):
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
+def open_weights(path):
+    """A .safetensors or torch zip file -> an object with .tensors {name: info(.shape, .dtype)},
+    .read(name, dtype) and .metadata, to be used as a context manager."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist; give a .safetensors or .ckpt file or a diffusers folder")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty; download it again")
+    if is_safetensors(path):
+        return SafetensorsFile(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        ck = CkptFile(path)
+        ck.metadata = {}
+        return ck
+    if path.endswith(".safetensors"):
+        raise CheckpointError(f"{path} is not a valid .safetensors file (bad header); the file is truncated or corrupt")
+    raise CheckpointError(f"{path} is not a checkpoint npsd can read (expected .safetensors or a torch .ckpt zip)")

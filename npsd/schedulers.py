@@ -639,6 +639,15 @@ def vp_alpha_sigma(sigma):
     return alpha_t, float(sigma) * alpha_t
 
 
+def _data_prediction(x, eps, sigma, x0_pred=None):
+    """The DPM-Solver++ family's data prediction at the VP state x of noise-to-signal ratio sigma:
+    x0 = (x_t - sigma_t eps) / alpha_t (unless the model predicted x0 itself) -> (alpha_t, sigma_t, x0)."""
+    alpha_s, sigma_s = vp_alpha_sigma(sigma)
+    if x0_pred is None:
+        x0_pred = (x - sigma_s * eps) / alpha_s                                # [B, C, h, w]
+    return alpha_s, sigma_s, x0_pred
+
+
 def dpmpp_2m_step(x, eps, sigma, sigma_next, sigma_prev=None, prev_x0=None, x0_pred=None):
     """One DPM-Solver++(2M) step on the variance-preserving x_t (Lu et al. 2022, Algorithm 2).
 
@@ -648,10 +657,7 @@ def dpmpp_2m_step(x, eps, sigma, sigma_next, sigma_prev=None, prev_x0=None, x0_p
     (diffusers' lower_order_final with its final sigma 0). Returns (x_next, x0_pred); pass x0_pred
     and sigma as prev_x0 and sigma_prev to the next step.
     """
-    alpha_s, sigma_s = vp_alpha_sigma(sigma)
-    if x0_pred is None:
-        # data prediction: x0 = (x_t - sigma_t eps) / alpha_t
-        x0_pred = (x - sigma_s * eps) / alpha_s                                # [B, C, h, w]
+    alpha_s, sigma_s, x0_pred = _data_prediction(x, eps, sigma, x0_pred)
     if float(sigma_next) == 0.0:
         # the limit of the update below as sigma_t -> 0 (lambda -> inf, e^-h -> 0): x_next = x0_pred
         return x0_pred, x0_pred
@@ -811,12 +817,9 @@ def dpmpp_2m_sde_step(x, eps, sigma, sigma_next, noise, sigma_prev=None, prev_x0
     noise: N(0, I) like x (drawn on every step; unused on the last, where x_next = x0_pred).
     First-order when there is no previous step. Returns (x_next, x0_pred).
     """
-    alpha_s, sigma_s = vp_alpha_sigma(sigma)
-    if x0_pred is None:
-        # data prediction: x0 = (x_t - sigma_t eps) / alpha_t
-        x0_pred = (x - sigma_s * eps) / alpha_s                                # [B, C, h, w]
+    alpha_s, sigma_s, x0_pred = _data_prediction(x, eps, sigma, x0_pred)
     if float(sigma_next) == 0.0:
-        # the limit of the update below as sigma_t -> 0 (e^-h -> 0): x_next = x0_pred
+        # the limit of the update below as sigma_t -> 0 (lambda -> inf, e^-h -> 0): x_next = x0_pred
         return x0_pred, x0_pred
     alpha_t, sigma_t = vp_alpha_sigma(sigma_next)
     h = half_log_snr(sigma_next) - half_log_snr(sigma)                         # lambda_t - lambda_s

@@ -68,7 +68,7 @@ def attention(p, x, context, heads):
     q = nn.linear(x, **p["to_q"])                                                     # [B, N, C]
     k = nn.linear(kv, **p["to_k"])                                                    # [B, M, C]
     v = nn.linear(kv, **p["to_v"])                                                    # [B, M, C]
-    # softmax(q k^T / sqrt(d)) v per head, queries in chunks of nn.CHUNK_BYTES
+    # softmax(q k^T / sqrt(d)) v per head, queries in chunks of settings.CHUNK_BYTES
     out = nn.attention(q, k, v, heads)                                                # [B, N, C]
     del q, k, v
     return nn.linear(out, **p["to_out"][0])                                           # [B, N, C]

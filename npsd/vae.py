@@ -56,7 +56,7 @@ def resnet_block(p, x, config):
 
     x [B, C, H, W] -> [B, O, H, W]; when C != O the skip is a 1x1 conv (conv_shortcut).
     """
-    if settings.FAST:
+    if settings.FAST:                                                      # same values, fewer full-size maps
         return _fast.vae_resnet_block(p, x, _norm_groups(config, p["norm1"], p["norm2"]), config["eps"])
     h = nn.silu(group_norm(x, p["norm1"], config))                         # [B, C, H, W]
     h = nn.conv2d(h, **p["conv1"], padding=1)                              # [B, O, H, W]
@@ -68,7 +68,7 @@ def resnet_block(p, x, config):
 
 def upsample(p, x):
     """Upsample2D: nearest-neighbour 2x upsampling, then a 3x3 conv. [B, C, h, w] -> [B, O, 2h, 2w]."""
-    if settings.FAST:
+    if settings.FAST:                                                      # same values, fewer full-size maps
         return _fast.vae_upsample(p, x)
     x = nn.upsample_nearest(x)                                             # [B, C, 2h, 2w]: each pixel a 2x2 block
     return nn.conv2d(x, **p["conv"], padding=1)                            # [B, O, 2h, 2w]
@@ -79,7 +79,7 @@ def output_layers(p, x, config):
 
     [B, C, H, W] -> [B, O, H, W].
     """
-    if settings.FAST:
+    if settings.FAST:                                                      # same values, fewer full-size maps
         groups = _norm_groups(config, p["conv_norm_out"])
         return _fast.vae_norm_silu_conv(x, p["conv_norm_out"], p["conv_out"], groups, config["eps"])
     x = nn.silu(group_norm(x, p["conv_norm_out"], config))                 # [B, C, H, W]

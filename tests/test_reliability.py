@@ -589,7 +589,7 @@ def test_memory_estimate_matches_the_measurements():
     c_up = resources.largest_decoder_channels(sd_vae, 8)
     assert c_up == 256                                                      # 256 channels at 512x512
     vae = resources.vae_decode_bytes(1, c_up, 512, 512, chunk) / 2**20
-    assert 998 <= vae <= 1.1 * 998, vae                                     # measured: 998 MiB
+    assert 1268 <= vae <= 1.1 * 1268, vae                                   # measured: 1268 MiB (plain path)
 
 
 def test_request_too_large_is_refused_before_any_work(tiny, monkeypatch):
