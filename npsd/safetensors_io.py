@@ -76,6 +76,8 @@ class SafetensorsFile:
                     or not all(type(v) is int for v in (begin, end)):  # bool is not a size
                 raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed shape or offsets; corrupt header")
             nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize  # Python ints: no overflow
+            if math.prod(v for v in shape if v) * np.dtype(DTYPES[dtype]).itemsize >= 2**62:  # even if empty:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has an absurd shape {shape}; corrupt header")
             if begin < 0 or end - begin != nbytes:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has a byte range that does not fit its shape; corrupt header")
             if end > data_size:

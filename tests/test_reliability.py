@@ -176,6 +176,8 @@ def test_safetensors_header_cases(tiny, tmp_path):
         "negative offset": (edited({a: {**h[a], "data_offsets": [-8, h[a]["data_offsets"][1] - 8]}}), "does not fit its shape"),
         "negative sizes": (edited({a: {**h[a], "shape": [-32, -4, 3, 3]}}), "malformed shape or offsets"),
         "bool size": (edited({a: {**h[a], "shape": [True, 4, 3, 3]}}), "malformed shape or offsets"),
+        "empty but absurd": (edited({"z.empty": {"dtype": "F32", "shape": [0, 2**62], "data_offsets": [0, 0]}}),
+                             "has an absurd shape"),                       # found by tests/test_fuzz.py
         "unknown dtype": (edited({a: {**h[a], "dtype": "F8_E4M3"}}), "F8_E4M3"),
         "not an object": ([1, 2, 3], "not a valid .safetensors file (bad header)"),   # open_weights sniffs '{'
         "not an object either": ({"a": 1, "b": []}, "malformed header entry for 'a'"),
