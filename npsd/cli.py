@@ -48,8 +48,9 @@ from .version import __version__
 from .blas import THREAD_VARS, limit_threads
 from .config import generation_defaults, with_fallbacks
 from .errors import CheckpointError, InputError, NpsdError, UsageError
-from .images import filmstrip, postprocess, to_pil, write_png_atomic
+from .images import filmstrip, heat_overlay, postprocess, to_pil, write_png_atomic
 from .pngmeta import parameters_text, settings_from_png, short_hash
+from .previews import PREVIEW_METHODS, approx_preview, table_name
 from .rng import RNG_KINDS
 from .schedulers import PREDICTION_TYPES, SAMPLERS, SIGMA_SAMPLERS, SPACINGS
 
@@ -185,8 +186,15 @@ def _generation_options(p, mode):
     a("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings used by name in prompts (the file's stem)")
     a("--threads", metavar="N", type=_int_at_least(1, "threads"),
       help="threads: npsd's own and BLAS's (default: one per core)")
+    a("--attention-maps", metavar="DIR", help="write each word's cross-attention map over the image (DAAM, "
+                                                 "npsd/attention_maps.py) and a grid of them into DIR")
     a("--save-steps", metavar="DIR", help="write every K-th step's predicted x0 as PNG and a filmstrip.png into DIR "
-                                          "(each preview costs one VAE decode)")
+                                          "(each preview costs one VAE decode, see --preview)")
+    a("--preview", choices=PREVIEW_METHODS, default="full",
+      help="with --save-steps: how previews are drawn: full (default): the VAE decode; approx: a 4x3 linear "
+           "map of the latents (npsd/previews.py), blocky but almost free; taesd: the tiny autoencoder of --taesd")
+    a("--taesd", metavar="PATH", help="with --preview taesd: TAESD weights (a diffusers AutoencoderTiny folder or file, "
+                                      "or madebyollin's taesd_decoder file); SD v1.x models only")
     a("--save-every", type=_int_at_least(1, "K"), default=1, metavar="K",
       help="with --save-steps: every K-th step (default 1)")
     a("--from-png", metavar="IMAGE", help="re-run from the parameters stored in a PNG; options given override them")
@@ -485,10 +493,24 @@ class _Generation:
             if os.path.isdir(args.save_steps):
                 previews = [p for paths in self.step_files.values() for p in paths]
                 check_writable(previews + [self.strip_file], args.overwrite)
+            if args.preview == "approx" and table_name(pipe) is None:
+                raise UsageError(f"--preview approx: no latent -> RGB table for this model ({pipe.latent_channels} "
+                                 f"latent channels, VAE factor {pipe.vae_factor}); use --preview full")
+        self.taesd = self._load_taesd(args, pipe) if args.save_steps is not None and args.preview == "taesd" else None
         self.frames, self.written, self.created, self.hashes = {}, [], [], {}
         self.model_path = model_file(pipe, args.model)
         self.model_name = os.path.basename(os.path.normpath(args.model or self.model_path or "built-in"))
         self.bar = None
+        self.maps = None
+        if args.attention_maps is not None:
+            from .attention_maps import AttentionMaps
+            from .prompts import prompt_syntax_used
+            if settings["prompt_syntax"] == "a1111" and prompt_syntax_used(settings["prompt"], settings["steps"]):
+                raise UsageError("--attention-maps needs a prompt without A1111 syntax (its words are mapped "
+                                 "token by token); remove the brackets or use --prompt-syntax plain")
+            if os.path.exists(args.attention_maps) and not os.path.isdir(args.attention_maps):
+                raise UsageError(f"--attention-maps {args.attention_maps} is a file; give a folder")
+            self.maps = AttentionMaps()
 
     def check_model(self, stored_model):
         """--from-png: warn when the PNG was made with another model (by its hash) than the one loaded."""
@@ -527,7 +549,7 @@ class _Generation:
                   timestep_spacing=settings["timestep_spacing"], clip_skip=settings["clip_skip"] or None,
                   long_prompt=settings["long_prompt"], rng=settings["rng"],
                   prediction_type=settings["prediction_type"], guidance_rescale=settings["guidance_rescale"] or 0.0,
-                  prompt_syntax=settings["prompt_syntax"])
+                  prompt_syntax=settings["prompt_syntax"], attention_maps=self.maps)
         if self.mode == "txt2img":
             return pipe.txt2img(settings["prompt"], **kw)
         if self.mode == "img2img":
@@ -545,10 +567,31 @@ class _Generation:
                 self.bar.close()
                 _note(self.args, "npsd: decoding the latents with the VAE ...")
 
+    @staticmethod
+    def _load_taesd(args, pipe):
+        """--preview taesd: the TAESD weights of --taesd, for an SD v1.x-shaped model (factor 8, 4 channels)."""
+        if not args.taesd:
+            raise UsageError("--preview taesd needs --taesd PATH (TAESD weights)")
+        _exists(args.taesd, "--taesd")
+        if pipe.vae_factor != 8 or pipe.latent_channels != 4:
+            raise UsageError(f"--preview taesd: TAESD decodes SD v1.x latents (4 channels, VAE factor 8); this model "
+                             f"has {pipe.latent_channels} channels and factor {pipe.vae_factor}; use --preview approx or full")
+        from .taesd import load_taesd
+        return load_taesd(args.taesd)
+
+    def _preview_images(self, x0_pred):
+        """A step's predicted x0 (scaled latents [B, 4, h, w]) -> float32 [B, H, W, 3] in [0, 1] at the
+        image size, drawn as --preview says (a new method: one more branch, one more PREVIEW_METHODS name)."""
+        if self.args.preview == "approx":                        # latent resolution, nearest-upscaled
+            return approx_preview(self.pipe, x0_pred, full_size=True)
+        if self.args.preview == "taesd":                         # TAESD reads the scaled latents as they are
+            from .taesd import decode
+            return postprocess(decode(self.taesd, x0_pred))
+        return postprocess(self.pipe.vae_decode(x0_pred / np.float32(self.pipe.scaling_factor)))
+
     def _save_previews(self, i, x0_pred):
-        """Decode step i's predicted x0 and write one preview per image -> the preview images (PIL)."""
-        decoded = postprocess(self.pipe.vae_decode(x0_pred / np.float32(self.pipe.scaling_factor)))  # [B, H, W, 3]
-        images = to_pil(decoded)
+        """Draw step i's predicted x0 and write one preview per image -> the preview images (PIL)."""
+        images = to_pil(self._preview_images(x0_pred))
         folder = self.args.save_steps
         if not os.path.isdir(folder):
             os.makedirs(folder)
@@ -573,6 +616,23 @@ class _Generation:
             strip = filmstrip(rows, labels)          # its parameters are those of the images it shows
             text = self.parameters(images[0].width, images[0].height, 1, "Filmstrip: true")
             self.save(strip, self.strip_file, text)
+        if self.maps is not None:
+            self._save_attention_maps(images)
+
+    def _save_attention_maps(self, images):
+        """--attention-maps DIR: one overlay per word of the prompt (first image of the batch) and a grid."""
+        folder = self.args.attention_maps
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+            self.created.append(folder)
+        words = self.maps.word_maps(self.pipe, self.settings["prompt"])              # {word: [B, h, w]}
+        overlays = [(word, heat_overlay(images[0], m[0], word)) for word, m in words.items()]
+        text = self.parameters(images[0].width, images[0].height, 1, "Attention maps: true")
+        for k, (word, img) in enumerate(overlays, 1):
+            safe = "".join(c if c.isalnum() else "_" for c in word)[:40] or "word"
+            self.save(img, os.path.join(folder, f"{k:02d}-{safe}.png"), text)
+        self.save(filmstrip([[img for _, img in overlays]], [w for w, _ in overlays]),
+                  os.path.join(folder, "grid.png"), text)
 
     def parameters(self, width, height, pos, extra=None):
         """The "parameters" text of image `pos` (from 1) of the batch, `extra` fields appended. The

@@ -129,3 +129,21 @@ def filmstrip(rows, labels, height=128):
                 draw.rectangle([x, y, x + 6 * len(labels[c]) + 3, y + 11], fill=(0, 0, 0))
                 draw.text((x + 2, y), labels[c], fill=(255, 255, 255))
     return sheet
+
+
+def heat_overlay(image, heat, label):
+    """A PIL image with a heat map [h, w] (any scale; normalised to its max) blended over it in red
+    (nearest-upscaled to the image size), and a label in the corner: how attention maps are shown."""
+    from PIL import Image, ImageDraw
+    heat = np.maximum(np.asarray(heat, dtype=np.float32), 0)
+    heat = heat / heat.max() if heat.max() > 0 else heat                     # [h, w] in [0, 1]
+    w, h = image.size
+    mask = Image.fromarray((heat * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255 * 0.7        # [H, W, 1]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    red = np.array([255, 0, 0], dtype=np.float32)
+    out = Image.fromarray(np.clip(base * (1 - alpha) + red * alpha, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    draw.rectangle([0, 0, 6 * len(label) + 3, 11], fill=(0, 0, 0))
+    draw.text((2, 0), label, fill=(255, 255, 255))
+    return out

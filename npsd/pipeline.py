@@ -182,7 +182,8 @@ class Pipeline:
                 height=None, width=None, seed=None, sampler=None, latents=None, num_images=1,
                 output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", rng="numpy",
-                prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False):
+                prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
+                attention_maps=None):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -203,6 +204,8 @@ class Pipeline:
         npsd/prompts.py parses and weights them (docs/prompts.md). A prompt without any of these gives
         the numbers of "plain". Embeddings named in a prompt are loaded from self.embeddings_dir
         (when set) in either mode.
+        attention_maps: an npsd.attention_maps.AttentionMaps that collects the per-token
+        cross-attention maps of this call (DAAM); None: none collected, at no cost.
         """
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed)
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
@@ -216,7 +219,7 @@ class Pipeline:
         else:
             latents = _check_array(latents, shape, "latents")
         x = latents * np.float32(schedule.init_noise_sigma)                        # x_T
-        x = self._sample(model, x, schedule, rng, 0, eta, callback, progress)
+        x = self._sample(model, x, schedule, rng, 0, eta, callback, progress, attention_maps=attention_maps)
         return self._output(x, output_type)
 
     @_loras_from_prompt
@@ -224,7 +227,8 @@ class Pipeline:
                 guidance_scale=None, height=None, width=None, seed=None, sampler=None, noise=None,
                 num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
-                rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False):
+                rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
+                attention_maps=None):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -249,7 +253,7 @@ class Pipeline:
         x0 = np.repeat(x0, batch, axis=0)                                          # [B, 4, h, w]
         noise = rng.standard_normal(x0.shape, dtype=np.float32) if noise is None else _check_array(noise, x0.shape, "noise")
         x = schedulers.noise_at_start(schedule, x0, noise, start)                   # x at step `start`
-        x = self._sample(model, x, schedule, rng, start, eta, callback, progress)
+        x = self._sample(model, x, schedule, rng, start, eta, callback, progress, attention_maps=attention_maps)
         return self._output(x, output_type)
 
     @_loras_from_prompt
@@ -257,7 +261,8 @@ class Pipeline:
                 guidance_scale=None, height=None, width=None, seed=None, sampler=None, latents=None,
                 noise=None, num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
-                mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False):
+                mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
+                attention_maps=None):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -327,7 +332,7 @@ class Pipeline:
             known = schedulers.noise_at_step(schedule, x0, noise, i + 1)           # [B, 4, h, w]
             return (1 - mask) * known + mask * x
 
-        x = self._sample(model, x, schedule, rng, start, eta, callback, progress, keep_known)
+        x = self._sample(model, x, schedule, rng, start, eta, callback, progress, keep_known, attention_maps)
         return self._output(x, output_type)
 
     # --- the pieces of the loops ----------------------------------------------------------------
@@ -430,10 +435,13 @@ class Pipeline:
         uncond = context_at(schedules[1]) if negatives is not None else None
         return cond, uncond, len(prompts) * num_images
 
-    def _sample(self, model, x, schedule, rng, start, eta, callback, progress, after_step=None):
+    def _sample(self, model, x, schedule, rng, start, eta, callback, progress, after_step=None, attention_maps=None):
         """Run the sampler; stops with a clear error as soon as the latents stop being finite.
         after_step(i, t, x, x0_pred) -> array or None replaces the state after every step, and
-        between the two stages of a two-stage sampler (as diffusers' inpainting does)."""
+        between the two stages of a two-stage sampler (as diffusers' inpainting does).
+        attention_maps: an npsd.attention_maps.AttentionMaps to report the steps' cross-attention to."""
+        if attention_maps is not None:
+            model, callback = attention_maps.watch(model, callback, x.shape, start)
         n = schedule.num_inference_steps
         bar = None
         if progress:

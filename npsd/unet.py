@@ -25,6 +25,9 @@ from .config import with_fallbacks
 from .errors import InputError
 from .params import flatten
 
+# an npsd.attention_maps.AttentionMaps while a generation collects cross-attention maps, else None
+_collector = None
+
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -68,6 +71,8 @@ def attention(p, x, context, heads):
     q = nn.linear(x, **p["to_q"])                                                     # [B, N, C]
     k = nn.linear(kv, **p["to_k"])                                                    # [B, M, C]
     v = nn.linear(kv, **p["to_v"])                                                    # [B, M, C]
+    if _collector is not None and context is not None:                                # cross-attention maps:
+        _collector.record(q, k, heads)                                                # npsd/attention_maps.py
     # softmax(q k^T / sqrt(d)) v per head, queries in chunks of settings.CHUNK_BYTES
     out = nn.attention(q, k, v, heads)                                                # [B, N, C]
     del q, k, v

@@ -554,7 +554,7 @@ def test_version_and_help(capsys):
     for option in ("--output", "--negative-prompt", "--steps", "--guidance-scale", "--sampler", "--seed", "--height",
                    "--width", "--num-images", "--model", "--vae", "--image", "--mask", "--strength", "--eta", "--karras",
                    "--timestep-spacing", "--clip-skip", "--long-prompt", "--mask-blur", "--threads", "--save-steps",
-                   "--save-every", "--from-png", "--overwrite", "--quiet", "--debug", "--rng"):
+                   "--preview", "--taesd", "--save-every", "--from-png", "--overwrite", "--quiet", "--debug", "--rng"):
         assert option in out, option
 
 
