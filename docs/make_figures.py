@@ -1,9 +1,11 @@
 """Draw the pictures in docs/images/ from the code itself (no hand-drawn figures).
 
     python docs/make_figures.py            # writes docs/images/*.png with the built-in model
+    python docs/make_figures.py attention_maps cfg     # only the figures named (FIGURES' keys)
 
 Pillow only (no plotting library): the noise schedule, a denoising filmstrip, classifier-free
-guidance at several scales, and the grid of built-in-model images that README.md shows.
+guidance at several scales, the grid of built-in-model images that README.md shows, and the
+built-in model's per-word cross-attention maps (docs/inside.md).
 """
 
 import sys
@@ -14,7 +16,9 @@ from PIL import Image, ImageDraw
 
 import npsd
 from npsd import schedulers
-from npsd.images import postprocess, to_pil
+from npsd.attention_maps import AttentionMaps
+from npsd.images import filmstrip as image_strip
+from npsd.images import heat_overlay, postprocess, to_pil
 
 OUT = Path(__file__).resolve().parent / "images"
 SEED = 7
@@ -99,14 +103,40 @@ def grid(pipe, path):
     out.save(path)
 
 
+def attention_maps(pipe, path, prompt=GRID_PROMPTS[0], seed=SEED, steps=None):
+    """The image, then each word's cross-attention map (DAAM, npsd/attention_maps.py) over it, one
+    labelled heat overlay per word (over the image in grey), in a row (docs/inside.md).
+    steps: None = the pipeline's default."""
+    maps = AttentionMaps()
+    kwargs = {} if steps is None else {"num_inference_steps": steps}
+    image = pipe.txt2img(prompt, seed=seed, attention_maps=maps, **kwargs).resize((128, 128), Image.NEAREST)
+    words = maps.word_maps(pipe, prompt)                                     # {word: [1, h, w]}
+    grey = image.convert("L").convert("RGB")              # red heat stays visible over a red shape
+    tiles = [image] + [heat_overlay(grey, m[0], word) for word, m in words.items()]
+    image_strip([tiles], ["image"] + list(words)).save(path)           # the same label as the overlays' own
+
+
+# name -> (function drawing it, needs the built-in model, file)
+FIGURES = {
+    "schedule": (schedule_plot, False, "schedule.png"),
+    "filmstrip": (filmstrip, True, "filmstrip.png"),
+    "cfg": (cfg_scales, True, "cfg.png"),
+    "grid": (grid, True, "builtin_grid.png"),
+    "attention_maps": (attention_maps, True, "attention_maps.png"),
+}
+
+
 def main(argv=()):
+    names = list(argv) or list(FIGURES)
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        raise SystemExit(f"unknown figure(s) {unknown}; choose from {list(FIGURES)}")
     OUT.mkdir(exist_ok=True)
-    pipe = npsd.load()
-    schedule_plot(OUT / "schedule.png")
-    filmstrip(pipe, OUT / "filmstrip.png")
-    cfg_scales(pipe, OUT / "cfg.png")
-    grid(pipe, OUT / "builtin_grid.png")
-    print("wrote", ", ".join(sorted(p.name for p in OUT.glob("*.png"))))
+    pipe = npsd.load() if any(FIGURES[n][1] for n in names) else None
+    for n in names:
+        draw, needs_model, file = FIGURES[n]
+        draw(*((pipe,) if needs_model else ()), OUT / file)
+    print("wrote", ", ".join(FIGURES[n][2] for n in names))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The command line: `npsd txt2img | img2img | inpaint | parity` (also `python -m npsd`).
+"""The command line: `npsd txt2img | img2img | inpaint | parity | trace | compare` (also `python -m npsd`).
 
     npsd txt2img "a red circle on a blue background" -o out.png --steps 20 --seed 1
     npsd img2img "a watercolour painting" --image in.png --strength 0.6
     npsd inpaint "a cat" --image in.png --mask mask.png
     npsd txt2img --from-png out.png --steps 30         # re-run from a PNG's parameters
     npsd parity --model v1-5-pruned-emaonly.safetensors
+    npsd trace "a cat" --steps 4 -o npsd.safetensors      # every block's activations (docs/traces.md)
+    npsd compare npsd.safetensors reference.safetensors  # the first block where they differ
 
 What this module promises (tests/test_cli.py checks each):
 - every PNG carries its generation parameters in the "parameters" text chunk, in A1111's names
@@ -120,7 +122,7 @@ def build_parser():
     p = _Parser(prog="npsd", description="Stable Diffusion v1.x in NumPy: generate images on the CPU, "
                 "check parity with PyTorch.")
     p.add_argument("--version", action="version", version=f"npsd {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{txt2img,img2img,inpaint,parity}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{txt2img,img2img,inpaint,parity,trace,compare}", parser_class=_Parser)
     for mode, help_text in (("txt2img", "generate images from a prompt"),
                             ("img2img", "redraw --image following a prompt (SDEdit)"),
                             ("inpaint", "repaint the white part of --mask in --image")):
@@ -135,6 +137,8 @@ def build_parser():
     par.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default 0)")
     par.add_argument("--no-ema", action="store_true", help="compare the raw UNet weights instead of the EMA copies")
     par.add_argument("--debug", action="store_true", help="show tracebacks")
+    from .trace_cli import add_parsers
+    add_parsers(sub, _int_at_least, _float_in, _seed, SAMPLERS)
     return p
 
 
@@ -699,7 +703,7 @@ def main(argv=None):
     except SystemExit as e:                          # --help, --version
         return e.code if isinstance(e.code, int) else 0
     if args.command is None:
-        print("npsd: error: give a command: txt2img, img2img, inpaint or parity; see `npsd --help`", file=sys.stderr)
+        print("npsd: error: give a command: txt2img, img2img, inpaint, parity, trace or compare; see `npsd --help`", file=sys.stderr)
         return 2
     with warnings.catch_warnings():
         warnings.simplefilter("default")
@@ -708,6 +712,9 @@ def main(argv=None):
             if args.command == "parity":
                 from .parity_cli import run_parity
                 return run_parity(args)
+            if args.command in ("trace", "compare"):
+                from .trace_cli import run_compare, run_trace
+                return run_trace(args) if args.command == "trace" else run_compare(args)
             return generate(args, restart)
         except KeyboardInterrupt:
             print("npsd: interrupted; no output written", file=sys.stderr)

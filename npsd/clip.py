@@ -17,6 +17,7 @@ import numpy as np
 from . import nn
 from .config import with_fallbacks
 from .errors import CheckpointError, InputError
+from .trace import record as _record, scope as _scope
 
 ACTIVATIONS = {"quick_gelu": nn.quick_gelu, "gelu": nn.gelu}
 
@@ -28,28 +29,38 @@ def embed(params, ids):
     return (tokens + positions).astype(np.float32)                         # [B, L, W]
 
 
-def encoder_layer(p, x, num_heads, eps, act):
+def encoder_layer(p, x, num_heads, eps, act, trace=None):
     """One pre-LN transformer layer with causal self-attention, x [B, L, W] -> [B, L, W].
 
     x = x + Attention(LN1(x))        (queries see only themselves and earlier tokens)
     x = x + fc2(act(fc1(LN2(x))))
     """
+    _record(trace, ":in", x)
     a = p["self_attn"]
     h = nn.layer_norm(x, **p["layer_norm1"], eps=eps)                      # [B, L, W]
+    _record(trace, "self_attn:in", h)
     q = nn.linear(h, **a["q_proj"])                                       # [B, L, W]
     k = nn.linear(h, **a["k_proj"])                                       # [B, L, W]
     v = nn.linear(h, **a["v_proj"])                                       # [B, L, W]
     # softmax(q k^T / sqrt(d) + causal mask) v, per head (Vaswani et al. 2017, eq. 1)
     h = nn.attention(q, k, v, num_heads, causal=True)                     # [B, L, W]
-    x = x + nn.linear(h, **a["out_proj"])                                 # [B, L, W]
+    h = nn.linear(h, **a["out_proj"])                                     # [B, L, W]
+    _record(trace, "self_attn", h)
+    x = x + h                                                              # [B, L, W]
     h = nn.layer_norm(x, **p["layer_norm2"], eps=eps)                      # [B, L, W]
+    _record(trace, "mlp:in", h)
     h = act(nn.linear(h, **p["mlp"]["fc1"]))                               # [B, L, W] -> [B, L, M] (M = 4W)
-    return x + nn.linear(h, **p["mlp"]["fc2"])                             # [B, L, M] -> [B, L, W]
+    h = nn.linear(h, **p["mlp"]["fc2"])                                    # [B, L, M] -> [B, L, W]
+    _record(trace, "mlp", h)
+    x = x + h                                                              # [B, L, W]
+    _record(trace, "", x)
+    return x
 
 
-def hidden_states(params, ids, config, num_layers=None):
+def hidden_states(params, ids, config, num_layers=None, trace=None):
     """ids [B, L] (L <= positions) -> [embeddings, after layer 1, ..., after layer n], each [B, L, W],
-    before the final LayerNorm: transformers' `output_hidden_states`. n = num_layers or all layers."""
+    before the final LayerNorm: transformers' `output_hidden_states`. n = num_layers or all layers.
+    trace: None, or an npsd.trace Scope for the text encoder (records embeddings, encoder.layers.i)."""
     params = _text_model(params)
     ids = _check_ids(params, ids)
     if ids.shape[1] > params["embeddings"]["position_embedding"]["weight"].shape[0]:
@@ -58,14 +69,15 @@ def hidden_states(params, ids, config, num_layers=None):
     width = params["embeddings"]["token_embedding"]["weight"].shape[1]
     num_heads, eps, act = _settings(config, width)
     x = embed(params["embeddings"], ids)                                   # [B, L, W]
+    _record(trace, "embeddings", x)
     states = [x]
-    for p in layers[:len(layers) if num_layers is None else num_layers]:
-        x = encoder_layer(p, x, num_heads, eps, act)                       # [B, L, W]
+    for i, p in enumerate(layers[:len(layers) if num_layers is None else num_layers]):
+        x = encoder_layer(p, x, num_heads, eps, act, _scope(trace, f"encoder.layers.{i}"))   # [B, L, W]
         states.append(x)
     return states
 
 
-def encode_text(params, ids, config, clip_skip=None):
+def encode_text(params, ids, config, clip_skip=None, trace=None):
     """int ids [B, L] -> float32 context [B, L, W]: CLIP's last hidden state after the final LayerNorm.
 
     L is the number of positions (77) or less, or a multiple of it (chunk mode, Tokenizer.chunked):
@@ -74,7 +86,10 @@ def encode_text(params, ids, config, clip_skip=None):
     clip_skip (as diffusers' pipelines): None or 0 = the last layer; k >= 1 = the output of the layer
     k before the last (hidden_states[-(k + 1)]), then the final LayerNorm. A1111's "CLIP skip" counts
     from 1: A1111 "CLIP skip 2" == clip_skip=1.
+    trace: None, or an npsd.trace.Trace: records text_encoder.embeddings, text_encoder.encoder.layers.i
+    (and their self_attn, mlp), text_encoder.final_layer_norm (docs/traces.md).
     """
+    trace = _scope(trace, "text_encoder")
     params = _text_model(params)
     ids = _check_ids(params, ids)
     num_layers = len(params["encoder"]["layers"])
@@ -88,8 +103,9 @@ def encode_text(params, ids, config, clip_skip=None):
     if length > n_pos:                                                    # chunk mode: k windows of 77
         ids = ids.reshape(b * (length // n_pos), n_pos)                    # [B, k*77] -> [B*k, 77]
     eps = _settings(config, params["final_layer_norm"]["weight"].shape[0])[1]
-    x = hidden_states(params, ids, config, num_layers=num_layers - clip_skip)[-1]  # [B*k, 77, W]
+    x = hidden_states(params, ids, config, num_layers=num_layers - clip_skip, trace=trace)[-1]  # [B*k, 77, W]
     x = nn.layer_norm(x, **params["final_layer_norm"], eps=eps)                     # [B*k, 77, W]
+    _record(trace, "final_layer_norm", x)
     return x.reshape(b, length, x.shape[-1]).astype(np.float32, copy=False)        # [B, L, W]
 
 

@@ -86,6 +86,21 @@ def _loras_from_prompt(generate):
     return run
 
 
+def _traced(generate):
+    """trace=None or an npsd.trace.Trace (docs/traces.md): record this call's activations into it,
+    the UNet's under the sampler step (step3/unet.down_blocks.1) for trace.steps (None: every step)."""
+    @functools.wraps(generate)
+    def run(self, *args, trace=None, **kwargs):
+        if trace is None:
+            return generate(self, *args, **kwargs)
+        before, self._trace = self._trace, trace
+        try:
+            return generate(self, *args, **kwargs)
+        finally:
+            self._trace, trace.step = before, None
+    return run
+
+
 class Pipeline:
     """Stable Diffusion v1.x in NumPy.
 
@@ -95,6 +110,8 @@ class Pipeline:
             (npsd.config.SD15 shows the keys);
     tokenizer: a Tokenizer (default: the CLIP tokenizer shipped in weights/).
     """
+
+    _trace = None                             # the npsd.trace.Trace of the running generation, if any
 
     def __init__(self, params, config=None, tokenizer=None, info=None):
         self.params = params
@@ -118,19 +135,20 @@ class Pipeline:
 
     def encode_text(self, ids, clip_skip=None):
         """int64 [B, L] -> float32 [B, L, width]: CLIP's last hidden state (after the final LayerNorm)."""
-        return clip.encode_text(self.params["text_encoder"], ids, self.config["text_encoder"], clip_skip=clip_skip)
+        return clip.encode_text(self.params["text_encoder"], ids, self.config["text_encoder"], clip_skip=clip_skip,
+                                trace=self._trace)
 
     def unet(self, latents, t, context):
         """latents [B, C, h, w], t scalar or [B], context [B, L, 768] -> predicted noise [B, 4, h, w]."""
-        return unet_model.unet(self.params["unet"], latents, t, context, self.config["unet"])
+        return unet_model.unet(self.params["unet"], latents, t, context, self.config["unet"], trace=self._trace)
 
     def vae_encode(self, images):
         """images float32 [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the unscaled latent [B, 4, H/8, W/8]."""
-        return vae.encode(self.params["vae"], images, self.config["vae"])
+        return vae.encode(self.params["vae"], images, self.config["vae"], trace=self._trace)
 
     def vae_decode(self, latents, tile_size=None):
         """unscaled latents [B, 4, h, w] -> images float32 [B, 3, 8h, 8w] in [-1, 1]."""
-        return vae.decode(self.params["vae"], latents, self.config["vae"], tile_size=tile_size)
+        return vae.decode(self.params["vae"], latents, self.config["vae"], tile_size=tile_size, trace=self._trace)
 
     # --- LoRA (npsd/lora.py, docs/lora.md) -------------------------------------------------------
 
@@ -177,6 +195,7 @@ class Pipeline:
 
     # --- generation ---------------------------------------------------------------------------
 
+    @_traced
     @_loras_from_prompt
     def txt2img(self, prompt, negative_prompt="", num_inference_steps=None, guidance_scale=None,
                 height=None, width=None, seed=None, sampler=None, latents=None, num_images=1,
@@ -222,6 +241,7 @@ class Pipeline:
         x = self._sample(model, x, schedule, rng, 0, eta, callback, progress, attention_maps=attention_maps)
         return self._output(x, output_type)
 
+    @_traced
     @_loras_from_prompt
     def img2img(self, prompt, image, strength=0.8, negative_prompt="", num_inference_steps=None,
                 guidance_scale=None, height=None, width=None, seed=None, sampler=None, noise=None,
@@ -256,6 +276,7 @@ class Pipeline:
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress, attention_maps=attention_maps)
         return self._output(x, output_type)
 
+    @_traced
     @_loras_from_prompt
     def inpaint(self, prompt, image, mask_image, strength=1.0, negative_prompt="", num_inference_steps=None,
                 guidance_scale=None, height=None, width=None, seed=None, sampler=None, latents=None,
@@ -448,7 +469,13 @@ class Pipeline:
             from tqdm import tqdm
             bar = tqdm(total=n - start, unit="step", leave=False)
 
+        trace = self._trace
+        if trace is not None:
+            trace.step = start                                      # step i's UNet calls record as step{i}/unet...
+
         def each_step(i, t, x, x0_pred):
+            if trace is not None:
+                trace.step = i + 1
             if not np.isfinite(x).all():
                 raise NpsdError(f"the latents became NaN or infinite at step {i + 1} of {n} (t={t}); "
                                 "try another sampler, fewer steps or a lower guidance scale")
@@ -467,6 +494,8 @@ class Pipeline:
                 return schedulers.sample(model, x, schedule, rng=rng, callback=each_step, start_index=start, eta=eta,
                                          between_stages=mid)
         finally:
+            if trace is not None:
+                trace.step = None
             if bar is not None:
                 bar.close()
 

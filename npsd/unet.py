@@ -24,6 +24,7 @@ from .architecture import context_width
 from .config import with_fallbacks
 from .errors import InputError
 from .params import flatten
+from .trace import record as _record, scope as _scope
 
 # an npsd.attention_maps.AttentionMaps while a generation collects cross-attention maps, else None
 _collector = None
@@ -42,12 +43,13 @@ def time_embedding(p, t, batch, dim):
     return nn.linear(emb, **p["linear_2"])                                           # [B, 1280] -> [B, 1280]
 
 
-def resnet(p, x, temb, config):
+def resnet(p, x, temb, config, trace=None):
     """ResBlock (Ho et al. 2020, as in LDM): x [B, Cin, H, W], temb [B, T] -> [B, Cout, H, W].
 
     h = conv1(SiLU(GN(x))) + W_t SiLU(temb);  out = skip(x) + conv2(SiLU(GN(h)))
     (dropout is the identity at inference; skip is a 1x1 conv when Cin != Cout, else identity).
     """
+    _record(trace, ":in", x)
     groups, eps = config["norm_groups"], config["resnet_eps"]
     h = nn.silu(nn.group_norm(x, groups, **p["norm1"], eps=eps))                      # [B, Cin, H, W]
     h = nn.conv2d(h, **p["conv1"], padding=1)                                         # -> [B, Cout, H, W]
@@ -59,14 +61,16 @@ def resnet(p, x, temb, config):
         h += nn.conv2d(x, **p["conv_shortcut"])                                       # 1x1: [B, Cin, ..] -> [B, Cout, ..]
     else:
         h += x
+    _record(trace, "", h)
     return h
 
 
-def attention(p, x, context, heads):
+def attention(p, x, context, heads, trace=None):
     """Multi-head attention (Vaswani et al. 2017, eq. 1) with diffusers' names.
 
     x [B, N, C] queries; context [B, M, Cc] keys/values (None: self-attention) -> [B, N, C].
     """
+    _record(trace, ":in", x)
     kv = x if context is None else context
     q = nn.linear(x, **p["to_q"])                                                     # [B, N, C]
     k = nn.linear(kv, **p["to_k"])                                                    # [B, M, C]
@@ -76,78 +80,97 @@ def attention(p, x, context, heads):
     # softmax(q k^T / sqrt(d)) v per head, queries in chunks of settings.CHUNK_BYTES
     out = nn.attention(q, k, v, heads)                                                # [B, N, C]
     del q, k, v
-    return nn.linear(out, **p["to_out"][0])                                           # [B, N, C]
+    out = nn.linear(out, **p["to_out"][0])                                            # [B, N, C]
+    _record(trace, "", out)
+    return out
 
 
-def transformer_block(p, x, context, heads, config):
+def transformer_block(p, x, context, heads, config, trace=None):
     """BasicTransformerBlock: pre-LayerNorm self-attention, cross-attention, GEGLU MLP; x [B, N, C].
 
     x += attn1(LN(x));  x += attn2(LN(x), context);  x += W2 GEGLU(LN(x))   (modified in place)
     """
+    _record(trace, ":in", x)                                                                # before x changes in place
     eps = config["layer_norm_eps"]
-    x += attention(p["attn1"], nn.layer_norm(x, **p["norm1"], eps=eps), None, heads)        # [B, N, C]
-    x += attention(p["attn2"], nn.layer_norm(x, **p["norm2"], eps=eps), context, heads)     # [B, N, C]
+    x += attention(p["attn1"], nn.layer_norm(x, **p["norm1"], eps=eps), None, heads, _scope(trace, "attn1"))
+    x += attention(p["attn2"], nn.layer_norm(x, **p["norm2"], eps=eps), context, heads, _scope(trace, "attn2"))
     # GEGLU feed-forward (Shazeer 2020): value * GELU(gate), [B, N, C] -> [B, N, 4C] -> [B, N, C]
     h = nn.geglu(nn.layer_norm(x, **p["norm3"], eps=eps), **p["ff"]["net"][0]["proj"])      # [B, N, 4C]
-    x += nn.linear(h, **p["ff"]["net"][2])                                                  # [B, N, C]
+    h = nn.linear(h, **p["ff"]["net"][2])                                                   # [B, N, C]
+    _record(trace, "ff", h)
+    x += h
+    _record(trace, "", x)
     return x
 
 
-def spatial_transformer(p, x, context, heads, config):
+def spatial_transformer(p, x, context, heads, config, trace=None):
     """Transformer2DModel: GN, proj_in, transformer blocks over the H*W tokens, proj_out, residual.
 
     x [B, C, H, W], context [B, M, Cc] -> [B, C, H, W].
     """
+    _record(trace, ":in", x)
     b, c, hh, ww = x.shape
     h = nn.group_norm(x, config["norm_groups"], **p["norm"], eps=config["transformer_eps"])  # [B, C, H, W]
     h = h.reshape(b, c, hh * ww).transpose(0, 2, 1)                                     # [B, H*W, C] (view)
     h = nn.linear_or_conv1x1(h, **p["proj_in"])                                         # [B, H*W, C]
-    for block in p["transformer_blocks"]:
-        h = transformer_block(block, h, context, heads, config)                         # [B, H*W, C]
+    for k, block in enumerate(p["transformer_blocks"]):
+        h = transformer_block(block, h, context, heads, config, _scope(trace, f"transformer_blocks.{k}"))  # [B, H*W, C]
     h = nn.linear_or_conv1x1(h, **p["proj_out"])                                        # [B, H*W, C]
     h = h.transpose(0, 2, 1).reshape(b, c, hh, ww)                                      # [B, C, H, W]
     h += x
+    _record(trace, "", h)
     return h
 
 
-def down_block(p, x, temb, context, heads, config):
+def down_block(p, x, temb, context, heads, config, trace=None):
     """(CrossAttn)DownBlock2D: x [B, Cin, H, W] -> (output, skips) with output [B, C, H/2, W/2]
     (H/2 rounded up; no downsampler on the last level) and one skip per resnet and downsampler."""
+    _record(trace, ":in", x)
     skips = []
     for j, res in enumerate(p["resnets"]):
-        x = resnet(res, x, temb, config)                                                # [B, C, H, W]
+        x = resnet(res, x, temb, config, _scope(trace, f"resnets.{j}"))                 # [B, C, H, W]
         if "attentions" in p:
-            x = spatial_transformer(p["attentions"][j], x, context, heads, config)      # [B, C, H, W]
+            x = spatial_transformer(p["attentions"][j], x, context, heads, config,
+                                    _scope(trace, f"attentions.{j}"))                   # [B, C, H, W]
         skips.append(x)
     if "downsamplers" in p:
+        _record(trace, "downsamplers.0:in", x)
         # stride-2 3x3 conv, padding 1: [B, C, H, W] -> [B, C, ceil(H/2), ceil(W/2)]
         x = nn.conv2d(x, **p["downsamplers"][0]["conv"], stride=2, padding=1)
+        _record(trace, "downsamplers.0", x)
         skips.append(x)
+    _record(trace, "", x)
     return x, skips
 
 
-def mid_block(p, x, temb, context, heads, config):
+def mid_block(p, x, temb, context, heads, config, trace=None):
     """UNetMidBlock2DCrossAttn: ResBlock, then (transformer, ResBlock) pairs; [B, C, h, w] kept."""
-    x = resnet(p["resnets"][0], x, temb, config)
+    _record(trace, ":in", x)
+    x = resnet(p["resnets"][0], x, temb, config, _scope(trace, "resnets.0"))
     for j, res in enumerate(p["resnets"][1:]):
         if "attentions" in p:
-            x = spatial_transformer(p["attentions"][j], x, context, heads, config)
-        x = resnet(res, x, temb, config)
+            x = spatial_transformer(p["attentions"][j], x, context, heads, config, _scope(trace, f"attentions.{j}"))
+        x = resnet(res, x, temb, config, _scope(trace, f"resnets.{j + 1}"))
+    _record(trace, "", x)
     return x
 
 
-def up_block(p, x, skips, temb, context, heads, config, size):
+def up_block(p, x, skips, temb, context, heads, config, size, trace=None):
     """(CrossAttn)UpBlock2D: each resnet takes [x, skip] concatenated on channels (the skips are
     popped from the end of `skips`, last in first out); then nearest upsampling to `size` (the
     spatial size of the next skip, so odd sizes round-trip) and a 3x3 conv."""
+    _record(trace, ":in", x)
     for j, res in enumerate(p["resnets"]):
         x = np.concatenate([x, skips.pop()], axis=1)                                    # [B, C + Cskip, H, W]
-        x = resnet(res, x, temb, config)                                                # [B, C', H, W]
+        x = resnet(res, x, temb, config, _scope(trace, f"resnets.{j}"))                 # [B, C', H, W]
         if "attentions" in p:
-            x = spatial_transformer(p["attentions"][j], x, context, heads, config)
+            x = spatial_transformer(p["attentions"][j], x, context, heads, config, _scope(trace, f"attentions.{j}"))
     if "upsamplers" in p:
+        _record(trace, "upsamplers.0:in", x)
         x = nn.upsample_nearest(x, size)                                                # [B, C', H, W] -> [B, C', size]
         x = nn.conv2d(x, **p["upsamplers"][0]["conv"], padding=1)
+        _record(trace, "upsamplers.0", x)
+    _record(trace, "", x)
     return x
 
 
@@ -165,16 +188,22 @@ def unet(params, latents, t, context, config, trace=None):
     context: [B, L, Cc] text encoder states (L = 77, or 77*k for long prompts; Cc = 768 for SD v1)
     config:  the "unet" section of a model's config (num_heads, norm_groups, eps values); a key it
              lacks takes SD v1.x's value (npsd.config.SD15["unet"])
-    trace:   optional dict; if given, block outputs are stored in it under diffusers' module names
-             ("conv_in", "time_embedding", "down_blocks.0", ..., "mid_block", "up_blocks.3")
+    trace:   None, or an npsd.trace.Trace: every block's input and output is recorded under diffusers'
+             module names ("unet.conv_in", "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2",
+             ...; docs/traces.md); or a dict, which receives the top-level block outputs without
+             the "unet." ("conv_in", "time_embedding", "down_blocks.0", ..., "mid_block", "up_blocks.3")
     returns  eps [B, out_channels, h, w]
     """
+    if isinstance(trace, dict):
+        return _unet_into_dict(params, latents, t, context, config, trace)
+    trace = _scope(trace, "unet")                                                       # None: nothing recorded
     config = with_fallbacks("unet", config)
     latents, t, context = _check_inputs(params, latents, t, context)
     b = latents.shape[0]
     levels = len(params["down_blocks"])
     heads = _heads(config["num_heads"], levels)                                         # one per level
 
+    _record(trace, ":in", latents)
     dim = params["time_embedding"]["linear_1"]["weight"].shape[1]                     # 320 = block_out_channels[0]
     temb = time_embedding(params["time_embedding"], t, b, dim)                          # [B, 1280]
     x = nn.conv2d(latents, **params["conv_in"], padding=1)                              # [B, 320, h, w]
@@ -183,29 +212,37 @@ def unet(params, latents, t, context, config, trace=None):
 
     skips = [x]                                                                         # 1 + 3 + 3 + 3 + 2 = 12 at SD size
     for i, block in enumerate(params["down_blocks"]):
-        x, block_skips = down_block(block, x, temb, context, heads[i], config)          # [B, C_i, h/2^i.., ..]
+        x, block_skips = down_block(block, x, temb, context, heads[i], config,
+                                    _scope(trace, f"down_blocks.{i}"))                  # [B, C_i, h/2^i.., ..]
         skips += block_skips
-        _record(trace, f"down_blocks.{i}", x)
 
     if "mid_block" in params:
-        x = mid_block(params["mid_block"], x, temb, context, heads[-1], config)         # [B, 1280, h/8, w/8]
-        _record(trace, "mid_block", x)
+        x = mid_block(params["mid_block"], x, temb, context, heads[-1], config,
+                      _scope(trace, "mid_block"))                                       # [B, 1280, h/8, w/8]
 
     for i, block in enumerate(params["up_blocks"]):
         n = len(block["resnets"])
         # the upsampler goes to the size of the skip that the next up block takes first
         size = skips[-n - 1].shape[2:] if "upsamplers" in block else None
-        x = up_block(block, x, skips, temb, context, heads[levels - 1 - i], config, size)  # pops n skips
-        _record(trace, f"up_blocks.{i}", x)
+        x = up_block(block, x, skips, temb, context, heads[levels - 1 - i], config, size,
+                     _scope(trace, f"up_blocks.{i}"))                                   # pops n skips
 
     x = nn.group_norm(x, config["norm_groups"], **params["conv_norm_out"], eps=config["resnet_eps"])  # [B, 320, h, w]
+    _record(trace, "conv_norm_out", x)
     x = nn.silu(x)
-    return nn.conv2d(x, **params["conv_out"], padding=1)                                # [B, 320, h, w] -> [B, 4, h, w]
+    x = nn.conv2d(x, **params["conv_out"], padding=1)                                   # [B, 320, h, w] -> [B, 4, h, w]
+    _record(trace, "conv_out", x)
+    _record(trace, "", x)
+    return x
 
 
-def _record(trace, name, x):
-    if trace is not None:
-        trace[name] = x
+def _unet_into_dict(params, latents, t, context, config, into):
+    """unet(..., trace={}): a Trace of the top-level block outputs, copied into the dict."""
+    from .trace import Trace
+    top = Trace(only=r"unet\.(time_embedding|conv_in|down_blocks\.\d+|mid_block|up_blocks\.\d+)")
+    eps = unet(params, latents, t, context, config, trace=top)
+    into.update({name[len("unet."):]: x for name, x in top.tensors.items()})
+    return eps
 
 
 def _heads(num_heads, levels):

@@ -25,6 +25,7 @@ import numpy as np
 from . import fast as _fast
 from . import nn, settings
 from .errors import CheckpointError, InputError
+from .trace import record as _record, scope as _scope
 
 # Fraction of a tile that overlaps its neighbour in tiled decoding (diffusers' tile_overlap_factor).
 TILE_OVERLAP = 0.25
@@ -105,39 +106,52 @@ def attention_block(p, x, config):
     return x + o.transpose(0, 2, 1).reshape(b, c, h, w)                    # residual connection: [B, C, H, W]
 
 
-def mid_block(p, x, config):
+def mid_block(p, x, config, trace=None):
     """UNetMidBlock2D: resnet, attention, resnet. [B, C, h, w] -> [B, C, h, w]."""
+    _record(trace, ":in", x)
     x = resnet_block(p["resnets"][0], x, config)
+    _record(trace, "resnets.0", x)
     attentions = p.get("attentions") or [None] * (len(p["resnets"]) - 1)   # none if mid_block_add_attention=False
-    for attn, res in zip(attentions, p["resnets"][1:]):
+    for j, (attn, res) in enumerate(zip(attentions, p["resnets"][1:])):
         if attn is not None:
             x = attention_block(attn, x, config)
+            _record(trace, f"attentions.{j}", x)
         x = resnet_block(res, x, config)
+        _record(trace, f"resnets.{j + 1}", x)
+    _record(trace, "", x)
     return x
 
 
-def down_block(p, x, config):
+def down_block(p, x, config, trace=None):
     """DownEncoderBlock2D: resnets, then (not on the last level) a stride-2 conv.
 
     [B, C, H, W] -> [B, O, H/2, W/2] (or [B, O, H, W] on the last level).
     """
-    for res in p["resnets"]:
+    _record(trace, ":in", x)
+    for j, res in enumerate(p["resnets"]):
         x = resnet_block(res, x, config)                                   # [B, O, H, W]
+        _record(trace, f"resnets.{j}", x)
     if p.get("downsamplers"):
         # pad right and bottom by one pixel only, then 3x3 stride 2 (the LDM downsampler)
         x = nn.conv2d(x, **p["downsamplers"][0]["conv"], stride=2, padding=(0, 1, 0, 1))  # [B, O, H/2, W/2]
+        _record(trace, "downsamplers.0", x)
+    _record(trace, "", x)
     return x
 
 
-def up_block(p, x, config):
+def up_block(p, x, config, trace=None):
     """UpDecoderBlock2D: resnets, then (not on the last level) nearest 2x upsampling and a 3x3 conv.
 
     [B, C, h, w] -> [B, O, 2h, 2w] (or [B, O, h, w] on the last level).
     """
-    for res in p["resnets"]:
+    _record(trace, ":in", x)
+    for j, res in enumerate(p["resnets"]):
         x = resnet_block(res, x, config)                                   # [B, O, h, w]
+        _record(trace, f"resnets.{j}", x)
     if p.get("upsamplers"):
         x = upsample(p["upsamplers"][0], x)                                # [B, O, 2h, 2w]
+        _record(trace, "upsamplers.0", x)
+    _record(trace, "", x)
     return x
 
 
@@ -145,22 +159,34 @@ def up_block(p, x, config):
 # Encoder and decoder
 # ---------------------------------------------------------------------------------------------
 
-def encoder(p, x, config):
-    """Image [B, 3, H, W] -> moments [B, 2*latent_channels, H/8, W/8] (before quant_conv)."""
+def encoder(p, x, config, trace=None):
+    """Image [B, 3, H, W] -> moments [B, 2*latent_channels, H/8, W/8] (before quant_conv).
+    trace: None or an npsd.trace Scope ("vae.encoder"): records conv_in, down_blocks.i, mid_block, conv_out."""
+    _record(trace, ":in", x)
     x = nn.conv2d(x, **p["conv_in"], padding=1)                            # [B, 128, H, W]
-    for block in p["down_blocks"]:
-        x = down_block(block, x, config)                                   # 128@H -> 128@H/2 -> 256@H/4 -> 512@H/8 -> 512@H/8
-    x = mid_block(p["mid_block"], x, config)                               # [B, 512, H/8, W/8]
-    return output_layers(p, x, config)                                     # [B, 8, H/8, W/8]
+    _record(trace, "conv_in", x)
+    for i, block in enumerate(p["down_blocks"]):
+        x = down_block(block, x, config, _scope(trace, f"down_blocks.{i}"))   # 128@H -> 128@H/2 -> 256@H/4 -> 512@H/8 -> 512@H/8
+    x = mid_block(p["mid_block"], x, config, _scope(trace, "mid_block"))  # [B, 512, H/8, W/8]
+    x = output_layers(p, x, config)                                        # [B, 8, H/8, W/8]
+    _record(trace, "conv_out", x)
+    _record(trace, "", x)
+    return x
 
 
-def decoder(p, z, config):
-    """Latent [B, latent_channels, h, w] (after post_quant_conv) -> image [B, 3, 8h, 8w]."""
+def decoder(p, z, config, trace=None):
+    """Latent [B, latent_channels, h, w] (after post_quant_conv) -> image [B, 3, 8h, 8w].
+    trace: None or an npsd.trace Scope ("vae.decoder"): records conv_in, mid_block, up_blocks.i, conv_out."""
+    _record(trace, ":in", z)
     x = nn.conv2d(z, **p["conv_in"], padding=1)                            # [B, 512, h, w]
-    x = mid_block(p["mid_block"], x, config)                               # [B, 512, h, w]
-    for block in p["up_blocks"]:
-        x = up_block(block, x, config)                                     # 512@2h -> 512@4h -> 256@8h -> 128@8h
-    return output_layers(p, x, config)                                     # [B, 3, 8h, 8w]
+    _record(trace, "conv_in", x)
+    x = mid_block(p["mid_block"], x, config, _scope(trace, "mid_block"))  # [B, 512, h, w]
+    for i, block in enumerate(p["up_blocks"]):
+        x = up_block(block, x, config, _scope(trace, f"up_blocks.{i}"))    # 512@2h -> 512@4h -> 256@8h -> 128@8h
+    x = output_layers(p, x, config)                                        # [B, 3, 8h, 8w]
+    _record(trace, "conv_out", x)
+    _record(trace, "", x)
+    return x
 
 
 def _check_params(params, part):
@@ -182,20 +208,23 @@ def _check_input(x, channels, what, hint):
     return x
 
 
-def encode(params, images, config):
+def encode(params, images, config, trace=None):
     """images float32 [B, 3, H, W] in [-1, 1] -> (mean, logvar), each [B, 4, H/8, W/8], unscaled.
 
     The posterior is a diagonal Gaussian N(mean, exp(logvar)); logvar is clamped to [-30, 20] as
     diffusers' DiagonalGaussianDistribution does. Images are encoded one at a time (bounded memory).
+    trace: None, or an npsd.trace.Trace: records vae.encoder.* and vae.quant_conv per image (docs/traces.md).
     """
+    trace = _scope(trace, "vae")
     _check_params(params, "encoder")
     cin = params["encoder"]["conv_in"]["weight"].shape[1]
     images = _check_input(images, cin, "images", "convert HWC images with x.transpose(2, 0, 1) and scale to [-1, 1]")
     moments = []
     for i in range(images.shape[0]):
-        m = encoder(params["encoder"], images[i:i + 1], config)           # [1, 8, h, w]
+        m = encoder(params["encoder"], images[i:i + 1], config, _scope(trace, "encoder"))  # [1, 8, h, w]
         if "quant_conv" in params:
             m = nn.conv2d(m, **params["quant_conv"])                       # 1x1: [1, 8, h, w]
+            _record(trace, "quant_conv", m)
         moments.append(m)
     moments = np.concatenate(moments)                                      # [B, 8, h, w]
     mean, logvar = np.split(moments, 2, axis=1)                            # 2 x [B, 4, h, w]
@@ -212,11 +241,12 @@ def sample(mean, logvar, noise):
     return mean + np.exp(np.float32(0.5) * logvar) * noise
 
 
-def _decode_one(params, z, config):
+def _decode_one(params, z, config, trace=None):
     # z [1, 4, h, w] -> [1, 3, f*h, f*w]
     if "post_quant_conv" in params:
         z = nn.conv2d(z, **params["post_quant_conv"])                      # 1x1: [1, 4, h, w]
-    return decoder(params["decoder"], z, config)
+        _record(trace, "post_quant_conv", z)
+    return decoder(params["decoder"], z, config, _scope(trace, "decoder"))
 
 
 def _blend(a, b, extent, axis):
@@ -261,14 +291,17 @@ def _decode_tiled(params, z, config, tile):
     return out
 
 
-def decode(params, latents, config, tile_size=None):
+def decode(params, latents, config, tile_size=None, trace=None):
     """Unscaled latents [B, 4, h, w] -> images float32 [B, 3, 8h, 8w], roughly in [-1, 1] (not clamped).
 
     tile_size=None decodes in one piece. tile_size=T (latent pixels, a multiple of 4; 64 gives
     diffusers' tiles for SD v1.x) decodes latents larger than T in overlapping T x T tiles blended
     linearly, so memory is that of one T x T decode whatever the image size; the result differs
     slightly from the untiled one (docs/vae.md). Images are decoded one at a time.
+    trace: None, or an npsd.trace.Trace: records vae.post_quant_conv and vae.decoder.* per image
+    (untiled decodes only; docs/traces.md).
     """
+    trace = _scope(trace, "vae")
     _check_params(params, "decoder")
     cin = (params.get("post_quant_conv") or params["decoder"]["conv_in"])["weight"].shape[1]
     latents = _check_input(latents, cin, "latents", "pass unscaled latents (divide by config['scaling_factor'])")
@@ -280,5 +313,5 @@ def decode(params, latents, config, tile_size=None):
         if tile_size is not None and max(z.shape[2:]) > tile_size:
             images.append(_decode_tiled(params, z, config, int(tile_size)))
         else:
-            images.append(_decode_one(params, z, config))
+            images.append(_decode_one(params, z, config, trace))
     return np.concatenate(images)                                          # [B, 3, 8h, 8w]
