@@ -338,10 +338,8 @@ def apply_pickle_edit(data, edit):
     return data[:pos] + evil_call(edit[2]) + data[pos:]
 
 
-@fuzz_settings(1500)
-@given(edits=st.lists(pickle_edits, min_size=1, max_size=3))
-def test_ckpt_pickle_mutations(ck_records, edits):
-    records = dict(ck_records)
+def mutate_pickle(records, edits):
+    """Apply the edits to the pickle record of a torch zip's {record: bytes}, in place."""
     name = pkl_name(records)
     data = records[name]
     for e in edits:
@@ -350,6 +348,13 @@ def test_ckpt_pickle_mutations(ck_records, edits):
         except (ValueError, IndexError):        # pickletools cannot walk an already-broken pickle: flip instead
             data = apply_pickle_edit(data, ("flip", 0.5, 0x55))
     records[name] = data
+
+
+@fuzz_settings(1500)
+@given(edits=st.lists(pickle_edits, min_size=1, max_size=3))
+def test_ckpt_pickle_mutations(ck_records, edits):
+    records = dict(ck_records)
+    mutate_pickle(records, edits)
     path = write("p.ckpt", zip_bytes(records))
     only_checkpoint_errors("ckpt pickle mutations", read_ckpt, path)
 
@@ -502,14 +507,7 @@ def test_load_full_checkpoint_header_edits(full, edits):
 @given(edits=st.lists(pickle_edits, min_size=1, max_size=2))
 def test_load_full_checkpoint_pickle_mutations(full, edits):
     records = dict(full["records"])
-    name = pkl_name(records)
-    data = records[name]
-    for e in edits:
-        try:
-            data = apply_pickle_edit(data, e)
-        except (ValueError, IndexError):
-            data = apply_pickle_edit(data, ("flip", 0.5, 0x55))
-    records[name] = data
+    mutate_pickle(records, edits)
     path = write("full.ckpt", zip_bytes(records))
     only_checkpoint_errors("npsd.load ckpt pickle mutations", load, path)
 
@@ -590,12 +588,5 @@ def test_embedding_pt_pickle_mutations(edits):
                     "step": 10}, base)
     with zipfile.ZipFile(base) as z:
         records = {n: z.read(n) for n in z.namelist()}
-    name = pkl_name(records)
-    data = records[name]
-    for e in edits:
-        try:
-            data = apply_pickle_edit(data, e)
-        except (ValueError, IndexError):
-            data = apply_pickle_edit(data, ("flip", 0.5, 0x55))
-    records[name] = data
+    mutate_pickle(records, edits)
     refused_cleanly("embedding .pt pickle mutations", read_embedding, write("emb.pt", zip_bytes(records)))
