@@ -584,7 +584,7 @@ def test_embedding_pt_pickle_mutations(edits):
     from npsd.embeddings import read_embedding
     base = os.path.join(WORK, "emb-base.pt")
     if not os.path.exists(base):
-        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(2, 8)}, "name": "x",
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.arange(16.0).reshape(2, 8) / 7}, "name": "x",
                     "step": 10}, base)
     with zipfile.ZipFile(base) as z:
         records = {n: z.read(n) for n in z.namelist()}
