@@ -722,15 +722,12 @@ def test_no_ema_chooses_the_raw_weights(tmp_path, capsys):
     """A v1-5-pruned-like file with EMA copies of every UNet weight (model_ema.<name without dots>):
     the EMA weights by default, the raw ones with --no-ema, recorded in the PNG as "EMA: off"."""
     from transformers import CLIPTextConfig, CLIPTextModel
-    from tests.test_loading import TINY_CLIP, tiny_models, tiny_original_state, write_safetensors
+    from tests.test_loading import TINY_CLIP, add_ema_copies, tiny_models, tiny_original_state, write_safetensors
     unet, vae, _ = tiny_models()
     torch.manual_seed(0)
     clip = perturb_(CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "vocab_size": 49408})).eval(), seed=3)
     sd = tiny_original_state(unet, vae, clip)
-    rng = np.random.default_rng(0)
-    for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
-        sd["model_ema." + k[len("model."):].replace(".", "")] = sd[k] * np.float32(1.2) + np.float32(0.05) * \
-            rng.standard_normal(sd[k].shape, dtype=np.float32)
+    add_ema_copies(sd)
     path = tmp_path / "tiny-full-ema.safetensors"
     write_safetensors(path, sd)
     small = ["--height", 64, "--width", 64, "--steps", 1, "--seed", 1, "--quiet", "--model", path]

@@ -201,6 +201,17 @@ def test_ckpt_full_size(original_sd, reference, tmp_path):
     assert peak - base < 1.1 * 4 * n
 
 
+def add_ema_copies(sd, seed=0):
+    """Give every UNet weight of an original-layout state dict an EMA copy, named as in
+    v1-5-pruned.* (model_ema.<name without "model." and without dots)), that differs from the raw
+    weight (1.2 x raw + noise), so that choosing the wrong copy shows."""
+    rng = np.random.default_rng(seed)
+    for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
+        sd["model_ema." + k[len("model."):].replace(".", "")] = sd[k] * np.float32(1.2) + np.float32(0.05) * \
+            rng.standard_normal(sd[k].shape, dtype=np.float32)
+    return sd
+
+
 def test_full_ema_layout_prefers_ema_copies(original_sd, reference, tmp_path):
     """v1-5-pruned layout: every UNet weight also as model_ema.<name without dots>. The EMA copies
     are written as the negated raw weights, so the two selections give different values."""

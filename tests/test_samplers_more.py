@@ -41,7 +41,6 @@ the measured numbers):
 """
 
 import inspect
-import math
 import types
 
 import numpy as np
@@ -60,6 +59,7 @@ from npsd import schedulers as S
 from npsd.config import sd15_config
 from npsd.guidance import cfg, guided_model, rescale_cfg
 from npsd.testing import assert_close
+from tests.test_schedulers import fake_eps_np, fake_eps_torch, randn, torch_draws  # noqa: F401 (shared helpers)
 
 CONFIG = sd15_config()
 RTOL_SIGMA = 1e-6
@@ -150,25 +150,6 @@ def ref_step_ends(name, n):
     if name in ("dpm2", "dpm2_a"):
         return [2 * i + 1 for i in range(n - 1)] + [2 * n - 2]
     return list(range(n))
-
-
-def fake_eps_np(x, t):
-    # a fake noise predictor that depends on both x and t
-    return np.tanh(np.float32(0.3) * x) * np.float32(math.cos(float(t) / 300)) + np.float32(0.1)
-
-
-def fake_eps_torch(x, t):
-    return torch.tanh(0.3 * x) * math.cos(float(t) / 300) + 0.1
-
-
-def randn(seed, shape=SHAPE):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def torch_draws(seed, count, shape=SHAPE):
-    """The first `count` draws diffusers' steps make from torch.Generator().manual_seed(seed)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g).numpy() for _ in range(count)]
 
 
 class Outputs:
