@@ -344,7 +344,7 @@ class Pipeline:
             if inpainting_unet:
                 masked = self._encode_image(masked_pixels, rng, sample_posterior)
             elif sample_posterior:
-                rng.standard_normal(shape[1:], dtype=np.float32)[None]            # drawn and not used
+                rng.standard_normal((1,) + shape[1:], dtype=np.float32)          # drawn and not used
 
         def keep_known(i, t, x, x0_pred):
             if inpainting_unet:
