@@ -35,6 +35,7 @@ Conventions:
 """
 
 import argparse
+import bdb
 import hashlib
 import math
 import os
@@ -719,6 +720,8 @@ def main(argv=None):
         except KeyboardInterrupt:
             print("npsd: interrupted; no output written", file=sys.stderr)
             return 130
+        except bdb.BdbQuit:                          # a debugger's quit (q in pdb) is the debugger's to handle
+            raise
         except Exception as e:                       # noqa: BLE001 - every error becomes one line
             if debug:
                 traceback.print_exc()
