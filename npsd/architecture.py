@@ -12,14 +12,13 @@ gives random weights of any design (tests, docs). What the weights cannot say (h
 groups, eps values, the latent scaling factor) is each model's config (npsd.config), not a design.
 
 Where later architectures go (a field here, not a copy of the layout):
-- SD 2.x UNet: `use_linear_projection` (proj_in/proj_out as [C, C] linears, not [C, C, 1, 1] convs:
-  two lines of _transformer; read back from proj_in's rank); cross_attention_dim 1024 is already a
-  field. Its 64-wide heads (channels / 64 per level) are config. loading._refuse_other_architectures
-  then stops refusing context width 1024.
+- SD 2.x UNet: the same design with `use_linear_projection` (proj_in/proj_out as [C, C] linears, not
+  [C, C, 1, 1] convs; read back from proj_in's rank) and cross_attention_dim 1024. Its 64-wide heads
+  (5, 10, 20, 20 per level) are config, not design.
 - SD 2.x text encoder (OpenCLIP ViT-H): once the loader's name tables map its names onto
   CLIPTextModel's, TextEncoderDesign describes it (width 1024; its GELU is config).
 - LCM UNets: `time_cond_proj_dim` (None: absent) adds time_embedding.cond_proj.weight
-  [block_out_channels[0], time_cond_proj_dim] beside linear_1 in unet_shapes; read back from it.
+  [block_out_channels[0], time_cond_proj_dim]: the guidance scale's embedding enters the time embedding.
 """
 
 import re
@@ -45,6 +44,8 @@ class UNetDesign:
     transformer_layers_per_block: int = 1                 # transformer blocks in each spatial transformer
     time_embedding_dim: int = None                        # None: 4 x block_out_channels[0] (1280)
     ff_mult: int = 4                                      # GEGLU MLP: C -> 2 x ff_mult x C -> C
+    use_linear_projection: bool = False                   # proj_in/out as [C, C] linears (SD 2.x), not 1x1 convs
+    time_cond_proj_dim: int = None                        # LCM: width of the guidance-scale embedding (None: none)
 
     def __post_init__(self):
         object.__setattr__(self, "time_embedding_dim", self.time_embedding_dim or 4 * self.block_out_channels[0])
@@ -101,7 +102,8 @@ class _Shapes(dict):
 def _transformer(s, name, c, d):
     """Spatial transformer on c channels: GN, proj_in, transformer blocks, proj_out (d: UNetDesign)."""
     s.norm(name + ".norm", c)
-    s.conv(name + ".proj_in", c, c, 1)
+    projection = s.linear if d.use_linear_projection else lambda n, o, i: s.conv(n, o, i, 1)
+    projection(name + ".proj_in", c, c)
     for k in range(d.transformer_layers_per_block):
         block = f"{name}.transformer_blocks.{k}"
         for attn, kv in (("attn1", c), ("attn2", d.cross_attention_dim)):   # self-, then cross-attention
@@ -112,7 +114,7 @@ def _transformer(s, name, c, d):
             s.norm(f"{block}.norm{n}", c)
         s.linear(f"{block}.ff.net.0.proj", 2 * d.ff_mult * c, c)   # GEGLU: value and gate halves
         s.linear(f"{block}.ff.net.2", c, d.ff_mult * c)
-    s.conv(name + ".proj_out", c, c, 1)
+    projection(name + ".proj_out", c, c)
 
 
 def unet_shapes(d=UNetDesign()):
@@ -120,6 +122,8 @@ def unet_shapes(d=UNetDesign()):
     s, c0, temb = _Shapes(), d.block_out_channels[0], d.time_embedding_dim
     levels = len(d.block_out_channels)
     s.conv("conv_in", c0, d.in_channels, 3)                    # [B, 4, h, w] -> [B, 320, h, w]
+    if d.time_cond_proj_dim:                                   # LCM: embedding of w, added to the sinusoid
+        s.linear("time_embedding.cond_proj", c0, d.time_cond_proj_dim, bias=False)
     s.linear("time_embedding.linear_1", temb, c0)              # sinusoid [B, 320] -> [B, 1280]
     s.linear("time_embedding.linear_2", temb, temb)
     c, skips = c0, [c0]            # channels of every down-path output, taken back in reverse by the up path
@@ -248,8 +252,10 @@ def unet_design(shapes):
         attention_levels=tuple(has(f"down_blocks.{l}.attentions.") for l in range(levels)),
         cross_attention_dim=shapes[key][1],
         ff_mult=need(block + "ff.net.2.weight")[1] // need(block + "attn1.to_q.weight")[0],
+        use_linear_projection=len(need(blocks[:-len("transformer_blocks.")] + "proj_in.weight")) == 2,
         transformer_layers_per_block=len(block_indices(shapes, re.escape(blocks) + r"(\d+)\.")),
         time_embedding_dim=need("time_embedding.linear_1.weight")[0],
+        time_cond_proj_dim=shapes.get("time_embedding.cond_proj.weight", (None, None))[1],
         in_channels=need("conv_in.weight")[1],
         out_channels=need("conv_out.weight")[0])
 

@@ -16,6 +16,7 @@ SD15 = {
         "num_heads": 12,            # CLIP ViT-L/14 text tower: width 768 / 64
         "layer_norm_eps": 1e-5,
         "hidden_act": "quick_gelu",
+        "pad_token": "<|endoftext|>",   # fills the 77 positions after the prompt; SD 2.x: "!" (id 0)
     },
     "unet": {
         "num_heads": 8,             # SD v1.x: 8 heads at every level (diffusers' "attention_head_dim": 8)

@@ -352,8 +352,9 @@ def folder_config(folder):
         config["unet"]["resnet_eps"] = u.get("norm_eps", config["unet"]["resnet_eps"])
         if u.get("sample_size"):  # latent size -> default image size (x8 for SD's 4-level VAE)
             config["defaults"]["height"] = config["defaults"]["width"] = int(u["sample_size"]) * 8
-        if u.get("cross_attention_dim") == 1024 or u.get("addition_embed_type"):
-            raise CheckpointError(f"{folder}: this looks like SD 2.x or SDXL (unet/config.json); npsd supports SD v1.x")
+        if u.get("addition_embed_type"):
+            raise CheckpointError(f"{folder}: this looks like SDXL (unet/config.json has addition_embed_type); "
+                                  f"npsd supports SD v1.x and 2.x")
     if os.path.isfile(os.path.join(folder, "vae", "config.json")):
         v = read("vae", "config.json")
         config["vae"]["scaling_factor"] = v.get("scaling_factor", config["vae"]["scaling_factor"])
@@ -364,6 +365,12 @@ def folder_config(folder):
                              ("hidden_act", "hidden_act")):
             if theirs in t:
                 config["text_encoder"][ours] = t[theirs]
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):    # SD 2.x pads with "!", not the end token
+        if os.path.isfile(os.path.join(folder, "tokenizer", name)):
+            pad = read("tokenizer", name).get("pad_token")
+            pad = pad.get("content") if isinstance(pad, dict) else pad
+            if isinstance(pad, str):
+                config["text_encoder"]["pad_token"] = pad
     if os.path.isfile(os.path.join(folder, "scheduler", "scheduler_config.json")):
         s = read("scheduler", "scheduler_config.json")
         for k in config["scheduler"]:
@@ -402,11 +409,11 @@ def _load_folder(folder, ema, dtype):
     return params, config, info
 
 
-def _folder_tokenizer(folder):
+def _folder_tokenizer(folder, pad_token):
     vocab, merges = (os.path.join(folder, "tokenizer", n) for n in ("vocab.json", "merges.txt"))
     if os.path.isfile(vocab) and os.path.isfile(merges):
         from .tokenizer import Tokenizer
-        return Tokenizer.from_files(vocab, merges)
+        return Tokenizer.from_files(vocab, merges, pad_token)
     return None  # the Pipeline falls back to the shipped CLIP tokenizer (Tokenizer.default())
 
 
@@ -479,7 +486,7 @@ def load(path=None, ema=True, dtype=np.float32):
     path = os.fspath(path)
     if os.path.isdir(path):
         params, config, info = _load_folder(path, ema, dtype)
-        tokenizer = _folder_tokenizer(path)
+        tokenizer = _folder_tokenizer(path, config["text_encoder"].get("pad_token", "<|endoftext|>"))
     else:
         params, config, info = _load_original(path, ema, dtype)
         tokenizer = None

@@ -44,7 +44,7 @@ class Tokenizer:
     tok.add_word("my-style", 2) -> [49408, 49409]  (a textual-inversion word; see add_word)
     """
 
-    def __init__(self, vocab, merges):
+    def __init__(self, vocab, merges, pad_token=EOS):
         """vocab: {token: id}; merges: [(a, b), ...] in priority order (the first merges first)."""
         model = BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix="",
                     unk_token=EOS, fuse_unk=False, dropout=None)
@@ -67,13 +67,16 @@ class Tokenizer:
         self._tok = tok
         self.bos_id = vocab[BOS]                # 49406
         self.eos_id = vocab[EOS]                # 49407
-        self.pad_id = self.eos_id               # SD v1.x pads with <|endoftext|>
+        if pad_token not in vocab:
+            raise InputError(f"the tokenizer's padding token {pad_token!r} is not in its vocabulary; "
+                             f"use {EOS!r} (SD v1.x) or '!' (SD 2.x)")
+        self.pad_id = vocab[pad_token]          # SD v1.x pads with <|endoftext|>, SD 2.x with "!" (id 0)
         self.vocab_size = len(vocab)            # the BPE vocabulary; added words' ids come after it
         self.added_words = {}                   # word -> tuple of its new ids, in the order added
         self._added_by_first = {}               # first token of a word -> [(word's tokens, new ids)], longest first
 
     @classmethod
-    def from_files(cls, vocab_json, merges_txt):
+    def from_files(cls, vocab_json, merges_txt, pad_token=EOS):
         """Build from a vocab.json and a merges.txt (the layout of the hub's CLIP tokenizer folders)."""
         try:
             vocab, merges = BPE.read_file(str(vocab_json), str(merges_txt))
@@ -83,13 +86,14 @@ class Tokenizer:
         missing = [t for t in (BOS, EOS) if t not in vocab]
         if missing:
             raise InputError(f"{vocab_json} lacks the special tokens {missing}; pass CLIP's vocab.json")
-        return cls(vocab, merges)
+        return cls(vocab, merges, pad_token)
 
     @classmethod
-    def default(cls):
-        """The CLIP ViT-L/14 tokenizer of SD v1.x, from the files shipped in weights/."""
+    def default(cls, pad_token=EOS):
+        """The CLIP tokenizer of SD v1.x and 2.x, from the files shipped in weights/ (pad_token:
+        the model config's text_encoder.pad_token)."""
         from . import weights
-        return cls.from_files(weights.path("vocab.json"), weights.path("merges.txt"))
+        return cls.from_files(weights.path("vocab.json"), weights.path("merges.txt"), pad_token)
 
     # --- text -> ids ------------------------------------------------------------------------------
 

@@ -34,13 +34,19 @@ _collector = None
 # Building blocks
 # ---------------------------------------------------------------------------------------------
 
-def time_embedding(p, t, batch, dim):
-    """t scalar or [B] -> temb [B, 4*dim] (DDPM's sinusoidal embedding, then a 2-layer MLP)."""
+def time_embedding(p, t, batch, dim, w_emb=None, trace=None):
+    """t scalar or [B] -> temb [B, 4*dim] (DDPM's sinusoidal embedding, then a 2-layer MLP).
+    w_emb: an LCM UNet's guidance-scale embedding [B, D] (guidance_embedding), projected and added."""
     t = np.broadcast_to(np.atleast_1d(np.asarray(t, dtype=np.float32)), (batch,))   # [B]
     # emb = [cos(t f_i), sin(t f_i)], f_i = 10000^(-i / (dim/2)), i < dim/2 (flip_sin_to_cos, shift 0)
     emb = nn.timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0)          # [B] -> [B, 320]
+    _record(trace, ":in", emb)
+    if "cond_proj" in p:                                                             # LCM (Luo et al. 2023)
+        emb = emb + nn.linear(np.broadcast_to(w_emb, (batch, w_emb.shape[-1])), **p["cond_proj"])  # + [B, 320]
     emb = nn.silu(nn.linear(emb, **p["linear_1"]))                                   # [B, 320] -> [B, 1280]
-    return nn.linear(emb, **p["linear_2"])                                           # [B, 1280] -> [B, 1280]
+    temb = nn.linear(emb, **p["linear_2"])                                           # [B, 1280] -> [B, 1280]
+    _record(trace, "", temb)
+    return temb
 
 
 def resnet(p, x, temb, config, trace=None):
@@ -95,7 +101,9 @@ def transformer_block(p, x, context, heads, config, trace=None):
     x += attention(p["attn1"], nn.layer_norm(x, **p["norm1"], eps=eps), None, heads, _scope(trace, "attn1"))
     x += attention(p["attn2"], nn.layer_norm(x, **p["norm2"], eps=eps), context, heads, _scope(trace, "attn2"))
     # GEGLU feed-forward (Shazeer 2020): value * GELU(gate), [B, N, C] -> [B, N, 4C] -> [B, N, C]
-    h = nn.geglu(nn.layer_norm(x, **p["norm3"], eps=eps), **p["ff"]["net"][0]["proj"])      # [B, N, 4C]
+    h = nn.layer_norm(x, **p["norm3"], eps=eps)                                             # [B, N, C]
+    _record(trace, "ff:in", h)
+    h = nn.geglu(h, **p["ff"]["net"][0]["proj"])                                            # [B, N, 4C]
     h = nn.linear(h, **p["ff"]["net"][2])                                                   # [B, N, C]
     _record(trace, "ff", h)
     x += h
@@ -178,7 +186,7 @@ def up_block(p, x, skips, temb, context, heads, config, size, trace=None):
 # The whole UNet
 # ---------------------------------------------------------------------------------------------
 
-def unet(params, latents, t, context, config, trace=None):
+def unet(params, latents, t, context, config, trace=None, w_emb=None):
     """Predict the noise in `latents` (LDM eq. 2: eps_theta(z_t, t, tau(y))).
 
     params:  the UNet's nested params (diffusers UNet2DConditionModel names)
@@ -192,10 +200,14 @@ def unet(params, latents, t, context, config, trace=None):
              module names ("unet.conv_in", "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2",
              ...; docs/traces.md); or a dict, which receives the top-level block outputs without
              the "unet." ("conv_in", "time_embedding", "down_blocks.0", ..., "mid_block", "up_blocks.3")
+    w_emb:   an LCM UNet's (time_embedding.cond_proj) guidance_embedding(w) [1 or B, D]; else None
     returns  eps [B, out_channels, h, w]
     """
     if isinstance(trace, dict):
-        return _unet_into_dict(params, latents, t, context, config, trace)
+        return _unet_into_dict(params, latents, t, context, config, trace, w_emb)
+    if ("cond_proj" in params["time_embedding"]) != (w_emb is not None):
+        raise InputError("an LCM UNet (time_embedding.cond_proj) needs w_emb=guidance_embedding(w, D), and only "
+                         "it takes one")
     trace = _scope(trace, "unet")                                                       # None: nothing recorded
     config = with_fallbacks("unet", config)
     latents, t, context = _check_inputs(params, latents, t, context)
@@ -205,9 +217,10 @@ def unet(params, latents, t, context, config, trace=None):
 
     _record(trace, ":in", latents)
     dim = params["time_embedding"]["linear_1"]["weight"].shape[1]                     # 320 = block_out_channels[0]
-    temb = time_embedding(params["time_embedding"], t, b, dim)                          # [B, 1280]
+    temb = time_embedding(params["time_embedding"], t, b, dim, w_emb,
+                          _scope(trace, "time_embedding"))                              # [B, 1280]
+    _record(trace, "conv_in:in", latents)
     x = nn.conv2d(latents, **params["conv_in"], padding=1)                              # [B, 320, h, w]
-    _record(trace, "time_embedding", temb)
     _record(trace, "conv_in", x)
 
     skips = [x]                                                                         # 1 + 3 + 3 + 3 + 2 = 12 at SD size
@@ -227,22 +240,38 @@ def unet(params, latents, t, context, config, trace=None):
         x = up_block(block, x, skips, temb, context, heads[levels - 1 - i], config, size,
                      _scope(trace, f"up_blocks.{i}"))                                   # pops n skips
 
+    _record(trace, "conv_norm_out:in", x)
     x = nn.group_norm(x, config["norm_groups"], **params["conv_norm_out"], eps=config["resnet_eps"])  # [B, 320, h, w]
     _record(trace, "conv_norm_out", x)
     x = nn.silu(x)
+    _record(trace, "conv_out:in", x)
     x = nn.conv2d(x, **params["conv_out"], padding=1)                                   # [B, 320, h, w] -> [B, 4, h, w]
     _record(trace, "conv_out", x)
     _record(trace, "", x)
     return x
 
 
-def _unet_into_dict(params, latents, t, context, config, into):
+def _unet_into_dict(params, latents, t, context, config, into, w_emb=None):
     """unet(..., trace={}): a Trace of the top-level block outputs, copied into the dict."""
     from .trace import Trace
     top = Trace(only=r"unet\.(time_embedding|conv_in|down_blocks\.\d+|mid_block|up_blocks\.\d+)")
-    eps = unet(params, latents, t, context, config, trace=top)
+    eps = unet(params, latents, t, context, config, trace=top, w_emb=w_emb)
     into.update({name[len("unet."):]: x for name, x in top.tensors.items()})
     return eps
+
+
+def guidance_embedding(w, dim):
+    """An LCM UNet's input for the guidance scale w (Luo et al. 2023, as diffusers'
+    get_guidance_scale_embedding): the sinusoid of 1000 (w - 1), sin half first -> [len(w), dim]."""
+    w = (np.atleast_1d(np.asarray(w, dtype=np.float32)) - np.float32(1)) * np.float32(1000)   # [n]
+    half = dim // 2
+    # f_i = exp(-i ln(10000) / (half - 1)), in diffusers' float32 order of operations: the arguments
+    # reach 14000, where one ulp of a frequency moves sin(w f_i) by 1e-3
+    step = np.float32(np.log(10000.0)) / np.float32(half - 1)
+    freqs = np.exp((np.arange(half, dtype=np.float32) * -step).astype(np.float64)).astype(np.float32)
+    args = (w[:, None] * freqs[None, :]).astype(np.float64)                          # [n, half]
+    emb = np.concatenate([np.sin(args), np.cos(args)], axis=-1)                      # [n, 2 half]
+    return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)                    # [n, dim]
 
 
 def _heads(num_heads, levels):

@@ -1,0 +1,152 @@
+"""SD 2.x and LCM UNets: a diffusers folder in SD 2.x's layout (linear proj_in/proj_out, one head
+count per level, a GELU text encoder, padding with "!" = id 0, v-prediction) loads with npsd.load and
+gives diffusers' image from the same seed; an LCM UNet's guidance-scale embedding (time_cond_proj_dim)
+matches diffusers'. Tiny random configs here; tests/test_sd2_full.py checks SD 2.1's full size.
+
+Tolerances (max |npsd - diffusers| / max |diffusers|; images in [0, 1]): TOL_IMAGE 2e-5, the same
+as tests/test_same_seed.py for the SD v1.x layout of these tiny models, measured here at most 2.6e-6.
+A wrong padding token, heads or prediction type moves the image by 1e-2 or more (asserted below).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import npsd
+from npsd.testing import assert_close
+from npsd.unet import guidance_embedding, unet as run_unet
+from npsd.weights import path as weights_path
+from tests.helpers import n2t, perturb_, t2n, to_numpy_params
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TOL_IMAGE = 2e-5
+PROMPT = "a red circle on a blue background"
+NEGATIVE = "blurry"
+SIZE = 32
+SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+             timestep_spacing="leading", num_train_timesteps=1000, prediction_type="v_prediction")
+
+
+def tiny_sd2_unet(seed=1, time_cond_proj_dim=None):
+    torch.manual_seed(seed)
+    m = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                             layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 2,
+                             up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32,
+                             attention_head_dim=[2, 4], use_linear_projection=True, norm_num_groups=8,
+                             time_cond_proj_dim=time_cond_proj_dim)
+    return perturb_(m.eval(), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def sd2_folder(tmp_path_factory):
+    """A tiny SD 2.x-layout diffusers folder written by diffusers' save_pretrained."""
+    torch.manual_seed(0)
+    text = perturb_(CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 max_position_embeddings=77, hidden_act="gelu")).eval(), 2)
+    vae = perturb_(AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                                 layers_per_block=1, sample_size=SIZE).eval(), 3)
+    tok = CLIPTokenizer(str(weights_path("vocab.json")), str(weights_path("merges.txt")), model_max_length=77,
+                        pad_token="!")                                 # SD 2.x's tokenizer pads with id 0
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=tiny_sd2_unet(),
+                                   scheduler=DDIMScheduler(**SCHED, clip_sample=False, set_alpha_to_one=False),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    folder = tmp_path_factory.mktemp("sd2") / "tiny-sd2"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def reference(folder, scheduler):
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = scheduler
+    return pipe
+
+
+def test_folder_reads_sd2_settings(sd2_folder):
+    pipe = npsd.load(sd2_folder)
+    assert pipe.config["unet"]["num_heads"] == [2, 4]                   # one per level, from attention_head_dim
+    assert pipe.config["scheduler"]["prediction_type"] == "v_prediction"
+    assert pipe.config["text_encoder"]["hidden_act"] == "gelu"
+    ids = pipe.tokenize(PROMPT)[0]
+    ref = reference(sd2_folder, None).tokenizer(PROMPT, padding="max_length", max_length=77).input_ids
+    assert ids.tolist() == ref and ids[-1] == 0                       # padded with "!" = 0, as transformers does
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_sd2_folder_same_seed_same_image(sd2_folder, sampler):
+    sched = (DDIMScheduler(**SCHED, clip_sample=False, set_alpha_to_one=False) if sampler == "ddim"
+             else EulerDiscreteScheduler(**SCHED))
+    ref = reference(sd2_folder, sched)(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5,
+                                      height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(5),
+                                      output_type="np").images
+    ours = npsd.load(sd2_folder).txt2img(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5,
+                                         height=SIZE, width=SIZE, sampler=sampler, seed=5, rng="torch",
+                                         output_type="np")
+    # measured 2.6e-6 (ddim) and 2.4e-6 (euler)
+    print(assert_close(ours, ref, TOL_IMAGE, f"SD 2.x folder, {sampler}, same seed"))
+
+
+def test_sd2_wrong_settings_fail(sd2_folder):
+    """Padding with the end token (SD v1.x's), one head count for all levels, or epsilon instead of v
+    moves the image far beyond TOL_IMAGE."""
+    def image(pipe, **kw):
+        return pipe.txt2img(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5, height=SIZE,
+                            width=SIZE, sampler="ddim", seed=5, rng="torch", output_type="np", **kw)
+    good = image(npsd.load(sd2_folder))
+    eos_padded = npsd.load(sd2_folder)
+    eos_padded.tokenizer.pad_id = eos_padded.tokenizer.eos_id
+    one_heads = npsd.load(sd2_folder)
+    one_heads.config["unet"]["num_heads"] = 4
+    for name, bad in (("end-token padding", image(eos_padded)), ("4 heads everywhere", image(one_heads)),
+                      ("epsilon read as v", image(npsd.load(sd2_folder), prediction_type="epsilon"))):
+        err = np.abs(bad - good).max()
+        assert err > 100 * TOL_IMAGE, (name, err)
+
+
+@pytest.mark.parametrize("w", [1.0, 4.0, 8.5])
+def test_guidance_embedding_matches_diffusers(w):
+    ref = t2n(StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor([w - 1.0]), 256))
+    # float32 sinusoids of arguments up to 7500: measured 1.2e-5 absolute (w = 8.5), values in [-1, 1]
+    np.testing.assert_allclose(guidance_embedding(w, 256), ref, rtol=0, atol=1e-4)
+
+
+def test_lcm_unet_matches_diffusers():
+    ref_model = tiny_sd2_unet(seed=7, time_cond_proj_dim=16)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
+    ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    w_emb = guidance_embedding([8.0, 8.0], 16)
+    with torch.no_grad():
+        ref = t2n(ref_model(n2t(x), 499, n2t(ctx), timestep_cond=n2t(w_emb)).sample)
+    config = {"num_heads": [2, 4], "norm_groups": 8}
+    params = to_numpy_params(ref_model.state_dict())
+    ours = run_unet(params, x, 499, ctx, config, w_emb=w_emb)
+    # measured 9.7e-7 relative
+    print(assert_close(ours, ref, 1e-5, "LCM UNet (time_cond_proj_dim 16)"))
+    other_w = run_unet(params, x, 499, ctx, config, w_emb=guidance_embedding([2.0, 2.0], 16))
+    assert np.abs(other_w - ref).max() > 1e-3 * np.abs(ref).max()      # the embedding matters
+
+
+def test_lcm_unet_needs_its_embedding():
+    params = to_numpy_params(tiny_sd2_unet(seed=7, time_cond_proj_dim=16).state_dict())
+    x, ctx = np.zeros((1, 4, 8, 8), np.float32), np.zeros((1, 77, 32), np.float32)
+    with pytest.raises(npsd.errors.InputError, match="LCM UNet"):
+        run_unet(params, x, 10, ctx, {"num_heads": [2, 4], "norm_groups": 8})
+
+
+def test_sdxl_folder_still_refused(sd2_folder, tmp_path):
+    import shutil
+    folder = tmp_path / "xl"
+    shutil.copytree(sd2_folder, folder)
+    cfg = json.loads((folder / "unet" / "config.json").read_text())
+    cfg["addition_embed_type"] = "text_time"
+    (folder / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(npsd.errors.CheckpointError, match="SDXL"):
+        npsd.load(folder)
