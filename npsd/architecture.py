@@ -220,7 +220,7 @@ def _anchor(shapes, component):
     def need(name):
         if name not in shapes:
             raise CheckpointError(f"the {component} weights lack {name}, which npsd needs to know the architecture; "
-                                  f"the file is incomplete or not an SD v1.x model")
+                                  f"the file is incomplete or not an SD v1.x or 2.x model")
         return shapes[name]
     return need
 
@@ -242,7 +242,7 @@ def unet_design(shapes):
     channels = tuple(need(f"down_blocks.{l}.resnets.0.conv1.weight")[0] for l in range(levels))
     key = _cross_attention(shapes)
     if key is None:
-        raise CheckpointError("the unet weights have no cross-attention (attn2.to_k); not an SD v1.x UNet")
+        raise CheckpointError("the unet weights have no cross-attention (attn2.to_k); not an SD UNet")
     block = key[: -len("attn2.to_k.weight")]                   # <spatial transformer>.transformer_blocks.0.
     blocks = block.rsplit(".transformer_blocks.", 1)[0] + ".transformer_blocks."
     has = lambda prefix: any(n.startswith(prefix) for n in shapes)

@@ -55,6 +55,28 @@ SD15 = {
 }
 
 
+# What SD 2.x changes (Stability AI's v2-inference.yaml / v2-inference-v.yaml and diffusers'
+# stable-diffusion-2-1 configs), for original single files, which carry no config: the text
+# encoder is OpenCLIP ViT-H/14's (GELU; its tokenizer pads with "!" = id 0), the UNet's heads are
+# 64 channels wide (num_head_channels: 64, so 5, 10, 20, 20 per level), and the 768-v models
+# predict v at 768x768.
+SD2_HEAD_WIDTH = 64
+SD2_TEXT_ENCODER = {"hidden_act": "gelu", "pad_token": "!"}
+SD2_V_SIZE = 768
+
+
+def sd2_config(unet_channels, prediction_type):
+    """The config of an SD 2.x single file: SD v1.x's, changed as above. unet_channels: the UNet's
+    channels per level (block_out_channels); prediction_type: "epsilon" or "v_prediction"."""
+    config = sd15_config()
+    config["text_encoder"].update(SD2_TEXT_ENCODER)
+    config["unet"]["num_heads"] = [c // SD2_HEAD_WIDTH for c in unet_channels]
+    config["scheduler"]["prediction_type"] = prediction_type
+    if prediction_type == "v_prediction":
+        config["defaults"]["height"] = config["defaults"]["width"] = SD2_V_SIZE
+    return config
+
+
 def sd15_config():
     """A fresh copy of the SD v1.x config (safe to modify)."""
     return copy.deepcopy(SD15)

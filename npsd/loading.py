@@ -26,9 +26,9 @@ from dataclasses import replace
 import numpy as np
 
 from . import architecture
-from .config import sd15_config
+from .config import SD2_HEAD_WIDTH, sd15_config, sd2_config
 from .errors import CheckpointError, InputError, NpsdError
-from .params import unflatten
+from .params import flatten, unflatten
 from .pipeline import Pipeline
 from .safetensors_io import open_weights
 
@@ -40,6 +40,7 @@ PREFIXES = {  # original prefix -> component
     "model.diffusion_model.": "unet",
     "first_stage_model.": "vae",
     "cond_stage_model.transformer.": "text_encoder",  # then "text_model." (transformers >= 4.x saves)
+    "cond_stage_model.model.": "text_encoder",        # SD 2.x: OpenCLIP ViT-H/14's text tower (map_open_clip)
 }
 IGNORED = {  # the DDPM schedule buffers and EMA bookkeeping: recomputed by npsd's samplers, not weights
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -152,6 +153,41 @@ def map_text_encoder(names):
     return {re.sub(r"^text_model\.", "", n): n for n in names if not n.endswith("position_ids")}
 
 
+OPEN_CLIP_RENAMES = [
+    (r"^token_embedding\.", "embeddings.token_embedding."),
+    (r"^positional_embedding$", "embeddings.position_embedding.weight"),
+    (r"^transformer\.resblocks\.(\d+)\.", r"encoder.layers.\1."),
+    (r"\.ln_1\.", ".layer_norm1."),
+    (r"\.ln_2\.", ".layer_norm2."),
+    (r"\.attn\.out_proj\.", ".self_attn.out_proj."),
+    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
+    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+    (r"^ln_final\.", "final_layer_norm."),
+]
+OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")     # the contrastive head; SD reads hidden states
+
+
+def map_open_clip(names):
+    """OpenCLIP text-tower names (without "cond_stage_model.model.") -> {CLIPTextModel name: original
+    name, or (original name, i)}: the fused attn.in_proj_weight [3W, W] / in_proj_bias [3W] is split
+    into q, k, v (i = 0, 1, 2: its row thirds). The last resblock is left out: SD 2.x conditions on the
+    penultimate layer's output followed by ln_final, which is a 23-layer CLIPTextModel (as diffusers'
+    converter builds it). Returns (mapping, names left out)."""
+    last = max(architecture.block_indices(names, r"transformer\.resblocks\.(\d+)\."), default=None)
+    out, unused = {}, []
+    for n in names:
+        if n in OPEN_CLIP_UNUSED or n.startswith(f"transformer.resblocks.{last}."):
+            unused.append(n)
+            continue
+        fused = re.match(r"(.*)\.attn\.in_proj_(weight|bias)$", n)
+        if fused:
+            layer = _rename(fused[1] + ".", OPEN_CLIP_RENAMES)
+            out.update({f"{layer}self_attn.{qkv}.{fused[2]}": (n, i) for i, qkv in enumerate(("q_proj", "k_proj", "v_proj"))})
+        else:
+            out[_rename(n, OPEN_CLIP_RENAMES)] = n
+    return out, unused
+
+
 # --- the check: every tensor of the design the anchors describe (npsd.architecture) ---------------
 
 def _few(names, k=4):
@@ -179,10 +215,7 @@ def _refuse_other_architectures(shapes, where):
     names = list(shapes)
     if any(n.startswith(("conditioner.embedders", "model.diffusion_model.label_emb.", "add_embedding.")) for n in names):
         raise CheckpointError(f"{where} looks like SDXL (conditioner.embedders / add_embedding weights); "
-                              f"npsd supports SD v1.x")
-    if any(n.startswith("cond_stage_model.model.") for n in names) or architecture.context_width(shapes) == 1024:
-        raise CheckpointError(f"{where}: this looks like SD 2.x (text encoder OpenCLIP ViT-H / context dim 1024); "
-                              f"npsd supports SD v1.x")
+                              f"npsd supports SD v1.x and 2.x")
 
 
 # --- opening files ------------------------------------------------------------------------------
@@ -212,7 +245,7 @@ def _load_original(path, ema, dtype):
         if empty:
             raise CheckpointError(f"{path} lacks the {' and '.join(empty)} weights (no "
                                   f"{' / '.join(p + '*' for p, c in PREFIXES.items() if c in empty)} tensors); "
-                                  f"npsd needs a complete SD v1.x checkpoint")
+                                  f"npsd needs a complete SD v1.x or 2.x checkpoint")
         # EMA: in v1-5-pruned.* every UNet weight also has an EMA copy (prefix "model." dropped, dots removed)
         ema_names = {n for n in shapes if n.startswith("model_ema.") and n not in IGNORED}
         info = {"format": "original", "file": str(path), "ema": None}
@@ -228,14 +261,25 @@ def _load_original(path, ema, dtype):
                 source = wanted
                 unknown += sorted(ema_names - set(wanted.values()))
             log.info("npsd: %s: using the %s UNet weights", path, "EMA (model_ema.*)" if ema else "raw (non-EMA)")
+        open_clip = any(n.startswith("cond_stage_model.model.") for n in shapes)       # SD 2.x
+        if open_clip:
+            text_map, unused = map_open_clip(list(parts["text_encoder"]))
+            ignored += unused
+        else:
+            text_map = map_text_encoder(list(parts["text_encoder"]))
+        full_name = lambda o: parts["text_encoder"][o] if isinstance(o, str) else (parts["text_encoder"][o[0]], o[1])
         maps = {
             "unet": {d: source[o] for d, o in map_unet(list(parts["unet"])).items()},
             "vae": {d: parts["vae"][o] for d, o in map_vae(list(parts["vae"])).items()},
-            "text_encoder": {d: parts["text_encoder"][o]
-                             for d, o in map_text_encoder(list(parts["text_encoder"])).items()},
+            "text_encoder": {d: full_name(o) for d, o in text_map.items()},
         }
         params, extra = _read_components({c: f for c in maps}, maps, {c: shapes for c in maps}, dtype)
-        config = sd15_config()  # SD v1.x fallbacks (npsd/config.py), then what the tensors and metadata say
+        if open_clip:   # SD 2.x's settings (npsd/config.py); v or epsilon by prediction_type_of
+            channels = architecture.unet_design({k: v.shape for k, v in flatten(params["unet"]).items()}).block_out_channels
+            info["prediction_type"] = prediction_type_of(path, params, channels)
+            config = sd2_config(channels, info["prediction_type"][0])
+        else:
+            config = sd15_config()  # SD v1.x fallbacks (npsd/config.py), then what the tensors and metadata say
         config["text_encoder"]["num_heads"] = params["text_encoder"]["final_layer_norm"]["weight"].shape[0] // 64
         meta = f.metadata.get("npsd_config")
         if meta:
@@ -250,10 +294,10 @@ def _load_original(path, ema, dtype):
 def _not_sd1_message(path, shapes):
     names = list(shapes)
     if any(n.startswith(("encoder.", "decoder.")) for n in names) and "quant_conv.weight" in shapes:
-        return f"{path} is a standalone VAE file, not a whole SD v1.x checkpoint"
+        return f"{path} is a standalone VAE file, not a whole SD v1.x or 2.x checkpoint"
     if "conv_in.weight" in shapes and any(n.startswith("down_blocks.") for n in names):
         return f"{path} is a single diffusers component file; pass the diffusers folder that contains it"
-    return (f"{path} is not an SD v1.x checkpoint: none of its {len(names)} tensors is named "
+    return (f"{path} is not an SD v1.x or 2.x checkpoint: none of its {len(names)} tensors is named "
             f"model.diffusion_model.* / first_stage_model.* / cond_stage_model.* (e.g. {_few(names, 3)})")
 
 
@@ -264,7 +308,7 @@ def _read_components(sources, maps, shapes, dtype, components=("text_encoder", "
     Returns (params, names of unexpected tensors, which are not loaded)."""
     expected, unexpected, width = {}, [], None
     for comp in components:
-        mshapes = {d: shapes[comp][o] for d, o in maps[comp].items()}
+        mshapes = {d: _part_shape(shapes[comp], o) for d, o in maps[comp].items()}
         for d in mshapes:  # VAE attention 1x1 convs [C, C, 1, 1] become linear weights [C, C]
             if LINEAR_ATTENTION.search(d) and len(mshapes[d]) == 4 and mshapes[d][2:] == (1, 1):
                 mshapes[d] = mshapes[d][:2]
@@ -281,15 +325,63 @@ def _read_components(sources, maps, shapes, dtype, components=("text_encoder", "
                 expected[comp] = architecture.unet_shapes(design)
         except (IndexError, ValueError, TypeError, ZeroDivisionError) as e:
             raise CheckpointError(f"{sources[comp].path}: the {comp} weights have shapes npsd cannot interpret "
-                                  f"({type(e).__name__}: {e}); the file is damaged or not an SD v1.x model") from None
+                                  f"({type(e).__name__}: {e}); the file is damaged or not an SD v1.x or 2.x model") from None
         unexpected += check(comp, mshapes, expected[comp], sources[comp].path)
     params = {}
     for comp, exp in expected.items():
         flat = {}
         for d, shape in exp.items():  # one tensor at a time: peak = the float32 weights + one tensor
-            flat[d] = sources[comp].read(maps[comp][d], dtype).reshape(shape)
+            name, part = (maps[comp][d], None) if isinstance(maps[comp][d], str) else maps[comp][d]
+            t = sources[comp].read(name, dtype)
+            if part is not None:      # one third of a fused q/k/v tensor, copied so the rest is freed
+                t = t[part * len(t) // 3:(part + 1) * len(t) // 3].copy()
+            flat[d] = t.reshape(shape)
         params[comp] = unflatten(flat)
     return params, unexpected
+
+
+def _part_shape(shapes, source):
+    """The shape of a map entry: a tensor's name, or (name, i) for the i-th third of its rows."""
+    if isinstance(source, str):
+        return shapes[source]
+    shape = shapes[source[0]]
+    return (shape[0] // 3,) + tuple(shape[1:])
+
+
+# --- v or epsilon: the shapes cannot tell --------------------------------------------------------
+
+V_TEST_THRESHOLD = -1.0
+
+
+def prediction_type_of(path, params, unet_channels):
+    """What an SD 2.x single file's UNet predicts, "epsilon" or "v_prediction", and why: -> (type, reason).
+
+    1. A config beside the file, as AUTOMATIC1111 reads it (the file's name with .yaml): the LDM
+       config's `parameterization: "v"` means v; a config without it means epsilon.
+    2. Otherwise AUTOMATIC1111's test (modules/sd_models_config.py): the UNet at t = 999 on x = 0.5
+       everywhere ([1, 4, 8, 8]) with a context of 0.5 ([1, 2, 1024]). There x_t is almost pure noise,
+       so an epsilon model returns about x, and a v model, v = sqrt(abar) eps - sqrt(1 - abar) x0,
+       returns about -x0: mean(unet(x) - x) < -1 means v.
+    The caller's prediction_type (API, `--prediction-type`) overrides either."""
+    yaml = os.path.splitext(os.fspath(path))[0] + ".yaml"
+    if os.path.isfile(yaml):
+        try:
+            with open(yaml, encoding="utf-8", errors="replace") as fh:
+                text = fh.read(1 << 20)
+        except OSError as e:
+            raise CheckpointError(f"{yaml}: cannot read the config beside the checkpoint ({e})") from None
+        v = re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*(#.*)?$", text, re.M) is not None
+        return ("v_prediction" if v else "epsilon"), f"{os.path.basename(yaml)} says parameterization {'v' if v else 'eps'}"
+    if params["unet"]["conv_in"]["weight"].shape[1] != 4:
+        return "epsilon", "an inpainting UNet (SD 2's inpainting model predicts epsilon)"
+    from .unet import unet
+    width = architecture.context_width({k: v.shape for k, v in flatten(params["unet"]).items()})
+    x = np.full((1, 4, 8, 8), 0.5, np.float32)
+    context = np.full((1, 2, width), 0.5, np.float32)
+    config = {"num_heads": [c // SD2_HEAD_WIDTH for c in unet_channels]}
+    score = float(np.mean(unet(params["unet"], x, 999, context, config) - x))
+    kind = "v_prediction" if score < V_TEST_THRESHOLD else "epsilon"
+    return kind, f"AUTOMATIC1111's test: mean(unet(x) - x) at t = 999 is {score:.2f} ({'<' if score < V_TEST_THRESHOLD else '>='} {V_TEST_THRESHOLD:g})"
 
 
 # --- diffusers folders --------------------------------------------------------------------------
@@ -381,7 +473,7 @@ def folder_config(folder):
 
 def _load_folder(folder, ema, dtype):
     if os.path.isdir(os.path.join(folder, "text_encoder_2")):
-        raise CheckpointError(f"{folder} looks like SDXL (it has text_encoder_2/); npsd supports SD v1.x")
+        raise CheckpointError(f"{folder} looks like SDXL (it has text_encoder_2/); npsd supports SD v1.x and 2.x")
     config = folder_config(folder)
     paths = {c: _component_file(folder, c, ema) for c in ("unet", "vae", "text_encoder")}
     files = {}

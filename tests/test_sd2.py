@@ -150,3 +150,90 @@ def test_sdxl_folder_still_refused(sd2_folder, tmp_path):
     (folder / "unet" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(npsd.errors.CheckpointError, match="SDXL"):
         npsd.load(folder)
+
+
+# --- SD 2.x original single files: OpenCLIP names, fused q/k/v, v or epsilon ---------------------
+
+def tiny_sd2_original(tmp_path, conv_out_bias=None, yaml=None):
+    """A tiny SD 2.x-layout original single file: the UNet and VAE under the original names (routed
+    by diffusers' converters, tests/test_loading.py), the text encoder as OpenCLIP names it (fused
+    in_proj, resblocks, ln_final, text_projection) with 24 resblocks, of which SD 2.x uses 23.
+    conv_out_bias: set the UNet's output to this constant (weights 0), for the v/epsilon test."""
+    from diffusers import AutoencoderKL
+    from tests.test_loading import TINY_VAE, diffusers_routing, write_safetensors
+    route = diffusers_routing()
+    torch.manual_seed(0)
+    unet = perturb_(UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 64, 128, 128),
+        cross_attention_dim=64, attention_head_dim=[1, 1, 2, 2], use_linear_projection=True, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval(), seed=1)
+    vae = perturb_(AutoencoderKL(**TINY_VAE).eval(), seed=2)
+    text = perturb_(CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=24, num_attention_heads=1,
+                                                 max_position_embeddings=77, hidden_act="gelu")).eval(), 3)
+    sd = {}
+    for comp, model in (("unet", unet), ("vae", vae)):
+        for d, t in model.state_dict().items():
+            name, shape = route[comp][d]
+            t = t.numpy().copy()
+            sd[name] = t.reshape(t.shape + (1, 1)) if comp == "vae" and len(shape) == 4 and t.ndim == 2 else t
+    if conv_out_bias is not None:
+        sd["model.diffusion_model.out.2.weight"][:] = 0
+        sd["model.diffusion_model.out.2.bias"][:] = conv_out_bias
+    oc = "cond_stage_model.model."
+    tsd = {k.removeprefix("text_model."): v.numpy().copy() for k, v in text.state_dict().items()}
+    sd[oc + "token_embedding.weight"] = tsd["embeddings.token_embedding.weight"]
+    sd[oc + "positional_embedding"] = tsd["embeddings.position_embedding.weight"]
+    sd[oc + "ln_final.weight"], sd[oc + "ln_final.bias"] = tsd["final_layer_norm.weight"], tsd["final_layer_norm.bias"]
+    for i in range(24):
+        p, r = f"encoder.layers.{i}.", f"{oc}transformer.resblocks.{i}."
+        for w in ("weight", "bias"):
+            sd[r + "attn.in_proj_" + w] = np.concatenate([tsd[p + f"self_attn.{x}_proj.{w}"] for x in "qkv"])
+            for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                                 ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                sd[f"{r}{theirs}.{w}"] = tsd[f"{p}{ours}.{w}"]
+    sd[oc + "text_projection"] = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    sd[oc + "logit_scale"] = np.array(4.6, np.float32)
+    path = tmp_path / "tiny-sd2.safetensors"
+    write_safetensors(path, sd, metadata={"format": "pt"})
+    if yaml is not None:
+        (tmp_path / "tiny-sd2.yaml").write_text(yaml)
+    return sd, path, unet.config
+
+
+def test_sd2_original_file_converts_like_diffusers(tmp_path):
+    """Every tensor equal to diffusers' single-file converters (convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint, convert_open_clip_checkpoint, which drops the 24th resblock)."""
+    from diffusers.loaders import single_file_utils as sfu
+    from tests.test_loading import V1_INFERENCE, assert_same_tensors
+    sd, path, unet_config = tiny_sd2_original(tmp_path)
+    ckpt = {k: torch.from_numpy(v) for k, v in sd.items()}
+    ref = {
+        "unet": sfu.convert_ldm_unet_checkpoint(ckpt, dict(unet_config)),
+        "vae": sfu.convert_ldm_vae_checkpoint(ckpt, sfu.create_vae_diffusers_config_from_ldm(V1_INFERENCE, ckpt)),
+        "text_encoder": {k.removeprefix("text_model."): v for k, v in sfu.convert_open_clip_checkpoint(None, ckpt).items()
+                         if k != "text_projection.weight"},
+    }
+    pipe = npsd.load(path)
+    assert_same_tensors(pipe.params, ref)
+    assert len(pipe.params["text_encoder"]["encoder"]["layers"]) == 23
+    assert pipe.config["text_encoder"]["hidden_act"] == "gelu" and pipe.tokenize("a")[0, -1] == 0
+    assert pipe.config["unet"]["num_heads"] == [1, 1, 2, 2]                 # 64-wide heads
+    assert pipe.txt2img(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np").shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("bias, yaml, expected, reason", [
+    (-2.0, None, "v_prediction", "AUTOMATIC1111's test: mean(unet(x) - x) at t = 999 is -2.50 (< -1)"),
+    (0.0, None, "epsilon", "AUTOMATIC1111's test: mean(unet(x) - x) at t = 999 is -0.50 (>= -1)"),
+    (0.0, 'model:\n  params:\n    parameterization: "v"\n', "v_prediction", "tiny-sd2.yaml says parameterization v"),
+    (-2.0, "model:\n  params:\n    linear_start: 0.00085\n", "epsilon", "tiny-sd2.yaml says parameterization eps"),
+])
+def test_sd2_prediction_type_rule(tmp_path, bias, yaml, expected, reason):
+    """A UNet whose output is the constant `bias` (conv_out weights 0): A1111's test reads v when
+    mean(bias - 0.5) < -1; a .yaml beside the file decides before it."""
+    _, path, _ = tiny_sd2_original(tmp_path, conv_out_bias=bias, yaml=yaml)
+    pipe = npsd.load(path)
+    assert pipe.info["prediction_type"] == (expected, reason)
+    assert pipe.config["scheduler"]["prediction_type"] == expected
+    assert pipe.config["defaults"]["height"] == (768 if expected == "v_prediction" else 512)
