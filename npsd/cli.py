@@ -44,16 +44,15 @@ import time
 import traceback
 import warnings
 
-import numpy as np
-
 from . import nn
 from .version import __version__
 from .blas import THREAD_VARS, limit_threads
 from .config import generation_defaults, with_fallbacks
 from .errors import CheckpointError, InputError, NpsdError, UsageError
-from .images import filmstrip, heat_overlay, postprocess, to_pil, write_png_atomic
+from .images import filmstrip, heat_overlay, to_pil, write_png_atomic
 from .pngmeta import parameters_text, settings_from_png, short_hash
-from .previews import PREVIEW_METHODS, approx_preview, table_name
+from .pipeline import DECODERS
+from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
 from .rng import RNG_KINDS
 from .schedulers import PREDICTION_TYPES, SAMPLERS, SIGMA_SAMPLERS, SPACINGS
 
@@ -198,8 +197,12 @@ def _generation_options(p, mode):
     a("--preview", choices=PREVIEW_METHODS, default="full",
       help="with --save-steps: how previews are drawn: full (default): the VAE decode; approx: a 4x3 linear "
            "map of the latents (npsd/previews.py), blocky but almost free; taesd: the tiny autoencoder of --taesd")
-    a("--taesd", metavar="PATH", help="with --preview taesd: TAESD weights (a diffusers AutoencoderTiny folder or file, "
-                                      "or madebyollin's taesd_decoder file); SD v1.x models only")
+    a("--vae-decoder", choices=DECODERS,
+      help="what decodes the final latents: vae (default): the model's VAE; taesd: the tiny autoencoder of --taesd, "
+           "several times faster and less detailed, for drafts (input images are still encoded by the VAE)")
+    a("--taesd", metavar="PATH", help="with --preview taesd or --vae-decoder taesd: TAESD weights for the model's latents "
+                                      "(a diffusers AutoencoderTiny folder or file, or madebyollin's taesd_decoder file; "
+                                      "madebyollin/taesd: SD v1.x)")
     a("--save-every", type=_int_at_least(1, "K"), default=1, metavar="K",
       help="with --save-steps: every K-th step (default 1)")
     a("--from-png", metavar="IMAGE", help="re-run from the parameters stored in a PNG; options given override them")
@@ -330,11 +333,11 @@ def network_hashes(pipe, settings, args):
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "height", "width",
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
             "mask_blur", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
-            "lora_names", "ti_names")
+            "lora_names", "ti_names", "vae_decoder")
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
-                   "ti_names": []}
+                   "ti_names": [], "vae_decoder": "vae"}
 
 
 # --- the generation command ---------------------------------------------------------------------
@@ -364,6 +367,8 @@ def resolve_settings(args, mode):
         raise InputError(stored["_bad_sampler"])
     if stored.get("_bad_rng") and args.rng is None:
         raise InputError(stored["_bad_rng"])
+    if stored.get("_bad_vae_decoder") and args.vae_decoder is None:
+        raise InputError(stored["_bad_vae_decoder"])
     if args.lora is not None:                                  # --lora replaces the image's LoRAs
         settings["lora_names"] = []
     for k, default in OPTION_DEFAULTS.items():
@@ -386,6 +391,20 @@ def check_inputs(args, mode):
         _exists(path, what)
     if args.save_steps is not None and os.path.exists(args.save_steps) and not os.path.isdir(args.save_steps):
         raise UsageError(f"--save-steps {args.save_steps} is a file; give a folder")
+
+
+def taesd_uses(args, settings):
+    """What asks for TAESD -> ["--vae-decoder taesd", "--preview taesd"] or fewer; any of them needs
+    --taesd PATH (one-line usage error before any work)."""
+    uses = [use for use, asked in (("--vae-decoder taesd", settings["vae_decoder"] == "taesd"),
+                                   ("--preview taesd", args.save_steps is not None and args.preview == "taesd")) if asked]
+    if uses and not args.taesd:
+        if args.vae_decoder is None and settings["vae_decoder"] == "taesd":
+            raise UsageError(f"--from-png: {args.from_png} was decoded by TAESD (VAE Decoder: TAESD); give --taesd "
+                             "PATH (TAESD weights), or --vae-decoder vae for the full VAE")
+        raise UsageError(f"{uses[0]} needs --taesd PATH (TAESD weights)")
+    _exists(args.taesd if uses else None, "--taesd")
+    return uses
 
 
 def model_defaults(settings, pipe):
@@ -419,7 +438,7 @@ def generate(args, argv_for_restart=None):
     settings, stored, select, outputs = _plan(args)                 # all checked before any work
     pipe = _load_model(args, settings)
     run = _Generation(args, settings, pipe, outputs, select)
-    run.check_model(stored.get("_model"))
+    run.check_model(stored.get("_model"), stored.get("_taesd_hash"))
     run.run()
     for path in outputs:
         print(path, flush=True)
@@ -448,6 +467,7 @@ def _plan(args):
     mode = args.command
     settings, stored, select = resolve_settings(args, mode)
     check_inputs(args, mode)
+    taesd_uses(args, settings)
     random_seed = settings["seed"] is None
     if random_seed:
         settings["seed"] = int.from_bytes(os.urandom(4), "little")          # [0, 2**32)
@@ -491,6 +511,12 @@ class _Generation:
         self.total = schedule.num_inference_steps
         self.start = (0 if self.mode == "txt2img"
                       else schedulers.img2img_start_index(settings["steps"], settings["strength"]))
+        uses = taesd_uses(args, settings)
+        if uses:                                          # --taesd's weights, checked to fit the model's latents
+            from .taesd import load_taesd
+            pipe.taesd = load_taesd(args.taesd)
+            for use in uses:
+                taesd_for(pipe, use)
         self.step_files, self.strip_file = {}, None      # --save-steps; refused before any work if they exist
         if args.save_steps is not None:
             self.step_files, self.strip_file = step_targets(args.save_steps, args.save_every, self.start,
@@ -498,10 +524,7 @@ class _Generation:
             if os.path.isdir(args.save_steps):
                 previews = [p for paths in self.step_files.values() for p in paths]
                 check_writable(previews + [self.strip_file], args.overwrite)
-            if args.preview == "approx" and table_name(pipe) is None:
-                raise UsageError(f"--preview approx: no latent -> RGB table for this model ({pipe.latent_channels} "
-                                 f"latent channels, VAE factor {pipe.vae_factor}); use --preview full")
-        self.taesd = self._load_taesd(args, pipe) if args.save_steps is not None and args.preview == "taesd" else None
+            check_method(pipe, args.preview, f"--preview {args.preview}")    # e.g. approx without a table
         self.frames, self.written, self.created, self.hashes = {}, [], [], {}
         self.model_path = model_file(pipe, args.model)
         self.model_name = os.path.basename(os.path.normpath(args.model or self.model_path or "built-in"))
@@ -517,8 +540,12 @@ class _Generation:
                 raise UsageError(f"--attention-maps {args.attention_maps} is a file; give a folder")
             self.maps = AttentionMaps()
 
-    def check_model(self, stored_model):
-        """--from-png: warn when the PNG was made with another model (by its hash) than the one loaded."""
+    def check_model(self, stored_model, stored_taesd=None):
+        """--from-png: warn when the PNG was made with another model (by its hash) than the one loaded,
+        or decoded by other TAESD weights than those of --taesd."""
+        if stored_taesd and self.settings["vae_decoder"] == "taesd" and stored_taesd != self._taesd_hash():
+            warnings.warn(f"--from-png: the PNG was decoded by TAESD weights with hash {stored_taesd}, not those of "
+                          f"--taesd {self.args.taesd} (hash {self._taesd_hash()}); the image will differ")
         if not stored_model:
             return
         name, digest = stored_model
@@ -554,7 +581,7 @@ class _Generation:
                   timestep_spacing=settings["timestep_spacing"], clip_skip=settings["clip_skip"] or None,
                   long_prompt=settings["long_prompt"], rng=settings["rng"],
                   prediction_type=settings["prediction_type"], guidance_rescale=settings["guidance_rescale"] or 0.0,
-                  prompt_syntax=settings["prompt_syntax"], attention_maps=self.maps)
+                  prompt_syntax=settings["prompt_syntax"], attention_maps=self.maps, decoder=settings["vae_decoder"])
         if self.mode == "txt2img":
             return pipe.txt2img(settings["prompt"], **kw)
         if self.mode == "img2img":
@@ -570,33 +597,20 @@ class _Generation:
             self.bar.update(1)
             if i == self.total - 1:
                 self.bar.close()
-                _note(self.args, "npsd: decoding the latents with the VAE ...")
+                decoder = "TAESD" if self.settings["vae_decoder"] == "taesd" else "the VAE"
+                _note(self.args, f"npsd: decoding the latents with {decoder} ...")
 
-    @staticmethod
-    def _load_taesd(args, pipe):
-        """--preview taesd: the TAESD weights of --taesd, for an SD v1.x-shaped model (factor 8, 4 channels)."""
-        if not args.taesd:
-            raise UsageError("--preview taesd needs --taesd PATH (TAESD weights)")
-        _exists(args.taesd, "--taesd")
-        if pipe.vae_factor != 8 or pipe.latent_channels != 4:
-            raise UsageError(f"--preview taesd: TAESD decodes SD v1.x latents (4 channels, VAE factor 8); this model "
-                             f"has {pipe.latent_channels} channels and factor {pipe.vae_factor}; use --preview approx or full")
-        from .taesd import load_taesd
-        return load_taesd(args.taesd)
-
-    def _preview_images(self, x0_pred):
-        """A step's predicted x0 (scaled latents [B, 4, h, w]) -> float32 [B, H, W, 3] in [0, 1] at the
-        image size, drawn as --preview says (a new method: one more branch, one more PREVIEW_METHODS name)."""
-        if self.args.preview == "approx":                        # latent resolution, nearest-upscaled
-            return approx_preview(self.pipe, x0_pred, full_size=True)
-        if self.args.preview == "taesd":                         # TAESD reads the scaled latents as they are
-            from .taesd import decode
-            return postprocess(decode(self.taesd, x0_pred))
-        return postprocess(self.pipe.vae_decode(x0_pred / np.float32(self.pipe.scaling_factor)))
+    def _taesd_hash(self):
+        """The short hash (npsd.pngmeta.short_hash) of --taesd's decoder weights file."""
+        if "taesd" not in self.hashes:
+            from .taesd import decoder_file
+            self.hashes["taesd"] = short_hash(decoder_file(self.args.taesd)) if self.args.taesd else None
+        return self.hashes["taesd"]
 
     def _save_previews(self, i, x0_pred):
-        """Draw step i's predicted x0 and write one preview per image -> the preview images (PIL)."""
-        images = to_pil(self._preview_images(x0_pred))
+        """Draw step i's predicted x0 as --preview says (npsd.previews.preview, what the pipelines'
+        preview= argument draws too) and write one preview per image -> the preview images (PIL)."""
+        images = to_pil(preview(self.pipe, x0_pred, self.args.preview))
         folder = self.args.save_steps
         if not os.path.isdir(folder):
             os.makedirs(folder)
@@ -651,7 +665,8 @@ class _Generation:
             self.hashes["networks"] = network_hashes(self.pipe, self.settings, args)
         vae_name = os.path.basename(os.path.normpath(args.vae)) if args.vae else None
         text = parameters_text(self.settings, self.mode, self.model_name, self.hashes["model"], vae_name,
-                               self.hashes["vae"], width, height, self.n, pos, self.hashes["networks"])
+                               self.hashes["vae"], width, height, self.n, pos, self.hashes["networks"],
+                               self._taesd_hash() if self.settings["vae_decoder"] == "taesd" else None)
         return text + (f", {extra}" if extra else "")
 
     def save(self, image, path, text):

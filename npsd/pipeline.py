@@ -24,17 +24,21 @@ from pathlib import Path
 
 import numpy as np
 
-from . import clip, resources, schedulers, unet as unet_model, vae
+from . import clip, resources, schedulers, taesd, unet as unet_model, vae
 from .embeddings import load_used_embeddings
 from .prompts import PROMPT_SYNTAXES, encode_schedule, extract_loras, encode_weighted, pad_chunks, prompt_syntax_used, text_at_step
 from .rng import make_rng
-from .config import generation_defaults, sd15_config
+from .config import generation_defaults, sd15_config, with_fallbacks
 from .errors import InputError, NpsdError
 from .guidance import guided_model, uses_guidance
 from .images import default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil
+from .previews import taesd_for, with_previews
 from .tokenizer import Tokenizer
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+# What turns the final latents into images: the model's VAE, or TAESD (npsd/taesd.py, pipe.taesd):
+# several times faster and less detailed, for drafts (docs/inside.md section 2).
+DECODERS = ("vae", "taesd")
 
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -120,11 +124,12 @@ class Pipeline:
         self.info = dict(info or {})          # where the weights came from (set by npsd.load)
         self.lora_dir = None                  # where A1111-syntax <lora:NAME> tags find NAME.safetensors
         self.embeddings_dir = None            # where embeddings named in prompts are found (stem = name)
+        self.taesd = None                     # TAESD params (npsd.taesd.load_taesd) for preview/decoder "taesd"
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.default()
+            self._tokenizer = Tokenizer.default(with_fallbacks("text_encoder", self.config.get("text_encoder"))["pad_token"])
         return self._tokenizer
 
     # --- components ---------------------------------------------------------------------------
@@ -149,6 +154,14 @@ class Pipeline:
     def vae_decode(self, latents, tile_size=None):
         """unscaled latents [B, 4, h, w] -> images float32 [B, 3, 8h, 8w] in [-1, 1]."""
         return vae.decode(self.params["vae"], latents, self.config["vae"], tile_size=tile_size, trace=self._trace)
+
+    def decode_latents(self, latents, decoder="vae"):
+        """SCALED latents [B, 4, h, w] (what the sampler works on) -> images float32 [B, H, W, 3] in [0, 1].
+        decoder "vae": the model's VAE, after dividing by the scaling factor k; "taesd": self.taesd,
+        which reads the scaled latents as they are (npsd/taesd.py)."""
+        if decoder == "taesd":
+            return postprocess(taesd.decode(taesd_for(self, "decoder 'taesd'"), latents))
+        return postprocess(self.vae_decode(latents / np.float32(self.scaling_factor)))
 
     # --- LoRA (npsd/lora.py, docs/lora.md) -------------------------------------------------------
 
@@ -202,7 +215,7 @@ class Pipeline:
                 output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", rng="numpy",
                 prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None):
+                attention_maps=None, preview=None, decoder="vae"):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -225,8 +238,17 @@ class Pipeline:
         (when set) in either mode.
         attention_maps: an npsd.attention_maps.AttentionMaps that collects the per-token
         cross-attention maps of this call (DAAM); None: none collected, at no cost.
+        preview: "full", "approx" or "taesd" (npsd.previews.PREVIEW_METHODS): draw every step's x0_pred
+        and pass the images to the callback as a keyword, callback(step, t, latents, x0_pred,
+        preview=images), images float32 [B, H, W, 3] in [0, 1] (npsd.previews.preview): "full" decodes
+        with the VAE, "approx" applies a 4x3 latent -> RGB table (blocky, almost free), "taesd" decodes
+        with self.taesd (set it to npsd.taesd.load_taesd(PATH) first). None: the callback as above.
+        decoder: what decodes the final latents: "vae" (the model's) or "taesd" (self.taesd: several
+        times faster, less detailed; for drafts). Input images are always encoded by the VAE.
         """
-        settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed)
+        settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed,
+                                  decoder=decoder)
+        callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
@@ -239,7 +261,7 @@ class Pipeline:
             latents = _check_array(latents, shape, "latents")
         x = latents * np.float32(schedule.init_noise_sigma)                        # x_T
         x = self._sample(model, x, schedule, rng, 0, eta, callback, progress, attention_maps=attention_maps)
-        return self._output(x, output_type)
+        return self._output(x, output_type, decoder)
 
     @_traced
     @_loras_from_prompt
@@ -248,7 +270,7 @@ class Pipeline:
                 num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
                 rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None):
+                attention_maps=None, preview=None, decoder="vae"):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -261,7 +283,9 @@ class Pipeline:
         """
         _check_strength(strength)
         img = open_image(image)
-        settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img)
+        settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
+                                  decoder)
+        callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"])
         sample_posterior = rng == "torch" if sample_posterior is None else sample_posterior
@@ -274,7 +298,7 @@ class Pipeline:
         noise = rng.standard_normal(x0.shape, dtype=np.float32) if noise is None else _check_array(noise, x0.shape, "noise")
         x = schedulers.noise_at_start(schedule, x0, noise, start)                   # x at step `start`
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress, attention_maps=attention_maps)
-        return self._output(x, output_type)
+        return self._output(x, output_type, decoder)
 
     @_traced
     @_loras_from_prompt
@@ -283,7 +307,7 @@ class Pipeline:
                 noise=None, num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
                 mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None):
+                attention_maps=None, preview=None, decoder="vae"):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -294,11 +318,13 @@ class Pipeline:
         the step that strength selects. latents (strength 1) / noise (strength < 1): the initial
         noise, as in txt2img / img2img. mask_blur: a Gaussian blur radius in pixels applied to the
         mask; the blurred mask's soft values then weight the blending. sample_posterior, rng: as in
-        img2img.
+        img2img; the other arguments (preview, decoder, ...) as in txt2img.
         """
         _check_strength(strength)
         img = open_image(image)
-        settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img)
+        settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
+                                  decoder)
+        callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"])
         mask_img = fit_size(open_image(mask_image, "mask"), settings["height"], settings["width"], "mask")
@@ -354,11 +380,11 @@ class Pipeline:
             return (1 - mask) * known + mask * x
 
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress, keep_known, attention_maps)
-        return self._output(x, output_type)
+        return self._output(x, output_type, decoder)
 
     # --- the pieces of the loops ----------------------------------------------------------------
 
-    def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None):
+    def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae"):
         """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
         the image's own size first) and check every value; one-line errors."""
         defaults = generation_defaults(self.config)
@@ -381,6 +407,10 @@ class Pipeline:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v % f or v < smallest:
                 raise InputError(f"{name} must be a multiple of {f} and at least {smallest}, got {v!r}")
         schedulers.check_sampler(sampler)
+        if decoder not in DECODERS:
+            raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        if decoder == "taesd":
+            taesd_for(self, "decoder 'taesd'")
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if seed is None:
@@ -506,10 +536,10 @@ class Pipeline:
             mean = vae.sample(mean, logvar, rng.standard_normal(mean.shape, dtype=np.float32))
         return mean * np.float32(self.scaling_factor)
 
-    def _output(self, latents, output_type):
+    def _output(self, latents, output_type, decoder="vae"):
         if output_type == "latent":
             return latents
-        images = postprocess(self.vae_decode(latents / np.float32(self.scaling_factor)))   # [B, H, W, 3]
+        images = self.decode_latents(latents, decoder)                                  # [B, H, W, 3]
         if output_type == "np":
             return images
         pil = to_pil(images)

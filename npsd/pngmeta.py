@@ -44,6 +44,9 @@ A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_a": "
                   "unipc": "UniPC", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lcm": "LCM", "deis": "DEIS"}
 # --rng <-> the "RNG" field (A1111's value "CPU" is torch's CPU generator, which rng="torch" reproduces)
 RNG_FIELD = {"numpy": "numpy", "torch": "CPU"}
+# --vae-decoder <-> A1111's "VAE Decoder" field ("Full" or "TAESD"; A1111 writes it only for TAESD).
+# npsd adds "TAESD hash": the short hash (short_hash) of the TAESD decoder's weights file.
+DECODER_FIELD = {"vae": "Full", "taesd": "TAESD"}
 
 
 def quote(value):
@@ -147,10 +150,12 @@ def read_parameters(path):
 # --- A1111's fields <-> the command line's settings ---------------------------------------------
 
 def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, width, height, batch, pos,
-                    networks=None):
+                    networks=None, taesd_hash=None):
     """The "parameters" text of one image made by the command line (settings: npsd/cli.py's SETTINGS,
     the model's defaults filled in). Settings at their default values are left out. networks: the
-    "Lora hashes" and "TI hashes" fields (npsd/cli.py's network_hashes)."""
+    "Lora hashes" and "TI hashes" fields (npsd/cli.py's network_hashes). taesd_hash: the short hash
+    of the TAESD weights that decoded the image (settings["vae_decoder"] == "taesd")."""
+    taesd = settings.get("vae_decoder", "vae") == "taesd"
     fields = {
         "Steps": settings["steps"],
         "Sampler": A1111_SAMPLERS[settings["sampler"]],
@@ -162,6 +167,8 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Model": model_name,
         "VAE hash": vae_hash,
         "VAE": vae_name,
+        "VAE Decoder": DECODER_FIELD["taesd"] if taesd else None,
+        "TAESD hash": taesd_hash if taesd else None,
         "Denoising strength": _num(settings["strength"]) if mode != "txt2img" else None,
         "Mask blur": settings["mask_blur"] if mode == "inpaint" else None,
         "Eta": _num(settings["eta"]) if settings["eta"] else None,
@@ -212,8 +219,8 @@ def settings_from_png(path, mode):
     """The settings stored in an image's "parameters" text (npsd's or A1111's) -> {setting: value},
     named as the command line's options (npsd/cli.py's SETTINGS). Fields that are absent are left
     out. Keys starting with "_" are not options: "_select" (the batch position to re-make), "_model"
-    (the stored model name and hash), "_bad_sampler" / "_bad_rng" (an error unless --sampler / --rng
-    is given)."""
+    (the stored model name and hash), "_taesd_hash" (that of the TAESD decoder), "_bad_sampler" /
+    "_bad_rng" / "_bad_vae_decoder" (an error unless --sampler / --rng / --vae-decoder is given)."""
     p = parse_parameters(read_parameters(path))
     f = p["fields"]
     made_by = f.get("Pipeline")
@@ -253,6 +260,13 @@ def settings_from_png(path, mode):
     settings["no_ema"] = True if f.get("EMA") == "off" else None
     if "RNG" in f:                                                    # absent: npsd's own numpy numbers
         settings.update(_rng_from_field(f["RNG"]))
+    if "VAE Decoder" in f:
+        by_field = {v.lower(): k for k, v in DECODER_FIELD.items()}
+        settings["vae_decoder"] = by_field.get(f["VAE Decoder"].strip().lower())
+        if settings["vae_decoder"] is None:
+            settings["_bad_vae_decoder"] = (f"--from-png: the image was decoded by {f['VAE Decoder']!r}, which npsd "
+                                            "lacks (it has Full and TAESD); give --vae-decoder")
+    settings["_taesd_hash"] = f.get("TAESD hash")
     if f.get("Prompt syntax") in ("a1111", "plain"):
         settings["prompt_syntax"] = f["Prompt syntax"]
     settings["lora_names"] = _named_values(f.get("Lora"), "Lora") or None

@@ -11,10 +11,15 @@ blurry but recognisable picture at latent resolution for the cost of a matrix pr
 times the model's scaling_factor), as in A1111 and ComfyUI. The factors of a model are fitted by least
 squares against its own VAE's decodes (`fit_latent_rgb`; for the built-in model:
 `python -m npsd.train.fit_latent_rgb`, which prints the table stored below and its error).
+
+`preview(pipe, x0, method)` draws a step's x0 prediction by one of PREVIEW_METHODS (this table, the
+full VAE or TAESD) at the image size; the pipelines' `preview=` argument (`with_previews`) and the
+command line's --save-steps both use it (docs/inside.md section 2).
 """
 
 import numpy as np
 
+from . import taesd
 from .errors import InputError
 
 # SD v1.x: the table of AUTOMATIC1111's stable-diffusion-webui "Approximate cheap" live preview
@@ -40,9 +45,10 @@ BUILTIN_ERROR = 0.163        # measured: 0.1626 (0.2015 on every step's x0 of 4 
 
 TABLES = {"sd-v1": (SD1_FACTORS, SD1_BIAS), "npsd-tiny": (BUILTIN_FACTORS, BUILTIN_BIAS)}
 
-# How a step preview is drawn (npsd's --preview): "full" decodes with the model's VAE, "approx" uses
-# the table above, "taesd" the tiny autoencoder (npsd/taesd.py, weights given with --taesd). A further
-# method is one more entry here and one more branch in npsd.cli's _Generation._preview_images.
+# How a step preview is drawn (`preview` below: the pipelines' preview=, npsd's --preview): "full"
+# decodes with the model's VAE, "approx" uses the table above, "taesd" the tiny autoencoder
+# (npsd/taesd.py, weights in pipe.taesd; --taesd). A further method is one more entry here and one
+# more branch in `preview`.
 PREVIEW_METHODS = ("full", "approx", "taesd")
 
 
@@ -114,3 +120,58 @@ def approx_preview(pipe, x0_latents, full_size=False):
                          f"VAE factor {pipe.vae_factor}); use the full VAE decode")
     factors, bias = TABLES[name]
     return latent_to_rgb(x0_latents, factors, bias, scale=pipe.vae_factor if full_size else 1)
+
+
+# --- previews of a running generation: one implementation for the pipelines and the command line ---
+
+def taesd_for(pipe, use):
+    """pipe.taesd (TAESD parameters, npsd.taesd.load_taesd), checked to decode this pipeline's latents
+    -> the parameters. use: what asked for TAESD ("preview 'taesd'", "--vae-decoder taesd"), for the
+    one-line errors."""
+    params = getattr(pipe, "taesd", None)
+    if params is None:
+        raise InputError(f"{use} needs TAESD weights: set pipe.taesd = npsd.taesd.load_taesd(PATH) first "
+                         "(command line: --taesd PATH)")
+    channels, factor = taesd.decoder_shape(params)
+    if (channels, factor) != (pipe.latent_channels, pipe.vae_factor):
+        raise InputError(f"{use}: these TAESD weights decode latents of {channels} channels at VAE factor {factor}; "
+                         f"this model's latents have {pipe.latent_channels} channels at factor {pipe.vae_factor}; "
+                         "use TAESD weights made for this model, or the full VAE")
+    return params
+
+
+def check_method(pipe, method, use=None):
+    """Refuse, with a one-line InputError, a preview method that cannot draw this pipeline's latents:
+    an unknown name, "approx" without a stored table, "taesd" without fitting weights in pipe.taesd."""
+    use = use or f"preview {method!r}"
+    if method not in PREVIEW_METHODS:
+        raise InputError(f"preview must be one of {', '.join(PREVIEW_METHODS)}, got {method!r}")
+    if method == "approx" and table_name(pipe) is None:
+        raise InputError(f"{use}: no latent -> RGB table for this model ({pipe.latent_channels} latent channels, "
+                         f"VAE factor {pipe.vae_factor}); use the 'full' or 'taesd' preview")
+    if method == "taesd":
+        taesd_for(pipe, use)
+
+
+def preview(pipe, x0_latents, method):
+    """A step's predicted clean latents (scaled, [B, C, h, w]: the callback's x0_pred) -> float32 images
+    [B, H, W, 3] in [0, 1] at the image size (npsd.images.to_pil makes PIL images of them), drawn by
+    `method`: "full" the model's VAE decode, "approx" the stored latent -> RGB table (latent resolution,
+    nearest-upscaled: blocks of f x f pixels), "taesd" the decode of pipe.taesd."""
+    check_method(pipe, method)
+    if method == "approx":
+        return approx_preview(pipe, x0_latents, full_size=True)
+    return pipe.decode_latents(x0_latents, "taesd" if method == "taesd" else "vae")
+
+
+def with_previews(pipe, callback, method):
+    """callback(i, t, latents, x0_pred, preview=images) -> a pipeline callback(i, t, latents, x0_pred)
+    that first draws x0_pred by `method` (`preview` above). What the pipelines' preview= does; checks
+    the method at once, so that a generation does not start to fail at its first step."""
+    check_method(pipe, method)
+    if callback is None:
+        raise InputError(f"preview={method!r} draws images for the callback; give callback= too")
+
+    def draw(i, t, latents, x0_pred):
+        return callback(i, t, latents, x0_pred, preview=preview(pipe, x0_pred, method))
+    return draw

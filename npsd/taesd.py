@@ -29,9 +29,10 @@ use the same Sequential with bare indices ("3.conv.0.weight"); the decoder's sta
 parameterless Clamp module, so its indices are one higher (ORIGINAL_OFFSET).
 
 Decode time of a 64x64 latent (one 512x512 image), float32, fast path on, 2 CPU cores shared
-with other jobs (best of 6 and of 4 runs): TAESD 2.3 s (2.3 .. 4.2 s), npsd's full SD v1.x VAE
-decoder (npsd.vae, random SD-size weights) 17.4 s (17.4 .. 36.5 s): about 7x faster. Nearly all of
-TAESD's time is the five 64-channel 3x3 convs at 512x512.
+with other jobs: TAESD 2.3 .. 10.1 s, npsd's full SD v1.x VAE decoder (npsd.vae, random SD-size
+weights) 17.4 .. 67 s; 5x to 28x faster, with the load (the runs: docs/inside.md section 2).
+Nearly all of TAESD's time is the five 64-channel 3x3 convs at 512x512. The pipelines use TAESD
+for step previews (preview="taesd") and, for drafts, as the final decoder (decoder="taesd").
 """
 
 import os
@@ -153,6 +154,15 @@ def _check_input(x, channels, what, hint):
     return x
 
 
+def decoder_shape(params):
+    """What a TAESD decoder reads -> (latent channels, image pixels per latent pixel): the first conv's
+    input channels, and 2 ** the number of 2x upsamplings (a parameterless layer after a block)."""
+    layers = _check_params(params, "decoder")
+    first = next(layer for layer in layers if layer is not None)
+    upsamplings = sum(1 for before, layer in zip(layers, layers[1:]) if layer is None and _kind(before) == "block")
+    return first["weight"].shape[1], 2 ** upsamplings                      # SD v1.x's TAESD: (4, 8)
+
+
 def decode(params, latents):
     """Diffusion (scaled) latents [B, 4, h, w] -> images float32 [B, 3, 8h, 8w] in about [-1, 1]
     (not clamped), as diffusers' ``AutoencoderTiny.decode(latents).sample``."""
@@ -255,6 +265,14 @@ def _files(path):
     for p in found:                                                        # .safetensors before .pth
         by_stem.setdefault(os.path.basename(p).split(".")[0], p)
     return list(by_stem.values())
+
+
+def decoder_file(path):
+    """The file that holds the decoder behind a path given to load_taesd (for its hash, as the PNG
+    parameters record it): the file itself, a diffusers folder's weights, or taesd_decoder.*."""
+    files = _files(os.fspath(path))
+    decoders = [p for p in files if os.path.basename(p).startswith(ORIGINAL_FILES["decoder"])]
+    return (decoders or files)[0]
 
 
 def load_taesd(path, dtype=np.float32):

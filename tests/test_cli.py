@@ -742,3 +742,100 @@ def test_no_ema_chooses_the_raw_weights(tmp_path, capsys):
                       "--quiet"], capsys)
     assert rc == 0, err
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "raw.png").read_bytes()
+
+
+# --- TAESD as the final decoder (--vae-decoder taesd) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_taesd(tmp_path_factory):
+    """A random 2-level TAESD (VAE factor 2, 4 latent channels: it fits the tiny model's latents),
+    saved as a diffusers AutoencoderTiny folder."""
+    from diffusers import AutoencoderTiny
+    torch.manual_seed(4)
+    m = perturb_(AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                                 num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).eval(), 4)
+    folder = tmp_path_factory.mktemp("taesd") / "tiny-taesd"
+    m.save_pretrained(folder)
+    return str(folder)
+
+
+def test_vae_decoder_taesd_writes_the_taesd_decode_of_the_final_latents(model, tiny_taesd, tmp_path, capsys):
+    from npsd import taesd
+    from npsd.pngmeta import short_hash
+    out, full = tmp_path / "draft.png", tmp_path / "full.png"
+    gen(capsys, model, out, "--seed", 9, "--vae-decoder", "taesd", "--taesd", tiny_taesd)
+    gen(capsys, model, full, "--seed", 9)
+    # the same generation through the API, decoded here by TAESD
+    pipe = npsd.load(model)
+    latents = pipe.txt2img(PROMPT, seed=9, num_inference_steps=2, height=16, width=16, output_type="latent")
+    decoded = taesd.decode(taesd.load_taesd(tiny_taesd), latents)                  # [1, 3, 16, 16] in ~[-1, 1]
+    expected = (np.clip(decoded[0] / 2 + 0.5, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
+    assert np.asarray(Image.open(full)).tolist() != expected.tolist()              # the VAE's decode differs
+    f = params_of(out)["fields"]
+    weights = os.path.join(tiny_taesd, "diffusion_pytorch_model.safetensors")
+    assert (f["VAE Decoder"], f["TAESD hash"]) == ("TAESD", short_hash(weights))
+    assert "VAE Decoder" not in params_of(full)["fields"] and "TAESD hash" not in params_of(full)["fields"]
+
+
+def test_vae_decoder_taesd_errors_are_one_line(model, tiny_taesd, tmp_path, capsys, monkeypatch):
+    from diffusers import AutoencoderTiny
+    sd_taesd = tmp_path / "sd-taesd"                                  # SD v1.x's design: factor 8
+    AutoencoderTiny().save_pretrained(sd_taesd)
+    base = ["txt2img", PROMPT, "--model", model, "-o", tmp_path / "a.png", "--quiet", "--vae-decoder", "taesd"] + SMALL
+    rc, out, err = run(base, capsys)                                   # before the model loads
+    assert (rc, out, err) == (2, "", "npsd: error: --vae-decoder taesd needs --taesd PATH (TAESD weights)\n")
+    for extra, phrase in (([tmp_path / "nope"], "--taesd " + str(tmp_path / "nope") + " does not exist"),
+                          ([sd_taesd], "--vae-decoder taesd: these TAESD weights decode latents of 4 channels at "
+                                       "VAE factor 8; this model's latents have 4 channels at factor 2")):
+        rc, out, err = run(base + ["--taesd"] + extra, capsys)
+        assert (rc, out) == (2, "") and err.count("\n") == 1 and phrase in err, err
+    rc, out, err = run(base[:-len(SMALL) - 2] + ["--vae-decoder", "tiny"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "invalid choice: 'tiny'" in err
+    assert sorted(os.listdir(tmp_path)) == ["sd-taesd"]
+
+
+def test_vae_decoder_png_field_round_trip(model, tiny_taesd, tmp_path, capsys):
+    from npsd.pngmeta import parameters_text
+    settings = {"prompt": PROMPT, "negative_prompt": "", "steps": 2, "sampler": "ddim", "karras": False,
+                "guidance_scale": 7.5, "seed": 1, "strength": 1.0, "mask_blur": 0, "eta": 0.0, "clip_skip": 0,
+                "timestep_spacing": "leading", "prediction_type": "epsilon", "guidance_rescale": 0.0,
+                "long_prompt": "truncate", "no_ema": False, "rng": "numpy", "prompt_syntax": "plain", "lora": [],
+                "lora_names": [], "vae_decoder": "taesd"}
+    text = parameters_text(settings, "txt2img", "m", None, None, None, 16, 16, 1, 1, taesd_hash="0123456789ab")
+    assert "VAE Decoder: TAESD, TAESD hash: 0123456789ab" in text
+    stored = tmp_path / "stored.png"
+    write_png_atomic(Image.new("RGB", (16, 16)), str(stored), text, False)
+    got = settings_from_png(str(stored), "txt2img")
+    assert (got["vae_decoder"], got["_taesd_hash"]) == ("taesd", "0123456789ab")
+    for field, decoder in (("Full", "vae"), ("taesd", "taesd")):      # A1111's values, any case
+        path = tmp_path / f"{field}.png"
+        write_png_atomic(Image.new("RGB", (16, 16)), str(path), f"a cat\nSteps: 2, VAE Decoder: {field}", False)
+        assert settings_from_png(str(path), "txt2img")["vae_decoder"] == decoder
+
+    # --from-png of an image decoded by TAESD: needs --taesd, then re-makes it byte for byte
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 5, "--vae-decoder", "taesd", "--taesd", tiny_taesd)
+    rc, out, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert (rc, out) == (2, "") and err.count("\n") == 1, err
+    assert f"--from-png: {a} was decoded by TAESD (VAE Decoder: TAESD); give --taesd PATH" in err
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "b.png", "--quiet",
+                      "--taesd", tiny_taesd], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "b.png").read_bytes() == a.read_bytes()
+    from diffusers import AutoencoderTiny                              # other weights of the same design
+    AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "other")
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "e.png", "--quiet",
+                      "--taesd", tmp_path / "other"], capsys)
+    assert rc == 0 and err.count("\n") == 1 and "the image will differ" in err, err
+    assert f"decoded by TAESD weights with hash {params_of(a)['fields']['TAESD hash']}, not those of" in err
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "c.png", "--quiet",
+                      "--vae-decoder", "vae"], capsys)                  # the full VAE instead: no TAESD fields
+    assert rc == 0, err
+    assert "VAE Decoder" not in params_of(tmp_path / "c.png")["fields"]
+    # a decoder npsd lacks: an error unless --vae-decoder is given
+    odd = tmp_path / "odd.png"
+    write_png_atomic(Image.new("RGB", (16, 16)), str(odd), f"{PROMPT}\nSteps: 2, Seed: 5, VAE Decoder: Tiled", False)
+    rc, out, err = run(["txt2img", "--from-png", odd, "--model", model, "-o", tmp_path / "d.png", "--quiet"], capsys)
+    assert (rc, out) == (2, "") and err.count("\n") == 1 and "decoded by 'Tiled', which npsd lacks" in err, err

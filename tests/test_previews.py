@@ -151,9 +151,92 @@ def test_preview_taesd_errors_are_one_line(sd_shaped, tmp_path, capsys):
     model, taesd_folder = sd_shaped
     cases = [(["--model", model], "needs --taesd"),
              (["--model", model, "--taesd", tmp_path / "nope"], "does not exist"),
-             (["--taesd", taesd_folder], "TAESD decodes SD v1.x latents")]        # the built-in model: factor 4
+             (["--taesd", taesd_folder], "TAESD weights decode latents of 4 channels at VAE factor 8; "
+                                         "this model's latents have 4 channels at factor 4")]   # the built-in model
     for extra, phrase in cases:
         rc, out, err = run_cli(["txt2img", PROMPT, "-o", tmp_path / "a.png", "--save-steps", tmp_path / "s",
                                 "--preview", "taesd", "--quiet"] + extra, capsys)
         assert (rc, out) == (2, "") and err.count("\n") == 1 and phrase in err, (extra, err)
     assert os.listdir(tmp_path) == []
+
+
+# --- previews and the TAESD decoder through the pipelines' API ----------------------------------------
+
+@pytest.fixture(scope="module")
+def sd_pipe(sd_shaped):
+    """The SD-shaped model with its TAESD attached (pipe.taesd), as the API asks for it."""
+    from npsd.taesd import load_taesd
+    model, taesd_folder = sd_shaped
+    pipe = npsd.load(str(model))
+    pipe.taesd = load_taesd(taesd_folder)
+    return pipe
+
+
+def _run(pipe, **kw):
+    """txt2img of 2 steps on 64x64 -> (final latents, {step: (x0_pred, preview images)})."""
+    seen = {}
+
+    def callback(i, t, latents, x0_pred, preview):
+        seen[i] = (x0_pred.copy(), preview)
+    latents = pipe.txt2img(PROMPT, seed=1, num_inference_steps=2, height=64, width=64, output_type="latent",
+                           callback=callback, **kw)
+    return latents, seen
+
+
+def test_api_callback_receives_previews_of_each_method(sd_pipe):
+    from npsd import taesd
+    finals = {}
+    for method in previews.PREVIEW_METHODS:
+        finals[method], seen = _run(sd_pipe, preview=method)
+        assert sorted(seen) == [0, 1]
+        for x0, images in seen.values():
+            assert isinstance(images, np.ndarray) and images.dtype == np.float32
+            assert images.shape == (1, 64, 64, 3) and 0 <= images.min() <= images.max() <= 1, method
+            if method == "approx":           # the stored SD v1.x table, nearest-upscaled: the same numbers
+                np.testing.assert_array_equal(images, previews.approx_preview(sd_pipe, x0, full_size=True))
+                assert np.all(images[0, :8, :8] == images[0, 0, 0])
+            else:                            # an independent decode of the same x0, written out here
+                raw = (taesd.decode(sd_pipe.taesd, x0) if method == "taesd"
+                       else sd_pipe.vae_decode(x0 / np.float32(sd_pipe.scaling_factor)))      # [1, 3, 64, 64]
+                expected = np.clip(raw / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+                np.testing.assert_array_equal(images, expected)    # the same float32 operations: bit for bit
+    # drawing previews does not change the generation
+    np.testing.assert_array_equal(finals["full"], finals["approx"])
+    np.testing.assert_array_equal(finals["full"], finals["taesd"])
+
+
+def test_api_decoder_taesd_decodes_the_final_latents(sd_pipe):
+    from npsd import taesd
+    latents, _ = _run(sd_pipe, preview="approx")
+    common = dict(seed=1, num_inference_steps=2, height=64, width=64, output_type="np")
+    drafts = sd_pipe.txt2img(PROMPT, decoder="taesd", **common)                             # [1, 64, 64, 3]
+    expected = np.clip(taesd.decode(sd_pipe.taesd, latents) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(drafts, expected)                    # the same float32 operations
+    full = sd_pipe.txt2img(PROMPT, **common)                           # the VAE's decode differs
+    assert np.abs(full - drafts).mean() > 0.01
+
+
+def test_api_preview_and_decoder_errors_come_before_any_work(builtin, sd_pipe, monkeypatch):
+    monkeypatch.setattr(builtin, "encode_text", lambda *a, **k: pytest.fail("the generation started"))
+    cb = (lambda i, t, x, x0, preview: None)
+    cases = [(dict(preview="taesd", callback=cb), "preview 'taesd' needs TAESD weights: set pipe.taesd"),
+             (dict(decoder="taesd"), "decoder 'taesd' needs TAESD weights"),
+             (dict(preview="approx"), "draws images for the callback; give callback= too"),
+             (dict(preview="blurry", callback=cb), "preview must be one of full, approx, taesd, got 'blurry'"),
+             (dict(decoder="fast"), "decoder must be one of vae, taesd, got 'fast'")]
+    for kw, phrase in cases:
+        with pytest.raises(npsd.InputError, match=phrase) as e:
+            builtin.txt2img(PROMPT, seed=0, **kw)
+        assert "\n" not in str(e.value)
+    monkeypatch.setattr(builtin, "taesd", sd_pipe.taesd)           # TAESD for factor 8 on the factor-4 model
+    with pytest.raises(npsd.InputError, match="decoder 'taesd': these TAESD weights decode latents of 4 channels "
+                                              "at VAE factor 8; this model's latents have 4 channels at factor 4"):
+        builtin.txt2img(PROMPT, seed=0, decoder="taesd")
+
+
+def test_approx_without_a_table_is_refused():
+    class Fake:
+        info, latent_channels, vae_factor = {}, 4, 2
+    with pytest.raises(npsd.InputError, match="preview 'approx': no latent -> RGB table for this model "
+                                              r"\(4 latent channels, VAE factor 2\); use the 'full' or 'taesd'"):
+        previews.with_previews(Fake(), lambda *a, **k: None, "approx")

@@ -204,3 +204,20 @@ def test_bad_inputs(params):
         taesd.encode(params, np.full((1, 3, 8, 8), np.nan, np.float32))
     with pytest.raises(CheckpointError, match="lack encoder.layers"):
         taesd.encode({"decoder": params["decoder"]}, np.zeros((1, 3, 8, 8), np.float32))
+
+
+def test_decoder_shape_and_file(params, model, tmp_path):
+    # what a pipeline checks before it lets TAESD decode its latents (npsd.previews.taesd_for)
+    assert taesd.decoder_shape(params) == (4, 8)                       # SD v1.x's TAESD: 3 upsamplings
+    m = AutoencoderTiny(decoder_block_out_channels=(32, 32, 32), num_decoder_blocks=(1, 1, 1), latent_channels=16)
+    assert taesd.decoder_shape(to_numpy_params(m.state_dict())) == (16, 4)
+    with pytest.raises(CheckpointError, match="lack decoder.layers"):
+        taesd.decoder_shape({"encoder": params["encoder"]})
+    # the file whose hash the PNG parameters record: the decoder's
+    save_file(_state(model), str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    assert taesd.decoder_file(tmp_path) == str(tmp_path / "diffusion_pytorch_model.safetensors")
+    original = tmp_path / "original"
+    original.mkdir()
+    _write_original(model, original)
+    assert taesd.decoder_file(original) == str(original / "taesd_decoder.safetensors")
+    assert taesd.decoder_file(original / "taesd_decoder.safetensors") == str(original / "taesd_decoder.safetensors")
