@@ -65,6 +65,11 @@ SD2_TEXT_ENCODER = {"hidden_act": "gelu", "pad_token": "!"}
 SD2_V_SIZE = 768
 
 
+# An LCM-distilled UNet (time_cond_proj_dim: it reads the guidance scale as an input) is made for
+# its own sampler and a few steps: diffusers' LatentConsistencyModelPipeline's defaults.
+LCM_DEFAULTS = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 8.5}
+
+
 def sd2_config(unet_channels, prediction_type):
     """The config of an SD 2.x single file: SD v1.x's, changed as above. unet_channels: the UNet's
     channels per level (block_out_channels); prediction_type: "epsilon" or "v_prediction"."""

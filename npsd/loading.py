@@ -26,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 
 from . import architecture
-from .config import SD2_HEAD_WIDTH, sd15_config, sd2_config
+from .config import LCM_DEFAULTS, SD2_HEAD_WIDTH, sd15_config, sd2_config
 from .errors import CheckpointError, InputError, NpsdError
 from .params import flatten, unflatten
 from .pipeline import Pipeline
@@ -583,4 +583,6 @@ def load(path=None, ema=True, dtype=np.float32):
         params, config, info = _load_original(path, ema, dtype)
         tokenizer = None
     _warn_unexpected(path, info["unexpected"])
+    if "cond_proj" in params["unet"]["time_embedding"] and "config" not in info:   # LCM, without npsd's own config
+        config["defaults"].update(LCM_DEFAULTS)
     return Pipeline(params, config, tokenizer, info=info)

@@ -143,9 +143,17 @@ class Pipeline:
         return clip.encode_text(self.params["text_encoder"], ids, self.config["text_encoder"], clip_skip=clip_skip,
                                 trace=self._trace)
 
-    def unet(self, latents, t, context):
-        """latents [B, C, h, w], t scalar or [B], context [B, L, 768] -> predicted noise [B, 4, h, w]."""
-        return unet_model.unet(self.params["unet"], latents, t, context, self.config["unet"], trace=self._trace)
+    def unet(self, latents, t, context, w_emb=None):
+        """latents [B, C, h, w], t scalar or [B], context [B, L, 768] -> predicted noise [B, 4, h, w].
+        w_emb: an LCM UNet's guidance_embedding (npsd.unet), else None."""
+        return unet_model.unet(self.params["unet"], latents, t, context, self.config["unet"], trace=self._trace,
+                               w_emb=w_emb)
+
+    @property
+    def guidance_embedding_dim(self):
+        """An LCM-distilled UNet's guidance-embedding width (time_cond_proj_dim), else None."""
+        proj = self.params["unet"]["time_embedding"].get("cond_proj")
+        return None if proj is None else proj["weight"].shape[1]
 
     def vae_encode(self, images):
         """images float32 [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the unscaled latent [B, 4, H/8, W/8]."""
@@ -428,9 +436,17 @@ class Pipeline:
         schedule = schedulers.make_schedule(settings["sampler"], settings["steps"], self.config, use_karras_sigmas,
                                             timestep_spacing, prediction_type=prediction_type)
         model_calls = settings["steps"] * (2 if settings["sampler"] in schedulers.TWO_STAGE else 1)
-        cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, settings["guidance_scale"],
+        scale, unet = settings["guidance_scale"], unet or self.unet
+        if self.guidance_embedding_dim:
+            # an LCM-distilled UNet (Luo et al. 2023) reads w as an input, as diffusers' pipelines
+            # give it: no unconditional pass, so no negative prompt
+            if unet != self.unet:
+                raise InputError("an LCM-distilled UNet (time_cond_proj_dim) runs txt2img and img2img, not inpainting")
+            unet = functools.partial(self.unet, w_emb=unet_model.guidance_embedding(scale, self.guidance_embedding_dim))
+            scale = 1.0
+        cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, scale,
                                              clip_skip, long_prompt, prompt_syntax, model_calls)
-        model = guided_model(unet or self.unet, cond, uncond, settings["guidance_scale"], guidance_rescale)
+        model = guided_model(unet, cond, uncond, scale, guidance_rescale)
         return rng, model, batch, schedule
 
     def _contexts(self, prompt, negative_prompt, num_images, guidance_scale, clip_skip, long_prompt,

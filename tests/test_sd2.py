@@ -65,7 +65,8 @@ def sd2_folder(tmp_path_factory):
 
 def reference(folder, scheduler):
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = scheduler
+    if scheduler is not None:
+        pipe.scheduler = scheduler
     return pipe
 
 
@@ -237,3 +238,47 @@ def test_sd2_prediction_type_rule(tmp_path, bias, yaml, expected, reason):
     assert pipe.info["prediction_type"] == (expected, reason)
     assert pipe.config["scheduler"]["prediction_type"] == expected
     assert pipe.config["defaults"]["height"] == (768 if expected == "v_prediction" else 512)
+
+
+# --- an LCM-distilled SD v1.x folder: w enters the UNet, no unconditional pass --------------------
+
+@pytest.fixture(scope="module")
+def lcm_folder(tmp_path_factory):
+    from diffusers import LCMScheduler
+    from tests.test_pipelines import models as tiny_models_fixture
+    parts = tiny_models_fixture.__wrapped__()
+    torch.manual_seed(0)
+    unet = perturb_(UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, time_cond_proj_dim=16).eval(), seed=9)
+    sched = LCMScheduler(**{k: v for k, v in SCHED.items() if k != "prediction_type"})
+    pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text"], tokenizer=parts["tok"], unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    folder = tmp_path_factory.mktemp("lcm") / "tiny-lcm"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("guidance", [8.5, 1.0])
+def test_lcm_folder_same_seed_same_image(lcm_folder, guidance):
+    ref = reference(lcm_folder, None)(PROMPT, num_inference_steps=4, guidance_scale=guidance, height=SIZE, width=SIZE,
+                                     generator=torch.Generator("cpu").manual_seed(11), output_type="np").images
+    pipe = npsd.load(lcm_folder)
+    assert pipe.config["defaults"]["sampler"] == "lcm" and pipe.guidance_embedding_dim == 16
+    ours = pipe.txt2img(PROMPT, num_inference_steps=4, guidance_scale=guidance, height=SIZE, width=SIZE, seed=11,
+                        rng="torch", output_type="np")
+    # measured 5.1e-7 (w 8.5) and 6.0e-7 (w 1): one UNet pass per step, no guidance to amplify rounding
+    print(assert_close(ours, ref, 5e-6, f"LCM folder, 4 steps, w {guidance}"))
+
+
+def test_lcm_guidance_is_an_input_not_two_passes(lcm_folder):
+    """w changes the image through the embedding alone (one UNet pass per step either way)."""
+    pipe = npsd.load(lcm_folder)
+    calls = []
+    unet = pipe.unet
+    pipe.unet = lambda x, t, c, w_emb=None: calls.append(x.shape[0]) or unet(x, t, c, w_emb=w_emb)
+    a = pipe.txt2img(PROMPT, num_inference_steps=2, guidance_scale=8.5, height=SIZE, width=SIZE, seed=1, output_type="np")
+    b = pipe.txt2img(PROMPT, num_inference_steps=2, guidance_scale=2.0, height=SIZE, width=SIZE, seed=1, output_type="np")
+    assert calls == [1] * 4 and np.abs(a - b).max() > 1e-3
