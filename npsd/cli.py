@@ -490,6 +490,10 @@ def _load_model(args, settings):
         attach_vae(pipe, args.vae)
     attach_networks(pipe, args, settings)
     _note(args, f"npsd: loaded in {time.perf_counter() - t0:.1f} s")
+    if "prediction_type" in pipe.info:                              # SD 2.x single files: v or epsilon
+        kind, reason = pipe.info["prediction_type"]
+        _note(args, f"npsd: the UNet predicts {kind} ({reason})"
+                    + ("; --prediction-type overrides it" if settings["prediction_type"] is None else ""))
     model_defaults(settings, pipe)
     if settings["eta"] and settings["sampler"] != "ddim":
         warnings.warn(f"--eta is DDIM's; the {settings['sampler']} sampler ignores it")

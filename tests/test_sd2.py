@@ -282,3 +282,13 @@ def test_lcm_guidance_is_an_input_not_two_passes(lcm_folder):
     a = pipe.txt2img(PROMPT, num_inference_steps=2, guidance_scale=8.5, height=SIZE, width=SIZE, seed=1, output_type="np")
     b = pipe.txt2img(PROMPT, num_inference_steps=2, guidance_scale=2.0, height=SIZE, width=SIZE, seed=1, output_type="np")
     assert calls == [1] * 4 and np.abs(a - b).max() > 1e-3
+
+
+def test_cli_says_which_prediction_type_it_chose(tmp_path, capsys):
+    from npsd import cli
+    _, path, _ = tiny_sd2_original(tmp_path, conv_out_bias=-2.0)
+    rc = cli.main(["txt2img", PROMPT, "--model", str(path), "--steps", "1", "--width", "64", "--height", "64",
+                   "-o", str(tmp_path / "a.png")])
+    err = capsys.readouterr().err
+    assert rc == 0 and "npsd: the UNet predicts v_prediction (AUTOMATIC1111's test: mean(unet(x) - x) at t = 999 " \
+                       "is -2.50 (< -1)); --prediction-type overrides it" in err, err
