@@ -2,13 +2,15 @@
 proj_in/proj_out, 5/10/20/20 heads of width 64, cross-attention width 1024) against diffusers'
 UNet2DConditionModel, and the text encoder (OpenCLIP ViT-H/14's text tower as diffusers ships it:
 width 1024, 16 heads, GELU, 23 of its 24 layers, so that the final LayerNorm follows the penultimate
-one) against transformers' CLIPTextModel. Each torch model is built once, its outputs computed, then freed.
+one) against transformers' CLIPTextModel; and an LCM-distilled SD v1.5 UNet with its guidance
+embedding. Each torch model is built once, its outputs computed, then freed.
 
 Tolerances: the UNet's per-block tolerances of tests/test_unet.py (RTOL_FULL, each about 10x the SD
 v1.5 error there); measured here at SD 2.1 size: at most 1.7e-6 (a block) and 1.3e-6 (eps); with
 SD v1.x's 8 heads everywhere, 1.8e-2 at down_blocks.0. The text encoder: RTOL_TEXT 8e-6, measured
-8.1e-7 (last hidden state). SD v1.x's head count (8 everywhere)
-or quick-GELU instead of GELU fails them (asserted below).
+8.1e-7 (last hidden state). The LCM UNet: at most 1.6e-6 (a block), 1.2e-6 (eps); w = 7.5's
+embedding instead of 8.5's gives 0.61 at time_embedding. SD v1.x's head count (8 everywhere),
+quick-GELU instead of GELU, or the wrong w fails them (asserted below).
 """
 
 import gc
@@ -95,3 +97,24 @@ def test_sd21_text_encoder_quick_gelu_fails(text21):
     out = clip.encode_text(text21.params, text21.ids, {**SD21_TEXT_CONFIG, "hidden_act": "quick_gelu"})
     with pytest.raises(AssertionError):
         assert_close(out, text21.last, RTOL_TEXT, "quick GELU instead of GELU")
+
+
+def test_lcm_unet_full_size_matches_diffusers():
+    """An LCM-distilled SD v1.5 UNet (time_cond_proj_dim 256, as LCM Dreamshaper v7's) with its
+    guidance embedding at w = 8.5, against diffusers' timestep_cond; the same block tolerances."""
+    from npsd.unet import guidance_embedding
+    from tests.test_unet import SD15, SD15_CONFIG
+    model = build_unet({**SD15, "time_cond_proj_dim": 256}, seed=6)
+    params = unflatten({k: v.detach().numpy() for k, v in model.state_dict().items()})
+    rng = np.random.default_rng(8)
+    latents = rng.standard_normal((1, 4, 24, 24)).astype(np.float32)
+    context = rng.standard_normal((1, 77, 768)).astype(np.float32)
+    w_emb = guidance_embedding(8.5, 256)
+    ref = reference(model, latents, 499, context, timestep_cond=w_emb)
+    del model
+    gc.collect()
+    check_lcm = lambda emb: check(params, SD15_CONFIG, latents, 499, context, ref,
+                                  {**RTOL_FULL, "time_embedding": 3e-5}, w_emb=emb)
+    check_lcm(w_emb)
+    with pytest.raises(AssertionError, match="time_embedding"):               # w = 7.5 instead of 8.5
+        check_lcm(guidance_embedding(7.5, 256))

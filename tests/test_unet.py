@@ -61,7 +61,7 @@ def randn(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def reference(model, latents, t, context):
+def reference(model, latents, t, context, timestep_cond=None):
     """diffusers' eps and every block's output (by diffusers module name) as NumPy arrays."""
     outs, hooks = {}, []
     for name, mod in model.named_modules():
@@ -71,18 +71,19 @@ def reference(model, latents, t, context):
             hooks.append(mod.register_forward_hook(hook))
     tt = t if np.isscalar(t) else torch.from_numpy(np.asarray(t, dtype=np.float32))
     with torch.no_grad():
-        eps = t2n(model(n2t(latents), tt, n2t(context)).sample)
+        eps = t2n(model(n2t(latents), tt, n2t(context),
+                        timestep_cond=None if timestep_cond is None else n2t(timestep_cond)).sample)
     for h in hooks:
         h.remove()
     return eps, outs
 
 
-def check(params, config, latents, t, context, ref, rtol):
+def check(params, config, latents, t, context, ref, rtol, w_emb=None):
     """Run npsd and compare every block (in execution order) and the output, printing every error;
     rtol is one tolerance or {block name or "eps": tolerance}. Returns the comparisons."""
     eps_ref, blocks_ref = ref
     trace = {}
-    eps = unet(params, latents, t, context, config, trace=trace)
+    eps = unet(params, latents, t, context, config, trace=trace, w_emb=w_emb)
     assert set(trace) == set(blocks_ref), f"blocks traced {sorted(trace)} != hooked {sorted(blocks_ref)}"
     pairs = [(trace[k], blocks_ref[k], k) for k in trace] + [(eps, eps_ref, "eps")]
     tol = (lambda name: rtol[name]) if isinstance(rtol, dict) else (lambda name: rtol)
