@@ -68,6 +68,7 @@ def hidden_states(params, ids, config, num_layers=None, trace=None):
     layers = params["encoder"]["layers"]
     width = params["embeddings"]["token_embedding"]["weight"].shape[1]
     num_heads, eps, act = _settings(config, width)
+    _record(trace, "embeddings:in", ids)
     x = embed(params["embeddings"], ids)                                   # [B, L, W]
     _record(trace, "embeddings", x)
     states = [x]
@@ -104,6 +105,7 @@ def encode_text(params, ids, config, clip_skip=None, trace=None):
         ids = ids.reshape(b * (length // n_pos), n_pos)                    # [B, k*77] -> [B*k, 77]
     eps = _settings(config, params["final_layer_norm"]["weight"].shape[0])[1]
     x = hidden_states(params, ids, config, num_layers=num_layers - clip_skip, trace=trace)[-1]  # [B*k, 77, W]
+    _record(trace, "final_layer_norm:in", x)
     x = nn.layer_norm(x, **params["final_layer_norm"], eps=eps)                     # [B*k, 77, W]
     _record(trace, "final_layer_norm", x)
     return x.reshape(b, length, x.shape[-1]).astype(np.float32, copy=False)        # [B, L, W]

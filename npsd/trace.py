@@ -15,8 +15,8 @@ step3/unet.down_blocks.1. A name recorded again (the negative prompt's text enco
 UNet call in one step of a two-stage sampler, a second image through the VAE) gets #2, #3, ...
 
 The component functions (clip.encode_text, unet.unet, vae.encode/decode) take trace=None: then
-nothing is recorded and nothing is copied. docs/traces.md records the same names from diffusers
-with forward hooks and compares the two files.
+nothing is recorded and nothing is copied. npsd/trace_torch.py records the same names from
+diffusers/transformers with forward hooks (`npsd parity`; docs/traces.md compares two such files).
 """
 
 import json
@@ -28,7 +28,8 @@ FORMAT = "npsd-trace/1"
 
 
 class Trace:
-    """An ordered {name: float32 array} of recorded activations (copies, in execution order).
+    """An ordered {name: array} of recorded activations (float32 copies, in execution order; integer
+    inputs such as token ids are kept as int64).
 
     steps: None records every sampler step; an iterable of 0-based step indices records those steps'
     UNet calls only (the text encoder and the VAE, outside the steps, are always recorded).
@@ -57,7 +58,9 @@ class Trace:
         key, n = name, 2
         while key in self.tensors:                                           # a second call of the same block
             key, n = f"{name}#{n}", n + 1
-        self.tensors[key] = np.array(x, dtype=np.float32)                    # a copy: blocks work in place
+        x = np.asarray(x)                                                    # token ids stay integers:
+        dtype = np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32   # compared exactly
+        self.tensors[key] = np.array(x, dtype=dtype)                         # a copy: blocks work in place
 
     def scope(self, name):
         """A view that records under `name.`; None when nothing is being recorded."""

@@ -3,6 +3,7 @@ trace files differ); the trace format is npsd/trace.py's, docs/traces.md shows b
 
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -39,8 +40,8 @@ def add_parsers(sub, int_at_least, float_in, seed, samplers):
 
     c = sub.add_parser("compare", help="compare two trace files tensor by tensor",
                        description="Compare every tensor the two files share (max abs and relative error, "
-                       "npsd.testing.compare) in A's execution order; the first one over the tolerance is "
-                       "marked. Exit code 0: all within the tolerance; 1: some tensor exceeds it or has "
+                       "npsd.testing.compare; integer tensors must be equal) in A's execution order; the "
+                       "first one over the tolerance is marked. Exit code 0: all within the tolerance; 1: some tensor exceeds it or has "
                        "another shape; 2: a file cannot be read.")
     c.add_argument("a", metavar="A.safetensors", help="the trace under test (e.g. npsd's)")
     c.add_argument("b", metavar="B.safetensors", help="the reference trace (e.g. diffusers')")
@@ -85,7 +86,8 @@ def _read(path):
 
 def compare_traces(a, b, tolerance):
     """{name: array} x2 (a in execution order) -> (rows, missing from a, extra in a, first bad name or None).
-    rows: (name, Comparison or None, problem or None) for every name in both, in a's order."""
+    rows: (name, Comparison or None, problem or None) for every name in both, in a's order. Integer
+    tensors (token ids) must be equal; two all-zero tensors of one shape agree."""
     rows, first = [], None
     for name, x in a.items():
         if name not in b:
@@ -93,51 +95,54 @@ def compare_traces(a, b, tolerance):
         y = b[name]
         if x.shape != y.shape:
             rows.append((name, None, f"shape {tuple(x.shape)} vs {tuple(y.shape)}"))
+        elif not np.abs(x).max(initial=0) and not np.abs(y).max(initial=0):
+            rows.append((name, None, None))      # equal, though compare refuses an all-zero reference
         else:
+            exact = np.issubdtype(x.dtype, np.integer) or np.issubdtype(y.dtype, np.integer)
             try:
                 c = compare(x, y, name)
             except AssertionError as e:          # non-finite values or an all-zero reference
                 rows.append((name, None, str(e).split(": ", 1)[-1]))
             else:
-                bad = not c.max_rel <= tolerance
-                rows.append((name, c, "exceeds the tolerance" if bad else None))
-        if first is None and rows[-1][2] is not None and not _zero_pair(x, y):
+                bad = not c.max_rel <= (0 if exact else tolerance)
+                rows.append((name, c, ("differs (integers must be equal)" if exact else "exceeds the tolerance")
+                             if bad else None))
+        if first is None and rows[-1][2] is not None:
             first = name
     missing = [n for n in b if n not in a]
     extra = [n for n in a if n not in b]
     return rows, missing, extra, first
 
 
-def _zero_pair(x, y):
-    """Both all zeros of the same shape: equal, though compare refuses an all-zero reference."""
-    return x.shape == y.shape and not np.abs(x).max(initial=0) and not np.abs(y).max(initial=0)
+def report(a, b, tolerance, labels=("A", "B"), out=None):
+    """Print compare_traces(a, b, tolerance) as a table, the first difference marked >>, the others
+    over the tolerance !!, then the names found in one side only (labels name the sides).
+    -> (exit code: 0 all within the tolerance, 1 otherwise or nothing in common; the rows)."""
+    def say(line):
+        print(line, file=out or sys.stdout, flush=True)
+
+    rows, missing, extra, first = compare_traces(a, b, tolerance)
+    shapes = {name: "x".join(map(str, a[name].shape)) or "scalar" for name, _, _ in rows}
+    width, sw = max([len(n) for n, _, _ in rows] + [4]), max([len(s) for s in shapes.values()] + [5])
+    say(f"{'name':<{width}}  {'shape':<{sw}}  {'max abs':>9}  {'max rel':>9}")
+    failed = 0
+    for name, c, problem in rows:
+        mark = ">>" if name == first else "!!"
+        failed += problem is not None
+        numbers = f"{c.max_abs:9.3g}  {c.max_rel:9.3g}" if c is not None else f"{'-':>9}  {'-':>9}"
+        say(f"{name:<{width}}  {shapes[name]:<{sw}}  {numbers}" + (f"  {mark} {problem}" if problem else ""))
+    say(f"{len(rows)} tensors compared, {failed} over the tolerance {tolerance:g} or mismatched")
+    if first is not None:
+        c = next(c for n, c, _ in rows if n == first)
+        say(f"first difference: {first}" + (f" ({c.first})" if c is not None else ""))
+    if missing:
+        say(f"only in {labels[1]} ({len(missing)}): {', '.join(missing)}")
+    if extra:
+        say(f"only in {labels[0]} ({len(extra)}): {', '.join(extra)}")
+    if not rows:
+        say("no tensor names in common: nothing compared")
+    return (1 if failed or not rows else 0), rows
 
 
 def run_compare(args):
-    a, b = _read(args.a), _read(args.b)
-    rows, missing, extra, first = compare_traces(a, b, args.tolerance)
-    width = max([len(n) for n, _, _ in rows] + [4])
-    print(f"{'name':<{width}}  {'max abs':>9}  {'max rel':>9}")
-    failed = 0
-    for name, c, problem in rows:
-        if problem is not None and _zero_pair(a[name], b[name]):
-            problem = None
-        mark = ">>" if name == first else ("!!" if problem else "  ")
-        failed += problem is not None
-        if c is not None:
-            line = f"{name:<{width}}  {c.max_abs:9.3g}  {c.max_rel:9.3g}"
-        else:
-            line = f"{name:<{width}}  {'-':>9}  {'-':>9}"
-        print(f"{line}  {mark} {problem}" if problem else line)
-    print(f"{len(rows)} tensors compared, {failed} over the tolerance {args.tolerance:g} or mismatched")
-    if first is not None:
-        c = next(c for n, c, _ in rows if n == first)
-        print(f"first difference: {first}" + (f" ({c.first})" if c is not None else ""))
-    if missing:
-        print(f"only in {args.b} ({len(missing)}): {', '.join(missing)}")
-    if extra:
-        print(f"only in {args.a} ({len(extra)}): {', '.join(extra)}")
-    if not rows:
-        print("no tensor names in common: nothing compared")
-        return 1
-    return 1 if failed else 0
+    return report(_read(args.a), _read(args.b), args.tolerance, labels=(args.a, args.b))[0]

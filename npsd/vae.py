@@ -75,11 +75,13 @@ def upsample(p, x):
     return nn.conv2d(x, **p["conv"], padding=1)                            # [B, O, 2h, 2w]
 
 
-def output_layers(p, x, config):
+def output_layers(p, x, config, trace=None):
     """The last layers of the encoder and the decoder: conv_out(silu(conv_norm_out(x))), a 3x3 conv.
 
-    [B, C, H, W] -> [B, O, H, W].
+    [B, C, H, W] -> [B, O, H, W]. trace: records conv_out's input.
     """
+    if trace is not None:                                                  # the fast path never holds it
+        _record(trace, "conv_out:in", nn.silu(group_norm(x, p["conv_norm_out"], config)))
     if settings.FAST:                                                      # same values, fewer full-size maps
         groups = _norm_groups(config, p["conv_norm_out"])
         return _fast.vae_norm_silu_conv(x, p["conv_norm_out"], p["conv_out"], groups, config["eps"])
@@ -109,13 +111,16 @@ def attention_block(p, x, config):
 def mid_block(p, x, config, trace=None):
     """UNetMidBlock2D: resnet, attention, resnet. [B, C, h, w] -> [B, C, h, w]."""
     _record(trace, ":in", x)
+    _record(trace, "resnets.0:in", x)
     x = resnet_block(p["resnets"][0], x, config)
     _record(trace, "resnets.0", x)
     attentions = p.get("attentions") or [None] * (len(p["resnets"]) - 1)   # none if mid_block_add_attention=False
     for j, (attn, res) in enumerate(zip(attentions, p["resnets"][1:])):
         if attn is not None:
+            _record(trace, f"attentions.{j}:in", x)
             x = attention_block(attn, x, config)
             _record(trace, f"attentions.{j}", x)
+        _record(trace, f"resnets.{j + 1}:in", x)
         x = resnet_block(res, x, config)
         _record(trace, f"resnets.{j + 1}", x)
     _record(trace, "", x)
@@ -129,9 +134,11 @@ def down_block(p, x, config, trace=None):
     """
     _record(trace, ":in", x)
     for j, res in enumerate(p["resnets"]):
+        _record(trace, f"resnets.{j}:in", x)
         x = resnet_block(res, x, config)                                   # [B, O, H, W]
         _record(trace, f"resnets.{j}", x)
     if p.get("downsamplers"):
+        _record(trace, "downsamplers.0:in", x)
         # pad right and bottom by one pixel only, then 3x3 stride 2 (the LDM downsampler)
         x = nn.conv2d(x, **p["downsamplers"][0]["conv"], stride=2, padding=(0, 1, 0, 1))  # [B, O, H/2, W/2]
         _record(trace, "downsamplers.0", x)
@@ -146,9 +153,11 @@ def up_block(p, x, config, trace=None):
     """
     _record(trace, ":in", x)
     for j, res in enumerate(p["resnets"]):
+        _record(trace, f"resnets.{j}:in", x)
         x = resnet_block(res, x, config)                                   # [B, O, h, w]
         _record(trace, f"resnets.{j}", x)
     if p.get("upsamplers"):
+        _record(trace, "upsamplers.0:in", x)
         x = upsample(p["upsamplers"][0], x)                                # [B, O, 2h, 2w]
         _record(trace, "upsamplers.0", x)
     _record(trace, "", x)
@@ -163,12 +172,13 @@ def encoder(p, x, config, trace=None):
     """Image [B, 3, H, W] -> moments [B, 2*latent_channels, H/8, W/8] (before quant_conv).
     trace: None or an npsd.trace Scope ("vae.encoder"): records conv_in, down_blocks.i, mid_block, conv_out."""
     _record(trace, ":in", x)
+    _record(trace, "conv_in:in", x)
     x = nn.conv2d(x, **p["conv_in"], padding=1)                            # [B, 128, H, W]
     _record(trace, "conv_in", x)
     for i, block in enumerate(p["down_blocks"]):
         x = down_block(block, x, config, _scope(trace, f"down_blocks.{i}"))   # 128@H -> 128@H/2 -> 256@H/4 -> 512@H/8 -> 512@H/8
     x = mid_block(p["mid_block"], x, config, _scope(trace, "mid_block"))  # [B, 512, H/8, W/8]
-    x = output_layers(p, x, config)                                        # [B, 8, H/8, W/8]
+    x = output_layers(p, x, config, trace)                                 # [B, 8, H/8, W/8]
     _record(trace, "conv_out", x)
     _record(trace, "", x)
     return x
@@ -178,12 +188,13 @@ def decoder(p, z, config, trace=None):
     """Latent [B, latent_channels, h, w] (after post_quant_conv) -> image [B, 3, 8h, 8w].
     trace: None or an npsd.trace Scope ("vae.decoder"): records conv_in, mid_block, up_blocks.i, conv_out."""
     _record(trace, ":in", z)
+    _record(trace, "conv_in:in", z)
     x = nn.conv2d(z, **p["conv_in"], padding=1)                            # [B, 512, h, w]
     _record(trace, "conv_in", x)
     x = mid_block(p["mid_block"], x, config, _scope(trace, "mid_block"))  # [B, 512, h, w]
     for i, block in enumerate(p["up_blocks"]):
         x = up_block(block, x, config, _scope(trace, f"up_blocks.{i}"))    # 512@2h -> 512@4h -> 256@8h -> 128@8h
-    x = output_layers(p, x, config)                                        # [B, 3, 8h, 8w]
+    x = output_layers(p, x, config, trace)                                 # [B, 3, 8h, 8w]
     _record(trace, "conv_out", x)
     _record(trace, "", x)
     return x
@@ -223,6 +234,7 @@ def encode(params, images, config, trace=None):
     for i in range(images.shape[0]):
         m = encoder(params["encoder"], images[i:i + 1], config, _scope(trace, "encoder"))  # [1, 8, h, w]
         if "quant_conv" in params:
+            _record(trace, "quant_conv:in", m)
             m = nn.conv2d(m, **params["quant_conv"])                       # 1x1: [1, 8, h, w]
             _record(trace, "quant_conv", m)
         moments.append(m)
@@ -244,6 +256,7 @@ def sample(mean, logvar, noise):
 def _decode_one(params, z, config, trace=None):
     # z [1, 4, h, w] -> [1, 3, f*h, f*w]
     if "post_quant_conv" in params:
+        _record(trace, "post_quant_conv:in", z)
         z = nn.conv2d(z, **params["post_quant_conv"])                      # 1x1: [1, 4, h, w]
         _record(trace, "post_quant_conv", z)
     return decoder(params["decoder"], z, config, _scope(trace, "decoder"))

@@ -22,36 +22,13 @@ from npsd import unet as unet_model
 from npsd.safetensors_io import SafetensorsFile
 from npsd.trace import Trace, load
 from npsd.trace_cli import compare_traces
+from npsd.trace_torch import hook_trace
 from tests.helpers import perturb_, to_numpy_params
 from tests.test_cli import model, run  # noqa: F401 - the tiny diffusers folder, a module fixture
 from tests.test_unet import TINY_SD, TINY_SD_CONFIG
 
 TRACE_RTOL = 1e-5
 rng = np.random.default_rng(0)
-
-
-def hook_trace(module, prefix, wanted, trace, strip=""):
-    """Record a torch module's blocks into `trace` under npsd's names: prefix + its module path
-    (minus `strip`), the input under NAME:in (a pre-hook, so the order is npsd's). Only the names
-    in `wanted` are recorded. Returns the hook handles (call .remove() on each)."""
-    def first(x):
-        return (x[0] if isinstance(x, (tuple, list)) else getattr(x, "sample", x)).detach().float().numpy()
-
-    handles = []
-    for path, mod in module.named_modules():
-        path = path[len(strip):] if path.startswith(strip) else path
-        name = f"{prefix}.{path}" if path else prefix
-        if f"{name}:in" in wanted:
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, args, kwargs, name=name: trace.record(
-                    f"{name}:in", first(args[0] if args else next(iter(kwargs.values())))), with_kwargs=True))
-        if name in wanted:
-            handles.append(mod.register_forward_hook(lambda m, args, out, name=name: trace.record(name, first(out))))
-    return handles
-
-
-def untagged(names):
-    return {n.split("#")[0] for n in names}
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +60,12 @@ def npsd_trace(tiny, ids, latents, t, image):
 def reference_trace(tiny, ids, latents, t, image, wanted):
     unet, text, ae = tiny
     trace = Trace()
-    handles = (hook_trace(text, "text_encoder", wanted, trace, strip="text_model.")
-               + hook_trace(unet, "unet", wanted, trace) + hook_trace(ae, "vae", wanted, trace))
-    try:
-        with torch.no_grad():
-            context = text(torch.from_numpy(ids)).last_hidden_state
-            unet(torch.from_numpy(latents), t, context, return_dict=False)
-            mean = ae.encode(torch.from_numpy(image)).latent_dist.mean
-            ae.decode(mean)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), hook_trace(text, "text_encoder", wanted, trace, strip="text_model."), \
+            hook_trace(unet, "unet", wanted, trace), hook_trace(ae, "vae", wanted, trace):
+        context = text(torch.from_numpy(ids)).last_hidden_state
+        unet(torch.from_numpy(latents), t, context, return_dict=False)
+        mean = ae.encode(torch.from_numpy(image)).latent_dist.mean
+        ae.decode(mean)
     return trace
 
 
@@ -109,7 +81,10 @@ def traces(tiny):
 
 def test_tiny_npsd_trace_matches_diffusers_hooks(traces):
     ours, ref, _ = traces
-    assert ours.names() == ref.names() or set(ours.names()) == set(ref.names())
+    assert ours.names() == ref.names()                       # the same blocks, in the same order
+    outputs = [n for n in ours.names() if ":in" not in n]
+    assert [n for n in outputs if f"{n}:in" not in ours] == []             # every block's input too
+    assert ours["text_encoder.embeddings:in"].dtype == ref["text_encoder.embeddings:in"].dtype == np.int64
     worst = {}
     for name in ours.names():
         c = compare_traces({name: ours[name]}, {name: ref[name]}, TRACE_RTOL)[0][0][1]
@@ -120,7 +95,10 @@ def test_tiny_npsd_trace_matches_diffusers_hooks(traces):
     for name in ("text_encoder.encoder.layers.2", "text_encoder.encoder.layers.0.self_attn", "unet.mid_block",
                  "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2", "unet.down_blocks.0:in",
                  "unet.up_blocks.1.upsamplers.0", "unet", "vae.encoder.down_blocks.1", "vae.decoder.up_blocks.0",
-                 "vae.decoder.mid_block.attentions.0", "vae.quant_conv", "vae.post_quant_conv"):
+                 "vae.decoder.mid_block.attentions.0", "vae.quant_conv", "vae.post_quant_conv",
+                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff:in", "unet.time_embedding:in",
+                 "vae.encoder.down_blocks.0.resnets.0:in", "vae.decoder.up_blocks.0.upsamplers.0:in",
+                 "vae.decoder.conv_out:in", "text_encoder.final_layer_norm:in"):
         assert name in ours, name
 
 
@@ -196,7 +174,12 @@ def test_trace_file_metadata_and_order(tmp_path):
 
 
 def test_no_trace_records_nothing_and_unet_dict_trace_still_works(tiny):
-    unet, _, _ = tiny
+    unet, _, ae = tiny
+    vparams, vconf = to_numpy_params(ae.state_dict()), {"norm_groups": 8, "eps": 1e-6}
+    z = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    trace = Trace()
+    np.testing.assert_array_equal(vae.decode(vparams, z, vconf), vae.decode(vparams, z, vconf, trace=trace))
+    assert "vae.decoder.conv_out:in" in trace                # recorded beside the fast path, not instead of it
     params = to_numpy_params(unet.state_dict())
     latents = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     context = rng.standard_normal((1, 77, 24)).astype(np.float32)
