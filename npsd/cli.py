@@ -1,4 +1,4 @@
-"""The command line: `npsd txt2img | img2img | inpaint | parity | trace | compare` (also `python -m npsd`).
+"""The command line: `npsd txt2img | img2img | inpaint | parity | trace | compare | serve` (also `python -m npsd`).
 
     npsd txt2img "a red circle on a blue background" -o out.png --steps 20 --seed 1
     npsd img2img "a watercolour painting" --image in.png --strength 0.6
@@ -7,6 +7,7 @@
     npsd parity --model v1-5-pruned-emaonly.safetensors
     npsd trace "a cat" --steps 4 -o npsd.safetensors      # every block's activations (docs/traces.md)
     npsd compare npsd.safetensors reference.safetensors  # the first block where they differ
+    npsd serve --models-dir models/                     # AUTOMATIC1111's HTTP API and a page (npsd/serve/)
 
 What this module promises (tests/test_cli.py checks each):
 - every PNG carries its generation parameters in the "parameters" text chunk, in A1111's names
@@ -122,7 +123,8 @@ def build_parser():
     p = _Parser(prog="npsd", description="Stable Diffusion v1.x in NumPy: generate images on the CPU, "
                 "check parity with PyTorch.")
     p.add_argument("--version", action="version", version=f"npsd {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{txt2img,img2img,inpaint,parity,trace,compare}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{txt2img,img2img,inpaint,parity,trace,compare,serve}",
+                           parser_class=_Parser)
     for mode, help_text in (("txt2img", "generate images from a prompt"),
                             ("img2img", "redraw --image following a prompt (SDEdit)"),
                             ("inpaint", "repaint the white part of --mask in --image")):
@@ -130,7 +132,7 @@ def build_parser():
     par = sub.add_parser("parity", help="compare npsd with diffusers/transformers on your checkpoint",
                          description="Load a checkpoint with npsd and with diffusers/transformers and compare them "
                          "block by block (needs the test extra: pip install \"npsd[test]\").")
-    par.add_argument("--model", required=True, help="an SD v1.x .safetensors/.ckpt file or diffusers folder")
+    par.add_argument("--model", required=True, help="an SD v1.x or 2.x .safetensors/.ckpt file or diffusers folder")
     par.add_argument("--size", type=_int_at_least(8), default=64, help="image side of the comparison (default 64)")
     par.add_argument("--tolerance", type=_float_in(0, lo_open=True), default=1e-4,
                      help="largest accepted relative error per block (default 1e-4)")
@@ -139,6 +141,23 @@ def build_parser():
     par.add_argument("--debug", action="store_true", help="show tracebacks")
     from .trace_cli import add_parsers
     add_parsers(sub, _int_at_least, _float_in, _seed, SAMPLERS)
+    srv = sub.add_parser("serve", help="serve AUTOMATIC1111's HTTP API and a page (needs: pip install \"npsd[serve]\")",
+                         description="A web server: AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, progress, "
+                         "models, ...) and a page at /; one generation at a time, the others wait in order.")
+    srv.add_argument("--listen", action="store_true", help="accept connections from other machines (0.0.0.0; "
+                     "default: this machine only, 127.0.0.1); give --api-auth with it")
+    srv.add_argument("--port", type=_int_at_least(1, "port"), default=7860, help="the port (default 7860)")
+    srv.add_argument("--model", metavar="NAME", help="the model loaded first: the title of a file of --models-dir "
+                     "(default: the built-in npsd-tiny)")
+    srv.add_argument("--models-dir", metavar="DIR", help="the models offered (.safetensors/.ckpt files and diffusers "
+                     "folders, searched recursively); the built-in model is always offered")
+    srv.add_argument("--output-dir", metavar="DIR",
+                     help="also write every image made here, as a PNG with its parameters")
+    srv.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:S> in a prompt finds NAME.safetensors")
+    srv.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings used by name in prompts")
+    srv.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP basic authentication "
+                     "(several: USER:PASS,USER2:PASS2)")
+    srv.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -313,7 +332,7 @@ def attach_networks(pipe, args, settings):
 def network_hashes(pipe, settings, args):
     """{"Lora hashes": "name: hash, ...", "TI hashes": ...} as A1111 writes them (npsd.pngmeta.short_hash)
     for the LoRAs of --lora and of the prompt's tags, and the embeddings the prompts used."""
-    from .embeddings import embedding_files
+    from .embeddings import embedding_files, used_embeddings
     from .pipeline import _lora_file
     from .prompts import extract_loras
     loras = {os.path.splitext(os.path.basename(path))[0]: path for path, _ in settings["lora"]}
@@ -321,7 +340,7 @@ def network_hashes(pipe, settings, args):
     if settings["prompt_syntax"] == "a1111":
         for tag in extract_loras(settings["prompt"])[1]:
             loras.setdefault(tag.name, _lora_file(args.lora_dir, tag.name))
-    used = list(pipe.tokenizer.added_words) if args.embeddings_dir else []
+    used = used_embeddings(pipe, [settings["prompt"], settings["negative_prompt"]]) if args.embeddings_dir else []
     files = embedding_files(args.embeddings_dir) if used else {}
     embeddings = {name: files[name][0] for name in used if name in files}
     return {"Lora hashes": ", ".join(f"{n}: {short_hash(p)}" for n, p in loras.items()) or None,
@@ -577,21 +596,8 @@ class _Generation:
 
     def _call_pipeline(self):
         """The pipeline call of the subcommand -> float32 images [B, H, W, 3] in [0, 1]."""
-        settings, args, pipe = self.settings, self.args, self.pipe
-        kw = dict(negative_prompt=settings["negative_prompt"], num_inference_steps=settings["steps"],
-                  guidance_scale=settings["guidance_scale"], height=settings["height"], width=settings["width"],
-                  seed=settings["seed"], sampler=settings["sampler"], num_images=self.n, output_type="np",
-                  callback=self.on_step, eta=settings["eta"], use_karras_sigmas=settings["karras"],
-                  timestep_spacing=settings["timestep_spacing"], clip_skip=settings["clip_skip"] or None,
-                  long_prompt=settings["long_prompt"], rng=settings["rng"],
-                  prediction_type=settings["prediction_type"], guidance_rescale=settings["guidance_rescale"] or 0.0,
-                  prompt_syntax=settings["prompt_syntax"], attention_maps=self.maps, decoder=settings["vae_decoder"])
-        if self.mode == "txt2img":
-            return pipe.txt2img(settings["prompt"], **kw)
-        if self.mode == "img2img":
-            return pipe.img2img(settings["prompt"], args.image, strength=settings["strength"], **kw)
-        return pipe.inpaint(settings["prompt"], args.image, args.mask, strength=settings["strength"],
-                            mask_blur=settings["mask_blur"], **kw)
+        return pipeline_call(self.pipe, self.mode, self.settings, getattr(self.args, "image", None),
+                             getattr(self.args, "mask", None), self.on_step, self.maps)
 
     def on_step(self, i, t, latents, x0_pred):
         """The pipeline's callback after every step: the step's previews (--save-steps), the progress bar."""
@@ -698,6 +704,26 @@ class _Generation:
             self.bar = None
 
 
+def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, attention_maps=None):
+    """Run txt2img, img2img or inpaint (`mode`) with the settings of a run (SETTINGS, the model's
+    defaults filled in; image, mask: paths or PIL images) -> float32 images [B, H, W, 3] in [0, 1].
+    What the command line and `npsd serve` (npsd/serve/) call."""
+    kw = dict(negative_prompt=settings["negative_prompt"], num_inference_steps=settings["steps"],
+              guidance_scale=settings["guidance_scale"], height=settings["height"], width=settings["width"],
+              seed=settings["seed"], sampler=settings["sampler"], num_images=settings["num_images"], output_type="np",
+              callback=callback, eta=settings["eta"], use_karras_sigmas=settings["karras"],
+              timestep_spacing=settings["timestep_spacing"], clip_skip=settings["clip_skip"] or None,
+              long_prompt=settings["long_prompt"], rng=settings["rng"],
+              prediction_type=settings["prediction_type"], guidance_rescale=settings["guidance_rescale"] or 0.0,
+              prompt_syntax=settings["prompt_syntax"], attention_maps=attention_maps, decoder=settings["vae_decoder"])
+    if mode == "txt2img":
+        return pipe.txt2img(settings["prompt"], **kw)
+    if mode == "img2img":
+        return pipe.img2img(settings["prompt"], image, strength=settings["strength"], **kw)
+    return pipe.inpaint(settings["prompt"], image, mask, strength=settings["strength"],
+                        mask_blur=settings["mask_blur"], **kw)
+
+
 # --- the entry point ----------------------------------------------------------------------------
 
 def _one_line(e):
@@ -723,7 +749,8 @@ def main(argv=None):
     except SystemExit as e:                          # --help, --version
         return e.code if isinstance(e.code, int) else 0
     if args.command is None:
-        print("npsd: error: give a command: txt2img, img2img, inpaint, parity, trace or compare; see `npsd --help`", file=sys.stderr)
+        print("npsd: error: give a command: txt2img, img2img, inpaint, parity, trace, compare or serve; "
+              "see `npsd --help`", file=sys.stderr)
         return 2
     with warnings.catch_warnings():
         warnings.simplefilter("default")
@@ -732,6 +759,9 @@ def main(argv=None):
             if args.command == "parity":
                 from .parity_cli import run_parity
                 return run_parity(args)
+            if args.command == "serve":
+                from .serve.app import run_serve
+                return run_serve(args)
             if args.command in ("trace", "compare"):
                 from .trace_cli import run_compare, run_trace
                 return run_trace(args) if args.command == "trace" else run_compare(args)

@@ -123,9 +123,10 @@ def embedding_files(folder):
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"embeddings folder {folder} does not exist or is not a folder")
-    found = {}
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in SUFFIXES and path.is_file() and path.stat().st_size > 0:
+    root, found = folder.resolve(), {}
+    for path in sorted(folder.rglob("*")):          # a link out of the folder does not count
+        if path.suffix.lower() in SUFFIXES and path.is_file() and path.stat().st_size > 0 \
+                and path.resolve().is_relative_to(root):
             found.setdefault(path.stem, []).append(path)
     return found
 
@@ -136,15 +137,10 @@ def load_used_embeddings(pipe, folder, texts):
     a piece of the prompt (prompts.parse_attention), which is where A1111 looks for it; embeddings
     already loaded are skipped, unused files are never read."""
     tok = pipe.tokenizer
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    pieces = [piece for text in texts for piece, _ in prompts.parse_attention(text)]
-    piece_ids = [tuple(ids) for ids in tok.encode(pieces)] if pieces else []
+    occurs = _occurs_in(tok, texts)
     loaded = []
     for name, paths in embedding_files(folder).items():
-        if name in tok.added_words:
-            continue
-        word = tuple(tok.encode(name)[0])
-        if not word or not any(_contains(ids, word) for ids in piece_ids):
+        if name in tok.added_words or not occurs(name):
             continue
         if len(paths) > 1:
             raise InputError(f"{len(paths)} embedding files are named {name!r} ({', '.join(map(str, paths))}); "
@@ -154,7 +150,26 @@ def load_used_embeddings(pipe, folder, texts):
     return loaded
 
 
+def used_embeddings(pipe, texts):
+    """The names of the embeddings already added to `pipe` that occur in any of `texts` (matched as
+    load_used_embeddings matches them), in the order they were added."""
+    occurs = _occurs_in(pipe.tokenizer, texts)
+    return [name for name in pipe.tokenizer.added_words if occurs(name)]
+
+
 # --- helpers --------------------------------------------------------------------------------------
+
+def _occurs_in(tok, texts):
+    """-> occurs(name): whether the tokens of `name` appear in a piece of one of `texts`."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    pieces = [piece for text in texts for piece, _ in prompts.parse_attention(text)]
+    piece_ids = [tuple(ids) for ids in tok.encode(pieces)] if pieces else []
+
+    def occurs(name):
+        word = tuple(tok.encode(name)[0])
+        return bool(word) and any(_contains(ids, word) for ids in piece_ids)
+    return occurs
+
 
 def _vectors(path, v):
     """[W] or [n, W] -> float32 [n, W], with a clear error for anything else."""

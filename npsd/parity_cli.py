@@ -4,13 +4,18 @@
 
 The checkpoint is loaded twice: by npsd (npsd.load) and by the references, which share nothing
 with npsd's loader, key mapping or config:
-- an original single file: diffusers reads it (its tensors, and which model it is), and builds
-  UNet2DConditionModel and AutoencoderKL with its single-file loading (from_single_file), the text
-  encoder (transformers' CLIPTextModel) with its single-file CLIP loader, from the published
-  configuration of that model (npsd/published_configs.py: SD v1.x's v1-inference.yaml, or
-  v1-inpainting-inference.yaml, CLIP ViT-L/14's config.json), offline. A file that does not fit
-  that configuration is refused with diffusers' reason;
-- a diffusers folder: the models' from_pretrained on the local folder, with its own config.json files.
+- an original single file: diffusers reads it (its tensors, which model it is and which text tower
+  it holds), and builds UNet2DConditionModel and AutoencoderKL with its single-file loading
+  (from_single_file), the text encoder (transformers' CLIPTextModel) with its single-file CLIP
+  loader, from the published configuration of that model (npsd/published_configs.py: SD v1.x's
+  v1-inference.yaml or v1-inpainting-inference.yaml with CLIP ViT-L/14's config.json; SD 2.x's
+  v2-inference.yaml, v2-inference-v.yaml or v2-inpainting-inference.yaml with OpenCLIP ViT-H/14's
+  text tower as stable-diffusion-2-1's config.json describes it), offline. A file that does not fit
+  that configuration is refused with diffusers' reason. What the UNet predicts (epsilon or v) is
+  not in the file: npsd chooses it (npsd.loading.prediction_type_of for SD 2.x), the report's
+  second line says what it chose and why, and the reference's scheduler is given the same;
+- a diffusers folder: the models', the tokenizer's and the scheduler's from_pretrained on the local
+  folder, with its own config files.
 Then, at a small image size (--size, default 64 pixels), the same random inputs go through both and
 both are traced under the same names (docs/traces.md): npsd's blocks by npsd.trace, the
 reference's by forward hooks (npsd/trace_torch.py): the tokenizer's ids (against transformers'
@@ -18,15 +23,16 @@ CLIPTokenizer; equal or failed), the text encoder's embeddings, layers (their se
 MLP) and final LayerNorm, the VAE encoder's and decoder's blocks (each resnet, attention, down- and
 upsampler), the VAE's latent scaling factor, the UNet's time embedding, conv_in, every down/mid/up
 block and inside them every resnet, transformer block, attention and feed-forward, its output, and
-one DDIM step with classifier-free guidance (the reference's scheduler from the folder's
-scheduler_config.json, else SD v1.5's published one). Every block's input (NAME:in) and output are
-compared.
+one DDIM step with classifier-free guidance (the guided prediction, eps or v, and x_prev; the
+reference's scheduler from the folder's scheduler_config.json, else SD v1.5's published one with
+npsd's prediction type).
+Every block's input (NAME:in) and output are compared.
 A wrong key mapping or a wrongly inferred setting in npsd (the number of attention heads, the
 scaling factor) therefore shows up as a block above tolerance, and the first such block in execution
 order is marked (>>): the report is `npsd compare`'s (npsd.trace_cli.report), max abs error and
 relative error (max abs error / max |reference|, as npsd.testing) per tensor. The exit code is 1
-when any tensor is above --tolerance (default 1e-4; float32 SD v1.5 blocks measure about 1e-6 to
-1e-5) or has no counterpart in the reference.
+when any tensor is above --tolerance (default 1e-4; float32 SD v1.5 and SD 2.1 blocks measure
+about 1e-6 to 3e-5) or has no counterpart in the reference.
 
 Needs the test extra (torch, diffusers, transformers, accelerate): pip install "npsd[test]". torch
 is imported here only, never by `import npsd`. One torch component is in memory at a time, beside
@@ -121,33 +127,44 @@ def read_checkpoint(torch, path):
 class OriginalFile:
     """An original single file as diffusers reads it, independently of npsd's loader and config:
     the tensors by diffusers' reader (read_checkpoint), the model type by diffusers'
-    infer_diffusers_model_type, and each model by diffusers' single-file loading, offline, with the
-    published configuration of that type (npsd.published_configs), written to a temporary folder:
+    infer_diffusers_model_type, the text tower by diffusers' is_open_clip_model (OpenCLIP's
+    cond_stage_model.model.* names: SD 2.x; else CLIP's), and each model by diffusers' single-file
+    loading, offline, with the published configuration of that type (npsd.published_configs),
+    written to a temporary folder:
     - UNet, VAE: from_single_file(checkpoint, original_config=<the LDM YAML>), i.e. diffusers'
       create_*_diffusers_config_from_ldm + convert_ldm_*_checkpoint (extract_ema as --no-ema says);
     - text encoder: create_diffusers_clip_model_from_ldm(config=<folder>/text_encoder/config.json),
-      i.e. convert_ldm_clip_checkpoint into transformers' CLIPTextModel;
-    - scheduler: DDIMScheduler from SD v1.5's published scheduler_config.json.
+      i.e. convert_ldm_clip_checkpoint (SD 2.x: convert_open_clip_checkpoint, which splits the fused
+      q/k/v and leaves out the 24th layer) into transformers' CLIPTextModel;
+    - tokenizer: transformers' CLIPTokenizer on npsd's shipped vocabulary (CLIP's and OpenCLIP's are
+      the same), padding with the text tower's published pad token;
+    - scheduler: DDIMScheduler from SD v1.5's published scheduler_config.json, predicting what npsd
+      chose (prediction_type: the UNet's output is not in the file; it also picks the YAML).
     A wrong key mapping or a wrong inferred setting in npsd then shows up as a difference."""
 
-    def __init__(self, torch, path, ema):
+    def __init__(self, torch, path, ema, prediction_type):
         import json
         import tempfile
-        from diffusers.loaders.single_file_utils import infer_diffusers_model_type
-        self.ema = ema
+        from diffusers.loaders.single_file_utils import infer_diffusers_model_type, is_open_clip_model
+        self.ema, self.prediction_type = ema, prediction_type
         self.checkpoint, self.how = read_checkpoint(torch, path)
         self.model_type = infer_diffusers_model_type(self.checkpoint)
-        if self.model_type not in published_configs.LDM_CONFIGS:
-            raise CheckpointError(f"parity: diffusers reads {path} as {self.model_type!r}; npsd parity compares "
-                                  f"original files of SD v1.x ({' and '.join(map(repr, published_configs.LDM_CONFIGS))})")
-        self.config_name, text = published_configs.LDM_CONFIGS[self.model_type]
+        self.tower = "open_clip" if is_open_clip_model(self.checkpoint) else "clip"
+        key = (self.model_type, prediction_type)
+        if key not in published_configs.LDM_CONFIGS:
+            known = ", ".join(f"{m!r} ({p})" for m, p in published_configs.LDM_CONFIGS)
+            raise CheckpointError(f"parity: diffusers reads {path} as {self.model_type!r}, predicting {prediction_type}; "
+                                  f"npsd parity compares original files of SD v1.x and 2.x: {known}")
+        self.config_name, text = published_configs.LDM_CONFIGS[key]
+        text_config = (published_configs.OPEN_CLIP_TEXT_CONFIG if self.tower == "open_clip"
+                       else published_configs.CLIP_TEXT_CONFIG)
         self.folder = tempfile.mkdtemp(prefix="npsd-parity-")
         self.yaml = os.path.join(self.folder, self.config_name)
         with open(self.yaml, "w") as f:
             f.write(text)
         os.mkdir(os.path.join(self.folder, "text_encoder"))
         with open(os.path.join(self.folder, "text_encoder", "config.json"), "w") as f:
-            json.dump(published_configs.CLIP_TEXT_CONFIG, f)
+            json.dump(text_config, f)
 
     def model(self, kind):
         """The reference model (kind: text_encoder, vae, unet), float32; then the checkpoint's
@@ -180,12 +197,22 @@ class OriginalFile:
             del self.checkpoint[k]
         return model.eval()
 
+    def tokenizer(self):
+        from transformers import CLIPTokenizer
+        from . import weights
+        return CLIPTokenizer(*[str(weights.path(n)) for n in ("vocab.json", "merges.txt")], model_max_length=77,
+                             pad_token=published_configs.PAD_TOKENS[self.tower])
+
     def scheduler(self):
         from diffusers import DDIMScheduler
-        return DDIMScheduler.from_config(published_configs.SCHEDULER_CONFIG)
+        return DDIMScheduler.from_config({**published_configs.SCHEDULER_CONFIG, "prediction_type": self.prediction_type})
 
     def describe(self):
-        return f"single file, {self.how}, as {self.model_type!r} with the published {self.config_name}"
+        text = " and SD 2.x's text encoder config (OpenCLIP ViT-H/14)" if self.tower == "open_clip" else ""
+        return f"single file, {self.how}, as {self.model_type!r} with the published {self.config_name}{text}"
+
+    def scheduler_source(self):
+        return "npsd's choice, the file does not say"
 
     def close(self):
         import shutil
@@ -194,7 +221,9 @@ class OriginalFile:
 
 
 class DiffusersFolder:
-    """A diffusers folder: the models' and the scheduler's from_pretrained on the local folder."""
+    """A diffusers folder: the models', the tokenizer's and the scheduler's from_pretrained on the
+    local folder (for a folder without tokenizer/ or scheduler/, the ones npsd falls back to: its
+    shipped vocabulary, SD v1.5's scheduler)."""
 
     def __init__(self, folder, pipe):
         self.folder, self.files = folder, (pipe.info or {}).get("files", {})
@@ -210,14 +239,28 @@ class DiffusersFolder:
                                     torch_dtype=torch.float32)                  # float32 whatever the files hold
         return model.eval()
 
+    def tokenizer(self):
+        from transformers import CLIPTokenizer
+        from . import weights
+        if os.path.isdir(os.path.join(self.folder, "tokenizer")):
+            return CLIPTokenizer.from_pretrained(self.folder, subfolder="tokenizer", local_files_only=True)
+        return CLIPTokenizer(*[str(weights.path(n)) for n in ("vocab.json", "merges.txt")], model_max_length=77)
+
+    def _scheduler_config(self):
+        return os.path.join(self.folder, "scheduler", "scheduler_config.json")
+
     def scheduler(self):
         from diffusers import DDIMScheduler
-        if os.path.isfile(os.path.join(self.folder, "scheduler", "scheduler_config.json")):
+        if os.path.isfile(self._scheduler_config()):
             return DDIMScheduler.from_pretrained(self.folder, subfolder="scheduler", local_files_only=True)
         return DDIMScheduler.from_config(published_configs.SCHEDULER_CONFIG)   # as npsd's SD v1.x default
 
     def describe(self):
         return "diffusers folder"
+
+    def scheduler_source(self):
+        return ("the folder's scheduler_config.json" if os.path.isfile(self._scheduler_config())
+                else "SD v1.5's published scheduler_config.json")
 
     def close(self):
         pass
@@ -225,18 +268,17 @@ class DiffusersFolder:
 
 # --- the traces: npsd's blocks by npsd.trace, the reference's by forward hooks (npsd.trace_torch) --
 
-def trace_tokenizer(pipe, folder, ours, ref):
-    """npsd's token ids vs transformers' CLIPTokenizer on the same vocabulary (the folder's tokenizer/
-    when it has one, else the one shipped with npsd); ids are integers, compared exactly."""
-    from transformers import CLIPTokenizer
-    from . import weights
-    sub = os.path.join(folder, "tokenizer") if folder else None
-    files = ([os.path.join(sub, n) for n in ("vocab.json", "merges.txt")] if sub and os.path.isdir(sub)
-             else [str(weights.path(n)) for n in ("vocab.json", "merges.txt")])
+def trace_tokenizer(pipe, tokenizer, ours, ref):
+    """npsd's token ids vs transformers' CLIPTokenizer (the source's: the folder's tokenizer/, else
+    npsd's shipped vocabulary with the published pad token); integers, compared exactly.
+    SD 2.x pads with "!" (id 0), as OpenCLIP's tokenizer, which it was trained with, does; but that
+    tokenizer encodes a "!" in the prompt as text ("8k!!" -> 330, 748), whereas transformers, given
+    "!" as its pad token, matches it in the prompt as a special token and gives the pad id 0 for
+    each (diffusers issue #4153). The reference follows OpenCLIP there (split_special_tokens)."""
     prompts = [PROMPT, NEGATIVE, "A  Portable RADIO, 8k!!"]
     ours.record("tokenizer", pipe.tokenize(prompts))                                      # [3, 77] int64
-    ref.record("tokenizer", CLIPTokenizer(*files, model_max_length=77)(
-        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids)
+    ref.record("tokenizer", tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                                      split_special_tokens=tokenizer.pad_token == "!", return_tensors="np").input_ids)
 
 
 def trace_text_encoder(torch, pipe, model, ours, ref):
@@ -272,26 +314,42 @@ def trace_unet(torch, pipe, model, ours, ref, latents, t, context):
 
 def trace_ddim_step(torch, pipe, unet_ref, sched, ours, ref, latents, ctx_ref, ids, steps=20, guidance=7.5):
     """One DDIM step with classifier-free guidance, each side with its own text encoder, UNet and
-    scheduler settings (sched: the reference's DDIMScheduler; npsd's from pipe.config) -> t."""
+    scheduler settings (sched: the reference's DDIMScheduler; npsd's from pipe.config): the guided
+    prediction (ddim_step.guided_eps, or guided_v for a v-prediction UNet) and x_prev -> t."""
     from . import schedulers
     from .guidance import cfg
     sched.set_timesteps(steps)
     t = int(sched.timesteps[0])
+    spacing = pipe.config["scheduler"].get("timestep_spacing", "leading")
+    sch = schedulers.make_schedule("ddim", steps, pipe.config, timestep_spacing=spacing)
+    guided = "ddim_step.guided_" + ("v" if sch.prediction_type == "v_prediction" else "eps")
     e = unet_ref(torch.from_numpy(np.concatenate([latents, latents])), t,
                  torch.from_numpy(ctx_ref[[1, 0]])).sample                                # [uncond, cond]
     e_ref = e[:1] + guidance * (e[1:] - e[:1])
-    ref.record("ddim_step.guided_eps", e_ref.numpy())
+    ref.record(guided, e_ref.numpy())
     ref.record("ddim_step.x_prev", sched.step(e_ref, t, torch.from_numpy(latents)).prev_sample.numpy())
-    spacing = pipe.config["scheduler"].get("timestep_spacing", "leading")
-    sch = schedulers.make_schedule("ddim", steps, pipe.config, timestep_spacing=spacing)
     ctx = pipe.encode_text(ids)                                                         # [2, 77, D]: prompt, negative
-    both = pipe.unet(np.concatenate([latents, latents]), sch.timesteps[0], ctx[[1, 0]])
-    eps = cfg(both[:1], both[1:], guidance)
-    x_prev, _ = schedulers.ddim_step(latents, eps, int(sch.timesteps[0]), int(sch.prev_timesteps[0]),
-                                     sch.alphas_cumprod, final_alpha_cumprod=sch.final_alpha_cumprod)
-    ours.record("ddim_step.guided_eps", eps)
+    t_npsd = int(sch.timesteps[0])
+    both = pipe.unet(np.concatenate([latents, latents]), t_npsd, ctx[[1, 0]])
+    out = cfg(both[:1], both[1:], guidance)                                             # eps, or v
+    eps, x0 = schedulers.model_output_to_eps(out, latents, sch.alphas_cumprod[t_npsd], sch.prediction_type)
+    x_prev, _ = schedulers.ddim_step(latents, eps, t_npsd, int(sch.prev_timesteps[0]), sch.alphas_cumprod,
+                                     final_alpha_cumprod=sch.final_alpha_cumprod, x0_pred=x0)
+    ours.record(guided, out)
     ours.record("ddim_step.x_prev", x_prev)
     return t
+
+
+def npsd_prediction_type(pipe, folder):
+    """What npsd takes the UNet to predict, and why: -> (prediction type, reason). An SD 2.x single
+    file says in pipe.info (npsd.loading.prediction_type_of); otherwise npsd's config of the model."""
+    if "prediction_type" in (pipe.info or {}):
+        return pipe.info["prediction_type"]
+    if folder and os.path.isfile(os.path.join(folder, "scheduler", "scheduler_config.json")):
+        where = "the folder's scheduler_config.json"
+    else:
+        where = "SD v1.x's; nothing says otherwise"
+    return pipe.config["scheduler"].get("prediction_type", "epsilon"), where
 
 
 def run_parity(args, out=None):
@@ -301,7 +359,7 @@ def run_parity(args, out=None):
     import npsd
     path = os.fspath(args.model)
     if not os.path.exists(path):
-        raise UsageError(f"--model {path} does not exist; give an SD v1.x .safetensors/.ckpt file or diffusers folder")
+        raise UsageError(f"--model {path} does not exist; give an SD v1.x or 2.x .safetensors/.ckpt file or diffusers folder")
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     pipe = npsd.load(path, ema=not args.no_ema)
@@ -311,7 +369,8 @@ def run_parity(args, out=None):
         raise UsageError(f"--size must be a multiple of {f} and at least {smallest}, got {args.size}")
     folder = path if os.path.isdir(path) else None
     t1 = time.perf_counter()
-    source = DiffusersFolder(folder, pipe) if folder else OriginalFile(torch, path, ema=not args.no_ema)
+    prediction, why = npsd_prediction_type(pipe, folder)
+    source = DiffusersFolder(folder, pipe) if folder else OriginalFile(torch, path, not args.no_ema, prediction)
     ours, ref = Trace(), Trace()
 
     def done(what, since, before):
@@ -322,13 +381,15 @@ def run_parity(args, out=None):
     try:
         print(f"npsd parity: {path} ({source.describe()}); loaded by npsd in {t1 - t0:.1f} s; "
               f"tolerance {args.tolerance:g} (relative)", file=out, flush=True)
+        print(f"prediction type: npsd {prediction} ({why}); the reference's scheduler "
+              f"{source.scheduler().config.prediction_type} ({source.scheduler_source()})", file=out, flush=True)
         rng = np.random.default_rng(args.seed)
         h = args.size // f
         latents = rng.standard_normal((1, pipe.latent_channels, h, h), dtype=np.float32)     # [1, 4, h, h]
         images = np.clip(rng.standard_normal((1, 3, args.size, args.size), dtype=np.float32) * 0.5, -1, 1)
         with torch.no_grad():
             start = time.perf_counter()
-            trace_tokenizer(pipe, folder, ours, ref)
+            trace_tokenizer(pipe, source.tokenizer(), ours, ref)
             since = done("tokenizer", start, 0)
             ids, ctx_ref = trace_text_encoder(torch, pipe, source.model("text_encoder"), ours, ref)
             since = done("text encoder", *since)

@@ -1,9 +1,9 @@
 """`npsd parity` (npsd/parity_cli.py): npsd against diffusers/transformers on a user's checkpoint.
 
 For an original single file the reference is diffusers' own reading of it (its single-file loading,
-with the published SD v1.x configuration in npsd/published_configs.py), never npsd's loader or
-config, so a wrong key mapping or a wrongly inferred setting in npsd must show up as a block above
-tolerance. Checked here:
+with the published SD v1.x or 2.x configuration in npsd/published_configs.py), never npsd's loader
+or config, so a wrong key mapping or a wrongly inferred setting in npsd must show up as a block
+above tolerance. Checked here for SD v1.x (SD 2.x: tests/test_parity_sd2.py):
 - at full SD v1.5 size (random fp16 weights under the real file's names and shapes,
   tests/data/sd15_original_manifest.json; 64x64 images, 8x8 latents): every block passes; and with
   npsd's loader broken three ways (CLIP q/k swapped in the key mapping, the UNet's head count and
@@ -60,9 +60,9 @@ def first_difference(out):
     return marked[0] if marked else None
 
 
-def blocks(text_layers, vae_levels, unet_levels, ddim=True):
+def blocks(text_layers, vae_levels, unet_levels, ddim=True, guided="eps"):
     """The outer blocks a parity run reports, in execution order (the report also has their
-    inputs and the blocks inside them)."""
+    inputs and the blocks inside them). guided: "eps", or "v" for a v-prediction UNet."""
     return (["tokenizer", "text_encoder.embeddings"] + [f"text_encoder.encoder.layers.{i}" for i in range(text_layers)]
             + ["text_encoder.final_layer_norm", "vae.encoder.conv_in"]
             + [f"vae.encoder.down_blocks.{i}" for i in range(vae_levels)]
@@ -72,7 +72,7 @@ def blocks(text_layers, vae_levels, unet_levels, ddim=True):
             + ["vae.decoder.conv_out", "vae.decoder", "vae.scaling_factor", "unet.time_embedding", "unet.conv_in"]
             + [f"unet.down_blocks.{i}" for i in range(unet_levels)] + ["unet.mid_block"]
             + [f"unet.up_blocks.{i}" for i in range(unet_levels)] + ["unet.conv_norm_out", "unet.conv_out", "unet"]
-            + (["ddim_step.guided_eps", "ddim_step.x_prev"] if ddim else []))
+            + ([f"ddim_step.guided_{guided}", "ddim_step.x_prev"] if ddim else []))
 
 
 def check_report(out, expected_blocks):
@@ -163,22 +163,27 @@ def test_parity_finds_npsd_loading_errors_in_an_original_file(sd15_file, capsys,
 
 # --- tiny original files, with a tiny LDM configuration in place of the published one ----------
 
-def tiny_ldm_yaml(in_channels=4):
+def tiny_ldm_yaml(in_channels=4, unet_config=None, sd2=None):
     """The LDM configuration of tests/test_loading.py's tiny models (diffusers reads it as it reads
-    v1-inference.yaml): channels 32, 32, 64, 64; 8 heads; context 128; latent 4."""
+    v1-inference.yaml): channels 32, 32, 64, 64; 8 heads; context 128; latent 4. unet_config: another
+    tiny UNet's diffusers config; sd2: "epsilon" or "v" for an SD 2.x-layout UNet, configured as
+    v2-inference(-v).yaml (heads 64 channels wide, linear proj_in/proj_out, the parameterization)."""
     from tests.test_loading import TINY_UNET, TINY_VAE
-    ch = TINY_UNET["block_out_channels"]
+    unet_config = unet_config or TINY_UNET
+    ch = unet_config["block_out_channels"]
+    heads = ({"num_head_channels": 64, "use_linear_in_transformer": True} if sd2
+             else {"num_heads": unet_config["attention_head_dim"]})
     unet = {"in_channels": in_channels, "out_channels": 4, "model_channels": ch[0],
-            "channel_mult": [c // ch[0] for c in ch], "num_res_blocks": TINY_UNET["layers_per_block"],
-            "attention_resolutions": [4, 2, 1], "num_heads": TINY_UNET["attention_head_dim"],
-            "use_spatial_transformer": True, "transformer_depth": 1,
-            "context_dim": TINY_UNET["cross_attention_dim"], "legacy": False}
+            "channel_mult": [c // ch[0] for c in ch], "num_res_blocks": unet_config["layers_per_block"],
+            "attention_resolutions": [4, 2, 1], **heads, "use_spatial_transformer": True, "transformer_depth": 1,
+            "context_dim": unet_config["cross_attention_dim"], "legacy": False}
     vc = TINY_VAE["block_out_channels"]
     vae = {"double_z": True, "z_channels": TINY_VAE["latent_channels"], "resolution": 64, "in_channels": 3,
            "out_ch": 3, "ch": vc[0], "ch_mult": [c // vc[0] for c in vc], "num_res_blocks": TINY_VAE["layers_per_block"],
            "attn_resolutions": [], "dropout": 0.0}
+    parameterization = {"parameterization": "v"} if sd2 == "v" else {}
     return yaml.safe_dump({"model": {"params": {
-        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "scale_factor": 0.18215,
+        **parameterization, "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "scale_factor": 0.18215,
         "unet_config": {"params": unet},
         "first_stage_config": {"params": {"embed_dim": TINY_VAE["latent_channels"], "ddconfig": vae}}}}})
 
@@ -188,7 +193,8 @@ def tiny_configs(monkeypatch):
     """The tiny models' configurations where npsd parity takes the published ones."""
     from tests.test_loading import TINY_CLIP
     monkeypatch.setattr(published_configs, "LDM_CONFIGS", {
-        "v1": ("tiny-inference.yaml", tiny_ldm_yaml()), "inpainting": ("tiny-inpainting.yaml", tiny_ldm_yaml(9))})
+        ("v1", "epsilon"): ("tiny-inference.yaml", tiny_ldm_yaml()),
+        ("inpainting", "epsilon"): ("tiny-inpainting.yaml", tiny_ldm_yaml(9))})
     monkeypatch.setattr(published_configs, "CLIP_TEXT_CONFIG", {
         **TINY_CLIP, "vocab_size": 49408, "model_type": "clip_text_model", "bos_token_id": 0, "eos_token_id": 2,
         "pad_token_id": 1})
@@ -231,10 +237,11 @@ def test_a_file_that_does_not_fit_the_published_configuration_is_refused(tiny_fi
     assert rc == 2 and err.count("\n") == 1, out + err
     assert err.startswith("npsd: error: parity: the text_encoder weights do not fit diffusers' model for the "
                           "published v1-inference.yaml") and "embeddings.token_embedding.weight" in err, err
-    monkeypatch.delitem(published_configs.LDM_CONFIGS, "v1")
+    monkeypatch.delitem(published_configs.LDM_CONFIGS, ("v1", "epsilon"))
     rc, out, err = run(["parity", "--model", tiny_file, "--size", 64], capsys)
     assert rc == 2 and out == "" and err.count("\n") == 1, out + err
-    assert "diffusers reads" in err and "as 'v1'; npsd parity compares original files of SD v1.x ('inpainting')" in err
+    assert "diffusers reads" in err and "as 'v1', predicting epsilon; npsd parity compares original files of " \
+        "SD v1.x and 2.x: 'inpainting' (epsilon), 'v2' (epsilon), 'v2' (v_prediction), 'inpainting_v2' (epsilon)" in err
     rc, out, err = run(["parity", "--model", tiny_file, "--size", 32], capsys)   # too small for 4 levels
     assert rc == 2 and out == "" and "--size must be a multiple of 8 and at least 64" in err and err.count("\n") == 1
 

@@ -14,7 +14,7 @@ without a traceback (tests/test_fuzz.py fuzzes the readers).
 | damaged pickles (fuzz findings, fixed examples) | test_fuzz_regressions_in_the_ckpt_reader, test_zip_bombs_are_refused_before_inflating |
 | pickle global outside the allow-list (marker)   | test_ckpt::test_malicious_pickle_is_refused_and_never_runs, test_cli_malicious_pickles_never_run, fuzz |
 | legacy non-zip torch format                     | test_ckpt::test_truncated_corrupt_and_legacy_files, test_cli_checkpoint_errors |
-| SD 2.x and SDXL files (named)                   | test_loading::test_other_architectures_are_named, test_cli_checkpoint_errors |
+| SDXL files (named); incomplete SD 2.x files     | test_loading::test_other_architectures_are_named, test_cli_checkpoint_errors |
 | missing keys, wrong shapes, unexpected keys     | test_loading::test_missing_mismatched_and_unexpected_keys, test_cli_checkpoint_errors, test_cli_unexpected_keys_warn_in_one_line |
 | parameters (size, steps, strength, guidance, sampler, seeds, prompt types) | test_pipelines::test_bad_arguments, test_cli::test_error_cases_are_one_line, test_prompts_that_are_not_strings, test_cli_parameter_errors |
 | prompt over 77 tokens (count of dropped tokens) | test_tokenizer::test_truncation_warns_with_the_count, test_cli::test_long_prompts_warn_or_chunk |
@@ -151,8 +151,8 @@ def test_folders_that_are_not_diffusers_layouts(tmp_path):
     (half / "unet" / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="not a JSON object"):
         npsd.load(half)
-    (half / "unet" / "config.json").write_text('{"cross_attention_dim": 1024}')         # SD 2.x's UNet
-    with pytest.raises(CheckpointError, match=r"this looks like SD 2.x or SDXL \(unet/config.json\)"):
+    (half / "unet" / "config.json").write_text('{"addition_embed_type": "text_time"}')  # SDXL's UNet
+    with pytest.raises(CheckpointError, match=r"this looks like SDXL \(unet/config.json has addition_embed_type\)"):
         npsd.load(half)
 
 
@@ -373,7 +373,7 @@ def test_cli_checkpoint_errors(tiny, tmp_path, capsys):
         (files["norecord.ckpt"], f"data/{vae_key} is missing; the file is corrupt"),
         (legacy, "legacy (pre-1.6, non-zip) torch format"),
         (sdxl, "looks like SDXL"),
-        (sd2, "looks like SD 2.x"),
+        (sd2, "lacks the unet and vae weights"),           # SD 2.x loads; a text encoder alone does not
         (files["missing.safetensors"], "the vae weights lack"),
         (files["wrongshape.safetensors"], "shape mismatch in the vae weights"),
     ]

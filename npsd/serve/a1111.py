@@ -1,0 +1,428 @@
+"""AUTOMATIC1111's API requests and responses <-> npsd's settings (no web framework here).
+
+A request of /sdapi/v1/txt2img or /sdapi/v1/img2img is a JSON object of A1111's fields
+(modules/processing.py's StableDiffusionProcessing* classes, modules/api/models.py). Every field
+falls in one of four groups:
+
+- USED: what npsd does (prompt, negative_prompt, seed, sampler_name, scheduler, steps, cfg_scale,
+  width, height, batch_size, n_iter, eta, override_settings, send_images; img2img: init_images,
+  denoising_strength, mask, mask_blur, inpainting_mask_invert, ...);
+- INERT: A1111's bookkeeping, which changes no pixel npsd computes (do_not_save_samples, subseed
+  while subseed_strength is 0, the hr_* fields while enable_hr is false, ...): accepted, ignored;
+- OFF: features npsd lacks (hires fix, refiner, scripts, face restoration, tiling, styles, variation
+  seeds, ...): accepted at their "off" value (what clients such as webuiapi send by default), else
+  refused with 422 naming them;
+- anything else is unknown: refused with 422 (a misspelt field would otherwise be silently dropped).
+
+Fields left out take npsd's defaults, those of its command line and Pipeline API: the model's steps,
+cfg_scale, size and sampler (npsd.config.generation_defaults, not A1111's 512x512 and 50 steps, so
+that the built-in 64x64 model works with an empty request), denoising_strength 0.8 (img2img) or 1
+(inpainting), mask_blur 0, inpainting from the original image over the whole picture.
+`read_request` checks types and ranges (in A1111's names, before the job waits in the queue); what
+depends on the model (the size's multiple of the VAE factor, memory) is the pipeline's check.
+
+Batches follow npsd's command line: one pipeline call makes batch_size images from one seed ("Batch
+size" / "Batch pos" in the PNG parameters); iteration j of n_iter uses seed + j * batch_size (A1111
+gives each image of a batch its own seed; the first image of each iteration has A1111's seed).
+Scheduler "Automatic" is the model's own spacing (A1111 1.9+ picks Karras for some samplers; ask
+for "Karras"). An inpainted image is the pipeline's output, the same pixels as npsd's Pipeline API
+(A1111 also pastes the input image back over the kept region).
+"""
+
+import base64
+import binascii
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageOps
+
+from ..errors import InputError
+from ..images import open_image
+from ..pngmeta import A1111_SAMPLERS, KEY, _exif_user_comment, parse_parameters, png_info
+from ..schedulers import SAMPLERS, SIGMA_SAMPLERS
+
+# --- the fields ---------------------------------------------------------------------------------
+
+USED = {"prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
+        "steps", "cfg_scale", "width", "height", "eta", "override_settings", "override_settings_restore_afterwards",
+        "send_images", "save_images", "npsd_attention_maps"}
+USED_IMG2IMG = {"init_images", "denoising_strength", "mask", "mask_blur", "mask_blur_x", "mask_blur_y",
+                "inpainting_fill", "inpaint_full_res", "inpainting_mask_invert", "resize_mode",
+                "initial_noise_multiplier", "include_init_images"}
+INERT = {"subseed", "do_not_save_samples", "do_not_save_grid", "comments", "force_task_id", "s_tmin", "s_tmax",
+         "refiner_switch_at", "token_merging_ratio", "token_merging_ratio_hr", "user"}
+INERT_TXT2IMG = {"denoising_strength"}                       # only the hires fix reads it
+INERT_IMG2IMG = {"image_cfg_scale", "inpaint_full_res_padding"}  # instruct-pix2pix only; full-res inpainting only
+# feature field -> (its "off" values, what npsd lacks). None is always "off".
+OFF = {
+    "enable_hr": ((False,), "npsd has no hires fix; generate at the final size"),
+    "firstphase_width": ((0,), "it belongs to the hires fix, which npsd lacks"),
+    "firstphase_height": ((0,), "it belongs to the hires fix, which npsd lacks"),
+    "firstpass_image": (("",), "it belongs to the hires fix, which npsd lacks"),
+    "refiner_checkpoint": (("", "None"), "npsd has no refiner pass"),
+    "restore_faces": ((False,), "npsd has no face restoration"),
+    "tiling": ((False,), "npsd has no tiling (seamless) mode"),
+    "styles": (([],), "npsd has no saved prompt styles; write them into the prompt"),
+    "subseed_strength": ((0,), "npsd has no variation seeds"),
+    "seed_resize_from_h": ((0, -1), "npsd has no seed resizing"),
+    "seed_resize_from_w": ((0, -1), "npsd has no seed resizing"),
+    "s_churn": ((0,), "npsd's samplers have no churn"),
+    "s_noise": ((1,), "npsd's samplers have no noise multiplier"),
+    "s_min_uncond": ((0,), "npsd has no negative guidance minimum sigma"),
+    "script_name": (("",), "npsd runs no A1111 scripts"),
+    "script_args": (([],), "npsd runs no A1111 scripts"),
+    "alwayson_scripts": (({},), "npsd runs no A1111 scripts or extensions (ControlNet, ADetailer, ...)"),
+    "disable_extra_networks": ((False,), "npsd always applies <lora:...> tags"),
+    "infotext": (("",), "npsd does not read settings from an infotext; send the fields"),
+    "latent_mask": (("",), "npsd has no separate latent mask"),
+}
+OFF_TXT2IMG = ("enable_hr", "firstphase_width", "firstphase_height", "firstpass_image")
+OFF_IMG2IMG = ("latent_mask",)
+
+SCHEDULERS = {"automatic": False, "karras": True}   # A1111's scheduler names npsd has -> Karras sigmas
+# the samplers whose noise A1111 scales by eta; npsd's use eta = 1 (ddim reads eta itself)
+ETA_ONE = ("euler_a", "dpm2_a", "dpmpp_2m_sde")
+MAX_IMAGES = 100                                    # batch_size * n_iter of one request
+
+# the options npsd has (GET/POST /sdapi/v1/options, override_settings) and their defaults
+OPTION_DEFAULTS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1, "randn_source": "numpy",
+                   "eta_ddim": 0.0}
+READ_ONLY_OPTIONS = ("sd_checkpoint_hash",)
+RANDN_SOURCES = {"numpy": "numpy", "CPU": "torch"}   # randn_source -> the pipeline's rng
+
+
+@dataclass
+class Limits:
+    """What an upload may be: its bytes (the whole request body) and an image's pixels."""
+    max_bytes: int = 32 * 2**20
+    max_pixels: int = 4096 * 4096
+
+
+@dataclass
+class Plan:
+    """One generation request, checked: the mode, the command line's settings (npsd/cli.py's
+    SETTINGS; None = the model's default, filled by the worker), and what A1111's request adds."""
+    mode: str                                   # "txt2img", "img2img" or "inpaint"
+    settings: dict
+    n_iter: int = 1
+    image: object = None                        # PIL RGB (img2img, inpaint)
+    mask: object = None                         # PIL (inpaint; white = repaint)
+    overrides: dict = field(default_factory=dict)   # override_settings, checked (option -> value)
+    restore_afterwards: bool = True
+    send_images: bool = True
+    attention_maps: bool = False
+    received: dict = field(default_factory=dict)    # the request as received, for "parameters"
+
+
+# --- values of a request ------------------------------------------------------------------------
+
+def _short(value, n=40):
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _is_off(value, offs):
+    return value is None or value in offs
+
+
+def _int(body, name, default=None, lo=None, hi=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not (isinstance(v, int) or isinstance(v, float) and v.is_integer()):
+        raise InputError(f"{name} must be a whole number, got {v!r}")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        where = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InputError(f"{name} must be {where}, got {v}")
+    return v
+
+
+def _float(body, name, default=None, lo=None, hi=None, lo_open=False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise InputError(f"{name} must be a finite number, got {v!r}")
+    if (lo is not None and (v < lo or lo_open and v == lo)) or (hi is not None and v > hi):
+        where = (f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]") if hi is not None else f">= {lo}"
+        raise InputError(f"{name} must be in {where}, got {v}")
+    return float(v)
+
+
+def _str(body, name, default=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise InputError(f"{name} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _bool(body, name, default=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool) and v not in (0, 1):
+        raise InputError(f"{name} must be true or false, got {v!r}")
+    return bool(v)
+
+
+def sampler_from_name(name):
+    """A1111's sampler name ("DPM++ 2M", "Euler a", old "DPM++ 2M Karras") or npsd's ("dpmpp_2m")
+    -> (npsd's name, Karras sigmas asked by the name)."""
+    text = name.strip()
+    karras = text.lower().endswith(" karras")
+    if karras:
+        text = text[: -len(" karras")]
+    by_label = {label.lower(): npsd_name for npsd_name, label in A1111_SAMPLERS.items()}
+    found = by_label.get(text.lower(), text if text in SAMPLERS else None)
+    if found is None:
+        raise InputError(f"sampler_name {name!r} is not one npsd has; use one of {', '.join(A1111_SAMPLERS.values())}")
+    return found, karras
+
+
+def check_eta(sampler, eta):
+    """A1111 scales the noise of its ancestral and SDE samplers by eta; npsd's add theirs at eta 1."""
+    if eta is not None and sampler in ETA_ONE and eta != 1:
+        raise InputError(f"eta={eta} with {A1111_SAMPLERS[sampler]}: npsd's ancestral and SDE samplers add their "
+                         f"noise at eta 1; send 1 or leave eta out")
+
+
+def check_options(options, where="options"):
+    """{option: value} as POSTed to /sdapi/v1/options or given as override_settings -> the options
+    checked (read-only ones dropped); one-line InputError naming what npsd cannot set."""
+    if not isinstance(options, dict):
+        raise InputError(f"{where} must be a JSON object of option: value")
+    unknown = [k for k in options if k not in OPTION_DEFAULTS and k not in READ_ONLY_OPTIONS]
+    if unknown:
+        raise InputError(f"{where}: npsd has no option {', '.join(map(repr, unknown))}; it has "
+                         f"{', '.join(OPTION_DEFAULTS)}")
+    checked = {k: v for k, v in options.items() if k in OPTION_DEFAULTS}
+    if "sd_model_checkpoint" in checked:
+        _str(checked, "sd_model_checkpoint")
+    if "CLIP_stop_at_last_layers" in checked:
+        _int(checked, "CLIP_stop_at_last_layers", lo=1, hi=12)
+    if "eta_ddim" in checked:
+        _float(checked, "eta_ddim", lo=0.0)
+    source = checked.get("randn_source")
+    if source is not None and source not in RANDN_SOURCES:
+        raise InputError(f"{where}: randn_source {source!r} is not one npsd reproduces; use 'CPU' (torch's CPU "
+                         f"generator, as A1111's CPU option) or 'numpy' (npsd's own)")
+    return {k: v for k, v in checked.items() if v is not None}
+
+
+def _refuse_fields(kind, body):
+    """Unknown fields and features npsd lacks -> one InputError naming them all."""
+    img2img = kind == "img2img"
+    known = USED | INERT | set(OFF) | (USED_IMG2IMG | INERT_IMG2IMG if img2img else INERT_TXT2IMG)
+    unknown = [k for k in body if k not in known and not (not img2img and k.startswith("hr_"))]
+    if unknown:
+        elsewhere = [k for k in unknown if k in USED_IMG2IMG]
+        hint = (f"{', '.join(elsewhere)} belong{'s' if len(elsewhere) == 1 else ''} to /sdapi/v1/img2img"
+                if elsewhere else "check the spelling against A1111's field names")
+        raise InputError(f"/sdapi/v1/{kind}: unknown field{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(unknown)}; {hint}")
+    wrong_mode = OFF_IMG2IMG if not img2img else OFF_TXT2IMG
+    refused = [(k, OFF[k][1]) for k in body if k in OFF and k not in wrong_mode and not _is_off(body[k], OFF[k][0])]
+    if img2img and body.get("mask"):
+        if body.get("inpainting_fill") not in (None, 1):
+            refused.append(("inpainting_fill", f"npsd inpaints from the original image only (1, 'original'), "
+                                               f"not {body['inpainting_fill']!r}"))
+        if body.get("inpaint_full_res") not in (None, False, 0):
+            refused.append(("inpaint_full_res", "npsd repaints the whole image ('Whole picture'); send false"))
+    if img2img and body.get("resize_mode") not in (None, 0):
+        refused.append(("resize_mode", "npsd resizes the input image to width x height (0, 'Just resize') only"))
+    if img2img and body.get("initial_noise_multiplier") not in (None, 1, 1.0):
+        refused.append(("initial_noise_multiplier", "npsd's noise is not scaled; send 1"))
+    if refused:
+        raise InputError("not supported: " + "; ".join(f"{k}={_short(body[k])} ({why})" for k, why in refused)
+                         + "; leave these fields out or at their off values")
+
+
+def read_request(kind, body, limits=None):
+    """A txt2img or img2img request (a decoded JSON object) -> a Plan. One-line InputError for a field
+    of the wrong type or range, an unknown field, or a feature npsd lacks."""
+    limits = limits or Limits()
+    if not isinstance(body, dict):
+        raise InputError("the request body must be a JSON object of A1111's fields")
+    _refuse_fields(kind, body)
+    prompt = _str(body, "prompt", "")
+    negative = _str(body, "negative_prompt", "")
+    sampler_text = _str(body, "sampler_name") or _str(body, "sampler_index")
+    sampler, karras = sampler_from_name(sampler_text) if sampler_text else (None, False)
+    scheduler = (_str(body, "scheduler") or "automatic").strip().lower()
+    if scheduler not in SCHEDULERS:
+        raise InputError(f"scheduler {body['scheduler']!r} is not one npsd has; use Automatic (the model's "
+                         f"spacing) or Karras")
+    karras = karras or SCHEDULERS[scheduler]
+    if karras and sampler is not None and sampler not in SIGMA_SAMPLERS:
+        raise InputError(f"scheduler Karras applies to the samplers "
+                         f"{', '.join(A1111_SAMPLERS[s] for s in SIGMA_SAMPLERS)}, not to {A1111_SAMPLERS[sampler]}")
+    batch_size, n_iter = _int(body, "batch_size", 1, lo=1), _int(body, "n_iter", 1, lo=1)
+    if batch_size * n_iter > MAX_IMAGES:
+        raise InputError(f"batch_size * n_iter is {batch_size * n_iter}, more than {MAX_IMAGES} images in one request")
+    seed = _int(body, "seed", -1, lo=-1, hi=2**32 - 1)
+    if seed >= 0 and seed + batch_size * n_iter - batch_size >= 2**32:
+        raise InputError(f"seed {seed} + {n_iter - 1} iterations of {batch_size} passes 2**32 - 1; use a smaller seed")
+    eta = _float(body, "eta", lo=0.0)
+    check_eta(sampler, eta)
+    settings = {"prompt": prompt, "negative_prompt": negative,
+                "steps": _int(body, "steps", lo=1, hi=1000), "guidance_scale": _float(body, "cfg_scale", lo=0.0),
+                "sampler": sampler, "seed": seed, "height": _int(body, "height", lo=8),
+                "width": _int(body, "width", lo=8), "num_images": batch_size, "strength": None, "eta": eta,
+                "karras": karras, "timestep_spacing": None, "clip_skip": None, "long_prompt": "chunk",
+                "mask_blur": 0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
+                "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae"}
+    plan = Plan(mode="txt2img", settings=settings, n_iter=n_iter,
+                overrides=check_options(body.get("override_settings") or {}, "override_settings"),
+                restore_afterwards=_bool(body, "override_settings_restore_afterwards", True),
+                send_images=_bool(body, "send_images", True),
+                attention_maps=_bool(body, "npsd_attention_maps", False),
+                received=dict(body))
+    _bool(body, "save_images")
+    if kind == "img2img":
+        _read_img2img(body, plan, limits)
+    return plan
+
+
+def _read_img2img(body, plan, limits):
+    """img2img's fields: the input image, the strength, the inpainting mask."""
+    images = body.get("init_images")
+    if not isinstance(images, list) or len(images) != 1:
+        raise InputError("init_images must be a list of one base64 image (npsd redraws one input image; "
+                         "batch_size sets how many results)")
+    plan.image = decode_image(images[0], "init_images[0]", limits)
+    plan.settings["strength"] = _float(body, "denoising_strength", 0.8 if not body.get("mask") else 1.0,
+                                       lo=0.0, hi=1.0, lo_open=True)
+    include = _bool(body, "include_init_images", False)
+    if not include:
+        plan.received["init_images"] = None
+    if not body.get("mask"):
+        plan.mode = "img2img"
+        return
+    plan.mode = "inpaint"
+    mask = decode_image(body["mask"], "mask", limits, rgb=False)
+    if _bool(body, "inpainting_mask_invert", False):
+        mask = ImageOps.invert(mask.convert("L"))                  # 1: repaint the black part
+    plan.mask = mask
+    blur = _int(body, "mask_blur", lo=0)
+    blur_x, blur_y = _int(body, "mask_blur_x", lo=0), _int(body, "mask_blur_y", lo=0)
+    if blur is None and blur_x is not None and blur_y is not None and blur_x != blur_y:
+        raise InputError(f"mask_blur_x={blur_x} and mask_blur_y={blur_y} differ; npsd blurs the mask the same way "
+                         f"in both directions: give mask_blur")
+    plan.settings["mask_blur"] = blur if blur is not None else blur_x if blur_x is not None else 0
+    if not include:
+        plan.received["mask"] = None
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+def decode_image(data, what, limits=None, rgb=True):
+    """A base64 image (PNG, JPEG, ...; a "data:image/...;base64," prefix allowed) -> a PIL image
+    (RGB when rgb). Its bytes and its pixel count (read from the header, before the pixels are
+    decoded) are checked against `limits` and Pillow's MAX_IMAGE_PIXELS."""
+    limits = limits or Limits()
+    if not isinstance(data, str) or not data:
+        raise InputError(f"{what} must be a base64 string of a PNG or JPEG file")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) // 4 * 3 > limits.max_bytes:
+        raise InputError(f"{what} is about {len(data) // 4 * 3 / 2**20:.1f} MiB; the limit is "
+                         f"{limits.max_bytes / 2**20:.0f} MiB")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{what} is not valid base64; send the file's bytes in base64") from None
+    max_pixels = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))                         # reads the header only
+            w, h = img.size
+            if w * h > max_pixels:
+                raise InputError(f"{what} is {w}x{h} pixels, more than the limit of {max_pixels} pixels; "
+                                 "send a smaller image")
+            img.load()                                                # now the pixels
+    except InputError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise InputError(f"{what} is not an image file npsd can read; send a PNG or JPEG file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{what} is not an image npsd can read ({' '.join(str(e).split())}); send a PNG or "
+                         f"JPEG file") from None
+    return open_image(img, what) if rgb else img
+
+
+def encode_png(image, parameters=None):
+    """A PIL image -> base64 PNG text (no data: prefix, as A1111 returns it), with the "parameters"
+    text chunk when given."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(parameters) if parameters else None)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def png_info_response(data, limits=None):
+    """/sdapi/v1/png-info: {"info": the parameters text (PNG chunk or EXIF comment, npsd/pngmeta.py)
+    or "", "items": the image's other text chunks, "parameters": the fields parsed as A1111 does
+    ("Prompt", "Negative prompt", "Steps", "Size-1", "Size-2", ...; values as text)}."""
+    img = decode_image(data, "image", limits, rgb=False)
+    items = {k: v for k, v in img.info.items() if isinstance(k, str) and isinstance(v, str)}
+    text = items.pop(KEY, None) or _exif_user_comment(img) or ""          # PNG chunk, or A1111's JPEG/WebP EXIF
+    parameters = {}
+    if text:
+        parsed = parse_parameters(text)
+        parameters = {"Prompt": parsed["prompt"], "Negative prompt": parsed["negative_prompt"]}
+        for name, value in parsed["fields"].items():
+            parameters[name] = value
+            if name == "Size" and value.lower().count("x") == 1:
+                parameters["Size-1"], parameters["Size-2"] = value.lower().split("x")
+    return {"info": text, "items": items, "parameters": parameters}
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+def info_json(plan, settings, seeds, infotexts, model_name, model_hash, clip_skip, inpainting_unet=False,
+              job_timestamp=None):
+    """The response's "info": a JSON string with the fields of A1111's Processed.js()."""
+    n = len(infotexts)
+    return json.dumps({
+        "prompt": settings["prompt"], "all_prompts": [settings["prompt"]] * n,
+        "negative_prompt": settings["negative_prompt"], "all_negative_prompts": [settings["negative_prompt"]] * n,
+        "seed": seeds[0] if seeds else settings["seed"], "all_seeds": seeds,
+        "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
+        "width": settings["width"], "height": settings["height"],
+        "sampler_name": A1111_SAMPLERS[settings["sampler"]], "cfg_scale": settings["guidance_scale"],
+        "steps": settings["steps"], "batch_size": settings["num_images"],
+        "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": model_name, "sd_model_hash": model_hash, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": settings["strength"] if plan.mode != "txt2img" else None,
+        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+        "job_timestamp": job_timestamp, "clip_skip": clip_skip, "is_using_inpainting_conditioning": inpainting_unet,
+        "scheduler": "Karras" if settings["karras"] else "Automatic",
+    })
+
+
+def reload_settings(plan, settings, model_title, pos):
+    """What the page needs to make image `pos` (from 1) of a call again: A1111's request fields."""
+    fields = {"mode": plan.mode, "prompt": settings["prompt"], "negative_prompt": settings["negative_prompt"],
+              "steps": settings["steps"], "cfg_scale": settings["guidance_scale"], "width": settings["width"],
+              "height": settings["height"], "seed": settings["seed"],
+              "sampler_name": A1111_SAMPLERS[settings["sampler"]],
+              "scheduler": "Karras" if settings["karras"] else "Automatic", "batch_size": settings["num_images"],
+              "batch_pos": pos, "sd_model_checkpoint": model_title}
+    if plan.mode != "txt2img":
+        fields["denoising_strength"] = settings["strength"]
+    if plan.mode == "inpaint":
+        fields["mask_blur"] = settings["mask_blur"]
+    return fields
+
+
+def model_name_of(path):
+    """A model file's A1111 model_name: its name without the extension."""
+    return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
