@@ -1,6 +1,6 @@
 """SD 2.1 at full size, random perturbed weights: the UNet (768-v and 512 base share it: linear
 proj_in/proj_out, 5/10/20/20 heads of width 64, cross-attention width 1024) against diffusers'
-UNet2DConditionModel, and the text encoder (OpenCLIP ViT-H/14's text tower as diffusers ships it:
+UNet2DConditionModel, SD 2 inpainting's 9-channel UNet (at most 1.6e-6 per block), and the text encoder (OpenCLIP ViT-H/14's text tower as diffusers ships it:
 width 1024, 16 heads, GELU, 23 of its 24 layers, so that the final LayerNorm follows the penultimate
 one) against transformers' CLIPTextModel; and an LCM-distilled SD v1.5 UNet with its guidance
 embedding. Each torch model is built once, its outputs computed, then freed.
@@ -118,3 +118,16 @@ def test_lcm_unet_full_size_matches_diffusers():
     check_lcm(w_emb)
     with pytest.raises(AssertionError, match="time_embedding"):               # w = 7.5 instead of 8.5
         check_lcm(guidance_embedding(7.5, 256))
+
+
+def test_sd2_inpainting_unet_full_size_matches_diffusers():
+    """SD 2 inpainting's UNet: SD 2.1's with 9 input channels (latents, mask, masked-image latents)."""
+    model = build_unet({**SD21_UNET, "in_channels": 9, "sample_size": 64}, seed=10)
+    params = unflatten({k: v.detach().numpy() for k, v in model.state_dict().items()})
+    rng = np.random.default_rng(11)
+    latents = rng.standard_normal((2, 9, 16, 16)).astype(np.float32)
+    context = rng.standard_normal((2, 77, 1024)).astype(np.float32)
+    ref = reference(model, latents, [981.0, 21.0], context)
+    del model
+    gc.collect()
+    check(params, SD21_UNET_CONFIG, latents, [981.0, 21.0], context, ref, {**RTOL_FULL, "time_embedding": 3e-5})
