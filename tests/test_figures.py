@@ -138,9 +138,16 @@ def test_main_draws_only_the_figures_named(fig, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["schedule.png"]
 
 
+SCREENSHOTS = {"serve.png": "tests/test_serve_browser.py"}   # NPSD_SCREENSHOT=1 python -m pytest <that file>
+
+
 def test_every_picture_in_docs_is_drawn_by_the_script(fig):
     images = ROOT / "docs" / "images"
     files = {file for _, _, file in fig.FIGURES.values()}
+    # pictures that are screenshots of a running program, made by a test rather than by the script
+    for file, test in SCREENSHOTS.items():
+        assert f'"{file}"' in (ROOT / test).read_text(encoding="utf-8"), f"{test} no longer writes {file}"
+    files |= set(SCREENSHOTS)
     pages = [ROOT / "README.md", ROOT / "weights" / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
     embedded = set()
     for page in pages:
