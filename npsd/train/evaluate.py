@@ -1,6 +1,7 @@
 """Measure how well the built-in model follows held-out prompts (NumPy pipeline only, no torch).
 
     python -m npsd.train.evaluate [--model FILE] [--seeds 2] [--steps N] [--grid out.png]
+    python -m npsd.train.evaluate --check-data 2000      # the measurement on training scenes: ~100%
 
 Prompts: every held-out (shape colour, background colour) pair of npsd.train.data (never drawn in
 training) x every shape, in the plain form ("a red circle on a green background") and with a size and
@@ -13,8 +14,12 @@ the shape's bounding box) and compared with the prompt, per attribute:
     shape        1/3 (fill of the bounding box: circle 0.785, square 1, triangle 0.5)  all prompts
     position     1/5 (nearest of the 5 named centres)   prompts that name a position
     size         1/2 (small / large)              prompts that name a size
+    one shape    -   (exactly one region of non-background colour, data.count_shapes)  all prompts
 
 Accuracies are reported without guidance (guidance_scale 1) and at the model's default guidance.
+--check-data N measures N training scenes (npsd.train.data.dataset, the images and captions the
+training uses) against what their captions say instead: every attribute should score 1.00, else
+the drawing, the captions or the measurement is wrong.
 """
 
 import argparse
@@ -24,8 +29,9 @@ import numpy as np
 
 from . import data
 
-ATTRIBUTES = ("background", "colour", "shape", "position", "size")
-CHANCE = {"background": 1 / 6, "colour": 1 / 5, "shape": 1 / 3, "position": 1 / 5, "size": 1 / 2}
+ATTRIBUTES = ("background", "colour", "shape", "position", "size", "one shape")
+CHANCE = {"background": 1 / 6, "colour": 1 / 5, "shape": 1 / 3, "position": 1 / 5, "size": 1 / 2,
+          "one shape": None}   # no chance level: a count, not a choice among named values
 
 
 def generate(pipe, prompts, seed, guidance_scale=None, num_inference_steps=None, batch=16):
@@ -47,10 +53,11 @@ def score(cases, images):
         m = data.measure(img)
         measured.append(m)
         for a in ATTRIBUTES:
-            if case[a] is None:         # the prompt does not name it (plain form): not counted
+            want, got = (1, m["shapes"]) if a == "one shape" else (case[a], m[a])
+            if want is None:            # the prompt does not name it (plain form): not counted
                 continue
             hits[a][1] += 1
-            hits[a][0] += int(m[a] == case[a])
+            hits[a][0] += int(got == want)
     return {a: tuple(v) for a, v in hits.items()}, measured
 
 
@@ -64,6 +71,20 @@ def evaluate(pipe, seeds=(0,), guidance_scale=None, num_inference_steps=None, ca
     images = np.concatenate(images)
     hits, _ = score(all_cases, images)
     return {a: c / n for a, (c, n) in hits.items() if n}, hits, images, all_cases
+
+
+def check_data(n=2000, seed=1):
+    """The measurement on n training scenes (images and captions as training draws them) against
+    what their captions say -> {attribute: (correct, counted)}: all correct when the drawing, the
+    captions and the measurement agree."""
+    images, captions, _ = data.dataset(n, seed=seed)
+    return score([data.parse(c) for c in captions], images)[0]
+
+
+def report(hits):
+    """{attribute: (correct, counted)} -> "accuracy (correct/counted)" per attribute, " | "-separated
+    ("-" for an attribute no prompt names)."""
+    return " | ".join(f"{c / n:.2f} ({c}/{n})" if n else "-" for c, n in (hits[a] for a in ATTRIBUTES))
 
 
 def grid(images, cols=8, scale=2):
@@ -89,7 +110,15 @@ def main(argv=None):
                     help="guidance scales to evaluate (default: 1 and the model's default)")
     ap.add_argument("--sampler", default=None)
     ap.add_argument("--grid", default=None, help="save the images of the first seed at the default guidance here")
+    ap.add_argument("--check-data", type=int, default=None, metavar="N",
+                    help="measure N training scenes against their captions instead (no model)")
     args = ap.parse_args(argv)
+    if args.check_data is not None:
+        if args.check_data < 1:
+            ap.error(f"--check-data needs a number of scenes >= 1, got {args.check_data}")
+        print(f"{args.check_data} training scenes (npsd.train.data.dataset, seed 1): " + " | ".join(ATTRIBUTES))
+        print(report(check_data(args.check_data)))
+        return
     pipe = npsd.load(args.model)
     if args.sampler:
         pipe.config["defaults"]["sampler"] = args.sampler
@@ -97,13 +126,13 @@ def main(argv=None):
     scales = args.guidance or [1.0, float(d["guidance_scale"])]
     print(f"model defaults: {d}")
     print(f"{len(data.held_out_prompts())} held-out prompts x {args.seeds} seeds")
-    print("guidance | " + " | ".join(f"{a} (chance {CHANCE[a]:.2f})" for a in ATTRIBUTES) + " | s/image")
+    print("guidance | " + " | ".join(f"{a} (chance {CHANCE[a]:.2f})" if CHANCE[a] else a for a in ATTRIBUTES)
+          + " | s/image")
     for g in scales:
         t = time.time()
         acc, hits, images, cases = evaluate(pipe, range(args.seeds), g, args.steps)
         per = (time.time() - t) / len(images)
-        print(f"{g:g} | " + " | ".join(f"{acc[a]:.2f} ({hits[a][0]}/{hits[a][1]})" for a in ATTRIBUTES)
-              + f" | {per:.2f}", flush=True)
+        print(f"{g:g} | " + report(hits) + f" | {per:.2f}", flush=True)
         if args.grid and g == scales[-1]:
             n = len(data.held_out_prompts())
             grid(images[:n], cols=6).save(args.grid)

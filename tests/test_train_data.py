@@ -1,0 +1,116 @@
+"""The built-in model's training data (npsd/train/data.py) and the measurement its evaluation uses
+(npsd.train.data.measure, npsd.train.evaluate.score). NumPy and Pillow only, no model.
+
+1. The evaluator scores the training scenes themselves (images and captions exactly as training draws
+   them) 100% on every attribute, "exactly one shape" included: a disagreement is a bug in the
+   drawing or in the measurement.
+2. Independently of the measurement's own tables: the caption's words put the shape in the region
+   they name, at the size they name, once.
+3. The shape counter counts two separate shapes as 2, ignores specks, and sees nothing on a plain
+   background.
+"""
+
+import numpy as np
+import pytest
+
+from npsd.train import data, evaluate
+
+
+def shape_mask(image, background):
+    """Pixels that differ from the background colour by more than 30 (of 255) in some channel."""
+    return (np.abs(image.astype(int) - data.COLOURS[background]) > 30).any(-1)          # [64, 64]
+
+
+def test_caption_parses_back():
+    """data.parse inverts data.caption on every form of the grammar, and rejects other text."""
+    for shape in data.SHAPES:
+        for size in (None, *data.SIZES):
+            for position in (None, *data.POSITION_NAMES):
+                a = dict(shape=shape, colour="red", background="blue", size=size, position=position)
+                assert data.parse(data.caption(**a)) == a
+    for bad in ("a red circle", "a red circle on a blue background.", "a purple circle on a blue background"):
+        with pytest.raises(ValueError, match="not a caption"):
+            data.parse(bad)
+
+
+def test_evaluator_scores_training_scenes_100_percent():
+    """1,000 scenes (seed 1; 2,000 measured 2000/2000 on every attribute): each attribute the caption
+    text names (data.parse) is measured back, and every scene has exactly one shape."""
+    hits = evaluate.check_data(1000, seed=1)
+    assert set(hits) == set(evaluate.ATTRIBUTES)
+    assert hits["background"][1] == hits["one shape"][1] == 1000
+    assert hits["position"][1] > 500 and hits["size"][1] > 500          # named in 60% of captions
+    for attr, (correct, counted) in hits.items():
+        assert correct == counted, f"{attr}: {correct}/{counted} training scenes measured as captioned"
+
+
+def test_score_counts_one_shape_on_every_prompt():
+    """score() counts "one shape" on prompts that name no position or size, and misses two shapes."""
+    one = data.draw("circle", "red", "blue", 7, (16, 16))
+    two = data.draw("circle", "red", "blue", 7, (48, 48))
+    two = np.where(shape_mask(one, "blue")[..., None], one, two)                          # both circles
+    case = dict(shape="circle", colour="red", background="blue", size=None, position=None)
+    hits, measured = evaluate.score([case, case], np.stack([one, two]))
+    assert [m["shapes"] for m in measured] == [1, 2]
+    assert hits["one shape"] == (1, 2) and hits["position"] == (0, 0) and hits["size"] == (0, 0)
+
+
+def test_training_scenes_show_what_their_captions_say():
+    """The words, checked on the pixels without data.measure or data.POSITIONS: "top"/"bottom" and
+    "left"/"right" put the shape's bounding box centre in that half (x to the right, y down, as the
+    image array's columns and rows), "center" within 4 px of the middle (the jitter is 3 px);
+    "small" shapes span at most 17 px, "large" at least 23 (radius 6-8 and 12-15, plus anti-aliasing);
+    the colour fills the shape's inside; and the held-out colour pairs are never drawn."""
+    images, captions, attrs = data.dataset(500, seed=2)
+    for img, cap, a in zip(images, captions, attrs):
+        assert cap.startswith("a ") and cap.endswith(f" on a {a['background']} background")
+        assert f"{a['colour']} {a['shape']}" in cap
+        assert (a["colour"], a["background"]) not in data.HELD_OUT
+        mask = shape_mask(img, a["background"])
+        ys, xs = np.nonzero(mask)
+        cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+        side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+        if a["position"]:
+            assert f" in the {a['position']} on " in cap
+            words = a["position"].split()
+            if words == ["center"]:
+                assert abs(cx - 32) <= 4 and abs(cy - 32) <= 4, (cap, cx, cy)
+            else:
+                assert (cy < 32) == ("top" in words) and (cx < 32) == ("left" in words), (cap, cx, cy)
+        if a["size"]:
+            assert cap.startswith(f"a {a['size']} ")
+            assert side <= 17 if a["size"] == "small" else side >= 23, (cap, side)
+        inside = img[int(cy) - 1:int(cy) + 2, int(cx) - 1:int(cx) + 2]      # 3x3 at the box centre
+        assert (inside == data.COLOURS[a["colour"]]).all(), cap
+
+
+@pytest.mark.parametrize("shape", data.SHAPES)
+def test_one_shape_is_one_region(shape):
+    """Anti-aliased edges join their shape: the smallest and the largest shape of each kind count 1."""
+    for radius in (6.0, 15.0):
+        img = data.draw(shape, "yellow", "blue", radius, (32, 32))
+        assert data.count_shapes(img) == 1
+
+
+def test_count_shapes_counts_two_shapes_and_ignores_specks():
+    small = data.draw("triangle", "white", "black", 6, (16, 48))            # the smallest drawn shape
+    other = data.draw("square", "red", "black", 8, (48, 16))
+    two = np.where(shape_mask(small, "black")[..., None], small, other)      # [64, 64, 3]
+    assert data.count_shapes(two) == 2
+    assert data.measure(two)["shapes"] == 2
+    # a second shape of the same colour, and one of another colour touching nothing
+    same = data.draw("square", "white", "black", 8, (48, 16))
+    assert data.count_shapes(np.where(shape_mask(small, "black")[..., None], small, same)) == 2
+    # specks (decoder noise): 4 scattered 2x2 blobs of another colour next to one shape stay 1
+    specks = small.copy()
+    for y, x in ((5, 5), (5, 58), (30, 30), (58, 58)):
+        specks[y:y + 2, x:x + 2] = data.COLOURS["green"]
+    assert data.count_shapes(specks) == 1
+    # a blob of MIN_AREA pixels is a shape, one pixel fewer is not
+    blob = np.full((64, 64, 3), data.COLOURS["black"], np.uint8)
+    blob[10:14, 10:15] = data.COLOURS["red"]                                 # 4 x 5 = 20 pixels
+    assert data.MIN_AREA == 20 and data.count_shapes(blob) == 1
+    blob[13, 14] = data.COLOURS["black"]                                     # 19 pixels
+    assert data.count_shapes(blob) == 0
+    # nothing but background: no shape
+    assert data.count_shapes(np.full((64, 64, 3), data.COLOURS["white"], np.uint8)) == 0
