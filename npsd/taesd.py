@@ -28,9 +28,9 @@ None in the list; the layers' kinds are read from the weights (a conv has "weigh
 use the same Sequential with bare indices ("3.conv.0.weight"); the decoder's starts with a
 parameterless Clamp module, so its indices are one higher (ORIGINAL_OFFSET).
 
-Decode time of a 64x64 latent (one 512x512 image), float32, fast path on, 2 CPU cores shared
-with other jobs: TAESD 2.3 .. 10.1 s, npsd's full SD v1.x VAE decoder (npsd.vae, random SD-size
-weights) 17.4 .. 67 s; 5x to 28x faster, with the load (the runs: docs/inside.md section 2).
+Decode time of a 64x64 latent (one 512x512 image), float32, fast path on, 2 CPU cores, machine
+quiet: TAESD 2.4 .. 3.0 s, npsd's full SD v1.x VAE decoder (npsd.vae, random SD-size weights)
+17.9 .. 19.5 s; 7.4x faster, best against best (the runs: docs/inside.md section 2).
 Nearly all of TAESD's time is the five 64-channel 3x3 convs at 512x512. The pipelines use TAESD
 for step previews (preview="taesd") and, for drafts, as the final decoder (decoder="taesd").
 """
