@@ -2,13 +2,14 @@
 
     python -m benchmarks.memory                      # 512x512, 2 DDIM steps with guidance
     python -m benchmarks.memory --size 1024 --steps 2
+    python -m benchmarks.memory --weights-dtype float16   # weights kept in float16 (npsd.load's weights_dtype)
 
 A random checkpoint with the real SD v1.5 tensor names and shapes (fp16, the shared key manifest)
 is written once to --cache; a fresh process without torch loads it with npsd.load (float32 in
-memory), records its resident size, generates, and reports its own peak (VmHWM). Printed: the
-float32 weights, the size after loading, the peak, overhead = peak - size after loading, and
-peak / weights. The number of steps does not change the peak (every step does the same work), so
-two steps measure what twenty would.
+memory, or float16 with --weights-dtype float16), records its resident size, generates, and reports
+its own peak (VmHWM). Printed: the weights, the size after loading, the peak, overhead = peak - size
+after loading, and peak / weights. The number of steps does not change the peak (every step does the
+same work), so two steps measure what twenty would.
 """
 
 import argparse
@@ -27,12 +28,12 @@ def status(field):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def child(path, size, steps, sampler):
+def child(path, size, steps, sampler, weights_dtype="float32"):
     import numpy as np
     import npsd
     from npsd.params import flatten
     t0 = time.time()
-    pipe = npsd.load(path)
+    pipe = npsd.load(path, weights_dtype=weights_dtype)
     weights = sum(a.nbytes for a in flatten(pipe.params).values())
     loaded = status("VmRSS")
     t1 = time.time()
@@ -61,15 +62,16 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--sampler", default="ddim")
+    ap.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "npsd-bench"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.size, args.steps, args.sampler)
+        child(args.child, args.size, args.steps, args.sampler, args.weights_dtype)
         return 0
     path = checkpoint(args.cache)
     cmd = [sys.executable, "-m", "benchmarks.memory", "--child", path, "--size", str(args.size),
-           "--steps", str(args.steps), "--sampler", args.sampler]
+           "--steps", str(args.steps), "--sampler", args.sampler, "--weights-dtype", args.weights_dtype]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
     if p.returncode != 0:
@@ -78,7 +80,7 @@ def main(argv=None):
     r = json.loads(p.stdout.strip().splitlines()[-1])
     gib = 2 ** 30
     print(f"txt2img {args.size}x{args.size}, {args.steps} {args.sampler} steps with guidance, SD v1.5-sized random "
-          f"weights (float32 in memory: {r['weights'] / gib:.2f} GiB)")
+          f"weights ({args.weights_dtype} in memory: {r['weights'] / gib:.2f} GiB)")
     print(f"  after loading {r['loaded'] / gib:.2f} GiB, peak {r['peak'] / gib:.2f} GiB, overhead "
           f"{(r['peak'] - r['loaded']) / gib:.2f} GiB, peak / weights {r['peak'] / r['weights']:.3f}; "
           f"load {r['load_s']:.0f} s, generation {r['generate_s']:.0f} s; torch imported: {r['torch_imported']}")

@@ -37,7 +37,6 @@ Conventions:
 
 import argparse
 import bdb
-import hashlib
 import math
 import os
 import sys
@@ -48,10 +47,11 @@ import warnings
 from . import nn
 from .version import __version__
 from .blas import THREAD_VARS, limit_threads
-from .config import generation_defaults, with_fallbacks
-from .errors import CheckpointError, InputError, NpsdError, UsageError
+from .errors import CheckpointError, InputError, NpsdError, UsageError, one_line
+from .generation import file_hash, model_defaults, model_file, network_hashes, pipeline_call  # noqa: F401 (also cli's API)
 from .images import filmstrip, heat_overlay, to_pil, write_png_atomic
 from .pngmeta import parameters_text, settings_from_png, short_hash
+from .loading import WEIGHTS_DTYPES
 from .pipeline import DECODERS
 from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
 from .rng import RNG_KINDS
@@ -179,6 +179,9 @@ def _generation_options(p, mode):
     a("--model", metavar="PATH", help="an SD v1.x .safetensors/.ckpt file or diffusers folder (default: the built-in small model)")
     a("--no-ema", action="store_true", default=None,
       help="use the raw UNet weights of a file that also holds EMA copies (v1-5-pruned.*; default: the EMA ones)")
+    a("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
+      help="keep the weights in float16 to halve their memory; npsd computes in float32 either way, and the image "
+           "changes by the float16 rounding of the weights (default float32)")
     a("--vae", metavar="PATH", help="a separate VAE: a .safetensors/.ckpt file (original names, optionally first_stage_model.*, "
                     "or diffusers names) or a diffusers vae folder")
     if mode != "txt2img":
@@ -232,25 +235,6 @@ def _generation_options(p, mode):
 
 # --- small helpers ------------------------------------------------------------------------------
 
-def file_hash(path, chunk=1 << 22):
-    """First 10 hex digits of the SHA-256 of a file (A1111's "AutoV2" model hash)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
-
-
-def model_file(pipe, model_arg):
-    """The file that identifies the model: the checkpoint file, or a diffusers folder's UNet file."""
-    info = getattr(pipe, "info", {}) or {}
-    files = info.get("files") or {}
-    for candidate in (files.get("unet"), info.get("file"), model_arg):
-        if candidate and os.path.isfile(candidate):
-            return candidate
-    return None
-
-
 def output_paths(output, seed, n):
     """-o and --num-images -> the list of output paths."""
     if output is None:
@@ -293,12 +277,12 @@ def vae_weights_file(path):
     return None
 
 
-def attach_vae(pipe, path):
+def attach_vae(pipe, path, weights_dtype="float32"):
     """Replace the model's VAE by the one in `path` (npsd.loading.load_vae: original names as in
     vae-ft-mse-840000-ema-pruned, with or without first_stage_model., or diffusers names). The
     model's VAE settings (scaling factor, groups) stay unless the VAE brings its own config.json."""
     from .loading import load_vae
-    params, vae_config = load_vae(path)
+    params, vae_config = load_vae(path, weights_dtype)
     z = params["post_quant_conv"]["weight"].shape[0]
     if z != pipe.latent_channels:
         raise CheckpointError(f"--vae: the VAE's latents have {z} channels but the model's UNet uses "
@@ -327,24 +311,6 @@ def attach_networks(pipe, args, settings):
     if settings["ti_names"] and args.embeddings_dir is None:
         raise UsageError(f"--from-png: the image used the embeddings {', '.join(settings['ti_names'])}; give "
                          "--embeddings-dir (a folder with those files)")
-
-
-def network_hashes(pipe, settings, args):
-    """{"Lora hashes": "name: hash, ...", "TI hashes": ...} as A1111 writes them (npsd.pngmeta.short_hash)
-    for the LoRAs of --lora and of the prompt's tags, and the embeddings the prompts used."""
-    from .embeddings import embedding_files, used_embeddings
-    from .pipeline import _lora_file
-    from .prompts import extract_loras
-    loras = {os.path.splitext(os.path.basename(path))[0]: path for path, _ in settings["lora"]}
-    loras.update({name: pipe.loras[name].path for name, _ in settings["lora_names"]})
-    if settings["prompt_syntax"] == "a1111":
-        for tag in extract_loras(settings["prompt"])[1]:
-            loras.setdefault(tag.name, _lora_file(args.lora_dir, tag.name))
-    used = used_embeddings(pipe, [settings["prompt"], settings["negative_prompt"]]) if args.embeddings_dir else []
-    files = embedding_files(args.embeddings_dir) if used else {}
-    embeddings = {name: files[name][0] for name in used if name in files}
-    return {"Lora hashes": ", ".join(f"{n}: {short_hash(p)}" for n, p in loras.items()) or None,
-            "TI hashes": ", ".join(f"{n}: {short_hash(p)}" for n, p in embeddings.items()) or None}
 
 
 # --- the settings of a run: the options given, over those stored in --from-png's PNG ------------
@@ -426,19 +392,6 @@ def taesd_uses(args, settings):
     return uses
 
 
-def model_defaults(settings, pipe):
-    """Fill the settings left None with the model's own defaults: npsd.config.generation_defaults
-    (what the pipeline uses too), and the timestep spacing and prediction type of its scheduler."""
-    defaults = generation_defaults(pipe.config)
-    scheduler = with_fallbacks("scheduler", pipe.config.get("scheduler"))
-    settings["steps"] = settings["steps"] or defaults["num_inference_steps"]
-    if settings["guidance_scale"] is None:
-        settings["guidance_scale"] = defaults["guidance_scale"]
-    settings["sampler"] = settings["sampler"] or defaults["sampler"]
-    settings["timestep_spacing"] = settings["timestep_spacing"] or scheduler["timestep_spacing"]
-    settings["prediction_type"] = settings["prediction_type"] or scheduler["prediction_type"]
-
-
 def step_targets(folder, every, start, total, n):
     """--save-steps: the steps whose x0 is saved (every k-th and the last) -> ({step: [path per image]},
     filmstrip path). Steps are numbered from 1 in the names: step-07.png (step-07-2.png for image 2)."""
@@ -503,10 +456,10 @@ def _load_model(args, settings):
     t0 = time.perf_counter()
     _note(args, f"npsd: loading {args.model or 'the built-in model'} ...")
     ema = not settings["no_ema"]
-    pipe = npsd.load(args.model, ema=ema) if args.model is not None else npsd.load(ema=ema)
+    pipe = npsd.load(args.model, ema=ema, weights_dtype=args.weights_dtype)
     settings["no_ema"] = pipe.info.get("ema") is False              # recorded only when raw weights were chosen
     if args.vae is not None:
-        attach_vae(pipe, args.vae)
+        attach_vae(pipe, args.vae, args.weights_dtype)
     attach_networks(pipe, args, settings)
     _note(args, f"npsd: loaded in {time.perf_counter() - t0:.1f} s")
     if "prediction_type" in pipe.info:                              # SD 2.x single files: v or epsilon
@@ -704,35 +657,10 @@ class _Generation:
             self.bar = None
 
 
-def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, attention_maps=None):
-    """Run txt2img, img2img or inpaint (`mode`) with the settings of a run (SETTINGS, the model's
-    defaults filled in; image, mask: paths or PIL images) -> float32 images [B, H, W, 3] in [0, 1].
-    What the command line and `npsd serve` (npsd/serve/) call."""
-    kw = dict(negative_prompt=settings["negative_prompt"], num_inference_steps=settings["steps"],
-              guidance_scale=settings["guidance_scale"], height=settings["height"], width=settings["width"],
-              seed=settings["seed"], sampler=settings["sampler"], num_images=settings["num_images"], output_type="np",
-              callback=callback, eta=settings["eta"], use_karras_sigmas=settings["karras"],
-              timestep_spacing=settings["timestep_spacing"], clip_skip=settings["clip_skip"] or None,
-              long_prompt=settings["long_prompt"], rng=settings["rng"],
-              prediction_type=settings["prediction_type"], guidance_rescale=settings["guidance_rescale"] or 0.0,
-              prompt_syntax=settings["prompt_syntax"], attention_maps=attention_maps, decoder=settings["vae_decoder"])
-    if mode == "txt2img":
-        return pipe.txt2img(settings["prompt"], **kw)
-    if mode == "img2img":
-        return pipe.img2img(settings["prompt"], image, strength=settings["strength"], **kw)
-    return pipe.inpaint(settings["prompt"], image, mask, strength=settings["strength"],
-                        mask_blur=settings["mask_blur"], **kw)
-
-
 # --- the entry point ----------------------------------------------------------------------------
 
-def _one_line(e):
-    text = " ".join(str(e).split("\n")).strip()
-    return text or type(e).__name__
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"npsd: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+    print(f"npsd: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -744,7 +672,7 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
-        print(f"npsd: error: {_one_line(e)}", file=sys.stderr)
+        print(f"npsd: error: {one_line(e)}", file=sys.stderr)
         return 2
     except SystemExit as e:                          # --help, --version
         return e.code if isinstance(e.code, int) else 0
@@ -775,12 +703,12 @@ def main(argv=None):
             if debug:
                 traceback.print_exc()
             if isinstance(e, (InputError, CheckpointError)):
-                print(f"npsd: error: {_one_line(e)}", file=sys.stderr)
+                print(f"npsd: error: {one_line(e)}", file=sys.stderr)
                 return 2
             if isinstance(e, (NpsdError, OSError)):
-                print(f"npsd: error: {_one_line(e)}", file=sys.stderr)
+                print(f"npsd: error: {one_line(e)}", file=sys.stderr)
                 return 1
-            print(f"npsd: internal error: {type(e).__name__}: {_one_line(e)}; rerun with --debug for the "
+            print(f"npsd: internal error: {type(e).__name__}: {one_line(e)}; rerun with --debug for the "
                   f"traceback and report it", file=sys.stderr)
             return 1
 

@@ -26,7 +26,7 @@ def embed(params, ids):
     """int64 ids [B, L] -> token embedding + learned position embedding [B, L, W]."""
     tokens = params["token_embedding"]["weight"][ids]                      # [V, W][B, L] -> [B, L, W]
     positions = params["position_embedding"]["weight"][:ids.shape[1]]      # [L, W]  (position ids 0 .. L-1)
-    return (tokens + positions).astype(np.float32)                         # [B, L, W]
+    return tokens.astype(np.float32) + positions                           # [B, L, W], float32 (float16 tables too)
 
 
 def encoder_layer(p, x, num_heads, eps, act, trace=None):

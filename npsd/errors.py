@@ -19,3 +19,9 @@ class UsageError(InputError):
 
 class TruncationWarning(UserWarning):
     """A prompt was longer than CLIP's context; the message says how many tokens were dropped."""
+
+
+def one_line(e):
+    """An exception (or warning) as one line of text, for the command line's and the server's messages."""
+    text = " ".join(str(e).split("\n")).strip()
+    return text or type(e).__name__

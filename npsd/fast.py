@@ -14,6 +14,10 @@ their work (elementwise passes, and matrix products into independent pieces) int
 ``settings.THREADS`` contiguous pieces that run at once in a thread pool. Each kernel runs with
 BLAS set to one thread (``@single_threaded_blas``; npsd/blas.py says why), so there is one thread
 per core and no BLAS pool competing with them.
+
+Weights stored in float16 (``npsd.load(path, weights_dtype="float16")``) are converted to float32
+by each kernel that takes a weight, for that one call (``upcast``, the conversion split across
+threads), as nn.py's plain layers do; float32 weights are used as they are.
 """
 
 import functools
@@ -88,6 +92,14 @@ def _flat_pieces(x, out, fn):
     xf, of = x.reshape(-1), out.reshape(-1)
     parallel(lambda a, b: fn(xf[a:b], of[a:b]), xf.size, xf.size)
     return out
+
+
+def upcast(a):
+    """nn.upcast, converting in parallel pieces: a weight or bias as float32, the array itself when it
+    is float32 (no copy), else a float32 copy of this one layer's array; None stays None."""
+    if a is None or a.dtype == np.float32:
+        return a
+    return _flat_pieces(np.ascontiguousarray(a), np.empty(a.shape, np.float32), lambda s, d: np.copyto(d, s))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +204,7 @@ def softmax(x, axis=-1):
 
 @single_threaded_blas
 def linear(x, weight, bias=None):
+    weight, bias = upcast(weight), upcast(bias)
     x2 = x.reshape(-1, x.shape[-1])
     out = np.empty((x2.shape[0], weight.shape[0]), np.float32)
     wt = weight.T
@@ -214,30 +227,39 @@ def linear(x, weight, bias=None):
 LONG_ROW = 4096
 
 
-def _sum_squares(y):
-    """Row sums of y^2 for y [R, n]."""
+def _sum_squares(y, mean=None, step=None):
+    """Row sums of (y - mean)^2 for y [R, n] (mean [R, 1], or None: of y^2). With step (a multiple of
+    LONG_ROW), y - mean is formed step values at a time, so the temporaries stay small."""
     full = y.shape[1] // LONG_ROW * LONG_ROW
-    if full == 0:
-        return np.einsum("ij,ij->i", y, y)
-    head = y[:, :full].reshape(y.shape[0], -1, LONG_ROW)
-    total = np.einsum("ijk,ijk->ij", head, head).sum(axis=1)
+    centred = (lambda a: a) if mean is None else (lambda a: a - mean)
+    pieces = []                                                           # [R, k] sums of k pieces of LONG_ROW
+    for i in range(0, full, step or max(full, 1)):
+        part = centred(y[:, i:min(full, i + (step or full))]).reshape(y.shape[0], -1, LONG_ROW)
+        pieces.append(np.einsum("ijk,ijk->ij", part, part))
+    total = np.concatenate(pieces, axis=1).sum(axis=1) if pieces else np.zeros(y.shape[0], np.float32)
     if full < y.shape[1]:
-        total += np.einsum("ij,ij->i", y[:, full:], y[:, full:])
+        tail = centred(y[:, full:])
+        total += np.einsum("ij,ij->i", tail, tail)
     return total
+
+
+def _centred_stats(x, y, eps):
+    """y = x - mean, in y's memory, for rows x [R, n] -> (mean, 1 / sqrt(var + eps)), each [R, 1]."""
+    mean = x.mean(axis=1, keepdims=True)                                 # pairwise sums, as the plain path
+    np.subtract(x, mean, out=y)
+    var = _sum_squares(y)[:, None] / np.float32(x.shape[1])               # mean of squared deviations
+    return mean, 1 / np.sqrt(var + np.float32(eps))
 
 
 def _normalise_rows(rows, eps, scale_shift):
     """rows [R, n] -> (rows - mean) / sqrt(var + eps), then scale_shift(out_rows, r0, r1) applies
     the affine part; returns a new array. Rows are split across threads."""
     out = np.empty(rows.shape, np.float32)
-    n = rows.shape[1]
 
     def f(a, b):
-        x, y = rows[a:b], out[a:b]
-        mean = x.mean(axis=1, keepdims=True)                             # pairwise sums, as the plain path
-        np.subtract(x, mean, out=y)
-        var = _sum_squares(y)[:, None] / np.float32(n)                    # mean of squared deviations
-        y *= 1 / np.sqrt(var + np.float32(eps))
+        y = out[a:b]
+        _, inv = _centred_stats(rows[a:b], y, eps)                         # y = x - mean
+        y *= inv                                                           # (x - mean) / sqrt(var + eps)
         scale_shift(y, a, b)
     parallel(f, rows.shape[0], rows.size)
     return out
@@ -245,6 +267,7 @@ def _normalise_rows(rows, eps, scale_shift):
 
 @single_threaded_blas
 def group_norm(x, num_groups, weight, bias, eps):
+    weight, bias = upcast(weight), upcast(bias)
     b, c = x.shape[:2]
     cg = c // num_groups
     rows = np.ascontiguousarray(x).reshape(b * num_groups, -1)            # [B*G, C/G * positions]
@@ -262,6 +285,7 @@ def group_norm(x, num_groups, weight, bias, eps):
 
 @single_threaded_blas
 def layer_norm(x, weight, bias, eps=1e-5):
+    weight, bias = upcast(weight), upcast(bias)
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
 
     def affine(y, r0, r1):
@@ -322,6 +346,7 @@ WINOGRAD_MIN_POSITIONS = 2048      # Winograd for 3x3 stride-1 convs with at lea
 @single_threaded_blas
 def conv2d(x, weight, bias, stride, pad):
     """nn.conv2d, whose checks the arguments have passed; pad = (top, bottom, left, right)."""
+    weight, bias = upcast(weight), upcast(bias)
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     top, bottom, left, right = pad
@@ -406,34 +431,61 @@ def winograd_weights(weight):
 
 
 def winograd_f2x2_3x3(x, weight, pad, ho, wo):
+    """A 3x3 stride-1 conv of x [B, C, H, W] (no bias) by Winograd -> [B, O, ho, wo]."""
     b, c, h, w = x.shape
-    o = weight.shape[0]
     top, bottom, left, right = pad
     th, tw = -(-ho // 2), -(-wo // 2)                                     # output tiles
     # pad so that tile (ty, tx) reads rows 2ty .. 2ty+3 and columns 2tx .. 2tx+3
     widths = ((0, 0), (0, 0), (top, 2 * th + 2 - h - top), (left, 2 * tw + 2 - w - left))
     xp = np.pad(x, widths) if any(a or b for a, b in widths) else x       # (np.pad always copies)
+    y = np.empty((b, weight.shape[0], ho, wo), dtype=np.float32)
+    return winograd_rows(lambda bi, r0, r1: xp[bi, :, r0:r1], b, c, ho, wo, weight, None, y)
+
+
+WINOGRAD_BAND_FRACTION = 8   # a band's transformed tiles (input and products) take CHUNK_BYTES / 8,
+WINOGRAD_MIN_COLUMNS = 512    # or more, up to CHUNK_BYTES, to give the products at least this many columns
+
+
+def winograd_rows(rows, b, c, ho, wo, weight, bias, out, add=False):
+    """Winograd F(2x2, 3x3) of an input that `rows` hands over a band at a time: rows(bi, r0, r1) ->
+    rows r0 .. r1-1 of image bi's input, zero-padded so that output tile (ty, tx) reads rows
+    2ty .. 2ty+3 and columns 2tx .. 2tx+3: [C, r1 - r0, >= 2 tw + 2]. Writes conv + bias into
+    out [B, O, ho, wo], or adds it there (add=True: a residual). Returns out."""
+    o = weight.shape[0]
+    th, tw = -(-ho // 2), -(-wo // 2)                                     # output tiles
     u = winograd_weights(weight)                                          # [16, O, C]
-    y = np.empty((b, o, 2 * th, 2 * tw), dtype=np.float32)
-    tr = max(1, min(th, settings.CHUNK_BYTES // (16 * max(c, o) * tw * 4 * 2)))   # tile rows per band
+    row_bytes = 16 * max(c, o) * tw * 4 * 2                              # one tile row's V and M
+    wide = min(-(-WINOGRAD_MIN_COLUMNS // tw), settings.CHUNK_BYTES // row_bytes)
+    tr = max(1, min(th, max(settings.CHUNK_BYTES // WINOGRAD_BAND_FRACTION // row_bytes, wide)))  # tile rows per band
     v_buf = np.empty((16, c, tr * tw), np.float32)
     m_buf = np.empty((16, o, tr * tw), np.float32)
+    y_buf = np.empty((o, 2 * tr, 2 * tw), np.float32) if add or ho % 2 or wo % 2 else None
     for bi in range(b):
         for t0 in range(0, th, tr):
             t1 = min(th, t0 + tr)
             n = t1 - t0
             v = v_buf[:, :, :n * tw].reshape(4, 4, c, n, tw)
-            xb = xp[bi, :, 2 * t0:2 * t1 + 2]                              # [C, 2n+2, Wp]
+            xb = rows(bi, 2 * t0, 2 * t1 + 2)                              # [C, 2n+2, Wp]
             parallel(lambda c0, c1: _input_transform(xb[c0:c1], v[:, :, c0:c1], n, tw), c, 16 * c * n * tw)
             vb, mb = v_buf[:, :, :n * tw], m_buf[:, :, :n * tw]
             # the 16 products M_ij = U_ij V_ij, [O, C] @ [C, n*tw], shared among the threads
             parallel(lambda i0, i1: np.matmul(u[i0:i1], vb[i0:i1], out=mb[i0:i1]), 16, mb.size * c, uses_blas=True)
             m = mb.reshape(4, 4, o, n, tw)
-            yb = y[bi, :, 2 * t0:2 * t1].reshape(o, n, 2, tw, 2)
-            parallel(lambda o0, o1: _output_transform(m[:, :, o0:o1], yb[o0:o1]), o, 16 * o * n * tw)
-    if y.shape[2:] != (ho, wo):
-        y = np.ascontiguousarray(y[:, :, :ho, :wo])
-    return y
+            r1 = min(ho, 2 * t1)                                           # this band's output rows: 2 t0 .. r1-1
+            yb = out[bi, :, 2 * t0:2 * t1] if y_buf is None else y_buf[:, :2 * n]   # [O, 2n, 2tw]
+
+            def finish(o0, o1, yb=yb, m=m, n=n, r0=2 * t0, r1=r1):
+                _output_transform(m[:, :, o0:o1], yb[o0:o1].reshape(o1 - o0, n, 2, tw, 2))
+                if bias is not None:
+                    yb[o0:o1] += bias[o0:o1, None, None]
+                if y_buf is not None:                                      # crop odd sizes; add a residual
+                    target, tile = out[bi, o0:o1, r0:r1], yb[o0:o1, :r1 - r0, :wo]
+                    if add:
+                        target += tile
+                    else:
+                        target[...] = tile
+            parallel(finish, o, 16 * o * n * tw)
+    return out
 
 
 def _input_transform(xb, v, n, tw):
@@ -464,63 +516,164 @@ def _output_transform(m, yb):
 # ---------------------------------------------------------------------------------------------
 # A 512x512 decode's largest activation is 256 channels at 512x512 (256 MiB). vae.py's plain blocks
 # hold several maps of that size at once: GroupNorm's and SiLU's temporaries, the zero-padded copy a
-# 3x3 conv makes of its input, the upsampled map and its padded copy, the residual sum. The versions
-# here write GroupNorm + SiLU, and the 2x upsampling, straight into a zero-bordered buffer that the
-# next 3x3 conv reads without padding it again; normalise a few groups at a time (GroupNorm's
-# statistics are per group, so this changes no value); and add residuals in place.
+# 3x3 conv makes of its input, the upsampled map and its padded copy, the residual sum. Here a 3x3
+# conv (padding 1) reads its input from a row source: a function that hands over the rows of the
+# zero-bordered input that one band of the conv needs, computed when asked for: silu(GroupNorm(x))
+# (the statistics of each group computed first, as group_norm computes them) or the 2x upsampled
+# map. So neither the normalised map nor the upsampled one ever exists in full. conv2 adds its result
+# into the residual; and vae_decoder, which owns every map it makes, lets each resnet block overwrite
+# its input: the skip (x, or its 1x1 conv written over x's first channels) then lives in x's memory.
 
-# GroupNorm + SiLU process whole channel groups in slices of about settings.CHUNK_BYTES / 8 bytes,
-# so that their temporaries (the normalised slice, exp(-x), ...) stay small.
-NORM_SLICE_FRACTION = 8
+
+def _row_source(b, c, h, w, fill):
+    """rows(bi, r0, r1) for winograd_rows: rows r0 .. r1-1 [C, r1 - r0, 2 ceil(w/2) + 2] of image bi of
+    a map [B, C, h, w] with a zero border (padded row r, column j is the map's row r - 1, column j - 1).
+    fill(bi, lo, hi, dst) writes the map's rows lo .. hi-1 into dst [C, hi - lo, w]. One band buffer,
+    reused: its columns outside the map stay zero."""
+    wp = 2 * -(-w // 2) + 2
+    buf = [np.zeros((c, 0, wp), np.float32)]
+
+    def rows(bi, r0, r1):
+        if buf[0].shape[1] < r1 - r0:
+            buf[0] = np.zeros((c, r1 - r0, wp), np.float32)
+        band = buf[0][:, :r1 - r0]
+        lo, hi = max(r0 - 1, 0), min(r1 - 1, h)                            # the map's rows in this band
+        band[:, :lo + 1 - r0] = 0                                          # the border above the map
+        band[:, max(hi + 1 - r0, 0):] = 0                                  # and below it
+        if hi > lo:
+            fill(bi, lo, hi, band[:, lo + 1 - r0:hi + 1 - r0, 1:w + 1])
+        return band
+    return rows
+
+
+def _group_stats(rows, eps):
+    """Mean and 1 / sqrt(var + eps) of each row of rows [R, n] (one image's group each), as
+    _centred_stats computes them, forming x - mean in steps of 64 pieces -> two [R, 1]."""
+    mean, inv = np.empty((rows.shape[0], 1), np.float32), np.empty((rows.shape[0], 1), np.float32)
+
+    def f(a, b):
+        mean[a:b] = rows[a:b].mean(axis=1, keepdims=True)
+        var = _sum_squares(rows[a:b], mean[a:b], step=64 * LONG_ROW)[:, None] / np.float32(rows.shape[1])
+        inv[a:b] = 1 / np.sqrt(var + np.float32(eps))
+    parallel(f, rows.shape[0], rows.size)
+    return mean, inv
+
+
+def norm_silu_rows(x, weight, bias, groups, eps):
+    """The row source of silu(GroupNorm(x)), x [B, C, h, w]: each band's rows normalised when asked for,
+    with the same operations as group_norm and silu (so the same values, bit for bit)."""
+    b, c, h, w = x.shape
+    weight, bias = upcast(weight)[:, None, None], upcast(bias)[:, None, None]   # [C, 1, 1]
+    x = np.ascontiguousarray(x)
+    mean, inv = _group_stats(x.reshape(b * groups, -1), eps)                 # [B*G, 1]
+    per_channel = lambda a, bi: np.repeat(a[bi * groups:(bi + 1) * groups], c // groups)[:, None, None]
+
+    def fill(bi, lo, hi, dst):
+        m, s = per_channel(mean, bi), per_channel(inv, bi)                     # [C, 1, 1]
+
+        def f(c0, c1):
+            t = x[bi, c0:c1, lo:hi] - m[c0:c1]                                 # (x - mean) / std * weight + bias
+            t *= s[c0:c1]
+            t *= weight[c0:c1]
+            t += bias[c0:c1]
+            e = np.negative(t)                                                 # silu(t) = t / (1 + e^-t)
+            np.exp(e, out=e)
+            e += 1
+            np.divide(t, e, out=e)
+            dst[c0:c1] = e
+        parallel(f, c, c * (hi - lo) * w)
+    return _row_source(b, c, h, w, fill)
+
+
+def upsample_rows(x):
+    """The row source of nearest-neighbour 2x upsampling of x [B, C, h, w]: map row r, column j is
+    x's row r // 2, column j // 2."""
+    b, c, h, w = x.shape
+
+    def fill(bi, lo, hi, dst):                                                 # dst [C, hi - lo, 2w]
+        src = x[bi][:, np.arange(lo, hi) // 2]                                 # [C, hi - lo, w]
+        dst[:, :, 0::2] = src
+        dst[:, :, 1::2] = src
+    return _row_source(b, c, 2 * h, 2 * w, fill)
+
+
+def padded(rows, shape):
+    """The whole zero-bordered map [B, C, h+2, w+2] of a row source of a map of `shape` [B, C, h, w]."""
+    b, c, h, w = shape
+    out = np.empty((b, c, h + 2, w + 2), np.float32)
+    for bi in range(b):
+        out[bi] = rows(bi, 0, h + 2)[:, :, :w + 2]                       # (the band buffer is reused)
+    return out
 
 
 def norm_silu_padded(x, weight, bias, groups, eps):
-    """silu(GroupNorm(x)) of x [B, C, H, W], written into a zero-bordered buffer [B, C, H+2, W+2]:
-    the input of a 3x3 conv with padding 1, which then needs no padded copy."""
-    b, c, h, w = x.shape
-    cg = c // groups                                                       # channels per group
-    out = np.zeros((b, c, h + 2, w + 2), dtype=np.float32)                # [B, C, H+2, W+2]
-    inner = out[:, :, 1:h + 1, 1:w + 1]                                    # view [B, C, H, W]
-    group_bytes = b * cg * h * w * 4
-    step = max(1, settings.CHUNK_BYTES // NORM_SLICE_FRACTION // group_bytes) * cg   # channels per slice
-    for c0 in range(0, c, step):
-        c1 = min(c, c0 + step)
-        y = group_norm(x[:, c0:c1], (c1 - c0) // cg, weight[c0:c1], bias[c0:c1], eps)   # [B, slice, H, W]
-        inner[:, c0:c1] = silu(y)
-    return out
+    """pad(silu(GroupNorm(x))) of x [B, C, H, W], whole: [B, C, H+2, W+2]."""
+    return padded(norm_silu_rows(x, weight, bias, groups, eps), x.shape)
 
 
 def upsample_padded(x):
-    """Nearest-neighbour 2x upsampling of x [B, C, H, W] into a zero-bordered [B, C, 2H+2, 2W+2]: the
-    input of the 3x3 conv (padding 1) that follows. out[2i+dy+1, 2j+dx+1] = x[i, j], dy, dx in {0, 1}."""
+    """pad(upsample_nearest(x)) of x [B, C, H, W], whole: [B, C, 2H+2, 2W+2]."""
     b, c, h, w = x.shape
-    out = np.zeros((b, c, 2 * h + 2, 2 * w + 2), dtype=np.float32)       # [B, C, 2H+2, 2W+2]
-    for dy in (0, 1):
-        for dx in (0, 1):
-            out[:, :, 1 + dy:1 + dy + 2 * h:2, 1 + dx:1 + dx + 2 * w:2] = x
+    return padded(upsample_rows(x), (b, c, 2 * h, 2 * w))
+
+
+@single_threaded_blas
+def conv3x3_rows(rows, shape, conv, out=None):
+    """conv(m) + bias, a 3x3 conv with padding 1 of the map m of `shape` [B, C, h, w] that `rows` hands
+    over, by Winograd a band at a time (or im2col of the whole padded map, where conv2d would use
+    it) -> [B, O, h, w]; out: add the conv into this array instead (a residual) and return it."""
+    b, c, h, w = shape
+    weight, bias = upcast(conv["weight"]), upcast(conv.get("bias"))
+    if WINOGRAD and b * h * w >= WINOGRAD_MIN_POSITIONS:
+        y = np.empty((b, weight.shape[0], h, w), np.float32) if out is None else out
+        return winograd_rows(rows, b, c, h, w, weight, bias, y, add=out is not None)
+    y = conv2d(padded(rows, shape), weight, bias, 1, (0, 0, 0, 0))
+    if out is None:
+        return y
+    out += y
     return out
 
 
-def _conv_of_padded(xp, conv):
-    """A 3x3 conv (padding 1) of a map already zero-bordered: [B, C, H+2, W+2] -> [B, O, H, W]."""
-    return conv2d(xp, conv["weight"], conv.get("bias"), 1, (0, 0, 0, 0))
+@single_threaded_blas
+def conv1x1_over_input(x, conv):
+    """A 1x1 conv of one image x [1, C, H, W] to O <= C channels, written over x's first O channels a
+    band of rows at a time (a band's result replaces input rows that no later band reads) -> x[:, :O]."""
+    weight, bias = upcast(conv["weight"]), upcast(conv.get("bias"))
+    o, c = weight.shape[:2]
+    h, w = x.shape[2:]
+    w2 = weight.reshape(o, c)
+    rows = max(1, min(h, settings.CHUNK_BYTES // WINOGRAD_BAND_FRACTION // (o * w * 4)))
+    y = np.empty((o, rows * w), np.float32)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        xb, yb = x[0, :, r0:r1].reshape(c, -1), y[:, :(r1 - r0) * w]         # [C, rows*W], [O, rows*W]
+        parallel(lambda o0, o1: np.matmul(w2[o0:o1], xb, out=yb[o0:o1]), o, o * xb.size, uses_blas=True)
+        if bias is not None:
+            yb += bias[:, None]
+        x[0, :o, r0:r1] = yb.reshape(o, r1 - r0, w)
+    return x[:, :o]
 
 
 def vae_norm_silu_conv(x, norm, conv, groups, eps):
     """vae.py's conv(silu(GroupNorm(x))), a 3x3 conv with padding 1: [B, C, H, W] -> [B, O, H, W]."""
-    return _conv_of_padded(norm_silu_padded(x, norm["weight"], norm["bias"], groups, eps), conv)
+    return conv3x3_rows(norm_silu_rows(x, norm["weight"], norm["bias"], groups, eps), x.shape, conv)
 
 
-def vae_resnet_block(p, x, groups, eps):
-    """vae.resnet_block: x + conv2(silu(norm2(conv1(silu(norm1(x)))))), the residual added in place.
-    Each step rebinds h, so that no map outlives the step that reads it."""
-    h = norm_silu_padded(x, p["norm1"]["weight"], p["norm1"]["bias"], groups, eps)   # [B, C, H+2, W+2]
-    h = _conv_of_padded(h, p["conv1"])                                    # [B, O, H, W]
-    h = norm_silu_padded(h, p["norm2"]["weight"], p["norm2"]["bias"], groups, eps)   # [B, O, H+2, W+2]
-    h = _conv_of_padded(h, p["conv2"])                                    # [B, O, H, W]
+def vae_resnet_block(p, x, groups, eps, inplace=False):
+    """vae.resnet_block: skip(x) + conv2(silu(norm2(conv1(silu(norm1(x)))))), [B, C, H, W] -> [B, O, H, W].
+    inplace: x may be overwritten: the skip (x, or its 1x1 conv written over x's first O channels)
+    takes no new map, conv2 adds into it, and the result is (a view of) x."""
+    b, c = x.shape[:2]
+    o = p["conv1"]["weight"].shape[0]
+    h = vae_norm_silu_conv(x, p["norm1"], p["conv1"], groups, eps)            # [B, O, H, W]
+    rows = norm_silu_rows(h, p["norm2"]["weight"], p["norm2"]["bias"], groups, eps)
+    if inplace and ("conv_shortcut" not in p or (b == 1 and o <= c)):
+        skip = conv1x1_over_input(x, p["conv_shortcut"]) if "conv_shortcut" in p else x   # in x's memory
+        return conv3x3_rows(rows, h.shape, p["conv2"], out=skip)                # skip += conv2(...)
+    h = conv3x3_rows(rows, h.shape, p["conv2"])                                 # [B, O, H, W]
     if "conv_shortcut" in p:
         s = p["conv_shortcut"]
-        h += conv2d(x, s["weight"], s.get("bias"), 1, (0, 0, 0, 0))       # 1x1: [B, C, H, W] -> [B, O, H, W]
+        h += conv2d(x, s["weight"], s.get("bias"), 1, (0, 0, 0, 0))           # 1x1: [B, C, H, W] -> [B, O, H, W]
     else:
         h += x
     return h
@@ -528,4 +681,26 @@ def vae_resnet_block(p, x, groups, eps):
 
 def vae_upsample(p, x):
     """vae.upsample: conv(upsample_nearest(x)), a 3x3 conv with padding 1: [B, C, h, w] -> [B, O, 2h, 2w]."""
-    return _conv_of_padded(upsample_padded(x), p["conv"])
+    b, c, h, w = x.shape
+    return conv3x3_rows(upsample_rows(x), (b, c, 2 * h, 2 * w), p["conv"])
+
+
+def vae_decoder(p, z, groups, eps, attention):
+    """vae.decoder (without a trace): the same blocks in the same order, but every map is this
+    function's own, so each resnet block overwrites its input (inplace=True). groups(*norms): the
+    config's groups, checked against those GroupNorms; attention(p, x): vae.attention_block."""
+    def resnet(res, x):
+        return vae_resnet_block(res, x, groups(res["norm1"], res["norm2"]), eps, inplace=True)
+    x = conv2d(z, p["conv_in"]["weight"], p["conv_in"].get("bias"), 1, (1, 1, 1, 1))   # [B, 512, h, w]
+    mid = p["mid_block"]
+    x = resnet(mid["resnets"][0], x)
+    for attn, res in zip(mid.get("attentions") or [None] * (len(mid["resnets"]) - 1), mid["resnets"][1:]):
+        if attn is not None:
+            x = attention(attn, x)
+        x = resnet(res, x)
+    for block in p["up_blocks"]:                                               # 512@2h -> ... -> 128@8h
+        for res in block["resnets"]:
+            x = resnet(res, x)
+        if block.get("upsamplers"):
+            x = vae_upsample(block["upsamplers"][0], x)
+    return vae_norm_silu_conv(x, p["conv_norm_out"], p["conv_out"], groups(p["conv_norm_out"]), eps)

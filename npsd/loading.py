@@ -13,7 +13,7 @@ below (docs/checkpoints.md shows them side by side): the UNet's flat `input_bloc
 of the leaf modules apply. Before reading any tensor, the translated names and shapes are checked
 against what npsd's components need (npsd.architecture: the design read from a few anchor tensors,
 then every tensor of that design), so a wrong or damaged file fails with the offending names.
-Tensors are then read and converted to float32 one at a time.
+Tensors are then read and converted to float32 (or, with weights_dtype="float16", to float16) one at a time.
 """
 
 import json
@@ -330,9 +330,14 @@ def _read_components(sources, maps, shapes, dtype, components=("text_encoder", "
     params = {}
     for comp, exp in expected.items():
         flat = {}
-        for d, shape in exp.items():  # one tensor at a time: peak = the float32 weights + one tensor
+        for d, shape in exp.items():  # one tensor at a time: peak = the weights in `dtype` + one tensor
             name, part = (maps[comp][d], None) if isinstance(maps[comp][d], str) else maps[comp][d]
-            t = sources[comp].read(name, dtype)
+            with np.errstate(over="ignore"):   # values beyond float16's range: the error below says so
+                t = sources[comp].read(name, dtype)
+            stored = str(sources[comp].tensors[name].dtype)            # "F32", "float32", "BF16", ...
+            if t.dtype == np.float16 and stored not in ("F16", "float16") and not np.isfinite(t).all():
+                raise CheckpointError(f"{sources[comp].path}: {name} has values beyond float16's range (|x| > 65504); "
+                                      f"load it with weights_dtype float32")
             if part is not None:      # one third of a fused q/k/v tensor, copied so the rest is freed
                 t = t[part * len(t) // 3:(part + 1) * len(t) // 3].copy()
             flat[d] = t.reshape(shape)
@@ -511,11 +516,13 @@ def _folder_tokenizer(folder, pad_token):
 
 # --- a VAE on its own (users swap VAEs: `--vae FILE`) ---------------------------------------------
 
-def load_vae(path, dtype=np.float32):
+def load_vae(path, weights_dtype="float32", *, dtype=None):
     """Load only a VAE: a standalone original-layout file (e.g. vae-ft-mse-840000-ema-pruned.safetensors
     / .ckpt), a diffusers VAE file or folder, or the VAE part of a whole SD checkpoint.
     Returns (params, config) with params as `pipe.params["vae"]` and config as `pipe.config["vae"]`:
-    `pipe.params["vae"], pipe.config["vae"] = npsd.loading.load_vae("vae.safetensors")`."""
+    `pipe.params["vae"], pipe.config["vae"] = npsd.loading.load_vae("vae.safetensors")`.
+    weights_dtype (old name: dtype): float32 or float16, as in `load`."""
+    dtype = weights_dtype_of(weights_dtype, dtype)
     path, config = os.fspath(path), sd15_config()["vae"]
     if os.path.isdir(path):
         folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
@@ -555,7 +562,26 @@ def _warn_unexpected(where, names):
 
 BUILTIN_MODEL = "npsd-tiny.safetensors"  # in weights/ (npsd.weights); made by python -m npsd.train.builtin
 
-def load(path=None, ema=True, dtype=np.float32):
+WEIGHTS_DTYPES = ("float32", "float16")    # NumPy has no bfloat16: bf16 files are read as float32 or rounded to float16
+
+
+def weights_dtype_of(weights_dtype, dtype=None):
+    """load's weights_dtype, or its old name dtype when given -> numpy.float32 or numpy.float16."""
+    value = weights_dtype if dtype is None else dtype
+    try:
+        wanted = np.dtype(value).name
+    except TypeError:
+        wanted = None
+    if wanted not in WEIGHTS_DTYPES:
+        shown = getattr(value, "__name__", None) or repr(value)
+        raise InputError(f"weights_dtype must be a floating type, {' or '.join(WEIGHTS_DTYPES)}, not {shown}"
+                         + ("; NumPy has no bfloat16 (bf16 files load as either)" if "bfloat16" in str(value) else ""))
+    if dtype is not None and np.dtype(weights_dtype).name not in ("float32", wanted):
+        raise InputError("give weights_dtype, or its old name dtype, not both")
+    return np.dtype(wanted)
+
+
+def load(path=None, ema=True, weights_dtype="float32", *, dtype=None):
     """Load an SD v1.x model and return an npsd.Pipeline.
 
     path:  a single file (.safetensors or torch .ckpt, original SD layout) or a diffusers folder
@@ -565,7 +591,13 @@ def load(path=None, ema=True, dtype=np.float32):
            or the raw training weights (False). In a diffusers folder, ema=False prefers
            unet/*.non_ema.safetensors when present. `pipe.info["ema"]` says what was used
            (None: the file holds one set of UNet weights).
-    dtype: the floating type of the returned parameters (float32: what npsd computes in).
+    weights_dtype: the type the weights are kept in: float32 (the default) or float16 (a numpy dtype
+           or its name). npsd computes in float32 either way; with float16, which halves the weights'
+           memory, each layer converts its own weights when it runs (npsd/nn.py), never the whole
+           model at once. Outputs then differ from float32 weights by the float16 rounding of the
+           weights (docs/speed.md has the measured difference, memory and time). A float16 file read
+           as float16 is not converted. `pipe.info["weights_dtype"]` says which was used.
+    dtype: the old name of weights_dtype (still accepted).
     """
     if path is None:  # the built-in model (weights/README.md), installed with npsd as npsd.weights
         from . import weights
@@ -573,8 +605,7 @@ def load(path=None, ema=True, dtype=np.float32):
         if not os.path.isfile(path):
             raise NpsdError(f"the built-in model {BUILTIN_MODEL} is missing from {os.path.dirname(str(path))}; "
                             f"reinstall npsd, or pass the path of an SD v1.x checkpoint to npsd.load(path)")
-    if np.dtype(dtype).kind != "f":
-        raise InputError(f"dtype must be a floating type such as numpy.float32, not {np.dtype(dtype)}")
+    dtype = weights_dtype_of(weights_dtype, dtype)
     path = os.fspath(path)
     if os.path.isdir(path):
         params, config, info = _load_folder(path, ema, dtype)
@@ -583,6 +614,7 @@ def load(path=None, ema=True, dtype=np.float32):
         params, config, info = _load_original(path, ema, dtype)
         tokenizer = None
     _warn_unexpected(path, info["unexpected"])
+    info["weights_dtype"] = dtype.name
     if "cond_proj" in params["unet"]["time_embedding"] and "config" not in info:   # LCM, without npsd's own config
         config["defaults"].update(LCM_DEFAULTS)
     return Pipeline(params, config, tokenizer, info=info)

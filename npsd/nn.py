@@ -4,7 +4,10 @@ Conventions (the same as PyTorch, so weights load without transposes):
 - images and feature maps are NCHW: x[batch, channels, height, width];
 - token sequences are [batch, tokens, width];
 - a linear weight is [out, in]; a conv weight is [out, in, kh, kw];
-- everything is float32.
+- everything is computed in float32. Weights may be stored in float16 (``npsd.load(path,
+  weights_dtype="float16")``, half the memory): each layer converts its own weight and bias with
+  ``upcast`` when it runs, so at most one layer's float32 copy exists at a time, and the model
+  code does not change. A float32 weight is used as it is, without a copy.
 
 Memory is bounded by one setting, ``settings.CHUNK_BYTES``: conv2d builds its im2col matrix a band
 of output rows at a time, and attention scores a block of queries at a time, so that neither
@@ -26,6 +29,12 @@ from scipy.special import erf
 from . import fast as _fast
 from . import settings
 from .settings import chunk_bytes, fast, set_chunk_bytes, set_fast, set_threads  # noqa: F401  (nn.set_fast, ...)
+
+
+def upcast(a):
+    """A weight or bias as float32: the array itself when it is float32 (no copy), else a float32
+    copy of this one layer's array (weights stored in float16); None stays None."""
+    return None if a is None else a.astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +76,7 @@ def linear(x, weight, bias=None):
     # [..., in] @ [in, out] -> [..., out]   (weight is stored [out, in], as in PyTorch)
     if settings.FAST:
         return _fast.linear(x, weight, bias)
+    weight, bias = upcast(weight), upcast(bias)       # float16 weights: this layer's float32 copy
     y = x @ weight.T
     if bias is not None:
         y += bias
@@ -92,6 +102,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     if settings.FAST:
         return _fast.layer_norm(x, weight, bias, eps)
     # normalise over the last axis: (x - mean) / sqrt(var + eps) * weight + bias
+    weight, bias = upcast(weight), upcast(bias)
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
     return (x - mean) / np.sqrt(var + np.float32(eps)) * weight + bias
@@ -103,6 +114,7 @@ def group_norm(x, num_groups, weight, bias, eps):
     # resnets 1e-5, transformer blocks and the VAE 1e-6), so it has no default.
     if settings.FAST:
         return _fast.group_norm(x, num_groups, weight, bias, eps)
+    weight, bias = upcast(weight), upcast(bias)
     b, c = x.shape[:2]
     g = x.reshape(b, num_groups, -1)                  # [B, G, C/G * positions]
     mean = g.mean(axis=-1, keepdims=True)
@@ -130,6 +142,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     pad = (padding,) * 4 if np.isscalar(padding) else tuple(padding)
     if settings.FAST:
         return _fast.conv2d(x, weight, bias, stride, pad)
+    weight, bias = upcast(weight), upcast(bias)                  # float16 weights: this layer's float32 copy
 
     if kh == kw == 1 and stride == 1 and not any(pad):
         # 1x1 fast path: a single GEMM over all positions, no im2col needed

@@ -19,7 +19,7 @@ of one VAE decode; they run one after the other, so the request needs about the 
 K_UNET and K_VAE are calibrated on the measurements in docs/unet.md (SD v1.5 UNet, batch 2, 64x64
 latents: 0.683 GB above the weights, CHUNK_BYTES 128 MiB -> K_UNET = 45) and docs/vae.md (SD v1.5
 VAE decode 512x512: 1268 MiB -> K_VAE = 4.5), rounded up; those are the plain path's, the larger
-(the fast path, the default, measured 0.31 GB and 877 MiB), so the estimate holds for both;
+(the fast path, the default, measured 0.31 GB and 456 MiB), so the estimate holds for both;
 tests/test_reliability.py checks that the formula reproduces both within 10 %. GB here means 2**30 bytes, as in those pages.
 
 Available memory is /proc/meminfo's MemAvailable (what the kernel can give without swapping); where

@@ -187,6 +187,9 @@ def encoder(p, x, config, trace=None):
 def decoder(p, z, config, trace=None):
     """Latent [B, latent_channels, h, w] (after post_quant_conv) -> image [B, 3, 8h, 8w].
     trace: None or an npsd.trace Scope ("vae.decoder"): records conv_in, mid_block, up_blocks.i, conv_out."""
+    if settings.FAST and trace is None:                                    # same values; each map reused in place
+        return _fast.vae_decoder(p, z, lambda *norms: _norm_groups(config, *norms), config["eps"],
+                                 lambda attn, x: attention_block(attn, x, config))
     _record(trace, ":in", z)
     _record(trace, "conv_in:in", z)
     x = nn.conv2d(z, **p["conv_in"], padding=1)                            # [B, 512, h, w]

@@ -13,7 +13,7 @@ How it works:
   holds two models only while switching;
 - POST /sdapi/v1/interrupt stops the running generation after its current step; as A1111 does, the
   request then returns the images decoded from that step's prediction of x_0;
-- a generation is npsd.cli.pipeline_call with the command line's settings (npsd/serve/a1111.py
+- a generation is npsd.generation.pipeline_call with the command line's settings (npsd/serve/a1111.py
   translates A1111's fields), so a PNG made here carries the parameters the command line writes,
   and `npsd txt2img --from-png` remakes it;
 - names of models resolve only to the files listed in --models-dir (LoRAs and embeddings: only inside
@@ -50,10 +50,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from .. import cli
+from .. import generation
 from ..attention_maps import AttentionMaps
 from ..config import generation_defaults
-from ..errors import InputError, NpsdError, UsageError
+from ..errors import InputError, NpsdError, UsageError, one_line
 from ..images import default_size, heat_overlay, to_pil, write_png_atomic
 from ..pngmeta import A1111_SAMPLERS, parameters_text
 from ..previews import preview, table_name
@@ -131,7 +131,7 @@ class Models:
                          "see GET /sdapi/v1/sd-models")
 
     def full_hash(self, entry, compute=False):
-        """The SHA-256 of the entry's weights file (a diffusers folder: its UNet file, as npsd.cli's
+        """The SHA-256 of the entry's weights file (a diffusers folder: its UNet file, as npsd.generation's
         "Model hash"), cached while the file's size and time stay; None until computed."""
         file = entry["file"]
         try:
@@ -152,7 +152,7 @@ class Models:
 
     def short_hash(self, entry):
         full = self.full_hash(entry)
-        return full[:10] if full else None          # A1111's "AutoV2" hash, npsd.cli.file_hash
+        return full[:10] if full else None          # A1111's "AutoV2" hash, npsd.generation.file_hash
 
 
 # --- the worker: one job at a time, first in first out ---------------------------------------------
@@ -307,7 +307,7 @@ class Server:
         import npsd
         pipe = npsd.load(entry["path"]) if entry["path"] else npsd.load()
         pipe.lora_dir, pipe.embeddings_dir = self.settings.lora_dir, self.settings.embeddings_dir
-        file = cli.model_file(pipe, entry["path"]) or entry["file"]
+        file = generation.model_file(pipe, entry["path"]) or entry["file"]
         entry = dict(entry, file=file)
         self.models.full_hash(entry, compute=True)
         old, self.pipe, self.loaded = self.pipe, pipe, entry
@@ -353,12 +353,12 @@ class Server:
             call = dict(settings, seed=settings["seed"] + j * batch)
             job.start_iteration(j)
             try:
-                out = cli.pipeline_call(pipe, plan.mode, call, plan.image, plan.mask, job.on_step,
+                out = generation.pipeline_call(pipe, plan.mode, call, plan.image, plan.mask, job.on_step,
                                         maps if j == 0 else None)
             except Interrupted as stop:                    # A1111: the last step's x_0, decoded
                 out, stopped = pipe.decode_latents(stop.x0, call["vae_decoder"]), stop.step
             if networks is None:
-                networks = cli.network_hashes(pipe, call, types.SimpleNamespace(
+                networks = generation.network_hashes(pipe, call, types.SimpleNamespace(
                     lora_dir=self.settings.lora_dir, embeddings_dir=self.settings.embeddings_dir))
             for b, img in enumerate(to_pil(out)):
                 extra = f", Interrupted at step: {stopped}/{job.steps}" if stopped else ""
@@ -389,7 +389,7 @@ class Server:
         settings = dict(plan.settings)
         settings["clip_skip"] = options["CLIP_stop_at_last_layers"] - 1
         settings["rng"] = a1111.RANDN_SOURCES[options["randn_source"]]
-        cli.model_defaults(settings, self.pipe)           # steps, cfg scale, sampler, spacing, prediction type
+        generation.model_defaults(settings, self.pipe)           # steps, cfg scale, sampler, spacing, prediction type
         a1111.check_eta(settings["sampler"], settings["eta"])      # the sampler may be the model's default
         if settings["sampler"] == "ddim":
             settings["eta"] = options["eta_ddim"] if settings["eta"] is None else settings["eta"]
@@ -558,12 +558,12 @@ def create_app(settings=None):
 
     @app.exception_handler(NpsdError)
     async def refused(request, e):
-        return JSONResponse({"detail": cli._one_line(e)}, status_code=413 if isinstance(e, PayloadTooLarge) else 422)
+        return JSONResponse({"detail": one_line(e)}, status_code=413 if isinstance(e, PayloadTooLarge) else 422)
 
     @app.exception_handler(Exception)
     async def internal(request, e):
         traceback.print_exception(e, file=sys.stderr)
-        return JSONResponse({"detail": f"internal error: {type(e).__name__}: {cli._one_line(e)}"}, status_code=500)
+        return JSONResponse({"detail": f"internal error: {type(e).__name__}: {one_line(e)}"}, status_code=500)
 
     async def generate(kind, request):
         body = await read_json(request, server.limits.max_bytes)

@@ -1,0 +1,88 @@
+"""A run's settings turned into a pipeline call: what the command line (npsd/cli.py) and
+`npsd serve` (npsd/serve/) share.
+
+A run's settings are a dict (npsd.cli.SETTINGS: prompt, steps, sampler, seed, ...) that the command
+line builds from its options (and --from-png's PNG) and the server from AUTOMATIC1111's request
+fields; `model_defaults` fills what was left None from the model's config, `pipeline_call` runs
+txt2img, img2img or inpaint with them, and `model_file` / `file_hash` / `network_hashes` give the
+hashes the PNG parameters record.
+"""
+
+import hashlib
+import os
+
+from .config import generation_defaults, with_fallbacks
+from .pngmeta import short_hash
+
+
+def file_hash(path, chunk=1 << 22):
+    """First 10 hex digits of the SHA-256 of a file (A1111's "AutoV2" model hash)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+def model_file(pipe, model_arg):
+    """The file that identifies the model: the checkpoint file, or a diffusers folder's UNet file."""
+    info = getattr(pipe, "info", {}) or {}
+    files = info.get("files") or {}
+    for candidate in (files.get("unet"), info.get("file"), model_arg):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+
+def network_hashes(pipe, settings, args):
+    """{"Lora hashes": "name: hash, ...", "TI hashes": ...} as A1111 writes them (npsd.pngmeta.short_hash)
+    for the LoRAs of --lora and of the prompt's tags, and the embeddings the prompts used."""
+    from .embeddings import embedding_files, used_embeddings
+    from .pipeline import _lora_file
+    from .prompts import extract_loras
+    loras = {os.path.splitext(os.path.basename(path))[0]: path for path, _ in settings["lora"]}
+    loras.update({name: pipe.loras[name].path for name, _ in settings["lora_names"]})
+    if settings["prompt_syntax"] == "a1111":
+        for tag in extract_loras(settings["prompt"])[1]:
+            loras.setdefault(tag.name, _lora_file(args.lora_dir, tag.name))
+    used = used_embeddings(pipe, [settings["prompt"], settings["negative_prompt"]]) if args.embeddings_dir else []
+    files = embedding_files(args.embeddings_dir) if used else {}
+    embeddings = {name: files[name][0] for name in used if name in files}
+    return {"Lora hashes": ", ".join(f"{n}: {short_hash(p)}" for n, p in loras.items()) or None,
+            "TI hashes": ", ".join(f"{n}: {short_hash(p)}" for n, p in embeddings.items()) or None}
+
+
+
+def model_defaults(settings, pipe):
+    """Fill the settings left None with the model's own defaults: npsd.config.generation_defaults
+    (what the pipeline uses too), and the timestep spacing and prediction type of its scheduler."""
+    defaults = generation_defaults(pipe.config)
+    scheduler = with_fallbacks("scheduler", pipe.config.get("scheduler"))
+    settings["steps"] = settings["steps"] or defaults["num_inference_steps"]
+    if settings["guidance_scale"] is None:
+        settings["guidance_scale"] = defaults["guidance_scale"]
+    settings["sampler"] = settings["sampler"] or defaults["sampler"]
+    settings["timestep_spacing"] = settings["timestep_spacing"] or scheduler["timestep_spacing"]
+    settings["prediction_type"] = settings["prediction_type"] or scheduler["prediction_type"]
+
+
+
+def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, attention_maps=None):
+    """Run txt2img, img2img or inpaint (`mode`) with the settings of a run (SETTINGS, the model's
+    defaults filled in; image, mask: paths or PIL images) -> float32 images [B, H, W, 3] in [0, 1].
+    What the command line and `npsd serve` (npsd/serve/) call."""
+    kw = dict(negative_prompt=settings["negative_prompt"], num_inference_steps=settings["steps"],
+              guidance_scale=settings["guidance_scale"], height=settings["height"], width=settings["width"],
+              seed=settings["seed"], sampler=settings["sampler"], num_images=settings["num_images"], output_type="np",
+              callback=callback, eta=settings["eta"], use_karras_sigmas=settings["karras"],
+              timestep_spacing=settings["timestep_spacing"], clip_skip=settings["clip_skip"] or None,
+              long_prompt=settings["long_prompt"], rng=settings["rng"],
+              prediction_type=settings["prediction_type"], guidance_rescale=settings["guidance_rescale"] or 0.0,
+              prompt_syntax=settings["prompt_syntax"], attention_maps=attention_maps, decoder=settings["vae_decoder"])
+    if mode == "txt2img":
+        return pipe.txt2img(settings["prompt"], **kw)
+    if mode == "img2img":
+        return pipe.img2img(settings["prompt"], image, strength=settings["strength"], **kw)
+    return pipe.inpaint(settings["prompt"], image, mask, strength=settings["strength"],
+                        mask_blur=settings["mask_blur"], **kw)
