@@ -359,6 +359,28 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def libraries(torch):
+    """What each side computes with: numpy's BLAS (and OpenBLAS's kernel for this CPU), torch's BLAS
+    and the CPU features its kernels use (AVX2, AVX512)."""
+    import re
+    from npsd import blas
+    info = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    numpy_blas = f"{info.get('name')} {info.get('version')}, kernel {blas.kernel() or 'unknown'}"
+    config = torch.__config__.show()
+    torch_blas = ", ".join(re.findall(r"BLAS_INFO=(\w+)", config)) or "unknown"
+    onednn = " + oneDNN" if "mkldnn" in config.lower() or "onednn" in config.lower() else ""
+    return (f"numpy BLAS: {numpy_blas}; torch BLAS: {torch_blas}{onednn}, "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def set_threads(torch, n):
+    """n threads on both sides: npsd's own pool and BLAS, torch's intra-op pool."""
+    from npsd import blas
+    settings.set_threads(n)
+    blas.set_threads(n)
+    torch.set_num_threads(n)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes: seconds, for CI")
@@ -367,6 +389,8 @@ def main(argv=None):
                     help="run only cases whose name contains one of these words (case-insensitive)")
     ap.add_argument("--markdown", help="also write the table to this file")
     ap.add_argument("--plain", action="store_true", help="npsd's plain reference kernels (nn.set_fast(False))")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for npsd (its pool and BLAS) and torch alike (default: the machine's cores)")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -375,9 +399,14 @@ def main(argv=None):
         return 2
     if args.plain:
         nn.set_fast(False)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"--threads must be at least 1, got {args.threads}", file=sys.stderr)
+            return 2
+        set_threads(torch, args.threads)
     header = (f"{time.strftime('%Y-%m-%d')}, {machine()}, numpy {np.__version__}, torch {torch.__version__} "
-              f"({torch.get_num_threads()} threads), npsd kernels: {'fast' if settings.FAST else 'plain'}, "
-              f"{'quick' if args.quick else 'full'} mode")
+              f"({torch.get_num_threads()} threads), npsd kernels: {'fast' if settings.FAST else 'plain'} "
+              f"({settings.THREADS} threads), {'quick' if args.quick else 'full'} mode\n{libraries(torch)}")
     print(header, flush=True)
     rates = sgemm_rate(torch)
     rate = max(rates.values())

@@ -47,6 +47,28 @@ def _find():
     return _funcs
 
 
+def kernel():
+    """OpenBLAS's name for the kernels it chose for this CPU (e.g. "SkylakeX", "Zen"), or None."""
+    import numpy  # noqa: F401  (loads its BLAS)
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
+                     "openblas_get_corename"):
+            if hasattr(lib, name):
+                f = getattr(lib, name)
+                f.restype, f.argtypes = ctypes.c_char_p, []
+                return f().decode("ascii", "replace")
+    return None
+
+
 def available():
     """True when npsd can set the BLAS thread count of this process."""
     return bool(_find())

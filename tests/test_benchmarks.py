@@ -36,3 +36,21 @@ def test_disagreeing_output_fails(monkeypatch, capsys):
     monkeypatch.setattr(nn, "group_norm", lambda x, *a, **k: x)          # a broken kernel
     assert bench.main(["--quick", "--repeat", "1", "--only", "group_norm"]) == 1
     assert "group_norm" in capsys.readouterr().err
+
+
+def test_header_names_the_libraries_and_threads(capsys, monkeypatch):
+    """The header says what each side computes with, and --threads sets both sides' threads."""
+    import torch
+    from npsd import blas, settings
+    monkeypatch.setattr(settings, "THREADS", settings.THREADS)              # restored after the test
+    before = (torch.get_num_threads(), blas.get_threads())
+    try:
+        assert bench.main(["--quick", "--repeat", "1", "--only", "softmax", "--threads", "1"]) == 0
+        header = capsys.readouterr().out.splitlines()[:2]                 # printed first
+        assert "(1 threads), npsd kernels: fast (1 threads)" in header[0], header
+        assert re.match(r"numpy BLAS: \S+ [\d.]+, kernel \S+; torch BLAS: \w+.*, CPU capability \w+", header[1]), header
+    finally:
+        torch.set_num_threads(before[0])
+        if before[1]:
+            blas.set_threads(before[1])
+    assert bench.main(["--quick", "--threads", "0"]) == 2
