@@ -18,7 +18,24 @@ _SET = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "
         "openblas_set_num_threads")
 _GET = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads", "openblas_get_num_threads64_",
         "openblas_get_num_threads")
+_CORENAME = ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
+             "openblas_get_corename")
 _funcs = None
+
+
+def _openblas_libraries():
+    """The OpenBLAS libraries loaded into this process (numpy's), as ctypes handles."""
+    import numpy  # noqa: F401  (loads its BLAS)
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return
+    for path in paths:
+        try:
+            yield ctypes.CDLL(path)
+        except OSError:
+            continue
 
 
 def _find():
@@ -26,17 +43,7 @@ def _find():
     if _funcs is not None:
         return _funcs
     _funcs = ()
-    import numpy  # noqa: F401  (loads its BLAS)
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
-    except OSError:
-        return _funcs
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
+    for lib in _openblas_libraries():
         get = next((getattr(lib, n) for n in _GET if hasattr(lib, n)), None)
         set_ = next((getattr(lib, n) for n in _SET if hasattr(lib, n)), None)
         if get and set_:
@@ -49,23 +56,12 @@ def _find():
 
 def kernel():
     """OpenBLAS's name for the kernels it chose for this CPU (e.g. "SkylakeX", "Zen"), or None."""
-    import numpy  # noqa: F401  (loads its BLAS)
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
-                     "openblas_get_corename"):
-            if hasattr(lib, name):
-                f = getattr(lib, name)
-                f.restype, f.argtypes = ctypes.c_char_p, []
-                return f().decode("ascii", "replace")
+    for lib in _openblas_libraries():
+        name = next((n for n in _CORENAME if hasattr(lib, n)), None)
+        if name:
+            f = getattr(lib, name)
+            f.restype, f.argtypes = ctypes.c_char_p, []
+            return f().decode("ascii", "replace")
     return None
 
 
