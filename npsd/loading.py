@@ -26,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 
 from . import architecture
-from .config import LCM_DEFAULTS, SD2_HEAD_WIDTH, sd15_config, sd2_config
+from .config import LCM_DEFAULTS, sd15_config, sd2_config
 from .errors import CheckpointError, InputError, NpsdError
 from .params import flatten, unflatten
 from .pipeline import Pipeline
@@ -383,7 +383,7 @@ def prediction_type_of(path, params, unet_channels):
     width = architecture.context_width({k: v.shape for k, v in flatten(params["unet"]).items()})
     x = np.full((1, 4, 8, 8), 0.5, np.float32)
     context = np.full((1, 2, width), 0.5, np.float32)
-    config = {"num_heads": [c // SD2_HEAD_WIDTH for c in unet_channels]}
+    config = sd2_config(unet_channels, "epsilon")["unet"]              # SD 2.x's heads; the type is what is tested
     score = float(np.mean(unet(params["unet"], x, 999, context, config) - x))
     kind = "v_prediction" if score < V_TEST_THRESHOLD else "epsilon"
     return kind, f"AUTOMATIC1111's test: mean(unet(x) - x) at t = 999 is {score:.2f} ({'<' if score < V_TEST_THRESHOLD else '>='} {V_TEST_THRESHOLD:g})"
