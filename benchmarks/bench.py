@@ -1,14 +1,15 @@
 """npsd against PyTorch on the same inputs, in the same run.
 
-    python -m benchmarks.bench            # full mode: SD v1.5 shapes (about 20 minutes on 2 cores)
+    python -m benchmarks.bench            # full mode: SD v1.5 and 2.1 shapes (about 29 minutes on 2 cores)
     python -m benchmarks.bench --quick    # small shapes, seconds (tests/test_benchmarks.py runs it)
     python -m benchmarks.bench --only unet --repeat 5 --markdown table.md
+    python -m benchmarks.bench --only image   # the time-to-image rows alone (about 9 minutes)
 
 Needs the test extra (torch, diffusers, transformers). The weights are random, at the real shapes;
 torch and npsd share them (npsd's arrays are views of torch's tensors), so one copy is in memory.
 
 For every case the two implementations run alternately (npsd, torch, npsd, torch, ...) after one
-warm-up call each (the whole txt2img, minutes long, is timed once, on that first call), and the
+warm-up call each (the whole generations, minutes long, are timed once, on that first call), and the
 table gives:
 - the median time of each and the ratio npsd / torch (below 1: npsd is faster);
 - the peak working memory of each call: the largest resident set size sampled every millisecond
@@ -22,15 +23,33 @@ table gives:
   different computations would mean nothing, so a case whose outputs disagree beyond its tolerance
   is reported as a failure (exit status 1).
 
+Besides the layers, models and the txt2img of the course's recipe (DDIM), the rows named "image: ..."
+time whole 512x512 generations as CPU users run them, each against diffusers doing the same, once:
+- DPM++ 2M Karras, 15 steps, CFG 7.5 (sampler="dpmpp_2m", use_karras_sigmas=True; diffusers'
+  DPMSolverMultistepScheduler(use_karras_sigmas=True)) on the SD v1.5 models;
+- LCM-LoRA, 4 steps, guidance 1: a random LoRA with the layers and rank of the LCM-LoRA for SD v1.5,
+  merged by npsd's load_lora and by diffusers' load_lora_weights + fuse_lora (before the timed call),
+  then the lcm sampler / LCMScheduler;
+- SD-Turbo, 1 step, no guidance: SD 2.1-shaped models (built for these rows only, freed after),
+  euler_a with trailing spacing / EulerAncestralDiscreteScheduler(timestep_spacing="trailing");
+- the LCM-LoRA and SD-Turbo rows again with a random TAESD decoding the latents (decoder="taesd";
+  diffusers' pipeline with AutoencoderTiny as its vae).
+Their output difference is absolute (images in [0, 1]), as the txt2img row's.
+
 Timings on a shared machine are meaningless: run it on a quiet one, and compare ratios, not times.
 """
 
 import argparse
+import contextlib
 import gc
+import inspect
+import itertools
+import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,8 +59,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import npsd  # noqa: E402
-from npsd import clip, nn, settings, unet as unet_model, vae  # noqa: E402
-from npsd.config import sd15_config  # noqa: E402
+from npsd import clip, fast, nn, settings, unet as unet_model, vae  # noqa: E402
+from npsd.config import sd15_config, sd2_config  # noqa: E402
 from npsd.params import unflatten  # noqa: E402
 from npsd.testing import compare  # noqa: E402
 
@@ -79,35 +98,54 @@ class PeakRSS:
 
 
 class FlopCounter:
-    """Count the multiply-adds of nn.conv2d, nn.linear and nn.attention (x2 = FLOPs) while active,
-    by wrapping those three functions (every layer of npsd's models goes through them)."""
+    """Count the multiply-adds (x2 = FLOPs) of every convolution, linear layer and attention while
+    active, by wrapping nn.conv2d, nn.linear and nn.attention (every layer of npsd's models goes
+    through them) and the fast path's convolutions that the VAE decoder's fast blocks call directly
+    (fast.conv2d, fast.conv3x3_rows, fast.conv1x1_over_input); a call inside a counted call is not
+    counted again."""
+
+    WRAPPED = ((nn, "conv2d"), (nn, "linear"), (nn, "attention"),
+               (fast, "conv2d"), (fast, "conv3x3_rows"), (fast, "conv1x1_over_input"))
+
+    @staticmethod
+    def multiply_adds(name, a, y):
+        """a: the call's arguments by parameter name; y: its result."""
+        if name == "conv2d":
+            o, c, kh, kw = a["weight"].shape
+            return y.size * c * kh * kw
+        if name == "conv3x3_rows":                        # the map's shape [B, C, h, w]
+            return y.size * a["shape"][1] * 9
+        if name == "conv1x1_over_input":                  # x [1, C, H, W] -> [1, O, H, W]
+            return y.size * a["x"].shape[1]
+        if name == "linear":
+            return y.size * a["weight"].shape[1]
+        q, k = a["q"], a["k"]                             # attention: Q K^T and P V
+        return 2 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
 
     def __enter__(self):
-        self.flops, self.saved = 0, {name: getattr(nn, name) for name in ("conv2d", "linear", "attention")}
-        conv2d, linear, attention = self.saved["conv2d"], self.saved["linear"], self.saved["attention"]
-
-        def counted_conv2d(x, weight, bias=None, stride=1, padding=0):
-            y = conv2d(x, weight, bias, stride, padding)
-            o, c, kh, kw = weight.shape
-            self.flops += 2 * y.size * c * kh * kw
-            return y
-
-        def counted_linear(x, weight, bias=None):
-            y = linear(x, weight, bias)
-            self.flops += 2 * y.size * weight.shape[1]
-            return y
-
-        def counted_attention(q, k, v, num_heads, causal=False):
-            y = attention(q, k, v, num_heads, causal)
-            self.flops += 2 * 2 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]   # Q K^T and P V
-            return y
-
-        nn.conv2d, nn.linear, nn.attention = counted_conv2d, counted_linear, counted_attention
+        self.flops, self.depth = 0, 0
+        self.saved = [(module, name, getattr(module, name)) for module, name in self.WRAPPED]
+        for module, name, f in self.saved:
+            setattr(module, name, self._counted(name, f))
         return self
 
+    def _counted(self, name, f):
+        signature = inspect.signature(f)
+
+        def counted(*args, **kwargs):
+            self.depth += 1
+            try:
+                y = f(*args, **kwargs)
+            finally:
+                self.depth -= 1
+            if self.depth == 0:
+                self.flops += 2 * self.multiply_adds(name, signature.bind(*args, **kwargs).arguments, y)
+            return y
+        return counted
+
     def __exit__(self, *exc):
-        for name, f in self.saved.items():
-            setattr(nn, name, f)
+        for module, name, f in self.saved:
+            setattr(module, name, f)
 
 
 def sgemm_rate(torch):
@@ -139,6 +177,9 @@ class Case:
     tolerance: float        # relative difference of the outputs allowed (the parity tests' figure)
     repeat: int = 0         # 0: the run's --repeat
     note: str = ""
+    setup: object = None    # None, or a context manager function that builds what the case needs (models,
+                            # a merged LoRA) before its calls and frees it after; consecutive cases with
+                            # the same setup share one
 
 
 @dataclass
@@ -303,6 +344,214 @@ def txt2img_case(torch, quick, models, params, config):
 
 
 # ---------------------------------------------------------------------------------------------
+# Time to image: whole generations as CPU users run them, each against diffusers doing the same
+# ---------------------------------------------------------------------------------------------
+
+IMAGE = "image: "                       # the rows' names start so: `--only image` selects exactly them
+IMAGE_WORDS = ("image", "dpm++", "karras", "lcm", "turbo", "taesd")    # --only words that need the models
+PROMPT = "a photograph of an astronaut riding a horse"
+SEED = 7
+# diffusers' schedulers with SD v1.5's scheduler settings (SD 2.1 and SD-Turbo have the same betas)
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      steps_offset=1, timestep_spacing="leading")
+# SD 2.1 (and SD-Turbo, distilled from it): heads 64 channels wide, linear proj_in/proj_out, context
+# width 1024 from OpenCLIP ViT-H/14's text tower (23 of its 24 layers, GELU): 865M and 340M parameters
+UNET_SD21 = dict(UNET_FULL, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+UNET_SD21_QUICK = dict(UNET_QUICK, attention_head_dim=(2, 4), use_linear_projection=True)
+CLIP_SD21 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16)
+TAESD_QUICK = dict(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                   num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))        # one 2x step, as the quick VAE
+# The LCM-LoRA for SD v1.5 (latent-consistency/lcm-lora-sdv1-5): rank 64 on the UNet layers its trainer
+# targets (diffusers' examples/consistency_distillation), 278 layers at SD v1.5 size, 67.3M parameters
+# (the LCM-LoRA paper, Luo et al. 2023, gives 67.5M); no text encoder layers.
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+# The largest max |npsd - diffusers| allowed between the images (in [0, 1]), (quick mode, full size):
+# about 10x the difference measured on this project's machine (quick mode, full size) beside each.
+IMAGE_TOLERANCE = {
+    ("dpmpp", "vae"): (1e-5, 2e-5),      # measured 9.5e-7, 2.1e-6
+    ("lcm", "vae"): (5e-6, 1e-5),        # measured 4.8e-7, 1.3e-6
+    ("lcm", "taesd"): (1e-5, 3e-6),      # measured 9.5e-7, 3.0e-7
+    ("turbo", "vae"): (5e-6, 1e-5),      # measured 4.8e-7, 1.3e-6
+    ("turbo", "taesd"): (1e-5, 3e-6),    # measured 9.5e-7, 2.7e-7
+}
+
+
+def text_params(model):
+    """npsd text encoder params viewing a transformers CLIPTextModel (with or without text_model.)."""
+    prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
+    return shared_params(model, prefix)
+
+
+def reference_pipeline(autoencoder, text, unet, scheduler, pad_token="<|endoftext|>"):
+    """diffusers' StableDiffusionPipeline on these torch models, with the CLIP vocabulary npsd ships.
+    autoencoder: AutoencoderKL or AutoencoderTiny (TAESD). pad_token: SD v1.x's tokenizer pads with
+    <|endoftext|>, SD 2.x's with "!" (id 0)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+    from npsd.weights import path as weights_path
+    tok = CLIPTokenizer(str(weights_path("vocab.json")), str(weights_path("merges.txt")), model_max_length=77,
+                        pad_token=pad_token)
+    ref = StableDiffusionPipeline(vae=autoencoder, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def seeded(torch):
+    """diffusers' generator for SEED; npsd draws the same numbers with seed=SEED, rng="torch"."""
+    return torch.Generator("cpu").manual_seed(SEED)
+
+
+def tolerance(row, decoder, quick):
+    return IMAGE_TOLERANCE[row, decoder][0 if quick else 1]
+
+
+def image_cases(torch, quick, models, params, config):
+    """The time-to-image rows, 512x512 (64x64 in quick mode, on the quick models), each timed once."""
+    from diffusers import AutoencoderTiny
+    torch.manual_seed(0)
+    taesd_model = AutoencoderTiny(**(TAESD_QUICK if quick else {})).eval().requires_grad_(False)   # random TAESD
+    return ([dpmpp_karras_case(torch, quick, models, params, config)]
+            + lcm_lora_cases(torch, quick, models, params, config, taesd_model)
+            + sd_turbo_cases(torch, quick, models, config, taesd_model))
+
+
+def dpmpp_karras_case(torch, quick, models, params, config):
+    """DPM++ 2M with Karras sigmas (A1111's "DPM++ 2M Karras"), 15 steps, CFG 7.5, fixed initial latents."""
+    from diffusers import DPMSolverMultistepScheduler
+    size = 64 if quick else 512
+    sched = DPMSolverMultistepScheduler(**SD15_SCHEDULER, algorithm_type="dpmsolver++", solver_order=2,
+                                        use_karras_sigmas=True)
+    ref = reference_pipeline(models["vae"], models["text"], models["unet"], sched)
+    pipe = npsd.Pipeline(params, config)
+    latents = np.random.default_rng(3).standard_normal((1, 4, size // pipe.vae_factor, size // pipe.vae_factor),
+                                                       dtype=np.float32)
+    kw = dict(negative_prompt="blurry", num_inference_steps=15, guidance_scale=7.5, height=size, width=size,
+              output_type="np")
+    return Case(f"{IMAGE}{size}x{size}, DPM++ 2M Karras, 15 steps, CFG 7.5",
+                lambda: pipe.txt2img(PROMPT, sampler="dpmpp_2m", use_karras_sigmas=True, latents=latents, **kw),
+                lambda tl=_t(latents): ref(PROMPT, latents=tl, **kw).images,
+                tolerance("dpmpp", "vae", quick), repeat=1,
+                note="vs diffusers' DPMSolverMultistepScheduler(use_karras_sigmas=True), SD v1.5's settings")
+
+
+def lcm_lora_file(torch, unet, rank):
+    """A random LoRA with the LCM-LoRA's layers (LCM_LORA_TARGETS) and rank, in kohya's layout
+    (lora_unet_<module path, dots as underscores>.lora_down/.lora_up.weight, .alpha), float16 as the
+    published file's 135 MB say; alpha = rank / 8, a visible but moderate update (any alpha costs the
+    same). -> {name: array}"""
+    rng = np.random.default_rng(4)
+    sd = {}
+    for name, m in unet.named_modules():
+        if not (isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(LCM_LORA_TARGETS)):
+            continue
+        shape, key = tuple(m.weight.shape), "lora_unet_" + name.replace(".", "_")
+        down = rng.standard_normal((rank, *shape[1:]), dtype=np.float32) / np.float32(math.sqrt(math.prod(shape[1:])))
+        up = 0.1 * rng.standard_normal((shape[0], rank) + (1, 1) * (len(shape) == 4), dtype=np.float32)
+        sd[key + ".lora_down.weight"], sd[key + ".lora_up.weight"] = down.astype(np.float16), up.astype(np.float16)
+        sd[key + ".alpha"] = np.array(rank / 8, np.float16)
+    return sd
+
+
+def lcm_lora_cases(torch, quick, models, params, config, taesd_model):
+    """SD v1.5 with the LCM-LoRA merged: the lcm sampler, 4 steps, guidance 1 (no unconditional pass),
+    decoded by the VAE and by TAESD. The same seed: the same initial latents and per-step noise."""
+    from diffusers import LCMScheduler
+    from safetensors.numpy import save_file
+    size, rank = (64, 4) if quick else (512, 64)
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, height=size, width=size, output_type="np")
+    state, cases = {}, []
+
+    def scheduler():
+        return LCMScheduler(**SD15_SCHEDULER, clip_sample=False, set_alpha_to_one=False)
+
+    @contextlib.contextmanager
+    def lcm_lora():
+        """Both sides load the LoRA file and merge it before the timed calls: npsd's load_lora into new
+        arrays; diffusers' load_lora_weights + fuse_lora into the UNet's weights in place, which
+        npsd's base arrays view: unfuse_lora subtracts it again after the rows (the weights come back
+        within float32 rounding, still shared by both sides)."""
+        pipe = npsd.Pipeline(params, config)
+        pipe.taesd = shared_params(taesd_model)
+        ref = {"vae": reference_pipeline(models["vae"], models["text"], models["unet"], scheduler()),
+               "taesd": reference_pipeline(taesd_model, models["text"], models["unet"], scheduler())}
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "lcm_lora.safetensors")
+            save_file(lcm_lora_file(torch, models["unet"], rank), path)
+            t_npsd = _timed(lambda: pipe.load_lora(path))[0]
+            t_ref = _timed(lambda: (ref["vae"].load_lora_weights(path), ref["vae"].fuse_lora()))[0]
+        for case in cases:
+            case.note = (f"LoRA of rank {rank} on {pipe.loras['lcm_lora'].layers} UNet layers, loaded and merged "
+                         f"before the timed call: npsd {fmt_time(t_npsd)}, diffusers (load_lora_weights + "
+                         f"fuse_lora) {fmt_time(t_ref)}")
+        state.update(pipe=pipe, ref=ref)
+        try:
+            yield
+        finally:
+            ref["vae"].unfuse_lora()
+            ref["vae"].unload_lora_weights()
+            pipe.unload_lora()
+            state.clear()
+            gc.collect()
+
+    for decoder, what in (("vae", ""), ("taesd", ", TAESD")):
+        cases.append(Case(
+            f"{IMAGE}{size}x{size}, LCM-LoRA, 4 steps, guidance 1{what}",
+            lambda d=decoder: state["pipe"].txt2img(PROMPT, sampler="lcm", seed=SEED, rng="torch", decoder=d, **kw),
+            lambda d=decoder: state["ref"][d](PROMPT, generator=seeded(torch), **kw).images,
+            tolerance("lcm", decoder, quick), repeat=1, setup=lcm_lora))
+    return cases
+
+
+def sd_turbo_cases(torch, quick, models, config, taesd_model):
+    """SD-Turbo as README.md's model table runs it: SD 2.1 shapes, epsilon prediction, 1 step of
+    euler_a with trailing spacing, guidance 0 (no unconditional pass); decoded by the VAE (SD 2.1's
+    has SD v1.5's shapes: the same random one) and by TAESD. Euler a's only step ends at sigma 0,
+    where its fresh noise is multiplied by 0: the same seed gives the same initial latents."""
+    from diffusers import EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    size = 64 if quick else 512
+    u, c = (UNET_SD21_QUICK, CLIP_QUICK) if quick else (UNET_SD21, CLIP_SD21)
+    kw = dict(num_inference_steps=1, guidance_scale=0.0, height=size, width=size, output_type="np")
+    state = {}
+
+    def scheduler():
+        return EulerAncestralDiscreteScheduler(**{**SD15_SCHEDULER, "timestep_spacing": "trailing"})
+
+    @contextlib.contextmanager
+    def sd_turbo():
+        """The SD 2.1-shaped UNet and text encoder, random, built for these rows and freed after them."""
+        torch.manual_seed(1)
+        unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, **u).eval().requires_grad_(False)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="gelu",
+                                            **c)).eval().requires_grad_(False)
+        sd2 = sd2_config(u["block_out_channels"], "epsilon")
+        sd2["unet"].update(num_heads=list(u["attention_head_dim"]), norm_groups=u["norm_num_groups"])
+        sd2["text_encoder"].update(num_heads=c["num_attention_heads"])
+        sd2["vae"] = dict(config["vae"])
+        pipe = npsd.Pipeline({"unet": shared_params(unet), "vae": shared_params(models["vae"]),
+                              "text_encoder": text_params(text)}, sd2)
+        pipe.taesd = shared_params(taesd_model)
+        state.update(pipe=pipe, ref={"vae": reference_pipeline(models["vae"], text, unet, scheduler(), "!"),
+                                     "taesd": reference_pipeline(taesd_model, text, unet, scheduler(), "!")})
+        del unet, text, pipe
+        try:
+            yield
+        finally:
+            state.clear()
+            gc.collect()
+
+    return [Case(f"{IMAGE}{size}x{size}, SD-Turbo, 1 step, no guidance{what}",
+                 lambda d=decoder: state["pipe"].txt2img(PROMPT, sampler="euler_a", timestep_spacing="trailing",
+                                                         seed=SEED, rng="torch", decoder=d, **kw),
+                 lambda d=decoder: state["ref"][d](PROMPT, generator=seeded(torch), **kw).images,
+                 tolerance("turbo", decoder, quick), repeat=1, setup=sd_turbo,
+                 note="SD 2.1 shapes: UNet and text encoder built for these rows and freed after them")
+            for decoder, what in (("vae", ""), ("taesd", ", TAESD"))]
+
+
+# ---------------------------------------------------------------------------------------------
 # Running and reporting
 # ---------------------------------------------------------------------------------------------
 
@@ -323,7 +572,7 @@ def run_case(case, repeat):
     res.flops = fc.flops
     first["torch"] = _measured(case.torch)
     c = compare(np.asarray(first["npsd"][2]), np.asarray(first["torch"][2]))
-    res.rel_err = c.max_abs if "txt2img" in case.name else c.max_rel
+    res.rel_err = c.max_abs if "txt2img" in case.name or case.name.startswith(IMAGE) else c.max_rel
     runs = [{side: r[:2] for side, r in first.items()}] if n == 1 else []
     del first, c
     for _ in range(n if n > 1 else 0):
@@ -418,19 +667,22 @@ def main(argv=None):
     results = []
     with torch.no_grad():
         cases = [c for c in primitive_cases(torch, args.quick) if wanted(c)]
-        model_words = ("unet", "vae", "clip", "txt2img", "encode", "decode", "text")
+        model_words = ("unet", "vae", "clip", "txt2img", "encode", "decode", "text") + IMAGE_WORDS
         if args.only is None or any(w.lower() in model_words for w in args.only):
             models, params, config = build_models(torch, args.quick)
             cases += [c for c in model_cases(torch, args.quick, models, params, config) if wanted(c)]
             tc = txt2img_case(torch, args.quick, models, params, config)
             if wanted(tc):
                 cases.append(tc)
-        for case in cases:
-            r = run_case(case, args.repeat)
-            results.append(r)
-            print(f"{case.name}: npsd {fmt_time(statistics.median(r.npsd_times))}, torch "
-                  f"{fmt_time(statistics.median(r.torch_times))}, ratio {r.ratio:.2f}, diff {r.rel_err:.1e}",
-                  flush=True)
+            cases += [c for c in image_cases(torch, args.quick, models, params, config) if wanted(c)]
+        for setup, group in itertools.groupby(cases, key=lambda c: c.setup):
+            with setup() if setup is not None else contextlib.nullcontext():
+                for case in group:
+                    r = run_case(case, args.repeat)
+                    results.append(r)
+                    print(f"{case.name}: npsd {fmt_time(statistics.median(r.npsd_times))}, torch "
+                          f"{fmt_time(statistics.median(r.torch_times))}, ratio {r.ratio:.2f}, diff {r.rel_err:.1e}",
+                          flush=True)
     out = table(results, rate)
     notes = [f"- {r.case.name}: {r.case.note}" for r in results if r.case.note]
     text = "\n".join([header, f"sgemm rate used for the FLOP bound: {rate / 1e9:.0f} GFLOP/s", "", out, ""] + notes)

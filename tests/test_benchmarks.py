@@ -24,12 +24,40 @@ def test_quick_mode(tmp_path, capsys):
     table = rows(md.read_text())
     names = " ".join(table)
     for word in ("conv2d 3x3", "self-attention", "group_norm", "softmax", "UNet step", "VAE decode", "VAE encode",
-                 "CLIP", "txt2img"):
+                 "CLIP", "txt2img", "image: 64x64, DPM++ 2M Karras", "image: 64x64, LCM-LoRA",
+                 "image: 64x64, SD-Turbo"):
         assert word in names, (word, names)
-    assert len(table) == 12                       # 2 convs, 2 attentions, GroupNorm, softmax, 2 UNet, 2 VAE, CLIP, txt2img
+    # 2 convs, 2 attentions, GroupNorm, softmax, 2 UNet, 2 VAE, CLIP, txt2img, and 5 time-to-image rows:
+    # DPM++ 2M Karras, LCM-LoRA and SD-Turbo, the last two also with TAESD
+    assert len(table) == 17
+    assert sorted(name for name in table if name.endswith(", TAESD")) == [
+        "image: 64x64, LCM-LoRA, 4 steps, guidance 1, TAESD", "image: 64x64, SD-Turbo, 1 step, no guidance, TAESD"]
     for name, (ratio, diff) in table.items():
         assert math.isfinite(ratio) and ratio > 0, name
     assert re.search(r"sgemm rate used for the FLOP bound: \d+ GFLOP/s", md.read_text())
+
+
+def test_only_selects_the_image_rows_by_their_word(monkeypatch, capsys):
+    """--only image selects exactly the five time-to-image rows; the older model words select none of
+    them (each case is recorded instead of run)."""
+    monkeypatch.setattr(bench, "sgemm_rate", lambda torch: {"numpy": 1e11, "torch": 1e11})
+
+    def selected(word):
+        ran = []
+
+        def record(case, repeat):
+            ran.append(case.name)
+            return bench.Result(case, [1.0], [1.0], rel_err=0.0)
+        monkeypatch.setattr(bench, "run_case", record)
+        assert bench.main(["--quick", "--only", word]) == 0
+        return ran
+
+    image = selected("image")
+    assert len(image) == 5 and all(name.startswith("image: ") for name in image), image
+    for word in ("unet", "vae", "clip", "txt2img", "encode", "decode", "text"):
+        ran = selected(word)
+        assert ran and not any(name.startswith("image: ") for name in ran), (word, ran)
+    assert selected("turbo") == [name for name in image if "SD-Turbo" in name]
 
 
 def test_disagreeing_output_fails(monkeypatch, capsys):
@@ -54,3 +82,29 @@ def test_header_names_the_libraries_and_threads(capsys, monkeypatch):
         if before[1]:
             blas.set_threads(before[1])
     assert bench.main(["--quick", "--threads", "0"]) == 2
+
+
+def test_flop_count_is_the_same_on_both_paths():
+    """The FLOP column counts a VAE decode and encode whole on the fast path, whose blocks call the fast
+    convolutions directly, as on the plain path, where every layer goes through nn (counted before:
+    43 of 2,514 GFLOP for the 512x512 decode)."""
+    import numpy as np
+    from npsd import architecture, vae
+    from npsd.config import sd15_config
+    from npsd.params import unflatten
+    config = sd15_config()
+    design = architecture.VAEDesign(block_out_channels=(32, 64), layers_per_block=1)
+    config["vae"].update(norm_groups=8)
+    params = unflatten(architecture.random_params(architecture.vae_shapes(design), np.random.default_rng(0)))
+    z = np.random.default_rng(1).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    img = np.random.default_rng(2).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    counts = {}
+    for path in (True, False):
+        with nn.fast(path):
+            with bench.FlopCounter() as decode:
+                vae.decode(params, z, config["vae"])
+            with bench.FlopCounter() as encode:
+                vae.encode(params, img, config["vae"])
+        counts[path] = (decode.flops, encode.flops)
+    assert counts[True] == counts[False]
+    assert min(counts[True]) > 1e8                               # 32x32 maps, 32-64 channels: ~0.1-1 GFLOP

@@ -1,0 +1,98 @@
+"""The fast path's threads do not oversubscribe the cores: while its kernels run, the only threads
+that compute are the calling thread and npsd's own pool (npsd/fast.py), each calling BLAS with one
+thread; OpenBLAS's own worker threads stay idle. Measured from the kernel's per-thread CPU times
+(/proc/self/task/<tid>/stat), so it holds whatever the machine's core count.
+
+The check can fail: with npsd's BLAS limit switched off (blas.single_threaded made a no-op), the
+pieces' matrix products call OpenBLAS with its whole pool, and its workers compute (measured: 45%
+of the CPU time of the same calls); with the limit on they take 0.0% (bound 5%)."""
+
+import os
+import sys
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+from npsd import blas, nn, settings
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not blas.available(),
+                                reason="needs Linux's /proc and an OpenBLAS whose threads npsd can set")
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds():
+    """{thread id: user + system CPU seconds} for every thread of this process."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:                     # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICKS      # utime, stime
+    return out
+
+
+def npsd_threads():
+    """The calling thread and npsd's pool threads (named "npsd_..."), as kernel thread ids."""
+    return {threading.get_native_id()} | {t.native_id for t in threading.enumerate() if t.name.startswith("npsd")}
+
+
+def work():
+    """Fast-path kernels that call BLAS from their pieces: 3x3 conv (Winograd), linear, attention."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 128, 64, 64), dtype=np.float32)
+    w = rng.standard_normal((128, 128, 3, 3), dtype=np.float32) * 0.03
+    t = rng.standard_normal((2, 1024, 320), dtype=np.float32)
+    lw = rng.standard_normal((1280, 320), dtype=np.float32) * 0.05
+    for _ in range(2):
+        nn.conv2d(x, w, None, padding=1)
+        nn.linear(t, lw)
+        nn.attention(t, t, t, 8)
+
+
+def share_outside_npsd():
+    """Fraction of this process's CPU time, during work(), spent by threads that are not npsd's."""
+    work()                                   # the pool exists, OpenBLAS has started its workers
+    before = cpu_seconds()
+    work()
+    after = cpu_seconds()
+    ours = npsd_threads()
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    total = sum(spent.values())
+    assert total > 0.1, f"too little CPU time measured ({total:.2f} s) to judge"
+    return sum(s for tid, s in spent.items() if tid not in ours) / total
+
+
+@contextmanager
+def two_threads():
+    """npsd's pool and OpenBLAS both at 2 threads (the setting that could oversubscribe)."""
+    old_npsd, old_blas = settings.THREADS, blas.get_threads()
+    settings.set_threads(2)
+    blas.set_threads(2)
+    try:
+        yield
+    finally:
+        settings.set_threads(old_npsd)
+        blas.set_threads(old_blas)
+
+
+def test_only_npsd_threads_compute():
+    with nn.fast(True), two_threads():
+        share = share_outside_npsd()
+    print(f"CPU time outside npsd's threads: {share:.1%} (bound 5%)")
+    assert share < 0.05
+
+
+def test_check_fails_without_the_blas_limit(monkeypatch):
+    @contextmanager
+    def no_limit():
+        yield
+    monkeypatch.setattr(blas, "single_threaded", no_limit)
+    with nn.fast(True), two_threads():
+        share = share_outside_npsd()
+    print(f"without the BLAS limit: {share:.1%} of the CPU time outside npsd's threads")
+    assert share >= 0.05
