@@ -285,7 +285,7 @@ def square_mask(box, size=64):
 
 
 def inpaint(pipe, path, prompt="a yellow circle on a blue background", init_prompt=GRID_PROMPTS[0],
-            box=(0, 0, 40, 40), steps=None):
+            box=(24, 0, 64, 40), steps=None):
     """Inpainting (docs/generation.md): a built-in-model image, the mask (white: repainted; a square
     over the shape), and pipe.inpaint's result, where after every step the black region's latents
     are replaced by the image's own latents noised to that step (the known region is kept)."""

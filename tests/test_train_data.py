@@ -26,9 +26,13 @@ def test_caption_parses_back():
     for shape in data.SHAPES:
         for size in (None, *data.SIZES):
             for position in (None, *data.POSITION_NAMES):
-                a = dict(shape=shape, colour="red", background="blue", size=size, position=position)
-                assert data.parse(data.caption(**a)) == a
-    for bad in ("a red circle", "a red circle on a blue background.", "a purple circle on a blue background"):
+                for background, first in (("blue", False), ("blue", True), (None, False)):
+                    a = dict(shape=shape, colour="red", background=background, size=size, position=position)
+                    assert data.parse(data.caption(**a, background_first=first)) == a
+    assert data.caption("circle", "red", "blue", "small", "top left", background_first=True) == \
+        "a blue background with a small red circle in the top left"
+    for bad in ("a red", "a red circle on a blue background.", "a purple circle on a blue background",
+                "a blue background with a red circle on a green background"):
         with pytest.raises(ValueError, match="not a caption"):
             data.parse(bad)
 
@@ -38,8 +42,9 @@ def test_evaluator_scores_training_scenes_100_percent():
     text names (data.parse) is measured back, and every scene has exactly one shape."""
     hits = evaluate.check_data(1000, seed=1)
     assert set(hits) == set(evaluate.ATTRIBUTES)
-    assert hits["background"][1] == hits["one shape"][1] == 1000
-    assert hits["position"][1] > 500 and hits["size"][1] > 500          # named in 60% of captions
+    assert hits["one shape"][1] == 1000
+    assert 700 < hits["background"][1] < 900                            # named in 80% of captions
+    assert hits["position"][1] > 700 and hits["size"][1] > 500          # named in 80% / 60%
     for attr, (correct, counted) in hits.items():
         assert correct == counted, f"{attr}: {correct}/{counted} training scenes measured as captioned"
 
@@ -63,7 +68,9 @@ def test_training_scenes_show_what_their_captions_say():
     the colour fills the shape's inside; and the held-out colour pairs are never drawn."""
     images, captions, attrs = data.dataset(500, seed=2)
     for img, cap, a in zip(images, captions, attrs):
-        assert cap.startswith("a ") and cap.endswith(f" on a {a['background']} background")
+        bg = a["background"]
+        assert (cap.endswith(f" on a {bg} background") or cap.startswith(f"a {bg} background with a ")
+                or "background" not in cap), cap
         assert f"{a['colour']} {a['shape']}" in cap
         assert (a["colour"], a["background"]) not in data.HELD_OUT
         mask = shape_mask(img, a["background"])
@@ -71,14 +78,14 @@ def test_training_scenes_show_what_their_captions_say():
         cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
         side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
         if a["position"]:
-            assert f" in the {a['position']} on " in cap
+            assert f" in the {a['position']}" in cap
             words = a["position"].split()
             if words == ["center"]:
                 assert abs(cx - 32) <= 4 and abs(cy - 32) <= 4, (cap, cx, cy)
             else:
                 assert (cy < 32) == ("top" in words) and (cx < 32) == ("left" in words), (cap, cx, cy)
         if a["size"]:
-            assert cap.startswith(f"a {a['size']} ")
+            assert f"a {a['size']} {a['colour']} {a['shape']}" in cap
             assert side <= 17 if a["size"] == "small" else side >= 23, (cap, side)
         inside = img[int(cy) - 1:int(cy) + 2, int(cx) - 1:int(cx) + 2]      # 3x3 at the box centre
         assert (inside == data.COLOURS[a["colour"]]).all(), cap

@@ -15,6 +15,9 @@ SD v1.5's original tensor names, only smaller shapes:
 4. UNet + CLIP text encoder trained together from scratch: epsilon prediction under SD's
    scaled-linear schedule (0.00085..0.012, 1000 steps), the caption replaced by "" 10% of the time
    (classifier-free guidance, Ho & Salimans 2022), min-SNR-5 loss weights (Hang et al. 2023), EMA weights;
+   timesteps drawn half uniformly and half with density rising linearly to t = 999 (HIGH_NOISE), since
+   a scene's layout (where the shape goes) is settled at high noise; every --eval-every steps the EMA
+   model is scored on the held-out prompts (learning curves in --workdir/curves.jsonl);
 5. export: fp16 .safetensors in the original single-file layout with the npsd config in
    __metadata__["npsd_config"] (read by npsd.load).
 
@@ -51,6 +54,7 @@ UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_blo
 DEFAULTS = dict(height=64, width=64, num_inference_steps=20, guidance_scale=7.5, sampler="ddim")
 EMA_DECAY = 0.998
 P_UNCOND = 0.1
+HIGH_NOISE = 0.5               # fraction of timesteps drawn as 999 * sqrt(u) instead of uniformly
 
 
 def build_models():
@@ -200,7 +204,62 @@ def alphas_cumprod():
     return np.cumprod(1.0 - betas)
 
 
-def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workdir, deadline, threads):
+def sample_timesteps(gen, batch):
+    """-> int64 tensor [batch] in 0..999: uniform, or with probability HIGH_NOISE from the density
+    2t / 1000^2 (the square root of a uniform number), which draws t > 500 three times as often."""
+    import torch
+    uniform = gen.integers(1000, size=batch)
+    high = np.minimum((1000 * np.sqrt(gen.random(batch))).astype(np.int64), 999)
+    return torch.from_numpy(np.where(gen.random(batch) < HIGH_NOISE, high, uniform)).long()
+
+
+def sample_torch(unet, text, vae, scaling, tok, prompts, seed, guidance=7.5, steps=20):
+    """DDIM (eta 0, "leading" spacing as the shipped defaults) with classifier-free guidance in torch,
+    for the learning curves -> uint8 [N, 64, 64, 3]."""
+    import torch
+    ac = torch.from_numpy(alphas_cumprod()).float()
+    ts = list(range(0, 1000, 1000 // steps))[::-1]
+    ts = [t + 1 for t in ts]                                             # steps_offset 1: 951, ..., 1
+    g = torch.Generator().manual_seed(seed)
+    n = len(prompts)
+    with torch.no_grad():
+        ctx = text(torch.from_numpy(np.stack(tok(list(prompts) + [""] * n))).long()).last_hidden_state
+        x = torch.randn((n, 4, data.SIZE // 4, data.SIZE // 4), generator=g)
+        for i, t in enumerate(ts):
+            e_c, e_u = unet(torch.cat([x, x]), torch.full((2 * n,), t), ctx).sample.chunk(2)
+            eps = e_u + guidance * (e_c - e_u)
+            a, a_prev = ac[t], ac[ts[i + 1]] if i + 1 < len(ts) else ac[0]
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        img = vae.decode(x / scaling).sample
+    img = ((img.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    return img.astype(np.uint8)
+
+
+def learning_curve_point(unet, text, vae, scaling, tok, step):
+    """Scores of the EMA model at one training step: the held-out prompts (2 seeds), and the
+    same-noise position test: one scene with each of the 5 position words under the same 6 noises,
+    which only a model that reads the position word places in 5 different spots."""
+    from .evaluate import ATTRIBUTES, score
+    cases = data.held_out_prompts()
+    images = np.concatenate([sample_torch(unet, text, vae, scaling, tok, [c["prompt"] for c in cases], s)
+                             for s in (0, 1)])
+    hits, _ = score(cases * 2, images)
+    point = {"step": step, **{a: hits[a] for a in ATTRIBUTES}}
+    same = []
+    for noise in range(6):
+        placed = [dict(shape="circle", colour="red", background="blue", size="small", position=p)
+                  for p in data.POSITION_NAMES]
+        for c in placed:
+            c["prompt"] = data.caption(**c)
+        imgs = sample_torch(unet, text, vae, scaling, tok, [c["prompt"] for c in placed], 100 + noise)
+        same.append(score(placed, imgs)[0]["position"][0])
+    point["same-noise position"] = (int(sum(same)), 30)
+    return point
+
+
+def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workdir, deadline, threads,
+               vae=None, eval_every=0):
     import copy
     import torch
     from ..tokenizer import Tokenizer
@@ -244,7 +303,7 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
         ids = torch.from_numpy(cap_ids[idx]).long()                      # [B, 77]
         drop = torch.from_numpy(gen.random(batch) < P_UNCOND)
         ids[drop] = empty
-        t = torch.from_numpy(gen.integers(1000, size=batch)).long()      # [B]
+        t = sample_timesteps(gen, batch)                                 # [B]
         eps = torch.from_numpy(gen.standard_normal(z0.shape, dtype=np.float32))
         a = ac[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps                        # DDPM eq. 4
@@ -268,6 +327,13 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
                 f"{torch.get_num_threads()} threads)")
         if step % 100 == 99:
             save(step + 1)
+        if eval_every and vae is not None and step % eval_every == eval_every - 1:
+            t1 = time.time()
+            point = learning_curve_point(ema["unet"], ema["text"], vae, scaling, tok, step + 1)
+            with open(os.path.join(workdir, "curves.jsonl"), "a") as f:
+                f.write(json.dumps(point) + "\n")
+            log("eval " + " | ".join(f"{k} {v[0]}/{v[1]}" for k, v in point.items() if k != "step")
+                + f" ({time.time() - t1:.0f} s)")
         if time.time() > deadline:
             log(f"UNet: time budget reached at step {step}")
             break
@@ -409,6 +475,9 @@ def main(argv=None):
     ap.add_argument("--num-images", type=int, default=NUM_IMAGES, help="training set size")
     ap.add_argument("--threads", default="auto", help="torch threads: 1, 2, ... or auto (see Threads)")
     ap.add_argument("--stage", choices=("all", "vae", "unet", "export"), default="all")
+    ap.add_argument("--vae-from", default=None, metavar="FILE",
+                    help="take the VAE from this model file (original layout) instead of training it")
+    ap.add_argument("--eval-every", type=int, default=1000, help="learning-curve point every N UNet steps (0: none)")
     ap.add_argument("--export-only", action="store_true", help="= --stage export")
     args = ap.parse_args(argv)
     import torch
@@ -422,7 +491,10 @@ def main(argv=None):
     images, captions = make_data(args.workdir, args.num_images)
     log(f"data: {len(images)} images, {len(set(captions))} distinct captions")
     stage = "export" if args.export_only else args.stage
-    if stage in ("all", "vae"):
+    if args.vae_from:
+        vae.load_state_dict(load_original(args.vae_from)[0].state_dict())
+        log(f"VAE: taken from {args.vae_from}")
+    elif stage in ("all", "vae"):
         phases = VAE_PHASES if args.vae_steps is None else ((args.vae_steps, 1e-3, 32, 0.1),)
         train_vae(vae, images, args.vae_batch, args.workdir, min(deadline, time.time() + 60 * args.vae_minutes),
                   threads, phases)
@@ -439,13 +511,14 @@ def main(argv=None):
         return
     if stage in ("all", "unet"):
         ema_unet, ema_text, steps = train_unet(unet, text, mean, std, captions, scaling, args.unet_steps,
-                                               args.unet_batch, args.lr, args.workdir, deadline, threads)
+                                               args.unet_batch, args.lr, args.workdir, deadline, threads,
+                                               vae, args.eval_every)
     else:
         state = torch.load(os.path.join(args.workdir, "unet_ckpt.pt"), weights_only=False)
         unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
         ema_unet, ema_text, steps = unet, text, state["step"]
     extra = {"unet_steps": steps, "unet_batch": args.unet_batch, "vae_phases": VAE_PHASES if args.vae_steps is None else args.vae_steps, "seed": SEED,
-             "num_images": args.num_images}
+             "num_images": args.num_images, "vae_from": os.path.basename(args.vae_from) if args.vae_from else None}
     export(os.path.abspath(args.out), ema_unet.eval(), vae, ema_text.eval(), scaling, extra)
     log(f"done in {(time.time() - start) / 60:.1f} min")
 

@@ -2,12 +2,18 @@
 
 One shape (circle, square, triangle) of one colour on a background of another colour, 64x64 RGB:
 
-    caption := "a" [size] colour shape [position] "on a" colour "background"
+    caption  := thing [position] ["on a" colour "background"]
+              | "a" colour "background with" thing [position]
+    thing    := "a" [size] colour shape
     size     := "small" | "large"                       (left out: any size in between the two)
     position := "in the top left" | "in the top right" | "in the bottom left" | "in the bottom right"
               | "in the center"                         (left out: anywhere the shape fits)
 
-e.g. "a small red circle in the top left on a blue background", "a red circle on a blue background".
+e.g. "a small red circle in the top left on a blue background", "a red circle on a blue background",
+"a blue background with a red circle in the center", "a small red circle in the top left" (the
+background left out: any colour but the shape's). The second word order and the captions without a
+background make the shape's own words carry its colour and place: with one word order the text
+encoder can carry everything in the tokens after the last word, where the background dominates.
 Some (shape colour, background colour) pairs are never drawn in training (HELD_OUT) and serve as
 the evaluation prompts. NumPy and Pillow only (the NumPy evaluation uses it too); seeded.
 """
@@ -45,27 +51,34 @@ JITTER = 3.0                   # +- pixels around a named position's centre
 HELD_OUT = (("red", "green"), ("green", "blue"), ("blue", "yellow"),
             ("yellow", "white"), ("white", "black"), ("black", "red"))
 TRAIN_PAIRS = tuple((a, b) for a in COLOUR_NAMES for b in COLOUR_NAMES if a != b and (a, b) not in HELD_OUT)
-P_SIZE, P_POSITION = 0.6, 0.6  # how often the caption names the size / the position
+P_SIZE, P_POSITION = 0.6, 0.8  # how often the caption names the size / the position
+P_NO_BACKGROUND = 0.2          # how often the caption leaves the background out
+P_BACKGROUND_FIRST = 0.3       # of the captions that name it: "a blue background with a red circle"
 
 
-def caption(shape, colour, background, size=None, position=None):
-    """The grammar's sentence; size / position None leave that phrase out."""
+def caption(shape, colour, background, size=None, position=None, background_first=False):
+    """The grammar's sentence; size / position / background None leave that phrase out;
+    background_first: "a blue background with a red circle ..." (needs the background)."""
     words = ["a"] + ([size] if size else []) + [colour, shape]
     if position:
         words += ["in the", position]
+    if background is None:
+        return " ".join(words)
+    if background_first:
+        return " ".join(["a", background, "background with"] + words)
     return " ".join(words + ["on a", background, "background"])
 
 
 def parse(text):
     """A caption of the grammar -> dict(shape, colour, background, size, position), None for a phrase
-    left out (the inverse of caption)."""
+    left out (the inverse of caption; which word order it was is not returned)."""
     size, colour, shape, position = ("|".join(names) for names in (SIZES, COLOUR_NAMES, SHAPES, POSITION_NAMES))
-    m = re.fullmatch(rf"a (?:({size}) )?({colour}) ({shape})(?: in the ({position}))? on a ({colour}) background",
-                     text)
+    thing = rf"a (?:(?P<size>{size}) )?(?P<colour>{colour}) (?P<shape>{shape})(?: in the (?P<position>{position}))?"
+    m = (re.fullmatch(rf"{thing}(?: on a (?P<background>{colour}) background)?", text)
+         or re.fullmatch(rf"a (?P<background>{colour}) background with {thing}", text))
     if m is None:
         raise ValueError(f"not a caption of the grammar in npsd/train/data.py: {text!r}")
-    size, colour, shape, position, background = m.groups()
-    return dict(shape=shape, colour=colour, background=background, size=size, position=position)
+    return {k: m[k] for k in ("shape", "colour", "background", "size", "position")}
 
 
 def draw(shape, colour, background, radius, centre):
@@ -97,9 +110,11 @@ def sample(rng, pairs=TRAIN_PAIRS):
     else:
         centre = rng.uniform(radius + 1, SIZE - radius - 1, 2)
     centre = np.clip(centre, radius + 1, SIZE - radius - 1)   # the whole shape stays in the image
+    named = None if rng.random() < P_NO_BACKGROUND else background
+    text = caption(shape, colour, named, size, position, background_first=rng.random() < P_BACKGROUND_FIRST)
     attrs = dict(shape=shape, colour=colour, background=background, size=size, position=position,
                  radius=float(radius), centre=(float(centre[0]), float(centre[1])))
-    return draw(shape, colour, background, radius, centre), caption(shape, colour, background, size, position), attrs
+    return draw(shape, colour, background, radius, centre), text, attrs
 
 
 def dataset(n, seed=0, pairs=TRAIN_PAIRS):
