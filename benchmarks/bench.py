@@ -1,9 +1,9 @@
 """npsd against PyTorch on the same inputs, in the same run.
 
-    python -m benchmarks.bench            # full mode: SD v1.5 and 2.1 shapes (about 29 minutes on 2 cores)
+    python -m benchmarks.bench            # full mode: SD v1.5 and 2.1 shapes (17 minutes on 2 cores with --repeat 3)
     python -m benchmarks.bench --quick    # small shapes, seconds (tests/test_benchmarks.py runs it)
     python -m benchmarks.bench --only unet --repeat 5 --markdown table.md
-    python -m benchmarks.bench --only image   # the time-to-image rows alone (about 9 minutes)
+    python -m benchmarks.bench --only image   # the time-to-image rows alone (about 7 minutes)
 
 Needs the test extra (torch, diffusers, transformers). The weights are random, at the real shapes;
 torch and npsd share them (npsd's arrays are views of torch's tensors), so one copy is in memory.

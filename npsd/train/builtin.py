@@ -54,7 +54,7 @@ UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_blo
 DEFAULTS = dict(height=64, width=64, num_inference_steps=20, guidance_scale=7.5, sampler="ddim")
 EMA_DECAY = 0.998
 P_UNCOND = 0.1
-HIGH_NOISE = 0.5               # fraction of timesteps drawn as 999 * sqrt(u) instead of uniformly
+HIGH_NOISE = 0.5               # fraction of timesteps drawn as 1000 sqrt(u) (at most 999) instead of uniformly
 
 
 def build_models():
@@ -206,7 +206,8 @@ def alphas_cumprod():
 
 def sample_timesteps(gen, batch):
     """-> int64 tensor [batch] in 0..999: uniform, or with probability HIGH_NOISE from the density
-    2t / 1000^2 (the square root of a uniform number), which draws t > 500 three times as often."""
+    2t / 1000^2 (the square root of a uniform number), which draws t > 500 three times as often as
+    t < 500."""
     import torch
     uniform = gen.integers(1000, size=batch)
     high = np.minimum((1000 * np.sqrt(gen.random(batch))).astype(np.int64), 999)
@@ -238,8 +239,9 @@ def sample_torch(unet, text, vae, scaling, tok, prompts, seed, guidance=7.5, ste
 
 def learning_curve_point(unet, text, vae, scaling, tok, step):
     """Scores of the EMA model at one training step: the held-out prompts (2 seeds), and the
-    same-noise position test: one scene with each of the 5 position words under the same 6 noises,
-    which only a model that reads the position word places in 5 different spots."""
+    same-noise position test: one caption with each of the 5 position words under the same 6 noises,
+    counted where the shape lands at the named place (chance 6 of 30; a model that ignores the words
+    puts all 5 in one place for a given noise)."""
     from .evaluate import ATTRIBUTES, score
     cases = data.held_out_prompts()
     images = np.concatenate([sample_torch(unet, text, vae, scaling, tok, [c["prompt"] for c in cases], s)
