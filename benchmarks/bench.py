@@ -283,10 +283,8 @@ def build_models(torch, quick):
     config["unet"].update(num_heads=u["attention_head_dim"], norm_groups=u["norm_num_groups"])
     config["vae"].update(norm_groups=v["norm_num_groups"])
     config["text_encoder"].update(num_heads=c["num_attention_heads"])
-    sd = models["text"].state_dict()
-    prefix = "text_model." if any(k.startswith("text_model.") for k in sd) else ""
     params = {"unet": shared_params(models["unet"]), "vae": shared_params(models["vae"]),
-              "text_encoder": shared_params(models["text"], prefix)}
+              "text_encoder": text_params(models["text"])}
     return models, params, config
 
 
@@ -319,21 +317,14 @@ def model_cases(torch, quick, models, params, config):
 
 
 def txt2img_case(torch, quick, models, params, config):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-    from npsd.weights import path as weights_path
+    from diffusers import DDIMScheduler
     size, steps = (64, 4) if quick else (512, 20)
-    tok = CLIPTokenizer(str(weights_path("vocab.json")), str(weights_path("merges.txt")), model_max_length=77)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
-    ref = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text"], tokenizer=tok, unet=models["unet"],
-                                  scheduler=sched, safety_checker=None, feature_extractor=None,
-                                  requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
+    sched = DDIMScheduler(**SD15_SCHEDULER, clip_sample=False, set_alpha_to_one=False)
+    ref = reference_pipeline(models["vae"], models["text"], models["unet"], sched)
     pipe = npsd.Pipeline(params, config)
     factor = 2 ** (len(params["vae"]["encoder"]["down_blocks"]) - 1)
     latents = np.random.default_rng(2).standard_normal((1, 4, size // factor, size // factor), dtype=np.float32)
-    prompt = "a photograph of an astronaut riding a horse"
+    prompt = PROMPT
     kw = dict(negative_prompt="blurry", num_inference_steps=steps, guidance_scale=7.5, height=size, width=size)
     return Case(f"txt2img {size}x{size}, {steps} DDIM steps, CFG 7.5",
                 lambda: pipe.txt2img(prompt, sampler="ddim", latents=latents, output_type="np", **kw),

@@ -248,13 +248,12 @@ def learning_curve_point(unet, text, vae, scaling, tok, step):
                              for s in (0, 1)])
     hits, _ = score(cases * 2, images)
     point = {"step": step, **{a: hits[a] for a in ATTRIBUTES}}
+    placed = [dict(shape="circle", colour="red", background="blue", size="small", position=p)
+              for p in data.POSITION_NAMES]
+    prompts = [data.caption(**c) for c in placed]
     same = []
     for noise in range(6):
-        placed = [dict(shape="circle", colour="red", background="blue", size="small", position=p)
-                  for p in data.POSITION_NAMES]
-        for c in placed:
-            c["prompt"] = data.caption(**c)
-        imgs = sample_torch(unet, text, vae, scaling, tok, [c["prompt"] for c in placed], 100 + noise)
+        imgs = sample_torch(unet, text, vae, scaling, tok, prompts, 100 + noise)
         same.append(score(placed, imgs)[0]["position"][0])
     point["same-noise position"] = (int(sum(same)), 30)
     return point
