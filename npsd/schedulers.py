@@ -411,6 +411,9 @@ def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False,
         # sqrt(sigma_max^2 + 1)); linspace / trailing start from std sigma_max
         init_sigma = smax if spacing in ("linspace", "trailing") else float(np.sqrt(np.float32(smax) ** 2 + 1))
 
+    if sampler == "pndm":
+        # PNDM's transfer (eq. 9) divides by alpha_bar_t, which a zero-SNR schedule makes 0 at t = N - 1
+        ac = _finite_terminal(ac)
     return Schedule(sampler=sampler, timesteps=_readonly(ts), sigmas=_readonly(sigmas),
                     prev_timesteps=_readonly(prev), alphas_cumprod=_readonly(ac),
                     final_alpha_cumprod=final_ac, init_noise_sigma=init_sigma,

@@ -429,14 +429,18 @@ def original_state_dict(unet, vae, text):
     return {n: v.detach().float().numpy().astype(np.float16) for n, v in out.items()}
 
 
-def load_original(path):
+def load_original(path, parts=("vae", "text", "unet")):
     """The inverse of export, with torch: a file in the original layout -> (vae, text, unet) torch
-    modules (float32). Used by the tests to run the shipped weights in the reference modules."""
+    modules (float32; those not in parts keep their random weights). Used by the tests to run the
+    shipped weights in the reference modules, and by --vae-from (parts=("vae",)), which also reads
+    files whose UNet or text encoder has another layout."""
     import torch
     from safetensors.numpy import load_file
     tensors = load_file(str(path))
     vae, text, unet = build_models()
     for part, m in (("unet", unet), ("vae", vae), ("text", text)):
+        if part not in parts:
+            continue
         sds = {"unet": {}, "vae": {}, "text": {}}
         sds[part] = {k: k for k in m.state_dict() if not k.endswith("position_ids")}
         names = to_original(sds["unet"], sds["vae"], sds["text"])          # original name -> module name
@@ -493,7 +497,7 @@ def main(argv=None):
     log(f"data: {len(images)} images, {len(set(captions))} distinct captions")
     stage = "export" if args.export_only else args.stage
     if args.vae_from:
-        vae.load_state_dict(load_original(args.vae_from)[0].state_dict())
+        vae.load_state_dict(load_original(args.vae_from, parts=("vae",))[0].state_dict())
         log(f"VAE: taken from {args.vae_from}")
     elif stage in ("all", "vae"):
         phases = VAE_PHASES if args.vae_steps is None else ((args.vae_steps, 1e-3, 32, 0.1),)

@@ -2,6 +2,7 @@
 
     python -m npsd.train.evaluate [--model FILE] [--seeds 2] [--steps N] [--grid out.png]
     python -m npsd.train.evaluate --check-data 2000      # the measurement on training scenes: ~100%
+    python -m npsd.train.evaluate --layout               # do the position words or x_t decide the layout?
 
 Prompts: every held-out (shape colour, background colour) pair of npsd.train.data (never drawn in
 training) x every shape, in the plain form ("a red circle on a green background") and with a size and
@@ -81,6 +82,49 @@ def check_data(n=2000, seed=1):
     return score([data.parse(c) for c in captions], images)[0]
 
 
+def layout_source(pipe, ts=(999, 950, 900), n=64, pool=2000, seed=2):
+    """Where the model's layout comes from at high noise, without sampling. On n training scenes
+    whose captions name a position: the mean squared error of the model's x0 estimate (no guidance)
+    at each t in ts, with the scene's caption and with its position words moved two places on
+    ("top left" -> "bottom left"). A model that uses the position words does better with its own
+    caption. And what a caption can tell at most: the error of predicting each latent by the mean of
+    the others with the same colours, and the same colours and position, among `pool` scenes. A
+    model that beats the caption-only error reads the layout from what x_t still shows of x0.
+    -> ({t: (error with the caption, with the position moved)}, {"colours": e, "colours + position": e})."""
+    from .. import schedulers
+    images, captions, _ = data.dataset(pool, seed=seed)
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1               # [pool, 3, 64, 64]
+    z0 = np.concatenate([pipe.vae_encode(x[i:i + 100])[0] for i in range(0, pool, 100)])
+    z0 = z0 * np.float32(pipe.scaling_factor)                                      # [pool, 4, 16, 16]
+    said = [data.parse(c) for c in captions]                                       # None where a caption is silent
+    pick = [i for i, d in enumerate(said) if d["position"]][:n]
+    bound = {}
+    for name, keys in (("colours", ("colour", "background")), ("colours + position", ("colour", "background", "position"))):
+        group = [tuple(d[k] for k in keys) for d in said]
+        sums, counts = {}, {}
+        for g, z in zip(group, z0):
+            sums[g], counts[g] = sums.get(g, 0) + z, counts.get(g, 0) + 1
+        bound[name] = float(np.mean([((z0[i] - (sums[group[i]] - z0[i]) / (counts[group[i]] - 1)) ** 2).mean()
+                                     for i in pick]))                              # leave-one-out group means
+    names = data.POSITION_NAMES
+    moved = [captions[i].replace("in the " + said[i]["position"],
+                                 "in the " + names[(names.index(said[i]["position"]) + 2) % len(names)]) for i in pick]
+    contexts = [pipe.encode_text(pipe.tokenize([captions[i] for i in pick])), pipe.encode_text(pipe.tokenize(moved))]
+    ac = schedulers.alphas_cumprod(pipe.config)
+    prediction = pipe.config["scheduler"]["prediction_type"]
+    rng = np.random.default_rng(seed)
+    errors = {}
+    for t in ts:
+        x_t = schedulers.add_noise(z0[pick], rng.standard_normal(z0[pick].shape, dtype=np.float32), t, ac)
+        errs = []
+        for context in contexts:
+            eps, x0 = schedulers.model_output_to_eps(pipe.unet(x_t, t, context), x_t, ac[t], prediction)
+            x0 = schedulers.x0_from_eps(x_t, eps, ac[t]) if x0 is None else x0
+            errs.append(float(((x0 - z0[pick]) ** 2).mean()))
+        errors[t] = tuple(errs)
+    return errors, bound
+
+
 def report(hits):
     """{attribute: (correct, counted)} -> "accuracy (correct/counted)" per attribute, " | "-separated
     ("-" for an attribute no prompt names)."""
@@ -112,6 +156,8 @@ def main(argv=None):
     ap.add_argument("--grid", default=None, help="save the images of the first seed at the default guidance here")
     ap.add_argument("--check-data", type=int, default=None, metavar="N",
                     help="measure N training scenes against their captions instead (no model)")
+    ap.add_argument("--layout", action="store_true",
+                    help="instead: whether the position words or x_t decide the layout (layout_source)")
     args = ap.parse_args(argv)
     if args.check_data is not None:
         if args.check_data < 1:
@@ -120,6 +166,12 @@ def main(argv=None):
         print(report(check_data(args.check_data)))
         return
     pipe = npsd.load(args.model)
+    if args.layout:
+        errors, bound = layout_source(pipe)
+        print("x0 error of the caption alone, at best: " + ", ".join(f"{k} {v:.3f}" for k, v in bound.items()))
+        for t, (own, moved) in errors.items():
+            print(f"t = {t}: x0 error with the caption {own:.4f}, with the position moved {moved:.4f}")
+        return
     if args.sampler:
         pipe.config["defaults"]["sampler"] = args.sampler
     d = pipe.config["defaults"]
