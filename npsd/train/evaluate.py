@@ -113,14 +113,15 @@ def layout_source(pipe, ts=(999, 950, 900), n=64, pool=2000, seed=2):
     ac = schedulers.alphas_cumprod(pipe.config)
     prediction = pipe.config["scheduler"]["prediction_type"]
     rng = np.random.default_rng(seed)
+    target = z0[pick]                                                              # [n, 4, 16, 16]
     errors = {}
     for t in ts:
-        x_t = schedulers.add_noise(z0[pick], rng.standard_normal(z0[pick].shape, dtype=np.float32), t, ac)
+        x_t = schedulers.add_noise(target, rng.standard_normal(target.shape, dtype=np.float32), t, ac)
         errs = []
         for context in contexts:
             eps, x0 = schedulers.model_output_to_eps(pipe.unet(x_t, t, context), x_t, ac[t], prediction)
             x0 = schedulers.x0_from_eps(x_t, eps, ac[t]) if x0 is None else x0
-            errs.append(float(((x0 - z0[pick]) ** 2).mean()))
+            errs.append(float(((x0 - target) ** 2).mean()))
         errors[t] = tuple(errs)
     return errors, bound
 
