@@ -191,6 +191,8 @@ def test_where_the_layout_comes_from(pipe):
     assert bound["colours + position"] < 0.8 * bound["colours"]            # the words can tell: 0.130 < 0.197
     assert all(abs(own - moved) < 0.01 * own for own, moved in errors.values())   # ignored: <= 0.2% apart
     assert errors[950][0] < bound["colours"]                                # read from x_t: 0.164 < 0.197
+    small = evaluate.layout_source(pipe, ts=(999,), n=16, pool=300)        # scenes alone in their group skipped
+    assert np.isfinite(list(small[1].values()) + list(small[0][999])).all(), small
 
 
 def _calibrate():

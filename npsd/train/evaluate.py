@@ -88,8 +88,9 @@ def layout_source(pipe, ts=(999, 950, 900), n=64, pool=2000, seed=2):
     at each t in ts, with the scene's caption and with its position words moved two places on
     ("top left" -> "bottom left"). A model that uses the position words does better with its own
     caption. And what a caption can tell at most: the error of predicting each latent by the mean of
-    the others with the same colours, and the same colours and position, among `pool` scenes. A
-    model that beats the caption-only error reads the layout from what x_t still shows of x0.
+    the others with the same colours, and the same colours and position, among `pool` scenes (a
+    pool of 2,000 leaves about 10 per group; much smaller pools make these means noisy). A model
+    that beats the caption-only error reads the layout from what x_t still shows of x0.
     -> ({t: (error with the caption, with the position moved)}, {"colours": e, "colours + position": e})."""
     from .. import schedulers
     images, captions, _ = data.dataset(pool, seed=seed)
@@ -97,15 +98,18 @@ def layout_source(pipe, ts=(999, 950, 900), n=64, pool=2000, seed=2):
     z0 = np.concatenate([pipe.vae_encode(x[i:i + 100])[0] for i in range(0, pool, 100)])
     z0 = z0 * np.float32(pipe.scaling_factor)                                      # [pool, 4, 16, 16]
     said = [data.parse(c) for c in captions]                                       # None where a caption is silent
-    pick = [i for i, d in enumerate(said) if d["position"]][:n]
-    bound = {}
+    groups = {}
     for name, keys in (("colours", ("colour", "background")), ("colours + position", ("colour", "background", "position"))):
         group = [tuple(d[k] for k in keys) for d in said]
         sums, counts = {}, {}
         for g, z in zip(group, z0):
             sums[g], counts[g] = sums.get(g, 0) + z, counts.get(g, 0) + 1
-        bound[name] = float(np.mean([((z0[i] - (sums[group[i]] - z0[i]) / (counts[group[i]] - 1)) ** 2).mean()
-                                     for i in pick]))                              # leave-one-out group means
+        groups[name] = group, sums, counts
+    finest, _, fine_counts = groups["colours + position"]
+    pick = [i for i, d in enumerate(said) if d["position"] and fine_counts[finest[i]] > 1][:n]   # not alone in its group
+    bound = {name: float(np.mean([((z0[i] - (sums[group[i]] - z0[i]) / (counts[group[i]] - 1)) ** 2).mean()
+                                  for i in pick]))                                 # leave-one-out group means
+             for name, (group, sums, counts) in groups.items()}
     names = data.POSITION_NAMES
     moved = [captions[i].replace("in the " + said[i]["position"],
                                  "in the " + names[(names.index(said[i]["position"]) + 2) % len(names)]) for i in pick]
