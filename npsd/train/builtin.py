@@ -218,9 +218,9 @@ def sample_torch(unet, text, vae, scaling, tok, prompts, seed, guidance=7.5, ste
     """DDIM (eta 0, "leading" spacing as the shipped defaults) with classifier-free guidance in torch,
     for the learning curves -> uint8 [N, 64, 64, 3]."""
     import torch
+    from ..schedulers import timesteps
     ac = torch.from_numpy(alphas_cumprod()).float()
-    ts = list(range(0, 1000, 1000 // steps))[::-1]
-    ts = [t + 1 for t in ts]                                             # steps_offset 1: 951, ..., 1
+    ts = timesteps(steps, "leading", steps_offset=1).tolist()           # 951, 901, ..., 1 for 20 steps
     g = torch.Generator().manual_seed(seed)
     n = len(prompts)
     with torch.no_grad():
