@@ -183,23 +183,31 @@ def geglu_product(value, gate):
     return _gelu_pieces(g, out, v).reshape(value.shape)
 
 
-def softmax_(s):
-    """Softmax over the last axis of a 2-D array, in place; rows split across threads."""
+def _softmax_rows(x, out):
+    """out = softmax of each row of x [R, n] (out may be x: in place); rows split across threads,
+    and each thread's rows taken a block of about 1 MiB at a time, so that the passes after the
+    first read the block from the core's cache."""
+    step = max(1, (1 << 18) // x.shape[1])                              # rows per block
+
     def f(a, b):
-        r = s[a:b]
-        r -= r.max(axis=-1, keepdims=True)
-        np.exp(r, out=r)
-        r /= r.sum(axis=-1, keepdims=True)
-    parallel(f, s.shape[0], s.size)
-    return s
+        for i in range(a, b, step):
+            r, o = x[i:min(b, i + step)], out[i:min(b, i + step)]
+            np.subtract(r, r.max(axis=-1, keepdims=True), out=o)          # e^(x - max): no overflow
+            np.exp(o, out=o)
+            o /= o.sum(axis=-1, keepdims=True)
+    parallel(f, x.shape[0], x.size)
+    return out
 
 
 @single_threaded_blas
 def softmax(x, axis=-1):
     x = np.moveaxis(x, axis, -1)
-    s = np.array(x, dtype=np.float32, order="C")            # the one copy; then in place
-    softmax_(s.reshape(-1, s.shape[-1]))
-    return np.moveaxis(s, -1, axis)
+    if x.dtype == np.float32 and x.flags.c_contiguous:
+        out = np.empty(x.shape, np.float32)
+    else:
+        x = out = np.array(x, dtype=np.float32, order="C")                # a copy, then in place
+    _softmax_rows(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]))
+    return np.moveaxis(out, -1, axis)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -213,6 +213,9 @@ def test_activations():
     check(lambda: nn.softmax(x * 5, axis=0), "softmax over axis 0")
     scores = randn(3, 4, 50, 60, scale=4)
     check(lambda: nn.softmax(scores), "softmax")
+    big = randn(2, 3, 700, 500, scale=4)                         # 2 threads, several row blocks each
+    check(lambda: nn.softmax(big), "softmax in row blocks")
+    check(lambda: nn.softmax(big[..., ::2].astype(np.float64)), "softmax of a float64 view")
     h, gw, gb = randn(2, 40, 96), randn(2 * 80, 96, scale=0.1), randn(2 * 80)
     check(lambda: nn.geglu(h, gw, gb), "geglu")
 
