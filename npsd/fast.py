@@ -366,14 +366,16 @@ def attention(q, k, v, num_heads, causal=False):
             future = np.arange(i0, i1)[:, None] < np.arange(m)[None, :] if causal else None
             if causal:
                 s[future] = -np.inf
-            # unnormalised softmax in place: e^(s - max), or e^s where no score can overflow
-            # (softmax is the same for any shift); the row sums divide the [n, d] product
+            # unnormalised softmax in place: e^s where no score can leave the range, else
+            # e^(s - max) (softmax is the same for any shift) with s - max raised to EXP_FLOOR:
+            # beside the row's e^0 = 1, 4096 keys of e^-60 add 4e-23. The row sums divide the
+            # [n, d] product.
             if not no_shift[bi, hi, i0:i1].all():
                 s -= s.max(axis=-1, keepdims=True)
-                np.maximum(s, np.float32(EXP_FLOOR), out=s)                            # beside e^0 = 1,
-                if causal:                                                             # e^-60 is as good as
-                    s[future] = -np.inf                                                # nothing (4096 of them
-            np.exp(s, out=s)                                                           # add 4e-23)
+                np.maximum(s, np.float32(EXP_FLOOR), out=s)
+                if causal:
+                    s[future] = -np.inf                                                # masked keys stay 0
+            np.exp(s, out=s)
             o = s @ vh[bi, hi]                                                         # [n, d+1]
             np.divide(o[:, :d], o[:, d:], out=out[bi, i0:i1, hi])                      # / row sums
     parallel(work, len(blocks), b * num_heads * n * m, uses_blas=True)
@@ -461,7 +463,7 @@ def _im2col_conv(x, weight, pad, stride, ho, wo):
 
 WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 # U = G g G^T for a kernel g [3, 3], row by row: U.ravel() = kron(G, G) g.ravel() (kron(G, G)[(i, j),
-# (k, l)] = G[i, k] G[j, l]); its entries are 0, 1, 1/2 and 1/4, so each U value is a sum of exact products
+# (k, l)] = G[i, k] G[j, l]); its entries are 0, 1, ±1/2 and ±1/4, so each U value is a sum of exact products
 WINOGRAD_GG = np.kron(WINOGRAD_G, WINOGRAD_G)                              # [16, 9]
 
 
