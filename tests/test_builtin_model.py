@@ -242,3 +242,60 @@ def test_img2img_and_inpaint_repaint_the_shape(pipe):
     print(f"inpaint: shape {m['colour']}, background {m['background']}")
     assert (m["colour"], m["background"]) == ("yellow", "blue")
     assert np.abs(out[mask == 0].astype(int) - source[mask == 0]).mean() < 20    # outside the mask: kept
+
+
+def test_attribute_targets_name_what_the_caption_says():
+    """The text encoder's auxiliary targets: 1 + the index of each stated value, 0 where unstated."""
+    _, captions, _ = data.dataset(300, seed=5)
+    targets = builtin.attribute_targets(captions + [""])
+    assert targets.shape == (301, len(builtin.ATTRIBUTE_VALUES)) and not targets[-1].any()
+    for caption, row in zip(captions, targets):
+        said = data.parse(caption)
+        for (name, values), k in zip(builtin.ATTRIBUTE_VALUES.items(), row):
+            assert (values[k - 1] if k else None) == said[name], (caption, name)
+    assert (targets[:-1, 2] == 0).any() and (targets[:-1, 2] > 0).any()      # position: unstated and stated
+
+
+@pytest.mark.parametrize("aux_weight", [builtin.TEXT_AUX_WEIGHT, 0.0])
+def test_training_step_teaches_the_text_heads(tmp_path, monkeypatch, aux_weight):
+    """Two UNet training steps on random latents: the auxiliary heads are saved in the checkpoint and
+    have moved from their initial values, through the auxiliary loss alone (weight 0: they stay)."""
+    torch.manual_seed(0)
+    _, text, unet = builtin.build_models()
+    _, captions, _ = data.dataset(8, seed=3)
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal((8, 4, 16, 16)).astype(np.float32)
+    monkeypatch.setattr(builtin, "TEXT_AUX_WEIGHT", aux_weight)
+    torch.manual_seed(1)
+    initial = builtin.text_aux_heads().state_dict()                 # the heads train_unet builds next
+    torch.manual_seed(1)
+    builtin.train_unet(unet, text, mean, np.zeros_like(mean), captions, 0.4, 2, 4, 1e-3, str(tmp_path),
+                       time.time() + 600, builtin.Threads("1"))
+    saved = torch.load(tmp_path / "unet_ckpt.pt", weights_only=False)["heads"]
+    moved = max(float((saved[k] - initial[k]).abs().max()) for k in initial)
+    assert (moved > 1e-5) == (aux_weight > 0), f"heads moved by {moved:.2e} with weight {aux_weight}"
+
+
+def test_probe_bounds_are_the_caption_only_errors():
+    """Latents that are a function of (colour, background, position) alone: knowing the position too
+    predicts them exactly, knowing the colours alone does not."""
+    from npsd.train import probe
+    _, captions, _ = data.dataset(400, seed=4)
+    said = [data.parse(c) for c in captions]
+    code = {v: i for i, v in enumerate(data.COLOUR_NAMES + data.POSITION_NAMES + (None,))}
+    latents = np.stack([np.full((4, 16, 16), code[d["colour"]] + 7 * code[d["background"]] + 50 * code[d["position"]],
+                                np.float32) for d in said])
+    test = np.array([i for i, d in enumerate(said) if d["position"]][-40:])
+    b = probe.bounds(latents, said, test)
+    assert b["colours + position"] == 0 and b["colours"] > 100, b
+
+
+@pytest.mark.parametrize("conditioning", ["clip", "clip-aux", "attributes"])
+def test_probe_trains_and_reports(conditioning):
+    from npsd.train import probe
+    _, captions, _ = data.dataset(48, seed=6)
+    latents = np.random.default_rng(0).standard_normal((48, 4, 16, 16)).astype(np.float32)
+    lines = []
+    points = probe.run(latents, captions, conditioning, steps=2, every=1, batch=4, n_test=8, report=lines.append)
+    assert [p[0] for p in points] == [0, 1, 2] and np.isfinite(points).all() and len(lines) == 3
+    assert all(p[1] != p[2] for p in points), "the moved position words changed nothing"

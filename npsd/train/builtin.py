@@ -16,7 +16,8 @@ SD v1.5's original tensor names, only smaller shapes:
    scaled-linear schedule (0.00085..0.012, 1000 steps), the caption replaced by "" 10% of the time
    (classifier-free guidance, Ho & Salimans 2022), min-SNR-5 loss weights (Hang et al. 2023), EMA weights;
    timesteps drawn half uniformly and half with density rising linearly to t = 999 (HIGH_NOISE), since
-   a scene's layout (where the shape goes) is settled at high noise; every --eval-every steps the EMA
+   a scene's layout (where the shape goes) is settled at high noise; the text encoder also learns to
+   name the caption's attributes from its pooled output (TEXT_AUX_WEIGHT); every --eval-every steps the EMA
    model is scored on the held-out prompts (learning curves in --workdir/curves.jsonl);
 5. export: fp16 .safetensors in the original single-file layout with the npsd config in
    __metadata__["npsd_config"] (read by npsd.load).
@@ -54,6 +55,13 @@ UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_blo
 DEFAULTS = dict(height=64, width=64, num_inference_steps=20, guidance_scale=7.5, sampler="ddim")
 EMA_DECAY = 0.998
 P_UNCOND = 0.1
+# The text encoder's auxiliary task: from its pooled output (the end-of-text token's state), linear
+# heads name each attribute the caption states, by cross-entropy with this weight beside the UNet's
+# loss. The heads are trained with it and not exported. Without it the encoder, trained from scratch,
+# learns to carry the colours but hardly the position (see weights/README.md).
+TEXT_AUX_WEIGHT = 0.1
+ATTRIBUTE_VALUES = {"colour": data.COLOUR_NAMES, "shape": data.SHAPES, "position": data.POSITION_NAMES,
+                    "background": data.COLOUR_NAMES, "size": tuple(data.SIZES)}
 HIGH_NOISE = 0.5               # fraction of timesteps drawn as 1000 sqrt(u) (at most 999) instead of uniformly
 
 
@@ -196,6 +204,13 @@ def encode_all(vae, images, workdir):
     return mean, std
 
 
+def latent_scaling(mean, std):
+    """1 / the std of the training latents, sampled from their posteriors, in float16 as exported:
+    the scaling factor that gives the UNet unit-variance latents (LDM, appendix G)."""
+    rng = np.random.default_rng(SEED + 3)
+    return float(np.float16(1.0 / (mean + std * rng.standard_normal(mean.shape, dtype=np.float32)).std()))
+
+
 # --- 4. UNet + text encoder ----------------------------------------------------------------------
 
 def alphas_cumprod():
@@ -259,6 +274,27 @@ def learning_curve_point(unet, text, vae, scaling, tok, step):
     return point
 
 
+def attribute_targets(captions):
+    """captions -> int64 [N, 5]: for each attribute of ATTRIBUTE_VALUES, 1 + the index of the value
+    the caption states, or 0 where it states none (always 0 for the empty caption)."""
+    said = [data.parse(c) if c else {} for c in captions]
+    return np.array([[1 + values.index(d[a]) if d.get(a) else 0 for a, values in ATTRIBUTE_VALUES.items()]
+                     for d in said], np.int64).reshape(len(captions), len(ATTRIBUTE_VALUES))
+
+
+def text_aux_heads():
+    """One linear head per attribute on the text encoder's width, for the auxiliary loss."""
+    import torch
+    return torch.nn.ModuleList([torch.nn.Linear(TEXT_CONFIG["hidden_size"], 1 + len(v))
+                                for v in ATTRIBUTE_VALUES.values()])
+
+
+def text_aux_loss(heads, pooled, targets):
+    """Sum over attributes of the cross-entropy of heads(pooled [B, W]) against targets [B, 5]."""
+    import torch
+    return sum(torch.nn.functional.cross_entropy(h(pooled), targets[:, j]) for j, h in enumerate(heads))
+
+
 def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workdir, deadline, threads,
                vae=None, eval_every=0):
     import copy
@@ -268,11 +304,13 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
     unique = sorted(set(captions) | {""})
     ids_of = dict(zip(unique, tok(unique)))                             # caption -> int64 [77]
     cap_ids = np.stack([ids_of[c] for c in captions])                   # [N, 77]
+    targets = torch.from_numpy(attribute_targets(captions))            # [N, 5]
     empty = torch.from_numpy(ids_of[""]).long()
     ac = torch.from_numpy(alphas_cumprod()).float()                      # [1000]
     snr = ac / (1 - ac)                                                  # [1000]
     weight = torch.clamp(snr, max=5.0) / snr                             # min-SNR-5 for epsilon targets
-    params = list(unet.parameters()) + list(text.parameters())
+    heads = text_aux_heads()
+    params = list(unet.parameters()) + list(text.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
     ema = {"unet": copy.deepcopy(unet).eval(), "text": copy.deepcopy(text).eval()}
@@ -282,7 +320,11 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
         state = torch.load(ckpt, weights_only=False)
         unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
         ema["unet"].load_state_dict(state["ema_unet"]); ema["text"].load_state_dict(state["ema_text"])
-        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        if "heads" in state:
+            heads.load_state_dict(state["heads"]); opt.load_state_dict(state["opt"])
+        else:                                    # a checkpoint from before the auxiliary loss: new heads
+            log("UNet: checkpoint without text heads; heads and optimiser state start afresh")
+        sched.load_state_dict(state["sched"])
         start = state["step"]
         log(f"UNet: resumed from step {start}")
     gen = np.random.default_rng(SEED + 2 + start)
@@ -290,8 +332,8 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
 
     def save(step):
         torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema["unet"].state_dict(),
-                    "ema_text": ema["text"].state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "step": step}, ckpt + ".tmp")
+                    "ema_text": ema["text"].state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "step": step}, ckpt + ".tmp")
         os.replace(ckpt + ".tmp", ckpt)
 
     t0, avg = time.time(), None
@@ -304,13 +346,17 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
         ids = torch.from_numpy(cap_ids[idx]).long()                      # [B, 77]
         drop = torch.from_numpy(gen.random(batch) < P_UNCOND)
         ids[drop] = empty
+        said = targets[idx].clone()                                      # [B, 5]
+        said[drop] = 0                                                   # the empty caption states nothing
         t = sample_timesteps(gen, batch)                                 # [B]
         eps = torch.from_numpy(gen.standard_normal(z0.shape, dtype=np.float32))
         a = ac[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps                        # DDPM eq. 4
-        ctx = text(ids).last_hidden_state                                # [B, 77, 64]
+        out = text(ids)
+        ctx = out.last_hidden_state                                      # [B, 77, 64]
         pred = unet(zt, t, ctx).sample
-        loss = (weight[t] * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
+        denoise = (weight[t] * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = denoise + TEXT_AUX_WEIGHT * text_aux_loss(heads, out.pooler_output, said)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -322,7 +368,7 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
                 for p, q in zip(m.parameters(), e.parameters()):
                     q.mul_(d).add_(p.detach(), alpha=1 - d)
         threads.after(step)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = denoise.item() if avg is None else 0.98 * avg + 0.02 * denoise.item()   # the UNet's loss
         if step % 50 == 0 or step == steps - 1:
             log(f"UNet step {step}/{steps} loss {avg:.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step, "
                 f"{torch.get_num_threads()} threads)")
@@ -507,11 +553,8 @@ def main(argv=None):
         vae.load_state_dict(torch.load(os.path.join(args.workdir, f"vae_phase{len(VAE_PHASES)}.pt")))
     vae.eval()
     mean, std = encode_all(vae, images, args.workdir)
-    # the latent std over all training latents (sampled), which unit variance needs (LDM, appendix G)
-    rng = np.random.default_rng(SEED + 3)
-    sample = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-    scaling = float(np.float16(1.0 / sample.std()))
-    log(f"latents: std {sample.std():.4f} -> scaling factor {scaling}")
+    scaling = latent_scaling(mean, std)
+    log(f"latents: std {1 / scaling:.4f} -> scaling factor {scaling}")
     if stage == "vae":
         return
     if stage in ("all", "unet"):
