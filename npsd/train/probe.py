@@ -12,11 +12,10 @@ error with each scene's caption and with its position words moved two places on 
 same colours, and with the same colours and position. A model that uses the position words gets below
 the first bound and does much worse with the moved words.
 
-Measured on 2 cores (batch 32, lr 7e-4, 20,000 scenes; bounds 0.277 colours, 0.220 colours + position):
-attribute tokens reach 0.214 by step 500, 75% worse with the words moved; the CLIP encoder alone stays
-at 0.29-0.30 with the moved words making no difference through 1,500 steps (also with x/y coordinate
-ramps added to the UNet's input, or 10x the text encoder's learning rate); with the auxiliary loss
-of npsd.train.builtin (TEXT_AUX_WEIGHT) it reaches 0.223 by step 750, 73% worse moved.
+weights/README.md has the measurements: attribute tokens learn the position within 500 steps, the
+CLIP encoder trained with the UNet does not in 1,500 (nor with x/y coordinate ramps added to the
+UNet's input, nor with 10x its learning rate), and with the auxiliary loss of npsd.train.builtin
+(TEXT_AUX_WEIGHT) it does.
 """
 
 import argparse
