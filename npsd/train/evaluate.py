@@ -82,6 +82,17 @@ def check_data(n=2000, seed=1):
     return score([data.parse(c) for c in captions], images)[0]
 
 
+def moved_position(position):
+    """The position two places on in data.POSITION_NAMES ("top left" -> "bottom left")."""
+    names = data.POSITION_NAMES
+    return names[(names.index(position) + 2) % len(names)]
+
+
+def moved_caption(caption, position):
+    """The caption with its position words moved two places on (either word order)."""
+    return caption.replace("in the " + position, "in the " + moved_position(position))
+
+
 def layout_source(pipe, ts=(999, 950, 900), n=64, pool=2000, seed=2):
     """Where the model's layout comes from at high noise, without sampling. On n training scenes
     whose captions name a position: the mean squared error of the model's x0 estimate (no guidance)
@@ -110,9 +121,7 @@ def layout_source(pipe, ts=(999, 950, 900), n=64, pool=2000, seed=2):
     bound = {name: float(np.mean([((z0[i] - (sums[group[i]] - z0[i]) / (counts[group[i]] - 1)) ** 2).mean()
                                   for i in pick]))                                 # leave-one-out group means
              for name, (group, sums, counts) in groups.items()}
-    names = data.POSITION_NAMES
-    moved = [captions[i].replace("in the " + said[i]["position"],
-                                 "in the " + names[(names.index(said[i]["position"]) + 2) % len(names)]) for i in pick]
+    moved = [moved_caption(captions[i], said[i]["position"]) for i in pick]
     contexts = [pipe.encode_text(pipe.tokenize([captions[i] for i in pick])), pipe.encode_text(pipe.tokenize(moved))]
     ac = schedulers.alphas_cumprod(pipe.config)
     prediction = pipe.config["scheduler"]["prediction_type"]

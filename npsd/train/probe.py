@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from . import builtin, data
+from .evaluate import moved_caption, moved_position
 
 
 def bounds(latents, said, test):
@@ -40,16 +41,6 @@ def bounds(latents, said, test):
         out[name] = float(np.mean([((latents[i] - sums[group[i]] / counts[group[i]]) ** 2).mean()
                                    for i in test if group[i] in counts]))
     return out
-
-
-def moved_position(position):
-    """The position two places on in data.POSITION_NAMES ("top left" -> "bottom left")."""
-    names = data.POSITION_NAMES
-    return names[(names.index(position) + 2) % len(names)]
-
-
-def moved(caption, position):
-    return caption.replace("in the " + position, "in the " + moved_position(position))
 
 
 def run(latents, captions, conditioning, steps, every=250, batch=32, lr=7e-4, n_test=256, seed=0, report=print):
@@ -77,7 +68,7 @@ def run(latents, captions, conditioning, steps, every=250, batch=32, lr=7e-4, n_
     else:
         tok = Tokenizer.default()
         ids = torch.from_numpy(np.stack(tok(captions))).long()
-        moved_ids = torch.from_numpy(np.stack(tok([moved(captions[i], said[i]["position"]) for i in test]))).long()
+        moved_ids = torch.from_numpy(np.stack(tok([moved_caption(captions[i], said[i]["position"]) for i in test]))).long()
         heads = builtin.text_aux_heads()
 
         def encode(rows, moved_words=False):                           # -> ([B, 77, W], pooled [B, W])
