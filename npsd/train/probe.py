@@ -27,13 +27,18 @@ from . import builtin, data
 from .evaluate import moved_caption, moved_position
 
 
+def held_out_scenes(said, n_test=256):
+    """The held-out scenes: the last n_test whose captions name a position -> int array."""
+    return np.array([i for i, d in enumerate(said) if d["position"]][-n_test:])
+
+
 def bounds(latents, said, test):
     """The caption-only errors on the test scenes: group means of the other scenes by (colour,
     background) and by (colour, background, position) -> {name: mean squared error}."""
     out = {}
+    train = np.setdiff1d(np.arange(len(said)), test)
     for name, keys in (("colours", ("colour", "background")), ("colours + position", ("colour", "background", "position"))):
         group = [tuple(d[k] for k in keys) for d in said]
-        train = np.setdiff1d(np.arange(len(said)), test)
         sums, counts = {}, {}
         for i in train:
             sums[group[i]] = sums.get(group[i], 0) + latents[i]
@@ -51,7 +56,7 @@ def run(latents, captions, conditioning, steps, every=250, batch=32, lr=7e-4, n_
     gen = np.random.default_rng(seed)
     _, text, unet = builtin.build_models()
     said = [data.parse(c) for c in captions]
-    test = np.array([i for i in range(len(captions)) if said[i]["position"]][-n_test:])
+    test = held_out_scenes(said, n_test)
     train = np.setdiff1d(np.arange(len(captions)), test)
     targets = torch.from_numpy(builtin.attribute_targets(captions))
     if conditioning == "attributes":
@@ -123,8 +128,7 @@ def main(argv=None):
     mean, std = builtin.encode_all(vae, images, args.workdir)
     latents = mean.astype(np.float32) * np.float32(builtin.latent_scaling(mean, std))
     said = [data.parse(c) for c in captions]
-    test = np.array([i for i in range(len(captions)) if said[i]["position"]][-256:])
-    b = bounds(latents, said, test)
+    b = bounds(latents, said, held_out_scenes(said))
     builtin.log(f"caption-only errors: colours {b['colours']:.4f}, colours + position {b['colours + position']:.4f}")
     run(latents, list(captions), args.conditioning, args.steps, args.every, report=builtin.log)
 
