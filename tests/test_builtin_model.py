@@ -288,6 +288,12 @@ def test_probe_bounds_are_the_caption_only_errors():
     test = np.array([i for i, d in enumerate(said) if d["position"]][-40:])
     b = probe.bounds(latents, said, test)
     assert b["colours + position"] == 0 and b["colours"] > 100, b
+    b = evaluate.caption_only_errors(latents, said, test)            # the test scenes among the known ones
+    assert b["colours + position"] == 0 and b["colours"] > 100, b
+    # each scene is predicted by the others of its group, never by itself: two scenes, 0 and 1
+    pair = [{"colour": "red", "background": "blue", "position": "top left"}] * 2
+    b = evaluate.caption_only_errors(np.array([[0.0], [1.0]]), pair, [0, 1])
+    assert b == {"colours": 1.0, "colours + position": 1.0}, b       # (1 - 0)^2; with itself: 0.25
 
 
 @pytest.mark.parametrize("conditioning", ["clip", "clip-aux", "attributes"])

@@ -25,6 +25,7 @@ the drawing, the captions or the measurement is wrong.
 
 import argparse
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -93,6 +94,32 @@ def moved_caption(caption, position):
     return caption.replace("in the " + position, "in the " + moved_position(position))
 
 
+GROUPINGS = {"colours": ("colour", "background"), "colours + position": ("colour", "background", "position")}
+
+
+def caption_only_errors(z, said, test, known=None):
+    """What a caption can tell at best: the mean squared error over the scenes `test` of predicting
+    each latent z[i] by the mean of the other `known` scenes (default: all) whose captions agree on
+    the colours, or on the colours and the position (GROUPINGS); a scene with no other in its group
+    is skipped. -> {"colours": e, "colours + position": e}"""
+    known = np.arange(len(z)) if known is None else known
+    is_known = np.zeros(len(z), bool)
+    is_known[known] = True
+    out = {}
+    for name, keys in GROUPINGS.items():
+        group = [tuple(d[k] for k in keys) for d in said]
+        sums, counts = {}, {}
+        for i in known:
+            sums[group[i]], counts[group[i]] = sums.get(group[i], 0) + z[i], counts.get(group[i], 0) + 1
+        errors = []
+        for i in test:
+            total, count = sums.get(group[i], 0) - is_known[i] * z[i], counts.get(group[i], 0) - is_known[i]
+            if count:
+                errors.append(((z[i] - total / count) ** 2).mean())
+        out[name] = float(np.mean(errors))
+    return out
+
+
 def layout_source(pipe, ts=(999, 950, 900), n=64, pool=2000, seed=2):
     """Where the model's layout comes from at high noise, without sampling. On n training scenes
     whose captions name a position: the mean squared error of the model's x0 estimate (no guidance)
@@ -109,18 +136,10 @@ def layout_source(pipe, ts=(999, 950, 900), n=64, pool=2000, seed=2):
     z0 = np.concatenate([pipe.vae_encode(x[i:i + 100])[0] for i in range(0, pool, 100)])
     z0 = z0 * np.float32(pipe.scaling_factor)                                      # [pool, 4, 16, 16]
     said = [data.parse(c) for c in captions]                                       # None where a caption is silent
-    groups = {}
-    for name, keys in (("colours", ("colour", "background")), ("colours + position", ("colour", "background", "position"))):
-        group = [tuple(d[k] for k in keys) for d in said]
-        sums, counts = {}, {}
-        for g, z in zip(group, z0):
-            sums[g], counts[g] = sums.get(g, 0) + z, counts.get(g, 0) + 1
-        groups[name] = group, sums, counts
-    finest, _, fine_counts = groups["colours + position"]
-    pick = [i for i, d in enumerate(said) if d["position"] and fine_counts[finest[i]] > 1][:n]   # not alone in its group
-    bound = {name: float(np.mean([((z0[i] - (sums[group[i]] - z0[i]) / (counts[group[i]] - 1)) ** 2).mean()
-                                  for i in pick]))                                 # leave-one-out group means
-             for name, (group, sums, counts) in groups.items()}
+    finest = [tuple(d[k] for k in GROUPINGS["colours + position"]) for d in said]
+    size = Counter(finest)
+    pick = [i for i, d in enumerate(said) if d["position"] and size[finest[i]] > 1][:n]   # not alone in its group
+    bound = caption_only_errors(z0, said, pick)                                    # leave-one-out group means
     moved = [moved_caption(captions[i], said[i]["position"]) for i in pick]
     contexts = [pipe.encode_text(pipe.tokenize([captions[i] for i in pick])), pipe.encode_text(pipe.tokenize(moved))]
     ac = schedulers.alphas_cumprod(pipe.config)

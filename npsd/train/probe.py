@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from . import builtin, data
-from .evaluate import moved_caption, moved_position
+from .evaluate import caption_only_errors, moved_caption, moved_position
 
 
 def held_out_scenes(said, n_test=256):
@@ -33,19 +33,8 @@ def held_out_scenes(said, n_test=256):
 
 
 def bounds(latents, said, test):
-    """The caption-only errors on the test scenes: group means of the other scenes by (colour,
-    background) and by (colour, background, position) -> {name: mean squared error}."""
-    out = {}
-    train = np.setdiff1d(np.arange(len(said)), test)
-    for name, keys in (("colours", ("colour", "background")), ("colours + position", ("colour", "background", "position"))):
-        group = [tuple(d[k] for k in keys) for d in said]
-        sums, counts = {}, {}
-        for i in train:
-            sums[group[i]] = sums.get(group[i], 0) + latents[i]
-            counts[group[i]] = counts.get(group[i], 0) + 1
-        out[name] = float(np.mean([((latents[i] - sums[group[i]] / counts[group[i]]) ** 2).mean()
-                                   for i in test if group[i] in counts]))
-    return out
+    """The caption-only errors on the test scenes, from group means of the other scenes."""
+    return caption_only_errors(latents, said, test, known=np.setdiff1d(np.arange(len(said)), test))
 
 
 def run(latents, captions, conditioning, steps, every=250, batch=32, lr=7e-4, n_test=256, seed=0, report=print):
