@@ -285,13 +285,15 @@ def square_mask(box, size=64):
 
 
 def inpaint(pipe, path, prompt="a yellow circle on a blue background", init_prompt=GRID_PROMPTS[0],
-            box=(24, 0, 64, 40), steps=None):
+            side=40, steps=None):
     """Inpainting (docs/generation.md): a built-in-model image, the mask (white: repainted; a square
-    over the shape), and pipe.inpaint's result, where after every step the black region's latents
-    are replaced by the image's own latents noised to that step (the known region is kept)."""
+    of `side` pixels over the shape, centred where data.measure finds it and kept inside the image),
+    and pipe.inpaint's result, where after every step the black region's latents are replaced by
+    the image's own latents noised to that step (the known region is kept)."""
     kwargs = {} if steps is None else {"num_inference_steps": steps}
     image = pipe.txt2img(init_prompt, seed=SEED, **kwargs)
-    mask = square_mask(box, image.width)
+    left, top = (int(np.clip(round(c - side / 2), 0, image.width - side)) for c in data.measure(np.asarray(image))["centre"])
+    mask = square_mask((left, top, left + side, top + side), image.width)
     out = pipe.inpaint(prompt, image, mask, seed=SEED, **kwargs)
     tiles = [label(tile(image), "image"), label(tile(mask), "mask (white: repaint)"), label(tile(out), "inpainted")]
     title(row(tiles), f"image: '{init_prompt}', seed {SEED}\ninpaint prompt: '{prompt}', seed {SEED}").save(path)
