@@ -202,8 +202,7 @@ def test_the_readme_example_draws_what_it_says(pipe):
     """README.md's command-line example at the default settings, seeds 1-4 (the CLI's --seed): one
     small red circle in the top left on a blue background. Measured: 4 of 4 (8 of 8 on seeds 1-8;
     the previous file: 0 of 8, never in the top left). The floor allows one miss."""
-    want = {"position": "top left", "colour": "red", "shape": "circle", "size": "small", "shapes": 1,
-            "background": "blue"}
+    want = {**data.parse(README_EXAMPLE), "shapes": 1}        # shape, colour, background, size, position
     right = 0
     for seed in range(1, 5):
         m = data.measure(np.asarray(pipe.txt2img(README_EXAMPLE, seed=seed)))
