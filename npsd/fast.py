@@ -116,6 +116,16 @@ def silu(x):
     return _flat_pieces(np.ascontiguousarray(x), np.empty(x.shape, np.float32), f)
 
 
+@single_threaded_blas
+def quick_gelu(x):
+    def f(x, y):                     # y = x / (1 + e^(-1.702 x)), in y's memory
+        np.multiply(x, np.float32(-1.702), out=y)
+        np.exp(y, out=y)
+        y += 1
+        np.divide(x, y, out=y)
+    return _flat_pieces(np.ascontiguousarray(x), np.empty(x.shape, np.float32), f)
+
+
 # GELU(x) = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2. scipy's erf runs in float64, one value at a
 # time; here erfc(z) for z = |x| / sqrt 2 >= 0 follows Abramowitz & Stegun 7.1.26,
 #     erfc(z) = (a1 t + a2 t^2 + a3 t^3 + a4 t^4 + a5 t^5) e^(-z^2),  t = 1 / (1 + p z),
@@ -751,3 +761,63 @@ def vae_decoder(p, z, groups, eps, attention):
         if block.get("upsamplers"):
             x = vae_upsample(block["upsamplers"][0], x)
     return vae_norm_silu_conv(x, p["conv_norm_out"], p["conv_out"], groups(p["conv_norm_out"]), eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# TAESD blocks (npsd/taesd.py): each ReLU and 2x upsampling applied as the next conv reads its rows
+# ---------------------------------------------------------------------------------------------
+# TAESD's 64-channel 3x3 convs at up to 512x512 spend more time moving data than multiplying: the
+# zero-padded copy conv2d makes of each input, and a new map for every ReLU and upsampling. Here a
+# conv reads relu(x) or upsample(x) band by band (as the VAE's convs read silu(GroupNorm(x))), and
+# a block's last conv adds into its input, which the decoder owns.
+
+
+def map_rows(x, relu=False):
+    """The row source of x [B, C, h, w], or of max(x, 0) (relu=True)."""
+    b, c, h, w = x.shape
+
+    def fill(bi, lo, hi, dst):
+        def f(c0, c1):
+            if relu:
+                np.maximum(x[bi, c0:c1, lo:hi], np.float32(0), out=dst[c0:c1])
+            else:
+                dst[c0:c1] = x[bi, c0:c1, lo:hi]
+        parallel(f, c, c * (hi - lo) * w)
+    return _row_source(b, c, h, w, fill)
+
+
+def taesd_block(p, x, inplace=False):
+    """taesd.block: relu(conv(relu(conv(relu(conv(x))))) + skip(x)), [B, C, H, W] -> [B, O, H, W].
+    inplace: x may be overwritten; without a 1x1 skip the result is then x itself."""
+    conv = p["conv"]
+    h = conv3x3_rows(map_rows(x), x.shape, conv[0])                             # [B, O, H, W]
+    h = conv3x3_rows(map_rows(h, relu=True), h.shape, conv[2])
+    if "skip" in p:
+        skip = conv2d(x, p["skip"]["weight"], None, 1, (0, 0, 0, 0))            # 1x1: [B, O, H, W]
+    else:
+        skip = x if inplace else x.copy()
+    y = conv3x3_rows(map_rows(h, relu=True), h.shape, conv[4], out=skip)       # skip += conv(relu(h))
+    return np.maximum(y, np.float32(0), out=y)
+
+
+def taesd_decoder(layers, x):
+    """taesd.decoder after its clamp: layers [(kind, params)] as taesd._kind names them, x [B, C, h, w]
+    (this function's own). The same layers in the same order; the 2x upsampling is left to the conv
+    that reads it, the ReLU after a conv is done in place."""
+    upsample, previous = False, None
+    for kind, layer in layers:
+        if kind is None:                              # after a conv the ReLU, after a block the upsampling
+            if previous == "conv":
+                np.maximum(x, np.float32(0), out=x)
+            else:
+                upsample = True
+        elif upsample and kind == "conv":
+            b, c, h, w = x.shape
+            x = conv3x3_rows(upsample_rows(x), (b, c, 2 * h, 2 * w), layer)
+            upsample = False
+        else:
+            if upsample:                              # (not in SD's TAESD: an upsampling before a block)
+                x, upsample = x.repeat(2, axis=2).repeat(2, axis=3), False
+            x = conv3x3_rows(map_rows(x), x.shape, layer) if kind == "conv" else taesd_block(layer, x, inplace=True)
+        previous = kind
+    return x.repeat(2, axis=2).repeat(2, axis=3) if upsample else x

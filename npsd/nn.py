@@ -56,6 +56,8 @@ def gelu(x):
 
 
 def quick_gelu(x):
+    if settings.FAST:
+        return _fast.quick_gelu(x)
     # CLIP's approximation: x * sigmoid(1.702 x)
     return x / (1.0 + np.exp(np.float32(-1.702) * x))
 

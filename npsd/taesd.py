@@ -29,8 +29,8 @@ use the same Sequential with bare indices ("3.conv.0.weight"); the decoder's sta
 parameterless Clamp module, so its indices are one higher (ORIGINAL_OFFSET).
 
 Decode time of a 64x64 latent (one 512x512 image), float32, fast path on, 2 CPU cores, machine
-quiet: TAESD 2.4 .. 3.0 s, npsd's full SD v1.x VAE decoder (npsd.vae, random SD-size weights)
-17.9 .. 19.5 s; 7.4x faster, best against best (the runs: docs/inside.md section 2).
+quiet: TAESD 1.2 .. 1.9 s, npsd's full SD v1.x VAE decoder (npsd.vae, random SD-size weights)
+10.1 .. 10.3 s; 8.2x faster, best against best (the runs: docs/inside.md section 2).
 Nearly all of TAESD's time is the five 64-channel 3x3 convs at 512x512. The pipelines use TAESD
 for step previews (preview="taesd") and, for drafts, as the final decoder (decoder="taesd").
 """
@@ -40,7 +40,8 @@ import re
 
 import numpy as np
 
-from . import nn
+from . import fast as _fast
+from . import nn, settings
 from .errors import CheckpointError, InputError
 from .params import unflatten
 from .safetensors_io import open_weights
@@ -76,6 +77,8 @@ def block(p, x):
 
     p["conv"] is the Sequential (conv, ReLU, conv, ReLU, conv): entries 1 and 3 are None (the ReLUs).
     """
+    if settings.FAST:                                                      # same values, fewer copies
+        return _fast.taesd_block(p, x)
     h = relu(conv3x3(p["conv"][0], x))                                     # [B, O, H, W]
     h = relu(conv3x3(p["conv"][2], h))                                     # [B, O, H, W]
     h = conv3x3(p["conv"][4], h)                                           # [B, O, H, W]
@@ -105,18 +108,21 @@ def decoder(p, z):
     A parameterless layer after a conv is the ReLU; after a block it is the 2x nearest upsampling.
     """
     x = clamp(z)                                                           # [B, 4, h, w] in (-3, 3)
-    previous = None
-    for layer in p["layers"]:
-        kind = _kind(layer)
-        if kind == "conv":
-            x = conv3x3(layer, x)                                          # [B, 64, h', w'] (last: [B, 3, 8h, 8w])
-        elif kind == "block":
-            x = block(layer, x)                                            # [B, 64, h', w']
-        elif previous == "conv":
-            x = relu(x)                                                    # after the first conv
-        else:
-            x = nn.upsample_nearest(x)                                     # [B, 64, 2h', 2w']
-        previous = kind
+    if settings.FAST:                                                      # same values, fewer copies
+        x = _fast.taesd_decoder([(_kind(layer), layer) for layer in p["layers"]], x)
+    else:
+        previous = None
+        for layer in p["layers"]:
+            kind = _kind(layer)
+            if kind == "conv":
+                x = conv3x3(layer, x)                                      # [B, 64, h', w'] (last: [B, 3, 8h, 8w])
+            elif kind == "block":
+                x = block(layer, x)                                        # [B, 64, h', w']
+            elif previous == "conv":
+                x = relu(x)                                                # after the first conv
+            else:
+                x = nn.upsample_nearest(x)                                 # [B, 64, 2h', 2w']
+            previous = kind
     return x * np.float32(2) - np.float32(1)                               # [0, 1] -> [-1, 1]
 
 

@@ -210,6 +210,7 @@ def test_activations():
     x = np.concatenate([np.linspace(-12, 12, 48_001, dtype=np.float32), randn(10_000, scale=3)]).reshape(-1, 31)
     check(lambda: nn.gelu(x), "gelu")
     check(lambda: nn.silu(x), "silu")
+    check(lambda: nn.quick_gelu(x), "quick_gelu")
     check(lambda: nn.softmax(x * 5, axis=0), "softmax over axis 0")
     scores = randn(3, 4, 50, 60, scale=4)
     check(lambda: nn.softmax(scores), "softmax")

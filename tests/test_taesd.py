@@ -101,6 +101,23 @@ def test_other_design_matches_diffusers():
     check(taesd.encode(p, x), enc, RTOL["encode"], "encode, other design")   # [1, 16, 8, 8]
 
 
+def test_fast_decoder_takes_any_order_of_layers():
+    """The fast decoder leaves an upsampling to the conv after it; an upsampling before a block or at
+    the end (no TAESD ships one) is done on its own, and gives the plain decoder's result."""
+    rng = np.random.default_rng(3)
+    conv = lambda o, c: {"weight": rng.standard_normal((o, c, 3, 3), dtype=np.float32) / np.float32(3 * c ** 0.5),
+                         "bias": rng.standard_normal(o, dtype=np.float32)}
+    block = {"conv": [conv(8, 8), None, conv(8, 8), None, conv(8, 8)]}
+    p = {"decoder": {"layers": [conv(8, 4), None, block, None, block, None]}}   # conv, ReLU, block, up, block, up
+    z = 2 * rng.standard_normal((1, 4, 32, 32), dtype=np.float32)
+    with nn.fast(True):
+        fast = taesd.decode(p, z)
+    with nn.fast(False):
+        plain = taesd.decode(p, z)
+    assert fast.shape == plain.shape == (1, 8, 128, 128)
+    check(fast, plain, RTOL["decode"], "fast against plain, upsampling before a block and at the end")
+
+
 def _tiling_upsample(x, size=None):
     return np.tile(x, (1, 1, 2, 2))                                        # the right size, the wrong pixels
 
@@ -113,7 +130,7 @@ def test_sensitivity(model, params, latents, bug, monkeypatch):
         monkeypatch.setattr(taesd, "clamp", lambda z: z)
     else:
         monkeypatch.setattr(taesd.nn, "upsample_nearest", _tiling_upsample)
-    with pytest.raises(AssertionError, match="exceeds the tolerance"):
+    with nn.fast(False), pytest.raises(AssertionError, match="exceeds the tolerance"):
         assert_close(taesd.decode(params, latents), ref, RTOL["decode"], "decode")
 
 
