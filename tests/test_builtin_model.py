@@ -272,10 +272,33 @@ def test_attribute_targets_name_what_the_caption_says():
     assert (targets[:-1, 2] == 0).any() and (targets[:-1, 2] > 0).any()      # position: unstated and stated
 
 
-@pytest.mark.parametrize("aux_weight", [builtin.TEXT_AUX_WEIGHT, 0.0])
-def test_training_step_teaches_the_text_heads(tmp_path, monkeypatch, aux_weight):
+def test_attribute_tokens_point_at_the_words_that_carry_them():
+    """The auxiliary loss reads each attribute at one token: the shape's noun (colour, shape, size),
+    the last word of the position phrase, the word "background"; 0 where the caption has none."""
+    from npsd.tokenizer import Tokenizer
+    _, captions, _ = data.dataset(300, seed=5)
+    at = builtin.attribute_tokens(captions + [""])
+    ids = Tokenizer.default()(captions)
+    word = lambda w: Tokenizer.default()([w])[0][1]                 # a word's one token
+    assert at.shape == (301, len(builtin.ATTRIBUTE_VALUES)) and not at[-1].any()
+    names = list(builtin.ATTRIBUTE_VALUES)
+    for caption, row, tokens in zip(captions, at, ids):
+        said = data.parse(caption)
+        for name in ("colour", "shape", "size"):
+            assert tokens[row[names.index(name)]] == word(said["shape"]), (caption, name)
+        p, b = row[names.index("position")], row[names.index("background")]
+        assert (tokens[p] == word(said["position"].split()[-1])) if said["position"] else p == 0, caption
+        assert (tokens[b] == word("background")) if said["background"] else b == 0, caption
+    background_first = [c for c in captions if c.split()[2] == "background"]
+    assert background_first and any(data.parse(c)["position"] for c in background_first)
+
+
+@pytest.mark.parametrize("aux_weight, aux_at", [(builtin.TEXT_AUX_WEIGHT, "pooled"), (0.0, "pooled"),
+                                                 (builtin.TEXT_AUX_WEIGHT, "words")])
+def test_training_step_teaches_the_text_heads(tmp_path, monkeypatch, aux_weight, aux_at):
     """Two UNet training steps on random latents: the auxiliary heads are saved in the checkpoint and
-    have moved from their initial values, through the auxiliary loss alone (weight 0: they stay)."""
+    have moved from their initial values, through the auxiliary loss alone (weight 0: they stay),
+    read from the pooled output or at the words."""
     torch.manual_seed(0)
     _, text, unet = builtin.build_models()
     _, captions, _ = data.dataset(8, seed=3)
@@ -286,7 +309,7 @@ def test_training_step_teaches_the_text_heads(tmp_path, monkeypatch, aux_weight)
     initial = builtin.text_aux_heads().state_dict()                 # the heads train_unet builds next
     torch.manual_seed(1)
     builtin.train_unet(unet, text, mean, np.zeros_like(mean), captions, 0.4, 2, 4, 1e-3, str(tmp_path),
-                       time.time() + 600, builtin.Threads("1"))
+                       time.time() + 600, builtin.Threads("1"), aux_at=aux_at)
     saved = torch.load(tmp_path / "unet_ckpt.pt", weights_only=False)["heads"]
     moved = max(float((saved[k] - initial[k]).abs().max()) for k in initial)
     assert (moved > 1e-5) == (aux_weight > 0), f"heads moved by {moved:.2e} with weight {aux_weight}"
@@ -312,7 +335,7 @@ def test_probe_bounds_are_the_caption_only_errors():
     assert b == {"colours": 1.0, "colours + position": 1.0}, b       # (1 - 0)^2; with itself: 0.25
 
 
-@pytest.mark.parametrize("conditioning", ["clip", "clip-aux", "attributes"])
+@pytest.mark.parametrize("conditioning", ["clip", "clip-aux", "clip-aux-words", "attributes"])
 def test_probe_trains_and_reports(conditioning):
     from npsd.train import probe
     _, captions, _ = data.dataset(48, seed=6)

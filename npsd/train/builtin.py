@@ -17,7 +17,8 @@ SD v1.5's original tensor names, only smaller shapes:
    (classifier-free guidance, Ho & Salimans 2022), min-SNR-5 loss weights (Hang et al. 2023), EMA weights;
    timesteps drawn half uniformly and half with density rising linearly to t = 999 (HIGH_NOISE), since
    a scene's layout (where the shape goes) is settled at high noise; the text encoder also learns to
-   name the caption's attributes from its pooled output (TEXT_AUX_WEIGHT); every --eval-every steps the EMA
+   name the caption's attributes from its pooled output (TEXT_AUX_WEIGHT; --text-aux-at words: each
+   at the word that carries it); every --eval-every steps the EMA
    model is scored on the held-out prompts (learning curves in --workdir/curves.jsonl);
 5. export: fp16 .safetensors in the original single-file layout with the npsd config in
    __metadata__["npsd_config"] (read by npsd.load).
@@ -55,13 +56,21 @@ UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_blo
 DEFAULTS = dict(height=64, width=64, num_inference_steps=20, guidance_scale=7.5, sampler="ddim")
 EMA_DECAY = 0.998
 P_UNCOND = 0.1
-# The text encoder's auxiliary task: from its pooled output (the end-of-text token's state), linear
-# heads name each attribute the caption states, by cross-entropy with this weight beside the UNet's
-# loss. The heads are trained with it and not exported. Without it the encoder, trained from scratch,
-# learns to carry the colours but hardly the position (see weights/README.md).
+# The text encoder's auxiliary task: linear heads name each attribute the caption states, by
+# cross-entropy with this weight beside the UNet's loss, from the pooled output (the end-of-text
+# token's state; "pooled") or from the output at the word that carries the attribute
+# (ATTRIBUTE_WORD; "words"). The heads are trained with it and not exported. Without it the
+# encoder, trained from scratch, learns to carry the colours but hardly the position (see
+# weights/README.md, which also compares the two places).
 TEXT_AUX_WEIGHT = 0.1
+TEXT_AUX_AT = ("pooled", "words")             # the first is the default
 ATTRIBUTE_VALUES = {"colour": data.COLOUR_NAMES, "shape": data.SHAPES, "position": data.POSITION_NAMES,
                     "background": data.COLOUR_NAMES, "size": tuple(data.SIZES)}
+# where each attribute is read: the shape's noun (which follows its size and colour words), the last
+# word of the position phrase ("left" of "in the top left") and the word "background" (after its
+# colour); the text encoder's causal mask lets each of them see the words before it
+ATTRIBUTE_WORD = {"colour": "shape", "shape": "shape", "size": "shape", "position": "position",
+                  "background": "background"}
 HIGH_NOISE = 0.5               # fraction of timesteps drawn as 1000 sqrt(u) (at most 999) instead of uniformly
 
 
@@ -282,6 +291,21 @@ def attribute_targets(captions):
                      for d in said], np.int64).reshape(len(captions), len(ATTRIBUTE_VALUES))
 
 
+def attribute_tokens(captions):
+    """captions -> int64 [N, 5]: for each attribute of ATTRIBUTE_VALUES, the index among the caption's
+    77 tokens of the word that carries it (ATTRIBUTE_WORD), 0 (the start token) where the caption has
+    no such word. Every word of the grammar is one token, after the start token."""
+    out = np.zeros((len(captions), len(ATTRIBUTE_VALUES)), np.int64)
+    for i, c in enumerate(captions):
+        if not c:
+            continue
+        words, d = c.split(), data.parse(c)
+        at = {"shape": words.index(d["shape"]), "background": words.index("background") if d["background"] else -1,
+              "position": words.index(d["position"].split()[-1]) if d["position"] else -1}
+        out[i] = [1 + at[ATTRIBUTE_WORD[a]] for a in ATTRIBUTE_VALUES]
+    return out
+
+
 def text_aux_heads():
     """One linear head per attribute on the text encoder's width, for the auxiliary loss."""
     import torch
@@ -289,14 +313,25 @@ def text_aux_heads():
                                 for v in ATTRIBUTE_VALUES.values()])
 
 
-def text_aux_loss(heads, pooled, targets):
-    """Sum over attributes of the cross-entropy of heads(pooled [B, W]) against targets [B, 5]."""
+def text_aux_loss(heads, out, targets, at=None):
+    """Sum over attributes j of the cross-entropy of heads[j] against targets[:, j] (int64 [B, 5]),
+    read from out (the text encoder's output) at the pooled state, or with at (int64 [B, 5], from
+    attribute_tokens) at last_hidden_state[b, at[b, j]] for the rows where at[b, j] > 0."""
     import torch
-    return sum(torch.nn.functional.cross_entropy(h(pooled), targets[:, j]) for j, h in enumerate(heads))
+    loss = out.last_hidden_state.new_zeros(())
+    for j, h in enumerate(heads):
+        if at is None:
+            loss = loss + torch.nn.functional.cross_entropy(h(out.pooler_output), targets[:, j])
+            continue
+        rows = torch.nonzero(at[:, j] > 0).flatten()
+        if len(rows):
+            states = out.last_hidden_state[rows, at[rows, j]]                  # [R, W]
+            loss = loss + torch.nn.functional.cross_entropy(h(states), targets[rows, j])
+    return loss
 
 
 def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workdir, deadline, threads,
-               vae=None, eval_every=0):
+               vae=None, eval_every=0, aux_at=TEXT_AUX_AT[0]):
     import copy
     import torch
     from ..tokenizer import Tokenizer
@@ -305,6 +340,7 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
     ids_of = dict(zip(unique, tok(unique)))                             # caption -> int64 [77]
     cap_ids = np.stack([ids_of[c] for c in captions])                   # [N, 77]
     targets = torch.from_numpy(attribute_targets(captions))            # [N, 5]
+    token_at = torch.from_numpy(attribute_tokens(captions))            # [N, 5]
     empty = torch.from_numpy(ids_of[""]).long()
     ac = torch.from_numpy(alphas_cumprod()).float()                      # [1000]
     snr = ac / (1 - ac)                                                  # [1000]
@@ -348,6 +384,9 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
         ids[drop] = empty
         said = targets[idx].clone()                                      # [B, 5]
         said[drop] = 0                                                   # the empty caption states nothing
+        at = token_at[idx].clone() if aux_at == "words" else None        # [B, 5]
+        if at is not None:
+            at[drop] = 0                                                 # ... and has no such words
         t = sample_timesteps(gen, batch)                                 # [B]
         eps = torch.from_numpy(gen.standard_normal(z0.shape, dtype=np.float32))
         a = ac[t].view(-1, 1, 1, 1)
@@ -356,7 +395,7 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
         ctx = out.last_hidden_state                                      # [B, 77, 64]
         pred = unet(zt, t, ctx).sample
         denoise = (weight[t] * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
-        loss = denoise + TEXT_AUX_WEIGHT * text_aux_loss(heads, out.pooler_output, said)
+        loss = denoise + TEXT_AUX_WEIGHT * text_aux_loss(heads, out, said, at)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -530,6 +569,9 @@ def main(argv=None):
     ap.add_argument("--vae-from", default=None, metavar="FILE",
                     help="take the VAE from this model file (original layout) instead of training it")
     ap.add_argument("--eval-every", type=int, default=1000, help="learning-curve point every N UNet steps (0: none)")
+    ap.add_argument("--text-aux-at", choices=TEXT_AUX_AT, default=TEXT_AUX_AT[0],
+                    help="where the text encoder's auxiliary loss reads the attributes: its pooled output, "
+                         "or the word that carries each (weights/README.md compares them)")
     ap.add_argument("--export-only", action="store_true", help="= --stage export")
     args = ap.parse_args(argv)
     import torch
@@ -561,7 +603,7 @@ def main(argv=None):
     if stage in ("all", "unet"):
         ema_unet, ema_text, steps = train_unet(unet, text, mean, std, captions, scaling, args.unet_steps,
                                                args.unet_batch, args.lr, args.workdir, deadline, threads,
-                                               vae, args.eval_every)
+                                               vae, args.eval_every, args.text_aux_at)
     else:
         state = torch.load(os.path.join(args.workdir, "unet_ckpt.pt"), weights_only=False)
         unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])

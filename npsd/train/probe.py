@@ -2,6 +2,7 @@
 
     python -m npsd.train.probe --conditioning clip          # the CLIP text encoder, trained with the UNet
     python -m npsd.train.probe --conditioning clip-aux      # ... with its auxiliary attribute loss
+    python -m npsd.train.probe --conditioning clip-aux-words   # ... read at the words (--text-aux-at words)
     python -m npsd.train.probe --conditioning attributes    # no text encoder: 5 learned attribute tokens
 
 The UNet of npsd.train.builtin, from scratch, learns to predict a scene's latent x0 from pure noise
@@ -15,7 +16,7 @@ the first bound and does much worse with the moved words.
 weights/README.md has the measurements: attribute tokens learn the position within 500 steps, the
 CLIP encoder trained with the UNet does not in 1,500 (nor with x/y coordinate ramps added to the
 UNet's input, nor with 10x its learning rate), and with the auxiliary loss of npsd.train.builtin
-(TEXT_AUX_WEIGHT) it does.
+(TEXT_AUX_WEIGHT) it does, read from the pooled output or at the words.
 """
 
 import argparse
@@ -48,6 +49,7 @@ def run(latents, captions, conditioning, steps, every=250, batch=32, lr=7e-4, n_
     test = held_out_scenes(said, n_test)
     train = np.setdiff1d(np.arange(len(captions)), test)
     targets = torch.from_numpy(builtin.attribute_targets(captions))
+    token_at = torch.from_numpy(builtin.attribute_tokens(captions))
     if conditioning == "attributes":
         tokens = torch.nn.ModuleList([torch.nn.Embedding(1 + len(v), builtin.TEXT_CONFIG["hidden_size"])
                                       for v in builtin.ATTRIBUTE_VALUES.values()])
@@ -65,9 +67,9 @@ def run(latents, captions, conditioning, steps, every=250, batch=32, lr=7e-4, n_
         moved_ids = torch.from_numpy(np.stack(tok([moved_caption(captions[i], said[i]["position"]) for i in test]))).long()
         heads = builtin.text_aux_heads()
 
-        def encode(rows, moved_words=False):                           # -> ([B, 77, W], pooled [B, W])
+        def encode(rows, moved_words=False):                           # -> ([B, 77, W], the encoder's output)
             out = text(moved_ids if moved_words else ids[rows])
-            return out.last_hidden_state, out.pooler_output
+            return out.last_hidden_state, out
         params = list(unet.parameters()) + list(text.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     z = torch.from_numpy(latents)
@@ -85,11 +87,12 @@ def run(latents, captions, conditioning, steps, every=250, batch=32, lr=7e-4, n_
         if step == steps:
             break
         rows = gen.choice(train, size=batch)
-        ctx, pooled = encode(rows)
+        ctx, out = encode(rows)
         loss = ((unet(torch.from_numpy(gen.standard_normal((batch, 4, 16, 16), dtype=np.float32)), t999(batch),
                       ctx).sample - z[rows]) ** 2).mean()
-        if conditioning == "clip-aux":
-            loss = loss + builtin.TEXT_AUX_WEIGHT * builtin.text_aux_loss(heads, pooled, targets[rows])
+        if conditioning.startswith("clip-aux"):
+            at = token_at[rows] if conditioning == "clip-aux-words" else None
+            loss = loss + builtin.TEXT_AUX_WEIGHT * builtin.text_aux_loss(heads, out, targets[rows], at)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -99,7 +102,7 @@ def run(latents, captions, conditioning, steps, every=250, batch=32, lr=7e-4, n_
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--conditioning", choices=("clip", "clip-aux", "attributes"), default="clip-aux")
+    ap.add_argument("--conditioning", choices=("clip", "clip-aux", "clip-aux-words", "attributes"), default="clip-aux")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--every", type=int, default=250, help="report every N steps")
     ap.add_argument("--workdir", default="build/npsd-train", help="training data and latents (made if absent)")
