@@ -77,7 +77,7 @@ def block(p, x):
 
     p["conv"] is the Sequential (conv, ReLU, conv, ReLU, conv): entries 1 and 3 are None (the ReLUs).
     """
-    if settings.FAST:                                                      # same values, fewer copies
+    if settings.FAST:                                                      # the fast kernels, fewer copies
         return _fast.taesd_block(p, x)
     h = relu(conv3x3(p["conv"][0], x))                                     # [B, O, H, W]
     h = relu(conv3x3(p["conv"][2], h))                                     # [B, O, H, W]
@@ -108,7 +108,7 @@ def decoder(p, z):
     A parameterless layer after a conv is the ReLU; after a block it is the 2x nearest upsampling.
     """
     x = clamp(z)                                                           # [B, 4, h, w] in (-3, 3)
-    if settings.FAST:                                                      # same values, fewer copies
+    if settings.FAST:                                                      # the fast kernels, fewer copies
         x = _fast.taesd_decoder([(_kind(layer), layer) for layer in p["layers"]], x)
     else:
         previous = None

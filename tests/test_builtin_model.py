@@ -278,8 +278,9 @@ def test_attribute_tokens_point_at_the_words_that_carry_them():
     from npsd.tokenizer import Tokenizer
     _, captions, _ = data.dataset(300, seed=5)
     at = builtin.attribute_tokens(captions + [""])
-    ids = Tokenizer.default()(captions)
-    word = lambda w: Tokenizer.default()([w])[0][1]                 # a word's one token
+    tok = Tokenizer.default()
+    ids = tok(captions)
+    word = lambda w: tok([w])[0][1]                                 # a word's one token
     assert at.shape == (301, len(builtin.ATTRIBUTE_VALUES)) and not at[-1].any()
     names = list(builtin.ATTRIBUTE_VALUES)
     for caption, row, tokens in zip(captions, at, ids):
