@@ -340,7 +340,7 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
     ids_of = dict(zip(unique, tok(unique)))                             # caption -> int64 [77]
     cap_ids = np.stack([ids_of[c] for c in captions])                   # [N, 77]
     targets = torch.from_numpy(attribute_targets(captions))            # [N, 5]
-    token_at = torch.from_numpy(attribute_tokens(captions))            # [N, 5]
+    token_at = torch.from_numpy(attribute_tokens(captions)) if aux_at == "words" else None   # [N, 5]
     empty = torch.from_numpy(ids_of[""]).long()
     ac = torch.from_numpy(alphas_cumprod()).float()                      # [1000]
     snr = ac / (1 - ac)                                                  # [1000]
@@ -384,7 +384,7 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
         ids[drop] = empty
         said = targets[idx].clone()                                      # [B, 5]
         said[drop] = 0                                                   # the empty caption states nothing
-        at = token_at[idx].clone() if aux_at == "words" else None        # [B, 5]
+        at = None if token_at is None else token_at[idx].clone()         # [B, 5]
         if at is not None:
             at[drop] = 0                                                 # ... and has no such words
         t = sample_timesteps(gen, batch)                                 # [B]

@@ -49,7 +49,7 @@ def run(latents, captions, conditioning, steps, every=250, batch=32, lr=7e-4, n_
     test = held_out_scenes(said, n_test)
     train = np.setdiff1d(np.arange(len(captions)), test)
     targets = torch.from_numpy(builtin.attribute_targets(captions))
-    token_at = torch.from_numpy(builtin.attribute_tokens(captions))
+    token_at = torch.from_numpy(builtin.attribute_tokens(captions)) if conditioning == "clip-aux-words" else None
     if conditioning == "attributes":
         tokens = torch.nn.ModuleList([torch.nn.Embedding(1 + len(v), builtin.TEXT_CONFIG["hidden_size"])
                                       for v in builtin.ATTRIBUTE_VALUES.values()])
@@ -91,7 +91,7 @@ def run(latents, captions, conditioning, steps, every=250, batch=32, lr=7e-4, n_
         loss = ((unet(torch.from_numpy(gen.standard_normal((batch, 4, 16, 16), dtype=np.float32)), t999(batch),
                       ctx).sample - z[rows]) ** 2).mean()
         if conditioning.startswith("clip-aux"):
-            at = token_at[rows] if conditioning == "clip-aux-words" else None
+            at = None if token_at is None else token_at[rows]
             loss = loss + builtin.TEXT_AUX_WEIGHT * builtin.text_aux_loss(heads, out, targets[rows], at)
         opt.zero_grad()
         loss.backward()
