@@ -17,8 +17,8 @@ SD v1.5's original tensor names, only smaller shapes:
    (classifier-free guidance, Ho & Salimans 2022), min-SNR-5 loss weights (Hang et al. 2023), EMA weights;
    timesteps drawn half uniformly and half with density rising linearly to t = 999 (HIGH_NOISE), since
    a scene's layout (where the shape goes) is settled at high noise; the text encoder also learns to
-   name the caption's attributes from its pooled output (TEXT_AUX_WEIGHT; --text-aux-at words: each
-   at the word that carries it); every --eval-every steps the EMA
+   name the caption's position at the word that ends it (TEXT_AUX_WEIGHT, TEXT_AUX_NAMES;
+   --text-aux-at pooled: from its pooled output); every --eval-every steps the EMA
    model is scored on the held-out prompts (learning curves in --workdir/curves.jsonl);
 5. export: fp16 .safetensors in the original single-file layout with the npsd config in
    __metadata__["npsd_config"] (read by npsd.load).
@@ -56,16 +56,19 @@ UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_blo
 DEFAULTS = dict(height=64, width=64, num_inference_steps=20, guidance_scale=7.5, sampler="ddim")
 EMA_DECAY = 0.998
 P_UNCOND = 0.1
-# The text encoder's auxiliary task: linear heads name each attribute the caption states, by
-# cross-entropy with this weight beside the UNet's loss, from the pooled output (the end-of-text
-# token's state; "pooled") or from the output at the word that carries the attribute
-# (ATTRIBUTE_WORD; "words"). The heads are trained with it and not exported. Without it the
-# encoder, trained from scratch, learns to carry the colours but hardly the position (see
-# weights/README.md, which also compares the two places).
+# The text encoder's auxiliary task: linear heads name attributes the caption states, by
+# cross-entropy with this weight beside the UNet's loss, from the output at the word that carries
+# the attribute (ATTRIBUTE_WORD; "words") or from the pooled output (the end-of-text token's state;
+# "pooled"). The heads are trained with it and not exported. Without it the encoder, trained from
+# scratch, learns to carry the colours but hardly the position (see weights/README.md, which also
+# compares the two places).
 TEXT_AUX_WEIGHT = 0.1
-TEXT_AUX_AT = ("pooled", "words")             # the first is the default
+TEXT_AUX_AT = ("words", "pooled")             # the first is the default
 ATTRIBUTE_VALUES = {"colour": data.COLOUR_NAMES, "shape": data.SHAPES, "position": data.POSITION_NAMES,
                     "background": data.COLOUR_NAMES, "size": tuple(data.SIZES)}
+# the attributes the auxiliary loss names: the position alone, the one the encoder does not learn
+# from the UNet's loss; naming the colours too made them bind worse on unseen pairs (weights/README.md)
+TEXT_AUX_NAMES = ("position",)
 # where each attribute is read: the shape's noun (which follows its size and colour words), the last
 # word of the position phrase ("left" of "in the top left") and the word "background" (after its
 # colour); the text encoder's causal mask lets each of them see the words before it
@@ -151,10 +154,12 @@ def to_tensor(images):
 
 # --- 2. VAE --------------------------------------------------------------------------------------
 
-# Two cosine cycles (a warm restart, as SGDR): first cheap 32x32 crops (the VAE is convolutional up to
-# its one mid-block attention), then larger crops and whole images so that attention sees 256 tokens.
+# Cosine cycles with warm restarts (as SGDR): first cheap 32x32 crops (the VAE is convolutional up to
+# its one mid-block attention), then larger crops and whole images so that attention sees 256 tokens,
+# then two cycles on whole images at a lower rate, which bring back the small shapes (triangles under
+# 8 pixels across came back rounded after the first two).
 # (steps, peak lr, crop size, fraction of steps on whole 64x64 images at the end)
-VAE_PHASES = ((800, 1e-3, 32, 0.1), (400, 5e-4, 48, 0.25))
+VAE_PHASES = ((800, 1e-3, 32, 0.1), (400, 5e-4, 48, 0.25), (1200, 3e-4, 64, 1.0), (2400, 3e-4, 64, 1.0))
 
 
 def train_vae(vae, images, batch, workdir, deadline, threads, phases=VAE_PHASES):
@@ -313,13 +318,15 @@ def text_aux_heads():
                                 for v in ATTRIBUTE_VALUES.values()])
 
 
-def text_aux_loss(heads, out, targets, at=None):
-    """Sum over attributes j of the cross-entropy of heads[j] against targets[:, j] (int64 [B, 5]),
-    read from out (the text encoder's output) at the pooled state, or with at (int64 [B, 5], from
-    attribute_tokens) at last_hidden_state[b, at[b, j]] for the rows where at[b, j] > 0."""
+def text_aux_loss(heads, out, targets, at=None, names=TEXT_AUX_NAMES):
+    """Sum over the attributes j in names of the cross-entropy of heads[j] against targets[:, j]
+    (int64 [B, 5]), read from out (the text encoder's output) at the pooled state, or with at (int64
+    [B, 5], from attribute_tokens) at last_hidden_state[b, at[b, j]] for the rows where at[b, j] > 0."""
     import torch
     loss = out.last_hidden_state.new_zeros(())
-    for j, h in enumerate(heads):
+    for j, (name, h) in enumerate(zip(ATTRIBUTE_VALUES, heads)):
+        if name not in names:
+            continue
         if at is None:
             loss = loss + torch.nn.functional.cross_entropy(h(out.pooler_output), targets[:, j])
             continue
@@ -331,7 +338,7 @@ def text_aux_loss(heads, out, targets, at=None):
 
 
 def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workdir, deadline, threads,
-               vae=None, eval_every=0, aux_at=TEXT_AUX_AT[0]):
+               vae=None, eval_every=0, aux_at=TEXT_AUX_AT[0], aux_names=TEXT_AUX_NAMES):
     import copy
     import torch
     from ..tokenizer import Tokenizer
@@ -395,7 +402,7 @@ def train_unet(unet, text, mean, std, captions, scaling, steps, batch, lr, workd
         ctx = out.last_hidden_state                                      # [B, 77, 64]
         pred = unet(zt, t, ctx).sample
         denoise = (weight[t] * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
-        loss = denoise + TEXT_AUX_WEIGHT * text_aux_loss(heads, out, said, at)
+        loss = denoise + TEXT_AUX_WEIGHT * text_aux_loss(heads, out, said, at, aux_names)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -562,7 +569,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=7e-4)
     ap.add_argument("--max-minutes", type=float, default=120,
                     help="stop (and still export) after this long (a whole run: 75-110 min on 2 idle cores)")
-    ap.add_argument("--vae-minutes", type=float, default=35, help="time budget of the VAE stage")
+    ap.add_argument("--vae-minutes", type=float, default=60, help="time budget of the VAE stage")
     ap.add_argument("--num-images", type=int, default=NUM_IMAGES, help="training set size")
     ap.add_argument("--threads", default="auto", help="torch threads: 1, 2, ... or auto (see Threads)")
     ap.add_argument("--stage", choices=("all", "vae", "unet", "export"), default="all")
@@ -572,8 +579,14 @@ def main(argv=None):
     ap.add_argument("--text-aux-at", choices=TEXT_AUX_AT, default=TEXT_AUX_AT[0],
                     help="where the text encoder's auxiliary loss reads the attributes: its pooled output, "
                          "or the word that carries each (weights/README.md compares them)")
+    ap.add_argument("--text-aux-names", default=",".join(TEXT_AUX_NAMES), metavar="NAMES",
+                    help=f"the attributes the auxiliary loss names, comma-separated, of {','.join(ATTRIBUTE_VALUES)}")
     ap.add_argument("--export-only", action="store_true", help="= --stage export")
     args = ap.parse_args(argv)
+    aux_names = tuple(n for n in args.text_aux_names.split(",") if n)
+    if any(n not in ATTRIBUTE_VALUES for n in aux_names):
+        ap.error(f"--text-aux-names: {args.text_aux_names!r} is not a comma-separated list of "
+                 f"{', '.join(ATTRIBUTE_VALUES)}")
     import torch
     threads = Threads(args.threads)
     os.makedirs(args.workdir, exist_ok=True)
@@ -603,7 +616,7 @@ def main(argv=None):
     if stage in ("all", "unet"):
         ema_unet, ema_text, steps = train_unet(unet, text, mean, std, captions, scaling, args.unet_steps,
                                                args.unet_batch, args.lr, args.workdir, deadline, threads,
-                                               vae, args.eval_every, args.text_aux_at)
+                                               vae, args.eval_every, args.text_aux_at, aux_names)
     else:
         state = torch.load(os.path.join(args.workdir, "unet_ckpt.pt"), weights_only=False)
         unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])

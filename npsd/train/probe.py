@@ -92,7 +92,8 @@ def run(latents, captions, conditioning, steps, every=250, batch=32, lr=7e-4, n_
                       ctx).sample - z[rows]) ** 2).mean()
         if conditioning.startswith("clip-aux"):
             at = None if token_at is None else token_at[rows]
-            loss = loss + builtin.TEXT_AUX_WEIGHT * builtin.text_aux_loss(heads, out, targets[rows], at)
+            loss = loss + builtin.TEXT_AUX_WEIGHT * builtin.text_aux_loss(heads, out, targets[rows], at,
+                                                                          tuple(builtin.ATTRIBUTE_VALUES))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
