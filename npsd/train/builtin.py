@@ -567,8 +567,8 @@ def main(argv=None):
     ap.add_argument("--unet-steps", type=int, default=6000)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=7e-4)
-    ap.add_argument("--max-minutes", type=float, default=120,
-                    help="stop (and still export) after this long (a whole run: 75-110 min on 2 idle cores)")
+    ap.add_argument("--max-minutes", type=float, default=140,
+                    help="stop (and still export) after this long (a whole run: 110-140 min on 2 idle cores)")
     ap.add_argument("--vae-minutes", type=float, default=60, help="time budget of the VAE stage")
     ap.add_argument("--num-images", type=int, default=NUM_IMAGES, help="training set size")
     ap.add_argument("--threads", default="auto", help="torch threads: 1, 2, ... or auto (see Threads)")

@@ -16,7 +16,8 @@ the first bound and does much worse with the moved words.
 weights/README.md has the measurements: attribute tokens learn the position within 500 steps, the
 CLIP encoder trained with the UNet does not in 1,500 (nor with x/y coordinate ramps added to the
 UNet's input, nor with 10x its learning rate), and with the auxiliary loss of npsd.train.builtin
-(TEXT_AUX_WEIGHT) it does, read from the pooled output or at the words.
+(TEXT_AUX_WEIGHT) it does, read from the pooled output or at the words. The probe's auxiliary loss
+names all five attributes (the measurements were made so); the training run names TEXT_AUX_NAMES.
 """
 
 import argparse
