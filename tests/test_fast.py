@@ -377,9 +377,10 @@ def test_vae_fast_blocks_check_the_groups():
 # Whole generations: the built-in model on the plain path and on the fast path
 # ---------------------------------------------------------------------------------------------
 
-# Max |plain - fast| over the [0, 1] images, measured: txt2img 4.6e-6, img2img 6.0e-6 (float32
-# rounding; an image's 8-bit step is 3.9e-3). The tolerance is 8.7x and 6.7x those.
-GENERATION_TOL = 4e-5
+# Max |plain - fast| over the [0, 1] images, measured: txt2img 7.7e-6, img2img 2.7e-6 (float32
+# rounding; an image's 8-bit step is 3.9e-3; the previous built-in model on an Intel Xeon: 4.6e-6 and
+# 6.0e-6). The tolerance is 3.3x and 9.3x those.
+GENERATION_TOL = 2.5e-5
 
 
 def test_generation_plain_against_fast():

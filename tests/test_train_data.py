@@ -121,3 +121,30 @@ def test_count_shapes_counts_two_shapes_and_ignores_specks():
     assert data.count_shapes(blob) == 0
     # nothing but background: no shape
     assert data.count_shapes(np.full((64, 64, 3), data.COLOURS["white"], np.uint8)) == 0
+
+
+def test_random_colour_scenes_keep_the_layout_and_vary_the_colours():
+    """data.random_colour_scene: the layout sample draws from the same generator state, in two colours
+    at least MIN_CONTRAST apart, which are not palette colours: the box centre's 3x3 is the shape's
+    colour, the corner the background's, and the shape's bounding box is the one sample draws (to a
+    pixel: which anti-aliased edge pixels lie nearer the shape's colour depends on the colours)."""
+    rng = np.random.default_rng(5)
+    colours = []
+    for _ in range(200):
+        state = rng.bit_generator.state
+        img = data.random_colour_scene(rng)
+        rng_again = np.random.default_rng()
+        rng_again.bit_generator.state = state
+        drawn, _, a = data.sample(rng_again)                                # the same layout, palette colours
+        background, centre = img[0, 0].astype(float), (int(a["centre"][1]), int(a["centre"][0]))
+        colour = img[centre].astype(float)
+        assert np.linalg.norm(colour - background) >= data.MIN_CONTRAST - 2     # uint8 rounding
+        assert (img[centre[0] - 1:centre[0] + 2, centre[1] - 1:centre[1] + 2] == img[centre]).all()
+        nearer = lambda im, c, b: np.linalg.norm(im - c, axis=-1) < np.linalg.norm(im - b, axis=-1)   # [64, 64]
+        mask = nearer(img.astype(float), colour, background)
+        palette_mask = nearer(drawn.astype(float), data.COLOURS[a["colour"]], data.COLOURS[a["background"]])
+        box = lambda m: np.array([f(np.nonzero(m)[k]) for k in (0, 1) for f in (np.min, np.max)])   # [4]
+        assert np.abs(box(mask) - box(palette_mask)).max() <= 1, "the shape is not where sample drew it"
+        colours += [colour, background]
+    nearest = np.min(np.linalg.norm(np.array(colours)[:, None] - data.PALETTE, axis=-1), axis=1)   # [400]
+    assert np.median(nearest) > 40, f"random colours sit near the palette: median distance {np.median(nearest):.0f}"

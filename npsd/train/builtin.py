@@ -9,8 +9,9 @@ SD v1.5's original tensor names, only smaller shapes:
 
 1. data: procedural 64x64 scenes with captions (npsd.train.data), seeded;
 2. VAE: KL autoencoder 64x64x3 -> 16x16x4 (reconstruction L1 + MSE + a small KL term, as LDM's
-   KL-f8 models minus the perceptual and GAN losses); the latent scaling factor is 1 / std of the
-   training latents (LDM paper, sec. 4.3.2 / appendix G: "rescale the latent ... unit variance");
+   KL-f8 models minus the perceptual and GAN losses), on the training scenes and, in its last two
+   cycles, on scenes in random colours as well (VAE_PHASES); the latent scaling factor is 1 / std of
+   the training latents (LDM paper, sec. 4.3.2 / appendix G: "rescale the latent ... unit variance");
 3. the latents of all training images are computed once (posterior mean and std);
 4. UNet + CLIP text encoder trained together from scratch: epsilon prediction under SD's
    scaled-linear schedule (0.00085..0.012, 1000 steps), the caption replaced by "" 10% of the time
@@ -33,6 +34,7 @@ import math
 import os
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 
@@ -157,32 +159,45 @@ def to_tensor(images):
 # Cosine cycles with warm restarts (as SGDR): first cheap 32x32 crops (the VAE is convolutional up to
 # its one mid-block attention), then larger crops and whole images so that attention sees 256 tokens,
 # then two cycles on whole images at a lower rate, which bring back the small shapes (triangles under
-# 8 pixels across came back rounded after the first two).
-# (steps, peak lr, crop size, fraction of steps on whole 64x64 images at the end)
-VAE_PHASES = ((800, 1e-3, 32, 0.1), (400, 5e-4, 48, 0.25), (1200, 3e-4, 64, 1.0), (2400, 3e-4, 64, 1.0))
+# 8 pixels across came back rounded after the first two), then two with half of each batch drawn in
+# random colours (data.random_colour_scene), so that the VAE encodes any colour pair, the second of
+# them with the encoder frozen.
+# steps, peak lr; crop: side of the crops; full: fraction of the steps (at the end) on whole 64x64
+# images; random_colours: fraction of each batch in random colours; decoder_only: the encoder frozen
+# (the latents, and so the UNet trained on them, do not change)
+VAEPhase = namedtuple("VAEPhase", "steps lr crop full random_colours decoder_only")
+VAE_PHASES = (VAEPhase(800, 1e-3, 32, 0.1, 0.0, False), VAEPhase(400, 5e-4, 48, 0.25, 0.0, False),
+              VAEPhase(1200, 3e-4, 64, 1.0, 0.0, False), VAEPhase(2400, 3e-4, 64, 1.0, 0.0, False),
+              VAEPhase(1200, 3e-4, 64, 1.0, 0.5, False), VAEPhase(1200, 3e-4, 64, 1.0, 0.5, True))
 
 
 def train_vae(vae, images, batch, workdir, deadline, threads, phases=VAE_PHASES):
     import torch
-    for k, (steps, lr, crop, full) in enumerate(phases, 1):
+    for k, (steps, lr, crop, full, random_colours, decoder_only) in enumerate(phases, 1):
         path = os.path.join(workdir, f"vae_phase{k}.pt")
         if os.path.exists(path):
             vae.load_state_dict(torch.load(path))
             log(f"VAE: loaded {path}")
             continue
         gen = np.random.default_rng(SEED + 1 if k == 1 else SEED + 10 + k)
-        opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+        trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()] if decoder_only else vae.parameters()
+        opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
         t0 = time.time()
         for step in range(steps):
             threads.before(step)
-            x = to_tensor(images[gen.integers(len(images), size=batch)])            # [B, 3, 64, 64]
+            n_random = int(round(random_colours * batch))
+            x = images[gen.integers(len(images), size=batch - n_random)]           # [B - n, 64, 64, 3]
+            if n_random:
+                x = np.concatenate([x, [data.random_colour_scene(gen) for _ in range(n_random)]])
+            x = to_tensor(x)                                                       # [B, 3, 64, 64]
             if step < (1 - full) * steps:  # a crop on the 4-pixel latent grid
                 i, j = 4 * gen.integers(0, (data.SIZE - crop) // 4 + 1, size=2)
                 x = x[:, :, i:i + crop, j:j + crop]                                # [B, 3, crop, crop]
-            post = vae.encode(x).latent_dist
-            z = post.sample(generator=None)
+            with torch.set_grad_enabled(not decoder_only):
+                post = vae.encode(x).latent_dist
+                z = post.sample(generator=None)
             rec = vae.decode(z).sample
             err = rec - x
             kl = post.kl().mean() / z[0].numel()
@@ -564,12 +579,12 @@ def main(argv=None):
     ap.add_argument("--vae-steps", type=int, default=None, help="one VAE cycle of this many steps "
                     "(default: VAE_PHASES)")
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--unet-steps", type=int, default=4300)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=7e-4)
-    ap.add_argument("--max-minutes", type=float, default=140,
-                    help="stop (and still export) after this long (a whole run: 110-140 min on 2 idle cores)")
-    ap.add_argument("--vae-minutes", type=float, default=60, help="time budget of the VAE stage")
+    ap.add_argument("--max-minutes", type=float, default=200,
+                    help="stop (and still export) after this long (a whole run: 2-3 hours on 2 idle cores)")
+    ap.add_argument("--vae-minutes", type=float, default=120, help="time budget of the VAE stage")
     ap.add_argument("--num-images", type=int, default=NUM_IMAGES, help="training set size")
     ap.add_argument("--threads", default="auto", help="torch threads: 1, 2, ... or auto (see Threads)")
     ap.add_argument("--stage", choices=("all", "vae", "unet", "export"), default="all")
@@ -580,7 +595,8 @@ def main(argv=None):
                     help="where the text encoder's auxiliary loss reads the attributes: its pooled output, "
                          "or the word that carries each (weights/README.md compares them)")
     ap.add_argument("--text-aux-names", default=",".join(TEXT_AUX_NAMES), metavar="NAMES",
-                    help=f"the attributes the auxiliary loss names, comma-separated, of {','.join(ATTRIBUTE_VALUES)}")
+                    help=f"the attributes the auxiliary loss names, comma-separated, of {','.join(ATTRIBUTE_VALUES)} "
+                         "(empty: no auxiliary loss)")
     ap.add_argument("--export-only", action="store_true", help="= --stage export")
     args = ap.parse_args(argv)
     aux_names = tuple(n for n in args.text_aux_names.split(",") if n)
@@ -602,7 +618,7 @@ def main(argv=None):
         vae.load_state_dict(load_original(args.vae_from, parts=("vae",))[0].state_dict())
         log(f"VAE: taken from {args.vae_from}")
     elif stage in ("all", "vae"):
-        phases = VAE_PHASES if args.vae_steps is None else ((args.vae_steps, 1e-3, 32, 0.1),)
+        phases = VAE_PHASES if args.vae_steps is None else (VAEPhase(args.vae_steps, 1e-3, 32, 0.1, 0.0, False),)
         train_vae(vae, images, args.vae_batch, args.workdir, min(deadline, time.time() + 60 * args.vae_minutes),
                   threads, phases)
     else:
@@ -622,7 +638,8 @@ def main(argv=None):
         unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
         ema_unet, ema_text, steps = unet, text, state["step"]
     extra = {"unet_steps": steps, "unet_batch": args.unet_batch, "vae_phases": VAE_PHASES if args.vae_steps is None else args.vae_steps, "seed": SEED,
-             "num_images": args.num_images, "vae_from": os.path.basename(args.vae_from) if args.vae_from else None}
+             "num_images": args.num_images, "vae_from": os.path.basename(args.vae_from) if args.vae_from else None,
+             "text_aux_at": args.text_aux_at, "text_aux_names": list(aux_names)}
     export(os.path.abspath(args.out), ema_unet.eval(), vae, ema_text.eval(), scaling, extra)
     log(f"done in {(time.time() - start) / 60:.1f} min")
 
