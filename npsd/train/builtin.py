@@ -618,7 +618,7 @@ def main(argv=None):
         vae.load_state_dict(load_original(args.vae_from, parts=("vae",))[0].state_dict())
         log(f"VAE: taken from {args.vae_from}")
     elif stage in ("all", "vae"):
-        phases = VAE_PHASES if args.vae_steps is None else (VAEPhase(args.vae_steps, 1e-3, 32, 0.1, 0.0, False),)
+        phases = VAE_PHASES if args.vae_steps is None else (VAE_PHASES[0]._replace(steps=args.vae_steps),)
         train_vae(vae, images, args.vae_batch, args.workdir, min(deadline, time.time() + 60 * args.vae_minutes),
                   threads, phases)
     else:
