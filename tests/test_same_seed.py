@@ -151,9 +151,9 @@ def test_same_seed_v_prediction_zero_snr_guidance_rescale(models, mode, unet_key
 
     Euler and Euler a, txt2img: TOL_ZERO_SNR_FIRST_STEP. Their first step from sigma_max = 4096 cancels
     two terms of ~4096 |noise| down to the state, whose float32 rounding (1 ulp of 4096 |noise|) no
-    implementation controls: npsd run with sigma_max one ulp apart (4095.9998 and 4096.0, the values
-    torch's float32 sqrt gives on different CPUs) differs from itself by 2.9e-5 (Euler) and 1.3e-5
-    (Euler a); against diffusers, measured 3.0e-5 and 1.5e-5 (AMD EPYC)."""
+    implementation controls: npsd run with sigma_max one ulp apart (4095.9998, correctly rounded, and
+    the 4096.0 that torch's float32 sqrt gives on an AMD EPYC) differs from itself by 2.9e-5 (Euler)
+    and 1.3e-5 (Euler a); against diffusers, measured 3.0e-5 and 1.5e-5 (AMD EPYC)."""
     sched = V_ZERO_SNR if sampler != "lcm" else dict(V_ZERO_SNR, timestep_spacing="leading")
     rescale = {"guidance_rescale": 0.7} if mode == "txt2img" else {}
     ours, ref = run_both(models, mode, sampler, False, seed=11, unet_key=unet_key, strength=strength,

@@ -793,7 +793,7 @@ def test_zero_terminal_snr_v_prediction_loops(name, spacing, n):
         # The first step from sigma_max = sqrt(2^24 - 1) computes x + d (sigma_1 - sigma_max): two terms
         # of |x_T| ~ 1.4e4 that cancel to ~56, so 1 ulp of sigma_max moves the result by ~1 ulp of x_T
         # (1e-3, 1.7e-5 of the state). diffusers takes sigma_max from torch's float32 sqrt, which gives
-        # 4096.0 on an AMD EPYC and 4095.9998 (correctly rounded, as npsd) on an Intel Xeon; the sigmas
+        # 4096.0 on an AMD EPYC where the correctly rounded value (npsd's) is 4095.9998; the sigmas
         # agree to RTOL_SIGMA (test_timesteps_and_sigmas), and the loop runs on diffusers' own.
         _, ref_s, _ = ref_layout(r, name)
         assert_close(sched.sigmas, ref_s, RTOL_SIGMA, f"{name} zero SNR sigmas")

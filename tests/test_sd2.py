@@ -115,8 +115,8 @@ def test_sd2_wrong_settings_fail(sd2_folder):
 def test_guidance_embedding_matches_diffusers(w):
     ref = t2n(StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor([w - 1.0]), 256))
     # diffusers takes the frequencies from torch's float32 exp, whose last bit depends on the CPU (one
-    # frequency in 128 is 1 ulp off on an AMD EPYC, a different one or none on an Intel Xeon); at arguments
-    # up to 7500, 1 ulp (2^-23 relative at most) moves sin and cos by up to |argument| 2^-23. Per element:
+    # frequency of the 128 is 1 ulp off the correctly rounded value on an AMD EPYC); at arguments up
+    # to 7500, 1 ulp (2^-23 relative at most) moves sin and cos by up to |argument| 2^-23. Per element:
     # |error| <= |argument| 2^-22 + 1e-6; measured 0.91 of the 1-ulp term (2.4e-4 at w = 4, AMD EPYC).
     out = guidance_embedding(w, 256)
     args = np.abs((w - 1) * 1000 * np.exp(-np.arange(128) * np.log(10000) / 127))
