@@ -9,8 +9,9 @@ SD v1.5's original tensor names, only smaller shapes:
 
 1. data: procedural 64x64 scenes with captions (npsd.train.data), seeded;
 2. VAE: KL autoencoder 64x64x3 -> 16x16x4 (reconstruction L1 + MSE + a small KL term, as LDM's
-   KL-f8 models minus the perceptual and GAN losses), on the training scenes and, in its last two
-   cycles, on scenes in random colours as well (VAE_PHASES); the latent scaling factor is 1 / std of
+   KL-f8 models minus the perceptual and GAN losses), on the training scenes and, in its last three
+   cycles, on scenes in random colours as well, the last with the loss weighted on the shape's
+   pixels (VAE_PHASES); the latent scaling factor is 1 / std of
    the training latents (LDM paper, sec. 4.3.2 / appendix G: "rescale the latent ... unit variance");
 3. the latents of all training images are computed once (posterior mean and std);
 4. UNet + CLIP text encoder trained together from scratch: epsilon prediction under SD's
@@ -161,19 +162,22 @@ def to_tensor(images):
 # then two cycles on whole images at a lower rate, which bring back the small shapes (triangles under
 # 8 pixels across came back rounded after the first two), then two with half of each batch drawn in
 # random colours (data.random_colour_scene), so that the VAE encodes any colour pair, the second of
-# them with the encoder frozen.
+# them with the encoder frozen, then one more with the encoder training again and the shape's pixels
+# weighted 5x, which keeps small triangles from coming back rounded in the colours that differ least.
 # steps, peak lr; crop: side of the crops; full: fraction of the steps (at the end) on whole 64x64
 # images; random_colours: fraction of each batch in random colours; decoder_only: the encoder frozen
-# (the latents, and so the UNet trained on them, do not change)
-VAEPhase = namedtuple("VAEPhase", "steps lr crop full random_colours decoder_only")
+# (the latents, and so the UNet trained on them, do not change); shape_weight: the reconstruction
+# loss's weight on the shape and its edge (shape_weights; whole images only)
+VAEPhase = namedtuple("VAEPhase", "steps lr crop full random_colours decoder_only shape_weight", defaults=(1.0,))
 VAE_PHASES = (VAEPhase(800, 1e-3, 32, 0.1, 0.0, False), VAEPhase(400, 5e-4, 48, 0.25, 0.0, False),
               VAEPhase(1200, 3e-4, 64, 1.0, 0.0, False), VAEPhase(2400, 3e-4, 64, 1.0, 0.0, False),
-              VAEPhase(1200, 3e-4, 64, 1.0, 0.5, False), VAEPhase(1200, 3e-4, 64, 1.0, 0.5, True))
+              VAEPhase(1200, 3e-4, 64, 1.0, 0.5, False), VAEPhase(1200, 3e-4, 64, 1.0, 0.5, True),
+              VAEPhase(1000, 3e-4, 64, 1.0, 0.5, False, 5.0))
 
 
 def train_vae(vae, images, batch, workdir, deadline, threads, phases=VAE_PHASES):
     import torch
-    for k, (steps, lr, crop, full, random_colours, decoder_only) in enumerate(phases, 1):
+    for k, (steps, lr, crop, full, random_colours, decoder_only, shape_weight) in enumerate(phases, 1):
         path = os.path.join(workdir, f"vae_phase{k}.pt")
         if os.path.exists(path):
             vae.load_state_dict(torch.load(path))
@@ -199,9 +203,9 @@ def train_vae(vae, images, batch, workdir, deadline, threads, phases=VAE_PHASES)
                 post = vae.encode(x).latent_dist
                 z = post.sample(generator=None)
             rec = vae.decode(z).sample
-            err = rec - x
+            err, w = rec - x, shape_weights(x, shape_weight)                      # w: [B, 1, H, W] or 1
             kl = post.kl().mean() / z[0].numel()
-            loss = err.abs().mean() + (err ** 2).mean() + 1e-5 * kl     # per-element KL weight 1e-5
+            loss = (w * err.abs()).mean() + (w * err ** 2).mean() + 1e-5 * kl   # per-element KL weight 1e-5
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -214,6 +218,19 @@ def train_vae(vae, images, batch, workdir, deadline, threads, phases=VAE_PHASES)
                 log(f"VAE: time budget reached at phase {k} step {step}")
                 break
         torch.save(vae.state_dict(), path)
+
+
+def shape_weights(x, weight):
+    """[B, 3, H, W] scenes in [-1, 1] -> [B, 1, H, W]: `weight` on the shape's pixels (those that
+    differ from the top-left pixel, which is always background) and their neighbours, 1 elsewhere;
+    1 everywhere when weight is 1. A small shape covers 1-3% of the image, so without it the
+    reconstruction loss hardly tells a small triangle from a small circle."""
+    import torch
+    if weight == 1.0:
+        return x.new_ones(())
+    shape = ((x - x[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.02).float()        # [B, 1, H, W]
+    shape = torch.nn.functional.max_pool2d(shape, 3, stride=1, padding=1)              # and its edge
+    return 1.0 + (weight - 1.0) * shape
 
 
 def encode_all(vae, images, workdir):
@@ -609,6 +626,7 @@ def main(argv=None):
     start = time.time()
     deadline = start + 60 * args.max_minutes
     vae, text, unet = build_models()
+    phases = VAE_PHASES if args.vae_steps is None else (VAE_PHASES[0]._replace(steps=args.vae_steps),)
     for name, m in (("VAE", vae), ("text encoder", text), ("UNet", unet)):
         log(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters")
     images, captions = make_data(args.workdir, args.num_images)
@@ -618,11 +636,10 @@ def main(argv=None):
         vae.load_state_dict(load_original(args.vae_from, parts=("vae",))[0].state_dict())
         log(f"VAE: taken from {args.vae_from}")
     elif stage in ("all", "vae"):
-        phases = VAE_PHASES if args.vae_steps is None else (VAE_PHASES[0]._replace(steps=args.vae_steps),)
         train_vae(vae, images, args.vae_batch, args.workdir, min(deadline, time.time() + 60 * args.vae_minutes),
                   threads, phases)
     else:
-        vae.load_state_dict(torch.load(os.path.join(args.workdir, f"vae_phase{len(VAE_PHASES)}.pt")))
+        vae.load_state_dict(torch.load(os.path.join(args.workdir, f"vae_phase{len(phases)}.pt")))
     vae.eval()
     mean, std = encode_all(vae, images, args.workdir)
     scaling = latent_scaling(mean, std)
@@ -637,7 +654,7 @@ def main(argv=None):
         state = torch.load(os.path.join(args.workdir, "unet_ckpt.pt"), weights_only=False)
         unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
         ema_unet, ema_text, steps = unet, text, state["step"]
-    extra = {"unet_steps": steps, "unet_batch": args.unet_batch, "vae_phases": VAE_PHASES if args.vae_steps is None else args.vae_steps, "seed": SEED,
+    extra = {"unet_steps": steps, "unet_batch": args.unet_batch, "vae_phases": phases, "seed": SEED,
              "num_images": args.num_images, "vae_from": os.path.basename(args.vae_from) if args.vae_from else None,
              "text_aux_at": args.text_aux_at, "text_aux_names": list(aux_names)}
     export(os.path.abspath(args.out), ema_unet.eval(), vae, ema_text.eval(), scaling, extra)
