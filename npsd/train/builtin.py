@@ -223,7 +223,7 @@ def train_vae(vae, images, batch, workdir, deadline, threads, phases=VAE_PHASES)
 def shape_weights(x, weight):
     """[B, 3, H, W] scenes in [-1, 1] -> [B, 1, H, W]: `weight` on the shape's pixels (those that
     differ from the top-left pixel, which is always background) and their neighbours, 1 elsewhere;
-    1 everywhere when weight is 1. A small shape covers 1-3% of the image, so without it the
+    1 everywhere when weight is 1. A small shape covers 2-7% of the image, so without it the
     reconstruction loss hardly tells a small triangle from a small circle."""
     import torch
     if weight == 1.0:
