@@ -125,16 +125,17 @@ def test_vae_from_a_file_whose_unet_has_another_layout(tmp_path, monkeypatch):
 
 def test_vae_phase_draws_its_share_of_random_colour_scenes(tmp_path, monkeypatch):
     """A VAE cycle with a random-colour fraction of 0.5 replaces half of each batch by
-    data.random_colour_scene (2 steps x 2 of 4); a cycle with 0 draws none, and both save their phase."""
+    data.random_colour_scene (2 steps x 2 of 4), drawn as the cycle's colours say; a cycle with 0
+    draws none, and both save their phase."""
     drawn = []
     real = data.random_colour_scene
-    monkeypatch.setattr(data, "random_colour_scene", lambda rng: drawn.append(1) or real(rng))
+    monkeypatch.setattr(data, "random_colour_scene", lambda rng, colours: drawn.append(colours) or real(rng, colours))
     torch.manual_seed(0)
     vae = builtin.build_models()[0]
     images, _, _ = data.dataset(8, seed=0)
-    phases = (builtin.VAEPhase(2, 1e-4, 64, 1.0, 0.0, False), builtin.VAEPhase(2, 1e-4, 64, 1.0, 0.5, False))
+    phases = (builtin.VAEPhase(2, 1e-4, 64, 1.0, 0.0, False), builtin.VAEPhase(2, 1e-4, 64, 1.0, 0.5, False, colours="saturated"))
     builtin.train_vae(vae, images, 4, str(tmp_path), time.time() + 600, builtin.Threads("1"), phases)
-    assert len(drawn) == 4
+    assert drawn == ["saturated"] * 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae_phase1.pt", "vae_phase2.pt"]
 
 

@@ -148,3 +148,23 @@ def test_random_colour_scenes_keep_the_layout_and_vary_the_colours():
         colours += [colour, background]
     nearest = np.min(np.linalg.norm(np.array(colours)[:, None] - data.PALETTE, axis=-1), axis=1)   # [400]
     assert np.median(nearest) > 40, f"random colours sit near the palette: median distance {np.median(nearest):.0f}"
+
+
+def test_saturated_random_colours_sit_near_the_ends_of_each_channel():
+    """colours="saturated" draws the same layouts from the same generator state (the shape's pixels
+    are where the uniform draw puts them) in colours whose channels lie mostly near 0 or 255.
+    Measured on these 300 scenes: 59% of the channels within 25 of an end, against 23% for uniform
+    colours (about 51/255 = 20% expected)."""
+    near_end, shapes = {"uniform": [], "saturated": []}, {"uniform": [], "saturated": []}
+    for seed in range(300):
+        _, _, a = data.sample(np.random.default_rng(seed))
+        centre = int(a["centre"][1]), int(a["centre"][0])
+        for colours in near_end:
+            img = data.random_colour_scene(np.random.default_rng(seed), colours)     # [64, 64, 3]
+            channels = np.array([img[0, 0], img[centre]], float)                      # [2, 3]
+            near_end[colours].append(np.minimum(channels, 255 - channels) <= 25)
+            shapes[colours].append((img != img[0, 0]).any(-1))                        # [64, 64]
+    near_end = {k: float(np.mean(v)) for k, v in near_end.items()}
+    assert near_end["uniform"] < 0.3 and near_end["saturated"] > 0.45, near_end
+    same = np.mean([(a == b).mean() for a, b in zip(shapes["uniform"], shapes["saturated"])])
+    assert same > 0.99, f"saturated colours moved the shapes: {same:.3f} of the pixels agree"

@@ -167,8 +167,10 @@ def to_tensor(images):
 # steps, peak lr; crop: side of the crops; full: fraction of the steps (at the end) on whole 64x64
 # images; random_colours: fraction of each batch in random colours; decoder_only: the encoder frozen
 # (the latents, and so the UNet trained on them, do not change); shape_weight: the reconstruction
-# loss's weight on the shape and its edge (shape_weights; whole images only)
-VAEPhase = namedtuple("VAEPhase", "steps lr crop full random_colours decoder_only shape_weight", defaults=(1.0,))
+# loss's weight on the shape and its edge (shape_weights; whole images only); colours: how the random
+# colours are drawn (data.random_colour_scene)
+VAEPhase = namedtuple("VAEPhase", "steps lr crop full random_colours decoder_only shape_weight colours",
+                      defaults=(1.0, "uniform"))
 VAE_PHASES = (VAEPhase(800, 1e-3, 32, 0.1, 0.0, False), VAEPhase(400, 5e-4, 48, 0.25, 0.0, False),
               VAEPhase(1200, 3e-4, 64, 1.0, 0.0, False), VAEPhase(2400, 3e-4, 64, 1.0, 0.0, False),
               VAEPhase(1200, 3e-4, 64, 1.0, 0.5, False), VAEPhase(1200, 3e-4, 64, 1.0, 0.5, True),
@@ -177,7 +179,7 @@ VAE_PHASES = (VAEPhase(800, 1e-3, 32, 0.1, 0.0, False), VAEPhase(400, 5e-4, 48, 
 
 def train_vae(vae, images, batch, workdir, deadline, threads, phases=VAE_PHASES):
     import torch
-    for k, (steps, lr, crop, full, random_colours, decoder_only, shape_weight) in enumerate(phases, 1):
+    for k, (steps, lr, crop, full, random_colours, decoder_only, shape_weight, colours) in enumerate(phases, 1):
         path = os.path.join(workdir, f"vae_phase{k}.pt")
         if os.path.exists(path):
             vae.load_state_dict(torch.load(path))
@@ -194,7 +196,7 @@ def train_vae(vae, images, batch, workdir, deadline, threads, phases=VAE_PHASES)
             n_random = int(round(random_colours * batch))
             x = images[gen.integers(len(images), size=batch - n_random)]           # [B - n, 64, 64, 3]
             if n_random:
-                x = np.concatenate([x, [data.random_colour_scene(gen) for _ in range(n_random)]])
+                x = np.concatenate([x, [data.random_colour_scene(gen, colours) for _ in range(n_random)]])
             x = to_tensor(x)                                                       # [B, 3, 64, 64]
             if step < (1 - full) * steps:  # a crop on the 4-pixel latent grid
                 i, j = 4 * gen.integers(0, (data.SIZE - crop) // 4 + 1, size=2)

@@ -120,15 +120,21 @@ def sample(rng, pairs=TRAIN_PAIRS):
     return draw(shape, colour, background, radius, centre), text, attrs
 
 
-def random_colour_scene(rng):
-    """A scene laid out as sample lays them out, drawn in two random colours (uniform RGB, at least
-    MIN_CONTRAST apart) instead of a palette pair -> uint8 [64, 64, 3]. The VAE learns from these
-    beside the training scenes so that it encodes colours, not the pairs it was shown: trained on
-    the training pairs alone it decoded the held-out pairs' shapes in the wrong colour (65% of them),
-    which no UNet could then draw right. The UNet and text encoder never see these scenes."""
+def random_colour_scene(rng, colours="uniform"):
+    """A scene laid out as sample lays them out, drawn in two random colours (at least MIN_CONTRAST
+    apart) instead of a palette pair -> uint8 [64, 64, 3]. colours: "uniform" draws each channel
+    uniformly from 0..255; "saturated" from 255 * Beta(0.3, 0.3), which piles up near 0 and 255, so
+    that the saturated colours the palette is made of are common (a uniform draw seldom comes near
+    them). The VAE learns from these beside the training scenes so that it encodes colours, not the
+    pairs it was shown: trained on the training pairs alone it decoded the held-out pairs' shapes in
+    the wrong colour (65% of them), which no UNet could then draw right. The UNet and text encoder
+    never see these scenes."""
     _, _, a = sample(rng)
     while True:
-        colour, background = rng.uniform(0, 255, (2, 3))
+        if colours == "uniform":
+            colour, background = rng.uniform(0, 255, (2, 3))
+        else:
+            colour, background = 255 * rng.beta(0.3, 0.3, (2, 3))
         if np.linalg.norm(colour - background) >= MIN_CONTRAST:
             return draw(a["shape"], colour, background, a["radius"], a["centre"])
 
