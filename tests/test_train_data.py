@@ -168,3 +168,5 @@ def test_saturated_random_colours_sit_near_the_ends_of_each_channel():
     assert near_end["uniform"] < 0.3 and near_end["saturated"] > 0.45, near_end
     same = np.mean([(a == b).mean() for a, b in zip(shapes["uniform"], shapes["saturated"])])
     assert same > 0.99, f"saturated colours moved the shapes: {same:.3f} of the pixels agree"
+    with pytest.raises(ValueError, match="'uniform' or 'saturated'"):
+        data.random_colour_scene(np.random.default_rng(0), "saturate")

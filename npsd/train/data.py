@@ -133,8 +133,10 @@ def random_colour_scene(rng, colours="uniform"):
     while True:
         if colours == "uniform":
             colour, background = rng.uniform(0, 255, (2, 3))
-        else:
+        elif colours == "saturated":
             colour, background = 255 * rng.beta(0.3, 0.3, (2, 3))
+        else:
+            raise ValueError(f"colours={colours!r}: use 'uniform' or 'saturated'")
         if np.linalg.norm(colour - background) >= MIN_CONTRAST:
             return draw(a["shape"], colour, background, a["radius"], a["centre"])
 
