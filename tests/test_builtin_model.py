@@ -133,7 +133,8 @@ def test_vae_phase_draws_its_share_of_random_colour_scenes(tmp_path, monkeypatch
     torch.manual_seed(0)
     vae = builtin.build_models()[0]
     images, _, _ = data.dataset(8, seed=0)
-    phases = (builtin.VAEPhase(2, 1e-4, 64, 1.0, 0.0, False), builtin.VAEPhase(2, 1e-4, 64, 1.0, 0.5, False, colours="saturated"))
+    phases = (builtin.VAEPhase(2, 1e-4, 64, 1.0, 0.0, False),
+              builtin.VAEPhase(2, 1e-4, 64, 1.0, 0.5, False, colours="saturated"))
     builtin.train_vae(vae, images, 4, str(tmp_path), time.time() + 600, builtin.Threads("1"), phases)
     assert drawn == ["saturated"] * 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae_phase1.pt", "vae_phase2.pt"]
