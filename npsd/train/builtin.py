@@ -163,7 +163,8 @@ def to_tensor(images):
 # 8 pixels across came back rounded after the first two), then two with half of each batch drawn in
 # random colours (data.random_colour_scene), so that the VAE encodes any colour pair, the second of
 # them with the encoder frozen, then one more with the encoder training again and the shape's pixels
-# weighted 5x, which keeps small triangles from coming back rounded in the colours that differ least.
+# weighted 5x, which keeps small triangles from coming back rounded in the colours that differ least,
+# and a last one weighted 10x whose random colours are mostly saturated, as the palette's are.
 # steps, peak lr; crop: side of the crops; full: fraction of the steps (at the end) on whole 64x64
 # images; random_colours: fraction of each batch in random colours; decoder_only: the encoder frozen
 # (the latents, and so the UNet trained on them, do not change); shape_weight: the reconstruction
@@ -174,7 +175,8 @@ VAEPhase = namedtuple("VAEPhase", "steps lr crop full random_colours decoder_onl
 VAE_PHASES = (VAEPhase(800, 1e-3, 32, 0.1, 0.0, False), VAEPhase(400, 5e-4, 48, 0.25, 0.0, False),
               VAEPhase(1200, 3e-4, 64, 1.0, 0.0, False), VAEPhase(2400, 3e-4, 64, 1.0, 0.0, False),
               VAEPhase(1200, 3e-4, 64, 1.0, 0.5, False), VAEPhase(1200, 3e-4, 64, 1.0, 0.5, True),
-              VAEPhase(1000, 3e-4, 64, 1.0, 0.5, False, 5.0))
+              VAEPhase(1000, 3e-4, 64, 1.0, 0.5, False, 5.0),
+              VAEPhase(1000, 3e-4, 64, 1.0, 0.5, False, 10.0, "saturated"))
 
 
 def train_vae(vae, images, batch, workdir, deadline, threads, phases=VAE_PHASES):
@@ -601,9 +603,9 @@ def main(argv=None):
     ap.add_argument("--unet-steps", type=int, default=4300)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=7e-4)
-    ap.add_argument("--max-minutes", type=float, default=200,
-                    help="stop (and still export) after this long (a whole run: 2-3 hours on 2 idle cores)")
-    ap.add_argument("--vae-minutes", type=float, default=120, help="time budget of the VAE stage")
+    ap.add_argument("--max-minutes", type=float, default=240,
+                    help="stop (and still export) after this long (a whole run: 2-3.3 hours on 2 idle cores)")
+    ap.add_argument("--vae-minutes", type=float, default=180, help="time budget of the VAE stage")
     ap.add_argument("--num-images", type=int, default=NUM_IMAGES, help="training set size")
     ap.add_argument("--threads", default="auto", help="torch threads: 1, 2, ... or auto (see Threads)")
     ap.add_argument("--stage", choices=("all", "vae", "unet", "export"), default="all")
