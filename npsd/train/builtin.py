@@ -604,7 +604,7 @@ def main(argv=None):
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=7e-4)
     ap.add_argument("--max-minutes", type=float, default=240,
-                    help="stop (and still export) after this long (a whole run: 2-3.3 hours on 2 idle cores)")
+                    help="stop (and still export) after this long (how long a whole run takes: weights/README.md)")
     ap.add_argument("--vae-minutes", type=float, default=180, help="time budget of the VAE stage")
     ap.add_argument("--num-images", type=int, default=NUM_IMAGES, help="training set size")
     ap.add_argument("--threads", default="auto", help="torch threads: 1, 2, ... or auto (see Threads)")
