@@ -397,9 +397,9 @@ def attention(q, k, v, num_heads, causal=False):
 # ---------------------------------------------------------------------------------------------
 
 WINOGRAD = True                     # False: every 3x3 conv by im2col (to measure what Winograd gives)
-WINOGRAD_MIN_POSITIONS = 2048      # Winograd for 3x3 stride-1 convs with at least this many outputs
+WINOGRAD_MIN_POSITIONS = 1024      # Winograd for 3x3 stride-1 convs with at least this many outputs
                                     # (batch x height x width; below, transforming the weights on every call costs
-                                    # more than the multiplications it saves)
+                                    # more than the multiplications it saves: docs/speed.md section 3)
 
 
 @single_threaded_blas

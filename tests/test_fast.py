@@ -84,17 +84,24 @@ def test_conv2d_in_bands(conv_route, budget):
         check(lambda: nn.conv2d(x, w, b, padding=1), f"conv2d in bands of {budget} bytes ({conv_route})")
 
 
-def test_winograd_is_used_at_sd_sizes_and_matches():
-    """At the default threshold a 64x64 map goes through Winograd (checked by counting calls)."""
+@pytest.mark.parametrize("b, side, winograd", [
+    (1, 64, True),
+    (1, 32, True),                          # 1024 positions: one image at the UNet's second level
+    (2, 16, False),                         # 512: im2col (docs/speed.md section 3)
+    (1, 16, False),
+])
+def test_winograd_is_used_at_sd_sizes_and_matches(b, side, winograd):
+    """At the default threshold (1024 output positions in the batch) the SD UNet's 64x64 and 32x32
+    maps go through Winograd, its 16x16 ones through im2col (checked by counting calls)."""
     calls = []
     original = fast.winograd_f2x2_3x3
-    x, w = randn(1, 32, 64, 64), randn(32, 32, 3, 3, scale=1 / 17)
+    x, w = randn(b, 32, side, side), randn(32, 32, 3, 3, scale=1 / 17)
     try:
         fast.winograd_f2x2_3x3 = lambda *a: calls.append(1) or original(*a)
-        check(lambda: nn.conv2d(x, w, None, padding=1), "conv2d 64x64 (Winograd)")
+        check(lambda: nn.conv2d(x, w, None, padding=1), f"conv2d {b}x{side}x{side}")
     finally:
         fast.winograd_f2x2_3x3 = original
-    assert calls == [1]
+    assert calls == ([1] if winograd else [])
 
 
 def test_winograd_weights_are_g_g_gt():
