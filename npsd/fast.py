@@ -397,9 +397,25 @@ def attention(q, k, v, num_heads, causal=False):
 # ---------------------------------------------------------------------------------------------
 
 WINOGRAD = True                     # False: every 3x3 conv by im2col (to measure what Winograd gives)
-WINOGRAD_MIN_POSITIONS = 1024      # Winograd for 3x3 stride-1 convs with at least this many outputs
-                                    # (batch x height x width; below, transforming the weights on every call costs
-                                    # more than the multiplications it saves: docs/speed.md section 3)
+
+
+def cpu_vendor(cpuinfo="/proc/cpuinfo"):
+    """The CPU's vendor ("AuthenticAMD", "GenuineIntel", ...) as /proc/cpuinfo names it, or None."""
+    try:
+        with open(cpuinfo) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def winograd_min_positions(vendor):
+    """The fewest output positions (batch x height x width) of a 3x3 stride-1 conv that Winograd
+    takes; below, transforming the weights on every call costs more than the multiplications save.
+    Measured on AMD (1024: one image at 32x32); elsewhere 2048, as first chosen (docs/speed.md section 3)."""
+    return 1024 if vendor == "AuthenticAMD" else 2048
+
+
+WINOGRAD_MIN_POSITIONS = winograd_min_positions(cpu_vendor())
 
 
 @single_threaded_blas

@@ -84,15 +84,23 @@ def test_conv2d_in_bands(conv_route, budget):
         check(lambda: nn.conv2d(x, w, b, padding=1), f"conv2d in bands of {budget} bytes ({conv_route})")
 
 
-@pytest.mark.parametrize("b, side, winograd", [
-    (1, 64, True),
-    (1, 32, True),                          # 1024 positions: one image at the UNet's second level
-    (2, 16, False),                         # 512: im2col (docs/speed.md section 3)
-    (1, 16, False),
-])
-def test_winograd_is_used_at_sd_sizes_and_matches(b, side, winograd):
-    """At the default threshold (1024 output positions in the batch) the SD UNet's 64x64 and 32x32
-    maps go through Winograd, its 16x16 ones through im2col (checked by counting calls)."""
+def test_winograd_line_by_cpu_vendor(tmp_path):
+    """1024 output positions on AMD (where it was measured), 2048 elsewhere; the vendor is read
+    from /proc/cpuinfo's vendor_id, and an unreadable file means 'elsewhere'."""
+    assert fast.winograd_min_positions("AuthenticAMD") == 1024
+    assert fast.winograd_min_positions("GenuineIntel") == fast.winograd_min_positions(None) == 2048
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert fast.cpu_vendor(info) == "AuthenticAMD"
+    assert fast.cpu_vendor(tmp_path / "missing") is None
+    assert fast.WINOGRAD_MIN_POSITIONS == fast.winograd_min_positions(fast.cpu_vendor())
+
+
+@pytest.mark.parametrize("b, side", [(1, 64), (1, 32), (2, 32), (2, 16), (1, 16)])
+def test_winograd_is_used_at_sd_sizes_and_matches(b, side):
+    """At the default line the SD UNet's 64x64 maps and two images at 32x32 go through Winograd, one
+    image at 32x32 too on AMD (1024 positions), 16x16 maps through im2col (checked by counting calls)."""
+    winograd = b * side * side >= fast.WINOGRAD_MIN_POSITIONS
     calls = []
     original = fast.winograd_f2x2_3x3
     x, w = randn(b, 32, side, side), randn(32, 32, 3, 3, scale=1 / 17)
