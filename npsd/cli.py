@@ -49,7 +49,7 @@ from .version import __version__
 from .blas import THREAD_VARS, limit_threads
 from .errors import CheckpointError, InputError, NpsdError, UsageError, one_line
 from .generation import file_hash, model_defaults, model_file, network_hashes, pipeline_call  # noqa: F401 (also cli's API)
-from .images import filmstrip, heat_overlay, to_pil, write_png_atomic
+from .images import filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
 from .pngmeta import parameters_text, settings_from_png, short_hash
 from .loading import WEIGHTS_DTYPES
 from .pipeline import DECODERS
@@ -645,6 +645,8 @@ class _Generation:
     def _remove_written(self):
         """Ctrl-C: leave no file of this run behind (nor a --save-steps folder it created)."""
         for path in self.written:
+            for part in leftover_parts(path):                 # Ctrl-C in the middle of writing it
+                os.unlink(part)
             if os.path.exists(path):
                 os.unlink(path)
         for folder in self.created:

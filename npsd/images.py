@@ -3,6 +3,7 @@
 Pixel arrays inside npsd are float32 [B, 3, H, W] in [-1, 1] (what the VAE reads and writes).
 """
 
+import glob
 import os
 import tempfile
 import warnings
@@ -93,7 +94,8 @@ def write_png_atomic(image, path, parameters, overwrite):
     file, never a part. Without `overwrite`, a file that appeared at `path` meanwhile is kept."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
+    prefix, suffix = _part_affixes(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=png_info(parameters))
@@ -109,6 +111,19 @@ def write_png_atomic(image, path, parameters, overwrite):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _part_affixes(path):
+    """The start and end of the name of write_png_atomic's temporary file for `path` in this process."""
+    return f".{os.path.basename(path)}.{os.getpid()}.", ".part"
+
+
+def leftover_parts(path):
+    """Temporary files of write_png_atomic for `path` that this process left behind: an interrupt
+    that comes between the file's creation and the handler that removes it leaves one."""
+    prefix, suffix = _part_affixes(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    return glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*" + glob.escape(suffix)))
 
 
 def filmstrip(rows, labels, height=128):

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -426,6 +427,23 @@ def test_ctrl_c_in_process_leaves_nothing_and_exits_130(model, tmp_path, capsys,
     assert rc == 130 and out == "" and "interrupted" in err.splitlines()[-1]
     assert calls["n"] == 2
     assert list(tmp_path.iterdir()) == []                         # not even the --save-steps folder it made
+
+
+def test_ctrl_c_just_after_a_temporary_file_is_made_leaves_nothing(model, tmp_path, capsys, monkeypatch):
+    """Ctrl-C that comes after write_png_atomic's temporary file exists but before the handler that
+    would remove it (here: as mkstemp returns, at the first step's preview): the run still leaves
+    no file and no --save-steps folder behind."""
+    import npsd.images
+    real = tempfile.mkstemp
+
+    def made_then_interrupted(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(npsd.images.tempfile, "mkstemp", made_then_interrupted)
+    rc, out, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "a.png", "--save-steps",
+                        tmp_path / "steps"] + SMALL, capsys)
+    assert rc == 130 and out == "" and "interrupted" in err.splitlines()[-1]
+    assert list(tmp_path.rglob("*")) == []
 
 
 def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
