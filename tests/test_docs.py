@@ -213,3 +213,23 @@ def test_index_lists_every_page():
     unlisted, missing = index_problems((ROOT / "docs" / "README.md").read_text(), pages)
     assert not unlisted, f"docs pages missing from docs/README.md: {unlisted}"
     assert not missing, f"docs/README.md lists pages that do not exist: {missing}"
+
+
+def ci_command(readme_dir):
+    """The test command as .ci/run reads it from README.md in readme_dir, run by bash with its options."""
+    import subprocess
+
+    line = next(s for s in (ROOT / ".ci" / "run").read_text().splitlines() if s.startswith("cmd="))
+    script = f'set -euo pipefail\ncd "{readme_dir}"\n{line}\nprintf %s "$cmd"\n'
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+
+
+def test_ci_reads_the_readme_test_command(tmp_path):
+    block = (ROOT / "README.md").read_text().split("<!-- test-command -->", 1)[1]
+    shown = re.search(r"python -m pytest[^\n]*", block).group(0)
+    assert ci_command(ROOT).stdout == shown
+    # A long README after the command: reading it through a pipe into `grep -m1` made .ci/run die of
+    # SIGPIPE (exit 141) under pipefail whenever grep exited first; 1 MB makes that certain.
+    (tmp_path / "README.md").write_text((ROOT / "README.md").read_text() + "padding line\n" * 80_000)
+    run = ci_command(tmp_path)
+    assert (run.returncode, run.stdout) == (0, shown), run.stderr
