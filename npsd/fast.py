@@ -339,15 +339,26 @@ EXP_FLOOR = -60.0            # e^-60 = 8.8e-27
 EXP_LIMIT = 80.0             # e^80 = 5.5e34
 
 
-def _no_shift_rows(qh, kt, vh, m):
+def _no_shift_rows(qh, kh, vh, m):
     """Which query rows may skip the softmax's max subtraction: those whose scores all lie in
     [-L, L], L = min(-EXP_FLOOR, EXP_LIMIT - ln(M max(1, |v|))), by Cauchy-Schwarz
     (|q.k| <= |q| max_j |k_j|); e^s then stays in the range above. -> bool [B, h, N]."""
     q_norm = np.sqrt(np.einsum("bhnd,bhnd->bhn", qh, qh))                  # [B, h, N]
-    k_norm = np.sqrt(np.einsum("bhdm,bhdm->bhm", kt, kt).max(axis=-1))      # [B, h]
+    k_norm = np.sqrt(np.einsum("bhmd,bhmd->bhm", kh, kh).max(axis=-1))      # [B, h]
     v_max = np.abs(vh).max(axis=(2, 3))                                     # [B, h] (>= 1: the ones column)
     limit = np.minimum(np.float32(-EXP_FLOOR), np.float32(EXP_LIMIT) - np.log(np.float32(m) * v_max))
     return q_norm * k_norm[..., None] <= limit[..., None]
+
+
+def score_blocks(n, m):
+    """(queries per score block, whether a block is stored keys first) for N queries and M keys.
+
+    A block of scores is at most BLOCK_ELEMENTS, and its threads' blocks at most CHUNK_BYTES. It is
+    stored keys first, as the product K Q^T, when there are more keys than queries in it
+    (self-attention over 1024 and 4096 tokens): with the long side as the product's rows OpenBLAS's
+    sgemm ran 1.2-1.6x faster on AMD (docs/speed.md, section 4); otherwise as Q K^T."""
+    rows = max(1, min(n, BLOCK_ELEMENTS // m, settings.CHUNK_BYTES // (m * 4 * settings.THREADS)))
+    return rows, m > rows
 
 
 @single_threaded_blas
@@ -358,21 +369,24 @@ def attention(q, k, v, num_heads, causal=False):
     d = c // num_heads
     scale = np.float32(1.0 / np.sqrt(d))
     qh = np.ascontiguousarray((q * scale).reshape(b, n, num_heads, d).transpose(0, 2, 1, 3))   # [B, h, N, d]
-    kt = np.ascontiguousarray(k.reshape(b, m, num_heads, d).transpose(0, 2, 3, 1))             # [B, h, d, M]
+    kh = np.ascontiguousarray(k.reshape(b, m, num_heads, d).transpose(0, 2, 1, 3))             # [B, h, M, d]
     # V with a column of ones: the P V product then also gives each row's sum of P (column d),
     # which saves a pass over the score block
     vh = np.ones((b, num_heads, m, d + 1), np.float32)                                         # [B, h, M, d+1]
     vh[..., :d] = v.reshape(b, m, num_heads, d).transpose(0, 2, 1, 3)
-    no_shift = _no_shift_rows(qh, kt, vh, m)                                                   # [B, h, N]
+    no_shift = _no_shift_rows(qh, kh, vh, m)                                                   # [B, h, N]
     out = np.empty((b, n, num_heads, d), dtype=np.float32)
-    rows = max(1, min(n, BLOCK_ELEMENTS // m, settings.CHUNK_BYTES // (m * 4 * settings.THREADS)))
+    rows, keys_first = score_blocks(n, m)
     blocks = [(bi, hi, i0) for bi in range(b) for hi in range(num_heads) for i0 in range(0, n, rows)]
 
     def work(j0, j1):
-        s_buf = np.empty((rows, m), np.float32)
+        s_buf = np.empty((m, rows) if keys_first else (rows, m), np.float32)
         for bi, hi, i0 in blocks[j0:j1]:
             i1 = min(n, i0 + rows)
-            s = np.matmul(qh[bi, hi, i0:i1], kt[bi, hi], out=s_buf[:i1 - i0])          # [n, M] scores
+            if keys_first:                                                             # [n, M] scores,
+                s = np.matmul(kh[bi, hi], qh[bi, hi, i0:i1].T, out=s_buf[:, :i1 - i0]).T   # stored as K Q^T
+            else:
+                s = np.matmul(qh[bi, hi, i0:i1], kh[bi, hi].T, out=s_buf[:i1 - i0])        # or as Q K^T
             future = np.arange(i0, i1)[:, None] < np.arange(m)[None, :] if causal else None
             if causal:
                 s[future] = -np.inf

@@ -120,13 +120,15 @@ def test_winograd_weights_are_g_g_gt():
     np.testing.assert_allclose(fast.winograd_weights(w), want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("b, n, m, c, heads, causal", [
-    (2, 77, 77, 64, 4, True),
-    (2, 300, 1000, 32, 4, False),           # several query blocks (262 queries x 1000 keys), the last one short
-    (1, 257, 77, 48, 8, False),             # cross-attention
-    (3, 5, 9, 6, 1, False),                 # one head
+@pytest.mark.parametrize("b, n, m, c, heads, causal, keys_first", [
+    (2, 77, 77, 64, 4, True, False),        # CLIP's causal self-attention, one block stored as Q K^T
+    (2, 300, 1000, 32, 4, False, True),     # several query blocks (262 queries x 1000 keys), the last one short
+    (1, 600, 600, 32, 4, True, True),       # causal, keys first: 436 + 164 queries
+    (1, 257, 77, 48, 8, False, False),      # cross-attention
+    (3, 5, 9, 6, 1, False, True),           # one head
 ])
-def test_attention(b, n, m, c, heads, causal):
+def test_attention(b, n, m, c, heads, causal, keys_first):
+    assert fast.score_blocks(n, m)[1] == keys_first
     q, k, v = randn(b, n, c), randn(b, m, c), randn(b, m, c)
     check(lambda: nn.attention(q, k, v, heads, causal), f"attention {b}x{n}x{m}x{c}/{heads} causal={causal}")
 
@@ -143,9 +145,9 @@ def test_attention_skips_the_max_only_where_no_score_can_overflow(monkeypatch):
     q, k, v = randn(2, 128, 32), randn(2, 96, 32), randn(2, 96, 32)
     q[1] *= 300                                                          # e^300 overflows float32
     qh = (q * np.float32(32 ** -0.5)).reshape(2, 128, 1, 32).transpose(0, 2, 1, 3)
-    kt = k.reshape(2, 96, 1, 32).transpose(0, 2, 3, 1)
+    kh = k.reshape(2, 96, 1, 32).transpose(0, 2, 1, 3)
     vh = np.concatenate([v.reshape(2, 96, 1, 32).transpose(0, 2, 1, 3), np.ones((2, 1, 96, 1), np.float32)], -1)
-    no_shift = fast._no_shift_rows(qh, kt, vh, 96)
+    no_shift = fast._no_shift_rows(qh, kh, vh, 96)
     assert no_shift[0].all() and not no_shift[1].any()
     err = check(lambda: nn.attention(q, k, v, 1), "attention, bounded and large scores")
     # without the bound, e^s overflows in the second image: the check must fail there
@@ -156,11 +158,14 @@ def test_attention_skips_the_max_only_where_no_score_can_overflow(monkeypatch):
     print(f"error {err.max_rel:.1e} (tolerance {RTOL:.0e})")
 
 
-def test_causal_attention_with_large_scores():
+@pytest.mark.parametrize("n", [77, 600])
+def test_causal_attention_with_large_scores(n):
     """The max subtraction (large scores) with CLIP's causal mask: the max is over the keys a query
-    may see, and the masked ones stay at e^-inf = 0."""
-    q, k, v = randn(2, 77, 64, scale=50), randn(2, 77, 64), randn(2, 77, 64)
-    check(lambda: nn.attention(q, k, v, 4, causal=True), "causal attention, large scores")
+    may see, and the masked ones stay at e^-inf = 0; with the scores stored as Q K^T (77 tokens)
+    and as K Q^T (600)."""
+    assert fast.score_blocks(n, n)[1] == (n == 600)
+    q, k, v = randn(2, n, 64, scale=50), randn(2, n, 64), randn(2, n, 64)
+    check(lambda: nn.attention(q, k, v, 4, causal=True), f"causal attention over {n} tokens, large scores")
 
 
 def test_attention_with_peaked_scores_is_not_slow():
