@@ -369,7 +369,7 @@ def attention(q, k, v, num_heads, causal=False):
     d = c // num_heads
     scale = np.float32(1.0 / np.sqrt(d))
     qh = np.ascontiguousarray((q * scale).reshape(b, n, num_heads, d).transpose(0, 2, 1, 3))   # [B, h, N, d]
-    kh = np.ascontiguousarray(k.reshape(b, m, num_heads, d).transpose(0, 2, 1, 3))             # [B, h, M, d]
+    kh = k.reshape(b, m, num_heads, d).transpose(0, 2, 1, 3)                                   # [B, h, M, d] (a view)
     # V with a column of ones: the P V product then also gives each row's sum of P (column d),
     # which saves a pass over the score block
     vh = np.ones((b, num_heads, m, d + 1), np.float32)                                         # [B, h, M, d+1]
@@ -377,6 +377,7 @@ def attention(q, k, v, num_heads, causal=False):
     no_shift = _no_shift_rows(qh, kh, vh, m)                                                   # [B, h, N]
     out = np.empty((b, n, num_heads, d), dtype=np.float32)
     rows, keys_first = score_blocks(n, m)
+    keys = np.ascontiguousarray(kh if keys_first else kh.transpose(0, 1, 3, 2))                # K or K^T
     blocks = [(bi, hi, i0) for bi in range(b) for hi in range(num_heads) for i0 in range(0, n, rows)]
 
     def work(j0, j1):
@@ -384,9 +385,9 @@ def attention(q, k, v, num_heads, causal=False):
         for bi, hi, i0 in blocks[j0:j1]:
             i1 = min(n, i0 + rows)
             if keys_first:                                                             # [n, M] scores,
-                s = np.matmul(kh[bi, hi], qh[bi, hi, i0:i1].T, out=s_buf[:, :i1 - i0]).T   # stored as K Q^T
+                s = np.matmul(keys[bi, hi], qh[bi, hi, i0:i1].T, out=s_buf[:, :i1 - i0]).T  # stored as K Q^T
             else:
-                s = np.matmul(qh[bi, hi, i0:i1], kh[bi, hi].T, out=s_buf[:i1 - i0])        # or as Q K^T
+                s = np.matmul(qh[bi, hi, i0:i1], keys[bi, hi], out=s_buf[:i1 - i0])        # or as Q K^T
             future = np.arange(i0, i1)[:, None] < np.arange(m)[None, :] if causal else None
             if causal:
                 s[future] = -np.inf
