@@ -1,5 +1,6 @@
 """npsd: Stable Diffusion v1.x inference in NumPy."""
 
+from . import malloc  # noqa: F401  (keeps freed memory for the next array: npsd/malloc.py)
 from .errors import CheckpointError, InputError, NpsdError
 from .pipeline import Pipeline
 from .loading import load

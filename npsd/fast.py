@@ -350,15 +350,21 @@ def _no_shift_rows(qh, kh, vh, m):
     return q_norm * k_norm[..., None] <= limit[..., None]
 
 
-def score_blocks(n, m):
-    """(queries per score block, whether a block is stored keys first) for N queries and M keys.
+def score_blocks(n, m, heads=1, pairs=1):
+    """(queries, heads, keys_first) of one score block, for N queries and M keys in `pairs` (image,
+    head) pairs of which `heads` share an image.
 
-    A block of scores is at most BLOCK_ELEMENTS, and its threads' blocks at most CHUNK_BYTES. It is
-    stored keys first, as the product K Q^T, when there are more keys than queries in it
+    A block of scores is at most BLOCK_ELEMENTS, and its threads' blocks at most CHUNK_BYTES. When
+    all N queries fit in one block, a block takes several heads of one image (a stacked product:
+    CLIP's 77x77 scores of 12 heads, the UNet's scores at 16x16 and 8x8), as long as every thread
+    still gets a block. It is stored keys first, as K Q^T, when there are more keys than queries in it
     (self-attention over 1024 and 4096 tokens): with the long side as the product's rows OpenBLAS's
     sgemm ran 1.2-1.6x faster on AMD (docs/speed.md, section 4); otherwise as Q K^T."""
     rows = max(1, min(n, BLOCK_ELEMENTS // m, settings.CHUNK_BYTES // (m * 4 * settings.THREADS)))
-    return rows, m > rows
+    group = 1
+    if rows == n:
+        group = max(1, min(heads, BLOCK_ELEMENTS // (n * m), -(-pairs // settings.THREADS)))
+    return rows, group, m > rows
 
 
 @single_threaded_blas
@@ -367,8 +373,8 @@ def attention(q, k, v, num_heads, causal=False):
     b, n, c = q.shape
     m = k.shape[1]
     d = c // num_heads
-    scale = np.float32(1.0 / np.sqrt(d))
-    qh = np.ascontiguousarray((q * scale).reshape(b, n, num_heads, d).transpose(0, 2, 1, 3))   # [B, h, N, d]
+    qh = np.empty((b, num_heads, n, d), np.float32)                                            # [B, h, N, d]
+    np.multiply(q.reshape(b, n, num_heads, d).transpose(0, 2, 1, 3), np.float32(1.0 / np.sqrt(d)), out=qh)
     kh = k.reshape(b, m, num_heads, d).transpose(0, 2, 1, 3)                                   # [B, h, M, d] (a view)
     # V with a column of ones: the P V product then also gives each row's sum of P (column d),
     # which saves a pass over the score block
@@ -376,34 +382,36 @@ def attention(q, k, v, num_heads, causal=False):
     vh[..., :d] = v.reshape(b, m, num_heads, d).transpose(0, 2, 1, 3)
     no_shift = _no_shift_rows(qh, kh, vh, m)                                                   # [B, h, N]
     out = np.empty((b, n, num_heads, d), dtype=np.float32)
-    rows, keys_first = score_blocks(n, m)
+    rows, group, keys_first = score_blocks(n, m, num_heads, b * num_heads)
     keys = np.ascontiguousarray(kh if keys_first else kh.transpose(0, 1, 3, 2))                # K or K^T
-    blocks = [(bi, hi, i0) for bi in range(b) for hi in range(num_heads) for i0 in range(0, n, rows)]
+    blocks = [(bi, h0, i0) for bi in range(b) for h0 in range(0, num_heads, group) for i0 in range(0, n, rows)]
 
     def work(j0, j1):
-        s_buf = np.empty((m, rows) if keys_first else (rows, m), np.float32)
-        for bi, hi, i0 in blocks[j0:j1]:
-            i1 = min(n, i0 + rows)
-            if keys_first:                                                             # [n, M] scores,
-                s = np.matmul(keys[bi, hi], qh[bi, hi, i0:i1].T, out=s_buf[:, :i1 - i0]).T  # stored as K Q^T
+        s_buf = np.empty((group, m, rows) if keys_first else (group, rows, m), np.float32)
+        for bi, h0, i0 in blocks[j0:j1]:
+            h1, i1 = min(num_heads, h0 + group), min(n, i0 + rows)
+            hs, qs = slice(h0, h1), qh[bi, h0:h1, i0:i1]                                # qs [g, n, d]
+            if keys_first:                                                          # [g, n, M] scores,
+                s = np.matmul(keys[bi, hs], qs.transpose(0, 2, 1), out=s_buf[:h1 - h0, :, :i1 - i0])
+                s = s.transpose(0, 2, 1)                                            # stored as K Q^T
             else:
-                s = np.matmul(qh[bi, hi, i0:i1], keys[bi, hi], out=s_buf[:i1 - i0])        # or as Q K^T
+                s = np.matmul(qs, keys[bi, hs], out=s_buf[:h1 - h0, :i1 - i0])      # or as Q K^T
             future = np.arange(i0, i1)[:, None] < np.arange(m)[None, :] if causal else None
             if causal:
-                s[future] = -np.inf
+                s[:, future] = -np.inf
             # unnormalised softmax in place: e^s where no score can leave the range, else
             # e^(s - max) (softmax is the same for any shift) with s - max raised to EXP_FLOOR:
             # beside the row's e^0 = 1, 4096 keys of e^-60 add 4e-23. The row sums divide the
             # [n, d] product.
-            if not no_shift[bi, hi, i0:i1].all():
+            if not no_shift[bi, hs, i0:i1].all():
                 s -= s.max(axis=-1, keepdims=True)
                 np.maximum(s, np.float32(EXP_FLOOR), out=s)
                 if causal:
-                    s[future] = -np.inf                                                # masked keys stay 0
+                    s[:, future] = -np.inf                                          # masked keys stay 0
             np.exp(s, out=s)
-            o = s @ vh[bi, hi]                                                         # [n, d+1]
-            np.divide(o[:, :d], o[:, d:], out=out[bi, i0:i1, hi])                      # / row sums
-    parallel(work, len(blocks), b * num_heads * n * m, uses_blas=True)
+            o = s @ vh[bi, hs]                                                      # [g, n, d+1]
+            np.divide(o[..., :d], o[..., d:], out=out[bi, i0:i1, hs].transpose(1, 0, 2))   # / row sums
+    parallel(work, len(blocks), b * num_heads * n * m * (2 * d + 1), uses_blas=True)
     return out.reshape(b, n, c)
 
 

@@ -120,15 +120,20 @@ def test_winograd_weights_are_g_g_gt():
     np.testing.assert_allclose(fast.winograd_weights(w), want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("b, n, m, c, heads, causal, keys_first", [
-    (2, 77, 77, 64, 4, True, False),        # CLIP's causal self-attention, one block stored as Q K^T
-    (2, 300, 1000, 32, 4, False, True),     # several query blocks (262 queries x 1000 keys), the last one short
-    (1, 600, 600, 32, 4, True, True),       # causal, keys first: 436 + 164 queries
-    (1, 257, 77, 48, 8, False, False),      # cross-attention
-    (3, 5, 9, 6, 1, False, True),           # one head
+@pytest.mark.parametrize("b, n, m, c, heads, causal, group, keys_first", [
+    (2, 77, 77, 64, 4, True, 4, False),      # CLIP's causal self-attention: one block of 4 heads per image, Q K^T
+    (2, 300, 1000, 32, 4, False, 1, True),   # several query blocks (262 queries x 1000 keys), the last one short
+    (1, 600, 600, 32, 4, True, 1, True),     # causal, keys first: 436 + 164 queries
+    (1, 257, 77, 48, 8, False, 4, False),    # cross-attention, two blocks of 4 heads
+    (1, 64, 64, 40, 5, False, 3, False),     # blocks of 3 and 2 heads
+    (2, 30, 50, 24, 3, False, 3, True),      # 3 heads in a block, keys first
+    (3, 5, 9, 6, 1, False, 1, True),         # one head
 ])
-def test_attention(b, n, m, c, heads, causal, keys_first):
-    assert fast.score_blocks(n, m)[1] == keys_first
+def test_attention(monkeypatch, b, n, m, c, heads, causal, group, keys_first):
+    """Blocks of one head and a range of queries, or of all queries and several heads of one image
+    (as many as leave every one of the 2 threads a block)."""
+    monkeypatch.setattr(settings, "THREADS", 2)
+    assert fast.score_blocks(n, m, heads, b * heads)[1:] == (group, keys_first)
     q, k, v = randn(b, n, c), randn(b, m, c), randn(b, m, c)
     check(lambda: nn.attention(q, k, v, heads, causal), f"attention {b}x{n}x{m}x{c}/{heads} causal={causal}")
 
@@ -163,7 +168,7 @@ def test_causal_attention_with_large_scores(n):
     """The max subtraction (large scores) with CLIP's causal mask: the max is over the keys a query
     may see, and the masked ones stay at e^-inf = 0; with the scores stored as Q K^T (77 tokens)
     and as K Q^T (600)."""
-    assert fast.score_blocks(n, n)[1] == (n == 600)
+    assert fast.score_blocks(n, n, 4, 8)[2] == (n == 600)
     q, k, v = randn(2, n, 64, scale=50), randn(2, n, 64), randn(2, n, 64)
     check(lambda: nn.attention(q, k, v, 4, causal=True), f"causal attention over {n} tokens, large scores")
 
