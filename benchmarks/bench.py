@@ -59,7 +59,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import npsd  # noqa: E402
-from npsd import clip, fast, nn, settings, unet as unet_model, vae  # noqa: E402
+from npsd import clip, fast, malloc, nn, settings, unet as unet_model, vae  # noqa: E402
 from npsd.config import sd15_config, sd2_config  # noqa: E402
 from npsd.params import unflatten  # noqa: E402
 from npsd.testing import compare  # noqa: E402
@@ -646,7 +646,8 @@ def main(argv=None):
         set_threads(torch, args.threads)
     header = (f"{time.strftime('%Y-%m-%d')}, {machine()}, numpy {np.__version__}, torch {torch.__version__} "
               f"({torch.get_num_threads()} threads), npsd kernels: {'fast' if settings.FAST else 'plain'} "
-              f"({settings.THREADS} threads), {'quick' if args.quick else 'full'} mode\n{libraries(torch)}")
+              f"({settings.THREADS} threads), {'quick' if args.quick else 'full'} mode\n{libraries(torch)}; "
+              f"malloc (both sides): {'npsd/malloc.py settings' if malloc.KEPT else 'as the system has it'}")
     print(header, flush=True)
     rates = sgemm_rate(torch)
     rate = max(rates.values())

@@ -67,7 +67,8 @@ def test_disagreeing_output_fails(monkeypatch, capsys):
 
 
 def test_header_names_the_libraries_and_threads(capsys, monkeypatch):
-    """The header says what each side computes with, and --threads sets both sides' threads."""
+    """The header says what each side computes with (BLAS, CPU capability, malloc's settings), and
+    --threads sets both sides' threads."""
     import torch
     from npsd import blas, settings
     monkeypatch.setattr(settings, "THREADS", settings.THREADS)              # restored after the test
@@ -76,7 +77,8 @@ def test_header_names_the_libraries_and_threads(capsys, monkeypatch):
         assert bench.main(["--quick", "--repeat", "1", "--only", "softmax", "--threads", "1"]) == 0
         header = capsys.readouterr().out.splitlines()[:2]                 # printed first
         assert "(1 threads), npsd kernels: fast (1 threads)" in header[0], header
-        assert re.match(r"numpy BLAS: \S+ [\d.]+, kernel \S+; torch BLAS: \w+.*, CPU capability \w+", header[1]), header
+        assert re.match(r"numpy BLAS: \S+ [\d.]+, kernel \S+; torch BLAS: \w+.*, CPU capability \w+; malloc \(both "
+                        r"sides\): (npsd/malloc.py settings|as the system has it)$", header[1]), header
     finally:
         torch.set_num_threads(before[0])
         if before[1]:
