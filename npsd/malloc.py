@@ -14,10 +14,10 @@ keys 2,100, which was half its time (docs/speed.md, section 7). With
 
 a temporary reuses the memory of one freed before it, and those passes take no faults.
 
-The process keeps freed memory for its next arrays (at most 64 MiB of it at the heap's top); a whole 512x512 generation
-peaked at the same size as with glibc's defaults (2.54 GiB with float16 weights, 4.52 GiB with
-float32; `python -m benchmarks.memory`). The setting is the whole process's, so a PyTorch model
-run beside npsd (as in benchmarks/bench.py) gets it too.
+The process keeps freed memory for its next arrays (at most 64 MiB of it at the heap's top); a whole
+512x512 generation peaked at the same size as with glibc's defaults (2.54 GiB with float16 weights,
+4.52 GiB with float32; `python -m benchmarks.memory`). The setting is the whole process's, so a
+PyTorch model run beside npsd (as in benchmarks/bench.py) gets it too.
 
 NPSD_KEEP_MEMORY=0 in the environment leaves malloc as it is. Elsewhere than glibc (macOS, Windows,
 musl) nothing is changed.
