@@ -781,6 +781,23 @@ def vae_upsample(p, x):
     return conv3x3_rows(upsample_rows(x), (b, c, 2 * h, 2 * w), p["conv"])
 
 
+def vae_encoder(p, x, groups, eps, attention):
+    """vae.encoder (without a trace): the same blocks in the same order, but every map after conv_in
+    is this function's own, so a resnet block overwrites its input (inplace=True) wherever its output
+    has no more channels than its input. groups, attention: as for vae_decoder."""
+    def resnet(res, x):
+        return vae_resnet_block(res, x, groups(res["norm1"], res["norm2"]), eps, inplace=True)
+    x = conv2d(x, p["conv_in"]["weight"], p["conv_in"].get("bias"), 1, (1, 1, 1, 1))   # [B, 128, H, W]
+    for block in p["down_blocks"]:                                             # 128@H -> ... -> 512@H/8
+        for res in block["resnets"]:
+            x = resnet(res, x)
+        if block.get("downsamplers"):                                          # pad right and bottom, stride 2
+            conv = block["downsamplers"][0]["conv"]
+            x = conv2d(x, conv["weight"], conv.get("bias"), 2, (0, 1, 0, 1))
+    x = _vae_mid_block(p["mid_block"], x, resnet, attention)
+    return vae_norm_silu_conv(x, p["conv_norm_out"], p["conv_out"], groups(p["conv_norm_out"]), eps)
+
+
 def vae_decoder(p, z, groups, eps, attention):
     """vae.decoder (without a trace): the same blocks in the same order, but every map is this
     function's own, so each resnet block overwrites its input (inplace=True). groups(*norms): the
@@ -788,18 +805,23 @@ def vae_decoder(p, z, groups, eps, attention):
     def resnet(res, x):
         return vae_resnet_block(res, x, groups(res["norm1"], res["norm2"]), eps, inplace=True)
     x = conv2d(z, p["conv_in"]["weight"], p["conv_in"].get("bias"), 1, (1, 1, 1, 1))   # [B, 512, h, w]
-    mid = p["mid_block"]
-    x = resnet(mid["resnets"][0], x)
-    for attn, res in zip(mid.get("attentions") or [None] * (len(mid["resnets"]) - 1), mid["resnets"][1:]):
-        if attn is not None:
-            x = attention(attn, x)
-        x = resnet(res, x)
+    x = _vae_mid_block(p["mid_block"], x, resnet, attention)
     for block in p["up_blocks"]:                                               # 512@2h -> ... -> 128@8h
         for res in block["resnets"]:
             x = resnet(res, x)
         if block.get("upsamplers"):
             x = vae_upsample(block["upsamplers"][0], x)
     return vae_norm_silu_conv(x, p["conv_norm_out"], p["conv_out"], groups(p["conv_norm_out"]), eps)
+
+
+def _vae_mid_block(mid, x, resnet, attention):
+    """vae.mid_block: resnet, then (attention, resnet) pairs; attention may be absent."""
+    x = resnet(mid["resnets"][0], x)
+    for attn, res in zip(mid.get("attentions") or [None] * (len(mid["resnets"]) - 1), mid["resnets"][1:]):
+        if attn is not None:
+            x = attention(attn, x)
+        x = resnet(res, x)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -171,6 +171,9 @@ def up_block(p, x, config, trace=None):
 def encoder(p, x, config, trace=None):
     """Image [B, 3, H, W] -> moments [B, 2*latent_channels, H/8, W/8] (before quant_conv).
     trace: None or an npsd.trace Scope ("vae.encoder"): records conv_in, down_blocks.i, mid_block, conv_out."""
+    if settings.FAST and trace is None:                                    # same values; maps reused in place
+        return _fast.vae_encoder(p, x, lambda *norms: _norm_groups(config, *norms), config["eps"],
+                                 lambda attn, x: attention_block(attn, x, config))
     _record(trace, ":in", x)
     _record(trace, "conv_in:in", x)
     x = nn.conv2d(x, **p["conv_in"], padding=1)                            # [B, 128, H, W]

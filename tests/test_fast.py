@@ -447,3 +447,26 @@ def test_vae_fast_blocks_are_the_formulas_bit_for_bit(conv_route, monkeypatch):
         formulas = blocks()
     for a, b in zip(quick, formulas):
         assert np.array_equal(a, b)
+
+
+def test_vae_fast_encoder_and_decoder_are_the_blocks_bit_for_bit(monkeypatch):
+    """fast.vae_encoder and fast.vae_decoder (a call without a trace), which let resnet blocks
+    overwrite maps they own, give exactly what the block-by-block path gives (the one a trace takes),
+    and leave their input as it was. A tiny VAE: 3 levels of 8, 16, 16 channels, so the encoder
+    widens (8 -> 16, not in place), keeps width in place, and the decoder narrows (16 -> 8)."""
+    from npsd import architecture, trace as tracing
+    shapes = architecture.vae_shapes(architecture.VAEDesign(block_out_channels=(8, 16, 16), layers_per_block=1))
+    p = architecture.random_params(shapes, np.random.default_rng(0))
+    img, z = randn(1, 3, 12, 8), randn(1, 4, 3, 2)
+    kept, calls = (img.copy(), z.copy()), []
+    for name in ("vae_encoder", "vae_decoder"):                  # the fast functions really run
+        real = getattr(fast, name)
+        monkeypatch.setattr(fast, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    for part, x in (("encoder", img), ("decoder", z)):
+        f = getattr(vae, part)
+        quick = f(p[part], x, VAE_CONFIG)
+        blocks = f(p[part], x, VAE_CONFIG, trace=tracing.Trace().scope(f"vae.{part}"))
+        print(f"{part}: output {quick.shape}, max |fast - blocks| = {np.abs(quick - blocks).max()}")
+        assert np.array_equal(quick, blocks), part
+    assert calls == ["vae_encoder", "vae_decoder"]
+    assert np.array_equal(img, kept[0]) and np.array_equal(z, kept[1])
