@@ -246,6 +246,12 @@ def test_a_file_that_does_not_fit_the_published_configuration_is_refused(tiny_fi
     assert rc == 2 and out == "" and "--size must be a multiple of 8 and at least 64" in err and err.count("\n") == 1
 
 
+# This file's UNet (random weights, EMA copies of other random weights) reaches 1x1 at its deepest
+# level, where GroupNorm amplifies rounding: with OpenBLAS's Haswell kernels its worst block measured
+# 1.5e-4 relative, over the default 1e-4. Using the raw weights instead of the EMA copies is far above.
+TOL_EMA = 1e-3
+
+
 def test_parity_compares_the_ema_copies_unless_no_ema(tmp_path, tiny_configs, capsys, monkeypatch):
     """A v1-5-pruned-like file with EMA copies of every UNet weight (model_ema.<name without dots>):
     diffusers extracts them (extract_ema=True) unless --no-ema; both runs pass. Sensitivity: npsd
@@ -256,12 +262,12 @@ def test_parity_compares_the_ema_copies_unless_no_ema(tmp_path, tiny_configs, ca
     path = tmp_path / "tiny-full-ema.safetensors"
     write_safetensors(path, sd)
     for extra in ([], ["--no-ema"]):
-        rc, out, err = run(["parity", "--model", path, "--size", 64] + extra, capsys)
+        rc, out, err = run(["parity", "--model", path, "--size", 64, "--tolerance", TOL_EMA] + extra, capsys)
         assert rc == 0 and "npsd parity: OK: " in out, out + err
         check_report(out, blocks(2, 4, 4))
     real_load = npsd.load
     monkeypatch.setattr(npsd, "load", lambda p, **kw: real_load(p, **{**kw, "ema": False}))
-    rc, out, err = run(["parity", "--model", path, "--size", 64], capsys)
+    rc, out, err = run(["parity", "--model", path, "--size", 64, "--tolerance", TOL_EMA], capsys)
     assert rc == 1, out + err
     table = rows(out)
     assert table["unet.conv_in"][1] == "ABOVE TOLERANCE" and table["vae.decoder"][1] == "ok"

@@ -91,7 +91,9 @@ def test_prompt_editing_switches_at_the_model_call(pipe, monkeypatch):
     assert len(seen) == 5
     for k, context in enumerate(seen):
         expected = red if k <= 2 else blue
-        np.testing.assert_allclose(context, expected, rtol=0, atol=1e-6, err_msg=f"model call {k}")
+        # measured: 0 with OpenBLAS's SkylakeX kernels, 1.8e-6 with its Haswell kernels (a row rounds
+        # differently at another place in the batch); "red" and "blue" differ by 0.1 and more
+        np.testing.assert_allclose(context, expected, rtol=0, atol=2e-5, err_msg=f"model call {k}")
 
 
 def test_alternation_and_two_stage_samplers_count_model_calls(pipe, monkeypatch):
@@ -102,7 +104,7 @@ def test_alternation_and_two_stage_samplers_count_model_calls(pipe, monkeypatch)
     red = pipe.encode_text(pipe.tokenize(["a red circle"]))
     blue = pipe.encode_text(pipe.tokenize(["a blue circle"]))
     assert len(seen) == 5                                    # 3 steps, 2 evaluations but in the last
-    words = ["red" if np.abs(c - red).max() < 1e-6 else "blue" if np.abs(c - blue).max() < 1e-6 else "?"
+    words = ["red" if np.abs(c - red).max() < 2e-5 else "blue" if np.abs(c - blue).max() < 2e-5 else "?"
              for c in seen]
     expected = [prompts.text_at_step(prompts.prompt_schedule("a [red|blue] circle", 6), k).split()[1]
                 for k in range(5)]

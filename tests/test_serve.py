@@ -395,7 +395,10 @@ def test_progress_queue_and_interrupt(client, pipe):
     with pytest.raises(KeyboardInterrupt):
         pipe.txt2img(PROMPT, num_inference_steps=200, seed=3, callback=stop_at)
     expected = (pipe.decode_latents(seen["x0"])[0] * 255).round().astype(np.uint8)
-    assert np.array_equal(pixels(decode(body["images"][0])), expected)
+    # equal with OpenBLAS's SkylakeX kernels; with its Haswell kernels, which round a row differently
+    # at another place in the batch, 4 of 12288 values were 1 level apart
+    off = np.abs(pixels(decode(body["images"][0])).astype(int) - expected)
+    assert off.max() <= 1 and np.count_nonzero(off) <= off.size // 100, (off.max(), np.count_nonzero(off))
     second.join(60)
     assert second_box["result"].status_code == 200                        # the next job runs in full
     assert second_box["result"].json()["npsd"]["interrupted"] is False
