@@ -785,8 +785,7 @@ def vae_encoder(p, x, groups, eps, attention):
     """vae.encoder (without a trace): the same blocks in the same order, but every map after conv_in
     is this function's own, so a resnet block overwrites its input (inplace=True) wherever its output
     has no more channels than its input. groups, attention: as for vae_decoder."""
-    def resnet(res, x):
-        return vae_resnet_block(res, x, groups(res["norm1"], res["norm2"]), eps, inplace=True)
+    resnet = _inplace_resnet(groups, eps)
     x = conv2d(x, p["conv_in"]["weight"], p["conv_in"].get("bias"), 1, (1, 1, 1, 1))   # [B, 128, H, W]
     for block in p["down_blocks"]:                                             # 128@H -> ... -> 512@H/8
         for res in block["resnets"]:
@@ -802,8 +801,7 @@ def vae_decoder(p, z, groups, eps, attention):
     """vae.decoder (without a trace): the same blocks in the same order, but every map is this
     function's own, so each resnet block overwrites its input (inplace=True). groups(*norms): the
     config's groups, checked against those GroupNorms; attention(p, x): vae.attention_block."""
-    def resnet(res, x):
-        return vae_resnet_block(res, x, groups(res["norm1"], res["norm2"]), eps, inplace=True)
+    resnet = _inplace_resnet(groups, eps)
     x = conv2d(z, p["conv_in"]["weight"], p["conv_in"].get("bias"), 1, (1, 1, 1, 1))   # [B, 512, h, w]
     x = _vae_mid_block(p["mid_block"], x, resnet, attention)
     for block in p["up_blocks"]:                                               # 512@2h -> ... -> 128@8h
@@ -812,6 +810,11 @@ def vae_decoder(p, z, groups, eps, attention):
         if block.get("upsamplers"):
             x = vae_upsample(block["upsamplers"][0], x)
     return vae_norm_silu_conv(x, p["conv_norm_out"], p["conv_out"], groups(p["conv_norm_out"]), eps)
+
+
+def _inplace_resnet(groups, eps):
+    """resnet(p, x) for vae_encoder and vae_decoder: vae_resnet_block, overwriting x where it can."""
+    return lambda res, x: vae_resnet_block(res, x, groups(res["norm1"], res["norm2"]), eps, inplace=True)
 
 
 def _vae_mid_block(mid, x, resnet, attention):

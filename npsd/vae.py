@@ -168,12 +168,17 @@ def up_block(p, x, config, trace=None):
 # Encoder and decoder
 # ---------------------------------------------------------------------------------------------
 
+def _fast_arguments(config):
+    """(groups, eps, attention) as fast.vae_encoder and fast.vae_decoder take them."""
+    return (lambda *norms: _norm_groups(config, *norms), config["eps"],
+            lambda attn, x: attention_block(attn, x, config))
+
+
 def encoder(p, x, config, trace=None):
     """Image [B, 3, H, W] -> moments [B, 2*latent_channels, H/8, W/8] (before quant_conv).
     trace: None or an npsd.trace Scope ("vae.encoder"): records conv_in, down_blocks.i, mid_block, conv_out."""
     if settings.FAST and trace is None:                                    # same values; maps reused in place
-        return _fast.vae_encoder(p, x, lambda *norms: _norm_groups(config, *norms), config["eps"],
-                                 lambda attn, x: attention_block(attn, x, config))
+        return _fast.vae_encoder(p, x, *_fast_arguments(config))
     _record(trace, ":in", x)
     _record(trace, "conv_in:in", x)
     x = nn.conv2d(x, **p["conv_in"], padding=1)                            # [B, 128, H, W]
@@ -191,8 +196,7 @@ def decoder(p, z, config, trace=None):
     """Latent [B, latent_channels, h, w] (after post_quant_conv) -> image [B, 3, 8h, 8w].
     trace: None or an npsd.trace Scope ("vae.decoder"): records conv_in, mid_block, up_blocks.i, conv_out."""
     if settings.FAST and trace is None:                                    # same values; each map reused in place
-        return _fast.vae_decoder(p, z, lambda *norms: _norm_groups(config, *norms), config["eps"],
-                                 lambda attn, x: attention_block(attn, x, config))
+        return _fast.vae_decoder(p, z, *_fast_arguments(config))
     _record(trace, ":in", z)
     _record(trace, "conv_in:in", z)
     x = nn.conv2d(z, **p["conv_in"], padding=1)                            # [B, 512, h, w]
