@@ -383,7 +383,8 @@ def attention(q, k, v, num_heads, causal=False):
     no_shift = _no_shift_rows(qh, kh, vh, m)                                                   # [B, h, N]
     out = np.empty((b, n, num_heads, d), dtype=np.float32)
     rows, group, keys_first = score_blocks(n, m, num_heads, b * num_heads)
-    keys = np.ascontiguousarray(kh if keys_first else kh.transpose(0, 1, 3, 2))                # K or K^T
+    # K, copied once for the many query blocks that read it; or K^T, a view that BLAS reads in place
+    keys = np.ascontiguousarray(kh) if keys_first else kh.transpose(0, 1, 3, 2)
     blocks = [(bi, h0, i0) for bi in range(b) for h0 in range(0, num_heads, group) for i0 in range(0, n, rows)]
 
     def work(j0, j1):
@@ -396,9 +397,9 @@ def attention(q, k, v, num_heads, causal=False):
                 s = s.transpose(0, 2, 1)                                            # stored as K Q^T
             else:
                 s = np.matmul(qs, keys[bi, hs], out=s_buf[:h1 - h0, :i1 - i0])      # or as Q K^T
-            future = np.arange(i0, i1)[:, None] < np.arange(m)[None, :] if causal else None
-            if causal:
-                s[:, future] = -np.inf
+            if causal:                                                              # -inf where key j > query i
+                mask = np.where(np.arange(i0, i1)[:, None] < np.arange(m), np.float32(-np.inf), np.float32(0))
+                s += mask
             # unnormalised softmax in place: e^s where no score can leave the range, else
             # e^(s - max) (softmax is the same for any shift) with s - max raised to EXP_FLOOR:
             # beside the row's e^0 = 1, 4096 keys of e^-60 add 4e-23. The row sums divide the
@@ -407,7 +408,7 @@ def attention(q, k, v, num_heads, causal=False):
                 s -= s.max(axis=-1, keepdims=True)
                 np.maximum(s, np.float32(EXP_FLOOR), out=s)
                 if causal:
-                    s[:, future] = -np.inf                                          # masked keys stay 0
+                    s += mask                                                       # masked keys stay 0
             np.exp(s, out=s)
             o = s @ vh[bi, hs]                                                      # [g, n, d+1]
             np.divide(o[..., :d], o[..., d:], out=out[bi, i0:i1, hs].transpose(1, 0, 2))   # / row sums
