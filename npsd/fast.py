@@ -78,6 +78,15 @@ def _as_piece(work, a, b):
         _IN_WORKER.on = False
 
 
+def cpu_vendor(cpuinfo="/proc/cpuinfo"):
+    """The CPU's vendor ("AuthenticAMD", "GenuineIntel", ...) as /proc/cpuinfo names it, or None."""
+    try:
+        with open(cpuinfo) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def single_threaded_blas(f):
     """Decorator: f runs with BLAS held to one thread (f's own pieces are the threads)."""
     @functools.wraps(f)
@@ -331,7 +340,16 @@ def layer_norm(x, weight, bias, eps=1e-5):
 # Attention: scores a block at a time, softmax in place, normalised after the P V product
 # ---------------------------------------------------------------------------------------------
 
-BLOCK_ELEMENTS = 2**18       # one score block (queries x keys) of 1 MiB, kept in a core's L2 cache
+def attention_block_elements(vendor):
+    """The scores (queries x keys) in one attention block. 2^18 (1 MiB: 64 queries x 4096 keys, a
+    core's L2 cache), as first chosen; on AMD 2^19, twice the queries sharing each packing of K and
+    V that BLAS makes per block: a 4096-token layer took 5-7% less time on both AMD machines of the
+    README, though the block no longer fits in L2 there (docs/speed.md section 4)."""
+    return 2**19 if vendor == "AuthenticAMD" else 2**18
+
+
+BLOCK_ELEMENTS = attention_block_elements(cpu_vendor())
+
 # The exponentials of the softmax are kept within [e^EXP_FLOOR, e^EXP_LIMIT]: below, float32's
 # subnormal numbers (< 1.2e-38, which e^s times a small V value soon reaches), where a matrix product
 # runs about 20x slower; above, room below float32's largest value (3.4e38) for the sums over M keys.
@@ -421,15 +439,6 @@ def attention(q, k, v, num_heads, causal=False):
 # ---------------------------------------------------------------------------------------------
 
 WINOGRAD = True                     # False: every 3x3 conv by im2col (to measure what Winograd gives)
-
-
-def cpu_vendor(cpuinfo="/proc/cpuinfo"):
-    """The CPU's vendor ("AuthenticAMD", "GenuineIntel", ...) as /proc/cpuinfo names it, or None."""
-    try:
-        with open(cpuinfo) as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
-    except (OSError, UnicodeDecodeError):
-        return None
 
 
 def winograd_min_positions(vendor):

@@ -84,16 +84,20 @@ def test_conv2d_in_bands(conv_route, budget):
         check(lambda: nn.conv2d(x, w, b, padding=1), f"conv2d in bands of {budget} bytes ({conv_route})")
 
 
-def test_winograd_line_by_cpu_vendor(tmp_path):
-    """1024 output positions on AMD (where it was measured), 2048 elsewhere; the vendor is read
-    from /proc/cpuinfo's vendor_id, and an unreadable file means 'elsewhere'."""
+def test_choices_by_cpu_vendor(tmp_path):
+    """Winograd from 1024 output positions and attention blocks of 2^19 scores on AMD (where they were
+    measured), 2048 and 2^18 elsewhere; the vendor is read from /proc/cpuinfo's vendor_id, and an
+    unreadable file means 'elsewhere'."""
     assert fast.winograd_min_positions("AuthenticAMD") == 1024
     assert fast.winograd_min_positions("GenuineIntel") == fast.winograd_min_positions(None) == 2048
+    assert fast.attention_block_elements("AuthenticAMD") == 2**19
+    assert fast.attention_block_elements("GenuineIntel") == fast.attention_block_elements(None) == 2**18
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
     assert fast.cpu_vendor(info) == "AuthenticAMD"
     assert fast.cpu_vendor(tmp_path / "missing") is None
     assert fast.WINOGRAD_MIN_POSITIONS == fast.winograd_min_positions(fast.cpu_vendor())
+    assert fast.BLOCK_ELEMENTS == fast.attention_block_elements(fast.cpu_vendor())
 
 
 @pytest.mark.parametrize("b, side", [(1, 64), (1, 32), (2, 32), (2, 16), (1, 16)])
@@ -131,8 +135,9 @@ def test_winograd_weights_are_g_g_gt():
 ])
 def test_attention(monkeypatch, b, n, m, c, heads, causal, group, keys_first):
     """Blocks of one head and a range of queries, or of all queries and several heads of one image
-    (as many as leave every one of the 2 threads a block)."""
+    (as many as leave every one of the 2 threads a block), with blocks of 2^18 scores."""
     monkeypatch.setattr(settings, "THREADS", 2)
+    monkeypatch.setattr(fast, "BLOCK_ELEMENTS", 2**18)
     assert fast.score_blocks(n, m, heads, b * heads)[1:] == (group, keys_first)
     q, k, v = randn(b, n, c), randn(b, m, c), randn(b, m, c)
     check(lambda: nn.attention(q, k, v, heads, causal), f"attention {b}x{n}x{m}x{c}/{heads} causal={causal}")
@@ -164,10 +169,11 @@ def test_attention_skips_the_max_only_where_no_score_can_overflow(monkeypatch):
 
 
 @pytest.mark.parametrize("n", [77, 600])
-def test_causal_attention_with_large_scores(n):
+def test_causal_attention_with_large_scores(n, monkeypatch):
     """The max subtraction (large scores) with CLIP's causal mask: the max is over the keys a query
     may see, and the masked ones stay at e^-inf = 0; with the scores stored as Q K^T (77 tokens)
-    and as K Q^T (600)."""
+    and as K Q^T (600, in blocks of 2^18 scores)."""
+    monkeypatch.setattr(fast, "BLOCK_ELEMENTS", 2**18)
     assert fast.score_blocks(n, n, 4, 8)[2] == (n == 600)
     q, k, v = randn(2, n, 64, scale=50), randn(2, n, 64), randn(2, n, 64)
     check(lambda: nn.attention(q, k, v, 4, causal=True), f"causal attention over {n} tokens, large scores")
