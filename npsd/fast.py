@@ -87,6 +87,9 @@ def cpu_vendor(cpuinfo="/proc/cpuinfo"):
         return None
 
 
+VENDOR = cpu_vendor()      # read once; the attention blocks and the Winograd line depend on it
+
+
 def single_threaded_blas(f):
     """Decorator: f runs with BLAS held to one thread (f's own pieces are the threads)."""
     @functools.wraps(f)
@@ -348,7 +351,7 @@ def attention_block_elements(vendor):
     return 2**19 if vendor == "AuthenticAMD" else 2**18
 
 
-BLOCK_ELEMENTS = attention_block_elements(cpu_vendor())
+BLOCK_ELEMENTS = attention_block_elements(VENDOR)
 
 # The exponentials of the softmax are kept within [e^EXP_FLOOR, e^EXP_LIMIT]: below, float32's
 # subnormal numbers (< 1.2e-38, which e^s times a small V value soon reaches), where a matrix product
@@ -448,7 +451,7 @@ def winograd_min_positions(vendor):
     return 1024 if vendor == "AuthenticAMD" else 2048
 
 
-WINOGRAD_MIN_POSITIONS = winograd_min_positions(cpu_vendor())
+WINOGRAD_MIN_POSITIONS = winograd_min_positions(VENDOR)
 
 
 @single_threaded_blas

@@ -96,8 +96,9 @@ def test_choices_by_cpu_vendor(tmp_path):
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
     assert fast.cpu_vendor(info) == "AuthenticAMD"
     assert fast.cpu_vendor(tmp_path / "missing") is None
-    assert fast.WINOGRAD_MIN_POSITIONS == fast.winograd_min_positions(fast.cpu_vendor())
-    assert fast.BLOCK_ELEMENTS == fast.attention_block_elements(fast.cpu_vendor())
+    assert fast.VENDOR == fast.cpu_vendor()
+    assert fast.WINOGRAD_MIN_POSITIONS == fast.winograd_min_positions(fast.VENDOR)
+    assert fast.BLOCK_ELEMENTS == fast.attention_block_elements(fast.VENDOR)
 
 
 @pytest.mark.parametrize("b, side", [(1, 64), (1, 32), (2, 32), (2, 16), (1, 16)])
