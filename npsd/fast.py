@@ -447,9 +447,8 @@ WINOGRAD = True                     # False: every 3x3 conv by im2col (to measur
 def winograd_min_positions(vendor):
     """The fewest output positions (batch x height x width) of a 3x3 stride-1 conv that Winograd
     takes; below, transforming the weights on every call costs more than the multiplications save.
-    Measured on AMD (512: two images at 16x16, whose tiles share one set of products); elsewhere
-    2048, as first chosen (docs/speed.md section 3)."""
-    return 512 if vendor == "AuthenticAMD" else 2048
+    Measured on AMD (1024: one image at 32x32); elsewhere 2048, as first chosen (docs/speed.md section 3)."""
+    return 1024 if vendor == "AuthenticAMD" else 2048
 
 
 WINOGRAD_MIN_POSITIONS = winograd_min_positions(VENDOR)
@@ -564,50 +563,41 @@ def winograd_rows(rows, b, c, ho, wo, weight, bias, out, add=False):
     """Winograd F(2x2, 3x3) of an input that `rows` hands over a band at a time: rows(bi, r0, r1) ->
     rows r0 .. r1-1 of image bi's input, zero-padded so that output tile (ty, tx) reads rows
     2ty .. 2ty+3 and columns 2tx .. 2tx+3: [C, r1 - r0, >= 2 tw + 2]. Writes conv + bias into
-    out [B, O, ho, wo], or adds it there (add=True: a residual). Returns out.
-
-    A band is some tile rows of one image or, where a whole image fits in one, several whole images,
-    whose tiles then share the 16 products: on small maps (two images at 16x16) the transformed
-    weights are read once for both."""
+    out [B, O, ho, wo], or adds it there (add=True: a residual). Returns out."""
     o = weight.shape[0]
     th, tw = -(-ho // 2), -(-wo // 2)                                     # output tiles
     u = winograd_weights(weight)                                          # [16, O, C]
     row_bytes = 16 * max(c, o) * tw * 4 * 2                              # one tile row's V and M
     wide = min(-(-WINOGRAD_MIN_COLUMNS // tw), settings.CHUNK_BYTES // row_bytes)
-    band_rows = max(settings.CHUNK_BYTES // WINOGRAD_BAND_FRACTION // row_bytes, wide)
-    tr = max(1, min(th, band_rows))                                       # tile rows per band
-    images = max(1, min(b, band_rows // th)) if tr == th else 1           # images per band
-    v_buf = np.empty((16, c, images * tr * tw), np.float32)
-    m_buf = np.empty((16, o, images * tr * tw), np.float32)
+    tr = max(1, min(th, max(settings.CHUNK_BYTES // WINOGRAD_BAND_FRACTION // row_bytes, wide)))  # tile rows per band
+    v_buf = np.empty((16, c, tr * tw), np.float32)
+    m_buf = np.empty((16, o, tr * tw), np.float32)
     y_buf = np.empty((o, 2 * tr, 2 * tw), np.float32) if add or ho % 2 or wo % 2 else None
-    for b0 in range(0, b, images):
-        nb = min(b, b0 + images) - b0
+    for bi in range(b):
         for t0 in range(0, th, tr):
             t1 = min(th, t0 + tr)
             n = t1 - t0
-            vb, mb = v_buf[:, :, :nb * n * tw], m_buf[:, :, :nb * n * tw]
-            v = vb.reshape(4, 4, c, nb, n, tw)
-            for k in range(nb):
-                xb = rows(b0 + k, 2 * t0, 2 * t1 + 2)                      # [C, 2n+2, Wp]
-                parallel(lambda c0, c1: _input_transform(xb[c0:c1], v[:, :, c0:c1, k], n, tw), c, 16 * c * n * tw)
-            # the 16 products M_ij = U_ij V_ij, [O, C] @ [C, nb*n*tw], shared among the threads
+            v = v_buf[:, :, :n * tw].reshape(4, 4, c, n, tw)
+            xb = rows(bi, 2 * t0, 2 * t1 + 2)                              # [C, 2n+2, Wp]
+            parallel(lambda c0, c1: _input_transform(xb[c0:c1], v[:, :, c0:c1], n, tw), c, 16 * c * n * tw)
+            vb, mb = v_buf[:, :, :n * tw], m_buf[:, :, :n * tw]
+            # the 16 products M_ij = U_ij V_ij, [O, C] @ [C, n*tw], shared among the threads
             parallel(lambda i0, i1: np.matmul(u[i0:i1], vb[i0:i1], out=mb[i0:i1]), 16, mb.size * c, uses_blas=True)
-            m = mb.reshape(4, 4, o, nb, n, tw)
-            r0, r1 = 2 * t0, min(ho, 2 * t1)                               # this band's output rows: r0 .. r1-1
+            m = mb.reshape(4, 4, o, n, tw)
+            r1 = min(ho, 2 * t1)                                           # this band's output rows: 2 t0 .. r1-1
+            yb = out[bi, :, 2 * t0:2 * t1] if y_buf is None else y_buf[:, :2 * n]   # [O, 2n, 2tw]
 
-            def finish(o0, o1, m=m, n=n, r0=r0, r1=r1, b0=b0, nb=nb):
-                for k in range(nb):
-                    yb = out[b0 + k, o0:o1, r0:r0 + 2 * n] if y_buf is None else y_buf[o0:o1, :2 * n]
-                    _output_transform(m[:, :, o0:o1, k], yb.reshape(o1 - o0, n, 2, tw, 2))   # [O, 2n, 2tw]
-                    if bias is not None:
-                        yb += bias[o0:o1, None, None]
-                    if y_buf is not None:                                  # crop odd sizes; add a residual
-                        target, tile = out[b0 + k, o0:o1, r0:r1], yb[:, :r1 - r0, :wo]
-                        if add:
-                            target += tile
-                        else:
-                            target[...] = tile
-            parallel(finish, o, 16 * o * nb * n * tw)
+            def finish(o0, o1, yb=yb, m=m, n=n, r0=2 * t0, r1=r1):
+                _output_transform(m[:, :, o0:o1], yb[o0:o1].reshape(o1 - o0, n, 2, tw, 2))
+                if bias is not None:
+                    yb[o0:o1] += bias[o0:o1, None, None]
+                if y_buf is not None:                                      # crop odd sizes; add a residual
+                    target, tile = out[bi, o0:o1, r0:r1], yb[o0:o1, :r1 - r0, :wo]
+                    if add:
+                        target += tile
+                    else:
+                        target[...] = tile
+            parallel(finish, o, 16 * o * n * tw)
     return out
 
 
