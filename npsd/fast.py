@@ -489,8 +489,8 @@ def _add_bias(y, bias):
 def _im2col_conv(x, weight, pad, stride, ho, wo):
     """im2col with the patch axis first: cols[(c, i, j), (n, r, x)] = xp[n, c, r*s + i, x*s + j], built
     by kh*kw slice copies of whole rows (contiguous runs), then W [O, C*kh*kw] @ cols. A band is some
-    rows of one image, or, where a whole image fits in one, several whole images: on small maps
-    (16x16, 8x8) one product with more columns reads the weights once for all of them."""
+    rows of one image, or, where whole images fit in one, several whole images: on small maps with
+    large weights (the SD UNet's 16x16 and 8x8) one product reads the weights once for all of them."""
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     top, bottom, left, right = pad
@@ -499,7 +499,9 @@ def _im2col_conv(x, weight, pad, stride, ho, wo):
     y = np.empty((b, o, ho, wo), dtype=np.float32)
     row_bytes = wo * c * kh * kw * 4                                        # cols bytes per output row
     rows = max(1, min(ho, settings.CHUNK_BYTES // row_bytes))
-    images = max(1, min(b, settings.CHUNK_BYTES // (row_bytes * ho))) if rows == ho else 1
+    # whole images per band, while their columns are no larger than the weights: each image added
+    # then moves fewer bytes than reading the weights again would
+    images = max(1, min(b, settings.CHUNK_BYTES // (row_bytes * ho), w2.nbytes // (row_bytes * ho))) if rows == ho else 1
     cols_buf = np.empty((c, kh, kw, images, rows, wo), np.float32)
     for b0 in range(0, b, images):
         b1 = min(b, b0 + images)

@@ -85,13 +85,13 @@ def test_conv2d_in_bands(conv_route, budget):
 
 
 def test_conv2d_several_images_per_band(monkeypatch):
-    """Where whole images fit in the chunk budget, im2col builds several images' columns for one
-    product: three 8x8 images, a budget that fits two (8 rows x 8 columns x 16 channels x 9 x 4 bytes,
-    36,864 bytes, per image: 98,304 bytes hold two), so bands of two images and one. A band that
-    mixed up images or channels fails."""
+    """Where whole images fit in the chunk budget and their columns are no larger than the weights,
+    im2col builds several images' columns for one product: three 4x4 images of 16 channels (9,216
+    bytes of columns each) and 96 output channels (55,296 bytes of weights), a budget of 20,000
+    bytes that fits two, so bands of two images and one. A band that mixed up images or channels fails."""
     monkeypatch.setattr(fast, "WINOGRAD", False)
-    x, w, b = randn(3, 16, 8, 8), randn(24, 16, 3, 3, scale=0.1), randn(24)
-    with nn.chunk_bytes(98304):
+    x, w, b = randn(3, 16, 4, 4), randn(96, 16, 3, 3, scale=0.1), randn(96)
+    with nn.chunk_bytes(20000):
         check(lambda: nn.conv2d(x, w, b, padding=1), "conv2d of 3 images, 2 per band")
 
 
