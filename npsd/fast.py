@@ -498,10 +498,11 @@ def _im2col_conv(x, weight, pad, stride, ho, wo):
     w2 = weight.reshape(o, c * kh * kw)
     y = np.empty((b, o, ho, wo), dtype=np.float32)
     row_bytes = wo * c * kh * kw * 4                                        # cols bytes per output row
+    image_bytes = row_bytes * ho                                            # and per image
     rows = max(1, min(ho, settings.CHUNK_BYTES // row_bytes))
     # whole images per band, while their columns are no larger than the weights: each image added
     # then moves fewer bytes than reading the weights again would
-    images = max(1, min(b, settings.CHUNK_BYTES // (row_bytes * ho), w2.nbytes // (row_bytes * ho))) if rows == ho else 1
+    images = max(1, min(b, settings.CHUNK_BYTES // image_bytes, w2.nbytes // image_bytes)) if rows == ho else 1
     cols_buf = np.empty((c, kh, kw, images, rows, wo), np.float32)
     for b0 in range(0, b, images):
         b1 = min(b, b0 + images)
