@@ -40,7 +40,7 @@ def test_quick_mode(tmp_path, capsys):
 def test_only_selects_the_image_rows_by_their_word(monkeypatch, capsys):
     """--only image selects exactly the five time-to-image rows; the older model words select none of
     them (each case is recorded instead of run)."""
-    monkeypatch.setattr(bench, "sgemm_rate", lambda torch: {"numpy": 1e11, "torch": 1e11})
+    skip_sgemm_rate(monkeypatch)
 
     def selected(word):
         ran = []
@@ -60,7 +60,13 @@ def test_only_selects_the_image_rows_by_their_word(monkeypatch, capsys):
     assert selected("turbo") == [name for name in image if "SD-Turbo" in name]
 
 
+def skip_sgemm_rate(monkeypatch):
+    """The 4096^3 products that measure the sgemm rate take 6-15 s; test_quick_mode checks that line."""
+    monkeypatch.setattr(bench, "sgemm_rate", lambda torch: {"numpy": 1e11, "torch": 1e11})
+
+
 def test_disagreeing_output_fails(monkeypatch, capsys):
+    skip_sgemm_rate(monkeypatch)
     monkeypatch.setattr(nn, "group_norm", lambda x, *a, **k: x)          # a broken kernel
     assert bench.main(["--quick", "--repeat", "1", "--only", "group_norm"]) == 1
     assert "group_norm" in capsys.readouterr().err
@@ -70,6 +76,7 @@ def test_header_names_the_libraries_and_threads(capsys, monkeypatch):
     """The header says what each side computes with (BLAS, CPU capability, malloc's settings), and
     --threads sets both sides' threads."""
     import torch
+    skip_sgemm_rate(monkeypatch)
     from npsd import blas, settings
     monkeypatch.setattr(settings, "THREADS", settings.THREADS)              # restored after the test
     before = (torch.get_num_threads(), blas.get_threads())
