@@ -29,7 +29,8 @@ from tests.helpers import BUGS, assert_caught, n2t, perturb_, to_numpy_params
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 256
-# Measured on the AMD EPYC without AVX-512 of README.md's speed tables (both sides on AVX2 kernels)
+# Measured on the AMD EPYC without AVX-512 of README.md's speed tables, where PyTorch's float32
+# rounding is most of the difference (tests/test_unet.py, above RTOL_FULL)
 RTOL_LATENTS = 2e-5             # guided, the final latents: measured 6.5e-6 / 6.6e-6
 RTOL_IMAGES = 3e-5              # guided, the decoded images in [0, 1]: 8.8e-6 / 1.0e-5
 RTOL_UNGUIDED = 3e-6            # unguided, the final latents: 9.8e-7 / 8.6e-7
