@@ -1,5 +1,6 @@
 """benchmarks/bench.py in quick mode: it runs every case, and a case whose npsd output disagrees with
-the torch reference makes it fail (a benchmark of two different computations would mean nothing)."""
+the torch reference makes it fail (a benchmark of two different computations would mean nothing).
+And benchmarks/float64_reference.py on the tiny models."""
 
 import math
 import re
@@ -117,3 +118,22 @@ def test_flop_count_is_the_same_on_both_paths():
         counts[path] = (decode.flops, encode.flops)
     assert counts[True] == counts[False]
     assert min(counts[True]) > 1e8                               # 32x32 maps, 32-64 channels: ~0.1-1 GFLOP
+
+
+
+def test_float64_reference_on_the_tiny_models(monkeypatch):
+    """benchmarks/float64_reference.py, on the tiny models: every UNet block but the time embedding and
+    both VAE outputs are listed, and npsd and PyTorch are each within 5e-6 of the float64 run
+    (measured: npsd at most 1.0e-6, PyTorch 1.6e-6). The ResBlocks' GroupNorm eps at 1e-4 instead of
+    1e-5 in npsd (a small real bug) measured 6.5e-4 against float64 and fails that bound."""
+    from benchmarks import float64_reference
+    from tests import test_unet
+    rows = {name: errors for name, *errors in float64_reference.measure(tiny=True)}
+    unet_blocks = ["conv_in", *(f"down_blocks.{i}" for i in range(4)), "mid_block",
+                   *(f"up_blocks.{i}" for i in range(4)), "eps"]
+    assert list(rows) == [f"UNet {b}" for b in unet_blocks] + ["VAE posterior mean", "VAE decode"]
+    for name, (torch_err, npsd_err, _) in rows.items():
+        assert 0 < npsd_err < 5e-6 and 0 < torch_err < 5e-6, (name, torch_err, npsd_err)
+    monkeypatch.setattr(test_unet, "TINY_SD_CONFIG", {**test_unet.TINY_SD_CONFIG, "resnet_eps": 1e-4})
+    worst = max(float64_reference.relative(ours, t64) for _, _, ours, t64 in float64_reference.unet_rows(tiny=True))
+    assert worst > 5e-6, worst                                            # measured 6.5e-4

@@ -48,7 +48,8 @@ RTOL_TINY = 1e-5
 # On the AMD EPYC without AVX-512 of README.md's speed tables (PyTorch on oneDNN's AVX2 kernels) the
 # same blocks differ by 2-4x more, 2.2e-6 .. 7.5e-6 on both paths (the 32x32 case), 1.6-2.5x under
 # the tolerances, and PyTorch's float32 rounding is most of it: against the same diffusers model
-# run in float64, npsd's blocks were within 0.9e-6 .. 1.4e-6 there, PyTorch's within 1.9e-6 .. 7.5e-6.
+# run in float64, npsd's blocks were within 0.9e-6 .. 1.4e-6 there, PyTorch's within 1.9e-6 .. 7.5e-6
+# (python -m benchmarks.float64_reference).
 # The time embedding's error grows with t, so each case has its own tolerance (FULL_CASES): torch
 # evaluates exp(-ln(10000) i/160) in float32 (an ulp off in some entries), npsd in float64 rounded
 # once, and t multiplies that ulp into sin/cos (npsd/nn.py, timestep_embedding).

@@ -45,7 +45,7 @@ RTOL_SD15 = {
 # measure 2-3x more (fast path: mean 5.0e-6, decode 32 8.7e-6, decode 64 8.2e-6, blocks 1.6e-6 ..
 # 3.7e-6, attention 1.8e-7 .. 2.2e-7), 1.6-4x under the tolerances, and PyTorch's float32 rounding
 # is most of it: against the same diffusers model run in float64, npsd's mean and decode 32 were
-# within 2.0e-6 and 2.8e-6 there, PyTorch's within 4.9e-6 and 8.0e-6.
+# within 2.0e-6 and 2.8e-6 there, PyTorch's within 4.9e-6 and 8.0e-6 (python -m benchmarks.float64_reference).
 
 
 def block_rtol(name):
