@@ -452,6 +452,17 @@ def winograd_min_positions(vendor):
 
 
 WINOGRAD_MIN_POSITIONS = winograd_min_positions(VENDOR)
+# The fewest input channels C that Winograd takes. Its 16 products [O, C] @ [C, tiles] write 16 maps
+# of O x tiles whatever C is, so with few channels they are all memory traffic: a conv_in with 3 or
+# 4 channels took 3.6-5x im2col's time, 32 channels 1.3-1.6x, 64 about the same (0.9-1.1x; TAESD's
+# 64-channel convs keep Winograd's row-by-row input, section 6 of docs/speed.md), 128 0.6-0.9x.
+WINOGRAD_MIN_CHANNELS = 64
+
+
+def uses_winograd(positions, channels):
+    """Whether a 3x3 stride-1 conv with this many output positions (batch x height x width) and input
+    channels goes through Winograd rather than im2col."""
+    return WINOGRAD and positions >= WINOGRAD_MIN_POSITIONS and channels >= WINOGRAD_MIN_CHANNELS
 
 
 @single_threaded_blas
@@ -468,7 +479,7 @@ def conv2d(x, weight, bias, stride, pad):
         w2, x3, y3 = weight.reshape(o, c), x.reshape(b, c, h * w), y.reshape(b, o, h * w)
         for bi in range(b):
             parallel(lambda o0, o1: np.matmul(w2[o0:o1], x3[bi], out=y3[bi, o0:o1]), o, o * h * w * c, uses_blas=True)
-    elif kh == kw == 3 and stride == 1 and b * ho * wo >= WINOGRAD_MIN_POSITIONS and WINOGRAD:
+    elif kh == kw == 3 and stride == 1 and uses_winograd(b * ho * wo, c):
         y = winograd_f2x2_3x3(x, weight, pad, ho, wo)
     else:
         y = _im2col_conv(x, weight, pad, stride, ho, wo)
@@ -740,7 +751,7 @@ def conv3x3_rows(rows, shape, conv, out=None):
     it) -> [B, O, h, w]; out: add the conv into this array instead (a residual) and return it."""
     b, c, h, w = shape
     weight, bias = upcast(conv["weight"]), upcast(conv.get("bias"))
-    if WINOGRAD and b * h * w >= WINOGRAD_MIN_POSITIONS:
+    if uses_winograd(b * h * w, c):
         y = np.empty((b, weight.shape[0], h, w), np.float32) if out is None else out
         return winograd_rows(rows, b, c, h, w, weight, bias, y, add=out is not None)
     y = conv2d(padded(rows, shape), weight, bias, 1, (0, 0, 0, 0))

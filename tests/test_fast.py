@@ -50,9 +50,10 @@ def check(f, what, rtol=RTOL):
 
 @pytest.fixture(params=["winograd", "im2col"])
 def conv_route(request, monkeypatch):
-    """Route every eligible 3x3 conv through Winograd (threshold 1), or none through it."""
+    """Route every eligible 3x3 conv through Winograd (thresholds 1), or none through it."""
     monkeypatch.setattr(fast, "WINOGRAD", request.param == "winograd")
     monkeypatch.setattr(fast, "WINOGRAD_MIN_POSITIONS", 1)
+    monkeypatch.setattr(fast, "WINOGRAD_MIN_CHANNELS", 1)
     return request.param
 
 
@@ -112,17 +113,19 @@ def test_choices_by_cpu_vendor(tmp_path):
     assert fast.BLOCK_ELEMENTS == fast.attention_block_elements(fast.VENDOR)
 
 
-@pytest.mark.parametrize("b, side", [(1, 64), (1, 32), (2, 32), (2, 16), (1, 16)])
-def test_winograd_is_used_at_sd_sizes_and_matches(b, side):
-    """At the default line the SD UNet's 64x64 maps and two images at 32x32 go through Winograd, one
-    image at 32x32 too on AMD (1024 positions), 16x16 maps through im2col (checked by counting calls)."""
-    winograd = b * side * side >= fast.WINOGRAD_MIN_POSITIONS
+@pytest.mark.parametrize("b, c, side", [(1, 64, 64), (1, 64, 32), (2, 64, 32), (2, 64, 16), (1, 64, 16), (2, 4, 64),
+                                        (1, 32, 64)])
+def test_winograd_is_used_at_sd_sizes_and_matches(b, c, side):
+    """At the default lines the SD UNet's 64x64 maps and two images at 32x32 go through Winograd, one
+    image at 32x32 too on AMD (1024 positions), 16x16 maps through im2col, and so do convs with fewer
+    than 64 input channels (SD's conv_in, 4) at any size (checked by counting calls)."""
+    winograd = b * side * side >= fast.WINOGRAD_MIN_POSITIONS and c >= 64
     calls = []
     original = fast.winograd_f2x2_3x3
-    x, w = randn(b, 32, side, side), randn(32, 32, 3, 3, scale=1 / 17)
+    x, w = randn(b, c, side, side), randn(16, c, 3, 3, scale=1 / (3 * c**0.5))
     try:
         fast.winograd_f2x2_3x3 = lambda *a: calls.append(1) or original(*a)
-        check(lambda: nn.conv2d(x, w, None, padding=1), f"conv2d {b}x{side}x{side}")
+        check(lambda: nn.conv2d(x, w, None, padding=1), f"conv2d {b}x{c}x{side}x{side}")
     finally:
         fast.winograd_f2x2_3x3 = original
     assert calls == ([1] if winograd else [])

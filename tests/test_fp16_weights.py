@@ -96,6 +96,7 @@ def test_each_layer_with_float16_weights_equals_float32_of_the_same_values(name,
     """Float16 weights vs float32 copies of the same float16 values, on both paths: equal (measured 0)."""
     monkeypatch.setattr(fast, "WINOGRAD", winograd)
     monkeypatch.setattr(fast, "WINOGRAD_MIN_POSITIONS", 1)              # every 3x3 stride-1 conv by Winograd, or none
+    monkeypatch.setattr(fast, "WINOGRAD_MIN_CHANNELS", 1)
     p16 = rounded(params)
     p32 = rounded(p16, np.float32)
     for path, (a, b) in zip(("plain", "fast"), zip(*(both_paths(lambda: f(p)) for p in (p16, p32)))):
