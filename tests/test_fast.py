@@ -48,12 +48,16 @@ def check(f, what, rtol=RTOL):
     return assert_close(quick, plain, rtol, what)
 
 
-@pytest.fixture(params=["winograd", "im2col"])
-def conv_route(request, monkeypatch):
-    """Route every eligible 3x3 conv through Winograd (thresholds 1), or none through it."""
-    monkeypatch.setattr(fast, "WINOGRAD", request.param == "winograd")
+def route_every_conv(monkeypatch, winograd):
+    """Every 3x3 stride-1 conv through Winograd (its lines at 1 position, 1 channel), or none."""
+    monkeypatch.setattr(fast, "WINOGRAD", winograd)
     monkeypatch.setattr(fast, "WINOGRAD_MIN_POSITIONS", 1)
     monkeypatch.setattr(fast, "WINOGRAD_MIN_CHANNELS", 1)
+
+
+@pytest.fixture(params=["winograd", "im2col"])
+def conv_route(request, monkeypatch):
+    route_every_conv(monkeypatch, request.param == "winograd")
     return request.param
 
 
