@@ -4,6 +4,7 @@
     python -m benchmarks.bench --quick    # small shapes, seconds (tests/test_benchmarks.py runs it)
     python -m benchmarks.bench --only unet --repeat 5 --markdown table.md
     python -m benchmarks.bench --only image   # the time-to-image rows alone (about 7 minutes)
+    python -m benchmarks.bench --threads 1 2 4 8 16 --only unet   # each case at each thread count, with speed-ups
 
 Needs the test extra (torch, diffusers, transformers). The weights are random, at the real shapes;
 torch and npsd share them (npsd's arrays are views of torch's tensors), so one copy is in memory.
@@ -191,6 +192,7 @@ class Result:
     torch_mem: int = 0
     flops: int = 0
     rel_err: float = float("nan")
+    threads: int = 0        # the --threads count the case ran at (0: the machine's default)
 
     @property
     def ratio(self):
@@ -577,15 +579,26 @@ def fmt_time(t):
     return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
 
 
-def table(results, rate):
-    lines = ["| case | npsd | torch | npsd / torch | npsd peak | torch peak | FLOP-bound fraction | output diff |",
-             "|---|---|---|---|---|---|---|---|"]
+def table(results, rates):
+    """The results as a markdown table; rates maps a thread count to the sgemm rate measured at it.
+    With several thread counts, a threads column and each side's speed-up over its time at the first
+    count are added."""
+    scaling = len(rates) > 1
+    head = ["case"] + (["threads"] if scaling else []) + ["npsd", "torch", "npsd / torch"]
+    head += (["npsd speed-up", "torch speed-up"] if scaling else [])
+    head += ["npsd peak", "torch peak", "FLOP-bound fraction", "output diff"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    first = {}
     for r in results:
         tn, tt = statistics.median(r.npsd_times), statistics.median(r.torch_times)
-        frac = f"{r.flops / rate / tn:.2f} ({r.flops / 1e9:.1f} GFLOP)" if r.flops else "-"
+        t0 = first.setdefault(r.case.name, (tn, tt))
+        frac = f"{r.flops / rates[r.threads] / tn:.2f} ({r.flops / 1e9:.1f} GFLOP)" if r.flops else "-"
         mark = "" if r.rel_err <= r.case.tolerance else " FAIL"
-        lines.append(f"| {r.case.name} | {fmt_time(tn)} | {fmt_time(tt)} | **{r.ratio:.2f}** | "
-                     f"{r.npsd_mem / 2**20:.0f} MiB | {r.torch_mem / 2**20:.0f} MiB | {frac} | {r.rel_err:.1e}{mark} |")
+        row = [r.case.name] + ([str(r.threads)] if scaling else [])
+        row += [fmt_time(tn), fmt_time(tt), f"**{r.ratio:.2f}**"]
+        row += ([f"{t0[0] / tn:.2f}x", f"{t0[1] / tt:.2f}x"] if scaling else [])
+        row += [f"{r.npsd_mem / 2**20:.0f} MiB", f"{r.torch_mem / 2**20:.0f} MiB", frac, f"{r.rel_err:.1e}{mark}"]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -629,8 +642,9 @@ def main(argv=None):
                     help="run only cases whose name contains one of these words (case-insensitive)")
     ap.add_argument("--markdown", help="also write the table to this file")
     ap.add_argument("--plain", action="store_true", help="npsd's plain reference kernels (nn.set_fast(False))")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="threads for npsd (its pool and BLAS) and torch alike (default: the machine's cores)")
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="threads for npsd (its pool and BLAS) and torch alike (default: the machine's cores); "
+                         "several counts (--threads 1 2 4 8) run every case at each and add the speed-ups")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -639,19 +653,30 @@ def main(argv=None):
         return 2
     if args.plain:
         nn.set_fast(False)
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"--threads must be at least 1, got {args.threads}", file=sys.stderr)
-            return 2
-        set_threads(torch, args.threads)
+    counts = args.threads or [0]
+    if min(counts) < 1 and args.threads:
+        print(f"--threads must be at least 1, got {min(counts)}", file=sys.stderr)
+        return 2
+    if len(counts) == 1 and args.threads:
+        set_threads(torch, counts[0])
+    kernels = "fast" if settings.FAST else "plain"
+    if len(counts) > 1:
+        threads = f"threads {', '.join(map(str, counts))} on both sides (every case at each), npsd kernels: {kernels}"
+    else:
+        threads = f"({torch.get_num_threads()} threads), npsd kernels: {kernels} ({settings.THREADS} threads)"
     header = (f"{time.strftime('%Y-%m-%d')}, {machine()}, numpy {np.__version__}, torch {torch.__version__} "
-              f"({torch.get_num_threads()} threads), npsd kernels: {'fast' if settings.FAST else 'plain'} "
-              f"({settings.THREADS} threads), {'quick' if args.quick else 'full'} mode\n{libraries(torch)}; "
+              f"{threads}, {'quick' if args.quick else 'full'} mode\n{libraries(torch)}; "
               f"malloc (both sides): {'npsd/malloc.py settings' if malloc.KEPT else 'as the system has it'}")
     print(header, flush=True)
-    rates = sgemm_rate(torch)
-    rate = max(rates.values())
-    print(f"sgemm 4096^3: numpy {rates['numpy'] / 1e9:.0f} GFLOP/s, torch {rates['torch'] / 1e9:.0f} GFLOP/s", flush=True)
+    rates = {}                                                            # thread count -> sgemm rate
+    for n in counts:
+        if len(counts) > 1:
+            set_threads(torch, n)
+        by_library = sgemm_rate(torch)
+        rates[n] = max(by_library.values())
+        at = f" on {n} threads" if len(counts) > 1 else ""
+        print(f"sgemm 4096^3{at}: numpy {by_library['numpy'] / 1e9:.0f} GFLOP/s, "
+              f"torch {by_library['torch'] / 1e9:.0f} GFLOP/s", flush=True)
 
     def wanted(case):
         return args.only is None or any(w.lower() in case.name.lower() for w in args.only)
@@ -669,15 +694,21 @@ def main(argv=None):
             cases += [c for c in image_cases(torch, args.quick, models, params, config) if wanted(c)]
         for setup, group in itertools.groupby(cases, key=lambda c: c.setup):
             with setup() if setup is not None else contextlib.nullcontext():
-                for case in group:
+                for case, n in itertools.product(group, counts):
+                    if len(counts) > 1:
+                        set_threads(torch, n)
                     r = run_case(case, args.repeat)
+                    r.threads = n
                     results.append(r)
-                    print(f"{case.name}: npsd {fmt_time(statistics.median(r.npsd_times))}, torch "
+                    at = f" ({n} threads)" if len(counts) > 1 else ""
+                    print(f"{case.name}{at}: npsd {fmt_time(statistics.median(r.npsd_times))}, torch "
                           f"{fmt_time(statistics.median(r.torch_times))}, ratio {r.ratio:.2f}, diff {r.rel_err:.1e}",
                           flush=True)
-    out = table(results, rate)
+    out = table(results, rates)
     notes = [f"- {r.case.name}: {r.case.note}" for r in results if r.case.note]
-    text = "\n".join([header, f"sgemm rate used for the FLOP bound: {rate / 1e9:.0f} GFLOP/s", "", out, ""] + notes)
+    used = ", ".join(f"{rate / 1e9:.0f} GFLOP/s" + (f" on {n} threads" if len(counts) > 1 else "")
+                     for n, rate in rates.items())
+    text = "\n".join([header, f"sgemm rate used for the FLOP bound: {used}", "", out, ""] + notes)
     print()
     print(text)
     if args.markdown:

@@ -12,6 +12,7 @@ leaves matrix products to the BLAS's own threads.
 """
 
 import ctypes
+import os
 from contextlib import contextmanager
 
 _SET = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
@@ -24,39 +25,47 @@ _funcs = None
 
 
 def _openblas_libraries():
-    """The OpenBLAS libraries loaded into this process (numpy's), as ctypes handles."""
-    import numpy  # noqa: F401  (loads its BLAS)
+    """The OpenBLAS libraries loaded into this process, as ctypes handles, numpy's first."""
+    import numpy
     try:
         with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
     except OSError:
         return
-    for path in paths:
+    for path in numpy_first(paths, os.path.dirname(os.path.abspath(numpy.__file__))):
         try:
             yield ctypes.CDLL(path)
         except OSError:
             continue
 
 
+def numpy_first(paths, numpy_dir):
+    """The library paths, numpy's first. NumPy's wheel keeps its OpenBLAS beside the package
+    (numpy.libs/, or numpy/.dylibs/ on macOS); SciPy's wheel loads another (scipy.libs/), which can lie
+    in a folder that sorts first (a system site-packages before a user's), so the paths' order says
+    nothing about which is numpy's."""
+    return sorted(paths, key=lambda p: (not p.startswith(numpy_dir), p))
+
+
 def _find():
+    """[(get, set), ...]: the thread-count functions of every OpenBLAS loaded, numpy's first."""
     global _funcs
     if _funcs is not None:
         return _funcs
-    _funcs = ()
+    _funcs = []
     for lib in _openblas_libraries():
         get = next((getattr(lib, n) for n in _GET if hasattr(lib, n)), None)
         set_ = next((getattr(lib, n) for n in _SET if hasattr(lib, n)), None)
         if get and set_:
             get.restype, get.argtypes = ctypes.c_int, []
             set_.restype, set_.argtypes = None, [ctypes.c_int]
-            _funcs = (get, set_)
-            break
+            _funcs.append((get, set_))
     return _funcs
 
 
 def kernel():
     """OpenBLAS's name for the kernels it chose for this CPU (e.g. "SkylakeX", "Zen"), or None."""
-    for lib in _openblas_libraries():
+    for lib in _openblas_libraries():                          # numpy's first
         name = next((n for n in _CORENAME if hasattr(lib, n)), None)
         if name:
             f = getattr(lib, name)
@@ -71,34 +80,36 @@ def available():
 
 
 def get_threads():
+    """numpy's BLAS thread count, or None where npsd cannot read it."""
     f = _find()
-    return f[0]() if f else None
+    return f[0][0]() if f else None
 
 
 def set_threads(n):
-    """Set the BLAS thread count of this process; False where npsd cannot (see available())."""
+    """Set the thread count of every OpenBLAS in this process; False where npsd cannot (see available())."""
     f = _find()
-    if f:
-        f[1](int(n))
+    for _, set_ in f:
+        set_(int(n))
     return bool(f)
 
 
 @contextmanager
 def single_threaded():
-    """BLAS calls inside the block use one thread (the previous count is restored after)."""
+    """numpy's BLAS calls inside the block use one thread (the previous count is restored after)."""
     f = _find()
     if not f:
         yield
         return
-    old = f[0]()
+    get, set_ = f[0]
+    old = get()
     if old == 1:
         yield
         return
-    f[1](1)
+    set_(1)
     try:
         yield
     finally:
-        f[1](old)
+        set_(old)
 
 
 # --- the command line's --threads N: BLAS's threads for the whole run ----------------------------

@@ -94,6 +94,36 @@ def test_header_names_the_libraries_and_threads(capsys, monkeypatch):
     assert bench.main(["--quick", "--threads", "0"]) == 2
 
 
+def test_several_thread_counts_run_every_case_at_each(capsys, monkeypatch):
+    """--threads 1 2 runs each case at 1 and then 2 threads, both sides set before each case's calls,
+    and the table gets a threads column and each side's speed-up over its first count."""
+    import torch
+    from npsd import blas, settings
+    skip_sgemm_rate(monkeypatch)
+    monkeypatch.setattr(settings, "THREADS", settings.THREADS)
+    seen, run_case = [], bench.run_case
+
+    def recorded(case, repeat):
+        seen.append((case.name.split(",")[0], torch.get_num_threads(), settings.THREADS, blas.get_threads()))
+        return run_case(case, repeat)
+    monkeypatch.setattr(bench, "run_case", recorded)
+    before = (torch.get_num_threads(), blas.get_threads())
+    try:
+        assert bench.main(["--quick", "--repeat", "1", "--only", "softmax", "group_norm", "--threads", "1", "2"]) == 0
+    finally:
+        torch.set_num_threads(before[0])
+        if before[1]:
+            blas.set_threads(before[1])
+    blas_ok = blas.available()
+    assert [(name, t, n) + ((b,) if blas_ok else ()) for name, t, n, b in seen] == [
+        (name, k, k) + ((k,) if blas_ok else ()) for name in ("group_norm", "softmax") for k in (1, 2)]
+    out = capsys.readouterr().out
+    assert "threads 1, 2 on both sides" in out.splitlines()[0]
+    assert "| case | threads | npsd | torch | npsd / torch | npsd speed-up | torch speed-up |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| softmax")]
+    assert [row.split(" | ")[1] for row in rows] == ["1", "2"] and "| 1.00x | 1.00x |" in rows[0], rows
+
+
 def test_flop_count_is_the_same_on_both_paths():
     """The FLOP column counts a VAE decode and encode whole on the fast path, whose blocks call the fast
     convolutions directly, as on the plain path, where every layer goes through nn (counted before:

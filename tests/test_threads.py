@@ -96,3 +96,41 @@ def test_check_fails_without_the_blas_limit(monkeypatch):
         share = share_outside_npsd()
     print(f"without the BLAS limit: {share:.1%} of the CPU time outside npsd's threads")
     assert share >= 0.05
+
+
+def test_numpy_blas_is_found_first():
+    """NumPy's OpenBLAS is the one whose threads the fast path limits, also where SciPy's copy lies in
+    a folder that sorts first (numpy installed into a user's folder, scipy in the system's: paths as
+    a virtual machine had them, where sorting by path put scipy's first)."""
+    numpy_dir = "/tmp/site/numpy"
+    paths = {"/opt/venv/lib/python3.12/site-packages/scipy.libs/libscipy_openblas-6cdc3b4a.so",
+             "/tmp/site/numpy.libs/libscipy_openblas64_-32a4b2a6.so"}
+    assert blas.numpy_first(paths, numpy_dir)[0].startswith("/tmp/site/numpy.libs/")
+    mac = {"/usr/lib/scipy/.dylibs/libscipy_openblas.dylib", "/Users/u/site/numpy/.dylibs/libscipy_openblas64_.dylib"}
+    assert blas.numpy_first(mac, "/Users/u/site/numpy")[0].startswith("/Users/u/site/numpy/")
+
+
+def test_every_openblas_gets_the_thread_count():
+    import scipy.linalg  # noqa: F401  (loads SciPy's own OpenBLAS beside numpy's)
+    old = blas.get_threads()
+    try:
+        blas._funcs = None                                       # found again, with scipy's loaded
+        assert len(blas._find()) == 2, "numpy's and scipy's OpenBLAS"
+        for n in (1, 2):
+            blas.set_threads(n)
+            assert [get() for get, _ in blas._find()] == [n, n]
+    finally:
+        blas.set_threads(old)
+
+
+def test_check_fails_when_scipy_blas_is_taken_for_numpy(monkeypatch):
+    """With scipy's OpenBLAS found first (the paths sorted by name, the other way round), the fast
+    kernels limit the wrong library and numpy's workers compute beside npsd's threads."""
+    import scipy.linalg  # noqa: F401
+    monkeypatch.setattr(blas, "numpy_first", lambda paths, numpy_dir: sorted(paths, key=lambda p: "scipy.libs" not in p))
+    monkeypatch.setattr(blas, "_funcs", None)
+    assert len(blas._find()) == 2
+    with nn.fast(True), two_threads():
+        share = share_outside_npsd()
+    print(f"scipy's BLAS limited instead of numpy's: {share:.1%} of the CPU time outside npsd's threads")
+    assert share >= 0.05
