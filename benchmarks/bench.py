@@ -60,7 +60,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import npsd  # noqa: E402
-from npsd import clip, fast, malloc, nn, settings, unet as unet_model, vae  # noqa: E402
+from npsd import blas, clip, fast, malloc, nn, settings, unet as unet_model, vae  # noqa: E402
 from npsd.config import sd15_config, sd2_config  # noqa: E402
 from npsd.params import unflatten  # noqa: E402
 from npsd.testing import compare  # noqa: E402
@@ -149,15 +149,29 @@ class FlopCounter:
             setattr(module, name, f)
 
 
-def sgemm_rate(torch):
-    """The best float32 GEMM rate here (FLOP/s): numpy's and torch's 4096^3 product, best of 3."""
-    a = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
+def sgemm_rate(torch, n=4096):
+    """{"numpy": (FLOP/s, threads), "torch": ...}: each library's n^3 float32 product, best of 3,
+    and how many threads computed during those 3 calls (busy_threads): a BLAS that did not take the
+    thread count it was given shows here."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     ta = torch.from_numpy(a)
-    best = {}
+    out = {}
     for name, f in (("numpy", lambda: a @ a), ("torch", lambda: torch.mm(ta, ta))):
         f()
-        best[name] = min(_timed(f)[0] for _ in range(3))
-    return {name: 2 * 4096 ** 3 / t for name, t in best.items()}
+        times, threads = busy_threads(lambda: [_timed(f)[0] for _ in range(3)])
+        out[name] = (2 * n ** 3 / min(times), threads)
+    return out
+
+
+def busy_threads(work):
+    """(work's result, the number of this process's threads that each computed for at least a quarter
+    of work's wall time), the count None where the kernel does not say (not Linux)."""
+    before, t0 = blas.thread_cpu_seconds(), time.perf_counter()
+    result = work()
+    wall, after = time.perf_counter() - t0, blas.thread_cpu_seconds()
+    if not after:
+        return result, None
+    return result, sum(after[tid] - before.get(tid, 0.0) >= wall / 4 for tid in after)
 
 
 def _timed(f):
@@ -616,7 +630,6 @@ def libraries(torch):
     """What each side computes with: numpy's BLAS (and OpenBLAS's kernel for this CPU), torch's BLAS
     and the CPU features its kernels use (AVX2, AVX512)."""
     import re
-    from npsd import blas
     info = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
     numpy_blas = f"{info.get('name')} {info.get('version')}, kernel {blas.kernel() or 'unknown'}"
     config = torch.__config__.show()
@@ -628,7 +641,6 @@ def libraries(torch):
 
 def set_threads(torch, n):
     """n threads on both sides: npsd's own pool and BLAS, torch's intra-op pool."""
-    from npsd import blas
     settings.set_threads(n)
     blas.set_threads(n)
     torch.set_num_threads(n)
@@ -668,15 +680,22 @@ def main(argv=None):
               f"{threads}, {'quick' if args.quick else 'full'} mode\n{libraries(torch)}; "
               f"malloc (both sides): {'npsd/malloc.py settings' if malloc.KEPT else 'as the system has it'}")
     print(header, flush=True)
-    rates = {}                                                            # thread count -> sgemm rate
+    rates, mismatches = {}, []                                # thread count -> sgemm rate; wrong counts
     for n in counts:
         if len(counts) > 1:
             set_threads(torch, n)
         by_library = sgemm_rate(torch)
-        rates[n] = max(by_library.values())
+        rates[n] = max(rate for rate, _ in by_library.values())
         at = f" on {n} threads" if len(counts) > 1 else ""
-        print(f"sgemm 4096^3{at}: numpy {by_library['numpy'] / 1e9:.0f} GFLOP/s, "
-              f"torch {by_library['torch'] / 1e9:.0f} GFLOP/s", flush=True)
+        print(f"sgemm 4096^3{at}: " + ", ".join(
+            f"{name} {rate / 1e9:.0f} GFLOP/s" + (f" ({busy} threads busy)" if busy is not None else "")
+            for name, (rate, busy) in by_library.items()), flush=True)
+        wanted_threads = {"numpy": n or blas.get_threads(), "torch": n or torch.get_num_threads()}
+        for name, (_, busy) in by_library.items():
+            if None not in (busy, wanted_threads[name]) and busy != wanted_threads[name]:
+                mismatches.append(f"{name}'s 4096^3 product computed on {busy} threads where "
+                                  f"{wanted_threads[name]} were set: its timings{at} are not of that many threads")
+                print(f"warning: {mismatches[-1]}", file=sys.stderr, flush=True)
 
     def wanted(case):
         return args.only is None or any(w.lower() in case.name.lower() for w in args.only)
@@ -706,6 +725,7 @@ def main(argv=None):
                           flush=True)
     out = table(results, rates)
     notes = [f"- {r.case.name}: {r.case.note}" for r in results if r.case.note]
+    notes += [f"- warning: {m}" for m in mismatches]
     used = ", ".join(f"{rate / 1e9:.0f} GFLOP/s" + (f" on {n} threads" if len(counts) > 1 else "")
                      for n, rate in rates.items())
     text = "\n".join([header, f"sgemm rate used for the FLOP bound: {used}", "", out, ""] + notes)

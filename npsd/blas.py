@@ -112,6 +112,24 @@ def single_threaded():
         set_(old)
 
 
+def thread_cpu_seconds():
+    """{thread id: user + system CPU seconds so far} for every thread of this process, from Linux's
+    /proc ({} elsewhere): what shows which threads really computed, whatever a library was told."""
+    ticks, out = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100, {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:                     # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks      # utime, stime
+    return out
+
+
 # --- the command line's --threads N: BLAS's threads for the whole run ----------------------------
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

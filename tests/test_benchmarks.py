@@ -3,10 +3,14 @@ the torch reference makes it fail (a benchmark of two different computations wou
 And benchmarks/float64_reference.py on the tiny models."""
 
 import math
+import os
 import re
+import sys
+
+import pytest
 
 from benchmarks import bench
-from npsd import nn
+from npsd import blas, nn, settings
 
 
 def rows(text):
@@ -36,6 +40,8 @@ def test_quick_mode(tmp_path, capsys):
     for name, (ratio, diff) in table.items():
         assert math.isfinite(ratio) and ratio > 0, name
     assert re.search(r"sgemm rate used for the FLOP bound: \d+ GFLOP/s", md.read_text())
+    assert re.search(r"sgemm 4096\^3: numpy \d+ GFLOP/s \(\d+ threads busy\), torch \d+ GFLOP/s \(\d+ threads "
+                     r"busy\)", capsys.readouterr().out)
 
 
 def test_only_selects_the_image_rows_by_their_word(monkeypatch, capsys):
@@ -63,7 +69,7 @@ def test_only_selects_the_image_rows_by_their_word(monkeypatch, capsys):
 
 def skip_sgemm_rate(monkeypatch):
     """The 4096^3 products that measure the sgemm rate take 6-15 s; test_quick_mode checks that line."""
-    monkeypatch.setattr(bench, "sgemm_rate", lambda torch: {"numpy": 1e11, "torch": 1e11})
+    monkeypatch.setattr(bench, "sgemm_rate", lambda torch: {"numpy": (1e11, None), "torch": (1e11, None)})
 
 
 def test_disagreeing_output_fails(monkeypatch, capsys):
@@ -78,7 +84,6 @@ def test_header_names_the_libraries_and_threads(capsys, monkeypatch):
     --threads sets both sides' threads."""
     import torch
     skip_sgemm_rate(monkeypatch)
-    from npsd import blas, settings
     monkeypatch.setattr(settings, "THREADS", settings.THREADS)              # restored after the test
     before = (torch.get_num_threads(), blas.get_threads())
     try:
@@ -98,7 +103,6 @@ def test_several_thread_counts_run_every_case_at_each(capsys, monkeypatch):
     """--threads 1 2 runs each case at 1 and then 2 threads, both sides set before each case's calls,
     and the table gets a threads column and each side's speed-up over its first count."""
     import torch
-    from npsd import blas, settings
     skip_sgemm_rate(monkeypatch)
     monkeypatch.setattr(settings, "THREADS", settings.THREADS)
     seen, run_case = [], bench.run_case
@@ -122,6 +126,43 @@ def test_several_thread_counts_run_every_case_at_each(capsys, monkeypatch):
     assert "| case | threads | npsd | torch | npsd / torch | npsd speed-up | torch speed-up |" in out
     rows = [line for line in out.splitlines() if line.startswith("| softmax")]
     assert [row.split(" | ")[1] for row in rows] == ["1", "2"] and "| 1.00x | 1.00x |" in rows[0], rows
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not blas.available() or (os.cpu_count() or 1) < 2,
+                    reason="counts threads in Linux's /proc; needs OpenBLAS and 2 cores")
+def test_sgemm_rate_counts_the_threads_that_computed():
+    """The count comes from the kernel's per-thread CPU times, not from what the library was told."""
+    import torch
+    before = (torch.get_num_threads(), blas.get_threads())
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            blas.set_threads(n)
+            rates = bench.sgemm_rate(torch, 2048)
+            assert {name: busy for name, (_, busy) in rates.items()} == {"numpy": n, "torch": n}, (n, rates)
+    finally:
+        torch.set_num_threads(before[0])
+        blas.set_threads(before[1])
+
+
+def test_a_thread_count_that_did_not_take_is_reported(capsys, monkeypatch, tmp_path):
+    """A library that computed on other threads than it was given (as when npsd limited SciPy's copy of
+    OpenBLAS instead of numpy's) is named on stderr and in the saved table."""
+    import torch
+    monkeypatch.setattr(bench, "sgemm_rate", lambda torch: {"numpy": (1e11, 16), "torch": (1e11, 1)})
+    monkeypatch.setattr(settings, "THREADS", settings.THREADS)
+    before = (torch.get_num_threads(), blas.get_threads())
+    try:
+        assert bench.main(["--quick", "--repeat", "1", "--only", "softmax", "--threads", "1",
+                           "--markdown", str(tmp_path / "t.md")]) == 0
+    finally:
+        torch.set_num_threads(before[0])
+        if before[1]:
+            blas.set_threads(before[1])
+    message = "numpy's 4096^3 product computed on 16 threads where 1 were set"
+    assert message in capsys.readouterr().err
+    assert message in (tmp_path / "t.md").read_text()
+    assert "torch's" not in (tmp_path / "t.md").read_text()
 
 
 def test_flop_count_is_the_same_on_both_paths():

@@ -7,7 +7,6 @@ The check can fail: with npsd's BLAS limit switched off (blas.single_threaded ma
 pieces' matrix products call OpenBLAS with its whole pool, and its workers compute (measured: 45%
 of the CPU time of the same calls); with the limit on they take 0.0% (bound 5%)."""
 
-import os
 import sys
 import threading
 from contextlib import contextmanager
@@ -19,22 +18,6 @@ from npsd import blas, nn, settings
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not blas.available(),
                                 reason="needs Linux's /proc and an OpenBLAS whose threads npsd can set")
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds():
-    """{thread id: user + system CPU seconds} for every thread of this process."""
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:                     # the thread ended meanwhile
-            continue
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICKS      # utime, stime
-    return out
-
 
 def npsd_threads():
     """The calling thread and npsd's pool threads (named "npsd_..."), as kernel thread ids."""
@@ -57,9 +40,9 @@ def work():
 def share_outside_npsd():
     """Fraction of this process's CPU time, during work(), spent by threads that are not npsd's."""
     work()                                   # the pool exists, OpenBLAS has started its workers
-    before = cpu_seconds()
+    before = blas.thread_cpu_seconds()
     work()
-    after = cpu_seconds()
+    after = blas.thread_cpu_seconds()
     ours = npsd_threads()
     spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
     total = sum(spent.values())
