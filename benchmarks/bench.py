@@ -665,11 +665,11 @@ def main(argv=None):
         return 2
     if args.plain:
         nn.set_fast(False)
-    counts = args.threads or [0]
-    if min(counts) < 1 and args.threads:
-        print(f"--threads must be at least 1, got {min(counts)}", file=sys.stderr)
+    if args.threads and min(args.threads) < 1:
+        print(f"--threads must be at least 1, got {min(args.threads)}", file=sys.stderr)
         return 2
-    if len(counts) == 1 and args.threads:
+    counts = args.threads or [0]                              # 0: the machine's default, left as it is
+    if counts[0]:
         set_threads(torch, counts[0])
     kernels = "fast" if settings.FAST else "plain"
     if len(counts) > 1:
@@ -682,7 +682,7 @@ def main(argv=None):
     print(header, flush=True)
     rates, mismatches = {}, []                                # thread count -> sgemm rate; wrong counts
     for n in counts:
-        if len(counts) > 1:
+        if n:
             set_threads(torch, n)
         by_library = sgemm_rate(torch)
         rates[n] = max(rate for rate, _ in by_library.values())
@@ -714,7 +714,7 @@ def main(argv=None):
         for setup, group in itertools.groupby(cases, key=lambda c: c.setup):
             with setup() if setup is not None else contextlib.nullcontext():
                 for case, n in itertools.product(group, counts):
-                    if len(counts) > 1:
+                    if n:
                         set_threads(torch, n)
                     r = run_case(case, args.repeat)
                     r.threads = n
