@@ -89,7 +89,8 @@ def test_numpy_blas_is_found_first():
     paths = {"/opt/venv/lib/python3.12/site-packages/scipy.libs/libscipy_openblas-6cdc3b4a.so",
              "/tmp/site/numpy.libs/libscipy_openblas64_-32a4b2a6.so"}
     assert blas.numpy_first(paths, numpy_dir)[0].startswith("/tmp/site/numpy.libs/")
-    mac = {"/usr/lib/scipy/.dylibs/libscipy_openblas.dylib", "/Users/u/site/numpy/.dylibs/libscipy_openblas64_.dylib"}
+    mac = {"/Library/Python/site-packages/scipy/.dylibs/libscipy_openblas.dylib",
+           "/Users/u/site/numpy/.dylibs/libscipy_openblas64_.dylib"}
     assert blas.numpy_first(mac, "/Users/u/site/numpy")[0].startswith("/Users/u/site/numpy/")
 
 
