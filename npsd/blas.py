@@ -115,11 +115,12 @@ def single_threaded():
 def thread_cpu_seconds():
     """{thread id: user + system CPU seconds so far} for every thread of this process, from Linux's
     /proc ({} elsewhere): what shows which threads really computed, whatever a library was told."""
-    ticks, out = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100, {}
+    out = {}
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
         return out
+    ticks = os.sysconf("SC_CLK_TCK")
     for tid in tids:
         try:
             with open(f"/proc/self/task/{tid}/stat") as f:

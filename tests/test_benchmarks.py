@@ -2,6 +2,7 @@
 the torch reference makes it fail (a benchmark of two different computations would mean nothing).
 And benchmarks/float64_reference.py on the tiny models."""
 
+import contextlib
 import math
 import os
 import re
@@ -72,6 +73,20 @@ def skip_sgemm_rate(monkeypatch):
     monkeypatch.setattr(bench, "sgemm_rate", lambda torch: {"numpy": (1e11, None), "torch": (1e11, None)})
 
 
+@contextlib.contextmanager
+def threads_restored():
+    """torch's, numpy's BLAS and npsd's thread counts as they were before the block, after it."""
+    import torch
+    before = (torch.get_num_threads(), blas.get_threads(), settings.THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        if before[1]:
+            blas.set_threads(before[1])
+        settings.set_threads(before[2])
+
+
 def test_disagreeing_output_fails(monkeypatch, capsys):
     skip_sgemm_rate(monkeypatch)
     monkeypatch.setattr(nn, "group_norm", lambda x, *a, **k: x)          # a broken kernel
@@ -82,20 +97,13 @@ def test_disagreeing_output_fails(monkeypatch, capsys):
 def test_header_names_the_libraries_and_threads(capsys, monkeypatch):
     """The header says what each side computes with (BLAS, CPU capability, malloc's settings), and
     --threads sets both sides' threads."""
-    import torch
     skip_sgemm_rate(monkeypatch)
-    monkeypatch.setattr(settings, "THREADS", settings.THREADS)              # restored after the test
-    before = (torch.get_num_threads(), blas.get_threads())
-    try:
+    with threads_restored():
         assert bench.main(["--quick", "--repeat", "1", "--only", "softmax", "--threads", "1"]) == 0
         header = capsys.readouterr().out.splitlines()[:2]                 # printed first
         assert "(1 threads), npsd kernels: fast (1 threads)" in header[0], header
         assert re.match(r"numpy BLAS: \S+ [\d.]+, kernel \S+; torch BLAS: \w+.*, CPU capability \w+; malloc \(both "
                         r"sides\): (npsd/malloc.py settings|as the system has it)$", header[1]), header
-    finally:
-        torch.set_num_threads(before[0])
-        if before[1]:
-            blas.set_threads(before[1])
     assert bench.main(["--quick", "--threads", "0"]) == 2
 
 
@@ -104,20 +112,14 @@ def test_several_thread_counts_run_every_case_at_each(capsys, monkeypatch):
     and the table gets a threads column and each side's speed-up over its first count."""
     import torch
     skip_sgemm_rate(monkeypatch)
-    monkeypatch.setattr(settings, "THREADS", settings.THREADS)
     seen, run_case = [], bench.run_case
 
     def recorded(case, repeat):
         seen.append((case.name.split(",")[0], torch.get_num_threads(), settings.THREADS, blas.get_threads()))
         return run_case(case, repeat)
     monkeypatch.setattr(bench, "run_case", recorded)
-    before = (torch.get_num_threads(), blas.get_threads())
-    try:
+    with threads_restored():
         assert bench.main(["--quick", "--repeat", "1", "--only", "softmax", "group_norm", "--threads", "1", "2"]) == 0
-    finally:
-        torch.set_num_threads(before[0])
-        if before[1]:
-            blas.set_threads(before[1])
     blas_ok = blas.available()
     assert [(name, t, n) + ((b,) if blas_ok else ()) for name, t, n, b in seen] == [
         (name, k, k) + ((k,) if blas_ok else ()) for name in ("group_norm", "softmax") for k in (1, 2)]
@@ -133,32 +135,21 @@ def test_several_thread_counts_run_every_case_at_each(capsys, monkeypatch):
 def test_sgemm_rate_counts_the_threads_that_computed():
     """The count comes from the kernel's per-thread CPU times, not from what the library was told."""
     import torch
-    before = (torch.get_num_threads(), blas.get_threads())
-    try:
+    with threads_restored():
         for n in (1, 2):
             torch.set_num_threads(n)
             blas.set_threads(n)
             rates = bench.sgemm_rate(torch, 2048)
             assert {name: busy for name, (_, busy) in rates.items()} == {"numpy": n, "torch": n}, (n, rates)
-    finally:
-        torch.set_num_threads(before[0])
-        blas.set_threads(before[1])
 
 
 def test_a_thread_count_that_did_not_take_is_reported(capsys, monkeypatch, tmp_path):
     """A library that computed on other threads than it was given (as when npsd limited SciPy's copy of
     OpenBLAS instead of numpy's) is named on stderr and in the saved table."""
-    import torch
     monkeypatch.setattr(bench, "sgemm_rate", lambda torch: {"numpy": (1e11, 16), "torch": (1e11, 1)})
-    monkeypatch.setattr(settings, "THREADS", settings.THREADS)
-    before = (torch.get_num_threads(), blas.get_threads())
-    try:
+    with threads_restored():
         assert bench.main(["--quick", "--repeat", "1", "--only", "softmax", "--threads", "1",
                            "--markdown", str(tmp_path / "t.md")]) == 0
-    finally:
-        torch.set_num_threads(before[0])
-        if before[1]:
-            blas.set_threads(before[1])
     message = "numpy's 4096^3 product computed on 16 threads where 1 were set"
     assert message in capsys.readouterr().err
     assert message in (tmp_path / "t.md").read_text()
