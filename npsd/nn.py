@@ -87,8 +87,14 @@ def linear(x, weight, bias=None):
 
 def linear_or_conv1x1(x, weight, bias=None):
     # a linear layer whose weight is [out, in] or stored as a 1x1 conv [out, in, 1, 1] (SD v1's UNet
-    # proj_in/proj_out, legacy VAE attention): on tokens [..., in] both are the same map [out, in]
+    # proj_in, legacy VAE attention): on tokens [..., in] both are the same map [out, in]
     return linear(x, weight.reshape(weight.shape[0], -1), bias)
+
+
+def conv1x1(x, weight, bias=None):
+    # the same map on an image [B, in, H, W], a 1x1 conv whose weight is [out, in, 1, 1] or stored as a
+    # linear layer's [out, in] (proj_out, the VAE attention's to_out: the tokens seen as an image)
+    return conv2d(x, weight.reshape(weight.shape[0], -1, 1, 1), bias)
 
 
 def geglu(x, weight, bias):

@@ -123,8 +123,8 @@ def spatial_transformer(p, x, context, heads, config, trace=None):
     h = nn.linear_or_conv1x1(h, **p["proj_in"])                                         # [B, H*W, C]
     for k, block in enumerate(p["transformer_blocks"]):
         h = transformer_block(block, h, context, heads, config, _scope(trace, f"transformer_blocks.{k}"))  # [B, H*W, C]
-    h = nn.linear_or_conv1x1(h, **p["proj_out"])                                        # [B, H*W, C]
-    h = h.transpose(0, 2, 1).reshape(b, c, hh, ww)                                      # [B, C, H, W]
+    h = h.transpose(0, 2, 1).reshape(b, c, hh, ww)                                      # [B, C, H, W] (view)
+    h = nn.conv1x1(h, **p["proj_out"])                                                  # [B, C, H, W]
     h += x
     _record(trace, "", h)
     return h

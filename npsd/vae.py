@@ -104,8 +104,9 @@ def attention_block(p, x, config):
     del t
     o = nn.attention(q, k, v, num_heads=1)                                 # [B, HW, C]
     del q, k, v
-    o = nn.linear_or_conv1x1(o, **p["to_out"][0])                          # [B, HW, C]
-    return x + o.transpose(0, 2, 1).reshape(b, c, h, w)                    # residual connection: [B, C, H, W]
+    o = nn.conv1x1(o.transpose(0, 2, 1).reshape(b, c, h, w), **p["to_out"][0])   # [B, C, H, W]
+    o += x                                                                 # residual connection
+    return o
 
 
 def mid_block(p, x, config, trace=None):
