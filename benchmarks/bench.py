@@ -651,7 +651,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes: seconds, for CI")
     ap.add_argument("--repeat", type=int, default=5, help="timed calls of each implementation per case")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="run only cases whose name contains one of these words (case-insensitive)")
+                    help="run only cases whose name contains one of these words (case-insensitive); "
+                         "a word that no case's name contains is an error")
     ap.add_argument("--markdown", help="also write the table to this file")
     ap.add_argument("--plain", action="store_true", help="npsd's plain reference kernels (nn.set_fast(False))")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
@@ -702,15 +703,21 @@ def main(argv=None):
 
     results = []
     with torch.no_grad():
-        cases = [c for c in primitive_cases(torch, args.quick) if wanted(c)]
+        every = primitive_cases(torch, args.quick)
+        # the models are built only when a word names them or matches no kernel case ("64x64 latents")
         model_words = ("unet", "vae", "clip", "txt2img", "encode", "decode", "text") + IMAGE_WORDS
-        if args.only is None or any(w.lower() in model_words for w in args.only):
+        if args.only is None or any(w.lower() in model_words or not any(w.lower() in c.name.lower() for c in every)
+                                    for w in args.only):
             models, params, config = build_models(torch, args.quick)
-            cases += [c for c in model_cases(torch, args.quick, models, params, config) if wanted(c)]
-            tc = txt2img_case(torch, args.quick, models, params, config)
-            if wanted(tc):
-                cases.append(tc)
-            cases += [c for c in image_cases(torch, args.quick, models, params, config) if wanted(c)]
+            every += model_cases(torch, args.quick, models, params, config)
+            every += [txt2img_case(torch, args.quick, models, params, config)]
+            every += image_cases(torch, args.quick, models, params, config)
+        cases = [c for c in every if wanted(c)]
+        unmatched = [w for w in args.only or [] if not any(w.lower() in c.name.lower() for c in cases)]
+        if unmatched:
+            print(f"--only: no case's name contains {', '.join(map(repr, unmatched))}; the cases are: "
+                  f"{'; '.join(c.name for c in every)}", file=sys.stderr)
+            return 2
         for setup, group in itertools.groupby(cases, key=lambda c: c.setup):
             with setup() if setup is not None else contextlib.nullcontext():
                 for case, n in itertools.product(group, counts):

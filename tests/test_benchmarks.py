@@ -68,6 +68,25 @@ def test_only_selects_the_image_rows_by_their_word(monkeypatch, capsys):
     assert selected("turbo") == [name for name in image if "SD-Turbo" in name]
 
 
+def test_only_words_select_model_rows_by_any_part_of_their_names(monkeypatch, capsys):
+    """A word that is part of a model row's name but names no model ("8x8 latents") selects that row
+    (the models are built for it); a word that matches no row is refused before anything runs."""
+    skip_sgemm_rate(monkeypatch)
+    ran = []
+
+    def record(case, repeat):
+        ran.append(case.name)
+        return bench.Result(case, [1.0], [1.0], rel_err=0.0)
+    monkeypatch.setattr(bench, "run_case", record)
+    assert bench.main(["--quick", "--only", "8x8 latents", "softmax"]) == 0
+    assert len(ran) == 2 and ran[0].startswith("softmax") and ran[1] == "UNet step, batch 2, 8x8 latents", ran
+    ran.clear()
+    assert bench.main(["--quick", "--only", "softmax", "no such case"]) == 2
+    assert ran == []
+    err = capsys.readouterr().err
+    assert "no case's name contains 'no such case'" in err and "UNet step, batch 2, 8x8 latents" in err
+
+
 def skip_sgemm_rate(monkeypatch):
     """The 4096^3 products that measure the sgemm rate take 6-15 s; test_quick_mode checks that line."""
     monkeypatch.setattr(bench, "sgemm_rate", lambda torch: {"numpy": (1e11, None), "torch": (1e11, None)})
