@@ -97,10 +97,18 @@ def low_rank(up, down, shape):
 
 def merged(original, updates):
     """W' = W + sum_i strength_i * scale_i * up_i @ down_i; updates: [(strength, Update)].
-    Computed in float32 from the original array (never modified) and returned in its dtype."""
-    w = original.astype(np.float32)                                    # a new array
+    Computed in float32 from the original array (never modified) and returned in its dtype. Each
+    factor strength * scale multiplies the small up [out, r] before the product, and the first
+    product's array takes the sum: one full-size array per layer, where scaling the product and
+    adding it to a float32 copy of W made three."""
+    w = None
     for strength, u in updates:
-        w += low_rank(u.up, u.down, original.shape) * np.float32(strength * u.scale)
+        d = low_rank(u.up * np.float32(strength * u.scale), u.down, original.shape)         # float32
+        if w is None:
+            w = d
+        else:
+            w += d
+    w += original                                                      # (float16 W: added as float32)
     return w.astype(original.dtype, copy=False)
 
 
