@@ -698,22 +698,24 @@ def main(argv=None):
                                   f"{wanted_threads[name]} were set: its timings{at} are not of that many threads")
                 print(f"warning: {mismatches[-1]}", file=sys.stderr, flush=True)
 
+    def named(word, cases):
+        return any(word.lower() in c.name.lower() for c in cases)
+
     def wanted(case):
-        return args.only is None or any(w.lower() in case.name.lower() for w in args.only)
+        return args.only is None or any(named(w, [case]) for w in args.only)
 
     results = []
     with torch.no_grad():
         every = primitive_cases(torch, args.quick)
         # the models are built only when a word names them or matches no kernel case ("64x64 latents")
         model_words = ("unet", "vae", "clip", "txt2img", "encode", "decode", "text") + IMAGE_WORDS
-        if args.only is None or any(w.lower() in model_words or not any(w.lower() in c.name.lower() for c in every)
-                                    for w in args.only):
+        if args.only is None or any(w.lower() in model_words or not named(w, every) for w in args.only):
             models, params, config = build_models(torch, args.quick)
             every += model_cases(torch, args.quick, models, params, config)
             every += [txt2img_case(torch, args.quick, models, params, config)]
             every += image_cases(torch, args.quick, models, params, config)
         cases = [c for c in every if wanted(c)]
-        unmatched = [w for w in args.only or [] if not any(w.lower() in c.name.lower() for c in cases)]
+        unmatched = [w for w in args.only or [] if not named(w, cases)]
         if unmatched:
             print(f"--only: no case's name contains {', '.join(map(repr, unmatched))}; the cases are: "
                   f"{'; '.join(c.name for c in every)}", file=sys.stderr)
