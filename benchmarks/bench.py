@@ -681,28 +681,9 @@ def main(argv=None):
               f"{threads}, {'quick' if args.quick else 'full'} mode\n{libraries(torch)}; "
               f"malloc (both sides): {'npsd/malloc.py settings' if malloc.KEPT else 'as the system has it'}")
     print(header, flush=True)
-    rates, mismatches = {}, []                                # thread count -> sgemm rate; wrong counts
-    for n in counts:
-        if n:
-            set_threads(torch, n)
-        by_library = sgemm_rate(torch)
-        rates[n] = max(rate for rate, _ in by_library.values())
-        at = f" on {n} threads" if len(counts) > 1 else ""
-        print(f"sgemm 4096^3{at}: " + ", ".join(
-            f"{name} {rate / 1e9:.0f} GFLOP/s" + (f" ({busy} threads busy)" if busy is not None else "")
-            for name, (rate, busy) in by_library.items()), flush=True)
-        wanted_threads = {"numpy": n or blas.get_threads(), "torch": n or torch.get_num_threads()}
-        for name, (_, busy) in by_library.items():
-            if None not in (busy, wanted_threads[name]) and busy != wanted_threads[name]:
-                mismatches.append(f"{name}'s 4096^3 product computed on {busy} threads where "
-                                  f"{wanted_threads[name]} were set: its timings{at} are not of that many threads")
-                print(f"warning: {mismatches[-1]}", file=sys.stderr, flush=True)
 
     def named(word, cases):
         return any(word.lower() in c.name.lower() for c in cases)
-
-    def wanted(case):
-        return args.only is None or any(named(w, [case]) for w in args.only)
 
     results = []
     with torch.no_grad():
@@ -714,12 +695,28 @@ def main(argv=None):
             every += model_cases(torch, args.quick, models, params, config)
             every += [txt2img_case(torch, args.quick, models, params, config)]
             every += image_cases(torch, args.quick, models, params, config)
-        cases = [c for c in every if wanted(c)]
+        cases = [c for c in every if args.only is None or any(named(w, [c]) for w in args.only)]
         unmatched = [w for w in args.only or [] if not named(w, cases)]
         if unmatched:
             print(f"--only: no case's name contains {', '.join(map(repr, unmatched))}; the cases are: "
                   f"{'; '.join(c.name for c in every)}", file=sys.stderr)
             return 2
+        rates, mismatches = {}, []                                # thread count -> sgemm rate; wrong counts
+        for n in counts:
+            if n:
+                set_threads(torch, n)
+            by_library = sgemm_rate(torch)
+            rates[n] = max(rate for rate, _ in by_library.values())
+            at = f" on {n} threads" if len(counts) > 1 else ""
+            print(f"sgemm 4096^3{at}: " + ", ".join(
+                f"{name} {rate / 1e9:.0f} GFLOP/s" + (f" ({busy} threads busy)" if busy is not None else "")
+                for name, (rate, busy) in by_library.items()), flush=True)
+            wanted_threads = {"numpy": n or blas.get_threads(), "torch": n or torch.get_num_threads()}
+            for name, (_, busy) in by_library.items():
+                if None not in (busy, wanted_threads[name]) and busy != wanted_threads[name]:
+                    mismatches.append(f"{name}'s 4096^3 product computed on {busy} threads where {wanted_threads[name]}"
+                                      f" were set: its timings{at} are not of that many threads")
+                    print(f"warning: {mismatches[-1]}", file=sys.stderr, flush=True)
         for setup, group in itertools.groupby(cases, key=lambda c: c.setup):
             with setup() if setup is not None else contextlib.nullcontext():
                 for case, n in itertools.product(group, counts):
