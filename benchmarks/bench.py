@@ -623,7 +623,9 @@ def machine():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    usable = settings.usable_cpus()
+    mine = f" ({usable} of them for this process)" if usable != os.cpu_count() else ""
+    return f"{cpu}, {os.cpu_count()} cores{mine}"
 
 
 def libraries(torch):

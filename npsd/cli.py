@@ -211,7 +211,7 @@ def _generation_options(p, mode):
     a("--lora-dir", metavar="DIR", help="where <lora:NAME:S> in a prompt finds NAME.safetensors (also --from-png's LoRAs)")
     a("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings used by name in prompts (the file's stem)")
     a("--threads", metavar="N", type=_int_at_least(1, "threads"),
-      help="threads: npsd's own and BLAS's (default: one per core)")
+      help="threads: npsd's own and BLAS's (default: one per CPU this process may use)")
     a("--attention-maps", metavar="DIR", help="write each word's cross-attention map over the image (DAAM, "
                                                  "npsd/attention_maps.py) and a grid of them into DIR")
     a("--save-steps", metavar="DIR", help="write every K-th step's predicted x0 as PNG and a filmstrip.png into DIR "

@@ -149,7 +149,7 @@ def test_several_thread_counts_run_every_case_at_each(capsys, monkeypatch):
     assert [row.split(" | ")[1] for row in rows] == ["1", "2"] and "| 1.00x | 1.00x |" in rows[0], rows
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not blas.available() or (os.cpu_count() or 1) < 2,
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not blas.available() or settings.usable_cpus() < 2,
                     reason="counts threads in Linux's /proc; needs OpenBLAS and 2 cores")
 def test_sgemm_rate_counts_the_threads_that_computed():
     """The count comes from the kernel's per-thread CPU times, not from what the library was told."""

@@ -7,6 +7,7 @@ The check can fail: with npsd's BLAS limit switched off (blas.single_threaded ma
 pieces' matrix products call OpenBLAS with its whole pool, and its workers compute (measured: 45%
 of the CPU time of the same calls); with the limit on they take 0.0% (bound 5%)."""
 
+import os
 import sys
 import threading
 from contextlib import contextmanager
@@ -118,3 +119,51 @@ def test_check_fails_when_scipy_blas_is_taken_for_numpy(monkeypatch):
         share = share_outside_npsd()
     print(f"scipy's BLAS limited instead of numpy's: {share:.1%} of the CPU time outside npsd's threads")
     assert share >= 0.05
+
+
+# --- how many threads by default ---------------------------------------------------------------
+
+def test_default_threads_are_the_cpus_the_process_may_use():
+    """A process confined to one CPU (taskset, a container's cpuset) splits its kernels one way, not
+    once per CPU of the machine (os.cpu_count() would give every CPU here: the check fails then on
+    any machine with two or more)."""
+    import subprocess
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from npsd import settings; print(settings.THREADS, os.cpu_count())")
+    threads, machine = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                               check=True).stdout.split())
+    print(f"one CPU of {machine}: {threads} thread(s)")
+    assert threads == 1
+    assert settings.usable_cpus() == min(len(os.sched_getaffinity(0)), settings.cgroup_cpu_quota() or 10**6)
+
+
+def cgroup_tree(tmp_path, proc, files):
+    """A fake /proc/self/cgroup and cgroup mount under tmp_path -> (proc file, mount)."""
+    (tmp_path / "proc").write_text(proc)
+    for name, text in files.items():
+        (tmp_path / "mnt" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mnt" / name).write_text(text)
+    return str(tmp_path / "proc"), str(tmp_path / "mnt")
+
+
+@pytest.mark.parametrize("proc, files, cpus", [
+    ("0::/job\n", {"job/cpu.max": "150000 100000\n", "cpu.max": "max 100000\n"}, 2),   # v2, own folder, rounded up
+    ("0::/docker/a1\n", {"cpu.max": "200000 100000\n"}, 2),                          # v2, the container's at the top
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),                                   # v2, no quota
+    ("4:cpu,cpuacct:/job\n1:name=systemd:/\n0::/\n",                                # v1
+     {"cpu,cpuacct/job/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/job/cpu.cfs_period_us": "100000\n"}, 1),
+    ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),          # v1, none
+    ("0::/job\n", {"job/cpu.max": "many cores\n"}, None),                             # unreadable numbers
+    ("12:memory:/job\n", {"job/cpu.max": "100000 100000\n"}, None),                  # no cpu controller
+])
+def test_cgroup_cpu_quota(tmp_path, proc, files, cpus):
+    assert settings.cgroup_cpu_quota(*cgroup_tree(tmp_path, proc, files)) == cpus
+
+
+def test_cpu_quota_bounds_the_default(monkeypatch):
+    affinity = len(os.sched_getaffinity(0))
+    for quota, expected in ((None, affinity), (1, 1), (affinity + 5, affinity)):
+        monkeypatch.setattr(settings, "cgroup_cpu_quota", lambda quota=quota: quota)
+        assert settings.usable_cpus() == expected
+    monkeypatch.undo()
+    assert settings.cgroup_cpu_quota(str(os.devnull) + "/none") is None
