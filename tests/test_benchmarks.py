@@ -218,3 +218,63 @@ def test_float64_reference_on_the_tiny_models(monkeypatch):
     monkeypatch.setattr(test_unet, "TINY_SD_CONFIG", {**test_unet.TINY_SD_CONFIG, "resnet_eps": 1e-4})
     worst = max(float64_reference.relative(ours, t64) for _, _, ours, t64 in float64_reference.unet_rows(tiny=True))
     assert worst > 5e-6, worst                                            # measured 6.5e-4
+
+
+# --- benchmarks/profile.py ---------------------------------------------------------------------
+
+def profile_tables(text):
+    """{case: {side: {row: (calls or None, seconds, share)}}} from benchmarks/profile.py's tables."""
+    unit = {"ms": 1e-3, "s": 1.0}
+    out, case, side = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            case = line[4:]
+            out[case] = {}
+        elif line.startswith("| npsd:") or line.startswith("| torch:"):
+            side = line[2:line.index(":")]
+            out[case][side] = {}
+        elif line.startswith("| ") and case and side and not line.startswith("|---"):
+            name, calls, t, share = (c.strip() for c in line.strip("|").split("|"))
+            value, u = t.split()
+            out[case][side][name] = (float(calls) if calls else None, float(value) * unit[u], float(share[:-1]))
+    return out
+
+
+def test_profile_charges_each_call_once(tmp_path):
+    """Every layer function's call is charged once, to the outermost call: the linear row counts the
+    UNet's own linear layers, not GEGLU's projection or proj_in's inside other rows."""
+    from benchmarks import profile
+    md = tmp_path / "profile.md"
+    assert profile.main(["--quick", "--only", "8x8 latents", "CLIP", "--markdown", str(md)]) == 0
+    tables = profile_tables(md.read_text())
+    assert sorted(tables) == ["CLIP text encoder, 2x77 tokens", "UNet step, batch 2, 8x8 latents"]
+    unet = tables["UNet step, batch 2, 8x8 latents"]
+    rows = unet["npsd"]
+    print({row: v[:2] for row, v in rows.items()})
+    # bench.UNET_QUICK: 4 transformer blocks (its cross-attention down block's 1 layer and up block's
+    # 2 at 8x8, the mid block's at 4x4), each with 9 linear layers (q, k, v, out twice; ff.net.2) and
+    # a GEGLU; 8 resnets (1 + 1 down, 2 in the mid block, 2 + 2 up) with a time_emb_proj; and the
+    # time embedding's 2: 46 linear layers. Charging GEGLU's projection or proj_in's would give 50 or 54.
+    assert rows["linear"][0] == 4 * 9 + 8 + 2 and rows["geglu"][0] == 4 and rows["linear_or_conv1x1"][0] == 4
+    assert rows["attention, 64 queries x 77 keys"][0] == 3 and rows["attention, 16 queries x 77 keys"][0] == 1
+    assert {"conv2d 3x3, 8x8 input", "conv2d 3x3, 4x4 input", "conv2d 3x3, stride 2, 8x8 input"} <= set(rows)
+    assert rows["outside these functions"][1] >= 0
+    assert any(row.startswith("aten::") for row in unet["torch"]) and "outside the operators" in unet["torch"]
+    assert "quick_gelu" in tables["CLIP text encoder, 2x77 tokens"]["npsd"]       # CLIP's ACTIVATIONS table
+
+
+def test_profile_finds_a_slow_layer(monkeypatch, tmp_path):
+    """A GroupNorm made 5 ms slower per call tops npsd's table with at least that time per call."""
+    import time
+    from benchmarks import profile
+    norm = nn.group_norm
+
+    def slow_group_norm(*args, **kwargs):
+        time.sleep(0.005)
+        return norm(*args, **kwargs)
+    monkeypatch.setattr(nn, "group_norm", slow_group_norm)
+    md = tmp_path / "profile.md"
+    assert profile.main(["--quick", "--only", "8x8 latents", "--markdown", str(md)]) == 0
+    rows = profile_tables(md.read_text())["UNet step, batch 2, 8x8 latents"]["npsd"]
+    first, (calls, seconds, _) = next(iter(rows.items()))
+    assert first == "group_norm" and seconds >= calls * 0.005, rows
