@@ -38,6 +38,7 @@ import zipfile
 import numpy as np
 
 from .errors import CheckpointError
+from .fast import astype
 
 # torch storage class name -> numpy dtype of its elements ("bfloat16": kept as uint16 bits)
 STORAGE_DTYPES = {
@@ -357,7 +358,9 @@ class CkptFile:
             flat[ref.offset:], shape=ref.shape, strides=[s * flat.itemsize for s in ref.stride], writeable=False)
         if ref.dtype == "bfloat16":
             return bf16_to_float32(view).astype(dtype or np.float32, copy=False)
-        return np.array(view, dtype=dtype if dtype is not None and view.dtype.kind == "f" else view.dtype)
+        if dtype is not None and view.dtype.kind == "f" and view.dtype != dtype:
+            return astype(view, dtype)                             # a new array, in parallel pieces
+        return np.array(view)
 
     def close(self):
         self._cache = (None, None)

@@ -19,6 +19,7 @@ import numpy as np
 
 from .ckpt import CkptFile, bf16_to_float32
 from .errors import CheckpointError
+from .fast import astype
 
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16",
           "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -98,8 +99,8 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path} is truncated while reading {name!r}; download it again")
         if t.dtype == "BF16":
             raw = bf16_to_float32(raw)  # [*shape] uint16 bits -> float32
-        if dtype is not None and raw.dtype.kind == "f" and raw.dtype != dtype:
-            raw = raw.astype(dtype)  # fp16 -> fp32: exact
+        if dtype is not None and raw.dtype.kind == "f":
+            raw = astype(raw, dtype)  # fp16 -> fp32: exact; in parallel pieces
         return raw
 
     def close(self):

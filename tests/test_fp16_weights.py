@@ -64,6 +64,24 @@ def test_upcast_copies_float16_only():
     assert np.array_equal(fast.upcast(big), big.astype(np.float32))
 
 
+def test_astype_in_parallel_pieces(monkeypatch):
+    """fast.astype, which the checkpoint readers convert with, gives NumPy's astype exactly: every
+    piece of a split conversion written, a strided view read in order, float32 values beyond float16's
+    range turned to inf without a warning (the loader reports them itself)."""
+    import warnings
+    monkeypatch.setattr(fast.settings, "THREADS", 3)
+    big = randn(3, 700, 600)                                              # 1.26M values: 3 pieces
+    for a in (big.astype(np.float16), big.astype(np.float16)[:, ::2, 1:].transpose(2, 0, 1)):
+        got = fast.astype(a, np.float32)
+        assert got.dtype == np.float32 and got.shape == a.shape and np.array_equal(got, a.astype(np.float32))
+    assert fast.astype(big, np.float32) is big
+    big[2, -1, -1] = 1e6                                                  # in the last piece
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        half = fast.astype(big, np.float16)
+    assert np.isinf(half[2, -1, -1]) and np.array_equal(half[:2], big[:2].astype(np.float16))
+
+
 def layer_cases():
     """(name, function of params, params): every nn layer that takes weights, and the VAE's fast blocks."""
     lin = {"weight": randn(12, 8, scale=0.3), "bias": randn(12, seed=1)}
