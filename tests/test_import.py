@@ -23,3 +23,13 @@ def test_import_npsd_does_not_load_torch():
     code = "import sys, npsd; print('torch' in sys.modules, 'diffusers' in sys.modules, 'transformers' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False False False", r.stdout + r.stderr
+
+
+def test_a_generation_on_the_fast_path_does_not_import_scipy():
+    """SciPy (the plain GELU's erf) takes about 0.2 s to import, half of `import npsd` when it was
+    imported at the top of npsd/nn.py; the command line and the fast path do without it."""
+    code = ("import sys, npsd, npsd.cli\n"
+            "npsd.load().txt2img('a red circle', num_inference_steps=2, seed=0)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy')[:3])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
