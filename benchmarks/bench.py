@@ -641,6 +641,11 @@ def libraries(torch):
             f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
+def named(word, cases):
+    """Whether an --only word is part of the name of one of these cases (case-insensitive)."""
+    return any(word.lower() in c.name.lower() for c in cases)
+
+
 def set_threads(torch, n):
     """n threads on both sides: npsd's own pool and BLAS, torch's intra-op pool."""
     settings.set_threads(n)
@@ -683,9 +688,6 @@ def main(argv=None):
               f"{threads}, {'quick' if args.quick else 'full'} mode\n{libraries(torch)}; "
               f"malloc (both sides): {'npsd/malloc.py settings' if malloc.KEPT else 'as the system has it'}")
     print(header, flush=True)
-
-    def named(word, cases):
-        return any(word.lower() in c.name.lower() for c in cases)
 
     results = []
     with torch.no_grad():

@@ -17,7 +17,6 @@ Run it on a quiet machine, like the benchmark.
 """
 
 import argparse
-import contextlib
 import inspect
 import statistics
 import sys
@@ -36,12 +35,15 @@ WRAPPED = ([(nn, name) for name in ("conv2d", "conv1x1", "linear", "linear_or_co
 
 def label(name, a):
     """The row a call is charged to; a: its arguments by parameter name."""
-    if name in ("conv2d", "conv3x3_rows", "conv1x1", "conv1x1_over_input"):
-        h, w = (a["shape"] if name == "conv3x3_rows" else a["x"].shape)[2:]        # the input map
-        k = "3x3" if name == "conv3x3_rows" else "1x1" if name.startswith("conv1x1") else "x".join(
-            map(str, a["weight"].shape[2:]))
+    if name == "conv3x3_rows":
+        return f"conv2d 3x3, {a['shape'][2]}x{a['shape'][3]} input"
+    if name in ("conv1x1", "conv1x1_over_input"):
+        return f"conv2d 1x1, {a['x'].shape[2]}x{a['x'].shape[3]} input"
+    if name == "conv2d":
+        kh, kw = a["weight"].shape[2:]
         stride = a.get("stride", 1)
-        return f"conv2d {k}" + (f", stride {stride}" if stride not in (1, (1, 1)) else "") + f", {h}x{w} input"
+        strided = f", stride {stride}" if stride not in (1, (1, 1)) else ""
+        return f"conv2d {kh}x{kw}{strided}, {a['x'].shape[2]}x{a['x'].shape[3]} input"
     if name == "attention":
         return f"attention, {a['q'].shape[1]} queries x {a['k'].shape[1]} keys"
     return name
@@ -156,8 +158,8 @@ def main(argv=None):
         every = bench.model_cases(torch, args.quick, models, params, config)
         every.append(bench.txt2img_case(torch, args.quick, models, params, config))
         words = args.only or [every[0].name]
-        cases = [c for c in every if any(w.lower() in c.name.lower() for w in words)]
-        unmatched = [w for w in words if not any(w.lower() in c.name.lower() for c in cases)]
+        cases = [c for c in every if any(bench.named(w, [c]) for w in words)]
+        unmatched = [w for w in words if not bench.named(w, cases)]
         if unmatched:
             print(f"--only: no case's name contains {', '.join(map(repr, unmatched))}; the cases are: "
                   f"{'; '.join(c.name for c in every)}", file=sys.stderr)
@@ -180,5 +182,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
+    sys.exit(main())
