@@ -617,15 +617,28 @@ def table(results, rates):
 
 
 def machine():
+    """The CPU's model, its logical CPUs, hardware threads per core (where Linux says), and how many
+    CPUs this process may use when fewer: npsd's default thread count counts logical CPUs, PyTorch's
+    counts cores."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    try:
+        with open("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list") as f:
+            per_core = f" ({cpu_list_size(f.read())} per core)"
+    except (OSError, ValueError):
+        per_core = ""
     usable = settings.usable_cpus()
-    mine = f" ({usable} of them for this process)" if usable != os.cpu_count() else ""
-    return f"{cpu}, {os.cpu_count()} cores{mine}"
+    mine = f", {usable} of them for this process" if usable != os.cpu_count() else ""
+    return f"{cpu}, {os.cpu_count()} CPUs{per_core}{mine}"
+
+
+def cpu_list_size(text):
+    """The number of CPUs in a Linux CPU list such as "0", "0,8" or "0-3,8-11"."""
+    return sum(int(hi or lo) - int(lo) + 1 for lo, _, hi in (part.partition("-") for part in text.strip().split(",")))
 
 
 def libraries(torch):
@@ -663,7 +676,7 @@ def main(argv=None):
     ap.add_argument("--markdown", help="also write the table to this file")
     ap.add_argument("--plain", action="store_true", help="npsd's plain reference kernels (nn.set_fast(False))")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
-                    help="threads for npsd (its pool and BLAS) and torch alike (default: the machine's cores); "
+                    help="threads for npsd (its pool and BLAS) and torch alike (default: each side's own); "
                          "several counts (--threads 1 2 4 8) run every case at each and add the speed-ups")
     args = ap.parse_args(argv)
     try:

@@ -278,3 +278,10 @@ def test_profile_finds_a_slow_layer(monkeypatch, tmp_path):
     rows = profile_tables(md.read_text())["UNet step, batch 2, 8x8 latents"]["npsd"]
     first, (calls, seconds, _) = next(iter(rows.items()))
     assert first == "group_norm" and seconds >= calls * 0.005, rows
+
+
+def test_the_header_counts_cpus_and_threads_per_core():
+    """npsd's default thread count counts logical CPUs and PyTorch's counts cores, so the header says
+    both how many CPUs there are and how many hardware threads share a core."""
+    assert [bench.cpu_list_size(t) for t in ("0", "0,8", "0-3,8-11\n", "5-5")] == [1, 2, 8, 1]
+    assert re.search(rf", {os.cpu_count()} CPUs( \(\d+ per core\))?", bench.machine())
