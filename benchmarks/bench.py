@@ -98,7 +98,45 @@ class PeakRSS:
         self.peak = self.peak_abs - self.base
 
 
-class FlopCounter:
+class OutermostCalls:
+    """While active, the functions (module, name) in WRAPPED are wrapped so that each call not made
+    inside another wrapped call is reported to self.called(name, its arguments by parameter name, its
+    result, its seconds). FlopCounter below and benchmarks/profile.py's LayerTimes build on it."""
+
+    WRAPPED = ()
+
+    def __enter__(self):
+        self.depth = 0
+        self.saved = [(module, name, getattr(module, name)) for module, name in self.WRAPPED]
+        for module, name, f in self.saved:
+            setattr(module, name, self._wrapped(name, f))
+        return self
+
+    def _wrapped(self, name, f):
+        signature = inspect.signature(f)
+
+        def wrapped(*args, **kwargs):
+            if self.depth:
+                return f(*args, **kwargs)
+            self.depth += 1
+            t0 = time.perf_counter()
+            try:
+                y = f(*args, **kwargs)
+            finally:
+                self.depth -= 1
+            self.called(name, signature.bind(*args, **kwargs).arguments, y, time.perf_counter() - t0)
+            return y
+        return wrapped
+
+    def called(self, name, arguments, result, seconds):
+        raise NotImplementedError
+
+    def __exit__(self, *exc):
+        for module, name, f in self.saved:
+            setattr(module, name, f)
+
+
+class FlopCounter(OutermostCalls):
     """Count the multiply-adds (x2 = FLOPs) of every convolution, linear layer and attention while
     active, by wrapping nn.conv2d, nn.linear and nn.attention (every layer of npsd's models goes
     through them) and the fast path's convolutions that the VAE decoder's fast blocks call directly
@@ -124,29 +162,11 @@ class FlopCounter:
         return 2 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
 
     def __enter__(self):
-        self.flops, self.depth = 0, 0
-        self.saved = [(module, name, getattr(module, name)) for module, name in self.WRAPPED]
-        for module, name, f in self.saved:
-            setattr(module, name, self._counted(name, f))
-        return self
+        self.flops = 0
+        return super().__enter__()
 
-    def _counted(self, name, f):
-        signature = inspect.signature(f)
-
-        def counted(*args, **kwargs):
-            self.depth += 1
-            try:
-                y = f(*args, **kwargs)
-            finally:
-                self.depth -= 1
-            if self.depth == 0:
-                self.flops += 2 * self.multiply_adds(name, signature.bind(*args, **kwargs).arguments, y)
-            return y
-        return counted
-
-    def __exit__(self, *exc):
-        for module, name, f in self.saved:
-            setattr(module, name, f)
+    def called(self, name, arguments, result, seconds):
+        self.flops += 2 * self.multiply_adds(name, arguments, result)
 
 
 def sgemm_rate(torch, n=4096):

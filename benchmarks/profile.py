@@ -17,7 +17,6 @@ Run it on a quiet machine, like the benchmark.
 """
 
 import argparse
-import inspect
 import statistics
 import sys
 import time
@@ -49,42 +48,29 @@ def label(name, a):
     return name
 
 
-class LayerTimes:
+class LayerTimes(bench.OutermostCalls):
     """While active: seconds[row] and calls[row] of the wrapped functions, each call charged to the
     outermost wrapped call it is part of (a call inside another is not timed again)."""
 
+    WRAPPED = WRAPPED
+
     def __enter__(self):
-        self.seconds, self.calls, self.depth = Counter(), Counter(), 0
-        self.saved = [(module, name, getattr(module, name)) for module, name in WRAPPED]
-        wrapper = {f: self._timed(name, f) for _, name, f in self.saved}
-        for module, name, f in self.saved:
-            setattr(module, name, wrapper[f])
+        self.seconds, self.calls = Counter(), Counter()
+        super().__enter__()
         # clip.ACTIVATIONS holds nn.quick_gelu and nn.gelu themselves, taken at import
+        wrapper = {f: getattr(module, name) for module, name, f in self.saved}
         self.tables = [(clip.ACTIVATIONS, k, f) for k, f in clip.ACTIVATIONS.items() if f in wrapper]
         for table, k, f in self.tables:
             table[k] = wrapper[f]
         return self
 
-    def _timed(self, name, f):
-        signature = inspect.signature(f)
-
-        def timed(*args, **kwargs):
-            if self.depth:
-                return f(*args, **kwargs)
-            self.depth += 1
-            t0 = time.perf_counter()
-            try:
-                return f(*args, **kwargs)
-            finally:
-                row = label(name, signature.bind(*args, **kwargs).arguments)
-                self.seconds[row] += time.perf_counter() - t0
-                self.calls[row] += 1
-                self.depth -= 1
-        return timed
+    def called(self, name, arguments, result, seconds):
+        row = label(name, arguments)
+        self.seconds[row] += seconds
+        self.calls[row] += 1
 
     def __exit__(self, *exc):
-        for module, name, f in self.saved:
-            setattr(module, name, f)
+        super().__exit__(*exc)
         for table, k, f in self.tables:
             table[k] = f
 

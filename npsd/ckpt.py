@@ -357,7 +357,7 @@ class CkptFile:
         view = np.lib.stride_tricks.as_strided(
             flat[ref.offset:], shape=ref.shape, strides=[s * flat.itemsize for s in ref.stride], writeable=False)
         if ref.dtype == "bfloat16":
-            return bf16_to_float32(view).astype(dtype or np.float32, copy=False)
+            return astype(bf16_to_float32(view), dtype or np.float32)
         if dtype is not None and view.dtype.kind == "f" and view.dtype != dtype:
             return astype(view, dtype)                             # a new array, in parallel pieces
         return np.array(view)
