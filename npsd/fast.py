@@ -90,6 +90,44 @@ def cpu_vendor(cpuinfo="/proc/cpuinfo"):
 VENDOR = cpu_vendor()      # read once; the attention blocks and the Winograd line depend on it
 
 
+def exp2_is_vectorised(opt_func_info=None):
+    """Whether NumPy computes float32 2^x with a SIMD loop chosen for this CPU, as
+    numpy.lib.introspect.opt_func_info (NumPy >= 2.0) reports it: not its baseline loop. NumPy has
+    one for AVX-512 (x86-64-v4), where 2^x ran 2-2.6x faster than e^x; with AVX2 only e^x has one
+    and 2^x took twice its time (docs/speed.md section 5). Older NumPy: False."""
+    try:
+        if opt_func_info is None:
+            from numpy.lib.introspect import opt_func_info
+        loop = opt_func_info(func_name="^exp2$")["exp2"]["ff"]                  # float32 -> float32
+        return not loop["current"].startswith("baseline")
+    except Exception:                  # no introspect, or another layout of its answer
+        return False
+
+
+# The kernels' exponentials: e^y = 2^(y log2 e), computed as 2^x where NumPy's float32 2^x is the
+# faster (EXP2), else as e^x. The factor log2 e is folded into a multiplication the kernel makes
+# anyway (the attention's 1/sqrt(d), SiLU's -1), so 2^x costs no extra pass there.
+EXP2 = exp2_is_vectorised()
+
+
+def exp_unit():
+    """u with e^y = EXP(y u): log2 e where the kernels take 2^x (EXP2), else 1."""
+    return np.log2(np.e) if EXP2 else 1.0
+
+
+def exp_in_place(y):
+    """y = EXP(y): 2^y where EXP2, else e^y; y already in the unit of exp_unit()."""
+    return (np.exp2 if EXP2 else np.exp)(y, out=y)
+
+
+def exp_times(x, c, out):
+    """out = e^(c x) for a constant c (out may be x): EXP(x c u), one multiplication and EXP."""
+    factor = np.float32(c * exp_unit())
+    if factor != 1 or out is not x:
+        np.multiply(x, factor, out=out)
+    return exp_in_place(out)
+
+
 def single_threaded_blas(f):
     """Decorator: f runs with BLAS held to one thread (f's own pieces are the threads)."""
     @functools.wraps(f)
@@ -133,8 +171,7 @@ def astype(a, dtype):
 @single_threaded_blas
 def silu(x):
     def f(x, y):                     # y = x / (1 + e^-x), in y's memory
-        np.negative(x, out=y)
-        np.exp(y, out=y)
+        exp_times(x, -1, out=y)
         y += 1
         np.divide(x, y, out=y)
     return _flat_pieces(np.ascontiguousarray(x), np.empty(x.shape, np.float32), f)
@@ -143,8 +180,7 @@ def silu(x):
 @single_threaded_blas
 def quick_gelu(x):
     def f(x, y):                     # y = x / (1 + e^(-1.702 x)), in y's memory
-        np.multiply(x, np.float32(-1.702), out=y)
-        np.exp(y, out=y)
+        exp_times(x, -1.702, out=y)
         y += 1
         np.divide(x, y, out=y)
     return _flat_pieces(np.ascontiguousarray(x), np.empty(x.shape, np.float32), f)
@@ -168,8 +204,7 @@ def _gelu_piece(x, out, a, t, e):
     t += 1
     np.reciprocal(t, out=t)                            # t = 1 / (1 + p z)
     np.square(x, out=e)
-    e *= np.float32(-0.5)
-    np.exp(e, out=e)                                   # e^(-z^2) = e^(-x^2/2)
+    exp_times(e, -0.5, out=e)                          # e^(-z^2) = e^(-x^2/2)
     np.multiply(t, _AS_A[0], out=out)                  # Horner: -(((((a5 t + a4) t + a3) t + a2) t + a1) t) / 2
     for c in _AS_A[1:]:
         out += c
@@ -221,7 +256,7 @@ def _softmax_rows(x, out):
         for i in range(a, b, step):
             r, o = x[i:min(b, i + step)], out[i:min(b, i + step)]
             np.subtract(r, r.max(axis=-1, keepdims=True), out=o)          # e^(x - max): no overflow
-            np.exp(o, out=o)
+            exp_times(o, 1, out=o)
             o /= o.sum(axis=-1, keepdims=True)
     parallel(f, x.shape[0], x.size)
     return out
@@ -378,13 +413,14 @@ EXP_LIMIT = 80.0             # e^80 = 5.5e34
 def _no_shift_rows(qh, kh, v1, m):
     """Which query rows may skip the softmax's max subtraction: those whose scores all lie in
     [-L, L], L = min(-EXP_FLOOR, EXP_LIMIT - ln(M max(1, |v|))), by Cauchy-Schwarz
-    (|q.k| <= |q| max_j |k_j|); e^s then stays in the range above. v1: [V 1] per head, [M, d+1] or
-    transposed. -> bool [B, h, N]."""
+    (|q.k| <= |q| max_j |k_j|); e^s then stays in the range above. qh: the queries as the kernel
+    scales them, so that q.k is the score in exp_unit() (the bound is L times that unit). v1: [V 1]
+    per head, [M, d+1] or transposed. -> bool [B, h, N]."""
     q_norm = np.sqrt(np.einsum("bhnd,bhnd->bhn", qh, qh))                  # [B, h, N]
     k_norm = np.sqrt(np.einsum("bhmd,bhmd->bhm", kh, kh).max(axis=-1))      # [B, h]
     v_max = np.abs(v1).max(axis=(2, 3))                                     # [B, h] (>= 1: the ones column)
     limit = np.minimum(np.float32(-EXP_FLOOR), np.float32(EXP_LIMIT) - np.log(np.float32(m) * v_max))
-    return q_norm * k_norm[..., None] <= limit[..., None]
+    return q_norm * k_norm[..., None] <= limit[..., None] * np.float32(exp_unit())
 
 
 def score_blocks(n, m, heads=1, pairs=1):
@@ -411,7 +447,8 @@ def attention(q, k, v, num_heads, causal=False):
     m = k.shape[1]
     d = c // num_heads
     qh = np.empty((b, num_heads, n, d), np.float32)                                            # [B, h, N, d]
-    np.multiply(q.reshape(b, n, num_heads, d).transpose(0, 2, 1, 3), np.float32(1.0 / np.sqrt(d)), out=qh)
+    unit = exp_unit()                                                                          # scores in EXP's unit
+    np.multiply(q.reshape(b, n, num_heads, d).transpose(0, 2, 1, 3), np.float32(unit / np.sqrt(d)), out=qh)
     kh = k.reshape(b, m, num_heads, d).transpose(0, 2, 1, 3)                                   # [B, h, M, d] (a view)
     rows, group, keys_first = score_blocks(n, m, num_heads, b * num_heads)
     # V with a column of ones: the P V product then also gives each row's sum of P (column d),
@@ -446,13 +483,13 @@ def attention(q, k, v, num_heads, causal=False):
             # unnormalised softmax in place: e^s where no score can leave the range, else
             # e^(s - max) (softmax is the same for any shift) with s - max raised to EXP_FLOOR:
             # beside the row's e^0 = 1, 4096 keys of e^-60 add 4e-23. The row sums divide the
-            # [n, d] product.
+            # [n, d] product. The scores are in exp_unit() (qh carries it), and so is the floor.
             if not no_shift[bi, hs, i0:i1].all():
                 s -= s.max(axis=-1, keepdims=True)
-                np.maximum(s, np.float32(EXP_FLOOR), out=s)
+                np.maximum(s, np.float32(EXP_FLOOR * unit), out=s)
                 if causal:
                     s += mask                                                       # masked keys stay 0
-            np.exp(s, out=s)
+            exp_in_place(s)
             if keys_first:                                                          # [g, d+1, n]
                 o = np.matmul(v1[bi, hs], s_t)
                 np.divide(o[:, :d], o[:, d:], out=out[bi, i0:i1, hs].transpose(1, 2, 0))   # / row sums
@@ -729,8 +766,7 @@ def norm_silu_rows(x, weight, bias, groups, eps):
             t *= s[c0:c1]
             t *= weight[c0:c1]
             t += bias[c0:c1]
-            e = np.negative(t)                                                 # silu(t) = t / (1 + e^-t)
-            np.exp(e, out=e)
+            e = exp_times(t, -1, out=np.empty_like(t))                         # silu(t) = t / (1 + e^-t)
             e += 1
             np.divide(t, e, out=e)
             dst[c0:c1] = e
