@@ -138,8 +138,12 @@ def test_exp2_where_numpy_vectorises_it():
     assert fast.exp2_is_vectorised(info("X86_V4")) and fast.exp2_is_vectorised(info("AVX512_SKX"))
     assert not fast.exp2_is_vectorised(info("baseline(X86_V2)"))
     assert not fast.exp2_is_vectorised(lambda func_name: {}) and not fast.exp2_is_vectorised(no_introspect)
-    from numpy.lib.introspect import opt_func_info
-    assert fast.EXP2 == (not opt_func_info(func_name="^exp2$")["exp2"]["ff"]["current"].startswith("baseline"))
+    try:
+        from numpy.lib.introspect import opt_func_info
+        expected = not opt_func_info(func_name="^exp2$")["exp2"]["ff"]["current"].startswith("baseline")
+    except ImportError:                                          # NumPy before 2.0 cannot say
+        expected = False
+    assert fast.EXP2 == expected
     assert fast.exp_unit() == (np.log2(np.e) if fast.EXP2 else 1.0)
     env = dict(os.environ, NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512F AVX512CD AVX512_SKX AVX512_ICL AVX512_SPR")
     child = subprocess.run([sys.executable, "-c", "from npsd import fast; print(fast.EXP2)"], env=env,
