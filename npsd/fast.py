@@ -168,21 +168,22 @@ def astype(a, dtype):
 # Elementwise
 # ---------------------------------------------------------------------------------------------
 
+def _times_sigmoid(x, c, y):
+    """y = x sigmoid(c x) = x / (1 + e^(-c x)), in y's memory: SiLU (c = 1), quick GELU (c = 1.702)."""
+    exp_times(x, -c, out=y)
+    y += 1
+    return np.divide(x, y, out=y)
+
+
 @single_threaded_blas
 def silu(x):
-    def f(x, y):                     # y = x / (1 + e^-x), in y's memory
-        exp_times(x, -1, out=y)
-        y += 1
-        np.divide(x, y, out=y)
+    f = lambda x, y: _times_sigmoid(x, 1, y)
     return _flat_pieces(np.ascontiguousarray(x), np.empty(x.shape, np.float32), f)
 
 
 @single_threaded_blas
 def quick_gelu(x):
-    def f(x, y):                     # y = x / (1 + e^(-1.702 x)), in y's memory
-        exp_times(x, -1.702, out=y)
-        y += 1
-        np.divide(x, y, out=y)
+    f = lambda x, y: _times_sigmoid(x, 1.702, y)
     return _flat_pieces(np.ascontiguousarray(x), np.empty(x.shape, np.float32), f)
 
 
@@ -766,10 +767,7 @@ def norm_silu_rows(x, weight, bias, groups, eps):
             t *= s[c0:c1]
             t *= weight[c0:c1]
             t += bias[c0:c1]
-            e = exp_times(t, -1, out=np.empty_like(t))                         # silu(t) = t / (1 + e^-t)
-            e += 1
-            np.divide(t, e, out=e)
-            dst[c0:c1] = e
+            dst[c0:c1] = _times_sigmoid(t, 1, np.empty_like(t))                # silu(t), as silu computes it
         parallel(f, c, c * (hi - lo) * w)
     return _row_source(b, c, h, w, fill)
 
