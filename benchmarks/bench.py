@@ -405,9 +405,10 @@ IMAGE_TOLERANCE = {
 
 
 def text_params(model):
-    """npsd text encoder params viewing a transformers CLIPTextModel (with or without text_model.)."""
+    """npsd text encoder params from a transformers CLIPTextModel (with or without text_model.), laid
+    out as npsd.load lays them out: views of the model's tensors, the linear weights transposed copies."""
     prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
-    return shared_params(model, prefix)
+    return clip.blas_layout(shared_params(model, prefix))
 
 
 def reference_pipeline(autoencoder, text, unet, scheduler, pad_token="<|endoftext|>"):

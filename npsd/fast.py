@@ -157,6 +157,8 @@ def astype(a, dtype):
     becomes inf without a warning, as under np.errstate(over="ignore"): the loader checks for them."""
     if a.dtype == dtype:
         return a
+    if a.flags.f_contiguous and not a.flags.c_contiguous:               # a weight laid out transposed
+        return astype(a.T, dtype).T                                       # (npsd.clip.blas_layout) stays so
 
     def convert(src, dst):
         with np.errstate(over="ignore"):

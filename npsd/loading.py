@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import architecture
+from . import architecture, clip
 from .config import LCM_DEFAULTS, sd15_config, sd2_config
 from .errors import CheckpointError, InputError, NpsdError
 from .params import flatten, unflatten
@@ -614,6 +614,7 @@ def load(path=None, ema=True, weights_dtype="float32", *, dtype=None):
         params, config, info = _load_original(path, ema, dtype)
         tokenizer = None
     _warn_unexpected(path, info["unexpected"])
+    clip.blas_layout(params["text_encoder"])
     info["weights_dtype"] = dtype.name
     if "cond_proj" in params["unet"]["time_embedding"] and "config" not in info:   # LCM, without npsd's own config
         config["defaults"].update(LCM_DEFAULTS)

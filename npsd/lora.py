@@ -97,10 +97,16 @@ def low_rank(up, down, shape):
 
 def merged(original, updates):
     """W' = W + sum_i strength_i * scale_i * up_i @ down_i; updates: [(strength, Update)].
-    Computed in float32 from the original array (never modified) and returned in its dtype. Each
+    Computed in float32 from the original array (never modified) and returned in its dtype and memory
+    order (the text encoder's weights are laid out transposed, npsd.clip.blas_layout). Each
     factor strength * scale multiplies the small up [out, r] before the product, and the first
     product's array takes the sum: one full-size array per layer, where scaling the product and
     adding it to a float32 copy of W made three."""
+    if original.ndim == 2 and original.flags.f_contiguous and not original.flags.c_contiguous:
+        # W laid out [in, out]: the same sum transposed, W^T + down^T up^T, comes out laid out as W
+        flip = [(s, u._replace(up=u.down.reshape(len(u.down), -1).T, down=u.up.reshape(len(u.up), -1).T))
+                for s, u in updates]
+        return merged(original.T, flip).T
     w = None
     for strength, u in updates:
         d = low_rank(u.up * np.float32(strength * u.scale), u.down, original.shape)         # float32

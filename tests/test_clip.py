@@ -26,6 +26,7 @@ import torch
 from npsd import Pipeline, clip, nn
 from npsd.config import sd15_config
 from npsd.errors import CheckpointError, InputError
+from npsd.params import flatten, unflatten
 from npsd.testing import assert_close
 from npsd.tokenizer import Tokenizer
 from tests.helpers import BUGS, Bug, assert_caught, perturb_, t2n, to_numpy_params
@@ -202,7 +203,6 @@ def test_transformers_state_dict_names(tiny):
     """transformers 5.x: CLIPTextModel.state_dict() has no "text_model." prefix and no position_ids
     (4.x had both; build() accepts either). npsd's params must hold exactly the model's tensors."""
     import transformers
-    from npsd.params import flatten
     keys = set(tiny.model.state_dict())
     if int(transformers.__version__.split(".")[0]) >= 5:
         assert not any(k.startswith("text_model.") or k.endswith("position_ids") for k in keys)
@@ -284,6 +284,21 @@ def check_full(full, config):
 @pytest.mark.slow
 def test_full_size_last_hidden_state_and_every_layer(full):
     check_full(full, full.config)
+
+
+@pytest.mark.slow
+def test_full_size_weights_laid_out_for_blas(full):
+    """npsd.load stores the linear weights laid out [in, out] in memory (clip.blas_layout): the same
+    shapes and values, and outputs as close to transformers' as those of the weights as read."""
+    laid_out = clip.blas_layout(unflatten(flatten(full.params)))            # new dicts, the same arrays
+    for name, a in flatten(laid_out).items():
+        fortran = any(f".{m}.{n}.weight" in "." + name for m, n in clip.LINEAR_LAYERS)
+        assert (a.flags.f_contiguous and not a.flags.c_contiguous) if fortran else a.flags.c_contiguous, name
+        assert np.array_equal(a, flatten(full.params)[name]), name
+    check_full(types.SimpleNamespace(**{**vars(full), "params": laid_out}), full.config)
+    as_read = clip.encode_text(full.params, full.ids, full.config)
+    diff = np.abs(clip.encode_text(laid_out, full.ids, full.config) - as_read).max()
+    print(f"ViT-L laid out for BLAS: largest difference from the weights as read {diff:.2g}")
 
 
 @pytest.mark.slow

@@ -306,6 +306,26 @@ def test_linear_split_across_threads(rows, cols, by, monkeypatch):
     check(lambda: nn.linear(x, w), f"linear without bias split by {by}")
 
 
+@pytest.mark.parametrize("rows, by", [(154, "columns"), (1024, "rows")])
+def test_linear_of_weights_laid_out_transposed(rows, by, monkeypatch):
+    """Weights [out, in] laid out [in, out] in memory (Fortran order), as npsd.clip.blas_layout
+    stores the text encoder's, in float32 and float16, split across two threads either way."""
+    monkeypatch.setattr(settings, "THREADS", 2)
+    x, w, b = randn(2, rows // 2, 768), np.asfortranarray(randn(512, 768, scale=768 ** -0.5)), randn(512)
+    assert rows * 512 * 768 >= fast.MIN_PARALLEL_BLAS and w.flags.f_contiguous and not w.flags.c_contiguous
+    check(lambda: nn.linear(x, w, b), f"linear split by {by}, weight laid out [in, out]")
+    check(lambda: nn.linear(x, w.astype(np.float16)), "the same in float16, without bias")
+
+
+def test_float16_weights_laid_out_transposed_stay_so():
+    """fast.upcast converts a weight laid out [in, out] (Fortran order) into a float32 array laid out
+    the same way, so the short products keep the layout that npsd.clip.blas_layout chose."""
+    w = np.asfortranarray(randn(64, 48).astype(np.float16))
+    up = fast.upcast(w)
+    assert up.dtype == np.float32 and up.flags.f_contiguous and not up.flags.c_contiguous
+    assert np.array_equal(up, w.astype(np.float32))
+
+
 def test_linear_and_conv1x1_on_tokens_seen_through_a_transpose(monkeypatch):
     """The UNet's proj_in reads its tokens [B, H*W, C] as a transposed view of the GroupNorm's
     [B, C, H, W] output (the fast linear goes one image at a time then, without a copy), and proj_out

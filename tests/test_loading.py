@@ -22,6 +22,7 @@ import torch
 from diffusers.loaders import single_file_utils as sfu
 
 import npsd
+from npsd import clip
 from npsd.errors import CheckpointError
 from npsd.params import flatten
 
@@ -168,6 +169,11 @@ def test_original_safetensors_matches_diffusers_conversion(original_file, refere
     used = sum(len(flatten(pipe.params[c])) for c in pipe.params)
     assert used == 686 + 248 + 196 and pipe.info["ignored"] == 14 and used + 14 + 1 == 1145
     assert_same_tensors(pipe.params, reference)
+    # the text encoder's linear weights laid out [in, out] in memory (npsd.clip.blas_layout), the rest as read
+    text = flatten(pipe.params["text_encoder"])
+    laid_out = {n for n, a in text.items() if a.flags.f_contiguous and not a.flags.c_contiguous}
+    assert laid_out == {f"encoder.layers.{i}.{m}.{n}.weight" for i in range(12) for m, n in clip.LINEAR_LAYERS}
+    assert all(a.flags.c_contiguous for n, a in text.items() if n not in laid_out)
     # names and shapes are those of the diffusers folder layout (what npsd's components read)
     for comp, man in diffusers_manifest().items():
         flat = flatten(pipe.params[comp])

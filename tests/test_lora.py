@@ -40,7 +40,7 @@ from safetensors.numpy import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import npsd
-from npsd import lora
+from npsd import clip, lora
 from npsd.config import sd15_config
 from npsd.errors import CheckpointError, InputError
 from npsd.testing import assert_close, compare
@@ -285,6 +285,28 @@ def test_per_layer_alpha_and_conv_shapes(models, tmp_path):
     assert sum(after[k] is not v for k, v in before.items()) == len(cases)       # only these layers changed
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_merge_keeps_a_weight_laid_out_transposed_so(dtype):
+    """npsd.load lays the text encoder's weights out [in, out] in memory (npsd.clip.blas_layout); the
+    merge computes the transposed sum for them, so the merged weight keeps that layout, with the
+    values of the merge of the same weight stored [out, in]: in float32 to 5e-7 relative (measured
+    1.2e-7), in float16 each value at most one float16 step apart (the sums round apart in float32
+    before the float16 rounding)."""
+    rng = np.random.default_rng(3)
+    w = (0.1 * rng.standard_normal((48, 32))).astype(dtype)
+    updates = [(s, lora.Update("text_encoder", "layer", (0.1 * rng.standard_normal((48, r))).astype(np.float32),
+                               rng.standard_normal((r, 32)).astype(np.float32), scale))
+               for s, r, scale in ((0.8, 4, 0.5), (-0.3, 2, 1.0))]
+    as_read, laid_out = lora.merged(w, updates), lora.merged(np.asfortranarray(w), updates)
+    assert as_read.flags.c_contiguous and laid_out.flags.f_contiguous and not laid_out.flags.c_contiguous
+    assert laid_out.dtype == as_read.dtype == dtype
+    if dtype == np.float32:
+        print(assert_close(laid_out, as_read, 5e-7, "float32 merge"))
+    else:
+        assert (np.abs(laid_out - as_read) <= np.spacing(np.maximum(abs(laid_out), abs(as_read)))).all()
+    assert compare(as_read.astype(np.float32), w.astype(np.float32)).max_rel > 0.1     # the LoRAs matter
+
+
 def test_load_unload_gives_back_the_base_model_exactly(models, tmp_path):
     """Load, change, unload, load another: the base model's numbers come back bit for bit (the layers
     get their original arrays back); strengths changed back and forth give identical merges; only the
@@ -499,8 +521,8 @@ def full(tmp_path_factory):
     perturb_(unet, 2)
     sd = text.state_dict()
     prefix = "text_model." if any(k.startswith("text_model.") for k in sd) else ""
-    params = {"text_encoder": to_numpy_params(sd, prefix, drop=("position_ids",)),
-              "unet": to_numpy_params(unet.state_dict())}
+    params = {"text_encoder": clip.blas_layout(to_numpy_params(sd, prefix, drop=("position_ids",))),   # as npsd.load
+              "unet": to_numpy_params(unet.state_dict())}                                        # lays it out
     in_kohya = lambda k: (any(f"layers_{i}_" in k for i in (0, 11)) or k.startswith(("lora_unet_down_blocks_1_",
                           "lora_unet_mid_block_")) or "up_blocks_2_attentions_1_" in k or k.endswith("time_emb_proj"))
     kohya = write(tmp / "kohya.safetensors", kohya_lora(text, unet, in_kohya, seed=1, rank=8, alpha=4.0,
@@ -541,8 +563,11 @@ def test_full_size_loras_match_diffusers(full):
     params, files, expect = full
     pipe = npsd.Pipeline(params, sd15_config())
     base = outputs_npsd(pipe, width=768)
+    before = npsd.params.flatten(pipe.params["text_encoder"])
     touched = sum(pipe.load_lora(path, strength) for path, strength in files)
-    ours = outputs_npsd(pipe, width=768)
+    merged = {n: a for n, a in npsd.params.flatten(pipe.params["text_encoder"]).items() if a is not before[n]}
+    assert len(merged) == 3 * 6 and all(a.flags.f_contiguous for a in merged.values())   # layers 0, 5 and 11
+    ours = outputs_npsd(pipe, width=768)                                                  # keep their layout
     check_parity(ours, expect, (TOL_FULL, TOL_FULL), "full size, kohya 0.8 + PEFT -0.6")
     for a, b, name in zip(ours, base, ("text encoder", "UNet")):
         print(f"  the LoRAs change the {name} output by {compare(a, b).max_rel:.3g} relative ({touched} layers)")
