@@ -521,8 +521,9 @@ def full(tmp_path_factory):
     perturb_(unet, 2)
     sd = text.state_dict()
     prefix = "text_model." if any(k.startswith("text_model.") for k in sd) else ""
-    params = {"text_encoder": clip.blas_layout(to_numpy_params(sd, prefix, drop=("position_ids",))),   # as npsd.load
-              "unet": to_numpy_params(unet.state_dict())}                                        # lays it out
+    # the text encoder laid out as npsd.load lays it out (clip.blas_layout)
+    params = {"text_encoder": clip.blas_layout(to_numpy_params(sd, prefix, drop=("position_ids",))),
+              "unet": to_numpy_params(unet.state_dict())}
     in_kohya = lambda k: (any(f"layers_{i}_" in k for i in (0, 11)) or k.startswith(("lora_unet_down_blocks_1_",
                           "lora_unet_mid_block_")) or "up_blocks_2_attentions_1_" in k or k.endswith("time_emb_proj"))
     kohya = write(tmp / "kohya.safetensors", kohya_lora(text, unet, in_kohya, seed=1, rank=8, alpha=4.0,
@@ -565,9 +566,10 @@ def test_full_size_loras_match_diffusers(full):
     base = outputs_npsd(pipe, width=768)
     before = npsd.params.flatten(pipe.params["text_encoder"])
     touched = sum(pipe.load_lora(path, strength) for path, strength in files)
+    # the 6 linear layers of text layers 0, 5 and 11 merged, each keeping its layout
     merged = {n: a for n, a in npsd.params.flatten(pipe.params["text_encoder"]).items() if a is not before[n]}
-    assert len(merged) == 3 * 6 and all(a.flags.f_contiguous for a in merged.values())   # layers 0, 5 and 11
-    ours = outputs_npsd(pipe, width=768)                                                  # keep their layout
+    assert len(merged) == 3 * 6 and all(a.flags.f_contiguous for a in merged.values())
+    ours = outputs_npsd(pipe, width=768)
     check_parity(ours, expect, (TOL_FULL, TOL_FULL), "full size, kohya 0.8 + PEFT -0.6")
     for a, b, name in zip(ours, base, ("text encoder", "UNet")):
         print(f"  the LoRAs change the {name} output by {compare(a, b).max_rel:.3g} relative ({touched} layers)")
