@@ -82,6 +82,19 @@ def test_astype_in_parallel_pieces(monkeypatch):
     assert np.isinf(half[2, -1, -1]) and np.array_equal(half[:2], big[:2].astype(np.float16))
 
 
+def test_half_to_single_is_numpys_cast_for_every_float16(monkeypatch):
+    """fast.half_to_single, the float16 -> float32 conversion of fast.astype, computed on the bits,
+    gives NumPy's cast bit for bit for all 65536 float16 values: zeros of both signs, the subnormal
+    values, the normal ones, the infinities and every NaN (whose payload the cast keeps), also when
+    the infinities and NaNs fall into different pieces of a conversion split across threads."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    want = every.astype(np.float32).view(np.uint32)
+    assert np.array_equal(fast.half_to_single(every, np.empty(every.shape, np.float32)).view(np.uint32), want)
+    monkeypatch.setattr(fast.settings, "THREADS", 3)
+    shuffled = np.random.default_rng(0).permutation(np.tile(every, 5))     # 327680 values: 3 pieces
+    assert np.array_equal(fast.astype(shuffled, np.float32).view(np.uint32), shuffled.astype(np.float32).view(np.uint32))
+
+
 def layer_cases():
     """(name, function of params, params): every nn layer that takes weights, and the VAE's fast blocks."""
     lin = {"weight": randn(12, 8, scale=0.3), "bias": randn(12, seed=1)}
