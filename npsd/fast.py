@@ -116,15 +116,27 @@ def exp_unit():
 
 
 def exp_in_place(y):
-    """y = EXP(y): 2^y where EXP2, else e^y; y already in the unit of exp_unit()."""
+    """y = EXP(y): 2^y where EXP2, else e^y; y already in the unit of exp_unit() and, where EXP2,
+    within EXP2_RANGE (below): exp_times clips, the attention's scores are bounded."""
     return (np.exp2 if EXP2 else np.exp)(y, out=y)
 
 
+# NumPy's vector loop for float32 2^x covers the arguments in [-126, 126], whose results are normal
+# numbers; for any other (a result that is subnormal, zero or infinite) it falls back to a path
+# that took about 30 ns a value against 0.2 (docs/speed.md section 5), so a pass with 1% of its
+# values out of range took 3x the time. exp_times clips its arguments into the range: 2^-126
+# (1.2e-38) stands for a smaller value and 2^126 (8.5e37) for a larger one.
+EXP2_RANGE = (np.float32(-126), np.float32(126))
+
+
 def exp_times(x, c, out):
-    """out = e^(c x) for a constant c (out may be x): EXP(x c u), one multiplication and EXP."""
+    """out = e^(c x) for a constant c (out may be x): EXP(x c u), one multiplication and EXP; where
+    EXP is 2^x, the arguments clipped to EXP2_RANGE first."""
     factor = np.float32(c * exp_unit())
     if factor != 1 or out is not x:
         np.multiply(x, factor, out=out)
+    if EXP2:
+        np.clip(out, *EXP2_RANGE, out=out)
     return exp_in_place(out)
 
 
@@ -199,6 +211,12 @@ def _times_sigmoid(x, c, y):
     return np.divide(x, y, out=y)
 
 
+def relu_into(x, out):
+    """out = max(x, 0), as np.clip(x, 0, inf): NumPy's np.maximum against a scalar has no vector
+    loop and took 2.5-3.3x the time of the clip (the same values, but -0.0 stays -0.0)."""
+    return np.clip(x, np.float32(0), np.float32(np.inf), out=out)
+
+
 @single_threaded_blas
 def silu(x):
     f = lambda x, y: _times_sigmoid(x, 1, y)
@@ -236,7 +254,7 @@ def _gelu_piece(x, out, a, t, e):
         out *= t
     e *= a
     out *= e                                           # -|x| erfc(z) / 2
-    np.maximum(x, np.float32(0), out=a)
+    relu_into(x, out=a)
     out += a                                           # + max(x, 0)
 
 
@@ -502,19 +520,20 @@ def attention(q, k, v, num_heads, causal=False):
                 s = s_t.transpose(0, 2, 1)                                          # stored as K Q^T
             else:
                 s = np.matmul(qs, keys[bi, hs], out=s_buf[:h1 - h0, :i1 - i0])      # or as Q K^T
-            if causal:                                                              # -inf where key j > query i
-                mask = np.where(np.arange(i0, i1)[:, None] < np.arange(m), np.float32(-np.inf), np.float32(0))
-                s += mask
+            if causal:                                                              # query i sees keys j <= i
+                keep = (np.arange(i0, i1)[:, None] >= np.arange(m)).astype(np.float32)
             # unnormalised softmax in place: e^s where no score can leave the range, else
             # e^(s - max) (softmax is the same for any shift) with s - max raised to EXP_FLOOR:
             # beside the row's e^0 = 1, 4096 keys of e^-60 add 4e-23. The row sums divide the
             # [n, d] product. The scores are in exp_unit() (qh carries it), and so is the floor.
             if not no_shift[bi, hs, i0:i1].all():
-                s -= s.max(axis=-1, keepdims=True)
-                np.maximum(s, np.float32(EXP_FLOOR * unit), out=s)
                 if causal:
-                    s += mask                                                       # masked keys stay 0
+                    s[:, keep == 0] = -np.inf                                       # maxima over the keys seen
+                s -= s.max(axis=-1, keepdims=True)
+                np.clip(s, np.float32(EXP_FLOOR * unit), np.float32(0), out=s)
             exp_in_place(s)
+            if causal:                                  # hidden keys weigh 0 (as a product: 2^x of -inf
+                s *= keep                               # leaves NumPy's vector loop, see EXP2_RANGE)
             if keys_first:                                                          # [g, d+1, n]
                 o = np.matmul(v1[bi, hs], s_t)
                 np.divide(o[:, :d], o[:, d:], out=out[bi, i0:i1, hs].transpose(1, 2, 0))   # / row sums
@@ -958,7 +977,7 @@ def map_rows(x, relu=False):
     def fill(bi, lo, hi, dst):
         def f(c0, c1):
             if relu:
-                np.maximum(x[bi, c0:c1, lo:hi], np.float32(0), out=dst[c0:c1])
+                relu_into(x[bi, c0:c1, lo:hi], out=dst[c0:c1])
             else:
                 dst[c0:c1] = x[bi, c0:c1, lo:hi]
         parallel(f, c, c * (hi - lo) * w)
@@ -976,7 +995,7 @@ def taesd_block(p, x, inplace=False):
     else:
         skip = x if inplace else x.copy()
     y = conv3x3_rows(map_rows(h, relu=True), h.shape, conv[4], out=skip)       # skip += conv(relu(h))
-    return np.maximum(y, np.float32(0), out=y)
+    return relu_into(y, out=y)
 
 
 def taesd_decoder(layers, x):
@@ -987,7 +1006,7 @@ def taesd_decoder(layers, x):
     for kind, layer in layers:
         if kind is None:                              # after a conv the ReLU, after a block the upsampling
             if previous == "conv":
-                np.maximum(x, np.float32(0), out=x)
+                relu_into(x, out=x)
             else:
                 upsample = True
         elif upsample and kind == "conv":
