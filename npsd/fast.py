@@ -559,6 +559,17 @@ def winograd_min_positions(vendor):
 
 
 WINOGRAD_MIN_POSITIONS = winograd_min_positions(VENDOR)
+
+
+def winograd_small_map_positions(vendor):
+    """The fewest output positions of a 3x3 stride-1 conv below WINOGRAD_MIN_POSITIONS that still
+    takes Winograd, as a small map (winograd_small_map). Measured on AMD: 512 (two images at 16x16,
+    0.78-0.89 of im2col's time; one image at 16x16 took 0.96, so the line is not lower); elsewhere
+    not measured, so no small maps there (docs/speed.md section 3)."""
+    return 512 if vendor == "AuthenticAMD" else winograd_min_positions(vendor)
+
+
+WINOGRAD_SMALL_MAP_POSITIONS = winograd_small_map_positions(VENDOR)
 # The fewest input channels C that Winograd takes. Its 16 products [O, C] @ [C, tiles] write 16 maps
 # of O x tiles whatever C is, so with few channels they are all memory traffic: a conv_in with 3 or
 # 4 channels took 3.6-5x im2col's time, 32 channels 1.3-1.6x, 64 about the same (0.9-1.1x; TAESD's
@@ -566,10 +577,11 @@ WINOGRAD_MIN_POSITIONS = winograd_min_positions(VENDOR)
 WINOGRAD_MIN_CHANNELS = 64
 
 
-def uses_winograd(positions, channels):
+def uses_winograd(positions, channels, small_map=False):
     """Whether a 3x3 stride-1 conv with this many output positions (batch x height x width) and input
-    channels goes through Winograd rather than im2col."""
-    return WINOGRAD and positions >= WINOGRAD_MIN_POSITIONS and channels >= WINOGRAD_MIN_CHANNELS
+    channels goes through Winograd in bands rather than im2col; small_map=True: as a small map."""
+    line = WINOGRAD_SMALL_MAP_POSITIONS if small_map else WINOGRAD_MIN_POSITIONS
+    return WINOGRAD and positions >= line and channels >= WINOGRAD_MIN_CHANNELS
 
 
 @single_threaded_blas
@@ -588,6 +600,8 @@ def conv2d(x, weight, bias, stride, pad):
             parallel(lambda o0, o1: np.matmul(w2[o0:o1], x3[bi], out=y3[bi, o0:o1]), o, o * h * w * c, uses_blas=True)
     elif kh == kw == 3 and stride == 1 and uses_winograd(b * ho * wo, c):
         y = winograd_f2x2_3x3(x, weight, pad, ho, wo)
+    elif kh == kw == 3 and stride == 1 and uses_winograd(b * ho * wo, c, small_map=True):
+        y = winograd_small_map(x, weight, pad, ho, wo)
     else:
         y = _im2col_conv(x, weight, pad, stride, ho, wo)
     if bias is not None:
@@ -664,16 +678,62 @@ def winograd_weights(weight):
     return u.reshape(16, o, c)
 
 
-def winograd_f2x2_3x3(x, weight, pad, ho, wo):
-    """A 3x3 stride-1 conv of x [B, C, H, W] (no bias) by Winograd -> [B, O, ho, wo]."""
-    b, c, h, w = x.shape
+def _tile_padded(x, pad, ho, wo):
+    """x [B, C, H, W] padded so that output tile (ty, tx) reads rows 2ty .. 2ty+3 and columns
+    2tx .. 2tx+3 -> (padded x, tile rows, tile columns)."""
+    h, w = x.shape[2:]
     top, bottom, left, right = pad
     th, tw = -(-ho // 2), -(-wo // 2)                                     # output tiles
-    # pad so that tile (ty, tx) reads rows 2ty .. 2ty+3 and columns 2tx .. 2tx+3
     widths = ((0, 0), (0, 0), (top, 2 * th + 2 - h - top), (left, 2 * tw + 2 - w - left))
-    xp = np.pad(x, widths) if any(a or b for a, b in widths) else x       # (np.pad always copies)
+    return (np.pad(x, widths) if any(a or b for a, b in widths) else x), th, tw   # (np.pad always copies)
+
+
+def winograd_f2x2_3x3(x, weight, pad, ho, wo):
+    """A 3x3 stride-1 conv of x [B, C, H, W] (no bias) by Winograd -> [B, O, ho, wo]."""
+    b, c = x.shape[:2]
+    xp, _, _ = _tile_padded(x, pad, ho, wo)
     y = np.empty((b, weight.shape[0], ho, wo), dtype=np.float32)
     return winograd_rows(lambda bi, r0, r1: xp[bi, :, r0:r1], b, c, ho, wo, weight, None, y)
+
+
+WINOGRAD_SLICE_BYTES = 16 * 2**20    # a thread's slice of transformed weights in winograd_small_map
+
+
+def winograd_small_map(x, weight, pad, ho, wo):
+    """winograd_f2x2_3x3 for small maps (the SD UNet's 16x16 level): the tiles of every image go into
+    one V [16, C, tiles], and each thread transforms the weights of a slice of its output channels
+    (WINOGRAD_SLICE_BYTES of U) just before its 16 products read them, so the whole layer's U
+    (16/9 of its weights) never exists, and each slice is read from the cache. -> [B, O, ho, wo]."""
+    b, c = x.shape[:2]
+    o = weight.shape[0]
+    xp, th, tw = _tile_padded(x, pad, ho, wo)
+    v = np.empty((4, 4, c, b, th, tw), np.float32)
+
+    def transform(c0, c1):
+        for bi in range(b):
+            _input_transform(xp[bi, c0:c1], v[:, :, c0:c1, bi], th, tw)
+    parallel(transform, c, 16 * c * b * th * tw)
+    vt = v.reshape(16, c, b * th * tw)
+    g = weight.reshape(o * c, 9)
+    y = np.empty((b, o, ho, wo), np.float32)
+    step = max(1, WINOGRAD_SLICE_BYTES // (16 * c * 4))                   # output channels per slice
+
+    def work(o0, o1):
+        u = np.empty((16, min(step, o1 - o0) * c), np.float32)
+        y_tile = np.empty((min(step, o1 - o0), 2 * th, 2 * tw), np.float32) if ho % 2 or wo % 2 else None
+        for s0 in range(o0, o1, step):
+            s1 = min(o1, s0 + step)
+            us = u[:, :(s1 - s0) * c]
+            np.matmul(WINOGRAD_GG, g[s0 * c:s1 * c].T, out=us)            # U for channels s0 .. s1-1
+            m = np.matmul(us.reshape(16, s1 - s0, c), vt).reshape(4, 4, s1 - s0, b, th, tw)
+            for bi in range(b):
+                if y_tile is None:
+                    _output_transform(m[:, :, :, bi], y[bi, s0:s1].reshape(s1 - s0, th, 2, tw, 2))
+                else:                                                      # crop odd sizes
+                    _output_transform(m[:, :, :, bi], y_tile[:s1 - s0].reshape(s1 - s0, th, 2, tw, 2))
+                    y[bi, s0:s1] = y_tile[:s1 - s0, :ho, :wo]
+    parallel(work, o, 16 * o * c * b * th * tw, uses_blas=True)
+    return y
 
 
 WINOGRAD_BAND_FRACTION = 8   # a band's transformed tiles (input and products) take CHUNK_BYTES / 8,

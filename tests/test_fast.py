@@ -48,16 +48,22 @@ def check(f, what, rtol=RTOL):
     return assert_close(quick, plain, rtol, what)
 
 
-def route_every_conv(monkeypatch, winograd):
-    """Every 3x3 stride-1 conv through Winograd (its lines at 1 position, 1 channel), or none."""
-    monkeypatch.setattr(fast, "WINOGRAD", winograd)
-    monkeypatch.setattr(fast, "WINOGRAD_MIN_POSITIONS", 1)
+CONV_ROUTES = ["winograd", "small map", "im2col"]
+
+
+def route_every_conv(monkeypatch, route):
+    """Every 3x3 stride-1 conv through Winograd in bands ("winograd": its lines at 1 position, 1
+    channel), as a small map (fast.winograd_small_map; the VAE's row-source convs then take im2col),
+    or through im2col."""
+    monkeypatch.setattr(fast, "WINOGRAD", route != "im2col")
+    monkeypatch.setattr(fast, "WINOGRAD_MIN_POSITIONS", 1 if route == "winograd" else np.inf)
+    monkeypatch.setattr(fast, "WINOGRAD_SMALL_MAP_POSITIONS", 1)
     monkeypatch.setattr(fast, "WINOGRAD_MIN_CHANNELS", 1)
 
 
-@pytest.fixture(params=["winograd", "im2col"])
+@pytest.fixture(params=CONV_ROUTES)
 def conv_route(request, monkeypatch):
-    route_every_conv(monkeypatch, request.param == "winograd")
+    route_every_conv(monkeypatch, request.param)
     return request.param
 
 
@@ -109,11 +115,13 @@ def test_conv2d_several_images_per_band(monkeypatch):
 
 
 def test_choices_by_cpu_vendor(tmp_path):
-    """Winograd from 1024 output positions and attention blocks of 2^19 scores on AMD (where they were
-    measured), 2048 and 2^18 elsewhere; the vendor is read from /proc/cpuinfo's vendor_id, and an
-    unreadable file means 'elsewhere'."""
+    """Winograd in bands from 1024 output positions, as a small map from 512, and attention blocks of
+    2^19 scores on AMD (where they were measured), 2048 (no small maps) and 2^18 elsewhere; the vendor
+    is read from /proc/cpuinfo's vendor_id, and an unreadable file means 'elsewhere'."""
     assert fast.winograd_min_positions("AuthenticAMD") == 1024
     assert fast.winograd_min_positions("GenuineIntel") == fast.winograd_min_positions(None) == 2048
+    assert fast.winograd_small_map_positions("AuthenticAMD") == 512
+    assert fast.winograd_small_map_positions("GenuineIntel") == fast.winograd_min_positions("GenuineIntel")
     assert fast.attention_block_elements("AuthenticAMD") == 2**19
     assert fast.attention_block_elements("GenuineIntel") == fast.attention_block_elements(None) == 2**18
     info = tmp_path / "cpuinfo"
@@ -122,6 +130,7 @@ def test_choices_by_cpu_vendor(tmp_path):
     assert fast.cpu_vendor(tmp_path / "missing") is None
     assert fast.VENDOR == fast.cpu_vendor()
     assert fast.WINOGRAD_MIN_POSITIONS == fast.winograd_min_positions(fast.VENDOR)
+    assert fast.WINOGRAD_SMALL_MAP_POSITIONS == fast.winograd_small_map_positions(fast.VENDOR)
     assert fast.BLOCK_ELEMENTS == fast.attention_block_elements(fast.VENDOR)
 
 
@@ -152,22 +161,38 @@ def test_exp2_where_numpy_vectorises_it():
     print(f"this machine: EXP2 = {fast.EXP2}; without AVX-512: False")
 
 
-@pytest.mark.parametrize("b, c, side", [(1, 64, 64), (1, 64, 32), (2, 64, 32), (2, 64, 16), (1, 64, 16), (2, 4, 64),
-                                        (1, 32, 64)])
-def test_winograd_is_used_at_sd_sizes_and_matches(b, c, side):
-    """At the default lines the SD UNet's 64x64 maps and two images at 32x32 go through Winograd, one
-    image at 32x32 too on AMD (1024 positions), 16x16 maps through im2col, and so do convs with fewer
-    than 64 input channels (SD's conv_in, 4) at any size (checked by counting calls)."""
-    winograd = b * side * side >= fast.WINOGRAD_MIN_POSITIONS and c >= 64
+@pytest.mark.parametrize("b, c, side", [(1, 64, 64), (1, 64, 32), (2, 64, 32), (2, 64, 16), (1, 64, 16), (2, 64, 8),
+                                        (2, 4, 64), (1, 32, 64)])
+def test_winograd_is_used_at_sd_sizes_and_matches(b, c, side, monkeypatch):
+    """At the default lines the SD UNet's 64x64 maps and two images at 32x32 go through Winograd in
+    bands, one image at 32x32 too on AMD (1024 positions); two images at 16x16 as a small map on AMD
+    (512), through im2col elsewhere; one image at 16x16 and 8x8 maps through im2col, and so do convs
+    with fewer than 64 input channels (SD's conv_in, 4) at any size (checked by counting calls)."""
+    positions = b * side * side
+    bands = positions >= fast.WINOGRAD_MIN_POSITIONS and c >= 64
+    small_map = not bands and positions >= fast.WINOGRAD_SMALL_MAP_POSITIONS and c >= 64
+    assert small_map == (fast.VENDOR == "AuthenticAMD" and (b, c, side) == (2, 64, 16))
     calls = []
-    original = fast.winograd_f2x2_3x3
+    for name in ("winograd_f2x2_3x3", "winograd_small_map"):
+        original = getattr(fast, name)
+        monkeypatch.setattr(fast, name, lambda *a, name=name, original=original: calls.append(name) or original(*a))
     x, w = randn(b, c, side, side), randn(16, c, 3, 3, scale=1 / (3 * c**0.5))
-    try:
-        fast.winograd_f2x2_3x3 = lambda *a: calls.append(1) or original(*a)
-        check(lambda: nn.conv2d(x, w, None, padding=1), f"conv2d {b}x{c}x{side}x{side}")
-    finally:
-        fast.winograd_f2x2_3x3 = original
-    assert calls == ([1] if winograd else [])
+    check(lambda: nn.conv2d(x, w, None, padding=1), f"conv2d {b}x{c}x{side}x{side}")
+    assert calls == (["winograd_f2x2_3x3"] if bands else ["winograd_small_map"] if small_map else [])
+
+
+@pytest.mark.parametrize("xs, cout, pad", [((2, 2560, 16, 16), 1280, 1), ((2, 24, 7, 9), 10, (0, 1, 1, 0))])
+def test_winograd_small_map(xs, cout, pad, monkeypatch):
+    """fast.winograd_small_map against the plain conv: the SD UNet's largest 16x16 conv (2560 -> 1280
+    channels, two images; measured 5.5e-7) in its slices of transformed weights, and odd sizes whose last
+    tile row and column are cropped, with slices of 3 output channels (4 slices per thread; measured
+    2.4e-7). Tolerance 5e-6."""
+    route_every_conv(monkeypatch, "small map")
+    if xs[1] < 100:
+        monkeypatch.setattr(fast, "WINOGRAD_SLICE_BYTES", 16 * xs[1] * 4 * 3)
+    x, w, b = randn(*xs), randn(cout, xs[1], 3, 3, scale=1 / (3 * xs[1] ** 0.5)), randn(cout)
+    err = check(lambda: nn.conv2d(x, w, b, padding=pad), f"conv2d {xs} -> {cout} as a small map", 5e-6)
+    print(f"{xs} -> {cout}: {err.max_rel:.1e} (tolerance 5e-6)")
 
 
 def test_winograd_weights_are_g_g_gt():

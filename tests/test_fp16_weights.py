@@ -29,7 +29,7 @@ from npsd.architecture import TextEncoderDesign, UNetDesign, random_params, text
     unet_shapes, vae_shapes
 from npsd.config import sd15_config
 from npsd.params import flatten, unflatten
-from tests.test_fast import route_every_conv
+from tests.test_fast import CONV_ROUTES, route_every_conv
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -122,11 +122,11 @@ def layer_cases():
     ]
 
 
-@pytest.mark.parametrize("winograd", [True, False])
+@pytest.mark.parametrize("route", CONV_ROUTES)
 @pytest.mark.parametrize("name, f, params", layer_cases(), ids=[c[0] for c in layer_cases()])
-def test_each_layer_with_float16_weights_equals_float32_of_the_same_values(name, f, params, winograd, monkeypatch):
+def test_each_layer_with_float16_weights_equals_float32_of_the_same_values(name, f, params, route, monkeypatch):
     """Float16 weights vs float32 copies of the same float16 values, on both paths: equal (measured 0)."""
-    route_every_conv(monkeypatch, winograd)
+    route_every_conv(monkeypatch, route)
     p16 = rounded(params)
     p32 = rounded(p16, np.float32)
     for path, (a, b) in zip(("plain", "fast"), zip(*(both_paths(lambda: f(p)) for p in (p16, p32)))):
