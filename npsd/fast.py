@@ -714,18 +714,15 @@ def winograd_small_map(x, weight, pad, ho, wo):
             _input_transform(xp[bi, c0:c1], v[:, :, c0:c1, bi], th, tw)
     parallel(transform, c, 16 * c * b * th * tw)
     vt = v.reshape(16, c, b * th * tw)
-    g = weight.reshape(o * c, 9)
     y = np.empty((b, o, ho, wo), np.float32)
     step = max(1, WINOGRAD_SLICE_BYTES // (16 * c * 4))                   # output channels per slice
 
     def work(o0, o1):
-        u = np.empty((16, min(step, o1 - o0) * c), np.float32)
         y_tile = np.empty((min(step, o1 - o0), 2 * th, 2 * tw), np.float32) if ho % 2 or wo % 2 else None
         for s0 in range(o0, o1, step):
             s1 = min(o1, s0 + step)
-            us = u[:, :(s1 - s0) * c]
-            np.matmul(WINOGRAD_GG, g[s0 * c:s1 * c].T, out=us)            # U for channels s0 .. s1-1
-            m = np.matmul(us.reshape(16, s1 - s0, c), vt).reshape(4, 4, s1 - s0, b, th, tw)
+            u = winograd_weights(weight[s0:s1])                           # [16, s1 - s0, C], in this thread
+            m = np.matmul(u, vt).reshape(4, 4, s1 - s0, b, th, tw)
             for bi in range(b):
                 if y_tile is None:
                     _output_transform(m[:, :, :, bi], y[bi, s0:s1].reshape(s1 - s0, th, 2, tw, 2))
