@@ -670,12 +670,14 @@ WINOGRAD_GG = np.kron(WINOGRAD_G, WINOGRAD_G)                              # [16
 
 def winograd_weights(weight):
     """U = G g G^T for every (out, in) kernel g [3, 3]: [O, C, 3, 3] -> 16 matrices [O, C], as one
-    matrix product kron(G, G) [16, 9] @ [9, O*C]; G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]."""
+    matrix product kron(G, G) [16, 9] @ [9, C] per output channel; G = [[1, 0, 0], [1/2, 1/2, 1/2],
+    [1/2, -1/2, 1/2], [0, 0, 1]]. U is stored [O, 16, C] (each matrix a view whose rows are 16 C
+    apart), which these products write 1.3-1.9x faster than [16, O, C], and BLAS reads as fast."""
     o, c = weight.shape[:2]
-    g = weight.reshape(o * c, 9)
-    u = np.empty((16, o * c), np.float32)
-    parallel(lambda a, b: np.matmul(WINOGRAD_GG, g[a:b].T, out=u[:, a:b]), o * c, 16 * o * c, uses_blas=True)
-    return u.reshape(16, o, c)
+    g = weight.reshape(o, c, 9).transpose(0, 2, 1)                        # [O, 9, C]
+    u = np.empty((o, 16, c), np.float32)
+    parallel(lambda a, b: np.matmul(WINOGRAD_GG, g[a:b], out=u[a:b]), o, 16 * o * c, uses_blas=True)
+    return u.transpose(1, 0, 2)                                           # [16, O, C]
 
 
 def _tile_padded(x, pad, ho, wo):

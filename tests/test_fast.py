@@ -195,8 +195,12 @@ def test_winograd_small_map(xs, cout, pad, monkeypatch):
     print(f"{xs} -> {cout}: {err.max_rel:.1e} (tolerance 5e-6)")
 
 
-def test_winograd_weights_are_g_g_gt():
-    """U = G g G^T, computed by the elementwise formula, equals the matrix product."""
+@pytest.mark.parametrize("split", [False, True])
+def test_winograd_weights_are_g_g_gt(monkeypatch, split):
+    """U = G g G^T, computed by the elementwise formula, equals the matrix products, also when the
+    output channels are split among threads."""
+    if split:
+        monkeypatch.setattr(fast, "MIN_PARALLEL_BLAS", 1)
     w = randn(5, 3, 3, 3)
     g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
     want = np.einsum("ik,ockl,jl->ijoc", g, w.astype(np.float64), g).reshape(16, 5, 3)
