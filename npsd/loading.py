@@ -28,6 +28,7 @@ import numpy as np
 from . import architecture, clip
 from .config import LCM_DEFAULTS, sd15_config, sd2_config
 from .errors import CheckpointError, InputError, NpsdError
+from .malloc import holding
 from .params import flatten, unflatten
 from .pipeline import Pipeline
 from .safetensors_io import open_weights
@@ -581,6 +582,7 @@ def weights_dtype_of(weights_dtype, dtype=None):
     return np.dtype(wanted)
 
 
+@holding()                                    # its temporaries stay in the heap (npsd/malloc.py)
 def load(path=None, ema=True, weights_dtype="float32", *, dtype=None):
     """Load an SD v1.x model and return an npsd.Pipeline.
 

@@ -1,4 +1,5 @@
-"""Freed memory kept for the next array: two settings of glibc's malloc, made when npsd is imported.
+"""Freed memory kept for the next array: two settings of glibc's malloc, made when npsd is imported,
+and a third held while a generation or a load runs.
 
 A forward pass allocates and frees thousands of temporaries of 0.1-30 MiB (a layer's output, a
 score block, an im2col piece). glibc's malloc gives such a block fresh pages from the kernel when
@@ -19,29 +20,74 @@ The process keeps freed memory for its next arrays (at most 64 MiB of it at the 
 4.52 GiB with float32; `python -m benchmarks.memory`). The setting is the whole process's, so a
 PyTorch model run beside npsd (as in benchmarks/bench.py) gets it too.
 
+Blocks over 32 MiB (a GEGLU projection over 8192 tokens is 80 MiB, the VAE's largest maps 64-256
+MiB) still come from mmap, fresh pages on every call: 0.61 GiB in a UNet call at 64x64 latents, 7%
+of its time. So a generation and a load run inside `holding()`: while the outermost one lasts, no
+block comes from mmap (M_MMAP_MAX = 0) and freed memory stays in the heap for the next array; at its
+end the thresholds are set back and the free memory is handed back to the kernel (malloc_trim), so
+that the process does not keep its peak between generations. A 512x512 generation peaked within 15
+MiB of the size without it (docs/speed.md, section 7).
+
 NPSD_KEEP_MEMORY=0 in the environment leaves malloc as it is. Elsewhere than glibc (macOS, Windows,
 musl) nothing is changed.
 """
 
+import contextlib
 import ctypes
 import os
 import platform
+import threading
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3          # glibc's <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4          # glibc's <malloc.h>
 MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 64 * 2**20
+_ENV_MMAP_MAX = os.environ.get("MALLOC_MMAP_MAX_", "")
+MMAP_MAX = int(_ENV_MMAP_MAX) if _ENV_MMAP_MAX.isdigit() else 65536    # how many blocks mmap may serve
+
+
+def _glibc():
+    """This process's glibc as a ctypes library, or None elsewhere."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
 
 
 def keep_freed_memory():
     """Set the two thresholds above in this process's glibc malloc; True when both were set."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _LIBC is not None and bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) \
+        and bool(_LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 KEPT = os.environ.get("NPSD_KEEP_MEMORY", "1") != "0" and keep_freed_memory()
+_held = [0]                                  # holding() blocks running, in every thread
+_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def holding():
+    """While the outermost `with holding():` runs, no block comes from mmap and the heap keeps what is
+    freed; leaving it sets the thresholds back and hands the free memory back (malloc_trim). Nested
+    and concurrent blocks count as one. Nothing changes where KEPT is False."""
+    with _lock:
+        _held[0] += 1
+        if _held[0] == 1 and KEPT:
+            _LIBC.mallopt(M_MMAP_MAX, 0)
+            _LIBC.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        with _lock:
+            _held[0] -= 1
+            if _held[0] == 0 and KEPT:
+                _LIBC.mallopt(M_MMAP_MAX, MMAP_MAX)
+                _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                _LIBC.malloc_trim(0)

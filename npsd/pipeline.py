@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import clip, resources, schedulers, taesd, unet as unet_model, vae
+from .malloc import holding
 from .embeddings import load_used_embeddings
 from .prompts import PROMPT_SYNTAXES, encode_schedule, extract_loras, encode_weighted, pad_chunks, prompt_syntax_used, text_at_step
 from .rng import make_rng
@@ -216,6 +217,7 @@ class Pipeline:
 
     # --- generation ---------------------------------------------------------------------------
 
+    @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     @_traced
     @_loras_from_prompt
     def txt2img(self, prompt, negative_prompt="", num_inference_steps=None, guidance_scale=None,
@@ -271,6 +273,7 @@ class Pipeline:
         x = self._sample(model, x, schedule, rng, 0, eta, callback, progress, attention_maps=attention_maps)
         return self._output(x, output_type, decoder)
 
+    @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     @_traced
     @_loras_from_prompt
     def img2img(self, prompt, image, strength=0.8, negative_prompt="", num_inference_steps=None,
@@ -308,6 +311,7 @@ class Pipeline:
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress, attention_maps=attention_maps)
         return self._output(x, output_type, decoder)
 
+    @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     @_traced
     @_loras_from_prompt
     def inpaint(self, prompt, image, mask_image, strength=1.0, negative_prompt="", num_inference_steps=None,
