@@ -720,8 +720,8 @@ def main(argv=None):
         threads = f"({torch.get_num_threads()} threads), npsd kernels: {kernels} ({settings.THREADS} threads)"
     header = (f"{time.strftime('%Y-%m-%d')}, {machine()}, numpy {np.__version__}, torch {torch.__version__} "
               f"{threads}, {'quick' if args.quick else 'full'} mode\n{libraries(torch)}; "
-              "malloc (both sides): " + ("npsd/malloc.py settings, npsd holding the heap in whole generations"
-                                         if malloc.KEPT else "as the system has it"))
+              "malloc (both sides): " + ("npsd/malloc.py settings, npsd holding the heap in its model calls and "
+                                         "generations" if malloc.KEPT else "as the system has it"))
     print(header, flush=True)
 
     results = []

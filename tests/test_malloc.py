@@ -125,3 +125,29 @@ def test_generations_and_loading_hold_the_heap(monkeypatch):
     assert [name for name, _ in seen] == ["load", "txt2img", "img2img", "inpaint"]
     assert all(held >= 1 for _, held in seen), seen
     assert malloc._held[0] == 0
+
+
+class _Inside(Exception):
+    pass
+
+
+@pytest.mark.parametrize("module, function, first_step, args", [
+    ("unet", "unet", "_check_inputs", ({"time_embedding": {}}, None, None, None, None)),
+    ("vae", "encode", "_check_params", (None,) * 3), ("vae", "decode", "_check_params", (None,) * 3),
+    ("clip", "encode_text", "_text_model", (None,) * 3),
+    ("taesd", "encode", "_check_params", (None,) * 2), ("taesd", "decode", "_check_params", (None,) * 2)])
+def test_model_calls_hold_the_heap(module, function, first_step, args, monkeypatch):
+    """A model's forward pass called on its own (a sampling loop of one's own, the benchmark's single
+    calls) runs inside malloc.holding() too, and leaves it when it raises."""
+    import importlib
+
+    from npsd import malloc
+    mod, seen = importlib.import_module(f"npsd.{module}"), []
+
+    def first(*args, **kwargs):                  # the function's first step records, then stops the call
+        seen.append(malloc._held[0])
+        raise _Inside
+    monkeypatch.setattr(mod, first_step, first)
+    with pytest.raises(_Inside):
+        getattr(mod, function)(*args)
+    assert seen == [1] and malloc._held[0] == 0
