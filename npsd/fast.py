@@ -1060,7 +1060,10 @@ def taesd_block(p, x, inplace=False):
 def taesd_decoder(layers, x):
     """taesd.decoder after its clamp: layers [(kind, params)] as taesd._kind names them, x [B, C, h, w]
     (this function's own). The same layers in the same order; the 2x upsampling is left to the conv
-    that reads it, the ReLU after a conv is done in place."""
+    that reads it, the ReLU after a conv is done in place. Maps of even height and width go through
+    taesd_decoder_split instead."""
+    if WINOGRAD and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0:
+        return taesd_decoder_split(layers, x)
     upsample, previous = False, None
     for kind, layer in layers:
         if kind is None:                              # after a conv the ReLU, after a block the upsampling
@@ -1078,3 +1081,150 @@ def taesd_decoder(layers, x):
             x = conv3x3_rows(map_rows(x), x.shape, layer) if kind == "conv" else taesd_block(layer, x, inplace=True)
         previous = kind
     return x.repeat(2, axis=2).repeat(2, axis=3) if upsample else x
+
+
+# ---------------------------------------------------------------------------------------------
+# TAESD's decoder channels-last, with even and odd columns apart
+# ---------------------------------------------------------------------------------------------
+# With 64 channels, Winograd's transforms above run along rows of single values (a tile's columns
+# are 2 apart) and its 16 products [64, 64] @ [64, tiles] are a shape OpenBLAS runs slowly. Here a
+# map [C, H, W] of one image is kept channels-last and zero-bordered, its even and odd columns
+# apart: [H + 2, 2, W/2 + 1, C], padded column j at [:, j % 2, j // 2] ("split"). Tile tx reads the
+# padded columns 2tx .. 2tx+3, that is [:, 0, tx], [:, 1, tx], [:, 0, tx+1], [:, 1, tx+1]: for all
+# tiles at once, four slices whose rows of tw * C values are contiguous. The products become
+# V_ij [tiles, C] @ U_ij [C, O], and the output transform writes a tile's two columns, 2tx and 2tx+1
+# (padded 2tx+1 and 2tx+2), into [:, 1, tx] and [:, 0, tx+1]: the next conv's input, already split.
+
+
+WINOGRAD_SPLIT_BAND_BYTES = 2**21    # a band's V in winograd_split (tile rows x tw x 16 x C floats)
+
+
+def split_empty(h, w, c):
+    """An uninitialised split map of a [c, h, w] map (h, w even), its zero border written."""
+    s = np.empty((h + 2, 2, w // 2 + 1, c), np.float32)
+    s[0], s[-1], s[:, 0, 0], s[:, 1, -1] = 0, 0, 0, 0                      # padded rows 0, h+1; cols 0, w+1
+    return s
+
+
+def split_map(x):
+    """x [C, H, W] (H, W even) -> its split map [H + 2, 2, W/2 + 1, C]."""
+    c, h, w = x.shape
+    s = split_empty(h, w, c)
+    xt = x.transpose(1, 2, 0)                                               # [H, W, C] (a view)
+    s[1:-1, 1, :-1] = xt[:, 0::2]                                           # column 2i: padded 2i+1
+    s[1:-1, 0, 1:] = xt[:, 1::2]                                            # column 2i+1: padded 2i+2
+    return s
+
+
+def split_columns(s):
+    """A split map's [H, W, C] in column order (a new array)."""
+    h, wh, c = s.shape[0] - 2, s.shape[2] - 1, s.shape[3]
+    x = np.empty((h, 2 * wh, c), np.float32)
+    x[:, 0::2], x[:, 1::2] = s[1:-1, 1, :-1], s[1:-1, 0, 1:]
+    return x
+
+
+def upsample_split(s):
+    """The 2x nearest upsampling of a split map, split: upsampled column J is column J // 2, so
+    padded column 2i (parity 0) holds column i - 1 and 2i + 1 (parity 1) column i."""
+    x = split_columns(s)                                                    # [H, W, C]
+    h, w, c = x.shape
+    up = split_empty(2 * h, 2 * w, c)
+    for a in (0, 1):                                                       # upsampled rows 2r + a: row r
+        up[1 + a:-1:2, 0, 1:] = x
+        up[1 + a:-1:2, 1, :-1] = x
+    return up
+
+
+@single_threaded_blas
+def winograd_split(s, weight, bias, out=None, relu=False):
+    """conv(x) + bias for a 3x3 conv with padding 1 of the split map s -> a split map [.., O]; out:
+    add the conv into this split map instead (a residual). relu: max(., 0) of the result."""
+    h, tw, c = s.shape[0] - 2, s.shape[2] - 1, s.shape[3]
+    th, o = h // 2, weight.shape[0]
+    u = np.ascontiguousarray(winograd_weights(weight).transpose(0, 2, 1))   # [16, C, O]
+    y = split_empty(h, 2 * tw, o) if out is None else out
+    band = max(1, min(th, WINOGRAD_SPLIT_BAND_BYTES // (16 * tw * max(c, o) * 4)))   # tile rows a band
+
+    def work(b0, b1):
+        cc = np.empty((4, 2 * band + 2, tw, c), np.float32)
+        v = np.empty((16, band * tw, c), np.float32)
+        m = np.empty((16, band * tw, o), np.float32)
+        r = np.empty((2, 4, band, tw, o), np.float32)
+        for t0 in range(b0 * band, min(th, b1 * band), band):
+            n = min(th, t0 + band) - t0
+            x = s[2 * t0:2 * t0 + 2 * n + 2]                                 # [2n+2, 2, tw+1, C]
+            e = (x[:, 0, :-1], x[:, 1, :-1], x[:, 0, 1:], x[:, 1, 1:])       # tile column k, [2n+2, tw, C]
+            d = cc[:, :2 * n + 2]
+            np.subtract(e[0], e[2], out=d[0])                                # d B, along columns
+            np.add(e[1], e[2], out=d[1])
+            np.subtract(e[2], e[1], out=d[2])
+            np.subtract(e[1], e[3], out=d[3])
+            vb = v[:, :n * tw].reshape(4, 4, n, tw, c)
+            for j in range(4):
+                k = [d[j, i:i + 2 * n:2] for i in range(4)]                  # tile row i, [n, tw, C]
+                np.subtract(k[0], k[2], out=vb[0, j])                        # B^T (d B), along rows
+                np.add(k[1], k[2], out=vb[1, j])
+                np.subtract(k[2], k[1], out=vb[2, j])
+                np.subtract(k[1], k[3], out=vb[3, j])
+            mb = np.matmul(v[:, :n * tw], u, out=m[:, :n * tw]).reshape(4, 4, n, tw, o)   # M_ij = V_ij U_ij
+            rb = r[:, :, :n]
+            for j in range(4):                                              # A^T M, rows 0 and 1
+                np.add(mb[0, j], mb[1, j], out=rb[0, j])
+                rb[0, j] += mb[2, j]
+                np.subtract(mb[1, j], mb[2, j], out=rb[1, j])
+                rb[1, j] -= mb[3, j]
+            for a in (0, 1):                                                # (A^T M) A: columns 2tx, 2tx+1
+                rows = y[1 + a + 2 * t0:1 + a + 2 * (t0 + n):2]               # output rows 2ty + a
+                even, odd = rows[:, 1, :-1], rows[:, 0, 1:]                   # padded columns 2tx+1, 2tx+2
+                if out is None:
+                    np.add(rb[a, 0], rb[a, 1], out=even)
+                    np.subtract(rb[a, 1], rb[a, 2], out=odd)
+                else:
+                    even += rb[a, 0]
+                    even += rb[a, 1]
+                    odd += rb[a, 1]
+                    odd -= rb[a, 2]
+                even += rb[a, 2]
+                odd -= rb[a, 3]
+                for col in (even, odd):
+                    if bias is not None:
+                        col += bias
+                    if relu:
+                        relu_into(col, out=col)
+    parallel(work, -(-th // band), 16 * th * tw * c, uses_blas=True)
+    return y
+
+
+def conv_split(s, conv, out=None, relu=False):
+    """winograd_split with a conv's params {"weight", "bias"?}."""
+    return winograd_split(s, upcast(conv["weight"]), upcast(conv.get("bias")), out, relu)
+
+
+def taesd_block_split(p, s):
+    """taesd_block of a split map that may be overwritten: relu(conv(relu(conv(relu(conv(x))))) +
+    skip(x)); without a 1x1 skip the result is s itself."""
+    conv = p["conv"]
+    h = conv_split(conv_split(s, conv[0], relu=True), conv[2], relu=True)
+    if "skip" in p:                               # 1x1, no bias: the border stays 0
+        c = s.shape[-1]
+        skip = np.matmul(s.reshape(-1, c), upcast(p["skip"]["weight"]).reshape(-1, c).T)
+        s = skip.reshape(s.shape[:-1] + (skip.shape[-1],))
+    return conv_split(h, conv[4], out=s, relu=True)                       # s += conv(h), then relu
+
+
+def taesd_decoder_split(layers, x):
+    """taesd_decoder for maps of even height and width, each image as a split map throughout."""
+    images = []
+    for xi in x:
+        s, previous = split_map(xi), None
+        for kind, layer in layers:
+            if kind is None:                          # after a conv the ReLU, after a block the upsampling
+                s = relu_into(s, out=s) if previous == "conv" else upsample_split(s)
+            elif kind == "conv":
+                s = conv_split(s, layer)
+            else:
+                s = taesd_block_split(layer, s)
+            previous = kind
+        images.append(split_columns(s).transpose(2, 0, 1))
+    return np.stack(images)

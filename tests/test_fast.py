@@ -207,6 +207,48 @@ def test_winograd_weights_are_g_g_gt(monkeypatch, split):
     np.testing.assert_allclose(fast.winograd_weights(w), want, rtol=0, atol=1e-6)
 
 
+
+def test_split_maps_hold_the_map_and_its_upsampling():
+    """A split map (channels-last, zero border, even and odd columns apart) gives back its map, and the
+    split upsampling is the 2x nearest upsampling of it; exact."""
+    x = randn(5, 6, 10)
+    s = fast.split_map(x)
+    assert s.shape == (8, 2, 6, 5)
+    np.testing.assert_array_equal(fast.split_columns(s).transpose(2, 0, 1), x)
+    border = np.ones(s.shape, bool)
+    border[1:-1, 1, :-1] = border[1:-1, 0, 1:] = False
+    assert not s[border].any()
+    up = fast.upsample_split(s)
+    np.testing.assert_array_equal(fast.split_columns(up).transpose(2, 0, 1), x.repeat(2, axis=1).repeat(2, axis=2))
+    border = np.ones(up.shape, bool)
+    border[1:-1, 1, :-1] = border[1:-1, 0, 1:] = False
+    assert not up[border].any()
+
+
+@pytest.mark.parametrize("c, h, w, o, residual, band_bytes", [
+    (64, 128, 128, 64, False, None),    # TAESD's 64 -> 64 conv at 128x128 (measured 5.3e-7)
+    (64, 128, 128, 64, True, None),     # the same adding into a residual, then ReLU (3.5e-7)
+    (4, 16, 22, 64, False, None),       # its first conv, 4 channels (1.8e-7)
+    (64, 32, 48, 3, False, None),       # its last, 3 channels (3.9e-7)
+    (8, 10, 6, 16, True, 1)])           # bands of one tile row shared by the threads (1.0e-7)
+def test_winograd_split(c, h, w, o, residual, band_bytes, monkeypatch):
+    """fast.winograd_split against the plain conv (+ residual, then ReLU); tolerance 5e-6."""
+    if band_bytes:
+        monkeypatch.setattr(fast, "WINOGRAD_SPLIT_BAND_BYTES", band_bytes)
+        monkeypatch.setattr(fast, "MIN_PARALLEL_BLAS", 1)
+    x, r = randn(1, c, h, w), randn(1, o, h, w)
+    weight, bias = randn(o, c, 3, 3, scale=1 / (3 * c ** 0.5)), randn(o)
+    with nn.fast(False):
+        want = nn.conv2d(x, weight, bias, padding=1)
+    if residual:
+        want = np.maximum(want + r, 0)
+    out = fast.split_map(r[0]) if residual else None
+    y = fast.winograd_split(fast.split_map(x[0]), weight, bias, out=out, relu=residual)
+    assert out is None or y is out
+    got = fast.split_columns(y).transpose(2, 0, 1)[None]
+    err = assert_close(got, want, 5e-6, f"winograd_split {c} -> {o} at {h}x{w}")
+    print(f"{c} -> {o} at {h}x{w}: {err.max_rel:.1e} (tolerance 5e-6)")
+
 @pytest.mark.parametrize("b, n, m, c, heads, causal, group, keys_first", [
     (2, 77, 77, 64, 4, True, 4, False),      # CLIP's causal self-attention: one block of 4 heads per image, Q K^T
     (2, 300, 1000, 32, 4, False, 1, True),   # several query blocks (262 queries x 1000 keys), the last one short

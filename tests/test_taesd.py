@@ -118,19 +118,68 @@ def test_fast_decoder_takes_any_order_of_layers():
     check(fast, plain, RTOL["decode"], "fast against plain, upsampling before a block and at the end")
 
 
+
+
+def test_fast_decoder_block_with_a_skip():
+    """A block that changes the channel count (a 1x1 skip; no TAESD decoder ships one) gives the plain
+    decoder's result on split maps too."""
+    rng = np.random.default_rng(5)
+    conv = lambda o, c: {"weight": rng.standard_normal((o, c, 3, 3), dtype=np.float32) / np.float32(3 * c ** 0.5),
+                         "bias": rng.standard_normal(o, dtype=np.float32)}
+    skip = {"weight": rng.standard_normal((12, 8, 1, 1), dtype=np.float32) / np.float32(8 ** 0.5)}
+    block = {"conv": [conv(12, 8), None, conv(12, 12), None, conv(12, 12)], "skip": skip}
+    p = {"decoder": {"layers": [conv(8, 4), None, block, None, conv(3, 12)]}}   # conv, ReLU, block, up, conv
+    z = 2 * rng.standard_normal((2, 4, 10, 6), dtype=np.float32)
+    with nn.fast(True):
+        fast = taesd.decode(p, z)
+    with nn.fast(False):
+        plain = taesd.decode(p, z)
+    assert fast.shape == plain.shape == (2, 3, 20, 12)
+    check(fast, plain, RTOL["decode"], "fast against plain, a block with a 1x1 skip")
+
+@pytest.mark.parametrize("side", [(16, 16), (15, 17)], ids=["even", "odd"])
+def test_fast_decoder_layouts(model, params, side, monkeypatch):
+    """Latents of even height and width are decoded as split maps (fast.taesd_decoder_split), others
+    by the channels-first kernels; both match diffusers (measured 1.8e-7 each)."""
+    from npsd import fast as fast_kernels
+    z = 2 * np.random.default_rng(4).standard_normal((1, 4) + side, dtype=np.float32)
+    calls = []
+    original = fast_kernels.taesd_decoder_split
+    monkeypatch.setattr(fast_kernels, "taesd_decoder_split", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        ref = t2n(model.decode(n2t(z)).sample)
+    with nn.fast(True):
+        out = taesd.decode(params, z)
+    assert len(calls) == (side[0] % 2 == 0 and side[1] % 2 == 0)
+    check(out, ref, RTOL["decode"], f"decode, {side[0]}x{side[1]} latents")
+
 def _tiling_upsample(x, size=None):
     return np.tile(x, (1, 1, 2, 2))                                        # the right size, the wrong pixels
 
 
-@pytest.mark.parametrize("bug", ["no tanh clamp", "tiling upsample"])
+def _upsample_split_a_column_off(s):
+    """fast.upsample_split with the even padded columns taken from column i instead of i - 1."""
+    from npsd import fast as fast_kernels
+    x = fast_kernels.split_columns(s)
+    up = fast_kernels.split_empty(2 * x.shape[0], 2 * x.shape[1], x.shape[2])
+    for a in (0, 1):
+        up[1 + a:-1:2, 0, 1:] = np.concatenate([x[:, 1:], x[:, -1:]], axis=1)
+        up[1 + a:-1:2, 1, :-1] = x
+    return up
+
+
+@pytest.mark.parametrize("bug", ["no tanh clamp", "tiling upsample", "split upsampling a column off"])
 def test_sensitivity(model, params, latents, bug, monkeypatch):
+    from npsd import fast as fast_kernels
     with torch.no_grad():
         ref = t2n(model.decode(n2t(latents)).sample)
     if bug == "no tanh clamp":
         monkeypatch.setattr(taesd, "clamp", lambda z: z)
-    else:
+    elif bug == "tiling upsample":
         monkeypatch.setattr(taesd.nn, "upsample_nearest", _tiling_upsample)
-    with nn.fast(False), pytest.raises(AssertionError, match="exceeds the tolerance"):
+    else:
+        monkeypatch.setattr(fast_kernels, "upsample_split", _upsample_split_a_column_off)
+    with nn.fast(bug.startswith("split")), pytest.raises(AssertionError, match="exceeds the tolerance"):
         assert_close(taesd.decode(params, latents), ref, RTOL["decode"], "decode")
 
 
