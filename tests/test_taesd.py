@@ -101,41 +101,44 @@ def test_other_design_matches_diffusers():
     check(taesd.encode(p, x), enc, RTOL["encode"], "encode, other design")   # [1, 16, 8, 8]
 
 
-def test_fast_decoder_takes_any_order_of_layers():
-    """The fast decoder leaves an upsampling to the conv after it; an upsampling before a block or at
-    the end (no TAESD ships one) is done on its own, and gives the plain decoder's result."""
-    rng = np.random.default_rng(3)
-    conv = lambda o, c: {"weight": rng.standard_normal((o, c, 3, 3), dtype=np.float32) / np.float32(3 * c ** 0.5),
+def _conv_maker(rng):
+    """conv(o, c): random params of a 3x3 conv from c to o channels."""
+    return lambda o, c: {"weight": rng.standard_normal((o, c, 3, 3), dtype=np.float32) / np.float32(3 * c ** 0.5),
                          "bias": rng.standard_normal(o, dtype=np.float32)}
-    block = {"conv": [conv(8, 8), None, conv(8, 8), None, conv(8, 8)]}
-    p = {"decoder": {"layers": [conv(8, 4), None, block, None, block, None]}}   # conv, ReLU, block, up, block, up
-    z = 2 * rng.standard_normal((1, 4, 32, 32), dtype=np.float32)
+
+
+def _fast_and_plain(p, z):
     with nn.fast(True):
         fast = taesd.decode(p, z)
     with nn.fast(False):
         plain = taesd.decode(p, z)
+    return fast, plain
+
+
+def test_fast_decoder_takes_any_order_of_layers():
+    """The fast decoder leaves an upsampling to the conv after it; an upsampling before a block or at
+    the end (no TAESD ships one) is done on its own, and gives the plain decoder's result."""
+    rng = np.random.default_rng(3)
+    conv = _conv_maker(rng)
+    block = {"conv": [conv(8, 8), None, conv(8, 8), None, conv(8, 8)]}
+    p = {"decoder": {"layers": [conv(8, 4), None, block, None, block, None]}}   # conv, ReLU, block, up, block, up
+    fast, plain = _fast_and_plain(p, 2 * rng.standard_normal((1, 4, 32, 32), dtype=np.float32))
     assert fast.shape == plain.shape == (1, 8, 128, 128)
     check(fast, plain, RTOL["decode"], "fast against plain, upsampling before a block and at the end")
-
-
 
 
 def test_fast_decoder_block_with_a_skip():
     """A block that changes the channel count (a 1x1 skip; no TAESD decoder ships one) gives the plain
     decoder's result on split maps too."""
     rng = np.random.default_rng(5)
-    conv = lambda o, c: {"weight": rng.standard_normal((o, c, 3, 3), dtype=np.float32) / np.float32(3 * c ** 0.5),
-                         "bias": rng.standard_normal(o, dtype=np.float32)}
+    conv = _conv_maker(rng)
     skip = {"weight": rng.standard_normal((12, 8, 1, 1), dtype=np.float32) / np.float32(8 ** 0.5)}
     block = {"conv": [conv(12, 8), None, conv(12, 12), None, conv(12, 12)], "skip": skip}
     p = {"decoder": {"layers": [conv(8, 4), None, block, None, conv(3, 12)]}}   # conv, ReLU, block, up, conv
-    z = 2 * rng.standard_normal((2, 4, 10, 6), dtype=np.float32)
-    with nn.fast(True):
-        fast = taesd.decode(p, z)
-    with nn.fast(False):
-        plain = taesd.decode(p, z)
+    fast, plain = _fast_and_plain(p, 2 * rng.standard_normal((2, 4, 10, 6), dtype=np.float32))
     assert fast.shape == plain.shape == (2, 3, 20, 12)
     check(fast, plain, RTOL["decode"], "fast against plain, a block with a 1x1 skip")
+
 
 @pytest.mark.parametrize("side", [(16, 16), (15, 17)], ids=["even", "odd"])
 def test_fast_decoder_layouts(model, params, side, monkeypatch):
