@@ -60,7 +60,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import npsd  # noqa: E402
-from npsd import blas, clip, fast, malloc, nn, settings, unet as unet_model, vae  # noqa: E402
+from npsd import blas, clip, fast, malloc, nn, settings  # noqa: E402
 from npsd.config import sd15_config, sd2_config  # noqa: E402
 from npsd.params import unflatten  # noqa: E402
 from npsd.testing import compare  # noqa: E402
@@ -327,27 +327,28 @@ def build_models(torch, quick):
 def model_cases(torch, quick, models, params, config):
     rng = np.random.default_rng(1)
     cases = []
+    pipe = npsd.Pipeline(params, config)        # its model calls, as a sampling loop of one's own makes them
     tokens, width = 77, (CLIP_QUICK if quick else CLIP_FULL)["hidden_size"]
     for s in ((16, 8) if quick else (64, 32)):
         x, ctx = rng.standard_normal((2, 4, s, s), dtype=np.float32), rng.standard_normal((2, tokens, width), dtype=np.float32)
         t = np.array([801, 801])
         cases.append(Case(f"UNet step, batch 2, {s}x{s} latents",
-                          lambda x=x, ctx=ctx, t=t: unet_model.unet(params["unet"], x, t, ctx, config["unet"]),
+                          lambda x=x, ctx=ctx, t=t: pipe.unet(x, t, ctx),
                           lambda x=_t(x), ctx=_t(ctx), t=torch.from_numpy(t): _n(models["unet"](x, t, ctx).sample),
                           2e-5))
     side = 32 if quick else 64                                      # latent side
     z = rng.standard_normal((1, 4, side, side), dtype=np.float32)
     out_side = z.shape[-1] * 2 ** (len(params["vae"]["encoder"]["down_blocks"]) - 1)
     cases.append(Case(f"VAE decode, {z.shape[-1]}x{z.shape[-1]} -> {out_side}x{out_side}",
-                      lambda: vae.decode(params["vae"], z, config["vae"]),
+                      lambda: pipe.vae_decode(z),
                       lambda tz=_t(z): _n(models["vae"].decode(tz).sample), 2e-5))
     img = rng.uniform(-1, 1, (1, 3, out_side, out_side)).astype(np.float32)
     cases.append(Case(f"VAE encode, {out_side}x{out_side} (mean)",
-                      lambda: vae.encode(params["vae"], img, config["vae"])[0],
+                      lambda: pipe.vae_encode(img)[0],
                       lambda ti=_t(img): _n(models["vae"].encode(ti).latent_dist.mean), 2e-5))
-    ids = np.array(npsd.Pipeline(params, config).tokenize(["a photograph of an astronaut riding a horse", ""]))
+    ids = np.array(pipe.tokenize(["a photograph of an astronaut riding a horse", ""]))
     cases.append(Case("CLIP text encoder, 2x77 tokens",
-                      lambda: clip.encode_text(params["text_encoder"], ids, config["text_encoder"]),
+                      lambda: pipe.encode_text(ids),
                       lambda ti=torch.from_numpy(ids): _n(models["text"](ti).last_hidden_state), 1e-5))
     return cases
 
@@ -720,8 +721,8 @@ def main(argv=None):
         threads = f"({torch.get_num_threads()} threads), npsd kernels: {kernels} ({settings.THREADS} threads)"
     header = (f"{time.strftime('%Y-%m-%d')}, {machine()}, numpy {np.__version__}, torch {torch.__version__} "
               f"{threads}, {'quick' if args.quick else 'full'} mode\n{libraries(torch)}; "
-              "malloc (both sides): " + ("npsd/malloc.py settings, npsd holding the heap in its model calls and "
-                                         "generations" if malloc.KEPT else "as the system has it"))
+              "malloc (both sides): " + ("npsd/malloc.py settings, npsd.Pipeline holding the heap in its model calls "
+                                         "and generations" if malloc.KEPT else "as the system has it"))
     print(header, flush=True)
 
     results = []

@@ -17,7 +17,6 @@ import numpy as np
 from . import nn
 from .config import with_fallbacks
 from .errors import CheckpointError, InputError
-from .malloc import holding
 from .trace import record as _record, scope as _scope
 
 ACTIVATIONS = {"quick_gelu": nn.quick_gelu, "gelu": nn.gelu}
@@ -79,7 +78,6 @@ def hidden_states(params, ids, config, num_layers=None, trace=None):
     return states
 
 
-@holding()                                    # its temporaries stay in the heap (npsd/malloc.py)
 def encode_text(params, ids, config, clip_skip=None, trace=None):
     """int ids [B, L] -> float32 context [B, L, W]: CLIP's last hidden state after the final LayerNorm.
 

@@ -22,11 +22,11 @@ PyTorch model run beside npsd (as in benchmarks/bench.py) gets it too.
 
 Blocks over 32 MiB (a GEGLU projection over 8192 tokens is 80 MiB, the VAE's largest maps 64-256
 MiB) still come from mmap, fresh pages on every call: 0.61 GiB in a UNet call at 64x64 latents, 7%
-of its time. So a load, a generation and each model's forward pass (unet.unet, vae.encode and
-decode, clip.encode_text, taesd's) run inside `holding()`: while the outermost one lasts, no block
-comes from mmap (M_MMAP_MAX = 0) and freed memory stays in the heap for the next array; at its end
-the thresholds are set back and the free memory is handed back to the kernel (malloc_trim), so that
-the process does not keep its peak between calls. A 512x512 generation peaked within 15 MiB of the
+of its time. So a load, a generation and the Pipeline's model calls (encode_text, unet, vae_encode,
+vae_decode, decode_latents) run inside `holding()`: while the outermost one lasts, no block comes
+from mmap (M_MMAP_MAX = 0) and freed memory stays in the heap for the next array; at its end the
+thresholds are set back and the free memory is handed back to the kernel (malloc_trim), so that the
+process does not keep its peak between calls. A 512x512 generation peaked within 15 MiB of the
 size without it (docs/speed.md, section 7).
 
 NPSD_KEEP_MEMORY=0 in the environment leaves malloc as it is. Elsewhere than glibc (macOS, Windows,

@@ -139,11 +139,13 @@ class Pipeline:
         """str or list of str -> int64 token ids [B, 77]."""
         return self.tokenizer(prompts)
 
+    @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     def encode_text(self, ids, clip_skip=None):
         """int64 [B, L] -> float32 [B, L, width]: CLIP's last hidden state (after the final LayerNorm)."""
         return clip.encode_text(self.params["text_encoder"], ids, self.config["text_encoder"], clip_skip=clip_skip,
                                 trace=self._trace)
 
+    @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     def unet(self, latents, t, context, w_emb=None):
         """latents [B, C, h, w], t scalar or [B], context [B, L, 768] -> predicted noise [B, 4, h, w].
         w_emb: an LCM UNet's guidance_embedding (npsd.unet), else None."""
@@ -156,14 +158,17 @@ class Pipeline:
         proj = self.params["unet"]["time_embedding"].get("cond_proj")
         return None if proj is None else proj["weight"].shape[1]
 
+    @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     def vae_encode(self, images):
         """images float32 [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the unscaled latent [B, 4, H/8, W/8]."""
         return vae.encode(self.params["vae"], images, self.config["vae"], trace=self._trace)
 
+    @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     def vae_decode(self, latents, tile_size=None):
         """unscaled latents [B, 4, h, w] -> images float32 [B, 3, 8h, 8w] in [-1, 1]."""
         return vae.decode(self.params["vae"], latents, self.config["vae"], tile_size=tile_size, trace=self._trace)
 
+    @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     def decode_latents(self, latents, decoder="vae"):
         """SCALED latents [B, 4, h, w] (what the sampler works on) -> images float32 [B, H, W, 3] in [0, 1].
         decoder "vae": the model's VAE, after dividing by the scaling factor k; "taesd": self.taesd,

@@ -43,7 +43,6 @@ import numpy as np
 from . import fast as _fast
 from . import nn, settings
 from .errors import CheckpointError, InputError
-from .malloc import holding
 from .params import unflatten
 from .safetensors_io import open_weights
 
@@ -170,7 +169,6 @@ def decoder_shape(params):
     return first["weight"].shape[1], 2 ** upsamplings                      # SD v1.x's TAESD: (4, 8)
 
 
-@holding()                                    # its temporaries stay in the heap (npsd/malloc.py)
 def decode(params, latents):
     """Diffusion (scaled) latents [B, 4, h, w] -> images float32 [B, 3, 8h, 8w] in about [-1, 1]
     (not clamped), as diffusers' ``AutoencoderTiny.decode(latents).sample``."""
@@ -181,7 +179,6 @@ def decode(params, latents):
     return decoder(params["decoder"], latents)
 
 
-@holding()                                    # its temporaries stay in the heap (npsd/malloc.py)
 def encode(params, images):
     """Images [B, 3, H, W] in [-1, 1] -> diffusion (scaled) latents float32 [B, 4, H/8, W/8], as
     diffusers' ``AutoencoderTiny.encode(images).latents``. H and W should be multiples of 8."""

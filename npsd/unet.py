@@ -23,7 +23,6 @@ from . import nn
 from .architecture import context_width
 from .config import with_fallbacks
 from .errors import InputError
-from .malloc import holding
 from .params import flatten
 from .trace import record as _record, scope as _scope
 
@@ -187,7 +186,6 @@ def up_block(p, x, skips, temb, context, heads, config, size, trace=None):
 # The whole UNet
 # ---------------------------------------------------------------------------------------------
 
-@holding()                                    # its temporaries stay in the heap (npsd/malloc.py)
 def unet(params, latents, t, context, config, trace=None, w_emb=None):
     """Predict the noise in `latents` (LDM eq. 2: eps_theta(z_t, t, tau(y))).
 

@@ -25,7 +25,6 @@ import numpy as np
 from . import fast as _fast
 from . import nn, settings
 from .errors import CheckpointError, InputError
-from .malloc import holding
 from .trace import record as _record, scope as _scope
 
 # Fraction of a tile that overlaps its neighbour in tiled decoding (diffusers' tile_overlap_factor).
@@ -231,7 +230,6 @@ def _check_input(x, channels, what, hint):
     return x
 
 
-@holding()                                    # its temporaries stay in the heap (npsd/malloc.py)
 def encode(params, images, config, trace=None):
     """images float32 [B, 3, H, W] in [-1, 1] -> (mean, logvar), each [B, 4, H/8, W/8], unscaled.
 
@@ -317,7 +315,6 @@ def _decode_tiled(params, z, config, tile):
     return out
 
 
-@holding()                                    # its temporaries stay in the heap (npsd/malloc.py)
 def decode(params, latents, config, tile_size=None, trace=None):
     """Unscaled latents [B, 4, h, w] -> images float32 [B, 3, 8h, 8w], roughly in [-1, 1] (not clamped).
 

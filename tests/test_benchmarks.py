@@ -122,8 +122,8 @@ def test_header_names_the_libraries_and_threads(capsys, monkeypatch):
         header = capsys.readouterr().out.splitlines()[:2]                 # printed first
         assert "(1 threads), npsd kernels: fast (1 threads)" in header[0], header
         assert re.match(r"numpy BLAS: \S+ [\d.]+, kernel \S+; torch BLAS: \w+.*, CPU capability \w+; malloc \(both "
-                        r"sides\): (npsd/malloc.py settings, npsd holding the heap in its model calls and generations|"
-                        r"as the system has it)$", header[1]), header
+                        r"sides\): (npsd/malloc.py settings, npsd.Pipeline holding the heap in its model calls and "
+                        r"generations|as the system has it)$", header[1]), header
     assert bench.main(["--quick", "--threads", "0"]) == 2
 
 
