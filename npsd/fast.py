@@ -781,16 +781,21 @@ def winograd_rows(rows, b, c, ho, wo, weight, bias, out, add=False):
     return out
 
 
+def _bt_into(d, out):
+    """out[i] = (B^T d)[i] for the four rows (or columns) d[0..3] of every tile at once;
+    B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]."""
+    np.subtract(d[0], d[2], out=out[0])
+    np.add(d[1], d[2], out=out[1])
+    np.subtract(d[2], d[1], out=out[2])
+    np.subtract(d[1], d[3], out=out[3])
+
+
 def _input_transform(xb, v, n, tw):
-    """v[i, j] = (B^T d B)[i, j] for every tile; B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]."""
+    """v[i, j] = (B^T d B)[i, j] for every tile (_bt_into)."""
     d = [xb[:, k:k + 2 * n:2] for k in range(4)]                          # 4 x [C, n, Wp]: tile row k
     rows = (d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3])            # B^T d, along rows
     for i, r in enumerate(rows):
-        e = [r[:, :, k:k + 2 * tw:2] for k in range(4)]                    # 4 x [C, n, tw]: tile column k
-        np.subtract(e[0], e[2], out=v[i, 0])                               # (B^T d) B, along columns
-        np.add(e[1], e[2], out=v[i, 1])
-        np.subtract(e[2], e[1], out=v[i, 2])
-        np.subtract(e[1], e[3], out=v[i, 3])
+        _bt_into([r[:, :, k:k + 2 * tw:2] for k in range(4)], v[i])       # (B^T d) B, along columns k
 
 
 def _output_transform(m, yb):
@@ -1154,19 +1159,11 @@ def winograd_split(s, weight, bias, out=None, relu=False):
         for t0 in range(b0 * band, min(th, b1 * band), band):
             n = min(th, t0 + band) - t0
             x = s[2 * t0:2 * t0 + 2 * n + 2]                                 # [2n+2, 2, tw+1, C]
-            e = (x[:, 0, :-1], x[:, 1, :-1], x[:, 0, 1:], x[:, 1, 1:])       # tile column k, [2n+2, tw, C]
-            d = cc[:, :2 * n + 2]
-            np.subtract(e[0], e[2], out=d[0])                                # d B, along columns
-            np.add(e[1], e[2], out=d[1])
-            np.subtract(e[2], e[1], out=d[2])
-            np.subtract(e[1], e[3], out=d[3])
+            d = cc[:, :2 * n + 2]                                             # d B, along columns k:
+            _bt_into((x[:, 0, :-1], x[:, 1, :-1], x[:, 0, 1:], x[:, 1, 1:]), d)   # [2n+2, tw, C] each
             vb = v[:, :n * tw].reshape(4, 4, n, tw, c)
-            for j in range(4):
-                k = [d[j, i:i + 2 * n:2] for i in range(4)]                  # tile row i, [n, tw, C]
-                np.subtract(k[0], k[2], out=vb[0, j])                        # B^T (d B), along rows
-                np.add(k[1], k[2], out=vb[1, j])
-                np.subtract(k[2], k[1], out=vb[2, j])
-                np.subtract(k[1], k[3], out=vb[3, j])
+            for j in range(4):                                               # B^T (d B), along rows i
+                _bt_into([d[j, i:i + 2 * n:2] for i in range(4)], vb[:, j])    # [n, tw, C] each
             mb = np.matmul(v[:, :n * tw], u, out=m[:, :n * tw]).reshape(4, 4, n, tw, o)   # M_ij = V_ij U_ij
             rb = r[:, :, :n]
             for j in range(4):                                              # A^T M, rows 0 and 1
