@@ -798,15 +798,21 @@ def _input_transform(xb, v, n, tw):
         _bt_into([r[:, :, k:k + 2 * tw:2] for k in range(4)], v[i])       # (B^T d) B, along columns k
 
 
+def _at_into(m, out):
+    """out[a] = (A^T m)[a] for the four rows (or columns) m[0..3] of every tile's products at once;
+    A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]."""
+    np.add(m[0], m[1], out=out[0])
+    np.add(out[0], m[2], out=out[0])
+    np.subtract(m[1], m[2], out=out[1])
+    np.subtract(out[1], m[3], out=out[1])
+
+
 def _output_transform(m, yb):
-    """yb[:, :, a, :, b] = (A^T M A)[a, b] for every tile; A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]."""
+    """yb[:, :, a, :, b] = (A^T M A)[a, b] for every tile (_at_into)."""
     s0 = [m[0, j] + m[1, j] + m[2, j] for j in range(4)]                   # A^T M, row 0
     s1 = [m[1, j] - m[2, j] - m[3, j] for j in range(4)]                   # A^T M, row 1
     for a, s in enumerate((s0, s1)):
-        np.add(s[0], s[1], out=yb[:, :, a, :, 0])
-        yb[:, :, a, :, 0] += s[2]
-        np.subtract(s[1], s[2], out=yb[:, :, a, :, 1])
-        yb[:, :, a, :, 1] -= s[3]
+        _at_into(s, (yb[:, :, a, :, 0], yb[:, :, a, :, 1]))               # (A^T M) A, along columns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1167,23 +1173,19 @@ def winograd_split(s, weight, bias, out=None, relu=False):
             mb = np.matmul(v[:, :n * tw], u, out=m[:, :n * tw]).reshape(4, 4, n, tw, o)   # M_ij = V_ij U_ij
             rb = r[:, :, :n]
             for j in range(4):                                              # A^T M, rows 0 and 1
-                np.add(mb[0, j], mb[1, j], out=rb[0, j])
-                rb[0, j] += mb[2, j]
-                np.subtract(mb[1, j], mb[2, j], out=rb[1, j])
-                rb[1, j] -= mb[3, j]
+                _at_into(mb[:, j], rb[:, j])
             for a in (0, 1):                                                # (A^T M) A: columns 2tx, 2tx+1
                 rows = y[1 + a + 2 * t0:1 + a + 2 * (t0 + n):2]               # output rows 2ty + a
                 even, odd = rows[:, 1, :-1], rows[:, 0, 1:]                   # padded columns 2tx+1, 2tx+2
                 if out is None:
-                    np.add(rb[a, 0], rb[a, 1], out=even)
-                    np.subtract(rb[a, 1], rb[a, 2], out=odd)
-                else:
+                    _at_into(rb[a], (even, odd))
+                else:                                                       # a residual: add both into it
                     even += rb[a, 0]
                     even += rb[a, 1]
+                    even += rb[a, 2]
                     odd += rb[a, 1]
                     odd -= rb[a, 2]
-                even += rb[a, 2]
-                odd -= rb[a, 3]
+                    odd -= rb[a, 3]
                 for col in (even, odd):
                     if bias is not None:
                         col += bias

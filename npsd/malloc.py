@@ -1,5 +1,5 @@
 """Freed memory kept for the next array: two settings of glibc's malloc, made when npsd is imported,
-and a third held while a generation or a load runs.
+and a third held while a load, a generation or a Pipeline model call runs.
 
 A forward pass allocates and frees thousands of temporaries of 0.1-30 MiB (a layer's output, a
 score block, an im2col piece). glibc's malloc gives such a block fresh pages from the kernel when
