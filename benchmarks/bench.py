@@ -1,6 +1,6 @@
 """npsd against PyTorch on the same inputs, in the same run.
 
-    python -m benchmarks.bench            # full mode: SD v1.5 and 2.1 shapes (17 minutes on 2 cores with --repeat 3)
+    python -m benchmarks.bench            # full mode: SD v1.5 and 2.1 shapes (about 25 minutes on 2 cores with --repeat 3)
     python -m benchmarks.bench --quick    # small shapes, seconds (tests/test_benchmarks.py runs it)
     python -m benchmarks.bench --only unet --repeat 5 --markdown table.md
     python -m benchmarks.bench --only image   # the time-to-image rows alone (about 7 minutes)
@@ -10,7 +10,8 @@ Needs the test extra (torch, diffusers, transformers). The weights are random, a
 torch and npsd share them (npsd's arrays are views of torch's tensors), so one copy is in memory.
 
 For every case the two implementations run alternately (npsd, torch, npsd, torch, ...) after one
-warm-up call each (the whole generations, minutes long, are timed once, on that first call), and the
+warm-up call each (the whole generations, minutes long, are timed once, on that first call): `--repeat`
+calls each, or as many as make MIN_SECONDS (3 s) per side for a short case, at most 50. The
 table gives:
 - the median time of each and the ratio npsd / torch (below 1: npsd is faster);
 - the peak working memory of each call: the largest resident set size sampled every millisecond
@@ -592,14 +593,31 @@ def _measured(f):
     return dt, m.peak, out
 
 
+# A case's median over 3 calls spread by 10-20% between runs where a call takes 0.2 s (CLIP: 0.92-1.25
+# against torch, docs/speed.md section 4), so a short case gets more calls: each side's timed calls
+# add up to at least MIN_SECONDS (at most MAX_CALLS of them).
+MIN_SECONDS = 3.0
+MAX_CALLS = 50
+
+
+def timed_calls(repeat, first_seconds):
+    """How many alternating timed calls a case gets: `repeat`, or more where its first calls (the
+    slower side's, first_seconds) were short; a case run once (repeat 1) stays at one."""
+    if repeat <= 1:
+        return repeat
+    return max(repeat, min(MAX_CALLS, math.ceil(MIN_SECONDS / max(first_seconds, 1e-6))))
+
+
 def run_case(case, repeat):
     """Warm-up calls (npsd's with the FLOP count), the output check, then `repeat` alternating timed
-    calls of each. A case run once (repeat 1: the whole txt2img) is timed on those first calls."""
-    res, n = Result(case), case.repeat or repeat
+    calls of each, more for a short case (timed_calls). A case run once (repeat 1: the whole txt2img)
+    is timed on those first calls."""
+    res = Result(case)
     with FlopCounter() as fc:
         first = {"npsd": _measured(case.npsd)}
     res.flops = fc.flops
     first["torch"] = _measured(case.torch)
+    n = timed_calls(case.repeat or repeat, max(first["npsd"][0], first["torch"][0]))
     c = compare(np.asarray(first["npsd"][2]), np.asarray(first["torch"][2]))
     res.rel_err = c.max_abs if "txt2img" in case.name or case.name.startswith(IMAGE) else c.max_rel
     runs = [{side: r[:2] for side, r in first.items()}] if n == 1 else []

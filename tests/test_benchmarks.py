@@ -8,6 +8,7 @@ import os
 import re
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import bench
@@ -104,6 +105,25 @@ def threads_restored():
         if before[1]:
             blas.set_threads(before[1])
         settings.set_threads(before[2])
+
+
+def test_a_short_case_gets_calls_for_its_minimum_time():
+    """--repeat is the least count of timed calls: a case whose first calls were short gets as many as
+    make bench.MIN_SECONDS a side (at most MAX_CALLS), a case run once stays at one, and run_case makes
+    that many calls of each side after the first."""
+    assert bench.timed_calls(3, 0.2) == math.ceil(bench.MIN_SECONDS / 0.2)
+    assert bench.timed_calls(3, 60.0) == 3 and bench.timed_calls(7, 0.9 * bench.MIN_SECONDS / 5) == 7
+    assert bench.timed_calls(3, 1e-5) == bench.MAX_CALLS and bench.timed_calls(1, 1e-5) == 1
+    calls = {"npsd": 0, "torch": 0}
+
+    def side(name):
+        def call():
+            calls[name] += 1
+            return np.ones(4, np.float32)
+        return call
+    r = bench.run_case(bench.Case("ones", side("npsd"), side("torch"), 1e-6), 3)
+    assert calls == {"npsd": 1 + bench.MAX_CALLS, "torch": 1 + bench.MAX_CALLS}
+    assert len(r.npsd_times) == len(r.torch_times) == bench.MAX_CALLS and r.rel_err == 0
 
 
 def test_disagreeing_output_fails(monkeypatch, capsys):
