@@ -618,6 +618,13 @@ def _add_bias(y, bias):
     parallel(f, b * o, y.size)
 
 
+# One band of im2col's columns for a conv of one image at a time. 16 MiB: the VAE encoder's stride-2
+# conv at 512x512 (128 channels) took 178 ms against 320 ms with bands of CHUNK_BYTES (128 MiB) on a
+# heap that had not held that much yet, as in a generation's one encode (173 against 190 ms on a heap
+# that had; docs/speed.md section 2).
+IM2COL_BAND_BYTES = 16 * 2**20
+
+
 def _im2col_conv(x, weight, pad, stride, ho, wo):
     """im2col with the patch axis first: cols[(c, i, j), (n, r, x)] = xp[n, c, r*s + i, x*s + j], built
     by kh*kw slice copies of whole rows (contiguous runs), then W [O, C*kh*kw] @ cols. A band is some
@@ -635,6 +642,8 @@ def _im2col_conv(x, weight, pad, stride, ho, wo):
     # whole images per band, while their columns are no larger than the weights: each image added
     # then moves fewer bytes than reading the weights again would
     images = max(1, min(b, settings.CHUNK_BYTES // image_bytes, w2.nbytes // image_bytes)) if rows == ho else 1
+    if images == 1:                       # else bands of rows, at most IM2COL_BAND_BYTES of columns
+        rows = max(1, min(rows, IM2COL_BAND_BYTES // row_bytes))
     cols_buf = np.empty((c, kh, kw, images, rows, wo), np.float32)
     for b0 in range(0, b, images):
         b1 = min(b, b0 + images)

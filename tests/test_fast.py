@@ -114,6 +114,27 @@ def test_conv2d_several_images_per_band(monkeypatch):
         check(lambda: nn.conv2d(x, w, b, padding=1), "conv2d of 3 images, 2 per band")
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_im2col_bands_of_one_image(monkeypatch, stride):
+    """One image's im2col columns are built fast.IM2COL_BAND_BYTES at a time, however large the chunk
+    budget: a 64x64 map of 16 channels, whose columns take 2.4 MB at stride 1, with bands of 64 KiB
+    peaks at 0.46 MB of NumPy's memory (0.37 MB at stride 2; 2.9 and 0.94 MB with the columns whole),
+    and a band that mixed up rows fails the comparison with the plain conv."""
+    import tracemalloc
+    monkeypatch.setattr(fast, "WINOGRAD", False)
+    monkeypatch.setattr(fast, "IM2COL_BAND_BYTES", 2**16)
+    x, w, b = randn(1, 16, 64, 64), randn(8, 16, 3, 3, scale=0.1), randn(8)
+    check(lambda: nn.conv2d(x, w, b, stride=stride, padding=1), f"conv2d stride {stride} in bands of 64 KiB")
+    tracemalloc.start()
+    try:
+        nn.conv2d(x, w, b, stride=stride, padding=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the padded input (0.28 MB), the output (<= 0.13 MB) and one band (<= 64 KiB) beside small ones
+    assert peak < 1.3e6 / stride, f"peak {peak} bytes: the columns were not built in bands"
+
+
 def test_choices_by_cpu_vendor(tmp_path):
     """Winograd in bands from 1024 output positions, as a small map from 512, and attention blocks of
     2^19 scores on AMD (where they were measured), 2048 (no small maps) and 2^18 elsewhere; the vendor
