@@ -582,7 +582,7 @@ def weights_dtype_of(weights_dtype, dtype=None):
     return np.dtype(wanted)
 
 
-@holding()                                    # its temporaries stay in the heap (npsd/malloc.py)
+@holding(huge_pages=True)                     # its temporaries stay in the heap (npsd/malloc.py)
 def load(path=None, ema=True, weights_dtype="float32", *, dtype=None):
     """Load an SD v1.x model and return an npsd.Pipeline.
 

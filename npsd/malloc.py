@@ -1,5 +1,6 @@
 """Freed memory kept for the next array: two settings of glibc's malloc, made when npsd is imported,
-and a third held while a load, a generation or a Pipeline model call runs.
+and a third held while a load, a generation or a Pipeline model call runs; and no huge pages
+requested for the arrays of a generation or a model call.
 
 A forward pass allocates and frees thousands of temporaries of 0.1-30 MiB (a layer's output, a
 score block, an im2col piece). glibc's malloc gives such a block fresh pages from the kernel when
@@ -29,12 +30,23 @@ thresholds are set back and the free memory is handed back to the kernel (malloc
 process does not keep its peak between calls. A 512x512 generation peaked within 15 MiB of the
 size without it (docs/speed.md, section 7).
 
-NPSD_KEEP_MEMORY=0 in the environment leaves malloc as it is. Elsewhere than glibc (macOS, Windows,
-musl) nothing is changed.
+NumPy asks the kernel for transparent huge pages (madvise MADV_HUGEPAGE) for every array of 4 MiB
+or more. Where the kernel compacts memory to find a huge page when such an array is first written
+(Linux's default `defrag` setting for advised memory), a call whose memory has been handed back and
+taken again waits on that compaction: a 512x512 VAE encode run right after PyTorch's took 6.9 s
+against 5.1 s after npsd's own, 2-3 s of it in the kernel, and a UNet call at 64x64 latents 8.56
+against 8.05 s (docs/speed.md, section 7). So the blocks of the model calls and generations also
+turn NumPy's request off while they last (4 KiB pages, faulted without compaction) and restore it at
+their end; `npsd.load` (`holding(huge_pages=True)`) leaves it on, as the weights it makes stay for the
+process's life and are read on every call.
+
+NPSD_KEEP_MEMORY=0 in the environment leaves malloc and NumPy as they are. Elsewhere than glibc
+(macOS, Windows, musl) nothing is changed.
 """
 
 import contextlib
 import ctypes
+import importlib
 import os
 import platform
 import threading
@@ -70,23 +82,60 @@ def keep_freed_memory():
 
 KEPT = os.environ.get("NPSD_KEEP_MEMORY", "1") != "0" and keep_freed_memory()
 _held = [0]                                  # holding() blocks running, in every thread
+_small = [0]                                 # those of them with huge_pages=False
+_numpy_before = [True]                       # NumPy's setting when the first of those began
 _lock = threading.Lock()
 
 
+def _numpy_switch():
+    """NumPy's `_set_madvise_hugepage(enabled) -> previous` (numpy._core.multiarray; numpy.core in
+    NumPy 1.x), or None where this NumPy has none."""
+    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            switch = getattr(importlib.import_module(name), "_set_madvise_hugepage", None)
+        except ImportError:
+            continue
+        if switch is not None:
+            return switch
+    return None
+
+
+_NUMPY_HUGE_PAGES = _numpy_switch() if KEPT else None
+
+
+def numpy_huge_pages():
+    """Whether NumPy now asks for transparent huge pages for its large arrays (None: no such switch)."""
+    if _NUMPY_HUGE_PAGES is None:
+        return None
+    with _lock:
+        now = _NUMPY_HUGE_PAGES(False)
+        _NUMPY_HUGE_PAGES(now)
+    return bool(now)
+
+
 @contextlib.contextmanager
-def holding():
+def holding(huge_pages=False):
     """While the outermost `with holding():` runs, no block comes from mmap and the heap keeps what is
-    freed; leaving it sets the thresholds back and hands the free memory back (malloc_trim). Nested
-    and concurrent blocks count as one. Nothing changes where KEPT is False."""
+    freed; leaving it sets the thresholds back and hands the free memory back (malloc_trim). Unless
+    huge_pages, NumPy's request for transparent huge pages is off meanwhile. Nested and concurrent
+    blocks count as one. Nothing changes where KEPT is False."""
     with _lock:
         _held[0] += 1
         if _held[0] == 1 and KEPT:
             _LIBC.mallopt(M_MMAP_MAX, 0)
             _LIBC.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        if not huge_pages:
+            _small[0] += 1
+            if _small[0] == 1 and _NUMPY_HUGE_PAGES is not None:
+                _numpy_before[0] = _NUMPY_HUGE_PAGES(False)
     try:
         yield
     finally:
         with _lock:
+            if not huge_pages:
+                _small[0] -= 1
+                if _small[0] == 0 and _NUMPY_HUGE_PAGES is not None:
+                    _NUMPY_HUGE_PAGES(_numpy_before[0])
             _held[0] -= 1
             if _held[0] == 0 and KEPT:
                 _LIBC.mallopt(M_MMAP_MAX, MMAP_MAX)

@@ -107,25 +107,29 @@ def test_holding_keeps_large_blocks_for_the_next_array_and_hands_them_back():
 
 
 def test_generations_and_loading_hold_the_heap(monkeypatch):
-    """npsd.load and every generation run inside malloc.holding()."""
+    """npsd.load and every generation run inside malloc.holding(); the generations with NumPy's request
+    for huge pages off, the load with it as it was, and it is as it was after each."""
     from npsd import loading, malloc
-    seen = []
+    seen, before = [], malloc.numpy_huge_pages()
 
     class Recording(loading.Pipeline):
         def __init__(self, *args, **kwargs):
-            seen.append(("load", malloc._held[0]))
+            seen.append(("load", malloc._held[0], malloc.numpy_huge_pages()))
             super().__init__(*args, **kwargs)
     monkeypatch.setattr(loading, "Pipeline", Recording)
     pipe = npsd.load()
     image, mask = Image.new("RGB", (64, 64), (128, 128, 128)), Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))                                        # repaint the left half
-    step = lambda name: (lambda *args, **kwargs: seen.append((name, malloc._held[0])))
+    step = lambda name: (lambda *args, **kwargs: seen.append((name, malloc._held[0], malloc.numpy_huge_pages())))
     pipe.txt2img("a red circle", num_inference_steps=1, seed=0, callback=step("txt2img"))
     pipe.img2img("a red circle", image, strength=1.0, num_inference_steps=1, seed=0, callback=step("img2img"))
     pipe.inpaint("a red circle", image, mask, num_inference_steps=1, seed=0, callback=step("inpaint"))
-    assert [name for name, _ in seen] == ["load", "txt2img", "img2img", "inpaint"]
-    assert all(held >= 1 for _, held in seen), seen
-    assert malloc._held[0] == 0
+    assert [name for name, _, _ in seen] == ["load", "txt2img", "img2img", "inpaint"]
+    assert all(held >= 1 for _, held, _ in seen), seen
+    assert malloc._held[0] == 0 and malloc.numpy_huge_pages() == before
+    if malloc.KEPT:                               # glibc, NPSD_KEEP_MEMORY unset, this NumPy has the switch
+        assert before is not None, "NumPy's huge-page switch was not found"
+        assert [huge for _, _, huge in seen] == [before, False, False, False], seen
 
 
 class _Inside(Exception):
@@ -139,7 +143,8 @@ class _Inside(Exception):
     ("decode_latents", (None, "taesd"), "taesd", "decode")])
 def test_model_calls_hold_the_heap(method, args, module, function, monkeypatch):
     """The Pipeline's model calls made on their own (a sampling loop of one's own, the benchmark's
-    single calls) run inside malloc.holding() too, and leave it when they raise. (The model functions
+    single calls) run inside malloc.holding() too, with NumPy's request for huge pages off, and leave
+    both when they raise. (The model functions
     themselves stay undecorated, so that pdb's `b npsd.unet.unet` stops in them: docs/one_step.md.)"""
     import importlib
 
@@ -147,10 +152,12 @@ def test_model_calls_hold_the_heap(method, args, module, function, monkeypatch):
     pipe, seen = npsd.load(), []
 
     def model(*args, **kwargs):                  # the model function records, then stops the call
-        seen.append(malloc._held[0])
+        seen.append((malloc._held[0], malloc.numpy_huge_pages()))
         raise _Inside
     monkeypatch.setattr(importlib.import_module(f"npsd.{module}"), function, model)
     monkeypatch.setattr(pipeline, "taesd_for", lambda *args: None)
+    before = malloc.numpy_huge_pages()
     with pytest.raises(_Inside):
         getattr(pipe, method)(*args)
-    assert len(seen) == 1 and seen[0] >= 1 and malloc._held[0] == 0
+    assert len(seen) == 1 and seen[0][0] >= 1 and malloc._held[0] == 0
+    assert seen[0][1] is (False if malloc.KEPT else before) and malloc.numpy_huge_pages() == before
