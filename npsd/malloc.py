@@ -34,7 +34,7 @@ NumPy asks the kernel for transparent huge pages (madvise MADV_HUGEPAGE) for eve
 or more. Where the kernel compacts memory to find a huge page when such an array is first written
 (Linux's default `defrag` setting for advised memory), a call whose memory has been handed back and
 taken again waits on that compaction: a 512x512 VAE encode run right after PyTorch's took 6.9 s
-against 5.1 s after npsd's own, 2-3 s of it in the kernel, and a UNet call at 64x64 latents 8.56
+against 5.1 s after npsd's own, 2-3 s of it in the kernel, and a UNet call at 64x64 latents 8.86
 against 8.05 s (docs/speed.md, section 7). So the blocks of the model calls and generations also
 turn NumPy's request off while they last (4 KiB pages, faulted without compaction) and restore it at
 their end; `npsd.load` (`holding(huge_pages=True)`) leaves it on, as the weights it makes stay for the
