@@ -593,9 +593,10 @@ def _measured(f):
     return dt, m.peak, out
 
 
-# A case's median over 3 calls spread by 10-20% between runs where a call takes 0.2 s (CLIP: 0.92-1.25
-# against torch, docs/speed.md section 4), so a short case gets more calls: each side's timed calls
-# add up to at least MIN_SECONDS (at most MAX_CALLS of them).
+# A median of 3 calls of 0.2 s follows the one or two slow calls of a noisy moment (CLIP's row spread
+# over 0.92-1.25 between runs, docs/speed.md section 8; 0.91-1.07 with 13-15 calls, the host's speed
+# drifting between runs), so a short case gets more calls: each side's timed calls add up to at least
+# MIN_SECONDS (at most MAX_CALLS of them).
 MIN_SECONDS = 3.0
 MAX_CALLS = 50
 
