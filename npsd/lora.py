@@ -38,6 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import CheckpointError, InputError
+from .fast import astype
 from .safetensors_io import open_weights
 from .params import flatten
 
@@ -114,8 +115,8 @@ def merged(original, updates):
             w = d
         else:
             w += d
-    w += original                                                      # (float16 W: added as float32)
-    return w.astype(original.dtype, copy=False)
+    w += astype(original, np.float32)       # float16 W: a float32 copy of this one layer (W itself if float32)
+    return astype(w, original.dtype)        # (fast.astype: NumPy's own casts from and to float16 are slow)
 
 
 # --- which layers a LoRA can attach to, and their names in each format -----------------------------

@@ -307,6 +307,29 @@ def test_merge_keeps_a_weight_laid_out_transposed_so(dtype):
     assert compare(as_read.astype(np.float32), w.astype(np.float32)).max_rel > 0.1     # the LoRAs matter
 
 
+def test_a_float16_weight_merges_as_numpy_rounds_it():
+    """Weights kept in float16: the merge converts the layer to float32 and the sum back with
+    npsd.fast.astype (in parallel pieces; NumPy's own float16 casts take one value at a time). The
+    result is bit for bit NumPy's plain (W.astype(float32) + update).astype(float16), for a layer
+    split into two threads' pieces and for values of every float16 kind: subnormal, signed zero,
+    the largest finite, sums that round to infinity."""
+    rng = np.random.default_rng(5)
+    w = (0.05 * rng.standard_normal((640, 1152))).astype(np.float16)          # 737,280 values: split
+    w[1, :6] = [0.0, -0.0, 6e-8, -3e-5, 65504.0, -65504.0]
+    # factors whose product float32 holds exactly, so that the only roundings are the sum's and float16's
+    up = rng.integers(-8, 9, (640, 8)).astype(np.float32) / 64
+    down = rng.integers(-8, 9, (8, 1152)).astype(np.float32) / 16
+    up[1] = 0.0                                                                # row 1 keeps its values ...
+    up[0, 0], down[0, 0] = 2.0 ** 14, 16.0                                    # ... and one sum overflows
+    update = lora.Update("unet", "layer", up, down, 0.5)
+    with np.errstate(over="ignore"):
+        expect = (w.astype(np.float32) + 0.25 * (up @ down)).astype(np.float16)
+    got = lora.merged(w, [(0.5, update)])
+    assert got.dtype == np.float16 and np.isinf(got[0, 0]) and (got[1] == w[1]).all()
+    assert np.array_equal(got.view(np.uint16), expect.view(np.uint16)), \
+        f"{(got.view(np.uint16) != expect.view(np.uint16)).sum()} float16 values differ from NumPy's rounding"
+
+
 def test_load_unload_gives_back_the_base_model_exactly(models, tmp_path):
     """Load, change, unload, load another: the base model's numbers come back bit for bit (the layers
     get their original arrays back); strengths changed back and forth give identical merges; only the
