@@ -207,7 +207,8 @@ def _generation_options(p, mode):
       help="a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK, [a:b:when], [a|b] and <lora:NAME:S> "
            "(docs/prompts.md); plain: brackets are literal, as in diffusers")
     a("--lora", metavar="FILE[:STRENGTH]", action="append", type=_lora_option,
-      help="apply a LoRA file (kohya/A1111 or diffusers/PEFT) with a strength (default 1); repeatable")
+      help="apply a LoRA file (kohya/A1111 or diffusers/PEFT) with a strength (default 1), merged into the "
+           "weights without keeping a second copy of them; repeatable")
     a("--lora-dir", metavar="DIR", help="where <lora:NAME:S> in a prompt finds NAME.safetensors (also --from-png's LoRAs)")
     a("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings used by name in prompts (the file's stem)")
     a("--threads", metavar="N", type=_int_at_least(1, "threads"),
@@ -299,15 +300,15 @@ def attach_networks(pipe, args, settings):
     --embeddings-dir for embeddings named in prompts."""
     from .pipeline import _lora_file
     pipe.lora_dir, pipe.embeddings_dir = args.lora_dir, args.embeddings_dir
-    for path, strength in settings["lora"]:
+    for path, strength in settings["lora"]:        # never unloaded here: merged without a second copy
         if not os.path.isfile(path):
             raise UsageError(f"--lora {path} does not exist; check the path")
-        pipe.load_lora(path, strength)
+        pipe.load_lora(path, strength, keep_base=False)
     for name, strength in settings["lora_names"]:                      # stored in --from-png's image
         if args.lora_dir is None:
             raise UsageError(f"--from-png: the image used the LoRA {name!r}; give --lora-dir (a folder with "
                              f"{name}.safetensors) or --lora FILE")
-        pipe.load_lora(_lora_file(args.lora_dir, name), strength, name=name)
+        pipe.load_lora(_lora_file(args.lora_dir, name), strength, name=name, keep_base=False)
     if settings["ti_names"] and args.embeddings_dir is None:
         raise UsageError(f"--from-png: the image used the embeddings {', '.join(settings['ti_names'])}; give "
                          "--embeddings-dir (a folder with those files)")

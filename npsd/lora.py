@@ -70,7 +70,7 @@ class Update(NamedTuple):
     """One layer's low-rank update: W += strength * scale * (up @ down), in W's shape."""
     component: str          # "text_encoder" or "unet"
     path: str               # module path in params[component], e.g. "mid_block.attentions.0.proj_in"
-    up: np.ndarray          # [out, r] or [out, r, 1, 1]
+    up: np.ndarray          # [out, r] or [out, r, 1, 1]; float16 or float32, as the file stores them
     down: np.ndarray        # [r, in] or [r, in, kh, kw]
     scale: float            # alpha / r (alpha / sqrt(r) for rsLoRA)
 
@@ -82,6 +82,7 @@ class Loaded(NamedTuple):
     strength: float         # text encoder (and UNet unless unet_strength says otherwise)
     unet_strength: float
     layers: int             # layers touched
+    in_base: bool = False   # merged into the base weights (load_lora(..., keep_base=False)): no unloading
 
 
 # --- the math -----------------------------------------------------------------------------------
@@ -96,18 +97,22 @@ def low_rank(up, down, shape):
     return (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(shape)   # [out, in*kh*kw]
 
 
-def merged(original, updates):
+BAND_BYTES = 8 * 2**20       # the float32 copy of a float16 weight is made this much at a time
+
+
+def merged(original, updates, out=None):
     """W' = W + sum_i strength_i * scale_i * up_i @ down_i; updates: [(strength, Update)].
-    Computed in float32 from the original array (never modified) and returned in its dtype and memory
-    order (the text encoder's weights are laid out transposed, npsd.clip.blas_layout). Each
-    factor strength * scale multiplies the small up [out, r] before the product, and the first
-    product's array takes the sum: one full-size array per layer, where scaling the product and
-    adding it to a float32 copy of W made three."""
+    Computed in float32 and written to `out` in its dtype: by default a new array in W's memory order
+    (the text encoder's weights are laid out transposed, npsd.clip.blas_layout); out=original merges
+    in place. Each factor strength * scale multiplies the small up [out, r] before the product, and
+    the first product's array takes the sum: one full-size float32 array per layer (W is added to it
+    and the sum written out a band of rows at a time), where scaling the product and adding it to a
+    float32 copy of W made three."""
     if original.ndim == 2 and original.flags.f_contiguous and not original.flags.c_contiguous:
         # W laid out [in, out]: the same sum transposed, W^T + down^T up^T, comes out laid out as W
         flip = [(s, u._replace(up=u.down.reshape(len(u.down), -1).T, down=u.up.reshape(len(u.up), -1).T))
                 for s, u in updates]
-        return merged(original.T, flip).T
+        return merged(original.T, flip, None if out is None else out.T).T
     w = None
     for strength, u in updates:
         d = low_rank(u.up * np.float32(strength * u.scale), u.down, original.shape)         # float32
@@ -115,8 +120,15 @@ def merged(original, updates):
             w = d
         else:
             w += d
-    w += astype(original, np.float32)       # float16 W: a float32 copy of this one layer (W itself if float32)
-    return astype(w, original.dtype)        # (fast.astype: NumPy's own casts from and to float16 are slow)
+    if out is None:
+        out = w if original.dtype == np.float32 else np.empty(original.shape, original.dtype)
+    rows = max(1, BAND_BYTES // (4 * w[0].size))
+    for i in range(0, len(w), rows):        # a band at a time: a float16 W's float32 copy stays small
+        band = w[i:i + rows]
+        band += astype(original[i:i + rows], np.float32)
+        if out is not w:
+            out[i:i + rows] = astype(band, out.dtype)    # (fast.astype: NumPy's float16 casts are slow)
+    return out
 
 
 # --- which layers a LoRA can attach to, and their names in each format -----------------------------
@@ -199,7 +211,7 @@ def read(path, params):
         updates = []
         for n, roles in groups.items():
             comp, p = located[n]
-            up, down = f.read(roles["up"], np.float32), f.read(roles["down"], np.float32)
+            up, down = _factor(f, roles["up"]), _factor(f, roles["down"])
             _check_fit(n, comp, p, up, down, layers[comp][p], where)
             if "alpha" in roles:
                 a = roles["alpha"]
@@ -211,6 +223,13 @@ def read(path, params):
                 scale = 1.0                               # no alpha anywhere: alpha = r
             updates.append(Update(comp, p, up, down, scale))
     return fmt, updates
+
+
+def _factor(f, name):
+    """A factor as stored when float16 or float32 (float16 ones, as published files hold them, take half
+    the memory until their layer is merged), else as float32."""
+    t = f.read(name)
+    return t if t.dtype in (np.float16, np.float32) else t.astype(np.float32)
 
 
 def _group(shapes, where):
@@ -295,29 +314,52 @@ def _peft_alphas(metadata, where):
 
 class LoraSet:
     """The LoRAs merged into a Pipeline's params, and the original arrays of the layers they touch
-    (only those: memory grows by the touched layers' size, plus the small factors)."""
+    (only those: memory grows by the touched layers' size, plus the small factors). A LoRA loaded with
+    keep_base=False is merged into the base arrays themselves, in place (a read-only array is
+    replaced), and its factors are not kept: the layers are not held twice, and it cannot be unloaded."""
 
     def __init__(self, params):
         self.params = params
         self.loaded = {}        # name -> (Loaded, {(component, path): Update}), in load order
         self.originals = {}     # (component, path) -> the layer's original weight (the very array)
+        self.in_base = {}       # name -> Loaded, for the LoRAs merged into the base
 
-    def load(self, path, strength=1.0, name=None, unet_strength=None):
+    def load(self, path, strength=1.0, name=None, unet_strength=None, keep_base=True):
         strength = _strength(strength, "strength")
         unet_strength = strength if unet_strength is None else _strength(unet_strength, "unet_strength")
         name = os.path.splitext(os.path.basename(os.fspath(path)))[0] if name is None else name
         if not isinstance(name, str) or not name:
             raise InputError(f"a LoRA's name must be a non-empty string, got {name!r}")
+        if name in self.in_base or (not keep_base and name in self.loaded):
+            raise InputError(f"a LoRA named {name!r} is already loaded"
+                             + (" into the base weights (keep_base=False); load the model again to change it"
+                                if name in self.in_base else "; unload it first or give another name"))
         fmt, updates = read(path, self.params)
-        previous = self.loaded.pop(name, (None, {}))[1]                  # loading a name again replaces it
-        self.loaded[name] = (Loaded(os.fspath(path), fmt, strength, unet_strength, len(updates)),
-                             {(u.component, u.path): u for u in updates})
-        self._remerge(set(previous) | set(self.loaded[name][1]))
-        return len(updates)
+        info = Loaded(os.fspath(path), fmt, strength, unet_strength, len(updates), in_base=not keep_base)
+        if keep_base:
+            previous = self.loaded.pop(name, (None, {}))[1]              # loading a name again replaces it
+            self.loaded[name] = (info, {(u.component, u.path): u for u in updates})
+            self._remerge(set(previous) | set(self.loaded[name][1]))
+            return info.layers
+        self.in_base[name] = info
+        while updates:                                   # each layer's factors let go once it is merged
+            u = updates.pop()
+            key, node = (u.component, u.path), _module(self.params[u.component], u.path)
+            base = self.originals.get(key, node["weight"])
+            s = strength if u.component == "text_encoder" else unet_strength
+            base = merged(base, [(s, u)], out=base if base.flags.writeable else None)     # in place
+            if key in self.originals:                    # another LoRA touches it too: its new base
+                self.originals[key] = base
+                self._remerge([key])
+            else:
+                node["weight"] = base
+        return info.layers
 
     def unload(self, name=None):
         if name is not None and name not in self.loaded:
-            raise InputError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(self.loaded) or 'none'})")
+            raise InputError(f"the LoRA {name!r} was loaded into the base weights (keep_base=False) and cannot "
+                             "be unloaded; load the model again" if name in self.in_base else
+                             f"no LoRA named {name!r} is loaded (loaded: {', '.join(self.loaded) or 'none'})")
         names = list(self.loaded) if name is None else [name]
         touched = set()
         for n in names:
@@ -325,7 +367,7 @@ class LoraSet:
         self._remerge(touched)
 
     def info(self):
-        return {name: loaded for name, (loaded, _) in self.loaded.items()}
+        return {**self.in_base, **{name: loaded for name, (loaded, _) in self.loaded.items()}}
 
     def _remerge(self, layers):
         """Recompute each layer from its original and every LoRA that touches it; a layer no LoRA

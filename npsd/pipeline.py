@@ -179,20 +179,27 @@ class Pipeline:
 
     # --- LoRA (npsd/lora.py, docs/lora.md) -------------------------------------------------------
 
-    def load_lora(self, path, strength=1.0, name=None, unet_strength=None):
+    @holding(huge_pages=True)                 # the merged weights stay: huge pages, as npsd.load's
+    def load_lora(self, path, strength=1.0, name=None, unet_strength=None, keep_base=True):
         """Merge a LoRA (kohya/A1111 or diffusers/PEFT; .safetensors, or .pt/.ckpt read without pickle's
         code) into the text encoder and UNet: W + strength * (alpha / r) * up @ down. name: default the
         file's stem; loading a name again replaces it. unet_strength: the UNet's own (None: strength).
+        keep_base=False merges it into the base weights' arrays in place (so into any other pipeline
+        made on the same arrays too) without keeping their originals: the layers it touches are not
+        held twice (the LCM-LoRA touches nearly the whole UNet), but it cannot be unloaded or changed.
         -> the number of layers it touches."""
-        return self._lora_set().load(path, strength, name, unet_strength)
+        return self._lora_set().load(path, strength, name, unet_strength, keep_base)
 
+    @holding(huge_pages=True)
     def unload_lora(self, name=None):
-        """Remove the LoRA `name` (None: all); the layers no LoRA touches get their original arrays back."""
+        """Remove the LoRA `name` (None: all but those loaded with keep_base=False); the layers no LoRA
+        touches any more get their original arrays back."""
         self._lora_set().unload(name)
 
     @property
     def loras(self):
-        """{name: npsd.lora.Loaded(path, format, strength, unet_strength, layers)}, in load order."""
+        """{name: npsd.lora.Loaded(path, format, strength, unet_strength, layers, in_base)}: those merged
+        into the base weights first, then the others in load order."""
         return self._lora_set().info()
 
     def _lora_set(self):

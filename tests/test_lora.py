@@ -307,12 +307,14 @@ def test_merge_keeps_a_weight_laid_out_transposed_so(dtype):
     assert compare(as_read.astype(np.float32), w.astype(np.float32)).max_rel > 0.1     # the LoRAs matter
 
 
-def test_a_float16_weight_merges_as_numpy_rounds_it():
-    """Weights kept in float16: the merge converts the layer to float32 and the sum back with
-    npsd.fast.astype (in parallel pieces; NumPy's own float16 casts take one value at a time). The
-    result is bit for bit NumPy's plain (W.astype(float32) + update).astype(float16), for a layer
-    split into two threads' pieces and for values of every float16 kind: subnormal, signed zero,
-    the largest finite, sums that round to infinity."""
+@pytest.mark.parametrize("band_bytes", [lora.BAND_BYTES, 2**16])
+def test_a_float16_weight_merges_as_numpy_rounds_it(band_bytes, monkeypatch):
+    """Weights kept in float16: the merge converts the layer to float32 (a band of rows at a time) and
+    the sum back with npsd.fast.astype (in parallel pieces; NumPy's own float16 casts take one value
+    at a time). The result is bit for bit NumPy's plain (W.astype(float32) + update).astype(float16),
+    for a layer split into two threads' pieces, in one band or in 46, and for values of every float16
+    kind: subnormal, signed zero, the largest finite, sums that round to infinity."""
+    monkeypatch.setattr(lora, "BAND_BYTES", band_bytes)
     rng = np.random.default_rng(5)
     w = (0.05 * rng.standard_normal((640, 1152))).astype(np.float16)          # 737,280 values: split
     w[1, :6] = [0.0, -0.0, 6e-8, -3e-5, 65504.0, -65504.0]
@@ -362,6 +364,50 @@ def test_load_unload_gives_back_the_base_model_exactly(models, tmp_path):
 
 
 # --- LCM-LoRA: 4 steps with the LCM sampler ------------------------------------------------------------
+
+def test_a_lora_merged_into_the_base_weights(models, tmp_path):
+    """load_lora(..., keep_base=False), as the command line's --lora: the same weights, bit for bit, as
+    the default merge, written into the base arrays themselves (no second copy; a read-only array is
+    replaced instead). A LoRA loaded after it and unloaded gives back the base with it merged; one
+    loaded before it is recomputed on the new base, and with both the model matches diffusers with
+    both fused. It cannot be unloaded or loaded again (one-line errors), and unload_lora() leaves it."""
+    a = write(tmp_path / "a.safetensors", kohya_lora(models["text"], models["unet4"], seed=1))
+    b = peft_lora(models, tmp_path / "b.safetensors", seed=4)
+    kept = npsd_pipe(models)
+    kept.load_lora(a, 0.6)
+    with_a = npsd.params.flatten(kept.params)
+    pipe = npsd_pipe(models)
+    base = {k: v for k, v in npsd.params.flatten(pipe.params).items()}
+    read_only = lora._module(pipe.params["unet"], "mid_block.attentions.0.proj_in")["weight"]
+    read_only.setflags(write=False)                                        # as a memory-mapped file's
+    pipe.load_lora(a, 0.6, keep_base=False)
+    now = npsd.params.flatten(pipe.params)
+    assert pipe._loras.originals == {} and kept.loras["a"].layers == len(kept._loras.originals) > 1
+    replaced = {k for k, v in now.items() if v is not base[k]}
+    assert replaced == {"unet.mid_block.attentions.0.proj_in.weight"}                 # the others: in place
+    for k, v in now.items():
+        assert np.array_equal(v, with_a[k]), k
+    assert pipe.loras["a"].in_base and not kept.loras["a"].in_base
+    pipe.load_lora(b, -0.9)
+    pipe.unload_lora()                                                    # all but the one in the base
+    assert list(pipe.loras) == ["a"] and pipe._loras.originals == {}
+    for k, v in npsd.params.flatten(pipe.params).items():
+        assert np.array_equal(v, with_a[k]), k
+    for call, words in ((lambda: pipe.unload_lora("a"), "cannot be unloaded; load the model again"),
+                        (lambda: pipe.load_lora(a, 0.3), "already loaded into the base weights")):
+        with pytest.raises(InputError, match=words) as e:
+            call()
+        assert "\n" not in str(e.value)
+    both = npsd_pipe(models)
+    both.load_lora(b, -0.9)
+    both.load_lora(a, 0.6, keep_base=False)
+    assert list(both.loras) == ["a", "b"]
+    check_parity(outputs_npsd(both), outputs_diffusers(diffusers_with(models, [(a, 0.6), (b, -0.9)])),
+                 (TOL_TEXT, TOL), "a LoRA in the base and one loaded before it")
+    both.unload_lora("b")
+    for k, v in npsd.params.flatten(both.params).items():
+        assert np.array_equal(v, with_a[k]), k
+
 
 def test_lcm_lora_four_steps_matches_diffusers(models, tmp_path):
     """A random LoRA in the LCM-LoRA's place: diffusers' StableDiffusionPipeline with LCMScheduler,
