@@ -175,10 +175,18 @@ def astype(a, dtype):
 
     def convert(src, dst):
         if src.dtype == np.float16 and dst.dtype == np.float32:
-            return half_to_single(src, dst)
+            for i in range(0, src.size, HALF_BLOCK):      # its passes read a block from the core's cache
+                half_to_single(src[i:i + HALF_BLOCK], dst[i:i + HALF_BLOCK])
+            return
         with np.errstate(over="ignore"):
             np.copyto(dst, src)
     return _flat_pieces(np.ascontiguousarray(a), np.empty(a.shape, dtype), convert)
+
+
+# half_to_single's block: 1 MiB of float32 output. A UNet conv's 29.5M weights, converted in two
+# threads' halves at once, took 0.84 ns a value; in blocks of 2^14 / 2^16 / 2^18 values, 1.34 / 0.54 /
+# 0.46 ns (Zen 4 EPYC, medians of 15).
+HALF_BLOCK = 1 << 18
 
 
 def half_to_single(src, dst):

@@ -66,7 +66,8 @@ def test_upcast_copies_float16_only():
 
 def test_astype_in_parallel_pieces(monkeypatch):
     """fast.astype, which the checkpoint readers convert with, gives NumPy's astype exactly: every
-    piece of a split conversion written, a strided view read in order, float32 values beyond float16's
+    piece of a split conversion written (and every block of a piece: 420,000 values each, over
+    fast.HALF_BLOCK), a strided view read in order, float32 values beyond float16's
     range turned to inf without a warning (the loader reports them itself)."""
     import warnings
     monkeypatch.setattr(fast.settings, "THREADS", 3)
