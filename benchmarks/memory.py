@@ -13,8 +13,9 @@ its own peak (VmHWM). With --lora-rank, a random LoRA of that rank on the layers
 (benchmarks/bench.py) is written beside the checkpoint and merged after loading as the command
 line's --lora merges it (keep_base=False; with --keep-base, load_lora's default, which keeps the
 original arrays of the layers it changes: docs/lora.md). Printed: the weights, the size after
-loading (and after merging), the peak, overhead = peak - size after loading, and peak / weights. The number of steps does not change the peak (every step does the
-same work), so two steps measure what twenty would.
+loading (and after merging), the peak, overhead = peak - size after loading, and peak / weights.
+The number of steps does not change the peak (every step does the same work), so two steps measure
+what twenty would.
 """
 
 import argparse
@@ -96,9 +97,11 @@ def main(argv=None):
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32")
     ap.add_argument("--guidance", type=float, default=7.5, help="guidance scale (<= 1: no unconditional pass)")
-    ap.add_argument("--lora-rank", type=int, default=0, help="merge a random LoRA of this rank on the LCM-LoRA's layers")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="merge a random LoRA of this rank on the LCM-LoRA's layers")
     ap.add_argument("--keep-base", action="store_true",
-                    help="merge it keeping the original arrays (load_lora's default; the command line's --lora does not)")
+                    help="merge it keeping the original arrays (load_lora's default; the command line's "
+                         "--lora does not)")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "npsd-bench"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -117,13 +120,13 @@ def main(argv=None):
         return 1
     r = json.loads(p.stdout.strip().splitlines()[-1])
     gib = 2 ** 30
-    print(f"txt2img {args.size}x{args.size}, {args.steps} {args.sampler} steps "
-          f"{'with guidance ' + format(args.guidance, 'g') if args.guidance > 1 else 'without guidance'}, SD v1.5-sized "
+    guidance = f"with guidance {args.guidance:g}" if args.guidance > 1 else "without guidance"
+    print(f"txt2img {args.size}x{args.size}, {args.steps} {args.sampler} steps {guidance}, SD v1.5-sized "
           f"random weights ({args.weights_dtype} in memory: {r['weights'] / gib:.2f} GiB)")
     if args.lora_rank:
-        print(f"  LoRA of rank {args.lora_rank} on the LCM-LoRA's layers, keep_base={args.keep_base}: after loading {r['loaded'] / gib:.2f} GiB, "
-              f"after merging it {r['merged'] / gib:.2f} GiB (+{(r['merged'] - r['loaded']) / gib:.2f}) in "
-              f"{r['merge_s']:.1f} s")
+        print(f"  LoRA of rank {args.lora_rank} on the LCM-LoRA's layers, keep_base={args.keep_base}: after "
+              f"loading {r['loaded'] / gib:.2f} GiB, after merging it {r['merged'] / gib:.2f} GiB "
+              f"(+{(r['merged'] - r['loaded']) / gib:.2f}) in {r['merge_s']:.1f} s")
     print(f"  after loading {r['loaded'] / gib:.2f} GiB, peak {r['peak'] / gib:.2f} GiB, overhead "
           f"{(r['peak'] - r['loaded']) / gib:.2f} GiB, peak / weights {r['peak'] / r['weights']:.3f}; "
           f"load {r['load_s']:.0f} s, generation {r['generate_s']:.0f} s; torch imported: {r['torch_imported']}")
