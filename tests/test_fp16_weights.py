@@ -96,6 +96,33 @@ def test_half_to_single_is_numpys_cast_for_every_float16(monkeypatch):
     assert np.array_equal(fast.astype(shuffled, np.float32).view(np.uint32), shuffled.astype(np.float32).view(np.uint32))
 
 
+def test_single_to_half_is_numpys_cast_where_rounding_is_decided(monkeypatch):
+    """fast.single_to_half, the float32 -> float16 conversion of fast.astype, computed on the bits,
+    gives NumPy's cast bit for bit where rounding is decided: each finite float16 value and the
+    float32 values 1-3 steps around it and around the midpoint to its neighbour (ties go to the even
+    one), the same around the midpoints between float16's subnormal numbers (k + 1/2) 2^-24, the
+    overflow edge (65519.99 stays finite, 65520 is infinity), infinities, NaN, signed zeros, and
+    2M random values over 10^-12 .. 10^6; also split across threads and blocks by fast.astype."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    finite = every[np.isfinite(every)].view(np.uint32).astype(np.int64)
+    subnormal_midpoints = ((np.arange(1024) + 0.5) * 2.0 ** -24).astype(np.float32).view(np.uint32).astype(np.int64)
+    near = [(finite + d) for d in range(-3, 4)] + [(finite + 0x1000 + d) for d in range(-3, 4)] + \
+           [(subnormal_midpoints + d) for d in range(-3, 4)]
+    rng = np.random.default_rng(1)
+    spread = (rng.standard_normal(2_000_000) * 10.0 ** rng.integers(-12, 7, 2_000_000)).astype(np.float32)
+    edges = np.array([65519.99, 65520, 65536, 1e38, np.inf, np.nan, 0.0, -0.0, 2 ** -25, 2 ** -24], np.float32)
+    x = np.concatenate([(np.concatenate(near) % 2 ** 32).astype(np.uint32).view(np.float32), spread, edges, -edges])
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+        got = fast.single_to_half(x, np.empty(x.shape, np.float16)).view(np.uint16)
+    assert np.array_equal(got, want), f"{(got != want).sum()} of {x.size} values differ from NumPy's cast"
+    monkeypatch.setattr(fast.settings, "THREADS", 3)
+    monkeypatch.setattr(fast, "HALF_BLOCK", 1 << 16)
+    shuffled = np.random.default_rng(0).permutation(x[:1_000_000])
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert np.array_equal(fast.astype(shuffled, np.float16).view(np.uint16), shuffled.astype(np.float16).view(np.uint16))
+
+
 def layer_cases():
     """(name, function of params, params): every nn layer that takes weights, and the VAE's fast blocks."""
     lin = {"weight": randn(12, 8, scale=0.3), "bias": randn(12, seed=1)}
