@@ -291,7 +291,7 @@ def test_merge_keeps_a_weight_laid_out_transposed_so(dtype):
     merge computes the transposed sum for them, so the merged weight keeps that layout, with the
     values of the merge of the same weight stored [out, in]: in float32 to 5e-7 relative (measured
     1.2e-7), in float16 each value at most one float16 step apart (the sums round apart in float32
-    before the float16 rounding)."""
+    before the float16 rounding); merged in place into such a weight, the same values."""
     rng = np.random.default_rng(3)
     w = (0.1 * rng.standard_normal((48, 32))).astype(dtype)
     updates = [(s, lora.Update("text_encoder", "layer", (0.1 * rng.standard_normal((48, r))).astype(np.float32),
@@ -299,6 +299,8 @@ def test_merge_keeps_a_weight_laid_out_transposed_so(dtype):
                for s, r, scale in ((0.8, 4, 0.5), (-0.3, 2, 1.0))]
     as_read, laid_out = lora.merged(w, updates), lora.merged(np.asfortranarray(w), updates)
     assert as_read.flags.c_contiguous and laid_out.flags.f_contiguous and not laid_out.flags.c_contiguous
+    base = np.asfortranarray(w)                                            # merged in place (keep_base=False)
+    assert lora.merged(base, updates, out=base) is not None and np.array_equal(base, laid_out)
     assert laid_out.dtype == as_read.dtype == dtype
     if dtype == np.float32:
         print(assert_close(laid_out, as_read, 5e-7, "float32 merge"))
