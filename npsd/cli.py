@@ -57,6 +57,9 @@ from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
 from .rng import RNG_KINDS
 from .schedulers import PREDICTION_TYPES, SAMPLERS, SIGMA_SAMPLERS, SPACINGS
 
+WEIGHTS_DTYPE_HELP = ("keep the weights in float16 to halve their memory; npsd computes in float32 either way, and "
+                      "the image changes by the float16 rounding of the weights (default float32)")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (raised, so main() prints it and returns 2)."""
@@ -151,6 +154,7 @@ def build_parser():
                      "(default: the built-in npsd-tiny)")
     srv.add_argument("--models-dir", metavar="DIR", help="the models offered (.safetensors/.ckpt files and diffusers "
                      "folders, searched recursively); the built-in model is always offered")
+    srv.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32", help=WEIGHTS_DTYPE_HELP)
     srv.add_argument("--output-dir", metavar="DIR",
                      help="also write every image made here, as a PNG with its parameters")
     srv.add_argument("--lora-dir", metavar="DIR", help="where <lora:NAME:S> in a prompt finds NAME.safetensors")
@@ -179,9 +183,7 @@ def _generation_options(p, mode):
     a("--model", metavar="PATH", help="an SD v1.x .safetensors/.ckpt file or diffusers folder (default: the built-in small model)")
     a("--no-ema", action="store_true", default=None,
       help="use the raw UNet weights of a file that also holds EMA copies (v1-5-pruned.*; default: the EMA ones)")
-    a("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
-      help="keep the weights in float16 to halve their memory; npsd computes in float32 either way, and the image "
-           "changes by the float16 rounding of the weights (default float32)")
+    a("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32", help=WEIGHTS_DTYPE_HELP)
     a("--vae", metavar="PATH", help="a separate VAE: a .safetensors/.ckpt file (original names, optionally first_stage_model.*, "
                     "or diffusers names) or a diffusers vae folder")
     if mode != "txt2img":

@@ -488,6 +488,23 @@ def test_send_images_false(client):
     assert body["images"] == [] and len(json.loads(body["info"])["infotexts"]) == 1
 
 
+def test_weights_in_float16(folders, pipe):
+    """ServeSettings(weights_dtype="float16") (`npsd serve --weights-dtype float16`) keeps every model
+    it loads in float16, the first and one switched to; the built-in model's file is float16, so the
+    images are those of the float32 pipeline bit for bit."""
+    app = create_app(ServeSettings(models_dir=str(folders / "models"), weights_dtype="float16"))
+    with TestClient(app) as c:
+        server = app.state.server
+        dtypes = lambda: {a.dtype for a in npsd.params.flatten(server.pipe.params).values()}
+        assert dtypes() == {np.dtype(np.float16)}
+        body = txt2img(c, seed=43)
+        assert np.array_equal(pixels(decode(body["images"][0])), pixels(pipe.txt2img(PROMPT, num_inference_steps=3,
+                                                                                      seed=43)))
+        assert c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "second.safetensors"}).status_code == 200
+        txt2img(c, seed=43)
+        assert server.loaded["title"] == "second.safetensors" and dtypes() == {np.dtype(np.float16)}
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 def test_serve_command_line(monkeypatch, capsys, tmp_path):
@@ -499,6 +516,12 @@ def test_serve_command_line(monkeypatch, capsys, tmp_path):
     assert "warning: --listen without --api-auth" in capsys.readouterr().err
     assert cli.main(["serve", "--api-auth", "me:pw"]) == 0 and calls[-1]["host"] == "127.0.0.1"
     assert "warning" not in capsys.readouterr().err
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert cli.main(["serve", "--weights-dtype", "float16"]) == 0
+    assert apps[0].state.server.pipe.params["unet"]["conv_in"]["weight"].dtype == np.float16
+    apps[0].state.server.close()
+    assert "serving npsd-tiny" in capsys.readouterr().err
     for argv, what in ((["serve", "--models-dir", str(tmp_path / "missing")], "--models-dir"),
                        (["serve", "--api-auth", "nopassword"], "--api-auth"),
                        (["serve", "--model", "missing.safetensors"], "sd_model_checkpoint")):

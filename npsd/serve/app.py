@@ -76,6 +76,7 @@ class ServeSettings:
     embeddings_dir: str = None      # textual-inversion embeddings named in prompts
     api_auth: str = None            # "USER:PASS" or "USER:PASS,USER2:PASS2": HTTP basic authentication
     model: str = None               # the title of the model loaded first (None: the built-in one)
+    weights_dtype: str = "float32"  # every model's weights kept in float32 or float16 (npsd.load's weights_dtype)
     max_upload_bytes: int = 32 * 2**20       # a request body's bytes
     max_image_pixels: int = 4096 * 4096      # an uploaded image's width * height
     gallery_images: int = 500       # images kept in memory for the gallery without output_dir
@@ -305,7 +306,7 @@ class Server:
     def _load(self, entry):
         """Load a model, then let go of the one loaded before (two are in memory only meanwhile)."""
         import npsd
-        pipe = npsd.load(entry["path"]) if entry["path"] else npsd.load()
+        pipe = npsd.load(entry["path"], weights_dtype=self.settings.weights_dtype)   # path None: the built-in one
         pipe.lora_dir, pipe.embeddings_dir = self.settings.lora_dir, self.settings.embeddings_dir
         file = generation.model_file(pipe, entry["path"]) or entry["file"]
         entry = dict(entry, file=file)
@@ -681,7 +682,8 @@ def run_serve(args):
         warnings.warn(f"--listen without --api-auth: anyone who can reach port {args.port} of this machine can "
                       "use this server (and its CPU); give --api-auth USER:PASS")
     app = create_app(ServeSettings(models_dir=args.models_dir, output_dir=args.output_dir, lora_dir=args.lora_dir,
-                                   embeddings_dir=args.embeddings_dir, api_auth=args.api_auth, model=args.model))
+                                   embeddings_dir=args.embeddings_dir, api_auth=args.api_auth, model=args.model,
+                                   weights_dtype=args.weights_dtype))
     print(f"npsd: serving {app.state.server.loaded['title']} on http://{host}:{args.port}/ (Ctrl-C stops)",
           file=sys.stderr, flush=True)
     try:
