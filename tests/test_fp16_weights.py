@@ -345,7 +345,8 @@ def test_loading_a_float16_folder_as_float16_makes_no_float32_copy(tmp_path):
     assert m["dtypes"] == ["float16"] and ratio < 1.1
 
 
-TXT2IMG_CHILD = """
+# The start of the memory tests' children: SD v1.5-sized random weights kept in float16, built without torch
+FLOAT16_SD15_CHILD = """
     import json, sys, time
     sys.modules["torch"] = None
     import numpy as np, npsd
@@ -362,6 +363,8 @@ TXT2IMG_CHILD = """
         params[comp] = unflatten({k: flatten(random_params({k: s}, rng))[k].astype(np.float16)
                                   for k, s in shapes.items()})
     pipe = npsd.Pipeline(params)
+"""
+TXT2IMG_CHILD = FLOAT16_SD15_CHILD + """
     built, t0 = status("VmRSS"), time.time()
     image = pipe.txt2img("a photograph of an astronaut riding a horse", negative_prompt="blurry", height=512, width=512,
                          num_inference_steps=1, guidance_scale=7.5, sampler="ddim", seed=0, output_type="np")
@@ -384,22 +387,8 @@ def test_whole_512_txt2img_with_float16_weights_peaks_under_2_6_gib():
     assert m["ok"] and m["peak"] <= TXT2IMG_LIMIT_GIB * GIB
 
 
-LORA_CHILD = """
-    import json, sys
-    sys.modules["torch"] = None
-    import numpy as np, npsd
-    from npsd import nn
-    from npsd.architecture import random_params, text_encoder_shapes, unet_shapes, vae_shapes
-    from npsd.params import flatten, unflatten
+LORA_CHILD = FLOAT16_SD15_CHILD + """
     from benchmarks.memory import lcm_like_lora
-    nn.set_threads(2)
-    def status(field):
-        return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
-    rng = np.random.default_rng(0)
-    params = {comp: unflatten({k: flatten(random_params({k: s}, rng))[k].astype(np.float16) for k, s in shapes.items()})
-              for comp, shapes in (("text_encoder", text_encoder_shapes()), ("vae", vae_shapes()),
-                                   ("unet", unet_shapes()))}
-    pipe = npsd.Pipeline(params)
     path = lcm_like_lora(pipe, 64, sys.argv[1])
     out = {}
     for keep_base in (True, False):
