@@ -175,8 +175,7 @@ def astype(a, dtype):
         return astype(a.T, dtype).T                                       # (npsd.clip.blas_layout) stays so
 
     def convert(src, dst):
-        bits = {(np.float16, np.float32): half_to_single, (np.float32, np.float16): single_to_half}
-        f = bits.get((src.dtype.type, dst.dtype.type))
+        f = _ON_THE_BITS.get((src.dtype.type, dst.dtype.type))
         if f is not None:
             for i in range(0, src.size, HALF_BLOCK):      # its passes read a block from the core's cache
                 f(src[i:i + HALF_BLOCK], dst[i:i + HALF_BLOCK])
@@ -239,6 +238,9 @@ def single_to_half(src, dst):
         with np.errstate(over="ignore"):
             dst[big] = src[big]
     return dst
+
+
+_ON_THE_BITS = {(np.float16, np.float32): half_to_single, (np.float32, np.float16): single_to_half}   # astype's
 
 
 # ---------------------------------------------------------------------------------------------
