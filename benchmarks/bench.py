@@ -466,17 +466,17 @@ def dpmpp_karras_case(torch, quick, models, params, config):
                 note="vs diffusers' DPMSolverMultistepScheduler(use_karras_sigmas=True), SD v1.5's settings")
 
 
-def lcm_lora_file(torch, unet, rank):
-    """A random LoRA with the LCM-LoRA's layers (LCM_LORA_TARGETS) and rank, in kohya's layout
-    (lora_unet_<module path, dots as underscores>.lora_down/.lora_up.weight, .alpha), float16 as the
-    published file's 135 MB say; alpha = rank / 8, a visible but moderate update (any alpha costs the
-    same). -> {name: array}"""
-    rng = np.random.default_rng(4)
-    sd = {}
-    for name, m in unet.named_modules():
-        if not (isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(LCM_LORA_TARGETS)):
+def lcm_lora_file(params, rank):
+    """A random LoRA with the LCM-LoRA's layers (LCM_LORA_TARGETS) of these npsd params and rank, in
+    kohya's layout (lora_unet_<module path, dots as underscores>.lora_down/.lora_up.weight, .alpha),
+    float16 as the published file's 135 MB say; alpha = rank / 8, a visible but moderate update (any
+    alpha costs the same). -> {name: array}"""
+    from npsd import lora
+    layers, rng, sd = lora.targets(params), np.random.default_rng(4), {}
+    for key, (comp, module) in lora.kohya_names(layers).items():
+        if comp != "unet" or not module.endswith(LCM_LORA_TARGETS):
             continue
-        shape, key = tuple(m.weight.shape), "lora_unet_" + name.replace(".", "_")
+        shape = layers[comp][module]
         down = rng.standard_normal((rank, *shape[1:]), dtype=np.float32) / np.float32(math.sqrt(math.prod(shape[1:])))
         up = 0.1 * rng.standard_normal((shape[0], rank) + (1, 1) * (len(shape) == 4), dtype=np.float32)
         sd[key + ".lora_down.weight"], sd[key + ".lora_up.weight"] = down.astype(np.float16), up.astype(np.float16)
@@ -508,7 +508,7 @@ def lcm_lora_cases(torch, quick, models, params, config, taesd_model):
                "taesd": reference_pipeline(taesd_model, models["text"], models["unet"], scheduler())}
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "lcm_lora.safetensors")
-            save_file(lcm_lora_file(torch, models["unet"], rank), path)
+            save_file(lcm_lora_file(params, rank), path)
             t_npsd = _timed(lambda: pipe.load_lora(path))[0]
             t_ref = _timed(lambda: (ref["vae"].load_lora_weights(path), ref["vae"].fuse_lora()))[0]
         for case in cases:

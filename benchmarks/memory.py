@@ -57,23 +57,12 @@ def child(path, size, steps, sampler, weights_dtype="float32", guidance=7.5, lor
 
 
 def lcm_like_lora(pipe, rank, path):
-    """A random LoRA of this rank in kohya's layout (float16, as published) on the UNet layers named by
-    benchmarks/bench.py's LCM_LORA_TARGETS, written once to path -> path."""
-    import numpy as np
+    """benchmarks/bench.py's random LoRA of this rank on the LCM-LoRA's layers of pipe's UNet, written
+    once to path -> path."""
     from safetensors.numpy import save_file
-    from benchmarks.bench import LCM_LORA_TARGETS
-    from npsd import lora
+    from benchmarks.bench import lcm_lora_file
     if not os.path.exists(path):
-        layers, rng, sd = lora.targets(pipe.params), np.random.default_rng(4), {}
-        for name, (comp, module) in lora.kohya_names(layers).items():
-            if comp == "unet" and module.endswith(LCM_LORA_TARGETS):
-                shape = layers[comp][module]
-                sd[name + ".lora_down.weight"] = (rng.standard_normal((rank, *shape[1:]))
-                                                  / np.sqrt(np.prod(shape[1:]))).astype(np.float16)
-                sd[name + ".lora_up.weight"] = (0.1 * rng.standard_normal((shape[0], rank) + (1, 1) * (len(shape) == 4))
-                                                ).astype(np.float16)
-                sd[name + ".alpha"] = np.array(rank / 8, np.float16)
-        save_file(sd, path + ".tmp")
+        save_file(lcm_lora_file(pipe.params, rank), path + ".tmp")
         os.replace(path + ".tmp", path)
     return path
 
