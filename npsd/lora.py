@@ -84,6 +84,9 @@ class Loaded(NamedTuple):
     layers: int             # layers touched
     in_base: bool = False   # merged into the base weights (load_lora(..., keep_base=False)): no unloading
 
+    def strength_for(self, component):
+        return self.strength if component == "text_encoder" else self.unet_strength
+
 
 # --- the math -----------------------------------------------------------------------------------
 
@@ -346,8 +349,8 @@ class LoraSet:
             u = updates.pop()
             key, node = (u.component, u.path), _module(self.params[u.component], u.path)
             base = self.originals.get(key, node["weight"])
-            s = strength if u.component == "text_encoder" else unet_strength
-            base = merged(base, [(s, u)], out=base if base.flags.writeable else None)     # in place
+            out = base if base.flags.writeable else None                       # in place, unless read-only
+            base = merged(base, [(info.strength_for(u.component), u)], out=out)
             if key in self.originals:                    # another LoRA touches it too: its new base
                 self.originals[key] = base
                 self._remerge([key])
@@ -375,7 +378,7 @@ class LoraSet:
         for comp, path in sorted(layers):
             node = _module(self.params[comp], path)
             original = self.originals.setdefault((comp, path), node["weight"])
-            updates = [(info.strength if comp == "text_encoder" else info.unet_strength, ups[(comp, path)])
+            updates = [(info.strength_for(comp), ups[(comp, path)])
                        for info, ups in self.loaded.values() if (comp, path) in ups]
             if updates:
                 node["weight"] = merged(original, updates)
