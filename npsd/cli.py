@@ -194,7 +194,8 @@ def _generation_options(p, mode):
         a("--mask", metavar="FILE", help="mask image, white = repaint (required)")
         a("--mask-blur", metavar="PIXELS", type=_int_at_least(0, "pixels"),
           help="blur radius of the mask edge in pixels (default 0)")
-    a("--eta", type=_float_in(0.0, what="eta"), help="DDIM eta; 0 is deterministic (default 0)")
+    a("--eta", type=_float_in(0.0, 1.0, what="eta"),
+      help="DDIM eta, from 0 (deterministic) to 1 (DDPM's step variance) (default 0)")
     a("--karras", action=argparse.BooleanOptionalAction, default=None,
       help="Karras sigmas (the sigma samplers: " + ", ".join(SIGMA_SAMPLERS) + "; default off)")
     a("--timestep-spacing", choices=SPACINGS, help="timestep spacing (default: the model's, SD v1.x: leading)")
@@ -544,8 +545,11 @@ class _Generation:
             result = self._call_pipeline()
             self._close_bar()
             self._save_results(result)
-        except KeyboardInterrupt:
-            self._remove_written()
+        except BaseException as e:
+            if self.bar is not None:                      # an error's line stands alone: the bar is cleared
+                self.bar.leave = False
+            if isinstance(e, KeyboardInterrupt):
+                self._remove_written()
             raise
         finally:
             self._close_bar()

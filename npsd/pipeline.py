@@ -269,7 +269,7 @@ class Pipeline:
         times faster, less detailed; for drafts). Input images are always encoded by the VAE.
         """
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed,
-                                  decoder=decoder)
+                                  decoder=decoder, eta=eta)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
@@ -307,7 +307,7 @@ class Pipeline:
         _check_strength(strength)
         img = open_image(image)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
-                                  decoder)
+                                  decoder, eta)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"])
@@ -347,7 +347,7 @@ class Pipeline:
         _check_strength(strength)
         img = open_image(image)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
-                                  decoder)
+                                  decoder, eta)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"])
@@ -408,7 +408,7 @@ class Pipeline:
 
     # --- the pieces of the loops ----------------------------------------------------------------
 
-    def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae"):
+    def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae", eta=0.0):
         """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
         the image's own size first) and check every value; one-line errors."""
         defaults = generation_defaults(self.config)
@@ -431,6 +431,7 @@ class Pipeline:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v % f or v < smallest:
                 raise InputError(f"{name} must be a multiple of {f} and at least {smallest}, got {v!r}")
         schedulers.check_sampler(sampler)
+        schedulers.check_eta(eta)
         if decoder not in DECODERS:
             raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         if decoder == "taesd":

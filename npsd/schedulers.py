@@ -532,6 +532,13 @@ def ddpm_step(x_t, eps, t, t_prev, alphas_cumprod, noise=None, x0_pred=None):
     return x_prev, x0_pred
 
 
+def check_eta(eta):
+    """DDIM's eta lies in [0, 1]: 0 is DDIM, 1 gives sigma_t of DDPM's posterior (Song et al. 2021,
+    eq. 16); above 1, sigma_t^2 can exceed 1 - abar_prev and eq. 12's square root has no value."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating, np.integer)) or not 0 <= eta <= 1:
+        raise InputError(f"eta must be a number in [0, 1] (0: deterministic DDIM), got {eta!r}")
+
+
 def ddim_step(x_t, eps, t, t_prev, alphas_cumprod, eta=0.0, noise=None, final_alpha_cumprod=None, x0_pred=None):
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12; sigma_t(eta) from eq. 16).
 
@@ -540,6 +547,7 @@ def ddim_step(x_t, eps, t, t_prev, alphas_cumprod, eta=0.0, noise=None, final_al
     x0_pred: the model's own x0 estimate (v- and x0-prediction models); default derived from eps.
     Returns (x_prev, x0_pred).
     """
+    check_eta(eta)
     if eta > 0 and noise is None:
         raise InputError("ddim_step with eta > 0 needs a noise array (or use sample() with rng=)")
     if final_alpha_cumprod is None:
@@ -1071,8 +1079,7 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
     n = schedule.num_inference_steps
     if not 0 <= start_index < n:
         raise InputError(f"start_index must be in 0..{n - 1} for {n} steps, got {start_index}")
-    if eta < 0:
-        raise InputError(f"eta must be >= 0, got {eta}")
+    check_eta(eta)
     if s == "pndm" and not schedule.skip_prk_steps and n - start_index < 4:
         raise InputError(f"pndm's Runge-Kutta warm-up needs at least 4 steps to run, got {n - start_index}")
     stochastic = s in ("ddpm", "euler_a", "dpmpp_2m_sde", "dpm2_a", "lcm") or (s == "ddim" and eta > 0)

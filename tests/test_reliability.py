@@ -455,6 +455,9 @@ def test_prompts_that_are_not_strings(tiny):
     for seed in (-1, 2**32, 1.5, "1"):
         with pytest.raises(InputError, match=r"seed must be a whole number in \[0, 2\*\*32\)"):
             pipe.txt2img(PROMPT, **kw, seed=seed)
+    for eta in (1.5, -0.1, float("nan"), "1"):                            # refused before any work
+        with pytest.raises(InputError, match=r"eta must be a number in \[0, 1\]"):
+            pipe.txt2img(PROMPT, **kw, sampler="ddim", eta=eta)
 
 
 def test_cli_parameter_errors(tiny, tmp_path, capsys):
@@ -471,6 +474,7 @@ def test_cli_parameter_errors(tiny, tmp_path, capsys):
         (["txt2img", PROMPT, "--sampler", "k_lms"] + base, "euler_a"),                   # the valid names listed
         (["txt2img", PROMPT, "--seed", 2**40] + base, "[0, 2**32)"),
         (["txt2img", PROMPT, "--seed", "abc"] + base, "expected a whole number"),
+        (["txt2img", PROMPT, "--eta", 2] + base, "--eta: must be a finite number in [0.0, 1.0], got 2"),
         (["img2img", PROMPT, "--image", img, "--strength", "nan"] + base, "(0.0, 1.0]"),
         (["img2img", PROMPT, "--image", img, "--strength", -0.2] + base, "(0.0, 1.0]"),
     ]

@@ -306,6 +306,27 @@ def test_ddim_eta0_and_ddpm_last_step():
     print(assert_close(x_prev, out.prev_sample.numpy(), RTOL_STEP, "ddpm t=0"))
 
 
+def test_ddim_eta_from_0_to_1():
+    """eta = 1 (DDPM's sigma_t) keeps eq. 12's square root real at every step; above 1 it need not
+    (2 gave a math domain error from deep inside the loop), so eta outside [0, 1] is refused first."""
+    ac, x, eps, noise = S.alphas_cumprod(CONFIG), randn(3), randn(4), randn(5)
+    for steps in (1, 2, 10, 50):
+        ts = [int(t) for t in S.make_schedule("ddim", steps, CONFIG).timesteps] + [-1]
+        for t, t_prev in zip(ts, ts[1:]):
+            x_prev, _ = S.ddim_step(x, eps, t, t_prev, ac, eta=1.0, noise=noise)
+            assert np.isfinite(x_prev).all()
+    t, t_prev = [int(t) for t in S.make_schedule("ddim", 2, CONFIG).timesteps]
+    ab_t, ab_prev = float(ac[t]), float(ac[t_prev])
+    sigma2 = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)          # eq. 16 at eta = 1, squared
+    assert 1 - ab_prev - 1.01 ** 2 * sigma2 < 0                          # eta 1.01 would take a negative root
+    for eta in (1.01, 2, -0.1, float("nan"), "0.5", True):
+        with pytest.raises(InputError, match=r"eta must be a number in \[0, 1\]"):
+            S.ddim_step(x, eps, t, t_prev, ac, eta=eta, noise=noise)
+        with pytest.raises(InputError, match=r"eta must be a number in \[0, 1\]"):
+            S.sample(lambda x, t: x * 0.1 + float(t) * 1e-4, x, S.make_schedule("ddim", 2, CONFIG),
+                     rng=np.random.default_rng(0), eta=eta)
+
+
 @pytest.mark.parametrize("karras", [False, True])
 def test_heun_two_stages(karras):
     n, k = 10, 3

@@ -250,6 +250,8 @@ def test_inpaint_same_pixels_as_the_pipeline(client, pipe, picture, mask):
     ({"prompt": ["a", "b"]}, ["prompt"]),
     ({"batch_size": 50, "n_iter": 3}, ["batch_size * n_iter"]),
     ({"eta": 0.5, "sampler_name": "Euler a"}, ["eta"]),
+    ({"eta": 2, "sampler_name": "DDIM"}, ["eta", "[0.0, 1.0]"]),
+    ({"override_settings": {"eta_ddim": 1.5}}, ["eta_ddim", "[0.0, 1.0]"]),
     ({"stepz": 3}, ["stepz"]),
     ({"init_images": []}, ["init_images", "img2img"]),
     ({"override_settings": {"sd_vae": "x.pt"}}, ["sd_vae"]),

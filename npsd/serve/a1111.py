@@ -208,7 +208,7 @@ def check_options(options, where="options"):
     if "CLIP_stop_at_last_layers" in checked:
         _int(checked, "CLIP_stop_at_last_layers", lo=1, hi=12)
     if "eta_ddim" in checked:
-        _float(checked, "eta_ddim", lo=0.0)
+        _float(checked, "eta_ddim", lo=0.0, hi=1.0)
     source = checked.get("randn_source")
     if source is not None and source not in RANDN_SOURCES:
         raise InputError(f"{where}: randn_source {source!r} is not one npsd reproduces; use 'CPU' (torch's CPU "
@@ -269,7 +269,7 @@ def read_request(kind, body, limits=None):
     seed = _int(body, "seed", -1, lo=-1, hi=2**32 - 1)
     if seed >= 0 and seed + batch_size * n_iter - batch_size >= 2**32:
         raise InputError(f"seed {seed} + {n_iter - 1} iterations of {batch_size} passes 2**32 - 1; use a smaller seed")
-    eta = _float(body, "eta", lo=0.0)
+    eta = _float(body, "eta", lo=0.0, hi=1.0)
     check_eta(sampler, eta)
     settings = {"prompt": prompt, "negative_prompt": negative,
                 "steps": _int(body, "steps", lo=1, hi=1000), "guidance_scale": _float(body, "cfg_scale", lo=0.0),
