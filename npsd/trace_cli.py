@@ -9,10 +9,11 @@ import numpy as np
 
 from . import trace as trace_io
 from .errors import InputError
+from .loading import WEIGHTS_DTYPES
 from .testing import compare
 
 
-def add_parsers(sub, int_at_least, float_in, seed, samplers):
+def add_parsers(sub, int_at_least, float_in, seed, samplers, weights_dtype_help):
     """Add the `trace` and `compare` subcommands to the CLI's subparsers."""
     t = sub.add_parser("trace", help="run txt2img and save every block's activations (.safetensors)",
                        description="Run a txt2img with tracing: every block's input and output under "
@@ -23,6 +24,7 @@ def add_parsers(sub, int_at_least, float_in, seed, samplers):
                    help="the trace file to write (default trace.safetensors)")
     t.add_argument("--model", metavar="PATH", help="an SD v1.x .safetensors/.ckpt file or diffusers folder "
                                                    "(default: the built-in small model)")
+    t.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32", help=weights_dtype_help)
     t.add_argument("--negative-prompt", metavar="TEXT", default="", help="(default: empty)")
     t.add_argument("--steps", metavar="N", type=int_at_least(1, "steps"), help="denoising steps (default: the model's)")
     t.add_argument("--trace-steps", metavar="I,J,...", help="the 0-based sampler steps whose UNet calls are "
@@ -60,7 +62,7 @@ def run_trace(args):
             steps = [int(s) for s in args.trace_steps.split(",")]
         except ValueError:
             raise InputError(f"--trace-steps takes 0-based step numbers separated by commas, got {args.trace_steps!r}") from None
-    pipe = npsd.load(args.model) if args.model is not None else npsd.load()
+    pipe = npsd.load(args.model, weights_dtype=args.weights_dtype)
     try:
         trace = trace_io.Trace(steps=steps, only=args.only)
     except re.error as e:
@@ -68,6 +70,7 @@ def run_trace(args):
     settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
                 "guidance_scale": args.guidance_scale, "sampler": args.sampler, "seed": args.seed,
                 "height": args.height, "width": args.width, "model": args.model or "built-in",
+                "weights_dtype": args.weights_dtype,
                 "trace_steps": steps, "only": args.only}
     pipe.txt2img(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=args.seed,

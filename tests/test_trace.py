@@ -213,3 +213,20 @@ def test_pipeline_and_cli_trace_name_steps(model, tmp_path, capsys):  # noqa: F8
                            "--only", r"unet\.mid_block", "-o", tmp_path / "mid.safetensors"], capsys)
     assert rc == 0, err
     assert list(load(tmp_path / "mid.safetensors")[0]) == ["step0/unet.mid_block", "step1/unet.mid_block"]
+
+
+def test_a_trace_with_float16_weights(model, tmp_path, capsys):  # noqa: F811 - the fixture
+    """--weights-dtype float16 traces the run with the weights rounded to float16 (the folder's are
+    float32): the same tensors, each off by the rounding of the weights, about 2^-11 relative."""
+    args = ["trace", "a red circle", "--model", model, "--steps", 2, "--height", 16, "--width", 16, "--seed", 3]
+    for dtype in ("float32", "float16"):
+        rc, _, err = run(args + ["--weights-dtype", dtype, "-o", tmp_path / f"{dtype}.safetensors"], capsys)
+        assert rc == 0, err
+    (single, _, _), (half, settings, _) = (load(tmp_path / f"{d}.safetensors") for d in ("float32", "float16"))
+    assert settings["weights_dtype"] == "float16" and list(half) == list(single)
+    worst = max(float(np.abs(half[n] - single[n]).max() / np.abs(single[n]).max()) for n in single)
+    rc, stdout, _ = run(["compare", tmp_path / "float16.safetensors", tmp_path / "float32.safetensors",
+                         "--tolerance", 1e-2], capsys)
+    assert rc == 0, stdout
+    print(f"largest relative difference of a traced tensor: {worst:.1e}")
+    assert 1e-5 < worst < 1e-2
