@@ -135,7 +135,8 @@ def build_parser():
     par = sub.add_parser("parity", help="compare npsd with diffusers/transformers on your checkpoint",
                          description="Load a checkpoint with npsd and with diffusers/transformers and compare them "
                          "block by block (needs the test extra: pip install \"npsd[test]\").")
-    par.add_argument("--model", required=True, help="an SD v1.x or 2.x .safetensors/.ckpt file or diffusers folder")
+    par.add_argument("--model", help="an SD v1.x or 2.x .safetensors/.ckpt file or diffusers folder (default: the "
+                     "built-in small model)")
     par.add_argument("--size", type=_int_at_least(8), default=64, help="image side of the comparison (default 64)")
     par.add_argument("--tolerance", type=_float_in(0, lo_open=True), default=1e-4,
                      help="largest accepted relative error per block (default 1e-4)")

@@ -1,6 +1,7 @@
 """`npsd parity --model PATH`: npsd against diffusers/transformers on YOUR checkpoint, block by block.
 
     npsd parity --model v1-5-pruned-emaonly.safetensors          # or a .ckpt, or a diffusers folder
+    npsd parity                                                   # the built-in model
 
 The checkpoint is loaded twice: by npsd (npsd.load) and by the references, which share nothing
 with npsd's loader, key mapping or config:
@@ -14,6 +15,10 @@ with npsd's loader, key mapping or config:
   that configuration is refused with diffusers' reason. What the UNet predicts (epsilon or v) is
   not in the file: npsd chooses it (npsd.loading.prediction_type_of for SD 2.x), the report's
   second line says what it chose and why, and the reference's scheduler is given the same;
+- a single file that states its own configuration (npsd_config in its header: the built-in model,
+  the default here, and models exported by npsd/train): the same, with an LDM configuration of
+  its own layout in place of a published one (own_configuration). Its settings (heads, scaling
+  factor) are read from the file by the safetensors package, not from npsd's reading of them;
 - a diffusers folder: the models', the tokenizer's and the scheduler's from_pretrained on the local
   folder, with its own config files.
 Then, at a small image size (--size, default 64 pixels), the same random inputs go through both and
@@ -124,6 +129,71 @@ def read_checkpoint(torch, path):
     return obj, f"read by torch.load(weights_only=True), the training state it pickles ({packages} objects) as placeholders"
 
 
+# What an LDM configuration cannot state, so diffusers' single-file loading builds it as in SD's
+# models: npsd_config's entries for it, and SD's values
+_LDM_FIXED = {("unet", "norm_groups"): 32, ("unet", "resnet_eps"): 1e-5, ("unet", "transformer_eps"): 1e-6,
+              ("unet", "layer_norm_eps"): 1e-5, ("vae", "norm_groups"): 32, ("vae", "eps"): 1e-6}
+
+
+def own_configuration(path, pipe):
+    """(LDM YAML, text_encoder/config.json) for a file that carries npsd's configuration in its
+    __metadata__ (npsd_config: the built-in model, models exported by npsd/train), in place of the
+    published ones of SD's files. The settings come from the file's metadata as read here with the
+    safetensors package (heads, the VAE's scaling factor, the text encoder's activation and eps; an
+    entry it leaves out means SD's value), not from npsd's reading of it; the layout (levels,
+    channels, blocks per level, the levels that attend, the context width) from the tensors' shapes
+    as npsd.architecture reads them, which diffusers' converter then checks, placing every tensor
+    itself. Channels are written as a base times whole multiples, their greatest common divisor
+    (diffusers multiplies them back). A design an LDM configuration cannot state is refused in one
+    line. (The YAML is written as JSON, which YAML reads.)"""
+    import json
+    import math
+    from safetensors import safe_open
+    from . import architecture
+    from .params import flatten
+    with safe_open(path, "np") as f:
+        stated = json.loads(f.metadata()["npsd_config"])
+    setting = lambda c, k, sd=None: stated.get(c, {}).get(k, sd)              # noqa: E731
+    missing = [f"{c}.{k}" for c, k in (("unet", "num_heads"), ("text_encoder", "num_heads"), ("vae", "scaling_factor"))
+               if setting(c, k) is None]
+    shapes = {c: {k: v.shape for k, v in flatten(pipe.params[c]).items()} for c in ("unet", "vae", "text_encoder")}
+    unet, vae = architecture.unet_design(shapes["unet"]), architecture.vae_design(shapes["vae"])
+    text = architecture.text_encoder_design(shapes["text_encoder"])
+    odd = [f"{c} {k} {setting(c, k, v)} (SD's {v})" for (c, k), v in _LDM_FIXED.items() if setting(c, k, v) != v]
+    odd += ["an LCM UNet (time_cond_proj_dim)"] * (unet.time_cond_proj_dim is not None)
+    odd += [f"a feed-forward {unet.ff_mult}x wide (SD's 4x)"] * (unet.ff_mult != 4)
+    odd += [f"a time embedding {unet.time_embedding_dim} wide (SD's 4 x {unet.block_out_channels[0]})"] * \
+        (unet.time_embedding_dim != 4 * unet.block_out_channels[0])
+    if missing or odd:
+        raise CheckpointError(f"parity: {path}'s npsd_config " + (f"does not state {', '.join(missing)}" if missing else
+                              f"has {', '.join(odd)}, which an LDM configuration cannot tell diffusers"))
+    uc, vc = unet.block_out_channels, vae.block_out_channels
+    ub, vb = math.gcd(*uc), math.gcd(*vc)
+    ldm_unet = {"image_size": 32, "in_channels": unet.in_channels, "out_channels": unet.out_channels,
+                "model_channels": ub, "channel_mult": [c // ub for c in uc], "num_res_blocks": unet.layers_per_block,
+                "attention_resolutions": [2 ** l for l, a in enumerate(unet.attention_levels) if a],
+                "num_heads": setting("unet", "num_heads"), "use_spatial_transformer": True,
+                "transformer_depth": unet.transformer_layers_per_block, "context_dim": unet.cross_attention_dim,
+                "use_linear_in_transformer": unet.use_linear_projection, "legacy": False}
+    ldm_vae = {"double_z": True, "z_channels": vae.latent_channels, "resolution": 256, "in_channels": vae.in_channels,
+               "out_ch": vae.out_channels, "ch": vb, "ch_mult": [c // vb for c in vc], "num_res_blocks": vae.layers_per_block,
+               "attn_resolutions": [], "dropout": 0.0}
+    ldm = {"model": {"params": {
+        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000,
+        "conditioning_key": "hybrid" if unet.in_channels != vae.latent_channels else "crossattn",
+        "scale_factor": setting("vae", "scaling_factor"),
+        "unet_config": {"params": ldm_unet},
+        "first_stage_config": {"params": {"embed_dim": vae.latent_channels, "ddconfig": ldm_vae}}}}}
+    clip = published_configs.CLIP_TEXT_CONFIG
+    text_config = {**clip, "vocab_size": text.vocab_size, "hidden_size": text.hidden_size,
+                   "projection_dim": text.hidden_size, "intermediate_size": text.intermediate_size,
+                   "num_hidden_layers": text.num_hidden_layers, "max_position_embeddings": text.max_position_embeddings,
+                   "num_attention_heads": setting("text_encoder", "num_heads"),
+                   "hidden_act": setting("text_encoder", "hidden_act", clip["hidden_act"]),
+                   "layer_norm_eps": setting("text_encoder", "layer_norm_eps", clip["layer_norm_eps"])}
+    return json.dumps(ldm, indent=1), text_config
+
+
 class OriginalFile:
     """An original single file as diffusers reads it, independently of npsd's loader and config:
     the tensors by diffusers' reader (read_checkpoint), the model type by diffusers'
@@ -142,7 +212,7 @@ class OriginalFile:
       chose (prediction_type: the UNet's output is not in the file; it also picks the YAML).
     A wrong key mapping or a wrong inferred setting in npsd then shows up as a difference."""
 
-    def __init__(self, torch, path, ema, prediction_type):
+    def __init__(self, torch, path, ema, prediction_type, pipe):
         import json
         import tempfile
         from diffusers.loaders.single_file_utils import infer_diffusers_model_type, is_open_clip_model
@@ -150,14 +220,19 @@ class OriginalFile:
         self.checkpoint, self.how = read_checkpoint(torch, path)
         self.model_type = infer_diffusers_model_type(self.checkpoint)
         self.tower = "open_clip" if is_open_clip_model(self.checkpoint) else "clip"
-        key = (self.model_type, prediction_type)
-        if key not in published_configs.LDM_CONFIGS:
-            known = ", ".join(f"{m!r} ({p})" for m, p in published_configs.LDM_CONFIGS)
-            raise CheckpointError(f"parity: diffusers reads {path} as {self.model_type!r}, predicting {prediction_type}; "
-                                  f"npsd parity compares original files of SD v1.x and 2.x: {known}")
-        self.config_name, text = published_configs.LDM_CONFIGS[key]
-        text_config = (published_configs.OPEN_CLIP_TEXT_CONFIG if self.tower == "open_clip"
-                       else published_configs.CLIP_TEXT_CONFIG)
+        if pipe.info.get("config") == "npsd_config metadata":         # the file says what it is
+            self.config_name, self.config_source = "own-inference.yaml", "its own configuration (npsd_config)"
+            text, text_config = own_configuration(path, pipe)
+        else:
+            key = (self.model_type, prediction_type)
+            if key not in published_configs.LDM_CONFIGS:
+                known = ", ".join(f"{m!r} ({p})" for m, p in published_configs.LDM_CONFIGS)
+                raise CheckpointError(f"parity: diffusers reads {path} as {self.model_type!r}, predicting "
+                                      f"{prediction_type}; npsd parity compares original files of SD v1.x and 2.x: {known}")
+            self.config_name, text = published_configs.LDM_CONFIGS[key]
+            self.config_source = f"the published {self.config_name}"
+            text_config = (published_configs.OPEN_CLIP_TEXT_CONFIG if self.tower == "open_clip"
+                           else published_configs.CLIP_TEXT_CONFIG)
         self.folder = tempfile.mkdtemp(prefix="npsd-parity-")
         self.yaml = os.path.join(self.folder, self.config_name)
         with open(self.yaml, "w") as f:
@@ -184,14 +259,14 @@ class OriginalFile:
                                              torch_dtype=torch.float32,       # whatever the file's precision
                                              low_cpu_mem_usage=True, **extra)
         except (ValueError, KeyError, IndexError, RuntimeError) as e:   # e.g. a tensor of another shape
-            raise CheckpointError(f"parity: the {kind} weights do not fit diffusers' model for the published "
-                                  f"{self.config_name}: {_first_sentence(e)}") from None
+            raise CheckpointError(f"parity: the {kind} weights do not fit diffusers' model for "
+                                  f"{self.config_source}: {_first_sentence(e)}") from None
         # diffusers builds the model without memory and fills in what its converter produced:
         # a parameter still without memory is one the file lacks
         missing = [n for n, p in (*model.named_parameters(), *model.named_buffers()) if p.is_meta]
         if missing:
-            raise CheckpointError(f"parity: the {kind} weights lack {len(missing)} tensors of diffusers' model for the "
-                                  f"published {self.config_name}, e.g. {', '.join(missing[:3])}")
+            raise CheckpointError(f"parity: the {kind} weights lack {len(missing)} tensors of diffusers' model for "
+                                  f"{self.config_source}, e.g. {', '.join(missing[:3])}")
         prefix = {"text_encoder": "cond_stage_model.", "vae": "first_stage_model.", "unet": ""}[kind]
         for k in [k for k in self.checkpoint if k.startswith(prefix)]:
             del self.checkpoint[k]
@@ -209,7 +284,7 @@ class OriginalFile:
 
     def describe(self):
         text = " and SD 2.x's text encoder config (OpenCLIP ViT-H/14)" if self.tower == "open_clip" else ""
-        return f"single file, {self.how}, as {self.model_type!r} with the published {self.config_name}{text}"
+        return f"single file, {self.how}, as {self.model_type!r} with {self.config_source}{text}"
 
     def scheduler_source(self):
         return "npsd's choice, the file does not say"
@@ -357,6 +432,10 @@ def run_parity(args, out=None):
     out = out or sys.stdout
     torch = _references()
     import npsd
+    if args.model is None:                          # the built-in model's file, as npsd.load() reads it
+        from . import weights
+        from .loading import BUILTIN_MODEL
+        args.model = str(weights.path(BUILTIN_MODEL))
     path = os.fspath(args.model)
     if not os.path.exists(path):
         raise UsageError(f"--model {path} does not exist; give an SD v1.x or 2.x .safetensors/.ckpt file or diffusers folder")
@@ -370,7 +449,7 @@ def run_parity(args, out=None):
     folder = path if os.path.isdir(path) else None
     t1 = time.perf_counter()
     prediction, why = npsd_prediction_type(pipe, folder)
-    source = DiffusersFolder(folder, pipe) if folder else OriginalFile(torch, path, not args.no_ema, prediction)
+    source = DiffusersFolder(folder, pipe) if folder else OriginalFile(torch, path, not args.no_ema, prediction, pipe)
     ours, ref = Trace(), Trace()
 
     def done(what, since, before):

@@ -103,6 +103,24 @@ def test_names_invert_the_loaders_table():
         assert all(names[o] == d for d, o in back.items())
 
 
+def test_the_text_encoder_is_named_as_in_sd_files():
+    """SD v1.x files name the text encoder cond_stage_model.transformer.text_model.*, which diffusers'
+    single-file loading looks for (its CHECKPOINT_KEY_NAMES["clip"]): the exporter writes those names
+    whether or not transformers' CLIPTextModel wraps its layers in text_model, and the shipped file
+    has them (tests/test_parity.py reads it with diffusers)."""
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+    from safetensors import safe_open
+    _, text, _ = builtin.build_models()
+    flat = {k.removeprefix("text_model."): k for k in text.state_dict()}
+    names = builtin.to_original({}, {}, flat)
+    assert len(names) == len(flat) - ("embeddings.position_ids" in flat) > 40
+    assert all(n.startswith("cond_stage_model.transformer.text_model.") for n in names)
+    assert builtin.to_original({}, {}, {"text_model." + k: v for k, v in flat.items()}) == names
+    with safe_open(SHIPPED, "np") as f:
+        shipped = set(f.keys())
+    assert set(names) <= shipped and CHECKPOINT_KEY_NAMES["clip"] in shipped
+
+
 # --- the shipped file ----------------------------------------------------------------------------
 
 def test_vae_from_a_file_whose_unet_has_another_layout(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 import npsd
-from npsd import loading, published_configs
+from npsd import loading, published_configs, weights
 from tests import test_cli
 from tests.helpers import perturb_
 
@@ -301,6 +301,72 @@ def test_parity_on_a_ckpt_with_training_state(tmp_path, tiny_configs, capsys):
         "objects) as placeholders, as 'v1'" in header
     assert "npsd parity: OK: " in out
     check_report(out, blocks(2, 4, 4))
+
+
+# --- the built-in model: a file that carries its own configuration -----------------------------
+
+SHIPPED = str(weights.path("npsd-tiny.safetensors"))
+
+
+def test_parity_on_the_built_in_model(capsys):
+    """The shipped file states its settings in npsd_config: diffusers reads it with an LDM
+    configuration of its own layout (parity_cli.own_configuration), its settings read from the
+    file's metadata by the safetensors package. Measured: the time embedding's input 1.4e-5 (the
+    sinusoid at t = 500 in float32: 500 f rounded differently), every other tensor <= 4.8e-6; held
+    to 1e-4 and 3e-5."""
+    rc, out, err = run(["parity"], capsys)                                  # no --model: the built-in one
+    print(out)
+    assert rc == 0, out + err
+    assert out.startswith(f"npsd parity: {SHIPPED} (single file")
+    assert "as 'v1' with its own configuration (npsd_config)" in out
+    table = check_report(out, blocks(3, 3, 3))
+    assert table["unet.time_embedding:in"][0] <= 1e-4
+    assert max(rel for name, (rel, _, _) in table.items() if name != "unet.time_embedding:in") <= 3e-5
+
+
+def test_parity_on_the_built_in_model_finds_npsd_errors(capsys, monkeypatch):
+    """Sensitivity: npsd's reading of the same file broken where the reference does not share it:
+    the text encoder's q_proj and k_proj exchanged in npsd's key mapping, and the UNet's heads read
+    as 2 where the file states 4. The text encoder fails from its first self-attention on, the UNet
+    from its first transformer on, the VAE still agrees; the exit code is 1."""
+    real_map, real_load = loading.map_text_encoder, npsd.load
+
+    def swapped_q_k(names):
+        swap = {"self_attn.q_proj.": "self_attn.k_proj.", "self_attn.k_proj.": "self_attn.q_proj."}
+        return {re.sub(r"self_attn\.[qk]_proj\.", lambda m: swap[m[0]], d): o for d, o in real_map(names).items()}
+
+    def two_heads(path, **kw):
+        pipe = real_load(path, **kw)
+        pipe.config["unet"]["num_heads"] = 2
+        return pipe
+
+    monkeypatch.setattr(loading, "map_text_encoder", swapped_q_k)
+    monkeypatch.setattr(npsd, "load", two_heads)
+    rc, out, err = run(["parity", "--model", SHIPPED], capsys)
+    print(out)
+    assert rc == 1, out + err
+    table = rows(out)
+    assert first_difference(out) == "text_encoder.encoder.layers.0.self_attn"
+    assert table["unet.down_blocks.0.attentions.0"][1] == "ABOVE TOLERANCE"
+    for name in ["text_encoder.embeddings", "unet.time_embedding", "unet.conv_in", "unet.down_blocks.0.resnets.0"] + \
+            [n for n in table if n.startswith("vae.")]:
+        assert table[name][1] == "ok", name
+
+
+def test_a_built_in_design_an_ldm_configuration_cannot_state_is_refused(tmp_path, capsys):
+    """The shipped file with npsd_config claiming 16 GroupNorm groups in the UNet: diffusers' single
+    -file loading has no place for it, so parity refuses in one line, before any comparison."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    import json
+    with safe_open(SHIPPED, "np") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["npsd_config"])
+    config["unet"]["norm_groups"] = 16
+    save_file(tensors, tmp_path / "groups16.safetensors", metadata={**meta, "npsd_config": json.dumps(config)})
+    rc, out, err = run(["parity", "--model", tmp_path / "groups16.safetensors"], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1, out + err
+    assert "npsd_config has unet norm_groups 16 (SD's 32), which an LDM configuration cannot tell diffusers" in err
 
 
 # --- a tiny diffusers folder -------------------------------------------------------------------

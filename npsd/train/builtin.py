@@ -545,9 +545,9 @@ def to_original(unet_sd, vae_sd, text_sd):
         out["model.diffusion_model." + n] = v
     for n, v in vae_to_original(vae_sd, len(VAE_CONFIG["block_out_channels"])).items():
         out["first_stage_model." + n] = v
-    for n, v in text_sd.items():
-        if not n.endswith("position_ids"):
-            out["cond_stage_model.transformer." + n] = v
+    for n, v in text_sd.items():               # SD's names: transformer.text_model.*, whether or not this
+        if not n.endswith("position_ids"):     # transformers' CLIPTextModel wraps its layers in text_model
+            out["cond_stage_model.transformer.text_model." + n.removeprefix("text_model.")] = v
     return out
 
 
