@@ -15,10 +15,37 @@ from .errors import InputError, UsageError
 from .pngmeta import png_info
 
 
+def from_array(a, what="image"):
+    """A pixel array -> a PIL image: [H, W], [H, W, C] (C = 1, 3 or 4) or one image [1, H, W, C];
+    uint8 as it is, floats in [0, 1] as diffusers' image processor and npsd's output_type="np" have
+    them, bool (a mask) as black and white."""
+    a = np.asarray(a)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or min(a.shape[:2], default=0) < 1:
+        raise InputError(f"{what} array must be [H, W] or [H, W, 3] (or 4 channels), got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return Image.fromarray(a)
+    if a.dtype == bool:                                                # a mask: True is white
+        return Image.fromarray(a.astype(np.uint8) * np.uint8(255))
+    if a.dtype.kind != "f" or not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        raise InputError(f"{what} array must be uint8, or floats in [0, 1], got {a.dtype} "
+                         f"values from {a.min()} to {a.max()}")
+    return Image.fromarray(np.round(a * 255).astype(np.uint8))
+
+
 def open_image(image, what="image"):
-    """A path or PIL image -> an RGB PIL image (grayscale, RGBA, palette and 16-bit are converted)."""
+    """A path, a file object, a PIL image or a pixel array (from_array) -> an RGB PIL image
+    (grayscale, RGBA, palette and 16-bit are converted)."""
     if isinstance(image, Image.Image):
         img = image
+    elif isinstance(image, np.ndarray):
+        img = from_array(image, what)
+    elif not isinstance(image, (str, bytes, os.PathLike)) and not hasattr(image, "read"):
+        raise InputError(f"{what} must be a file path, a PIL image or a pixel array [H, W, 3], "
+                         f"got {type(image).__name__}")
     else:
         img = None
         try:

@@ -297,7 +297,8 @@ class Pipeline:
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
-        image: a PIL image or a path; it is resized (with a warning) to height x width, which default
+        image: a PIL image, a path, or a pixel array [H, W, 3] (uint8, or floats in [0, 1] such as
+        output_type="np" returns; npsd.images.from_array); it is resized (with a warning) to height x width, which default
         to its own size rounded down to multiples of 8. strength in (0, 1]: 1 starts from pure noise
         at the first step, small values keep more of the image. noise: the forward-process noise
         [B, C, h, w] (default drawn from the seed). sample_posterior: encode the image to a sample of
@@ -339,7 +340,8 @@ class Pipeline:
         latents is replaced by the original image's latents noised to the next step's level. With a
         9-channel inpainting checkpoint: the UNet also reads the mask and the masked image's latents
         (concatenated to its input). strength 1 starts from pure noise; < 1 from the image noised to
-        the step that strength selects. latents (strength 1) / noise (strength < 1): the initial
+        the step that strength selects. image and mask_image as img2img's image (a mask array may
+        also be bool). latents (strength 1) / noise (strength < 1): the initial
         noise, as in txt2img / img2img. mask_blur: a Gaussian blur radius in pixels applied to the
         mask; the blurred mask's soft values then weight the blending. sample_posterior, rng: as in
         img2img; the other arguments (preview, decoder, ...) as in txt2img.

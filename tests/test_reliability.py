@@ -499,6 +499,34 @@ def test_unreadable_images(tmp_path):
         open_image(tmp_path / "text.png", "mask")
 
 
+def test_pixel_arrays_and_what_is_not_an_image(tiny):
+    """img2img and inpaint take pixel arrays as diffusers' pipelines do: output_type="np"'s floats in
+    [0, 1] (one image [1, H, W, 3]) give the same image as the PIL image of their uint8 rounding, and a
+    bool mask the same as its black-and-white PIL image. Anything else is a one-line InputError (None
+    used to end in an AttributeError)."""
+    pipe = npsd.load(tiny["safetensors"])
+    kw = dict(num_inference_steps=2, seed=4, output_type="np")
+    picture = pipe.txt2img(PROMPT, height=64, width=64, **kw)                  # [1, 64, 64, 3] in [0, 1]
+    as_pil = Image.fromarray(np.round(picture[0] * 255).astype(np.uint8))
+    assert np.array_equal(pipe.img2img(PROMPT, picture, **kw), pipe.img2img(PROMPT, as_pil, **kw))
+    mask = np.zeros((64, 64), bool)
+    mask[8:40, 16:48] = True
+    assert np.array_equal(pipe.inpaint(PROMPT, picture, mask, **kw),
+                          pipe.inpaint(PROMPT, as_pil, Image.fromarray(mask.astype(np.uint8) * 255), **kw))
+    for bad, phrase in [(None, "image must be a file path, a PIL image or a pixel array"),
+                        (3, "got int"),
+                        (picture * 2, r"image array must be uint8, or floats in \[0, 1\], got float32 values from 0"),
+                        (np.full((8, 8, 3), np.nan, np.float32), "floats in"),
+                        (np.zeros((8, 8, 3), np.int64), "got int64"),
+                        (np.zeros((2, 8, 8, 3), np.uint8), r"must be \[H, W\] or \[H, W, 3\]"),
+                        (np.zeros((8, 8, 2), np.uint8), r"got shape \(8, 8, 2\)")]:
+        with pytest.raises(InputError, match=phrase) as e:
+            pipe.img2img(PROMPT, bad, **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="mask must be a file path"):
+        pipe.inpaint(PROMPT, picture, None, **kw)
+
+
 def png_header_only(path, width, height):
     """A PNG that claims width x height pixels (IHDR) with no pixel data: what a decompression bomb starts with."""
     def chunk(kind, data):
