@@ -135,11 +135,23 @@ _LDM_FIXED = {("unet", "norm_groups"): 32, ("unet", "resnet_eps"): 1e-5, ("unet"
               ("unet", "layer_norm_eps"): 1e-5, ("vae", "norm_groups"): 32, ("vae", "eps"): 1e-6}
 
 
-def own_configuration(path, pipe):
+def stated_configuration(path):
+    """The npsd_config a .safetensors file's header states, read with the safetensors package
+    (json), or None: another kind of file, or a header without one."""
+    import json
+    from safetensors import safe_open
+    if not str(path).endswith(".safetensors"):
+        return None
+    with safe_open(path, "np") as f:
+        text = (f.metadata() or {}).get("npsd_config")
+    return None if text is None else json.loads(text)
+
+
+def own_configuration(path, stated, pipe):
     """(LDM YAML, text_encoder/config.json) for a file that carries npsd's configuration in its
     __metadata__ (npsd_config: the built-in model, models exported by npsd/train), in place of the
-    published ones of SD's files. The settings come from the file's metadata as read here with the
-    safetensors package (heads, the VAE's scaling factor, the text encoder's activation and eps; an
+    published ones of SD's files. The settings come from what the file states (`stated`, from
+    stated_configuration: heads, the VAE's scaling factor, the text encoder's activation and eps; an
     entry it leaves out means SD's value), not from npsd's reading of it; the layout (levels,
     channels, blocks per level, the levels that attend, the context width) from the tensors' shapes
     as npsd.architecture reads them, which diffusers' converter then checks, placing every tensor
@@ -148,11 +160,8 @@ def own_configuration(path, pipe):
     line. (The YAML is written as JSON, which YAML reads.)"""
     import json
     import math
-    from safetensors import safe_open
     from . import architecture
     from .params import flatten
-    with safe_open(path, "np") as f:
-        stated = json.loads(f.metadata()["npsd_config"])
     setting = lambda c, k, sd=None: stated.get(c, {}).get(k, sd)              # noqa: E731
     missing = [f"{c}.{k}" for c, k in (("unet", "num_heads"), ("text_encoder", "num_heads"), ("vae", "scaling_factor"))
                if setting(c, k) is None]
@@ -160,10 +169,11 @@ def own_configuration(path, pipe):
     unet, vae = architecture.unet_design(shapes["unet"]), architecture.vae_design(shapes["vae"])
     text = architecture.text_encoder_design(shapes["text_encoder"])
     odd = [f"{c} {k} {setting(c, k, v)} (SD's {v})" for (c, k), v in _LDM_FIXED.items() if setting(c, k, v) != v]
-    odd += ["an LCM UNet (time_cond_proj_dim)"] * (unet.time_cond_proj_dim is not None)
-    odd += [f"a feed-forward {unet.ff_mult}x wide (SD's 4x)"] * (unet.ff_mult != 4)
-    odd += [f"a time embedding {unet.time_embedding_dim} wide (SD's 4 x {unet.block_out_channels[0]})"] * \
-        (unet.time_embedding_dim != 4 * unet.block_out_channels[0])
+    odd += [text for unlike_sd, text in (
+        (unet.time_cond_proj_dim is not None, "an LCM UNet (time_cond_proj_dim)"),
+        (unet.ff_mult != 4, f"a feed-forward {unet.ff_mult}x wide (SD's 4x)"),
+        (unet.time_embedding_dim != 4 * unet.block_out_channels[0],
+         f"a time embedding {unet.time_embedding_dim} wide (SD's 4 x {unet.block_out_channels[0]})")) if unlike_sd]
     if missing or odd:
         raise CheckpointError(f"parity: {path}'s npsd_config " + (f"does not state {', '.join(missing)}" if missing else
                               f"has {', '.join(odd)}, which an LDM configuration cannot tell diffusers"))
@@ -220,9 +230,10 @@ class OriginalFile:
         self.checkpoint, self.how = read_checkpoint(torch, path)
         self.model_type = infer_diffusers_model_type(self.checkpoint)
         self.tower = "open_clip" if is_open_clip_model(self.checkpoint) else "clip"
-        if pipe.info.get("config") == "npsd_config metadata":         # the file says what it is
+        stated = stated_configuration(path)
+        if stated is not None:                                         # the file says what it is
             self.config_name, self.config_source = "own-inference.yaml", "its own configuration (npsd_config)"
-            text, text_config = own_configuration(path, pipe)
+            text, text_config = own_configuration(path, stated, pipe)
         else:
             key = (self.model_type, prediction_type)
             if key not in published_configs.LDM_CONFIGS:
