@@ -88,6 +88,14 @@ def check_report(out, expected_blocks):
     return table
 
 
+def q_k_swapped(map_text_encoder):
+    """npsd.loading.map_text_encoder with every layer's self_attn.q_proj and k_proj exchanged: a
+    key-mapping error that npsd's shape checks cannot see (the two have the same shape)."""
+    swap = {"self_attn.q_proj.": "self_attn.k_proj.", "self_attn.k_proj.": "self_attn.q_proj."}
+    return lambda names: {re.sub(r"self_attn\.[qk]_proj\.", lambda m: swap[m[0]], d): o
+                          for d, o in map_text_encoder(names).items()}
+
+
 # --- full SD v1.5 size -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -132,7 +140,7 @@ def test_parity_finds_npsd_loading_errors_in_an_original_file(sd15_file, capsys,
     still agree, and the first difference is the first layer's self-attention; the exit code is 1.
     Measured: text_encoder.encoder.layers.0 5.8e-1, unet.down_blocks.0 1.8e-3, the scaling factor
     2.8e-1 (tolerance 1e-4)."""
-    real_config, real_map = loading.sd15_config, loading.map_text_encoder
+    real_config = loading.sd15_config
 
     def wrong_config():
         config = real_config()
@@ -140,12 +148,8 @@ def test_parity_finds_npsd_loading_errors_in_an_original_file(sd15_file, capsys,
         config["vae"]["scaling_factor"] = 0.13025
         return config
 
-    def swapped_q_k(names):
-        swap = {"self_attn.q_proj.": "self_attn.k_proj.", "self_attn.k_proj.": "self_attn.q_proj."}
-        return {re.sub(r"self_attn\.[qk]_proj\.", lambda m: swap[m[0]], d): o for d, o in real_map(names).items()}
-
     monkeypatch.setattr(loading, "sd15_config", wrong_config)
-    monkeypatch.setattr(loading, "map_text_encoder", swapped_q_k)
+    monkeypatch.setattr(loading, "map_text_encoder", q_k_swapped(loading.map_text_encoder))
     rc, out, err = run(["parity", "--model", sd15_file, "--size", 64], capsys)
     print(out)
     assert rc == 1, out + err
@@ -329,18 +333,14 @@ def test_parity_on_the_built_in_model_finds_npsd_errors(capsys, monkeypatch):
     the text encoder's q_proj and k_proj exchanged in npsd's key mapping, and the UNet's heads read
     as 2 where the file states 4. The text encoder fails from its first self-attention on, the UNet
     from its first transformer on, the VAE still agrees; the exit code is 1."""
-    real_map, real_load = loading.map_text_encoder, npsd.load
-
-    def swapped_q_k(names):
-        swap = {"self_attn.q_proj.": "self_attn.k_proj.", "self_attn.k_proj.": "self_attn.q_proj."}
-        return {re.sub(r"self_attn\.[qk]_proj\.", lambda m: swap[m[0]], d): o for d, o in real_map(names).items()}
+    real_load = npsd.load
 
     def two_heads(path, **kw):
         pipe = real_load(path, **kw)
         pipe.config["unet"]["num_heads"] = 2
         return pipe
 
-    monkeypatch.setattr(loading, "map_text_encoder", swapped_q_k)
+    monkeypatch.setattr(loading, "map_text_encoder", q_k_swapped(loading.map_text_encoder))
     monkeypatch.setattr(npsd, "load", two_heads)
     rc, out, err = run(["parity", "--model", SHIPPED], capsys)
     print(out)
