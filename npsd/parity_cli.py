@@ -186,8 +186,8 @@ def own_configuration(path, stated, pipe):
                 "transformer_depth": unet.transformer_layers_per_block, "context_dim": unet.cross_attention_dim,
                 "use_linear_in_transformer": unet.use_linear_projection, "legacy": False}
     ldm_vae = {"double_z": True, "z_channels": vae.latent_channels, "resolution": 256, "in_channels": vae.in_channels,
-               "out_ch": vae.out_channels, "ch": vb, "ch_mult": [c // vb for c in vc], "num_res_blocks": vae.layers_per_block,
-               "attn_resolutions": [], "dropout": 0.0}
+               "out_ch": vae.out_channels, "ch": vb, "ch_mult": [c // vb for c in vc],
+               "num_res_blocks": vae.layers_per_block, "attn_resolutions": [], "dropout": 0.0}
     ldm = {"model": {"params": {
         "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000,
         "conditioning_key": "hybrid" if unet.in_channels != vae.latent_channels else "crossattn",

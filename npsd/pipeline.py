@@ -299,11 +299,11 @@ class Pipeline:
 
         image: a PIL image, a path, or a pixel array [H, W, 3] (uint8, or floats in [0, 1] such as
         output_type="np" returns; npsd.images.from_array); it is resized (with a warning) to height
-        x width, which default to its own size rounded down to multiples of 8. strength in (0, 1]: 1 starts from pure noise
-        at the first step, small values keep more of the image. noise: the forward-process noise
-        [B, C, h, w] (default drawn from the seed). sample_posterior: encode the image to a sample of
-        the VAE posterior (True) or to its mean (False); None: a sample with rng="torch" (as diffusers),
-        the mean with rng="numpy". Other arguments as in txt2img.
+        x width, which default to its own size rounded down to multiples of 8. strength in (0, 1]: 1
+        starts from pure noise at the first step, small values keep more of the image. noise: the
+        forward-process noise [B, C, h, w] (default drawn from the seed). sample_posterior: encode the
+        image to a sample of the VAE posterior (True) or to its mean (False); None: a sample with
+        rng="torch" (as diffusers), the mean with rng="numpy". Other arguments as in txt2img.
         """
         _check_strength(strength)
         img = open_image(image)
