@@ -11,6 +11,8 @@ import itertools
 
 import numpy as np
 
+from .errors import InputError
+
 
 def cfg(eps_uncond, eps_cond, scale):
     """eps = eps_uncond + scale * (eps_cond - eps_uncond)   (Ho & Salimans 2022, eq. 6, with w = scale - 1).
@@ -40,6 +42,14 @@ def rescale_cfg(eps_cfg, eps_cond, guidance_rescale):
     return phi * rescaled + (np.float32(1) - phi) * eps_cfg
 
 
+def check_rescale(guidance_rescale):
+    """phi of eq. 16 blends two predictions: it lies in [0, 1]."""
+    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float, np.floating, np.integer)) \
+            or not 0 <= guidance_rescale <= 1:
+        raise InputError(f"guidance_rescale must be a number in [0, 1] (0: off; Lin et al. use 0.7), "
+                         f"got {guidance_rescale!r}")
+
+
 def uses_guidance(scale):
     """True when the unconditional pass runs (scale > 1)."""
     return scale is not None and float(scale) > 1.0
@@ -56,6 +66,7 @@ def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0
     guidance_rescale > 0 applies ``rescale_cfg`` to the guided output (only when guidance runs, as
     diffusers).
     """
+    check_rescale(guidance_rescale)
     cond_at = context_cond if callable(context_cond) else (lambda k: context_cond)
     uncond_at = context_uncond if callable(context_uncond) else (lambda k: context_uncond)
     calls = itertools.count()

@@ -58,8 +58,9 @@ def open_image(image, what="image"):
                 img.close()                                         # no open file left behind
             raise InputError(f"cannot read {what} {image}: {e}; give a PNG or JPEG file") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):                 # 16/32-bit grayscale -> 8-bit
-        a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(a / max(a.max(), 1) * 255, 0, 255).astype(np.uint8), "L")
+        a = np.asarray(img, dtype=np.float64)                       # 65535 is white (a 16-bit PNG's,
+        top = 65535 if a.max() <= 65535 else a.max()                # also as older Pillows' mode I)
+        img = Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))

@@ -31,7 +31,7 @@ from .prompts import PROMPT_SYNTAXES, encode_schedule, extract_loras, encode_wei
 from .rng import make_rng
 from .config import generation_defaults, sd15_config, with_fallbacks
 from .errors import InputError, NpsdError
-from .guidance import guided_model, uses_guidance
+from .guidance import check_rescale, guided_model, uses_guidance
 from .images import default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil
 from .previews import taesd_for, with_previews
 from .tokenizer import Tokenizer
@@ -414,9 +414,11 @@ class Pipeline:
         """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
         the image's own size first) and check every value; one-line errors."""
         defaults = generation_defaults(self.config)
+        from_image = ()
         if image is not None and (height is None or width is None):
             ih, iw = default_size(image)
-            height, width = height or ih, width or iw
+            from_image = (("height",) if height is None else ()) + (("width",) if width is None else ())
+            height, width = ih if height is None else height, iw if width is None else width
         steps = defaults["num_inference_steps"] if steps is None else steps
         guidance = defaults["guidance_scale"] if guidance is None else guidance
         height = defaults["height"] if height is None else height
@@ -431,6 +433,10 @@ class Pipeline:
         smallest = f * 2 ** (len(self.params["unet"]["down_blocks"]) - 1)
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v % f or v < smallest:
+                if name in from_image:
+                    raise InputError(f"the input image is {image.size[0]}x{image.size[1]} pixels, too small for its own "
+                                     f"size ({name} {v}); give height and width (multiples of {f}, at least "
+                                     f"{smallest}) to resize it")
                 raise InputError(f"{name} must be a multiple of {f} and at least {smallest}, got {v!r}")
         schedulers.check_sampler(sampler)
         schedulers.check_eta(eta)
@@ -451,6 +457,7 @@ class Pipeline:
                timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, unet=None):
         """What every generation sets up first -> (the generator, model(x, t) with guidance, batch, schedule).
         unet: the UNet call to guide (default self.unet)."""
+        check_rescale(guidance_rescale)
         rng = make_rng(rng, settings["seed"])
         schedule = schedulers.make_schedule(settings["sampler"], settings["steps"], self.config, use_karras_sigmas,
                                             timestep_spacing, prediction_type=prediction_type)

@@ -92,17 +92,17 @@ def extract_loras(text):
 def _lora_tag(tag, args):
     named = dict(a.split("=", 1) for a in args if a.count("=") == 1)   # te=0.5, unet=1 (A1111: one "=")
     positional = [a for a in args if a.count("=") != 1]
-    if not positional or not positional[0]:
-        raise InputError(f"{tag} names no LoRA; write <lora:NAME> or <lora:NAME:STRENGTH>")
+    if not positional or not positional[0].strip():
+        raise InputError(f"{tag!r} names no LoRA; write <lora:NAME> or <lora:NAME:STRENGTH>")
     try:
         te = float(positional[1]) if len(positional) > 1 else 1.0
         te = float(named.get("te", te))
         unet = float(positional[2]) if len(positional) > 2 else te
         unet = float(named.get("unet", unet))
     except ValueError:
-        raise InputError(f"{tag} has a strength that is not a number; write e.g. <lora:{positional[0]}:0.8>") from None
+        raise InputError(f"{tag!r} has a strength that is not a number; write e.g. {f'<lora:{positional[0]}:0.8>'!r}") from None
     if not (np.isfinite(te) and np.isfinite(unet)):
-        raise InputError(f"{tag} has a strength that is not finite")
+        raise InputError(f"{tag!r} has a strength that is not finite")
     return LoraTag(positional[0], te, unet)
 
 

@@ -141,6 +141,10 @@ def test_extract_loras():
         extract_loras("<lora:ink:strong>")
     with pytest.raises(InputError, match="names no LoRA"):
         extract_loras("<lora::0.5>")
+    for tag in ("<lora:ink\n:strong>", "<lora:\n>", "<lora:ink:1\n.5>"):   # the message stays one line
+        with pytest.raises(InputError) as caught:
+            extract_loras(f"a\n{tag}\nb")
+        assert "\n" not in str(caught.value) and repr(tag) in str(caught.value)
 
 
 # --- chunks ---------------------------------------------------------------------------------------

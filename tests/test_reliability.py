@@ -458,6 +458,9 @@ def test_prompts_that_are_not_strings(tiny):
     for eta in (1.5, -0.1, float("nan"), "1"):                            # refused before any work
         with pytest.raises(InputError, match=r"eta must be a number in \[0, 1\]"):
             pipe.txt2img(PROMPT, **kw, sampler="ddim", eta=eta)
+    for phi in (1.5, -0.1, float("nan"), "0.7", True):                    # eq. 16 blends two predictions
+        with pytest.raises(InputError, match=r"guidance_rescale must be a number in \[0, 1\]"):
+            pipe.txt2img(PROMPT, **kw, guidance_rescale=phi)
 
 
 def test_cli_parameter_errors(tiny, tmp_path, capsys):
@@ -525,6 +528,12 @@ def test_pixel_arrays_and_what_is_not_an_image(tiny):
         assert "\n" not in str(e.value)
     with pytest.raises(InputError, match="mask must be a file path"):
         pipe.inpaint(PROMPT, picture, None, **kw)
+    dot = Image.new("RGB", (1, 1), (200, 0, 0))                                # its size rounds down to 0
+    with pytest.raises(InputError, match=r"the input image is 1x1 pixels, too small for its own size \(height 0\)"):
+        pipe.img2img(PROMPT, dot, **kw)
+    with pytest.raises(InputError, match=r"1x1 pixels, too small for its own size \(width 0\); give height and width"):
+        pipe.img2img(PROMPT, dot, height=64, **kw)
+    assert pipe.img2img(PROMPT, dot, height=64, width=64, **kw).shape == (1, 64, 64, 3)      # resized
 
 
 def png_header_only(path, width, height):
@@ -562,6 +571,9 @@ def test_image_modes_are_converted(tmp_path):
     assert Image.open(p16).mode.startswith("I")
     a = np.asarray(open_image(p16))
     assert a.shape == (2, 2, 3) and a[1, 0, 0] == 255 and a[0, 0, 0] == 0 and 120 <= a[0, 1, 0] <= 130
+    dark = Image.fromarray(np.array([[0, 16384], [4096, 8192]], np.uint16))  # 65535 is white, not the largest value
+    for img in (dark, dark.convert("I")):                                  # mode I: 16-bit PNGs in older Pillows
+        assert np.asarray(open_image(img))[..., 0].tolist() == [[0, 64], [16, 32]], img.mode
     cmyk = open_image(Image.new("CMYK", (4, 4), (0, 0, 0, 0)))
     assert cmyk.mode == "RGB"
 

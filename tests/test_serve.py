@@ -241,7 +241,7 @@ def test_inpaint_same_pixels_as_the_pipeline(client, pipe, picture, mask):
 @pytest.mark.parametrize("fields, names", [
     ({"steps": "ten"}, ["steps"]),
     ({"steps": 0}, ["steps"]),
-    ({"cfg_scale": -1}, ["cfg_scale"]),
+    ({"cfg_scale": -1}, ["cfg_scale must be >= 0.0, got -1"]),
     ({"seed": 2**32}, ["seed"]),
     ({"width": "64"}, ["width"]),
     ({"sampler_name": "Nope"}, ["sampler_name", "Euler a"]),

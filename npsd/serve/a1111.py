@@ -149,8 +149,11 @@ def _float(body, name, default=None, lo=None, hi=None, lo_open=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise InputError(f"{name} must be a finite number, got {v!r}")
     if (lo is not None and (v < lo or lo_open and v == lo)) or (hi is not None and v > hi):
-        where = (f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]") if hi is not None else f">= {lo}"
-        raise InputError(f"{name} must be in {where}, got {v}")
+        if hi is None:
+            where = f"> {lo}" if lo_open else f">= {lo}"
+        else:
+            where = f"in ({lo}, {hi}]" if lo_open else f"in [{lo}, {hi}]"
+        raise InputError(f"{name} must be {where}, got {v}")
     return float(v)
 
 
