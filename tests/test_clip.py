@@ -199,6 +199,30 @@ def test_pipeline_methods(tiny):
                  "Pipeline.encode_text clip_skip")
 
 
+def test_prompt_and_negative_prompt_are_encoded_in_one_batch(tiny, monkeypatch):
+    """With guidance, the pipelines encode the prompts and the negative prompts in one text-encoder call
+    (products twice as tall as two calls': 0.83 of the time at SD v1.5 size on the Zen 4 EPYC) and
+    get each side's own encoding; a trace keeps diffusers' two calls, whose records it names."""
+    from npsd.trace import Trace
+    config = sd15_config()
+    config["text_encoder"].update(tiny.config)
+    pipe = Pipeline({"text_encoder": tiny.params}, config)
+    batches = []
+    encode = pipe.encode_text
+    monkeypatch.setattr(pipe, "encode_text", lambda ids, clip_skip=None: batches.append(len(ids)) or encode(ids, clip_skip))
+    cond, uncond, n = pipe._contexts(PROMPTS, "blurry", 2, 7.5, None, "truncate")
+    assert batches == [2 * len(PROMPTS)] and n == 2 * len(PROMPTS)
+    assert_close(cond, np.repeat(tiny.last, 2, axis=0), RTOL, "prompts in one batch with the negatives")
+    negative = clip.encode_text(tiny.params, pipe.tokenize(["blurry"] * len(PROMPTS)), tiny.config)
+    assert_close(uncond, np.repeat(negative, 2, axis=0), 1e-6, "negative prompts in one batch with the prompts")
+    batches.clear()
+    assert pipe._contexts(PROMPTS, "blurry", 1, 1.0, None, "truncate")[1] is None and batches == [len(PROMPTS)]
+    batches.clear()
+    pipe._trace = Trace()
+    pipe._contexts(PROMPTS, "blurry", 1, 7.5, None, "truncate")
+    assert batches == [len(PROMPTS), len(PROMPTS)]
+
+
 def test_transformers_state_dict_names(tiny):
     """transformers 5.x: CLIPTextModel.state_dict() has no "text_model." prefix and no position_ids
     (4.x had both; build() accepts either). npsd's params must hold exactly the model's tensors."""
