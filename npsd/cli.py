@@ -144,7 +144,7 @@ def build_parser():
     par.add_argument("--no-ema", action="store_true", help="compare the raw UNet weights instead of the EMA copies")
     par.add_argument("--debug", action="store_true", help="show tracebacks")
     from .trace_cli import add_parsers
-    add_parsers(sub, _int_at_least, _float_in, _seed, SAMPLERS, WEIGHTS_DTYPE_HELP)
+    add_parsers(sub, _int_at_least, _float_in, _seed, SAMPLERS, WEIGHTS_DTYPE_HELP, _lora_option)
     srv = sub.add_parser("serve", help="serve AUTOMATIC1111's HTTP API and a page (needs: pip install \"npsd[serve]\")",
                          description="A web server: AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, progress, "
                          "models, ...) and a page at /; one generation at a time, the others wait in order.")

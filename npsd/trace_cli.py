@@ -10,10 +10,11 @@ import numpy as np
 from . import trace as trace_io
 from .errors import InputError
 from .loading import WEIGHTS_DTYPES
+from .rng import RNG_KINDS
 from .testing import compare
 
 
-def add_parsers(sub, int_at_least, float_in, seed, samplers, weights_dtype_help):
+def add_parsers(sub, int_at_least, float_in, seed, samplers, weights_dtype_help, lora_option):
     """Add the `trace` and `compare` subcommands to the CLI's subparsers."""
     t = sub.add_parser("trace", help="run txt2img and save every block's activations (.safetensors)",
                        description="Run a txt2img with tracing: every block's input and output under "
@@ -25,6 +26,13 @@ def add_parsers(sub, int_at_least, float_in, seed, samplers, weights_dtype_help)
     t.add_argument("--model", metavar="PATH", help="an SD v1.x .safetensors/.ckpt file or diffusers folder "
                                                    "(default: the built-in small model)")
     t.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32", help=weights_dtype_help)
+    t.add_argument("--no-ema", action="store_true", help="the raw UNet weights of a file that also holds EMA copies")
+    t.add_argument("--vae", metavar="PATH", help="a separate VAE file or diffusers vae folder (as txt2img's --vae)")
+    t.add_argument("--lora", metavar="FILE[:STRENGTH]", action="append", type=lora_option, default=[],
+                   help="a LoRA merged into the weights first, with a strength (default 1); repeatable")
+    t.add_argument("--rng", choices=RNG_KINDS, default="numpy",
+                   help="random numbers: numpy (default) or torch (the initial noise of diffusers' pipelines "
+                        "from the same seed, so that a diffusers trace starts from the same latents)")
     t.add_argument("--negative-prompt", metavar="TEXT", default="", help="(default: empty)")
     t.add_argument("--steps", metavar="N", type=int_at_least(1, "steps"), help="denoising steps (default: the model's)")
     t.add_argument("--trace-steps", metavar="I,J,...", help="the 0-based sampler steps whose UNet calls are "
@@ -62,19 +70,28 @@ def run_trace(args):
             steps = [int(s) for s in args.trace_steps.split(",")]
         except ValueError:
             raise InputError(f"--trace-steps takes 0-based step numbers separated by commas, got {args.trace_steps!r}") from None
-    pipe = npsd.load(args.model, weights_dtype=args.weights_dtype)
     try:
         trace = trace_io.Trace(steps=steps, only=args.only)
     except re.error as e:
         raise InputError(f"--only is not a valid regular expression: {e}") from None
+    for path, what in [(args.vae, "--vae")] + [(path, "--lora") for path, _ in args.lora]:
+        if path is not None and not os.path.exists(path):
+            raise InputError(f"{what} {path} does not exist; check the path")
+    pipe = npsd.load(args.model, ema=not args.no_ema, weights_dtype=args.weights_dtype)
+    if args.vae is not None:
+        from .cli import attach_vae
+        attach_vae(pipe, args.vae, args.weights_dtype)
+    for path, strength in args.lora:
+        pipe.load_lora(path, strength, keep_base=False)
     settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
                 "guidance_scale": args.guidance_scale, "sampler": args.sampler, "seed": args.seed,
                 "height": args.height, "width": args.width, "model": args.model or "built-in",
-                "weights_dtype": args.weights_dtype,
+                "weights_dtype": args.weights_dtype, "no_ema": args.no_ema, "vae": args.vae,
+                "lora": [[path, strength] for path, strength in args.lora], "rng": args.rng,
                 "trace_steps": steps, "only": args.only}
     pipe.txt2img(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=args.seed,
-                 sampler=args.sampler, output_type="np", trace=trace)
+                 sampler=args.sampler, rng=args.rng, output_type="np", trace=trace)
     trace.save(args.output, settings)
     print(f"{args.output}: {len(trace)} tensors")
     return 0

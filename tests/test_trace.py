@@ -230,3 +230,44 @@ def test_a_trace_with_float16_weights(model, tmp_path, capsys):  # noqa: F811 - 
     assert rc == 0, stdout
     print(f"largest relative difference of a traced tensor: {worst:.1e}")
     assert 1e-5 < worst < 1e-2
+
+
+def test_a_trace_with_a_lora_a_vae_and_torch_noise(tmp_path, capsys):
+    """--lora merges the file before the run and --rng torch starts from diffusers' noise: the CLI's
+    trace equals the API's with the same LoRA and generator, its UNet input is torch's draw for the
+    seed, and without the LoRA the first layer it changes is the first that differs. --vae changes
+    the VAE's records only."""
+    import npsd
+    from tests.test_cli import run
+    from tests.test_prompt_syntax_pipeline import write_lora
+    pipe = npsd.load()
+    lora = write_lora(tmp_path / "ink.safetensors", pipe)
+    args = ["trace", "a red circle", "--steps", 2, "--sampler", "ddim", "--seed", 5, "--rng", "torch"]
+    rc, _, err = run(args + ["--lora", f"{lora}:0.5", "-o", tmp_path / "lora.safetensors"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(args + ["-o", tmp_path / "plain.safetensors"], capsys)
+    assert rc == 0, err
+    (cli, settings, _), (plain, _, _) = (load(tmp_path / f"{n}.safetensors") for n in ("lora", "plain"))
+    assert settings["rng"] == "torch" and settings["lora"] == [[str(lora), 0.5]]
+    pipe.load_lora(lora, 0.5)
+    api = Trace()
+    pipe.txt2img("a red circle", num_inference_steps=2, sampler="ddim", seed=5, rng="torch", output_type="np", trace=api)
+    assert list(cli) == api.names() and all(np.array_equal(cli[n], api[n]) for n in cli)
+    x = cli["step0/unet:in"]                                            # [uncond, cond] of the same latents
+    noise = torch.randn((1,) + x.shape[1:], generator=torch.Generator().manual_seed(5)).numpy()
+    assert np.array_equal(x[:1], noise) and np.array_equal(x[1:], noise)
+    differ = [n for n in cli if not np.array_equal(cli[n], plain[n])]
+    assert differ[0] == "text_encoder.encoder.layers.0.self_attn"       # the LoRA's first layer (q_proj)
+    from safetensors.numpy import save_file
+    from npsd.params import flatten
+    save_file({k: v * np.float32(1.01) for k, v in flatten(npsd.load().params["vae"]).items()},
+              str(tmp_path / "vae.safetensors"))                         # diffusers' names, scaled by 1.01
+    rc, _, err = run(args + ["--vae", tmp_path / "vae.safetensors", "-o", tmp_path / "vae_trace.safetensors"], capsys)
+    assert rc == 0, err
+    other = load(tmp_path / "vae_trace.safetensors")[0]
+    differ = [n for n in other if not np.array_equal(other[n], plain[n])]
+    assert differ and all(n.startswith("vae.") for n in differ) and differ[0] == "vae.post_quant_conv"
+    for option in ("--lora", "--vae"):
+        rc, _, err = run(args + [option, tmp_path / "nope.safetensors", "-o", tmp_path / "x.safetensors"], capsys)
+        assert rc == 2 and f"{option} {tmp_path / 'nope.safetensors'} does not exist" in err
+        assert not (tmp_path / "x.safetensors").exists()
