@@ -214,12 +214,15 @@ def read(path, params):
         updates = []
         for n, roles in groups.items():
             comp, p = located[n]
-            up, down = _factor(f, roles["up"]), _factor(f, roles["down"])
+            up, down = _factor(f, roles["up"], where), _factor(f, roles["down"], where)
             _check_fit(n, comp, p, up, down, layers[comp][p], where)
             if "alpha" in roles:
                 a = roles["alpha"]
-                alpha = numbers[a] if a in numbers else f.read(a, np.float32).reshape(-1)[0]   # [] or [1]
-                scale = alpha_scale(float(alpha), down.shape[0])
+                alpha = np.asarray(numbers[a] if a in numbers else f.read(a, np.float32), np.float64)
+                if alpha.size != 1 or not np.isfinite(alpha).all():                    # [] or [1]
+                    raise CheckpointError(f"{where}: {a} must be one finite number (the LoRA's alpha), got "
+                                          f"{alpha.size} values {alpha.reshape(-1)[:3].tolist()}; the file is corrupt")
+                scale = alpha_scale(float(alpha.reshape(-1)[0]), down.shape[0])
             elif alphas is not None:
                 scale = alphas(comp, p, down.shape[0])
             else:
@@ -228,11 +231,14 @@ def read(path, params):
     return fmt, updates
 
 
-def _factor(f, name):
+def _factor(f, name, where):
     """A factor as stored when float16 or float32 (float16 ones, as published files hold them, take half
-    the memory until their layer is merged), else as float32."""
+    the memory until their layer is merged), else as float32; NaN or inf refused."""
     t = f.read(name)
-    return t if t.dtype in (np.float16, np.float32) else t.astype(np.float32)
+    t = t if t.dtype in (np.float16, np.float32) else t.astype(np.float32)
+    if not np.isfinite(t).all():
+        raise CheckpointError(f"{where}: {name} holds NaN or inf values; the file is corrupt")
+    return t
 
 
 def _group(shapes, where):

@@ -142,8 +142,12 @@ class Pipeline:
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     def encode_text(self, ids, clip_skip=None):
         """int64 [B, L] -> float32 [B, L, width]: CLIP's last hidden state (after the final LayerNorm)."""
-        return clip.encode_text(self.params["text_encoder"], ids, self.config["text_encoder"], clip_skip=clip_skip,
-                                trace=self._trace)
+        context = clip.encode_text(self.params["text_encoder"], ids, self.config["text_encoder"], clip_skip=clip_skip,
+                                   trace=self._trace)
+        if not np.isfinite(context).all():
+            raise NpsdError("the text encoder's output is NaN or infinite: its weights, or a LoRA or embedding "
+                            "loaded into them, hold NaN or inf values; check those files")
+        return context
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     def unet(self, latents, t, context, w_emb=None):

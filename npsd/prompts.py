@@ -334,6 +334,10 @@ def parse_attention(text):
         multiply(start, ROUND)
     for start in square_open:
         multiply(start, SQUARE)
+    for piece, w in res:
+        if not abs(w) < float(np.finfo(np.float32).max):                 # the multipliers are float32
+            raise InputError(f"the emphasis weights on {piece[:40]!r} multiply to {w:g}, beyond float32's range; "
+                             "write weights such as (word:1.2)")
     if not res:
         res = [["", 1.0]]
     merged = [res[0]]

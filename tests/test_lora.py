@@ -494,6 +494,12 @@ def test_errors_are_one_line_and_name_the_problem(models, tmp_path):
         ({"model.diffusion_model.conv_in.weight": np.zeros((4, 4), np.float32)}, "is not a LoRA file"),
         ({**good, "lora_unet_something_else": np.zeros(3, np.float32)},
          "not LoRA factors npsd knows: lora_unet_something_else"),
+        ({k: np.full_like(v, np.nan) if k.endswith("lora_up.weight") else v for k, v in good.items()},
+         "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight holds NaN or inf values; the file is corrupt"),
+        ({**good, "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": np.array([1.0, 2.0], np.float32)},
+         "proj_in.alpha must be one finite number (the LoRA's alpha), got 2 values [1.0, 2.0]"),
+        ({**good, "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": np.array(np.inf, np.float32)},
+         "must be one finite number"),
     ]
     for i, (sd, match) in enumerate(cases):
         message = _error(pipe, write(tmp_path / f"bad{i}.safetensors", sd))

@@ -59,6 +59,11 @@ def test_parse_attention_unbalanced_stray_and_weights():
     assert parse_attention("") == [("", 1.0)]
     with pytest.raises(InputError, match="not a number"):
         parse_attention("(a:1.2.3)")                                     # A1111 stops with a ValueError
+    e18, e20 = "1" + "0" * 18, "1" + "0" * 20                            # A1111's weights have no exponent
+    assert parse_attention(f"((a:{e18}):{e18})") == [("a", 1e36)]             # within float32
+    for text in ("(a:" + "9" * 40 + ")", f"((a:{e20}):{e20})", "(a:" + "9" * 400 + ")"):   # 1e40, 1e40, inf
+        with pytest.raises(InputError, match="beyond float32's range"):  # else a NaN context, refused later
+            parse_attention(text)                                        # without naming the cause
 
 
 def test_parse_attention_escapes():

@@ -24,6 +24,7 @@ without a traceback (tests/test_fuzz.py fuzzes the readers).
 | all-black / all-white / non-binary mask         | test_mask_notes, test_cli_image_cases                         |
 | estimated peak memory > available: refused      | test_memory_estimate_matches_the_measurements, test_request_too_large_is_refused_before_any_work, test_available_memory_is_read_from_proc_meminfo, test_cli_request_too_large |
 | NaN / inf in the latents: stop with the step    | test_cli::test_nan_latents_stop_with_the_step, test_inf_latents_stop_with_the_step |
+| NaN in a LoRA, or in the text encoder's output  | test_lora::test_errors_are_one_line_and_name_the_problem, test_nan_weights_name_the_text_encoder |
 | no partial file (temporary file + rename)       | test_cli::test_interrupted_write_leaves_no_partial_file, test_failed_write_keeps_the_old_file |
 | Ctrl-C: no file, exit 130                       | test_cli::test_ctrl_c_in_process_leaves_nothing_and_exits_130, test_cli::test_sigint_in_a_subprocess_exits_130_and_leaves_no_file |
 | existing file not overwritten unless asked      | test_cli::test_existing_output_is_refused_before_any_work     |
@@ -706,6 +707,16 @@ def test_inf_latents_stop_with_the_step(tiny, tmp_path, capsys, monkeypatch):
     cli_error(["txt2img", PROMPT, "--model", tiny["safetensors"], "-o", out, "--quiet", "--sampler", "euler"]
               + SMALL[:4] + ["--steps", 3, "--seed", 1], capsys, 1, "NaN or infinite at step 2 of 3")
     assert os.listdir(tmp_path) == []
+
+
+def test_nan_weights_name_the_text_encoder(tiny):
+    """A NaN in the text encoder's weights stops the generation at the text encoder's output, naming
+    it, where the UNet used to refuse its "context" input."""
+    pipe = npsd.load(tiny["safetensors"])
+    pipe.params["text_encoder"]["encoder"]["layers"][-1]["mlp"]["fc1"]["weight"][0, 0] = np.nan
+    for guidance in (1.0, 7.5):                                            # one prompt, or both in one batch
+        with pytest.raises(npsd.errors.NpsdError, match="the text encoder's output is NaN or infinite"):
+            pipe.txt2img(PROMPT, num_inference_steps=2, guidance_scale=guidance, height=64, width=64)
 
 
 # --- output --------------------------------------------------------------------------------------------
