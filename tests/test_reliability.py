@@ -445,8 +445,12 @@ def test_prompts_that_are_not_strings(tiny):
     for n in (0, -1, 1.5, True):
         with pytest.raises(InputError, match="num_images must be a whole number >= 1"):
             pipe.txt2img(PROMPT, num_images=n, **kw)
-    with pytest.raises(InputError, match="unknown sampler 'plms'; use one of ddpm, ddim, euler, euler_a, heun, dpmpp_2m"):
+    with pytest.raises(InputError, match="unknown sampler 'k_lms'; use one of ddpm, ddim, euler, euler_a, heun, dpmpp_2m"):
+        pipe.txt2img(PROMPT, sampler="k_lms", **kw)
+    with pytest.raises(InputError, match="unknown sampler 'plms': that is A1111's name for 'pndm'; npsd's names are ddpm"):
         pipe.txt2img(PROMPT, sampler="plms", **kw)
+    with pytest.raises(InputError, match="A1111's name for 'dpmpp_2m' with use_karras_sigmas=True"):
+        pipe.txt2img(PROMPT, sampler="DPM++ 2M Karras", **kw)
     for h in (8, 56, 63, 0, -64, 64.0, "64"):
         with pytest.raises(InputError, match="height must be a multiple of 8 and at least 64"):
             pipe.txt2img(PROMPT, **{**kw, "height": h})
