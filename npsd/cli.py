@@ -112,6 +112,18 @@ def _lora_option(text):
     return path, value
 
 
+def _sampler(text):
+    """--sampler NAME: npsd's names (argparse's choices); an A1111 name gets npsd's name in the error."""
+    if text not in SAMPLERS:
+        from .schedulers import check_sampler
+        try:
+            check_sampler(text)
+        except InputError as e:
+            if "A1111's name" in str(e):
+                raise argparse.ArgumentTypeError(str(e).replace("use_karras_sigmas=True", "--karras")) from None
+    return text
+
+
 def _seed(text):
     try:
         v = int(text)
@@ -174,7 +186,7 @@ def _generation_options(p, mode):
     a("--steps", metavar="N", type=_int_at_least(1, "steps"), help="denoising steps (default: the model's, SD v1.x: 50)")
     a("--guidance-scale", metavar="SCALE", type=_float_in(0.0, what="guidance"),
       help="classifier-free guidance scale; <= 1 turns guidance off (default: the model's, SD v1.x: 7.5)")
-    a("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
+    a("--sampler", choices=SAMPLERS, type=_sampler, help="sampler (default: the model's)")
     a("--seed", metavar="N", type=_seed, help="random seed in [0, 2**32) (default: random, printed)")
     a("--rng", choices=RNG_KINDS, help="random numbers: numpy (npsd's own, default) or torch (torch's CPU "
                                        "generator: diffusers' and A1111's 'CPU' images from the same seed)")

@@ -480,6 +480,7 @@ def test_cli_parameter_errors(tiny, tmp_path, capsys):
         (["txt2img", PROMPT, "--guidance-scale", -1] + base, "--guidance-scale: must be a finite number >= 0.0"),
         (["txt2img", PROMPT, "--guidance-scale", "inf"] + base, "finite"),
         (["txt2img", PROMPT, "--sampler", "k_lms"] + base, "euler_a"),                   # the valid names listed
+        (["txt2img", PROMPT, "--sampler", "DPM++ 2M Karras"] + base, "A1111's name for 'dpmpp_2m' with --karras"),
         (["txt2img", PROMPT, "--seed", 2**40] + base, "[0, 2**32)"),
         (["txt2img", PROMPT, "--seed", "abc"] + base, "expected a whole number"),
         (["txt2img", PROMPT, "--eta", 2] + base, "--eta: must be a finite number in [0.0, 1.0], got 2"),
