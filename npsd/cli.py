@@ -51,7 +51,7 @@ from .errors import CheckpointError, InputError, NpsdError, UsageError, one_line
 from .generation import file_hash, model_defaults, model_file, network_hashes, pipeline_call  # noqa: F401 (also cli's API)
 from .images import filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
 from .pngmeta import parameters_text, settings_from_png, short_hash
-from .loading import WEIGHTS_DTYPES
+from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
 from .pipeline import DECODERS
 from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
 from .rng import RNG_KINDS
@@ -543,7 +543,8 @@ class _Generation:
             return
         name, digest = stored_model
         self.hashes["model"] = file_hash(self.model_path) if self.model_path else None
-        if digest and self.hashes["model"] and digest.lower() != self.hashes["model"]:
+        same_values = self.args.model is None and digest and digest.lower() in BUILTIN_SAME_VALUES
+        if digest and self.hashes["model"] and digest.lower() != self.hashes["model"] and not same_values:
             warnings.warn(f"--from-png: the PNG was made with {name or 'a model'} (hash {digest}), not "
                           f"{self.model_name} (hash {self.hashes['model']}); the image will differ (give --model)")
 

@@ -562,6 +562,9 @@ def _warn_unexpected(where, names):
 # --- the public entry point ---------------------------------------------------------------------
 
 BUILTIN_MODEL = "npsd-tiny.safetensors"  # in weights/ (npsd.weights); made by python -m npsd.train.builtin
+# Short hashes (npsd.generation.file_hash) of earlier built-in files that hold the same values under other
+# tensor names (weights/README.md): PNGs made with them give the same image with this file.
+BUILTIN_SAME_VALUES = ("1ea350ad14",)
 
 WEIGHTS_DTYPES = ("float32", "float16")    # NumPy has no bfloat16: bf16 files are read as float32 or rounded to float16
 

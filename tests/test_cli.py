@@ -857,3 +857,22 @@ def test_vae_decoder_png_field_round_trip(model, tiny_taesd, tmp_path, capsys):
     write_png_atomic(Image.new("RGB", (16, 16)), str(odd), f"{PROMPT}\nSteps: 2, Seed: 5, VAE Decoder: Tiled", False)
     rc, out, err = run(["txt2img", "--from-png", odd, "--model", model, "-o", tmp_path / "d.png", "--quiet"], capsys)
     assert (rc, out) == (2, "") and err.count("\n") == 1 and "decoded by 'Tiled', which npsd lacks" in err, err
+
+
+def test_from_png_of_the_built_in_models_earlier_file(tmp_path, capsys):
+    """The built-in file was re-saved with other tensor names and the same values: a PNG naming the
+    earlier file's hash re-runs to the same image without a warning; another hash still warns."""
+    from npsd.loading import BUILTIN_SAME_VALUES
+    a = tmp_path / "a.png"
+    rc, _, err = run(["txt2img", PROMPT, "--steps", 2, "--seed", 5, "-o", a, "--quiet"], capsys)
+    assert rc == 0, err
+    current = params_of(a)["fields"]["Model hash"]
+    assert current not in BUILTIN_SAME_VALUES
+    text = read_parameters(str(a))
+    for digest, warns in [(BUILTIN_SAME_VALUES[0], False), ("0123456789", True)]:
+        old = tmp_path / f"{digest}.png"
+        write_png_atomic(Image.open(a), str(old), text.replace(f"Model hash: {current}", f"Model hash: {digest}"), False)
+        out = tmp_path / f"{digest}-again.png"
+        rc, _, err = run(["txt2img", "--from-png", old, "-o", out, "--quiet"], capsys)
+        assert rc == 0 and ("the image will differ" in err) == warns, err
+        assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(a)))
