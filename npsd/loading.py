@@ -611,6 +611,8 @@ def load(path=None, ema=True, weights_dtype="float32", *, dtype=None):
             raise NpsdError(f"the built-in model {BUILTIN_MODEL} is missing from {os.path.dirname(str(path))}; "
                             f"reinstall npsd, or pass the path of an SD v1.x checkpoint to npsd.load(path)")
     dtype = weights_dtype_of(weights_dtype, dtype)
+    if not isinstance(ema, (bool, np.bool_)):
+        raise InputError(f"ema must be True (the EMA copies of the UNet, where the file has them) or False, got {ema!r}")
     path = os.fspath(path)
     if os.path.isdir(path):
         params, config, info = _load_folder(path, ema, dtype)

@@ -289,6 +289,9 @@ def test_bad_weights_dtype_and_float16_overflow_are_one_line_errors(tmp_path):
         npsd.load(weights_dtype="bfloat16")
     with pytest.raises(npsd.InputError, match="not both"):
         npsd.load(weights_dtype="float16", dtype=np.float32)
+    for ema in ("yes", 0, None):                                         # a flag, not a truthy value
+        with pytest.raises(npsd.InputError, match="ema must be True .* or False, got"):
+            npsd.load(ema=ema)
     # a float32 tensor beyond float16's range cannot be kept in float16
     from safetensors.numpy import load_file, save_file
     sd = load_file(npsd.load().info["file"])                             # the built-in model (float16)
