@@ -336,6 +336,8 @@ class LoraSet:
     def load(self, path, strength=1.0, name=None, unet_strength=None, keep_base=True):
         strength = _strength(strength, "strength")
         unet_strength = strength if unet_strength is None else _strength(unet_strength, "unet_strength")
+        if not isinstance(keep_base, (bool, np.bool_)):
+            raise InputError(f"keep_base must be True or False, got {keep_base!r}")
         name = os.path.splitext(os.path.basename(os.fspath(path)))[0] if name is None else name
         if not isinstance(name, str) or not name:
             raise InputError(f"a LoRA's name must be a non-empty string, got {name!r}")

@@ -272,6 +272,7 @@ class Pipeline:
         decoder: what decodes the final latents: "vae" (the model's) or "taesd" (self.taesd: several
         times faster, less detailed; for drafts). Input images are always encoded by the VAE.
         """
+        _check_hooks(callback, progress, attention_maps)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed,
                                   decoder=decoder, eta=eta)
         callback = with_previews(self, callback, preview) if preview is not None else callback
@@ -310,6 +311,7 @@ class Pipeline:
         rng="torch" (as diffusers), the mean with rng="numpy". Other arguments as in txt2img.
         """
         _check_strength(strength)
+        _check_hooks(callback, progress, attention_maps)
         img = open_image(image)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
                                   decoder, eta)
@@ -351,6 +353,7 @@ class Pipeline:
         img2img; the other arguments (preview, decoder, ...) as in txt2img.
         """
         _check_strength(strength)
+        _check_hooks(callback, progress, attention_maps, mask_blur)
         img = open_image(image)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
                                   decoder, eta)
@@ -603,6 +606,18 @@ def _as_prompt_list(prompt, what):
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError(f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
     return list(prompts)
+
+
+def _check_hooks(callback, progress, attention_maps, mask_blur=0):
+    """The arguments that watch a generation (and inpainting's mask_blur), checked before any work."""
+    if callback is not None and not callable(callback):
+        raise InputError(f"callback must be a function callback(step, t, latents, x0_pred) or None, got {callback!r}")
+    if not isinstance(progress, (bool, np.bool_)):
+        raise InputError(f"progress must be True or False, got {progress!r}")
+    if attention_maps is not None and not hasattr(attention_maps, "watch"):
+        raise InputError(f"attention_maps must be an npsd.attention_maps.AttentionMaps or None, got {attention_maps!r}")
+    if isinstance(mask_blur, bool) or not isinstance(mask_blur, (int, np.integer)) or mask_blur < 0:
+        raise InputError(f"mask_blur must be a whole number of pixels >= 0, got {mask_blur!r}")
 
 
 def _check_strength(strength):

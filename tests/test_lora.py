@@ -513,6 +513,8 @@ def test_errors_are_one_line_and_name_the_problem(models, tmp_path):
     for bad in (float("nan"), "1", True):
         with pytest.raises(InputError, match="strength must be a finite number"):
             pipe.load_lora(path, bad)
+    with pytest.raises(InputError, match="keep_base must be True or False, got 'no'"):
+        pipe.load_lora(path, 1.0, keep_base="no")
     with pytest.raises(InputError, match="no LoRA named 'nope' is loaded"):
         pipe.unload_lora("nope")
 

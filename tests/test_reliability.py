@@ -466,6 +466,19 @@ def test_prompts_that_are_not_strings(tiny):
     for phi in (1.5, -0.1, float("nan"), "0.7", True):                    # eq. 16 blends two predictions
         with pytest.raises(InputError, match=r"guidance_rescale must be a number in \[0, 1\]"):
             pipe.txt2img(PROMPT, **kw, guidance_rescale=phi)
+    picture, everywhere = np.zeros((64, 64, 3), np.uint8), np.ones((64, 64), bool)
+    flags = [("use_karras_sigmas", "no", "use_karras_sigmas must be True or False"),     # truthy strings were
+             ("progress", "yes", "progress must be True or False"),                     # taken as True
+             ("callback", 5, "callback must be a function"),
+             ("attention_maps", 1, "attention_maps must be an npsd.attention_maps.AttentionMaps or None")]
+    for name, value, phrase in flags:
+        for call in (lambda **a: pipe.txt2img(PROMPT, **a), lambda **a: pipe.img2img(PROMPT, picture, **a),
+                     lambda **a: pipe.inpaint(PROMPT, picture, everywhere, **a)):
+            with pytest.raises(InputError, match=phrase):
+                call(**kw, sampler="euler", **{name: value})
+    for blur in (-1, 2.5, "3", True):
+        with pytest.raises(InputError, match="mask_blur must be a whole number of pixels >= 0"):
+            pipe.inpaint(PROMPT, picture, everywhere, **kw, mask_blur=blur)
 
 
 def test_cli_parameter_errors(tiny, tmp_path, capsys):
