@@ -45,6 +45,8 @@ class AttentionMaps:
     """
 
     def __init__(self, steps=None, resolutions=None):
+        if steps is not None and (isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__")):
+            raise InputError(f"steps must be a list of 0-based step indices or None (every step), got {steps!r}")
         self.steps = None if steps is None else {int(s) for s in steps}
         self.resolutions = None if resolutions is None else {_as_size(r) for r in resolutions}
         self.layers_added = 0          # cross-attention layer calls summed (over steps)

@@ -630,4 +630,6 @@ def _check_array(a, shape, what):
     a = np.asarray(a, dtype=np.float32)
     if a.shape != tuple(shape):
         raise InputError(f"{what} must have shape {tuple(shape)}, got {a.shape}")
+    if not np.isfinite(a).all():
+        raise InputError(f"{what} must be finite numbers (found NaN or inf)")
     return a

@@ -479,6 +479,12 @@ def test_prompts_that_are_not_strings(tiny):
     for blur in (-1, 2.5, "3", True):
         with pytest.raises(InputError, match="mask_blur must be a whole number of pixels >= 0"):
             pipe.inpaint(PROMPT, picture, everywhere, **kw, mask_blur=blur)
+    shape = (1, pipe.latent_channels, kw["height"] // pipe.vae_factor, kw["width"] // pipe.vae_factor)
+    with pytest.raises(InputError, match="latents must be finite numbers"):              # named, not "context"
+        pipe.txt2img(PROMPT, **kw, latents=np.full(shape, np.nan, np.float32))
+    from npsd.attention_maps import AttentionMaps
+    with pytest.raises(InputError, match="steps must be a list of 0-based step indices"):
+        AttentionMaps(steps=5)
 
 
 def test_cli_parameter_errors(tiny, tmp_path, capsys):
