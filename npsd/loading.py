@@ -242,7 +242,7 @@ def _load_original(path, ema, dtype):
                 unknown.append(n)
         empty = [c for c, p in parts.items() if not p]
         if len(empty) == 3:
-            raise CheckpointError(_not_sd1_message(path, shapes))
+            raise CheckpointError(_not_sd1_message(path, shapes, getattr(f, "other", {})))
         if empty:
             raise CheckpointError(f"{path} lacks the {' and '.join(empty)} weights (no "
                                   f"{' / '.join(p + '*' for p, c in PREFIXES.items() if c in empty)} tensors); "
@@ -292,12 +292,22 @@ def _load_original(path, ema, dtype):
     return params, config, info
 
 
-def _not_sd1_message(path, shapes):
+def _not_sd1_message(path, shapes, other=()):
+    """What a file that holds none of an SD checkpoint's components is, as far as its names tell.
+    other: the names of its entries that are not tensors (a .pt file's)."""
     names = list(shapes)
     if any(n.startswith(("encoder.", "decoder.")) for n in names) and "quant_conv.weight" in shapes:
-        return f"{path} is a standalone VAE file, not a whole SD v1.x or 2.x checkpoint"
+        return f"{path} is a standalone VAE file, not a whole SD v1.x or 2.x checkpoint; give it with --vae"
+    if any(part in n for n in names for part in (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a")):
+        return (f"{path} is a LoRA, not a whole SD v1.x or 2.x checkpoint; apply it to a model with --lora "
+                f"(Pipeline.load_lora)")
+    if "string_to_param" in other or (names and set(names) <= {"emb_params", "clip_l", "clip_g"}):
+        return (f"{path} is a textual-inversion embedding, not a whole SD v1.x or 2.x checkpoint; put it in "
+                f"--embeddings-dir (pipe.embeddings_dir) and write its name in the prompt")
     if "conv_in.weight" in shapes and any(n.startswith("down_blocks.") for n in names):
         return f"{path} is a single diffusers component file; pass the diffusers folder that contains it"
+    if not names:
+        return f"{path} holds no tensors ({_few(list(other), 3) or 'nothing'}); give an SD v1.x or 2.x checkpoint"
     return (f"{path} is not an SD v1.x or 2.x checkpoint: none of its {len(names)} tensors is named "
             f"model.diffusion_model.* / first_stage_model.* / cond_stage_model.* (e.g. {_few(names, 3)})")
 

@@ -353,6 +353,13 @@ def test_missing_path_and_not_a_checkpoint(tmp_path):
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty"):
         npsd.load(tmp_path / "empty.ckpt")
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(2, 768)}, "name": "cat"},
+               tmp_path / "cat.pt")                                      # A1111's embedding .pt
+    with pytest.raises(CheckpointError, match="cat.pt is a textual-inversion embedding"):
+        npsd.load(tmp_path / "cat.pt")
+    torch.save({"epoch": 3, "note": "x"}, tmp_path / "nothing.pt")
+    with pytest.raises(CheckpointError, match=r"nothing.pt holds no tensors \(epoch, note\)"):
+        npsd.load(tmp_path / "nothing.pt")
 
 
 def test_other_architectures_are_named(tmp_path):
@@ -361,6 +368,11 @@ def test_other_architectures_are_named(tmp_path):
         "sd2 text encoder only": ({"cond_stage_model.model.ln_final.weight": np.ones(1024, np.float16)},
                                   "lacks the unet and vae weights"),
         "other": ({"foo.weight": np.ones(3, np.float16)}, "not an SD v1.x or 2.x checkpoint"),
+        "lora": ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": np.ones((4, 8), np.float16),
+                  "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": np.ones((8, 4), np.float16)},
+                 "is a LoRA, not a whole SD v1.x or 2.x checkpoint; apply it to a model with --lora"),
+        "peft lora": ({"unet.mid_block.attentions.0.proj_in.lora_A.weight": np.ones((4, 8), np.float16)}, "is a LoRA"),
+        "embedding": ({"emb_params": np.ones((2, 768), np.float16)}, "is a textual-inversion embedding"),
     }
     for name, (sd, msg) in cases.items():
         write_safetensors(tmp_path / f"{name}.safetensors", sd)
