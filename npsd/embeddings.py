@@ -52,9 +52,18 @@ def _read_safetensors(path):
         names = sorted(f.tensors)
         _refuse_sdxl(path, names, lambda n: f.tensors[n].shape)
         if len(names) != 1:
-            raise InputError(f"{path} holds {len(names)} tensors ({', '.join(names[:5])}); an embedding file "
-                             "holds one ('emb_params' or the token)")
+            raise InputError(f"{path} holds {len(names)} tensors ({', '.join(names[:3])}{', ...' * (len(names) > 3)}); "
+                             "an embedding file holds one ('emb_params' or the token)" + _what_instead(names))
         return f.read(names[0], np.float32), names[0]
+
+
+def _what_instead(names):
+    """A hint when an embeddings folder holds a model or a LoRA."""
+    if any(n.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for n in names):
+        return "; this is a whole SD checkpoint: give it as the model (--model)"
+    if any(".lora_down." in n or ".lora_A." in n for n in names):
+        return "; this is a LoRA: give it with --lora or put it in --lora-dir"
+    return ""
 
 
 def _read_pickled(path):

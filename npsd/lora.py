@@ -255,6 +255,9 @@ def _group(shapes, where):
             other.append(key)
         else:
             groups.setdefault(name, {})[role] = key
+    if not groups and any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
+                          for k in shapes):
+        raise CheckpointError(f"{where} is a whole SD checkpoint, not a LoRA; give it as the model (--model, npsd.load)")
     if not groups:
         raise CheckpointError(f"{where} is not a LoRA file: none of its {len(shapes)} tensors is named like one "
                               f"(e.g. {_few(shapes)})")

@@ -189,8 +189,14 @@ def test_not_embeddings_are_refused(parts, tmp_path):
     torch.save({"a": torch.zeros(2, WIDTH), "b": torch.zeros(2, WIDTH)}, tmp_path / "two.bin")
     save_file({"a": torch.zeros(WIDTH), "b": torch.zeros(WIDTH)}, str(tmp_path / "two.safetensors"))
     torch.save({"string_to_param": {"*": torch.zeros(1, WIDTH), "+": torch.zeros(1, WIDTH)}}, tmp_path / "terms.pt")
+    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(4, 4), "first_stage_model.x": torch.zeros(1)},
+              str(tmp_path / "model.safetensors"))
+    save_file({"lora_te_x.lora_down.weight": torch.zeros(2, 4), "lora_te_x.lora_up.weight": torch.zeros(4, 2)},
+              str(tmp_path / "lora.safetensors"))
     for name, match in [("two.bin", "not a textual-inversion embedding"), ("two.safetensors", "holds 2 tensors"),
-                        ("terms.pt", "exactly one tensor"), ("missing.pt", "does not exist")]:
+                        ("terms.pt", "exactly one tensor"), ("missing.pt", "does not exist"),
+                        ("model.safetensors", "holds 2 tensors .*; this is a whole SD checkpoint: give it as the model"),
+                        ("lora.safetensors", "this is a LoRA: give it with --lora or put it in --lora-dir")]:
         with pytest.raises(InputError, match=match):
             embeddings.load_embedding(pipe, tmp_path / name)
 
