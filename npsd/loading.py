@@ -292,18 +292,25 @@ def _load_original(path, ema, dtype):
     return params, config, info
 
 
+def _network_kind(path, names, other=()):
+    """The message for a LoRA or an embedding given where a model or a VAE belongs, else None."""
+    if any(part in n for n in names for part in (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a")):
+        return f"{path} is a LoRA, not a model; apply it to one with --lora (Pipeline.load_lora)"
+    if "string_to_param" in other or (names and set(names) <= {"emb_params", "clip_l", "clip_g"}):
+        return (f"{path} is a textual-inversion embedding, not a model; put it in --embeddings-dir "
+                f"(pipe.embeddings_dir) and write its name in the prompt")
+    return None
+
+
 def _not_sd1_message(path, shapes, other=()):
     """What a file that holds none of an SD checkpoint's components is, as far as its names tell.
     other: the names of its entries that are not tensors (a .pt file's)."""
     names = list(shapes)
     if any(n.startswith(("encoder.", "decoder.")) for n in names) and "quant_conv.weight" in shapes:
         return f"{path} is a standalone VAE file, not a whole SD v1.x or 2.x checkpoint; give it with --vae"
-    if any(part in n for n in names for part in (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a")):
-        return (f"{path} is a LoRA, not a whole SD v1.x or 2.x checkpoint; apply it to a model with --lora "
-                f"(Pipeline.load_lora)")
-    if "string_to_param" in other or (names and set(names) <= {"emb_params", "clip_l", "clip_g"}):
-        return (f"{path} is a textual-inversion embedding, not a whole SD v1.x or 2.x checkpoint; put it in "
-                f"--embeddings-dir (pipe.embeddings_dir) and write its name in the prompt")
+    network = _network_kind(path, names, other)
+    if network:
+        return network
     if "conv_in.weight" in shapes and any(n.startswith("down_blocks.") for n in names):
         return f"{path} is a single diffusers component file; pass the diffusers folder that contains it"
     if not names:
@@ -551,6 +558,10 @@ def load_vae(path, weights_dtype="float32", *, dtype=None):
             names = {n[len("first_stage_model."):]: n for n in names if n.startswith("first_stage_model.")}
         else:  # skip EMA bookkeeping and the training discriminator ("loss.*") of VAE training files
             names = {n: n for n in names if not n.startswith(("model_ema.", "loss."))}
+        if not any(n.startswith(("encoder.", "decoder.")) for n in names):
+            raise CheckpointError(_network_kind(path, list(f.tensors), getattr(f, "other", {}))
+                                  or f"{path} holds no VAE (no encoder.* / decoder.* or first_stage_model.* tensors); "
+                                  "give a VAE file or folder")
         if any(n.startswith("encoder.down.") for n in names):
             vae_map = {d: names[o] for d, o in map_vae(list(names)).items()}
         else:

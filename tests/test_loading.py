@@ -370,7 +370,7 @@ def test_other_architectures_are_named(tmp_path):
         "other": ({"foo.weight": np.ones(3, np.float16)}, "not an SD v1.x or 2.x checkpoint"),
         "lora": ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": np.ones((4, 8), np.float16),
                   "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": np.ones((8, 4), np.float16)},
-                 "is a LoRA, not a whole SD v1.x or 2.x checkpoint; apply it to a model with --lora"),
+                 "is a LoRA, not a model; apply it to one with --lora"),
         "peft lora": ({"unet.mid_block.attentions.0.proj_in.lora_A.weight": np.ones((4, 8), np.float16)}, "is a LoRA"),
         "embedding": ({"emb_params": np.ones((2, 768), np.float16)}, "is a textual-inversion embedding"),
     }
@@ -577,6 +577,12 @@ def test_load_vae_alone(tiny, tmp_path):
         assert config["scaling_factor"] == scaling
         a, b = flatten(params), flatten(whole)
         assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a), src
+    write_safetensors(tmp_path / "ink.safetensors", {"lora_unet_x.lora_down.weight": np.zeros((2, 4), np.float32)})
+    write_safetensors(tmp_path / "other.safetensors", {"foo.weight": np.zeros(3, np.float32)})
+    for name, message in (("ink", "ink.safetensors is a LoRA, not a model; apply it to one with --lora"),
+                          ("other", r"other.safetensors holds no VAE \(no encoder.\* / decoder.\*")):
+        with pytest.raises(CheckpointError, match=message):             # before: "the vae weights lack ..."
+            load_vae(tmp_path / f"{name}.safetensors")
 
 
 def test_diffusers_folder_with_bin_files(tiny, tmp_path):
