@@ -107,6 +107,12 @@ class Tokenizer:
             raise InputError(f"a prompt must be a str or a list of str, got {got}")
         if len(prompts) == 0:
             raise InputError("the list of prompts is empty; pass at least one prompt (\"\" for none)")
+        for p in prompts:
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:                              # a lone surrogate, e.g. "\udcff"
+                raise InputError(f"a prompt holds {p[e.start:e.end]!r} at character {e.start}, which is not text "
+                                 "(a lone UTF-16 surrogate); check how the prompt was decoded") from None
         ids = [e.ids for e in self._tok.encode_batch(list(prompts), add_special_tokens=False)]
         return [self._put_added_words(t) for t in ids] if self.added_words else ids
 

@@ -485,6 +485,9 @@ def test_prompts_that_are_not_strings(tiny):
     from npsd.attention_maps import AttentionMaps
     with pytest.raises(InputError, match="steps must be a list of 0-based step indices"):
         AttentionMaps(steps=5)
+    for prompt in ("a \udcff b", ["ok", "\ud800"]):                     # lone surrogates: tokenizers' TypeError
+        with pytest.raises(InputError, match="which is not text \\(a lone UTF-16 surrogate\\)"):
+            pipe.txt2img(prompt, **kw)
 
 
 def test_cli_parameter_errors(tiny, tmp_path, capsys):

@@ -265,6 +265,9 @@ def test_bad_input_is_one_line_422(client, fields, names):
 def test_bad_bodies_and_images(client, picture):
     r = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"content-type": "application/json"})
     assert_one_line_422(r, "JSON")
+    r = client.post("/sdapi/v1/txt2img", content=b'{"prompt": "a \\udcff b", "steps": 2}',   # valid JSON, not text
+                    headers={"content-type": "application/json"})
+    assert_one_line_422(r, "lone UTF-16 surrogate")
     assert_one_line_422(client.post("/sdapi/v1/txt2img", json=[1, 2]), "JSON object")
     assert_one_line_422(client.post("/sdapi/v1/img2img", json={"prompt": "x"}), "init_images")
     assert_one_line_422(client.post("/sdapi/v1/img2img", json={"init_images": ["%%%"]}), "init_images[0]", "base64")
