@@ -107,9 +107,11 @@ def parse_parameters(text):
 
 
 def png_info(text):
-    """A PngInfo holding the "parameters" chunk (tEXt when the text is Latin-1, else iTXt as UTF-8)."""
+    """A PngInfo holding the "parameters" chunk (tEXt when the text is Latin-1, else iTXt as UTF-8).
+    A file name that is not UTF-8 (its bytes kept as lone surrogates, Python's surrogateescape) is
+    written with U+FFFD for each such byte, as UTF-8 cannot hold them."""
     info = PngImagePlugin.PngInfo()
-    info.add_text(KEY, text)
+    info.add_text(KEY, text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     return info
 
 

@@ -124,6 +124,11 @@ def test_png_chunk_roundtrip_latin1_and_utf8(tmp_path):
         assert read_parameters(tmp_path / name) == text
     raw = (tmp_path / "latin.png").read_bytes()
     assert b"tEXtparameters" in raw and b"iTXtparameters" in (tmp_path / "utf8.png").read_bytes()
+    # a LoRA or model file name that is not UTF-8 (byte 0xff, kept by Python as "\udcff") ended the run
+    # in a UnicodeEncodeError after the image was made; it is written as U+FFFD
+    text = format_parameters("x", "", {"Lora": "\udcffink: 1"})
+    write_png_atomic(Image.new("RGB", (4, 4)), str(tmp_path / "bytes.png"), text, overwrite=False)
+    assert read_parameters(tmp_path / "bytes.png") == text.replace("\udcff", "\ufffd")
 
 
 def test_reads_a1111_jpeg_exif(tmp_path):
