@@ -48,9 +48,9 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 def _lora_file(folder, name):
     """<lora:NAME> -> the file NAME.safetensors (or .pt/.ckpt) found under folder (recursively, as
     A1111 does); only files inside the folder count, whatever NAME says."""
+    tag = f"<lora:{name}>" if name.isprintable() else repr(f"<lora:{name}>")     # one line, whatever NAME holds
     if folder is None:
-        raise InputError(f"the prompt names <lora:{name}> but no LoRA folder is set; set pipe.lora_dir "
-                         "(CLI: --lora-dir)")
+        raise InputError(f"the prompt names {tag} but no LoRA folder is set; set pipe.lora_dir (CLI: --lora-dir)")
     root = Path(folder).resolve()
     if not root.is_dir():
         raise InputError(f"LoRA folder {folder} does not exist or is not a folder")
@@ -58,7 +58,8 @@ def _lora_file(folder, name):
         if path.stem == name and path.suffix.lower() in LORA_SUFFIXES and path.is_file() \
                 and path.resolve().is_relative_to(root):
             return path
-    raise InputError(f"<lora:{name}>: no {name}.safetensors/.pt/.ckpt in {folder}; check the name or --lora-dir")
+    shown = name if name.isprintable() else repr(name)[1:-1]
+    raise InputError(f"{tag}: no {shown}.safetensors/.pt/.ckpt in {folder}; check the name or --lora-dir")
 
 
 def _loras_from_prompt(generate):

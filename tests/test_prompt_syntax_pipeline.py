@@ -133,6 +133,9 @@ def test_lora_tag_applies_for_the_call_only(pipe, tmp_path):
         pipe.lora_dir = None
     with pytest.raises(InputError, match="no LoRA folder is set"):
         pipe.txt2img(PROMPT + " <lora:ink:1>", prompt_syntax="a1111", **KW)
+    with pytest.raises(InputError) as caught:                            # a name with a newline: one line
+        pipe.txt2img(PROMPT + " <lora:in\nk:1>", prompt_syntax="a1111", **KW)
+    assert "\n" not in str(caught.value) and "'<lora:in\\nk>' but no LoRA folder is set" in str(caught.value)
     with pytest.raises(InputError, match="prompt_syntax must be one of plain, a1111"):
         pipe.txt2img(PROMPT, prompt_syntax="comfy", **KW)
 
