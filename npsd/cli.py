@@ -391,8 +391,32 @@ def check_inputs(args, mode):
         raise UsageError("inpaint needs --mask FILE (white = repaint)")
     for path, what in ((args.model, "--model"), (args.vae, "--vae"), (image, "--image"), (mask, "--mask")):
         _exists(path, what)
-    if args.save_steps is not None and os.path.exists(args.save_steps) and not os.path.isdir(args.save_steps):
-        raise UsageError(f"--save-steps {args.save_steps} is a file; give a folder")
+    if args.save_steps is not None:
+        check_folder(args.save_steps, "--save-steps")
+
+
+def check_folder(path, what):
+    """An output folder (--save-steps, --attention-maps): one that exists, or one that can be made, tried
+    by making it and removing it again, so that a path that cannot be a folder fails before any work
+    rather than after the generation."""
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise UsageError(f"{what} {path} is a file; give a folder")
+    missing, parent = [], os.path.abspath(path)
+    while not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    made = []
+    try:
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            made.append(folder)
+    except OSError as e:
+        raise UsageError(f"{what} {path} cannot be made: {e.strerror or e}; give another folder") from None
+    finally:
+        for folder in reversed(made):
+            os.rmdir(folder)
 
 
 def taesd_uses(args, settings):
@@ -529,8 +553,7 @@ class _Generation:
             if settings["prompt_syntax"] == "a1111" and prompt_syntax_used(settings["prompt"], settings["steps"]):
                 raise UsageError("--attention-maps needs a prompt without A1111 syntax (its words are mapped "
                                  "token by token); remove the brackets or use --prompt-syntax plain")
-            if os.path.exists(args.attention_maps) and not os.path.isdir(args.attention_maps):
-                raise UsageError(f"--attention-maps {args.attention_maps} is a file; give a folder")
+            check_folder(args.attention_maps, "--attention-maps")
             self.maps = AttentionMaps()
 
     def check_model(self, stored_model, stored_taesd=None):

@@ -882,3 +882,24 @@ def test_from_png_of_the_built_in_models_earlier_file(tmp_path, capsys):
         rc, _, err = run(["txt2img", "--from-png", old, "-o", out, "--quiet"], capsys)
         assert rc == 0 and ("the image will differ" in err) == warns, err
         assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(a)))
+
+
+def test_output_folders_that_cannot_be_made_fail_before_any_work(model, tmp_path, capsys, monkeypatch):
+    """--save-steps and --attention-maps under a file (or anywhere mkdir fails) stop before the model
+    runs, where --attention-maps used to fail with a bare '[Errno 20]' after the whole generation;
+    a folder that can be made is tried and removed again, so a refused run leaves nothing."""
+    calls = []
+    real = npsd.Pipeline.unet
+    monkeypatch.setattr(npsd.Pipeline, "unet", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for option in ("--save-steps", "--attention-maps"):
+        for folder, phrase in ((blocker, "is a file; give a folder"), (blocker / "sub", "cannot be made: Not a directory")):
+            rc, out, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "a.png", option, folder,
+                                "--prompt-syntax", "plain", "--quiet"] + SMALL, capsys)
+            assert (rc, out) == (2, "") and f"{option} {folder} {phrase}" in err and err.count("\n") == 1, err
+    (tmp_path / "a.png").write_bytes(b"")                                # refused after the probe: it exists
+    rc, out, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "a.png", "--save-steps",
+                        tmp_path / "new" / "steps", "--quiet"] + SMALL, capsys)
+    assert rc == 2 and "a.png already exists" in err and calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "file"]
