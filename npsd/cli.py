@@ -262,11 +262,12 @@ def output_paths(output, seed, n):
     return [f"{stem}-{k}{ext or '.png'}" for k in range(1, n + 1)]
 
 
-def check_writable(paths, overwrite):
-    """Refuse existing outputs (without --overwrite) and missing folders, before any work."""
+def check_writable(paths, overwrite, png=True):
+    """Refuse existing outputs (without --overwrite) and missing folders, before any work; png: the
+    outputs must be named .png."""
     for p in paths:
         folder = os.path.dirname(os.path.abspath(p))
-        if not p.lower().endswith(".png"):
+        if png and not p.lower().endswith(".png"):
             raise UsageError(f"{p}: npsd writes PNG files (the parameters live in a PNG text chunk); give a name "
                              f"ending in .png")
         if not os.path.isdir(folder):

@@ -62,8 +62,8 @@ def add_parsers(sub, int_at_least, float_in, seed, samplers, weights_dtype_help,
 
 def run_trace(args):
     import npsd
-    if os.path.exists(args.output) and not args.overwrite:
-        raise InputError(f"{args.output} exists; give another -o or --overwrite")
+    from .cli import check_writable
+    check_writable([args.output], args.overwrite, png=False)
     steps = None
     if args.trace_steps:
         try:

@@ -207,6 +207,9 @@ def test_pipeline_and_cli_trace_name_steps(model, tmp_path, capsys):  # noqa: F8
     assert "text_encoder.final_layer_norm#2" in names                 # the negative prompt's encoding
     rc, _, err = run(["trace", "a red circle", "--model", model, "--steps", 1, "-o", out], capsys)
     assert rc == 2 and "exists" in err
+    missing = tmp_path / "missing" / "t.safetensors"                    # was an internal error after the run
+    rc, _, err = run(["trace", "a red circle", "--model", model, "--steps", 1, "-o", missing], capsys)
+    assert rc == 2 and f"the folder of {missing} does not exist" in err
     rc, stdout, err = run(["compare", out, out], capsys)
     assert rc == 0, stdout + err
     rc, stdout, err = run(["trace", "a red circle", "--model", model, "--steps", 2, "--height", 16, "--width", 16,
