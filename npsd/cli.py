@@ -466,6 +466,10 @@ def _limit_threads(args, argv_for_restart):
     """--threads N: npsd's own threads, then BLAS's -> the BLAS limiter (None without --threads)."""
     if not args.threads:
         return None
+    from .settings import usable_cpus
+    if args.threads > usable_cpus():
+        warnings.warn(f"--threads {args.threads} is more than the {usable_cpus()} CPUs this process may use; "
+                      "the threads beyond them take turns on those CPUs and make it slower")
     nn.set_threads(args.threads)
     limiter = limit_threads(args.threads, argv_for_restart)
     if args.debug:

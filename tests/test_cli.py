@@ -597,6 +597,24 @@ def test_threads_via_npsd_blas(model, tmp_path, capsys, monkeypatch):
         blas.set_threads(before)
 
 
+
+def test_more_threads_than_cpus_warn(model, tmp_path, capsys, monkeypatch):
+    """--threads beyond the CPUs this process may use still runs, with a one-line warning."""
+    from npsd import blas, settings
+    monkeypatch.setattr(settings, "THREADS", settings.THREADS)
+    before = blas.get_threads()
+    try:
+        n = settings.usable_cpus()
+        _, err = gen(capsys, model, tmp_path / "a.png", "--threads", n, "--seed", 1)
+        assert "warning" not in err
+        _, err = gen(capsys, model, tmp_path / "b.png", "--threads", n + 1, "--seed", 1)
+        assert err == (f"npsd: warning: --threads {n + 1} is more than the {n} CPUs this process may use; the "
+                       "threads beyond them take turns on those CPUs and make it slower\n")
+    finally:
+        if before:
+            blas.set_threads(before)
+
+
 @pytest.fixture
 def blas_out_of_reach(monkeypatch):
     """As with a BLAS that npsd.blas cannot set (MKL, Accelerate); npsd's own thread count restored after."""
