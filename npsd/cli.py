@@ -50,7 +50,7 @@ from .blas import THREAD_VARS, limit_threads
 from .errors import CheckpointError, InputError, NpsdError, UsageError, one_line
 from .generation import file_hash, model_defaults, model_file, network_hashes, pipeline_call  # noqa: F401 (also cli's API)
 from .images import filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
-from .pngmeta import parameters_text, settings_from_png, short_hash
+from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, short_hash
 from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
 from .pipeline import DECODERS
 from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
@@ -114,13 +114,10 @@ def _lora_option(text):
 
 def _sampler(text):
     """--sampler NAME: npsd's names (argparse's choices); an A1111 name gets npsd's name in the error."""
-    if text not in SAMPLERS:
-        from .schedulers import check_sampler
-        try:
-            check_sampler(text)
-        except InputError as e:
-            if "A1111's name" in str(e):
-                raise argparse.ArgumentTypeError(str(e).replace("use_karras_sigmas=True", "--karras")) from None
+    found, karras = sampler_from_a1111(text) if text not in SAMPLERS else (None, False)
+    if found:
+        raise argparse.ArgumentTypeError(f"unknown sampler {text!r}: npsd's name for it is {found!r}"
+                                         f"{' with --karras' if karras else ''}")
     return text
 
 

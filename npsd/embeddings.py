@@ -59,11 +59,9 @@ def _read_safetensors(path):
 
 def _what_instead(names):
     """A hint when an embeddings folder holds a model or a LoRA."""
-    if any(n.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for n in names):
-        return "; this is a whole SD checkpoint: give it as the model (--model)"
-    if any(".lora_down." in n or ".lora_A." in n for n in names):
-        return "; this is a LoRA: give it with --lora or put it in --lora-dir"
-    return ""
+    from .loading import file_kind                  # here: loading imports the pipeline, which imports this
+    return {"checkpoint": "; this is a whole SD checkpoint: give it as the model (--model)",
+            "lora": "; this is a LoRA: give it with --lora or put it in --lora-dir"}.get(file_kind(names), "")
 
 
 def _read_pickled(path):

@@ -292,11 +292,24 @@ def _load_original(path, ema, dtype):
     return params, config, info
 
 
+def file_kind(names, other=()):
+    """What a weights file is, as far as its tensor names tell: "checkpoint" (a whole SD checkpoint's
+    prefixes), "lora", "embedding" or None. other: the names of its entries that are not tensors."""
+    if any(n.startswith(tuple(PREFIXES)) for n in names):
+        return "checkpoint"
+    if any(part in n for n in names for part in (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a")):
+        return "lora"
+    if "string_to_param" in other or (names and set(names) <= {"emb_params", "clip_l", "clip_g"}):
+        return "embedding"
+    return None
+
+
 def _network_kind(path, names, other=()):
     """The message for a LoRA or an embedding given where a model or a VAE belongs, else None."""
-    if any(part in n for n in names for part in (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a")):
+    kind = file_kind(names, other)
+    if kind == "lora":
         return f"{path} is a LoRA, not a model; apply it to one with --lora (Pipeline.load_lora)"
-    if "string_to_param" in other or (names and set(names) <= {"emb_params", "clip_l", "clip_g"}):
+    if kind == "embedding":
         return (f"{path} is a textual-inversion embedding, not a model; put it in --embeddings-dir "
                 f"(pipe.embeddings_dir) and write its name in the prompt")
     return None

@@ -39,6 +39,7 @@ import numpy as np
 
 from .errors import CheckpointError, InputError
 from .fast import astype
+from .loading import file_kind
 from .safetensors_io import open_weights
 from .params import flatten
 
@@ -255,8 +256,7 @@ def _group(shapes, where):
             other.append(key)
         else:
             groups.setdefault(name, {})[role] = key
-    if not groups and any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
-                          for k in shapes):
+    if not groups and file_kind(shapes) == "checkpoint":
         raise CheckpointError(f"{where} is a whole SD checkpoint, not a LoRA; give it as the model (--model, npsd.load)")
     if not groups:
         raise CheckpointError(f"{where} is not a LoRA file: none of its {len(shapes)} tensors is named like one "

@@ -304,14 +304,23 @@ def _convert(fields, name, kind, what):
                          f"give the option explicitly") from None
 
 
+def sampler_from_a1111(name):
+    """A1111's sampler name ("DPM++ 2M", "Euler a", older "DPM++ 2M Karras"; any case) or npsd's
+    ("dpmpp_2m") -> (npsd's name or None, whether the name asks for Karras sigmas)."""
+    text = name.strip()
+    karras = text.lower().endswith(" karras")
+    if karras:
+        text = text[: -len(" karras")]
+    by_label = {label.lower(): npsd_name for npsd_name, label in A1111_SAMPLERS.items()}
+    return by_label.get(text.lower(), text if text in SAMPLERS else None), karras
+
+
 def _sampler_from_field(text):
     """A "Sampler" field -> {"sampler": npsd's name or None, and "karras" / "_bad_sampler" when they apply}."""
     found = {}
-    name = text.strip()
-    if name.lower().endswith(" karras"):                             # older A1111: "DPM++ 2M Karras"
-        name, found["karras"] = name[: -len(" karras")], True
-    by_label = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
-    found["sampler"] = by_label.get(name.lower(), name if name in SAMPLERS else None)
+    found["sampler"], karras = sampler_from_a1111(text)
+    if karras:
+        found["karras"] = True
     if found["sampler"] is None:                                      # an error unless --sampler is given
         found["_bad_sampler"] = (f"--from-png: the stored sampler {text!r} is not one npsd has "
                                  f"({', '.join(A1111_SAMPLERS.values())}); give --sampler")

@@ -299,13 +299,11 @@ class Schedule:
 def check_sampler(name):
     """Return name if it is a known sampler, else raise InputError listing the valid names."""
     if name not in SAMPLERS:
-        from .pngmeta import A1111_SAMPLERS                              # their display names, as in PNGs
-        text = name.strip().lower() if isinstance(name, str) else None
-        for npsd_name, label in A1111_SAMPLERS.items():
-            if text in (label.lower(), label.lower() + " karras"):
-                karras = " with use_karras_sigmas=True" if text.endswith(" karras") else ""
-                raise InputError(f"unknown sampler {name!r}: that is A1111's name for {npsd_name!r}{karras}; "
-                                 f"npsd's names are {', '.join(SAMPLERS)}")
+        from .pngmeta import sampler_from_a1111                          # (pngmeta imports this module)
+        found, karras = sampler_from_a1111(name) if isinstance(name, str) else (None, False)
+        if found:                                                        # A1111's display name
+            raise InputError(f"unknown sampler {name!r}: npsd's name for it is {found!r}"
+                             f"{' with use_karras_sigmas=True' if karras else ''}; npsd's names are {', '.join(SAMPLERS)}")
         raise InputError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
     return name
 

@@ -518,7 +518,7 @@ def test_error_cases_are_one_line(model, tmp_path, capsys):
         (["txt2img", PROMPT, "--model", tmp_path / "missing.safetensors", "--quiet"], 2, "does not exist"),
         (["txt2img", PROMPT, "--model", junk, "-o", tmp_path / "o.png", "--quiet"], 2, "not a valid .safetensors"),
         (["txt2img", PROMPT, "--height", 17, "--width", 16, "--steps", 1] + base, 2, "height must be a multiple"),
-        (["txt2img", PROMPT, "--sampler", "plms"] + base, 2, "unknown sampler 'plms': that is A1111's name for 'pndm'"),
+        (["txt2img", PROMPT, "--sampler", "plms"] + base, 2, "unknown sampler 'plms': npsd's name for it is 'pndm'"),
         (["txt2img", PROMPT, "--sampler", "k_lms"] + base, 2, "invalid choice: 'k_lms'"),
         (["txt2img", PROMPT, "--steps", 0] + base, 2, "--steps: must be >= 1"),
         (["txt2img", PROMPT, "--guidance-scale", "nan"] + base, 2, "finite"),

@@ -447,9 +447,9 @@ def test_prompts_that_are_not_strings(tiny):
             pipe.txt2img(PROMPT, num_images=n, **kw)
     with pytest.raises(InputError, match="unknown sampler 'k_lms'; use one of ddpm, ddim, euler, euler_a, heun, dpmpp_2m"):
         pipe.txt2img(PROMPT, sampler="k_lms", **kw)
-    with pytest.raises(InputError, match="unknown sampler 'plms': that is A1111's name for 'pndm'; npsd's names are ddpm"):
+    with pytest.raises(InputError, match="unknown sampler 'plms': npsd's name for it is 'pndm'; npsd's names are ddpm"):
         pipe.txt2img(PROMPT, sampler="plms", **kw)
-    with pytest.raises(InputError, match="A1111's name for 'dpmpp_2m' with use_karras_sigmas=True"):
+    with pytest.raises(InputError, match="npsd's name for it is 'dpmpp_2m' with use_karras_sigmas=True"):
         pipe.txt2img(PROMPT, sampler="DPM++ 2M Karras", **kw)
     for h in (8, 56, 63, 0, -64, 64.0, "64"):
         with pytest.raises(InputError, match="height must be a multiple of 8 and at least 64"):
@@ -502,7 +502,7 @@ def test_cli_parameter_errors(tiny, tmp_path, capsys):
         (["txt2img", PROMPT, "--guidance-scale", -1] + base, "--guidance-scale: must be a finite number >= 0.0"),
         (["txt2img", PROMPT, "--guidance-scale", "inf"] + base, "finite"),
         (["txt2img", PROMPT, "--sampler", "k_lms"] + base, "euler_a"),                   # the valid names listed
-        (["txt2img", PROMPT, "--sampler", "DPM++ 2M Karras"] + base, "A1111's name for 'dpmpp_2m' with --karras"),
+        (["txt2img", PROMPT, "--sampler", "DPM++ 2M Karras"] + base, "npsd's name for it is 'dpmpp_2m' with --karras"),
         (["txt2img", PROMPT, "--seed", 2**40] + base, "[0, 2**32)"),
         (["txt2img", PROMPT, "--seed", "abc"] + base, "expected a whole number"),
         (["txt2img", PROMPT, "--eta", 2] + base, "--eta: must be a finite number in [0.0, 1.0], got 2"),

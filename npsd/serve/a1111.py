@@ -42,8 +42,8 @@ from PIL import Image, ImageOps
 
 from ..errors import InputError
 from ..images import open_image
-from ..pngmeta import A1111_SAMPLERS, KEY, _exif_user_comment, parse_parameters, png_info
-from ..schedulers import SAMPLERS, SIGMA_SAMPLERS
+from ..pngmeta import A1111_SAMPLERS, KEY, _exif_user_comment, parse_parameters, png_info, sampler_from_a1111
+from ..schedulers import SIGMA_SAMPLERS
 
 # --- the fields ---------------------------------------------------------------------------------
 
@@ -178,12 +178,7 @@ def _bool(body, name, default=None):
 def sampler_from_name(name):
     """A1111's sampler name ("DPM++ 2M", "Euler a", old "DPM++ 2M Karras") or npsd's ("dpmpp_2m")
     -> (npsd's name, Karras sigmas asked by the name)."""
-    text = name.strip()
-    karras = text.lower().endswith(" karras")
-    if karras:
-        text = text[: -len(" karras")]
-    by_label = {label.lower(): npsd_name for npsd_name, label in A1111_SAMPLERS.items()}
-    found = by_label.get(text.lower(), text if text in SAMPLERS else None)
+    found, karras = sampler_from_a1111(name)
     if found is None:
         raise InputError(f"sampler_name {name!r} is not one npsd has; use one of {', '.join(A1111_SAMPLERS.values())}")
     return found, karras
