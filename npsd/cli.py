@@ -347,7 +347,7 @@ def _note(args, message):
         print(message, file=sys.stderr, flush=True)
 
 
-def _exists(path, what):
+def check_exists(path, what):
     if path is not None and not os.path.exists(path):
         raise UsageError(f"{what} {path} does not exist; check the path")
 
@@ -388,7 +388,7 @@ def check_inputs(args, mode):
     if mode == "inpaint" and mask is None:
         raise UsageError("inpaint needs --mask FILE (white = repaint)")
     for path, what in ((args.model, "--model"), (args.vae, "--vae"), (image, "--image"), (mask, "--mask")):
-        _exists(path, what)
+        check_exists(path, what)
     if args.save_steps is not None:
         check_folder(args.save_steps, "--save-steps")
 
@@ -427,7 +427,7 @@ def taesd_uses(args, settings):
             raise UsageError(f"--from-png: {args.from_png} was decoded by TAESD (VAE Decoder: TAESD); give --taesd "
                              "PATH (TAESD weights), or --vae-decoder vae for the full VAE")
         raise UsageError(f"{uses[0]} needs --taesd PATH (TAESD weights)")
-    _exists(args.taesd if uses else None, "--taesd")
+    check_exists(args.taesd if uses else None, "--taesd")
     return uses
 
 

@@ -1,7 +1,6 @@
 """`npsd trace` (record a txt2img's activations) and `npsd compare` (find the first block where two
 trace files differ); the trace format is npsd/trace.py's, docs/traces.md shows both in use."""
 
-import os
 import re
 import sys
 
@@ -62,7 +61,7 @@ def add_parsers(sub, int_at_least, float_in, seed, samplers, weights_dtype_help,
 
 def run_trace(args):
     import npsd
-    from .cli import check_writable
+    from .cli import attach_vae, check_exists, check_writable
     check_writable([args.output], args.overwrite, png=False)
     steps = None
     if args.trace_steps:
@@ -74,12 +73,10 @@ def run_trace(args):
         trace = trace_io.Trace(steps=steps, only=args.only)
     except re.error as e:
         raise InputError(f"--only is not a valid regular expression: {e}") from None
-    for path, what in [(args.vae, "--vae")] + [(path, "--lora") for path, _ in args.lora]:
-        if path is not None and not os.path.exists(path):
-            raise InputError(f"{what} {path} does not exist; check the path")
+    for path, what in [(args.model, "--model"), (args.vae, "--vae")] + [(path, "--lora") for path, _ in args.lora]:
+        check_exists(path, what)
     pipe = npsd.load(args.model, ema=not args.no_ema, weights_dtype=args.weights_dtype)
     if args.vae is not None:
-        from .cli import attach_vae
         attach_vae(pipe, args.vae, args.weights_dtype)
     for path, strength in args.lora:
         pipe.load_lora(path, strength, keep_base=False)

@@ -530,7 +530,7 @@ def test_serve_command_line(monkeypatch, capsys, tmp_path):
     for argv, what in ((["serve", "--models-dir", str(tmp_path / "missing")], "--models-dir"),
                        (["serve", "--api-auth", "nopassword"], "--api-auth"),
                        (["serve", "--model", "missing.safetensors"], "sd_model_checkpoint"),
-                       (["serve", "--output-dir", __file__], "is a file, not a folder"),
+                       (["serve", "--output-dir", __file__], "is a file; give a folder"),
                        (["serve", "--output-dir", os.path.join(__file__, "out")], "cannot be made: Not a directory")):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()

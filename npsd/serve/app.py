@@ -289,15 +289,9 @@ class Server:
             if folder is not None and not os.path.isdir(folder):
                 raise UsageError(f"--{name.replace('_', '-')} {folder} is not a folder; check the path")
         if settings.output_dir is not None:
-            if os.path.exists(settings.output_dir) and not os.path.isdir(settings.output_dir):
-                raise UsageError(f"--output-dir {settings.output_dir} is a file, not a folder; give a folder")
-            try:
-                os.makedirs(settings.output_dir, exist_ok=True)
-            except OSError as e:
-                raise UsageError(f"--output-dir {settings.output_dir} cannot be made: {e.strerror or e}; "
-                                 "give a folder this user can write") from None
-            if not os.access(settings.output_dir, os.W_OK):
-                raise UsageError(f"--output-dir {settings.output_dir} is not writable; give a folder this user can write")
+            from ..cli import check_folder
+            check_folder(settings.output_dir, "--output-dir")                # a file, or a path mkdir refuses
+            os.makedirs(settings.output_dir, exist_ok=True)
         self.credentials = parse_auth(settings.api_auth)
         self.limits = a1111.Limits(settings.max_upload_bytes, settings.max_image_pixels)
         self.models = Models(settings.models_dir)
