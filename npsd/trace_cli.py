@@ -131,6 +131,9 @@ def compare_traces(a, b, tolerance):
     return rows, missing, extra, first
 
 
+LISTED = 20          # names listed of those found in one file only (a checkpoint against a trace: 530)
+
+
 def report(a, b, tolerance, labels=("A", "B"), out=None):
     """Print compare_traces(a, b, tolerance) as a table, the first difference marked >>, the others
     over the tolerance !!, then the names found in one side only (labels name the sides).
@@ -152,10 +155,9 @@ def report(a, b, tolerance, labels=("A", "B"), out=None):
     if first is not None:
         c = next(c for n, c, _ in rows if n == first)
         say(f"first difference: {first}" + (f" ({c.first})" if c is not None else ""))
-    if missing:
-        say(f"only in {labels[1]} ({len(missing)}): {', '.join(missing)}")
-    if extra:
-        say(f"only in {labels[0]} ({len(extra)}): {', '.join(extra)}")
+    for names, label in ((missing, labels[1]), (extra, labels[0])):
+        if names:                                                          # in each file's order; the first 20
+            say(f"only in {label} ({len(names)}): {', '.join(names[:LISTED])}" + (", ..." if len(names) > LISTED else ""))
     if not rows:
         say("no tensor names in common: nothing compared")
     return (1 if failed or not rows else 0), rows

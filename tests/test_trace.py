@@ -139,6 +139,15 @@ def test_compare_exit_codes_and_listings(tmp_path, capsys):
     rc, out, err = run(["compare", tmp_path / "a.safetensors", tmp_path / "b.safetensors"], capsys)
     assert rc == 0, out + err
     assert "only in" in out and "unet.only_a" in out and "unet.only_b" in out
+    many = Trace()                                                        # a file of 25 names B lacks:
+    for i in range(25):                                                   # the first 20 listed, and the count
+        many.record(f"unet.extra_{i}", x)
+    many.save(tmp_path / "many.safetensors")
+    rc, out, err = run(["compare", tmp_path / "many.safetensors", tmp_path / "b.safetensors"], capsys)
+    assert rc == 1 and "no tensor names in common" in out
+    listed = next(line for line in out.splitlines() if line.startswith(f"only in {tmp_path / 'many.safetensors'}"))
+    assert listed.startswith(f"only in {tmp_path / 'many.safetensors'} (25): unet.extra_0, unet.extra_1, ")
+    assert listed.endswith("unet.extra_19, ...") and "unet.extra_20" not in listed
 
     c = Trace()
     c.record("unet.conv_in", x)
