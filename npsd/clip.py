@@ -39,9 +39,7 @@ def encoder_layer(p, x, num_heads, eps, act, trace=None):
     a = p["self_attn"]
     h = nn.layer_norm(x, **p["layer_norm1"], eps=eps)                      # [B, L, W]
     _record(trace, "self_attn:in", h)
-    q = nn.linear(h, **a["q_proj"])                                       # [B, L, W]
-    k = nn.linear(h, **a["k_proj"])                                       # [B, L, W]
-    v = nn.linear(h, **a["v_proj"])                                       # [B, L, W]
+    q, k, v = nn.linears(h, a["q_proj"], a["k_proj"], a["v_proj"])        # 3 x [B, L, W]
     # softmax(q k^T / sqrt(d) + causal mask) v, per head (Vaswani et al. 2017, eq. 1)
     h = nn.attention(q, k, v, num_heads, causal=True)                     # [B, L, W]
     h = nn.linear(h, **a["out_proj"])                                     # [B, L, W]

@@ -365,37 +365,49 @@ def softmax(x, axis=-1):
 
 @single_threaded_blas
 def linear(x, weight, bias=None):
-    """x [..., in] @ weight.T [in, out] (+ bias). A 3-D x that is not contiguous, such as the tokens
-    [B, H*W, C] that are a transposed view of a [B, C, H, W] map, goes one image at a time: each
-    image's [H*W, C] is then a transposed matrix that BLAS reads in place, where flattening the batch
-    would copy it (a third of the time of a 320-channel projection over 4096 tokens)."""
-    weight, bias = upcast(weight), upcast(bias)
-    out = np.empty(x.shape[:-1] + (weight.shape[0],), np.float32)
+    """nn.linear: x [..., in] @ weight.T [in, out] (+ bias)."""
+    return linears(x, [(weight, bias)])[0]
+
+
+@single_threaded_blas
+def linears(x, layers):
+    """nn.linears: x [..., in] through each (weight, bias) of `layers`, in one hand-off to the
+    threads. A 3-D x that is not contiguous, such as the tokens [B, H*W, C] that are a transposed
+    view of a [B, C, H, W] map, goes one image at a time: each image's [H*W, C] is then a transposed
+    matrix that BLAS reads in place, where flattening the batch would copy it (a third of the time
+    of a 320-channel projection over 4096 tokens)."""
+    layers = [(upcast(weight), upcast(bias)) for weight, bias in layers]
+    outs = [np.empty(x.shape[:-1] + (weight.shape[0],), np.float32) for weight, _ in layers]
     if x.ndim == 3 and not x.flags.c_contiguous:
-        for xi, oi in zip(x, out):
-            _linear_rows(xi, weight.T, bias, oi)
+        for i, xi in enumerate(x):
+            _products(xi, layers, [out[i] for out in outs])
     else:
-        _linear_rows(x.reshape(-1, x.shape[-1]), weight.T, bias, out.reshape(-1, weight.shape[0]))
-    return out
+        _products(x.reshape(-1, x.shape[-1]), layers, [out.reshape(-1, out.shape[-1]) for out in outs])
+    return outs
 
 
-def _linear_rows(x2, wt, bias, out):
-    """out [R, out] = x2 [R, in] @ wt (+ bias), split across threads by rows of x2, or by output
-    columns when there are fewer rows than columns: each thread's BLAS call packs its own copy of
-    the weight part it reads, which costs most in short products (CLIP's 154 rows: 0.5-0.9x the time)."""
-    def by_rows(a, b):
-        np.matmul(x2[a:b], wt, out=out[a:b])
-        if bias is not None:
-            out[a:b] += bias
+def _products(x2, layers, outs):
+    """outs[i] [R, out_i] = x2 [R, in] @ weight_i.T (+ bias_i), every product split across the
+    threads: by rows of x2, or by output columns when there are fewer rows than columns, as each
+    thread's BLAS call packs its own copy of the weight part it reads, which costs most in short
+    products (CLIP's 154 rows: 0.5-0.9x the time). The thread's pieces of all the products are one
+    piece of work: CLIP's q, k and v then cost one hand-off, not three."""
+    pieces = settings.THREADS
 
-    def by_columns(a, b):
-        np.matmul(x2, wt[:, a:b], out=out[:, a:b])
-        if bias is not None:
-            out[:, a:b] += bias[a:b]
-    if x2.shape[0] < out.shape[1]:
-        parallel(by_columns, out.shape[1], out.size * x2.shape[1], uses_blas=True)
-    else:
-        parallel(by_rows, x2.shape[0], out.size * x2.shape[1], uses_blas=True)
+    def work(a, b):
+        for (weight, bias), out in zip(layers, outs):
+            by_columns = x2.shape[0] < out.shape[1]
+            n = out.shape[1] if by_columns else x2.shape[0]
+            s = slice(n * a // pieces, n * b // pieces)
+            if by_columns:
+                np.matmul(x2, weight.T[:, s], out=out[:, s])
+                if bias is not None:
+                    out[:, s] += bias[s]
+            else:
+                np.matmul(x2[s], weight.T, out=out[s])
+                if bias is not None:
+                    out[s] += bias
+    parallel(work, pieces, sum(out.size for out in outs) * x2.shape[1], uses_blas=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,6 +85,14 @@ def linear(x, weight, bias=None):
     return y
 
 
+def linears(x, *layers):
+    # the same x through several linear layers (attention's q, k and v), each a dict of weight and
+    # bias: the fast path hands all the products to its threads at once
+    if settings.FAST:
+        return _fast.linears(x, [(p["weight"], p.get("bias")) for p in layers])
+    return [linear(x, **p) for p in layers]
+
+
 def linear_or_conv1x1(x, weight, bias=None):
     # a linear layer whose weight is [out, in] or stored as a 1x1 conv [out, in, 1, 1] (SD v1's UNet
     # proj_in, legacy VAE attention): on tokens [..., in] both are the same map [out, in]

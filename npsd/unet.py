@@ -77,10 +77,11 @@ def attention(p, x, context, heads, trace=None):
     x [B, N, C] queries; context [B, M, Cc] keys/values (None: self-attention) -> [B, N, C].
     """
     _record(trace, ":in", x)
-    kv = x if context is None else context
-    q = nn.linear(x, **p["to_q"])                                                     # [B, N, C]
-    k = nn.linear(kv, **p["to_k"])                                                    # [B, M, C]
-    v = nn.linear(kv, **p["to_v"])                                                    # [B, M, C]
+    if context is None:                                                               # self-attention
+        q, k, v = nn.linears(x, p["to_q"], p["to_k"], p["to_v"])                      # 3 x [B, N, C]
+    else:                                                                             # cross-attention
+        q = nn.linear(x, **p["to_q"])                                                 # [B, N, C]
+        k, v = nn.linears(context, p["to_k"], p["to_v"])                              # 2 x [B, M, C]
     if _collector is not None and context is not None:                                # cross-attention maps:
         _collector.record(q, k, heads)                                                # npsd/attention_maps.py
     # softmax(q k^T / sqrt(d)) v per head, queries in chunks of settings.CHUNK_BYTES

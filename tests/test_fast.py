@@ -409,6 +409,37 @@ def test_linear_of_weights_laid_out_transposed(rows, by, monkeypatch):
     check(lambda: nn.linear(x, w.astype(np.float16)), "the same in float16, without bias")
 
 
+@pytest.mark.parametrize("rows", [154, 1024])
+def test_linears_hand_all_products_to_the_threads_at_once(rows, monkeypatch):
+    """nn.linears (attention's q, k and v from one input): each output equals nn.linear's on the
+    plain path, for short products (split by columns) and long ones (by rows), weights of different
+    widths, laid out either way, float16, with and without bias, and tokens seen through a
+    transpose; the fast path hands the products to the threads in one call of fast.parallel (three
+    calls would cost CLIP's text encoder 5% of its time)."""
+    monkeypatch.setattr(settings, "THREADS", 2)
+    x = randn(2, rows // 2, 768)
+    layers = [dict(weight=randn(1024, 768, scale=0.04), bias=randn(1024)),
+              dict(weight=np.asfortranarray(randn(640, 768, scale=0.04)).astype(np.float16)),
+              dict(weight=randn(96, 768, scale=0.04), bias=randn(96))]
+    for inp, what in ((x, "tokens"), (x.transpose(0, 2, 1).copy().transpose(0, 2, 1), "transposed tokens")):
+        with nn.fast(False):
+            plain = [nn.linear(inp, **p) for p in layers]
+        calls = []
+        monkeypatch.setattr(fast, "parallel", lambda *a, **k: calls.append(a[1]) or fast_parallel(*a, **k))
+        with nn.fast(True):
+            quick = nn.linears(inp, *layers)
+        monkeypatch.setattr(fast, "parallel", fast_parallel)
+        assert len(quick) == 3
+        for p, q, layer in zip(plain, quick, layers):
+            assert q.shape == p.shape == (2, rows // 2, layer["weight"].shape[0]) and q.dtype == np.float32
+            assert_close(q, p, RTOL, f"linears, {what}, {rows} rows, {layer['weight'].shape[0]} outputs")
+        products = [n for n in calls if n == settings.THREADS]
+        assert len(products) == (1 if what == "tokens" else 2), f"{what}: fast.parallel calls {calls}"
+
+
+fast_parallel = fast.parallel
+
+
 def test_float16_weights_laid_out_transposed_stay_so():
     """fast.upcast converts a weight laid out [in, out] (Fortran order) into a float32 array laid out
     the same way, so the short products keep the layout that npsd.clip.blas_layout chose."""
