@@ -17,7 +17,7 @@ table gives:
 - the peak working memory of each call: the largest resident set size sampled every millisecond
   during the call, minus the size just before it (inputs and weights already exist then);
 - npsd's fraction of the FLOP bound: (FLOPs of the direct computation / this machine's sgemm rate)
-  / npsd's time. FLOPs are counted from the shapes that reach nn.conv2d, nn.linear and nn.attention
+  / npsd's time. FLOPs are counted from the shapes that reach nn.conv2d, nn.linear(s) and nn.attention
   (2 per multiply-add, as a direct convolution computes them); the sgemm rate is the best of numpy's
   and torch's 4096x4096 float32 matrix product, measured at the start of the run. A fraction above 1
   is possible only with fewer multiplications (Winograd convolution);
@@ -139,12 +139,12 @@ class OutermostCalls:
 
 class FlopCounter(OutermostCalls):
     """Count the multiply-adds (x2 = FLOPs) of every convolution, linear layer and attention while
-    active, by wrapping nn.conv2d, nn.linear and nn.attention (every layer of npsd's models goes
+    active, by wrapping nn.conv2d, nn.linear(s) and nn.attention (every layer of npsd's models goes
     through them) and the fast path's convolutions that the VAE decoder's fast blocks call directly
     (fast.conv2d, fast.conv3x3_rows, fast.conv1x1_over_input); a call inside a counted call is not
     counted again."""
 
-    WRAPPED = ((nn, "conv2d"), (nn, "linear"), (nn, "attention"),
+    WRAPPED = ((nn, "conv2d"), (nn, "linear"), (nn, "linears"), (nn, "attention"),
                (fast, "conv2d"), (fast, "conv3x3_rows"), (fast, "conv1x1_over_input"))
 
     @staticmethod
@@ -159,6 +159,8 @@ class FlopCounter(OutermostCalls):
             return y.size * a["x"].shape[1]
         if name == "linear":
             return y.size * a["weight"].shape[1]
+        if name == "linears":                             # attention's q, k, v: [out_i, in] each
+            return sum(yi.size * p["weight"].shape[1] for yi, p in zip(y, a["layers"]))
         q, k = a["q"], a["k"]                             # attention: Q K^T and P V
         return 2 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
 

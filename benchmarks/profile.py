@@ -25,8 +25,8 @@ from collections import Counter
 from benchmarks import bench
 from npsd import clip, fast, nn, settings
 
-WRAPPED = ([(nn, name) for name in ("conv2d", "conv1x1", "linear", "linear_or_conv1x1", "geglu", "attention",
-                                    "group_norm", "layer_norm", "silu", "gelu", "quick_gelu", "softmax",
+WRAPPED = ([(nn, name) for name in ("conv2d", "conv1x1", "linear", "linears", "linear_or_conv1x1", "geglu",
+                                    "attention", "group_norm", "layer_norm", "silu", "gelu", "quick_gelu", "softmax",
                                     "upsample_nearest", "timestep_embedding")]
            + [(fast, name) for name in ("conv2d", "conv3x3_rows", "conv1x1_over_input", "vae_resnet_block",
                                         "vae_upsample", "vae_norm_silu_conv")])
@@ -45,6 +45,8 @@ def label(name, a):
         return f"conv2d {kh}x{kw}{strided}, {a['x'].shape[2]}x{a['x'].shape[3]} input"
     if name == "attention":
         return f"attention, {a['q'].shape[1]} queries x {a['k'].shape[1]} keys"
+    if name == "linears":
+        return "linears (attention's q, k, v)"
     return name
 
 

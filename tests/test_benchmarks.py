@@ -223,6 +223,23 @@ def test_flop_count_is_the_same_on_both_paths():
 
 
 
+def test_flop_count_of_the_text_encoder():
+    """The FLOP column counts every product of CLIP's layers, the q, k and v that nn.linears computes
+    together included: bench.CLIP_QUICK on 2x77 tokens counts 2 x (per layer: four W x W products and
+    two W x 4W on 154 rows, and attention's Q K^T and P V) exactly; without the three projections
+    it would count 2 x 3 x 154 x W^2 per layer fewer."""
+    import torch
+    import npsd
+    models, params, config = bench.build_models(torch, quick=True)
+    pipe = npsd.Pipeline(params, config)
+    ids = np.array(pipe.tokenize(["a photograph of an astronaut riding a horse", ""]))
+    with bench.FlopCounter() as count:
+        pipe.encode_text(ids)
+    w, layers, rows = bench.CLIP_QUICK["hidden_size"], bench.CLIP_QUICK["num_hidden_layers"], 2 * 77
+    per_layer = rows * w * w * 4 + rows * w * 4 * w * 2 + 2 * 2 * 77 * 77 * w
+    assert count.flops == 2 * layers * per_layer, (count.flops, 2 * layers * per_layer)
+
+
 def test_float64_reference_on_the_tiny_models(monkeypatch):
     """benchmarks/float64_reference.py, on the tiny models: every UNet block but the time embedding and
     both VAE outputs are listed, and npsd and PyTorch are each within 5e-6 of the float64 run
@@ -273,10 +290,12 @@ def test_profile_charges_each_call_once(tmp_path):
     rows = unet["npsd"]
     print({row: v[:2] for row, v in rows.items()})
     # bench.UNET_QUICK: 4 transformer blocks (its cross-attention down block's 1 layer and up block's
-    # 2 at 8x8, the mid block's at 4x4), each with 9 linear layers (q, k, v, out twice; ff.net.2) and
-    # a GEGLU; 8 resnets (1 + 1 down, 2 in the mid block, 2 + 2 up) with a time_emb_proj; and the
-    # time embedding's 2: 46 linear layers. Charging GEGLU's projection or proj_in's would give 50 or 54.
-    assert rows["linear"][0] == 4 * 9 + 8 + 2 and rows["geglu"][0] == 4 and rows["linear_or_conv1x1"][0] == 4
+    # 2 at 8x8, the mid block's at 4x4), each with a GEGLU, 4 linear layers (attn2's q, out twice,
+    # ff.net.2) and 2 nn.linears calls (attn1's q, k, v; attn2's k, v); 8 resnets (1 + 1 down, 2 in
+    # the mid block, 2 + 2 up) with a time_emb_proj; and the time embedding's 2: 26 linear layers.
+    # Charging GEGLU's projection or proj_in's would give 30 or 34.
+    assert rows["linear"][0] == 4 * 4 + 8 + 2 and rows["linears (attention's q, k, v)"][0] == 4 * 2
+    assert rows["geglu"][0] == 4 and rows["linear_or_conv1x1"][0] == 4
     assert rows["attention, 64 queries x 77 keys"][0] == 3 and rows["attention, 16 queries x 77 keys"][0] == 1
     assert {"conv2d 3x3, 8x8 input", "conv2d 3x3, 4x4 input", "conv2d 3x3, stride 2, 8x8 input"} <= set(rows)
     assert rows["outside these functions"][1] >= 0
