@@ -17,7 +17,8 @@ What this module promises (tests/test_cli.py checks each):
   Ctrl-C leaves no file behind and exits 130;
 - errors are one line on stderr that says what to do; exit code 2 for bad usage or input (options,
   images, model or VAE files that cannot be used: InputError, CheckpointError), 1 for anything else
-  (a run that fails, e.g. NaN latents; a file system error; an internal error); --debug adds the traceback;
+  (a run that fails, e.g. NaN latents; a file system error; memory that ran out; an internal error);
+  --debug adds the traceback;
 - the same seed and parameters give byte-identical PNGs.
 stdout receives only the paths of the images written (one a line); everything else goes to stderr.
 
@@ -44,7 +45,7 @@ import time
 import traceback
 import warnings
 
-from . import nn
+from . import nn, resources
 from .version import __version__
 from .blas import THREAD_VARS, limit_threads
 from .errors import CheckpointError, InputError, NpsdError, UsageError, one_line
@@ -755,6 +756,9 @@ def main(argv=None):
                 return 2
             if isinstance(e, (NpsdError, OSError)):
                 print(f"npsd: error: {one_line(e)}", file=sys.stderr)
+                return 1
+            if isinstance(e, MemoryError):
+                print(f"npsd: error: out of memory ({one_line(e) or 'MemoryError'}); {resources.ADVICE}", file=sys.stderr)
                 return 1
             print(f"npsd: internal error: {type(e).__name__}: {one_line(e)}; rerun with --debug for the "
                   f"traceback and report it", file=sys.stderr)

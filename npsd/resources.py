@@ -30,6 +30,7 @@ from . import settings as npsd_settings     # (check_request's `settings` are a 
 from .errors import NpsdError
 
 GB = 2 ** 30
+ADVICE = "use a smaller size or fewer images, or close other programs"     # also for a MemoryError
 K_UNET = 45     # level-0 activations alive at the UNet's peak (calibrated, see above)
 K_VAE = 4.5     # largest decoder activations alive at the VAE's peak (calibrated, see above)
 
@@ -70,6 +71,37 @@ def estimate(pipe, batch, height, width, guided):
     return {"unet": unet, "vae": vae, "total": max(unet, vae)}
 
 
+# `npsd parity` keeps a trace of every block's input and output on both sides (npsd/trace.py), which
+# outgrows the working memory above 64 pixels. Recorded bytes of one side, in units of the estimate's
+# activations: the UNet's (one call, batch 1) K_TRACE_UNET level-0 activations C0 x h x w, the VAE's
+# (encode and decode) K_TRACE_VAE decoder activations C_up x H x W; measured 133 and 19.1 on SD v1.5's
+# shapes at 64 pixels, 71 and 14.1 on the built-in model's at 128 and 256, rounded up.
+K_TRACE_UNET = 135
+K_TRACE_VAE = 20
+
+
+def parity_bytes(pipe, size):
+    """Peak bytes of comparing `pipe` with a reference at size x size pixels (npsd parity), beyond
+    npsd's loaded model: each side's working memory (a guided UNet call or a VAE decode) and trace,
+    and the reference's float32 copy of the weights."""
+    f = pipe.vae_factor
+    c0 = pipe.params["unet"]["conv_in"]["weight"].shape[0]
+    c_up = largest_decoder_channels(pipe.params["vae"], f)
+    trace = 4 * (K_TRACE_UNET * c0 * (size // f) ** 2 + K_TRACE_VAE * c_up * size * size)
+    weights = 4 * sum(a.size for a in _arrays(pipe.params))
+    return 2 * (estimate(pipe, 1, size, size, guided=True)["total"] + trace) + weights
+
+
+def _arrays(tree):
+    if isinstance(tree, dict):
+        tree = tree.values()
+    for v in tree:
+        if isinstance(v, (dict, list, tuple)):
+            yield from _arrays(v)
+        elif hasattr(v, "size") and hasattr(v, "dtype"):
+            yield v
+
+
 def available_bytes():
     """MemAvailable from /proc/meminfo in bytes, or None where it cannot be read."""
     try:
@@ -98,6 +130,6 @@ def check_request(pipe, prompt, num_images, settings):
             f"this request ({batch} image{'s' if batch > 1 else ''} of {settings['width']}x{settings['height']}) "
             f"needs about {need['total'] / GB:.1f} GB of memory beyond the loaded model (UNet "
             f"{need['unet'] / GB:.1f} GB, VAE decode {need['vae'] / GB:.1f} GB) but only {have / GB:.1f} GB "
-            f"are available; use a smaller size or fewer images, or close other programs")
+            f"are available; {ADVICE}")
     return need
 

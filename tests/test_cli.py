@@ -505,6 +505,20 @@ def test_subprocess_matches_in_process_bytes(model, tmp_path, capsys):
 
 # --- errors: one line, what to do, exit code -------------------------------------------------------
 
+def test_running_out_of_memory_is_one_line(model, tmp_path, capsys, monkeypatch):
+    """A MemoryError during a generation (the request passed the memory estimate, then an array could
+    not be allocated) is one line that says so and what to do, exit code 1, no file; it was an
+    "internal error ... report it"."""
+    def unet(*args, **kwargs):
+        raise MemoryError("Unable to allocate 112. GiB for an array with shape (1, 3, 100000, 100000)")
+    monkeypatch.setattr(npsd.Pipeline, "unet", unet)
+    out = tmp_path / "a.png"
+    rc, stdout, err = run(["txt2img", PROMPT, "--model", model, "-o", out, "--quiet"] + SMALL, capsys)
+    assert rc == 1 and stdout == "" and not out.exists(), err
+    assert err == ("npsd: error: out of memory (Unable to allocate 112. GiB for an array with shape (1, 3, 100000, "
+                   "100000)); use a smaller size or fewer images, or close other programs\n"), err
+
+
 def test_error_cases_are_one_line(model, tmp_path, capsys):
     image, mask = make_image(tmp_path / "in.png"), make_mask(tmp_path / "mask.png")
     junk = tmp_path / "junk.safetensors"

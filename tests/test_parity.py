@@ -111,13 +111,29 @@ def sd15_file(tmp_path_factory):
 SD15_BLOCKS = blocks(12, 4, 4)
 
 
-def test_parity_on_an_original_sd15_file(sd15_file, capsys):
+def test_parity_on_an_original_sd15_file(sd15_file, capsys, monkeypatch):
     """Every tensor of the full-size model within 1e-4. Measured (float32): the guided eps 2.7e-5
     (classifier-free guidance scales the difference of two predictions by 7.5) and the timestep's
     sinusoid, unet.time_embedding:in, 2.7e-5 (both sides compute sin(t f) in float32 at t = 500,
     each 2.4e-5 from the float64 values), held to 1e-4; every other tensor <= 5.5e-6 (the DDIM
-    x_prev; the UNet's eps 2.5e-6), held to 2e-5."""
+    x_prev; the UNet's eps 2.5e-6), held to 2e-5. The traces' sizes are what npsd.resources'
+    memory check for `--size` assumes, within 10 % and not above it (measured: 132.7 UNet and 19.1
+    VAE activations a side, against 135 and 20)."""
+    from npsd import parity_cli, resources
+    recorded, report = {}, parity_cli.report
+
+    def measured(ours, ref, *args, **kwargs):
+        for side, tensors in (("npsd", ours), ("reference", ref)):
+            for name, t in tensors.items():
+                key = (side, name.split("/")[-1].split(".")[0].split(":")[0])
+                recorded[key] = recorded.get(key, 0) + t.nbytes
+        return report(ours, ref, *args, **kwargs)
+    monkeypatch.setattr(parity_cli, "report", measured)
     rc, out, err = run(["parity", "--model", sd15_file, "--size", 64], capsys)
+    for side in ("npsd", "reference"):                               # units: 320 x 8 x 8, 256 x 64 x 64 floats
+        unet, vae = recorded[side, "unet"] / (4 * 320 * 8 * 8), recorded[side, "vae"] / (4 * 256 * 64 * 64)
+        assert resources.K_TRACE_UNET / 1.1 <= unet <= resources.K_TRACE_UNET, (side, unet)
+        assert resources.K_TRACE_VAE / 1.1 <= vae <= resources.K_TRACE_VAE, (side, vae)
     print(out)
     assert rc == 0, out + err
     assert "(single file, read by diffusers, as 'v1' with the published v1-inference.yaml)" in out.splitlines()[0]
@@ -128,6 +144,26 @@ def test_parity_on_an_original_sd15_file(sd15_file, capsys):
     assert max(table[name][0] for name in loose) <= 1e-4 and "one DDIM step at t=951" in out
     assert max(rel for name, (rel, _, _) in table.items() if name not in loose) <= 2e-5
     assert out.strip().splitlines()[-1].startswith(f"npsd parity: OK: {len(table)} tensors within 0.0001")
+
+
+def test_parity_refuses_a_size_beyond_the_memory_before_any_work(tiny_file, capsys, monkeypatch):
+    """--size whose traces and working memory exceed the available memory is refused in one line
+    before either side runs (--size 100000 ended in an internal MemoryError after loading both);
+    with the memory unknown no check is made."""
+    from npsd import parity_cli, resources
+    monkeypatch.setattr(resources, "available_bytes", lambda: 2**30)                 # 1 GB "available"
+    need = resources.parity_bytes(npsd.load(tiny_file), 1024) / resources.GB
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the memory check")
+    monkeypatch.setattr(parity_cli, "trace_tokenizer", no_work)
+    rc, out, err = run(["parity", "--model", tiny_file, "--size", 1024], capsys)
+    assert rc == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"npsd: error: --size 1024 needs about {need:.1f} GB of memory") and need > 1, err
+    assert "only 1.0 GB are available; use a smaller --size (default 64)" in err, err
+    monkeypatch.setattr(resources, "available_bytes", lambda: None)
+    rc, out, err = run(["parity", "--model", tiny_file, "--size", 1024], capsys)
+    assert rc == 1 and "work started before the memory check" in err, err
 
 
 def test_parity_finds_npsd_loading_errors_in_an_original_file(sd15_file, capsys, monkeypatch):

@@ -354,6 +354,20 @@ def test_oversize_uploads_are_refused_before_decoding(client):
     assert_one_line_422(r, "init_images[0]", "1000x1000", "limit")
 
 
+def test_running_out_of_memory_is_a_503_and_the_server_goes_on(client, monkeypatch):
+    """A MemoryError inside a generation (an estimate that fell short) answers 503 with one line that
+    says so and what to do, not a 500 "internal error"; the next request is served."""
+    def unet(*args, **kwargs):
+        raise MemoryError("Unable to allocate 112. GiB for an array with shape (1, 3, 100000, 100000)")
+    monkeypatch.setattr(npsd.Pipeline, "unet", unet)
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 3})
+    assert r.status_code == 503, r.text
+    assert r.json()["detail"] == ("out of memory (Unable to allocate 112. GiB for an array with shape (1, 3, 100000, "
+                                  "100000)); use a smaller size or fewer images, or close other programs")
+    monkeypatch.undo()
+    assert len(txt2img(client)["images"]) == 1
+
+
 # --- progress, interrupt, queue -------------------------------------------------------------------
 
 def _post_in_thread(client, path, body):

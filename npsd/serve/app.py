@@ -21,7 +21,8 @@ How it works:
 - a request body is read up to ServeSettings.max_upload_bytes (413 beyond); an image's pixel count is
   checked from its header before its pixels are decoded (npsd/serve/a1111.py's decode_image);
 - errors: 422 {"detail": one line} for a request npsd cannot honour, 401 without the credentials of
-  --api-auth (every route, the page too), 500 for an internal error; none stops the server.
+  --api-auth (every route, the page too), 503 when memory ran out (MemoryError), 500 for an internal
+  error; none stops the server.
 """
 
 import asyncio
@@ -50,7 +51,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from .. import generation
+from .. import generation, resources
 from ..attention_maps import AttentionMaps
 from ..config import generation_defaults
 from ..errors import InputError, NpsdError, UsageError, one_line
@@ -562,6 +563,11 @@ def create_app(settings=None):
     @app.exception_handler(NpsdError)
     async def refused(request, e):
         return JSONResponse({"detail": one_line(e)}, status_code=413 if isinstance(e, PayloadTooLarge) else 422)
+
+    @app.exception_handler(MemoryError)
+    async def out_of_memory(request, e):                  # the server goes on; the request asked too much
+        return JSONResponse({"detail": f"out of memory ({one_line(e) or 'MemoryError'}); {resources.ADVICE}"},
+                            status_code=503)
 
     @app.exception_handler(Exception)
     async def internal(request, e):
