@@ -20,6 +20,7 @@ diffusers/transformers with forward hooks (`npsd parity`; docs/traces.md compare
 """
 
 import json
+import os
 import re
 
 import numpy as np
@@ -92,7 +93,16 @@ class Trace:
             metadata["steps"] = json.dumps(self.steps)
         if self.only is not None:
             metadata["only"] = self.only.pattern
-        save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, str(path), metadata=metadata)
+        # into a temporary file beside it, then renamed: a failed or interrupted write (a full disk,
+        # Ctrl-C) leaves the path as it was, never a part of a trace
+        path = os.fspath(path)
+        part = f"{path}.{os.getpid()}.part"
+        try:
+            save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, part, metadata=metadata)
+            os.replace(part, path)
+        finally:
+            if os.path.exists(part):
+                os.unlink(part)
 
 
 class Scope:

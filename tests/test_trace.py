@@ -182,6 +182,33 @@ def test_trace_file_metadata_and_order(tmp_path):
     assert list(tensors) == t.names() and settings["steps"] == 3
 
 
+def test_a_failed_save_leaves_the_path_as_it_was(tmp_path, monkeypatch):
+    """Trace.save writes a temporary file and renames it: a write that fails halfway (a full disk)
+    leaves no file, or the previous trace whole, and no temporary file; it wrote straight to the path."""
+    import safetensors.numpy
+    t = Trace()
+    t.record("unet.conv_in", np.arange(6, dtype=np.float32))
+    path = tmp_path / "t.safetensors"
+    real = safetensors.numpy.save_file
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x80\x00\x00")                                  # a part of a file
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        t.save(path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    t.save(path)
+    before = path.read_bytes()
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        t.save(path)
+    assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == before
+    assert list(load(path)[0]) == ["unet.conv_in"]
+
+
 def test_no_trace_records_nothing_and_unet_dict_trace_still_works(tiny):
     unet, _, ae = tiny
     vparams, vconf = to_numpy_params(ae.state_dict()), {"norm_groups": 8, "eps": 1e-6}
