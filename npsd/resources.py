@@ -22,12 +22,17 @@ VAE decode 512x512: 1268 MiB -> K_VAE = 4.5), rounded up; those are the plain pa
 (the fast path, the default, measured 0.31 GB and 456 MiB), so the estimate holds for both;
 tests/test_reliability.py checks that the formula reproduces both within 10 %. GB here means 2**30 bytes, as in those pages.
 
+A generation that records a trace of every block (npsd/trace.py) keeps it all until it ends: the
+request then needs the trace's bytes too (trace_bytes, calibrated below), as `npsd parity` needs two
+traces and the reference's copy of the weights (parity_bytes).
+
 Available memory is /proc/meminfo's MemAvailable (what the kernel can give without swapping); where
 that file does not exist (macOS, Windows) no check is made.
 """
 
 from . import settings as npsd_settings     # (check_request's `settings` are a request's)
 from .errors import NpsdError
+from .schedulers import TWO_STAGE
 
 GB = 2 ** 30
 ADVICE = "use a smaller size or fewer images, or close other programs"     # also for a MemoryError
@@ -71,23 +76,29 @@ def estimate(pipe, batch, height, width, guided):
     return {"unet": unet, "vae": vae, "total": max(unet, vae)}
 
 
-# `npsd parity` keeps a trace of every block's input and output on both sides (npsd/trace.py), which
-# outgrows the working memory above 64 pixels. Recorded bytes of one side, in units of the estimate's
-# activations: the UNet's (one call, batch 1) K_TRACE_UNET level-0 activations C0 x h x w, the VAE's
-# (encode and decode) K_TRACE_VAE decoder activations C_up x H x W; measured 133 and 19.1 on SD v1.5's
-# shapes at 64 pixels, 71 and 14.1 on the built-in model's at 128 and 256, rounded up.
+# A trace of every block's input and output (npsd/trace.py; `npsd parity` keeps one a side) soon
+# outgrows the working memory. Its bytes, in units of the estimate's activations: per image through
+# the UNet K_TRACE_UNET level-0 activations C0 x h x w, for the VAE (encode and decode) K_TRACE_VAE
+# decoder activations C_up x H x W; measured 133 and 19.1 on SD v1.5's shapes at 64 pixels (one UNet
+# call of batch 1, `npsd parity`), 71 and 14.1 on the built-in model's at 128 and 256, rounded up.
 K_TRACE_UNET = 135
 K_TRACE_VAE = 20
+
+
+def trace_bytes(pipe, height, width, unet_images):
+    """Bytes a Trace of every block keeps (npsd/trace.py): `unet_images` images through the UNet (a
+    call of batch B counts B) and the VAE's blocks at height x width."""
+    f = pipe.vae_factor
+    c0 = pipe.params["unet"]["conv_in"]["weight"].shape[0]
+    c_up = largest_decoder_channels(pipe.params["vae"], f)
+    return 4 * (K_TRACE_UNET * c0 * (height // f) * (width // f) * unet_images + K_TRACE_VAE * c_up * height * width)
 
 
 def parity_bytes(pipe, size):
     """Peak bytes of comparing `pipe` with a reference at size x size pixels (npsd parity), beyond
     npsd's loaded model: each side's working memory (a guided UNet call or a VAE decode) and trace,
     and the reference's float32 copy of the weights."""
-    f = pipe.vae_factor
-    c0 = pipe.params["unet"]["conv_in"]["weight"].shape[0]
-    c_up = largest_decoder_channels(pipe.params["vae"], f)
-    trace = 4 * (K_TRACE_UNET * c0 * (size // f) ** 2 + K_TRACE_VAE * c_up * size * size)
+    trace = trace_bytes(pipe, size, size, 1)
     weights = 4 * sum(a.size for a in _arrays(pipe.params))
     return 2 * (estimate(pipe, 1, size, size, guided=True)["total"] + trace) + weights
 
@@ -124,12 +135,21 @@ def check_request(pipe, prompt, num_images, settings):
     batch = max(prompts, 1) * images
     guided = settings["guidance_scale"] > 1                # as npsd.guidance.uses_guidance
     need = estimate(pipe, batch, settings["height"], settings["width"], guided)
+    trace, traced = getattr(pipe, "_trace", None), ""
+    if trace is not None and trace.only is None:           # a trace of every block: all of it is kept
+        steps = settings["steps"] if trace.steps is None else sum(0 <= s < settings["steps"] for s in trace.steps)
+        calls = steps * (2 if settings["sampler"] in TWO_STAGE else 1) * batch * (2 if guided else 1)
+        need["trace"] = trace_bytes(pipe, settings["height"], settings["width"], calls)
+        need["total"] += need["trace"]
+        traced = f", the trace {need['trace'] / GB:.1f} GB"
     have = available_bytes()
     if have is not None and need["total"] > have:
+        advice = ("trace fewer steps or blocks (Trace(steps=...), Trace(only=...); npsd trace --trace-steps, "
+                  "--only), or " + ADVICE) if traced else ADVICE
         raise NpsdError(
             f"this request ({batch} image{'s' if batch > 1 else ''} of {settings['width']}x{settings['height']}) "
             f"needs about {need['total'] / GB:.1f} GB of memory beyond the loaded model (UNet "
-            f"{need['unet'] / GB:.1f} GB, VAE decode {need['vae'] / GB:.1f} GB) but only {have / GB:.1f} GB "
-            f"are available; {ADVICE}")
+            f"{need['unet'] / GB:.1f} GB, VAE decode {need['vae'] / GB:.1f} GB{traced}) but only "
+            f"{have / GB:.1f} GB are available; {advice}")
     return need
 
