@@ -30,7 +30,7 @@ Available memory is /proc/meminfo's MemAvailable (what the kernel can give witho
 that file does not exist (macOS, Windows) no check is made.
 """
 
-from . import settings as npsd_settings     # (check_request's `settings` are a request's)
+from . import params, settings as npsd_settings     # (check_request's `settings` are a request's)
 from .errors import NpsdError
 from .schedulers import TWO_STAGE
 
@@ -99,18 +99,8 @@ def parity_bytes(pipe, size):
     npsd's loaded model: each side's working memory (a guided UNet call or a VAE decode) and trace,
     and the reference's float32 copy of the weights."""
     trace = trace_bytes(pipe, size, size, 1)
-    weights = 4 * sum(a.size for a in _arrays(pipe.params))
+    weights = 4 * params.count(pipe.params)                       # the reference holds them in float32
     return 2 * (estimate(pipe, 1, size, size, guided=True)["total"] + trace) + weights
-
-
-def _arrays(tree):
-    if isinstance(tree, dict):
-        tree = tree.values()
-    for v in tree:
-        if isinstance(v, (dict, list, tuple)):
-            yield from _arrays(v)
-        elif hasattr(v, "size") and hasattr(v, "dtype"):
-            yield v
 
 
 def available_bytes():
