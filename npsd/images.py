@@ -9,7 +9,7 @@ import tempfile
 import warnings
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from .errors import InputError, UsageError
 from .pngmeta import png_info
@@ -38,7 +38,8 @@ def from_array(a, what="image"):
 
 def open_image(image, what="image"):
     """A path, a file object, a PIL image or a pixel array (from_array) -> an RGB PIL image
-    (grayscale, RGBA, palette and 16-bit are converted)."""
+    (a file's turned upright by its EXIF orientation; grayscale, RGBA, palette and 16-bit are
+    converted)."""
     if isinstance(image, Image.Image):
         img = image
     elif isinstance(image, np.ndarray):
@@ -57,6 +58,7 @@ def open_image(image, what="image"):
             if img is not None:
                 img.close()                                         # no open file left behind
             raise InputError(f"cannot read {what} {image}: {e}; give a PNG or JPEG file") from None
+        img = upright(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):                 # 16/32-bit grayscale -> 8-bit
         a = np.asarray(img, dtype=np.float64)                       # 65535 is white (a 16-bit PNG's,
         top = 65535 if a.max() <= 65535 else a.max()                # also as older Pillows' mode I)
@@ -66,6 +68,16 @@ def open_image(image, what="image"):
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)                # transparent pixels become white
     return img.convert("RGB")
+
+
+def upright(img):
+    """A file's image as viewers show it: turned by its EXIF Orientation tag (a phone's JPEG stores the
+    sensor's rows and says how to turn them), as diffusers' load_image does; an image without the tag,
+    or with an EXIF block Pillow cannot read, as stored."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:                                   # noqa: BLE001 - a broken EXIF block: the pixels as stored
+        return img
 
 
 def fit_size(img, height, width, what="image"):

@@ -530,6 +530,35 @@ def test_unreadable_images(tmp_path):
         open_image(tmp_path / "text.png", "mask")
 
 
+def test_photos_are_read_upright_by_their_exif_orientation(tmp_path):
+    """A JPEG whose EXIF Orientation tag says how to turn its stored rows (a phone's photo) is read as
+    viewers show it, for each of the eight orientations: the same pixels as diffusers' load_image
+    (which applies PIL's exif_transpose). Read as stored, orientations 5-8 swapped height and width
+    and img2img redrew the photo on its side. The server's base64 images likewise; an EXIF block that
+    Pillow cannot parse leaves the pixels as stored."""
+    import base64
+    from diffusers.utils import load_image
+    from npsd.serve.a1111 import decode_image
+    a = np.zeros((40, 64, 3), np.uint8)
+    a[:10, :, 0] = 255                                            # red top rows, green left columns
+    a[:, :8, 1] = 255
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"photo-{orientation}.jpg"
+        Image.fromarray(a).save(path, exif=exif.tobytes(), quality=95)
+        ours, theirs = open_image(path), load_image(str(path))
+        assert ours.size == theirs.size == ((64, 40) if orientation < 5 else (40, 64)), orientation
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), orientation
+        sent = decode_image(base64.b64encode(path.read_bytes()).decode(), "init_images[0]")
+        assert np.array_equal(np.asarray(sent), np.asarray(theirs)), orientation
+    jpeg = (tmp_path / "photo-6.jpg").read_bytes()
+    start = jpeg.index(b"Exif\0\0") + 6                         # the TIFF header after "Exif\0\0"
+    broken = jpeg[:start] + b"XX" + jpeg[start + 2:]               # not "II" or "MM": unreadable
+    (tmp_path / "broken.jpg").write_bytes(broken)
+    assert open_image(tmp_path / "broken.jpg").size == (64, 40)
+
+
 def test_pixel_arrays_and_what_is_not_an_image(tiny):
     """img2img and inpaint take pixel arrays as diffusers' pipelines do: output_type="np"'s floats in
     [0, 1] (one image [1, H, W, 3]) give the same image as the PIL image of their uint8 rounding, and a

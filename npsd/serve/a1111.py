@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 from ..errors import InputError
-from ..images import open_image
+from ..images import open_image, upright
 from ..pngmeta import A1111_SAMPLERS, KEY, _exif_user_comment, parse_parameters, png_info, sampler_from_a1111
 from ..schedulers import SIGMA_SAMPLERS
 
@@ -353,6 +353,7 @@ def decode_image(data, what, limits=None, rgb=True):
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"{what} is not an image npsd can read ({' '.join(str(e).split())}); send a PNG or "
                          f"JPEG file") from None
+    img = upright(img)                                                # as the browser shows it
     return open_image(img, what) if rgb else img
 
 
