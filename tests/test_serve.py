@@ -526,17 +526,40 @@ def test_weights_in_float16(folders, pipe):
 
 # --- the command line ---------------------------------------------------------------------------
 
+def test_a_port_in_use_is_one_line_before_the_model_loads(monkeypatch, capsys):
+    """`npsd serve --port P` where another program listens on P: one line that names the address and
+    what to do, exit code 1, before any model is loaded (uvicorn logged "[Errno 98] ..." after npsd
+    had printed that it was serving)."""
+    import socket
+    from npsd.serve import app as serve_app
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    monkeypatch.setattr(serve_app, "create_app", lambda *a, **k: pytest.fail("the model was loaded"))
+    try:
+        assert cli.main(["serve", "--port", str(port)]) == 1
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert err == (f"npsd: error: cannot serve on 127.0.0.1:{port}: Address already in use; give another --port, "
+                   f"or stop the program that uses it\n"), err
+
+
 def test_serve_command_line(monkeypatch, capsys, tmp_path):
     import uvicorn
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    from npsd.serve import app as serve_app
+    bound, calls = serve_app._bound, []
+    monkeypatch.setattr(serve_app, "_bound", lambda host, port: bound(host, 0))   # any free port
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: calls.append(
+        (self.config.host, self.config.port, self.config.log_level, sockets[0].getsockname()[0])))
     assert cli.main(["serve", "--listen", "--port", "7999"]) == 0
-    assert calls == [{"host": "0.0.0.0", "port": 7999, "log_level": "warning"}]
+    assert calls == [("0.0.0.0", 7999, "warning", "0.0.0.0")]
     assert "warning: --listen without --api-auth" in capsys.readouterr().err
-    assert cli.main(["serve", "--api-auth", "me:pw"]) == 0 and calls[-1]["host"] == "127.0.0.1"
+    assert cli.main(["serve", "--api-auth", "me:pw"]) == 0 and calls[-1][0] == calls[-1][3] == "127.0.0.1"
     assert "warning" not in capsys.readouterr().err
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: apps.append(self.config.app))
     assert cli.main(["serve", "--weights-dtype", "float16"]) == 0
     assert apps[0].state.server.pipe.params["unet"]["conv_in"]["weight"].dtype == np.float16
     apps[0].state.server.close()

@@ -37,6 +37,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -689,13 +690,28 @@ def run_serve(args):
     if args.listen and not args.api_auth:
         warnings.warn(f"--listen without --api-auth: anyone who can reach port {args.port} of this machine can "
                       "use this server (and its CPU); give --api-auth USER:PASS")
-    app = create_app(ServeSettings(models_dir=args.models_dir, output_dir=args.output_dir, lora_dir=args.lora_dir,
-                                   embeddings_dir=args.embeddings_dir, api_auth=args.api_auth, model=args.model,
-                                   weights_dtype=args.weights_dtype))
-    print(f"npsd: serving {app.state.server.loaded['title']} on http://{host}:{args.port}/ (Ctrl-C stops)",
-          file=sys.stderr, flush=True)
-    try:
-        uvicorn.run(app, host=host, port=args.port, log_level="warning")
-    finally:
-        app.state.server.close()
+    with _bound(host, args.port) as sock:                     # a port in use is said before the model loads
+        app = create_app(ServeSettings(models_dir=args.models_dir, output_dir=args.output_dir, lora_dir=args.lora_dir,
+                                       embeddings_dir=args.embeddings_dir, api_auth=args.api_auth, model=args.model,
+                                       weights_dtype=args.weights_dtype))
+        print(f"npsd: serving {app.state.server.loaded['title']} on http://{host}:{args.port}/ (Ctrl-C stops)",
+              file=sys.stderr, flush=True)
+        try:
+            uvicorn.Server(uvicorn.Config(app, host=host, port=args.port, log_level="warning")).run(sockets=[sock])
+        finally:
+            app.state.server.close()
     return 0
+
+
+def _bound(host, port):
+    """A TCP socket bound to (host, port), for uvicorn to listen on; a port that another program holds
+    is one line (uvicorn logged "[Errno 98] ..." after npsd had said it was serving)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)           # as uvicorn does
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise NpsdError(f"cannot serve on {host}:{port}: {e.strerror or e}; give another --port, or stop the "
+                        f"program that uses it") from None
+    return sock
