@@ -265,6 +265,8 @@ def check_writable(paths, overwrite, png=True):
     outputs must be named .png."""
     for p in paths:
         folder = os.path.dirname(os.path.abspath(p))
+        if not p:
+            raise UsageError("-o is empty; give the name of the file to write")
         if png and not p.lower().endswith(".png"):
             raise UsageError(f"{p}: npsd writes PNG files (the parameters live in a PNG text chunk); give a name "
                              f"ending in .png")
