@@ -400,6 +400,8 @@ def check_folder(path, what):
     """An output folder (--save-steps, --attention-maps): one that exists, or one that can be made, tried
     by making it and removing it again, so that a path that cannot be a folder fails before any work
     rather than after the generation."""
+    if not path:
+        raise UsageError(f"{what} is empty; give a folder")
     if os.path.isdir(path):
         return
     if os.path.exists(path):

@@ -926,10 +926,12 @@ def test_output_folders_that_cannot_be_made_fail_before_any_work(model, tmp_path
     blocker = tmp_path / "file"
     blocker.write_text("x")
     for option in ("--save-steps", "--attention-maps"):
-        for folder, phrase in ((blocker, "is a file; give a folder"), (blocker / "sub", "cannot be made: Not a directory")):
+        for folder, phrase in ((blocker, "is a file; give a folder"), (blocker / "sub", "cannot be made: Not a directory"),
+                               ("", "is empty; give a folder")):                # "" was "[Errno 2]" after the run
             rc, out, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "a.png", option, folder,
                                 "--prompt-syntax", "plain", "--quiet"] + SMALL, capsys)
-            assert (rc, out) == (2, "") and f"{option} {folder} {phrase}" in err and err.count("\n") == 1, err
+            expected = f"{option} {folder} {phrase}" if folder else f"{option} {phrase}"
+            assert (rc, out) == (2, "") and expected in err and err.count("\n") == 1, err
     (tmp_path / "a.png").write_bytes(b"")                                # refused after the probe: it exists
     rc, out, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "a.png", "--save-steps",
                         tmp_path / "new" / "steps", "--quiet"] + SMALL, capsys)
