@@ -351,6 +351,8 @@ def _note(args, message):
 
 
 def check_exists(path, what):
+    if path == "":
+        raise UsageError(f"{what} is empty; give a path")
     if path is not None and not os.path.exists(path):
         raise UsageError(f"{what} {path} does not exist; check the path")
 
@@ -392,6 +394,8 @@ def check_inputs(args, mode):
         raise UsageError("inpaint needs --mask FILE (white = repaint)")
     for path, what in ((args.model, "--model"), (args.vae, "--vae"), (image, "--image"), (mask, "--mask")):
         check_exists(path, what)
+    for path, _ in args.lora or ():                                    # before the model loads
+        check_exists(path, "--lora")
     if args.save_steps is not None:
         check_folder(args.save_steps, "--save-steps")
 

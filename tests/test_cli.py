@@ -519,6 +519,25 @@ def test_running_out_of_memory_is_one_line(model, tmp_path, capsys, monkeypatch)
                    "100000)); use a smaller size or fewer images, or close other programs\n"), err
 
 
+def test_missing_and_empty_paths_are_refused_before_the_model_loads(model, tmp_path, capsys, monkeypatch):
+    """A --lora that does not exist was found only after the model had loaded (tens of seconds for SD
+    v1.5), and an empty path said "--lora  does not exist" (or, for -o in npsd trace, failed after the
+    run); each is one line now, before npsd.load."""
+    image = make_image(tmp_path / "in.png")
+    monkeypatch.setattr(npsd, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = ["-o", tmp_path / "out.png", "--quiet"]
+    cases = [(["txt2img", PROMPT, "--lora", tmp_path / "gone.safetensors:0.5"], f"--lora {tmp_path / 'gone.safetensors'} "
+                                                                              f"does not exist; check the path"),
+             (["txt2img", PROMPT, "--lora", ""], "--lora is empty; give a path"),
+             (["txt2img", PROMPT, "--model", ""], "--model is empty; give a path"),
+             (["txt2img", PROMPT, "--vae", ""], "--vae is empty; give a path"),
+             (["img2img", PROMPT, "--image", ""], "--image is empty; give a path"),
+             (["inpaint", PROMPT, "--image", image, "--mask", ""], "--mask is empty; give a path")]
+    for args, message in cases:
+        rc, stdout, err = run(args + out, capsys)
+        assert (rc, stdout, err) == (2, "", f"npsd: error: {message}\n"), (args, err)
+
+
 def test_error_cases_are_one_line(model, tmp_path, capsys):
     image, mask = make_image(tmp_path / "in.png"), make_mask(tmp_path / "mask.png")
     junk = tmp_path / "junk.safetensors"
