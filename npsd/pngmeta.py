@@ -24,6 +24,7 @@ back, from npsd's images and A1111's, as the command line's settings (npsd/cli.p
 
 import json
 import re
+import warnings
 
 from PIL import Image, PngImagePlugin
 
@@ -273,7 +274,28 @@ def settings_from_png(path, mode):
         settings["prompt_syntax"] = f["Prompt syntax"]
     settings["lora_names"] = _named_values(f.get("Lora"), "Lora") or None
     settings["ti_names"] = [name for name, _ in _named_pairs(f.get("TI hashes"))] or None
+    unapplied = unapplied_fields(f)
+    if unapplied:
+        warnings.warn(f"--from-png: the PNG used A1111 settings that npsd does not apply ({', '.join(unapplied)}); "
+                      f"the image will differ")
     return {k: v for k, v in settings.items() if v is not None}
+
+
+# A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
+# is in use): a re-make from such a PNG says so instead of ignoring them
+A1111_UNAPPLIED = ("Hires upscale", "Hires resize", "Variation seed", "Variation seed strength", "Seed resize from",
+                   "ENSD", "Face restoration", "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS")
+A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet")                 # extensions' fields
+
+
+def unapplied_fields(fields):
+    """The stored fields npsd leaves out: "name: value" (the name alone for a long value)."""
+    names = [k for k in fields if k in A1111_UNAPPLIED or k.startswith(A1111_UNAPPLIED_PREFIXES)]
+    if fields.get("Schedule type", "automatic").strip().lower() not in ("automatic", "karras"):
+        names.append("Schedule type")                                   # npsd: the sampler's own or Karras
+    if fields.get("Emphasis", "original").strip().lower() != "original":
+        names.append("Emphasis")                                        # npsd: A1111's "Original" (npsd/prompts.py)
+    return [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]
 
 
 def _named_pairs(text):

@@ -165,6 +165,35 @@ def test_from_png_reads_a1111_settings(tmp_path):
         (6.5, 1234, 512, 768, 1, 0.6)
 
 
+def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, capsys):
+    """A1111 writes hires fix, variation seeds, ENSD, face restoration, other schedule types and its
+    extensions' settings only when they are in use, and each changes its image: a re-make names them
+    in one warning (they were ignored without a word); npsd's own PNGs, A1111's defaults ("Schedule
+    type: Automatic", "Emphasis: Original") and what npsd applies (Karras, Clip skip) give none."""
+    from npsd.pngmeta import png_info
+    base = f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 16x16"
+    cases = {", Hires upscale: 2, Hires upscaler: Latent, Denoising strength: 0.7": "Hires upscale: 2",
+             ", Variation seed: 9, Variation seed strength: 0.3": "Variation seed: 9, Variation seed strength: 0.3",
+             ", ENSD: 31337": "ENSD: 31337",
+             ", Schedule type: SGM Uniform, Emphasis: No norm": "Schedule type: SGM Uniform, Emphasis: No norm",
+             ', ADetailer model: face_yolov8n.pt, ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny, '
+             'Weight: 1"': "ADetailer model: face_yolov8n.pt, ControlNet 0",
+             ", Schedule type: Automatic, Emphasis: Original, Clip skip: 2": None,
+             ", Schedule type: Karras, Version: v1.10.1": None}
+    for extra, named in cases.items():
+        path = tmp_path / "a1111.png"
+        Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(base + extra))
+        rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet",
+                          "--overwrite"], capsys)
+        expected = "" if named is None else (f"npsd: warning: --from-png: the PNG used A1111 settings that npsd "
+                                             f"does not apply ({named}); the image will differ\n")
+        assert rc == 0 and err == expected, (extra, err)
+    own = tmp_path / "own.png"
+    gen(capsys, model, own, "--seed", 3, "--sampler", "dpmpp_2m", "--karras", "--clip-skip", 1)
+    rc, _, err = run(["txt2img", "--from-png", own, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and err == "", err
+
+
 def test_from_png_with_a_sampler_npsd_lacks(model, tmp_path, capsys):
     from npsd.pngmeta import png_info
     path = tmp_path / "sde.png"
