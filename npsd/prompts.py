@@ -86,7 +86,14 @@ def extract_loras(text):
     if others:
         warnings.warn(f"npsd has no extra networks of these types; removed from the prompt: {', '.join(others)}",
                       stacklevel=2)
+    if AND.search(text):
+        warnings.warn("the prompt uses A1111's AND, which combines the predictions of several prompts "
+                      "(composable diffusion, Liu et al. 2022); npsd does not, and reads AND as a word",
+                      stacklevel=2)
     return text, loras
+
+
+AND = re.compile(r"\bAND\b")           # A1111's separator of composable prompts (modules/prompt_parser.py)
 
 
 def _lora_tag(tag, args):

@@ -18,6 +18,8 @@ A wrong weight (1.1 where A1111 gives 1.21: 8.3e-2) or a missing mean restore (1
 same check.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,12 @@ def test_extract_loras():
     assert loras == [LoraTag("ink", 0.6, 0.6), LoraTag("pen", 1.0, 1.0), LoraTag("x", 0.5, 0.2), LoraTag("y", 0.3, 0.7)]
     with pytest.warns(UserWarning, match="hypernet"):
         assert extract_loras("a <hypernet:h:1> b") == ("a  b", [])
+    # A1111's composable prompts ("a cat AND a dog :1.2") are not done: said, and the text kept as it is
+    with pytest.warns(UserWarning, match=r"A1111's AND, which combines .* npsd does not, and reads AND as a word"):
+        assert extract_loras("a cat AND a dog :1.2") == ("a cat AND a dog :1.2", [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert extract_loras("sand, ANDROID, and, And") == ("sand, ANDROID, and, And", [])
     with pytest.raises(InputError, match="not a number"):
         extract_loras("<lora:ink:strong>")
     with pytest.raises(InputError, match="names no LoRA"):
