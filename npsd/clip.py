@@ -16,7 +16,7 @@ import numpy as np
 
 from . import nn
 from .config import with_fallbacks
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, is_whole
 from .trace import record as _record, scope as _scope
 
 ACTIVATIONS = {"quick_gelu": nn.quick_gelu, "gelu": nn.gelu}
@@ -94,7 +94,7 @@ def encode_text(params, ids, config, clip_skip=None, trace=None):
     num_layers = len(params["encoder"]["layers"])
     if clip_skip is None:
         clip_skip = 0
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or not 0 <= clip_skip <= num_layers:
+    if not is_whole(clip_skip) or not 0 <= clip_skip <= num_layers:
         raise InputError(f"clip_skip must be an integer from 0 to {num_layers} (the text encoder's layer count) "
                          f"or None, got {clip_skip!r}; A1111's 'CLIP skip 2' is clip_skip=1")
     b, length = ids.shape

@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, is_number
 
 
 def cfg(eps_uncond, eps_cond, scale):
@@ -44,8 +44,7 @@ def rescale_cfg(eps_cfg, eps_cond, guidance_rescale):
 
 def check_rescale(guidance_rescale):
     """phi of eq. 16 blends two predictions: it lies in [0, 1]."""
-    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float, np.floating, np.integer)) \
-            or not 0 <= guidance_rescale <= 1:
+    if not is_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
         raise InputError(f"guidance_rescale must be a number in [0, 1] (0: off; Lin et al. use 0.7), "
                          f"got {guidance_rescale!r}")
 

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, is_number
 from .fast import astype
 from .loading import file_kind
 from .safetensors_io import open_weights
@@ -192,7 +192,7 @@ def read(path, params):
     layers = targets(params)
     with open_weights(where) as f:
         numbers = getattr(f, "other", {})                # a .pt file may hold alphas as plain numbers
-        odd = [k for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float, np.number))]
+        odd = [k for k, v in numbers.items() if not is_number(v)]
         if odd:
             raise CheckpointError(f"{where} holds values that are neither tensors nor numbers: {_few(odd)}")
         shapes = {k: tuple(t.shape) for k, t in f.tensors.items()} | {k: () for k in numbers}
@@ -405,7 +405,6 @@ def _module(tree, path):
 
 
 def _strength(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise InputError(f"a LoRA's {what} must be a finite number, got {value!r}")
     return float(value)

@@ -30,7 +30,7 @@ from .embeddings import load_used_embeddings
 from .prompts import PROMPT_SYNTAXES, encode_schedule, extract_loras, encode_weighted, pad_chunks, prompt_syntax_used, text_at_step
 from .rng import make_rng
 from .config import generation_defaults, sd15_config, with_fallbacks
-from .errors import InputError, NpsdError
+from .errors import InputError, NpsdError, is_number, is_whole
 from .guidance import check_rescale, guided_model, uses_guidance
 from .images import default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil
 from .previews import taesd_for, with_previews
@@ -432,15 +432,14 @@ class Pipeline:
         height = defaults["height"] if height is None else height
         width = defaults["width"] if width is None else width
         sampler = defaults["sampler"] if sampler is None else sampler
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        if not is_whole(steps) or steps < 1:
             raise InputError(f"num_inference_steps must be a whole number >= 1, got {steps!r}")
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating, np.integer)) \
-                or not math.isfinite(guidance) or guidance < 0:
+        if not is_number(guidance) or not math.isfinite(guidance) or guidance < 0:
             raise InputError(f"guidance_scale must be a finite number >= 0, got {guidance!r}")
         f = self.vae_factor
         smallest = f * 2 ** (len(self.params["unet"]["down_blocks"]) - 1)
         for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v % f or v < smallest:
+            if not is_whole(v) or v % f or v < smallest:
                 if name in from_image:
                     raise InputError(f"the input image is {image.size[0]}x{image.size[1]} pixels, too small for its own "
                                      f"size ({name} {v}); give height and width (multiples of {f}, at least "
@@ -456,7 +455,7 @@ class Pipeline:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % 2**32)
-        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        elif not is_whole(seed) or not 0 <= seed < 2**32:
             raise InputError(f"seed must be a whole number in [0, 2**32), got {seed!r}")
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
                 "width": int(width), "sampler": sampler, "seed": int(seed)}
@@ -496,7 +495,7 @@ class Pipeline:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one or one per prompt")
-        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+        if not is_whole(num_images) or num_images < 1:
             raise InputError(f"num_images must be a whole number >= 1, got {num_images!r}")
         guided = uses_guidance(guidance_scale)
         texts = prompts + (negatives if guided else [])
@@ -617,13 +616,12 @@ def _check_hooks(callback, progress, attention_maps, mask_blur=0):
         raise InputError(f"progress must be True or False, got {progress!r}")
     if attention_maps is not None and not hasattr(attention_maps, "watch"):
         raise InputError(f"attention_maps must be an npsd.attention_maps.AttentionMaps or None, got {attention_maps!r}")
-    if isinstance(mask_blur, bool) or not isinstance(mask_blur, (int, np.integer)) or mask_blur < 0:
+    if not is_whole(mask_blur) or mask_blur < 0:
         raise InputError(f"mask_blur must be a whole number of pixels >= 0, got {mask_blur!r}")
 
 
 def _check_strength(strength):
-    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
-            or not 0 < strength <= 1:
+    if not is_number(strength) or not 0 < strength <= 1:
         raise InputError(f"strength must be a number in (0, 1], got {strength!r}")
 
 

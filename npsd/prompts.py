@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, is_whole
 from .tokenizer import CHUNK_TOKENS, MAX_LENGTH
 
 ROUND = 1.1                     # (x): weight * 1.1
@@ -155,7 +155,7 @@ def prompt_schedule(text, steps, old_timelines=False):
     end_step is `steps`. In [from:to:when], a `when` written with a decimal point is a fraction of
     the steps (int(when * steps)), otherwise a step number; old_timelines=True is A1111's older rule
     (when < 1: a fraction, else a step number). Alternation gives one entry per step."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    if not is_whole(steps) or steps < 1:
         raise InputError(f"steps must be a whole number >= 1, got {steps!r}")
     steps = int(steps)
     tree = _parse_schedule(_check_text(text))

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, is_number, is_whole
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "pndm", "lms", "dpmpp_2m_sde", "unipc",
             "dpm2", "dpm2_a", "lcm", "deis")
@@ -147,7 +147,7 @@ def add_noise(x0, noise, t, alphas_cumprod):
 # ---------------------------------------------------------------------------------------------
 
 def _check_steps(num_inference_steps, num_train_timesteps):
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+    if not is_whole(num_inference_steps):
         raise InputError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
     if num_inference_steps < 1:
         raise InputError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -542,7 +542,7 @@ def ddpm_step(x_t, eps, t, t_prev, alphas_cumprod, noise=None, x0_pred=None):
 def check_eta(eta):
     """DDIM's eta lies in [0, 1]: 0 is DDIM, 1 gives sigma_t of DDPM's posterior (Song et al. 2021,
     eq. 16); above 1, sigma_t^2 can exceed 1 - abar_prev and eq. 12's square root has no value."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating, np.integer)) or not 0 <= eta <= 1:
+    if not is_number(eta) or not 0 <= eta <= 1:
         raise InputError(f"eta must be a number in [0, 1] (0: deterministic DDIM), got {eta!r}")
 
 

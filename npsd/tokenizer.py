@@ -24,7 +24,7 @@ from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE
 
-from .errors import InputError, TruncationWarning
+from .errors import InputError, TruncationWarning, is_whole
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77                        # CLIP's context: 77 positions = BOS + 75 tokens + EOS
@@ -136,7 +136,7 @@ class Tokenizer:
         ids = self.encode(prompts)
         if num_chunks is None:
             num_chunks = max(max(1, -(-len(t) // CHUNK_TOKENS)) for t in ids)     # ceil(n / 75), >= 1
-        elif isinstance(num_chunks, bool) or not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
+        elif not is_whole(num_chunks) or num_chunks < 1:
             raise InputError(f"num_chunks must be a positive integer or None, got {num_chunks!r}")
         return self._windows(ids, int(num_chunks))
 
@@ -174,7 +174,7 @@ class Tokenizer:
         matches = self._added_by_first.setdefault(tokens[0], [])
         if any(other == tokens for other, _ in matches):
             raise InputError(f"a word with the tokens of {word!r} is already added; give it another name")
-        if isinstance(num_ids, bool) or not isinstance(num_ids, (int, np.integer)) or num_ids < 1:
+        if not is_whole(num_ids) or num_ids < 1:
             raise InputError(f"num_ids must be a whole number >= 1, got {num_ids!r}")
         first = self.vocab_size + sum(len(ids) for ids in self.added_words.values())
         ids = tuple(range(first, first + int(num_ids)))
