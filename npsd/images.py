@@ -129,17 +129,25 @@ def postprocess(decoded):
 
 
 def write_png_atomic(image, path, parameters, overwrite):
-    """Save a PIL image as PNG with its "parameters" chunk (npsd/pngmeta.py): a temporary file in the
-    same folder, then os.replace, so the path holds either nothing/the old file or the whole new
-    file, never a part. Without `overwrite`, a file that appeared at `path` meanwhile is kept."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    prefix, suffix = _part_affixes(path)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Save a PIL image as PNG with its "parameters" chunk (npsd/pngmeta.py), atomically (write_atomic)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
             image.save(f, format="PNG", pnginfo=png_info(parameters))
-            f.flush()
+    write_atomic(path, write, overwrite)
+
+
+def write_atomic(path, write, overwrite=True):
+    """write(temporary_path) writes a whole file into a temporary file in the same folder, which then
+    replaces `path` (os.replace), so the path holds either nothing/the old file or the whole new
+    file, never a part (a full disk, Ctrl-C). Without `overwrite`, a file that appeared at `path`
+    meanwhile is kept."""
+    path = os.path.abspath(path)
+    prefix, suffix = _part_affixes(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
@@ -154,12 +162,12 @@ def write_png_atomic(image, path, parameters, overwrite):
 
 
 def _part_affixes(path):
-    """The start and end of the name of write_png_atomic's temporary file for `path` in this process."""
+    """The start and end of the name of write_atomic's temporary file for `path` in this process."""
     return f".{os.path.basename(path)}.{os.getpid()}.", ".part"
 
 
 def leftover_parts(path):
-    """Temporary files of write_png_atomic for `path` that this process left behind: an interrupt
+    """Temporary files of write_atomic for `path` that this process left behind: an interrupt
     that comes between the file's creation and the handler that removes it leaves one."""
     prefix, suffix = _part_affixes(path)
     folder = os.path.dirname(os.path.abspath(path))

@@ -87,22 +87,16 @@ class Trace:
         """Write one .safetensors file: the tensors, and in its metadata the generation settings
         (JSON under "settings"), the execution order (JSON list under "order") and "format"."""
         from safetensors.numpy import save_file
+
+        from .images import write_atomic
         metadata = {"format": FORMAT, "order": json.dumps(list(self.tensors)),
                     "settings": json.dumps(settings or {}, default=str)}
         if self.steps is not None:
             metadata["steps"] = json.dumps(self.steps)
         if self.only is not None:
             metadata["only"] = self.only.pattern
-        # into a temporary file beside it, then renamed: a failed or interrupted write (a full disk,
-        # Ctrl-C) leaves the path as it was, never a part of a trace
-        path = os.fspath(path)
-        part = f"{path}.{os.getpid()}.part"
-        try:
-            save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, part, metadata=metadata)
-            os.replace(part, path)
-        finally:
-            if os.path.exists(part):
-                os.unlink(part)
+        tensors = {k: np.ascontiguousarray(v) for k, v in self.tensors.items()}
+        write_atomic(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))   # never a part
 
 
 class Scope:
