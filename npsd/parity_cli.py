@@ -457,11 +457,7 @@ def run_parity(args, out=None):
     smallest = f * 2 ** (len(pipe.params["unet"]["down_blocks"]) - 1)   # the UNet's lowest level is 1x1
     if args.size % f or args.size < smallest:
         raise UsageError(f"--size must be a multiple of {f} and at least {smallest}, got {args.size}")
-    need, have = resources.parity_bytes(pipe, args.size), resources.available_bytes()
-    if have is not None and need > have:
-        raise NpsdError(f"--size {args.size} needs about {need / resources.GB:.1f} GB of memory (both sides' "
-                        f"traces and working memory, the reference's weights) but only "
-                        f"{have / resources.GB:.1f} GB are available; use a smaller --size (default 64)")
+    resources.check_parity(pipe, args.size)                          # before either side runs
     folder = path if os.path.isdir(path) else None
     t1 = time.perf_counter()
     prediction, why = npsd_prediction_type(pipe, folder)

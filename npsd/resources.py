@@ -103,6 +103,15 @@ def parity_bytes(pipe, size):
     return 2 * (estimate(pipe, 1, size, size, guided=True)["total"] + trace) + weights
 
 
+def check_parity(pipe, size):
+    """Raise NpsdError when comparing at size x size pixels (parity_bytes) exceeds the available memory."""
+    need, have = parity_bytes(pipe, size), available_bytes()
+    if have is not None and need > have:
+        raise NpsdError(f"--size {size} needs about {need / GB:.1f} GB of memory (both sides' traces and working "
+                        f"memory, the reference's weights) but only {have / GB:.1f} GB are available; use a "
+                        f"smaller --size (default 64)")
+
+
 def available_bytes():
     """MemAvailable from /proc/meminfo in bytes, or None where it cannot be read."""
     try:
