@@ -318,9 +318,7 @@ def attach_networks(pipe, args, settings):
     from .pipeline import _lora_file
     pipe.lora_dir, pipe.embeddings_dir = args.lora_dir, args.embeddings_dir
     for path, strength in settings["lora"]:        # never unloaded here: merged without a second copy
-        if not os.path.isfile(path):
-            raise UsageError(f"--lora {path} does not exist; check the path")
-        pipe.load_lora(path, strength, keep_base=False)
+        pipe.load_lora(path, strength, keep_base=False)                # (check_lora_files checked them)
     for name, strength in settings["lora_names"]:                      # stored in --from-png's image
         if args.lora_dir is None:
             raise UsageError(f"--from-png: the image used the LoRA {name!r}; give --lora-dir (a folder with "
@@ -355,6 +353,14 @@ def check_exists(path, what):
         raise UsageError(f"{what} is empty; give a path")
     if path is not None and not os.path.exists(path):
         raise UsageError(f"{what} {path} does not exist; check the path")
+
+
+def check_lora_files(loras):
+    """--lora FILE[:STRENGTH] options, before the model loads: files that exist."""
+    for path, _ in loras or ():
+        check_exists(path, "--lora")
+        if os.path.isdir(path):
+            raise UsageError(f"--lora {path} is a folder; give a LoRA file (a folder of LoRAs is --lora-dir)")
 
 
 def resolve_settings(args, mode):
@@ -394,8 +400,7 @@ def check_inputs(args, mode):
         raise UsageError("inpaint needs --mask FILE (white = repaint)")
     for path, what in ((args.model, "--model"), (args.vae, "--vae"), (image, "--image"), (mask, "--mask")):
         check_exists(path, what)
-    for path, _ in args.lora or ():                                    # before the model loads
-        check_exists(path, "--lora")
+    check_lora_files(args.lora)
     if args.save_steps is not None:
         check_folder(args.save_steps, "--save-steps")
 

@@ -61,7 +61,7 @@ def add_parsers(sub, int_at_least, float_in, seed, samplers, weights_dtype_help,
 
 def run_trace(args):
     import npsd
-    from .cli import attach_vae, check_exists, check_writable
+    from .cli import attach_vae, check_exists, check_lora_files, check_writable
     check_writable([args.output], args.overwrite, png=False)
     steps = None
     if args.trace_steps:
@@ -73,8 +73,9 @@ def run_trace(args):
         trace = trace_io.Trace(steps=steps, only=args.only)
     except re.error as e:
         raise InputError(f"--only is not a valid regular expression: {e}") from None
-    for path, what in [(args.model, "--model"), (args.vae, "--vae")] + [(path, "--lora") for path, _ in args.lora]:
+    for path, what in [(args.model, "--model"), (args.vae, "--vae")]:
         check_exists(path, what)
+    check_lora_files(args.lora)
     pipe = npsd.load(args.model, ema=not args.no_ema, weights_dtype=args.weights_dtype)
     if args.vae is not None:
         attach_vae(pipe, args.vae, args.weights_dtype)

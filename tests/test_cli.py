@@ -551,19 +551,24 @@ def test_running_out_of_memory_is_one_line(model, tmp_path, capsys, monkeypatch)
 def test_missing_and_empty_paths_are_refused_before_the_model_loads(model, tmp_path, capsys, monkeypatch):
     """A --lora that does not exist was found only after the model had loaded (tens of seconds for SD
     v1.5), and an empty path said "--lora  does not exist" (or, for -o in npsd trace, failed after the
-    run); each is one line now, before npsd.load."""
+    run), a folder "does not exist" (npsd trace: "[Errno 21] Is a directory" after loading); each is
+    one line now, before npsd.load."""
     image = make_image(tmp_path / "in.png")
     monkeypatch.setattr(npsd, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     out = ["-o", tmp_path / "out.png", "--quiet"]
     cases = [(["txt2img", PROMPT, "--lora", tmp_path / "gone.safetensors:0.5"], f"--lora {tmp_path / 'gone.safetensors'} "
                                                                               f"does not exist; check the path"),
              (["txt2img", PROMPT, "--lora", ""], "--lora is empty; give a path"),
+             (["txt2img", PROMPT, "--lora", tmp_path], f"--lora {tmp_path} is a folder; give a LoRA file (a folder "
+                                                       f"of LoRAs is --lora-dir)"),      # was "does not exist"
+             (["trace", PROMPT, "--lora", tmp_path], f"--lora {tmp_path} is a folder; give a LoRA file (a folder "
+                                                     f"of LoRAs is --lora-dir)"),        # was "[Errno 21]"
              (["txt2img", PROMPT, "--model", ""], "--model is empty; give a path"),
              (["txt2img", PROMPT, "--vae", ""], "--vae is empty; give a path"),
              (["img2img", PROMPT, "--image", ""], "--image is empty; give a path"),
              (["inpaint", PROMPT, "--image", image, "--mask", ""], "--mask is empty; give a path")]
     for args, message in cases:
-        rc, stdout, err = run(args + out, capsys)
+        rc, stdout, err = run(args + (out if args[0] != "trace" else ["-o", tmp_path / "t.safetensors"]), capsys)
         assert (rc, stdout, err) == (2, "", f"npsd: error: {message}\n"), (args, err)
 
 
