@@ -37,3 +37,8 @@ def is_whole(v):
 def is_number(v):
     """A real number: a Python or NumPy integer or float, not a bool."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def is_flag(v):
+    """True or False (NumPy's too), not a truthy value such as "no" or 1."""
+    return isinstance(v, (bool, np.bool_))

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import architecture, clip
 from .config import LCM_DEFAULTS, sd15_config, sd2_config
-from .errors import CheckpointError, InputError, NpsdError
+from .errors import CheckpointError, InputError, NpsdError, is_flag
 from .malloc import holding
 from .params import flatten, unflatten
 from .pipeline import Pipeline
@@ -645,7 +645,7 @@ def load(path=None, ema=True, weights_dtype="float32", *, dtype=None):
             raise NpsdError(f"the built-in model {BUILTIN_MODEL} is missing from {os.path.dirname(str(path))}; "
                             f"reinstall npsd, or pass the path of an SD v1.x checkpoint to npsd.load(path)")
     dtype = weights_dtype_of(weights_dtype, dtype)
-    if not isinstance(ema, (bool, np.bool_)):
+    if not is_flag(ema):
         raise InputError(f"ema must be True (the EMA copies of the UNet, where the file has them) or False, got {ema!r}")
     path = os.fspath(path)
     if os.path.isdir(path):

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import CheckpointError, InputError, is_number
+from .errors import CheckpointError, InputError, is_flag, is_number
 from .fast import astype
 from .loading import file_kind
 from .safetensors_io import open_weights
@@ -339,7 +339,7 @@ class LoraSet:
     def load(self, path, strength=1.0, name=None, unet_strength=None, keep_base=True):
         strength = _strength(strength, "strength")
         unet_strength = strength if unet_strength is None else _strength(unet_strength, "unet_strength")
-        if not isinstance(keep_base, (bool, np.bool_)):
+        if not is_flag(keep_base):
             raise InputError(f"keep_base must be True or False, got {keep_base!r}")
         name = os.path.splitext(os.path.basename(os.fspath(path)))[0] if name is None else name
         if not isinstance(name, str) or not name:

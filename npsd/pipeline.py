@@ -30,7 +30,7 @@ from .embeddings import load_used_embeddings
 from .prompts import PROMPT_SYNTAXES, encode_schedule, extract_loras, encode_weighted, pad_chunks, prompt_syntax_used, text_at_step
 from .rng import make_rng
 from .config import generation_defaults, sd15_config, with_fallbacks
-from .errors import InputError, NpsdError, is_number, is_whole
+from .errors import InputError, NpsdError, is_flag, is_number, is_whole
 from .guidance import check_rescale, guided_model, uses_guidance
 from .images import default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil
 from .previews import taesd_for, with_previews
@@ -612,7 +612,7 @@ def _check_hooks(callback, progress, attention_maps, mask_blur=0):
     """The arguments that watch a generation (and inpainting's mask_blur), checked before any work."""
     if callback is not None and not callable(callback):
         raise InputError(f"callback must be a function callback(step, t, latents, x0_pred) or None, got {callback!r}")
-    if not isinstance(progress, (bool, np.bool_)):
+    if not is_flag(progress):
         raise InputError(f"progress must be True or False, got {progress!r}")
     if attention_maps is not None and not hasattr(attention_maps, "watch"):
         raise InputError(f"attention_maps must be an npsd.attention_maps.AttentionMaps or None, got {attention_maps!r}")

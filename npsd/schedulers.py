@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError, is_number, is_whole
+from .errors import InputError, is_flag, is_number, is_whole
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "pndm", "lms", "dpmpp_2m_sde", "unipc",
             "dpm2", "dpm2_a", "lcm", "deis")
@@ -358,7 +358,7 @@ def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False,
     skip_prk = bool(sched_config.get("skip_prk_steps", True) if skip_prk_steps is None else skip_prk_steps)
     prediction = check_prediction_type(sched_config.get("prediction_type", "epsilon") if prediction_type is None
                                        else prediction_type)
-    if use_karras_sigmas is not None and not isinstance(use_karras_sigmas, (bool, np.bool_)):
+    if use_karras_sigmas is not None and not is_flag(use_karras_sigmas):
         raise InputError(f"use_karras_sigmas must be True or False, got {use_karras_sigmas!r}")
     if use_karras_sigmas and sampler not in SIGMA_SAMPLERS:
         raise InputError(f"use_karras_sigmas applies to {', '.join(SIGMA_SAMPLERS)}, not to {sampler!r}")
