@@ -55,7 +55,7 @@ from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, sho
 from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
 from .pipeline import DECODERS
 from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
-from .rng import RNG_KINDS
+from .rng import RNG_KINDS, SEED_LIMIT
 from .schedulers import PREDICTION_TYPES, SAMPLERS, SIGMA_SAMPLERS, SPACINGS
 
 WEIGHTS_DTYPE_HELP = ("keep the weights in float16 to halve their memory; npsd computes in float32 either way, and "
@@ -127,8 +127,8 @@ def _seed(text):
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= v < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {v}")
+    if not 0 <= v < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {v}")
     return v
 
 
@@ -185,7 +185,7 @@ def _generation_options(p, mode):
     a("--guidance-scale", metavar="SCALE", type=_float_in(0.0, what="guidance"),
       help="classifier-free guidance scale; <= 1 turns guidance off (default: the model's, SD v1.x: 7.5)")
     a("--sampler", choices=SAMPLERS, type=_sampler, help="sampler (default: the model's)")
-    a("--seed", metavar="N", type=_seed, help="random seed in [0, 2**32) (default: random, printed)")
+    a("--seed", metavar="N", type=_seed, help="random seed in [0, 2**64) (default: random below 2**32, printed)")
     a("--rng", choices=RNG_KINDS, help="random numbers: numpy (npsd's own, default) or torch (torch's CPU "
                                        "generator: diffusers' and A1111's 'CPU' images from the same seed)")
     a("--height", metavar="PIXELS", type=_int_at_least(1, "height"), help="image height, a multiple of 8 (default: the model's)")

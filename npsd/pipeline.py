@@ -28,7 +28,7 @@ from . import clip, resources, schedulers, taesd, unet as unet_model, vae
 from .malloc import holding
 from .embeddings import load_used_embeddings
 from .prompts import PROMPT_SYNTAXES, encode_schedule, extract_loras, encode_weighted, pad_chunks, prompt_syntax_used, text_at_step
-from .rng import make_rng
+from .rng import SEED_LIMIT, make_rng
 from .config import generation_defaults, sd15_config, with_fallbacks
 from .errors import InputError, NpsdError, is_flag, is_number, is_whole
 from .guidance import check_rescale, guided_model, uses_guidance
@@ -455,8 +455,8 @@ class Pipeline:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % 2**32)
-        elif not is_whole(seed) or not 0 <= seed < 2**32:
-            raise InputError(f"seed must be a whole number in [0, 2**32), got {seed!r}")
+        elif not is_whole(seed) or not 0 <= seed < SEED_LIMIT:
+            raise InputError(f"seed must be a whole number in [0, 2**64), got {seed!r}")
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
                 "width": int(width), "sampler": sampler, "seed": int(seed)}
 

@@ -35,9 +35,14 @@ from .errors import InputError
 
 RNG_KINDS = ("numpy", "torch")
 
+# Seeds are whole numbers in [0, SEED_LIMIT): torch's manual_seed takes 64-bit seeds (its MT19937
+# reads their low 32 bits, step 1 above), and ComfyUI's seeds go up to 2**64 - 1. A seed npsd
+# draws itself stays below 2**32, as A1111's do.
+SEED_LIMIT = 2**64
+
 
 def make_rng(kind, seed):
-    """The generator of one pipeline call: kind "numpy" or "torch", seed an integer in [0, 2**32)."""
+    """The generator of one pipeline call: kind "numpy" or "torch", seed an integer in [0, SEED_LIMIT)."""
     if kind == "numpy":
         return np.random.default_rng(seed)
     if kind == "torch":

@@ -300,6 +300,25 @@ def test_same_seed_gives_byte_identical_pngs(model, tmp_path, capsys):
     assert np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(c), np.int16)).max() > 0
 
 
+def test_a_64_bit_seed_as_torch_and_comfyui_take_it(model, tmp_path, capsys):
+    """torch.Generator.manual_seed takes seeds up to 2**64 - 1 and its MT19937 reads their low 32 bits,
+    so with --rng torch the seed 2**64 - 1 draws the noise of 2**32 - 1; the PNG keeps the seed given,
+    and --from-png makes the same file again."""
+    big, low = tmp_path / "big.png", tmp_path / "low.png"
+    gen(capsys, model, big, "--seed", 2**64 - 1, "--rng", "torch", "--sampler", "euler_a")
+    gen(capsys, model, low, "--seed", 2**32 - 1, "--rng", "torch", "--sampler", "euler_a")
+    assert params_of(big)["fields"]["Seed"] == "18446744073709551615"
+    assert np.array_equal(np.asarray(Image.open(big)), np.asarray(Image.open(low)))
+    again = tmp_path / "again.png"
+    rc, _, err = run(["txt2img", "--from-png", big, "--model", model, "-o", again, "--quiet"], capsys)
+    assert rc == 0, err
+    assert again.read_bytes() == big.read_bytes()
+    other, other_low = tmp_path / "other.png", tmp_path / "other-low.png"   # NumPy's generator reads the whole seed
+    gen(capsys, model, other, "--seed", 2**64 - 1, "--sampler", "euler_a")
+    gen(capsys, model, other_low, "--seed", 2**32 - 1, "--sampler", "euler_a")
+    assert not np.array_equal(np.asarray(Image.open(other)), np.asarray(Image.open(other_low)))
+
+
 def test_random_seed_is_printed_and_used_in_the_name(model, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc, out, err = run(["txt2img", PROMPT, "--model", model] + SMALL, capsys)
@@ -589,8 +608,8 @@ def test_error_cases_are_one_line(model, tmp_path, capsys):
         (["txt2img", PROMPT, "--sampler", "k_lms"] + base, 2, "invalid choice: 'k_lms'"),
         (["txt2img", PROMPT, "--steps", 0] + base, 2, "--steps: must be >= 1"),
         (["txt2img", PROMPT, "--guidance-scale", "nan"] + base, 2, "finite"),
-        (["txt2img", PROMPT, "--seed", -1] + base, 2, "[0, 2**32)"),
-        (["txt2img", PROMPT, "--seed", 2**32] + base, 2, "[0, 2**32)"),
+        (["txt2img", PROMPT, "--seed", -1] + base, 2, "[0, 2**64)"),
+        (["txt2img", PROMPT, "--seed", 2**64] + base, 2, "[0, 2**64)"),
         (["txt2img"] + base, 2, "give a PROMPT"),
         (["img2img", PROMPT] + base, 2, "needs --image"),
         (["img2img", PROMPT, "--image", image, "--strength", 0] + base, 2, "(0.0, 1.0]"),

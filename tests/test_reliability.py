@@ -457,8 +457,8 @@ def test_prompts_that_are_not_strings(tiny):
     for g in (-0.5, float("inf"), float("-inf"), float("nan"), "7"):
         with pytest.raises(InputError, match="guidance_scale must be a finite number >= 0"):
             pipe.txt2img(PROMPT, **kw, guidance_scale=g)
-    for seed in (-1, 2**32, 1.5, "1"):
-        with pytest.raises(InputError, match=r"seed must be a whole number in \[0, 2\*\*32\)"):
+    for seed in (-1, 2**64, 1.5, "1"):
+        with pytest.raises(InputError, match=r"seed must be a whole number in \[0, 2\*\*64\)"):
             pipe.txt2img(PROMPT, **kw, seed=seed)
     for eta in (1.5, -0.1, float("nan"), "1"):                            # refused before any work
         with pytest.raises(InputError, match=r"eta must be a number in \[0, 1\]"):
@@ -503,7 +503,7 @@ def test_cli_parameter_errors(tiny, tmp_path, capsys):
         (["txt2img", PROMPT, "--guidance-scale", "inf"] + base, "finite"),
         (["txt2img", PROMPT, "--sampler", "k_lms"] + base, "euler_a"),                   # the valid names listed
         (["txt2img", PROMPT, "--sampler", "DPM++ 2M Karras"] + base, "npsd's name for it is 'dpmpp_2m' with --karras"),
-        (["txt2img", PROMPT, "--seed", 2**40] + base, "[0, 2**32)"),
+        (["txt2img", PROMPT, "--seed", 2**64 + 2**40] + base, "[0, 2**64)"),
         (["txt2img", PROMPT, "--seed", "abc"] + base, "expected a whole number"),
         (["txt2img", PROMPT, "--eta", 2] + base, "--eta: must be a finite number in [0.0, 1.0], got 2"),
         (["img2img", PROMPT, "--image", img, "--strength", "nan"] + base, "(0.0, 1.0]"),

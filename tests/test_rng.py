@@ -42,6 +42,14 @@ def test_bit_exact_sequence_of_draws(seed):
         assert same.all(), f"seed {seed}, shape {shape}: {int((~same).sum())} of {same.size} values differ"
 
 
+@pytest.mark.parametrize("seed", [2**32, 2**32 + 5, 2**63 + 12345, 2**64 - 1])
+def test_64_bit_seeds_as_torch_reads_them(seed):
+    """torch.Generator.manual_seed takes any seed below 2**64 (ComfyUI's go that high); its MT19937
+    reads the low 32 bits. The same numbers, bit for bit."""
+    ref = torch.randn((1, 4, 9, 9), generator=torch.Generator("cpu").manual_seed(seed)).numpy()
+    assert np.array_equal(bits(TorchGenerator(seed).standard_normal((1, 4, 9, 9))), bits(ref))
+
+
 def test_a_million_numbers_bit_exact():
     ref = torch.randn(2**20, generator=torch.Generator("cpu").manual_seed(20261201)).numpy()
     got = TorchGenerator(20261201).standard_normal(2**20)

@@ -298,6 +298,20 @@ def test_error_is_one_line_on_the_page(server, browser):
     assert not _js(driver, "return document.body.classList.contains('running')")
 
 
+def test_a_seed_beyond_what_javascript_holds_is_refused_on_the_page(server, browser):
+    """JavaScript's numbers hold whole numbers exactly up to 2**53 - 1: a larger seed would reach the
+    server rounded (2**60 + 1 as 2**60), so the page refuses it and names the ways that take it."""
+    driver = browser
+    _open(driver, server)
+    _set(driver, "prompt", PROMPT)
+    _set(driver, "seed", 2**60 + 1)
+    driver.find_element("id", "generate").click()
+    _wait(driver, "return document.getElementById('error').textContent !== ''", 30)
+    error = driver.find_element("id", "error").text
+    assert "2**53 - 1" in error and "--seed" in error and "\n" not in error, error
+    assert not _js(driver, "return document.body.classList.contains('running')")
+
+
 def test_one_column_on_a_phone(server, browser):
     driver = browser
     _open(driver, server)

@@ -43,6 +43,7 @@ from PIL import Image, ImageOps
 from ..errors import InputError
 from ..images import open_image, upright
 from ..pngmeta import A1111_SAMPLERS, KEY, _exif_user_comment, parse_parameters, png_info, sampler_from_a1111
+from ..rng import SEED_LIMIT
 from ..schedulers import SIGMA_SAMPLERS
 
 # --- the fields ---------------------------------------------------------------------------------
@@ -264,9 +265,9 @@ def read_request(kind, body, limits=None):
     batch_size, n_iter = _int(body, "batch_size", 1, lo=1), _int(body, "n_iter", 1, lo=1)
     if batch_size * n_iter > MAX_IMAGES:
         raise InputError(f"batch_size * n_iter is {batch_size * n_iter}, more than {MAX_IMAGES} images in one request")
-    seed = _int(body, "seed", -1, lo=-1, hi=2**32 - 1)
-    if seed >= 0 and seed + batch_size * n_iter - batch_size >= 2**32:
-        raise InputError(f"seed {seed} + {n_iter - 1} iterations of {batch_size} passes 2**32 - 1; use a smaller seed")
+    seed = _int(body, "seed", -1, lo=-1, hi=SEED_LIMIT - 1)
+    if seed >= 0 and seed + batch_size * n_iter - batch_size >= SEED_LIMIT:
+        raise InputError(f"seed {seed} + {n_iter - 1} iterations of {batch_size} passes 2**64 - 1; use a smaller seed")
     eta = _float(body, "eta", lo=0.0, hi=1.0)
     check_eta(sampler, eta)
     settings = {"prompt": prompt, "negative_prompt": negative,

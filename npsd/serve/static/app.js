@@ -8,6 +8,9 @@ const FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps
                 "height", "denoising_strength", "mask_blur"];
 const NUMBERS = new Set(["steps", "cfg_scale", "seed", "width", "height", "denoising_strength", "mask_blur"]);
 const POLL_MS = 200;
+// A JavaScript number holds whole numbers exactly up to 2**53 - 1; the server takes seeds up to 2**64 - 1.
+const SEED_TOO_LARGE = "the page can hold seeds up to 2**53 - 1 exactly; give larger ones through the API or " +
+                       "the command line (npsd txt2img --seed)";
 
 let running = false;
 let lastSeed = null;
@@ -56,6 +59,7 @@ function formRequest() {
     if (value === "") continue;
     request[name] = NUMBERS.has(name) ? Number(value) : value;
   }
+  if (request.seed !== undefined && !Number.isSafeInteger(request.seed)) throw new Error(SEED_TOO_LARGE);
   if ($("attention-maps").checked) request.npsd_attention_maps = true;
   if (mode() === "txt2img") {
     delete request.denoising_strength;
@@ -342,7 +346,10 @@ function setup() {
   });
   $("interrupt").addEventListener("click", () => api("/sdapi/v1/interrupt", {}).catch((e) => showError(e.message)));
   $("random-seed").addEventListener("click", () => { $("seed").value = -1; });
-  $("reuse-seed").addEventListener("click", () => { if (lastSeed !== null) $("seed").value = lastSeed; });
+  $("reuse-seed").addEventListener("click", () => {
+    if (lastSeed === null) return;
+    if (Number.isSafeInteger(lastSeed)) $("seed").value = lastSeed; else showError(SEED_TOO_LARGE);
+  });
   $("use-as-input").addEventListener("click", () => {
     setInitImage($("result").src).catch((error) => showError(error.message));
     if (mode() === "txt2img") setMode("img2img");
