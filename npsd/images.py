@@ -58,7 +58,10 @@ def open_image(image, what="image"):
             if img is not None:
                 img.close()                                         # no open file left behind
             raise InputError(f"cannot read {what} {image}: {e}; give a PNG or JPEG file") from None
-        img = upright(img)
+        opened, img = img, upright(img)                             # (an animation: its first frame)
+        if isinstance(image, (str, bytes, os.PathLike)):
+            img = opened.copy() if img is opened else img
+            opened.close()                  # an animated GIF, APNG or TIFF keeps its file open after load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):                 # 16/32-bit grayscale -> 8-bit
         a = np.asarray(img, dtype=np.float64)                       # 65535 is white (a 16-bit PNG's,
         top = 65535 if a.max() <= 65535 else a.max()                # also as older Pillows' mode I)

@@ -136,13 +136,15 @@ def read_parameters(path):
     A1111 writes in JPEG/WebP files. A one-line InputError when there is none."""
     try:
         with Image.open(path) as img:
-            img.load()
-            text = img.info.get(KEY)
+            text = img.info.get(KEY)                      # a chunk before the pixels, where npsd and A1111 write it
+            if not isinstance(text, str):
+                img.load()                                # one after them, or EXIF
+                text = img.info.get(KEY)
             if not isinstance(text, str):
                 text = _exif_user_comment(img)
     except FileNotFoundError:
         raise InputError(f"--from-png: {path} does not exist") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:          # bomb: > 179 Mpixels
         raise InputError(f"--from-png: cannot read {path} as an image ({e})") from None
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"--from-png: {path} has no '{KEY}' text chunk or EXIF comment (not made by npsd or "

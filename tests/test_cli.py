@@ -165,6 +165,27 @@ def test_from_png_reads_a1111_settings(tmp_path):
         (6.5, 1234, 512, 768, 1, 0.6)
 
 
+def test_from_png_of_a_decompression_bomb_is_one_line(tmp_path, capsys):
+    """A 20000x20000 PNG (48 KB on disk, 400 Mpixels) is beyond Pillow's limit for one image (179
+    Mpixels): --from-png said "internal error: DecompressionBombError". Below the limit, the text
+    chunk npsd and A1111 write before the pixels is read without decoding them."""
+    from npsd.pngmeta import png_info
+    bomb = tmp_path / "bomb.png"
+    Image.MAX_IMAGE_PIXELS, limit = None, Image.MAX_IMAGE_PIXELS
+    try:
+        Image.new("1", (20000, 20000)).save(bomb, pnginfo=png_info("a cat\nSteps: 2, Seed: 1, Size: 64x64"))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    rc, _, err = run(["txt2img", "--from-png", bomb, "-o", tmp_path / "o.png", "--quiet"], capsys)
+    assert rc != 0 and "internal error" not in err and "--from-png: cannot read" in err, err
+    assert "exceeds limit" in err and err.count("\n") == 1, err
+    cut = tmp_path / "cut.png"                                  # the chunk, then pixels that cannot be decoded
+    Image.new("RGB", (64, 64)).save(cut, pnginfo=png_info("a dog\nSteps: 3, Seed: 5, Size: 64x64"))
+    data = cut.read_bytes()
+    cut.write_bytes(data[:data.index(b"IDAT") + 20])
+    assert settings_from_png(str(cut), "txt2img")["prompt"] == "a dog"
+
+
 def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, capsys):
     """A1111 writes hires fix, variation seeds, ENSD, face restoration, other schedule types and its
     extensions' settings only when they are in use, and each changes its image: a re-make names them

@@ -559,6 +559,29 @@ def test_photos_are_read_upright_by_their_exif_orientation(tmp_path):
     assert open_image(tmp_path / "broken.jpg").size == (64, 40)
 
 
+def test_an_animation_gives_its_first_frame_and_leaves_no_file_open(tmp_path):
+    """An animated GIF or PNG as --image: its first frame, as diffusers' load_image reads it; a
+    multi-frame file stays open after Pillow's load() (for the next frames), which printed
+    "warning: unclosed file" on the command line."""
+    import gc
+    import warnings
+    from diffusers.utils import load_image
+    frames = [Image.new("RGB", (24, 16), colour) for colour in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
+    for name in ("anim.gif", "anim.png"):
+        path = tmp_path / name
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours = open_image(path)
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)                 # load_image leaves the file open
+            theirs = load_image(str(path))
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), name
+        assert ours.getpixel((0, 0)) == (200, 30, 30), name
+
+
 def test_pixel_arrays_and_what_is_not_an_image(tiny):
     """img2img and inpaint take pixel arrays as diffusers' pipelines do: output_type="np"'s floats in
     [0, 1] (one image [1, H, W, 3]) give the same image as the PIL image of their uint8 rounding, and a
