@@ -6,6 +6,7 @@
     npsd txt2img --from-png out.png --steps 30         # re-run from a PNG's parameters
     npsd parity --model v1-5-pruned-emaonly.safetensors
     npsd trace "a cat" --steps 4 -o npsd.safetensors      # every block's activations (docs/traces.md)
+    npsd txt2img --from-png out.png --trace run.safetensors  # ... of the run that makes an image
     npsd compare npsd.safetensors reference.safetensors  # the first block where they differ
     npsd serve --models-dir models/                     # AUTOMATIC1111's HTTP API and a page (npsd/serve/)
 
@@ -60,6 +61,8 @@ from .schedulers import PREDICTION_TYPES, SAMPLERS, SIGMA_SAMPLERS, SPACINGS
 
 WEIGHTS_DTYPE_HELP = ("keep the weights in float16 to halve their memory; npsd computes in float32 either way, and "
                       "the image changes by the float16 rounding of the weights (default float32)")
+PROMPT_SYNTAX_HELP = ("a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK, [a:b:when], [a|b] and <lora:NAME:S> "
+                      "(docs/prompts.md); plain: brackets are literal, as in diffusers")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,7 +157,7 @@ def build_parser():
     par.add_argument("--no-ema", action="store_true", help="compare the raw UNet weights instead of the EMA copies")
     par.add_argument("--debug", action="store_true", help="show tracebacks")
     from .trace_cli import add_parsers
-    add_parsers(sub, _int_at_least, _float_in, _seed, SAMPLERS, WEIGHTS_DTYPE_HELP, _lora_option)
+    add_parsers(sub, _int_at_least, _float_in, _seed, SAMPLERS, WEIGHTS_DTYPE_HELP, PROMPT_SYNTAX_HELP, _lora_option)
     srv = sub.add_parser("serve", help="serve AUTOMATIC1111's HTTP API and a page (needs: pip install \"npsd[serve]\")",
                          description="A web server: AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, progress, "
                          "models, ...) and a page at /; one generation at a time, the others wait in order.")
@@ -217,9 +220,7 @@ def _generation_options(p, mode):
     a("--clip-skip", metavar="N", type=_int_at_least(0, "layers"),
       help="skip the last N CLIP layers, as diffusers' clip_skip (A1111's 'Clip skip' is N + 1) (default 0)")
     a("--long-prompt", choices=("truncate", "chunk"), help="prompts over 77 tokens: truncate (default) or chunk")
-    a("--prompt-syntax", choices=("a1111", "plain"),
-      help="a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK, [a:b:when], [a|b] and <lora:NAME:S> "
-           "(docs/prompts.md); plain: brackets are literal, as in diffusers")
+    a("--prompt-syntax", choices=("a1111", "plain"), help=PROMPT_SYNTAX_HELP)
     a("--lora", metavar="FILE[:STRENGTH]", action="append", type=_lora_option,
       help="apply a LoRA file (kohya/A1111 or diffusers/PEFT) with a strength (default 1), merged into the "
            "weights without keeping a second copy of them; repeatable")
@@ -242,6 +243,8 @@ def _generation_options(p, mode):
                                       "madebyollin/taesd: SD v1.x)")
     a("--save-every", type=_int_at_least(1, "K"), default=1, metavar="K",
       help="with --save-steps: every K-th step (default 1)")
+    a("--trace", metavar="FILE", help="also write every block's input and output of this run (the UNet's at every "
+                                      "step) to FILE.safetensors, for `npsd compare` (docs/traces.md)")
     a("--from-png", metavar="IMAGE", help="re-run from the parameters stored in a PNG; options given override them")
     a("--overwrite", action="store_true", help="replace existing output files")
     a("--quiet", action="store_true", help="no progress bar or notes; print only the output path(s)")
@@ -260,24 +263,24 @@ def output_paths(output, seed, n):
     return [f"{stem}-{k}{ext or '.png'}" for k in range(1, n + 1)]
 
 
-def check_writable(paths, overwrite, png=True):
+def check_writable(paths, overwrite, png=True, option="-o"):
     """Refuse existing outputs (without --overwrite) and missing folders, before any work; png: the
-    outputs must be named .png."""
+    outputs must be named .png; option: the option that names them."""
     for p in paths:
         folder = os.path.dirname(os.path.abspath(p))
         if not p:
-            raise UsageError("-o is empty; give the name of the file to write")
+            raise UsageError(f"{option} is empty; give the name of the file to write")
         if png and not p.lower().endswith(".png"):
             raise UsageError(f"{p}: npsd writes PNG files (the parameters live in a PNG text chunk); give a name "
                              f"ending in .png")
         if not os.path.isdir(folder):
-            raise UsageError(f"the folder of {p} does not exist; create it or choose another -o")
+            raise UsageError(f"the folder of {p} does not exist; create it or choose another {option}")
         if not os.access(folder, os.W_OK):
-            raise UsageError(f"cannot write to the folder of {p}; choose another -o")
+            raise UsageError(f"cannot write to the folder of {p}; choose another {option}")
         if os.path.isdir(p):
-            raise UsageError(f"{p} is a folder; give a file name with -o")
+            raise UsageError(f"{p} is a folder; give a file name with {option}")
         if os.path.exists(p) and not overwrite:
-            raise UsageError(f"{p} already exists; use --overwrite to replace it or -o to choose another name")
+            raise UsageError(f"{p} already exists; use --overwrite to replace it or {option} to choose another name")
 
 
 # --- a separate VAE -----------------------------------------------------------------------------
@@ -465,8 +468,10 @@ def generate(args, argv_for_restart=None):
     run = _Generation(args, settings, pipe, outputs, select)
     run.check_model(stored.get("_model"), stored.get("_taesd_hash"))
     run.run()
-    for path in outputs:
+    for path in outputs + ([args.trace] if args.trace is not None else []):
         print(path, flush=True)
+    if args.trace is not None:
+        _note(args, f"npsd: {len(run.trace)} tensors traced in {args.trace}")
     if args.save_steps is not None:
         _note(args, f"npsd: {len(run.step_files) * run.n} step previews and {run.strip_file} in {args.save_steps}")
     _note(args, f"npsd: done in {time.perf_counter() - started:.1f} s (seed {settings['seed']})")
@@ -502,6 +507,10 @@ def _plan(args):
         settings["seed"] = int.from_bytes(os.urandom(4), "little")          # [0, 2**32)
     outputs = output_paths(args.output, settings["seed"], 1 if select else settings["num_images"])
     check_writable(outputs, args.overwrite)
+    if args.trace is not None:
+        check_writable([args.trace], args.overwrite, png=False, option="--trace")
+        if not args.trace.lower().endswith(".safetensors"):
+            raise UsageError(f"--trace {args.trace}: a trace is a .safetensors file; give a name ending in .safetensors")
     if random_seed:
         _note(args, f"seed: {settings['seed']}")
     return settings, stored, select, outputs
@@ -562,6 +571,10 @@ class _Generation:
         self.model_path = model_file(pipe, args.model)
         self.model_name = os.path.basename(os.path.normpath(args.model or self.model_path or "built-in"))
         self.bar = None
+        self.trace = None
+        if args.trace is not None:
+            from .trace import Trace
+            self.trace = Trace()
         self.maps = None
         if args.attention_maps is not None:
             from .attention_maps import AttentionMaps
@@ -610,7 +623,7 @@ class _Generation:
     def _call_pipeline(self):
         """The pipeline call of the subcommand -> float32 images [B, H, W, 3] in [0, 1]."""
         return pipeline_call(self.pipe, self.mode, self.settings, getattr(self.args, "image", None),
-                             getattr(self.args, "mask", None), self.on_step, self.maps)
+                             getattr(self.args, "mask", None), self.on_step, self.maps, self.trace)
 
     def on_step(self, i, t, latents, x0_pred):
         """The pipeline's callback after every step: the step's previews (--save-steps), the progress bar."""
@@ -660,6 +673,11 @@ class _Generation:
             self.save(strip, self.strip_file, text)
         if self.maps is not None:
             self._save_attention_maps(images)
+        if self.trace is not None:                        # listed first, as save() does, for Ctrl-C
+            path = self.args.trace
+            self.written += [path] if not os.path.exists(path) else []
+            self.trace.save(path, dict(self.settings, mode=self.mode, model=self.args.model or "built-in",
+                                       weights_dtype=self.args.weights_dtype, vae=self.args.vae))
 
     def _save_attention_maps(self, images):
         """--attention-maps DIR: one overlay per word of the prompt (first image of the batch) and a grid."""

@@ -68,10 +68,11 @@ def model_defaults(settings, pipe):
 
 
 
-def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, attention_maps=None):
+def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, attention_maps=None, trace=None):
     """Run txt2img, img2img or inpaint (`mode`) with the settings of a run (SETTINGS, the model's
     defaults filled in; image, mask: paths or PIL images) -> float32 images [B, H, W, 3] in [0, 1].
-    What the command line and `npsd serve` (npsd/serve/) call."""
+    trace: an npsd.trace.Trace to record the run into, or None. What the command line and `npsd
+    serve` (npsd/serve/) call."""
     kw = dict(negative_prompt=settings["negative_prompt"], num_inference_steps=settings["steps"],
               guidance_scale=settings["guidance_scale"], height=settings["height"], width=settings["width"],
               seed=settings["seed"], sampler=settings["sampler"], num_images=settings["num_images"], output_type="np",
@@ -79,7 +80,8 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               timestep_spacing=settings["timestep_spacing"], clip_skip=settings["clip_skip"] or None,
               long_prompt=settings["long_prompt"], rng=settings["rng"],
               prediction_type=settings["prediction_type"], guidance_rescale=settings["guidance_rescale"] or 0.0,
-              prompt_syntax=settings["prompt_syntax"], attention_maps=attention_maps, decoder=settings["vae_decoder"])
+              prompt_syntax=settings["prompt_syntax"], attention_maps=attention_maps, decoder=settings["vae_decoder"],
+              trace=trace)
     if mode == "txt2img":
         return pipe.txt2img(settings["prompt"], **kw)
     if mode == "img2img":

@@ -13,12 +13,13 @@ from .rng import RNG_KINDS
 from .testing import compare
 
 
-def add_parsers(sub, int_at_least, float_in, seed, samplers, weights_dtype_help, lora_option):
+def add_parsers(sub, int_at_least, float_in, seed, samplers, weights_dtype_help, prompt_syntax_help, lora_option):
     """Add the `trace` and `compare` subcommands to the CLI's subparsers."""
     t = sub.add_parser("trace", help="run txt2img and save every block's activations (.safetensors)",
                        description="Run a txt2img with tracing: every block's input and output under "
                        "diffusers' module names, the UNet's per sampler step, saved to one .safetensors "
-                       "file for `npsd compare` (docs/traces.md).")
+                       "file for `npsd compare` (docs/traces.md). To trace a run with every option of "
+                       "txt2img, img2img or inpaint (--from-png included), give them --trace FILE.")
     t.add_argument("prompt", help="what the image should show")
     t.add_argument("-o", "--output", metavar="FILE", default="trace.safetensors",
                    help="the trace file to write (default trace.safetensors)")
@@ -33,6 +34,7 @@ def add_parsers(sub, int_at_least, float_in, seed, samplers, weights_dtype_help,
                    help="random numbers: numpy (default) or torch (the initial noise of diffusers' pipelines "
                         "from the same seed, so that a diffusers trace starts from the same latents)")
     t.add_argument("--negative-prompt", metavar="TEXT", default="", help="(default: empty)")
+    t.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111", help=prompt_syntax_help)
     t.add_argument("--steps", metavar="N", type=int_at_least(1, "steps"), help="denoising steps (default: the model's)")
     t.add_argument("--trace-steps", metavar="I,J,...", help="the 0-based sampler steps whose UNet calls are "
                                                             "recorded (default: every step)")
@@ -86,10 +88,10 @@ def run_trace(args):
                 "height": args.height, "width": args.width, "model": args.model or "built-in",
                 "weights_dtype": args.weights_dtype, "no_ema": args.no_ema, "vae": args.vae,
                 "lora": [[path, strength] for path, strength in args.lora], "rng": args.rng,
-                "trace_steps": steps, "only": args.only}
+                "trace_steps": steps, "only": args.only, "prompt_syntax": args.prompt_syntax}
     pipe.txt2img(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=args.seed,
-                 sampler=args.sampler, rng=args.rng, output_type="np", trace=trace)
+                 sampler=args.sampler, rng=args.rng, output_type="np", trace=trace, prompt_syntax=args.prompt_syntax)
     trace.save(args.output, settings)
     print(f"{args.output}: {len(trace)} tensors")
     return 0

@@ -312,3 +312,55 @@ def test_a_trace_with_a_lora_a_vae_and_torch_noise(tmp_path, capsys):
         rc, _, err = run(args + [option, tmp_path / "nope.safetensors", "-o", tmp_path / "x.safetensors"], capsys)
         assert rc == 2 and f"{option} {tmp_path / 'nope.safetensors'} does not exist" in err
         assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_generation_traces_the_run_it_makes(model, tmp_path, capsys):  # noqa: F811 - the fixture
+    """txt2img / img2img / inpaint --trace FILE record the run that makes the PNG, with every option of
+    the command: the API's trace of the same call, tensor for tensor; its VAE output is the PNG's
+    pixels; --from-png of that PNG traces the same numbers again. `npsd trace` reads prompts with
+    A1111's syntax, as the rest of the command line does."""
+    import npsd
+    from PIL import Image
+    prompt = "a (red:1.3) circle"
+    base = ["--model", model, "--steps", 2, "--height", 16, "--width", 16, "--seed", 4, "--quiet"]
+    png, traced = tmp_path / "a.png", tmp_path / "a.safetensors"
+    rc, stdout, err = run(["txt2img", prompt, *base, "--clip-skip", 1, "--sampler", "dpmpp_2m", "--karras",
+                           "-o", png, "--trace", traced], capsys)
+    assert rc == 0, err
+    assert stdout.split() == [str(png), str(traced)]
+    cli, settings, _ = load(traced)
+    assert (settings["clip_skip"], settings["karras"], settings["mode"]) == (1, True, "txt2img")
+    api = Trace()
+    npsd.load(model).txt2img(prompt, num_inference_steps=2, height=16, width=16, seed=4, clip_skip=1,
+                             sampler="dpmpp_2m", use_karras_sigmas=True, prompt_syntax="a1111", output_type="np",
+                             trace=api)
+    assert list(cli) == api.names() and all(np.array_equal(cli[n], api[n]) for n in cli)
+    pixels = np.round(np.clip(cli["vae.decoder"][0].transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255)
+    assert np.array_equal(pixels, np.asarray(Image.open(png)))
+    again = tmp_path / "again.safetensors"
+    rc, _, err = run(["txt2img", "--from-png", png, "--model", model, "-o", tmp_path / "b.png", "--quiet",
+                      "--trace", again], capsys)
+    assert rc == 0, err
+    rc, stdout, _ = run(["compare", again, traced, "--tolerance", 1e-30], capsys)
+    assert rc == 0 and "0 over the tolerance" in stdout, stdout
+    rc, _, err = run(["img2img", prompt, *base, "--image", png, "-o", tmp_path / "c.png", "--trace",
+                      tmp_path / "c.safetensors"], capsys)
+    assert rc == 0, err
+    assert "vae.encoder" in load(tmp_path / "c.safetensors")[0]
+    # npsd trace: the same text encoder inputs as txt2img's, unless --prompt-syntax plain
+    short = ["--model", model, "--steps", 1, "--height", 16, "--width", 16, "--seed", 4]
+    for name, extra in (("syntax", []), ("plain", ["--prompt-syntax", "plain"])):
+        rc, _, err = run(["trace", prompt, *short, *extra, "-o", tmp_path / f"{name}.safetensors"], capsys)
+        assert rc == 0, err
+    rc, _, err = run(["txt2img", prompt, *short, "--quiet", "-o", tmp_path / "d.png", "--trace",
+                      tmp_path / "d.safetensors"], capsys)
+    assert rc == 0, err
+    (syntax, _, _), (plain, _, _), (gen, _, _) = (load(tmp_path / f"{n}.safetensors") for n in ("syntax", "plain", "d"))
+    assert list(syntax) == list(gen) and all(np.array_equal(syntax[n], gen[n]) for n in gen)
+    assert not np.array_equal(plain["text_encoder.embeddings:in"], gen["text_encoder.embeddings:in"])
+    # refused before any work: a name that is not .safetensors, an existing file
+    for trace_file, phrase in ((tmp_path / "t.png", "a trace is a .safetensors file"),
+                               (traced, "already exists; use --overwrite to replace it or --trace")):
+        rc, _, err = run(["txt2img", prompt, *base, "-o", tmp_path / "e.png", "--trace", trace_file], capsys)
+        assert rc == 2 and phrase in err and err.count("\n") == 1, err
+    assert not (tmp_path / "e.png").exists() and not (tmp_path / "t.png").exists()
