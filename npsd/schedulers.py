@@ -9,7 +9,8 @@ Glossary (code name -> paper symbol)
 - ``x`` / ``x_t``        the noisy latent. DDPM, DDIM, PNDM, LCM and the DPM-Solver family
                          (DPM++ 2M, DPM++ 2M SDE, UniPC, DEIS) work with the variance-preserving
                          x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps; Euler, Euler ancestral,
-                         Heun, LMS, DPM2 and DPM2 ancestral with Karras' x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps.
+                         Heun, LMS, DPM2, DPM2 ancestral and DPM++ 2S ancestral with Karras'
+                         x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps.
 - ``eps``                the model's noise prediction eps_theta(x_t, t)
 - ``x0_pred``            the model's estimate of the clean latent x0 at this step
 
@@ -39,14 +40,14 @@ import numpy as np
 from .errors import InputError, is_flag, is_number, is_whole
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "pndm", "lms", "dpmpp_2m_sde", "unipc",
-            "dpm2", "dpm2_a", "lcm", "deis")
+            "dpm2", "dpm2_a", "lcm", "deis", "dpmpp_2s_a")
 # samplers in Karras' variable x = x0 + sigma eps; the model sees scale_model_input(x, sigma)
-KARRAS_VARIABLE = ("euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a")
+KARRAS_VARIABLE = ("euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2s_a")
 # the DPM-Solver family: the variance-preserving x_t, described by the sigmas of DPM-Solver's timesteps
 DPM_SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis")
 SIGMA_SAMPLERS = KARRAS_VARIABLE + DPM_SOLVERS      # schedules described by sigmas (Karras sigmas apply)
 # samplers that call the model twice in a step (all but the last)
-TWO_STAGE = ("heun", "dpm2", "dpm2_a")
+TWO_STAGE = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -409,9 +410,9 @@ def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False,
                 ts = np.round(ts)                                              # diffusers' KDPM2 rounds them
             ts = ts.astype(np.float32)
         sigmas = np.append(s, 0.0).astype(np.float32)                          # [n + 1]
-        if sampler in ("dpm2", "dpm2_a"):
+        if sampler in ("dpm2", "dpm2_a", "dpmpp_2s_a"):
             # the timestep of each step's midpoint evaluation (the last step has none)
-            sm = [dpm2_sigma_mid(sigmas[i], sigmas[i + 1], sampler == "dpm2_a") for i in range(int(n) - 1)]
+            sm = [dpm2_sigma_mid(sigmas[i], sigmas[i + 1], sampler != "dpm2") for i in range(int(n) - 1)]
             mid = np.append(sigma_to_t(np.array(sm, dtype=np.float64), table), 0.0).astype(np.float32)  # [n]
         smax = float(sigmas.max())
         # diffusers: leading spacing starts from the VP noise N(0, I) / sqrt(alpha_bar) (std
@@ -958,6 +959,23 @@ def dpm2_correct(x, eps_mid, x_mid, sigma, sigma_mid, sigma_next, x0_mid=None):
     return x + d_mid * (sigma_next - sigma), x0_mid
 
 
+# --- DPM++ 2S ancestral (k-diffusion's sample_dpmpp_2s_ancestral, A1111's "DPM++ 2S a") ------------
+
+def dpmpp_2s_correct(x, eps_mid, x_mid, sigma, sigma_mid, sigma_next, x0_mid=None):
+    """DPM-Solver++(2S) (Lu et al. 2022, Algorithm 1 with r = 1/2), stage 2. Stage 1 is dpm2_predict:
+    in Karras' variable DPM-Solver++'s first-order step to sigma_mid, x_mid = (sigma_mid / sigma) x +
+    (1 - sigma_mid / sigma) x0, is the Euler step there. Stage 2 takes the whole step from x with the
+    midpoint's data prediction x0_mid, the model's at (scale_model_input(x_mid, sigma_mid),
+    t(sigma_mid)): x_next = (sigma_next / sigma) x + (1 - sigma_next / sigma) x0_mid, where DPM2
+    (dpm2_correct) steps along the midpoint's slope instead. For the ancestral sampler sigma_next is
+    sigma_down, and its noise is added after. Returns (x_next, x0_pred at the midpoint)."""
+    sigma, sigma_mid, sigma_next = float(sigma), float(sigma_mid), float(sigma_next)
+    if x0_mid is None:
+        x0_mid = x_mid - sigma_mid * eps_mid                                   # [B, C, h, w]
+    # x_next = x + (1 - sigma_next / sigma) (x0_mid - x)
+    return x + (1.0 - sigma_next / sigma) * (x0_mid - x), x0_mid
+
+
 # --- DEIS (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator") ----
 
 def _deis_coefficient(rho_s, rho_t, nodes, j):
@@ -1047,7 +1065,7 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         (see npsd.guidance). The loop calls it with x_in = scale_model_input(x, sigma) for the
         samplers in KARRAS_VARIABLE and with x itself for the others; t is schedule.timesteps[i] (a
         NumPy scalar), or another timestep of the schedule for a stage inside a step (heun at
-        timesteps[i + 1], dpm2 and dpm2_a at mid_timesteps[i], pndm's first step at the two timesteps
+        timesteps[i + 1], dpm2, dpm2_a and dpmpp_2s_a at mid_timesteps[i], pndm's first step at the two timesteps
         of pndm_start(schedule, start_index), its Runge-Kutta warm-up at mid_timesteps[i] and
         timesteps[i + 1]).
     x: the state at step start_index in the sampler's own variable: for txt2img
@@ -1061,6 +1079,7 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
             euler_a       every step (also the last, where the noise is multiplied by 0)
             dpmpp_2m_sde  every step (also the last, where it is not used)
             dpm2_a        every step but the last (after the step's second model evaluation)
+            dpmpp_2s_a    the same as dpm2_a
             lcm           every step but the last
         The other samplers (euler, heun, dpmpp_2m, pndm, lms, unipc, dpm2, deis, ddim with eta 0)
         draw nothing.
@@ -1071,7 +1090,7 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         array, that array replaces x (inpainting re-imposes the known region so).
     eta: DDIM's eta (Song et al. eq. 16); 0 is deterministic. The other samplers ignore it.
     between_stages(i, x_mid): called inside the steps that evaluate the model twice (heun at its
-        Euler point, dpm2 and dpm2_a at the midpoint, pndm's improved-Euler first step) with the
+        Euler point, dpm2, dpm2_a and dpmpp_2s_a at the midpoint, pndm's improved-Euler first step) with the
         intermediate state before the second evaluation, which is at the noise level of step i + 1
         (pndm's part-way start: at step start_index's, and i = start_index - 1 is passed); if it
         returns an array, that array replaces it (diffusers' inpainting re-imposes the known region,
@@ -1089,7 +1108,7 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
     check_eta(eta)
     if s == "pndm" and not schedule.skip_prk_steps and n - start_index < 4:
         raise InputError(f"pndm's Runge-Kutta warm-up needs at least 4 steps to run, got {n - start_index}")
-    stochastic = s in ("ddpm", "euler_a", "dpmpp_2m_sde", "dpm2_a", "lcm") or (s == "ddim" and eta > 0)
+    stochastic = s in ("ddpm", "euler_a", "dpmpp_2m_sde", "dpm2_a", "dpmpp_2s_a", "lcm") or (s == "ddim" and eta > 0)
     if stochastic and rng is None and noises is None:
         raise InputError(f"sampler {s!r} adds fresh noise at each step: "
                          "pass rng=np.random.default_rng(seed) or noises=")
@@ -1163,9 +1182,9 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
             eps, x0 = predict(x, t, sig[i])
             x_prev, x0_pred, d = lms_step(x, eps, sig, i, hist, x0_pred=x0)
             hist = (hist + [d])[-3:]
-        elif s in ("dpm2", "dpm2_a"):
+        elif s in ("dpm2", "dpm2_a", "dpmpp_2s_a"):
             eps, x0 = predict(x, t, sig[i])
-            ancestral = s == "dpm2_a"
+            ancestral = s != "dpm2"
             sigma_mid = dpm2_sigma_mid(sig[i], sig[i + 1], ancestral)
             x_mid, x0_pred = dpm2_predict(x, eps, sig[i], sigma_mid, x0_pred=x0)
             x_prev = x_mid
@@ -1175,9 +1194,10 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
                 eps_mid, x0_mid = predict(x_mid, schedule.mid_timesteps[i], sigma_mid)
                 sigma_down, sigma_up = ancestral_sigmas(float(sig[i]), float(sig[i + 1])) if ancestral \
                     else (float(sig[i + 1]), 0.0)
-                x_prev, x0_pred = dpm2_correct(x, eps_mid, x_mid, sig[i], sigma_mid, sigma_down, x0_mid=x0_mid)
+                correct = dpmpp_2s_correct if s == "dpmpp_2s_a" else dpm2_correct
+                x_prev, x0_pred = correct(x, eps_mid, x_mid, sig[i], sigma_mid, sigma_down, x0_mid=x0_mid)
                 if ancestral:
-                    # fresh noise of std sigma_up (k-diffusion's sample_dpm_2_ancestral)
+                    # fresh noise of std sigma_up (k-diffusion's sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral)
                     x_prev = x_prev + sigma_up * draw()
         elif s in ("dpmpp_2m", "dpmpp_2m_sde"):
             eps, x0 = predict(x, t, sig[i])

@@ -215,6 +215,23 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
     assert rc == 0 and err == "", err
 
 
+def test_from_png_with_dpmpp_2s_a_karras(model, tmp_path, capsys):
+    """A1111's "DPM++ 2S a Karras" is npsd's dpmpp_2s_a with Karras sigmas; the re-made PNG names it as
+    A1111 does, and runs the sampler (another image than DPM2 a's, the same sigmas and midpoints)."""
+    from npsd.pngmeta import png_info
+    path = tmp_path / "2s.png"
+    Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(
+        f"{PROMPT}\nNegative prompt: \nSteps: 3, Sampler: DPM++ 2S a Karras, CFG scale: 7, Seed: 5, Size: 16x16"))
+    rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet"], capsys)
+    assert rc == 0, err
+    f = params_of(tmp_path / "a.png")["fields"]
+    assert (f["Sampler"], f["Schedule type"], f["Steps"]) == ("DPM++ 2S a", "Karras", "3")
+    rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "b.png", "--quiet",
+                      "--sampler", "dpm2_a"], capsys)
+    assert rc == 0, err
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
 def test_from_png_with_a_sampler_npsd_lacks(model, tmp_path, capsys):
     from npsd.pngmeta import png_info
     path = tmp_path / "sde.png"

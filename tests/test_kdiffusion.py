@@ -2,8 +2,9 @@
 AUTOMATIC1111's web UI runs; docs/samplers.md ("k-diffusion and AUTOMATIC1111") gives the numbers.
 
 What is compared
-- The samplers: npsd's euler, euler_a, heun, dpmpp_2m (``npsd.schedulers.sample``) against
-  k-diffusion's sample_euler, sample_euler_ancestral, sample_heun, sample_dpmpp_2m, given the SAME
+- The samplers: npsd's euler, euler_a, heun, dpmpp_2m, dpmpp_2s_a (``npsd.schedulers.sample``) against
+  k-diffusion's sample_euler, sample_euler_ancestral, sample_heun, sample_dpmpp_2m,
+  sample_dpmpp_2s_ancestral (DPM++ 2S a, which diffusers lacks; also with v-prediction), given the SAME
   sigma sequence (k-diffusion's own: ``CompVisDenoiser.get_sigmas(n)`` and ``get_sigmas_karras``, as
   AUTOMATIC1111 builds them) and the same fake noise predictor eps(x_in, t), which depends on x and t.
   k-diffusion wraps it as A1111 wraps the UNet, in ``CompVisDenoiser``: D(x, sigma) = x - sigma
@@ -22,7 +23,8 @@ Tolerances (relative error = max |npsd - ref| / max |ref|, npsd.testing; ``pytes
   timesteps): measured max |dt| 6.4e-5, Karras sigmas 8.8e-5 (of 0..999; k-diffusion computes t in
   float32); tolerance 5e-4 absolute.
 - Whole loops (n = 1, 2, 10, 20, 50 steps), final latents and the state after every step, measured
-  worst: euler 2.1e-7, euler_a 2.6e-7, heun 1.6e-7, dpmpp_2m 1.1e-6; tolerances 2e-6, 2e-6, 1.5e-6, 1e-5.
+  worst: euler 2.1e-7, euler_a 2.6e-7, heun 1.6e-7, dpmpp_2m 1.1e-6, dpmpp_2s_a 1.0e-6; tolerances 2e-6,
+  2e-6, 1.5e-6, 1e-5, 1e-5.
   One exception, Heun with 2 steps (sigmas 14.6, 0.029, 0): its correction divides x - D(x) by
   sigma_next = 0.029, which multiplies float32's rounding of x by 1 / 0.029; npsd and k-diffusion
   are then both 1.1e-5 away from a float64 run of k-diffusion, and 1.2e-5 (Karras: 5.8e-6) from each
@@ -61,8 +63,9 @@ KDIFFUSION_VERSION = "0.1.1.post1"
 INSTALL = f"pip install --no-deps k-diffusion=={KDIFFUSION_VERSION} torchsde torchdiffeq"
 RTOL_TABLE = 5e-7
 T_ATOL = 5e-4
-RTOL_LOOP = {"euler": 2e-6, "euler_a": 2e-6, "heun": 1.5e-6, "dpmpp_2m": 1e-5}
+RTOL_LOOP = {"euler": 2e-6, "euler_a": 2e-6, "heun": 1.5e-6, "dpmpp_2m": 1e-5, "dpmpp_2s_a": 1e-5}
 RTOL_HEUN_TWO_STEPS = 1e-4     # Heun, n = 2: see the module docstring
+RTOL_2S_A_V_FLOAT64 = 5e-5     # DPM++ 2S a, v-prediction, n = 2: see test_dpmpp_2s_a_with_v_prediction
 RTOL_LINSPACE_50 = 2e-4       # each sigma's own relative error, n <= 50 (measured 7.3e-5)
 RTOL_LINSPACE_100 = 1e-3      # n <= 100 (measured 2.5e-4)
 RTOL_KARRAS_EACH = 5e-6       # Karras sigmas, each its own relative error (measured 7.1e-7)
@@ -72,7 +75,9 @@ SAMPLER_PAIRS = {              # npsd name -> k-diffusion function
     "euler_a": "sample_euler_ancestral",
     "heun": "sample_heun",
     "dpmpp_2m": "sample_dpmpp_2m",
+    "dpmpp_2s_a": "sample_dpmpp_2s_ancestral",
 }
+TWO_CALLS = ("heun", "dpmpp_2s_a")      # two model evaluations a step, one on the last (to sigma = 0)
 
 
 def load_kdiffusion():
@@ -121,7 +126,7 @@ class FakeLDM:
         self.alphas_cumprod = torch.from_numpy(np.asarray(alphas_cumprod, dtype=np.float32))
         self.calls = 0
 
-    def apply_model(self, x_in, t):
+    def apply_model(self, x_in, t, cond=None):           # (CompVisVDenoiser passes a cond)
         self.calls += 1
         return fake_eps_torch(x_in, t)
 
@@ -160,8 +165,12 @@ def npsd_schedule(name, sigmas):
     table = S.sigmas_from_alphas_cumprod(S.alphas_cumprod(CONFIG))
     ts = S.sigma_to_t(sigmas[:-1], table).astype(np.float32)                   # [n], fractional
     base = S.make_schedule(name, n, CONFIG)
+    mid = None
+    if name == "dpmpp_2s_a":                    # the midpoints' timesteps, as make_schedule finds them
+        sm = [S.dpm2_sigma_mid(sigmas[i], sigmas[i + 1], ancestral=True) for i in range(n - 1)]
+        mid = np.append(S.sigma_to_t(np.array(sm, np.float64), table), 0.0).astype(np.float32)
     return dataclasses.replace(base, sigmas=np.asarray(sigmas, np.float32), timesteps=ts,
-                               init_noise_sigma=float(sigmas[0]))
+                               init_noise_sigma=float(sigmas[0]), mid_timesteps=mid)
 
 
 def randn(seed, shape=SHAPE):
@@ -173,24 +182,25 @@ def torch_draws(seed, count, shape=SHAPE):
     return [torch.randn(shape, generator=g).numpy() for _ in range(count)]
 
 
-def run_kdiffusion(kd, name, sigmas, x_T, noises):
+def run_kdiffusion(kd, name, sigmas, x_T, noises, den=None):
     """k-diffusion's sampler on sigmas from x_T (its own variable x = x0 + sigma eps). Returns the
-    final latents, the state before every step and the number of model evaluations."""
-    den = denoiser(kd)
+    final latents, the state before every step and the number of model evaluations.
+    den: the denoiser (default: CompVisDenoiser around the fake model)."""
+    den = den or denoiser(kd)
     fn = getattr(kd.sampling, SAMPLER_PAIRS[name])
     states = []
     kw = {}
-    if name == "euler_a":
+    if name in ("euler_a", "dpmpp_2s_a"):
         draws = iter(noises)
         kw["noise_sampler"] = lambda sigma, sigma_next: torch.from_numpy(next(draws))
-    out = fn(den, torch.from_numpy(x_T.copy()), torch.from_numpy(sigmas), disable=True,
+    out = fn(den, torch.from_numpy(x_T.copy()), torch.from_numpy(sigmas), disable=True, extra_args={"cond": None},
              callback=lambda d: states.append(d["x"].numpy().copy()), **kw)
     return out.numpy(), states + [out.numpy()], den.inner_model.calls
 
 
-def run_npsd(name, sigmas, x_T, noises):
+def run_npsd(name, sigmas, x_T, noises, prediction_type="epsilon"):
     """npsd's sample() on the same sigmas; states in k-diffusion's variable (see the module docstring)."""
-    sched = npsd_schedule(name, sigmas)
+    sched = dataclasses.replace(npsd_schedule(name, sigmas), prediction_type=prediction_type)
     vp = name == "dpmpp_2m"                     # DPM-Solver++ steps on x_t = x / sqrt(sigma^2 + 1)
     to_vp = 1.0 / math.sqrt(float(sigmas[0]) ** 2 + 1.0) if vp else 1.0
     states = [x_T]
@@ -280,10 +290,46 @@ def test_sampler_equals_kdiffusion(kd, name, karras):
             c = assert_close(a, b, rtol, f"x after step {i} {what}")
             if rtol == RTOL_LOOP[name]:
                 worst_state = max(worst_state, c.max_rel)
-        # model evaluations: one per step; Heun two per step except the last (to sigma = 0)
-        assert calls == ref_calls == (2 * n - 1 if name == "heun" else n)
+        # model evaluations: one per step; Heun and DPM++ 2S a two per step except the last (to sigma = 0)
+        assert calls == ref_calls == (2 * n - 1 if name in TWO_CALLS else n)
     print(f"{name} karras={karras}: final latents {worst_final:.3g}, every step's x {worst_state:.3g}"
           f"{' (n = 2 apart)' if name == 'heun' else ''}")
+
+
+@pytest.mark.parametrize("karras", [False, True], ids=["default-sigmas", "karras"])
+def test_dpmpp_2s_a_with_v_prediction(kd, karras):
+    """DPM++ 2S a on a v-prediction model (SD 2.x 768): k-diffusion's CompVisVDenoiser, which A1111
+    uses for such checkpoints, against npsd's conversion of v (model_output_to_eps); measured up to
+    1.4e-6 for n = 1, 3, 10, 20, 50 (tolerance RTOL_LOOP, 1e-5). n = 2 (sigmas 14.6, 0.029, 0) apart:
+    k-diffusion computes sigma_down = sqrt(sigma_next^2 - sigma_up^2) in float32, where the two nearly
+    cancel (5.8104e-5 for 5.8212e-5), so its midpoint sits 0.1% off, and v-prediction's x0 = c_skip x
+    + c_out v carries that into the result: npsd and k-diffusion are 7.2e-5 apart, k-diffusion 6.8e-5
+    from a float64 run of itself and npsd 5.9e-6. n = 2 is compared with that float64 run
+    (RTOL_2S_A_V_FLOAT64 = 5e-5)."""
+    worst = 0.0
+    for n in (1, 2, 3, 10, 20, 50):
+        sigmas = kd_sigmas(kd, n, karras)
+        x_T = randn(n) * np.float32(sigmas[0])
+        noises = torch_draws(200 + n, n)
+        den = kd.external.CompVisVDenoiser(FakeLDM(S.alphas_cumprod(CONFIG)))
+        ref, _, _ = run_kdiffusion(kd, "dpmpp_2s_a", sigmas, x_T, noises, den=den)
+        out, _, _ = run_npsd("dpmpp_2s_a", sigmas, x_T, noises, prediction_type="v_prediction")
+        if n == 2:
+            ldm = FakeLDM(S.alphas_cumprod(CONFIG))
+            ldm.alphas_cumprod = ldm.alphas_cumprod.double()
+            draws = iter(noises)
+            ref64 = kd.sampling.sample_dpmpp_2s_ancestral(
+                kd.external.CompVisVDenoiser(ldm), torch.from_numpy(x_T.astype(np.float64)),
+                torch.from_numpy(sigmas.astype(np.float64)), extra_args={"cond": None}, disable=True,
+                noise_sampler=lambda sigma, sigma_next: torch.from_numpy(next(draws)).double()).numpy()
+            print(assert_close(out, ref64, RTOL_2S_A_V_FLOAT64, "dpmpp_2s_a v n=2 against k-diffusion in float64"))
+            print(f"  (k-diffusion in float32 against it: {np.abs(ref - ref64).max() / np.abs(ref64).max():.3g})")
+        else:
+            worst = max(worst, assert_close(out, ref, RTOL_LOOP["dpmpp_2s_a"], f"dpmpp_2s_a v n={n}").max_rel)
+        eps_read, _, _ = run_npsd("dpmpp_2s_a", sigmas, x_T, noises)           # v read as eps: another image
+        with pytest.raises(AssertionError, match="exceeds the tolerance"):
+            assert_close(eps_read, ref, RTOL_LOOP["dpmpp_2s_a"], "v read as eps")
+    print(f"dpmpp_2s_a with v-prediction, karras={karras}: final latents {worst:.3g} (n != 2)")
 
 
 def test_wrong_sigma_fails(kd):
@@ -307,6 +353,19 @@ def test_ancestral_noise_is_used_in_the_same_order(kd):
     out, _, _ = run_npsd("euler_a", sigmas, x_T, noises[1:] + noises[:1])
     with pytest.raises(AssertionError):
         assert_close(out, ref, RTOL_LOOP["euler_a"], "euler_a with the noises rotated")
+
+
+def test_dpmpp_2s_a_with_dpm2s_update_fails(kd, monkeypatch):
+    """Sensitivity: DPM++ 2S a taking its second stage as DPM2 does (along the midpoint's slope, not
+    towards its data prediction) differs from k-diffusion's by far more than the tolerance."""
+    sigmas = kd_sigmas(kd, 10, True)
+    x_T = randn(2) * np.float32(sigmas[0])
+    noises = torch_draws(9, 10)
+    ref, _, _ = run_kdiffusion(kd, "dpmpp_2s_a", sigmas, x_T, noises)
+    monkeypatch.setattr(S, "dpmpp_2s_correct", S.dpm2_correct)
+    out, _, _ = run_npsd("dpmpp_2s_a", sigmas, x_T, noises)
+    with pytest.raises(AssertionError, match="exceeds the tolerance"):
+        assert_close(out, ref, RTOL_LOOP["dpmpp_2s_a"], "dpmpp_2s_a with DPM2's second stage")
 
 
 # ---------------------------------------------------------------------------------------------
