@@ -508,9 +508,9 @@ def _plan(args):
     outputs = output_paths(args.output, settings["seed"], 1 if select else settings["num_images"])
     check_writable(outputs, args.overwrite)
     if args.trace is not None:
+        from .trace_cli import check_trace_name
         check_writable([args.trace], args.overwrite, png=False, option="--trace")
-        if not args.trace.lower().endswith(".safetensors"):
-            raise UsageError(f"--trace {args.trace}: a trace is a .safetensors file; give a name ending in .safetensors")
+        check_trace_name(args.trace, "--trace")
     if random_seed:
         _note(args, f"seed: {settings['seed']}")
     return settings, stored, select, outputs

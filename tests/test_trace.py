@@ -248,6 +248,8 @@ def test_pipeline_and_cli_trace_name_steps(model, tmp_path, capsys):  # noqa: F8
     assert rc == 2 and f"the folder of {missing} does not exist" in err
     rc, _, err = run(["trace", "a red circle", "--model", model, "--steps", 1, "-o", ""], capsys)   # was an
     assert rc == 2 and err == "npsd: error: -o is empty; give the name of the file to write\n", err  # error after the run
+    rc, _, err = run(["trace", "a red circle", "--model", model, "--steps", 1, "-o", tmp_path / "t.png"], capsys)
+    assert rc == 2 and "a trace is a .safetensors file" in err and not (tmp_path / "t.png").exists(), err
     rc, stdout, err = run(["compare", out, out], capsys)
     assert rc == 0, stdout + err
     rc, stdout, err = run(["trace", "a red circle", "--model", model, "--steps", 2, "--height", 16, "--width", 16,
