@@ -289,6 +289,9 @@ def settings_from_png(path, mode):
 A1111_UNAPPLIED = ("Hires upscale", "Hires resize", "Variation seed", "Variation seed strength", "Seed resize from",
                    "ENSD", "Face restoration", "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet")                 # extensions' fields
+# the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (torchsde's Brownian tree seeded
+# by the image's seed); npsd draws their noise N(0, I) step by step, as diffusers' schedulers do
+A1111_BROWNIAN = ("dpmpp_2m_sde",)
 
 
 def unapplied_fields(fields):
@@ -298,7 +301,10 @@ def unapplied_fields(fields):
         names.append("Schedule type")                                   # npsd: the sampler's own or Karras
     if fields.get("Emphasis", "original").strip().lower() != "original":
         names.append("Emphasis")                                        # npsd: A1111's "Original" (npsd/prompts.py)
-    return [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]
+    found = [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]
+    if "npsd version" not in fields and sampler_from_a1111(fields.get("Sampler", ""))[0] in A1111_BROWNIAN:
+        found.append(f"{fields['Sampler']}'s Brownian-tree noise")       # A1111's own PNG
+    return found
 
 
 def _named_pairs(text):

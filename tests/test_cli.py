@@ -213,6 +213,15 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
     gen(capsys, model, own, "--seed", 3, "--sampler", "dpmpp_2m", "--karras", "--clip-skip", 1)
     rc, _, err = run(["txt2img", "--from-png", own, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
     assert rc == 0 and err == "", err
+    # A1111 draws DPM++ 2M SDE's noise from a Brownian tree, npsd (as diffusers) step by step
+    path = tmp_path / "sde.png"
+    Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(base.replace("Euler a", "DPM++ 2M SDE Karras")))
+    rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "c.png", "--quiet"], capsys)
+    assert rc == 0 and "(DPM++ 2M SDE Karras's Brownian-tree noise); the image will differ" in err, err
+    own = tmp_path / "own-sde.png"
+    gen(capsys, model, own, "--seed", 3, "--sampler", "dpmpp_2m_sde")
+    rc, _, err = run(["txt2img", "--from-png", own, "--model", model, "-o", tmp_path / "d.png", "--quiet"], capsys)
+    assert rc == 0 and err == "", err
 
 
 def test_from_png_with_dpmpp_2s_a_karras(model, tmp_path, capsys):
