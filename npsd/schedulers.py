@@ -46,6 +46,8 @@ KARRAS_VARIABLE = ("euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2
 # the DPM-Solver family: the variance-preserving x_t, described by the sigmas of DPM-Solver's timesteps
 DPM_SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis")
 SIGMA_SAMPLERS = KARRAS_VARIABLE + DPM_SOLVERS      # schedules described by sigmas (Karras sigmas apply)
+# samplers whose step noise can come from a noise sampler (a Brownian tree, npsd/brownian.py)
+NOISE_SAMPLER_SAMPLERS = ("dpmpp_2m_sde",)
 # samplers that call the model twice in a step (all but the last)
 TWO_STAGE = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -1056,7 +1058,7 @@ def lcm_step(x_t, eps, t, t_next, alphas_cumprod, noise=None, x0_pred=None):
 # ---------------------------------------------------------------------------------------------
 
 def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_index=0, eta=0.0,
-           between_stages=None):
+           between_stages=None, noise_sampler=None):
     """Run a sampler from step start_index to the end; return the final latents (float32).
 
     model(x_in, t) -> the model's output for the model input x_in at timestep t: the noise
@@ -1085,6 +1087,9 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         draw nothing.
     noises: instead of rng, the same draws as a list of arrays, used in that order (tests inject
         the reference's noise this way).
+    noise_sampler(sigma, sigma_next) -> N(0, I) like x: dpmpp_2m_sde's step noise instead of draws,
+        asked for on every step but the last (k-diffusion's noise_sampler; npsd.brownian.BrownianNoise
+        is the Brownian tree A1111 gives it).
     callback(i, t, x, x0_pred): called after every step i with the new x and the x0 estimate of the
         step's last model evaluation (for lcm, the consistency function's estimate); if it returns an
         array, that array replaces x (inpainting re-imposes the known region so).
@@ -1109,7 +1114,9 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
     if s == "pndm" and not schedule.skip_prk_steps and n - start_index < 4:
         raise InputError(f"pndm's Runge-Kutta warm-up needs at least 4 steps to run, got {n - start_index}")
     stochastic = s in ("ddpm", "euler_a", "dpmpp_2m_sde", "dpm2_a", "dpmpp_2s_a", "lcm") or (s == "ddim" and eta > 0)
-    if stochastic and rng is None and noises is None:
+    if noise_sampler is not None and s not in NOISE_SAMPLER_SAMPLERS:
+        raise InputError(f"a noise sampler (Brownian noise) applies to {', '.join(NOISE_SAMPLER_SAMPLERS)}, not to {s!r}")
+    if stochastic and rng is None and noises is None and noise_sampler is None:
         raise InputError(f"sampler {s!r} adds fresh noise at each step: "
                          "pass rng=np.random.default_rng(seed) or noises=")
     draws = iter(noises) if noises is not None else None
@@ -1205,7 +1212,10 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
             if s == "dpmpp_2m":
                 x_prev, x0_pred = dpmpp_2m_step(x, eps, sig[i], sig[i + 1], sigma_prev, prev_x0, x0_pred=x0)
             else:
-                noise = draw()
+                if noise_sampler is None:
+                    noise = draw()
+                else:                                                          # none on the last step
+                    noise = noise_sampler(sig[i], sig[i + 1]) if sig[i + 1] > 0 else None
                 x_prev, x0_pred = dpmpp_2m_sde_step(x, eps, sig[i], sig[i + 1], noise, sigma_prev, prev_x0,
                                                     x0_pred=x0)
             hist = [x0_pred]

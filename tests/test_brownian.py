@@ -1,0 +1,91 @@
+"""npsd.brownian against torchsde's BrownianTree and k-diffusion's BrownianTreeNoiseSampler (the step
+noise of AUTOMATIC1111's "DPM++ 2M SDE"), and the DPM++ 2M SDE sampler run on it against k-diffusion's.
+
+The tree's numbers are compared bit for bit (tolerance 0): the same seeds (NumPy's SeedSequence), the
+same normal numbers (torch's CPU generator, npsd.rng.TorchGenerator) and the same float32 operations
+in the same order. A whole sampler run differs by float32 rounding only: measured 1.4e-6 relative
+(the generator-noise runs of tests/test_kdiffusion.py measure the same); tolerance 1e-5.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchsde
+
+from npsd import schedulers as S
+from npsd.brownian import BrownianNoise, BrownianTree, brownian_noise
+from npsd.testing import assert_close
+from tests.test_kdiffusion import denoiser, fake_eps_np, kd, kd_sigmas, npsd_schedule, randn, torch_draws  # noqa: F401
+
+# torchsde warns when a float32 sigma lies beyond the tree's ends rounded to 6 decimals, and holds it
+# there (as npsd does, without a warning)
+pytestmark = pytest.mark.filterwarnings("ignore:Should have t:UserWarning")
+RTOL_RUN = 1e-5
+SIGMA_MIN, SIGMA_MAX = np.float32(0.0291675), np.float32(14.614642)
+
+
+def bits(a):
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.int32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 31337, 2**32 - 1, 2**40 + 3])
+def test_tree_equals_torchsde_bit_for_bit(seed):
+    """Increments over neighbouring intervals (a sampler's steps, in either order), over intervals that
+    span several of them, the whole interval and a repeated query: the same float32 numbers."""
+    rng = np.random.default_rng(seed % 1000)
+    ref = torchsde.BrownianTree(torch.tensor(SIGMA_MIN), torch.zeros(2, 4, 5), torch.tensor(SIGMA_MAX), entropy=seed)
+    ours = BrownianTree(SIGMA_MIN, SIGMA_MAX, (2, 4, 5), seed)
+    points = np.sort(rng.uniform(SIGMA_MIN, SIGMA_MAX, 15).astype(np.float32))[::-1]    # decreasing, as sigmas
+    queries = [(b, a) for a, b in zip(points[:-1], points[1:])]
+    queries += [(points[9], points[2]), (SIGMA_MIN, SIGMA_MAX), queries[0], (points[-1], points[0])]
+    for a, b in queries:
+        expected = ref(torch.tensor(a), torch.tensor(b)).numpy()
+        got = ours(a, b)
+        assert got.dtype == np.float32 and np.array_equal(bits(got), bits(expected)), (seed, a, b)
+
+
+def test_noise_equals_kdiffusion_noise_sampler(kd):  # noqa: F811 - the fixture
+    """BrownianNoise with one seed per image is k-diffusion's BrownianTreeNoiseSampler with a list of
+    seeds (A1111's create_noise_sampler): N(0, I) per element, the same numbers."""
+    x = torch.zeros(2, 4, 6, 6)
+    sigmas = kd_sigmas(kd, 10, True)
+    ref = kd.sampling.BrownianTreeNoiseSampler(x, torch.tensor(sigmas[-2]), torch.tensor(sigmas[0]), seed=[7, 8])
+    ours = BrownianNoise((4, 6, 6), [7, 8], sigmas[-2], sigmas[0])
+    for s, s_next in zip(sigmas[:-2], sigmas[1:-1]):
+        expected = ref(torch.tensor(s), torch.tensor(s_next)).numpy()
+        assert np.array_equal(bits(ours(s, s_next)), bits(expected)), (s, s_next)
+    z = np.concatenate([ours(s, s_next).ravel() for s, s_next in zip(sigmas[:-2], sigmas[1:-1])])
+    assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1                  # 2592 numbers, N(0, 1)
+
+
+@pytest.mark.parametrize("karras", [False, True], ids=["default-sigmas", "karras"])
+def test_dpmpp_2m_sde_with_brownian_noise_equals_kdiffusion(kd, karras):  # noqa: F811 - the fixture
+    """npsd's dpmpp_2m_sde on the Brownian noise of the image seeds 5 and 6 against k-diffusion's
+    sample_dpmpp_2m_sde with the BrownianTreeNoiseSampler A1111 builds for them, on A1111's sigmas,
+    the fake model of tests/test_kdiffusion.py; npsd steps on x / sqrt(sigma^2 + 1). With the
+    generator's draws instead of the tree's, the run differs by far more than the tolerance."""
+    for n in (2, 10, 20):
+        sigmas = kd_sigmas(kd, n, karras)
+        x_T = randn(n) * np.float32(sigmas[0])
+        x = torch.from_numpy(x_T.copy())
+        noise = kd.sampling.BrownianTreeNoiseSampler(x, torch.from_numpy(sigmas[sigmas > 0]).min(),
+                                                     torch.from_numpy(sigmas).max(), seed=[5, 6])
+        ref = kd.sampling.sample_dpmpp_2m_sde(denoiser(kd), x, torch.from_numpy(sigmas), disable=True,
+                                              extra_args={"cond": None}, noise_sampler=noise).numpy()
+        sched = npsd_schedule("dpmpp_2m_sde", sigmas)
+        start = x_T / np.float32(math.sqrt(float(sigmas[0]) ** 2 + 1))
+        out = S.sample(fake_eps_np, start, sched, noise_sampler=brownian_noise(sched, 0, x_T.shape, 5))
+        print(assert_close(out, ref, RTOL_RUN, f"dpmpp_2m_sde brownian karras={karras} n={n}"))
+        drawn = S.sample(fake_eps_np, start, sched, noises=torch_draws(5, n))
+        with pytest.raises(AssertionError, match="exceeds the tolerance"):
+            assert_close(drawn, ref, RTOL_RUN, "the generator's noise instead of the tree's")
+
+
+def test_noise_sampler_only_where_it_applies():
+    from npsd.config import sd15_config
+    from npsd.errors import InputError
+    sched = S.make_schedule("euler_a", 4, sd15_config())
+    with pytest.raises(InputError, match="applies to dpmpp_2m_sde, not to 'euler_a'"):
+        S.sample(fake_eps_np, randn(0), sched, noise_sampler=lambda s, t: None)
