@@ -33,6 +33,7 @@ import numpy as np
 from .rng import TorchGenerator
 
 F = np.float32
+SDE_NOISES = ("generator", "brownian")   # the pipelines' sde_noise: drawn step by step, or this module's
 TOL_DIGITS = 6                   # torchsde's BrownianTree: tol = 1e-6, points rounded to 6 decimals
 POOL_SIZE = 24                   # its SeedSequence pool size
 CACHE_SIZE = 45                  # increments kept (torchsde's LRU cache of the same size)

@@ -56,8 +56,9 @@ from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, sho
 from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
 from .pipeline import DECODERS
 from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
+from .brownian import SDE_NOISES
 from .rng import RNG_KINDS, SEED_LIMIT
-from .schedulers import PREDICTION_TYPES, SAMPLERS, SIGMA_SAMPLERS, SPACINGS
+from .schedulers import NOISE_SAMPLER_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SIGMA_SAMPLERS, SPACINGS
 
 WEIGHTS_DTYPE_HELP = ("keep the weights in float16 to halve their memory; npsd computes in float32 either way, and "
                       "the image changes by the float16 rounding of the weights (default float32)")
@@ -215,6 +216,9 @@ def _generation_options(p, mode):
     a("--timestep-spacing", choices=SPACINGS, help="timestep spacing (default: the model's, SD v1.x: leading)")
     a("--prediction-type", choices=PREDICTION_TYPES,
       help="what the UNet predicts (default: the model's config, SD v1.x: epsilon)")
+    a("--sde-noise", choices=SDE_NOISES,
+      help="dpmpp_2m_sde's step noise: generator (default; drawn step by step, as diffusers) or brownian (a "
+           "Brownian path of the seed, as A1111's DPM++ 2M SDE; npsd/brownian.py)")
     a("--guidance-rescale", metavar="PHI", type=_float_in(0.0, 1.0, what="phi"),
       help="rescale the guided prediction's std to the conditional one's (Lin et al. 2024 eq. 16), 0 = off (default)")
     a("--clip-skip", metavar="N", type=_int_at_least(0, "layers"),
@@ -337,11 +341,11 @@ def attach_networks(pipe, args, settings):
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "height", "width",
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
             "mask_blur", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
-            "lora_names", "ti_names", "vae_decoder")
+            "lora_names", "ti_names", "vae_decoder", "sde_noise")
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
-                   "ti_names": [], "vae_decoder": "vae"}
+                   "ti_names": [], "vae_decoder": "vae", "sde_noise": "generator"}
 
 
 # --- the generation command ---------------------------------------------------------------------
@@ -533,6 +537,11 @@ def _load_model(args, settings):
         _note(args, f"npsd: the UNet predicts {kind} ({reason})"
                     + ("; --prediction-type overrides it" if settings["prediction_type"] is None else ""))
     model_defaults(settings, pipe)
+    if settings["sde_noise"] == "brownian" and settings["sampler"] not in NOISE_SAMPLER_SAMPLERS:
+        if args.sde_noise is not None:
+            raise UsageError(f"--sde-noise brownian applies to --sampler {', '.join(NOISE_SAMPLER_SAMPLERS)}, "
+                             f"not to {settings['sampler']}")
+        settings["sde_noise"] = "generator"          # --from-png's DPM++ 2M SDE, run with another --sampler
     if settings["eta"] and settings["sampler"] != "ddim":
         warnings.warn(f"--eta is DDIM's; the {settings['sampler']} sampler ignores it")
         settings["eta"] = 0.0

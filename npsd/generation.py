@@ -81,7 +81,7 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               long_prompt=settings["long_prompt"], rng=settings["rng"],
               prediction_type=settings["prediction_type"], guidance_rescale=settings["guidance_rescale"] or 0.0,
               prompt_syntax=settings["prompt_syntax"], attention_maps=attention_maps, decoder=settings["vae_decoder"],
-              trace=trace)
+              sde_noise=settings["sde_noise"], trace=trace)
     if mode == "txt2img":
         return pipe.txt2img(settings["prompt"], **kw)
     if mode == "img2img":

@@ -28,6 +28,7 @@ from . import clip, resources, schedulers, taesd, unet as unet_model, vae
 from .malloc import holding
 from .embeddings import load_used_embeddings
 from .prompts import PROMPT_SYNTAXES, encode_schedule, extract_loras, encode_weighted, pad_chunks, prompt_syntax_used, text_at_step
+from .brownian import SDE_NOISES, brownian_noise
 from .rng import SEED_LIMIT, make_rng
 from .config import generation_defaults, sd15_config, with_fallbacks
 from .errors import InputError, NpsdError, is_flag, is_number, is_whole
@@ -242,7 +243,7 @@ class Pipeline:
                 output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", rng="numpy",
                 prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None, preview=None, decoder="vae"):
+                attention_maps=None, preview=None, decoder="vae", sde_noise="generator"):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -272,10 +273,13 @@ class Pipeline:
         with self.taesd (set it to npsd.taesd.load_taesd(PATH) first). None: the callback as above.
         decoder: what decodes the final latents: "vae" (the model's) or "taesd" (self.taesd: several
         times faster, less detailed; for drafts). Input images are always encoded by the VAE.
+        sde_noise: the step noise of dpmpp_2m_sde: "generator" (drawn step by step from rng, as
+        diffusers) or "brownian" (the increments of a Brownian path of the seed, image b's from seed + b,
+        as A1111's DPM++ 2M SDE; npsd/brownian.py).
         """
         _check_hooks(callback, progress, attention_maps)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed,
-                                  decoder=decoder, eta=eta)
+                                  decoder=decoder, eta=eta, sde_noise=sde_noise)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
@@ -288,7 +292,8 @@ class Pipeline:
         else:
             latents = _check_array(latents, shape, "latents")
         x = latents * np.float32(schedule.init_noise_sigma)                        # x_T
-        x = self._sample(model, x, schedule, rng, 0, eta, callback, progress, attention_maps=attention_maps)
+        x = self._sample(model, x, schedule, rng, 0, eta, callback, progress, attention_maps=attention_maps,
+                         settings=settings)
         return self._output(x, output_type, decoder)
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
@@ -299,7 +304,7 @@ class Pipeline:
                 num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
                 rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None, preview=None, decoder="vae"):
+                attention_maps=None, preview=None, decoder="vae", sde_noise="generator"):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -315,7 +320,7 @@ class Pipeline:
         _check_hooks(callback, progress, attention_maps)
         img = open_image(image)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
-                                  decoder, eta)
+                                  decoder, eta, sde_noise)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"])
@@ -328,7 +333,8 @@ class Pipeline:
         x0 = np.repeat(x0, batch, axis=0)                                          # [B, 4, h, w]
         noise = rng.standard_normal(x0.shape, dtype=np.float32) if noise is None else _check_array(noise, x0.shape, "noise")
         x = schedulers.noise_at_start(schedule, x0, noise, start)                   # x at step `start`
-        x = self._sample(model, x, schedule, rng, start, eta, callback, progress, attention_maps=attention_maps)
+        x = self._sample(model, x, schedule, rng, start, eta, callback, progress, attention_maps=attention_maps,
+                         settings=settings)
         return self._output(x, output_type, decoder)
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
@@ -339,7 +345,7 @@ class Pipeline:
                 noise=None, num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
                 mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None, preview=None, decoder="vae"):
+                attention_maps=None, preview=None, decoder="vae", sde_noise="generator"):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -357,7 +363,7 @@ class Pipeline:
         _check_hooks(callback, progress, attention_maps, mask_blur)
         img = open_image(image)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
-                                  decoder, eta)
+                                  decoder, eta, sde_noise)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"])
@@ -413,12 +419,13 @@ class Pipeline:
             known = schedulers.noise_at_step(schedule, x0, noise, i + 1)           # [B, 4, h, w]
             return (1 - mask) * known + mask * x
 
-        x = self._sample(model, x, schedule, rng, start, eta, callback, progress, keep_known, attention_maps)
+        x = self._sample(model, x, schedule, rng, start, eta, callback, progress, keep_known, attention_maps, settings)
         return self._output(x, output_type, decoder)
 
     # --- the pieces of the loops ----------------------------------------------------------------
 
-    def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae", eta=0.0):
+    def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae", eta=0.0,
+                  sde_noise="generator"):
         """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
         the image's own size first) and check every value; one-line errors."""
         defaults = generation_defaults(self.config)
@@ -447,6 +454,11 @@ class Pipeline:
                 raise InputError(f"{name} must be a multiple of {f} and at least {smallest}, got {v!r}")
         schedulers.check_sampler(sampler)
         schedulers.check_eta(eta)
+        if sde_noise not in SDE_NOISES:
+            raise InputError(f"sde_noise must be one of {', '.join(SDE_NOISES)}, got {sde_noise!r}")
+        if sde_noise == "brownian" and sampler not in schedulers.NOISE_SAMPLER_SAMPLERS:
+            raise InputError(f"sde_noise='brownian' applies to {', '.join(schedulers.NOISE_SAMPLER_SAMPLERS)}, "
+                             f"not to {sampler!r}")
         if decoder not in DECODERS:
             raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         if decoder == "taesd":
@@ -458,7 +470,7 @@ class Pipeline:
         elif not is_whole(seed) or not 0 <= seed < SEED_LIMIT:
             raise InputError(f"seed must be a whole number in [0, 2**64), got {seed!r}")
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
-                "width": int(width), "sampler": sampler, "seed": int(seed)}
+                "width": int(width), "sampler": sampler, "seed": int(seed), "sde_noise": sde_noise}
 
     def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
                timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, unet=None):
@@ -541,11 +553,17 @@ class Pipeline:
         uncond = context_at(schedules[1]) if negatives is not None else None
         return cond, uncond, len(prompts) * num_images
 
-    def _sample(self, model, x, schedule, rng, start, eta, callback, progress, after_step=None, attention_maps=None):
+    def _sample(self, model, x, schedule, rng, start, eta, callback, progress, after_step=None, attention_maps=None,
+                settings=None):
         """Run the sampler; stops with a clear error as soon as the latents stop being finite.
         after_step(i, t, x, x0_pred) -> array or None replaces the state after every step, and
         between the two stages of a two-stage sampler (as diffusers' inpainting does).
-        attention_maps: an npsd.attention_maps.AttentionMaps to report the steps' cross-attention to."""
+        attention_maps: an npsd.attention_maps.AttentionMaps to report the steps' cross-attention to.
+        settings: the call's (_settings); with sde_noise "brownian", the step noise is the seed's
+        Brownian tree (npsd/brownian.py)."""
+        noise_sampler = None
+        if settings is not None and settings["sde_noise"] == "brownian":
+            noise_sampler = brownian_noise(schedule, start, x.shape, settings["seed"])
         if attention_maps is not None:
             model, callback = attention_maps.watch(model, callback, x.shape, start)
         n = schedule.num_inference_steps
@@ -577,7 +595,7 @@ class Pipeline:
             with np.errstate(over="ignore", invalid="ignore"):
                 mid = None if after_step is None else (lambda i, x_mid: after_step(i, None, x_mid, None))
                 return schedulers.sample(model, x, schedule, rng=rng, callback=each_step, start_index=start, eta=eta,
-                                         between_stages=mid)
+                                         between_stages=mid, noise_sampler=noise_sampler)
         finally:
             if trace is not None:
                 trace.step = None

@@ -187,6 +187,7 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Batch pos": pos if batch > 1 else None,
         "EMA": "off" if settings["no_ema"] else None,
         "RNG": RNG_FIELD[settings["rng"]],
+        "SDE noise": "Brownian" if settings["sde_noise"] == "brownian" else None,
         "Prompt syntax": settings["prompt_syntax"],
         "Lora": ", ".join(f"{name}: {_num(strength)}" for name, strength in _loras(settings)) or None,
         **(networks or {}),
@@ -266,6 +267,10 @@ def settings_from_png(path, mode):
     settings["no_ema"] = True if f.get("EMA") == "off" else None
     if "RNG" in f:                                                    # absent: npsd's own numpy numbers
         settings.update(_rng_from_field(f["RNG"]))
+    # npsd writes "SDE noise: Brownian"; A1111 draws its DPM++ 2M SDE's noise so without a field
+    if f.get("SDE noise", "").strip().lower() == "brownian" or (
+            "npsd version" not in f and settings.get("sampler") in A1111_BROWNIAN):
+        settings["sde_noise"] = "brownian"
     if "VAE Decoder" in f:
         by_field = {v.lower(): k for k, v in DECODER_FIELD.items()}
         settings["vae_decoder"] = by_field.get(f["VAE Decoder"].strip().lower())
@@ -289,8 +294,8 @@ def settings_from_png(path, mode):
 A1111_UNAPPLIED = ("Hires upscale", "Hires resize", "Variation seed", "Variation seed strength", "Seed resize from",
                    "ENSD", "Face restoration", "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet")                 # extensions' fields
-# the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (torchsde's Brownian tree seeded
-# by the image's seed); npsd draws their noise N(0, I) step by step, as diffusers' schedulers do
+# the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
+# seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
 A1111_BROWNIAN = ("dpmpp_2m_sde",)
 
 
@@ -301,10 +306,7 @@ def unapplied_fields(fields):
         names.append("Schedule type")                                   # npsd: the sampler's own or Karras
     if fields.get("Emphasis", "original").strip().lower() != "original":
         names.append("Emphasis")                                        # npsd: A1111's "Original" (npsd/prompts.py)
-    found = [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]
-    if "npsd version" not in fields and sampler_from_a1111(fields.get("Sampler", ""))[0] in A1111_BROWNIAN:
-        found.append(f"{fields['Sampler']}'s Brownian-tree noise")       # A1111's own PNG
-    return found
+    return [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]
 
 
 def _named_pairs(text):

@@ -213,15 +213,37 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
     gen(capsys, model, own, "--seed", 3, "--sampler", "dpmpp_2m", "--karras", "--clip-skip", 1)
     rc, _, err = run(["txt2img", "--from-png", own, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
     assert rc == 0 and err == "", err
-    # A1111 draws DPM++ 2M SDE's noise from a Brownian tree, npsd (as diffusers) step by step
+
+
+
+def test_from_png_of_a1111s_dpmpp_2m_sde_takes_its_brownian_noise(model, tmp_path, capsys):
+    """A1111 draws DPM++ 2M SDE's step noise from a Brownian tree of the seed and writes no field for
+    it: --from-png of its PNG runs --sde-noise brownian (written "SDE noise: Brownian"), with another
+    --sampler the generator's noise; npsd's own PNG keeps what it was made with."""
+    from npsd.pngmeta import png_info
+    text = f"{PROMPT}\nNegative prompt: \nSteps: 3, Sampler: DPM++ 2M SDE Karras, CFG scale: 7, Seed: 5, Size: 16x16"
     path = tmp_path / "sde.png"
-    Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(base.replace("Euler a", "DPM++ 2M SDE Karras")))
-    rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "c.png", "--quiet"], capsys)
-    assert rc == 0 and "(DPM++ 2M SDE Karras's Brownian-tree noise); the image will differ" in err, err
-    own = tmp_path / "own-sde.png"
-    gen(capsys, model, own, "--seed", 3, "--sampler", "dpmpp_2m_sde")
-    rc, _, err = run(["txt2img", "--from-png", own, "--model", model, "-o", tmp_path / "d.png", "--quiet"], capsys)
+    Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(text))
+    rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet"], capsys)
     assert rc == 0 and err == "", err
+    f = params_of(tmp_path / "a.png")["fields"]
+    assert (f["Sampler"], f["Schedule type"], f["SDE noise"]) == ("DPM++ 2M SDE", "Karras", "Brownian")
+    same = tmp_path / "same.png"
+    gen(capsys, model, same, "--seed", 5, "--steps", 3, "--sampler", "dpmpp_2m_sde", "--karras",
+        "--guidance-scale", 7, "--sde-noise", "brownian")
+    assert np.array_equal(np.asarray(Image.open(same)), np.asarray(Image.open(tmp_path / "a.png")))
+    drawn = tmp_path / "drawn.png"
+    gen(capsys, model, drawn, "--seed", 5, "--steps", 3, "--sampler", "dpmpp_2m_sde", "--karras", "--guidance-scale", 7)
+    assert "SDE noise" not in params_of(drawn)["fields"]
+    assert not np.array_equal(np.asarray(Image.open(drawn)), np.asarray(Image.open(same)))
+    rc, _, err = run(["txt2img", "--from-png", drawn, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "b.png").read_bytes() == drawn.read_bytes(), err
+    rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "c.png", "--quiet",
+                      "--sampler", "euler"], capsys)
+    assert rc == 0 and "SDE noise" not in params_of(tmp_path / "c.png")["fields"], err
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "d.png", "--quiet", "--sampler", "euler",
+                      "--sde-noise", "brownian"], capsys)
+    assert rc == 2 and "--sde-noise brownian applies to --sampler dpmpp_2m_sde, not to euler" in err, err
 
 
 def test_from_png_with_dpmpp_2s_a_karras(model, tmp_path, capsys):
@@ -976,7 +998,7 @@ def test_vae_decoder_png_field_round_trip(model, tiny_taesd, tmp_path, capsys):
                 "guidance_scale": 7.5, "seed": 1, "strength": 1.0, "mask_blur": 0, "eta": 0.0, "clip_skip": 0,
                 "timestep_spacing": "leading", "prediction_type": "epsilon", "guidance_rescale": 0.0,
                 "long_prompt": "truncate", "no_ema": False, "rng": "numpy", "prompt_syntax": "plain", "lora": [],
-                "lora_names": [], "vae_decoder": "taesd"}
+                "lora_names": [], "vae_decoder": "taesd", "sde_noise": "generator"}
     text = parameters_text(settings, "txt2img", "m", None, None, None, 16, 16, 1, 1, taesd_hash="0123456789ab")
     assert "VAE Decoder: TAESD, TAESD hash: 0123456789ab" in text
     stored = tmp_path / "stored.png"

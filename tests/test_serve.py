@@ -211,6 +211,18 @@ def test_karras_scheduler_same_pixels(client, pipe):
     assert "Schedule type: Karras" in json.loads(body["info"])["infotexts"][0]
 
 
+def test_dpmpp_2m_sde_takes_a1111s_brownian_noise(client, pipe):
+    """A1111 draws DPM++ 2M SDE's step noise from a Brownian tree of the image's seed: so does the
+    server (the pipeline's sde_noise="brownian"), and its infotext says so."""
+    body = txt2img(client, steps=4, seed=5, sampler_name="DPM++ 2M SDE", scheduler="Karras")
+    ref = pipe.txt2img(PROMPT, num_inference_steps=4, seed=5, sampler="dpmpp_2m_sde", use_karras_sigmas=True,
+                       sde_noise="brownian")
+    drawn = pipe.txt2img(PROMPT, num_inference_steps=4, seed=5, sampler="dpmpp_2m_sde", use_karras_sigmas=True)
+    assert np.array_equal(pixels(decode(body["images"][0])), pixels(ref))
+    assert not np.array_equal(pixels(ref), pixels(drawn))
+    assert "SDE noise: Brownian" in json.loads(body["info"])["infotexts"][0]
+
+
 def test_img2img_same_pixels_as_the_pipeline(client, pipe, picture):
     r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "denoising_strength": 0.6, "steps": 5, "seed": 7,
                                                "init_images": ["data:image/png;base64," + encode(picture)]})

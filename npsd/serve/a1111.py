@@ -42,7 +42,8 @@ from PIL import Image, ImageOps
 
 from ..errors import InputError
 from ..images import open_image, upright
-from ..pngmeta import A1111_SAMPLERS, KEY, _exif_user_comment, parse_parameters, png_info, sampler_from_a1111
+from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, _exif_user_comment, parse_parameters, png_info,
+                       sampler_from_a1111)
 from ..rng import SEED_LIMIT
 from ..schedulers import SIGMA_SAMPLERS
 
@@ -276,7 +277,9 @@ def read_request(kind, body, limits=None):
                 "width": _int(body, "width", lo=8), "num_images": batch_size, "strength": None, "eta": eta,
                 "karras": karras, "timestep_spacing": None, "clip_skip": None, "long_prompt": "chunk",
                 "mask_blur": 0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
-                "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae"}
+                "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
+                # A1111 draws DPM++ 2M SDE's step noise from a Brownian tree of the seed (npsd/brownian.py)
+                "sde_noise": "brownian" if sampler in A1111_BROWNIAN else "generator"}
     plan = Plan(mode="txt2img", settings=settings, n_iter=n_iter,
                 overrides=check_options(body.get("override_settings") or {}, "override_settings"),
                 restore_afterwards=_bool(body, "override_settings_restore_afterwards", True),
