@@ -43,7 +43,7 @@ MODES = ("txt2img", "img2img", "inpaint")   # the "Pipeline" field: which comman
 A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
                   "dpmpp_2m": "DPM++ 2M", "pndm": "PLMS", "lms": "LMS", "dpmpp_2m_sde": "DPM++ 2M SDE",
                   "unipc": "UniPC", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lcm": "LCM", "deis": "DEIS",
-                  "dpmpp_2s_a": "DPM++ 2S a"}
+                  "dpmpp_2s_a": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE"}
 # --rng <-> the "RNG" field (A1111's value "CPU" is torch's CPU generator, which rng="torch" reproduces)
 RNG_FIELD = {"numpy": "numpy", "torch": "CPU"}
 # --vae-decoder <-> A1111's "VAE Decoder" field ("Full" or "TAESD"; A1111 writes it only for TAESD).
@@ -296,7 +296,7 @@ A1111_UNAPPLIED = ("Hires upscale", "Hires resize", "Variation seed", "Variation
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet")                 # extensions' fields
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
 # seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
-A1111_BROWNIAN = ("dpmpp_2m_sde",)
+A1111_BROWNIAN = ("dpmpp_2m_sde", "dpmpp_sde")
 
 
 def unapplied_fields(fields):

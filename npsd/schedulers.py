@@ -9,8 +9,8 @@ Glossary (code name -> paper symbol)
 - ``x`` / ``x_t``        the noisy latent. DDPM, DDIM, PNDM, LCM and the DPM-Solver family
                          (DPM++ 2M, DPM++ 2M SDE, UniPC, DEIS) work with the variance-preserving
                          x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps; Euler, Euler ancestral,
-                         Heun, LMS, DPM2, DPM2 ancestral and DPM++ 2S ancestral with Karras'
-                         x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps.
+                         Heun, LMS, DPM2, DPM2 ancestral, DPM++ 2S ancestral and DPM++ SDE with
+                         Karras' x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps.
 - ``eps``                the model's noise prediction eps_theta(x_t, t)
 - ``x0_pred``            the model's estimate of the clean latent x0 at this step
 
@@ -40,16 +40,16 @@ import numpy as np
 from .errors import InputError, is_flag, is_number, is_whole
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "pndm", "lms", "dpmpp_2m_sde", "unipc",
-            "dpm2", "dpm2_a", "lcm", "deis", "dpmpp_2s_a")
+            "dpm2", "dpm2_a", "lcm", "deis", "dpmpp_2s_a", "dpmpp_sde")
 # samplers in Karras' variable x = x0 + sigma eps; the model sees scale_model_input(x, sigma)
-KARRAS_VARIABLE = ("euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2s_a")
+KARRAS_VARIABLE = ("euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde")
 # the DPM-Solver family: the variance-preserving x_t, described by the sigmas of DPM-Solver's timesteps
 DPM_SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis")
 SIGMA_SAMPLERS = KARRAS_VARIABLE + DPM_SOLVERS      # schedules described by sigmas (Karras sigmas apply)
 # samplers whose step noise can come from a noise sampler (a Brownian tree, npsd/brownian.py)
-NOISE_SAMPLER_SAMPLERS = ("dpmpp_2m_sde",)
+NOISE_SAMPLER_SAMPLERS = ("dpmpp_2m_sde", "dpmpp_sde")
 # samplers that call the model twice in a step (all but the last)
-TWO_STAGE = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a")
+TWO_STAGE = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -412,9 +412,10 @@ def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False,
                 ts = np.round(ts)                                              # diffusers' KDPM2 rounds them
             ts = ts.astype(np.float32)
         sigmas = np.append(s, 0.0).astype(np.float32)                          # [n + 1]
-        if sampler in ("dpm2", "dpm2_a", "dpmpp_2s_a"):
+        if sampler in ("dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde"):
             # the timestep of each step's midpoint evaluation (the last step has none)
-            sm = [dpm2_sigma_mid(sigmas[i], sigmas[i + 1], sampler != "dpm2") for i in range(int(n) - 1)]
+            ancestral = sampler in ("dpm2_a", "dpmpp_2s_a")
+            sm = [dpm2_sigma_mid(sigmas[i], sigmas[i + 1], ancestral) for i in range(int(n) - 1)]
             mid = np.append(sigma_to_t(np.array(sm, dtype=np.float64), table), 0.0).astype(np.float32)  # [n]
         smax = float(sigmas.max())
         # diffusers: leading spacing starts from the VP noise N(0, I) / sqrt(alpha_bar) (std
@@ -978,6 +979,20 @@ def dpmpp_2s_correct(x, eps_mid, x_mid, sigma, sigma_mid, sigma_next, x0_mid=Non
     return x + (1.0 - sigma_next / sigma) * (x0_mid - x), x0_mid
 
 
+# --- DPM++ SDE (k-diffusion's sample_dpmpp_sde, A1111's "DPM++ SDE") -------------------------------
+
+def dpmpp_sde_stage(x, x0, sigma, sigma_to, noise):
+    """One stage of the stochastic DPM-Solver++ (k-diffusion's sample_dpmpp_sde with eta = 1, r = 1/2):
+    the move from sigma to sigma_to split as in Euler a (ancestral_sigmas): DPM-Solver++'s first-order
+    step towards the data prediction x0, down to sigma_down, then fresh noise of std sigma_up.
+    Stage 1 goes to sigma_mid = sqrt(sigma sigma_next) with the step's own x0; stage 2, from the same
+    x, to sigma_next with the x0 the model gives at the midpoint. noise: N(0, I) like x."""
+    sigma, sigma_to = float(sigma), float(sigma_to)
+    sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_to)
+    # x_down = x + (1 - sigma_down / sigma) (x0 - x);  x_to = x_down + sigma_up noise
+    return x + (1.0 - sigma_down / sigma) * (x0 - x) + sigma_up * noise
+
+
 # --- DEIS (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator") ----
 
 def _deis_coefficient(rho_s, rho_t, nodes, j):
@@ -1067,7 +1082,8 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         (see npsd.guidance). The loop calls it with x_in = scale_model_input(x, sigma) for the
         samplers in KARRAS_VARIABLE and with x itself for the others; t is schedule.timesteps[i] (a
         NumPy scalar), or another timestep of the schedule for a stage inside a step (heun at
-        timesteps[i + 1], dpm2, dpm2_a and dpmpp_2s_a at mid_timesteps[i], pndm's first step at the two timesteps
+        timesteps[i + 1], dpm2, dpm2_a, dpmpp_2s_a and dpmpp_sde at mid_timesteps[i], pndm's first step at the
+        two timesteps
         of pndm_start(schedule, start_index), its Runge-Kutta warm-up at mid_timesteps[i] and
         timesteps[i + 1]).
     x: the state at step start_index in the sampler's own variable: for txt2img
@@ -1082,20 +1098,23 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
             dpmpp_2m_sde  every step (also the last, where it is not used)
             dpm2_a        every step but the last (after the step's second model evaluation)
             dpmpp_2s_a    the same as dpm2_a
+            dpmpp_sde     two on every step but the last (before each model evaluation's step),
+                          or noise_sampler's
             lcm           every step but the last
         The other samplers (euler, heun, dpmpp_2m, pndm, lms, unipc, dpm2, deis, ddim with eta 0)
         draw nothing.
     noises: instead of rng, the same draws as a list of arrays, used in that order (tests inject
         the reference's noise this way).
-    noise_sampler(sigma, sigma_next) -> N(0, I) like x: dpmpp_2m_sde's step noise instead of draws,
-        asked for on every step but the last (k-diffusion's noise_sampler; npsd.brownian.BrownianNoise
-        is the Brownian tree A1111 gives it).
+    noise_sampler(sigma, sigma_next) -> N(0, I) like x: the step noise of dpmpp_2m_sde and dpmpp_sde
+        instead of draws, asked for on every step but the last, dpmpp_sde's for (sigma_i, sigma_mid)
+        and (sigma_i, sigma_{i+1}) (k-diffusion's noise_sampler; npsd.brownian.BrownianNoise is the
+        Brownian tree A1111 gives them).
     callback(i, t, x, x0_pred): called after every step i with the new x and the x0 estimate of the
         step's last model evaluation (for lcm, the consistency function's estimate); if it returns an
         array, that array replaces x (inpainting re-imposes the known region so).
     eta: DDIM's eta (Song et al. eq. 16); 0 is deterministic. The other samplers ignore it.
     between_stages(i, x_mid): called inside the steps that evaluate the model twice (heun at its
-        Euler point, dpm2, dpm2_a and dpmpp_2s_a at the midpoint, pndm's improved-Euler first step) with the
+        Euler point, dpm2, dpm2_a, dpmpp_2s_a and dpmpp_sde at the midpoint, pndm's improved-Euler first step) with the
         intermediate state before the second evaluation, which is at the noise level of step i + 1
         (pndm's part-way start: at step start_index's, and i = start_index - 1 is passed); if it
         returns an array, that array replaces it (diffusers' inpainting re-imposes the known region,
@@ -1113,7 +1132,8 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
     check_eta(eta)
     if s == "pndm" and not schedule.skip_prk_steps and n - start_index < 4:
         raise InputError(f"pndm's Runge-Kutta warm-up needs at least 4 steps to run, got {n - start_index}")
-    stochastic = s in ("ddpm", "euler_a", "dpmpp_2m_sde", "dpm2_a", "dpmpp_2s_a", "lcm") or (s == "ddim" and eta > 0)
+    stochastic = s in ("ddpm", "euler_a", "dpmpp_2m_sde", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "lcm") \
+        or (s == "ddim" and eta > 0)
     if noise_sampler is not None and s not in NOISE_SAMPLER_SAMPLERS:
         raise InputError(f"a noise sampler (Brownian noise) applies to {', '.join(NOISE_SAMPLER_SAMPLERS)}, not to {s!r}")
     if stochastic and rng is None and noises is None and noise_sampler is None:
@@ -1206,6 +1226,21 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
                 if ancestral:
                     # fresh noise of std sigma_up (k-diffusion's sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral)
                     x_prev = x_prev + sigma_up * draw()
+        elif s == "dpmpp_sde":
+            eps, x0 = predict(x, t, sig[i])
+            x0_pred = x - sig[i] * eps if x0 is None else x0
+            if sig[i + 1] == 0:
+                x_prev = x0_pred                                               # the Euler step to sigma 0
+            else:
+                noise = noise_sampler or (lambda a, b: draw())
+                # stage 1 to the midpoint sigma_mid = sqrt(sigma_i sigma_{i+1}), where the model looks again
+                sigma_mid = dpm2_sigma_mid(sig[i], sig[i + 1])
+                x_mid = dpmpp_sde_stage(x, x0_pred, sig[i], sigma_mid, noise(sig[i], sigma_mid))
+                x_mid = staged(i, x_mid)
+                eps_mid, x0_mid = predict(x_mid, schedule.mid_timesteps[i], sigma_mid)
+                x0_pred = x_mid - sigma_mid * eps_mid if x0_mid is None else x0_mid
+                # stage 2: the whole step from x with the midpoint's data prediction
+                x_prev = dpmpp_sde_stage(x, x0_pred, sig[i], sig[i + 1], noise(sig[i], sig[i + 1]))
         elif s in ("dpmpp_2m", "dpmpp_2m_sde"):
             eps, x0 = predict(x, t, sig[i])
             prev_x0, sigma_prev = (hist[-1], sig[i - 1]) if hist else (None, None)

@@ -243,7 +243,12 @@ def test_from_png_of_a1111s_dpmpp_2m_sde_takes_its_brownian_noise(model, tmp_pat
     assert rc == 0 and "SDE noise" not in params_of(tmp_path / "c.png")["fields"], err
     rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "d.png", "--quiet", "--sampler", "euler",
                       "--sde-noise", "brownian"], capsys)
-    assert rc == 2 and "--sde-noise brownian applies to --sampler dpmpp_2m_sde, not to euler" in err, err
+    assert rc == 2 and "--sde-noise brownian applies to --sampler dpmpp_2m_sde, dpmpp_sde, not to euler" in err, err
+    path.unlink()                                                       # A1111's DPM++ SDE: the same
+    Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(text.replace("DPM++ 2M SDE", "DPM++ SDE")))
+    rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "e.png", "--quiet"], capsys)
+    f = params_of(tmp_path / "e.png")["fields"]
+    assert rc == 0 and (f["Sampler"], f["Schedule type"], f["SDE noise"]) == ("DPM++ SDE", "Karras", "Brownian"), err
 
 
 def test_from_png_with_dpmpp_2s_a_karras(model, tmp_path, capsys):
@@ -267,9 +272,9 @@ def test_from_png_with_a_sampler_npsd_lacks(model, tmp_path, capsys):
     from npsd.pngmeta import png_info
     path = tmp_path / "sde.png"
     Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(
-        f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: DPM++ SDE Karras, CFG scale: 7, Seed: 5, Size: 16x16"))
+        f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: DPM++ 3M SDE Karras, CFG scale: 7, Seed: 5, Size: 16x16"))
     rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet"], capsys)
-    assert rc == 2 and "'DPM++ SDE Karras' is not one npsd has" in err and "give --sampler" in err
+    assert rc == 2 and "'DPM++ 3M SDE Karras' is not one npsd has" in err and "give --sampler" in err
     rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet",
                       "--sampler", "dpmpp_2m"], capsys)
     assert rc == 0, err

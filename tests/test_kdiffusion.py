@@ -4,8 +4,9 @@ AUTOMATIC1111's web UI runs; docs/samplers.md ("k-diffusion and AUTOMATIC1111") 
 What is compared
 - The samplers: npsd's euler, euler_a, heun, dpmpp_2m, dpmpp_2s_a, dpmpp_2m_sde (``npsd.schedulers.sample``)
   against k-diffusion's sample_euler, sample_euler_ancestral, sample_heun, sample_dpmpp_2m,
-  sample_dpmpp_2s_ancestral (DPM++ 2S a, which diffusers lacks; also with v-prediction) and
-  sample_dpmpp_2m_sde (given npsd's noise arrays; A1111 gives it a Brownian tree's), given the SAME
+  sample_dpmpp_2s_ancestral (DPM++ 2S a, which diffusers lacks; also with v-prediction),
+  sample_dpmpp_2m_sde and sample_dpmpp_sde (given npsd's noise arrays; A1111 gives them a Brownian
+  tree's, tests/test_brownian.py), given the SAME
   sigma sequence (k-diffusion's own: ``CompVisDenoiser.get_sigmas(n)`` and ``get_sigmas_karras``, as
   AUTOMATIC1111 builds them) and the same fake noise predictor eps(x_in, t), which depends on x and t.
   k-diffusion wraps it as A1111 wraps the UNet, in ``CompVisDenoiser``: D(x, sigma) = x - sigma
@@ -65,7 +66,7 @@ INSTALL = f"pip install --no-deps k-diffusion=={KDIFFUSION_VERSION} torchsde tor
 RTOL_TABLE = 5e-7
 T_ATOL = 5e-4
 RTOL_LOOP = {"euler": 2e-6, "euler_a": 2e-6, "heun": 1.5e-6, "dpmpp_2m": 1e-5, "dpmpp_2s_a": 1e-5,
-             "dpmpp_2m_sde": 1e-5}
+             "dpmpp_2m_sde": 1e-5, "dpmpp_sde": 1e-5}
 RTOL_HEUN_TWO_STEPS = 1e-4     # Heun, n = 2: see the module docstring
 RTOL_2S_A_V_FLOAT64 = 5e-5     # DPM++ 2S a, v-prediction, n = 2: see test_dpmpp_2s_a_with_v_prediction
 RTOL_LINSPACE_50 = 2e-4       # each sigma's own relative error, n <= 50 (measured 7.3e-5)
@@ -79,9 +80,10 @@ SAMPLER_PAIRS = {              # npsd name -> k-diffusion function
     "dpmpp_2m": "sample_dpmpp_2m",
     "dpmpp_2s_a": "sample_dpmpp_2s_ancestral",
     "dpmpp_2m_sde": "sample_dpmpp_2m_sde",
+    "dpmpp_sde": "sample_dpmpp_sde",
 }
 VP = ("dpmpp_2m", "dpmpp_2m_sde")      # npsd steps on x_t = x / sqrt(sigma^2 + 1) (module docstring)
-TWO_CALLS = ("heun", "dpmpp_2s_a")      # two model evaluations a step, one on the last (to sigma = 0)
+TWO_CALLS = ("heun", "dpmpp_2s_a", "dpmpp_sde")      # two model evaluations a step, one on the last (to sigma = 0)
 
 
 def load_kdiffusion():
@@ -170,8 +172,8 @@ def npsd_schedule(name, sigmas):
     ts = S.sigma_to_t(sigmas[:-1], table).astype(np.float32)                   # [n], fractional
     base = S.make_schedule(name, n, CONFIG)
     mid = None
-    if name == "dpmpp_2s_a":                    # the midpoints' timesteps, as make_schedule finds them
-        sm = [S.dpm2_sigma_mid(sigmas[i], sigmas[i + 1], ancestral=True) for i in range(n - 1)]
+    if name in ("dpmpp_2s_a", "dpmpp_sde"):     # the midpoints' timesteps, as make_schedule finds them
+        sm = [S.dpm2_sigma_mid(sigmas[i], sigmas[i + 1], ancestral=name == "dpmpp_2s_a") for i in range(n - 1)]
         mid = np.append(S.sigma_to_t(np.array(sm, np.float64), table), 0.0).astype(np.float32)
     return dataclasses.replace(base, sigmas=np.asarray(sigmas, np.float32), timesteps=ts,
                                init_noise_sigma=float(sigmas[0]), mid_timesteps=mid)
@@ -194,7 +196,7 @@ def run_kdiffusion(kd, name, sigmas, x_T, noises, den=None):
     fn = getattr(kd.sampling, SAMPLER_PAIRS[name])
     states = []
     kw = {}
-    if name in ("euler_a", "dpmpp_2s_a", "dpmpp_2m_sde"):
+    if name in ("euler_a", "dpmpp_2s_a", "dpmpp_2m_sde", "dpmpp_sde"):
         draws = iter(noises)
         kw["noise_sampler"] = lambda sigma, sigma_next: torch.from_numpy(next(draws))
     out = fn(den, torch.from_numpy(x_T.copy()), torch.from_numpy(sigmas), disable=True, extra_args={"cond": None},
@@ -281,7 +283,7 @@ def test_sampler_equals_kdiffusion(kd, name, karras):
     for n in (1, 2, 10, 20, 50) if name != "dpmpp_2m_sde" else (2, 10, 20, 50):
         sigmas = kd_sigmas(kd, n, karras)                                       # [n + 1]
         x_T = randn(n) * np.float32(sigmas[0])     # A1111: x = noise * sigmas[0]
-        noises = torch_draws(100 + n, n)
+        noises = torch_draws(100 + n, 2 * n)       # DPM++ SDE draws two a step
         ref, ref_states, ref_calls = run_kdiffusion(kd, name, sigmas, x_T, noises)
         out, states, calls = run_npsd(name, sigmas, x_T, noises)
         what = f"{name} karras={karras} n={n}"
@@ -296,7 +298,7 @@ def test_sampler_equals_kdiffusion(kd, name, karras):
             c = assert_close(a, b, rtol, f"x after step {i} {what}")
             if rtol == RTOL_LOOP[name]:
                 worst_state = max(worst_state, c.max_rel)
-        # model evaluations: one per step; Heun and DPM++ 2S a two per step except the last (to sigma = 0)
+        # model evaluations: one per step; Heun, DPM++ 2S a and DPM++ SDE two per step except the last (to sigma = 0)
         assert calls == ref_calls == (2 * n - 1 if name in TWO_CALLS else n)
     print(f"{name} karras={karras}: final latents {worst_final:.3g}, every step's x {worst_state:.3g}"
           f"{' (n = 2 apart)' if name == 'heun' else ''}")
