@@ -1082,10 +1082,9 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         (see npsd.guidance). The loop calls it with x_in = scale_model_input(x, sigma) for the
         samplers in KARRAS_VARIABLE and with x itself for the others; t is schedule.timesteps[i] (a
         NumPy scalar), or another timestep of the schedule for a stage inside a step (heun at
-        timesteps[i + 1], dpm2, dpm2_a, dpmpp_2s_a and dpmpp_sde at mid_timesteps[i], pndm's first step at the
-        two timesteps
-        of pndm_start(schedule, start_index), its Runge-Kutta warm-up at mid_timesteps[i] and
-        timesteps[i + 1]).
+        timesteps[i + 1], dpm2, dpm2_a, dpmpp_2s_a and dpmpp_sde at mid_timesteps[i], pndm's first
+        step at the two timesteps of pndm_start(schedule, start_index), its Runge-Kutta warm-up at
+        mid_timesteps[i] and timesteps[i + 1]).
     x: the state at step start_index in the sampler's own variable: for txt2img
         N(0, I) * schedule.init_noise_sigma (as diffusers' pipelines multiply their latents); for
         img2img noise_at_start(schedule, x0, noise, start_index).
@@ -1114,8 +1113,9 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         array, that array replaces x (inpainting re-imposes the known region so).
     eta: DDIM's eta (Song et al. eq. 16); 0 is deterministic. The other samplers ignore it.
     between_stages(i, x_mid): called inside the steps that evaluate the model twice (heun at its
-        Euler point, dpm2, dpm2_a, dpmpp_2s_a and dpmpp_sde at the midpoint, pndm's improved-Euler first step) with the
-        intermediate state before the second evaluation, which is at the noise level of step i + 1
+        Euler point, dpm2, dpm2_a, dpmpp_2s_a and dpmpp_sde at the midpoint, pndm's improved-Euler
+        first step) with the intermediate state before the second evaluation, which is at the noise
+        level of step i + 1
         (pndm's part-way start: at step start_index's, and i = start_index - 1 is passed); if it
         returns an array, that array replaces it (diffusers' inpainting re-imposes the known region,
         noised to that level, after every scheduler call).
@@ -1135,7 +1135,8 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
     stochastic = s in ("ddpm", "euler_a", "dpmpp_2m_sde", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "lcm") \
         or (s == "ddim" and eta > 0)
     if noise_sampler is not None and s not in NOISE_SAMPLER_SAMPLERS:
-        raise InputError(f"a noise sampler (Brownian noise) applies to {', '.join(NOISE_SAMPLER_SAMPLERS)}, not to {s!r}")
+        raise InputError(f"a noise sampler (Brownian noise) applies to {', '.join(NOISE_SAMPLER_SAMPLERS)}, "
+                         f"not to {s!r}")
     if stochastic and rng is None and noises is None and noise_sampler is None:
         raise InputError(f"sampler {s!r} adds fresh noise at each step: "
                          "pass rng=np.random.default_rng(seed) or noises=")
