@@ -57,6 +57,7 @@ from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
 from .pipeline import DECODERS
 from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
 from .brownian import SDE_NOISES
+from .clip import layer_count
 from .rng import RNG_KINDS, SEED_LIMIT
 from .schedulers import NOISE_SAMPLER_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SIGMA_SAMPLERS, SPACINGS
 
@@ -537,6 +538,13 @@ def _load_model(args, settings):
         _note(args, f"npsd: the UNet predicts {kind} ({reason})"
                     + ("; --prediction-type overrides it" if settings["prediction_type"] is None else ""))
     model_defaults(settings, pipe)
+    layers = layer_count(pipe.params["text_encoder"])
+    if settings["clip_skip"] > layers:
+        if args.clip_skip is None:
+            raise UsageError(f"--from-png: the PNG's Clip skip {settings['clip_skip'] + 1} skips more than this "
+                             f"model's {layers} text encoder layers; give --clip-skip 0 to {layers}")
+        raise UsageError(f"--clip-skip {settings['clip_skip']} skips more than this model's {layers} text encoder "
+                         f"layers; give 0 to {layers} (A1111's 'Clip skip N' is --clip-skip N-1)")
     if settings["sde_noise"] == "brownian" and settings["sampler"] not in NOISE_SAMPLER_SAMPLERS:
         if args.sde_noise is not None:
             raise UsageError(f"--sde-noise brownian applies to --sampler {', '.join(NOISE_SAMPLER_SAMPLERS)}, "

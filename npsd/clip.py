@@ -91,7 +91,7 @@ def encode_text(params, ids, config, clip_skip=None, trace=None):
     trace = _scope(trace, "text_encoder")
     params = _text_model(params)
     ids = _check_ids(params, ids)
-    num_layers = len(params["encoder"]["layers"])
+    num_layers = layer_count(params)
     if clip_skip is None:
         clip_skip = 0
     if not is_whole(clip_skip) or not 0 <= clip_skip <= num_layers:
@@ -128,6 +128,11 @@ def blas_layout(params):
 
 
 # --- checks ----------------------------------------------------------------------------------------
+
+def layer_count(params):
+    """The number of transformer layers of a text encoder's parameters (clip_skip goes up to it)."""
+    return len(_text_model(params)["encoder"]["layers"])
+
 
 def _text_model(params):
     """Accept transformers 4.x names ("text_model." prefix) as well; check the top-level keys."""

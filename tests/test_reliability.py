@@ -505,6 +505,8 @@ def test_cli_parameter_errors(tiny, tmp_path, capsys):
         (["txt2img", PROMPT, "--sampler", "DPM++ 2M Karras"] + base, "npsd's name for it is 'dpmpp_2m' with --karras"),
         (["txt2img", PROMPT, "--seed", 2**64 + 2**40] + base, "[0, 2**64)"),
         (["txt2img", PROMPT, "--seed", "abc"] + base, "expected a whole number"),
+        (["txt2img", PROMPT, "--clip-skip", 99] + base, "--clip-skip 99 skips more than this model's 2 text encoder "
+                                                        "layers; give 0 to 2"),    # was the API's clip_skip=
         (["txt2img", PROMPT, "--eta", 2] + base, "--eta: must be a finite number in [0.0, 1.0], got 2"),
         (["img2img", PROMPT, "--image", img, "--strength", "nan"] + base, "(0.0, 1.0]"),
         (["img2img", PROMPT, "--image", img, "--strength", -0.2] + base, "(0.0, 1.0]"),
@@ -512,6 +514,11 @@ def test_cli_parameter_errors(tiny, tmp_path, capsys):
     for args, phrase in cases:
         cli_error(args, capsys, 2, phrase)
     assert os.listdir(tmp_path) == ["in.png"]
+    from npsd.pngmeta import png_info
+    Image.new("RGB", (64, 64)).save(tmp_path / "a1111.png", pnginfo=png_info(
+        f"{PROMPT}\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 64x64, Clip skip: 12"))
+    cli_error(["txt2img", "--from-png", tmp_path / "a1111.png"] + base, capsys, 2,
+              "--from-png: the PNG's Clip skip 12 skips more than this model's 2 text encoder layers; give --clip-skip 0 to 2")
 
 
 # --- images ------------------------------------------------------------------------------------------
