@@ -268,6 +268,7 @@ def test_inpaint_same_pixels_as_the_pipeline(client, pipe, picture, mask):
     ({"stepz": 3}, ["stepz"]),
     ({"init_images": []}, ["init_images", "img2img"]),
     ({"override_settings": {"sd_vae": "x.pt"}}, ["sd_vae"]),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 9}}, ["CLIP_stop_at_last_layers 9 skips more than this model's"]),
     ({"override_settings": {"randn_source": "GPU"}}, ["randn_source"]),
     ({"width": 66}, ["width", "multiple of 4"]),                       # the pipeline's check, after the queue
 ])

@@ -54,6 +54,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .. import generation, resources
 from ..attention_maps import AttentionMaps
+from ..clip import layer_count
 from ..config import generation_defaults
 from ..errors import InputError, NpsdError, UsageError, one_line
 from ..images import default_size, heat_overlay, to_pil, write_png_atomic
@@ -393,6 +394,10 @@ class Server:
         """The plan's settings with the options and the model's defaults filled in."""
         settings = dict(plan.settings)
         settings["clip_skip"] = options["CLIP_stop_at_last_layers"] - 1
+        layers = layer_count(self.pipe.params["text_encoder"])
+        if settings["clip_skip"] > layers:
+            raise InputError(f"CLIP_stop_at_last_layers {settings['clip_skip'] + 1} skips more than this model's "
+                             f"{layers} text encoder layers; give 1 to {layers + 1}")
         settings["rng"] = a1111.RANDN_SOURCES[options["randn_source"]]
         generation.model_defaults(settings, self.pipe)           # steps, cfg scale, sampler, spacing, prediction type
         a1111.check_eta(settings["sampler"], settings["eta"])      # the sampler may be the model's default
