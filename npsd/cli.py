@@ -268,16 +268,20 @@ def output_paths(output, seed, n):
     return [f"{stem}-{k}{ext or '.png'}" for k in range(1, n + 1)]
 
 
-def check_writable(paths, overwrite, png=True, option="-o"):
-    """Refuse existing outputs (without --overwrite) and missing folders, before any work; png: the
-    outputs must be named .png; option: the option that names them."""
+# what npsd writes, by the name's ending: why the name must end so (a trace must not replace a PNG)
+OUTPUT_KINDS = {".png": "npsd writes PNG files (the parameters live in a PNG text chunk)",
+                ".safetensors": "a trace is a .safetensors file"}
+
+
+def check_writable(paths, overwrite, suffix=".png", option="-o"):
+    """Refuse existing outputs (without --overwrite), missing folders and names that do not end in
+    `suffix` (a key of OUTPUT_KINDS), before any work; option: the option that names them."""
     for p in paths:
         folder = os.path.dirname(os.path.abspath(p))
         if not p:
             raise UsageError(f"{option} is empty; give the name of the file to write")
-        if png and not p.lower().endswith(".png"):
-            raise UsageError(f"{p}: npsd writes PNG files (the parameters live in a PNG text chunk); give a name "
-                             f"ending in .png")
+        if not p.lower().endswith(suffix):
+            raise UsageError(f"{p}: {OUTPUT_KINDS[suffix]}; give a name ending in {suffix}")
         if not os.path.isdir(folder):
             raise UsageError(f"the folder of {p} does not exist; create it or choose another {option}")
         if not os.access(folder, os.W_OK):
@@ -513,9 +517,7 @@ def _plan(args):
     outputs = output_paths(args.output, settings["seed"], 1 if select else settings["num_images"])
     check_writable(outputs, args.overwrite)
     if args.trace is not None:
-        from .trace_cli import check_trace_name
-        check_writable([args.trace], args.overwrite, png=False, option="--trace")
-        check_trace_name(args.trace, "--trace")
+        check_writable([args.trace], args.overwrite, suffix=".safetensors", option="--trace")
     if random_seed:
         _note(args, f"seed: {settings['seed']}")
     return settings, stored, select, outputs
@@ -690,9 +692,10 @@ class _Generation:
             self.save(strip, self.strip_file, text)
         if self.maps is not None:
             self._save_attention_maps(images)
-        if self.trace is not None:                        # listed first, as save() does, for Ctrl-C
+        if self.trace is not None:
             path = self.args.trace
-            self.written += [path] if not os.path.exists(path) else []
+            if not os.path.exists(path):                  # listed before it appears, as save() does, for Ctrl-C
+                self.written.append(path)
             self.trace.save(path, dict(self.settings, mode=self.mode, model=self.args.model or "built-in",
                                        weights_dtype=self.args.weights_dtype, vae=self.args.vae))
 

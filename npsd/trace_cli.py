@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from . import trace as trace_io
-from .errors import InputError, UsageError
+from .errors import InputError
 from .loading import WEIGHTS_DTYPES
 from .rng import RNG_KINDS
 from .testing import compare
@@ -64,8 +64,7 @@ def add_parsers(sub, int_at_least, float_in, seed, samplers, weights_dtype_help,
 def run_trace(args):
     import npsd
     from .cli import attach_vae, check_exists, check_lora_files, check_writable
-    check_writable([args.output], args.overwrite, png=False)
-    check_trace_name(args.output, "-o")
+    check_writable([args.output], args.overwrite, suffix=".safetensors")
     steps = None
     if args.trace_steps:
         try:
@@ -96,12 +95,6 @@ def run_trace(args):
     trace.save(args.output, settings)
     print(f"{args.output}: {len(trace)} tensors")
     return 0
-
-
-def check_trace_name(path, option):
-    """A trace is written as .safetensors (so that -o or --trace cannot replace a PNG by a trace)."""
-    if not str(path).lower().endswith(".safetensors"):
-        raise UsageError(f"{option} {path}: a trace is a .safetensors file; give a name ending in .safetensors")
 
 
 def _read(path):
