@@ -267,7 +267,8 @@ def settings_from_png(path, mode):
     settings["no_ema"] = True if f.get("EMA") == "off" else None
     if "RNG" in f:                                                    # absent: npsd's own numpy numbers
         settings.update(_rng_from_field(f["RNG"]))
-    # npsd writes "SDE noise: Brownian"; A1111 draws its DPM++ 2M SDE's noise so without a field
+    # npsd writes "SDE noise: Brownian"; A1111 draws the noise of its DPM++ 2M SDE and DPM++ SDE so,
+    # without a field
     if f.get("SDE noise", "").strip().lower() == "brownian" or (
             "npsd version" not in f and settings.get("sampler") in A1111_BROWNIAN):
         settings["sde_noise"] = "brownian"
