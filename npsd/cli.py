@@ -218,8 +218,8 @@ def _generation_options(p, mode):
     a("--prediction-type", choices=PREDICTION_TYPES,
       help="what the UNet predicts (default: the model's config, SD v1.x: epsilon)")
     a("--sde-noise", choices=SDE_NOISES,
-      help="the step noise of dpmpp_2m_sde and dpmpp_sde: generator (default; drawn step by step, as diffusers) "
-           "or brownian (a Brownian path of the seed, as A1111; npsd/brownian.py)")
+      help="the step noise of the SDE samplers (dpmpp_2m_sde, dpmpp_sde, dpmpp_3m_sde): generator (default; drawn "
+           "step by step, as diffusers) or brownian (a Brownian path of the seed, as A1111; npsd/brownian.py)")
     a("--guidance-rescale", metavar="PHI", type=_float_in(0.0, 1.0, what="phi"),
       help="rescale the guided prediction's std to the conditional one's (Lin et al. 2024 eq. 16), 0 = off (default)")
     a("--clip-skip", metavar="N", type=_int_at_least(0, "layers"),

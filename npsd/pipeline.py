@@ -273,7 +273,7 @@ class Pipeline:
         with self.taesd (set it to npsd.taesd.load_taesd(PATH) first). None: the callback as above.
         decoder: what decodes the final latents: "vae" (the model's) or "taesd" (self.taesd: several
         times faster, less detailed; for drafts). Input images are always encoded by the VAE.
-        sde_noise: the step noise of the SDE samplers dpmpp_2m_sde and dpmpp_sde: "generator" (drawn
+        sde_noise: the step noise of the SDE samplers (schedulers.NOISE_SAMPLER_SAMPLERS): "generator" (drawn
         step by step from rng, as diffusers' DPM++ 2M SDE) or "brownian" (the increments of a Brownian
         path of the seed, image b's from seed + b, as A1111 and k-diffusion; npsd/brownian.py).
         """

@@ -43,7 +43,7 @@ MODES = ("txt2img", "img2img", "inpaint")   # the "Pipeline" field: which comman
 A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
                   "dpmpp_2m": "DPM++ 2M", "pndm": "PLMS", "lms": "LMS", "dpmpp_2m_sde": "DPM++ 2M SDE",
                   "unipc": "UniPC", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lcm": "LCM", "deis": "DEIS",
-                  "dpmpp_2s_a": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE"}
+                  "dpmpp_2s_a": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_3m_sde": "DPM++ 3M SDE"}
 # --rng <-> the "RNG" field (A1111's value "CPU" is torch's CPU generator, which rng="torch" reproduces)
 RNG_FIELD = {"numpy": "numpy", "torch": "CPU"}
 # --vae-decoder <-> A1111's "VAE Decoder" field ("Full" or "TAESD"; A1111 writes it only for TAESD).
@@ -267,8 +267,7 @@ def settings_from_png(path, mode):
     settings["no_ema"] = True if f.get("EMA") == "off" else None
     if "RNG" in f:                                                    # absent: npsd's own numpy numbers
         settings.update(_rng_from_field(f["RNG"]))
-    # npsd writes "SDE noise: Brownian"; A1111 draws the noise of its DPM++ 2M SDE and DPM++ SDE so,
-    # without a field
+    # npsd writes "SDE noise: Brownian"; A1111 draws the noise of its SDE samplers so, without a field
     if f.get("SDE noise", "").strip().lower() == "brownian" or (
             "npsd version" not in f and settings.get("sampler") in A1111_BROWNIAN):
         settings["sde_noise"] = "brownian"
@@ -297,7 +296,7 @@ A1111_UNAPPLIED = ("Hires upscale", "Hires resize", "Variation seed", "Variation
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet")                 # extensions' fields
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
 # seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
-A1111_BROWNIAN = ("dpmpp_2m_sde", "dpmpp_sde")
+A1111_BROWNIAN = ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde")
 
 
 def unapplied_fields(fields):

@@ -9,8 +9,8 @@ Glossary (code name -> paper symbol)
 - ``x`` / ``x_t``        the noisy latent. DDPM, DDIM, PNDM, LCM and the DPM-Solver family
                          (DPM++ 2M, DPM++ 2M SDE, UniPC, DEIS) work with the variance-preserving
                          x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps; Euler, Euler ancestral,
-                         Heun, LMS, DPM2, DPM2 ancestral, DPM++ 2S ancestral and DPM++ SDE with
-                         Karras' x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps.
+                         Heun, LMS, DPM2, DPM2 ancestral, DPM++ 2S ancestral, DPM++ SDE and
+                         DPM++ 3M SDE with Karras' x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps.
 - ``eps``                the model's noise prediction eps_theta(x_t, t)
 - ``x0_pred``            the model's estimate of the clean latent x0 at this step
 
@@ -40,14 +40,14 @@ import numpy as np
 from .errors import InputError, is_flag, is_number, is_whole
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "pndm", "lms", "dpmpp_2m_sde", "unipc",
-            "dpm2", "dpm2_a", "lcm", "deis", "dpmpp_2s_a", "dpmpp_sde")
+            "dpm2", "dpm2_a", "lcm", "deis", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_3m_sde")
 # samplers in Karras' variable x = x0 + sigma eps; the model sees scale_model_input(x, sigma)
-KARRAS_VARIABLE = ("euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde")
+KARRAS_VARIABLE = ("euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_3m_sde")
 # the DPM-Solver family: the variance-preserving x_t, described by the sigmas of DPM-Solver's timesteps
 DPM_SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis")
 SIGMA_SAMPLERS = KARRAS_VARIABLE + DPM_SOLVERS      # schedules described by sigmas (Karras sigmas apply)
 # samplers whose step noise can come from a noise sampler (a Brownian tree, npsd/brownian.py)
-NOISE_SAMPLER_SAMPLERS = ("dpmpp_2m_sde", "dpmpp_sde")
+NOISE_SAMPLER_SAMPLERS = ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde")
 # samplers that call the model twice in a step (all but the last)
 TWO_STAGE = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -993,6 +993,37 @@ def dpmpp_sde_stage(x, x0, sigma, sigma_to, noise):
     return x + (1.0 - sigma_down / sigma) * (x0 - x) + sigma_up * noise
 
 
+# --- DPM++ 3M SDE (k-diffusion's sample_dpmpp_3m_sde, A1111's "DPM++ 3M SDE") ---------------------
+
+def dpmpp_3m_sde_step(x, x0, sigma, sigma_next, noise, earlier=()):
+    """One step of the third-order multistep SDE DPM-Solver++ (k-diffusion's sample_dpmpp_3m_sde with
+    eta = 1), in Karras' variable. With h = log(sigma / sigma_next) (the step in lambda = -log sigma),
+    the exact solution of the SDE's linear part with the data prediction held constant,
+        x' = e^-2h x + (1 - e^-2h) x0 + sigma_next sqrt(1 - e^-2h) z,
+    is corrected by the first and second divided differences of the data predictions of this and
+    the earlier steps (a quadratic in lambda), weighted by phi_2 = (e^-2h - 1) / 2h + 1 and
+    phi_3 = phi_2 / 2h - 1/2. earlier: [(x0, h), ...] of the previous steps, newest first; with one
+    the correction is first-order, with none there is none. noise: N(0, I) like x."""
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    h = math.log(sigma / sigma_next)
+    h_eta = 2.0 * h                                                            # h (eta + 1), eta = 1
+    x_next = math.exp(-h_eta) * x + -math.expm1(-h_eta) * x0                    # [B, C, h, w]
+    phi_2 = math.expm1(-h_eta) / h_eta + 1.0
+    if len(earlier) >= 2:
+        (x0_1, h_1), (x0_2, h_2) = earlier[:2]
+        r0, r1 = h_1 / h, h_2 / h
+        d1_0 = (x0 - x0_1) / r0                                                # divided differences
+        d1_1 = (x0_1 - x0_2) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        x_next = x_next + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+    elif earlier:
+        x0_1, h_1 = earlier[0]
+        x_next = x_next + phi_2 * ((x0 - x0_1) / (h_1 / h))
+    # fresh noise: sigma_next sqrt(1 - e^-2h) z
+    return x_next + (sigma_next * math.sqrt(-math.expm1(-2.0 * h))) * noise
+
+
 # --- DEIS (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator") ----
 
 def _deis_coefficient(rho_s, rho_t, nodes, j):
@@ -1099,13 +1130,14 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
             dpmpp_2s_a    the same as dpm2_a
             dpmpp_sde     two on every step but the last (before each model evaluation's step),
                           or noise_sampler's
+            dpmpp_3m_sde  every step but the last, or noise_sampler's
             lcm           every step but the last
         The other samplers (euler, heun, dpmpp_2m, pndm, lms, unipc, dpm2, deis, ddim with eta 0)
         draw nothing.
     noises: instead of rng, the same draws as a list of arrays, used in that order (tests inject
         the reference's noise this way).
-    noise_sampler(sigma, sigma_next) -> N(0, I) like x: the step noise of dpmpp_2m_sde and dpmpp_sde
-        instead of draws, asked for on every step but the last, dpmpp_sde's for (sigma_i, sigma_mid)
+    noise_sampler(sigma, sigma_next) -> N(0, I) like x: the step noise of dpmpp_2m_sde, dpmpp_sde and
+        dpmpp_3m_sde instead of draws, asked for on every step but the last, dpmpp_sde's for (sigma_i, sigma_mid)
         and (sigma_i, sigma_{i+1}) (k-diffusion's noise_sampler; npsd.brownian.BrownianNoise is the
         Brownian tree A1111 gives them).
     callback(i, t, x, x0_pred): called after every step i with the new x and the x0 estimate of the
@@ -1120,7 +1152,7 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         returns an array, that array replaces it (diffusers' inpainting re-imposes the known region,
         noised to that level, after every scheduler call).
 
-    Multistep samplers (dpmpp_2m, dpmpp_2m_sde, pndm, lms, unipc, deis) keep their memory of earlier
+    Multistep samplers (dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, pndm, lms, unipc, deis) keep their memory of earlier
     steps inside this loop, from start_index on: an img2img run starts them at first order, except
     that lms takes its weights' order from the step index (lms_step) and pndm starts one step early
     (pndm_start), as diffusers' img2img pipeline runs them.
@@ -1132,8 +1164,8 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
     check_eta(eta)
     if s == "pndm" and not schedule.skip_prk_steps and n - start_index < 4:
         raise InputError(f"pndm's Runge-Kutta warm-up needs at least 4 steps to run, got {n - start_index}")
-    stochastic = s in ("ddpm", "euler_a", "dpmpp_2m_sde", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "lcm") \
-        or (s == "ddim" and eta > 0)
+    stochastic = s in ("ddpm", "euler_a", "dpmpp_2m_sde", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_3m_sde",
+                       "lcm") or (s == "ddim" and eta > 0)
     if noise_sampler is not None and s not in NOISE_SAMPLER_SAMPLERS:
         raise InputError(f"a noise sampler (Brownian noise) applies to {', '.join(NOISE_SAMPLER_SAMPLERS)}, "
                          f"not to {s!r}")
@@ -1242,6 +1274,15 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
                 x0_pred = x_mid - sigma_mid * eps_mid if x0_mid is None else x0_mid
                 # stage 2: the whole step from x with the midpoint's data prediction
                 x_prev = dpmpp_sde_stage(x, x0_pred, sig[i], sig[i + 1], noise(sig[i], sig[i + 1]))
+        elif s == "dpmpp_3m_sde":
+            eps, x0 = predict(x, t, sig[i])
+            x0_pred = x - sig[i] * eps if x0 is None else x0
+            if sig[i + 1] == 0:
+                x_prev = x0_pred                                               # the denoising step to sigma 0
+            else:
+                noise = noise_sampler(sig[i], sig[i + 1]) if noise_sampler is not None else draw()
+                x_prev = dpmpp_3m_sde_step(x, x0_pred, sig[i], sig[i + 1], noise, hist)
+                hist = [(x0_pred, math.log(float(sig[i]) / float(sig[i + 1])))] + hist[:1]
         elif s in ("dpmpp_2m", "dpmpp_2m_sde"):
             eps, x0 = predict(x, t, sig[i])
             prev_x0, sigma_prev = (hist[-1], sig[i - 1]) if hist else (None, None)

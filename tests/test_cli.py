@@ -217,8 +217,8 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
 
 
 def test_from_png_of_a1111s_dpmpp_2m_sde_takes_its_brownian_noise(model, tmp_path, capsys):
-    """A1111 draws DPM++ 2M SDE's step noise from a Brownian tree of the seed and writes no field for
-    it: --from-png of its PNG runs --sde-noise brownian (written "SDE noise: Brownian"), with another
+    """A1111 draws the step noise of DPM++ 2M SDE (also DPM++ SDE and 3M SDE) from a Brownian tree of
+    the seed and writes no field for it: --from-png of its PNG runs --sde-noise brownian (written "SDE noise: Brownian"), with another
     --sampler the generator's noise; npsd's own PNG keeps what it was made with."""
     from npsd.pngmeta import png_info
     text = f"{PROMPT}\nNegative prompt: \nSteps: 3, Sampler: DPM++ 2M SDE Karras, CFG scale: 7, Seed: 5, Size: 16x16"
@@ -243,7 +243,7 @@ def test_from_png_of_a1111s_dpmpp_2m_sde_takes_its_brownian_noise(model, tmp_pat
     assert rc == 0 and "SDE noise" not in params_of(tmp_path / "c.png")["fields"], err
     rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "d.png", "--quiet", "--sampler", "euler",
                       "--sde-noise", "brownian"], capsys)
-    assert rc == 2 and "--sde-noise brownian applies to --sampler dpmpp_2m_sde, dpmpp_sde, not to euler" in err, err
+    assert rc == 2 and "--sde-noise brownian applies to --sampler dpmpp_2m_sde, dpmpp_sde, dpmpp_3m_sde, not to euler" in err, err
     path.unlink()                                                       # A1111's DPM++ SDE: the same
     Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(text.replace("DPM++ 2M SDE", "DPM++ SDE")))
     rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "e.png", "--quiet"], capsys)
@@ -272,9 +272,9 @@ def test_from_png_with_a_sampler_npsd_lacks(model, tmp_path, capsys):
     from npsd.pngmeta import png_info
     path = tmp_path / "sde.png"
     Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(
-        f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: DPM++ 3M SDE Karras, CFG scale: 7, Seed: 5, Size: 16x16"))
+        f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: Restart, CFG scale: 7, Seed: 5, Size: 16x16, Schedule type: Karras"))
     rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet"], capsys)
-    assert rc == 2 and "'DPM++ 3M SDE Karras' is not one npsd has" in err and "give --sampler" in err
+    assert rc == 2 and "'Restart' is not one npsd has" in err and "give --sampler" in err
     rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "a.png", "--quiet",
                       "--sampler", "dpmpp_2m"], capsys)
     assert rc == 0, err

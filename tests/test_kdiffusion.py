@@ -5,8 +5,8 @@ What is compared
 - The samplers: npsd's euler, euler_a, heun, dpmpp_2m, dpmpp_2s_a, dpmpp_2m_sde (``npsd.schedulers.sample``)
   against k-diffusion's sample_euler, sample_euler_ancestral, sample_heun, sample_dpmpp_2m,
   sample_dpmpp_2s_ancestral (DPM++ 2S a, which diffusers lacks; also with v-prediction),
-  sample_dpmpp_2m_sde and sample_dpmpp_sde (given npsd's noise arrays; A1111 gives them a Brownian
-  tree's, tests/test_brownian.py), given the SAME
+  sample_dpmpp_2m_sde, sample_dpmpp_sde and sample_dpmpp_3m_sde (given npsd's noise arrays; A1111
+  gives them a Brownian tree's, tests/test_brownian.py), given the SAME
   sigma sequence (k-diffusion's own: ``CompVisDenoiser.get_sigmas(n)`` and ``get_sigmas_karras``, as
   AUTOMATIC1111 builds them) and the same fake noise predictor eps(x_in, t), which depends on x and t.
   k-diffusion wraps it as A1111 wraps the UNet, in ``CompVisDenoiser``: D(x, sigma) = x - sigma
@@ -26,7 +26,7 @@ Tolerances (relative error = max |npsd - ref| / max |ref|, npsd.testing; ``pytes
   float32); tolerance 5e-4 absolute.
 - Whole loops (n = 1, 2, 10, 20, 50 steps), final latents and the state after every step, measured
   worst: euler 2.1e-7, euler_a 2.6e-7, heun 1.6e-7, dpmpp_2m 1.1e-6, dpmpp_2s_a 1.0e-6, dpmpp_2m_sde
-  1.4e-6; tolerances 2e-6, 2e-6, 1.5e-6, 1e-5, 1e-5, 1e-5.
+  1.4e-6, dpmpp_sde 6.1e-7, dpmpp_3m_sde 1.8e-6; tolerances 2e-6, 2e-6, 1.5e-6 and 1e-5 for the others.
   One exception, Heun with 2 steps (sigmas 14.6, 0.029, 0): its correction divides x - D(x) by
   sigma_next = 0.029, which multiplies float32's rounding of x by 1 / 0.029; npsd and k-diffusion
   are then both 1.1e-5 away from a float64 run of k-diffusion, and 1.2e-5 (Karras: 5.8e-6) from each
@@ -66,7 +66,7 @@ INSTALL = f"pip install --no-deps k-diffusion=={KDIFFUSION_VERSION} torchsde tor
 RTOL_TABLE = 5e-7
 T_ATOL = 5e-4
 RTOL_LOOP = {"euler": 2e-6, "euler_a": 2e-6, "heun": 1.5e-6, "dpmpp_2m": 1e-5, "dpmpp_2s_a": 1e-5,
-             "dpmpp_2m_sde": 1e-5, "dpmpp_sde": 1e-5}
+             "dpmpp_2m_sde": 1e-5, "dpmpp_sde": 1e-5, "dpmpp_3m_sde": 1e-5}
 RTOL_HEUN_TWO_STEPS = 1e-4     # Heun, n = 2: see the module docstring
 RTOL_2S_A_V_FLOAT64 = 5e-5     # DPM++ 2S a, v-prediction, n = 2: see test_dpmpp_2s_a_with_v_prediction
 RTOL_LINSPACE_50 = 2e-4       # each sigma's own relative error, n <= 50 (measured 7.3e-5)
@@ -81,6 +81,7 @@ SAMPLER_PAIRS = {              # npsd name -> k-diffusion function
     "dpmpp_2s_a": "sample_dpmpp_2s_ancestral",
     "dpmpp_2m_sde": "sample_dpmpp_2m_sde",
     "dpmpp_sde": "sample_dpmpp_sde",
+    "dpmpp_3m_sde": "sample_dpmpp_3m_sde",
 }
 VP = ("dpmpp_2m", "dpmpp_2m_sde")      # npsd steps on x_t = x / sqrt(sigma^2 + 1) (module docstring)
 TWO_CALLS = ("heun", "dpmpp_2s_a", "dpmpp_sde")      # two model evaluations a step, one on the last (to sigma = 0)
@@ -196,7 +197,7 @@ def run_kdiffusion(kd, name, sigmas, x_T, noises, den=None):
     fn = getattr(kd.sampling, SAMPLER_PAIRS[name])
     states = []
     kw = {}
-    if name in ("euler_a", "dpmpp_2s_a", "dpmpp_2m_sde", "dpmpp_sde"):
+    if name in ("euler_a", "dpmpp_2s_a", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde"):
         draws = iter(noises)
         kw["noise_sampler"] = lambda sigma, sigma_next: torch.from_numpy(next(draws))
     out = fn(den, torch.from_numpy(x_T.copy()), torch.from_numpy(sigmas), disable=True, extra_args={"cond": None},
@@ -278,9 +279,9 @@ def test_fractional_timesteps_equal_kdiffusion(kd, karras):
 @pytest.mark.parametrize("name", list(SAMPLER_PAIRS))
 def test_sampler_equals_kdiffusion(kd, name, karras):
     worst_final = worst_state = 0.0
-    # k-diffusion 0.1.1.post1's sample_dpmpp_2m_sde fails on one step (its h is unset when the first
-    # step goes to sigma 0)
-    for n in (1, 2, 10, 20, 50) if name != "dpmpp_2m_sde" else (2, 10, 20, 50):
+    # k-diffusion 0.1.1.post1's sample_dpmpp_2m_sde and sample_dpmpp_3m_sde fail on one step (their h
+    # is unset when the first step goes to sigma 0)
+    for n in (1, 2, 10, 20, 50) if name not in ("dpmpp_2m_sde", "dpmpp_3m_sde") else (2, 10, 20, 50):
         sigmas = kd_sigmas(kd, n, karras)                                       # [n + 1]
         x_T = randn(n) * np.float32(sigmas[0])     # A1111: x = noise * sigmas[0]
         noises = torch_draws(100 + n, 2 * n)       # DPM++ SDE draws two a step
@@ -374,6 +375,21 @@ def test_dpmpp_2s_a_with_dpm2s_update_fails(kd, monkeypatch):
     out, _, _ = run_npsd("dpmpp_2s_a", sigmas, x_T, noises)
     with pytest.raises(AssertionError, match="exceeds the tolerance"):
         assert_close(out, ref, RTOL_LOOP["dpmpp_2s_a"], "dpmpp_2s_a with DPM2's second stage")
+
+
+def test_dpmpp_3m_sde_without_its_third_order_fails(kd, monkeypatch):
+    """Sensitivity: DPM++ 3M SDE that keeps only the last step's data prediction (second order, as
+    DPM++ 2M SDE extrapolates) differs from k-diffusion's by more than the tolerance."""
+    sigmas = kd_sigmas(kd, 10, True)
+    x_T = randn(3) * np.float32(sigmas[0])
+    noises = torch_draws(11, 10)
+    ref, _, _ = run_kdiffusion(kd, "dpmpp_3m_sde", sigmas, x_T, noises)
+    step = S.dpmpp_3m_sde_step
+    monkeypatch.setattr(S, "dpmpp_3m_sde_step", lambda x, x0, s, s_next, z, earlier=(): step(x, x0, s, s_next, z,
+                                                                                              earlier[:1]))
+    out, _, _ = run_npsd("dpmpp_3m_sde", sigmas, x_T, noises)
+    with pytest.raises(AssertionError, match="exceeds the tolerance"):
+        assert_close(out, ref, RTOL_LOOP["dpmpp_3m_sde"], "dpmpp_3m_sde at second order")
 
 
 # ---------------------------------------------------------------------------------------------

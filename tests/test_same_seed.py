@@ -32,10 +32,11 @@ TOL_IMAGE = 2e-5
 TOL_ZERO_SNR_FIRST_STEP = 6e-5         # Euler and Euler a from sigma_max 4096 (the test's docstring)
 PROMPT = "a red circle on a blue background"
 NEGATIVE = "blurry"
-# the samplers npsd runs as diffusers' schedulers do; DPM++ 2S a (which diffusers lacks) and DPM++ SDE
-# (whose DPMSolverSDEScheduler draws one Brownian tree for the whole batch) follow k-diffusion, and
+# the samplers npsd runs as diffusers' schedulers do; DPM++ 2S a (which diffusers lacks), DPM++ SDE
+# (whose DPMSolverSDEScheduler draws one Brownian tree for the whole batch) and DPM++ 3M SDE follow
+# k-diffusion, and
 # tests/test_kdiffusion.py and tests/test_brownian.py compare them with it
-WITH_DIFFUSERS = [s for s in S.SAMPLERS if s not in ("dpmpp_2s_a", "dpmpp_sde")]
+WITH_DIFFUSERS = [s for s in S.SAMPLERS if s not in ("dpmpp_2s_a", "dpmpp_sde", "dpmpp_3m_sde")]
 SAMPLERS = [(s, False) for s in WITH_DIFFUSERS]
 KARRAS = [(s, True) for s in S.SIGMA_SAMPLERS if s in WITH_DIFFUSERS]
 

@@ -87,7 +87,7 @@ OFF_IMG2IMG = ("latent_mask",)
 
 SCHEDULERS = {"automatic": False, "karras": True}   # A1111's scheduler names npsd has -> Karras sigmas
 # the samplers whose noise A1111 scales by eta; npsd's use eta = 1 (ddim reads eta itself)
-ETA_ONE = ("euler_a", "dpm2_a", "dpmpp_2m_sde", "dpmpp_2s_a", "dpmpp_sde")
+ETA_ONE = ("euler_a", "dpm2_a", "dpmpp_2m_sde", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_3m_sde")
 MAX_IMAGES = 100                                    # batch_size * n_iter of one request
 
 # the options npsd has (GET/POST /sdapi/v1/options, override_settings) and their defaults
