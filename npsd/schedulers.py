@@ -1259,13 +1259,16 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
                 if ancestral:
                     # fresh noise of std sigma_up (k-diffusion's sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral)
                     x_prev = x_prev + sigma_up * draw()
-        elif s == "dpmpp_sde":
+        elif s in ("dpmpp_sde", "dpmpp_3m_sde"):
             eps, x0 = predict(x, t, sig[i])
-            x0_pred = x - sig[i] * eps if x0 is None else x0
+            x0_pred = x - sig[i] * eps if x0 is None else x0                  # the denoiser D(x; sigma)
+            noise = noise_sampler or (lambda sigma, sigma_to: draw())
             if sig[i + 1] == 0:
-                x_prev = x0_pred                                               # the Euler step to sigma 0
+                x_prev = x0_pred                                               # the last step, to sigma 0
+            elif s == "dpmpp_3m_sde":
+                x_prev = dpmpp_3m_sde_step(x, x0_pred, sig[i], sig[i + 1], noise(sig[i], sig[i + 1]), hist)
+                hist = [(x0_pred, math.log(float(sig[i]) / float(sig[i + 1])))] + hist[:1]
             else:
-                noise = noise_sampler or (lambda a, b: draw())
                 # stage 1 to the midpoint sigma_mid = sqrt(sigma_i sigma_{i+1}), where the model looks again
                 sigma_mid = dpm2_sigma_mid(sig[i], sig[i + 1])
                 x_mid = dpmpp_sde_stage(x, x0_pred, sig[i], sigma_mid, noise(sig[i], sigma_mid))
@@ -1274,15 +1277,6 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
                 x0_pred = x_mid - sigma_mid * eps_mid if x0_mid is None else x0_mid
                 # stage 2: the whole step from x with the midpoint's data prediction
                 x_prev = dpmpp_sde_stage(x, x0_pred, sig[i], sig[i + 1], noise(sig[i], sig[i + 1]))
-        elif s == "dpmpp_3m_sde":
-            eps, x0 = predict(x, t, sig[i])
-            x0_pred = x - sig[i] * eps if x0 is None else x0
-            if sig[i + 1] == 0:
-                x_prev = x0_pred                                               # the denoising step to sigma 0
-            else:
-                noise = noise_sampler(sig[i], sig[i + 1]) if noise_sampler is not None else draw()
-                x_prev = dpmpp_3m_sde_step(x, x0_pred, sig[i], sig[i + 1], noise, hist)
-                hist = [(x0_pred, math.log(float(sig[i]) / float(sig[i + 1])))] + hist[:1]
         elif s in ("dpmpp_2m", "dpmpp_2m_sde"):
             eps, x0 = predict(x, t, sig[i])
             prev_x0, sigma_prev = (hist[-1], sig[i - 1]) if hist else (None, None)
