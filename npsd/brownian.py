@@ -2,8 +2,9 @@
 
 An SDE sampler adds, on its step from sigma_i to sigma_{i+1}, noise z ~ N(0, I) scaled to the step.
 diffusers draws z from the generator step by step; k-diffusion's ``BrownianTreeNoiseSampler``, which
-A1111 uses for its "DPM++ 2M SDE", takes instead the increment of one Brownian path W over
-[sigma_{i+1}, sigma_i], normalised: z = (W(sigma_i) - W(sigma_{i+1})) / sqrt(sigma_i - sigma_{i+1}).
+A1111 uses for its "DPM++ 2M SDE", "DPM++ SDE" and "DPM++ 3M SDE", takes instead the increment of one
+Brownian path W over [sigma_{i+1}, sigma_i], normalised:
+z = (W(sigma_i) - W(sigma_{i+1})) / sqrt(sigma_i - sigma_{i+1}).
 The path is a function of the seed alone, whatever the steps (so the image changes little with the
 step count). torchsde's ``BrownianTree`` builds it; this module builds the same numbers without torch.
 

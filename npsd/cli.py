@@ -551,7 +551,7 @@ def _load_model(args, settings):
         if args.sde_noise is not None:
             raise UsageError(f"--sde-noise brownian applies to --sampler {', '.join(NOISE_SAMPLER_SAMPLERS)}, "
                              f"not to {settings['sampler']}")
-        settings["sde_noise"] = "generator"          # --from-png's DPM++ 2M SDE, run with another --sampler
+        settings["sde_noise"] = "generator"          # --from-png's SDE sampler, run with another --sampler
     if settings["eta"] and settings["sampler"] != "ddim":
         warnings.warn(f"--eta is DDIM's; the {settings['sampler']} sampler ignores it")
         settings["eta"] = 0.0

@@ -278,7 +278,7 @@ def read_request(kind, body, limits=None):
                 "karras": karras, "timestep_spacing": None, "clip_skip": None, "long_prompt": "chunk",
                 "mask_blur": 0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
-                # A1111 draws DPM++ 2M SDE's step noise from a Brownian tree of the seed (npsd/brownian.py)
+                # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)
                 "sde_noise": "brownian" if sampler in A1111_BROWNIAN else "generator"}
     plan = Plan(mode="txt2img", settings=settings, n_iter=n_iter,
                 overrides=check_options(body.get("override_settings") or {}, "override_settings"),
