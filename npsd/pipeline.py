@@ -243,7 +243,7 @@ class Pipeline:
                 output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", rng="numpy",
                 prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None, preview=None, decoder="vae", sde_noise="generator"):
+                attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -276,6 +276,12 @@ class Pipeline:
         sde_noise: the step noise of the SDE samplers (schedulers.NOISE_SAMPLER_SAMPLERS): "generator" (drawn
         step by step from rng, as diffusers' DPM++ 2M SDE) or "brownian" (the increments of a Brownian
         path of the seed, image b's from seed + b, as A1111 and k-diffusion; npsd/brownian.py).
+        schedule_type: None (diffusers' schedule: timestep_spacing, use_karras_sigmas) or one of
+        AUTOMATIC1111's schedule types (schedulers.SCHEDULE_TYPES: "automatic", "karras",
+        "exponential", ...) for the samplers A1111 runs with k-diffusion: A1111's sigmas, fractional
+        timesteps and starting noise (schedulers.make_schedule), its img2img start
+        (schedulers.start_index); with rng="torch" and sde_noise="brownian" where A1111 uses it, A1111's
+        image from the same seed.
         """
         _check_hooks(callback, progress, attention_maps)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed,
@@ -284,7 +290,7 @@ class Pipeline:
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
-                                                  guidance_rescale, prompt_syntax)
+                                                  guidance_rescale, prompt_syntax, schedule_type)
         h, w = settings["height"] // self.vae_factor, settings["width"] // self.vae_factor
         shape = (batch, self.latent_channels, h, w)
         if latents is None:
@@ -304,7 +310,7 @@ class Pipeline:
                 num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
                 rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None, preview=None, decoder="vae", sde_noise="generator"):
+                attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -327,8 +333,8 @@ class Pipeline:
         sample_posterior = rng == "torch" if sample_posterior is None else sample_posterior
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
-                                                  guidance_rescale, prompt_syntax)
-        start = schedulers.img2img_start_index(settings["steps"], strength)
+                                                  guidance_rescale, prompt_syntax, schedule_type)
+        start = schedulers.start_index(schedule, strength)
         x0 = self._encode_image(to_array(img), rng, sample_posterior)               # [1, 4, h, w], scaled
         x0 = np.repeat(x0, batch, axis=0)                                          # [B, 4, h, w]
         noise = rng.standard_normal(x0.shape, dtype=np.float32) if noise is None else _check_array(noise, x0.shape, "noise")
@@ -345,7 +351,7 @@ class Pipeline:
                 noise=None, num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
                 mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None, preview=None, decoder="vae", sde_noise="generator"):
+                attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -388,10 +394,11 @@ class Pipeline:
         sample_posterior = diffusers_order if sample_posterior is None else sample_posterior
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
-                                                  guidance_rescale, prompt_syntax,
+                                                  guidance_rescale, prompt_syntax, schedule_type,
                                                   nine_channel_unet if inpainting_unet else None)
-        start = schedulers.img2img_start_index(settings["steps"], strength)
-        pure_noise = start == 0 and strength == 1.0
+        start = schedulers.start_index(schedule, strength)
+        # (A1111 noises the image at every strength)
+        pure_noise = start == 0 and strength == 1.0 and schedule.schedule_type is None
         # diffusers does not encode the image for a 9-channel UNet that starts from pure noise
         x0 = self._encode_image(pixels, rng,
                                 sample_posterior and not (diffusers_order and inpainting_unet and pure_noise))
@@ -473,13 +480,14 @@ class Pipeline:
                 "width": int(width), "sampler": sampler, "seed": int(seed), "sde_noise": sde_noise}
 
     def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
-               timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, unet=None):
+               timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, schedule_type, unet=None):
         """What every generation sets up first -> (the generator, model(x, t) with guidance, batch, schedule).
         unet: the UNet call to guide (default self.unet)."""
         check_rescale(guidance_rescale)
         rng = make_rng(rng, settings["seed"])
         schedule = schedulers.make_schedule(settings["sampler"], settings["steps"], self.config, use_karras_sigmas,
-                                            timestep_spacing, prediction_type=prediction_type)
+                                            timestep_spacing, prediction_type=prediction_type,
+                                            schedule_type=schedule_type)
         model_calls = settings["steps"] * (2 if settings["sampler"] in schedulers.TWO_STAGE else 1)
         scale, unet = settings["guidance_scale"], unet or self.unet
         if self.guidance_embedding_dim:

@@ -51,6 +51,12 @@ NOISE_SAMPLER_SAMPLERS = ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde")
 # samplers that call the model twice in a step (all but the last)
 TWO_STAGE = ("heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde")
 SPACINGS = ("leading", "trailing", "linspace")
+# AUTOMATIC1111's schedule types ("Schedule type" in its images' parameters), which npsd computes as
+# A1111 does for the samplers A1111 runs with k-diffusion (a1111_sigmas); "automatic" is each sampler's
+# own choice in A1111 (A1111_AUTOMATIC), the others are in A1111's modules/sd_schedulers.py
+SCHEDULE_TYPES = ("automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal",
+                  "align_your_steps", "simple", "normal", "beta")
+KDIFFUSION_SAMPLERS = KARRAS_VARIABLE + ("dpmpp_2m", "dpmpp_2m_sde")     # the samplers they apply to
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -252,6 +258,92 @@ def sigma_to_t(sigma, sigma_table):
 
 
 # ---------------------------------------------------------------------------------------------
+# AUTOMATIC1111's schedules (k-diffusion's discretisation of the training table)
+# ---------------------------------------------------------------------------------------------
+
+# the schedule type A1111 (1.9 and later) gives each sampler when asked for "Automatic" (the rest:
+# uniform), and the samplers for which it computes one sigma more and drops the next-to-last
+A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2s_a": "karras", "dpm2": "karras",
+                   "dpm2_a": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_3m_sde": "exponential"}
+A1111_DISCARD_PENULTIMATE = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
+# Align Your Steps (Sabour et al. 2024): NVIDIA's 10-step sigmas for SD 1.5, which A1111 gives every
+# model that is not SDXL
+AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+BETA_ALPHA = BETA_BETA = 0.6    # A1111's default Beta distribution (Lee et al. 2024)
+
+
+def t_to_sigma(t, sigma_table):
+    """The noise level at the (fractional) timestep t: log(sigma) interpolated linearly between
+    the neighbouring entries of the training table (k-diffusion's DiscreteSchedule.t_to_sigma).
+    t [n] in [0, N - 1] -> sigma float64 [n]."""
+    log_table = np.log(np.asarray(sigma_table, dtype=np.float64))              # [N]
+    t = np.asarray(t, dtype=np.float64)                                        # [n]
+    low, high = np.floor(t).astype(np.int64), np.ceil(t).astype(np.int64)      # [n]
+    w = t - low
+    return np.exp((1 - w) * log_table[low] + w * log_table[high])              # [n]
+
+
+def a1111_sigmas(schedule_type, n, sigma_table):
+    """The n + 1 noise levels of A1111's schedule type for n steps on a model with the given
+    training table sigma_t (increasing, [N]), float64, as A1111's modules/sd_schedulers.py and
+    k-diffusion make them. All but kl_optimal end with 0. sigma_min, sigma_max = the table's ends.
+
+    uniform           t = linspace(N - 1, 0, n), sigma = t_to_sigma(t)  (k-diffusion's get_sigmas)
+    normal            the same from sigma_to_t(sigma_max) to sigma_to_t(sigma_min)
+    sgm_uniform       n of the n + 1 timesteps of that linspace, the last dropped (Stability's SGM)
+    karras            Karras et al. 2022 eq. 5, rho 7, sigma_max .. sigma_min
+    exponential       evenly spaced in log(sigma), sigma_max .. sigma_min
+    polyexponential   exp(r^rho (log sigma_max - log sigma_min) + log sigma_min), r = 1 .. 0, rho 1
+    kl_optimal        tan((1 - i / n) atan(sigma_max) + i / n atan(sigma_min)), i = 0..n (Karras' "KL
+                      optimal" discretisation, Sabour et al. 2024): the last is sigma_min, not 0
+    align_your_steps  AYS_SD15, or n of its values interpolated linearly in log(sigma)
+    simple            the table read backwards at every N / n-th entry: sigma_t, t = N - 1 - int(i N / n)
+    beta              sigma_min + (sigma_max - sigma_min) ppf(1 - i / (n - 1)) of Beta(0.6, 0.6)
+    """
+    table = np.asarray(sigma_table, dtype=np.float64)                          # [N]
+    N = len(table)
+    lo, hi = float(table[0]), float(table[-1])
+    i = np.arange(n, dtype=np.float64)                                         # [n] step index
+    if schedule_type in ("uniform", "normal", "sgm_uniform"):
+        start, end = (N - 1.0, 0.0) if schedule_type == "uniform" else sigma_to_t(np.array([hi, lo]), table)
+        count = n + 1 if schedule_type == "sgm_uniform" else n
+        s = t_to_sigma(np.linspace(start, end, count)[:n], table)              # [n]
+    elif schedule_type == "karras":
+        s = karras_sigmas(lo, hi, n)
+    elif schedule_type in ("exponential", "polyexponential"):
+        ramp = np.linspace(1, 0, n) ** 1.0                                     # polyexponential: rho = 1
+        s = np.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo))        # [n]
+    elif schedule_type == "kl_optimal":
+        r = np.arange(n + 1) / n                                               # [n + 1]
+        return np.tan(r * math.atan(lo) + (1 - r) * math.atan(hi))             # [n + 1], ends at sigma_min
+    elif schedule_type == "align_your_steps":
+        s = np.array(AYS_SD15)
+        if n != len(s):
+            # log-linear interpolation of the reversed list at n evenly spaced points
+            x = np.linspace(0, 1, n)
+            s = np.exp(np.interp(x, np.linspace(0, 1, len(AYS_SD15)), np.log(s[::-1])))[::-1]
+    elif schedule_type == "simple":
+        s = table[N - 1 - (i * (N / n)).astype(np.int64)]                      # [n]
+    elif schedule_type == "beta":
+        from scipy import stats
+        s = lo + stats.beta.ppf(1 - np.linspace(0, 1, n), BETA_ALPHA, BETA_BETA) * (hi - lo)  # [n]
+    else:
+        raise InputError(f"unknown schedule_type {schedule_type!r}; use one of {', '.join(SCHEDULE_TYPES)}")
+    return np.append(s, 0.0)                                                   # [n + 1]
+
+
+def a1111_schedule_sigmas(sampler, schedule_type, n, sigma_table):
+    """The sigmas [n + 1] A1111 samples `sampler` on for n steps with `schedule_type` (SCHEDULE_TYPES;
+    "automatic": A1111_AUTOMATIC's choice or uniform): for DPM2, DPM2 a and DPM++ 3M SDE it makes
+    n + 2 and drops the next-to-last (A1111's discard_next_to_last_sigma). -> (sigmas, the type used)."""
+    used = A1111_AUTOMATIC.get(sampler, "uniform") if schedule_type == "automatic" else schedule_type
+    if sampler in A1111_DISCARD_PENULTIMATE:
+        s = a1111_sigmas(used, n + 1, sigma_table)                             # [n + 2]
+        return np.append(s[:-2], s[-1]), used                                  # [n + 1]
+    return a1111_sigmas(used, n, sigma_table), used
+
+
+# ---------------------------------------------------------------------------------------------
 # A schedule: everything a sampling loop needs, computed once
 # ---------------------------------------------------------------------------------------------
 
@@ -280,6 +372,10 @@ class Schedule:
                       False with three Runge-Kutta steps (Liu et al. 2022's F-PNDM)
     prediction_type   what the model predicts: "epsilon" (SD v1.x), "v_prediction" or "sample";
                       sample() converts it to the sampler's eps (and x0)
+    schedule_type     A1111's schedule type the sigmas follow (SCHEDULE_TYPES, "automatic" resolved),
+                      or None for diffusers' schedule (spacing, use_karras_sigmas)
+    final_timestep    the timestep of sigmas[n] when it is not 0 (A1111's kl_optimal ends at
+                      sigma_min), where Heun's last step evaluates the model; else None
     """
     sampler: str
     timesteps: np.ndarray
@@ -293,6 +389,8 @@ class Schedule:
     mid_timesteps: np.ndarray = None
     skip_prk_steps: bool = True
     prediction_type: str = "epsilon"
+    schedule_type: str = None
+    final_timestep: float = None
 
     @property
     def num_inference_steps(self):
@@ -343,16 +441,24 @@ def lcm_timesteps(num_inference_steps, num_train_timesteps=1000, original_infere
 
 
 def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False, timestep_spacing=None,
-                  skip_prk_steps=None, prediction_type=None):
-    """Compute the Schedule of one sampler for num_inference_steps steps, as diffusers does.
+                  skip_prk_steps=None, prediction_type=None, schedule_type=None):
+    """Compute the Schedule of one sampler for num_inference_steps steps, as diffusers does, or, with
+    schedule_type, as AUTOMATIC1111 does.
 
     config: a model config or its "scheduler" section (npsd.config.SD15["scheduler"]).
     timestep_spacing: "leading", "trailing" or "linspace"; None takes the config's (SD v1.5: leading,
     steps_offset 1); lcm has its own timesteps and ignores it. use_karras_sigmas (Karras eq. 5)
     applies to the samplers in SIGMA_SAMPLERS. skip_prk_steps (pndm) and prediction_type: None takes
     the config's (SD v1.5: True, "epsilon").
+    schedule_type: one of SCHEDULE_TYPES for the samplers in KDIFFUSION_SAMPLERS: A1111's sigmas
+    (a1111_schedule_sigmas), the model's timesteps at them fractional (k-diffusion's sigma_to_t), the
+    start N(0, I) sigma_0 (in x_t for dpmpp_2m and dpmpp_2m_sde); it replaces timestep_spacing and
+    use_karras_sigmas (schedule_type="karras" is A1111's Karras). None: diffusers' schedule.
     """
     check_sampler(sampler)
+    if schedule_type is not None:
+        return _a1111_schedule(sampler, num_inference_steps, config, schedule_type, use_karras_sigmas,
+                               timestep_spacing, prediction_type)
     sched_config = _section(config)
     N = int(sched_config["num_train_timesteps"])
     n = num_inference_steps
@@ -432,6 +538,43 @@ def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False,
                     mid_timesteps=_readonly(mid), skip_prk_steps=skip_prk, prediction_type=prediction)
 
 
+def _a1111_schedule(sampler, n, config, schedule_type, use_karras_sigmas, timestep_spacing, prediction_type):
+    """make_schedule's schedule_type branch: A1111's sigmas for a k-diffusion sampler."""
+    if schedule_type not in SCHEDULE_TYPES:
+        raise InputError(f"unknown schedule_type {schedule_type!r}; use one of {', '.join(SCHEDULE_TYPES)}")
+    if sampler not in KDIFFUSION_SAMPLERS:
+        raise InputError(f"schedule_type (A1111's schedules) applies to {', '.join(KDIFFUSION_SAMPLERS)}, "
+                         f"not to {sampler!r}")
+    if use_karras_sigmas or timestep_spacing is not None:
+        raise InputError("schedule_type sets the sigmas itself: give it without use_karras_sigmas and "
+                         "timestep_spacing (schedule_type='karras' for A1111's Karras sigmas)")
+    sched_config = _section(config)
+    N = int(sched_config["num_train_timesteps"])
+    _check_steps(n, N)
+    prediction = check_prediction_type(sched_config.get("prediction_type", "epsilon") if prediction_type is None
+                                       else prediction_type)
+    ac = alphas_cumprod(sched_config)                                          # [N]
+    table = sigmas_from_alphas_cumprod(_finite_terminal(ac))                   # [N] sigma_t, increasing
+    s, used = a1111_schedule_sigmas(sampler, schedule_type, int(n), table)     # [n + 1] float64
+    sigmas = s.astype(np.float32)                                              # [n + 1]
+    ts = sigma_to_t(sigmas[:-1], table).astype(np.float32)                     # [n], fractional
+    final_t = float(sigma_to_t(sigmas[-1:], table)[0]) if sigmas[-1] > 0 else None
+    mid = None
+    if sampler in ("dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde"):
+        # each step's midpoint evaluation (none on a step to sigma 0)
+        ancestral = sampler in ("dpm2_a", "dpmpp_2s_a")
+        sm = [dpm2_sigma_mid(sigmas[i], sigmas[i + 1], ancestral) for i in range(int(n))]
+        sm = np.array(sm, dtype=np.float64)                                    # [n]
+        mid = (sigma_to_t(sm, table) * (sm > 0)).astype(np.float32)            # [n]
+    # A1111 starts from N(0, I) sigma_0 in Karras' variable; the DPM-Solvers step on x_t = x / sqrt(sigma^2 + 1)
+    s0 = float(sigmas[0])
+    init_sigma = s0 / math.sqrt(s0 * s0 + 1.0) if sampler in DPM_SOLVERS else s0
+    return Schedule(sampler=sampler, timesteps=_readonly(ts), sigmas=_readonly(sigmas), prev_timesteps=None,
+                    alphas_cumprod=_readonly(ac), final_alpha_cumprod=1.0, init_noise_sigma=init_sigma,
+                    spacing="a1111", use_karras_sigmas=False, mid_timesteps=_readonly(mid),
+                    prediction_type=prediction, schedule_type=used, final_timestep=final_t)
+
+
 def img2img_start_index(num_inference_steps, strength):
     """The step at which img2img (and inpainting with strength < 1) starts, as diffusers computes it.
 
@@ -449,6 +592,19 @@ def img2img_start_index(num_inference_steps, strength):
         raise InputError(f"strength {strength} with {num_inference_steps} steps leaves no step to run "
                          f"(int(steps * strength) = 0); raise strength or num_inference_steps")
     return t_start
+
+
+def start_index(schedule, strength):
+    """The step at which img2img (and inpainting) starts with this schedule: diffusers' rule
+    (img2img_start_index), or for an A1111 schedule (schedule.schedule_type) A1111's: with
+    t_enc = int(min(strength, 0.999) n) it runs the last t_enc + 1 steps (so strength 0.75 of 20
+    steps runs 16 from sigmas[4], where diffusers runs 15 from sigmas[5])."""
+    n = schedule.num_inference_steps
+    if schedule.schedule_type is None:
+        return img2img_start_index(n, strength)
+    if not is_number(strength) or not 0.0 <= float(strength) <= 1.0:
+        raise InputError(f"strength must be between 0 and 1, got {strength}")
+    return n - int(min(float(strength), 0.999) * n) - 1
 
 
 def noise_at_step(schedule, x0, noise, step_index):
@@ -1234,7 +1390,8 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
             if sig[i + 1] > 0:
                 # second model evaluation at the Euler point: noise level sigma_{i+1}, timestep t_{i+1}
                 x_euler = staged(i, x_euler)
-                eps_next, x0_next = predict(x_euler, ts[i + 1], sig[i + 1])
+                t_next = ts[i + 1] if i + 1 < n else schedule.final_timestep
+                eps_next, x0_next = predict(x_euler, t_next, sig[i + 1])
                 x_prev, x0_pred = heun_correct(x, d, eps_next, x_euler, sig[i], sig[i + 1], x0_pred=x0_next)
             else:
                 x_prev = x_euler

@@ -38,6 +38,12 @@ Tolerances (relative error = max |npsd - ref| / max |ref|, npsd.testing; ``pytes
 - dpmpp_2m with Karras sigmas as npsd runs it (start N(0, I), integer timesteps) against A1111's run:
   measured 2.0e-3, bound 2e-2 (and > 1e-3: a real difference); from A1111's scaled start 4.3e-5,
   bound 4e-4.
+- A1111's schedule types (``make_schedule(schedule_type=...)``, the last section): each sigma
+  against its reference for n = 1 .. 150, measured at most 7.3e-7 (Karras); tolerance 2e-6 (sigma
+  interpolated linearly instead of log sigma: 7.3e-5, which must fail). Whole runs of the eleven
+  k-diffusion samplers (LMS, DPM2 and DPM2 a among them) on eight schedule types, 3 and 20 steps:
+  measured 1.1e-7 to 2.0e-6 (DPM2 a with KL Optimal, whose last step ends at sigma_min: 3.6e-6);
+  tolerances RTOL_LOOP (1e-5 for the three added samplers).
 """
 
 import dataclasses
@@ -532,3 +538,159 @@ def test_dpmpp_2m_karras_run_against_a1111_run(kd):
                           "dpmpp_2m Karras from A1111's scaled start")
     print(as_is, scaled, sep="\n")
     assert as_is.max_rel > 1e-3          # the starting scale is a real difference, not rounding
+
+
+# ---------------------------------------------------------------------------------------------
+# A1111's schedule types (make_schedule(schedule_type=...)): its sigmas, its start, its runs
+# ---------------------------------------------------------------------------------------------
+
+# A1111 1.10's modules/sd_samplers_kdiffusion.py: the schedule each sampler takes for "Automatic"
+# (the others: k-diffusion's get_sigmas, "Uniform"), and those for which it discards the
+# next-to-last of n + 2 sigmas
+A1111_AUTOMATIC_EXPECTED = {"euler": "uniform", "euler_a": "uniform", "heun": "uniform", "lms": "uniform",
+                            "dpm2": "karras", "dpm2_a": "karras", "dpmpp_2s_a": "karras", "dpmpp_2m": "karras",
+                            "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_3m_sde": "exponential"}
+A1111_DISCARD_EXPECTED = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
+RTOL_A1111_SIGMA = 2e-6        # each sigma against its reference's own value
+RTOL_A1111_T = 5e-4            # fractional timesteps, absolute (as T_ATOL)
+
+
+def a1111_reference_sigmas(kd, schedule_type, n):
+    """A1111's sigmas for n steps of one schedule type, made from independent code where it exists:
+    k-diffusion's CompVisDenoiser (get_sigmas, sigma_to_t, t_to_sigma, its sigma table) and
+    get_sigmas_karras / _exponential / _polyexponential, diffusers' Beta conversion and AYS table;
+    the rest (kl_optimal, simple, the AYS interpolation) written here from A1111's definitions."""
+    den = denoiser(kd)
+    lo, hi = den.sigma_min.item(), den.sigma_max.item()
+    table = den.sigmas                                                         # [1000] float32
+    zero = torch.zeros(1)
+    if schedule_type == "uniform":
+        s = den.get_sigmas(n)
+    elif schedule_type in ("karras", "exponential", "polyexponential"):
+        s = getattr(kd.sampling, f"get_sigmas_{schedule_type}")(n, lo, hi)
+    elif schedule_type in ("normal", "sgm_uniform"):
+        start, end = den.sigma_to_t(torch.tensor(hi)), den.sigma_to_t(torch.tensor(lo))
+        count = n + 1 if schedule_type == "sgm_uniform" else n
+        s = torch.cat([den.t_to_sigma(torch.linspace(start, end, count)[:n]), zero])
+    elif schedule_type == "kl_optimal":
+        i = torch.arange(n + 1)
+        s = torch.tan(i / n * math.atan(lo) + (1.0 - i / n) * math.atan(hi))
+    elif schedule_type == "simple":
+        s = torch.tensor([float(table[-(1 + int(x * len(table) / n))]) for x in range(n)] + [0.0])
+    elif schedule_type == "beta":
+        from diffusers import EulerDiscreteScheduler
+        s = torch.cat([torch.from_numpy(EulerDiscreteScheduler()._convert_to_beta(
+            torch.tensor([hi, lo]), n)).float(), zero])
+    else:                                                                      # align_your_steps
+        from diffusers.schedulers import AysSchedules
+        # diffusers' 10 steps end 0.152 -> 0; NVIDIA's list, and A1111's, goes on to 0.029 (sigma_min)
+        ays = np.array(AysSchedules["StableDiffusionSigmas"][:-1] + [0.029])  # [11]
+        if n != len(ays):
+            ays = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(ays)), np.log(ays[::-1])))[::-1]
+        s = torch.cat([torch.from_numpy(ays.copy()).float(), zero])
+    return s.numpy().astype(np.float64)
+
+
+def a1111_sampler_sigmas(kd, name, schedule_type, n):
+    """What A1111's KDiffusionSampler.get_sigmas gives sampler `name` (with "Automatic" resolved and
+    the next-to-last sigma discarded where A1111 does)."""
+    used = A1111_AUTOMATIC_EXPECTED[name] if schedule_type == "automatic" else schedule_type
+    if name in A1111_DISCARD_EXPECTED:
+        s = a1111_reference_sigmas(kd, used, n + 1)
+        return np.append(s[:-2], s[-1])
+    return a1111_reference_sigmas(kd, used, n)
+
+
+def rel_each(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    nz = b != 0
+    assert np.all(a[~nz] == 0), "a sigma that should be 0 is not"
+    return float(np.abs(a[nz] / b[nz] - 1).max())
+
+
+@pytest.mark.parametrize("schedule_type", [t for t in S.SCHEDULE_TYPES if t != "automatic"])
+def test_a1111_schedule_types_equal_their_references(kd, schedule_type):
+    table = S.sigmas_from_alphas_cumprod(S.alphas_cumprod(CONFIG))
+    worst = 0.0
+    for n in (1, 2, 3, 7, 10, 11, 20, 33, 50, 150):
+        if n == 1 and schedule_type == "beta":
+            continue                                 # Beta's ppf(1 - linspace(0, 1, 1)) = ppf(1): sigma_max only
+        ref = a1111_reference_sigmas(kd, schedule_type, n)
+        got = S.a1111_sigmas(schedule_type, n, table)
+        assert got.shape == ref.shape == (n + 1,), (schedule_type, n, got.shape, ref.shape)
+        worst = max(worst, rel_each(got, ref))
+    print(f"A1111 {schedule_type}: each sigma within {worst:.3g} of the reference (n = 1 .. 150)")
+    assert worst <= RTOL_A1111_SIGMA
+
+
+def test_a1111_uniform_with_diffusers_interpolation_fails(kd):
+    """Interpolating sigma itself between timesteps (diffusers' linspace spacing) instead of log sigma
+    is 7.3e-5 off at n = 50: far beyond the tolerance above."""
+    table = S.sigmas_from_alphas_cumprod(S.alphas_cumprod(CONFIG))
+    n = 50
+    wrong = np.append(np.interp(np.linspace(999, 0, n), np.arange(1000), table), 0.0)
+    err = rel_each(wrong, a1111_reference_sigmas(kd, "uniform", n))
+    print(f"uniform with sigma interpolated linearly: {err:.3g} (tolerance {RTOL_A1111_SIGMA})")
+    assert err > 10 * RTOL_A1111_SIGMA
+
+
+@pytest.mark.parametrize("name", list(A1111_AUTOMATIC_EXPECTED))
+def test_a1111_automatic_schedule_of_each_sampler(kd, name):
+    """schedule_type="automatic": the type A1111 picks for the sampler, with its discarded sigma; the
+    timesteps the model sees are k-diffusion's sigma_to_t of them and the start is N(0, I) sigma_0."""
+    den = denoiser(kd)
+    for n in (1, 2, 10, 20):
+        sched = S.make_schedule(name, n, CONFIG, schedule_type="automatic")
+        assert sched.schedule_type == A1111_AUTOMATIC_EXPECTED[name]
+        ref = a1111_sampler_sigmas(kd, name, "automatic", n)
+        err = rel_each(sched.sigmas, ref)
+        assert err <= RTOL_A1111_SIGMA, (name, n, err)
+        t_ref = den.sigma_to_t(torch.from_numpy(ref[:-1]).float()).numpy()
+        assert float(np.abs(sched.timesteps - t_ref).max()) <= RTOL_A1111_T
+        s0 = float(ref[0])
+        start = s0 / math.sqrt(s0 * s0 + 1) if name in S.DPM_SOLVERS else s0
+        assert abs(sched.init_noise_sigma / start - 1) < 1e-6
+
+
+def test_a1111_schedule_type_is_refused_where_it_does_not_apply():
+    from npsd.errors import InputError
+    with pytest.raises(InputError, match="applies to euler.*not to 'ddim'"):
+        S.make_schedule("ddim", 20, CONFIG, schedule_type="karras")
+    with pytest.raises(InputError, match="without use_karras_sigmas and timestep_spacing"):
+        S.make_schedule("euler", 20, CONFIG, schedule_type="karras", use_karras_sigmas=True)
+    with pytest.raises(InputError, match="without use_karras_sigmas and timestep_spacing"):
+        S.make_schedule("euler", 20, CONFIG, schedule_type="uniform", timestep_spacing="linspace")
+    with pytest.raises(InputError, match="unknown schedule_type 'ddim'; use one of automatic, uniform"):
+        S.make_schedule("euler", 20, CONFIG, schedule_type="ddim")
+
+
+A1111_RUN_TYPES = ("automatic", "uniform", "karras", "exponential", "sgm_uniform", "kl_optimal", "align_your_steps",
+                   "beta")
+KD_RUN = dict(SAMPLER_PAIRS, lms="sample_lms", dpm2="sample_dpm_2", dpm2_a="sample_dpm_2_ancestral")
+
+
+@pytest.mark.parametrize("schedule_type", A1111_RUN_TYPES)
+@pytest.mark.parametrize("name", list(A1111_AUTOMATIC_EXPECTED))
+def test_a1111_run_equals_kdiffusion(kd, name, schedule_type):
+    """A whole A1111 run: npsd's make_schedule(schedule_type=...) and sample() from N(0, I) *
+    init_noise_sigma, against k-diffusion's sampler on A1111's sigmas from the same N(0, I) * sigma_0
+    and the same step noise (x compared in k-diffusion's variable)."""
+    worst = 0.0
+    for n in (3, 20):
+        sigmas = a1111_sampler_sigmas(kd, name, schedule_type, n).astype(np.float32)
+        z = randn(n)
+        noises = torch_draws(200 + n, 2 * n)
+        fn = getattr(kd.sampling, KD_RUN[name])
+        kw = {}
+        if name in ("euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde"):
+            draws = iter(noises)
+            kw["noise_sampler"] = lambda sigma, sigma_next: torch.from_numpy(next(draws))
+        ref = fn(denoiser(kd), torch.from_numpy(z * sigmas[0]), torch.from_numpy(sigmas), disable=True,
+                 extra_args={}, **kw).numpy()
+        sched = S.make_schedule(name, n, CONFIG, schedule_type=schedule_type)
+        out = S.sample(fake_eps_np, z * np.float32(sched.init_noise_sigma), sched, noises=noises)
+        if name in S.DPM_SOLVERS:                    # x_t -> x at the last sigma (kl_optimal: sigma_min)
+            out = out * np.float32(math.sqrt(float(sigmas[-1]) ** 2 + 1))
+        c = assert_close(out, ref, RTOL_LOOP.get(name, 1e-5), f"{name} {schedule_type} n={n}")
+        worst = max(worst, c.max_rel)
+    print(f"A1111 run {name} {schedule_type}: {worst:.3g}")

@@ -1,0 +1,167 @@
+"""AUTOMATIC1111's image from the same seed: npsd's txt2img and img2img with ``schedule_type`` (A1111's
+schedules), ``rng="torch"`` (A1111's "CPU" random numbers) and, for its SDE samplers,
+``sde_noise="brownian"``, against an A1111 run assembled from independent parts:
+
+- the models: diffusers' tiny random UNet, VAE and CLIP text encoder of tests/test_pipelines.py
+  (npsd's pipeline is built from the same weights), the text encoded by diffusers' ``encode_prompt``
+  (A1111's own prompt handling gives the same numbers for a prompt without brackets);
+- the sampling: k-diffusion's ``CompVisDenoiser`` around the UNet and its sampler functions, on the
+  sigmas A1111's ``KDiffusionSampler.get_sigmas`` makes (tests/test_kdiffusion.py builds them from
+  k-diffusion and diffusers), guided as A1111's ``CFGDenoiser`` guides: the batch [cond, uncond], then
+  uncond + scale (cond - uncond) of the denoised latents;
+- A1111's random numbers: the image's torch generator from its seed gives the start N(0, I) sigma_0
+  and, continuing, each ancestral step's noise; the SDE samplers get k-diffusion's
+  ``BrownianTreeNoiseSampler`` of the seed; img2img noises the image's latents (the posterior mean,
+  ``sample_posterior=False``: A1111 samples it from torch's unseeded global generator) to
+  sigmas[n - t_enc - 1], t_enc = int(min(strength, 0.999) n), and runs the rest.
+
+TOL_IMAGE = 2e-5 relative (images in [0, 1]), as tests/test_same_seed.py for diffusers; measured
+1.2e-6 to 3.2e-6 (the test output prints each). npsd's default (diffusers') schedule against the
+same A1111 run is 1.2e-1 away, and img2img with diffusers' start 8.3e-2
+(test_diffusers_schedule_is_not_a1111s).
+
+TOL_BROWNIAN = 1e-3 for DPM++ 2M SDE and 3M SDE on A1111's Brownian noise: measured 2.2e-5
+(txt2img) and 1.9e-4 (img2img). npsd computes A1111's sigmas in float64 and rounds them to float32;
+A1111 computes them in float32 with torch's log, exp and pow, and the two differ in the last bit for
+about half of the sigmas. The Brownian tree (torchsde's, a grid of 1e-6) answers a query that moved
+by one bit now and then from another leaf, i.e. with other noise. Given npsd's float32 sigmas, A1111's
+run is within TOL_IMAGE of npsd's (measured 2.0e-6 and 3.2e-6), so the sigmas' last bits are the
+whole difference.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+from npsd import schedulers as S
+from npsd.testing import assert_close
+from tests.test_kdiffusion import CONFIG, a1111_sampler_sigmas, kd  # noqa: F401 - the fixture
+from tests.test_pipelines import SCHED, SIZE, make_image, models, npsd_pipe, reference  # noqa: F401
+
+TOL_IMAGE = 2e-5
+TOL_BROWNIAN = 1e-3
+PROMPT = "a red circle on a blue background"
+NEGATIVE = "blurry"
+GUIDANCE = 7.5
+FUNCTIONS = {"euler": "sample_euler", "euler_a": "sample_euler_ancestral", "heun": "sample_heun", "lms": "sample_lms",
+             "dpm2": "sample_dpm_2", "dpm2_a": "sample_dpm_2_ancestral", "dpmpp_2s_a": "sample_dpmpp_2s_ancestral",
+             "dpmpp_2m": "sample_dpmpp_2m", "dpmpp_2m_sde": "sample_dpmpp_2m_sde", "dpmpp_3m_sde": "sample_dpmpp_3m_sde"}
+ANCESTRAL = ("euler_a", "dpm2_a", "dpmpp_2s_a")
+BROWNIAN = ("dpmpp_2m_sde", "dpmpp_3m_sde")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+class _LDM:
+    """What CompVisDenoiser needs of A1111's model: alphas_cumprod and apply_model(x, t, cond)."""
+
+    def __init__(self, unet, alphas_cumprod):
+        self.unet, self.alphas_cumprod = unet, alphas_cumprod
+
+    def apply_model(self, x, t, cond):
+        return self.unet(x, t, encoder_hidden_states=cond).sample
+
+
+def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, sigmas=None):  # noqa: F811
+    """The A1111 run (module docstring) -> images [1, H, W, 3] in [0, 1]. sigmas: instead of A1111's
+    (tests/test_kdiffusion.py's a1111_sampler_sigmas), these [steps + 1]."""
+    ref = reference(StableDiffusionPipeline, models, EulerDiscreteScheduler(**SCHED))
+    vae, scaling = models["vae"], ref.vae.config.scaling_factor
+    with torch.no_grad():
+        cond, uncond = ref.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
+        den = kd.external.CompVisDenoiser(_LDM(models["unet4"], ref.scheduler.alphas_cumprod.float()))
+
+        def guided(x, sigma, **_):
+            out = den(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
+            d_cond, d_uncond = out.chunk(2)
+            return d_uncond + (d_cond - d_uncond) * GUIDANCE
+
+        if sigmas is None:
+            sigmas = a1111_sampler_sigmas(kd, sampler, schedule_type, steps)
+        sigmas = torch.from_numpy(np.asarray(sigmas, np.float32))
+        g = torch.Generator().manual_seed(seed)
+        shape = (1, 4, SIZE // 2, SIZE // 2)
+        noise = torch.randn(shape, generator=g)
+        if strength is None:
+            x = noise * sigmas[0]
+        else:
+            pixels = torch.from_numpy(np.asarray(make_image(), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+            x0 = vae.encode(pixels).latent_dist.mean * scaling
+            t_enc = int(min(strength, 0.999) * steps)
+            sigmas = sigmas[steps - t_enc - 1:]
+            x = x0 + noise * sigmas[0]
+        kw = {}
+        if sampler in ANCESTRAL:
+            kw["noise_sampler"] = lambda sigma, sigma_next: torch.randn(shape, generator=g)
+        elif sampler in BROWNIAN:
+            kw["noise_sampler"] = kd.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
+                                                                        seed=[seed])
+        x = getattr(kd.sampling, FUNCTIONS[sampler])(guided, x, sigmas, disable=True, **kw)
+        image = vae.decode(x / scaling).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def npsd_run(models, sampler, schedule_type, seed, steps, strength=None):  # noqa: F811
+    pipe = npsd_pipe(models)
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
+              seed=seed, rng="torch", sampler=sampler, schedule_type=schedule_type, output_type="np",
+              sde_noise="brownian" if sampler in BROWNIAN else "generator")
+    if strength is None:
+        return pipe.txt2img(PROMPT, **kw)
+    return pipe.img2img(PROMPT, make_image(), strength=strength, sample_posterior=False, **kw)
+
+
+CASES = [("euler", "automatic"), ("euler_a", "automatic"), ("heun", "kl_optimal"), ("lms", "karras"),
+         ("dpm2", "automatic"), ("dpm2_a", "sgm_uniform"), ("dpmpp_2s_a", "automatic"), ("dpmpp_2m", "automatic"),
+         ("dpmpp_2m", "align_your_steps"), ("dpmpp_2m_sde", "automatic"), ("dpmpp_3m_sde", "automatic"),
+         ("euler_a", "beta")]
+
+
+def check_against_a1111(kd, models, sampler, schedule_type, seed, steps, strength=None):  # noqa: F811
+    what = f"{'txt2img' if strength is None else f'img2img strength {strength}'} {sampler} {schedule_type}"
+    ours = npsd_run(models, sampler, schedule_type, seed, steps, strength)
+    ref = a1111_run(kd, models, sampler, schedule_type, seed, steps, strength)
+    if sampler not in BROWNIAN:
+        print(assert_close(ours, ref, TOL_IMAGE, f"{what} vs A1111"))
+        return
+    # the Brownian tree turns a last-bit difference of a sigma into other noise (module docstring):
+    # A1111's run on npsd's float32 sigmas is within TOL_IMAGE, on its own within TOL_BROWNIAN
+    own = S.make_schedule(sampler, steps, CONFIG, schedule_type=schedule_type).sigmas
+    print(assert_close(ours, a1111_run(kd, models, sampler, schedule_type, seed, steps, strength, sigmas=own),
+                       TOL_IMAGE, f"{what} vs A1111 on npsd's sigmas"))
+    print(assert_close(ours, ref, TOL_BROWNIAN, f"{what} vs A1111"))
+
+
+@pytest.mark.parametrize("sampler, schedule_type", CASES)
+def test_txt2img_equals_an_a1111_run(kd, models, sampler, schedule_type):  # noqa: F811
+    check_against_a1111(kd, models, sampler, schedule_type, seed=42, steps=5)
+
+
+@pytest.mark.parametrize("sampler, schedule_type, strength", [("euler_a", "automatic", 0.75),
+                                                              ("dpmpp_2m", "automatic", 0.6),
+                                                              ("dpmpp_2m_sde", "exponential", 0.5)])
+def test_img2img_equals_an_a1111_run(kd, models, sampler, schedule_type, strength):  # noqa: F811
+    check_against_a1111(kd, models, sampler, schedule_type, seed=7, steps=8, strength=strength)
+
+
+def test_diffusers_schedule_is_not_a1111s(kd, models, monkeypatch):  # noqa: F811
+    """The same run on npsd's default (diffusers') schedule, or img2img with diffusers' start, fails
+    the tolerance by far: the A1111 comparison can tell them apart."""
+    from npsd import schedulers
+    ref = a1111_run(kd, models, "euler_a", "automatic", seed=42, steps=5)
+    pipe = npsd_pipe(models)
+    ours = pipe.txt2img(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, guidance_scale=GUIDANCE,
+                        height=SIZE, width=SIZE, seed=42, rng="torch", sampler="euler_a", output_type="np")
+    err = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    print(f"diffusers' schedule vs A1111's run: {err:.3g} (tolerance {TOL_IMAGE})")
+    assert err > 1e3 * TOL_IMAGE
+    ref = a1111_run(kd, models, "euler_a", "automatic", seed=7, steps=8, strength=0.75)
+    monkeypatch.setattr(schedulers, "start_index",
+                        lambda schedule, strength: schedulers.img2img_start_index(schedule.num_inference_steps, strength))
+    ours = npsd_run(models, "euler_a", "automatic", seed=7, steps=8, strength=0.75)
+    err = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    print(f"img2img with diffusers' start vs A1111's run: {err:.3g}")
+    assert err > 1e3 * TOL_IMAGE
