@@ -59,7 +59,8 @@ from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
 from .brownian import SDE_NOISES
 from .clip import layer_count
 from .rng import RNG_KINDS, SEED_LIMIT
-from .schedulers import NOISE_SAMPLER_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SIGMA_SAMPLERS, SPACINGS
+from .schedulers import (KDIFFUSION_SAMPLERS, NOISE_SAMPLER_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES,
+                         SIGMA_SAMPLERS, SPACINGS)
 
 WEIGHTS_DTYPE_HELP = ("keep the weights in float16 to halve their memory; npsd computes in float32 either way, and "
                       "the image changes by the float16 rounding of the weights (default float32)")
@@ -120,10 +121,10 @@ def _lora_option(text):
 
 def _sampler(text):
     """--sampler NAME: npsd's names (argparse's choices); an A1111 name gets npsd's name in the error."""
-    found, karras = sampler_from_a1111(text) if text not in SAMPLERS else (None, False)
+    found, schedule = sampler_from_a1111(text) if text not in SAMPLERS else (None, None)
     if found:
         raise argparse.ArgumentTypeError(f"unknown sampler {text!r}: npsd's name for it is {found!r}"
-                                         f"{' with --karras' if karras else ''}")
+                                         f"{f' with --schedule-type {schedule}' if schedule else ''}")
     return text
 
 
@@ -215,6 +216,10 @@ def _generation_options(p, mode):
     a("--karras", action=argparse.BooleanOptionalAction, default=None,
       help="Karras sigmas (the sigma samplers: " + ", ".join(SIGMA_SAMPLERS) + "; default off)")
     a("--timestep-spacing", choices=SPACINGS, help="timestep spacing (default: the model's, SD v1.x: leading)")
+    a("--schedule-type", choices=SCHEDULE_TYPES,
+      help="AUTOMATIC1111's schedule type, for the samplers A1111 runs with k-diffusion (" + ", ".join(KDIFFUSION_SAMPLERS)
+           + "): its sigmas, timesteps, start and img2img steps, to remake its images (with --rng torch); "
+             "automatic = A1111's choice per sampler (default: diffusers' schedule, --timestep-spacing and --karras)")
     a("--prediction-type", choices=PREDICTION_TYPES,
       help="what the UNet predicts (default: the model's config, SD v1.x: epsilon)")
     a("--sde-noise", choices=SDE_NOISES,
@@ -346,7 +351,7 @@ def attach_networks(pipe, args, settings):
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "height", "width",
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
             "mask_blur", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
-            "lora_names", "ti_names", "vae_decoder", "sde_noise")
+            "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type")
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
@@ -392,6 +397,21 @@ def resolve_settings(args, mode):
         raise InputError(stored["_bad_rng"])
     if stored.get("_bad_vae_decoder") and args.vae_decoder is None:
         raise InputError(stored["_bad_vae_decoder"])
+    if stored.get("_bad_schedule_type") and args.schedule_type is None and not args.karras \
+            and args.timestep_spacing is None:
+        raise InputError(stored["_bad_schedule_type"])
+    # A1111's schedule types and diffusers' spacing / Karras sigmas exclude each other: an option
+    # given replaces what the PNG stored of the other kind
+    diffusers_options = [o for o, v in (("--karras", args.karras), ("--timestep-spacing", args.timestep_spacing)) if v]
+    if args.schedule_type is not None and diffusers_options:
+        raise UsageError(f"--schedule-type sets A1111's sigmas itself; drop {' and '.join(diffusers_options)}")
+    if args.schedule_type is not None:
+        settings["karras"] = settings["timestep_spacing"] = None
+    elif diffusers_options or (args.sampler is not None and args.sampler not in KDIFFUSION_SAMPLERS):
+        settings["schedule_type"] = None
+    if settings["schedule_type"] and settings["sampler"] is not None and settings["sampler"] not in KDIFFUSION_SAMPLERS:
+        raise UsageError(f"--schedule-type applies to the samplers {', '.join(KDIFFUSION_SAMPLERS)}, "
+                         f"not to {settings['sampler']}")
     if args.lora is not None:                                  # --lora replaces the image's LoRAs
         settings["lora_names"] = []
     for k, default in OPTION_DEFAULTS.items():
@@ -568,10 +588,9 @@ class _Generation:
         self.args, self.settings, self.pipe, self.outputs, self.select = args, settings, pipe, outputs, select
         self.mode, self.n = args.command, settings["num_images"]
         schedule = schedulers.make_schedule(settings["sampler"], settings["steps"], pipe.config, settings["karras"],
-                                            settings["timestep_spacing"])
+                                            settings["timestep_spacing"], schedule_type=settings["schedule_type"])
         self.total = schedule.num_inference_steps
-        self.start = (0 if self.mode == "txt2img"
-                      else schedulers.img2img_start_index(settings["steps"], settings["strength"]))
+        self.start = 0 if self.mode == "txt2img" else schedulers.start_index(schedule, settings["strength"])
         uses = taesd_uses(args, settings)
         if uses:                                          # --taesd's weights, checked to fit the model's latents
             from .taesd import load_taesd

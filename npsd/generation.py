@@ -63,7 +63,8 @@ def model_defaults(settings, pipe):
     if settings["guidance_scale"] is None:
         settings["guidance_scale"] = defaults["guidance_scale"]
     settings["sampler"] = settings["sampler"] or defaults["sampler"]
-    settings["timestep_spacing"] = settings["timestep_spacing"] or scheduler["timestep_spacing"]
+    if settings.get("schedule_type") is None:                         # (A1111's schedules have no spacing)
+        settings["timestep_spacing"] = settings["timestep_spacing"] or scheduler["timestep_spacing"]
     settings["prediction_type"] = settings["prediction_type"] or scheduler["prediction_type"]
 
 
@@ -81,7 +82,7 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               long_prompt=settings["long_prompt"], rng=settings["rng"],
               prediction_type=settings["prediction_type"], guidance_rescale=settings["guidance_rescale"] or 0.0,
               prompt_syntax=settings["prompt_syntax"], attention_maps=attention_maps, decoder=settings["vae_decoder"],
-              sde_noise=settings["sde_noise"], trace=trace)
+              sde_noise=settings["sde_noise"], schedule_type=settings.get("schedule_type"), trace=trace)
     if mode == "txt2img":
         return pipe.txt2img(settings["prompt"], **kw)
     if mode == "img2img":

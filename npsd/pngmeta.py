@@ -30,7 +30,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import InputError, UsageError
 from .version import __version__
-from .schedulers import PREDICTION_TYPES, SAMPLERS, SPACINGS
+from .schedulers import A1111_AUTOMATIC, BETA_ALPHA, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES, SPACINGS
 
 KEY = "parameters"
 NEGATIVE = "Negative prompt:"
@@ -44,6 +44,11 @@ A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_a": "
                   "dpmpp_2m": "DPM++ 2M", "pndm": "PLMS", "lms": "LMS", "dpmpp_2m_sde": "DPM++ 2M SDE",
                   "unipc": "UniPC", "dpm2": "DPM2", "dpm2_a": "DPM2 a", "lcm": "LCM", "deis": "DEIS",
                   "dpmpp_2s_a": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_3m_sde": "DPM++ 3M SDE"}
+# --schedule-type <-> A1111's "Schedule type" field (A1111's labels; "SGMUniform" is an older alias)
+SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
+                   "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
+                   "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "beta": "Beta"}
+assert tuple(SCHEDULE_LABELS) == SCHEDULE_TYPES
 # --rng <-> the "RNG" field (A1111's value "CPU" is torch's CPU generator, which rng="torch" reproduces)
 RNG_FIELD = {"numpy": "numpy", "torch": "CPU"}
 # --vae-decoder <-> A1111's "VAE Decoder" field ("Full" or "TAESD"; A1111 writes it only for TAESD).
@@ -165,7 +170,7 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
     fields = {
         "Steps": settings["steps"],
         "Sampler": A1111_SAMPLERS[settings["sampler"]],
-        "Schedule type": "Karras" if settings["karras"] else None,
+        "Schedule type": _schedule_label(settings),
         "CFG scale": _num(settings["guidance_scale"]),
         "Seed": settings["seed"],
         "Size": f"{width}x{height}",
@@ -195,6 +200,15 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "npsd version": __version__,
     }
     return format_parameters(settings["prompt"], settings["negative_prompt"], fields)
+
+
+def _schedule_label(settings):
+    """The "Schedule type" field: A1111's schedule (schedule_type; "automatic" as A1111 resolves it, the
+    type it writes), or "Karras" for diffusers' Karras sigmas (with a "Timestep spacing" field)."""
+    kind = settings.get("schedule_type")
+    if kind is None:
+        return "Karras" if settings["karras"] else None
+    return SCHEDULE_LABELS[A1111_AUTOMATIC.get(settings["sampler"], "uniform") if kind == "automatic" else kind]
 
 
 def _loras(settings):
@@ -244,16 +258,18 @@ def settings_from_png(path, mode):
         except ValueError:
             raise InputError(f"--from-png: the stored Size is {f['Size']!r}, not WIDTHxHEIGHT") from None
         settings["width"], settings["height"] = w, h
+    suffix = None
     if "Sampler" in f:
-        settings.update(_sampler_from_field(f["Sampler"]))
-    if f.get("Schedule type", "").lower() == "karras":
-        settings["karras"] = True
+        found = _sampler_from_field(f["Sampler"])
+        suffix = found.pop("_schedule", None)
+        settings.update(found)
+    settings.update(_schedule_from_fields(f, settings.get("sampler"), suffix))
     settings["strength"] = _convert(f, "Denoising strength", float, "a number")
     settings["eta"] = _convert(f, "Eta", float, "a number")
     skip = _convert(f, "Clip skip", int, "a whole number")            # A1111's count: 1 = last layer
     settings["clip_skip"] = None if skip is None else max(skip - 1, 0)
     settings["mask_blur"] = _convert(f, "Mask blur", int, "a whole number")
-    if f.get("Timestep spacing") in SPACINGS:
+    if f.get("Timestep spacing") in SPACINGS and "schedule_type" not in settings:
         settings["timestep_spacing"] = f["Timestep spacing"]
     if f.get("Prediction type") in PREDICTION_TYPES:
         settings["prediction_type"] = f["Prediction type"]
@@ -292,21 +308,50 @@ def settings_from_png(path, mode):
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
 A1111_UNAPPLIED = ("Hires upscale", "Hires resize", "Variation seed", "Variation seed strength", "Seed resize from",
-                   "ENSD", "Face restoration", "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS")
+                   "ENSD", "Face restoration", "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS",
+                   "Schedule min sigma", "Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet")                 # extensions' fields
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
 # seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
 A1111_BROWNIAN = ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde")
 
 
+def _schedule_from_fields(f, sampler, suffix):
+    """The schedule of a stored run -> {"schedule_type": ...} (A1111's sigmas), {"karras": True}
+    (diffusers' Karras sigmas), {"_bad_schedule_type": message} or {}.
+
+    npsd writes "Timestep spacing" with diffusers' schedules and never with A1111's; A1111 never
+    writes it. So without that field, a sampler A1111 runs with k-diffusion ran on A1111's schedule:
+    the "Schedule type" field's, the sampler name's old suffix ("DPM++ 2M Karras"), or, with neither,
+    A1111's Uniform (A1111 writes the type whenever it is another)."""
+    text = f.get("Schedule type", "").strip()
+    by_label = {label.lower(): name for name, label in SCHEDULE_LABELS.items()}
+    by_label["sgmuniform"] = "sgm_uniform"
+    kind = by_label.get(text.lower()) if text else suffix
+    if "Timestep spacing" in f or sampler not in KDIFFUSION_SAMPLERS:
+        return {"karras": True} if kind == "karras" else {}
+    if text and kind is None:
+        return {"_bad_schedule_type": f"--from-png: the image's schedule type {text!r} is not one npsd has "
+                                      f"({', '.join(SCHEDULE_LABELS.values())}); give --schedule-type"}
+    return {"schedule_type": kind or "uniform"}
+
+
 def unapplied_fields(fields):
     """The stored fields npsd leaves out: "name: value" (the name alone for a long value)."""
     names = [k for k in fields if k in A1111_UNAPPLIED or k.startswith(A1111_UNAPPLIED_PREFIXES)]
-    if fields.get("Schedule type", "automatic").strip().lower() not in ("automatic", "karras"):
-        names.append("Schedule type")                                   # npsd: the sampler's own or Karras
+    for k in ("Beta schedule alpha", "Beta schedule beta"):              # npsd: A1111's default Beta(0.6, 0.6)
+        if k in fields and _float_or_none(fields[k]) != BETA_ALPHA:
+            names.append(k)
     if fields.get("Emphasis", "original").strip().lower() != "original":
         names.append("Emphasis")                                        # npsd: A1111's "Original" (npsd/prompts.py)
     return [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]
+
+
+def _float_or_none(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _named_pairs(text):
@@ -338,22 +383,22 @@ def _convert(fields, name, kind, what):
 
 
 def sampler_from_a1111(name):
-    """A1111's sampler name ("DPM++ 2M", "Euler a", older "DPM++ 2M Karras"; any case) or npsd's
-    ("dpmpp_2m") -> (npsd's name or None, whether the name asks for Karras sigmas)."""
-    text = name.strip()
-    karras = text.lower().endswith(" karras")
-    if karras:
-        text = text[: -len(" karras")]
+    """A1111's sampler name ("DPM++ 2M", "Euler a", before A1111 1.9 also "DPM++ 2M Karras" and
+    "DPM++ 2M SDE Exponential"; any case) or npsd's ("dpmpp_2m") -> (npsd's name or None, the
+    schedule type the name's suffix asks for: "karras", "exponential" or None)."""
+    text, schedule = name.strip(), None
+    for suffix in ("karras", "exponential"):
+        if text.lower().endswith(" " + suffix):
+            text, schedule = text[: -len(suffix) - 1], suffix
     by_label = {label.lower(): npsd_name for npsd_name, label in A1111_SAMPLERS.items()}
-    return by_label.get(text.lower(), text if text in SAMPLERS else None), karras
+    return by_label.get(text.lower(), text if text in SAMPLERS else None), schedule
 
 
 def _sampler_from_field(text):
-    """A "Sampler" field -> {"sampler": npsd's name or None, and "karras" / "_bad_sampler" when they apply}."""
+    """A "Sampler" field -> {"sampler": npsd's name or None, "_schedule": the name's schedule suffix,
+    "_bad_sampler" when the name is not npsd's}."""
     found = {}
-    found["sampler"], karras = sampler_from_a1111(text)
-    if karras:
-        found["karras"] = True
+    found["sampler"], found["_schedule"] = sampler_from_a1111(text)
     if found["sampler"] is None:                                      # an error unless --sampler is given
         found["_bad_sampler"] = (f"--from-png: the stored sampler {text!r} is not one npsd has "
                                  f"({', '.join(A1111_SAMPLERS.values())}); give --sampler")

@@ -294,8 +294,8 @@ def a1111_sigmas(schedule_type, n, sigma_table):
     karras            Karras et al. 2022 eq. 5, rho 7, sigma_max .. sigma_min
     exponential       evenly spaced in log(sigma), sigma_max .. sigma_min
     polyexponential   exp(r^rho (log sigma_max - log sigma_min) + log sigma_min), r = 1 .. 0, rho 1
-    kl_optimal        tan((1 - i / n) atan(sigma_max) + i / n atan(sigma_min)), i = 0..n (Karras' "KL
-                      optimal" discretisation, Sabour et al. 2024): the last is sigma_min, not 0
+    kl_optimal        tan((1 - i / n) atan(sigma_max) + i / n atan(sigma_min)), i = 0..n (the "KL-optimal"
+                      discretisation of Sabour et al. 2024): the last is sigma_min, not 0
     align_your_steps  AYS_SD15, or n of its values interpolated linearly in log(sigma)
     simple            the table read backwards at every N / n-th entry: sigma_t, t = N - 1 - int(i N / n)
     beta              sigma_min + (sigma_max - sigma_min) ppf(1 - i / (n - 1)) of Beta(0.6, 0.6)
@@ -401,10 +401,11 @@ def check_sampler(name):
     """Return name if it is a known sampler, else raise InputError listing the valid names."""
     if name not in SAMPLERS:
         from .pngmeta import sampler_from_a1111                          # (pngmeta imports this module)
-        found, karras = sampler_from_a1111(name) if isinstance(name, str) else (None, False)
+        found, schedule = sampler_from_a1111(name) if isinstance(name, str) else (None, None)
         if found:                                                        # A1111's display name
             raise InputError(f"unknown sampler {name!r}: npsd's name for it is {found!r}"
-                             f"{' with use_karras_sigmas=True' if karras else ''}; npsd's names are {', '.join(SAMPLERS)}")
+                             f"{f' with schedule_type={schedule!r}' if schedule else ''}; npsd's names are "
+                             f"{', '.join(SAMPLERS)}")
         raise InputError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
     return name
 
@@ -543,7 +544,7 @@ def _a1111_schedule(sampler, n, config, schedule_type, use_karras_sigmas, timest
     if schedule_type not in SCHEDULE_TYPES:
         raise InputError(f"unknown schedule_type {schedule_type!r}; use one of {', '.join(SCHEDULE_TYPES)}")
     if sampler not in KDIFFUSION_SAMPLERS:
-        raise InputError(f"schedule_type (A1111's schedules) applies to {', '.join(KDIFFUSION_SAMPLERS)}, "
+        raise InputError(f"A1111's schedule types apply to the samplers {', '.join(KDIFFUSION_SAMPLERS)}, "
                          f"not to {sampler!r}")
     if use_karras_sigmas or timestep_spacing is not None:
         raise InputError("schedule_type sets the sigmas itself: give it without use_karras_sigmas and "

@@ -12,7 +12,7 @@ schedules), ``rng="torch"`` (A1111's "CPU" random numbers) and, for its SDE samp
 - A1111's random numbers: the image's torch generator from its seed gives the start N(0, I) sigma_0
   and, continuing, each ancestral step's noise; the SDE samplers get k-diffusion's
   ``BrownianTreeNoiseSampler`` of the seed; img2img noises the image's latents (the posterior mean,
-  ``sample_posterior=False``: A1111 samples it from torch's unseeded global generator) to
+  ``sample_posterior=False``: A1111 samples it from torch's global generator, not the image's) to
   sigmas[n - t_enc - 1], t_enc = int(min(strength, 0.999) n), and runs the rest.
 
 TOL_IMAGE = 2e-5 relative (images in [0, 1]), as tests/test_same_seed.py for diffusers; measured

@@ -159,8 +159,9 @@ def test_from_png_reads_a1111_settings(tmp_path):
         "a castle\nNegative prompt: lowres\nSteps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 1234, "
         "Size: 512x768, Model hash: 6ce0161689, Model: v1-5, Clip skip: 2, Denoising strength: 0.6"))
     s = settings_from_png(str(path), "img2img")
-    assert (s["prompt"], s["negative_prompt"], s["steps"], s["sampler"], s["karras"]) == \
-        ("a castle", "lowres", 28, "dpmpp_2m", True)
+    assert (s["prompt"], s["negative_prompt"], s["steps"], s["sampler"], s["schedule_type"]) == \
+        ("a castle", "lowres", 28, "dpmpp_2m", "karras")                   # A1111's Karras sigmas
+    assert "karras" not in s and "timestep_spacing" not in s
     assert (s["guidance_scale"], s["seed"], s["width"], s["height"], s["clip_skip"], s["strength"]) == \
         (6.5, 1234, 512, 768, 1, 0.6)
 
@@ -187,16 +188,19 @@ def test_from_png_of_a_decompression_bomb_is_one_line(tmp_path, capsys):
 
 
 def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, capsys):
-    """A1111 writes hires fix, variation seeds, ENSD, face restoration, other schedule types and its
-    extensions' settings only when they are in use, and each changes its image: a re-make names them
-    in one warning (they were ignored without a word); npsd's own PNGs, A1111's defaults ("Schedule
-    type: Automatic", "Emphasis: Original") and what npsd applies (Karras, Clip skip) give none."""
+    """A1111 writes hires fix, variation seeds, ENSD, face restoration, its schedules' own sigma range,
+    rho and Beta parameters and its extensions' settings only when they are in use, and each changes
+    its image: a re-make names them in one warning (they were ignored without a word); npsd's own
+    PNGs, A1111's defaults ("Schedule type: Automatic", "Emphasis: Original") and what npsd applies
+    (its schedule types, Clip skip) give none."""
     from npsd.pngmeta import png_info
     base = f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 16x16"
     cases = {", Hires upscale: 2, Hires upscaler: Latent, Denoising strength: 0.7": "Hires upscale: 2",
              ", Variation seed: 9, Variation seed strength: 0.3": "Variation seed: 9, Variation seed strength: 0.3",
              ", ENSD: 31337": "ENSD: 31337",
-             ", Schedule type: SGM Uniform, Emphasis: No norm": "Schedule type: SGM Uniform, Emphasis: No norm",
+             ", Schedule type: SGM Uniform, Emphasis: No norm": "Emphasis: No norm",
+             ", Schedule rho: 5, Discard penultimate sigma: True": "Schedule rho: 5, Discard penultimate sigma: True",
+             ", Schedule type: Beta, Beta schedule alpha: 0.6, Beta schedule beta: 0.8": "Beta schedule beta: 0.8",
              ', ADetailer model: face_yolov8n.pt, ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny, '
              'Weight: 1"': "ADetailer model: face_yolov8n.pt, ControlNet 0",
              ", Schedule type: Automatic, Emphasis: Original, Clip skip: 2": None,
@@ -216,6 +220,65 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
 
 
 
+def test_schedule_type_option_and_its_png_field(model, tmp_path, capsys):
+    """--schedule-type runs A1111's schedule (the pipeline's schedule_type) and writes A1111's
+    "Schedule type" (for automatic, the type A1111 resolves it to) without "Timestep spacing", which
+    npsd writes with diffusers' schedules: --from-png tells the two apart and remakes each exactly.
+    A1111's PNGs name the type, or, for its Uniform, nothing; the two kinds of option exclude each
+    other; a type npsd lacks is one line that names the option to give."""
+    from npsd import load
+    from npsd.pngmeta import png_info
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 4, "--sampler", "dpmpp_2m", "--schedule-type", "automatic", "--rng", "torch")
+    f = params_of(a)["fields"]
+    assert f["Schedule type"] == "Karras" and "Timestep spacing" not in f, f
+    pipe = load(str(model))
+    ref = pipe.txt2img(PROMPT, num_inference_steps=int(f["Steps"]), guidance_scale=float(f["CFG scale"]), seed=4,
+                       sampler="dpmpp_2m", schedule_type="karras", rng="torch", prompt_syntax="a1111",
+                       height=16, width=16)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(ref))
+    diffusers = pipe.txt2img(PROMPT, num_inference_steps=int(f["Steps"]), guidance_scale=float(f["CFG scale"]), seed=4,
+                             sampler="dpmpp_2m", use_karras_sigmas=True, rng="torch", height=16, width=16)
+    assert not np.array_equal(np.asarray(ref), np.asarray(diffusers))
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "b.png").read_bytes() == a.read_bytes(), err
+    k = tmp_path / "k.png"                                         # diffusers' Karras: kept as it was
+    gen(capsys, model, k, "--seed", 4, "--sampler", "dpmpp_2m", "--karras", "--rng", "torch")
+    assert params_of(k)["fields"]["Timestep spacing"] == "leading"
+    assert not np.array_equal(np.asarray(Image.open(k)), np.asarray(Image.open(a)))
+    rc, _, err = run(["txt2img", "--from-png", k, "--model", model, "-o", tmp_path / "k2.png", "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "k2.png").read_bytes() == k.read_bytes(), err
+    # A1111's PNGs: no field is Uniform; an option of the other kind replaces the stored schedule
+    for sampler, extra, expected in (("Euler a", "", "uniform"), ("DPM++ 2M", ", Schedule type: SGM Uniform", "sgm_uniform"),
+                                     ("DPM++ 2M SDE Exponential", "", "exponential"), ("DDIM", "", None)):
+        path = tmp_path / "a1111.png"
+        Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(
+            f"{PROMPT}\nNegative prompt: \nSteps: 3, Sampler: {sampler}{extra}, CFG scale: 7, Seed: 5, Size: 16x16"))
+        assert settings_from_png(str(path), "txt2img").get("schedule_type") == expected, sampler
+    rc, _, err = run(["txt2img", "--from-png", path.with_name("a1111.png"), "--model", model, "-o", tmp_path / "c.png",
+                      "--quiet", "--sampler", "euler", "--karras"], capsys)
+    f = params_of(tmp_path / "c.png")["fields"]
+    assert rc == 0 and f["Schedule type"] == "Karras" and f["Timestep spacing"] == "leading", err
+    bad = tmp_path / "bad.png"
+    Image.new("RGB", (16, 16)).save(bad, pnginfo=png_info(
+        f"{PROMPT}\nNegative prompt: \nSteps: 3, Sampler: Euler, Schedule type: DDIM, CFG scale: 7, Seed: 5, Size: 16x16"))
+    rc, _, err = run(["txt2img", "--from-png", bad, "--model", model, "-o", tmp_path / "d.png", "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "schedule type 'DDIM' is not one npsd has" in err \
+        and "give --schedule-type" in err, err
+    rc, _, err = run(["txt2img", "--from-png", bad, "--model", model, "-o", tmp_path / "d.png", "--quiet",
+                      "--schedule-type", "normal"], capsys)
+    assert rc == 0 and params_of(tmp_path / "d.png")["fields"]["Schedule type"] == "Normal", err
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "e.png", "--schedule-type", "karras",
+                      "--karras", "--timestep-spacing", "linspace"], capsys)
+    assert rc == 2 and err == ("npsd: error: --schedule-type sets A1111's sigmas itself; drop --karras and "
+                               "--timestep-spacing\n"), err
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "e.png", "--schedule-type", "karras",
+                      "--sampler", "ddim"], capsys)
+    assert rc == 2 and err.startswith("npsd: error: --schedule-type applies to the samplers euler, euler_a") \
+        and err.endswith(", not to ddim\n") and err.count("\n") == 1, err
+    assert not (tmp_path / "e.png").exists()
+
+
 def test_from_png_of_a1111s_dpmpp_2m_sde_takes_its_brownian_noise(model, tmp_path, capsys):
     """A1111 draws the step noise of DPM++ 2M SDE (also DPM++ SDE and 3M SDE) from a Brownian tree of
     the seed and writes no field for it: --from-png of its PNG runs --sde-noise brownian (written "SDE noise: Brownian"), with another
@@ -229,7 +292,7 @@ def test_from_png_of_a1111s_dpmpp_2m_sde_takes_its_brownian_noise(model, tmp_pat
     f = params_of(tmp_path / "a.png")["fields"]
     assert (f["Sampler"], f["Schedule type"], f["SDE noise"]) == ("DPM++ 2M SDE", "Karras", "Brownian")
     same = tmp_path / "same.png"
-    gen(capsys, model, same, "--seed", 5, "--steps", 3, "--sampler", "dpmpp_2m_sde", "--karras",
+    gen(capsys, model, same, "--seed", 5, "--steps", 3, "--sampler", "dpmpp_2m_sde", "--schedule-type", "karras",
         "--guidance-scale", 7, "--sde-noise", "brownian")
     assert np.array_equal(np.asarray(Image.open(same)), np.asarray(Image.open(tmp_path / "a.png")))
     drawn = tmp_path / "drawn.png"

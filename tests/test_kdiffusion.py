@@ -654,7 +654,7 @@ def test_a1111_automatic_schedule_of_each_sampler(kd, name):
 
 def test_a1111_schedule_type_is_refused_where_it_does_not_apply():
     from npsd.errors import InputError
-    with pytest.raises(InputError, match="applies to euler.*not to 'ddim'"):
+    with pytest.raises(InputError, match="apply to the samplers euler.*not to 'ddim'"):
         S.make_schedule("ddim", 20, CONFIG, schedule_type="karras")
     with pytest.raises(InputError, match="without use_karras_sigmas and timestep_spacing"):
         S.make_schedule("euler", 20, CONFIG, schedule_type="karras", use_karras_sigmas=True)

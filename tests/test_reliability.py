@@ -449,7 +449,7 @@ def test_prompts_that_are_not_strings(tiny):
         pipe.txt2img(PROMPT, sampler="k_lms", **kw)
     with pytest.raises(InputError, match="unknown sampler 'plms': npsd's name for it is 'pndm'; npsd's names are ddpm"):
         pipe.txt2img(PROMPT, sampler="plms", **kw)
-    with pytest.raises(InputError, match="npsd's name for it is 'dpmpp_2m' with use_karras_sigmas=True"):
+    with pytest.raises(InputError, match="npsd's name for it is 'dpmpp_2m' with schedule_type='karras'"):
         pipe.txt2img(PROMPT, sampler="DPM++ 2M Karras", **kw)
     for h in (8, 56, 63, 0, -64, 64.0, "64"):
         with pytest.raises(InputError, match="height must be a multiple of 8 and at least 64"):
@@ -502,7 +502,7 @@ def test_cli_parameter_errors(tiny, tmp_path, capsys):
         (["txt2img", PROMPT, "--guidance-scale", -1] + base, "--guidance-scale: must be a finite number >= 0.0"),
         (["txt2img", PROMPT, "--guidance-scale", "inf"] + base, "finite"),
         (["txt2img", PROMPT, "--sampler", "k_lms"] + base, "euler_a"),                   # the valid names listed
-        (["txt2img", PROMPT, "--sampler", "DPM++ 2M Karras"] + base, "npsd's name for it is 'dpmpp_2m' with --karras"),
+        (["txt2img", PROMPT, "--sampler", "DPM++ 2M Karras"] + base, "npsd's name for it is 'dpmpp_2m' with --schedule-type karras"),
         (["txt2img", PROMPT, "--seed", 2**64 + 2**40] + base, "[0, 2**64)"),
         (["txt2img", PROMPT, "--seed", "abc"] + base, "expected a whole number"),
         (["txt2img", PROMPT, "--clip-skip", 99] + base, "--clip-skip 99 skips more than this model's 2 text encoder "

@@ -166,7 +166,10 @@ def test_the_other_routes(client):
     assert options["sd_model_checkpoint"] == "npsd-tiny"
     assert options["sd_checkpoint_hash"] == models["npsd-tiny"]["sha256"]
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
-    assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == ["Automatic", "Karras"]
+    # A1111 1.10's schedule types but its "DDIM" (whose step count differs from the request's steps)
+    assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == [
+        "Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+        "Align Your Steps", "Simple", "Normal", "Beta"]
     idle = client.get("/sdapi/v1/progress").json()
     assert set(idle) == {"progress", "eta_relative", "state", "current_image", "textinfo", "npsd"}
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
@@ -199,25 +202,34 @@ def test_txt2img_same_pixels_as_the_pipeline(client, pipe):
     assert json.loads(body["info"])["all_seeds"] == [123, 123, 125, 125]     # iteration j: seed + j * batch_size
     for j, seed in enumerate((123, 125)):
         ref = pipe.txt2img(PROMPT, negative_prompt="green", num_inference_steps=4, guidance_scale=6, seed=seed,
-                           sampler="euler_a", num_images=2)
+                           sampler="euler_a", num_images=2, schedule_type="automatic")       # A1111's schedule
         for b in range(2):
             assert np.array_equal(got[2 * j + b], pixels(ref[b])), (j, b)     # exact: the same computation
 
 
-def test_karras_scheduler_same_pixels(client, pipe):
-    body = txt2img(client, steps=4, seed=5, sampler_name="DPM++ 2M", scheduler="Karras")
-    ref = pipe.txt2img(PROMPT, num_inference_steps=4, seed=5, sampler="dpmpp_2m", use_karras_sigmas=True)
+@pytest.mark.parametrize("scheduler", ["Karras", "SGM Uniform", "Automatic"])
+def test_a1111_scheduler_same_pixels(client, pipe, scheduler):
+    """The request's scheduler is A1111's schedule type (Automatic: A1111's choice for the sampler,
+    Karras for DPM++ 2M), and the infotext names the type A1111 would."""
+    body = txt2img(client, steps=4, seed=5, sampler_name="DPM++ 2M", scheduler=scheduler)
+    kind = {"Karras": "karras", "SGM Uniform": "sgm_uniform", "Automatic": "automatic"}[scheduler]
+    ref = pipe.txt2img(PROMPT, num_inference_steps=4, seed=5, sampler="dpmpp_2m", schedule_type=kind)
     assert np.array_equal(pixels(decode(body["images"][0])), pixels(ref))
-    assert "Schedule type: Karras" in json.loads(body["info"])["infotexts"][0]
+    label = "Karras" if scheduler == "Automatic" else scheduler
+    assert f"Schedule type: {label}," in json.loads(body["info"])["infotexts"][0]
+    assert json.loads(body["info"])["scheduler"] == label
+    diffusers = pipe.txt2img(PROMPT, num_inference_steps=4, seed=5, sampler="dpmpp_2m",
+                             use_karras_sigmas=scheduler != "SGM Uniform")
+    assert not np.array_equal(pixels(ref), pixels(diffusers))
 
 
 def test_dpmpp_2m_sde_takes_a1111s_brownian_noise(client, pipe):
     """A1111 draws DPM++ 2M SDE's step noise from a Brownian tree of the image's seed: so does the
     server (the pipeline's sde_noise="brownian"), and its infotext says so."""
     body = txt2img(client, steps=4, seed=5, sampler_name="DPM++ 2M SDE", scheduler="Karras")
-    ref = pipe.txt2img(PROMPT, num_inference_steps=4, seed=5, sampler="dpmpp_2m_sde", use_karras_sigmas=True,
+    ref = pipe.txt2img(PROMPT, num_inference_steps=4, seed=5, sampler="dpmpp_2m_sde", schedule_type="karras",
                        sde_noise="brownian")
-    drawn = pipe.txt2img(PROMPT, num_inference_steps=4, seed=5, sampler="dpmpp_2m_sde", use_karras_sigmas=True)
+    drawn = pipe.txt2img(PROMPT, num_inference_steps=4, seed=5, sampler="dpmpp_2m_sde", schedule_type="karras")
     assert np.array_equal(pixels(decode(body["images"][0])), pixels(ref))
     assert not np.array_equal(pixels(ref), pixels(drawn))
     assert "SDE noise: Brownian" in json.loads(body["info"])["infotexts"][0]
@@ -258,7 +270,7 @@ def test_inpaint_same_pixels_as_the_pipeline(client, pipe, picture, mask):
     ({"seed": 2**64 - 2, "n_iter": 3}, ["seed", "passes 2**64 - 1"]),
     ({"width": "64"}, ["width"]),
     ({"sampler_name": "Nope"}, ["sampler_name", "Euler a"]),
-    ({"scheduler": "Exponential"}, ["scheduler", "Karras"]),
+    ({"scheduler": "DDIM"}, ["scheduler", "Karras", "Beta"]),
     ({"scheduler": "Karras", "sampler_name": "DDIM"}, ["Karras", "DDIM"]),
     ({"prompt": ["a", "b"]}, ["prompt"]),
     ({"batch_size": 50, "n_iter": 3}, ["batch_size * n_iter"]),

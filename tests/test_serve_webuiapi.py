@@ -78,7 +78,7 @@ def test_txt2img(api, pipe):
     assert len(result.images) == 2 and all(im.size == (64, 64) for im in result.images)
     assert result.info["all_seeds"] == [17, 17] and result.info["sampler_name"] == "Euler a"
     ref = pipe.txt2img(PROMPT, negative_prompt="green", num_inference_steps=4, guidance_scale=7, seed=17,
-                       sampler="euler_a", num_images=2)
+                       sampler="euler_a", num_images=2, schedule_type="automatic")       # A1111's schedule
     for got, want in zip(result.images, ref):
         assert np.array_equal(pixels(got), pixels(want))                  # exact: the same computation
     # the PNG it received carries its parameters; png-info reads them back
@@ -137,7 +137,8 @@ def test_models_listing_and_switching(api, pipe):
     assert api.util_get_current_model() == "second.safetensors"
     result = api.txt2img(prompt=PROMPT, seed=3, width=64, height=64)
     assert result.info["sd_model_name"] == "second" and "Model: second.safetensors" in result.info["infotexts"][0]
-    ref = pipe.txt2img(PROMPT, num_inference_steps=4, guidance_scale=7, seed=3, sampler="euler_a")
+    ref = pipe.txt2img(PROMPT, num_inference_steps=4, guidance_scale=7, seed=3, sampler="euler_a",
+                       schedule_type="automatic")
     assert np.array_equal(pixels(result.image), pixels(ref))              # the same weights, another name
     api.set_options({"sd_model_checkpoint": "npsd-tiny", "CLIP_stop_at_last_layers": 2})
     options = api.get_options()

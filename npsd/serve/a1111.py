@@ -42,10 +42,10 @@ from PIL import Image, ImageOps
 
 from ..errors import InputError
 from ..images import open_image, upright
-from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, _exif_user_comment, parse_parameters, png_info,
-                       sampler_from_a1111)
+from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, SCHEDULE_LABELS, _exif_user_comment, parse_parameters,
+                       png_info, sampler_from_a1111)
 from ..rng import SEED_LIMIT
-from ..schedulers import SIGMA_SAMPLERS
+from ..schedulers import A1111_AUTOMATIC, KDIFFUSION_SAMPLERS
 
 # --- the fields ---------------------------------------------------------------------------------
 
@@ -85,7 +85,9 @@ OFF = {
 OFF_TXT2IMG = ("enable_hr", "firstphase_width", "firstphase_height", "firstpass_image")
 OFF_IMG2IMG = ("latent_mask",)
 
-SCHEDULERS = {"automatic": False, "karras": True}   # A1111's scheduler names npsd has -> Karras sigmas
+# A1111's "scheduler" field: its names and labels (any case) -> npsd's schedule_type
+SCHEDULERS = {**{name: name for name in SCHEDULE_LABELS}, **{label.lower(): name for name, label in SCHEDULE_LABELS.items()},
+              "sgmuniform": "sgm_uniform"}
 # the samplers whose noise A1111 scales by eta; npsd's use eta = 1 (ddim reads eta itself)
 ETA_ONE = ("euler_a", "dpm2_a", "dpmpp_2m_sde", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_3m_sde")
 MAX_IMAGES = 100                                    # batch_size * n_iter of one request
@@ -179,11 +181,30 @@ def _bool(body, name, default=None):
 
 def sampler_from_name(name):
     """A1111's sampler name ("DPM++ 2M", "Euler a", old "DPM++ 2M Karras") or npsd's ("dpmpp_2m")
-    -> (npsd's name, Karras sigmas asked by the name)."""
-    found, karras = sampler_from_a1111(name)
+    -> (npsd's name, the schedule type the name's suffix asks for or None)."""
+    found, schedule = sampler_from_a1111(name)
     if found is None:
         raise InputError(f"sampler_name {name!r} is not one npsd has; use one of {', '.join(A1111_SAMPLERS.values())}")
-    return found, karras
+    return found, schedule
+
+
+def schedule_for(sampler, schedule_type):
+    """The schedule_type a request's sampler runs with: A1111's schedules for the samplers A1111 runs
+    with k-diffusion, none (npsd's diffusers schedule) for the others, which A1111 runs without one."""
+    if sampler in KDIFFUSION_SAMPLERS or sampler is None:
+        return schedule_type
+    if schedule_type != "automatic":
+        raise InputError(f"scheduler {SCHEDULE_LABELS[schedule_type]} applies to the samplers "
+                         f"{', '.join(A1111_SAMPLERS[s] for s in KDIFFUSION_SAMPLERS)}, not to {A1111_SAMPLERS[sampler]}")
+    return None
+
+
+def scheduler_label(settings):
+    """A1111's "scheduler" of a run's settings: the label of the schedule type it ran with."""
+    kind = settings.get("schedule_type")
+    if kind is None:
+        return "Karras" if settings["karras"] else "Automatic"
+    return SCHEDULE_LABELS[A1111_AUTOMATIC.get(settings["sampler"], "uniform") if kind == "automatic" else kind]
 
 
 def check_eta(sampler, eta):
@@ -254,15 +275,15 @@ def read_request(kind, body, limits=None):
     prompt = _str(body, "prompt", "")
     negative = _str(body, "negative_prompt", "")
     sampler_text = _str(body, "sampler_name") or _str(body, "sampler_index")
-    sampler, karras = sampler_from_name(sampler_text) if sampler_text else (None, False)
+    sampler, suffix = sampler_from_name(sampler_text) if sampler_text else (None, None)
     scheduler = (_str(body, "scheduler") or "automatic").strip().lower()
     if scheduler not in SCHEDULERS:
-        raise InputError(f"scheduler {body['scheduler']!r} is not one npsd has; use Automatic (the model's "
-                         f"spacing) or Karras")
-    karras = karras or SCHEDULERS[scheduler]
-    if karras and sampler is not None and sampler not in SIGMA_SAMPLERS:
-        raise InputError(f"scheduler Karras applies to the samplers "
-                         f"{', '.join(A1111_SAMPLERS[s] for s in SIGMA_SAMPLERS)}, not to {A1111_SAMPLERS[sampler]}")
+        raise InputError(f"scheduler {body['scheduler']!r} is not one npsd has; use one of "
+                         f"{', '.join(SCHEDULE_LABELS.values())}")
+    schedule_type = SCHEDULERS[scheduler]
+    if schedule_type == "automatic" and suffix:                        # "DPM++ 2M Karras": A1111 before 1.9
+        schedule_type = suffix
+    schedule_type = schedule_for(sampler, schedule_type)
     batch_size, n_iter = _int(body, "batch_size", 1, lo=1), _int(body, "n_iter", 1, lo=1)
     if batch_size * n_iter > MAX_IMAGES:
         raise InputError(f"batch_size * n_iter is {batch_size * n_iter}, more than {MAX_IMAGES} images in one request")
@@ -275,7 +296,7 @@ def read_request(kind, body, limits=None):
                 "steps": _int(body, "steps", lo=1, hi=1000), "guidance_scale": _float(body, "cfg_scale", lo=0.0),
                 "sampler": sampler, "seed": seed, "height": _int(body, "height", lo=8),
                 "width": _int(body, "width", lo=8), "num_images": batch_size, "strength": None, "eta": eta,
-                "karras": karras, "timestep_spacing": None, "clip_skip": None, "long_prompt": "chunk",
+                "karras": False, "schedule_type": schedule_type, "timestep_spacing": None, "clip_skip": None, "long_prompt": "chunk",
                 "mask_blur": 0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
                 # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)
@@ -407,7 +428,7 @@ def info_json(plan, settings, seeds, infotexts, model_name, model_hash, clip_ski
         "denoising_strength": settings["strength"] if plan.mode != "txt2img" else None,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": job_timestamp, "clip_skip": clip_skip, "is_using_inpainting_conditioning": inpainting_unet,
-        "scheduler": "Karras" if settings["karras"] else "Automatic",
+        "scheduler": scheduler_label(settings),
     })
 
 
@@ -417,7 +438,7 @@ def reload_settings(plan, settings, model_title, pos):
               "steps": settings["steps"], "cfg_scale": settings["guidance_scale"], "width": settings["width"],
               "height": settings["height"], "seed": settings["seed"],
               "sampler_name": A1111_SAMPLERS[settings["sampler"]],
-              "scheduler": "Karras" if settings["karras"] else "Automatic", "batch_size": settings["num_images"],
+              "scheduler": scheduler_label(settings), "batch_size": settings["num_images"],
               "batch_pos": pos, "sd_model_checkpoint": model_title}
     if plan.mode != "txt2img":
         fields["denoising_strength"] = settings["strength"]

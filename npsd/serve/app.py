@@ -58,10 +58,10 @@ from ..clip import layer_count
 from ..config import generation_defaults
 from ..errors import InputError, NpsdError, UsageError, one_line
 from ..images import default_size, heat_overlay, to_pil, write_png_atomic
-from ..pngmeta import A1111_SAMPLERS, parameters_text
+from ..pngmeta import A1111_SAMPLERS, SCHEDULE_LABELS, parameters_text
 from ..previews import preview, table_name
 from ..prompts import prompt_syntax_used
-from ..schedulers import img2img_start_index, make_schedule
+from ..schedulers import make_schedule, start_index
 from ..version import __version__
 from . import a1111
 
@@ -350,8 +350,8 @@ class Server:
             self.options.update(plan.overrides)
         pipe, settings = self.pipe, self._settings(plan, options)
         schedule = make_schedule(settings["sampler"], settings["steps"], pipe.config, settings["karras"],
-                                 settings["timestep_spacing"])
-        start = 0 if plan.mode == "txt2img" else img2img_start_index(settings["steps"], settings["strength"])
+                                 settings["timestep_spacing"], schedule_type=settings["schedule_type"])
+        start = 0 if plan.mode == "txt2img" else start_index(schedule, settings["strength"])
         job.begin(pipe, plan.n_iter, schedule.num_inference_steps - start)
         maps = AttentionMaps() if plan.attention_maps else None
         batch, images, texts, seeds, networks, stopped = settings["num_images"], [], [], [], None, None
@@ -399,6 +399,9 @@ class Server:
             raise InputError(f"CLIP_stop_at_last_layers {settings['clip_skip'] + 1} skips more than this model's "
                              f"{layers} text encoder layers; give 1 to {layers + 1}")
         settings["rng"] = a1111.RANDN_SOURCES[options["randn_source"]]
+        if plan.settings["sampler"] is None:                      # the model's default sampler
+            settings["sampler"] = generation_defaults(self.pipe.config)["sampler"]
+            settings["schedule_type"] = a1111.schedule_for(settings["sampler"], settings["schedule_type"])
         generation.model_defaults(settings, self.pipe)           # steps, cfg scale, sampler, spacing, prediction type
         a1111.check_eta(settings["sampler"], settings["eta"])      # the sampler may be the model's default
         if settings["sampler"] == "ddim":
@@ -631,9 +634,11 @@ def create_app(settings=None):
 
     @app.get("/sdapi/v1/schedulers")
     def schedulers():
-        return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0,
-                 "need_inner_model": False},
-                {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+        rho = {"karras": 7.0, "polyexponential": 1.0}                  # A1111's default_rho of each
+        inner = ("uniform", "sgm_uniform", "simple", "normal", "beta")   # those that read the model's sigmas
+        return [{"name": name, "label": label, "aliases": ["SGMUniform"] if name == "sgm_uniform" else None,
+                 "default_rho": rho.get(name, -1.0), "need_inner_model": name in inner}
+                for name, label in SCHEDULE_LABELS.items()]
 
     @app.get("/sdapi/v1/scripts")
     def scripts():
