@@ -11,7 +11,8 @@ schedules), ``rng="torch"`` (A1111's "CPU" random numbers) and, for its SDE samp
   uncond + scale (cond - uncond) of the denoised latents;
 - A1111's random numbers: the image's torch generator from its seed gives the start N(0, I) sigma_0
   and, continuing, each ancestral step's noise; the SDE samplers get k-diffusion's
-  ``BrownianTreeNoiseSampler`` of the seed; img2img noises the image's latents (the posterior mean,
+  ``BrownianTreeNoiseSampler`` of the seed (over the whole schedule's sigmas, in img2img too);
+  img2img noises the image's latents (the posterior mean,
   ``sample_posterior=False``: A1111 samples it from torch's global generator, not the image's) to
   sigmas[n - t_enc - 1], t_enc = int(min(strength, 0.999) n), and runs the rest.
 
@@ -21,7 +22,7 @@ same A1111 run is 1.2e-1 away, and img2img with diffusers' start 8.3e-2
 (test_diffusers_schedule_is_not_a1111s).
 
 TOL_BROWNIAN = 1e-3 for DPM++ 2M SDE and 3M SDE on A1111's Brownian noise: measured 2.2e-5
-(txt2img) and 1.9e-4 (img2img). npsd computes A1111's sigmas in float64 and rounds them to float32;
+(txt2img) and 1.5e-4 (img2img). npsd computes A1111's sigmas in float64 and rounds them to float32;
 A1111 computes them in float32 with torch's log, exp and pow, and the two differ in the last bit for
 about half of the sigmas. The Brownian tree (torchsde's, a grid of 1e-6) answers a query that moved
 by one bit now and then from another leaf, i.e. with other noise. Given npsd's float32 sigmas, A1111's
@@ -91,14 +92,15 @@ def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, si
             pixels = torch.from_numpy(np.asarray(make_image(), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
             x0 = vae.encode(pixels).latent_dist.mean * scaling
             t_enc = int(min(strength, 0.999) * steps)
-            sigmas = sigmas[steps - t_enc - 1:]
-            x = x0 + noise * sigmas[0]
+            x = x0 + noise * sigmas[steps - t_enc - 1]
         kw = {}
         if sampler in ANCESTRAL:
             kw["noise_sampler"] = lambda sigma, sigma_next: torch.randn(shape, generator=g)
-        elif sampler in BROWNIAN:
+        elif sampler in BROWNIAN:        # (img2img too: over the whole schedule's sigmas, as A1111)
             kw["noise_sampler"] = kd.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
                                                                         seed=[seed])
+        if strength is not None:
+            sigmas = sigmas[steps - t_enc - 1:]
         x = getattr(kd.sampling, FUNCTIONS[sampler])(guided, x, sigmas, disable=True, **kw)
         image = vae.decode(x / scaling).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
