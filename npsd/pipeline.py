@@ -33,6 +33,7 @@ from .rng import SEED_LIMIT, make_rng
 from .config import generation_defaults, sd15_config, with_fallbacks
 from .errors import InputError, NpsdError, is_flag, is_number, is_whole
 from .guidance import check_rescale, guided_model, uses_guidance
+from .hires import Hires, upscale_latents
 from .images import default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil
 from .previews import taesd_for, with_previews
 from .tokenizer import Tokenizer
@@ -91,6 +92,11 @@ def _loras_from_prompt(generate):
             for name in loaded:
                 self.unload_lora(name)
     return run
+
+
+def _counting_on(callback, offset, i, t, x, x0_pred, **kw):
+    """callback with the step index moved on by offset (the second pass of hires)."""
+    return callback(i + offset, t, x, x0_pred, **kw)
 
 
 def _traced(generate):
@@ -243,7 +249,8 @@ class Pipeline:
                 output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", rng="numpy",
                 prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None):
+                attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
+                hires=None):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -282,12 +289,20 @@ class Pipeline:
         timesteps and starting noise (schedulers.make_schedule), its img2img start
         (schedulers.start_index); with rng="torch" and sde_noise="brownian" where A1111 uses it, A1111's
         image from the same seed.
+        hires: an npsd.hires.Hires for AUTOMATIC1111's "Hires. fix": after this pass the latents are
+        enlarged hires.scale times and redrawn by img2img at that size (npsd/hires.py); the callback's
+        step counts on through the second pass. None: one pass.
         """
         _check_hooks(callback, progress, attention_maps)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed,
                                   decoder=decoder, eta=eta, sde_noise=sde_noise)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
+        hires_settings = self._hires_settings(hires, settings, attention_maps)
+        if hires_settings is not None:
+            resources.check_request(self, prompt, num_images, hires_settings)
+        first = (rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas, timestep_spacing,
+                 prediction_type, guidance_rescale, prompt_syntax, schedule_type)
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
                                                   guidance_rescale, prompt_syntax, schedule_type)
@@ -300,7 +315,35 @@ class Pipeline:
         x = latents * np.float32(schedule.init_noise_sigma)                        # x_T
         x = self._sample(model, x, schedule, rng, 0, eta, callback, progress, attention_maps=attention_maps,
                          settings=settings)
+        if hires_settings is not None:
+            x = self._hires_pass(x, hires, hires_settings, first, eta, callback, progress, schedule.num_inference_steps)
         return self._output(x, output_type, decoder)
+
+    def _hires_settings(self, hires, settings, attention_maps):
+        """The second pass's settings (its size and steps) of txt2img(hires=...), or None."""
+        if hires is None:
+            return None
+        if not isinstance(hires, Hires):
+            raise InputError(f"hires must be an npsd.hires.Hires(scale=..., upscaler=..., steps=..., strength=...) "
+                             f"or None, got {type(hires).__name__}")
+        if attention_maps is not None or self._trace is not None:
+            raise InputError("attention maps and traces record one pass; give them without hires")
+        height, width = hires.size(settings["height"], settings["width"], self.vae_factor)
+        return dict(settings, height=height, width=width, steps=hires.steps or settings["steps"])
+
+    def _hires_pass(self, x0, hires, settings, first, eta, callback, progress, done):
+        """Hires. fix's second pass (npsd/hires.py): enlarge the first pass's latents x0 and run img2img
+        on them with a fresh generator of the seed. first: the first pass's (rng, prompt, ...,
+        schedule_type) as txt2img got them; done: its steps (the callback's count goes on from there)."""
+        rng_name, *text, schedule_type = first
+        f = self.vae_factor
+        x0 = upscale_latents(x0, settings["height"] // f, settings["width"] // f, hires.upscaler)
+        rng, model, batch, schedule = self._begin(settings, rng_name, *text, schedule_type)
+        start = schedulers.start_index(schedule, hires.strength)
+        noise = rng.standard_normal(x0.shape, dtype=np.float32)                   # A1111: the seed's first draw
+        x = schedulers.noise_at_start(schedule, x0, noise, start)
+        on = None if callback is None else functools.partial(_counting_on, callback, done - start)
+        return self._sample(model, x, schedule, rng, start, eta, on, progress, settings=settings)
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     @_traced

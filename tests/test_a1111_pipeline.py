@@ -38,6 +38,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
 from npsd import schedulers as S
+from npsd.hires import Hires
 from npsd.testing import assert_close
 from tests.test_kdiffusion import CONFIG, a1111_sampler_sigmas, kd  # noqa: F401 - the fixture
 from tests.test_pipelines import SCHED, SIZE, make_image, models, npsd_pipe, reference  # noqa: F401
@@ -66,9 +67,10 @@ class _LDM:
         return self.unet(x, t, encoder_hidden_states=cond).sample
 
 
-def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, sigmas=None):  # noqa: F811
+def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, sigmas=None, hires=None):  # noqa: F811
     """The A1111 run (module docstring) -> images [1, H, W, 3] in [0, 1]. sigmas: instead of A1111's
-    (tests/test_kdiffusion.py's a1111_sampler_sigmas), these [steps + 1]."""
+    (tests/test_kdiffusion.py's a1111_sampler_sigmas), these [steps + 1]. hires: (scale, torch's
+    interpolate mode, antialias, steps, strength) for A1111's hires fix with a latent upscaler."""
     ref = reference(StableDiffusionPipeline, models, EulerDiscreteScheduler(**SCHED))
     vae, scaling = models["vae"], ref.vae.config.scaling_factor
     with torch.no_grad():
@@ -102,15 +104,40 @@ def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, si
         if strength is not None:
             sigmas = sigmas[steps - t_enc - 1:]
         x = getattr(kd.sampling, FUNCTIONS[sampler])(guided, x, sigmas, disable=True, **kw)
+        if hires is not None:
+            x = a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, *hires)
         image = vae.decode(x / scaling).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def npsd_run(models, sampler, schedule_type, seed, steps, strength=None):  # noqa: F811
+def a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, scale, mode, antialias, hr_steps,
+                     strength):  # noqa: F811
+    """A1111's sample_hr_pass with a latent upscaler: interpolate the latents to int(scale * side) // 8,
+    a fresh generator of the seed (its first draw the noise, then the step noise), img2img with the
+    same sampler and schedule type for hr_steps (0: steps), t_enc = int(min(strength, 0.999) n)."""
+    size = (int(SIZE * scale) // 8 * 8) // 2                                   # the tiny VAE's factor is 2
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, antialias=antialias)
+    n = hr_steps or steps
+    sigmas = torch.from_numpy(a1111_sampler_sigmas(kd, sampler, schedule_type, n).astype(np.float32))
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x.shape, generator=g)
+    t_enc = int(min(strength, 0.999) * n)
+    xi = x + noise * sigmas[n - t_enc - 1]
+    kw = {}
+    if sampler in ANCESTRAL:
+        kw["noise_sampler"] = lambda sigma, sigma_next: torch.randn(x.shape, generator=g)
+    elif sampler in BROWNIAN:
+        kw["noise_sampler"] = kd.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[seed])
+    return getattr(kd.sampling, FUNCTIONS[sampler])(guided, xi, sigmas[n - t_enc - 1:], disable=True, **kw)
+
+
+def npsd_run(models, sampler, schedule_type, seed, steps, strength=None, hires=None):  # noqa: F811
     pipe = npsd_pipe(models)
     kw = dict(negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
               seed=seed, rng="torch", sampler=sampler, schedule_type=schedule_type, output_type="np",
               sde_noise="brownian" if sampler in BROWNIAN else "generator")
+    if hires is not None:
+        kw["hires"] = hires
     if strength is None:
         return pipe.txt2img(PROMPT, **kw)
     return pipe.img2img(PROMPT, make_image(), strength=strength, sample_posterior=False, **kw)
@@ -167,3 +194,43 @@ def test_diffusers_schedule_is_not_a1111s(kd, models, monkeypatch):  # noqa: F81
     err = float(np.abs(ours - ref).max() / np.abs(ref).max())
     print(f"img2img with diffusers' start vs A1111's run: {err:.3g}")
     assert err > 1e3 * TOL_IMAGE
+
+
+# (sampler, schedule type, npsd's Hires, torch's interpolate mode and antialias as A1111 names them)
+HIRES_CASES = [("euler_a", "automatic", Hires(2.0, "latent", 4, 0.55), "bilinear", False),
+               ("dpmpp_2m", "automatic", Hires(1.5, "latent_bicubic", 0, 0.7), "bicubic", False),
+               ("heun", "karras", Hires(2.0, "latent_antialiased", 3, 0.5), "bilinear", True),
+               ("dpmpp_2m_sde", "automatic", Hires(2.0, "latent_nearest_exact", 3, 0.6), "nearest-exact", False),
+               ("dpm2_a", "automatic", Hires(1.75, "latent_nearest", 4, 0.45), "nearest", False)]
+
+
+@pytest.mark.parametrize("sampler, schedule_type, hires, mode, antialias", HIRES_CASES,
+                         ids=[c[2].upscaler for c in HIRES_CASES])
+def test_hires_fix_equals_an_a1111_run(kd, models, sampler, schedule_type, hires, mode, antialias):  # noqa: F811
+    """txt2img(hires=...) against A1111's hires fix: the first pass, torch's interpolate of the latents,
+    and A1111's second img2img pass from a fresh generator of the seed."""
+    ours = npsd_run(models, sampler, schedule_type, 11, 5, hires=hires)
+    spec = (hires.scale, mode, antialias, hires.steps, hires.strength)
+    ref = a1111_run(kd, models, sampler, schedule_type, 11, 5, hires=spec)
+    assert ours.shape == ref.shape == (1, int(SIZE * hires.scale) // 2 * 2, int(SIZE * hires.scale) // 2 * 2, 3)
+    what = f"hires {sampler} {schedule_type} {hires.upscaler} x{hires.scale}"
+    print(assert_close(ours, ref, TOL_BROWNIAN if sampler in BROWNIAN else TOL_IMAGE, f"{what} vs A1111"))
+
+
+def test_hires_fix_with_the_first_pass_generator_fails(kd, models, monkeypatch):  # noqa: F811
+    """A1111 draws the second pass's noise from a fresh generator of the seed; going on with the first
+    pass's generator instead is far outside the tolerance."""
+    from npsd import pipeline
+    ref = a1111_run(kd, models, "euler_a", "automatic", 11, 5, hires=(2.0, "bilinear", False, 4, 0.55))
+    fresh = pipeline.make_rng
+    kept = []
+
+    def make_rng(name, seed):                      # the second call returns the first call's generator
+        kept.append(kept[0] if kept else fresh(name, seed))
+        return kept[-1]
+
+    monkeypatch.setattr(pipeline, "make_rng", make_rng)
+    ours = npsd_run(models, "euler_a", "automatic", 11, 5, hires=Hires(2.0, "latent", 4, 0.55))
+    err = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    print(f"hires with the first pass's generator: {err:.3g} (tolerance {TOL_IMAGE})")
+    assert len(kept) == 2 and err > 1e3 * TOL_IMAGE

@@ -1,0 +1,114 @@
+"""Hires. fix: AUTOMATIC1111's two-pass txt2img with a latent upscaler.
+
+A model draws best near the size it was trained at (512x512 for SD v1.x); asked for 1024x1024 at
+once it repeats its subject. A1111's "Hires. fix" makes the image at the trained size first, then
+enlarges the latents and runs img2img on them at the larger size:
+
+    x0 = txt2img(prompt, H x W)                           first pass, latents [B, 4, H/8, W/8]
+    x0' = interpolate(x0, (int(s H) // 8, int(s W) // 8))  the latent upscaler, s = scale
+    x  = img2img(prompt, x0', strength, steps)             fresh noise from the seed, the same sampler
+
+The upscalers here are A1111's latent ones: torch.nn.functional.interpolate on the latents with the
+mode it names (A1111's modules/shared.py latent_upscale_modes), written out below; its image
+upscalers (ESRGAN and the like) are networks npsd does not have. The second pass takes its noise
+from a fresh generator of the image's seed, as A1111 does, and starts where A1111's img2img starts
+(npsd.schedulers.start_index).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError, is_number, is_whole
+
+# npsd's name -> (A1111's label in "Hires upscaler", torch's interpolate mode). "Latent (antialiased)"
+# is torch's antialiased bilinear, which for enlarging equals the plain one (tests/test_hires.py);
+# "Latent (bicubic antialiased)" differs and is not here
+UPSCALERS = {"latent": ("Latent", "bilinear"), "latent_antialiased": ("Latent (antialiased)", "bilinear"),
+             "latent_bicubic": ("Latent (bicubic)", "bicubic"), "latent_nearest": ("Latent (nearest)", "nearest"),
+             "latent_nearest_exact": ("Latent (nearest-exact)", "nearest-exact")}
+CUBIC_A = -0.75                 # the cubic convolution kernel's a (Keys 1981), as torch's bicubic
+
+
+@dataclass(frozen=True)
+class Hires:
+    """The second pass of a txt2img call (Pipeline.txt2img(hires=...)).
+
+    scale     the enlargement, >= 1: the image is int(scale H) x int(scale W), rounded down to the VAE's factor
+    upscaler  one of UPSCALERS
+    steps     the second pass's steps; 0: as many as the first pass (A1111's "Hires steps" 0)
+    strength  how much the second pass redraws, in [0, 1] (A1111's "Denoising strength")
+    """
+    scale: float = 2.0
+    upscaler: str = "latent"
+    steps: int = 0
+    strength: float = 0.7
+
+    def __post_init__(self):
+        if not is_number(self.scale) or not 1.0 <= float(self.scale) <= 8.0:
+            raise InputError(f"hires scale must be a number from 1 to 8, got {self.scale!r}")
+        if self.upscaler not in UPSCALERS:
+            raise InputError(f"unknown hires upscaler {self.upscaler!r}; use one of {', '.join(UPSCALERS)}")
+        if not is_whole(self.steps) or self.steps < 0:
+            raise InputError(f"hires steps must be a whole number >= 0 (0: as the first pass), got {self.steps!r}")
+        if not is_number(self.strength) or not 0.0 <= float(self.strength) <= 1.0:
+            raise InputError(f"hires strength must be between 0 and 1, got {self.strength!r}")
+
+    def size(self, height, width, factor):
+        """The second pass's image size: A1111's int(scale * side), rounded down to a multiple of the
+        VAE's factor (A1111 interpolates to side // 8 latents)."""
+        return (int(height * self.scale) // factor * factor, int(width * self.scale) // factor * factor)
+
+
+def _source(out_size, in_size, mode):
+    """For each output index along one axis: the source coordinate, as torch's interpolate with
+    align_corners=False computes it (scale = in / out)."""
+    scale = np.float32(in_size / out_size)
+    dst = np.arange(out_size, dtype=np.float32)
+    if mode == "nearest":
+        return np.minimum(np.floor(dst * scale), in_size - 1).astype(np.int64)
+    if mode == "nearest-exact":
+        return np.minimum(np.floor((dst + np.float32(0.5)) * scale), in_size - 1).astype(np.int64)
+    src = scale * (dst + np.float32(0.5)) - np.float32(0.5)                    # [out] pixel centres
+    return np.maximum(src, 0) if mode == "bilinear" else src                  # (bicubic reads past the edge)
+
+
+def _cubic_weights(t):
+    """Cubic convolution weights of the 4 neighbours (offsets -1, 0, 1, 2) at fraction t [out] -> [out, 4]."""
+    a = CUBIC_A
+
+    def near(x):                                                               # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):                                                                # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def _resize_axis(x, out_size, axis, mode):
+    """Interpolate x along one axis to out_size."""
+    in_size = x.shape[axis]
+    src = _source(out_size, in_size, mode)
+    if mode in ("nearest", "nearest-exact"):
+        return np.take(x, src, axis=axis)
+    i0 = np.floor(src).astype(np.int64)                                        # [out]
+    t = (src - i0).astype(np.float32)
+    x = np.moveaxis(x, axis, -1)                                               # [..., in]
+    if mode == "bilinear":
+        i1 = np.minimum(i0 + 1, in_size - 1)
+        out = x[..., i0] * (1 - t) + x[..., i1] * t                            # [..., out]
+    else:                                                                      # bicubic
+        w = _cubic_weights(t).astype(np.float32)                               # [out, 4]
+        out = sum(x[..., np.clip(i0 + k - 1, 0, in_size - 1)] * w[:, k] for k in range(4))
+    return np.moveaxis(out, -1, axis)
+
+
+def upscale_latents(x, height, width, upscaler="latent"):
+    """Latents [B, C, h, w] -> [B, C, height, width] with one of UPSCALERS (torch's interpolate,
+    align_corners=False: separable, first along the height, then the width)."""
+    if upscaler not in UPSCALERS:
+        raise InputError(f"unknown hires upscaler {upscaler!r}; use one of {', '.join(UPSCALERS)}")
+    mode = UPSCALERS[upscaler][1]
+    x = _resize_axis(np.asarray(x, dtype=np.float32), int(height), 2, mode)
+    return np.ascontiguousarray(_resize_axis(x, int(width), 3, mode), dtype=np.float32)
