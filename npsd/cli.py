@@ -50,7 +50,9 @@ from . import nn, resources
 from .version import __version__
 from .blas import THREAD_VARS, limit_threads
 from .errors import CheckpointError, InputError, NpsdError, UsageError, one_line
-from .generation import file_hash, model_defaults, model_file, network_hashes, pipeline_call  # noqa: F401 (also cli's API)
+from .config import generation_defaults
+from .generation import file_hash, hires_of, model_defaults, model_file, network_hashes, pipeline_call  # noqa: F401 (also cli's API)
+from .hires import STRENGTH as HIRES_STRENGTH, UPSCALERS
 from .images import filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
 from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, short_hash
 from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
@@ -207,6 +209,15 @@ def _generation_options(p, mode):
         a("--image", metavar="FILE", help="input image (required)")
         a("--strength", metavar="S", type=_float_in(0.0, 1.0, lo_open=True, what="strength"),
           help=f"how much of --image to redraw, in (0, 1] (default {0.8 if mode == 'img2img' else 1.0})")
+    if mode == "txt2img":
+        a("--hires-scale", metavar="S", type=_float_in(1.0, 8.0, what="scale"),
+          help="A1111's hires fix: enlarge the latents S times (1 to 8) and redraw them with img2img at that size "
+               "(npsd/hires.py; default: no second pass)")
+        a("--hires-upscaler", choices=UPSCALERS, help="how the latents are enlarged (default latent: bilinear)")
+        a("--hires-steps", metavar="N", type=_int_at_least(0, "steps"),
+          help="the second pass's steps (default 0: as --steps)")
+        a("--hires-strength", metavar="S", type=_float_in(0.0, 1.0, what="strength"),
+          help="how much the second pass redraws, A1111's denoising strength (default 0.7)")
     if mode == "inpaint":
         a("--mask", metavar="FILE", help="mask image, white = repaint (required)")
         a("--mask-blur", metavar="PIXELS", type=_int_at_least(0, "pixels"),
@@ -351,11 +362,13 @@ def attach_networks(pipe, args, settings):
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "height", "width",
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
             "mask_blur", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
-            "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type")
+            "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
+            "hires_steps", "hires_strength")
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
-                   "ti_names": [], "vae_decoder": "vae", "sde_noise": "generator"}
+                   "ti_names": [], "vae_decoder": "vae", "sde_noise": "generator", "hires_upscaler": "latent",
+                   "hires_steps": 0}
 
 
 # --- the generation command ---------------------------------------------------------------------
@@ -417,6 +430,14 @@ def resolve_settings(args, mode):
     for k, default in OPTION_DEFAULTS.items():
         settings[k] = settings[k] or default
     settings["karras"] = bool(settings["karras"])
+    if settings["hires_strength"] is None:
+        settings["hires_strength"] = HIRES_STRENGTH
+    if stored.get("_bad_hires_upscaler") and settings["hires_scale"] and args.hires_upscaler is None:
+        raise InputError(stored["_bad_hires_upscaler"])
+    if settings["hires_scale"]:
+        given = [o for o in ("save_steps", "attention_maps", "trace") if getattr(args, o, None) is not None]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} records one pass; give it without --hires-scale")
     if settings["strength"] is None:
         settings["strength"] = 0.8 if mode == "img2img" else 1.0
     select = stored.get("_select") if args.num_images is None else None
@@ -591,6 +612,15 @@ class _Generation:
                                             settings["timestep_spacing"], schedule_type=settings["schedule_type"])
         self.total = schedule.num_inference_steps
         self.start = 0 if self.mode == "txt2img" else schedulers.start_index(schedule, settings["strength"])
+        self.size = None                                  # the PNG's Size, when not the image's
+        hires = hires_of(settings)
+        if hires is not None:                             # A1111's Size is the first pass's; the second
+            defaults = generation_defaults(pipe.config)   # pass's steps are counted on by the callback
+            self.size = (settings["width"] or defaults["width"], settings["height"] or defaults["height"])
+            second = schedulers.make_schedule(settings["sampler"], hires.steps or settings["steps"], pipe.config,
+                                              settings["karras"], settings["timestep_spacing"],
+                                              schedule_type=settings["schedule_type"])
+            self.total += second.num_inference_steps - schedulers.start_index(second, hires.strength)
         uses = taesd_uses(args, settings)
         if uses:                                          # --taesd's weights, checked to fit the model's latents
             from .taesd import load_taesd
@@ -701,7 +731,7 @@ class _Generation:
             raise InputError(f"--from-png: Batch pos {self.select} is larger than the batch size {self.n}")
         for path, b in zip(self.outputs, picks):
             img = images[b]
-            self.save(img, path, self.parameters(img.width, img.height, b + 1))
+            self.save(img, path, self.parameters(*(self.size or (img.width, img.height)), b + 1))
         if self.frames:
             saved_steps = sorted(self.step_files)
             rows = [[self.frames[i][b] for i in saved_steps] + [images[b]] for b in range(self.n)]

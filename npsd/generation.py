@@ -69,6 +69,14 @@ def model_defaults(settings, pipe):
 
 
 
+def hires_of(settings):
+    """The npsd.hires.Hires of a run's settings (--hires-scale and the rest), or None."""
+    if not settings.get("hires_scale"):
+        return None
+    from .hires import Hires
+    return Hires(settings["hires_scale"], settings["hires_upscaler"], settings["hires_steps"], settings["hires_strength"])
+
+
 def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, attention_maps=None, trace=None):
     """Run txt2img, img2img or inpaint (`mode`) with the settings of a run (SETTINGS, the model's
     defaults filled in; image, mask: paths or PIL images) -> float32 images [B, H, W, 3] in [0, 1].
@@ -84,7 +92,7 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               prompt_syntax=settings["prompt_syntax"], attention_maps=attention_maps, decoder=settings["vae_decoder"],
               sde_noise=settings["sde_noise"], schedule_type=settings.get("schedule_type"), trace=trace)
     if mode == "txt2img":
-        return pipe.txt2img(settings["prompt"], **kw)
+        return pipe.txt2img(settings["prompt"], hires=hires_of(settings), **kw)
     if mode == "img2img":
         return pipe.img2img(settings["prompt"], image, strength=settings["strength"], **kw)
     return pipe.inpaint(settings["prompt"], image, mask, strength=settings["strength"],

@@ -28,6 +28,7 @@ UPSCALERS = {"latent": ("Latent", "bilinear"), "latent_antialiased": ("Latent (a
              "latent_bicubic": ("Latent (bicubic)", "bicubic"), "latent_nearest": ("Latent (nearest)", "nearest"),
              "latent_nearest_exact": ("Latent (nearest-exact)", "nearest-exact")}
 CUBIC_A = -0.75                 # the cubic convolution kernel's a (Keys 1981), as torch's bicubic
+STRENGTH = 0.7                  # A1111's default denoising strength of the second pass
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Hires:
     scale: float = 2.0
     upscaler: str = "latent"
     steps: int = 0
-    strength: float = 0.7
+    strength: float = STRENGTH
 
     def __post_init__(self):
         if not is_number(self.scale) or not 1.0 <= float(self.scale) <= 8.0:

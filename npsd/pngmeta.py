@@ -29,6 +29,7 @@ import warnings
 from PIL import Image, PngImagePlugin
 
 from .errors import InputError, UsageError
+from .hires import UPSCALERS
 from .version import __version__
 from .schedulers import A1111_AUTOMATIC, BETA_ALPHA, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES, SPACINGS
 
@@ -167,6 +168,7 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
     "Lora hashes" and "TI hashes" fields (npsd/cli.py's network_hashes). taesd_hash: the short hash
     of the TAESD weights that decoded the image (settings["vae_decoder"] == "taesd")."""
     taesd = settings.get("vae_decoder", "vae") == "taesd"
+    hires = mode == "txt2img" and settings.get("hires_scale")
     fields = {
         "Steps": settings["steps"],
         "Sampler": A1111_SAMPLERS[settings["sampler"]],
@@ -180,8 +182,12 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "VAE": vae_name,
         "VAE Decoder": DECODER_FIELD["taesd"] if taesd else None,
         "TAESD hash": taesd_hash if taesd else None,
-        "Denoising strength": _num(settings["strength"]) if mode != "txt2img" else None,
+        "Denoising strength": _num(settings["strength"]) if mode != "txt2img" else (
+            _num(settings["hires_strength"]) if hires else None),                # A1111: the hires pass's
         "Mask blur": settings["mask_blur"] if mode == "inpaint" else None,
+        "Hires upscale": _num(settings["hires_scale"]) if hires else None,
+        "Hires steps": settings["hires_steps"] if hires and settings["hires_steps"] else None,
+        "Hires upscaler": UPSCALERS[settings["hires_upscaler"]][0] if hires else None,
         "Eta": _num(settings["eta"]) if settings["eta"] else None,
         "Clip skip": settings["clip_skip"] + 1 if settings["clip_skip"] else None,
         "Timestep spacing": settings["timestep_spacing"],
@@ -265,6 +271,9 @@ def settings_from_png(path, mode):
         settings.update(found)
     settings.update(_schedule_from_fields(f, settings.get("sampler"), suffix))
     settings["strength"] = _convert(f, "Denoising strength", float, "a number")
+    if mode == "txt2img" and "Hires upscale" in f:                    # A1111's hires fix
+        settings.update(_hires_from_fields(f))
+        settings["hires_strength"] = settings.pop("strength")
     settings["eta"] = _convert(f, "Eta", float, "a number")
     skip = _convert(f, "Clip skip", int, "a whole number")            # A1111's count: 1 = last layer
     settings["clip_skip"] = None if skip is None else max(skip - 1, 0)
@@ -298,7 +307,7 @@ def settings_from_png(path, mode):
         settings["prompt_syntax"] = f["Prompt syntax"]
     settings["lora_names"] = _named_values(f.get("Lora"), "Lora") or None
     settings["ti_names"] = [name for name, _ in _named_pairs(f.get("TI hashes"))] or None
-    unapplied = unapplied_fields(f)
+    unapplied = unapplied_fields(f, mode)
     if unapplied:
         warnings.warn(f"--from-png: the PNG used A1111 settings that npsd does not apply ({', '.join(unapplied)}); "
                       f"the image will differ")
@@ -307,7 +316,8 @@ def settings_from_png(path, mode):
 
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
-A1111_UNAPPLIED = ("Hires upscale", "Hires resize", "Variation seed", "Variation seed strength", "Seed resize from",
+A1111_UNAPPLIED = ("Hires resize", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
+                   "Hires CFG Scale", "Hires checkpoint", "Variation seed", "Variation seed strength", "Seed resize from",
                    "ENSD", "Face restoration", "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS",
                    "Schedule min sigma", "Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet")                 # extensions' fields
@@ -336,9 +346,25 @@ def _schedule_from_fields(f, sampler, suffix):
     return {"schedule_type": kind or "uniform"}
 
 
-def unapplied_fields(fields):
-    """The stored fields npsd leaves out: "name: value" (the name alone for a long value)."""
-    names = [k for k in fields if k in A1111_UNAPPLIED or k.startswith(A1111_UNAPPLIED_PREFIXES)]
+def _hires_from_fields(f):
+    """A1111's hires fix fields -> the hires_* settings (or "_bad_hires_upscaler" for an upscaler npsd lacks)."""
+    found = {"hires_scale": _convert(f, "Hires upscale", float, "a number"),
+             "hires_steps": _convert(f, "Hires steps", int, "a whole number")}
+    label = f.get("Hires upscaler", UPSCALERS["latent"][0]).strip()          # A1111's default: Latent
+    by_label = {lab.lower(): name for name, (lab, _) in UPSCALERS.items()}
+    found["hires_upscaler"] = by_label.get(label.lower())
+    if found["hires_upscaler"] is None:
+        found["_bad_hires_upscaler"] = (f"--from-png: the image's hires upscaler {label!r} is not one npsd has (its "
+                                        f"latent ones: {', '.join(lab for lab, _ in UPSCALERS.values())}); give "
+                                        f"--hires-upscaler")
+    return found
+
+
+def unapplied_fields(fields, mode="txt2img"):
+    """The stored fields npsd leaves out: "name: value" (the name alone for a long value). mode: the
+    command that re-makes the image (hires fix applies to txt2img only)."""
+    names = [k for k in fields if k in A1111_UNAPPLIED or k.startswith(A1111_UNAPPLIED_PREFIXES)
+             or (k in ("Hires upscale", "Hires steps", "Hires upscaler") and mode != "txt2img")]
     for k in ("Beta schedule alpha", "Beta schedule beta"):              # npsd: A1111's default Beta(0.6, 0.6)
         if k in fields and _float_or_none(fields[k]) != BETA_ALPHA:
             names.append(k)

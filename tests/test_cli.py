@@ -188,14 +188,16 @@ def test_from_png_of_a_decompression_bomb_is_one_line(tmp_path, capsys):
 
 
 def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, capsys):
-    """A1111 writes hires fix, variation seeds, ENSD, face restoration, its schedules' own sigma range,
+    """A1111 writes hires fix's resize and second sampler, variation seeds, ENSD, face restoration, its schedules' own sigma range,
     rho and Beta parameters and its extensions' settings only when they are in use, and each changes
     its image: a re-make names them in one warning (they were ignored without a word); npsd's own
     PNGs, A1111's defaults ("Schedule type: Automatic", "Emphasis: Original") and what npsd applies
     (its schedule types, Clip skip) give none."""
     from npsd.pngmeta import png_info
     base = f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 16x16"
-    cases = {", Hires upscale: 2, Hires upscaler: Latent, Denoising strength: 0.7": "Hires upscale: 2",
+    cases = {", Hires resize: 32x32, Hires upscaler: Latent, Denoising strength: 0.7": "Hires resize: 32x32",
+             ", Hires upscale: 2, Hires upscaler: Latent, Hires sampler: Euler, Denoising strength: 0.7":
+             "Hires sampler: Euler",
              ", Variation seed: 9, Variation seed strength: 0.3": "Variation seed: 9, Variation seed strength: 0.3",
              ", ENSD: 31337": "ENSD: 31337",
              ", Schedule type: SGM Uniform, Emphasis: No norm": "Emphasis: No norm",
@@ -277,6 +279,55 @@ def test_schedule_type_option_and_its_png_field(model, tmp_path, capsys):
     assert rc == 2 and err.startswith("npsd: error: --schedule-type applies to the samplers euler, euler_a") \
         and err.endswith(", not to ddim\n") and err.count("\n") == 1, err
     assert not (tmp_path / "e.png").exists()
+
+
+def test_hires_fix_options_and_png_fields(model, tmp_path, capsys):
+    """--hires-scale runs the pipeline's hires fix and writes A1111's fields (Size: the first pass's,
+    Denoising strength, Hires upscale / steps / upscaler); --from-png remakes it exactly, also from an
+    A1111 PNG; an upscaler npsd lacks is one line naming the option; options that record one pass
+    are refused before the model loads."""
+    from npsd import load
+    from npsd.hires import Hires
+    from npsd.pngmeta import png_info
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 4, "--sampler", "euler_a", "--schedule-type", "automatic", "--rng", "torch",
+        "--hires-scale", 1.5, "--hires-steps", 3, "--hires-upscaler", "latent_bicubic", "--hires-strength", 0.6)
+    f = params_of(a)["fields"]
+    assert Image.open(a).size == (24, 24) and f["Size"] == "16x16", f
+    assert (f["Hires upscale"], f["Hires steps"], f["Hires upscaler"], f["Denoising strength"]) == \
+        ("1.5", "3", "Latent (bicubic)", "0.6")
+    pipe = load(str(model))
+    ref = pipe.txt2img(PROMPT, num_inference_steps=int(f["Steps"]), guidance_scale=float(f["CFG scale"]), seed=4,
+                       sampler="euler_a", schedule_type="automatic", rng="torch", prompt_syntax="a1111", height=16,
+                       width=16, hires=Hires(1.5, "latent_bicubic", 3, 0.6))
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(ref))
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "b.png").read_bytes() == a.read_bytes(), err
+    text = (f"{PROMPT}\nNegative prompt: \nSteps: {f['Steps']}, Sampler: Euler a, CFG scale: {f['CFG scale']}, "
+            f"Seed: 4, Size: 16x16, Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 3, "
+            f"Hires upscaler: Latent (bicubic), RNG: CPU")
+    a1111 = tmp_path / "a1111.png"
+    Image.new("RGB", (24, 24)).save(a1111, pnginfo=png_info(text))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "c.png", "--quiet"], capsys)
+    assert rc == 0 and err == "", err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(ref))
+    Image.new("RGB", (24, 24)).save(a1111, pnginfo=png_info(text.replace("Latent (bicubic)", "R-ESRGAN 4x+")))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "d.png", "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "hires upscaler 'R-ESRGAN 4x+' is not one npsd has" in err \
+        and "give --hires-upscaler" in err, err
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "d.png", "--quiet",
+                      "--hires-upscaler", "latent"], capsys)
+    assert rc == 0 and params_of(tmp_path / "d.png")["fields"]["Hires upscaler"] == "Latent", err
+    for option in (["--save-steps", tmp_path / "steps"], ["--attention-maps", tmp_path / "maps"],
+                   ["--trace", tmp_path / "t.safetensors"]):
+        rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "e.png", "--hires-scale", 2] + option,
+                         capsys)
+        assert rc == 2 and err == f"npsd: error: {option[0]} records one pass; give it without --hires-scale\n", err
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "e.png", "--hires-scale", 0.5], capsys)
+    assert rc == 2 and "--hires-scale" in err and err.count("\n") == 1, err
+    rc, _, err = run(["img2img", PROMPT, "--image", a, "--model", model, "-o", tmp_path / "e.png", "--hires-scale", 2],
+                     capsys)
+    assert rc == 2 and "unrecognized arguments: --hires-scale" in err, err
 
 
 def test_from_png_of_a1111s_dpmpp_2m_sde_takes_its_brownian_noise(model, tmp_path, capsys):
