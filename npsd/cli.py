@@ -51,7 +51,8 @@ from .version import __version__
 from .blas import THREAD_VARS, limit_threads
 from .errors import CheckpointError, InputError, NpsdError, UsageError, one_line
 from .config import generation_defaults
-from .generation import file_hash, hires_of, model_defaults, model_file, network_hashes, pipeline_call  # noqa: F401 (also cli's API)
+from .generation import (file_hash, hires_of, model_defaults, model_file, network_hashes, pipeline_call,  # noqa: F401
+                         steps_to_run)                                                            # (also cli's API)
 from .hires import STRENGTH as HIRES_STRENGTH, UPSCALERS
 from .images import filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
 from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, short_hash
@@ -610,17 +611,12 @@ class _Generation:
         self.mode, self.n = args.command, settings["num_images"]
         schedule = schedulers.make_schedule(settings["sampler"], settings["steps"], pipe.config, settings["karras"],
                                             settings["timestep_spacing"], schedule_type=settings["schedule_type"])
-        self.total = schedule.num_inference_steps
         self.start = 0 if self.mode == "txt2img" else schedulers.start_index(schedule, settings["strength"])
-        self.size = None                                  # the PNG's Size, when not the image's
-        hires = hires_of(settings)
-        if hires is not None:                             # A1111's Size is the first pass's; the second
-            defaults = generation_defaults(pipe.config)   # pass's steps are counted on by the callback
+        self.total = self.start + steps_to_run(pipe, self.mode, settings)  # the callback's last step + 1
+        self.size = None                                  # the PNG's Size, when not the image's: with
+        if hires_of(settings) is not None:                # the hires fix, A1111's is the first pass's
+            defaults = generation_defaults(pipe.config)
             self.size = (settings["width"] or defaults["width"], settings["height"] or defaults["height"])
-            second = schedulers.make_schedule(settings["sampler"], hires.steps or settings["steps"], pipe.config,
-                                              settings["karras"], settings["timestep_spacing"],
-                                              schedule_type=settings["schedule_type"])
-            self.total += second.num_inference_steps - schedulers.start_index(second, hires.strength)
         uses = taesd_uses(args, settings)
         if uses:                                          # --taesd's weights, checked to fit the model's latents
             from .taesd import load_taesd

@@ -77,6 +77,21 @@ def hires_of(settings):
     return Hires(settings["hires_scale"], settings["hires_upscaler"], settings["hires_steps"], settings["hires_strength"])
 
 
+def steps_to_run(pipe, mode, settings):
+    """How many sampler steps a run of these settings takes (the callback's count): the steps from
+    img2img's start, plus the hires fix's second pass."""
+    from .schedulers import make_schedule, start_index
+
+    def count(steps, strength):
+        schedule = make_schedule(settings["sampler"], steps, pipe.config, settings["karras"],
+                                 settings["timestep_spacing"], schedule_type=settings.get("schedule_type"))
+        return schedule.num_inference_steps - (0 if strength is None else start_index(schedule, strength))
+
+    total = count(settings["steps"], None if mode == "txt2img" else settings["strength"])
+    hires = hires_of(settings) if mode == "txt2img" else None
+    return total if hires is None else total + count(hires.steps or settings["steps"], hires.strength)
+
+
 def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, attention_maps=None, trace=None):
     """Run txt2img, img2img or inpaint (`mode`) with the settings of a run (SETTINGS, the model's
     defaults filled in; image, mask: paths or PIL images) -> float32 images [B, H, W, 3] in [0, 1].

@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 
 import npsd  # noqa: E402
 from npsd import cli  # noqa: E402
+from npsd.hires import Hires  # noqa: E402
 from npsd.loading import BUILTIN_MODEL  # noqa: E402
 from npsd.pngmeta import parse_parameters, read_parameters  # noqa: E402
 from npsd.serve.app import ServeSettings, create_app  # noqa: E402
@@ -235,6 +236,23 @@ def test_dpmpp_2m_sde_takes_a1111s_brownian_noise(client, pipe):
     assert "SDE noise: Brownian" in json.loads(body["info"])["infotexts"][0]
 
 
+def test_hires_fix_same_pixels_as_the_pipeline(client, pipe):
+    """enable_hr: the pipeline's hires fix with A1111's fields (hr_scale, hr_upscaler, hr_second_pass_steps,
+    denoising_strength); the infotext's Size is the first pass's, as A1111's."""
+    body = txt2img(client, steps=4, seed=8, sampler_name="Euler a", enable_hr=True, hr_scale=1.5,
+                   hr_upscaler="Latent (nearest-exact)", hr_second_pass_steps=3, denoising_strength=0.55,
+                   hr_sampler_name="Euler a", hr_prompt="", hr_resize_x=0)
+    ref = pipe.txt2img(PROMPT, num_inference_steps=4, seed=8, sampler="euler_a", schedule_type="automatic",
+                       hires=Hires(1.5, "latent_nearest_exact", 3, 0.55))
+    got = decode(body["images"][0])
+    assert got.size == (96, 96) and np.array_equal(pixels(got), pixels(ref))
+    text = json.loads(body["info"])["infotexts"][0]
+    assert "Size: 64x64," in text and "Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Latent (nearest-exact)" in text
+    assert "Denoising strength: 0.55" in text
+    plain = txt2img(client, steps=4, seed=8, sampler_name="Euler a", enable_hr=False, hr_scale=3, hr_prompt="x")
+    assert decode(plain["images"][0]).size == (64, 64)             # hr_* ignored without enable_hr, as A1111
+
+
 def test_img2img_same_pixels_as_the_pipeline(client, pipe, picture):
     r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "denoising_strength": 0.6, "steps": 5, "seed": 7,
                                                "init_images": ["data:image/png;base64," + encode(picture)]})
@@ -271,6 +289,10 @@ def test_inpaint_same_pixels_as_the_pipeline(client, pipe, picture, mask):
     ({"width": "64"}, ["width"]),
     ({"sampler_name": "Nope"}, ["sampler_name", "Euler a"]),
     ({"scheduler": "DDIM"}, ["scheduler", "Karras", "Beta"]),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, ["hr_upscaler", "R-ESRGAN 4x+", "Latent (nearest-exact)"]),
+    ({"enable_hr": True, "hr_resize_x": 512, "hr_prompt": "other"}, ["hr_resize_x=512", "hr_prompt='other'"]),
+    ({"enable_hr": True, "hr_scale": 0.5}, ["hr_scale must be in [1.0, 8.0], got 0.5"]),
+    ({"enable_hr": True, "npsd_attention_maps": True}, ["npsd_attention_maps records one pass"]),
     ({"scheduler": "Karras", "sampler_name": "DDIM"}, ["Karras", "DDIM"]),
     ({"prompt": ["a", "b"]}, ["prompt"]),
     ({"batch_size": 50, "n_iter": 3}, ["batch_size * n_iter"]),
@@ -306,12 +328,12 @@ def test_bad_bodies_and_images(client, picture):
 
 
 def test_unsupported_fields_are_named(client, picture, mask):
-    r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "enable_hr": True, "tiling": True,
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "firstphase_width": 256, "tiling": True,
                                                "alwayson_scripts": {"ControlNet": {"args": []}},
                                                "refiner_checkpoint": "sdxl_refiner", "restore_faces": True,
                                                "styles": ["cinematic"], "subseed_strength": 0.3})
-    assert_one_line_422(r, "enable_hr", "tiling", "alwayson_scripts", "refiner_checkpoint", "restore_faces", "styles",
-                        "subseed_strength")
+    assert_one_line_422(r, "firstphase_width", "tiling", "alwayson_scripts", "refiner_checkpoint", "restore_faces",
+                        "styles", "subseed_strength")
     assert_one_line_422(client.post("/sdapi/v1/txt2img", json={"script_name": "x/y/z plot"}), "script_name")
     # at their "off" values, as clients send them by default, they are accepted
     defaults = {"enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.7,

@@ -148,6 +148,8 @@ def test_models_listing_and_switching(api, pipe):
     assert result.info["sd_model_name"] == "second" and result.info["clip_skip"] == 2
     assert api.util_get_current_model() == "npsd-tiny"                   # restored after the request
     api.set_options({"CLIP_stop_at_last_layers": 1})
-    with pytest.raises(RuntimeError, match="enable_hr"):
-        api.txt2img(prompt=PROMPT, enable_hr=True, width=64, height=64)
+    result = api.txt2img(prompt=PROMPT, enable_hr=True, hr_scale=1.5, width=64, height=64, steps=3)  # hires fix
+    assert result.image.size == (96, 96) and "Hires upscaler: Latent" in result.info["infotexts"][0]
+    with pytest.raises(RuntimeError, match="R-ESRGAN 4x.* is not one npsd has"):
+        api.txt2img(prompt=PROMPT, enable_hr=True, hr_upscaler="R-ESRGAN 4x+", width=64, height=64)
     assert json.loads(json.dumps(api.get_sd_models()))[0]["title"] == "npsd-tiny"

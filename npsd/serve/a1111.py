@@ -9,9 +9,9 @@ falls in one of four groups:
   denoising_strength, mask, mask_blur, inpainting_mask_invert, ...);
 - INERT: A1111's bookkeeping, which changes no pixel npsd computes (do_not_save_samples, subseed
   while subseed_strength is 0, the hr_* fields while enable_hr is false, ...): accepted, ignored;
-- OFF: features npsd lacks (hires fix, refiner, scripts, face restoration, tiling, styles, variation
-  seeds, ...): accepted at their "off" value (what clients such as webuiapi send by default), else
-  refused with 422 naming them;
+- OFF: features npsd lacks (refiner, scripts, face restoration, tiling, styles, variation seeds, the
+  hires fix's resize, second sampler, prompt and checkpoint, ...): accepted at their "off" value (what
+  clients such as webuiapi send by default), else refused with 422 naming them;
 - anything else is unknown: refused with 422 (a misspelt field would otherwise be silently dropped).
 
 Fields left out take npsd's defaults, those of its command line and Pipeline API: the model's steps,
@@ -24,8 +24,10 @@ depends on the model (the size's multiple of the VAE factor, memory) is the pipe
 Batches follow npsd's command line: one pipeline call makes batch_size images from one seed ("Batch
 size" / "Batch pos" in the PNG parameters); iteration j of n_iter uses seed + j * batch_size (A1111
 gives each image of a batch its own seed; the first image of each iteration has A1111's seed).
-Scheduler "Automatic" is the model's own spacing (A1111 1.9+ picks Karras for some samplers; ask
-for "Karras"). An inpainted image is the pipeline's output, the same pixels as npsd's Pipeline API
+The scheduler is A1111's schedule type ("Automatic": A1111's choice for the sampler; npsd's
+schedule_type) for the samplers A1111 runs with k-diffusion. enable_hr runs the hires fix with
+A1111's latent upscalers (hr_scale, hr_upscaler, hr_second_pass_steps, denoising_strength; npsd/hires.py).
+An inpainted image is the pipeline's output, the same pixels as npsd's Pipeline API
 (A1111 also pastes the input image back over the kept region).
 """
 
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 from ..errors import InputError
+from ..hires import UPSCALERS
 from ..images import open_image, upright
 from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, SCHEDULE_LABELS, _exif_user_comment, parse_parameters,
                        png_info, sampler_from_a1111)
@@ -57,14 +60,22 @@ USED_IMG2IMG = {"init_images", "denoising_strength", "mask", "mask_blur", "mask_
                 "initial_noise_multiplier", "include_init_images"}
 INERT = {"subseed", "do_not_save_samples", "do_not_save_grid", "comments", "force_task_id", "s_tmin", "s_tmax",
          "refiner_switch_at", "token_merging_ratio", "token_merging_ratio_hr", "user"}
-INERT_TXT2IMG = {"denoising_strength"}                       # only the hires fix reads it
+USED_TXT2IMG = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength"}
+# the hires fix's fields npsd lacks, refused when enable_hr is true (ignored, as by A1111, when false)
+HIRES_OFF = {"hr_resize_x": ((0,), "npsd enlarges by hr_scale; send 0"),
+             "hr_resize_y": ((0,), "npsd enlarges by hr_scale; send 0"),
+             "hr_sampler_name": (("", "Use same sampler"), "npsd's second pass uses the first pass's sampler"),
+             "hr_scheduler": (("", "Use same scheduler"), "npsd's second pass uses the first pass's scheduler"),
+             "hr_prompt": (("",), "npsd's second pass uses the prompt"),
+             "hr_negative_prompt": (("",), "npsd's second pass uses the negative prompt"),
+             "hr_checkpoint_name": (("", "Use same checkpoint"), "npsd's second pass uses the same model")}
+HIRES_DENOISING = 0.75                                      # A1111's txt2img default denoising_strength
 INERT_IMG2IMG = {"image_cfg_scale", "inpaint_full_res_padding"}  # instruct-pix2pix only; full-res inpainting only
 # feature field -> (its "off" values, what npsd lacks). None is always "off".
 OFF = {
-    "enable_hr": ((False,), "npsd has no hires fix; generate at the final size"),
-    "firstphase_width": ((0,), "it belongs to the hires fix, which npsd lacks"),
-    "firstphase_height": ((0,), "it belongs to the hires fix, which npsd lacks"),
-    "firstpass_image": (("",), "it belongs to the hires fix, which npsd lacks"),
+    "firstphase_width": ((0,), "A1111's old hires fix; send hr_scale"),
+    "firstphase_height": ((0,), "A1111's old hires fix; send hr_scale"),
+    "firstpass_image": (("",), "npsd's hires fix starts from its own first pass"),
     "refiner_checkpoint": (("", "None"), "npsd has no refiner pass"),
     "restore_faces": ((False,), "npsd has no face restoration"),
     "tiling": ((False,), "npsd has no tiling (seamless) mode"),
@@ -82,7 +93,7 @@ OFF = {
     "infotext": (("",), "npsd does not read settings from an infotext; send the fields"),
     "latent_mask": (("",), "npsd has no separate latent mask"),
 }
-OFF_TXT2IMG = ("enable_hr", "firstphase_width", "firstphase_height", "firstpass_image")
+OFF_TXT2IMG = ("firstphase_width", "firstphase_height", "firstpass_image")
 OFF_IMG2IMG = ("latent_mask",)
 
 # A1111's "scheduler" field: its names and labels (any case) -> npsd's schedule_type
@@ -240,7 +251,7 @@ def check_options(options, where="options"):
 def _refuse_fields(kind, body):
     """Unknown fields and features npsd lacks -> one InputError naming them all."""
     img2img = kind == "img2img"
-    known = USED | INERT | set(OFF) | (USED_IMG2IMG | INERT_IMG2IMG if img2img else INERT_TXT2IMG)
+    known = USED | INERT | set(OFF) | (USED_IMG2IMG | INERT_IMG2IMG if img2img else USED_TXT2IMG)
     unknown = [k for k in body if k not in known and not (not img2img and k.startswith("hr_"))]
     if unknown:
         elsewhere = [k for k in unknown if k in USED_IMG2IMG]
@@ -250,6 +261,10 @@ def _refuse_fields(kind, body):
                          f"{', '.join(unknown)}; {hint}")
     wrong_mode = OFF_IMG2IMG if not img2img else OFF_TXT2IMG
     refused = [(k, OFF[k][1]) for k in body if k in OFF and k not in wrong_mode and not _is_off(body[k], OFF[k][0])]
+    if not img2img and body.get("enable_hr"):
+        refused += [(k, why) for k, (off, why) in HIRES_OFF.items() if k in body and not _is_off(body[k], off)]
+        if body.get("hr_sampler_name") == body.get("sampler_name"):                # the same sampler, named
+            refused = [(k, why) for k, why in refused if k != "hr_sampler_name"]
     if img2img and body.get("mask"):
         if body.get("inpainting_fill") not in (None, 1):
             refused.append(("inpainting_fill", f"npsd inpaints from the original image only (1, 'original'), "
@@ -300,7 +315,8 @@ def read_request(kind, body, limits=None):
                 "mask_blur": 0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
                 # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)
-                "sde_noise": "brownian" if sampler in A1111_BROWNIAN else "generator"}
+                "sde_noise": "brownian" if sampler in A1111_BROWNIAN else "generator",
+                **(_hires(body) if kind == "txt2img" else HIRES_NONE)}
     plan = Plan(mode="txt2img", settings=settings, n_iter=n_iter,
                 overrides=check_options(body.get("override_settings") or {}, "override_settings"),
                 restore_afterwards=_bool(body, "override_settings_restore_afterwards", True),
@@ -308,9 +324,29 @@ def read_request(kind, body, limits=None):
                 attention_maps=_bool(body, "npsd_attention_maps", False),
                 received=dict(body))
     _bool(body, "save_images")
+    if plan.attention_maps and settings["hires_scale"]:
+        raise InputError("npsd_attention_maps records one pass; send it without enable_hr")
     if kind == "img2img":
         _read_img2img(body, plan, limits)
     return plan
+
+
+HIRES_NONE = {"hires_scale": None, "hires_upscaler": None, "hires_steps": None, "hires_strength": None}
+
+
+def _hires(body):
+    """txt2img's hires fix fields -> the hires_* settings (npsd/cli.py's SETTINGS)."""
+    if not _bool(body, "enable_hr", False):
+        return HIRES_NONE
+    label = _str(body, "hr_upscaler") or UPSCALERS["latent"][0]                 # A1111's default: Latent
+    by_label = {lab.lower(): name for name, (lab, _) in UPSCALERS.items()}
+    if label.strip().lower() not in by_label:
+        raise InputError(f"hr_upscaler {label!r} is not one npsd has; use one of its latent upscalers: "
+                         f"{', '.join(lab for lab, _ in UPSCALERS.values())}")
+    return {"hires_scale": _float(body, "hr_scale", 2.0, lo=1.0, hi=8.0),
+            "hires_upscaler": by_label[label.strip().lower()],
+            "hires_steps": _int(body, "hr_second_pass_steps", 0, lo=0, hi=1000),
+            "hires_strength": _float(body, "denoising_strength", HIRES_DENOISING, lo=0.0, hi=1.0)}
 
 
 def _read_img2img(body, plan, limits):

@@ -61,7 +61,6 @@ from ..images import default_size, heat_overlay, to_pil, write_png_atomic
 from ..pngmeta import A1111_SAMPLERS, SCHEDULE_LABELS, parameters_text
 from ..previews import preview, table_name
 from ..prompts import prompt_syntax_used
-from ..schedulers import make_schedule, start_index
 from ..version import __version__
 from . import a1111
 
@@ -349,10 +348,7 @@ class Server:
         if not plan.restore_afterwards:
             self.options.update(plan.overrides)
         pipe, settings = self.pipe, self._settings(plan, options)
-        schedule = make_schedule(settings["sampler"], settings["steps"], pipe.config, settings["karras"],
-                                 settings["timestep_spacing"], schedule_type=settings["schedule_type"])
-        start = 0 if plan.mode == "txt2img" else start_index(schedule, settings["strength"])
-        job.begin(pipe, plan.n_iter, schedule.num_inference_steps - start)
+        job.begin(pipe, plan.n_iter, generation.steps_to_run(pipe, plan.mode, settings))
         maps = AttentionMaps() if plan.attention_maps else None
         batch, images, texts, seeds, networks, stopped = settings["num_images"], [], [], [], None, None
         for j in range(plan.n_iter):
@@ -368,8 +364,9 @@ class Server:
                     lora_dir=self.settings.lora_dir, embeddings_dir=self.settings.embeddings_dir))
             for b, img in enumerate(to_pil(out)):
                 extra = f", Interrupted at step: {stopped}/{job.steps}" if stopped else ""
+                size = (call["width"], call["height"]) if call.get("hires_scale") else (img.width, img.height)
                 text = parameters_text(call, plan.mode, self._model_label(), self.models.short_hash(self.loaded),
-                                       None, None, img.width, img.height, batch, b + 1, networks) + extra
+                                       None, None, *size, batch, b + 1, networks) + extra     # (hires: A1111's first pass)
                 images.append(img)
                 texts.append(text)
                 seeds.append(call["seed"])
