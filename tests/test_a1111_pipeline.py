@@ -17,9 +17,10 @@ schedules), ``rng="torch"`` (A1111's "CPU" random numbers) and, for its SDE samp
   sigmas[n - t_enc - 1], t_enc = int(min(strength, 0.999) n), and runs the rest.
 
 TOL_IMAGE = 2e-5 relative (images in [0, 1]), as tests/test_same_seed.py for diffusers; measured
-1.2e-6 to 3.2e-6 (the test output prints each). npsd's default (diffusers') schedule against the
-same A1111 run is 1.2e-1 away, and img2img with diffusers' start 8.3e-2
-(test_diffusers_schedule_is_not_a1111s).
+1.2e-6 to 3.2e-6, the hires fix 1.4e-6 to 4.9e-6 (the test output prints each). npsd's default
+(diffusers') schedule against the same A1111 run is 1.2e-1 away, img2img with diffusers' start 8.3e-2
+(test_diffusers_schedule_is_not_a1111s), and a hires pass that goes on with the first pass's
+generator 3.2e-1.
 
 TOL_BROWNIAN = 1e-3 for DPM++ 2M SDE and 3M SDE on A1111's Brownian noise: measured 2.2e-5
 (txt2img) and 1.5e-4 (img2img). npsd computes A1111's sigmas in float64 and rounds them to float32;
