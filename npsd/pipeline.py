@@ -298,7 +298,7 @@ class Pipeline:
                                   decoder=decoder, eta=eta, sde_noise=sde_noise)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
-        hires_settings = self._hires_settings(hires, settings, attention_maps)
+        hires_settings = self._hires_settings(hires, settings, attention_maps, schedule_type)
         if hires_settings is not None:
             resources.check_request(self, prompt, num_images, hires_settings)
         first = (rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas, timestep_spacing,
@@ -319,8 +319,9 @@ class Pipeline:
             x = self._hires_pass(x, hires, hires_settings, first, eta, callback, progress, schedule.num_inference_steps)
         return self._output(x, output_type, decoder)
 
-    def _hires_settings(self, hires, settings, attention_maps):
-        """The second pass's settings (its size and steps) of txt2img(hires=...), or None."""
+    def _hires_settings(self, hires, settings, attention_maps, schedule_type):
+        """The second pass's settings (its size and steps) of txt2img(hires=...), or None; checked
+        before the first pass runs."""
         if hires is None:
             return None
         if not isinstance(hires, Hires):
@@ -329,7 +330,11 @@ class Pipeline:
         if attention_maps is not None or self._trace is not None:
             raise InputError("attention maps and traces record one pass; give them without hires")
         height, width = hires.size(settings["height"], settings["width"], self.vae_factor)
-        return dict(settings, height=height, width=width, steps=hires.steps or settings["steps"])
+        steps = hires.steps or settings["steps"]
+        if schedule_type is None and int(steps * hires.strength) == 0:     # diffusers' img2img start
+            raise InputError(f"the hires pass's strength {hires.strength} with {steps} steps runs no step "
+                             f"(int(steps * strength) = 0); raise the hires strength or steps")
+        return dict(settings, height=height, width=width, steps=steps)
 
     def _hires_pass(self, x0, hires, settings, first, eta, callback, progress, done):
         """Hires. fix's second pass (npsd/hires.py): enlarge the first pass's latents x0 and run img2img

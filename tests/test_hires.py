@@ -77,6 +77,10 @@ def test_bad_settings_are_one_line(kw, message):
         Hires(**kw)
 
 
+def refuse_steps(*step):
+    raise AssertionError("a step ran before the hires settings were checked")
+
+
 def test_pipeline_checks():
     pipe = npsd.load()
     with pytest.raises(InputError, match="hires must be an npsd.hires.Hires"):
@@ -84,5 +88,10 @@ def test_pipeline_checks():
     from npsd.attention_maps import AttentionMaps
     with pytest.raises(InputError, match="attention maps and traces record one pass; give them without hires"):
         pipe.txt2img("a red circle", num_inference_steps=2, hires=Hires(), attention_maps=AttentionMaps())
+    with pytest.raises(InputError, match=r"the hires pass's strength 0.2 with 4 steps runs no step \(int\(steps "
+                                         r"\* strength\) = 0\); raise the hires strength or steps"):
+        pipe.txt2img("a red circle", num_inference_steps=4, hires=Hires(strength=0.2), callback=refuse_steps)
+    pipe.txt2img("a red circle", num_inference_steps=4, hires=Hires(strength=0.0, steps=2), schedule_type="uniform",
+                 sampler="euler")                           # A1111's img2img runs one step even at strength 0
     image = pipe.txt2img("a red circle", num_inference_steps=2, seed=1, hires=Hires(scale=1.5, steps=2))
     assert image.size == (96, 96)
