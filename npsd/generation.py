@@ -89,7 +89,9 @@ def steps_to_run(pipe, mode, settings):
 
     total = count(settings["steps"], None if mode == "txt2img" else settings["strength"])
     hires = hires_of(settings) if mode == "txt2img" else None
-    return total if hires is None else total + count(hires.steps or settings["steps"], hires.strength)
+    if hires is None:
+        return total
+    return total + count(hires.second_steps(settings["steps"], settings.get("schedule_type") is not None), hires.strength)
 
 
 def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, attention_maps=None, trace=None):

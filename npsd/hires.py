@@ -55,6 +55,15 @@ class Hires:
         if not is_number(self.strength) or not 0.0 <= float(self.strength) <= 1.0:
             raise InputError(f"hires strength must be between 0 and 1, got {self.strength!r}")
 
+    def second_steps(self, first_steps, a1111_start):
+        """The second pass's steps; refused when it would run none (diffusers' img2img start, which
+        runs int(steps * strength); A1111's start, a1111_start, runs one more)."""
+        steps = self.steps or first_steps
+        if not a1111_start and int(steps * self.strength) == 0:
+            raise InputError(f"the hires pass's strength {self.strength} with {steps} steps runs no step "
+                             f"(int(steps * strength) = 0); raise the hires strength or steps")
+        return steps
+
     def size(self, height, width, factor):
         """The second pass's image size: A1111's int(scale * side), rounded down to a multiple of the
         VAE's factor (A1111 interpolates to side // 8 latents)."""

@@ -330,10 +330,7 @@ class Pipeline:
         if attention_maps is not None or self._trace is not None:
             raise InputError("attention maps and traces record one pass; give them without hires")
         height, width = hires.size(settings["height"], settings["width"], self.vae_factor)
-        steps = hires.steps or settings["steps"]
-        if schedule_type is None and int(steps * hires.strength) == 0:     # diffusers' img2img start
-            raise InputError(f"the hires pass's strength {hires.strength} with {steps} steps runs no step "
-                             f"(int(steps * strength) = 0); raise the hires strength or steps")
+        steps = hires.second_steps(settings["steps"], schedule_type is not None)
         return dict(settings, height=height, width=width, steps=steps)
 
     def _hires_pass(self, x0, hires, settings, first, eta, callback, progress, done):

@@ -323,6 +323,11 @@ def test_hires_fix_options_and_png_fields(model, tmp_path, capsys):
         rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "e.png", "--hires-scale", 2] + option,
                          capsys)
         assert rc == 2 and err == f"npsd: error: {option[0]} records one pass; give it without --hires-scale\n", err
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "e.png", "--hires-scale", 2,
+                      "--hires-strength", 0, "--quiet"], capsys)
+    assert rc != 0 and err == ("npsd: error: the hires pass's strength 0.0 with 50 steps runs no step (int(steps * "
+                               "strength) = 0); raise the hires strength or steps\n"), err
+    assert not (tmp_path / "e.png").exists()
     rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "e.png", "--hires-scale", 0.5], capsys)
     assert rc == 2 and "--hires-scale" in err and err.count("\n") == 1, err
     rc, _, err = run(["img2img", PROMPT, "--image", a, "--model", model, "-o", tmp_path / "e.png", "--hires-scale", 2],
