@@ -54,8 +54,8 @@ class BrownianTree:
 
     def __init__(self, t0, t1, shape, seed):
         t0, t1 = float(t0), float(t1)
-        if not t0 < t1:
-            raise ValueError(f"a Brownian tree needs t0 < t1, got {t0} and {t1}")
+        if not t0 <= t1:                    # t0 == t1 (one step, to sigma 0): a tree never asked, as torchsde's
+            raise ValueError(f"a Brownian tree needs t0 <= t1, got {t0} and {t1}")
         self.shape, self.seed = tuple(shape), int(seed)
         self.root = _Interval(t0, t1, None, None)
         self.root.key = self.root.depth = 0

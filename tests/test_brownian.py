@@ -21,6 +21,7 @@ import pytest
 import torch
 import torchsde
 
+import npsd
 from npsd import schedulers as S
 from npsd.brownian import BrownianNoise, BrownianTree, brownian_noise
 from npsd.testing import assert_close
@@ -123,3 +124,16 @@ def test_each_image_of_a_batch_has_its_own_seeds_tree():
     print(assert_close(both[1], second[0], 1e-6, "image 2 of seed 5 against image 1 of seed 6"))
     other = pipe.txt2img("a red circle", seed=5, latents=latents[1:], **kw)
     assert np.abs(other[0] - both[1]).max() > 1e-2
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde"])
+def test_one_step_runs(sampler):
+    """One step goes from sigma_max to 0: the tree spans [sigma_max, sigma_max] and is never asked
+    (torchsde builds such a tree too); the image is the generator-noise run's, whose one draw goes
+    unused. It was an internal error ("a Brownian tree needs t0 < t1")."""
+    torchsde.BrownianTree(t0=torch.tensor(14.6), w0=torch.zeros(2), t1=torch.tensor(14.6), entropy=1)
+    pipe = npsd.load()
+    for schedule_type in (None, "karras"):
+        kw = dict(num_inference_steps=1, seed=3, sampler=sampler, schedule_type=schedule_type, output_type="np")
+        brownian = pipe.txt2img("a red circle", sde_noise="brownian", **kw)
+        assert np.array_equal(brownian, pipe.txt2img("a red circle", **kw))
