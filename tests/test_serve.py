@@ -8,6 +8,7 @@ tests/test_serve_webuiapi.py drives a real uvicorn server with the webuiapi clie
 """
 
 import base64
+import concurrent.futures
 import gc
 import io
 import json
@@ -620,3 +621,20 @@ def test_serve_command_line(monkeypatch, capsys, tmp_path):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("npsd: error:") and what in err and "\n" not in err, err
+
+
+def test_a_job_is_over_before_its_request_hears_of_it():
+    """The worker ends a job (no current job, what /sdapi/v1/progress reports as job_count 0) before it
+    hands the result to the waiting request: a client that asks for the progress right after the
+    answer saw the finished job still running now and then (the future woke the request first)."""
+    from npsd.serve.app import Worker
+    worker = Worker()
+    try:
+        seen = []
+        for run in (lambda job: "done", lambda job: 1 / 0):
+            job = worker.submit("txt2img", run)
+            job.future.add_done_callback(lambda f: seen.append(worker.current))  # runs as the answer is handed over
+            concurrent.futures.wait([job.future], timeout=10)
+        assert seen == [None, None] and job.future.exception() is not None
+    finally:
+        worker.close()

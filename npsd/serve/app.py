@@ -266,17 +266,24 @@ class Worker:
                 if not job.future.set_running_or_notify_cancel():
                     continue                       # its request went away while it waited
                 self.current, job.run_number = job, next(self.runs)
+            result = error = None
             try:
-                job.future.set_result(job.run(job))
+                result = job.run(job)
             except BaseException as e:            # noqa: BLE001 - handed to the request that waits
-                job.future.set_exception(e)
-                if not isinstance(e, Exception):
-                    raise
+                error = e
             finally:
+                # the job is over before its request hears so: a progress call right after the
+                # answer sees no job running
                 with self.cond:
                     self.last_step_seconds = job.step_seconds or self.last_step_seconds
                     self.current = None
                 job.finish()
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
+                if not isinstance(error, Exception):
+                    raise error
 
 
 # --- the server: models, options, generations, gallery -------------------------------------------
