@@ -124,13 +124,13 @@ def test_txt2img_response_shape_info_and_png_parameters(client):
     for key in ("prompt", "all_prompts", "seed", "all_seeds", "sampler_name", "steps", "cfg_scale", "width",
                 "height", "sd_model_name", "infotexts", "negative_prompt"):
         assert key in info, key
-    assert info["seed"] == 11 and info["all_seeds"] == [11, 11] and info["steps"] == 3
+    assert info["seed"] == 11 and info["all_seeds"] == [11, 12] and info["steps"] == 3     # A1111's seeds
     assert (info["width"], info["height"], info["sampler_name"], info["sd_model_name"]) == (64, 64, "DDIM", "npsd-tiny")
     assert len(info["infotexts"]) == 2
     for pos, (im, text) in enumerate(zip(images, info["infotexts"]), 1):
         assert im.info["parameters"] == text                            # the PNG carries its parameters
         fields = parse_parameters(text)["fields"]
-        assert (fields["Seed"], fields["Batch size"], fields["Batch pos"]) == ("11", "2", str(pos))
+        assert fields["Seed"] == str(10 + pos) and "Batch size" not in fields and "Batch pos" not in fields
         assert fields["Model"] == "npsd-tiny.safetensors" and fields["Pipeline"] == "txt2img"
     # png-info reads them back
     r = client.post("/sdapi/v1/png-info", json={"image": body["images"][1]})
@@ -201,12 +201,11 @@ def test_txt2img_same_pixels_as_the_pipeline(client, pipe):
     body = txt2img(client, negative_prompt="green", steps=4, cfg_scale=6, seed=123, sampler_name="Euler a",
                    batch_size=2, n_iter=2)
     got = [pixels(decode(b)) for b in body["images"]]
-    assert json.loads(body["info"])["all_seeds"] == [123, 123, 125, 125]     # iteration j: seed + j * batch_size
-    for j, seed in enumerate((123, 125)):
+    assert json.loads(body["info"])["all_seeds"] == [123, 124, 125, 126]     # A1111: image k has seed + k
+    for k, seed in enumerate((123, 124, 125, 126)):                          # and is made alone from it
         ref = pipe.txt2img(PROMPT, negative_prompt="green", num_inference_steps=4, guidance_scale=6, seed=seed,
-                           sampler="euler_a", num_images=2, schedule_type="automatic")       # A1111's schedule
-        for b in range(2):
-            assert np.array_equal(got[2 * j + b], pixels(ref[b])), (j, b)     # exact: the same computation
+                           sampler="euler_a", schedule_type="automatic")                     # A1111's schedule
+        assert np.array_equal(got[k], pixels(ref)), k                         # exact: the same computation
 
 
 @pytest.mark.parametrize("scheduler", ["Karras", "SGM Uniform", "Automatic"])

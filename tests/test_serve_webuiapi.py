@@ -76,9 +76,9 @@ def test_txt2img(api, pipe):
     result = api.txt2img(prompt=PROMPT, negative_prompt="green", seed=17, width=64, height=64, cfg_scale=7,
                          batch_size=2)
     assert len(result.images) == 2 and all(im.size == (64, 64) for im in result.images)
-    assert result.info["all_seeds"] == [17, 17] and result.info["sampler_name"] == "Euler a"
-    ref = pipe.txt2img(PROMPT, negative_prompt="green", num_inference_steps=4, guidance_scale=7, seed=17,
-                       sampler="euler_a", num_images=2, schedule_type="automatic")       # A1111's schedule
+    assert result.info["all_seeds"] == [17, 18] and result.info["sampler_name"] == "Euler a"   # A1111's seeds
+    ref = [pipe.txt2img(PROMPT, negative_prompt="green", num_inference_steps=4, guidance_scale=7, seed=seed,
+                        sampler="euler_a", schedule_type="automatic") for seed in (17, 18)]     # A1111's schedule
     for got, want in zip(result.images, ref):
         assert np.array_equal(pixels(got), pixels(want))                  # exact: the same computation
     # the PNG it received carries its parameters; png-info reads them back

@@ -21,9 +21,9 @@ that the built-in 64x64 model works with an empty request), denoising_strength 0
 `read_request` checks types and ranges (in A1111's names, before the job waits in the queue); what
 depends on the model (the size's multiple of the VAE factor, memory) is the pipeline's check.
 
-Batches follow npsd's command line: one pipeline call makes batch_size images from one seed ("Batch
-size" / "Batch pos" in the PNG parameters); iteration j of n_iter uses seed + j * batch_size (A1111
-gives each image of a batch its own seed; the first image of each iteration has A1111's seed).
+Batches follow A1111: image k of a request (counted over batch_size and n_iter) has the seed
+seed + k and its own random numbers from it, so npsd makes it alone from that seed (its PNG says so,
+without "Batch size"), and all_seeds lists seed, seed + 1, ....
 The scheduler is A1111's schedule type ("Automatic": A1111's choice for the sampler; npsd's
 schedule_type) for the samplers A1111 runs with k-diffusion. enable_hr runs the hires fix with
 A1111's latent upscalers (hr_scale, hr_upscaler, hr_second_pass_steps, denoising_strength; npsd/hires.py).

@@ -355,29 +355,32 @@ class Server:
         if not plan.restore_afterwards:
             self.options.update(plan.overrides)
         pipe, settings = self.pipe, self._settings(plan, options)
-        job.begin(pipe, plan.n_iter, generation.steps_to_run(pipe, plan.mode, settings))
+        count = settings["num_images"] * plan.n_iter
+        job.begin(pipe, count, generation.steps_to_run(pipe, plan.mode, settings))
         maps = AttentionMaps() if plan.attention_maps else None
-        batch, images, texts, seeds, networks, stopped = settings["num_images"], [], [], [], None, None
-        for j in range(plan.n_iter):
-            call = dict(settings, seed=settings["seed"] + j * batch)
-            job.start_iteration(j)
+        images, texts, seeds, networks, stopped = [], [], [], None, None
+        for k in range(count):
+            # A1111 gives image k of a request (over batch_size and n_iter) its own generators from
+            # seed + k: the image npsd makes alone from that seed
+            call = dict(settings, seed=settings["seed"] + k, num_images=1)
+            job.start_iteration(k)
             try:
                 out = generation.pipeline_call(pipe, plan.mode, call, plan.image, plan.mask, job.on_step,
-                                        maps if j == 0 else None)
+                                               maps if k == 0 else None)
             except Interrupted as stop:                    # A1111: the last step's x_0, decoded
                 out, stopped = pipe.decode_latents(stop.x0, call["vae_decoder"]), stop.step
             if networks is None:
                 networks = generation.network_hashes(pipe, call, types.SimpleNamespace(
                     lora_dir=self.settings.lora_dir, embeddings_dir=self.settings.embeddings_dir))
-            for b, img in enumerate(to_pil(out)):
-                extra = f", Interrupted at step: {stopped}/{job.steps}" if stopped else ""
-                size = (call["width"], call["height"]) if call.get("hires_scale") else (img.width, img.height)
-                text = parameters_text(call, plan.mode, self._model_label(), self.models.short_hash(self.loaded),
-                                       None, None, *size, batch, b + 1, networks) + extra     # (hires: A1111's first pass)
-                images.append(img)
-                texts.append(text)
-                seeds.append(call["seed"])
-                self._remember(img, text, a1111.reload_settings(plan, call, self.loaded["title"], b + 1))
+            img = to_pil(out)[0]
+            extra = f", Interrupted at step: {stopped}/{job.steps}" if stopped else ""
+            size = (call["width"], call["height"]) if call.get("hires_scale") else (img.width, img.height)
+            text = parameters_text(call, plan.mode, self._model_label(), self.models.short_hash(self.loaded),
+                                   None, None, *size, 1, 1, networks) + extra     # (hires: A1111's first pass)
+            images.append(img)
+            texts.append(text)
+            seeds.append(call["seed"])
+            self._remember(img, text, a1111.reload_settings(plan, call, self.loaded["title"], 1))
             if stopped:
                 break
         inpainting_unet = plan.mode == "inpaint" and pipe.unet_in_channels == 2 * pipe.latent_channels + 1
