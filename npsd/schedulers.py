@@ -28,8 +28,9 @@ floats computed in float64 from the float32 schedule, which NumPy applies withou
 
 Every function is pure: arrays in, arrays out. Randomness enters only as explicit noise arrays or an
 ``np.random.Generator`` argument. Schedules are computed like SD v1.5's diffusers schedulers
-(diffusers 0.42.1, each with its own ``set_timesteps`` rules); tests/test_schedulers.py and
-tests/test_samplers_more.py check them.
+(diffusers 0.42.1, each with its own ``set_timesteps`` rules; tests/test_schedulers.py and
+tests/test_samplers_more.py check them), or with ``schedule_type`` like AUTOMATIC1111's schedule
+types (``a1111_sigmas``; tests/test_kdiffusion.py).
 """
 
 import math
