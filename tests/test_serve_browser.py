@@ -286,6 +286,37 @@ def test_a1111_syntax_prompt_generates_without_maps(server, browser):
     assert not driver.find_elements("css selector", "#attention img")
 
 
+def test_hires_fix_from_the_page(server, browser):
+    """The hires fix's controls (txt2img only) send A1111's fields: the result is enlarged, its
+    parameters say so, attention maps are left out with a note (they record one pass), and the
+    gallery entry loads the hires settings back into the form."""
+    driver = browser
+    _open(driver, server)
+    _set(driver, "prompt", PROMPT)
+    _set(driver, "steps", 3)
+    _set(driver, "seed", 21)
+    assert not driver.find_element("id", "hr_scale").is_displayed()
+    driver.find_element("id", "enable_hr").click()
+    assert driver.find_element("id", "hr_scale").is_displayed()
+    _set(driver, "hr_scale", 1.5)
+    _set(driver, "hr_second_pass_steps", 2)
+    _set(driver, "hr_denoising", 0.6)
+    _js(driver, "document.getElementById('hr_upscaler').value = 'Latent (bicubic)'")
+    src, _, _ = _run_and_watch(driver, driver.find_element("id", "generate").click)
+    assert _png(src).size == (SIZE * 3 // 2, SIZE * 3 // 2)
+    text = driver.find_element("id", "parameters").text
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic)" in text and "Denoising strength: 0.6" in text
+    assert "npsd_attention_maps" in driver.find_element("id", "attention-note").text
+    driver.find_element("id", "enable_hr").click()                    # off: the form forgets nothing
+    _js(driver, "loadSettings(arguments[0])", {"mode": "txt2img", "enable_hr": True, "hr_scale": 2,
+                                               "hr_upscaler": "Latent (nearest)", "hr_second_pass_steps": 4,
+                                               "denoising_strength": 0.45})
+    assert driver.find_element("id", "enable_hr").is_selected()
+    assert [_js(driver, f"return document.getElementById('{i}').value") for i in
+            ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_denoising")] == ["2", "Latent (nearest)", "4", "0.45"]
+    driver.find_element("id", "enable_hr").click()                    # leave the form as the other tests expect
+
+
 def test_error_is_one_line_on_the_page(server, browser):
     driver = browser
     _open(driver, server)

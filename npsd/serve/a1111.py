@@ -478,6 +478,9 @@ def reload_settings(plan, settings, model_title, pos):
               "batch_pos": pos, "sd_model_checkpoint": model_title}
     if plan.mode != "txt2img":
         fields["denoising_strength"] = settings["strength"]
+    elif settings.get("hires_scale"):
+        fields.update(enable_hr=True, hr_scale=settings["hires_scale"], hr_upscaler=UPSCALERS[settings["hires_upscaler"]][0],
+                      hr_second_pass_steps=settings["hires_steps"], denoising_strength=settings["hires_strength"])
     if plan.mode == "inpaint":
         fields["mask_blur"] = settings["mask_blur"]
     return fields

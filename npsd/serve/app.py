@@ -58,6 +58,7 @@ from ..clip import layer_count
 from ..config import generation_defaults
 from ..errors import InputError, NpsdError, UsageError, one_line
 from ..images import default_size, heat_overlay, to_pil, write_png_atomic
+from ..hires import UPSCALERS
 from ..pngmeta import A1111_SAMPLERS, SCHEDULE_LABELS, parameters_text
 from ..previews import preview, table_name
 from ..prompts import prompt_syntax_used
@@ -646,6 +647,10 @@ def create_app(settings=None):
         return [{"name": name, "label": label, "aliases": ["SGMUniform"] if name == "sgm_uniform" else None,
                  "default_rho": rho.get(name, -1.0), "need_inner_model": name in inner}
                 for name, label in SCHEDULE_LABELS.items()]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes():                        # the hires fix's hr_upscaler values (npsd/hires.py)
+        return [{"name": label} for label, _ in UPSCALERS.values()]
 
     @app.get("/sdapi/v1/scripts")
     def scripts():

@@ -64,6 +64,14 @@ function formRequest() {
   if (mode() === "txt2img") {
     delete request.denoising_strength;
     delete request.mask_blur;
+    if ($("enable_hr").checked) {                 // A1111's hires fix: its fields, its denoising strength
+      request.enable_hr = true;
+      request.hr_upscaler = $("hr_upscaler").value;
+      for (const [name, id] of [["hr_scale", "hr_scale"], ["hr_second_pass_steps", "hr_second_pass_steps"],
+                                ["denoising_strength", "hr_denoising"]]) {
+        if ($(id).value.trim() !== "") request[name] = Number($(id).value);
+      }
+    }
     return request;
   }
   if (!initImage()) throw new Error("img2img and inpaint need an image: choose one under 'image' first");
@@ -85,6 +93,13 @@ function loadSettings(settings) {
     if (settings[name] !== undefined && settings[name] !== null) $(name).value = settings[name];
   }
   if (["txt2img", "img2img", "inpaint"].includes(settings.mode)) setMode(settings.mode);
+  $("enable_hr").checked = Boolean(settings.enable_hr);
+  if (settings.enable_hr) {
+    $("hr_scale").value = settings.hr_scale;
+    $("hr_upscaler").value = settings.hr_upscaler;
+    $("hr_second_pass_steps").value = settings.hr_second_pass_steps;
+    $("hr_denoising").value = settings.denoising_strength;
+  }
   const model = settings.sd_model_checkpoint;
   if (model && model !== $("model").value && [...$("model").options].some((o) => o.value === model)) {
     $("model").value = model;
@@ -308,10 +323,12 @@ async function loadGallery() {
 // ---- models and samplers ----
 
 async function loadChoices() {
-  const [samplers, schedulers, models, options] = await Promise.all([api("/sdapi/v1/samplers"),
-    api("/sdapi/v1/schedulers"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/options")]);
+  const [samplers, schedulers, upscalers, models, options] = await Promise.all([api("/sdapi/v1/samplers"),
+    api("/sdapi/v1/schedulers"), api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/sd-models"),
+    api("/sdapi/v1/options")]);
   $("sampler_name").append(...samplers.map((s) => new Option(s.name, s.name)));
   $("scheduler").append(...schedulers.map((s) => new Option(s.label, s.label)));
+  $("hr_upscaler").append(...upscalers.map((u) => new Option(u.name, u.name)));
   $("model").replaceChildren(...models.map((m) => new Option(m.model_name || m.title, m.title)));
   if (options.sd_model_checkpoint) $("model").value = options.sd_model_checkpoint;
 }
