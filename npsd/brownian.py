@@ -155,9 +155,11 @@ class BrownianNoise:
 
 def brownian_noise(schedule, start_index, shape, seed):
     """The BrownianNoise of a run of `schedule` from step start_index on latents [B, C, h, w] =
-    `shape`, as A1111 makes it: image b's tree from seed + b (A1111's seed of image b of a batch),
+    `shape`, as A1111 makes it: image b's tree from seed + b (A1111's seed of image b of a batch;
+    a tuple of seeds: one per image),
     over the smallest nonzero and the largest sigma of the steps that run; of the whole schedule for
     A1111's schedules (schedule.schedule_type), whose img2img A1111 gives the whole schedule's tree."""
     first = 0 if schedule.schedule_type is not None else start_index
     sigmas = np.asarray(schedule.sigmas[first:], dtype=F)
-    return BrownianNoise(shape[1:], [int(seed) + b for b in range(shape[0])], sigmas[sigmas > 0].min(), sigmas.max())
+    seeds = list(seed) if isinstance(seed, tuple) else [int(seed) + b for b in range(shape[0])]   # (or one per image)
+    return BrownianNoise(shape[1:], seeds, sigmas[sigmas > 0].min(), sigmas.max())

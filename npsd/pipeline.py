@@ -263,6 +263,10 @@ class Pipeline:
         latents in the scaled latent space). callback(step, t, latents, x0_pred) after every step.
         long_prompt: "truncate" (to 77 tokens, as diffusers) or "chunk" (75-token chunks, concatenated).
         rng: "numpy" (default) or "torch" (torch's CPU generator: diffusers' image from the same seed).
+        seed: a whole number in [0, 2**64) (None: a random one) or a list of them, one per image
+        (prompts x num_images): each image then draws from its own generator, as diffusers' pipelines
+        with a list of generators (and A1111, whose image b of a batch has seed + b), so image b is
+        the single image of its seed.
         prediction_type: what the UNet predicts, "epsilon", "v_prediction" or "sample" (None: the
         model's config). guidance_rescale: Lin et al. 2024's rescaled guidance (eq. 16), 0 = off.
         prompt_syntax: "plain" (brackets are literal, as in diffusers) or "a1111": AUTOMATIC1111's
@@ -380,8 +384,9 @@ class Pipeline:
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
                                                   guidance_rescale, prompt_syntax, schedule_type)
         start = schedulers.start_index(schedule, strength)
-        x0 = self._encode_image(to_array(img), rng, sample_posterior)               # [1, 4, h, w], scaled
-        x0 = np.repeat(x0, batch, axis=0)                                          # [B, 4, h, w]
+        per_image = batch if isinstance(settings["seed"], tuple) else 1             # one sample per seed
+        x0 = self._encode_image(to_array(img), rng, sample_posterior, per_image)   # [1 or B, 4, h, w], scaled
+        x0 = np.repeat(x0, batch // len(x0), axis=0)                               # [B, 4, h, w]
         noise = rng.standard_normal(x0.shape, dtype=np.float32) if noise is None else _check_array(noise, x0.shape, "noise")
         x = schedulers.noise_at_start(schedule, x0, noise, start)                   # x at step `start`
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress, attention_maps=attention_maps,
@@ -519,10 +524,12 @@ class Pipeline:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % 2**32)
-        elif not is_whole(seed) or not 0 <= seed < SEED_LIMIT:
-            raise InputError(f"seed must be a whole number in [0, 2**64), got {seed!r}")
+        seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+        if not seeds or not all(is_whole(s) and 0 <= s < SEED_LIMIT for s in seeds):
+            raise InputError(f"seed must be a whole number in [0, 2**64) or a list of them, one per image, got {seed!r}")
+        seed = tuple(int(s) for s in seed) if isinstance(seed, (list, tuple)) else int(seed)
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
-                "width": int(width), "sampler": sampler, "seed": int(seed), "sde_noise": sde_noise}
+                "width": int(width), "sampler": sampler, "seed": seed, "sde_noise": sde_noise}
 
     def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
                timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, schedule_type, unet=None):
@@ -544,6 +551,9 @@ class Pipeline:
             scale = 1.0
         cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, scale,
                                              clip_skip, long_prompt, prompt_syntax, model_calls)
+        if isinstance(settings["seed"], tuple) and len(settings["seed"]) != batch:
+            raise InputError(f"{len(settings['seed'])} seeds for {batch} images; give one seed, or one per image "
+                             f"(prompts x num_images)")
         model = guided_model(unet, cond, uncond, scale, guidance_rescale)
         return rng, model, batch, schedule
 
@@ -655,9 +665,13 @@ class Pipeline:
             if bar is not None:
                 bar.close()
 
-    def _encode_image(self, pixels, rng, sample_posterior):
-        """[1, 3, H, W] in [-1, 1] -> scaled latents [1, 4, h, w]: the posterior mean, or a sample."""
+    def _encode_image(self, pixels, rng, sample_posterior, count=1):
+        """[1, 3, H, W] in [-1, 1] -> scaled latents [1, 4, h, w]: the posterior mean, or a sample
+        (count: that many samples [count, 4, h, w], one per image, as diffusers' img2img draws them with
+        one generator per image)."""
         mean, logvar = self.vae_encode(pixels)
+        if sample_posterior and count > 1:
+            mean, logvar = np.repeat(mean, count, axis=0), np.repeat(logvar, count, axis=0)
         if sample_posterior:
             mean = vae.sample(mean, logvar, rng.standard_normal(mean.shape, dtype=np.float32))
         return mean * np.float32(self.scaling_factor)

@@ -42,12 +42,34 @@ SEED_LIMIT = 2**64
 
 
 def make_rng(kind, seed):
-    """The generator of one pipeline call: kind "numpy" or "torch", seed an integer in [0, SEED_LIMIT)."""
+    """The generator of one pipeline call: kind "numpy" or "torch", seed an integer in [0, SEED_LIMIT),
+    or a tuple of them, one per image (PerImage)."""
+    if isinstance(seed, tuple):
+        if kind not in RNG_KINDS:
+            raise InputError(f"rng must be one of {', '.join(RNG_KINDS)}, got {kind!r}")
+        return PerImage([make_rng(kind, s) for s in seed])
     if kind == "numpy":
         return np.random.default_rng(seed)
     if kind == "torch":
         return TorchGenerator(seed)
     raise InputError(f"rng must be one of {', '.join(RNG_KINDS)}, got {kind!r}")
+
+
+class PerImage:
+    """One generator per image of a batch, as diffusers' pipelines use a list of generators (and
+    A1111 one generator per image): a draw for the whole batch [B, ...] takes image b's part from
+    generator b; a draw for one image [1, ...] (an input image's VAE sample in inpainting) from the
+    first, as diffusers does."""
+
+    def __init__(self, generators):
+        self.generators = generators
+
+    def standard_normal(self, shape, dtype=np.float32):
+        if shape[0] == len(self.generators):
+            return np.concatenate([g.standard_normal((1,) + tuple(shape[1:]), dtype=dtype) for g in self.generators])
+        if shape[0] == 1:
+            return self.generators[0].standard_normal(shape, dtype=dtype)
+        raise InputError(f"{len(self.generators)} seeds for a draw of {shape[0]} images; give one seed per image")
 
 
 # --- Mersenne Twister MT19937 ------------------------------------------------------------------

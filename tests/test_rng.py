@@ -139,3 +139,23 @@ def test_generation_with_torch_rng_never_imports_torch():
             "print('ok', img.shape)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_list_of_seeds_is_checked_before_any_step():
+    """seed=[...] takes one whole number in [0, 2**64) per image (prompts x num_images), checked before
+    anything runs; one seed in a list is the plain seed."""
+    import npsd
+    from npsd.errors import InputError
+    pipe = npsd.load()
+
+    def refuse(*step):
+        raise AssertionError("a step ran")
+
+    for seed, message in (([], "seed must be a whole number in \\[0, 2\\*\\*64\\) or a list of them"),
+                          ([1, -1], "or a list of them, one per image, got \\[1, -1\\]"),
+                          ([1, 2, 3], "3 seeds for 2 images; give one seed, or one per image")):
+        with pytest.raises(InputError, match=message):
+            pipe.txt2img("a red circle", num_images=2, seed=seed, num_inference_steps=2, callback=refuse)
+    one = pipe.txt2img("a red circle", seed=[9], num_inference_steps=2, rng="torch", output_type="np")
+    assert np.array_equal(one, pipe.txt2img("a red circle", seed=9, num_inference_steps=2, rng="torch",
+                                            output_type="np"))

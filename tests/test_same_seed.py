@@ -9,7 +9,8 @@ tests/test_pipelines.py), images in [0, 1].
 
 TOL_IMAGE = 2e-5 relative (of images whose max is about 1). Measured: at most 6.9e-6 over the cases
 below (img2img with Euler a and Karras sigmas), most between 6e-7 and 4e-6: float32 rounding through
-a few steps of the tiny models. One exception, TOL_ZERO_SNR_FIRST_STEP = 6e-5: Euler and Euler a
+a few steps of the tiny models; a list of seeds against diffusers' list of generators at most 9.0e-6
+(inpainting with DPM2 a). One exception, TOL_ZERO_SNR_FIRST_STEP = 6e-5: Euler and Euler a
 starting from zero terminal SNR's sigma_max = 4096 (test_same_seed_v_prediction_zero_snr_guidance_rescale). A draw out of order, a draw of the
 wrong shape or a skipped posterior sample changes the image by 1e-1 or more (the sensitivity tests
 at the end).
@@ -98,9 +99,10 @@ def run_both(models, mode, sampler, karras, seed, guidance=7.5, num_images=1, un
     extra = {} if strength is None else {"strength": strength}
     both = dict(ref_kw or {})
     eta_kw = {"eta": eta} if sampler == "ddim" else {}
+    gen = [generator(s) for s in seed] if isinstance(seed, list) else generator(seed)   # a list: one per image
     with torch.no_grad():
         ref = reference(cls, models, scheduler(sampler, karras, **(sched_kw or {})), unet_key)(
-            PROMPT, generator=generator(seed), num_images_per_prompt=num_images, **inputs, **extra, **common,
+            PROMPT, generator=gen, num_images_per_prompt=num_images, **inputs, **extra, **common,
             **eta_kw, **both).images
     pipe = npsd_pipe(models, unet_key)
     pipe.config["scheduler"].update(sched_kw or {})
@@ -165,6 +167,28 @@ def test_same_seed_v_prediction_zero_snr_guidance_rescale(models, mode, unet_key
                          sched_kw=sched, ref_kw=rescale)
     tol = TOL_ZERO_SNR_FIRST_STEP if (mode, sampler) in (("txt2img", "euler"), ("txt2img", "euler_a")) else TOL_IMAGE
     print(assert_close(ours, ref, tol, f"{mode} {sampler} v-prediction, zero SNR, {rescale}"))
+
+
+LIST_CASES = [("txt2img", "unet4", None, "euler_a"), ("txt2img", "unet4", None, "ddim"),
+              ("txt2img", "unet4", None, "dpmpp_2m_sde"), ("img2img", "unet4", 0.6, "euler_a"),
+              ("img2img", "unet4", 0.6, "ddpm"), ("inpaint", "unet4", 1.0, "euler_a"),
+              ("inpaint", "unet4", 0.75, "dpm2_a"), ("inpaint", "unet9", 0.75, "euler_a"),
+              ("inpaint", "unet9", 1.0, "ddpm")]
+
+
+@pytest.mark.parametrize("mode, unet_key, strength, sampler", LIST_CASES)
+def test_a_list_of_seeds_is_diffusers_list_of_generators(models, mode, unet_key, strength, sampler):
+    """seed=[s0, s1, s2]: diffusers' generator=[torch.Generator().manual_seed(s) for s in seeds], one per
+    image: each image's start, step noise and (img2img) VAE sample from its own generator; a batch-1
+    draw (inpainting's VAE samples of the input) from the first, as diffusers draws it."""
+    seeds = [3, 11, 2**32 + 7]
+    eta = 0.5 if sampler == "ddim" else 0.0
+    ours, ref = run_both(models, mode, sampler, False, seed=seeds, num_images=3, unet_key=unet_key,
+                         strength=strength, eta=eta)
+    print(assert_close(ours, ref, TOL_IMAGE, f"{mode} {unet_key} {sampler} seeds {seeds}"))
+    alike, _ = run_both(models, mode, sampler, False, seed=3, num_images=3, unet_key=unet_key, strength=strength,
+                        eta=eta)
+    assert np.abs(alike[1:] - ours[1:]).max() > 1e-2            # one generator for the batch is another image
 
 
 def test_epsilon_read_as_v_or_no_rescale_fails(models):
