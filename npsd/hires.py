@@ -27,6 +27,11 @@ from .errors import InputError, is_number, is_whole
 UPSCALERS = {"latent": ("Latent", "bilinear"), "latent_antialiased": ("Latent (antialiased)", "bilinear"),
              "latent_bicubic": ("Latent (bicubic)", "bicubic"), "latent_nearest": ("Latent (nearest)", "nearest"),
              "latent_nearest_exact": ("Latent (nearest-exact)", "nearest-exact")}
+def upscaler_named(label):
+    """A1111's "Hires upscaler" label (any case) -> npsd's name in UPSCALERS, or None."""
+    return {lab.lower(): name for name, (lab, _) in UPSCALERS.items()}.get(label.strip().lower())
+
+
 CUBIC_A = -0.75                 # the cubic convolution kernel's a (Keys 1981), as torch's bicubic
 STRENGTH = 0.7                  # A1111's default denoising strength of the second pass
 

@@ -29,9 +29,10 @@ import warnings
 from PIL import Image, PngImagePlugin
 
 from .errors import InputError, UsageError
-from .hires import UPSCALERS
+from .hires import UPSCALERS, upscaler_named
 from .version import __version__
-from .schedulers import A1111_AUTOMATIC, BETA_ALPHA, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES, SPACINGS
+from .schedulers import (BETA_ALPHA, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES, SPACINGS,
+                         resolve_schedule_type)
 
 KEY = "parameters"
 NEGATIVE = "Negative prompt:"
@@ -50,6 +51,9 @@ SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Ka
                    "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
                    "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "beta": "Beta"}
 assert tuple(SCHEDULE_LABELS) == SCHEDULE_TYPES
+# a "Schedule type" field or A1111 API "scheduler" (its name or label, any case) -> --schedule-type
+SCHEDULE_NAMED = {**{name: name for name in SCHEDULE_LABELS},
+                  **{label.lower(): name for name, label in SCHEDULE_LABELS.items()}, "sgmuniform": "sgm_uniform"}
 # --rng <-> the "RNG" field (A1111's value "CPU" is torch's CPU generator, which rng="torch" reproduces)
 RNG_FIELD = {"numpy": "numpy", "torch": "CPU"}
 # --vae-decoder <-> A1111's "VAE Decoder" field ("Full" or "TAESD"; A1111 writes it only for TAESD).
@@ -172,7 +176,7 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
     fields = {
         "Steps": settings["steps"],
         "Sampler": A1111_SAMPLERS[settings["sampler"]],
-        "Schedule type": _schedule_label(settings),
+        "Schedule type": schedule_label(settings),
         "CFG scale": _num(settings["guidance_scale"]),
         "Seed": settings["seed"],
         "Size": f"{width}x{height}",
@@ -208,13 +212,13 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
     return format_parameters(settings["prompt"], settings["negative_prompt"], fields)
 
 
-def _schedule_label(settings):
+def schedule_label(settings):
     """The "Schedule type" field: A1111's schedule (schedule_type; "automatic" as A1111 resolves it, the
-    type it writes), or "Karras" for diffusers' Karras sigmas (with a "Timestep spacing" field)."""
+    type it writes), or "Karras" for diffusers' Karras sigmas (with a "Timestep spacing" field), or None."""
     kind = settings.get("schedule_type")
     if kind is None:
         return "Karras" if settings["karras"] else None
-    return SCHEDULE_LABELS[A1111_AUTOMATIC.get(settings["sampler"], "uniform") if kind == "automatic" else kind]
+    return SCHEDULE_LABELS[resolve_schedule_type(settings["sampler"], kind)]
 
 
 def _loras(settings):
@@ -335,9 +339,7 @@ def _schedule_from_fields(f, sampler, suffix):
     the "Schedule type" field's, the sampler name's old suffix ("DPM++ 2M Karras"), or, with neither,
     A1111's Uniform (A1111 writes the type whenever it is another)."""
     text = f.get("Schedule type", "").strip()
-    by_label = {label.lower(): name for name, label in SCHEDULE_LABELS.items()}
-    by_label["sgmuniform"] = "sgm_uniform"
-    kind = by_label.get(text.lower()) if text else suffix
+    kind = SCHEDULE_NAMED.get(text.lower()) if text else suffix
     if "Timestep spacing" in f or sampler not in KDIFFUSION_SAMPLERS:
         return {"karras": True} if kind == "karras" else {}
     if text and kind is None:
@@ -351,8 +353,7 @@ def _hires_from_fields(f):
     found = {"hires_scale": _convert(f, "Hires upscale", float, "a number"),
              "hires_steps": _convert(f, "Hires steps", int, "a whole number")}
     label = f.get("Hires upscaler", UPSCALERS["latent"][0]).strip()          # A1111's default: Latent
-    by_label = {lab.lower(): name for name, (lab, _) in UPSCALERS.items()}
-    found["hires_upscaler"] = by_label.get(label.lower())
+    found["hires_upscaler"] = upscaler_named(label)
     if found["hires_upscaler"] is None:
         found["_bad_hires_upscaler"] = (f"--from-png: the image's hires upscaler {label!r} is not one npsd has (its "
                                         f"latent ones: {', '.join(lab for lab, _ in UPSCALERS.values())}); give "

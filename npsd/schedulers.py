@@ -333,11 +333,16 @@ def a1111_sigmas(schedule_type, n, sigma_table):
     return np.append(s, 0.0)                                                   # [n + 1]
 
 
+def resolve_schedule_type(sampler, schedule_type):
+    """schedule_type with "automatic" replaced by the type A1111 gives the sampler (A1111_AUTOMATIC, else uniform)."""
+    return A1111_AUTOMATIC.get(sampler, "uniform") if schedule_type == "automatic" else schedule_type
+
+
 def a1111_schedule_sigmas(sampler, schedule_type, n, sigma_table):
     """The sigmas [n + 1] A1111 samples `sampler` on for n steps with `schedule_type` (SCHEDULE_TYPES;
     "automatic": A1111_AUTOMATIC's choice or uniform): for DPM2, DPM2 a and DPM++ 3M SDE it makes
     n + 2 and drops the next-to-last (A1111's discard_next_to_last_sigma). -> (sigmas, the type used)."""
-    used = A1111_AUTOMATIC.get(sampler, "uniform") if schedule_type == "automatic" else schedule_type
+    used = resolve_schedule_type(sampler, schedule_type)
     if sampler in A1111_DISCARD_PENULTIMATE:
         s = a1111_sigmas(used, n + 1, sigma_table)                             # [n + 2]
         return np.append(s[:-2], s[-1]), used                                  # [n + 1]

@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 from ..errors import InputError
-from ..hires import UPSCALERS
+from ..hires import UPSCALERS, upscaler_named
 from ..images import open_image, upright
-from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, SCHEDULE_LABELS, _exif_user_comment, parse_parameters,
-                       png_info, sampler_from_a1111)
+from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, SCHEDULE_LABELS, SCHEDULE_NAMED, _exif_user_comment,
+                       parse_parameters, png_info, sampler_from_a1111, schedule_label)
 from ..rng import SEED_LIMIT
-from ..schedulers import A1111_AUTOMATIC, KDIFFUSION_SAMPLERS
+from ..schedulers import KDIFFUSION_SAMPLERS
 
 # --- the fields ---------------------------------------------------------------------------------
 
@@ -96,9 +96,6 @@ OFF = {
 OFF_TXT2IMG = ("firstphase_width", "firstphase_height", "firstpass_image")
 OFF_IMG2IMG = ("latent_mask",)
 
-# A1111's "scheduler" field: its names and labels (any case) -> npsd's schedule_type
-SCHEDULERS = {**{name: name for name in SCHEDULE_LABELS}, **{label.lower(): name for name, label in SCHEDULE_LABELS.items()},
-              "sgmuniform": "sgm_uniform"}
 # the samplers whose noise A1111 scales by eta; npsd's use eta = 1 (ddim reads eta itself)
 ETA_ONE = ("euler_a", "dpm2_a", "dpmpp_2m_sde", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_3m_sde")
 MAX_IMAGES = 100                                    # batch_size * n_iter of one request
@@ -212,10 +209,7 @@ def schedule_for(sampler, schedule_type):
 
 def scheduler_label(settings):
     """A1111's "scheduler" of a run's settings: the label of the schedule type it ran with."""
-    kind = settings.get("schedule_type")
-    if kind is None:
-        return "Karras" if settings["karras"] else "Automatic"
-    return SCHEDULE_LABELS[A1111_AUTOMATIC.get(settings["sampler"], "uniform") if kind == "automatic" else kind]
+    return schedule_label(settings) or "Automatic"
 
 
 def check_eta(sampler, eta):
@@ -292,10 +286,10 @@ def read_request(kind, body, limits=None):
     sampler_text = _str(body, "sampler_name") or _str(body, "sampler_index")
     sampler, suffix = sampler_from_name(sampler_text) if sampler_text else (None, None)
     scheduler = (_str(body, "scheduler") or "automatic").strip().lower()
-    if scheduler not in SCHEDULERS:
+    if scheduler not in SCHEDULE_NAMED:
         raise InputError(f"scheduler {body['scheduler']!r} is not one npsd has; use one of "
                          f"{', '.join(SCHEDULE_LABELS.values())}")
-    schedule_type = SCHEDULERS[scheduler]
+    schedule_type = SCHEDULE_NAMED[scheduler]
     if schedule_type == "automatic" and suffix:                        # "DPM++ 2M Karras": A1111 before 1.9
         schedule_type = suffix
     schedule_type = schedule_for(sampler, schedule_type)
@@ -339,12 +333,11 @@ def _hires(body):
     if not _bool(body, "enable_hr", False):
         return HIRES_NONE
     label = _str(body, "hr_upscaler") or UPSCALERS["latent"][0]                 # A1111's default: Latent
-    by_label = {lab.lower(): name for name, (lab, _) in UPSCALERS.items()}
-    if label.strip().lower() not in by_label:
+    if upscaler_named(label) is None:
         raise InputError(f"hr_upscaler {label!r} is not one npsd has; use one of its latent upscalers: "
                          f"{', '.join(lab for lab, _ in UPSCALERS.values())}")
     return {"hires_scale": _float(body, "hr_scale", 2.0, lo=1.0, hi=8.0),
-            "hires_upscaler": by_label[label.strip().lower()],
+            "hires_upscaler": upscaler_named(label),
             "hires_steps": _int(body, "hr_second_pass_steps", 0, lo=0, hi=1000),
             "hires_strength": _float(body, "denoising_strength", HIRES_DENOISING, lo=0.0, hi=1.0)}
 
