@@ -21,19 +21,22 @@ import numpy as np
 
 from .errors import InputError, is_number, is_whole
 
-# npsd's name -> (A1111's label in "Hires upscaler", torch's interpolate mode). "Latent (antialiased)"
-# is torch's antialiased bilinear, which for enlarging equals the plain one (tests/test_hires.py);
-# "Latent (bicubic antialiased)" differs and is not here
+# npsd's name -> (A1111's label in "Hires upscaler", torch's interpolate mode; "-aa": antialias=True).
+# "Latent (antialiased)" is torch's antialiased bilinear, which for enlarging equals the plain one
+# (tests/test_hires.py); the antialiased bicubic is another kernel (PIL's)
 UPSCALERS = {"latent": ("Latent", "bilinear"), "latent_antialiased": ("Latent (antialiased)", "bilinear"),
-             "latent_bicubic": ("Latent (bicubic)", "bicubic"), "latent_nearest": ("Latent (nearest)", "nearest"),
+             "latent_bicubic": ("Latent (bicubic)", "bicubic"),
+             "latent_bicubic_antialiased": ("Latent (bicubic antialiased)", "bicubic-aa"),
+             "latent_nearest": ("Latent (nearest)", "nearest"),
              "latent_nearest_exact": ("Latent (nearest-exact)", "nearest-exact")}
+CUBIC_A = -0.75                 # the cubic convolution kernel's a (Keys 1981), as torch's bicubic
+CUBIC_A_AA = -0.5               # ... and as PIL's, which torch's antialiased bicubic follows
+STRENGTH = 0.7                  # A1111's default denoising strength of the second pass
+
+
 def upscaler_named(label):
     """A1111's "Hires upscaler" label (any case) -> npsd's name in UPSCALERS, or None."""
     return {lab.lower(): name for name, (lab, _) in UPSCALERS.items()}.get(label.strip().lower())
-
-
-CUBIC_A = -0.75                 # the cubic convolution kernel's a (Keys 1981), as torch's bicubic
-STRENGTH = 0.7                  # A1111's default denoising strength of the second pass
 
 
 @dataclass(frozen=True)
@@ -88,22 +91,39 @@ def _source(out_size, in_size, mode):
     return np.maximum(src, 0) if mode == "bilinear" else src                  # (bicubic reads past the edge)
 
 
+def _cubic(x, a):
+    """The cubic convolution kernel (Keys 1981) at distances x >= 0 (0 from 2 on)."""
+    near = ((a + 2) * x - (a + 3)) * x * x + 1                                 # |x| <= 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a                            # 1 < |x| < 2
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
 def _cubic_weights(t):
     """Cubic convolution weights of the 4 neighbours (offsets -1, 0, 1, 2) at fraction t [out] -> [out, 4]."""
-    a = CUBIC_A
+    return np.stack([_cubic(np.abs(d), CUBIC_A) for d in (t + 1, t, 1 - t, 2 - t)], axis=-1)
 
-    def near(x):                                                               # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
 
-    def far(x):                                                                # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+def _antialiased_cubic_matrix(out_size, in_size):
+    """torch's antialiased bicubic (PIL's resampling) as a matrix [out, in]: output i is the average of
+    the inputs within 2 max(in / out, 1) of its centre (i + 0.5) in / out, weighted by the cubic
+    kernel (a = -0.5) of the distance (scaled by out / in when shrinking), the weights normalised."""
+    scale = in_size / out_size
+    support, step = 2.0 * max(scale, 1.0), 1.0 / max(scale, 1.0)
+    centre = scale * (np.arange(out_size) + 0.5)                               # [out]
+    first = np.maximum((centre - support + 0.5).astype(np.int64), 0)          # the window [first, last)
+    last = np.minimum((centre + support + 0.5).astype(np.int64), in_size)
+    j = np.arange(in_size)                                                     # [in]
+    w = _cubic(np.abs((j[None, :] + 0.5 - centre[:, None]) * step), CUBIC_A_AA)  # [out, in]
+    w = w * ((j[None, :] >= first[:, None]) & (j[None, :] < last[:, None]))
+    return w / w.sum(axis=1, keepdims=True)
 
 
 def _resize_axis(x, out_size, axis, mode):
     """Interpolate x along one axis to out_size."""
     in_size = x.shape[axis]
+    if mode == "bicubic-aa":
+        out = np.tensordot(np.moveaxis(x, axis, -1), _antialiased_cubic_matrix(out_size, in_size).T, axes=1)
+        return np.moveaxis(out, -1, axis).astype(np.float32)
     src = _source(out_size, in_size, mode)
     if mode in ("nearest", "nearest-exact"):
         return np.take(x, src, axis=axis)

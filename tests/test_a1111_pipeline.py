@@ -202,7 +202,8 @@ HIRES_CASES = [("euler_a", "automatic", Hires(2.0, "latent", 4, 0.55), "bilinear
                ("dpmpp_2m", "automatic", Hires(1.5, "latent_bicubic", 0, 0.7), "bicubic", False),
                ("heun", "karras", Hires(2.0, "latent_antialiased", 3, 0.5), "bilinear", True),
                ("dpmpp_2m_sde", "automatic", Hires(2.0, "latent_nearest_exact", 3, 0.6), "nearest-exact", False),
-               ("dpm2_a", "automatic", Hires(1.75, "latent_nearest", 4, 0.45), "nearest", False)]
+               ("dpm2_a", "automatic", Hires(1.75, "latent_nearest", 4, 0.45), "nearest", False),
+               ("euler", "uniform", Hires(1.5, "latent_bicubic_antialiased", 3, 0.6), "bicubic", True)]
 
 
 @pytest.mark.parametrize("sampler, schedule_type, hires, mode, antialias", HIRES_CASES,

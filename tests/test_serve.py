@@ -170,7 +170,8 @@ def test_the_other_routes(client):
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
     # A1111 1.10's schedule types but its "DDIM" (whose step count differs from the request's steps)
     assert [u["name"] for u in client.get("/sdapi/v1/latent-upscale-modes").json()] == [
-        "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (nearest)", "Latent (nearest-exact)"]
+        "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
+        "Latent (nearest-exact)"]
     assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == [
         "Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
         "Align Your Steps", "Simple", "Normal", "Beta"]
