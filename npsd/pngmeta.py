@@ -49,7 +49,8 @@ A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_a": "
 # --schedule-type <-> A1111's "Schedule type" field (A1111's labels; "SGMUniform" is an older alias)
 SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
                    "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
-                   "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "beta": "Beta"}
+                   "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "ddim": "DDIM",
+                   "beta": "Beta"}
 assert tuple(SCHEDULE_LABELS) == SCHEDULE_TYPES
 # a "Schedule type" field or A1111 API "scheduler" (its name or label, any case) -> --schedule-type
 SCHEDULE_NAMED = {**{name: name for name in SCHEDULE_LABELS},

@@ -56,7 +56,7 @@ SPACINGS = ("leading", "trailing", "linspace")
 # A1111 does for the samplers A1111 runs with k-diffusion (a1111_sigmas); "automatic" is each sampler's
 # own choice in A1111 (A1111_AUTOMATIC), the others are in A1111's modules/sd_schedulers.py
 SCHEDULE_TYPES = ("automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal",
-                  "align_your_steps", "simple", "normal", "beta")
+                  "align_your_steps", "simple", "normal", "ddim", "beta")
 KDIFFUSION_SAMPLERS = KARRAS_VARIABLE + ("dpmpp_2m", "dpmpp_2m_sde")     # the samplers they apply to
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -287,7 +287,8 @@ def t_to_sigma(t, sigma_table):
 def a1111_sigmas(schedule_type, n, sigma_table):
     """The n + 1 noise levels of A1111's schedule type for n steps on a model with the given
     training table sigma_t (increasing, [N]), float64, as A1111's modules/sd_schedulers.py and
-    k-diffusion make them. All but kl_optimal end with 0. sigma_min, sigma_max = the table's ends.
+    k-diffusion make them (ddim: as many as its stride gives). All but kl_optimal end with 0.
+    sigma_min, sigma_max = the table's ends.
 
     uniform           t = linspace(N - 1, 0, n), sigma = t_to_sigma(t)  (k-diffusion's get_sigmas)
     normal            the same from sigma_to_t(sigma_max) to sigma_to_t(sigma_min)
@@ -299,6 +300,9 @@ def a1111_sigmas(schedule_type, n, sigma_table):
                       discretisation of Sabour et al. 2024): the last is sigma_min, not 0
     align_your_steps  AYS_SD15, or n of its values interpolated linearly in log(sigma)
     simple            the table read backwards at every N / n-th entry: sigma_t, t = N - 1 - int(i N / n)
+    ddim              sigma_t for t = 1, 1 + k, 1 + 2k, .. < N, k = max(N // n, 1), largest first (DDIM's
+                      own spacing, Song et al. 2021): n steps when k divides N - 1 evenly enough, else
+                      one or more extra (30 steps: 31)
     beta              sigma_min + (sigma_max - sigma_min) ppf(1 - i / (n - 1)) of Beta(0.6, 0.6)
     """
     table = np.asarray(sigma_table, dtype=np.float64)                          # [N]
@@ -325,6 +329,8 @@ def a1111_sigmas(schedule_type, n, sigma_table):
             s = np.exp(np.interp(x, np.linspace(0, 1, len(AYS_SD15)), np.log(s[::-1])))[::-1]
     elif schedule_type == "simple":
         s = table[N - 1 - (i * (N / n)).astype(np.int64)]                      # [n]
+    elif schedule_type == "ddim":
+        s = table[1::max(N // n, 1)][::-1]                                     # [about n]
     elif schedule_type == "beta":
         from scipy import stats
         s = lo + stats.beta.ppf(1 - np.linspace(0, 1, n), BETA_ALPHA, BETA_BETA) * (hi - lo)  # [n]
@@ -382,6 +388,8 @@ class Schedule:
                       or None for diffusers' schedule (spacing, use_karras_sigmas)
     final_timestep    the timestep of sigmas[n] when it is not 0 (A1111's kl_optimal ends at
                       sigma_min), where Heun's last step evaluates the model; else None
+    steps_asked       the steps asked for (A1111's schedules, whose ddim type can make another
+                      number of them), which A1111's img2img start counts with; else None
     """
     sampler: str
     timesteps: np.ndarray
@@ -397,6 +405,7 @@ class Schedule:
     prediction_type: str = "epsilon"
     schedule_type: str = None
     final_timestep: float = None
+    steps_asked: int = None
 
     @property
     def num_inference_steps(self):
@@ -564,6 +573,7 @@ def _a1111_schedule(sampler, n, config, schedule_type, use_karras_sigmas, timest
     table = sigmas_from_alphas_cumprod(_finite_terminal(ac))                   # [N] sigma_t, increasing
     s, used = a1111_schedule_sigmas(sampler, schedule_type, int(n), table)     # [n + 1] float64
     sigmas = s.astype(np.float32)                                              # [n + 1]
+    asked, n = int(n), len(s) - 1                                              # (ddim: n may differ)
     ts = sigma_to_t(sigmas[:-1], table).astype(np.float32)                     # [n], fractional
     final_t = float(sigma_to_t(sigmas[-1:], table)[0]) if sigmas[-1] > 0 else None
     mid = None
@@ -579,7 +589,8 @@ def _a1111_schedule(sampler, n, config, schedule_type, use_karras_sigmas, timest
     return Schedule(sampler=sampler, timesteps=_readonly(ts), sigmas=_readonly(sigmas), prev_timesteps=None,
                     alphas_cumprod=_readonly(ac), final_alpha_cumprod=1.0, init_noise_sigma=init_sigma,
                     spacing="a1111", use_karras_sigmas=False, mid_timesteps=_readonly(mid),
-                    prediction_type=prediction, schedule_type=used, final_timestep=final_t)
+                    prediction_type=prediction, schedule_type=used, final_timestep=final_t,
+                    steps_asked=asked)
 
 
 def img2img_start_index(num_inference_steps, strength):
@@ -611,7 +622,8 @@ def start_index(schedule, strength):
         return img2img_start_index(n, strength)
     if not is_number(strength) or not 0.0 <= float(strength) <= 1.0:
         raise InputError(f"strength must be between 0 and 1, got {strength}")
-    return n - int(min(float(strength), 0.999) * n) - 1
+    asked = schedule.steps_asked or n               # (the ddim type's steps may differ from those asked)
+    return min(max(asked - int(min(float(strength), 0.999) * asked) - 1, 0), n - 1)
 
 
 def noise_at_step(schedule, x0, noise, step_index):

@@ -177,6 +177,14 @@ def test_img2img_equals_an_a1111_run(kd, models, sampler, schedule_type, strengt
     check_against_a1111(kd, models, sampler, schedule_type, seed=7, steps=8, strength=strength)
 
 
+@pytest.mark.parametrize("strength", [None, 0.5])
+def test_ddim_schedule_type_with_another_step_count(kd, models, strength):  # noqa: F811
+    """A1111's "DDIM" schedule type makes 8 steps of 7 asked (stride 142 from t = 1); its img2img start
+    counts with the 7 asked: t_enc = 3, the run starts at sigmas[3] and does 5 steps."""
+    assert S.make_schedule("euler_a", 7, CONFIG, schedule_type="ddim").num_inference_steps == 8
+    check_against_a1111(kd, models, "euler_a", "ddim", seed=5, steps=7, strength=strength)
+
+
 def test_diffusers_schedule_is_not_a1111s(kd, models, monkeypatch):  # noqa: F811
     """The same run on npsd's default (diffusers') schedule, or img2img with diffusers' start, fails
     the tolerance by far: the A1111 comparison can tell them apart."""

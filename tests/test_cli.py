@@ -263,9 +263,9 @@ def test_schedule_type_option_and_its_png_field(model, tmp_path, capsys):
     assert rc == 0 and f["Schedule type"] == "Karras" and f["Timestep spacing"] == "leading", err
     bad = tmp_path / "bad.png"
     Image.new("RGB", (16, 16)).save(bad, pnginfo=png_info(
-        f"{PROMPT}\nNegative prompt: \nSteps: 3, Sampler: Euler, Schedule type: DDIM, CFG scale: 7, Seed: 5, Size: 16x16"))
+        f"{PROMPT}\nNegative prompt: \nSteps: 3, Sampler: Euler, Schedule type: Karras Exponential, CFG scale: 7, Seed: 5, Size: 16x16"))
     rc, _, err = run(["txt2img", "--from-png", bad, "--model", model, "-o", tmp_path / "d.png", "--quiet"], capsys)
-    assert rc != 0 and err.count("\n") == 1 and "schedule type 'DDIM' is not one npsd has" in err \
+    assert rc != 0 and err.count("\n") == 1 and "schedule type 'Karras Exponential' is not one npsd has" in err \
         and "give --schedule-type" in err, err
     rc, _, err = run(["txt2img", "--from-png", bad, "--model", model, "-o", tmp_path / "d.png", "--quiet",
                       "--schedule-type", "normal"], capsys)

@@ -168,13 +168,13 @@ def test_the_other_routes(client):
     assert options["sd_model_checkpoint"] == "npsd-tiny"
     assert options["sd_checkpoint_hash"] == models["npsd-tiny"]["sha256"]
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
-    # A1111 1.10's schedule types but its "DDIM" (whose step count differs from the request's steps)
-    assert [u["name"] for u in client.get("/sdapi/v1/latent-upscale-modes").json()] == [
+    assert [u["name"] for u in client.get("/sdapi/v1/latent-upscale-modes").json()] == [     # A1111's six
         "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
         "Latent (nearest-exact)"]
+    # A1111 1.10's schedule types, in its order
     assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == [
         "Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
-        "Align Your Steps", "Simple", "Normal", "Beta"]
+        "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"]
     idle = client.get("/sdapi/v1/progress").json()
     assert set(idle) == {"progress", "eta_relative", "state", "current_image", "textinfo", "npsd"}
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
@@ -291,7 +291,7 @@ def test_inpaint_same_pixels_as_the_pipeline(client, pipe, picture, mask):
     ({"seed": 2**64 - 2, "n_iter": 3}, ["seed", "passes 2**64 - 1"]),
     ({"width": "64"}, ["width"]),
     ({"sampler_name": "Nope"}, ["sampler_name", "Euler a"]),
-    ({"scheduler": "DDIM"}, ["scheduler", "Karras", "Beta"]),
+    ({"scheduler": "Karras Exponential"}, ["scheduler", "Karras", "Beta"]),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, ["hr_upscaler", "R-ESRGAN 4x+", "Latent (nearest-exact)"]),
     ({"enable_hr": True, "hr_resize_x": 512, "hr_prompt": "other"}, ["hr_resize_x=512", "hr_prompt='other'"]),
     ({"enable_hr": True, "hr_scale": 0.5}, ["hr_scale must be in [1.0, 8.0], got 0.5"]),

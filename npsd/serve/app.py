@@ -643,7 +643,7 @@ def create_app(settings=None):
     @app.get("/sdapi/v1/schedulers")
     def schedulers():
         rho = {"karras": 7.0, "polyexponential": 1.0}                  # A1111's default_rho of each
-        inner = ("uniform", "sgm_uniform", "simple", "normal", "beta")   # those that read the model's sigmas
+        inner = ("uniform", "sgm_uniform", "simple", "normal", "ddim", "beta")   # those that read the model's sigmas
         return [{"name": name, "label": label, "aliases": ["SGMUniform"] if name == "sgm_uniform" else None,
                  "default_rho": rho.get(name, -1.0), "need_inner_model": name in inner}
                 for name, label in SCHEDULE_LABELS.items()]
