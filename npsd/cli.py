@@ -52,7 +52,7 @@ from .blas import THREAD_VARS, limit_threads
 from .errors import CheckpointError, InputError, NpsdError, UsageError, one_line
 from .config import generation_defaults
 from .generation import (file_hash, hires_of, model_defaults, model_file, network_hashes, pipeline_call,  # noqa: F401
-                         steps_to_run)                                                            # (also cli's API)
+                         step_range)                                                              # (also cli's API)
 from .hires import STRENGTH as HIRES_STRENGTH, UPSCALERS
 from .images import filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
 from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, short_hash
@@ -606,13 +606,9 @@ class _Generation:
     the progress bar, and the --save-steps previews and filmstrip."""
 
     def __init__(self, args, settings, pipe, outputs, select):
-        from . import schedulers
         self.args, self.settings, self.pipe, self.outputs, self.select = args, settings, pipe, outputs, select
         self.mode, self.n = args.command, settings["num_images"]
-        schedule = schedulers.make_schedule(settings["sampler"], settings["steps"], pipe.config, settings["karras"],
-                                            settings["timestep_spacing"], schedule_type=settings["schedule_type"])
-        self.start = 0 if self.mode == "txt2img" else schedulers.start_index(schedule, settings["strength"])
-        self.total = self.start + steps_to_run(pipe, self.mode, settings)  # the callback's last step + 1
+        self.start, self.total = step_range(pipe, self.mode, settings)     # the callback's steps
         self.size = None                                  # the PNG's Size, when not the image's: with
         if hires_of(settings) is not None:                # the hires fix, A1111's is the first pass's
             defaults = generation_defaults(pipe.config)

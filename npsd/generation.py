@@ -77,21 +77,23 @@ def hires_of(settings):
     return Hires(settings["hires_scale"], settings["hires_upscaler"], settings["hires_steps"], settings["hires_strength"])
 
 
-def steps_to_run(pipe, mode, settings):
-    """How many sampler steps a run of these settings takes (the callback's count): the steps from
-    img2img's start, plus the hires fix's second pass."""
+def step_range(pipe, mode, settings):
+    """The sampler steps a run of these settings takes, as the callback counts them -> (first, end):
+    from img2img's start to the last step + 1, the hires fix's second pass counted on after the first."""
     from .schedulers import make_schedule, start_index
 
-    def count(steps, strength):
+    def steps_from(steps, strength):                  # (the first step, the schedule's steps)
         schedule = make_schedule(settings["sampler"], steps, pipe.config, settings["karras"],
                                  settings["timestep_spacing"], schedule_type=settings.get("schedule_type"))
-        return schedule.num_inference_steps - (0 if strength is None else start_index(schedule, strength))
+        return (0 if strength is None else start_index(schedule, strength)), schedule.num_inference_steps
 
-    total = count(settings["steps"], None if mode == "txt2img" else settings["strength"])
+    first, end = steps_from(settings["steps"], None if mode == "txt2img" else settings["strength"])
     hires = hires_of(settings) if mode == "txt2img" else None
-    if hires is None:
-        return total
-    return total + count(hires.second_steps(settings["steps"], settings.get("schedule_type") is not None), hires.strength)
+    if hires is not None:
+        start, n = steps_from(hires.second_steps(settings["steps"], settings.get("schedule_type") is not None),
+                              hires.strength)
+        end += n - start
+    return first, end
 
 
 def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, attention_maps=None, trace=None):

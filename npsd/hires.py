@@ -34,6 +34,9 @@ CUBIC_A_AA = -0.5               # ... and as PIL's, which torch's antialiased bi
 STRENGTH = 0.7                  # A1111's default denoising strength of the second pass
 
 
+LABELS = ", ".join(label for label, _ in UPSCALERS.values())              # for messages
+
+
 def upscaler_named(label):
     """A1111's "Hires upscaler" label (any case) -> npsd's name in UPSCALERS, or None."""
     return {lab.lower(): name for name, (lab, _) in UPSCALERS.items()}.get(label.strip().lower())

@@ -29,7 +29,7 @@ import warnings
 from PIL import Image, PngImagePlugin
 
 from .errors import InputError, UsageError
-from .hires import UPSCALERS, upscaler_named
+from .hires import LABELS as UPSCALER_LABELS, UPSCALERS, upscaler_named
 from .version import __version__
 from .schedulers import (BETA_ALPHA, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES, SPACINGS,
                          resolve_schedule_type)
@@ -357,7 +357,7 @@ def _hires_from_fields(f):
     found["hires_upscaler"] = upscaler_named(label)
     if found["hires_upscaler"] is None:
         found["_bad_hires_upscaler"] = (f"--from-png: the image's hires upscaler {label!r} is not one npsd has (its "
-                                        f"latent ones: {', '.join(lab for lab, _ in UPSCALERS.values())}); give "
+                                        f"latent ones: {UPSCALER_LABELS}); give "
                                         f"--hires-upscaler")
     return found
 

@@ -534,11 +534,7 @@ def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False,
                 ts = np.round(ts)                                              # diffusers' KDPM2 rounds them
             ts = ts.astype(np.float32)
         sigmas = np.append(s, 0.0).astype(np.float32)                          # [n + 1]
-        if sampler in ("dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde"):
-            # the timestep of each step's midpoint evaluation (the last step has none)
-            ancestral = sampler in ("dpm2_a", "dpmpp_2s_a")
-            sm = [dpm2_sigma_mid(sigmas[i], sigmas[i + 1], ancestral) for i in range(int(n) - 1)]
-            mid = np.append(sigma_to_t(np.array(sm, dtype=np.float64), table), 0.0).astype(np.float32)  # [n]
+        mid = _mid_timesteps(sampler, sigmas, table)
         smax = float(sigmas.max())
         # diffusers: leading spacing starts from the VP noise N(0, I) / sqrt(alpha_bar) (std
         # sqrt(sigma_max^2 + 1)); linspace / trailing start from std sigma_max
@@ -552,6 +548,16 @@ def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False,
                     final_alpha_cumprod=final_ac, init_noise_sigma=init_sigma,
                     spacing=spacing, use_karras_sigmas=bool(use_karras_sigmas),
                     mid_timesteps=_readonly(mid), skip_prk_steps=skip_prk, prediction_type=prediction)
+
+
+def _mid_timesteps(sampler, sigmas, table):
+    """The timestep of each step's midpoint evaluation [n] (float32) for DPM2, DPM2 ancestral,
+    DPM++ 2S ancestral and DPM++ SDE, 0 for a step to sigma 0 (which has none); else None."""
+    if sampler not in ("dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde"):
+        return None
+    ancestral = sampler in ("dpm2_a", "dpmpp_2s_a")
+    sm = np.array([dpm2_sigma_mid(sigmas[i], sigmas[i + 1], ancestral) for i in range(len(sigmas) - 1)])  # [n]
+    return (sigma_to_t(sm, table) * (sm > 0)).astype(np.float32)
 
 
 def _a1111_schedule(sampler, n, config, schedule_type, use_karras_sigmas, timestep_spacing, prediction_type):
@@ -576,13 +582,7 @@ def _a1111_schedule(sampler, n, config, schedule_type, use_karras_sigmas, timest
     asked, n = int(n), len(s) - 1                                              # (ddim: n may differ)
     ts = sigma_to_t(sigmas[:-1], table).astype(np.float32)                     # [n], fractional
     final_t = float(sigma_to_t(sigmas[-1:], table)[0]) if sigmas[-1] > 0 else None
-    mid = None
-    if sampler in ("dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde"):
-        # each step's midpoint evaluation (none on a step to sigma 0)
-        ancestral = sampler in ("dpm2_a", "dpmpp_2s_a")
-        sm = [dpm2_sigma_mid(sigmas[i], sigmas[i + 1], ancestral) for i in range(int(n))]
-        sm = np.array(sm, dtype=np.float64)                                    # [n]
-        mid = (sigma_to_t(sm, table) * (sm > 0)).astype(np.float32)            # [n]
+    mid = _mid_timesteps(sampler, sigmas, table)
     # A1111 starts from N(0, I) sigma_0 in Karras' variable; the DPM-Solvers step on x_t = x / sqrt(sigma^2 + 1)
     s0 = float(sigmas[0])
     init_sigma = s0 / math.sqrt(s0 * s0 + 1.0) if sampler in DPM_SOLVERS else s0

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 from ..errors import InputError
-from ..hires import UPSCALERS, upscaler_named
+from ..hires import LABELS as UPSCALER_LABELS, UPSCALERS, upscaler_named
 from ..images import open_image, upright
 from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, SCHEDULE_LABELS, SCHEDULE_NAMED, _exif_user_comment,
                        parse_parameters, png_info, sampler_from_a1111, schedule_label)
@@ -335,7 +335,7 @@ def _hires(body):
     label = _str(body, "hr_upscaler") or UPSCALERS["latent"][0]                 # A1111's default: Latent
     if upscaler_named(label) is None:
         raise InputError(f"hr_upscaler {label!r} is not one npsd has; use one of its latent upscalers: "
-                         f"{', '.join(lab for lab, _ in UPSCALERS.values())}")
+                         f"{UPSCALER_LABELS}")
     return {"hires_scale": _float(body, "hr_scale", 2.0, lo=1.0, hi=8.0),
             "hires_upscaler": upscaler_named(label),
             "hires_steps": _int(body, "hr_second_pass_steps", 0, lo=0, hi=1000),

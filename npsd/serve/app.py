@@ -357,7 +357,8 @@ class Server:
             self.options.update(plan.overrides)
         pipe, settings = self.pipe, self._settings(plan, options)
         count = settings["num_images"] * plan.n_iter
-        job.begin(pipe, count, generation.steps_to_run(pipe, plan.mode, settings))
+        first, end = generation.step_range(pipe, plan.mode, settings)
+        job.begin(pipe, count, end - first)
         maps = AttentionMaps() if plan.attention_maps else None
         images, texts, seeds, networks, stopped = [], [], [], None, None
         for k in range(count):
