@@ -50,10 +50,10 @@ from . import nn, resources
 from .version import __version__
 from .blas import THREAD_VARS, limit_threads
 from .errors import CheckpointError, InputError, NpsdError, UsageError, one_line
-from .config import generation_defaults
-from .generation import (file_hash, hires_of, model_defaults, model_file, network_hashes, pipeline_call,  # noqa: F401
-                         step_range)                                                              # (also cli's API)
+from .generation import (file_hash, model_defaults, model_file, network_hashes, pipeline_call,  # noqa: F401
+                         png_size, step_range, to_images)                                         # (also cli's API)
 from .hires import STRENGTH as HIRES_STRENGTH, UPSCALERS
+from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .images import filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
 from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, short_hash
 from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
@@ -222,7 +222,14 @@ def _generation_options(p, mode):
     if mode == "inpaint":
         a("--mask", metavar="FILE", help="mask image, white = repaint (required)")
         a("--mask-blur", metavar="PIXELS", type=_int_at_least(0, "pixels"),
-          help="blur radius of the mask edge in pixels (default 0)")
+          help="blur radius of the mask edge in pixels (default 0; with --schedule-type: A1111's mask blur)")
+        a("--masked-content", choices=MASKED_CONTENT,
+          help="with --schedule-type, A1111's start for the masked region (default original)")
+        a("--inpaint-area", choices=INPAINT_AREAS,
+          help="with --schedule-type: 'only masked' repaints a crop around the mask at --height x --width "
+               "(default: whole picture)")
+        a("--masked-area-padding", metavar="PIXELS", type=_int_at_least(0, "pixels"),
+          help="'only masked': the crop's margin around the mask (default 32)")
     a("--eta", type=_float_in(0.0, 1.0, what="eta"),
       help="DDIM eta, from 0 (deterministic) to 1 (DDPM's step variance) (default 0)")
     a("--karras", action=argparse.BooleanOptionalAction, default=None,
@@ -362,12 +369,13 @@ def attach_networks(pipe, args, settings):
 
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "height", "width",
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
-            "mask_blur", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
+            "mask_blur", "masked_content", "inpaint_area", "masked_area_padding", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
             "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
             "hires_steps", "hires_strength")
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
-                   "clip_skip": 0, "mask_blur": 0, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
+                   "clip_skip": 0, "mask_blur": 0, "masked_content": "original",
+                   "inpaint_area": "whole picture", "masked_area_padding": 32, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
                    "ti_names": [], "vae_decoder": "vae", "sde_noise": "generator", "hires_upscaler": "latent",
                    "hires_steps": 0}
 
@@ -609,10 +617,6 @@ class _Generation:
         self.args, self.settings, self.pipe, self.outputs, self.select = args, settings, pipe, outputs, select
         self.mode, self.n = args.command, settings["num_images"]
         self.start, self.total = step_range(pipe, self.mode, settings)     # the callback's steps
-        self.size = None                                  # the PNG's Size, when not the image's: with
-        if hires_of(settings) is not None:                # the hires fix, A1111's is the first pass's
-            defaults = generation_defaults(pipe.config)
-            self.size = (settings["width"] or defaults["width"], settings["height"] or defaults["height"])
         uses = taesd_uses(args, settings)
         if uses:                                          # --taesd's weights, checked to fit the model's latents
             from .taesd import load_taesd
@@ -717,13 +721,14 @@ class _Generation:
 
     def _save_results(self, result):
         """Write the images (only "Batch pos" for --from-png of one image of a batch), then the filmstrip."""
-        images = to_pil(result)                                               # B PIL images
+        images = to_images(result, self.settings)                             # B PIL images
         picks = [self.select - 1] if self.select else range(self.n)
         if self.select and self.select > len(images):
             raise InputError(f"--from-png: Batch pos {self.select} is larger than the batch size {self.n}")
         for path, b in zip(self.outputs, picks):
             img = images[b]
-            self.save(img, path, self.parameters(*(self.size or (img.width, img.height)), b + 1))
+            size = png_size(self.pipe, self.mode, self.settings, getattr(self.args, "image", None), img)
+            self.save(img, path, self.parameters(*size, b + 1))
         if self.frames:
             saved_steps = sorted(self.step_files)
             rows = [[self.frames[i][b] for i in saved_steps] + [images[b]] for b in range(self.n)]

@@ -115,4 +115,30 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
     if mode == "img2img":
         return pipe.img2img(settings["prompt"], image, strength=settings["strength"], **kw)
     return pipe.inpaint(settings["prompt"], image, mask, strength=settings["strength"],
-                        mask_blur=settings["mask_blur"], **kw)
+                        mask_blur=settings["mask_blur"], masked_content=settings.get("masked_content") or "original",
+                        inpaint_area=settings.get("inpaint_area") or "whole picture",
+                        masked_area_padding=settings.get("masked_area_padding", 32), **kw)
+
+
+def to_images(images, settings):
+    """pipeline_call's images -> PIL images, in 8 bits as A1111 saves them (truncated) with an A1111
+    schedule type, else rounded (npsd.images.to_uint8)."""
+    from .images import to_pil
+    return to_pil(images, truncate=settings.get("schedule_type") is not None)
+
+
+def png_size(pipe, mode, settings, image, made):
+    """The Size a run's PNG states: the size it sampled at, which A1111 writes. That is the image's
+    own (made, PIL), but with the hires fix the first pass's and with "only masked" inpainting the
+    crop's: width x height, or where None what the pipeline takes (the model's, or the input image's
+    size rounded down to multiples of 8)."""
+    only_masked = mode == "inpaint" and settings.get("inpaint_area") == "only masked"
+    if not only_masked and hires_of(settings) is None:
+        return made.width, made.height
+    if only_masked:
+        from .images import default_size, open_image
+        h, w = default_size(open_image(image))
+    else:
+        defaults = generation_defaults(pipe.config)
+        h, w = defaults["height"], defaults["width"]
+    return settings["width"] or w, settings["height"] or h

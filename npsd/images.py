@@ -36,10 +36,11 @@ def from_array(a, what="image"):
     return Image.fromarray(np.round(a * 255).astype(np.uint8))
 
 
-def open_image(image, what="image"):
+def open_image(image, what="image", keep_alpha=False):
     """A path, a file object, a PIL image or a pixel array (from_array) -> an RGB PIL image
     (a file's turned upright by its EXIF orientation; grayscale, RGBA, palette and 16-bit are
-    converted)."""
+    converted; transparent pixels become white, or with keep_alpha an image with transparency is
+    returned as RGBA)."""
     if isinstance(image, Image.Image):
         img = image
     elif isinstance(image, np.ndarray):
@@ -68,6 +69,8 @@ def open_image(image, what="image"):
         img = Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
+        if keep_alpha:
+            return img
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)                # transparent pixels become white
     return img.convert("RGB")
@@ -83,11 +86,12 @@ def upright(img):
         return img
 
 
-def fit_size(img, height, width, what="image"):
-    """Resize to (width, height) when the size differs, with a note (a warning)."""
+def fit_size(img, height, width, what="image", resample=True):
+    """Resize to (width, height) when the size differs, with a note (a warning); resample=False: the
+    note only (the caller resizes later)."""
     if img.size != (width, height):
         warnings.warn(f"{what} of size {img.size[0]}x{img.size[1]} resized to {width}x{height}", stacklevel=3)
-        img = img.resize((width, height), Image.LANCZOS)
+        img = img.resize((width, height), Image.LANCZOS) if resample else img
     return img
 
 
@@ -121,9 +125,15 @@ def mask_to_array(mask, blur=0):
     return a[None, None]
 
 
-def to_pil(images):
-    """float32 [B, H, W, 3] in [0, 1] -> list of PIL images (rounded to the nearest 8-bit value)."""
-    return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
+def to_uint8(images, truncate=False):
+    """float32 [B, H, W, 3] in [0, 1] -> uint8: 255 x rounded to the nearest (diffusers' numpy_to_pil)
+    or, truncate, rounded down (A1111 saves its images so: modules/processing.py)."""
+    return (images * 255).astype(np.uint8) if truncate else (images * 255).round().astype(np.uint8)
+
+
+def to_pil(images, truncate=False):
+    """float32 [B, H, W, 3] in [0, 1] -> list of PIL images (8 bits: to_uint8)."""
+    return [Image.fromarray(im) for im in to_uint8(images, truncate)]
 
 
 def postprocess(decoded):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import clip, resources, schedulers, taesd, unet as unet_model, vae
+from . import a1111_inpaint, clip, resources, schedulers, taesd, unet as unet_model, vae
 from .malloc import holding
 from .embeddings import load_used_embeddings
 from .prompts import PROMPT_SYNTAXES, encode_schedule, extract_loras, encode_weighted, pad_chunks, prompt_syntax_used, text_at_step
@@ -34,7 +34,7 @@ from .config import generation_defaults, sd15_config, with_fallbacks
 from .errors import InputError, NpsdError, is_flag, is_number, is_whole
 from .guidance import check_rescale, guided_model, uses_guidance
 from .hires import Hires, upscale_latents
-from .images import default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil
+from .images import default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil, to_uint8
 from .previews import taesd_for, with_previews
 from .tokenizer import Tokenizer
 
@@ -321,7 +321,7 @@ class Pipeline:
                          settings=settings)
         if hires_settings is not None:
             x = self._hires_pass(x, hires, hires_settings, first, eta, callback, progress, schedule.num_inference_steps)
-        return self._output(x, output_type, decoder)
+        return self._output(x, output_type, decoder, a1111=schedule.schedule_type is not None)
 
     def _hires_settings(self, hires, settings, attention_maps, schedule_type):
         """The second pass's settings (its size and steps) of txt2img(hires=...), or None; checked
@@ -369,7 +369,9 @@ class Pipeline:
         starts from pure noise at the first step, small values keep more of the image. noise: the
         forward-process noise [B, C, h, w] (default drawn from the seed). sample_posterior: encode the
         image to a sample of the VAE posterior (True) or to its mean (False); None: a sample with
-        rng="torch" (as diffusers), the mean with rng="numpy". Other arguments as in txt2img.
+        rng="torch" (as diffusers), the mean with rng="numpy" or an A1111 schedule_type (A1111 draws
+        the sample from torch's global generator, which no seed sets, so the seed's first draw is
+        its start noise). Other arguments as in txt2img.
         """
         _check_strength(strength)
         _check_hooks(callback, progress, attention_maps)
@@ -379,7 +381,8 @@ class Pipeline:
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"])
-        sample_posterior = rng == "torch" if sample_posterior is None else sample_posterior
+        if sample_posterior is None:        # (A1111 samples it from torch's unseeded global generator)
+            sample_posterior = rng == "torch" and schedule_type is None
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
                                                   guidance_rescale, prompt_syntax, schedule_type)
@@ -391,7 +394,7 @@ class Pipeline:
         x = schedulers.noise_at_start(schedule, x0, noise, start)                   # x at step `start`
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress, attention_maps=attention_maps,
                          settings=settings)
-        return self._output(x, output_type, decoder)
+        return self._output(x, output_type, decoder, a1111=schedule.schedule_type is not None)
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     @_traced
@@ -401,7 +404,8 @@ class Pipeline:
                 noise=None, num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
                 mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None):
+                attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
+                masked_content="original", inpaint_area="whole picture", masked_area_padding=32):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -414,6 +418,15 @@ class Pipeline:
         noise, as in txt2img / img2img. mask_blur: a Gaussian blur radius in pixels applied to the
         mask; the blurred mask's soft values then weight the blending. sample_posterior, rng: as in
         img2img; the other arguments (preview, decoder, ...) as in txt2img.
+
+        With an A1111 schedule_type, A1111's inpainting instead (npsd/a1111_inpaint.py): the mask
+        blurred as A1111 blurs it (mask_blur: OpenCV's Gaussian of that sigma), every denoised
+        estimate and the result blended with the image's latents, the input pasted back over the
+        kept region in 8 bits ("np" then returns that 8-bit image / 255); masked_content: A1111's
+        "Masked content", "original", "fill", "latent noise" or "latent nothing"; inpaint_area:
+        "whole picture", or "only masked": the box around the mask (masked_area_padding pixels
+        wider) is cut out, repainted at height x width and put back, and the result has the input
+        image's size (height and width default to it).
         """
         _check_strength(strength)
         _check_hooks(callback, progress, attention_maps, mask_blur)
@@ -422,15 +435,33 @@ class Pipeline:
                                   decoder, eta, sde_noise)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
-        img = fit_size(img, settings["height"], settings["width"])
-        mask_img = fit_size(open_image(mask_image, "mask"), settings["height"], settings["width"], "mask")
         inpainting_unet = self.unet_in_channels == self.latent_channels * 2 + 1
         if not inpainting_unet and self.unet_in_channels != self.latent_channels:
             raise NpsdError(f"a UNet with {self.unet_in_channels} input channels is neither an ordinary "
                             f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) model")
-        f = self.vae_factor
-        pixels = to_array(img)                                                     # [1, 3, H, W]
-        mask_px = mask_to_array(mask_img, mask_blur)                               # [1, 1, H, W], 1 = repaint
+        a1111 = schedule_type is not None                                          # A1111's inpainting
+        a1111_inpaint.check(masked_content, inpaint_area, masked_area_padding)
+        if not a1111 and (masked_content, inpaint_area) != ("original", "whole picture"):
+            raise InputError(f"masked_content={masked_content!r} and inpaint_area={inpaint_area!r} are A1111's "
+                             f"inpainting: give a schedule_type (e.g. 'automatic'), or leave them at their defaults")
+        height, width, f = settings["height"], settings["width"], self.vae_factor
+        if a1111:                                                # A1111's mask (and crop): npsd/a1111_inpaint.py
+            mask_img = open_image(mask_image, "mask", keep_alpha=True)
+            if inpaint_area == "whole picture":
+                img = fit_size(img, height, width)
+                fit_size(mask_img, height, width, "mask", resample=False)        # (resized after its blur)
+            img, soft, paste = a1111_inpaint.prepare(img, mask_img, mask_blur, inpaint_area, masked_area_padding,
+                                                     height, width)              # soft: uint8 [H, W]
+            pixels = to_array(img)                                                 # [1, 3, H, W]
+            mask_px = np.around(soft / np.float32(255))[None, None]                # [1, 1, H, W], 1 = repaint
+            repaint = a1111_inpaint.latent_mask(soft, height // f, width // f)     # [1, 1, h, w]
+            if masked_content != "original":                                     # (A1111 fills for all three)
+                pixels = to_array(a1111_inpaint.fill(img, soft))
+        else:
+            img = fit_size(img, height, width)
+            pixels = to_array(img)                                                 # [1, 3, H, W]
+            mask_img = fit_size(open_image(mask_image, "mask"), height, width, "mask")
+            mask_px = mask_to_array(mask_img, mask_blur)                           # [1, 1, H, W], 1 = repaint
         mask = mask_px[:, :, ::f, ::f]                                             # [1, 1, h, w] (nearest)
         masked_pixels = pixels * (mask_px < 0.5)                                   # the kept region only
         masked = None                                                              # its latents, below
@@ -440,7 +471,7 @@ class Pipeline:
             extra = [np.repeat(mask, b, axis=0), np.repeat(masked, b, axis=0)]
             return self.unet(np.concatenate([x] + extra, axis=1), t, context)      # [b, 9, h, w]
 
-        diffusers_order = rng == "torch"
+        diffusers_order = rng == "torch" and not a1111
         sample_posterior = diffusers_order if sample_posterior is None else sample_posterior
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
@@ -468,6 +499,9 @@ class Pipeline:
                 masked = self._encode_image(masked_pixels, rng, sample_posterior)
             elif sample_posterior:
                 rng.standard_normal((1,) + shape[1:], dtype=np.float32)          # drawn and not used
+        if a1111:
+            return self._inpaint_a1111(model, x0, noise, schedule, rng, start, eta, callback, progress,
+                                       attention_maps, settings, repaint, masked_content, paste, output_type, decoder)
 
         def keep_known(i, t, x, x0_pred):
             if inpainting_unet:
@@ -478,6 +512,23 @@ class Pipeline:
 
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress, keep_known, attention_maps, settings)
         return self._output(x, output_type, decoder)
+
+    def _inpaint_a1111(self, model, z, noise, schedule, rng, start, eta, callback, progress, attention_maps, settings,
+                       repaint, masked_content, paste, output_type, decoder):
+        """Steps 3-5 of A1111's inpainting (npsd/a1111_inpaint.py) from the image's latents z [B, 4, h, w],
+        the start noise, the latent mask repaint [1, 1, h, w] (1 = repaint) and prepare's paste."""
+        if masked_content == "latent noise":                                      # the seed's noise there
+            z = z * (1 - repaint) + noise * repaint
+        elif masked_content == "latent nothing":
+            z = z * (1 - repaint)
+        x = schedulers.noise_at_start(schedule, z, noise, start)
+
+        def blend(latents):                                                        # keep z, repaint latents
+            return latents * repaint + z * (1 - repaint)
+
+        x = blend(self._sample(model, x, schedule, rng, start, eta, callback, progress, None, attention_maps,
+                               settings, edit_x0=blend))
+        return self._output(x, output_type, decoder, a1111=True, paste_back=paste)
 
     # --- the pieces of the loops ----------------------------------------------------------------
 
@@ -617,13 +668,13 @@ class Pipeline:
         return cond, uncond, len(prompts) * num_images
 
     def _sample(self, model, x, schedule, rng, start, eta, callback, progress, after_step=None, attention_maps=None,
-                settings=None):
+                settings=None, edit_x0=None):
         """Run the sampler; stops with a clear error as soon as the latents stop being finite.
         after_step(i, t, x, x0_pred) -> array or None replaces the state after every step, and
         between the two stages of a two-stage sampler (as diffusers' inpainting does).
         attention_maps: an npsd.attention_maps.AttentionMaps to report the steps' cross-attention to.
         settings: the call's (_settings); with sde_noise "brownian", the step noise is the seed's
-        Brownian tree (npsd/brownian.py)."""
+        Brownian tree (npsd/brownian.py). edit_x0: as schedulers.sample's."""
         noise_sampler = None
         if settings is not None and settings["sde_noise"] == "brownian":
             noise_sampler = brownian_noise(schedule, start, x.shape, settings["seed"])
@@ -658,7 +709,7 @@ class Pipeline:
             with np.errstate(over="ignore", invalid="ignore"):
                 mid = None if after_step is None else (lambda i, x_mid: after_step(i, None, x_mid, None))
                 return schedulers.sample(model, x, schedule, rng=rng, callback=each_step, start_index=start, eta=eta,
-                                         between_stages=mid, noise_sampler=noise_sampler)
+                                         between_stages=mid, noise_sampler=noise_sampler, edit_x0=edit_x0)
         finally:
             if trace is not None:
                 trace.step = None
@@ -676,13 +727,18 @@ class Pipeline:
             mean = vae.sample(mean, logvar, rng.standard_normal(mean.shape, dtype=np.float32))
         return mean * np.float32(self.scaling_factor)
 
-    def _output(self, latents, output_type, decoder="vae"):
+    def _output(self, latents, output_type, decoder="vae", a1111=False, paste_back=None):
+        """The latents as output_type asks. a1111: 8 bits by truncation, as A1111 saves (else rounded,
+        as diffusers). paste_back(uint8 [B, H, W, 3]) -> uint8 [B, H, W, 3]: A1111's inpainting's last
+        step, after which "np" returns the 8-bit images / 255."""
         if output_type == "latent":
             return latents
         images = self.decode_latents(latents, decoder)                                  # [B, H, W, 3]
+        if paste_back is not None:
+            images = paste_back(to_uint8(images, truncate=True)).astype(np.float32) / np.float32(255)
         if output_type == "np":
             return images
-        pil = to_pil(images)
+        pil = to_pil(images, truncate=a1111)
         return pil[0] if len(pil) == 1 else pil
 
 

@@ -28,6 +28,7 @@ import warnings
 
 from PIL import Image, PngImagePlugin
 
+from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .errors import InputError, UsageError
 from .hires import LABELS as UPSCALER_LABELS, UPSCALERS, upscaler_named
 from .version import __version__
@@ -190,6 +191,11 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Denoising strength": _num(settings["strength"]) if mode != "txt2img" else (
             _num(settings["hires_strength"]) if hires else None),                # A1111: the hires pass's
         "Mask blur": settings["mask_blur"] if mode == "inpaint" else None,
+        "Masked content": settings.get("masked_content") if mode == "inpaint" and settings.get("masked_content")
+        not in (None, "original") else None,
+        "Inpaint area": "Only masked" if mode == "inpaint" and settings.get("inpaint_area") == "only masked" else None,
+        "Masked area padding": settings.get("masked_area_padding") if mode == "inpaint"
+        and settings.get("inpaint_area") == "only masked" else None,
         "Hires upscale": _num(settings["hires_scale"]) if hires else None,
         "Hires steps": settings["hires_steps"] if hires and settings["hires_steps"] else None,
         "Hires upscaler": UPSCALERS[settings["hires_upscaler"]][0] if hires else None,
@@ -283,6 +289,17 @@ def settings_from_png(path, mode):
     skip = _convert(f, "Clip skip", int, "a whole number")            # A1111's count: 1 = last layer
     settings["clip_skip"] = None if skip is None else max(skip - 1, 0)
     settings["mask_blur"] = _convert(f, "Mask blur", int, "a whole number")
+    if "Masked content" in f:
+        if f["Masked content"] not in MASKED_CONTENT:
+            raise InputError(f"the PNG's Masked content {f['Masked content']!r} is not one npsd has "
+                             f"({', '.join(MASKED_CONTENT)}): give --masked-content")
+        settings["masked_content"] = f["Masked content"]
+    if "Inpaint area" in f:                                          # A1111 writes it for "Only masked"
+        if f["Inpaint area"].lower() not in INPAINT_AREAS:
+            raise InputError(f"the PNG's Inpaint area {f['Inpaint area']!r} is not one npsd has "
+                             f"({', '.join(INPAINT_AREAS)}): give --inpaint-area")
+        settings["inpaint_area"] = f["Inpaint area"].lower()
+    settings["masked_area_padding"] = _convert(f, "Masked area padding", int, "a whole number")
     if f.get("Timestep spacing") in SPACINGS and "schedule_type" not in settings:
         settings["timestep_spacing"] = f["Timestep spacing"]
     if f.get("Prediction type") in PREDICTION_TYPES:

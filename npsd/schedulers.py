@@ -1279,7 +1279,7 @@ def lcm_step(x_t, eps, t, t_next, alphas_cumprod, noise=None, x0_pred=None):
 # ---------------------------------------------------------------------------------------------
 
 def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_index=0, eta=0.0,
-           between_stages=None, noise_sampler=None):
+           between_stages=None, noise_sampler=None, edit_x0=None):
     """Run a sampler from step start_index to the end; return the final latents (float32).
 
     model(x_in, t) -> the model's output for the model input x_in at timestep t: the noise
@@ -1326,6 +1326,9 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         (pndm's part-way start: at step start_index's, and i = start_index - 1 is passed); if it
         returns an array, that array replaces it (diffusers' inpainting re-imposes the known region,
         noised to that level, after every scheduler call).
+    edit_x0(x0_pred) -> x0: replaces the x0 estimate of every model evaluation, and eps with the
+        one that gives it, eps = (x_in - sqrt(abar) x0) / sqrt(1 - abar) (A1111's inpainting blends
+        the denoised latents with the image's so: npsd/a1111_inpaint.py).
 
     Multistep samplers (dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, pndm, lms, unipc, deis) keep their memory of earlier
     steps inside this loop, from start_index on: an img2img run starts them at first order, except
@@ -1369,7 +1372,11 @@ def sample(model, x, schedule, *, rng=None, noises=None, callback=None, start_in
         else:
             x_in = scale_model_input(x_i, sigma) if s in KARRAS_VARIABLE else x_i
             abar = 1.0 / (float(sigma) ** 2 + 1.0)
-        return model_output_to_eps(model(x_in, t), x_in, abar, schedule.prediction_type)
+        eps, x0 = model_output_to_eps(model(x_in, t), x_in, abar, schedule.prediction_type)
+        if edit_x0 is None:
+            return eps, x0
+        x0 = edit_x0(x0_from_eps(x_in, eps, abar) if x0 is None else x0)
+        return (x_in - math.sqrt(abar) * x0) / math.sqrt(1.0 - abar), x0
 
     def staged(i, x_mid):
         replaced = between_stages(i, x_mid) if between_stages is not None else None

@@ -582,6 +582,45 @@ def test_img2img_and_inpaint(model, tmp_path, capsys):
     assert rc == 0 and err.strip().startswith("npsd: warning: image of size 20x20 resized to 16x16"), err
 
 
+def test_a1111_inpainting_and_its_png(model, tmp_path, capsys):
+    """--schedule-type makes inpainting A1111's (npsd/a1111_inpaint.py): --masked-content is written as
+    A1111's "Masked content" field, --from-png makes the same file, the kept region is the input's
+    pixels; --masked-content without an A1111 schedule is one line."""
+    image, mask = make_image(tmp_path / "in.png"), make_mask(tmp_path / "mask.png")
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--image", image, "--mask", mask, "--mask-blur", 1, "--seed", 3, "--steps", 3,
+        "--sampler", "euler_a", "--schedule-type", "automatic", "--masked-content", "latent nothing", mode="inpaint")
+    f = params_of(a)["fields"]
+    assert (f["Masked content"], f["Mask blur"], f["Schedule type"]) == ("latent nothing", "1", "Uniform")
+    from npsd.a1111_inpaint import soft_mask
+    kept = soft_mask(Image.open(mask), 1) == 0
+    assert kept.sum() > 50 and np.array_equal(np.asarray(Image.open(a))[kept], np.asarray(Image.open(image))[kept])
+    b = tmp_path / "b.png"
+    rc, _, err = run(["inpaint", "--from-png", a, "--image", image, "--mask", mask, "--model", model, "-o", b,
+                      "--quiet"], capsys)
+    assert rc == 0, err
+    assert b.read_bytes() == a.read_bytes()
+    rc, _, err = run(["inpaint", PROMPT, "--image", image, "--mask", mask, "--model", model, "-o", tmp_path / "c.png",
+                      "--masked-content", "fill", "--quiet"], capsys)
+    assert rc == 2 and "masked_content" in err and err.count("\n") == 1, err
+    # "only masked" on a 24x20 image: its PNG has the image's size, states the 16x16 it sampled at, and
+    # --from-png remakes it
+    image = make_image(tmp_path / "big.png", size=24)
+    mask = make_mask(tmp_path / "big_mask.png", size=24)
+    c = tmp_path / "c.png"
+    gen(capsys, model, c, "--image", image, "--mask", mask, "--seed", 3, "--steps", 3, "--sampler", "euler_a",
+        "--schedule-type", "automatic", "--inpaint-area", "only masked", "--masked-area-padding", 2,
+        "--height", 16, "--width", 16, mode="inpaint")
+    f = params_of(c)["fields"]
+    assert (f["Inpaint area"], f["Masked area padding"], f["Size"]) == ("Only masked", "2", "16x16")
+    assert Image.open(c).size == (24, 24)
+    d = tmp_path / "d.png"
+    rc, _, err = run(["inpaint", "--from-png", c, "--image", image, "--mask", mask, "--model", model, "-o", d,
+                      "--quiet"], capsys)
+    assert rc == 0, err
+    assert d.read_bytes() == c.read_bytes()
+
+
 def test_save_steps_writes_x0_previews_and_a_filmstrip(model, tmp_path, capsys):
     out, steps = tmp_path / "a.png", tmp_path / "steps"
     gen(capsys, model, out, "--seed", 2, "--steps", 3, "--save-steps", steps, "--num-images", 2, "--save-every", 2,

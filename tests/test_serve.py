@@ -282,6 +282,35 @@ def test_inpaint_same_pixels_as_the_pipeline(client, pipe, picture, mask):
     assert np.array_equal(pixels(decode(r.json()["images"][0])), pixels(ref))
 
 
+def test_a1111_inpainting_with_a_kdiffusion_sampler(client, pipe, picture, mask):
+    """With a sampler A1111 runs with k-diffusion, an inpainting request is A1111's inpainting
+    (npsd/a1111_inpaint.py): the pipeline's inpaint with the schedule type and inpainting_fill's masked
+    content, in 8 bits as A1111 saves them; the kept region is the input's pixels."""
+    request = {"prompt": PROMPT, "init_images": [encode(picture)], "mask": encode(mask), "mask_blur": 2,
+               "inpainting_fill": 2, "denoising_strength": 0.9, "steps": 4, "seed": 9, "sampler_name": "Euler a"}
+    r = client.post("/sdapi/v1/img2img", json=request)
+    assert r.status_code == 200, r.text
+    ref = pipe.inpaint(PROMPT, picture, mask, strength=0.9, mask_blur=2, num_inference_steps=4, seed=9,
+                       sampler="euler_a", schedule_type="automatic", masked_content="latent noise")
+    got = pixels(decode(r.json()["images"][0]))
+    assert np.array_equal(got, pixels(ref))
+    from npsd.a1111_inpaint import soft_mask
+    kept = soft_mask(mask, 2) == 0                                  # where the blurred mask is 0
+    assert kept.sum() > 100 and np.array_equal(got[kept], np.asarray(picture.convert("RGB"))[kept])
+    assert "Masked content: latent noise" in json.loads(r.json()["info"])["infotexts"][0]
+    # inpaint_full_res: "only masked", a crop around the mask at width x height, put back into the image
+    r = client.post("/sdapi/v1/img2img", json={**request, "inpaint_full_res": True, "inpaint_full_res_padding": 4,
+                                               "width": 32, "height": 32})
+    assert r.status_code == 200, r.text
+    ref = pipe.inpaint(PROMPT, picture, mask, strength=0.9, mask_blur=2, num_inference_steps=4, seed=9,
+                       sampler="euler_a", schedule_type="automatic", masked_content="latent noise",
+                       inpaint_area="only masked", masked_area_padding=4, height=32, width=32)
+    got = pixels(decode(r.json()["images"][0]))
+    assert got.shape[:2] == (picture.height, picture.width) and np.array_equal(got, pixels(ref))
+    info = json.loads(r.json()["info"])["infotexts"][0]
+    assert "Inpaint area: Only masked" in info and "Masked area padding: 4" in info and "Size: 32x32" in info
+
+
 # --- refusals: one line, naming the field ---------------------------------------------------------
 
 @pytest.mark.parametrize("fields, names", [

@@ -27,8 +27,11 @@ without "Batch size"), and all_seeds lists seed, seed + 1, ....
 The scheduler is A1111's schedule type ("Automatic": A1111's choice for the sampler; npsd's
 schedule_type) for the samplers A1111 runs with k-diffusion. enable_hr runs the hires fix with
 A1111's latent upscalers (hr_scale, hr_upscaler, hr_second_pass_steps, denoising_strength; npsd/hires.py).
-An inpainted image is the pipeline's output, the same pixels as npsd's Pipeline API
-(A1111 also pastes the input image back over the kept region).
+With those samplers an inpainting request is A1111's inpainting (npsd/a1111_inpaint.py: its mask
+blur, inpainting_fill's masked content, inpaint_full_res's "only masked" crop with its padding, the
+denoised latents blended with the image's, the input pasted back over the kept region), and every
+image is made 8-bit as A1111 saves it (truncated);
+with the others (DDIM, PLMS, UniPC, which A1111 runs with its own code) npsd's diffusers inpainting.
 """
 
 import base64
@@ -48,6 +51,7 @@ from ..images import open_image, upright
 from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, SCHEDULE_LABELS, SCHEDULE_NAMED, _exif_user_comment,
                        parse_parameters, png_info, sampler_from_a1111, schedule_label)
 from ..rng import SEED_LIMIT
+from ..a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from ..schedulers import KDIFFUSION_SAMPLERS
 
 # --- the fields ---------------------------------------------------------------------------------
@@ -56,7 +60,7 @@ USED = {"prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "s
         "steps", "cfg_scale", "width", "height", "eta", "override_settings", "override_settings_restore_afterwards",
         "send_images", "save_images", "npsd_attention_maps"}
 USED_IMG2IMG = {"init_images", "denoising_strength", "mask", "mask_blur", "mask_blur_x", "mask_blur_y",
-                "inpainting_fill", "inpaint_full_res", "inpainting_mask_invert", "resize_mode",
+                "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode",
                 "initial_noise_multiplier", "include_init_images"}
 INERT = {"subseed", "do_not_save_samples", "do_not_save_grid", "comments", "force_task_id", "s_tmin", "s_tmax",
          "refiner_switch_at", "token_merging_ratio", "token_merging_ratio_hr", "user"}
@@ -70,7 +74,7 @@ HIRES_OFF = {"hr_resize_x": ((0,), "npsd enlarges by hr_scale; send 0"),
              "hr_negative_prompt": (("",), "npsd's second pass uses the negative prompt"),
              "hr_checkpoint_name": (("", "Use same checkpoint"), "npsd's second pass uses the same model")}
 HIRES_DENOISING = 0.75                                      # A1111's txt2img default denoising_strength
-INERT_IMG2IMG = {"image_cfg_scale", "inpaint_full_res_padding"}  # instruct-pix2pix only; full-res inpainting only
+INERT_IMG2IMG = {"image_cfg_scale"}                        # instruct-pix2pix only
 # feature field -> (its "off" values, what npsd lacks). None is always "off".
 OFF = {
     "firstphase_width": ((0,), "A1111's old hires fix; send hr_scale"),
@@ -207,6 +211,22 @@ def schedule_for(sampler, schedule_type):
     return None
 
 
+def check_inpainting(settings):
+    """inpainting_fill other than 1 (original) and inpaint_full_res are A1111's inpainting: only with
+    A1111's schedules (settings with the sampler known)."""
+    content = settings.get("masked_content", "original")
+    if settings["schedule_type"] is not None:
+        return
+    if content != "original":
+        raise InputError(f"inpainting_fill={MASKED_CONTENT.index(content)} ({content}) is A1111's inpainting, which "
+                         f"npsd runs for the samplers A1111 runs with k-diffusion, not "
+                         f"{A1111_SAMPLERS[settings['sampler']]}; send 1 (original) or another sampler_name")
+    if settings.get("inpaint_area") == "only masked":
+        raise InputError(f"inpaint_full_res (only masked) is A1111's inpainting, which npsd runs for the samplers "
+                         f"A1111 runs with k-diffusion, not {A1111_SAMPLERS[settings['sampler']]}; send false or "
+                         f"another sampler_name")
+
+
 def scheduler_label(settings):
     """A1111's "scheduler" of a run's settings: the label of the schedule type it ran with."""
     return schedule_label(settings) or "Automatic"
@@ -260,11 +280,9 @@ def _refuse_fields(kind, body):
         if body.get("hr_sampler_name") == body.get("sampler_name"):                # the same sampler, named
             refused = [(k, why) for k, why in refused if k != "hr_sampler_name"]
     if img2img and body.get("mask"):
-        if body.get("inpainting_fill") not in (None, 1):
-            refused.append(("inpainting_fill", f"npsd inpaints from the original image only (1, 'original'), "
-                                               f"not {body['inpainting_fill']!r}"))
-        if body.get("inpaint_full_res") not in (None, False, 0):
-            refused.append(("inpaint_full_res", "npsd repaints the whole image ('Whole picture'); send false"))
+        if body.get("inpainting_fill") not in (None, 0, 1, 2, 3):
+            refused.append(("inpainting_fill", "A1111's masked content is 0 (fill), 1 (original), 2 (latent noise) "
+                                               "or 3 (latent nothing)"))
     if img2img and body.get("resize_mode") not in (None, 0):
         refused.append(("resize_mode", "npsd resizes the input image to width x height (0, 'Just resize') only"))
     if img2img and body.get("initial_noise_multiplier") not in (None, 1, 1.0):
@@ -306,7 +324,8 @@ def read_request(kind, body, limits=None):
                 "sampler": sampler, "seed": seed, "height": _int(body, "height", lo=8),
                 "width": _int(body, "width", lo=8), "num_images": batch_size, "strength": None, "eta": eta,
                 "karras": False, "schedule_type": schedule_type, "timestep_spacing": None, "clip_skip": None, "long_prompt": "chunk",
-                "mask_blur": 0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
+                "mask_blur": 0, "masked_content": "original", "inpaint_area": "whole picture",
+                "masked_area_padding": 32, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
                 # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)
                 "sde_noise": "brownian" if sampler in A1111_BROWNIAN else "generator",
@@ -368,6 +387,11 @@ def _read_img2img(body, plan, limits):
         raise InputError(f"mask_blur_x={blur_x} and mask_blur_y={blur_y} differ; npsd blurs the mask the same way "
                          f"in both directions: give mask_blur")
     plan.settings["mask_blur"] = blur if blur is not None else blur_x if blur_x is not None else 0
+    fill = _int(body, "inpainting_fill", lo=0)
+    plan.settings["masked_content"] = MASKED_CONTENT[1 if fill is None else fill]
+    plan.settings["inpaint_area"] = INPAINT_AREAS[int(_bool(body, "inpaint_full_res", False))]
+    padding = _int(body, "inpaint_full_res_padding", lo=0)
+    plan.settings["masked_area_padding"] = 32 if padding is None else padding
     if not include:
         plan.received["mask"] = None
 
@@ -475,7 +499,9 @@ def reload_settings(plan, settings, model_title, pos):
         fields.update(enable_hr=True, hr_scale=settings["hires_scale"], hr_upscaler=UPSCALERS[settings["hires_upscaler"]][0],
                       hr_second_pass_steps=settings["hires_steps"], denoising_strength=settings["hires_strength"])
     if plan.mode == "inpaint":
-        fields["mask_blur"] = settings["mask_blur"]
+        fields.update(mask_blur=settings["mask_blur"], inpainting_fill=MASKED_CONTENT.index(settings["masked_content"]),
+                      inpaint_full_res=settings["inpaint_area"] == "only masked",
+                      inpaint_full_res_padding=settings["masked_area_padding"])
     return fields
 
 

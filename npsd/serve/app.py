@@ -374,11 +374,11 @@ class Server:
             if networks is None:
                 networks = generation.network_hashes(pipe, call, types.SimpleNamespace(
                     lora_dir=self.settings.lora_dir, embeddings_dir=self.settings.embeddings_dir))
-            img = to_pil(out)[0]
+            img = generation.to_images(out, call)[0]
             extra = f", Interrupted at step: {stopped}/{job.steps}" if stopped else ""
-            size = (call["width"], call["height"]) if call.get("hires_scale") else (img.width, img.height)
+            size = generation.png_size(pipe, plan.mode, call, plan.image, img)
             text = parameters_text(call, plan.mode, self._model_label(), self.models.short_hash(self.loaded),
-                                   None, None, *size, 1, 1, networks) + extra     # (hires: A1111's first pass)
+                                   None, None, *size, 1, 1, networks) + extra
             images.append(img)
             texts.append(text)
             seeds.append(call["seed"])
@@ -413,6 +413,7 @@ class Server:
             settings["schedule_type"] = a1111.schedule_for(settings["sampler"], settings["schedule_type"])
         generation.model_defaults(settings, self.pipe)           # steps, cfg scale, sampler, spacing, prediction type
         a1111.check_eta(settings["sampler"], settings["eta"])      # the sampler may be the model's default
+        a1111.check_inpainting(settings)
         if settings["sampler"] == "ddim":
             settings["eta"] = options["eta_ddim"] if settings["eta"] is None else settings["eta"]
         else:
