@@ -197,6 +197,11 @@ def _generation_options(p, mode):
     a("--seed", metavar="N", type=_seed, help="random seed in [0, 2**64) (default: random below 2**32, printed)")
     a("--rng", choices=RNG_KINDS, help="random numbers: numpy (npsd's own, default) or torch (torch's CPU "
                                        "generator: diffusers' and A1111's 'CPU' images from the same seed)")
+    a("--variation-seed", metavar="N", type=_seed, help="A1111's variation seed: its noise is mixed into the seed's")
+    a("--variation-strength", metavar="S", type=_float_in(0.0, 1.0, what="variation strength"),
+      help="how much of the variation seed's noise, 0 to 1 (default 0)")
+    a("--ensd", dest="eta_noise_seed_delta", metavar="N", type=_seed, help="A1111's eta noise seed delta: the samplers' noise from seed + N "
+                                              "(default 0)")
     a("--height", metavar="PIXELS", type=_int_at_least(1, "height"), help="image height, a multiple of 8 (default: the model's)")
     a("--width", metavar="PIXELS", type=_int_at_least(1, "width"), help="image width, a multiple of 8 (default: the model's)")
     a("--num-images", metavar="N", type=_int_at_least(1, "count"), help="images to generate (default 1)")
@@ -369,13 +374,15 @@ def attach_networks(pipe, args, settings):
 
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "height", "width",
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
-            "mask_blur", "masked_content", "inpaint_area", "masked_area_padding", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
+            "mask_blur", "masked_content", "inpaint_area", "masked_area_padding", "variation_seed",
+            "variation_strength", "eta_noise_seed_delta", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
             "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
             "hires_steps", "hires_strength")
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "masked_content": "original",
-                   "inpaint_area": "whole picture", "masked_area_padding": 32, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
+                   "inpaint_area": "whole picture", "masked_area_padding": 32, "variation_strength": 0.0,
+                   "eta_noise_seed_delta": 0, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
                    "ti_names": [], "vae_decoder": "vae", "sde_noise": "generator", "hires_upscaler": "latent",
                    "hires_steps": 0}
 

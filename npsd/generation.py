@@ -109,7 +109,9 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               long_prompt=settings["long_prompt"], rng=settings["rng"],
               prediction_type=settings["prediction_type"], guidance_rescale=settings["guidance_rescale"] or 0.0,
               prompt_syntax=settings["prompt_syntax"], attention_maps=attention_maps, decoder=settings["vae_decoder"],
-              sde_noise=settings["sde_noise"], schedule_type=settings.get("schedule_type"), trace=trace)
+              sde_noise=settings["sde_noise"], schedule_type=settings.get("schedule_type"), trace=trace,
+              variation_seed=settings.get("variation_seed"), variation_strength=settings.get("variation_strength") or 0.0,
+              eta_noise_seed_delta=settings.get("eta_noise_seed_delta") or 0)
     if mode == "txt2img":
         return pipe.txt2img(settings["prompt"], hires=hires_of(settings), **kw)
     if mode == "img2img":

@@ -250,7 +250,7 @@ class Pipeline:
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", rng="numpy",
                 prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
-                hires=None):
+                hires=None, variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -296,10 +296,15 @@ class Pipeline:
         hires: an npsd.hires.Hires for AUTOMATIC1111's "Hires. fix": after this pass the latents are
         enlarged hires.scale times and redrawn by img2img at that size (npsd/hires.py); the callback's
         step counts on through the second pass. None: one pass.
+        variation_seed, variation_strength, eta_noise_seed_delta: AUTOMATIC1111's seed options
+        (npsd.rng.Variation): the starting noise mixed with the variation seed's (image b of a list
+        of seeds: variation_seed + b) by A1111's slerp, 0 keeping the seed's, 1 taking the
+        variation's; a delta > 0 (A1111's "ENSD") draws the samplers' later noise from seed + delta.
         """
         _check_hooks(callback, progress, attention_maps)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed,
-                                  decoder=decoder, eta=eta, sde_noise=sde_noise)
+                                  decoder=decoder, eta=eta, sde_noise=sde_noise,
+                                  variation=(variation_seed, variation_strength, eta_noise_seed_delta))
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         hires_settings = self._hires_settings(hires, settings, attention_maps, schedule_type)
@@ -359,7 +364,8 @@ class Pipeline:
                 num_images=1, output_type="pil", callback=None, eta=0.0, use_karras_sigmas=False,
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
                 rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
-                attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None):
+                attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
+                variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -377,7 +383,8 @@ class Pipeline:
         _check_hooks(callback, progress, attention_maps)
         img = open_image(image)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
-                                  decoder, eta, sde_noise)
+                                  decoder, eta, sde_noise,
+                                  variation=(variation_seed, variation_strength, eta_noise_seed_delta))
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"])
@@ -405,7 +412,8 @@ class Pipeline:
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
                 mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
-                masked_content="original", inpaint_area="whole picture", masked_area_padding=32):
+                masked_content="original", inpaint_area="whole picture", masked_area_padding=32,
+                variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -432,7 +440,8 @@ class Pipeline:
         _check_hooks(callback, progress, attention_maps, mask_blur)
         img = open_image(image)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
-                                  decoder, eta, sde_noise)
+                                  decoder, eta, sde_noise,
+                                  variation=(variation_seed, variation_strength, eta_noise_seed_delta))
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         inpainting_unet = self.unet_in_channels == self.latent_channels * 2 + 1
@@ -533,7 +542,7 @@ class Pipeline:
     # --- the pieces of the loops ----------------------------------------------------------------
 
     def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae", eta=0.0,
-                  sde_noise="generator"):
+                  sde_noise="generator", variation=(None, 0.0, 0)):
         """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
         the image's own size first) and check every value; one-line errors."""
         defaults = generation_defaults(self.config)
@@ -580,14 +589,15 @@ class Pipeline:
             raise InputError(f"seed must be a whole number in [0, 2**64) or a list of them, one per image, got {seed!r}")
         seed = tuple(int(s) for s in seed) if isinstance(seed, (list, tuple)) else int(seed)
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
-                "width": int(width), "sampler": sampler, "seed": seed, "sde_noise": sde_noise}
+                "width": int(width), "sampler": sampler, "seed": seed, "sde_noise": sde_noise,
+                "variation": _check_variation(*variation, seeds)}
 
     def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
                timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, schedule_type, unet=None):
         """What every generation sets up first -> (the generator, model(x, t) with guidance, batch, schedule).
         unet: the UNet call to guide (default self.unet)."""
         check_rescale(guidance_rescale)
-        rng = make_rng(rng, settings["seed"])
+        rng = make_rng(rng, settings["seed"], settings["variation"])
         schedule = schedulers.make_schedule(settings["sampler"], settings["steps"], self.config, use_karras_sigmas,
                                             timestep_spacing, prediction_type=prediction_type,
                                             schedule_type=schedule_type)
@@ -747,6 +757,22 @@ def _as_prompt_list(prompt, what):
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError(f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
     return list(prompts)
+
+
+def _check_variation(variation_seed, strength, delta, seeds):
+    """A1111's seed options (npsd.rng.Variation), checked -> (variation seed, strength, delta) or None."""
+    if variation_seed is None and not strength and not delta:
+        return None
+    if not is_number(strength) or not 0 <= strength <= 1:
+        raise InputError(f"variation_strength must be a number in [0, 1], got {strength!r}")
+    if strength and variation_seed is None:
+        raise InputError("variation_strength needs a variation_seed (the seed whose noise is mixed in)")
+    variation_seed = 0 if variation_seed is None else variation_seed
+    if not is_whole(variation_seed) or not 0 <= variation_seed <= SEED_LIMIT - len(seeds):
+        raise InputError(f"variation_seed must be a whole number in [0, 2**64), one more per image, got {variation_seed!r}")
+    if not is_whole(delta) or delta < 0 or max(seeds) + delta >= SEED_LIMIT:
+        raise InputError(f"eta_noise_seed_delta must be a whole number >= 0 with seed + delta below 2**64, got {delta!r}")
+    return int(variation_seed), float(strength), int(delta)
 
 
 def _check_hooks(callback, progress, attention_maps, mask_blur=0):

@@ -193,6 +193,9 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Mask blur": settings["mask_blur"] if mode == "inpaint" else None,
         "Masked content": settings.get("masked_content") if mode == "inpaint" and settings.get("masked_content")
         not in (None, "original") else None,
+        "Variation seed": settings.get("variation_seed") if settings.get("variation_strength") else None,
+        "Variation seed strength": _num(settings["variation_strength"]) if settings.get("variation_strength") else None,
+        "ENSD": settings.get("eta_noise_seed_delta") or None,
         "Inpaint area": "Only masked" if mode == "inpaint" and settings.get("inpaint_area") == "only masked" else None,
         "Masked area padding": settings.get("masked_area_padding") if mode == "inpaint"
         and settings.get("inpaint_area") == "only masked" else None,
@@ -300,6 +303,9 @@ def settings_from_png(path, mode):
                              f"({', '.join(INPAINT_AREAS)}): give --inpaint-area")
         settings["inpaint_area"] = f["Inpaint area"].lower()
     settings["masked_area_padding"] = _convert(f, "Masked area padding", int, "a whole number")
+    settings["variation_seed"] = _convert(f, "Variation seed", int, "a whole number")
+    settings["variation_strength"] = _convert(f, "Variation seed strength", float, "a number")
+    settings["eta_noise_seed_delta"] = _convert(f, "ENSD", int, "a whole number")
     if f.get("Timestep spacing") in SPACINGS and "schedule_type" not in settings:
         settings["timestep_spacing"] = f["Timestep spacing"]
     if f.get("Prediction type") in PREDICTION_TYPES:
@@ -339,8 +345,7 @@ def settings_from_png(path, mode):
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
 A1111_UNAPPLIED = ("Hires resize", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
-                   "Hires CFG Scale", "Hires checkpoint", "Variation seed", "Variation seed strength", "Seed resize from",
-                   "ENSD", "Face restoration", "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS",
+                   "Hires CFG Scale", "Hires checkpoint", "Seed resize from", "Face restoration", "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS",
                    "Schedule min sigma", "Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet")                 # extensions' fields
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's

@@ -41,13 +41,19 @@ RNG_KINDS = ("numpy", "torch")
 SEED_LIMIT = 2**64
 
 
-def make_rng(kind, seed):
+def make_rng(kind, seed, variation=None):
     """The generator of one pipeline call: kind "numpy" or "torch", seed an integer in [0, SEED_LIMIT),
-    or a tuple of them, one per image (PerImage)."""
+    or a tuple of them, one per image (PerImage). variation: (variation seed, strength, delta) for
+    A1111's seed options (Variation), image b of a tuple of seeds with variation seed + b."""
     if isinstance(seed, tuple):
         if kind not in RNG_KINDS:
             raise InputError(f"rng must be one of {', '.join(RNG_KINDS)}, got {kind!r}")
+        if variation is not None:
+            vseed, strength, delta = variation
+            return PerImage([Variation(kind, s, vseed + b, strength, delta) for b, s in enumerate(seed)])
         return PerImage([make_rng(kind, s) for s in seed])
+    if variation is not None:
+        return Variation(kind, seed, *variation)
     if kind == "numpy":
         return np.random.default_rng(seed)
     if kind == "torch":
@@ -70,6 +76,44 @@ class PerImage:
         if shape[0] == 1:
             return self.generators[0].standard_normal(shape, dtype=dtype)
         raise InputError(f"{len(self.generators)} seeds for a draw of {shape[0]} images; give one seed per image")
+
+
+class Variation:
+    """AUTOMATIC1111's seed options around an image's generator (its modules/rng.py, ImageRNG): the
+    first draw, the start noise, is slerp(strength, that draw, the variation seed's first draw)
+    ("Variation seed" and "Variation strength"); with delta > 0 ("Eta noise seed delta", ENSD),
+    every later draw (the samplers' noise) comes from a fresh generator of seed + delta instead."""
+
+    def __init__(self, kind, seed, variation_seed, strength, delta):
+        self.kind, self.seed, self.variation_seed, self.strength, self.delta = kind, seed, variation_seed, strength, delta
+        self.generator, self.first = make_rng(kind, seed), True
+
+    def standard_normal(self, shape, dtype=np.float32):
+        if not self.first:
+            return self.generator.standard_normal(shape, dtype=dtype)
+        self.first = False
+        x = self.generator.standard_normal(shape, dtype=dtype)
+        if self.strength:
+            x = slerp(self.strength, x, make_rng(self.kind, self.variation_seed).standard_normal(shape, dtype=dtype))
+        if self.delta:
+            self.generator = make_rng(self.kind, self.seed + self.delta)
+        return x
+
+
+def slerp(t, a, b):
+    """A1111's spherical interpolation of two noises a, b [B, C, h, w] (modules/rng.py): per image,
+    channel and column, the angle between the columns a and b normalised over their h values, and
+    sin((1 - t) w) / sin(w) a + sin(t w) / sin(w) b; where an image's cosines average over 0.9995,
+    the straight mix t a + (1 - t) b (A1111's order)."""
+    an = a / np.linalg.norm(a, axis=2, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=2, keepdims=True)
+    cos = (an * bn).sum(axis=2)                                            # [B, C, w]
+    with np.errstate(invalid="ignore", divide="ignore"):                   # (the straight case's angles)
+        omega = np.arccos(cos)
+        s = np.sin(omega)
+        curved = (np.sin((1.0 - t) * omega) / s)[:, :, None] * a + (np.sin(t * omega) / s)[:, :, None] * b
+    straight = cos.mean(axis=(1, 2)) > 0.9995                              # [B]
+    return np.where(straight[:, None, None, None], a * t + b * (1 - t), curved).astype(a.dtype)
 
 
 # --- Mersenne Twister MT19937 ------------------------------------------------------------------

@@ -68,10 +68,38 @@ class _LDM:
         return self.unet(x, t, encoder_hidden_states=cond).sample
 
 
-def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, sigmas=None, hires=None):  # noqa: F811
+def a1111_slerp(val, low, high):
+    """modules/rng.py's slerp, as A1111 writes it (low, high: one image's noise [C, h, w])."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * val + high * (1 - val)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
+
+
+def a1111_first_noise(shape, seed, variation):
+    """ImageRNG.first: the seed's noise, mixed with the variation seed's (subseed, subseed_strength);
+    -> (noise, the generator of the later draws: the seed's, or seed + ENSD's)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=g)
+    if variation is None:
+        return noise, g
+    subseed, strength, ensd = variation
+    if strength:
+        subnoise = torch.randn(shape, generator=torch.Generator().manual_seed(subseed))
+        noise = a1111_slerp(strength, noise[0], subnoise[0])[None]
+    return noise, (torch.Generator().manual_seed(seed + ensd) if ensd else g)
+
+
+def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, sigmas=None, hires=None,  # noqa: F811
+              variation=None):
     """The A1111 run (module docstring) -> images [1, H, W, 3] in [0, 1]. sigmas: instead of A1111's
     (tests/test_kdiffusion.py's a1111_sampler_sigmas), these [steps + 1]. hires: (scale, torch's
-    interpolate mode, antialias, steps, strength) for A1111's hires fix with a latent upscaler."""
+    interpolate mode, antialias, steps, strength) for A1111's hires fix with a latent upscaler.
+    variation: (variation seed, strength, ENSD), A1111's seed options."""
     ref = reference(StableDiffusionPipeline, models, EulerDiscreteScheduler(**SCHED))
     vae, scaling = models["vae"], ref.vae.config.scaling_factor
     with torch.no_grad():
@@ -86,9 +114,8 @@ def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, si
         if sigmas is None:
             sigmas = a1111_sampler_sigmas(kd, sampler, schedule_type, steps)
         sigmas = torch.from_numpy(np.asarray(sigmas, np.float32))
-        g = torch.Generator().manual_seed(seed)
         shape = (1, 4, SIZE // 2, SIZE // 2)
-        noise = torch.randn(shape, generator=g)
+        noise, g = a1111_first_noise(shape, seed, variation)
         if strength is None:
             x = noise * sigmas[0]
         else:
@@ -106,13 +133,13 @@ def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, si
             sigmas = sigmas[steps - t_enc - 1:]
         x = getattr(kd.sampling, FUNCTIONS[sampler])(guided, x, sigmas, disable=True, **kw)
         if hires is not None:
-            x = a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, *hires)
+            x = a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, *hires, variation=variation)
         image = vae.decode(x / scaling).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
 def a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, scale, mode, antialias, hr_steps,
-                     strength):  # noqa: F811
+                     strength, variation=None):  # noqa: F811
     """A1111's sample_hr_pass with a latent upscaler: interpolate the latents to int(scale * side) // 8,
     a fresh generator of the seed (its first draw the noise, then the step noise), img2img with the
     same sampler and schedule type for hr_steps (0: steps), t_enc = int(min(strength, 0.999) n)."""
@@ -120,8 +147,7 @@ def a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, scale, 
     x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, antialias=antialias)
     n = hr_steps or steps
     sigmas = torch.from_numpy(a1111_sampler_sigmas(kd, sampler, schedule_type, n).astype(np.float32))
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(x.shape, generator=g)
+    noise, g = a1111_first_noise(x.shape, seed, variation)
     t_enc = int(min(strength, 0.999) * n)
     xi = x + noise * sigmas[n - t_enc - 1]
     kw = {}
@@ -132,11 +158,13 @@ def a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, scale, 
     return getattr(kd.sampling, FUNCTIONS[sampler])(guided, xi, sigmas[n - t_enc - 1:], disable=True, **kw)
 
 
-def npsd_run(models, sampler, schedule_type, seed, steps, strength=None, hires=None):  # noqa: F811
+def npsd_run(models, sampler, schedule_type, seed, steps, strength=None, hires=None, variation=None):  # noqa: F811
     pipe = npsd_pipe(models)
     kw = dict(negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
               seed=seed, rng="torch", sampler=sampler, schedule_type=schedule_type, output_type="np",
               sde_noise="brownian" if sampler in BROWNIAN else "generator")
+    if variation is not None:
+        kw.update(variation_seed=variation[0], variation_strength=variation[1], eta_noise_seed_delta=variation[2])
     if hires is not None:
         kw["hires"] = hires
     if strength is None:
@@ -235,8 +263,8 @@ def test_hires_fix_with_the_first_pass_generator_fails(kd, models, monkeypatch):
     fresh = pipeline.make_rng
     kept = []
 
-    def make_rng(name, seed):                      # the second call returns the first call's generator
-        kept.append(kept[0] if kept else fresh(name, seed))
+    def make_rng(name, seed, variation=None):      # the second call returns the first call's generator
+        kept.append(kept[0] if kept else fresh(name, seed, variation))
         return kept[-1]
 
     monkeypatch.setattr(pipeline, "make_rng", make_rng)
@@ -261,3 +289,26 @@ def test_the_saved_image_is_a1111s_8_bits(kd, models):  # noqa: F811
     assert off.max() <= 1 and (off > 0).mean() <= 0.01
     rounded = (ref * 255).round().astype(int)
     assert (rounded != saved).mean() > 0.3
+
+
+@pytest.mark.parametrize("sampler, schedule_type, strength, variation, hires", [
+    ("euler_a", "automatic", None, (77, 0.3, 0), None),          # a variation seed
+    ("euler_a", "automatic", None, (None, 0.0, 31337), None),     # ENSD: the ancestral noise from seed + 31337
+    ("dpmpp_2m", "karras", None, (78, 1.0, 0), None),             # strength 1: the variation seed's noise
+    ("dpmpp_2s_a", "automatic", 0.7, (79, 0.5, 4), None),         # img2img, both
+    ("euler_a", "automatic", None, (80, 0.2, 9), Hires(2.0, "latent", 3, 0.6)),   # the hires pass's too
+    ("euler_a", "automatic", None, (21, 0.3, 0), None),           # the variation seed is the seed: no angle
+])
+def test_variation_seed_and_ensd_equal_a1111s(kd, models, sampler, schedule_type, strength, variation, hires):  # noqa: F811
+    """A1111's seed options (ImageRNG.first and its slerp, the ENSD generators), written above as A1111
+    writes them, against npsd's variation_seed, variation_strength and eta_noise_seed_delta. Without
+    them the same run is far (asserted), so the options are what is compared."""
+    vseed = 21 if variation[0] is None else variation[0]
+    spec = None if hires is None else (hires.scale, "bilinear", False, hires.steps, hires.strength)
+    ref = a1111_run(kd, models, sampler, schedule_type, 21, 6, strength, hires=spec, variation=(vseed, *variation[1:]))
+    ours = npsd_run(models, sampler, schedule_type, 21, 6, strength, hires=hires, variation=variation)
+    what = f"{sampler} {schedule_type} strength {strength} variation {variation} hires {hires is not None}"
+    print(assert_close(ours, ref, TOL_IMAGE, f"{what} vs A1111"))
+    plain = npsd_run(models, sampler, schedule_type, 21, 6, strength, hires=hires)
+    if variation[0] != 21:                  # (mixing the seed's noise with itself changes nothing)
+        assert np.abs(plain - ref).max() > 1e3 * TOL_IMAGE

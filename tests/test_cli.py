@@ -188,7 +188,7 @@ def test_from_png_of_a_decompression_bomb_is_one_line(tmp_path, capsys):
 
 
 def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, capsys):
-    """A1111 writes hires fix's resize and second sampler, variation seeds, ENSD, face restoration, its schedules' own sigma range,
+    """A1111 writes hires fix's resize and second sampler, seed resizing, face restoration, its schedules' own sigma range,
     rho and Beta parameters and its extensions' settings only when they are in use, and each changes
     its image: a re-make names them in one warning (they were ignored without a word); npsd's own
     PNGs, A1111's defaults ("Schedule type: Automatic", "Emphasis: Original") and what npsd applies
@@ -198,8 +198,8 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
     cases = {", Hires resize: 32x32, Hires upscaler: Latent, Denoising strength: 0.7": "Hires resize: 32x32",
              ", Hires upscale: 2, Hires upscaler: Latent, Hires sampler: Euler, Denoising strength: 0.7":
              "Hires sampler: Euler",
-             ", Variation seed: 9, Variation seed strength: 0.3": "Variation seed: 9, Variation seed strength: 0.3",
-             ", ENSD: 31337": "ENSD: 31337",
+             ", Seed resize from: 32x32": "Seed resize from: 32x32",
+             ", Variation seed: 9, Variation seed strength: 0.3, ENSD: 31337": None,
              ", Schedule type: SGM Uniform, Emphasis: No norm": "Emphasis: No norm",
              ", Schedule rho: 5, Discard penultimate sigma: True": "Schedule rho: 5, Discard penultimate sigma: True",
              ", Schedule type: Beta, Beta schedule alpha: 0.6, Beta schedule beta: 0.8": "Beta schedule beta: 0.8",
@@ -220,6 +220,30 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
     rc, _, err = run(["txt2img", "--from-png", own, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
     assert rc == 0 and err == "", err
 
+
+
+def test_variation_seed_and_ensd(model, tmp_path, capsys):
+    """--variation-seed, --variation-strength and --ensd are the pipeline's A1111 seed options: the
+    PNG states them as A1111 does, --from-png remakes the file, and without them the image differs."""
+    from npsd import load
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 4, "--sampler", "euler_a", "--schedule-type", "automatic", "--rng", "torch",
+        "--variation-seed", 9, "--variation-strength", 0.3, "--ensd", 31337, "--steps", 3)
+    f = params_of(a)["fields"]
+    assert (f["Variation seed"], f["Variation seed strength"], f["ENSD"]) == ("9", "0.3", "31337")
+    pipe = load(model)
+    kw = dict(seed=4, sampler="euler_a", schedule_type="automatic", rng="torch", num_inference_steps=3, height=16, width=16)
+    ref = pipe.txt2img(PROMPT, variation_seed=9, variation_strength=0.3, eta_noise_seed_delta=31337, **kw)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(ref))
+    plain = pipe.txt2img(PROMPT, **kw)
+    assert not np.array_equal(np.asarray(plain), np.asarray(ref))
+    b = tmp_path / "b.png"
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", b, "--quiet"], capsys)
+    assert rc == 0 and err == "", err
+    assert b.read_bytes() == a.read_bytes()
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "c.png", "--variation-strength", 0.5,
+                      "--quiet"], capsys)
+    assert rc == 2 and "variation_seed" in err and err.count("\n") == 1, err
 
 
 def test_schedule_type_option_and_its_png_field(model, tmp_path, capsys):

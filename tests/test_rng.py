@@ -159,3 +159,27 @@ def test_a_list_of_seeds_is_checked_before_any_step():
     one = pipe.txt2img("a red circle", seed=[9], num_inference_steps=2, rng="torch", output_type="np")
     assert np.array_equal(one, pipe.txt2img("a red circle", seed=9, num_inference_steps=2, rng="torch",
                                             output_type="np"))
+
+
+def test_variation_seeds_per_image_and_their_checks():
+    """A1111's seed options (npsd.rng.Variation): image b of a list of seeds has the variation seed
+    + b, so it is the image made alone from seed b and variation seed + b; after the first draw ENSD's
+    generator gives the rest. Bad values are one line each, before any step."""
+    import npsd
+    from npsd.errors import InputError
+    many = make_rng("torch", (3, 4), (10, 0.4, 5))
+    one = make_rng("torch", 4, (11, 0.4, 5))
+    assert np.array_equal(many.standard_normal((2, 4, 8, 8))[1:], one.standard_normal((1, 4, 8, 8)))
+    later = one.standard_normal((1, 4, 8, 8))
+    assert np.array_equal(later, TorchGenerator(4 + 5).standard_normal((1, 4, 8, 8)))
+    pipe = npsd.load()
+
+    def refuse(*step):
+        raise AssertionError("a step ran")
+
+    for kw, message in (({"variation_strength": 0.5}, "variation_strength needs a variation_seed"),
+                        ({"variation_seed": 3, "variation_strength": 1.5}, "variation_strength must be a number in"),
+                        ({"variation_seed": -3, "variation_strength": 0.5}, "variation_seed must be a whole number"),
+                        ({"eta_noise_seed_delta": 2**64 - 5}, "eta_noise_seed_delta must be a whole number")):
+        with pytest.raises(InputError, match=message):
+            pipe.txt2img("a red circle", seed=9, num_inference_steps=2, callback=refuse, **kw)

@@ -311,6 +311,20 @@ def test_a1111_inpainting_with_a_kdiffusion_sampler(client, pipe, picture, mask)
     assert "Inpaint area: Only masked" in info and "Masked area padding: 4" in info and "Size: 32x32" in info
 
 
+def test_variation_seeds_and_ensd(client, pipe):
+    """subseed and subseed_strength are A1111's variation seed (image k of a request: subseed + k), the
+    option eta_noise_seed_delta its ENSD: the pipeline's seed options, stated in the infotext and info."""
+    fields = {"seed": 30, "subseed": 50, "subseed_strength": 0.4, "sampler_name": "Euler a", "batch_size": 2,
+              "override_settings": {"eta_noise_seed_delta": 7, "randn_source": "CPU"}}
+    body = txt2img(client, **fields)
+    info = json.loads(body["info"])
+    assert (info["all_subseeds"], info["subseed_strength"]) == ([50, 51], 0.4)
+    assert "Variation seed: 51, Variation seed strength: 0.4" in info["infotexts"][1] and "ENSD: 7" in info["infotexts"][1]
+    ref = pipe.txt2img(PROMPT, num_inference_steps=3, seed=31, sampler="euler_a", schedule_type="automatic",
+                       rng="torch", variation_seed=51, variation_strength=0.4, eta_noise_seed_delta=7)
+    assert np.array_equal(pixels(decode(body["images"][1])), pixels(ref))
+
+
 # --- refusals: one line, naming the field ---------------------------------------------------------
 
 @pytest.mark.parametrize("fields, names", [
@@ -364,9 +378,9 @@ def test_unsupported_fields_are_named(client, picture, mask):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "firstphase_width": 256, "tiling": True,
                                                "alwayson_scripts": {"ControlNet": {"args": []}},
                                                "refiner_checkpoint": "sdxl_refiner", "restore_faces": True,
-                                               "styles": ["cinematic"], "subseed_strength": 0.3})
+                                               "styles": ["cinematic"], "seed_resize_from_h": 32})
     assert_one_line_422(r, "firstphase_width", "tiling", "alwayson_scripts", "refiner_checkpoint", "restore_faces",
-                        "styles", "subseed_strength")
+                        "styles", "seed_resize_from_h")
     assert_one_line_422(client.post("/sdapi/v1/txt2img", json={"script_name": "x/y/z plot"}), "script_name")
     # at their "off" values, as clients send them by default, they are accepted
     defaults = {"enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.7,

@@ -4,12 +4,12 @@ A request of /sdapi/v1/txt2img or /sdapi/v1/img2img is a JSON object of A1111's 
 (modules/processing.py's StableDiffusionProcessing* classes, modules/api/models.py). Every field
 falls in one of four groups:
 
-- USED: what npsd does (prompt, negative_prompt, seed, sampler_name, scheduler, steps, cfg_scale,
-  width, height, batch_size, n_iter, eta, override_settings, send_images; img2img: init_images,
-  denoising_strength, mask, mask_blur, inpainting_mask_invert, ...);
-- INERT: A1111's bookkeeping, which changes no pixel npsd computes (do_not_save_samples, subseed
-  while subseed_strength is 0, the hr_* fields while enable_hr is false, ...): accepted, ignored;
-- OFF: features npsd lacks (refiner, scripts, face restoration, tiling, styles, variation seeds, the
+- USED: what npsd does (prompt, negative_prompt, seed, subseed, subseed_strength, sampler_name,
+  scheduler, steps, cfg_scale, width, height, batch_size, n_iter, eta, override_settings,
+  send_images; img2img: init_images, denoising_strength, mask, mask_blur, inpainting_mask_invert, ...);
+- INERT: A1111's bookkeeping, which changes no pixel npsd computes (do_not_save_samples, the hr_*
+  fields while enable_hr is false, ...): accepted, ignored;
+- OFF: features npsd lacks (refiner, scripts, face restoration, tiling, styles, seed resizing, the
   hires fix's resize, second sampler, prompt and checkpoint, ...): accepted at their "off" value (what
   clients such as webuiapi send by default), else refused with 422 naming them;
 - anything else is unknown: refused with 422 (a misspelt field would otherwise be silently dropped).
@@ -56,13 +56,13 @@ from ..schedulers import KDIFFUSION_SAMPLERS
 
 # --- the fields ---------------------------------------------------------------------------------
 
-USED = {"prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
+USED = {"prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
         "steps", "cfg_scale", "width", "height", "eta", "override_settings", "override_settings_restore_afterwards",
         "send_images", "save_images", "npsd_attention_maps"}
 USED_IMG2IMG = {"init_images", "denoising_strength", "mask", "mask_blur", "mask_blur_x", "mask_blur_y",
                 "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode",
                 "initial_noise_multiplier", "include_init_images"}
-INERT = {"subseed", "do_not_save_samples", "do_not_save_grid", "comments", "force_task_id", "s_tmin", "s_tmax",
+INERT = {"do_not_save_samples", "do_not_save_grid", "comments", "force_task_id", "s_tmin", "s_tmax",
          "refiner_switch_at", "token_merging_ratio", "token_merging_ratio_hr", "user"}
 USED_TXT2IMG = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength"}
 # the hires fix's fields npsd lacks, refused when enable_hr is true (ignored, as by A1111, when false)
@@ -84,7 +84,6 @@ OFF = {
     "restore_faces": ((False,), "npsd has no face restoration"),
     "tiling": ((False,), "npsd has no tiling (seamless) mode"),
     "styles": (([],), "npsd has no saved prompt styles; write them into the prompt"),
-    "subseed_strength": ((0,), "npsd has no variation seeds"),
     "seed_resize_from_h": ((0, -1), "npsd has no seed resizing"),
     "seed_resize_from_w": ((0, -1), "npsd has no seed resizing"),
     "s_churn": ((0,), "npsd's samplers have no churn"),
@@ -106,7 +105,7 @@ MAX_IMAGES = 100                                    # batch_size * n_iter of one
 
 # the options npsd has (GET/POST /sdapi/v1/options, override_settings) and their defaults
 OPTION_DEFAULTS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1, "randn_source": "numpy",
-                   "eta_ddim": 0.0}
+                   "eta_ddim": 0.0, "eta_noise_seed_delta": 0}
 READ_ONLY_OPTIONS = ("sd_checkpoint_hash",)
 RANDN_SOURCES = {"numpy": "numpy", "CPU": "torch"}   # randn_source -> the pipeline's rng
 
@@ -255,6 +254,8 @@ def check_options(options, where="options"):
         _int(checked, "CLIP_stop_at_last_layers", lo=1, hi=12)
     if "eta_ddim" in checked:
         _float(checked, "eta_ddim", lo=0.0, hi=1.0)
+    if "eta_noise_seed_delta" in checked:
+        _int(checked, "eta_noise_seed_delta", lo=0, hi=2**32 - 1)
     source = checked.get("randn_source")
     if source is not None and source not in RANDN_SOURCES:
         raise InputError(f"{where}: randn_source {source!r} is not one npsd reproduces; use 'CPU' (torch's CPU "
@@ -317,6 +318,8 @@ def read_request(kind, body, limits=None):
     seed = _int(body, "seed", -1, lo=-1, hi=SEED_LIMIT - 1)
     if seed >= 0 and seed + batch_size * n_iter - batch_size >= SEED_LIMIT:
         raise InputError(f"seed {seed} + {n_iter - 1} iterations of {batch_size} passes 2**64 - 1; use a smaller seed")
+    subseed = _int(body, "subseed", -1, lo=-1, hi=SEED_LIMIT - MAX_IMAGES)
+    variation_strength = _float(body, "subseed_strength", 0.0, lo=0.0, hi=1.0)
     eta = _float(body, "eta", lo=0.0, hi=1.0)
     check_eta(sampler, eta)
     settings = {"prompt": prompt, "negative_prompt": negative,
@@ -325,7 +328,8 @@ def read_request(kind, body, limits=None):
                 "width": _int(body, "width", lo=8), "num_images": batch_size, "strength": None, "eta": eta,
                 "karras": False, "schedule_type": schedule_type, "timestep_spacing": None, "clip_skip": None, "long_prompt": "chunk",
                 "mask_blur": 0, "masked_content": "original", "inpaint_area": "whole picture",
-                "masked_area_padding": 32, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
+                "masked_area_padding": 32, "variation_seed": subseed if variation_strength else None,
+                "variation_strength": variation_strength, "eta_noise_seed_delta": 0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
                 # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)
                 "sde_noise": "brownian" if sampler in A1111_BROWNIAN else "generator",
@@ -464,14 +468,16 @@ def png_info_response(data, limits=None):
 # --- responses ------------------------------------------------------------------------------------
 
 def info_json(plan, settings, seeds, infotexts, model_name, model_hash, clip_skip, inpainting_unet=False,
-              job_timestamp=None):
-    """The response's "info": a JSON string with the fields of A1111's Processed.js()."""
+              job_timestamp=None, subseeds=None):
+    """The response's "info": a JSON string with the fields of A1111's Processed.js(); subseeds: the
+    images' variation seeds, when they have them."""
     n = len(infotexts)
     return json.dumps({
         "prompt": settings["prompt"], "all_prompts": [settings["prompt"]] * n,
         "negative_prompt": settings["negative_prompt"], "all_negative_prompts": [settings["negative_prompt"]] * n,
         "seed": seeds[0] if seeds else settings["seed"], "all_seeds": seeds,
-        "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
+        "subseed": subseeds[0] if subseeds else -1, "all_subseeds": subseeds or [-1] * n,
+        "subseed_strength": settings["variation_strength"],
         "width": settings["width"], "height": settings["height"],
         "sampler_name": A1111_SAMPLERS[settings["sampler"]], "cfg_scale": settings["guidance_scale"],
         "steps": settings["steps"], "batch_size": settings["num_images"],
@@ -493,6 +499,8 @@ def reload_settings(plan, settings, model_title, pos):
               "sampler_name": A1111_SAMPLERS[settings["sampler"]],
               "scheduler": scheduler_label(settings), "batch_size": settings["num_images"],
               "batch_pos": pos, "sd_model_checkpoint": model_title}
+    if settings["variation_strength"]:
+        fields.update(subseed=settings["variation_seed"], subseed_strength=settings["variation_strength"])
     if plan.mode != "txt2img":
         fields["denoising_strength"] = settings["strength"]
     elif settings.get("hires_scale"):

@@ -363,8 +363,10 @@ class Server:
         images, texts, seeds, networks, stopped = [], [], [], None, None
         for k in range(count):
             # A1111 gives image k of a request (over batch_size and n_iter) its own generators from
-            # seed + k: the image npsd makes alone from that seed
+            # seed + k (and variation seed + k): the image npsd makes alone from those seeds
             call = dict(settings, seed=settings["seed"] + k, num_images=1)
+            if settings["variation_seed"] is not None:
+                call["variation_seed"] = settings["variation_seed"] + k
             job.start_iteration(k)
             try:
                 out = generation.pipeline_call(pipe, plan.mode, call, plan.image, plan.mask, job.on_step,
@@ -386,9 +388,11 @@ class Server:
             if stopped:
                 break
         inpainting_unet = plan.mode == "inpaint" and pipe.unet_in_channels == 2 * pipe.latent_channels + 1
+        subseeds = None if settings["variation_seed"] is None else [settings["variation_seed"] + k
+                                                                    for k in range(len(seeds))]
         info = a1111.info_json(plan, settings, seeds, texts, self.loaded["model_name"],
                                self.models.short_hash(self.loaded), settings["clip_skip"] + 1, inpainting_unet,
-                               job.started)
+                               job.started, subseeds)
         response = {"images": [a1111.encode_png(img, text) for img, text in zip(images, texts)]
                     if plan.send_images else [],
                     "parameters": plan.received, "info": info,
@@ -424,6 +428,9 @@ class Server:
             settings["height"], settings["width"] = settings["height"] or h, settings["width"] or w
         if settings["seed"] == -1:
             settings["seed"] = secrets.randbelow(2**32 - settings["num_images"] * plan.n_iter + 1)
+        if settings["variation_seed"] == -1:                    # subseed -1 with a strength: a random one
+            settings["variation_seed"] = secrets.randbelow(2**32 - settings["num_images"] * plan.n_iter + 1)
+        settings["eta_noise_seed_delta"] = options["eta_noise_seed_delta"]
         if plan.attention_maps and prompt_syntax_used(settings["prompt"], settings["steps"]):
             raise InputError("npsd_attention_maps needs a prompt without A1111 syntax (its words are mapped token "
                              "by token); remove the brackets")
