@@ -32,11 +32,15 @@ from PIL import Image, ImageFilter, ImageOps
 from .errors import InputError, is_whole
 
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")    # A1111's inpainting_fill 0..3
+MAX_BLUR = 256             # sigma; the blur's cost grows with it (5 sigma taps), and by then the mask is flat
 INPAINT_AREAS = ("whole picture", "only masked")                           # A1111's inpaint_full_res False, True
 
 
-def check(masked_content, inpaint_area, padding):
-    """The A1111-only arguments of inpaint, checked."""
+def check(masked_content, inpaint_area, padding, blur):
+    """The A1111-only arguments of inpaint, checked (blur: mask_blur, already a whole number >= 0)."""
+    if blur > MAX_BLUR:
+        raise InputError(f"mask_blur {blur} is more than A1111's inpainting blurs here ({MAX_BLUR}); give at most "
+                         f"{MAX_BLUR}")
     if masked_content not in MASKED_CONTENT:
         raise InputError(f"masked_content must be one of {', '.join(repr(m) for m in MASKED_CONTENT)}, "
                          f"got {masked_content!r}")

@@ -449,7 +449,7 @@ class Pipeline:
             raise NpsdError(f"a UNet with {self.unet_in_channels} input channels is neither an ordinary "
                             f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) model")
         a1111 = schedule_type is not None                                          # A1111's inpainting
-        a1111_inpaint.check(masked_content, inpaint_area, masked_area_padding)
+        a1111_inpaint.check(masked_content, inpaint_area, masked_area_padding, mask_blur if a1111 else 0)
         if not a1111 and (masked_content, inpaint_area) != ("original", "whole picture"):
             raise InputError(f"masked_content={masked_content!r} and inpaint_area={inpaint_area!r} are A1111's "
                              f"inpainting: give a schedule_type (e.g. 'automatic'), or leave them at their defaults")

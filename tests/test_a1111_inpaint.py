@@ -372,3 +372,27 @@ def test_each_step_of_a1111s_inpainting_is_needed(kd, models, monkeypatch):  # n
     off = (image != saved).mean()
     print(f"a gray mask made black and white: {off:.0%} of the values off (tolerance 1%)")
     assert off > 0.05
+
+
+def test_bad_arguments_are_one_line_before_any_step():
+    """A1111's inpainting arguments are checked before anything runs, each with a one-line error."""
+    import npsd
+    from npsd.errors import InputError
+    pipe = npsd.load()
+    image, black = Image.new("RGB", (64, 64), "gray"), Image.new("L", (64, 64), 0)
+    white = Image.new("L", (64, 64), 255)
+
+    def refuse(*step):
+        raise AssertionError("a step ran")
+
+    a1111 = dict(sampler="euler_a", schedule_type="automatic")
+    for kw, mask, message in (
+            (dict(masked_content="latent"), white, "masked_content must be one of 'fill', 'original'"),
+            (dict(inpaint_area="only_masked"), white, "inpaint_area must be one of 'whole picture', 'only masked'"),
+            (dict(masked_area_padding=-1), white, "masked_area_padding must be a whole number"),
+            (dict(mask_blur=257), white, "mask_blur 257 is more than"),
+            (dict(inpaint_area="only masked"), black, "the mask is all black"),
+            (dict(masked_content="fill", schedule_type=None), white, "are A1111's inpainting: give a schedule_type")):
+        with pytest.raises(InputError, match=message) as e:
+            pipe.inpaint("a red circle", image, mask, num_inference_steps=2, callback=refuse, **{**a1111, **kw})
+        assert "\n" not in str(e.value)
