@@ -8,7 +8,7 @@ picture") and modules/sd_samplers_cfg_denoiser.py do it:
    rounded to 8 bits (`blur_mask`), and it is resized to the run's size with Lanczos: the soft mask
    m in [0, 255]. "Only masked" (inpaint_area) runs on a crop instead: the box around m's nonzero
    pixels, `masked_area_padding` pixels wider, grown to the run's ratio (`crop_region`), cut from the
-   image and the mask and scaled to the run's size (`resize_fill`).
+   image and the mask and scaled to the run's size ("resize and fill": npsd.images.resize_to).
 2. The latent mask: m resized to the latents' size with PIL's bicubic filter, / 255, rounded to 0
    or 1: 1 repaints (A1111's nmask), 0 keeps (its mask).
 3. The masked region's start ("Masked content", `MASKED_CONTENT`): the image itself ("original"),
@@ -20,7 +20,7 @@ picture") and modules/sd_samplers_cfg_denoiser.py do it:
 5. The decoded image is made 8-bit by truncation (floor(255 x), as A1111 saves), and the input
    image is pasted back over it with the opacity 255 - min(2 m, 255) (`paste_back`): the kept region
    stays the input's pixels exactly, the blurred edge fades between the two. "Only masked" scales
-   the result back into its box of the whole image first (`resize_crop`), with the opacity 255 - m.
+   the result back into its box of the whole image first ("crop and resize"), with the opacity 255 - m.
 
 A 9-channel inpainting UNet reads round(m / 255) at every 8th pixel and the latents of the image
 with the repainted region zeroed, and gets steps 4 and 5 as well.
@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from .errors import InputError, is_whole
+from .images import resize_to
 
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")    # A1111's inpainting_fill 0..3
 MAX_BLUR = 256             # sigma; the blur's cost grows with it (5 sigma taps), and by then the mask is flat
@@ -50,22 +51,22 @@ def check(masked_content, inpaint_area, padding, blur):
         raise InputError(f"masked_area_padding must be a whole number of pixels >= 0, got {padding!r}")
 
 
-def prepare(image, mask_img, blur, inpaint_area, padding, height, width):
+def prepare(image, mask_img, blur, inpaint_area, padding, height, width, resize_mode="just resize"):
     """Step 1 and, "only masked", A1111's crop -> (image, m, paste): the image (RGB PIL) and its soft
     mask m (uint8) at height x width, to run on, and paste(uint8 [B, height, width, 3]) -> uint8
     [B, H', W', 3], step 5's paste-back. image: at height x width for "whole picture", at its own
     size for "only masked": the box around the mask (crop_region) is cut out and scaled to height x
-    width (resize_fill), and paste puts the result back into the whole image."""
+    width ("resize and fill"), and paste puts the result back into the whole image."""
     m = soft_mask(mask_img, blur)
-    if inpaint_area == "whole picture":
-        m = resize(m, height, width)
+    if inpaint_area == "whole picture":                     # (the image is already at height x width)
+        m = _resized(m, height, width, resize_mode)
         return image, m, lambda out: np.stack([paste_back(o, image, m) for o in out])
-    m = resize(m, image.height, image.width)
+    m = _resized(m, image.height, image.width, "just resize")
     box = crop_region(m, padding, height, width)
     if box is None:
         raise InputError("the mask is all black: 'only masked' has no region to repaint; paint the region white")
-    crop = resize_fill(image.crop(box), width, height)
-    crop_m = np.asarray(resize_fill(Image.fromarray(m).crop(box), width, height).convert("L"))
+    crop = resize_to(image.crop(box), width, height, "resize and fill")
+    crop_m = np.asarray(resize_to(Image.fromarray(m).crop(box), width, height, "resize and fill"))
     return crop, crop_m, lambda out: np.stack([paste_back(o, image, m, box) for o in out])
 
 
@@ -120,9 +121,9 @@ def soft_mask(mask_img, blur):
     return blur_mask(m, blur) if blur > 0 else m
 
 
-def resize(m, height, width):
-    """A mask m (uint8 [H, W]) at another size: PIL's Lanczos filter, as A1111 resizes it."""
-    return m if m.shape == (height, width) else np.asarray(Image.fromarray(m).resize((width, height), Image.LANCZOS))
+def _resized(m, height, width, mode):
+    """A mask m (uint8 [H, W]) at height x width, resized in A1111's way (npsd.images.resize_to)."""
+    return m if m.shape == (height, width) else np.asarray(resize_to(Image.fromarray(m), width, height, mode))
 
 
 def crop_region(m, padding, height, width):
@@ -153,42 +154,6 @@ def _widen(a, b, more, size):
     return a, min(b, size)
 
 
-def resize_fill(im, width, height):
-    """A1111's "Resize and fill" (resize_image mode 2): the PIL image scaled with Lanczos to fit inside
-    width x height, centred, the bands left over filled by stretching its edge rows or columns -> RGB."""
-    w, h = _fitted(im, width, height, inside=True)
-    small = im.resize((w, h), Image.LANCZOS)
-    out = Image.new("RGB", (width, height))
-    out.paste(small, box=(width // 2 - w // 2, height // 2 - h // 2))
-    band = height // 2 - h // 2
-    if width / height < im.width / im.height and band > 0:           # bands above and below
-        out.paste(small.resize((width, band), box=(0, 0, width, 0)), box=(0, 0))
-        out.paste(small.resize((width, band), box=(0, h, width, h)), box=(0, band + h))
-    band = width // 2 - w // 2
-    if width / height > im.width / im.height and band > 0:           # bands left and right
-        out.paste(small.resize((band, height), box=(0, 0, 0, height)), box=(0, 0))
-        out.paste(small.resize((band, height), box=(w, 0, w, height)), box=(band + w, 0))
-    return out
-
-
-def resize_crop(im, width, height):
-    """A1111's "Crop and resize" (resize_image mode 1): scaled with Lanczos to cover width x height,
-    centred, the overhang cut off -> RGB."""
-    w, h = _fitted(im, width, height, inside=False)
-    out = Image.new("RGB", (width, height))
-    out.paste(im.resize((w, h), Image.LANCZOS), box=(width // 2 - w // 2, height // 2 - h // 2))
-    return out
-
-
-def _fitted(im, width, height, inside):
-    """The size of im scaled to width or height (the other side by its ratio, rounded down): the one
-    that fits inside width x height, or (not inside) the one that covers it."""
-    ratio, own = width / height, im.width / im.height
-    if (ratio < own) if inside else (ratio > own):
-        return width, im.height * width // im.width
-    return im.width * height // im.height, height
-
-
 def latent_mask(m, height, width):
     """m -> float32 [1, 1, height, width]: 1 repaints, 0 keeps (PIL's bicubic resize, rounded)."""
     small = np.asarray(Image.fromarray(m).resize((width, height), Image.BICUBIC), dtype=np.float32) / 255
@@ -211,7 +176,7 @@ def fill(image, m):
 def paste_back(generated, image, m, box=None):
     """A1111's apply_overlay: the input image (RGB PIL) over the generated one (uint8 [h, w, 3]) with
     the opacity 255 - min(2 m, 255), in PIL's premultiplied 8-bit arithmetic -> uint8 [H, W, 3].
-    box ("only masked"): the generated crop is first scaled into it (resize_crop) on a transparent
+    box ("only masked"): the generated crop is first scaled into it ("crop and resize") on a transparent
     picture of the image's size, and the opacity is 255 - m (m of the image's size)."""
     edge = m.astype(np.int64) if box is not None else np.minimum(2 * m.astype(np.int64), 255)
     overlay = Image.new("RGBa", image.size)
@@ -221,6 +186,6 @@ def paste_back(generated, image, m, box=None):
     else:
         x1, y1, x2, y2 = box
         out = Image.new("RGBA", image.size)
-        out.paste(resize_crop(Image.fromarray(generated), x2 - x1, y2 - y1), (x1, y1))
+        out.paste(resize_to(Image.fromarray(generated), x2 - x1, y2 - y1, "crop and resize"), (x1, y1))
     out.alpha_composite(overlay.convert("RGBA"))
     return np.asarray(out.convert("RGB"))

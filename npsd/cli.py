@@ -54,7 +54,7 @@ from .generation import (file_hash, model_defaults, model_file, network_hashes, 
                          png_size, step_range, to_images)                                         # (also cli's API)
 from .hires import STRENGTH as HIRES_STRENGTH, UPSCALERS
 from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
-from .images import filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
+from .images import RESIZE_MODES, filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
 from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, short_hash
 from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
 from .pipeline import DECODERS
@@ -224,6 +224,9 @@ def _generation_options(p, mode):
           help="the second pass's steps (default 0: as --steps)")
         a("--hires-strength", metavar="S", type=_float_in(0.0, 1.0, what="strength"),
           help="how much the second pass redraws, A1111's denoising strength (default 0.7)")
+    if mode != "txt2img":
+        a("--resize-mode", choices=RESIZE_MODES,
+          help="how an image of another shape is brought to --height x --width (default: just resize)")
     if mode == "inpaint":
         a("--mask", metavar="FILE", help="mask image, white = repaint (required)")
         a("--mask-blur", metavar="PIXELS", type=_int_at_least(0, "pixels"),
@@ -374,14 +377,14 @@ def attach_networks(pipe, args, settings):
 
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "height", "width",
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
-            "mask_blur", "masked_content", "inpaint_area", "masked_area_padding", "variation_seed",
+            "resize_mode", "mask_blur", "masked_content", "inpaint_area", "masked_area_padding", "variation_seed",
             "variation_strength", "eta_noise_seed_delta", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
             "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
             "hires_steps", "hires_strength")
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "masked_content": "original",
-                   "inpaint_area": "whole picture", "masked_area_padding": 32, "variation_strength": 0.0,
+                   "inpaint_area": "whole picture", "masked_area_padding": 32, "resize_mode": "just resize", "variation_strength": 0.0,
                    "eta_noise_seed_delta": 0, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
                    "ti_names": [], "vae_decoder": "vae", "sde_noise": "generator", "hires_upscaler": "latent",
                    "hires_steps": 0}

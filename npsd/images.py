@@ -12,7 +12,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from .errors import InputError, UsageError
-from .pngmeta import png_info
 
 
 def from_array(a, what="image"):
@@ -86,12 +85,49 @@ def upright(img):
         return img
 
 
-def fit_size(img, height, width, what="image", resample=True):
-    """Resize to (width, height) when the size differs, with a note (a warning); resample=False: the
-    note only (the caller resizes later)."""
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")   # A1111's resize_mode 0, 1, 2
+
+
+def resize_to(img, width, height, mode="just resize"):
+    """A PIL image at width x height, with PIL's Lanczos filter, in one of A1111's resize modes
+    (modules/images.py, resize_image; diffusers' VaeImageProcessor.resize "default", "crop", "fill"):
+    "just resize" stretches it; "crop and resize" scales it to cover width x height, centred, and
+    cuts the overhang; "resize and fill" scales it to fit inside, centred, and fills the bands left
+    over by stretching its edge rows or columns."""
+    if mode == "just resize":
+        return img.resize((width, height), Image.LANCZOS)
+    w, h = _fitted(img, width, height, inside=mode == "resize and fill")
+    small = img.resize((w, h), Image.LANCZOS)
+    out = Image.new(img.mode, (width, height))
+    out.paste(small, box=(width // 2 - w // 2, height // 2 - h // 2))
+    if mode == "crop and resize":
+        return out
+    band = height // 2 - h // 2
+    if width / height < img.width / img.height and band > 0:         # bands above and below
+        out.paste(small.resize((width, band), box=(0, 0, width, 0)), box=(0, 0))
+        out.paste(small.resize((width, band), box=(0, h, width, h)), box=(0, band + h))
+    band = width // 2 - w // 2
+    if width / height > img.width / img.height and band > 0:         # bands left and right
+        out.paste(small.resize((band, height), box=(0, 0, 0, height)), box=(0, 0))
+        out.paste(small.resize((band, height), box=(w, 0, w, height)), box=(band + w, 0))
+    return out
+
+
+def _fitted(img, width, height, inside):
+    """The size of img scaled to width or height (the other side by its ratio, rounded down): the one
+    that fits inside width x height, or (not inside) the one that covers it."""
+    ratio, own = width / height, img.width / img.height
+    if (ratio < own) if inside else (ratio > own):
+        return width, img.height * width // img.width
+    return img.width * height // img.height, height
+
+
+def fit_size(img, height, width, what="image", resample=True, mode="just resize"):
+    """Resize to (width, height) when the size differs (resize_to's mode), with a note (a warning);
+    resample=False: the note only (the caller resizes later)."""
     if img.size != (width, height):
         warnings.warn(f"{what} of size {img.size[0]}x{img.size[1]} resized to {width}x{height}", stacklevel=3)
-        img = img.resize((width, height), Image.LANCZOS) if resample else img
+        img = resize_to(img, width, height, mode) if resample else img
     return img
 
 
@@ -145,6 +181,7 @@ def write_png_atomic(image, path, parameters, overwrite):
     """Save a PIL image as PNG with its "parameters" chunk (npsd/pngmeta.py), atomically (write_atomic)."""
     def write(tmp):
         with open(tmp, "wb") as f:
+            from .pngmeta import png_info               # (here: pngmeta imports what imports this module)
             image.save(f, format="PNG", pnginfo=png_info(parameters))
     write_atomic(path, write, overwrite)
 

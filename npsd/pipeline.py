@@ -34,7 +34,8 @@ from .config import generation_defaults, sd15_config, with_fallbacks
 from .errors import InputError, NpsdError, is_flag, is_number, is_whole
 from .guidance import check_rescale, guided_model, uses_guidance
 from .hires import Hires, upscale_latents
-from .images import default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil, to_uint8
+from .images import (RESIZE_MODES, default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil,
+                     to_uint8)
 from .previews import taesd_for, with_previews
 from .tokenizer import Tokenizer
 
@@ -365,13 +366,14 @@ class Pipeline:
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
                 rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
-                variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0):
+                variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize"):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
         image: a PIL image, a path, or a pixel array [H, W, 3] (uint8, or floats in [0, 1] such as
         output_type="np" returns; npsd.images.from_array); it is resized (with a warning) to height
-        x width, which default to its own size rounded down to multiples of 8. strength in (0, 1]: 1
+        x width, which default to its own size rounded down to multiples of 8, in resize_mode (A1111's:
+        "just resize", "crop and resize" or "resize and fill"; npsd.images.resize_to). strength in (0, 1]: 1
         starts from pure noise at the first step, small values keep more of the image. noise: the
         forward-process noise [B, C, h, w] (default drawn from the seed). sample_posterior: encode the
         image to a sample of the VAE posterior (True) or to its mean (False); None: a sample with
@@ -387,7 +389,7 @@ class Pipeline:
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta))
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
-        img = fit_size(img, settings["height"], settings["width"])
+        img = fit_size(img, settings["height"], settings["width"], mode=_check_resize_mode(resize_mode))
         if sample_posterior is None:        # (A1111 samples it from torch's unseeded global generator)
             sample_posterior = rng == "torch" and schedule_type is None
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
@@ -413,7 +415,7 @@ class Pipeline:
                 mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 masked_content="original", inpaint_area="whole picture", masked_area_padding=32,
-                variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0):
+                variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize"):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -424,8 +426,9 @@ class Pipeline:
         the step that strength selects. image and mask_image as img2img's image (a mask array may
         also be bool). latents (strength 1) / noise (strength < 1): the initial
         noise, as in txt2img / img2img. mask_blur: a Gaussian blur radius in pixels applied to the
-        mask; the blurred mask's soft values then weight the blending. sample_posterior, rng: as in
-        img2img; the other arguments (preview, decoder, ...) as in txt2img.
+        mask; the blurred mask's soft values then weight the blending. sample_posterior, rng,
+        resize_mode (for both images): as in img2img; the other arguments (preview, decoder, ...) as
+        in txt2img.
 
         With an A1111 schedule_type, A1111's inpainting instead (npsd/a1111_inpaint.py): the mask
         blurred as A1111 blurs it (mask_blur: OpenCV's Gaussian of that sigma), every denoised
@@ -454,22 +457,23 @@ class Pipeline:
             raise InputError(f"masked_content={masked_content!r} and inpaint_area={inpaint_area!r} are A1111's "
                              f"inpainting: give a schedule_type (e.g. 'automatic'), or leave them at their defaults")
         height, width, f = settings["height"], settings["width"], self.vae_factor
+        mode = _check_resize_mode(resize_mode)
         if a1111:                                                # A1111's mask (and crop): npsd/a1111_inpaint.py
             mask_img = open_image(mask_image, "mask", keep_alpha=True)
             if inpaint_area == "whole picture":
-                img = fit_size(img, height, width)
+                img = fit_size(img, height, width, mode=mode)
                 fit_size(mask_img, height, width, "mask", resample=False)        # (resized after its blur)
             img, soft, paste = a1111_inpaint.prepare(img, mask_img, mask_blur, inpaint_area, masked_area_padding,
-                                                     height, width)              # soft: uint8 [H, W]
+                                                     height, width, mode)        # soft: uint8 [H, W]
             pixels = to_array(img)                                                 # [1, 3, H, W]
             mask_px = np.around(soft / np.float32(255))[None, None]                # [1, 1, H, W], 1 = repaint
             repaint = a1111_inpaint.latent_mask(soft, height // f, width // f)     # [1, 1, h, w]
             if masked_content != "original":                                     # (A1111 fills for all three)
                 pixels = to_array(a1111_inpaint.fill(img, soft))
         else:
-            img = fit_size(img, height, width)
+            img = fit_size(img, height, width, mode=mode)
             pixels = to_array(img)                                                 # [1, 3, H, W]
-            mask_img = fit_size(open_image(mask_image, "mask"), height, width, "mask")
+            mask_img = fit_size(open_image(mask_image, "mask"), height, width, "mask", mode=mode)
             mask_px = mask_to_array(mask_img, mask_blur)                           # [1, 1, H, W], 1 = repaint
         mask = mask_px[:, :, ::f, ::f]                                             # [1, 1, h, w] (nearest)
         masked_pixels = pixels * (mask_px < 0.5)                                   # the kept region only
@@ -757,6 +761,12 @@ def _as_prompt_list(prompt, what):
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError(f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
     return list(prompts)
+
+
+def _check_resize_mode(mode):
+    if mode not in RESIZE_MODES:
+        raise InputError(f"resize_mode must be one of {', '.join(repr(m) for m in RESIZE_MODES)}, got {mode!r}")
+    return mode
 
 
 def _check_variation(variation_seed, strength, delta, seeds):

@@ -30,6 +30,7 @@ from PIL import Image, PngImagePlugin
 
 from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .errors import InputError, UsageError
+from .images import RESIZE_MODES
 from .hires import LABELS as UPSCALER_LABELS, UPSCALERS, upscaler_named
 from .version import __version__
 from .schedulers import (BETA_ALPHA, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES, SPACINGS,
@@ -196,6 +197,8 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Variation seed": settings.get("variation_seed") if settings.get("variation_strength") else None,
         "Variation seed strength": _num(settings["variation_strength"]) if settings.get("variation_strength") else None,
         "ENSD": settings.get("eta_noise_seed_delta") or None,
+        "Resize mode": settings["resize_mode"].capitalize() if mode != "txt2img" and settings.get("resize_mode")
+        not in (None, "just resize") else None,
         "Inpaint area": "Only masked" if mode == "inpaint" and settings.get("inpaint_area") == "only masked" else None,
         "Masked area padding": settings.get("masked_area_padding") if mode == "inpaint"
         and settings.get("inpaint_area") == "only masked" else None,
@@ -303,6 +306,11 @@ def settings_from_png(path, mode):
                              f"({', '.join(INPAINT_AREAS)}): give --inpaint-area")
         settings["inpaint_area"] = f["Inpaint area"].lower()
     settings["masked_area_padding"] = _convert(f, "Masked area padding", int, "a whole number")
+    if "Resize mode" in f:                                           # npsd's (A1111 does not write it)
+        if f["Resize mode"].lower() not in RESIZE_MODES:
+            raise InputError(f"the PNG's Resize mode {f['Resize mode']!r} is not one npsd has "
+                             f"({', '.join(RESIZE_MODES)}): give --resize-mode")
+        settings["resize_mode"] = f["Resize mode"].lower()
     settings["variation_seed"] = _convert(f, "Variation seed", int, "a whole number")
     settings["variation_strength"] = _convert(f, "Variation seed strength", float, "a number")
     settings["eta_noise_seed_delta"] = _convert(f, "ENSD", int, "a whole number")

@@ -396,3 +396,20 @@ def test_bad_arguments_are_one_line_before_any_step():
         with pytest.raises(InputError, match=message) as e:
             pipe.inpaint("a red circle", image, mask, num_inference_steps=2, callback=refuse, **{**a1111, **kw})
         assert "\n" not in str(e.value)
+
+
+def test_resize_modes_equal_a1111s_and_diffusers():
+    """npsd.images.resize_to against A1111's resize_image (above, as A1111 writes it) and diffusers'
+    VaeImageProcessor.resize ("default", "crop", "fill"), on 200 random sizes: equal pixels."""
+    from diffusers.image_processor import VaeImageProcessor
+    from npsd.images import resize_to
+    processor = VaeImageProcessor()
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        w, h, W, H = (int(v) for v in rng.integers(4, 90, 4))
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3)).astype(np.uint8))
+        for number, mode, theirs in ((0, "just resize", "default"), (1, "crop and resize", "crop"),
+                                     (2, "resize and fill", "fill")):
+            ours = np.asarray(resize_to(im, W, H, mode))
+            assert np.array_equal(ours, np.asarray(resize_image(number, im, W, H))), (trial, mode)
+            assert np.array_equal(ours, np.asarray(processor.resize(im, H, W, resize_mode=theirs))), (trial, mode)

@@ -222,6 +222,26 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
 
 
 
+def test_resize_modes(model, tmp_path, capsys):
+    """--resize-mode brings an image of another shape to --height x --width as the pipeline's
+    resize_mode (npsd.images.resize_to), states it in the PNG, and --from-png remakes the file."""
+    from npsd import load
+    from npsd.images import resize_to
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 32, 3)).astype(np.uint8)).save(image)
+    a = tmp_path / "a.png"
+    _, err = gen(capsys, model, a, "--image", image, "--seed", 4, "--resize-mode", "crop and resize", mode="img2img")
+    assert "image of size 32x16 resized to 16x16" in err
+    assert params_of(a)["fields"]["Resize mode"] == "Crop and resize"
+    ref = load(model).img2img(PROMPT, resize_to(Image.open(image), 16, 16, "crop and resize"), seed=4, height=16,
+                              width=16, num_inference_steps=2)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(ref))
+    b = tmp_path / "b.png"
+    rc, _, err = run(["img2img", "--from-png", a, "--image", image, "--model", model, "-o", b, "--quiet"], capsys)
+    assert rc == 0, err
+    assert b.read_bytes() == a.read_bytes()
+
+
 def test_variation_seed_and_ensd(model, tmp_path, capsys):
     """--variation-seed, --variation-strength and --ensd are the pipeline's A1111 seed options: the
     PNG states them as A1111 does, --from-png remakes the file, and without them the image differs."""

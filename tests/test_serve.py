@@ -325,6 +325,20 @@ def test_variation_seeds_and_ensd(client, pipe):
     assert np.array_equal(pixels(decode(body["images"][1])), pixels(ref))
 
 
+@pytest.mark.filterwarnings("ignore:image of size 64x64 resized")
+def test_img2img_resize_modes(client, pipe, picture):
+    """resize_mode 1 and 2 (crop and resize, resize and fill) bring a 64x64 picture to 64x32 as the
+    pipeline's resize_mode does."""
+    for number, mode in ((1, "crop and resize"), (2, "resize and fill")):
+        r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "init_images": [encode(picture)], "steps": 3,
+                                                   "seed": 4, "width": 64, "height": 32, "resize_mode": number})
+        assert r.status_code == 200, r.text
+        ref = pipe.img2img(PROMPT, picture, strength=0.8, num_inference_steps=3, seed=4, width=64, height=32,
+                           resize_mode=mode)
+        assert np.array_equal(pixels(decode(r.json()["images"][0])), pixels(ref))
+        assert f"Resize mode: {mode.capitalize()}" in json.loads(r.json()["info"])["infotexts"][0]
+
+
 # --- refusals: one line, naming the field ---------------------------------------------------------
 
 @pytest.mark.parametrize("fields, names", [
@@ -395,7 +409,7 @@ def test_unsupported_fields_are_named(client, picture, mask):
                                                                "inpaint_full_res": False}), "inpainting_fill")
     r = client.post("/sdapi/v1/img2img", json={**inpaint, "inpainting_fill": 1, "inpaint_full_res": True})
     assert_one_line_422(r, "inpaint_full_res")
-    assert_one_line_422(client.post("/sdapi/v1/img2img", json={**inpaint, "resize_mode": 1}), "resize_mode")
+    assert_one_line_422(client.post("/sdapi/v1/img2img", json={**inpaint, "resize_mode": 3}), "resize_mode")
     # without a mask the inpainting fields change nothing (A1111 ignores them too)
     r = client.post("/sdapi/v1/img2img", json={"init_images": [encode(picture)], "inpainting_fill": 0,
                                                "inpaint_full_res": True, "steps": 2})

@@ -52,6 +52,7 @@ from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, SCHEDULE_LABELS, SCH
                        parse_parameters, png_info, sampler_from_a1111, schedule_label)
 from ..rng import SEED_LIMIT
 from ..a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
+from ..images import RESIZE_MODES
 from ..schedulers import KDIFFUSION_SAMPLERS
 
 # --- the fields ---------------------------------------------------------------------------------
@@ -284,8 +285,9 @@ def _refuse_fields(kind, body):
         if body.get("inpainting_fill") not in (None, 0, 1, 2, 3):
             refused.append(("inpainting_fill", "A1111's masked content is 0 (fill), 1 (original), 2 (latent noise) "
                                                "or 3 (latent nothing)"))
-    if img2img and body.get("resize_mode") not in (None, 0):
-        refused.append(("resize_mode", "npsd resizes the input image to width x height (0, 'Just resize') only"))
+    if img2img and body.get("resize_mode") not in (None, 0, 1, 2):
+        refused.append(("resize_mode", "npsd resizes the input image by 0 (just resize), 1 (crop and resize) or 2 "
+                                       "(resize and fill), not by upscaling its latents (3)"))
     if img2img and body.get("initial_noise_multiplier") not in (None, 1, 1.0):
         refused.append(("initial_noise_multiplier", "npsd's noise is not scaled; send 1"))
     if refused:
@@ -328,7 +330,7 @@ def read_request(kind, body, limits=None):
                 "width": _int(body, "width", lo=8), "num_images": batch_size, "strength": None, "eta": eta,
                 "karras": False, "schedule_type": schedule_type, "timestep_spacing": None, "clip_skip": None, "long_prompt": "chunk",
                 "mask_blur": 0, "masked_content": "original", "inpaint_area": "whole picture",
-                "masked_area_padding": 32, "variation_seed": subseed if variation_strength else None,
+                "masked_area_padding": 32, "resize_mode": "just resize", "variation_seed": subseed if variation_strength else None,
                 "variation_strength": variation_strength, "eta_noise_seed_delta": 0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
                 # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)
@@ -377,6 +379,7 @@ def _read_img2img(body, plan, limits):
     include = _bool(body, "include_init_images", False)
     if not include:
         plan.received["init_images"] = None
+    plan.settings["resize_mode"] = RESIZE_MODES[_int(body, "resize_mode", 0, lo=0, hi=2)]
     if not body.get("mask"):
         plan.mode = "img2img"
         return
@@ -502,7 +505,7 @@ def reload_settings(plan, settings, model_title, pos):
     if settings["variation_strength"]:
         fields.update(subseed=settings["variation_seed"], subseed_strength=settings["variation_strength"])
     if plan.mode != "txt2img":
-        fields["denoising_strength"] = settings["strength"]
+        fields.update(denoising_strength=settings["strength"], resize_mode=RESIZE_MODES.index(settings["resize_mode"]))
     elif settings.get("hires_scale"):
         fields.update(enable_hr=True, hr_scale=settings["hires_scale"], hr_upscaler=UPSCALERS[settings["hires_upscaler"]][0],
                       hr_second_pass_steps=settings["hires_steps"], denoising_strength=settings["hires_strength"])
