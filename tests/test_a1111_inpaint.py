@@ -19,6 +19,11 @@ The mask blur alone (npsd's NumPy form of OpenCV's fixed-point Gaussian) equals 
 for bit on 400 masks and sigmas 1 to 64 (test_mask_blur_equals_opencv).
 """
 
+import importlib.util
+import io
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -31,7 +36,28 @@ from tests.test_a1111_pipeline import ANCESTRAL, FUNCTIONS, GUIDANCE, NEGATIVE, 
 from tests.test_kdiffusion import a1111_sampler_sigmas, kd  # noqa: F401 - the fixture
 from tests.test_pipelines import SCHED, SIZE, make_image, make_mask, models, npsd_pipe, reference  # noqa: F401
 
-cv2 = pytest.importorskip("cv2")
+if importlib.util.find_spec("cv2") is None:
+    pytest.skip("OpenCV (opencv-python-headless, the test extra) is needed", allow_module_level=True)
+
+
+def opencv_blur(masks):
+    """[(mask uint8 [H, W], sigma)] -> the masks blurred as A1111 calls cv2.GaussianBlur (across, then
+    down, 2 int(2.5 sigma + 0.5) + 1 taps). Run in a child process: OpenCV's wheel brings its own
+    OpenBLAS, a third one in this process beside numpy's and scipy's (tests/test_threads.py)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, *[m for m, _ in masks], sigmas=np.array([s for _, s in masks], np.float64))
+    child = ("import io, sys, numpy as np, cv2\n"
+             "data = np.load(io.BytesIO(sys.stdin.buffer.read()))\n"
+             "out = []\n"
+             "for i, s in enumerate(data['sigmas']):\n"
+             "    k = 2 * int(2.5 * s + 0.5) + 1\n"
+             "    out.append(cv2.GaussianBlur(cv2.GaussianBlur(data[f'arr_{i}'], (k, 1), s), (1, k), s))\n"
+             "buffer = io.BytesIO()\n"
+             "np.savez(buffer, *out)\n"
+             "sys.stdout.buffer.write(buffer.getvalue())\n")
+    done = subprocess.run([sys.executable, "-c", child], input=buffer.getvalue(), capture_output=True, check=True)
+    data = np.load(io.BytesIO(done.stdout))
+    return [data[f"arr_{i}"] for i in range(len(masks))]
 
 TOL_LATENTS = 2e-5
 FILLS = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3}
@@ -136,11 +162,8 @@ def a1111_inpaint_run(kd, models, sampler, schedule_type, seed, steps, strength,
         image_mask = image_mask.split()[-1].convert("L").point(lambda x: 255 if x > 128 else 0)
     else:
         image_mask = image_mask.convert('L')
-    if mask_blur > 0:
-        kernel_size = 2 * int(2.5 * mask_blur + 0.5) + 1
-        np_mask = cv2.GaussianBlur(np.array(image_mask), (kernel_size, 1), mask_blur)
-        np_mask = cv2.GaussianBlur(np_mask, (1, kernel_size), mask_blur)
-        image_mask = Image.fromarray(np_mask)
+    if mask_blur > 0:                          # cv2.GaussianBlur across, then down (opencv_blur)
+        image_mask = Image.fromarray(opencv_blur([(np.array(image_mask), mask_blur)])[0])
     crop_region = paste_to = None
     if full_res:
         mask_for_overlay = image_mask
@@ -322,16 +345,16 @@ def test_the_kept_region_is_the_input_exactly(kd, models):  # noqa: F811
 
 def test_mask_blur_equals_opencv():
     rng = np.random.default_rng(1)
+    cases = []
     for trial in range(400):
         h, w = rng.integers(1, 150, 2)
         m = np.zeros((h, w), np.uint8)
         m[rng.integers(0, h):, rng.integers(0, w):] = 255
         if trial % 3 == 0:
             m = rng.integers(0, 256, (h, w)).astype(np.uint8)
-        sigma = int(rng.integers(1, 65))
-        n = 2 * int(2.5 * sigma + 0.5) + 1
-        expected = cv2.GaussianBlur(cv2.GaussianBlur(m, (n, 1), sigma), (1, n), sigma)
-        assert np.array_equal(a1111_inpaint.blur_mask(m, sigma), expected), (h, w, sigma)
+        cases.append((m, int(rng.integers(1, 65))))
+    for (m, sigma), expected in zip(cases, opencv_blur(cases)):
+        assert np.array_equal(a1111_inpaint.blur_mask(m, sigma), expected), (m.shape, sigma)
 
 
 def test_each_step_of_a1111s_inpainting_is_needed(kd, models, monkeypatch):  # noqa: F811

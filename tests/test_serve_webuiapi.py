@@ -101,9 +101,16 @@ def test_img2img_and_inpainting(api, pipe):
     ref = pipe.inpaint(PROMPT, picture, mask, strength=1.0, num_inference_steps=4, guidance_scale=7, seed=6)
     assert np.array_equal(pixels(result.image), pixels(ref))
     assert "Pipeline: inpaint" in result.info["infotexts"][0]
-    # webuiapi's default inpainting_fill (0, "fill") is a method npsd lacks: refused, naming it
-    with pytest.raises(RuntimeError, match="inpainting_fill"):
-        api.img2img(images=[picture], mask_image=mask, prompt=PROMPT, width=64, height=64, inpaint_full_res=False)
+    # webuiapi's inpainting defaults (fill, only masked with padding 0, mask blur 4) are A1111's
+    # inpainting, which npsd runs for the samplers A1111 runs with k-diffusion
+    result = api.img2img(images=[picture], mask_image=mask, prompt=PROMPT, seed=7, steps=4, width=64, height=64,
+                         sampler_name="Euler a")
+    ref = pipe.inpaint(PROMPT, picture, mask, strength=0.75, num_inference_steps=4, guidance_scale=7, seed=7,
+                       sampler="euler_a", schedule_type="automatic", mask_blur=4, masked_content="fill",
+                       inpaint_area="only masked", masked_area_padding=0, height=64, width=64)
+    assert np.array_equal(pixels(result.image), pixels(ref))
+    with pytest.raises(RuntimeError, match="inpainting_fill"):          # ... and not for DDIM
+        api.img2img(images=[picture], mask_image=mask, prompt=PROMPT, width=64, height=64, sampler_name="DDIM", eta=0)
 
 
 def test_progress_during_a_job_and_interrupt(api):
