@@ -1,12 +1,12 @@
 """AUTOMATIC1111's inpainting: what npsd's `Pipeline.inpaint` does with one of A1111's schedule types
-(schedule_type=...), as A1111 1.10's modules/processing.py (StableDiffusionProcessingImg2Img, "Whole
-picture") and modules/sd_samplers_cfg_denoiser.py do it:
+(schedule_type=...), as A1111 1.10's modules/processing.py (StableDiffusionProcessingImg2Img),
+modules/masking.py and modules/sd_samplers_cfg_denoiser.py do it:
 
 1. The mask: its gray level (white repaints), or for a mask with transparency its alpha channel,
    255 above 128 and 0 below. mask_blur > 0 blurs it as OpenCV's GaussianBlur blurs an 8-bit
    image, sigma = mask_blur over 2 int(2.5 sigma + 0.5) + 1 taps, across and then down, each pass
-   rounded to 8 bits (`blur_mask`), and it is resized to the run's size with Lanczos: the soft mask
-   m in [0, 255]. "Only masked" (inpaint_area) runs on a crop instead: the box around m's nonzero
+   rounded to 8 bits (`blur_mask`), and it is resized to the run's size as the image is
+   (resize_mode): the soft mask m in [0, 255]. "Only masked" (inpaint_area) runs on a crop instead: the box around m's nonzero
    pixels, `masked_area_padding` pixels wider, grown to the run's ratio (`crop_region`), cut from the
    image and the mask and scaled to the run's size ("resize and fill": npsd.images.resize_to).
 2. The latent mask: m resized to the latents' size with PIL's bicubic filter, / 255, rounded to 0
@@ -22,8 +22,8 @@ picture") and modules/sd_samplers_cfg_denoiser.py do it:
    stays the input's pixels exactly, the blurred edge fades between the two. "Only masked" scales
    the result back into its box of the whole image first ("crop and resize"), with the opacity 255 - m.
 
-A 9-channel inpainting UNet reads round(m / 255) at every 8th pixel and the latents of the image
-with the repainted region zeroed, and gets steps 4 and 5 as well.
+A 9-channel inpainting UNet reads round(m / 255) at every f-th pixel (f the VAE's factor) and the
+latents of the image with the repainted region zeroed, and gets steps 4 and 5 as well.
 """
 
 import numpy as np

@@ -236,6 +236,30 @@ def test_generate_then_inpaint(server, browser, tmp_path):
     assert driver.find_element("id", "seed").get_attribute("value") == "1"
     assert driver.find_element("id", "steps").get_attribute("value") == str(STEPS)
     assert driver.find_element("css selector", "input[name=mode][value=txt2img]").is_selected()
+
+    # A1111's inpainting (a sampler A1111 runs with k-diffusion): masked content, only masked, a
+    # variation seed, all reaching the server (its parameters say so) and the result the input's size;
+    # the gallery loads them back, and a picture without them clears them
+    from selenium.webdriver.support.ui import Select
+    driver.find_element("css selector", "input[name=mode][value=inpaint]").click()
+    Select(driver.find_element("id", "sampler_name")).select_by_value("Euler a")
+    Select(driver.find_element("id", "inpainting_fill")).select_by_value("2")
+    driver.find_element("id", "inpaint_full_res").click()
+    _set(driver, "inpaint_full_res_padding", 4)
+    _set(driver, "subseed", 5)
+    _set(driver, "subseed_strength", 0.3)
+    src, _, _ = _run_and_watch(driver, driver.find_element("id", "generate").click)
+    assert _png(src).size == (SIZE, SIZE)
+    text = driver.find_element("id", "parameters").text
+    for field in ("Masked content: latent noise", "Inpaint area: Only masked", "Masked area padding: 4",
+                  "Variation seed: 5", "Variation seed strength: 0.3"):
+        assert field in text, (field, text)
+    value = lambda element_id: driver.find_element("id", element_id).get_attribute("value")  # noqa: E731
+    driver.find_elements("css selector", "#gallery img")[2].click()                    # the txt2img one
+    assert (value("subseed"), driver.find_element("id", "inpaint_full_res").is_selected()) == ("", False)
+    driver.find_elements("css selector", "#gallery img")[0].click()                    # the last one
+    assert (value("inpainting_fill"), value("inpaint_full_res_padding"), value("subseed")) == ("2", "4", "5")
+    assert driver.find_element("id", "inpaint_full_res").is_selected()
     errors = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors
 

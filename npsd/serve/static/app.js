@@ -4,9 +4,12 @@
 
 const $ = (id) => document.getElementById(id);
 const PNG = "data:image/png;base64,";
-const FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "seed", "width",
-                "height", "denoising_strength", "mask_blur"];
-const NUMBERS = new Set(["steps", "cfg_scale", "seed", "width", "height", "denoising_strength", "mask_blur"]);
+const FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "seed", "subseed",
+                "subseed_strength", "width", "height", "denoising_strength", "mask_blur", "inpainting_fill",
+                "inpaint_full_res_padding"];
+const NUMBERS = new Set(["steps", "cfg_scale", "seed", "subseed", "subseed_strength", "width", "height",
+                         "denoising_strength", "mask_blur", "inpainting_fill", "inpaint_full_res_padding"]);
+const INPAINT_ONLY = ["mask_blur", "inpainting_fill", "inpaint_full_res_padding"];
 const POLL_MS = 200;
 // A JavaScript number holds whole numbers exactly up to 2**53 - 1; the server takes seeds up to 2**64 - 1.
 const SEED_TOO_LARGE = "the page can hold seeds up to 2**53 - 1 exactly; give larger ones through the API or " +
@@ -59,11 +62,15 @@ function formRequest() {
     if (value === "") continue;
     request[name] = NUMBERS.has(name) ? Number(value) : value;
   }
-  if (request.seed !== undefined && !Number.isSafeInteger(request.seed)) throw new Error(SEED_TOO_LARGE);
+  for (const name of ["seed", "subseed"]) {
+    if (request[name] !== undefined && !Number.isSafeInteger(request[name])) throw new Error(SEED_TOO_LARGE);
+  }
   if ($("attention-maps").checked) request.npsd_attention_maps = true;
+  if (mode() !== "inpaint") {
+    for (const name of INPAINT_ONLY) delete request[name];
+  }
   if (mode() === "txt2img") {
     delete request.denoising_strength;
-    delete request.mask_blur;
     if ($("enable_hr").checked) {                 // A1111's hires fix: its fields, its denoising strength
       request.enable_hr = true;
       request.hr_upscaler = $("hr_upscaler").value;
@@ -79,10 +86,7 @@ function formRequest() {
   if (mode() === "inpaint") {
     if (!maskPainted) throw new Error("inpaint needs a mask: paint the area to repaint over the image first");
     request.mask = maskPng();
-    request.inpainting_fill = 1;
-    request.inpaint_full_res = false;
-  } else {
-    delete request.mask_blur;
+    request.inpaint_full_res = $("inpaint_full_res").checked;
   }
   return request;
 }
@@ -92,6 +96,11 @@ function loadSettings(settings) {
   for (const name of FIELDS) {
     if (settings[name] !== undefined && settings[name] !== null) $(name).value = settings[name];
   }
+  if (!settings.subseed_strength) {                 // (no variation seed: the fields go back to none)
+    $("subseed").value = "";
+    $("subseed_strength").value = 0;
+  }
+  $("inpaint_full_res").checked = Boolean(settings.inpaint_full_res);
   if (["txt2img", "img2img", "inpaint"].includes(settings.mode)) setMode(settings.mode);
   $("enable_hr").checked = Boolean(settings.enable_hr);
   if (settings.enable_hr) {
