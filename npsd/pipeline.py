@@ -462,7 +462,7 @@ class Pipeline:
             mask_img = open_image(mask_image, "mask", keep_alpha=True)
             if inpaint_area == "whole picture":
                 img = fit_size(img, height, width, mode=mode)
-                fit_size(mask_img, height, width, "mask", resample=False)        # (resized after its blur)
+            fit_size(mask_img, img.height, img.width, "mask", resample=False)    # (resized after its blur)
             img, soft, paste = a1111_inpaint.prepare(img, mask_img, mask_blur, inpaint_area, masked_area_padding,
                                                      height, width, mode)        # soft: uint8 [H, W]
             pixels = to_array(img)                                                 # [1, 3, H, W]
