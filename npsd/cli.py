@@ -219,7 +219,8 @@ def _generation_options(p, mode):
         a("--hires-scale", metavar="S", type=_float_in(1.0, 8.0, what="scale"),
           help="A1111's hires fix: enlarge the latents S times (1 to 8) and redraw them with img2img at that size "
                "(npsd/hires.py; default: no second pass)")
-        a("--hires-upscaler", choices=UPSCALERS, help="how the latents are enlarged (default latent: bilinear)")
+        a("--hires-upscaler", choices=UPSCALERS, help="how the first pass is enlarged: the latents (latent*; default "
+                                                      "latent: bilinear) or the image (lanczos, nearest, none)")
         a("--hires-steps", metavar="N", type=_int_at_least(0, "steps"),
           help="the second pass's steps (default 0: as --steps)")
         a("--hires-strength", metavar="S", type=_float_in(0.0, 1.0, what="strength"),

@@ -1,4 +1,4 @@
-"""Hires. fix: AUTOMATIC1111's two-pass txt2img with a latent upscaler.
+"""Hires. fix: AUTOMATIC1111's two-pass txt2img.
 
 A model draws best near the size it was trained at (512x512 for SD v1.x); asked for 1024x1024 at
 once it repeats its subject. A1111's "Hires. fix" makes the image at the trained size first, then
@@ -9,7 +9,10 @@ enlarges the latents and runs img2img on them at the larger size:
     x  = img2img(prompt, x0', strength, steps)             fresh noise from the seed, the same sampler
 
 The upscalers here are A1111's latent ones: torch.nn.functional.interpolate on the latents with the
-mode it names (A1111's modules/shared.py latent_upscale_modes), written out below; its image
+mode it names (A1111's modules/shared.py latent_upscale_modes), written out below; and its image
+upscalers without a network, "Lanczos", "Nearest" and "None" (modules/upscaler.py, upscale_image
+below): the first pass is decoded to A1111's 8-bit image, enlarged with PIL and encoded again (the
+posterior's mean; A1111 samples it from torch's unseeded global generator). Its other image
 upscalers (ESRGAN and the like) are networks npsd does not have. The second pass takes its noise
 from a fresh generator of the image's seed, as A1111 does, and starts where A1111's img2img starts
 (npsd.schedulers.start_index).
@@ -18,6 +21,7 @@ from a fresh generator of the image's seed, as A1111 does, and starts where A111
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from .errors import InputError, is_number, is_whole
 
@@ -28,7 +32,9 @@ UPSCALERS = {"latent": ("Latent", "bilinear"), "latent_antialiased": ("Latent (a
              "latent_bicubic": ("Latent (bicubic)", "bicubic"),
              "latent_bicubic_antialiased": ("Latent (bicubic antialiased)", "bicubic-aa"),
              "latent_nearest": ("Latent (nearest)", "nearest"),
-             "latent_nearest_exact": ("Latent (nearest-exact)", "nearest-exact")}
+             "latent_nearest_exact": ("Latent (nearest-exact)", "nearest-exact"),
+             "lanczos": ("Lanczos", "image"), "nearest": ("Nearest", "image"), "none": ("None", "image")}
+LATENT_UPSCALERS = tuple(name for name, (_, mode) in UPSCALERS.items() if mode != "image")
 CUBIC_A = -0.75                 # the cubic convolution kernel's a (Keys 1981), as torch's bicubic
 CUBIC_A_AA = -0.5               # ... and as PIL's, which torch's antialiased bicubic follows
 STRENGTH = 0.7                  # A1111's default denoising strength of the second pass
@@ -143,10 +149,30 @@ def _resize_axis(x, out_size, axis, mode):
 
 
 def upscale_latents(x, height, width, upscaler="latent"):
-    """Latents [B, C, h, w] -> [B, C, height, width] with one of UPSCALERS (torch's interpolate,
+    """Latents [B, C, h, w] -> [B, C, height, width] with one of LATENT_UPSCALERS (torch's interpolate,
     align_corners=False: separable, first along the height, then the width)."""
-    if upscaler not in UPSCALERS:
-        raise InputError(f"unknown hires upscaler {upscaler!r}; use one of {', '.join(UPSCALERS)}")
+    if upscaler not in LATENT_UPSCALERS:
+        raise InputError(f"unknown latent upscaler {upscaler!r}; use one of {', '.join(LATENT_UPSCALERS)}")
     mode = UPSCALERS[upscaler][1]
     x = _resize_axis(np.asarray(x, dtype=np.float32), int(height), 2, mode)
     return np.ascontiguousarray(_resize_axis(x, int(width), 3, mode), dtype=np.float32)
+
+
+def upscale_image(img, width, height, upscaler):
+    """A PIL image at width x height with one of A1111's image upscalers without a network, as its
+    resize_image(0, img, width, height, upscaler) does: "none" is one Lanczos resize; "lanczos" and
+    "nearest" (Upscaler.upscale), when enlarging by s = max(width / w, height / h), resize with their
+    filter to int(s w) x int(s h) unless the image already covers that rounded down to multiples of
+    8, then with Lanczos to that rounded size and to width x height, each only where the size still
+    differs."""
+    if upscaler == "none":
+        return img.resize((width, height), Image.LANCZOS)
+    scale = max(width / img.width, height / img.height)
+    if scale > 1.0:
+        filt = Image.LANCZOS if upscaler == "lanczos" else Image.NEAREST
+        dest = (int(img.width * scale) // 8 * 8, int(img.height * scale) // 8 * 8)
+        if img.width < dest[0] or img.height < dest[1]:
+            img = img.resize((int(img.width * scale), int(img.height * scale)), filt)
+        if img.size != dest:
+            img = img.resize(dest, Image.LANCZOS)
+    return img if img.size == (width, height) else img.resize((width, height), Image.LANCZOS)

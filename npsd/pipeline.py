@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import a1111_inpaint, clip, resources, schedulers, taesd, unet as unet_model, vae
 from .malloc import holding
@@ -33,7 +34,7 @@ from .rng import SEED_LIMIT, make_rng
 from .config import generation_defaults, sd15_config, with_fallbacks
 from .errors import InputError, NpsdError, is_flag, is_number, is_whole
 from .guidance import check_rescale, guided_model, uses_guidance
-from .hires import Hires, upscale_latents
+from .hires import LATENT_UPSCALERS, Hires, upscale_image, upscale_latents
 from .images import (RESIZE_MODES, default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil,
                      to_uint8)
 from .previews import taesd_for, with_previews
@@ -349,7 +350,13 @@ class Pipeline:
         schedule_type) as txt2img got them; done: its steps (the callback's count goes on from there)."""
         rng_name, *text, schedule_type = first
         f = self.vae_factor
-        x0 = upscale_latents(x0, settings["height"] // f, settings["width"] // f, hires.upscaler)
+        if hires.upscaler in LATENT_UPSCALERS:
+            x0 = upscale_latents(x0, settings["height"] // f, settings["width"] // f, hires.upscaler)
+        else:                                   # A1111's 8-bit image, enlarged with PIL, encoded again
+            images = [Image.fromarray(u) for u in to_uint8(self.decode_latents(x0), truncate=True)]
+            x0 = np.concatenate([self._encode_image(to_array(upscale_image(im, settings["width"], settings["height"],
+                                                                           hires.upscaler)), None, False)
+                                 for im in images])
         rng, model, batch, schedule = self._begin(settings, rng_name, *text, schedule_type)
         start = schedulers.start_index(schedule, hires.strength)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)                   # A1111: the seed's first draw

@@ -386,9 +386,8 @@ def _hires_from_fields(f):
     label = f.get("Hires upscaler", UPSCALERS["latent"][0]).strip()          # A1111's default: Latent
     found["hires_upscaler"] = upscaler_named(label)
     if found["hires_upscaler"] is None:
-        found["_bad_hires_upscaler"] = (f"--from-png: the image's hires upscaler {label!r} is not one npsd has (its "
-                                        f"latent ones: {UPSCALER_LABELS}); give "
-                                        f"--hires-upscaler")
+        found["_bad_hires_upscaler"] = (f"--from-png: the image's hires upscaler {label!r} is not one npsd has "
+                                        f"({UPSCALER_LABELS}); give --hires-upscaler")
     return found
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+from PIL import Image
 
 from npsd import schedulers as S
 from npsd.hires import Hires
@@ -133,18 +134,56 @@ def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, si
             sigmas = sigmas[steps - t_enc - 1:]
         x = getattr(kd.sampling, FUNCTIONS[sampler])(guided, x, sigmas, disable=True, **kw)
         if hires is not None:
-            x = a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, *hires, variation=variation)
+            x = a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, *hires, variation=variation,
+                                 vae=vae, scaling=scaling)
         image = vae.decode(x / scaling).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
+def a1111_resize_with_upscaler(im, w, h, upscaler_name):
+    """modules/images.py's resize_image(0, ...)'s resize with A1111's upscalers without a network
+    (modules/upscaler.py: Upscaler.upscale and the do_upscale of UpscalerLanczos and UpscalerNearest),
+    as A1111 writes them."""
+    LANCZOS, NEAREST = Image.LANCZOS, Image.NEAREST
+    if upscaler_name is None or upscaler_name == "None" or im.mode == 'L':
+        return im.resize((w, h), resample=LANCZOS)
+    scale = max(w / im.width, h / im.height)
+    if scale > 1.0:
+        img = im
+        dest_w = int(img.width * scale) // 8 * 8
+        dest_h = int(img.height * scale) // 8 * 8
+        for i in range(3):
+            if img.width >= dest_w and img.height >= dest_h and (i > 0 or scale != 1):
+                break
+            shape = (img.width, img.height)
+            img = img.resize((int(img.width * scale), int(img.height * scale)),
+                             resample=LANCZOS if upscaler_name == "Lanczos" else NEAREST)
+            if shape == (img.width, img.height):
+                break
+        if img.width != dest_w or img.height != dest_h:
+            img = img.resize((int(dest_w), int(dest_h)), resample=LANCZOS)
+        im = img
+    if im.width != w or im.height != h:
+        im = im.resize((w, h), resample=LANCZOS)
+    return im
+
+
 def a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, scale, mode, antialias, hr_steps,
-                     strength, variation=None):  # noqa: F811
-    """A1111's sample_hr_pass with a latent upscaler: interpolate the latents to int(scale * side) // 8,
-    a fresh generator of the seed (its first draw the noise, then the step noise), img2img with the
-    same sampler and schedule type for hr_steps (0: steps), t_enc = int(min(strength, 0.999) n)."""
+                     strength, variation=None, vae=None, scaling=None):  # noqa: F811
+    """A1111's sample_hr_pass: interpolate the latents to int(scale * side) // 8 (a latent upscaler,
+    mode: torch's interpolate mode), or (mode "Lanczos", "Nearest", "None": an image upscaler) decode
+    them to the 8-bit image, enlarge it to int(scale * side) and encode it again (vae, scaling; the
+    posterior's mean); a fresh generator of the seed (its first draw the noise, then the step noise),
+    img2img with the same sampler and schedule type for hr_steps (0: steps), t_enc = int(min(strength, 0.999) n)."""
     size = (int(SIZE * scale) // 8 * 8) // 2                                   # the tiny VAE's factor is 2
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, antialias=antialias)
+    if mode in ("Lanczos", "Nearest", "None"):
+        lowres = torch.clamp((vae.decode(x / scaling).sample + 1.0) / 2.0, min=0.0, max=1.0)
+        x_sample = (255. * np.moveaxis(lowres[0].numpy(), 0, 2)).astype(np.uint8)
+        image = a1111_resize_with_upscaler(Image.fromarray(x_sample), size * 2, size * 2, mode)
+        image = torch.from_numpy(np.moveaxis(np.array(image).astype(np.float32) / 255.0, 2, 0))[None]
+        x = vae.encode(image * 2 - 1).latent_dist.mean * scaling              # (A1111: a sample, unseeded)
+    else:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, antialias=antialias)
     n = hr_steps or steps
     sigmas = torch.from_numpy(a1111_sampler_sigmas(kd, sampler, schedule_type, n).astype(np.float32))
     noise, g = a1111_first_noise(x.shape, seed, variation)
@@ -239,7 +278,10 @@ HIRES_CASES = [("euler_a", "automatic", Hires(2.0, "latent", 4, 0.55), "bilinear
                ("heun", "karras", Hires(2.0, "latent_antialiased", 3, 0.5), "bilinear", True),
                ("dpmpp_2m_sde", "automatic", Hires(2.0, "latent_nearest_exact", 3, 0.6), "nearest-exact", False),
                ("dpm2_a", "automatic", Hires(1.75, "latent_nearest", 4, 0.45), "nearest", False),
-               ("euler", "uniform", Hires(1.5, "latent_bicubic_antialiased", 3, 0.6), "bicubic", True)]
+               ("euler", "uniform", Hires(1.5, "latent_bicubic_antialiased", 3, 0.6), "bicubic", True),
+               ("euler_a", "automatic", Hires(2.0, "lanczos", 3, 0.5), "Lanczos", False),
+               ("dpmpp_2m", "karras", Hires(1.5, "nearest", 3, 0.6), "Nearest", False),
+               ("euler", "automatic", Hires(2.0, "none", 3, 0.55), "None", False)]
 
 
 @pytest.mark.parametrize("sampler, schedule_type, hires, mode, antialias", HIRES_CASES,
@@ -312,3 +354,16 @@ def test_variation_seed_and_ensd_equal_a1111s(kd, models, sampler, schedule_type
     plain = npsd_run(models, sampler, schedule_type, 21, 6, strength, hires=hires)
     if variation[0] != 21:                  # (mixing the seed's noise with itself changes nothing)
         assert np.abs(plain - ref).max() > 1e3 * TOL_IMAGE
+
+
+def test_image_upscalers_equal_a1111s():
+    """npsd.hires.upscale_image against A1111's resize with its Lanczos, Nearest and None upscalers
+    (above, as A1111 writes them) on 200 random sizes, enlarging and not: equal pixels."""
+    from npsd.hires import upscale_image
+    rng = np.random.default_rng(4)
+    for trial in range(200):
+        w, h, W, H = (int(v) for v in rng.integers(8, 120, 4))
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3)).astype(np.uint8))
+        for name, label in (("lanczos", "Lanczos"), ("nearest", "Nearest"), ("none", "None")):
+            assert np.array_equal(np.asarray(upscale_image(im, W, H, name)),
+                                  np.asarray(a1111_resize_with_upscaler(im, W, H, label))), (trial, name, w, h, W, H)

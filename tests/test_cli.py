@@ -222,6 +222,19 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
 
 
 
+def test_hires_fix_with_an_image_upscaler(model, tmp_path, capsys):
+    """--hires-upscaler lanczos (A1111's image upscaler without a network): the PNG names it as A1111
+    does, --from-png remakes the file, and it is not the latent upscaler's image."""
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    gen(capsys, model, a, "--seed", 2, "--sampler", "euler_a", "--hires-scale", 2, "--hires-upscaler", "lanczos")
+    assert params_of(a)["fields"]["Hires upscaler"] == "Lanczos" and Image.open(a).size == (32, 32)
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", b, "--quiet"], capsys)
+    assert rc == 0 and err == "", err
+    assert b.read_bytes() == a.read_bytes()
+    gen(capsys, model, c, "--seed", 2, "--sampler", "euler_a", "--hires-scale", 2, "--hires-upscaler", "latent")
+    assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(c)))
+
+
 def test_resize_modes(model, tmp_path, capsys):
     """--resize-mode brings an image of another shape to --height x --width as the pipeline's
     resize_mode (npsd.images.resize_to), states it in the PNG, and --from-png remakes the file."""

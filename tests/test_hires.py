@@ -14,7 +14,7 @@ import torch
 
 import npsd
 from npsd.errors import InputError
-from npsd.hires import UPSCALERS, Hires, upscale_latents
+from npsd.hires import LATENT_UPSCALERS, UPSCALERS, Hires, upscale_latents
 from npsd.testing import assert_close
 
 TOL = 1e-5
@@ -25,7 +25,7 @@ def latents(shape=(2, 4, 7, 5), seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", list(UPSCALERS))
+@pytest.mark.parametrize("name", LATENT_UPSCALERS)
 def test_upscalers_equal_torch_interpolate(name):
     label, mode = UPSCALERS[name]
     worst = 0.0

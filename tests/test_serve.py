@@ -172,6 +172,7 @@ def test_the_other_routes(client):
     assert [u["name"] for u in client.get("/sdapi/v1/latent-upscale-modes").json()] == [     # A1111's six
         "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
         "Latent (nearest-exact)"]
+    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["Lanczos", "Nearest", "None"]
     # A1111 1.10's schedule types, in its order
     assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == [
         "Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
@@ -350,7 +351,8 @@ def test_img2img_resize_modes(client, pipe, picture):
     ({"width": "64"}, ["width"]),
     ({"sampler_name": "Nope"}, ["sampler_name", "Euler a"]),
     ({"scheduler": "Karras Exponential"}, ["scheduler", "Karras", "Beta"]),
-    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, ["hr_upscaler", "R-ESRGAN 4x+", "Latent (nearest-exact)"]),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, ["hr_upscaler", "R-ESRGAN 4x+", "Latent (nearest-exact)",
+                                                         "Lanczos"]),
     ({"enable_hr": True, "hr_resize_x": 512, "hr_prompt": "other"}, ["hr_resize_x=512", "hr_prompt='other'"]),
     ({"enable_hr": True, "hr_scale": 0.5}, ["hr_scale must be in [1.0, 8.0], got 0.5"]),
     ({"enable_hr": True, "npsd_attention_maps": True}, ["npsd_attention_maps records one pass"]),

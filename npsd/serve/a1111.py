@@ -359,8 +359,7 @@ def _hires(body):
         return HIRES_NONE
     label = _str(body, "hr_upscaler") or UPSCALERS["latent"][0]                 # A1111's default: Latent
     if upscaler_named(label) is None:
-        raise InputError(f"hr_upscaler {label!r} is not one npsd has; use one of its latent upscalers: "
-                         f"{UPSCALER_LABELS}")
+        raise InputError(f"hr_upscaler {label!r} is not one npsd has; use one of {UPSCALER_LABELS}")
     return {"hires_scale": _float(body, "hr_scale", 2.0, lo=1.0, hi=8.0),
             "hires_upscaler": upscaler_named(label),
             "hires_steps": _int(body, "hr_second_pass_steps", 0, lo=0, hi=1000),

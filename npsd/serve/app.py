@@ -58,7 +58,7 @@ from ..clip import layer_count
 from ..config import generation_defaults
 from ..errors import InputError, NpsdError, UsageError, one_line
 from ..images import default_size, heat_overlay, to_pil, write_png_atomic
-from ..hires import UPSCALERS
+from ..hires import LATENT_UPSCALERS, UPSCALERS
 from ..pngmeta import A1111_SAMPLERS, SCHEDULE_LABELS, parameters_text
 from ..previews import preview, table_name
 from ..prompts import prompt_syntax_used
@@ -659,7 +659,12 @@ def create_app(settings=None):
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     def latent_upscale_modes():                        # the hires fix's hr_upscaler values (npsd/hires.py)
-        return [{"name": label} for label, _ in UPSCALERS.values()]
+        return [{"name": UPSCALERS[name][0]} for name in LATENT_UPSCALERS]
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers():                                   # ... and A1111's image upscalers npsd has
+        return [{"name": label, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name, (label, _) in UPSCALERS.items() if name not in LATENT_UPSCALERS]
 
     @app.get("/sdapi/v1/scripts")
     def scripts():

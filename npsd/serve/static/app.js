@@ -332,9 +332,10 @@ async function loadGallery() {
 // ---- models and samplers ----
 
 async function loadChoices() {
-  const [samplers, schedulers, upscalers, models, options] = await Promise.all([api("/sdapi/v1/samplers"),
-    api("/sdapi/v1/schedulers"), api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/sd-models"),
-    api("/sdapi/v1/options")]);
+  const [samplers, schedulers, latent, image, models, options] = await Promise.all([api("/sdapi/v1/samplers"),
+    api("/sdapi/v1/schedulers"), api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers"),
+    api("/sdapi/v1/sd-models"), api("/sdapi/v1/options")]);
+  const upscalers = [...latent, ...image];
   $("sampler_name").append(...samplers.map((s) => new Option(s.name, s.name)));
   $("scheduler").append(...schedulers.map((s) => new Option(s.label, s.label)));
   $("hr_upscaler").append(...upscalers.map((u) => new Option(u.name, u.name)));
