@@ -316,7 +316,8 @@ class Pipeline:
                  prediction_type, guidance_rescale, prompt_syntax, schedule_type)
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
-                                                  guidance_rescale, prompt_syntax, schedule_type)
+                                                  guidance_rescale, prompt_syntax, schedule_type,
+                                                  self._unet_without_mask(settings))
         h, w = settings["height"] // self.vae_factor, settings["width"] // self.vae_factor
         shape = (batch, self.latent_channels, h, w)
         if latents is None:
@@ -329,6 +330,20 @@ class Pipeline:
         if hires_settings is not None:
             x = self._hires_pass(x, hires, hires_settings, first, eta, callback, progress, schedule.num_inference_steps)
         return self._output(x, output_type, decoder, a1111=schedule.schedule_type is not None)
+
+    def _unet_without_mask(self, settings):
+        """The UNet call of txt2img and img2img: None (self.unet), or for a 9-channel inpainting UNet
+        what A1111 gives it there (txt2img_image_conditioning): an all-ones mask and the latents of a
+        mid-gray image (0 in [-1, 1], the posterior's mean) of the run's size, everything to repaint."""
+        if self.unet_in_channels == self.latent_channels:
+            return None
+        if self.unet_in_channels != 2 * self.latent_channels + 1:
+            raise NpsdError(f"a UNet with {self.unet_in_channels} input channels is neither an ordinary "
+                            f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) model")
+        f = self.vae_factor
+        mask = np.ones((1, 1, settings["height"] // f, settings["width"] // f), np.float32)
+        gray = self._encode_image(np.zeros((1, 3, settings["height"], settings["width"]), np.float32), None, False)
+        return lambda x, t, context: _with_mask(self.unet, x, t, context, mask, gray)
 
     def _hires_settings(self, hires, settings, attention_maps, schedule_type):
         """The second pass's settings (its size and steps) of txt2img(hires=...), or None; checked
@@ -357,7 +372,8 @@ class Pipeline:
             x0 = np.concatenate([self._encode_image(to_array(upscale_image(im, settings["width"], settings["height"],
                                                                            hires.upscaler)), None, False)
                                  for im in images])
-        rng, model, batch, schedule = self._begin(settings, rng_name, *text, schedule_type)
+        rng, model, batch, schedule = self._begin(settings, rng_name, *text, schedule_type,
+                                                  self._unet_without_mask(settings))
         start = schedulers.start_index(schedule, hires.strength)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)                   # A1111: the seed's first draw
         x = schedulers.noise_at_start(schedule, x0, noise, start)
@@ -401,7 +417,8 @@ class Pipeline:
             sample_posterior = rng == "torch" and schedule_type is None
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
-                                                  guidance_rescale, prompt_syntax, schedule_type)
+                                                  guidance_rescale, prompt_syntax, schedule_type,
+                                                  self._unet_without_mask(settings))
         start = schedulers.start_index(schedule, strength)
         per_image = batch if isinstance(settings["seed"], tuple) else 1             # one sample per seed
         x0 = self._encode_image(to_array(img), rng, sample_posterior, per_image)   # [1 or B, 4, h, w], scaled
@@ -486,10 +503,8 @@ class Pipeline:
         masked_pixels = pixels * (mask_px < 0.5)                                   # the kept region only
         masked = None                                                              # its latents, below
 
-        def nine_channel_unet(x, t, context):                                      # the UNet also reads
-            b = x.shape[0]                                                         # mask and masked image
-            extra = [np.repeat(mask, b, axis=0), np.repeat(masked, b, axis=0)]
-            return self.unet(np.concatenate([x] + extra, axis=1), t, context)      # [b, 9, h, w]
+        def nine_channel_unet(x, t, context):                      # the UNet also reads mask and masked image
+            return _with_mask(self.unet, x, t, context, mask, masked)
 
         diffusers_order = rng == "torch" and not a1111
         sample_posterior = diffusers_order if sample_posterior is None else sample_posterior
@@ -768,6 +783,13 @@ def _as_prompt_list(prompt, what):
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError(f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
     return list(prompts)
+
+
+def _with_mask(unet, x, t, context, mask, masked):
+    """A 9-channel inpainting UNet at x [b, 4, h, w]: it reads [x, mask, masked image latents] along the
+    channels (diffusers' order), mask [1, 1, h, w] and masked [1, 4, h, w] repeated for the batch."""
+    b = x.shape[0]
+    return unet(np.concatenate([x, np.repeat(mask, b, axis=0), np.repeat(masked, b, axis=0)], axis=1), t, context)
 
 
 def _check_resize_mode(mode):
