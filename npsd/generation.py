@@ -114,8 +114,7 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               eta_noise_seed_delta=settings.get("eta_noise_seed_delta") or 0)
     if mode == "txt2img":
         return pipe.txt2img(settings["prompt"], hires=hires_of(settings), **kw)
-    if mode != "txt2img":
-        kw["resize_mode"] = settings.get("resize_mode") or "just resize"
+    kw["resize_mode"] = settings.get("resize_mode") or "just resize"
     if mode == "img2img":
         return pipe.img2img(settings["prompt"], image, strength=settings["strength"], **kw)
     return pipe.inpaint(settings["prompt"], image, mask, strength=settings["strength"],

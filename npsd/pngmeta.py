@@ -295,22 +295,10 @@ def settings_from_png(path, mode):
     skip = _convert(f, "Clip skip", int, "a whole number")            # A1111's count: 1 = last layer
     settings["clip_skip"] = None if skip is None else max(skip - 1, 0)
     settings["mask_blur"] = _convert(f, "Mask blur", int, "a whole number")
-    if "Masked content" in f:
-        if f["Masked content"] not in MASKED_CONTENT:
-            raise InputError(f"the PNG's Masked content {f['Masked content']!r} is not one npsd has "
-                             f"({', '.join(MASKED_CONTENT)}): give --masked-content")
-        settings["masked_content"] = f["Masked content"]
-    if "Inpaint area" in f:                                          # A1111 writes it for "Only masked"
-        if f["Inpaint area"].lower() not in INPAINT_AREAS:
-            raise InputError(f"the PNG's Inpaint area {f['Inpaint area']!r} is not one npsd has "
-                             f"({', '.join(INPAINT_AREAS)}): give --inpaint-area")
-        settings["inpaint_area"] = f["Inpaint area"].lower()
+    settings["masked_content"] = _choice(f, "Masked content", MASKED_CONTENT, "--masked-content")
+    settings["inpaint_area"] = _choice(f, "Inpaint area", INPAINT_AREAS, "--inpaint-area")   # A1111: "Only masked"
     settings["masked_area_padding"] = _convert(f, "Masked area padding", int, "a whole number")
-    if "Resize mode" in f:                                           # npsd's (A1111 does not write it)
-        if f["Resize mode"].lower() not in RESIZE_MODES:
-            raise InputError(f"the PNG's Resize mode {f['Resize mode']!r} is not one npsd has "
-                             f"({', '.join(RESIZE_MODES)}): give --resize-mode")
-        settings["resize_mode"] = f["Resize mode"].lower()
+    settings["resize_mode"] = _choice(f, "Resize mode", RESIZE_MODES, "--resize-mode")       # npsd's own field
     settings["variation_seed"] = _convert(f, "Variation seed", int, "a whole number")
     settings["variation_strength"] = _convert(f, "Variation seed strength", float, "a number")
     settings["eta_noise_seed_delta"] = _convert(f, "ENSD", int, "a whole number")
@@ -353,8 +341,9 @@ def settings_from_png(path, mode):
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
 A1111_UNAPPLIED = ("Hires resize", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
-                   "Hires CFG Scale", "Hires checkpoint", "Seed resize from", "Face restoration", "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS",
-                   "Schedule min sigma", "Schedule max sigma", "Schedule rho", "Discard penultimate sigma")
+                   "Hires CFG Scale", "Hires checkpoint", "Seed resize from", "Face restoration", "Hypernet",
+                   "Token merging ratio", "Refiner", "Tiling", "NGMS", "Schedule min sigma", "Schedule max sigma",
+                   "Schedule rho", "Discard penultimate sigma")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet")                 # extensions' fields
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
 # seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
@@ -426,6 +415,16 @@ def _named_values(text, field):
         return [(name, float(value)) for name, value in _named_pairs(text)]
     except ValueError:
         raise InputError(f"--from-png: the stored '{field}' is {text!r}, not NAME: STRENGTH, ...") from None
+
+
+def _choice(fields, name, choices, option):
+    """A stored field that names one of choices (in any case) -> that choice; None when absent."""
+    if name not in fields:
+        return None
+    if fields[name].lower() not in choices:
+        raise InputError(f"--from-png: the stored '{name}' is {fields[name]!r}, not one npsd has "
+                         f"({', '.join(choices)}); give {option}")
+    return fields[name].lower()
 
 
 def _convert(fields, name, kind, what):

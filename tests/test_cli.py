@@ -221,7 +221,6 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
     assert rc == 0 and err == "", err
 
 
-
 def test_hires_fix_with_an_image_upscaler(model, tmp_path, capsys):
     """--hires-upscaler lanczos (A1111's image upscaler without a network): the PNG names it as A1111
     does, --from-png remakes the file, and it is not the latent upscaler's image."""
@@ -676,6 +675,13 @@ def test_a1111_inpainting_and_its_png(model, tmp_path, capsys):
                       "--quiet"], capsys)
     assert rc == 0, err
     assert d.read_bytes() == c.read_bytes()
+    # a stored value npsd lacks is one line naming the option to give
+    from npsd.pngmeta import png_info, read_parameters
+    e = tmp_path / "e.png"
+    Image.open(c).save(e, pnginfo=png_info(read_parameters(c).replace("Only masked", "Only faces")))
+    rc, _, err = run(["inpaint", "--from-png", e, "--image", image, "--mask", mask, "--model", model, "-o",
+                      tmp_path / "f.png", "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "'Inpaint area' is 'Only faces'" in err and "--inpaint-area" in err, err
 
 
 def test_save_steps_writes_x0_previews_and_a_filmstrip(model, tmp_path, capsys):
