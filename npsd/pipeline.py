@@ -413,8 +413,7 @@ class Pipeline:
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"], mode=_check_resize_mode(resize_mode))
-        if sample_posterior is None:        # (A1111 samples it from torch's unseeded global generator)
-            sample_posterior = rng == "torch" and schedule_type is None
+        sample_posterior = _posterior(sample_posterior, rng == "torch" and schedule_type is None, settings)
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
                                                   guidance_rescale, prompt_syntax, schedule_type,
@@ -507,7 +506,7 @@ class Pipeline:
             return _with_mask(self.unet, x, t, context, mask, masked)
 
         diffusers_order = rng == "torch" and not a1111
-        sample_posterior = diffusers_order if sample_posterior is None else sample_posterior
+        sample_posterior = _posterior(sample_posterior, diffusers_order, settings)
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
                                                   guidance_rescale, prompt_syntax, schedule_type,
@@ -783,6 +782,19 @@ def _as_prompt_list(prompt, what):
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError(f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
     return list(prompts)
+
+
+def _posterior(sample_posterior, default, settings):
+    """img2img's and inpaint's sample_posterior: None takes default (diffusers samples it; A1111
+    samples it from torch's unseeded global generator, so with an A1111 schedule_type npsd takes the
+    mean), and the mean with A1111's seed options, whose variation mixes the generator's first draw:
+    the start noise, which a posterior sample would otherwise come before."""
+    if sample_posterior is None:
+        return default and settings["variation"] is None
+    if sample_posterior and settings["variation"] is not None:
+        raise InputError("variation_seed and eta_noise_seed_delta act on the start noise, the generator's first "
+                         "draw, and sample_posterior=True would draw before it; leave sample_posterior out")
+    return sample_posterior
 
 
 def _with_mask(unet, x, t, context, mask, masked):

@@ -183,3 +183,8 @@ def test_variation_seeds_per_image_and_their_checks():
                         ({"eta_noise_seed_delta": 2**64 - 5}, "eta_noise_seed_delta must be a whole number")):
         with pytest.raises(InputError, match=message):
             pipe.txt2img("a red circle", seed=9, num_inference_steps=2, callback=refuse, **kw)
+    # the variation mixes the first draw, so no posterior sample may come before it
+    from PIL import Image
+    with pytest.raises(InputError, match="sample_posterior=True would draw before it"):
+        pipe.img2img("a red circle", Image.new("RGB", (64, 64)), seed=9, num_inference_steps=2, callback=refuse,
+                     rng="torch", variation_seed=3, variation_strength=0.5, sample_posterior=True)
