@@ -114,12 +114,13 @@ def resize_to(img, width, height, mode="just resize"):
 
 
 def _fitted(img, width, height, inside):
-    """The size of img scaled to width or height (the other side by its ratio, rounded down): the one
-    that fits inside width x height, or (not inside) the one that covers it."""
+    """The size of img scaled to width or height (the other side by its ratio, rounded down, at least
+    1 pixel: A1111 fails where it rounds to 0): the one that fits inside width x height, or (not
+    inside) the one that covers it."""
     ratio, own = width / height, img.width / img.height
     if (ratio < own) if inside else (ratio > own):
-        return width, img.height * width // img.width
-    return img.width * height // img.height, height
+        return width, max(img.height * width // img.width, 1)
+    return max(img.width * height // img.height, 1), height
 
 
 def fit_size(img, height, width, what="image", resample=True, mode="just resize"):

@@ -436,3 +436,7 @@ def test_resize_modes_equal_a1111s_and_diffusers():
             ours = np.asarray(resize_to(im, W, H, mode))
             assert np.array_equal(ours, np.asarray(resize_image(number, im, W, H))), (trial, mode)
             assert np.array_equal(ours, np.asarray(processor.resize(im, H, W, resize_mode=theirs))), (trial, mode)
+    # where a side would round to 0 pixels (A1111 and diffusers fail there), npsd keeps 1
+    for size in ((1, 300), (300, 1)):
+        for mode in ("crop and resize", "resize and fill"):
+            assert resize_to(Image.new("RGB", size, "red"), 64, 64, mode).size == (64, 64)
