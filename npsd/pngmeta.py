@@ -343,8 +343,8 @@ def settings_from_png(path, mode):
 A1111_UNAPPLIED = ("Hires resize", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
                    "Hires CFG Scale", "Hires checkpoint", "Seed resize from", "Face restoration", "Hypernet",
                    "Token merging ratio", "Refiner", "Tiling", "NGMS", "Schedule min sigma", "Schedule max sigma",
-                   "Schedule rho", "Discard penultimate sigma")
-A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet")                 # extensions' fields
+                   "Schedule rho", "Discard penultimate sigma", "Noise multiplier")
+A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet", "Soft inpainting")   # extensions' (and built-in ones') fields
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
 # seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
 A1111_BROWNIAN = ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde")
@@ -388,6 +388,9 @@ def unapplied_fields(fields, mode="txt2img"):
     for k in ("Beta schedule alpha", "Beta schedule beta"):              # npsd: A1111's default Beta(0.6, 0.6)
         if k in fields and _float_or_none(fields[k]) != BETA_ALPHA:
             names.append(k)
+    # A1111 writes it with every inpainting model; npsd conditions such a model as A1111's default, 1
+    if "Conditional mask weight" in fields and _float_or_none(fields["Conditional mask weight"]) != 1.0:
+        names.append("Conditional mask weight")
     if fields.get("Emphasis", "original").strip().lower() != "original":
         names.append("Emphasis")                                        # npsd: A1111's "Original" (npsd/prompts.py)
     return [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]

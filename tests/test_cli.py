@@ -188,7 +188,8 @@ def test_from_png_of_a_decompression_bomb_is_one_line(tmp_path, capsys):
 
 
 def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, capsys):
-    """A1111 writes hires fix's resize and second sampler, seed resizing, face restoration, its schedules' own sigma range,
+    """A1111 writes hires fix's resize and second sampler, seed resizing, face restoration, an inpainting
+    model's conditional mask weight (below 1), its schedules' own sigma range,
     rho and Beta parameters and its extensions' settings only when they are in use, and each changes
     its image: a re-make names them in one warning (they were ignored without a word); npsd's own
     PNGs, A1111's defaults ("Schedule type: Automatic", "Emphasis: Original") and what npsd applies
@@ -200,6 +201,9 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
              "Hires sampler: Euler",
              ", Seed resize from: 32x32": "Seed resize from: 32x32",
              ", Variation seed: 9, Variation seed strength: 0.3, ENSD: 31337": None,
+             ", Conditional mask weight: 0.5": "Conditional mask weight: 0.5",
+             ", Noise multiplier: 0.9, Soft inpainting enabled: True": "Noise multiplier: 0.9, Soft inpainting enabled: True",
+             ", Conditional mask weight: 1.0": None,
              ", Schedule type: SGM Uniform, Emphasis: No norm": "Emphasis: No norm",
              ", Schedule rho: 5, Discard penultimate sigma: True": "Schedule rho: 5, Discard penultimate sigma: True",
              ", Schedule type: Beta, Beta schedule alpha: 0.6, Beta schedule beta: 0.8": "Beta schedule beta: 0.8",
