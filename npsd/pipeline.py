@@ -331,15 +331,20 @@ class Pipeline:
             x = self._hires_pass(x, hires, hires_settings, first, eta, callback, progress, schedule.num_inference_steps)
         return self._output(x, output_type, decoder, a1111=schedule.schedule_type is not None)
 
+    def _inpainting_unet(self):
+        """True for a 9-channel inpainting UNet (it also reads a mask and a masked image's latents),
+        False for an ordinary one; any other is refused."""
+        if self.unet_in_channels not in (self.latent_channels, 2 * self.latent_channels + 1):
+            raise NpsdError(f"a UNet with {self.unet_in_channels} input channels is neither an ordinary "
+                            f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) model")
+        return self.unet_in_channels == 2 * self.latent_channels + 1
+
     def _unet_without_mask(self, settings):
         """The UNet call of txt2img and img2img: None (self.unet), or for a 9-channel inpainting UNet
         what A1111 gives it there (txt2img_image_conditioning): an all-ones mask and the latents of a
         mid-gray image (0 in [-1, 1], the posterior's mean) of the run's size, everything to repaint."""
-        if self.unet_in_channels == self.latent_channels:
+        if not self._inpainting_unet():
             return None
-        if self.unet_in_channels != 2 * self.latent_channels + 1:
-            raise NpsdError(f"a UNet with {self.unet_in_channels} input channels is neither an ordinary "
-                            f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) model")
         f = self.vae_factor
         mask = np.ones((1, 1, settings["height"] // f, settings["width"] // f), np.float32)
         gray = self._encode_image(np.zeros((1, 3, settings["height"], settings["width"]), np.float32), None, False)
@@ -470,10 +475,7 @@ class Pipeline:
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta))
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
-        inpainting_unet = self.unet_in_channels == self.latent_channels * 2 + 1
-        if not inpainting_unet and self.unet_in_channels != self.latent_channels:
-            raise NpsdError(f"a UNet with {self.unet_in_channels} input channels is neither an ordinary "
-                            f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) model")
+        inpainting_unet = self._inpainting_unet()
         a1111 = schedule_type is not None                                          # A1111's inpainting
         a1111_inpaint.check(masked_content, inpaint_area, masked_area_padding, mask_blur if a1111 else 0)
         if not a1111 and (masked_content, inpaint_area) != ("original", "whole picture"):
