@@ -132,7 +132,8 @@ class AttentionMaps:
         if b == 2 * self._batch:
             q, k = q[self._batch:], k[self._batch:]                          # the conditional half
         elif b != self._batch:
-            raise InputError(f"attention maps: a UNet batch of {b} for {self._batch} images")
+            raise InputError(f"attention maps: a UNet batch of {b} for {self._batch} images (a prompt with AND runs "
+                             "the UNet once per part); map a prompt without AND")
         hl, wl = _layer_size(q.shape[1], self._size)
         if self.resolutions is not None and (hl, wl) not in self.resolutions and (hl, None) not in self.resolutions:
             return

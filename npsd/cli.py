@@ -67,7 +67,7 @@ from .schedulers import (KDIFFUSION_SAMPLERS, NOISE_SAMPLER_SAMPLERS, PREDICTION
 
 WEIGHTS_DTYPE_HELP = ("keep the weights in float16 to halve their memory; npsd computes in float32 either way, and "
                       "the image changes by the float16 rounding of the weights (default float32)")
-PROMPT_SYNTAX_HELP = ("a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK, [a:b:when], [a|b] and <lora:NAME:S> "
+PROMPT_SYNTAX_HELP = ("a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK, [a:b:when], [a|b], a AND b:0.5 and <lora:NAME:S> "
                       "(docs/prompts.md); plain: brackets are literal, as in diffusers")
 
 

@@ -4,7 +4,7 @@ a pipeline hands to npsd.schedulers.sample.
 The UNet runs once per step on the concatenated batch [uncond, cond] (the unconditional half first,
 as diffusers does); the two halves of its output are combined with ``cfg``. A scale <= 1 skips the
 unconditional half entirely, as in diffusers. ``rescale_cfg`` is the optional guidance rescale of
-Lin et al. 2024.
+Lin et al. 2024. ``composable_cfg`` combines several prompts per image (A1111's ``AND``).
 """
 
 import itertools
@@ -21,6 +21,24 @@ def cfg(eps_uncond, eps_cond, scale):
     """
     # [B, C, h, w] x 2 -> [B, C, h, w]
     return eps_uncond + np.float32(scale) * (eps_cond - eps_uncond)
+
+
+def composable_cfg(eps_uncond, eps_parts, weights, scale):
+    """Composable diffusion (Liu et al. 2022, "Compositional Visual Generation with Composable
+    Diffusion Models", the conjunction of concepts), as A1111 combines the parts of a prompt with AND:
+
+        eps = eps_uncond + sum_j  w_j * scale * (eps_j - eps_uncond)
+
+    eps_uncond [B, C, h, w]; eps_parts [N, C, h, w], image b's parts consecutive; weights: for each
+    image the list of its parts' weights (N in all). One part of weight 1 is cfg().
+    """
+    out = eps_uncond.copy()                                                # [B, C, h, w]
+    row = 0
+    for b, part_weights in enumerate(weights):
+        for w in part_weights:                                             # in A1111's order of sums
+            out[b] += (eps_parts[row] - eps_uncond[b]) * np.float32(w * scale)
+            row += 1
+    return out
 
 
 def rescale_cfg(eps_cfg, eps_cond, guidance_rescale):
@@ -54,7 +72,7 @@ def uses_guidance(scale):
     return scale is not None and float(scale) > 1.0
 
 
-def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0):
+def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0, weights=None):
     """Wrap a UNet into model(x, t) -> eps for npsd.schedulers.sample.
 
     unet(latents [B, 4, h, w], t, context [B, L, D]) -> eps [B, 4, h, w] (e.g. Pipeline.unet);
@@ -64,11 +82,27 @@ def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0
     With scale > 1 the UNet sees the batch [uncond, cond] once; else only the conditional batch.
     guidance_rescale > 0 applies ``rescale_cfg`` to the guided output (only when guidance runs, as
     diffusers).
+    weights: with several prompts per image (A1111's AND), for each image its parts' weights;
+    context_cond then has one row per part (N in all) and the UNet sees [uncond, parts] at every
+    scale, combined by ``composable_cfg``.
     """
     check_rescale(guidance_rescale)
     cond_at = context_cond if callable(context_cond) else (lambda k: context_cond)
     uncond_at = context_uncond if callable(context_uncond) else (lambda k: context_uncond)
     calls = itertools.count()
+    if weights is not None:
+        if guidance_rescale > 0:
+            raise InputError("guidance_rescale rescales one prompt's guidance; a prompt with AND combines "
+                             "several: set guidance_rescale to 0 or remove AND")
+        counts = [len(w) for w in weights]
+
+        def composed(x, t):
+            k = next(calls)
+            context = np.concatenate([uncond_at(k), cond_at(k)], axis=0)      # [B + N, L, D]
+            x_in = np.concatenate([x, np.repeat(x, counts, axis=0)], axis=0)  # each image once per part
+            eps = unet(x_in, t, context)                                       # [B + N, 4, h, w]
+            return composable_cfg(eps[:len(x)], eps[len(x):], weights, scale)
+        return composed
     if not uses_guidance(scale):
         return lambda x, t: unet(x, t, cond_at(next(calls)))
 

@@ -28,7 +28,8 @@ from PIL import Image
 from . import a1111_inpaint, clip, resources, schedulers, taesd, unet as unet_model, vae
 from .malloc import holding
 from .embeddings import load_used_embeddings
-from .prompts import PROMPT_SYNTAXES, encode_schedule, extract_loras, encode_weighted, pad_chunks, prompt_syntax_used, text_at_step
+from .prompts import (PROMPT_SYNTAXES, composable, encode_schedule, extract_loras, encode_weighted, pad_chunks,
+                      prompt_syntax_used, repeat_last, split_and, text_at_step)
 from .brownian import SDE_NOISES, brownian_noise
 from .rng import SEED_LIMIT, make_rng
 from .config import generation_defaults, sd15_config, with_fallbacks
@@ -637,21 +638,25 @@ class Pipeline:
                 raise InputError("an LCM-distilled UNet (time_cond_proj_dim) runs txt2img and img2img, not inpainting")
             unet = functools.partial(self.unet, w_emb=unet_model.guidance_embedding(scale, self.guidance_embedding_dim))
             scale = 1.0
-        cond, uncond, batch = self._contexts(prompt, negative_prompt, num_images, scale,
-                                             clip_skip, long_prompt, prompt_syntax, model_calls)
+        cond, uncond, batch, weights = self._contexts(prompt, negative_prompt, num_images, scale,
+                                                      clip_skip, long_prompt, prompt_syntax, model_calls)
         if isinstance(settings["seed"], tuple) and len(settings["seed"]) != batch:
             raise InputError(f"{len(settings['seed'])} seeds for {batch} images; give one seed, or one per image "
                              f"(prompts x num_images)")
-        model = guided_model(unet, cond, uncond, scale, guidance_rescale)
+        if weights is not None and self.guidance_embedding_dim:
+            raise InputError("an LCM-distilled UNet has no unconditional pass to combine the parts of a prompt "
+                             "with AND; remove AND or its weight")
+        model = guided_model(unet, cond, uncond, scale, guidance_rescale, weights)
         return rng, model, batch, schedule
 
     def _contexts(self, prompt, negative_prompt, num_images, guidance_scale, clip_skip, long_prompt,
                   prompt_syntax="plain", model_calls=1):
-        """Encode prompt and negative prompt -> (cond [B, L, D], uncond [B, L, D] or None, B).
+        """Encode prompt and negative prompt -> (cond [B, L, D], uncond [B, L, D] or None, B, weights).
 
         B = number of prompts * num_images (each prompt's images are consecutive, as in diffusers).
         With A1111's syntax in use, cond and uncond may be functions of the model call's index k (prompt
-        editing), for guided_model."""
+        editing), and a prompt with AND or a weight gives weights (one list per image) and cond one row
+        per part (guided_model); weights is None otherwise."""
         prompts = _as_prompt_list(prompt, "prompt")
         negatives = _as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
         if len(negatives) == 1 and len(prompts) > 1:
@@ -660,12 +665,13 @@ class Pipeline:
             raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one or one per prompt")
         if not is_whole(num_images) or num_images < 1:
             raise InputError(f"num_images must be a whole number >= 1, got {num_images!r}")
-        guided = uses_guidance(guidance_scale)
+        if prompt_syntax not in PROMPT_SYNTAXES:
+            raise InputError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {prompt_syntax!r}")
+        composed = prompt_syntax == "a1111" and any(composable(p) for p in prompts)
+        guided = uses_guidance(guidance_scale) or composed        # AND's parts are weighed against uncond
         texts = prompts + (negatives if guided else [])
         if getattr(self, "embeddings_dir", None):
             load_used_embeddings(self, self.embeddings_dir, texts)
-        if prompt_syntax not in PROMPT_SYNTAXES:
-            raise InputError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {prompt_syntax!r}")
         if prompt_syntax == "a1111" and any(prompt_syntax_used(t, model_calls) for t in texts):
             return self._a1111_contexts(prompts, negatives if guided else None, num_images, clip_skip, model_calls)
         if long_prompt == "truncate":
@@ -685,24 +691,35 @@ class Pipeline:
             uncond = self.encode_text(neg_ids, clip_skip) if guided else None
         cond = np.repeat(cond, num_images, axis=0)                                  # [B, L, D]
         uncond = np.repeat(uncond, num_images, axis=0) if guided else None
-        return cond, uncond, cond.shape[0]
+        return cond, uncond, cond.shape[0], None
 
     def _a1111_contexts(self, prompts, negatives, num_images, clip_skip, model_calls):
-        """A1111's weighted, chunked, scheduled prompts (npsd/prompts.py) -> (cond, uncond or None, B).
-        Every context is padded to the same number of 77-token chunks with the empty prompt's."""
-        groups = [prompts] + ([negatives] if negatives is not None else [])
+        """A1111's composable, weighted, chunked, scheduled prompts (npsd/prompts.py) -> (cond, uncond
+        or None, B, weights), as _contexts. Each prompt's parts (split_and) are encoded once per
+        distinct text; the parts are brought to one length by repeating their last token's vector
+        (repeat_last), then every context to the same number of 77-token chunks with the empty prompt's."""
+        parts = [split_and(p) for p in prompts]
+        texts = list(dict.fromkeys(t for ps in parts for t, _ in ps))
+        groups = [texts] + ([negatives] if negatives is not None else [])
         schedules = [[encode_schedule(self, t, model_calls, clip_skip) for t in group] for group in groups]
+        longest = max(c.shape[1] for sch in schedules[0] for _, c in sch)
+        schedules[0] = [[(end, repeat_last(c, longest)) for end, c in sch] for sch in schedules[0]]
         contexts = pad_chunks([c for g in schedules for sch in g for _, c in sch], encode_weighted(self, "", clip_skip))
         it = iter(contexts)
         schedules = [[[(end, next(it)) for end, _ in sch] for sch in g] for g in schedules]
+        rows = [schedules[0][texts.index(t)] for ps in parts for _ in range(num_images) for t, _ in ps]
+        negative_rows = [sch for sch in schedules[1] for _ in range(num_images)] if negatives is not None else None
 
-        def context_at(group):                                      # model call k -> [B, L, D]
+        def context_at(rows):                                       # model call k -> [rows, L, D]
             def at(k):
-                return np.repeat(np.concatenate([text_at_step(sch, k) for sch in group]), num_images, axis=0)
-            return at if any(len(sch) > 1 for sch in group) else at(0)
-        cond = context_at(schedules[0])
-        uncond = context_at(schedules[1]) if negatives is not None else None
-        return cond, uncond, len(prompts) * num_images
+                return np.concatenate([text_at_step(sch, k) for sch in rows])
+            return at if any(len(sch) > 1 for sch in rows) else at(0)
+        cond = context_at(rows)
+        uncond = context_at(negative_rows) if negatives is not None else None
+        weights = None
+        if any(composable(p) for p in prompts):
+            weights = [[w for _, w in ps] for ps in parts for _ in range(num_images)]
+        return cond, uncond, len(prompts) * num_images, weights
 
     def _sample(self, model, x, schedule, rng, start, eta, callback, progress, after_step=None, attention_maps=None,
                 settings=None, edit_x0=None):

@@ -7,6 +7,9 @@ modules/sd_emphasis.py and modules/extra_networks.py. In the order A1111 applies
 
 1. extract_loras("a cat <lora:ink:0.6>")  -> ("a cat ", [LoraTag("ink", 0.6, 0.6)])
    every <type:arg:...> tag leaves the text; lora (alias lyco) tags are returned.
+   split_and("a cat AND a dog :1.2") -> [("a cat", 1.0), (" a dog", 1.2)]
+   composable prompts: each part is a prompt of its own, weighted in the guidance
+   (npsd.guidance.composable_cfg); every step below applies to each part.
 2. prompt_schedule("a [cat:dog:0.5]", 10) -> [(5, "a cat"), (10, "a dog")]
    prompt editing [from:to:when], [to:when], [from::when] and alternation [a|b|c]: the plain prompt
    of each stretch of steps; text_at_step(schedule, i) picks sampling step i's (A1111's counting).
@@ -51,7 +54,7 @@ def prompt_syntax_used(text, steps):
     prompt editing or alternation. Pipelines give such prompts to encode_schedule and the others to
     the plain tokenizer path, so that a plain prompt gives the same numbers in either syntax."""
     pieces = parse_attention(text)
-    return pieces not in ([], [(text, 1.0)]) or len(prompt_schedule(text, steps)) > 1
+    return pieces not in ([], [(text, 1.0)]) or len(prompt_schedule(text, steps)) > 1 or composable(text)
 
 
 # --- 1. <lora:NAME:STRENGTH> and other extra-network tags -----------------------------------------
@@ -86,14 +89,44 @@ def extract_loras(text):
     if others:
         warnings.warn(f"npsd has no extra networks of these types; removed from the prompt: {', '.join(others)}",
                       stacklevel=2)
-    if AND.search(text):
-        warnings.warn("the prompt uses A1111's AND, which combines the predictions of several prompts "
-                      "(composable diffusion, Liu et al. 2022); npsd does not, and reads AND as a word",
-                      stacklevel=2)
     return text, loras
 
 
+# --- 1b. AND: composable prompts -------------------------------------------------------------------
+
 AND = re.compile(r"\bAND\b")           # A1111's separator of composable prompts (modules/prompt_parser.py)
+# a part's weight: a number after a colon at its very end, spaces around it allowed ("a dog :1.2",
+# "a dog:-.5"; no exponent); "." does not cross a line break, so a part with a line break after its
+# leading spaces keeps its whole text and weight 1, as A1111's pattern does
+PART_WEIGHT = re.compile(r"^(\s*.*?)\s*(?::\s*([+-]?(?:\d+\.?\d*|\.\d+)))?\s*$")
+
+
+def split_and(text):
+    """A prompt (after extract_loras) -> its parts [(text, weight)], as A1111 reads every prompt
+    (modules/prompt_parser.py, get_multicond_prompt_list): split at the word AND, each part's
+    trailing ":number" its weight (default 1) and its trailing spaces dropped. A negative prompt is
+    not split. "a cat AND a dog :1.2" -> [("a cat", 1.0), (" a dog", 1.2)]."""
+    parts = []
+    for part in AND.split(text):
+        m = PART_WEIGHT.search(part)
+        if m is None:
+            parts.append((part, 1.0))
+        else:
+            parts.append((m.group(1), 1.0 if m.group(2) is None else float(m.group(2))))
+    return parts
+
+
+def composable(text):
+    """True when split_and changes the prompt beyond its trailing spaces: AND, or a weight."""
+    parts = split_and(text)
+    return len(parts) > 1 or parts[0][1] != 1.0 or parts[0][0].rstrip() != text.rstrip()
+
+
+def repeat_last(context, tokens):
+    """[B, L, D] -> [B, tokens, D], its last token's vector repeated: how A1111 brings the parts of
+    composable prompts with different numbers of 77-token chunks to one length
+    (reconstruct_multicond_batch); pad_chunks then pads them against the negative prompts."""
+    return np.concatenate([context, np.repeat(context[:, -1:], tokens - context.shape[1], axis=1)], axis=1)
 
 
 def _lora_tag(tag, args):

@@ -212,7 +212,7 @@ def test_prompt_and_negative_prompt_are_encoded_in_one_batch(tiny, monkeypatch):
     batches = []
     encode = pipe.encode_text
     monkeypatch.setattr(pipe, "encode_text", lambda ids, clip_skip=None: batches.append(len(ids)) or encode(ids, clip_skip))
-    cond, uncond, n = pipe._contexts(PROMPTS, "blurry", 2, 7.5, None, "truncate")
+    cond, uncond, n, _ = pipe._contexts(PROMPTS, "blurry", 2, 7.5, None, "truncate")
     assert batches == [2 * len(PROMPTS)] and n == 2 * len(PROMPTS)
     assert_close(cond, np.repeat(clip.encode_text(tiny.params, pipe.tokenize(PROMPTS), tiny.config), 2, axis=0), 1e-6,
                  "prompts in one batch with the negatives")

@@ -234,7 +234,7 @@ def test_long_prompt_chunk_mode(models):
     truncation (the words after token 75 count)."""
     pipe = npsd_pipe(models)
     long_prompt = " ".join(["red circle"] * 40 + ["on a green background"])   # about 85 tokens
-    cond, uncond, batch = pipe._contexts(long_prompt, "blurry", 2, 7.5, None, "chunk")
+    cond, uncond, batch, _ = pipe._contexts(long_prompt, "blurry", 2, 7.5, None, "chunk")
     assert cond.shape == uncond.shape == (2, 154, 32) and batch == 2
     kw = dict(num_inference_steps=2, height=SIZE, width=SIZE, sampler="ddim", seed=1, output_type="latent")
     chunked = pipe.txt2img(long_prompt, long_prompt="chunk", **kw)

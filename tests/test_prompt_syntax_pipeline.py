@@ -60,7 +60,7 @@ def test_a_plain_prompt_gives_the_same_numbers_in_both_syntaxes(pipe):
 
 
 def test_weighted_prompt_uses_the_weighted_contexts(pipe):
-    cond, uncond, batch = pipe._contexts("a (red:1.5) circle", "", 2, 7.5, None, "truncate", "a1111", 3)
+    cond, uncond, batch, _ = pipe._contexts("a (red:1.5) circle", "", 2, 7.5, None, "truncate", "a1111", 3)
     weighted = prompts.encode_weighted(pipe, ["a (red:1.5) circle"])
     assert batch == 2 and cond.shape == (2, 77, weighted.shape[-1])
     assert np.array_equal(cond, np.repeat(weighted, 2, axis=0))

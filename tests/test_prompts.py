@@ -18,6 +18,7 @@ A wrong weight (1.1 where A1111 gives 1.21: 8.3e-2) or a missing mean restore (1
 same check.
 """
 
+import re
 import warnings
 
 import numpy as np
@@ -28,8 +29,8 @@ import npsd
 from npsd import prompts
 from npsd.config import sd15_config
 from npsd.errors import InputError
-from npsd.prompts import (LoraTag, encode_schedule, encode_weighted, extract_loras, pad_chunks, parse_attention,
-                          prompt_schedule, text_at_step, tokenize_weighted)
+from npsd.prompts import (LoraTag, composable, encode_schedule, encode_weighted, extract_loras, pad_chunks,
+                          parse_attention, prompt_schedule, repeat_last, split_and, text_at_step, tokenize_weighted)
 from npsd.testing import assert_close
 from npsd.tokenizer import Tokenizer
 from tests.helpers import perturb_, t2n, to_numpy_params
@@ -138,17 +139,62 @@ def test_text_at_step_counts_like_a1111():
 
 # --- <lora:...> -----------------------------------------------------------------------------------
 
+# --- split_and: A1111's composable prompts ----------------------------------------------------------
+
+def a1111_multicond(prompt):
+    """A1111's get_multicond_prompt_list (modules/prompt_parser.py) for one prompt, as it is written
+    there: split at AND, each part's weight read by A1111's pattern -> [(text, weight)]."""
+    re_and = re.compile(r"\bAND\b")
+    re_weight = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+    out = []
+    for subprompt in re_and.split(prompt):
+        match = re_weight.search(subprompt)
+        text, weight = match.groups() if match is not None else (subprompt, 1.0)
+        out.append((text, float(weight) if weight is not None else 1.0))
+    return out
+
+
+def test_split_and_examples():
+    assert split_and("a cat AND a dog :1.2") == [("a cat", 1.0), (" a dog", 1.2)]
+    assert split_and("a cat:0.5 AND a dog: -.25\n") == [("a cat", 0.5), (" a dog", -0.25)]
+    assert split_and("a cat AND") == [("a cat", 1.0), ("", 1.0)]
+    assert split_and("sand, ANDROID, and") == [("sand, ANDROID, and", 1.0)]     # AND only as a word
+    assert split_and("a (cat:1.3)") == [("a (cat:1.3)", 1.0)]                   # emphasis, not a weight
+    assert split_and("a cat:1e3") == [("a cat:1e3", 1.0)]                       # no exponent
+    assert split_and("a\ncat:2") == [("a\ncat:2", 1.0)]                      # a line break inside: kept whole
+    assert split_and("\n a cat:2") == [("\n a cat", 2.0)]                     # ... but not a leading one
+    assert [composable(t) for t in ("a cat", "a cat  ", "a cat:1", "a cat:2", "a AND b", "a\ncat ")] == \
+        [False, False, True, True, True, False]
+
+
+def test_split_and_equals_a1111_on_random_prompts():
+    """3000 prompts of pieces that meet A1111's pattern at its edges (spaces and line breaks around
+    colons, signs, points, AND inside and beside words): every part's text and weight as A1111's."""
+    rng = np.random.default_rng(0)
+    pieces = ["a", "cat", " ", "  ", "\n", "\t", ":", "1", "0", "5", ".", "-", "+", "AND", " AND ", "ANDy",
+              "(", ")", "[", "]", "e"]
+    for _ in range(3000):
+        prompt = "".join(rng.choice(pieces, size=rng.integers(0, 14)))
+        assert split_and(prompt) == a1111_multicond(prompt), repr(prompt)
+
+
+def test_repeat_last():
+    c = np.arange(2 * 77 * 3, dtype=np.float32).reshape(2, 77, 3)
+    out = repeat_last(c, 154)
+    assert out.shape == (2, 154, 3)
+    np.testing.assert_array_equal(out[:, :77], c)
+    np.testing.assert_array_equal(out[:, 77:], np.repeat(c[:, -1:], 77, axis=1))
+
+
 def test_extract_loras():
     text, loras = extract_loras("a cat <lora:ink:0.6>, <lora:pen> <lyco:x:0.5:0.2> <lora:y:te=0.3:unet=0.7> <lora>")
     assert text == "a cat ,    <lora>"
     assert loras == [LoraTag("ink", 0.6, 0.6), LoraTag("pen", 1.0, 1.0), LoraTag("x", 0.5, 0.2), LoraTag("y", 0.3, 0.7)]
     with pytest.warns(UserWarning, match="hypernet"):
         assert extract_loras("a <hypernet:h:1> b") == ("a  b", [])
-    # A1111's composable prompts ("a cat AND a dog :1.2") are not done: said, and the text kept as it is
-    with pytest.warns(UserWarning, match=r"A1111's AND, which combines .* npsd does not, and reads AND as a word"):
-        assert extract_loras("a cat AND a dog :1.2") == ("a cat AND a dog :1.2", [])
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():   # AND stays in the text, for split_and
         warnings.simplefilter("error")
+        assert extract_loras("a cat AND a dog :1.2") == ("a cat AND a dog :1.2", [])
         assert extract_loras("sand, ANDROID, and, And") == ("sand, ANDROID, and, And", [])
     with pytest.raises(InputError, match="not a number"):
         extract_loras("<lora:ink:strong>")

@@ -289,6 +289,10 @@ def test_lcm_guidance_is_an_input_not_two_passes(lcm_folder):
     a = pipe.txt2img(PROMPT, num_inference_steps=2, guidance_scale=8.5, height=SIZE, width=SIZE, seed=1, output_type="np")
     b = pipe.txt2img(PROMPT, num_inference_steps=2, guidance_scale=2.0, height=SIZE, width=SIZE, seed=1, output_type="np")
     assert calls == [1] * 4 and np.abs(a - b).max() > 1e-3
+    # A1111's AND weighs its parts against an unconditional pass, which such a UNet does not make
+    with pytest.raises(npsd.errors.InputError, match="LCM-distilled UNet .* AND") as caught:
+        pipe.txt2img("a cat AND a dog", num_inference_steps=2, height=SIZE, width=SIZE, prompt_syntax="a1111")
+    assert "\n" not in str(caught.value) and calls == [1] * 4
 
 
 def test_cli_says_which_prediction_type_it_chose(tmp_path, capsys):
