@@ -282,9 +282,9 @@ def test_seed_resize_noise_multiplier_and_mask_weight_checks():
     def refuse(*step):
         raise AssertionError("a step ran")
 
-    cases = [("txt2img", {"seed_resize_from_h": -8, "seed_resize_from_w": 64}, "seed_resize_from_h must be 0 (off) or"),
+    cases = [("txt2img", {"seed_resize_from_h": -8, "seed_resize_from_w": 64}, "seed_resize_from_h must be 0 \\(off\\) or"),
              ("txt2img", {"seed_resize_from_h": 64}, "seed_resize_from_h and seed_resize_from_w go together"),
-             ("txt2img", {"seed_resize_from_h": 4, "seed_resize_from_w": 64}, "a whole number of pixels >= 8, got 4"),
+             ("txt2img", {"seed_resize_from_h": 2, "seed_resize_from_w": 64}, "a whole number of pixels >= 4, got 2"),
              ("img2img", {"initial_noise_multiplier": -0.5}, "initial_noise_multiplier must be a finite number >= 0"),
              ("img2img", {"initial_noise_multiplier": float("nan")}, "initial_noise_multiplier must be a finite"),
              ("img2img", {"inpainting_mask_weight": 1.5}, "inpainting_mask_weight must be a number in \\[0, 1\\]"),
