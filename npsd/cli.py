@@ -131,6 +131,17 @@ def _sampler(text):
     return text
 
 
+def _size(text):
+    """--seed-resize-from WxH -> (width, height), two whole numbers > 0."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT (e.g. 512x384), got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"the width and height must be > 0, got {text}")
+    return w, h
+
+
 def _seed(text):
     try:
         v = int(text)
@@ -202,6 +213,10 @@ def _generation_options(p, mode):
       help="how much of the variation seed's noise, 0 to 1 (default 0)")
     a("--ensd", dest="eta_noise_seed_delta", metavar="N", type=_seed, help="A1111's eta noise seed delta: the samplers' noise from seed + N "
                                               "(default 0)")
+    a("--seed-resize-from", metavar="WxH", type=_size,
+      help="A1111's seed resize: the seed's start noise of a WxH image, pasted centred (default: off)")
+    a("--inpainting-mask-weight", metavar="W", type=_float_in(0.0, 1.0, what="weight"),
+      help="A1111's inpainting conditioning mask strength for a 9-channel inpainting model, 0 to 1 (default 1)")
     a("--height", metavar="PIXELS", type=_int_at_least(1, "height"), help="image height, a multiple of 8 (default: the model's)")
     a("--width", metavar="PIXELS", type=_int_at_least(1, "width"), help="image width, a multiple of 8 (default: the model's)")
     a("--num-images", metavar="N", type=_int_at_least(1, "count"), help="images to generate (default 1)")
@@ -226,6 +241,8 @@ def _generation_options(p, mode):
         a("--hires-strength", metavar="S", type=_float_in(0.0, 1.0, what="strength"),
           help="how much the second pass redraws, A1111's denoising strength (default 0.7)")
     if mode != "txt2img":
+        a("--noise-multiplier", dest="initial_noise_multiplier", metavar="M", type=_float_in(0.0, what="multiplier"),
+          help="A1111's noise multiplier for img2img: the noise added to the image times M, >= 0 (default 1)")
         a("--resize-mode", choices=RESIZE_MODES,
           help="how an image of another shape is brought to --height x --width (default: just resize)")
     if mode == "inpaint":
@@ -379,14 +396,16 @@ def attach_networks(pipe, args, settings):
 SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "seed", "height", "width",
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
             "resize_mode", "mask_blur", "masked_content", "inpaint_area", "masked_area_padding", "variation_seed",
-            "variation_strength", "eta_noise_seed_delta", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
+            "variation_strength", "eta_noise_seed_delta", "seed_resize_from", "initial_noise_multiplier",
+            "inpainting_mask_weight", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
             "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
             "hires_steps", "hires_strength")
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "masked_content": "original",
                    "inpaint_area": "whole picture", "masked_area_padding": 32, "resize_mode": "just resize", "variation_strength": 0.0,
-                   "eta_noise_seed_delta": 0, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
+                   "eta_noise_seed_delta": 0, "seed_resize_from": None, "initial_noise_multiplier": 1.0,
+                   "inpainting_mask_weight": 1.0, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
                    "ti_names": [], "vae_decoder": "vae", "sde_noise": "generator", "hires_upscaler": "latent",
                    "hires_steps": 0}
 

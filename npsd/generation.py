@@ -111,16 +111,25 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               prompt_syntax=settings["prompt_syntax"], attention_maps=attention_maps, decoder=settings["vae_decoder"],
               sde_noise=settings["sde_noise"], schedule_type=settings.get("schedule_type"), trace=trace,
               variation_seed=settings.get("variation_seed"), variation_strength=settings.get("variation_strength") or 0.0,
-              eta_noise_seed_delta=settings.get("eta_noise_seed_delta") or 0)
+              eta_noise_seed_delta=settings.get("eta_noise_seed_delta") or 0,
+              seed_resize_from_w=(settings.get("seed_resize_from") or (0, 0))[0],
+              seed_resize_from_h=(settings.get("seed_resize_from") or (0, 0))[1],
+              inpainting_mask_weight=_or(settings.get("inpainting_mask_weight"), 1.0))
     if mode == "txt2img":
         return pipe.txt2img(settings["prompt"], hires=hires_of(settings), **kw)
     kw["resize_mode"] = settings.get("resize_mode") or "just resize"
+    kw["initial_noise_multiplier"] = _or(settings.get("initial_noise_multiplier"), 1.0)
     if mode == "img2img":
         return pipe.img2img(settings["prompt"], image, strength=settings["strength"], **kw)
     return pipe.inpaint(settings["prompt"], image, mask, strength=settings["strength"],
                         mask_blur=settings["mask_blur"], masked_content=settings.get("masked_content") or "original",
                         inpaint_area=settings.get("inpaint_area") or "whole picture",
                         masked_area_padding=settings.get("masked_area_padding", 32), **kw)
+
+
+def _or(value, default):
+    """value, or default where it is None (0 is a value)."""
+    return default if value is None else value
 
 
 def to_images(images, settings):

@@ -253,7 +253,8 @@ class Pipeline:
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", rng="numpy",
                 prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
-                hires=None, variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0):
+                hires=None, variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, seed_resize_from_h=0,
+                seed_resize_from_w=0, inpainting_mask_weight=1.0):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -303,14 +304,25 @@ class Pipeline:
         (npsd.rng.Variation): the starting noise mixed with the variation seed's (image b of a list
         of seeds: variation_seed + b) by A1111's slerp, 0 keeping the seed's, 1 taking the
         variation's; a delta > 0 (A1111's "ENSD") draws the samplers' later noise from seed + delta.
+        seed_resize_from_h, seed_resize_from_w: A1111's "Seed resize from" (0 and 0: off): the start
+        noise is the seed's (and variation seed's) noise of an image of that size, pasted centred into
+        this size's (npsd.rng.paste_centred): the image of that size's composition, kept.
+        inpainting_mask_weight: A1111's "Inpainting conditioning mask strength" for a 9-channel
+        inpainting UNet, in [0, 1]: img2img and inpaint give that UNet the image blended with its
+        masked copy, lerp(image, image * (1 - mask), weight) (txt2img's image is gray: no effect).
         """
         _check_hooks(callback, progress, attention_maps)
+        _check_image_options(1.0, inpainting_mask_weight)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed,
                                   decoder=decoder, eta=eta, sde_noise=sde_noise,
-                                  variation=(variation_seed, variation_strength, eta_noise_seed_delta))
+                                  variation=(variation_seed, variation_strength, eta_noise_seed_delta,
+                                             seed_resize_from_h, seed_resize_from_w))
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         hires_settings = self._hires_settings(hires, settings, attention_maps, schedule_type)
+        if hires_settings is not None and inpainting_mask_weight != 1 and self._inpainting_unet():
+            raise InputError("inpainting_mask_weight below 1 with hires: A1111 then conditions the inpainting UNet's "
+                             "second pass on the first pass's image, which npsd does not remake; leave it at 1")
         if hires_settings is not None:
             resources.check_request(self, prompt, num_images, hires_settings)
         first = (rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas, timestep_spacing,
@@ -340,16 +352,20 @@ class Pipeline:
                             f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) model")
         return self.unet_in_channels == 2 * self.latent_channels + 1
 
-    def _unet_without_mask(self, settings):
+    def _unet_without_mask(self, settings, pixels=None, weight=1.0):
         """The UNet call of txt2img and img2img: None (self.unet), or for a 9-channel inpainting UNet
-        what A1111 gives it there (txt2img_image_conditioning): an all-ones mask and the latents of a
-        mid-gray image (0 in [-1, 1], the posterior's mean) of the run's size, everything to repaint."""
+        what A1111 gives it there: an all-ones mask, everything to repaint, and the latents (the
+        posterior's mean) of a mid-gray image (0 in [-1, 1]) of the run's size (txt2img_image_conditioning),
+        or in img2img of the image pixels [1, 3, H, W] times 1 - weight, its lerp(image, image * (1 - 1),
+        weight) with A1111's inpainting_mask_weight (inpainting_image_conditioning): gray at weight 1."""
         if not self._inpainting_unet():
             return None
         f = self.vae_factor
         mask = np.ones((1, 1, settings["height"] // f, settings["width"] // f), np.float32)
-        gray = self._encode_image(np.zeros((1, 3, settings["height"], settings["width"]), np.float32), None, False)
-        return lambda x, t, context: _with_mask(self.unet, x, t, context, mask, gray)
+        if pixels is None or weight == 1:
+            pixels = np.zeros((1, 3, settings["height"], settings["width"]), np.float32)
+        cond = self._encode_image(pixels - np.float32(weight) * pixels, None, False)         # [1, 4, h, w]
+        return lambda x, t, context: _with_mask(self.unet, x, t, context, mask, cond)
 
     def _hires_settings(self, hires, settings, attention_maps, schedule_type):
         """The second pass's settings (its size and steps) of txt2img(hires=...), or None; checked
@@ -395,7 +411,8 @@ class Pipeline:
                 timestep_spacing=None, clip_skip=None, long_prompt="truncate", sample_posterior=None,
                 rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
-                variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize"):
+                variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
+                seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -408,14 +425,18 @@ class Pipeline:
         image to a sample of the VAE posterior (True) or to its mean (False); None: a sample with
         rng="torch" (as diffusers), the mean with rng="numpy" or an A1111 schedule_type (A1111 draws
         the sample from torch's global generator, which no seed sets, so the seed's first draw is
-        its start noise). Other arguments as in txt2img.
+        its start noise). initial_noise_multiplier: A1111's "Noise multiplier for img2img", >= 0: the
+        noise added to the image's latents (drawn or given) is multiplied by it. Other arguments as in
+        txt2img.
         """
         _check_strength(strength)
         _check_hooks(callback, progress, attention_maps)
+        _check_image_options(initial_noise_multiplier, inpainting_mask_weight)
         img = open_image(image)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
                                   decoder, eta, sde_noise,
-                                  variation=(variation_seed, variation_strength, eta_noise_seed_delta))
+                                  variation=(variation_seed, variation_strength, eta_noise_seed_delta,
+                                             seed_resize_from_h, seed_resize_from_w))
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"], mode=_check_resize_mode(resize_mode))
@@ -423,12 +444,13 @@ class Pipeline:
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
                                                   guidance_rescale, prompt_syntax, schedule_type,
-                                                  self._unet_without_mask(settings))
+                                                  self._unet_without_mask(settings, to_array(img), inpainting_mask_weight))
         start = schedulers.start_index(schedule, strength)
         per_image = batch if isinstance(settings["seed"], tuple) else 1             # one sample per seed
         x0 = self._encode_image(to_array(img), rng, sample_posterior, per_image)   # [1 or B, 4, h, w], scaled
         x0 = np.repeat(x0, batch // len(x0), axis=0)                               # [B, 4, h, w]
         noise = rng.standard_normal(x0.shape, dtype=np.float32) if noise is None else _check_array(noise, x0.shape, "noise")
+        noise = noise * np.float32(initial_noise_multiplier)                        # (A1111's, at any sampler)
         x = schedulers.noise_at_start(schedule, x0, noise, start)                   # x at step `start`
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress, attention_maps=attention_maps,
                          settings=settings)
@@ -444,7 +466,8 @@ class Pipeline:
                 mask_blur=0, rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 masked_content="original", inpaint_area="whole picture", masked_area_padding=32,
-                variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize"):
+                variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
+                seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -466,14 +489,18 @@ class Pipeline:
         "Masked content", "original", "fill", "latent noise" or "latent nothing"; inpaint_area:
         "whole picture", or "only masked": the box around the mask (masked_area_padding pixels
         wider) is cut out, repainted at height x width and put back, and the result has the input
-        image's size (height and width default to it).
+        image's size (height and width default to it). initial_noise_multiplier and
+        inpainting_mask_weight: as img2img's (the weight: the masked image a 9-channel UNet reads is
+        lerp(image, image * (1 - mask), weight)), A1111's options, so with a schedule_type only.
         """
         _check_strength(strength)
         _check_hooks(callback, progress, attention_maps, mask_blur)
+        _check_image_options(initial_noise_multiplier, inpainting_mask_weight)
         img = open_image(image)
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
                                   decoder, eta, sde_noise,
-                                  variation=(variation_seed, variation_strength, eta_noise_seed_delta))
+                                  variation=(variation_seed, variation_strength, eta_noise_seed_delta,
+                                             seed_resize_from_h, seed_resize_from_w))
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         inpainting_unet = self._inpainting_unet()
@@ -482,6 +509,10 @@ class Pipeline:
         if not a1111 and (masked_content, inpaint_area) != ("original", "whole picture"):
             raise InputError(f"masked_content={masked_content!r} and inpaint_area={inpaint_area!r} are A1111's "
                              f"inpainting: give a schedule_type (e.g. 'automatic'), or leave them at their defaults")
+        if not a1111 and (initial_noise_multiplier, inpainting_mask_weight) != (1, 1):
+            raise InputError(f"initial_noise_multiplier={initial_noise_multiplier!r} and inpainting_mask_weight="
+                             f"{inpainting_mask_weight!r} are A1111's inpainting's: give a schedule_type "
+                             f"(e.g. 'automatic'), or leave them at 1")
         height, width, f = settings["height"], settings["width"], self.vae_factor
         mode = _check_resize_mode(resize_mode)
         if a1111:                                                # A1111's mask (and crop): npsd/a1111_inpaint.py
@@ -502,7 +533,10 @@ class Pipeline:
             mask_img = fit_size(open_image(mask_image, "mask"), height, width, "mask", mode=mode)
             mask_px = mask_to_array(mask_img, mask_blur)                           # [1, 1, H, W], 1 = repaint
         mask = mask_px[:, :, ::f, ::f]                                             # [1, 1, h, w] (nearest)
-        masked_pixels = pixels * (mask_px < 0.5)                                   # the kept region only
+        if a1111:                       # lerp(image, image * (1 - mask), weight), A1111's inpainting_mask_weight
+            masked_pixels = pixels - np.float32(inpainting_mask_weight) * (pixels - pixels * (1 - mask_px))
+        else:
+            masked_pixels = pixels * (mask_px < 0.5)                               # the kept region only
         masked = None                                                              # its latents, below
 
         def nine_channel_unet(x, t, context):                      # the UNet also reads mask and masked image
@@ -538,7 +572,8 @@ class Pipeline:
                 rng.standard_normal((1,) + shape[1:], dtype=np.float32)          # drawn and not used
         if a1111:
             return self._inpaint_a1111(model, x0, noise, schedule, rng, start, eta, callback, progress,
-                                       attention_maps, settings, repaint, masked_content, paste, output_type, decoder)
+                                       attention_maps, settings, repaint, masked_content, paste, output_type, decoder,
+                                       initial_noise_multiplier)
 
         def keep_known(i, t, x, x0_pred):
             if inpainting_unet:
@@ -551,14 +586,15 @@ class Pipeline:
         return self._output(x, output_type, decoder)
 
     def _inpaint_a1111(self, model, z, noise, schedule, rng, start, eta, callback, progress, attention_maps, settings,
-                       repaint, masked_content, paste, output_type, decoder):
+                       repaint, masked_content, paste, output_type, decoder, multiplier=1.0):
         """Steps 3-5 of A1111's inpainting (npsd/a1111_inpaint.py) from the image's latents z [B, 4, h, w],
-        the start noise, the latent mask repaint [1, 1, h, w] (1 = repaint) and prepare's paste."""
+        the start noise, the latent mask repaint [1, 1, h, w] (1 = repaint) and prepare's paste.
+        multiplier: A1111's initial_noise_multiplier, of the noise that noises z (not of the fill's)."""
         if masked_content == "latent noise":                                      # the seed's noise there
             z = z * (1 - repaint) + noise * repaint
         elif masked_content == "latent nothing":
             z = z * (1 - repaint)
-        x = schedulers.noise_at_start(schedule, z, noise, start)
+        x = schedulers.noise_at_start(schedule, z, noise * np.float32(multiplier), start)
 
         def blend(latents):                                                        # keep z, repaint latents
             return latents * repaint + z * (1 - repaint)
@@ -570,7 +606,7 @@ class Pipeline:
     # --- the pieces of the loops ----------------------------------------------------------------
 
     def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae", eta=0.0,
-                  sde_noise="generator", variation=(None, 0.0, 0)):
+                  sde_noise="generator", variation=(None, 0.0, 0, 0, 0)):
         """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
         the image's own size first) and check every value; one-line errors."""
         defaults = generation_defaults(self.config)
@@ -618,7 +654,7 @@ class Pipeline:
         seed = tuple(int(s) for s in seed) if isinstance(seed, (list, tuple)) else int(seed)
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
                 "width": int(width), "sampler": sampler, "seed": seed, "sde_noise": sde_noise,
-                "variation": _check_variation(*variation, seeds)}
+                "variation": _check_variation(*variation, seeds, f)}
 
     def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
                timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, schedule_type, unet=None):
@@ -829,9 +865,11 @@ def _check_resize_mode(mode):
     return mode
 
 
-def _check_variation(variation_seed, strength, delta, seeds):
-    """A1111's seed options (npsd.rng.Variation), checked -> (variation seed, strength, delta) or None."""
-    if variation_seed is None and not strength and not delta:
+def _check_variation(variation_seed, strength, delta, resize_h, resize_w, seeds, f):
+    """A1111's seed options (npsd.rng.Variation), checked -> (variation seed, strength, delta, resize)
+    or None; resize: "Seed resize from" as (h, w) latents of f pixels each (A1111's h // 8, w // 8), or None."""
+    resize = _check_seed_resize(resize_h, resize_w, f)
+    if variation_seed is None and not strength and not delta and resize is None:
         return None
     if not is_number(strength) or not 0 <= strength <= 1:
         raise InputError(f"variation_strength must be a number in [0, 1], got {strength!r}")
@@ -842,7 +880,26 @@ def _check_variation(variation_seed, strength, delta, seeds):
         raise InputError(f"variation_seed must be a whole number in [0, 2**64), one more per image, got {variation_seed!r}")
     if not is_whole(delta) or delta < 0 or max(seeds) + delta >= SEED_LIMIT:
         raise InputError(f"eta_noise_seed_delta must be a whole number >= 0 with seed + delta below 2**64, got {delta!r}")
-    return int(variation_seed), float(strength), int(delta)
+    return int(variation_seed), float(strength), int(delta), resize
+
+
+def _check_seed_resize(h, w, f):
+    """seed_resize_from_h, _w: 0 and 0 (off) or two whole numbers of pixels >= f -> (h // f, w // f) or None."""
+    for name, v in (("seed_resize_from_h", h), ("seed_resize_from_w", w)):
+        if not is_whole(v) or (v and v < f) or v < 0:
+            raise InputError(f"{name} must be 0 (off) or a whole number of pixels >= {f}, got {v!r}")
+    if bool(h) != bool(w):
+        raise InputError(f"seed_resize_from_h and seed_resize_from_w go together: give both (the size the seed's "
+                         f"noise is drawn at) or neither, got {h!r} and {w!r}")
+    return (int(h) // f, int(w) // f) if h else None
+
+
+def _check_image_options(multiplier, weight):
+    """A1111's initial_noise_multiplier and inpainting_mask_weight, checked."""
+    if not is_number(multiplier) or not math.isfinite(multiplier) or multiplier < 0:
+        raise InputError(f"initial_noise_multiplier must be a finite number >= 0 (1: the noise as drawn), got {multiplier!r}")
+    if not is_number(weight) or not 0 <= weight <= 1:
+        raise InputError(f"inpainting_mask_weight must be a number in [0, 1] (1: the masked image), got {weight!r}")
 
 
 def _check_hooks(callback, progress, attention_maps, mask_blur=0):

@@ -197,6 +197,11 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Variation seed": settings.get("variation_seed") if settings.get("variation_strength") else None,
         "Variation seed strength": _num(settings["variation_strength"]) if settings.get("variation_strength") else None,
         "ENSD": settings.get("eta_noise_seed_delta") or None,
+        "Seed resize from": "{}x{}".format(*settings["seed_resize_from"]) if settings.get("seed_resize_from") else None,
+        "Noise multiplier": _num(settings["initial_noise_multiplier"]) if mode != "txt2img"
+        and settings.get("initial_noise_multiplier") not in (None, 1.0) else None,
+        "Conditional mask weight": _num(settings["inpainting_mask_weight"])
+        if settings.get("inpainting_mask_weight") not in (None, 1.0) else None,
         "Resize mode": settings["resize_mode"].capitalize() if mode != "txt2img" and settings.get("resize_mode")
         not in (None, "just resize") else None,
         "Inpaint area": "Only masked" if mode == "inpaint" and settings.get("inpaint_area") == "only masked" else None,
@@ -302,6 +307,10 @@ def settings_from_png(path, mode):
     settings["variation_seed"] = _convert(f, "Variation seed", int, "a whole number")
     settings["variation_strength"] = _convert(f, "Variation seed strength", float, "a number")
     settings["eta_noise_seed_delta"] = _convert(f, "ENSD", int, "a whole number")
+    settings["seed_resize_from"] = _seed_resize(f.get("Seed resize from"))
+    if mode != "txt2img":                                             # (A1111 writes it in img2img only)
+        settings["initial_noise_multiplier"] = _at_least_0(f, "Noise multiplier")
+    settings["inpainting_mask_weight"] = _convert(f, "Conditional mask weight", float, "a number")
     if f.get("Timestep spacing") in SPACINGS and "schedule_type" not in settings:
         settings["timestep_spacing"] = f["Timestep spacing"]
     if f.get("Prediction type") in PREDICTION_TYPES:
@@ -341,9 +350,9 @@ def settings_from_png(path, mode):
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
 A1111_UNAPPLIED = ("Hires resize", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
-                   "Hires CFG Scale", "Hires checkpoint", "Seed resize from", "Face restoration", "Hypernet",
+                   "Hires CFG Scale", "Hires checkpoint", "Face restoration", "Hypernet",
                    "Token merging ratio", "Refiner", "Tiling", "NGMS", "Schedule min sigma", "Schedule max sigma",
-                   "Schedule rho", "Discard penultimate sigma", "Noise multiplier")
+                   "Schedule rho", "Discard penultimate sigma")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet", "Soft inpainting")   # extensions' (and built-in ones') fields
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
 # seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
@@ -384,16 +393,35 @@ def unapplied_fields(fields, mode="txt2img"):
     """The stored fields npsd leaves out: "name: value" (the name alone for a long value). mode: the
     command that re-makes the image (hires fix applies to txt2img only)."""
     names = [k for k in fields if k in A1111_UNAPPLIED or k.startswith(A1111_UNAPPLIED_PREFIXES)
-             or (k in ("Hires upscale", "Hires steps", "Hires upscaler") and mode != "txt2img")]
+             or (k in ("Hires upscale", "Hires steps", "Hires upscaler") and mode != "txt2img")
+             or (k == "Noise multiplier" and mode == "txt2img")]                 # (an img2img field)
     for k in ("Beta schedule alpha", "Beta schedule beta"):              # npsd: A1111's default Beta(0.6, 0.6)
         if k in fields and _float_or_none(fields[k]) != BETA_ALPHA:
             names.append(k)
-    # A1111 writes it with every inpainting model; npsd conditions such a model as A1111's default, 1
-    if "Conditional mask weight" in fields and _float_or_none(fields["Conditional mask weight"]) != 1.0:
-        names.append("Conditional mask weight")
     if fields.get("Emphasis", "original").strip().lower() != "original":
         names.append("Emphasis")                                        # npsd: A1111's "Original" (npsd/prompts.py)
     return [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]
+
+
+def _seed_resize(text):
+    """A1111's "Seed resize from: WxH" -> (width, height), or None when absent (A1111 writes it only in use)."""
+    if text is None:
+        return None
+    try:
+        w, h = (int(v) for v in text.strip().lower().split("x"))
+    except ValueError:
+        w = h = 0
+    if w <= 0 or h <= 0:
+        raise InputError(f"--from-png: the stored 'Seed resize from' is {text!r}, not WIDTHxHEIGHT of two whole "
+                         f"numbers > 0; give --seed-resize-from")
+    return w, h
+
+
+def _at_least_0(f, name):
+    value = _convert(f, name, float, "a number")
+    if value is not None and not value >= 0:
+        raise InputError(f"--from-png: the stored '{name}' is {f[name]!r}, not a number >= 0")
+    return value
 
 
 def _float_or_none(text):

@@ -43,14 +43,14 @@ SEED_LIMIT = 2**64
 
 def make_rng(kind, seed, variation=None):
     """The generator of one pipeline call: kind "numpy" or "torch", seed an integer in [0, SEED_LIMIT),
-    or a tuple of them, one per image (PerImage). variation: (variation seed, strength, delta) for
-    A1111's seed options (Variation), image b of a tuple of seeds with variation seed + b."""
+    or a tuple of them, one per image (PerImage). variation: (variation seed, strength, delta, resize)
+    for A1111's seed options (Variation), image b of a tuple of seeds with variation seed + b."""
     if isinstance(seed, tuple):
         if kind not in RNG_KINDS:
             raise InputError(f"rng must be one of {', '.join(RNG_KINDS)}, got {kind!r}")
         if variation is not None:
-            vseed, strength, delta = variation
-            return PerImage([Variation(kind, s, vseed + b, strength, delta) for b, s in enumerate(seed)])
+            vseed, *rest = variation
+            return PerImage([Variation(kind, s, vseed + b, *rest) for b, s in enumerate(seed)])
         return PerImage([make_rng(kind, s) for s in seed])
     if variation is not None:
         return Variation(kind, seed, *variation)
@@ -82,22 +82,44 @@ class Variation:
     """AUTOMATIC1111's seed options around an image's generator (its modules/rng.py, ImageRNG): the
     first draw, the start noise, is slerp(strength, that draw, the variation seed's first draw)
     ("Variation seed" and "Variation strength"); with delta > 0 ("Eta noise seed delta", ENSD),
-    every later draw (the samplers' noise) comes from a fresh generator of seed + delta instead."""
+    every later draw (the samplers' noise) comes from a fresh generator of seed + delta instead.
+    resize: (h, w) latents of "Seed resize from" (None: off): the seed's (and the variation seed's)
+    noise is drawn at that size by fresh generators of those seeds, mixed, and pasted centred into
+    the generator's own full-size first draw (paste_centred)."""
 
-    def __init__(self, kind, seed, variation_seed, strength, delta):
+    def __init__(self, kind, seed, variation_seed, strength, delta, resize=None):
         self.kind, self.seed, self.variation_seed, self.strength, self.delta = kind, seed, variation_seed, strength, delta
+        self.resize = resize
         self.generator, self.first = make_rng(kind, seed), True
 
     def standard_normal(self, shape, dtype=np.float32):
         if not self.first:
             return self.generator.standard_normal(shape, dtype=dtype)
         self.first = False
+        shape = tuple(shape)
+        small = shape if self.resize is None else shape[:2] + tuple(self.resize)      # [B, C, h', w']
         x = self.generator.standard_normal(shape, dtype=dtype)
+        noise = x if small == shape else make_rng(self.kind, self.seed).standard_normal(small, dtype=dtype)
         if self.strength:
-            x = slerp(self.strength, x, make_rng(self.kind, self.variation_seed).standard_normal(shape, dtype=dtype))
+            noise = slerp(self.strength, noise, make_rng(self.kind, self.variation_seed).standard_normal(small, dtype=dtype))
+        if small != shape:
+            noise = paste_centred(x, noise)
         if self.delta:
             self.generator = make_rng(self.kind, self.seed + self.delta)
-        return x
+        return noise
+
+
+def paste_centred(x, noise):
+    """noise [B, C, h', w'] pasted into x [B, C, h, w] (a copy) centred as A1111's ImageRNG.first
+    places it: offsets d = (h - h') // 2 (floored); a smaller noise goes in whole at d, a larger one
+    loses -d rows at its start and h' + 2d in all (so an odd excess leaves x's last row)."""
+    x = x.copy()
+    (h, w), (hs, ws) = x.shape[2:], noise.shape[2:]
+    dy, dx = (h - hs) // 2, (w - ws) // 2
+    rows, cols = hs + 2 * min(dy, 0), ws + 2 * min(dx, 0)                        # what is pasted
+    ty, tx, sy, sx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)           # where to, where from
+    x[:, :, ty:ty + rows, tx:tx + cols] = noise[:, :, sy:sy + rows, sx:sx + cols]
+    return x
 
 
 def slerp(t, a, b):

@@ -149,10 +149,12 @@ def expand_crop_region(crop_region, processing_width, processing_height, image_w
 
 
 def a1111_inpaint_run(kd, models, sampler, schedule_type, seed, steps, strength, mask_blur, fill,  # noqa: F811
-                      unet_key="unet4", image=None, image_mask=None, full_res=False, padding=0):
+                      unet_key="unet4", image=None, image_mask=None, full_res=False, padding=0,
+                      initial_noise_multiplier=1.0, inpainting_mask_weight=1.0):
     """A1111's inpainting (module docstring) at SIZE x SIZE -> (final latents [1, 4, h, w], the saved
     image uint8 [H, W, 3]). image, image_mask: PIL images (default make_image(), make_mask());
-    full_res: "Only masked" with that padding."""
+    full_res: "Only masked" with that padding. initial_noise_multiplier, inpainting_mask_weight:
+    A1111's options."""
     ref = reference(StableDiffusionPipeline, models, EulerDiscreteScheduler(**SCHED))
     vae, scaling = models["vae"], ref.vae.config.scaling_factor
     image = make_image() if image is None else image
@@ -203,7 +205,7 @@ def a1111_inpaint_run(kd, models, sampler, schedule_type, seed, steps, strength,
         c_concat = None
         if unet_key == "unet9":            # img2img_image_conditioning: the rounded mask, the masked image
             cmask = torch.round(torch.from_numpy(np.array(image_mask.convert("L")).astype(np.float32) / 255.0)[None, None])
-            cimage = torch.lerp(source * 2 - 1, (source * 2 - 1) * (1.0 - cmask), 1.0)
+            cimage = torch.lerp(source * 2 - 1, (source * 2 - 1) * (1.0 - cmask), inpainting_mask_weight)
             cimage = vae.encode(cimage).latent_dist.mean * scaling
             c_concat = torch.cat([torch.nn.functional.interpolate(cmask, size=init_latent.shape[-2:]), cimage], 1)
         unet = models[unet_key]
@@ -226,6 +228,8 @@ def a1111_inpaint_run(kd, models, sampler, schedule_type, seed, steps, strength,
         sigmas = torch.from_numpy(np.asarray(a1111_sampler_sigmas(kd, sampler, schedule_type, steps), np.float32))
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(init_latent.shape, generator=g)
+        if initial_noise_multiplier != 1.0:                          # StableDiffusionProcessingImg2Img.sample
+            x *= initial_noise_multiplier
         t_enc = int(min(strength, 0.999) * steps)
         sigma_sched = sigmas[steps - t_enc - 1:]
         xi = init_latent + x * sigma_sched[0]
@@ -248,13 +252,14 @@ def a1111_inpaint_run(kd, models, sampler, schedule_type, seed, steps, strength,
 
 
 def npsd_inpaint(models, sampler, schedule_type, seed, steps, strength, mask_blur, masked_content, output_type,  # noqa: F811
-                 unet_key="unet4", image=None, image_mask=None, full_res=False, padding=0):
+                 unet_key="unet4", image=None, image_mask=None, full_res=False, padding=0, **options):
     pipe = npsd_pipe(models, unet_key)
     return pipe.inpaint(PROMPT, make_image() if image is None else image, make_mask() if image_mask is None else image_mask,
                         strength=strength, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE,
                         height=SIZE, width=SIZE, seed=seed, rng="torch", sampler=sampler, schedule_type=schedule_type,
                         mask_blur=mask_blur, masked_content=masked_content, output_type=output_type,
-                        inpaint_area="only masked" if full_res else "whole picture", masked_area_padding=padding)
+                        inpaint_area="only masked" if full_res else "whole picture", masked_area_padding=padding,
+                        **options)
 
 
 def check_inpaint(kd, models, sampler, schedule_type, strength, mask_blur, masked_content, unet_key="unet4",  # noqa: F811
@@ -440,3 +445,22 @@ def test_resize_modes_equal_a1111s_and_diffusers():
     for size in ((1, 300), (300, 1)):
         for mode in ("crop and resize", "resize and fill"):
             assert resize_to(Image.new("RGB", size, "red"), 64, 64, mode).size == (64, 64)
+
+
+@pytest.mark.parametrize("sampler, unet_key, content, multiplier, weight", [
+    ("euler_a", "unet4", "original", 0.8, 1.0),
+    ("dpmpp_2m", "unet9", "latent noise", 1.3, 0.5),     # the fill's own noise is not multiplied
+    ("euler", "unet9", "fill", 1.0, 0.0),                 # weight 0: the UNet reads the whole image
+])
+def test_noise_multiplier_and_mask_weight_equal_a1111s(kd, models, sampler, unet_key, content, multiplier, weight):  # noqa: F811
+    """A1111's initial_noise_multiplier (StableDiffusionProcessingImg2Img.sample: the start noise times
+    it; the "latent noise" fill draws its own) and inpainting_mask_weight (inpainting_image_conditioning:
+    the 9-channel UNet reads lerp(image, image * (1 - mask), weight)), written in a1111_inpaint_run as
+    A1111 does, against npsd's: latents measured 2.3e-6 to 3.6e-6, TOL_LATENTS. Without the options
+    the same run is far (asserted); the multiplier applied to the image's latents instead, or the
+    weight reversed, fail (checked by hand: 2.4e-1 and 1.7e-1; 7.6e-3 at weight 0)."""
+    options = dict(initial_noise_multiplier=multiplier, inpainting_mask_weight=weight)
+    check_inpaint(kd, models, sampler, "automatic", 0.8, 2, content, unet_key, **options)
+    ref, _ = a1111_inpaint_run(kd, models, sampler, "automatic", 3, 6, 0.8, 2, FILLS[content], unet_key, **options)
+    plain = npsd_inpaint(models, sampler, "automatic", 3, 6, 0.8, 2, content, "latent", unet_key)
+    assert np.abs(plain - ref).max() > 1e2 * TOL_LATENTS * np.abs(ref).max()

@@ -65,13 +65,19 @@ class _LDM:
     its img2img without a mask, the same): an all-ones mask and the latents of a 0.5-gray image
     (0 in [-1, 1]; the posterior's mean where A1111 samples it unseeded) of the pass's size."""
 
-    def __init__(self, unet, alphas_cumprod, vae=None, scaling=None):
+    def __init__(self, unet, alphas_cumprod, vae=None, scaling=None, mask_weight=None):
         self.unet, self.alphas_cumprod, self.vae, self.scaling = unet, alphas_cumprod, vae, scaling
+        self.mask_weight = mask_weight
 
     def apply_model(self, x, t, cond):
         if self.vae is not None:
             b, _, h, w = x.shape                                               # (the tiny VAE's factor is 2)
-            gray = self.vae.encode(torch.ones(1, 3, 2 * h, 2 * w) * 0.5 * 2 - 1).latent_dist.mean * self.scaling
+            source = torch.ones(1, 3, 2 * h, 2 * w) * 0.5 * 2 - 1
+            if self.mask_weight is not None:      # img2img: inpainting_image_conditioning(image * 2 - 1, ...)
+                image = torch.from_numpy(np.moveaxis(np.asarray(make_image(), np.float32) / 255.0, 2, 0))[None]
+                source = image * 2 - 1
+                source = torch.lerp(source, source * (1.0 - torch.ones(1, 1, 2 * h, 2 * w)), self.mask_weight)
+            gray = self.vae.encode(source).latent_dist.mean * self.scaling
             x = torch.cat([x, torch.ones(b, 1, h, w), gray.expand(b, -1, -1, -1)], dim=1)
         return self.unet(x, t, encoder_hidden_states=cond).sample
 
@@ -89,30 +95,54 @@ def a1111_slerp(val, low, high):
 
 
 def a1111_first_noise(shape, seed, variation):
-    """ImageRNG.first: the seed's noise, mixed with the variation seed's (subseed, subseed_strength);
-    -> (noise, the generator of the later draws: the seed's, or seed + ENSD's)."""
+    """ImageRNG.first: the seed's noise, mixed with the variation seed's (subseed, subseed_strength),
+    with "Seed resize from" (a fourth item (h, w) in pixels: drawn at h // 2 x w // 2, A1111's // 8
+    with the tiny VAE's factor, by fresh generators, and pasted centred into the image generator's
+    full-size draw, A1111's arithmetic); -> (noise, the generator of the later draws: the seed's, or
+    seed + ENSD's)."""
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(shape, generator=g)
     if variation is None:
-        return noise, g
-    subseed, strength, ensd = variation
+        return torch.randn(shape, generator=g), g
+    subseed, strength, ensd, *resize = variation
+    noise_shape = shape if not resize else (*shape[:2], resize[0][0] // 2, resize[0][1] // 2)
+    if noise_shape != shape:
+        noise = torch.randn(noise_shape, generator=torch.Generator().manual_seed(seed))
+    else:
+        noise = torch.randn(shape, generator=g)
     if strength:
-        subnoise = torch.randn(shape, generator=torch.Generator().manual_seed(subseed))
+        subnoise = torch.randn(noise_shape, generator=torch.Generator().manual_seed(subseed))
         noise = a1111_slerp(strength, noise[0], subnoise[0])[None]
+    if noise_shape != shape:
+        x = torch.randn(shape, generator=g)
+        dx = (shape[3] - noise_shape[3]) // 2
+        dy = (shape[2] - noise_shape[2]) // 2
+        w = noise_shape[3] if dx >= 0 else noise_shape[3] + 2 * dx
+        h = noise_shape[2] if dy >= 0 else noise_shape[2] + 2 * dy
+        tx = 0 if dx < 0 else dx
+        ty = 0 if dy < 0 else dy
+        dx = max(-dx, 0)
+        dy = max(-dy, 0)
+        x[:, :, ty:ty + h, tx:tx + w] = noise[:, :, dy:dy + h, dx:dx + w]
+        noise = x
     return noise, (torch.Generator().manual_seed(seed + ensd) if ensd else g)
 
 
 def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, sigmas=None, hires=None,  # noqa: F811
-              variation=None, unet_key="unet4"):
+              variation=None, unet_key="unet4", noise_multiplier=1.0, mask_weight=1.0):
     """The A1111 run (module docstring) -> images [1, H, W, 3] in [0, 1]. sigmas: instead of A1111's
     (tests/test_kdiffusion.py's a1111_sampler_sigmas), these [steps + 1]. hires: (scale, torch's
     interpolate mode, antialias, steps, strength) for A1111's hires fix with a latent upscaler.
-    variation: (variation seed, strength, ENSD), A1111's seed options."""
+    variation: (variation seed, strength, ENSD[, seed resize from (h, w)]), A1111's seed options.
+    noise_multiplier: img2img's initial_noise_multiplier (StableDiffusionProcessingImg2Img.sample:
+    x *= it, before the sampler's xi = x0 + x sigma). mask_weight: A1111's inpainting_mask_weight, for
+    a 9-channel UNet in img2img (inpainting_image_conditioning without a mask)."""
     ref = reference(StableDiffusionPipeline, models, EulerDiscreteScheduler(**SCHED))
     vae, scaling = models["vae"], ref.vae.config.scaling_factor
     with torch.no_grad():
         cond, uncond = ref.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
         nine = (vae, scaling) if unet_key == "unet9" else ()
+        if unet_key == "unet9" and strength is not None:
+            nine = (vae, scaling, mask_weight)
         den = kd.external.CompVisDenoiser(_LDM(models[unet_key], ref.scheduler.alphas_cumprod.float(), *nine))
 
         def guided(x, sigma, **_):
@@ -131,6 +161,8 @@ def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, si
             pixels = torch.from_numpy(np.asarray(make_image(), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
             x0 = vae.encode(pixels).latent_dist.mean * scaling
             t_enc = int(min(strength, 0.999) * steps)
+            if noise_multiplier != 1.0:
+                noise *= noise_multiplier
             x = x0 + noise * sigmas[steps - t_enc - 1]
         kw = {}
         if sampler in ANCESTRAL:
@@ -206,13 +238,16 @@ def a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, scale, 
 
 
 def npsd_run(models, sampler, schedule_type, seed, steps, strength=None, hires=None, variation=None,  # noqa: F811
-             unet_key="unet4"):
+             unet_key="unet4", **options):
     pipe = npsd_pipe(models, unet_key)
     kw = dict(negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
               seed=seed, rng="torch", sampler=sampler, schedule_type=schedule_type, output_type="np",
               sde_noise="brownian" if sampler in BROWNIAN else "generator")
     if variation is not None:
         kw.update(variation_seed=variation[0], variation_strength=variation[1], eta_noise_seed_delta=variation[2])
+        if len(variation) > 3:
+            kw.update(seed_resize_from_h=variation[3][0], seed_resize_from_w=variation[3][1])
+    kw.update(options)
     if hires is not None:
         kw["hires"] = hires
     if strength is None:
@@ -387,3 +422,47 @@ def test_an_inpainting_unet_in_txt2img_and_img2img(kd, models, strength, hires):
     ref = a1111_run(kd, models, "euler_a", "automatic", 13, 5, strength, hires=spec, unet_key="unet9")
     ours = npsd_run(models, "euler_a", "automatic", 13, 5, strength, hires=hires, unet_key="unet9")
     print(assert_close(ours, ref, TOL_IMAGE, f"9-channel UNet, strength {strength}, hires {hires is not None} vs A1111"))
+
+
+@pytest.mark.parametrize("sampler, schedule_type, strength, variation, hires", [
+    ("euler_a", "automatic", None, (21, 0.0, 0, (26, 42)), None),      # 13x21 latents into 16x16: cropped across
+    ("dpmpp_2m", "karras", 0.7, (79, 0.5, 4, (20, 12)), None),          # img2img, with a variation seed and ENSD
+    ("euler_a", "automatic", None, (80, 0.2, 0, (40, 22)), Hires(2.0, "latent", 3, 0.6)),   # both passes
+])
+def test_seed_resize_from_equals_a1111s(kd, models, sampler, schedule_type, strength, variation, hires):  # noqa: F811
+    """A1111's "Seed resize from" (ImageRNG.first's draw at the other size and its centred paste,
+    a1111_first_noise above, as A1111 writes it; the hires pass's generator resizes too) against npsd's
+    seed_resize_from_h and _w: measured 1.5e-6 to 2.3e-6, TOL_IMAGE. Without the resize the same run
+    is far (asserted), and so is a paste one latent off-centre (checked by hand: 7.7e-1, first case)."""
+    spec = None if hires is None else (hires.scale, "bilinear", False, hires.steps, hires.strength)
+    ref = a1111_run(kd, models, sampler, schedule_type, 21, 6, strength, hires=spec, variation=variation)
+    ours = npsd_run(models, sampler, schedule_type, 21, 6, strength, hires=hires, variation=variation)
+    print(assert_close(ours, ref, TOL_IMAGE, f"{sampler} seed resize from {variation[3]}, hires {hires is not None}"))
+    plain = npsd_run(models, sampler, schedule_type, 21, 6, strength, hires=hires, variation=variation[:3])
+    assert np.abs(plain - ref).max() > 1e3 * TOL_IMAGE
+
+
+@pytest.mark.parametrize("sampler, multiplier", [("euler_a", 0.9), ("dpmpp_2m", 1.2)])
+def test_noise_multiplier_equals_a1111s(kd, models, sampler, multiplier):  # noqa: F811
+    """A1111's "Noise multiplier for img2img" (StableDiffusionProcessingImg2Img.sample multiplies the
+    start noise x before the sampler noises the image with it, xi = x0 + x sigma; its DDIM, PLMS and
+    UniPC the same x) against npsd's initial_noise_multiplier: measured 1.7e-6 and 1.1e-6, TOL_IMAGE.
+    The run without it is far (asserted); the image's latents multiplied instead, 4.2e-2 (by hand)."""
+    ref = a1111_run(kd, models, sampler, "automatic", 9, 6, 0.7, noise_multiplier=multiplier)
+    ours = npsd_run(models, sampler, "automatic", 9, 6, 0.7, initial_noise_multiplier=multiplier)
+    print(assert_close(ours, ref, TOL_IMAGE, f"img2img {sampler} noise multiplier {multiplier} vs A1111"))
+    plain = npsd_run(models, sampler, "automatic", 9, 6, 0.7)
+    assert np.abs(plain - ref).max() > 1e3 * TOL_IMAGE
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.4])
+def test_mask_weight_of_an_inpainting_unet_in_img2img_equals_a1111s(kd, models, weight):  # noqa: F811
+    """img2img with a 9-channel UNet conditions it, in A1111, on lerp(image, image * (1 - ones),
+    inpainting_mask_weight) (inpainting_image_conditioning without a mask; _LDM above): npsd's
+    inpainting_mask_weight, measured 1.9e-6 and 2.0e-6, TOL_IMAGE; the default weight 1 (a gray image)
+    is far (asserted), and so is the weight reversed (by hand: 6.7e-3 and 1.6e-3)."""
+    ref = a1111_run(kd, models, "euler_a", "automatic", 13, 5, 0.7, unet_key="unet9", mask_weight=weight)
+    ours = npsd_run(models, "euler_a", "automatic", 13, 5, 0.7, unet_key="unet9", inpainting_mask_weight=weight)
+    print(assert_close(ours, ref, TOL_IMAGE, f"9-channel UNet img2img, mask weight {weight} vs A1111"))
+    plain = npsd_run(models, "euler_a", "automatic", 13, 5, 0.7, unet_key="unet9")
+    assert np.abs(plain - ref).max() > 1e2 * TOL_IMAGE

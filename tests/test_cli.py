@@ -188,20 +188,20 @@ def test_from_png_of_a_decompression_bomb_is_one_line(tmp_path, capsys):
 
 
 def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, capsys):
-    """A1111 writes hires fix's resize and second sampler, seed resizing, face restoration, an inpainting
-    model's conditional mask weight (below 1), its schedules' own sigma range,
+    """A1111 writes hires fix's resize and second sampler, face restoration, its schedules' own sigma range,
     rho and Beta parameters and its extensions' settings only when they are in use, and each changes
     its image: a re-make names them in one warning (they were ignored without a word); npsd's own
     PNGs, A1111's defaults ("Schedule type: Automatic", "Emphasis: Original") and what npsd applies
-    (its schedule types, Clip skip) give none."""
+    (its schedule types, Clip skip, seed resizing, the conditional mask weight) give none; img2img's
+    noise multiplier is named when a txt2img re-make meets it."""
     from npsd.pngmeta import png_info
     base = f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 16x16"
     cases = {", Hires resize: 32x32, Hires upscaler: Latent, Denoising strength: 0.7": "Hires resize: 32x32",
              ", Hires upscale: 2, Hires upscaler: Latent, Hires sampler: Euler, Denoising strength: 0.7":
              "Hires sampler: Euler",
-             ", Seed resize from: 32x32": "Seed resize from: 32x32",
+             ", Seed resize from: 32x32": None,
              ", Variation seed: 9, Variation seed strength: 0.3, ENSD: 31337": None,
-             ", Conditional mask weight: 0.5": "Conditional mask weight: 0.5",
+             ", Conditional mask weight: 0.5": None,
              ", Noise multiplier: 0.9, Soft inpainting enabled: True": "Noise multiplier: 0.9, Soft inpainting enabled: True",
              ", Conditional mask weight: 1.0": None,
              ", Schedule type: SGM Uniform, Emphasis: No norm": "Emphasis: No norm",
@@ -223,6 +223,44 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
     gen(capsys, model, own, "--seed", 3, "--sampler", "dpmpp_2m", "--karras", "--clip-skip", 1)
     rc, _, err = run(["txt2img", "--from-png", own, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
     assert rc == 0 and err == "", err
+
+
+def test_seed_resize_noise_multiplier_and_mask_weight_round_trip(model, tmp_path, capsys):
+    """--seed-resize-from, --noise-multiplier and --inpainting-mask-weight (A1111's "Seed resize from",
+    "Noise multiplier" and "Conditional mask weight") are written as A1111 writes them and remade
+    by --from-png; each changes the image; bad stored values are one-line errors."""
+    from npsd.pngmeta import png_info
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3)).astype(np.uint8)).save(image)
+    common = ["--model", model, "--image", image, "--seed", 4, "--steps", 2, "--sampler", "euler_a",
+              "--schedule-type", "automatic", "--quiet"]
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    rc, _, err = run(["img2img", PROMPT, "-o", a, "--seed-resize-from", "24x8", "--noise-multiplier", 0.8,
+                      "--inpainting-mask-weight", 0.5, *common], capsys)
+    assert rc == 0, err
+    fields = params_of(a)["fields"]
+    assert (fields["Seed resize from"], fields["Noise multiplier"], fields["Conditional mask weight"]) == \
+        ("24x8", "0.8", "0.5")
+    rc, _, err = run(["img2img", "--from-png", a, "--model", model, "--image", image, "-o", b, "--quiet"], capsys)
+    assert rc == 0 and err == "", err
+    assert b.read_bytes() == a.read_bytes()
+    for option in (["--seed-resize-from", "24x8"], ["--noise-multiplier", 0.8]):
+        rc, _, err = run(["img2img", PROMPT, "-o", c, "--overwrite", *option, *common], capsys)
+        assert rc == 0 and not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(c))), option
+    base = f"{PROMPT}\nSteps: 1, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 16x16, Denoising strength: 0.5"
+    for extra, message in ((", Seed resize from: 0x-8", "the stored 'Seed resize from' is '0x-8', not WIDTHxHEIGHT"),
+                           (", Seed resize from: big", "the stored 'Seed resize from' is 'big', not WIDTHxHEIGHT"),
+                           (", Noise multiplier: -1", "the stored 'Noise multiplier' is '-1', not a number >= 0"),
+                           (", Noise multiplier: x", "the stored 'Noise multiplier' is 'x', not a number")):
+        path = tmp_path / "bad.png"
+        Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(base + extra))
+        rc, _, err = run(["img2img", "--from-png", path, "--model", model, "--image", image, "-o", c, "--quiet",
+                          "--overwrite"], capsys)
+        assert rc != 0 and message in err and err.count("\n") == 1, (extra, err)
+    for option, message in ((["--seed-resize-from", "0x-8"], "the width and height must be > 0"),
+                            (["--noise-multiplier", -1], "must be a finite number >= 0.0")):
+        rc, _, err = run(["img2img", PROMPT, "-o", c, "--overwrite", *option, *common], capsys)
+        assert rc != 0 and message in err, (option, err)
 
 
 def test_hires_fix_with_an_image_upscaler(model, tmp_path, capsys):

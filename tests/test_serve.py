@@ -394,9 +394,14 @@ def test_unsupported_fields_are_named(client, picture, mask):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "firstphase_width": 256, "tiling": True,
                                                "alwayson_scripts": {"ControlNet": {"args": []}},
                                                "refiner_checkpoint": "sdxl_refiner", "restore_faces": True,
-                                               "styles": ["cinematic"], "seed_resize_from_h": 32})
+                                               "styles": ["cinematic"]})
     assert_one_line_422(r, "firstphase_width", "tiling", "alwayson_scripts", "refiner_checkpoint", "restore_faces",
-                        "styles", "seed_resize_from_h")
+                        "styles")
+    # A1111's seed resizing, its noise multiplier and mask weight options are applied
+    assert txt2img(client, seed=1, seed_resize_from_w=48, seed_resize_from_h=32,
+                   override_settings={"inpainting_mask_weight": 0.5})["images"]
+    assert_one_line_422(client.post("/sdapi/v1/txt2img", json={"override_settings": {"initial_noise_multiplier": -1}}),
+                        "initial_noise_multiplier")
     assert_one_line_422(client.post("/sdapi/v1/txt2img", json={"script_name": "x/y/z plot"}), "script_name")
     # at their "off" values, as clients send them by default, they are accepted
     defaults = {"enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.7,

@@ -57,7 +57,8 @@ from ..schedulers import KDIFFUSION_SAMPLERS
 
 # --- the fields ---------------------------------------------------------------------------------
 
-USED = {"prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
+USED = {"prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w",
+        "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
         "steps", "cfg_scale", "width", "height", "eta", "override_settings", "override_settings_restore_afterwards",
         "send_images", "save_images", "npsd_attention_maps"}
 USED_IMG2IMG = {"init_images", "denoising_strength", "mask", "mask_blur", "mask_blur_x", "mask_blur_y",
@@ -85,8 +86,6 @@ OFF = {
     "restore_faces": ((False,), "npsd has no face restoration"),
     "tiling": ((False,), "npsd has no tiling (seamless) mode"),
     "styles": (([],), "npsd has no saved prompt styles; write them into the prompt"),
-    "seed_resize_from_h": ((0, -1), "npsd has no seed resizing"),
-    "seed_resize_from_w": ((0, -1), "npsd has no seed resizing"),
     "s_churn": ((0,), "npsd's samplers have no churn"),
     "s_noise": ((1,), "npsd's samplers have no noise multiplier"),
     "s_min_uncond": ((0,), "npsd has no negative guidance minimum sigma"),
@@ -106,7 +105,8 @@ MAX_IMAGES = 100                                    # batch_size * n_iter of one
 
 # the options npsd has (GET/POST /sdapi/v1/options, override_settings) and their defaults
 OPTION_DEFAULTS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1, "randn_source": "numpy",
-                   "eta_ddim": 0.0, "eta_noise_seed_delta": 0}
+                   "eta_ddim": 0.0, "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0,
+                   "inpainting_mask_weight": 1.0}
 READ_ONLY_OPTIONS = ("sd_checkpoint_hash",)
 RANDN_SOURCES = {"numpy": "numpy", "CPU": "torch"}   # randn_source -> the pipeline's rng
 
@@ -257,6 +257,10 @@ def check_options(options, where="options"):
         _float(checked, "eta_ddim", lo=0.0, hi=1.0)
     if "eta_noise_seed_delta" in checked:
         _int(checked, "eta_noise_seed_delta", lo=0, hi=2**32 - 1)
+    if "initial_noise_multiplier" in checked:
+        _float(checked, "initial_noise_multiplier", lo=0.0)
+    if "inpainting_mask_weight" in checked:
+        _float(checked, "inpainting_mask_weight", lo=0.0, hi=1.0)
     source = checked.get("randn_source")
     if source is not None and source not in RANDN_SOURCES:
         raise InputError(f"{where}: randn_source {source!r} is not one npsd reproduces; use 'CPU' (torch's CPU "
@@ -288,8 +292,6 @@ def _refuse_fields(kind, body):
     if img2img and body.get("resize_mode") not in (None, 0, 1, 2):
         refused.append(("resize_mode", "npsd resizes the input image by 0 (just resize), 1 (crop and resize) or 2 "
                                        "(resize and fill), not by upscaling its latents (3)"))
-    if img2img and body.get("initial_noise_multiplier") not in (None, 1, 1.0):
-        refused.append(("initial_noise_multiplier", "npsd's noise is not scaled; send 1"))
     if refused:
         raise InputError("not supported: " + "; ".join(f"{k}={_short(body[k])} ({why})" for k, why in refused)
                          + "; leave these fields out or at their off values")
@@ -322,6 +324,8 @@ def read_request(kind, body, limits=None):
         raise InputError(f"seed {seed} + {n_iter - 1} iterations of {batch_size} passes 2**64 - 1; use a smaller seed")
     subseed = _int(body, "subseed", -1, lo=-1, hi=SEED_LIMIT - MAX_IMAGES)
     variation_strength = _float(body, "subseed_strength", 0.0, lo=0.0, hi=1.0)
+    # A1111's "Seed resize from", in use where both are > 0 (its default -1)
+    resize = tuple(_int(body, f"seed_resize_from_{k}", -1, lo=-1, hi=2**16) for k in ("w", "h"))
     eta = _float(body, "eta", lo=0.0, hi=1.0)
     check_eta(sampler, eta)
     settings = {"prompt": prompt, "negative_prompt": negative,
@@ -331,7 +335,9 @@ def read_request(kind, body, limits=None):
                 "karras": False, "schedule_type": schedule_type, "timestep_spacing": None, "clip_skip": None, "long_prompt": "chunk",
                 "mask_blur": 0, "masked_content": "original", "inpaint_area": "whole picture",
                 "masked_area_padding": 32, "resize_mode": "just resize", "variation_seed": subseed if variation_strength else None,
-                "variation_strength": variation_strength, "eta_noise_seed_delta": 0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
+                "variation_strength": variation_strength, "eta_noise_seed_delta": 0,
+                "seed_resize_from": resize if min(resize) > 0 else None, "initial_noise_multiplier": None,
+                "inpainting_mask_weight": 1.0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
                 # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)
                 "sde_noise": "brownian" if sampler in A1111_BROWNIAN else "generator",
@@ -375,6 +381,8 @@ def _read_img2img(body, plan, limits):
     plan.image = decode_image(images[0], "init_images[0]", limits)
     plan.settings["strength"] = _float(body, "denoising_strength", 0.8 if not body.get("mask") else 1.0,
                                        lo=0.0, hi=1.0, lo_open=True)
+    # (None: the option initial_noise_multiplier's, as A1111's StableDiffusionProcessingImg2Img takes it)
+    plan.settings["initial_noise_multiplier"] = _float(body, "initial_noise_multiplier", None, lo=0.0)
     include = _bool(body, "include_init_images", False)
     if not include:
         plan.received["init_images"] = None
@@ -485,7 +493,8 @@ def info_json(plan, settings, seeds, infotexts, model_name, model_hash, clip_ski
         "steps": settings["steps"], "batch_size": settings["num_images"],
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_name, "sd_model_hash": model_hash, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "seed_resize_from_w": (settings.get("seed_resize_from") or (-1, -1))[0],
+        "seed_resize_from_h": (settings.get("seed_resize_from") or (-1, -1))[1],
         "denoising_strength": settings["strength"] if plan.mode != "txt2img" else None,
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": job_timestamp, "clip_skip": clip_skip, "is_using_inpainting_conditioning": inpainting_unet,
@@ -503,6 +512,8 @@ def reload_settings(plan, settings, model_title, pos):
               "batch_pos": pos, "sd_model_checkpoint": model_title}
     if settings["variation_strength"]:
         fields.update(subseed=settings["variation_seed"], subseed_strength=settings["variation_strength"])
+    if settings.get("seed_resize_from"):
+        fields.update(seed_resize_from_w=settings["seed_resize_from"][0], seed_resize_from_h=settings["seed_resize_from"][1])
     if plan.mode != "txt2img":
         fields.update(denoising_strength=settings["strength"], resize_mode=RESIZE_MODES.index(settings["resize_mode"]))
     elif settings.get("hires_scale"):

@@ -431,6 +431,9 @@ class Server:
         if settings["variation_seed"] == -1:                    # subseed -1 with a strength: a random one
             settings["variation_seed"] = secrets.randbelow(2**32 - settings["num_images"] * plan.n_iter + 1)
         settings["eta_noise_seed_delta"] = options["eta_noise_seed_delta"]
+        settings["inpainting_mask_weight"] = options["inpainting_mask_weight"]
+        if plan.mode != "txt2img" and settings.get("initial_noise_multiplier") is None:
+            settings["initial_noise_multiplier"] = options["initial_noise_multiplier"]
         if plan.attention_maps and prompt_syntax_used(settings["prompt"], settings["steps"]):
             raise InputError("npsd_attention_maps needs a prompt without A1111 syntax (its words are mapped token "
                              "by token); remove the brackets")
