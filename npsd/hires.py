@@ -6,7 +6,12 @@ enlarges the latents and runs img2img on them at the larger size:
 
     x0 = txt2img(prompt, H x W)                           first pass, latents [B, 4, H/8, W/8]
     x0' = interpolate(x0, (int(s H) // 8, int(s W) // 8))  the latent upscaler, s = scale
-    x  = img2img(prompt, x0', strength, steps)             fresh noise from the seed, the same sampler
+    x  = img2img(prompt', x0', strength, steps)            fresh noise from the seed, the same sampler
+
+"Hires resize" (resize=(W', H')) asks for a size instead of a scale: the first pass is enlarged to
+cover W' x H' with its own aspect ratio, and the latents are cropped to the middle (A1111's
+calculate_target_resolution and its truncate_x/y). prompt' is the first pass's prompt unless a
+"Hires prompt" (and "Hires negative prompt") is given.
 
 The upscalers here are A1111's latent ones: torch.nn.functional.interpolate on the latents with the
 mode it names (A1111's modules/shared.py latent_upscale_modes), written out below; and its image
@@ -38,6 +43,7 @@ LATENT_UPSCALERS = tuple(name for name, (_, mode) in UPSCALERS.items() if mode !
 CUBIC_A = -0.75                 # the cubic convolution kernel's a (Keys 1981), as torch's bicubic
 CUBIC_A_AA = -0.5               # ... and as PIL's, which torch's antialiased bicubic follows
 STRENGTH = 0.7                  # A1111's default denoising strength of the second pass
+MAX_RESIZE = 16384              # the largest side "Hires resize" takes, in pixels
 
 
 LABELS = ", ".join(label for label, _ in UPSCALERS.values())              # for messages
@@ -56,13 +62,32 @@ class Hires:
     upscaler  one of UPSCALERS
     steps     the second pass's steps; 0: as many as the first pass (A1111's "Hires steps" 0)
     strength  how much the second pass redraws, in [0, 1] (A1111's "Denoising strength")
+    resize    (width, height) instead of scale (A1111's "Hires resize"): enlarge to cover that size
+              and crop the middle; one of them 0: that side follows the image's aspect ratio
+    prompt, negative_prompt
+              the second pass's (A1111's "Hires prompt", "Hires negative prompt"); None: the first
+              pass's (A1111's empty text; here "" is the empty prompt). A str for every prompt, or
+              a list with one per prompt
     """
     scale: float = 2.0
     upscaler: str = "latent"
     steps: int = 0
     strength: float = STRENGTH
+    resize: tuple = None
+    prompt: object = None
+    negative_prompt: object = None
 
     def __post_init__(self):
+        if self.resize is not None and not (isinstance(self.resize, (tuple, list)) and len(self.resize) == 2
+                                            and all(is_whole(v) and 0 <= v <= MAX_RESIZE for v in self.resize)
+                                            and any(self.resize)):
+            raise InputError(f"hires resize must be (width, height), whole numbers from 0 to {MAX_RESIZE} (0: from the "
+                             f"other side and the aspect ratio), not both 0, got {self.resize!r}")
+        for name in ("prompt", "negative_prompt"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str) and not (
+                    isinstance(v, (list, tuple)) and v and all(isinstance(t, str) for t in v)):
+                raise InputError(f"hires {name} must be a str, a list of str or None, got {type(v).__name__}")
         if not is_number(self.scale) or not 1.0 <= float(self.scale) <= 8.0:
             raise InputError(f"hires scale must be a number from 1 to 8, got {self.scale!r}")
         if self.upscaler not in UPSCALERS:
@@ -81,10 +106,29 @@ class Hires:
                              f"(int(steps * strength) = 0); raise the hires strength or steps")
         return steps
 
+    def upscaled(self, height, width):
+        """The size (height, width) the first pass is enlarged to (A1111's hr_upscale_to_y/x): int(scale
+        * side), or with resize the smallest of the image's aspect ratio that covers it."""
+        if self.resize is None:
+            return int(height * self.scale), int(width * self.scale)
+        rw, rh = self.resize
+        if rh == 0 or (rw != 0 and width / height < rw / rh):
+            return rw * height // width, rw                        # the width fits, the height overhangs
+        return rh, rh * width // height
+
+    def crop(self, height, width, factor):
+        """The latent rows and columns (y, x) cut from the enlarged latents, half from each end (the
+        extra at the end): what overhangs the resize size (A1111's truncate_y/x); (0, 0) without one."""
+        if self.resize is None or 0 in self.resize:
+            return 0, 0
+        uh, uw = self.upscaled(height, width)
+        return (uh - self.resize[1]) // factor, (uw - self.resize[0]) // factor
+
     def size(self, height, width, factor):
-        """The second pass's image size: A1111's int(scale * side), rounded down to a multiple of the
-        VAE's factor (A1111 interpolates to side // 8 latents)."""
-        return (int(height * self.scale) // factor * factor, int(width * self.scale) // factor * factor)
+        """The second pass's image size: the enlarged size in whole latents (A1111 interpolates to
+        side // 8 latents), less the crop."""
+        (uh, uw), (ch, cw) = self.upscaled(height, width), self.crop(height, width, factor)
+        return (uh // factor - ch) * factor, (uw // factor - cw) * factor
 
 
 def _source(out_size, in_size, mode):

@@ -18,6 +18,7 @@ All randomness of one call comes from one generator (npsd/rng.py), chosen by ``r
 The same seed and arguments give the same images on every run and machine.
 """
 
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -81,6 +82,14 @@ def _loras_from_prompt(generate):
             text, found = extract_loras(p)
             cleaned.append(text)
             tags += found
+        hires = kwargs.get("hires")
+        if isinstance(hires, Hires) and hires.prompt is not None:       # A1111's "Hires prompt": its own tags
+            texts = [extract_loras(p) for p in ([hires.prompt] if isinstance(hires.prompt, str) else hires.prompt)]
+            if {t for _, found in texts for t in found} != set(tags):
+                raise InputError("the hires prompt's <lora:...> tags differ from the prompt's; npsd applies one set "
+                                 "of LoRAs to both passes: give the hires prompt the prompt's tags")
+            hires_prompt = texts[0][0] if isinstance(hires.prompt, str) else [t for t, _ in texts]
+            kwargs["hires"] = dataclasses.replace(hires, prompt=hires_prompt)
         loaded = []
         try:
             for tag in tags:
@@ -298,8 +307,9 @@ class Pipeline:
         (schedulers.start_index); with rng="torch" and sde_noise="brownian" where A1111 uses it, A1111's
         image from the same seed.
         hires: an npsd.hires.Hires for AUTOMATIC1111's "Hires. fix": after this pass the latents are
-        enlarged hires.scale times and redrawn by img2img at that size (npsd/hires.py); the callback's
-        step counts on through the second pass. None: one pass.
+        enlarged hires.scale times (or to cover hires.resize) and redrawn by img2img at that size, with
+        hires.prompt and hires.negative_prompt where given (npsd/hires.py); the callback's step counts on
+        through the second pass. None: one pass.
         variation_seed, variation_strength, eta_noise_seed_delta: AUTOMATIC1111's seed options
         (npsd.rng.Variation): the starting noise mixed with the variation seed's (image b of a list
         of seeds: variation_seed + b) by A1111's slerp, 0 keeping the seed's, 1 taking the
@@ -378,6 +388,10 @@ class Pipeline:
         if attention_maps is not None or self._trace is not None:
             raise InputError("attention maps and traces record one pass; give them without hires")
         height, width = hires.size(settings["height"], settings["width"], self.vae_factor)
+        smallest = self.vae_factor * 2 ** (len(self.params["unet"]["down_blocks"]) - 1)
+        if min(height, width) < smallest:
+            raise InputError(f"the hires pass would be {width}x{height} pixels, below this model's smallest side "
+                             f"{smallest}; give a larger hires scale or resize")
         steps = hires.second_steps(settings["steps"], schedule_type is not None)
         return dict(settings, height=height, width=width, steps=steps)
 
@@ -385,16 +399,21 @@ class Pipeline:
         """Hires. fix's second pass (npsd/hires.py): enlarge the first pass's latents x0 and run img2img
         on them with a fresh generator of the seed. first: the first pass's (rng, prompt, ...,
         schedule_type) as txt2img got them; done: its steps (the callback's count goes on from there)."""
-        rng_name, *text, schedule_type = first
+        rng_name, prompt, negative_prompt, *text, schedule_type = first
         f = self.vae_factor
+        fh, fw = x0.shape[2] * f, x0.shape[3] * f                                 # the first pass's size
+        (uh, uw), (cy, cx) = hires.upscaled(fh, fw), hires.crop(fh, fw, f)         # enlarged; cropped latents
         if hires.upscaler in LATENT_UPSCALERS:
-            x0 = upscale_latents(x0, settings["height"] // f, settings["width"] // f, hires.upscaler)
+            x0 = upscale_latents(x0, uh // f, uw // f, hires.upscaler)
         else:                                   # A1111's 8-bit image, enlarged with PIL, encoded again
             images = [Image.fromarray(u) for u in to_uint8(self.decode_latents(x0), truncate=True)]
-            x0 = np.concatenate([self._encode_image(to_array(upscale_image(im, settings["width"], settings["height"],
+            x0 = np.concatenate([self._encode_image(to_array(upscale_image(im, uw, uh,
                                                                            hires.upscaler)), None, False)
                                  for im in images])
-        rng, model, batch, schedule = self._begin(settings, rng_name, *text, schedule_type,
+        x0 = x0[:, :, cy // 2:x0.shape[2] - (cy + 1) // 2, cx // 2:x0.shape[3] - (cx + 1) // 2]   # the middle
+        prompt, negative_prompt = (_per_prompt(h, prompt) if h is not None else p for h, p in
+                                   ((hires.prompt, prompt), (hires.negative_prompt, negative_prompt)))
+        rng, model, batch, schedule = self._begin(settings, rng_name, prompt, negative_prompt, *text, schedule_type,
                                                   self._unet_without_mask(settings))
         start = schedulers.start_index(schedule, hires.strength)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)                   # A1111: the seed's first draw
@@ -850,6 +869,14 @@ def _posterior(sample_posterior, default, settings):
         raise InputError("variation_seed and eta_noise_seed_delta act on the start noise, the generator's first "
                          "draw, and sample_posterior=True would draw before it; leave sample_posterior out")
     return sample_posterior
+
+
+def _per_prompt(value, prompts):
+    """The hires pass's prompt or negative prompt (a str, or one per prompt) for the first pass's
+    prompts: a str serves every prompt of a list."""
+    if isinstance(value, str) and isinstance(prompts, (list, tuple)):
+        return [value] * len(prompts)
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _with_mask(unet, x, t, context, mask, masked):
