@@ -52,7 +52,7 @@ from .blas import THREAD_VARS, limit_threads
 from .errors import CheckpointError, InputError, NpsdError, UsageError, one_line
 from .generation import (file_hash, model_defaults, model_file, network_hashes, pipeline_call,  # noqa: F401
                          png_size, step_range, to_images)                                         # (also cli's API)
-from .hires import STRENGTH as HIRES_STRENGTH, UPSCALERS
+from .hires import MAX_RESIZE, SCALE as HIRES_SCALE, STRENGTH as HIRES_STRENGTH, UPSCALERS
 from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .images import RESIZE_MODES, filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
 from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, short_hash
@@ -139,6 +139,17 @@ def _size(text):
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT (e.g. 512x384), got {text!r}") from None
     if w <= 0 or h <= 0:
         raise argparse.ArgumentTypeError(f"the width and height must be > 0, got {text}")
+    return w, h
+
+
+def _hires_resize(text):
+    """--hires-resize WxH -> (width, height), whole numbers >= 0, not both 0 (0: from the other side)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT (e.g. 1024x768, or 1024x0), got {text!r}") from None
+    if w < 0 or h < 0 or w == h == 0 or max(w, h) > MAX_RESIZE:
+        raise argparse.ArgumentTypeError(f"the width and height must be from 0 to {MAX_RESIZE}, not both 0, got {text}")
     return w, h
 
 
@@ -240,6 +251,11 @@ def _generation_options(p, mode):
           help="the second pass's steps (default 0: as --steps)")
         a("--hires-strength", metavar="S", type=_float_in(0.0, 1.0, what="strength"),
           help="how much the second pass redraws, A1111's denoising strength (default 0.7)")
+        a("--hires-resize", metavar="WxH", type=_hires_resize,
+          help="A1111's hires resize, instead of --hires-scale: enlarge to cover WxH and crop the middle "
+               "(0 for one side: from the other and the aspect ratio)")
+        a("--hires-prompt", metavar="TEXT", help="the second pass's prompt (default: PROMPT)")
+        a("--hires-negative-prompt", metavar="TEXT", help="the second pass's negative prompt (default: --negative-prompt)")
     if mode != "txt2img":
         a("--noise-multiplier", dest="initial_noise_multiplier", metavar="M", type=_float_in(0.0, what="multiplier"),
           help="A1111's noise multiplier for img2img: the noise added to the image times M, >= 0 (default 1)")
@@ -399,7 +415,7 @@ SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "
             "variation_strength", "eta_noise_seed_delta", "seed_resize_from", "initial_noise_multiplier",
             "inpainting_mask_weight", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
             "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
-            "hires_steps", "hires_strength")
+            "hires_steps", "hires_strength", "hires_resize", "hires_prompt", "hires_negative_prompt")
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "masked_content": "original",
@@ -473,6 +489,16 @@ def resolve_settings(args, mode):
         settings["hires_strength"] = HIRES_STRENGTH
     if stored.get("_bad_hires_upscaler") and settings["hires_scale"] and args.hires_upscaler is None:
         raise InputError(stored["_bad_hires_upscaler"])
+    if getattr(args, "hires_scale", None) is not None and getattr(args, "hires_resize", None) is None:
+        settings["hires_resize"] = None                        # --hires-scale replaces a stored resize
+    for k in ("hires_prompt", "hires_negative_prompt"):
+        settings[k] = settings[k] or None                      # "": the first pass's (A1111's empty text)
+    if settings["hires_resize"] and not settings["hires_scale"]:
+        settings["hires_scale"] = HIRES_SCALE                  # (A1111's hr_scale, unused with a resize)
+    if not settings["hires_scale"]:
+        given = [o for o in ("hires_prompt", "hires_negative_prompt") if settings[o] is not None]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} is the hires fix's; give --hires-scale or --hires-resize")
     if settings["hires_scale"]:
         given = [o for o in ("save_steps", "attention_maps", "trace") if getattr(args, o, None) is not None]
         if given:

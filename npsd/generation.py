@@ -74,7 +74,8 @@ def hires_of(settings):
     if not settings.get("hires_scale"):
         return None
     from .hires import Hires
-    return Hires(settings["hires_scale"], settings["hires_upscaler"], settings["hires_steps"], settings["hires_strength"])
+    return Hires(settings["hires_scale"], settings["hires_upscaler"], settings["hires_steps"], settings["hires_strength"],
+                 settings.get("hires_resize"), settings.get("hires_prompt"), settings.get("hires_negative_prompt"))
 
 
 def step_range(pipe, mode, settings):

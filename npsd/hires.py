@@ -43,6 +43,7 @@ LATENT_UPSCALERS = tuple(name for name, (_, mode) in UPSCALERS.items() if mode !
 CUBIC_A = -0.75                 # the cubic convolution kernel's a (Keys 1981), as torch's bicubic
 CUBIC_A_AA = -0.5               # ... and as PIL's, which torch's antialiased bicubic follows
 STRENGTH = 0.7                  # A1111's default denoising strength of the second pass
+SCALE = 2.0                     # A1111's default hr_scale
 MAX_RESIZE = 16384              # the largest side "Hires resize" takes, in pixels
 
 
@@ -69,7 +70,7 @@ class Hires:
               pass's (A1111's empty text; here "" is the empty prompt). A str for every prompt, or
               a list with one per prompt
     """
-    scale: float = 2.0
+    scale: float = SCALE
     upscaler: str = "latent"
     steps: int = 0
     strength: float = STRENGTH

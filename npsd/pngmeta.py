@@ -31,7 +31,7 @@ from PIL import Image, PngImagePlugin
 from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .errors import InputError, UsageError
 from .images import RESIZE_MODES
-from .hires import LABELS as UPSCALER_LABELS, UPSCALERS, upscaler_named
+from .hires import LABELS as UPSCALER_LABELS, MAX_RESIZE, SCALE as HIRES_SCALE, UPSCALERS, upscaler_named
 from .version import __version__
 from .schedulers import (BETA_ALPHA, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES, SPACINGS,
                          resolve_schedule_type)
@@ -207,9 +207,14 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Inpaint area": "Only masked" if mode == "inpaint" and settings.get("inpaint_area") == "only masked" else None,
         "Masked area padding": settings.get("masked_area_padding") if mode == "inpaint"
         and settings.get("inpaint_area") == "only masked" else None,
-        "Hires upscale": _num(settings["hires_scale"]) if hires else None,
+        "Hires upscale": _num(settings["hires_scale"]) if hires and not settings.get("hires_resize") else None,
+        "Hires resize": "x".join(map(str, settings["hires_resize"])) if hires and settings.get("hires_resize") else None,
         "Hires steps": settings["hires_steps"] if hires and settings["hires_steps"] else None,
         "Hires upscaler": UPSCALERS[settings["hires_upscaler"]][0] if hires else None,
+        "Hires prompt": settings.get("hires_prompt") if hires and settings.get("hires_prompt") not in
+        (None, settings["prompt"]) else None,
+        "Hires negative prompt": settings.get("hires_negative_prompt") if hires and settings.get("hires_negative_prompt")
+        not in (None, settings["negative_prompt"]) else None,
         "Eta": _num(settings["eta"]) if settings["eta"] else None,
         "Clip skip": settings["clip_skip"] + 1 if settings["clip_skip"] else None,
         "Timestep spacing": settings["timestep_spacing"],
@@ -293,7 +298,7 @@ def settings_from_png(path, mode):
         settings.update(found)
     settings.update(_schedule_from_fields(f, settings.get("sampler"), suffix))
     settings["strength"] = _convert(f, "Denoising strength", float, "a number")
-    if mode == "txt2img" and "Hires upscale" in f:                    # A1111's hires fix
+    if mode == "txt2img" and ("Hires upscale" in f or "Hires resize" in f):     # A1111's hires fix
         settings.update(_hires_from_fields(f))
         settings["hires_strength"] = settings.pop("strength")
     settings["eta"] = _convert(f, "Eta", float, "a number")
@@ -349,11 +354,12 @@ def settings_from_png(path, mode):
 
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
-A1111_UNAPPLIED = ("Hires resize", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
-                   "Hires CFG Scale", "Hires checkpoint", "Face restoration", "Hypernet",
-                   "Token merging ratio", "Refiner", "Tiling", "NGMS", "Schedule min sigma", "Schedule max sigma",
+A1111_UNAPPLIED = ("Hires sampler", "Hires schedule type", "Hires CFG Scale", "Hires checkpoint", "Face restoration",
+                   "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS", "Schedule min sigma", "Schedule max sigma",
                    "Schedule rho", "Discard penultimate sigma")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet", "Soft inpainting")   # extensions' (and built-in ones') fields
+# the hires fix's fields npsd applies (to txt2img only)
+HIRES_FIELDS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires prompt", "Hires negative prompt")
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
 # seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
 A1111_BROWNIAN = ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde")
@@ -379,8 +385,10 @@ def _schedule_from_fields(f, sampler, suffix):
 
 def _hires_from_fields(f):
     """A1111's hires fix fields -> the hires_* settings (or "_bad_hires_upscaler" for an upscaler npsd lacks)."""
-    found = {"hires_scale": _convert(f, "Hires upscale", float, "a number"),
-             "hires_steps": _convert(f, "Hires steps", int, "a whole number")}
+    found = {"hires_scale": _convert(f, "Hires upscale", float, "a number") or HIRES_SCALE,
+             "hires_steps": _convert(f, "Hires steps", int, "a whole number"),
+             "hires_resize": _hires_resize(f["Hires resize"]) if "Hires resize" in f else None,
+             "hires_prompt": f.get("Hires prompt"), "hires_negative_prompt": f.get("Hires negative prompt")}
     label = f.get("Hires upscaler", UPSCALERS["latent"][0]).strip()          # A1111's default: Latent
     found["hires_upscaler"] = upscaler_named(label)
     if found["hires_upscaler"] is None:
@@ -389,11 +397,23 @@ def _hires_from_fields(f):
     return found
 
 
+def _hires_resize(text):
+    """A1111's "Hires resize: 1024x768" -> (1024, 768); 0 for a side it derives."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--from-png: the stored Hires resize is {text!r}, not WIDTHxHEIGHT") from None
+    if w < 0 or h < 0 or w == h == 0 or max(w, h) > MAX_RESIZE:
+        raise InputError(f"--from-png: the stored Hires resize {text!r} is not two sizes from 0 to {MAX_RESIZE}, "
+                         "not both 0; give --hires-scale or --hires-resize")
+    return w, h
+
+
 def unapplied_fields(fields, mode="txt2img"):
     """The stored fields npsd leaves out: "name: value" (the name alone for a long value). mode: the
     command that re-makes the image (hires fix applies to txt2img only)."""
     names = [k for k in fields if k in A1111_UNAPPLIED or k.startswith(A1111_UNAPPLIED_PREFIXES)
-             or (k in ("Hires upscale", "Hires steps", "Hires upscaler") and mode != "txt2img")
+             or (k in HIRES_FIELDS and mode != "txt2img")
              or (k == "Noise multiplier" and mode == "txt2img")]                 # (an img2img field)
     for k in ("Beta schedule alpha", "Beta schedule beta"):              # npsd: A1111's default Beta(0.6, 0.6)
         if k in fields and _float_or_none(fields[k]) != BETA_ALPHA:

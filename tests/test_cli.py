@@ -188,15 +188,16 @@ def test_from_png_of_a_decompression_bomb_is_one_line(tmp_path, capsys):
 
 
 def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, capsys):
-    """A1111 writes hires fix's resize and second sampler, face restoration, its schedules' own sigma range,
+    """A1111 writes hires fix's second sampler, face restoration, its schedules' own sigma range,
     rho and Beta parameters and its extensions' settings only when they are in use, and each changes
     its image: a re-make names them in one warning (they were ignored without a word); npsd's own
     PNGs, A1111's defaults ("Schedule type: Automatic", "Emphasis: Original") and what npsd applies
-    (its schedule types, Clip skip, seed resizing, the conditional mask weight) give none; img2img's
+    (its schedule types, Clip skip, seed resizing, the conditional mask weight, the hires fix's resize and
+    prompt) give none; img2img's
     noise multiplier is named when a txt2img re-make meets it."""
     from npsd.pngmeta import png_info
     base = f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 16x16"
-    cases = {", Hires resize: 32x32, Hires upscaler: Latent, Denoising strength: 0.7": "Hires resize: 32x32",
+    cases = {", Hires resize: 32x32, Hires upscaler: Latent, Hires prompt: a dog, Denoising strength: 0.7": None,
              ", Hires upscale: 2, Hires upscaler: Latent, Hires sampler: Euler, Denoising strength: 0.7":
              "Hires sampler: Euler",
              ", Seed resize from: 32x32": None,
@@ -377,6 +378,52 @@ def test_schedule_type_option_and_its_png_field(model, tmp_path, capsys):
     assert rc == 2 and err.startswith("npsd: error: --schedule-type applies to the samplers euler, euler_a") \
         and err.endswith(", not to ddim\n") and err.count("\n") == 1, err
     assert not (tmp_path / "e.png").exists()
+
+
+def test_hires_resize_and_prompts_options_and_png_fields(model, tmp_path, capsys):
+    """--hires-resize and --hires-(negative-)prompt run the pipeline's Hires(resize=..., prompt=...,
+    negative_prompt=...) and write A1111's fields (Hires resize instead of Hires upscale; the prompts
+    where they differ); --from-png remakes it exactly, also from an A1111 PNG; bad values are one line."""
+    from npsd import load
+    from npsd.hires import Hires
+    from npsd.pngmeta import png_info
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 4, "--sampler", "euler_a", "--schedule-type", "automatic", "--rng", "torch",
+        "--hires-resize", "24x20", "--hires-steps", 2, "--hires-prompt", "a blue square, at night",
+        "--hires-negative-prompt", "dark")
+    f = params_of(a)["fields"]
+    assert Image.open(a).size == (24, 20) and "Hires upscale" not in f, f
+    assert (f["Hires resize"], f["Hires prompt"], f["Hires negative prompt"]) == ("24x20", "a blue square, at night",
+                                                                                  "dark"), f
+    pipe = load(str(model))
+    ref = pipe.txt2img(PROMPT, num_inference_steps=int(f["Steps"]), guidance_scale=float(f["CFG scale"]), seed=4,
+                       sampler="euler_a", schedule_type="automatic", rng="torch", prompt_syntax="a1111", height=16,
+                       width=16, hires=Hires(steps=2, resize=(24, 20), prompt="a blue square, at night",
+                                             negative_prompt="dark"))
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(ref))
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "b.png").read_bytes() == a.read_bytes(), err
+    text = (f"{PROMPT}\nNegative prompt: \nSteps: {f['Steps']}, Sampler: Euler a, CFG scale: {f['CFG scale']}, "
+            f'Seed: 4, Size: 16x16, Denoising strength: 0.7, Hires resize: 24x20, Hires steps: 2, '
+            f'Hires upscaler: Latent, Hires prompt: "a blue square, at night", Hires negative prompt: dark, RNG: CPU')
+    a1111 = tmp_path / "a1111.png"
+    Image.new("RGB", (24, 20)).save(a1111, pnginfo=png_info(text))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "c.png", "--quiet"], capsys)
+    assert rc == 0 and err == "", err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(ref))
+    # --hires-scale replaces a stored resize
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "d.png", "--quiet",
+                      "--hires-scale", 2], capsys)
+    assert rc == 0 and Image.open(tmp_path / "d.png").size == (32, 32), err
+    Image.new("RGB", (24, 20)).save(a1111, pnginfo=png_info(text.replace("24x20", "0x0")))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "e.png", "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "the stored Hires resize '0x0' is not two sizes" in err, err
+    for args, message in ((["--hires-resize", "0x0"], "the width and height must be from 0 to 16384, not both 0"),
+                          (["--hires-resize", "big"], "expected WIDTHxHEIGHT"),
+                          (["--hires-prompt", "x"], "--hires-prompt is the hires fix's; give --hires-scale or "
+                                                    "--hires-resize")):
+        rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "f.png"] + args, capsys)
+        assert rc == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_hires_fix_options_and_png_fields(model, tmp_path, capsys):

@@ -258,6 +258,25 @@ def test_hires_fix_same_pixels_as_the_pipeline(client, pipe):
     assert decode(plain["images"][0]).size == (64, 64)             # hr_* ignored without enable_hr, as A1111
 
 
+def test_hires_resize_and_prompts_same_pixels_as_the_pipeline(client, pipe):
+    """hr_resize_x/y and hr_prompt / hr_negative_prompt: the pipeline's Hires(resize=..., prompt=...,
+    negative_prompt=...); the infotext has A1111's Hires resize and prompt fields; a resize of 0x0
+    is A1111's "by hr_scale"."""
+    body = txt2img(client, steps=4, seed=8, sampler_name="Euler a", enable_hr=True, hr_upscaler="Latent",
+                   hr_second_pass_steps=3, denoising_strength=0.55, hr_resize_x=80, hr_resize_y=72,
+                   hr_prompt="a blue square", hr_negative_prompt="dark")
+    ref = pipe.txt2img(PROMPT, num_inference_steps=4, seed=8, sampler="euler_a", schedule_type="automatic",
+                       hires=Hires(upscaler="latent", steps=3, strength=0.55, resize=(80, 72), prompt="a blue square",
+                                   negative_prompt="dark"))
+    got = decode(body["images"][0])
+    assert got.size == (80, 72) and np.array_equal(pixels(got), pixels(ref))
+    text = json.loads(body["info"])["infotexts"][0]
+    assert "Hires resize: 80x72," in text and "Hires prompt: a blue square, Hires negative prompt: dark" in text, text
+    assert "Hires upscale:" not in text
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "enable_hr": True, "hr_resize_x": -8})
+    assert r.status_code == 422 and "hr_resize_x" in r.text
+
+
 def test_img2img_same_pixels_as_the_pipeline(client, pipe, picture):
     r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "denoising_strength": 0.6, "steps": 5, "seed": 7,
                                                "init_images": ["data:image/png;base64," + encode(picture)]})

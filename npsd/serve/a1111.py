@@ -9,8 +9,8 @@ falls in one of four groups:
   send_images; img2img: init_images, denoising_strength, mask, mask_blur, inpainting_mask_invert, ...);
 - INERT: A1111's bookkeeping, which changes no pixel npsd computes (do_not_save_samples, the hr_*
   fields while enable_hr is false, ...): accepted, ignored;
-- OFF: features npsd lacks (refiner, scripts, face restoration, tiling, styles, seed resizing, the
-  hires fix's resize, second sampler, prompt and checkpoint, ...): accepted at their "off" value (what
+- OFF: features npsd lacks (refiner, scripts, face restoration, tiling, styles, the hires fix's
+  second sampler and checkpoint, ...): accepted at their "off" value (what
   clients such as webuiapi send by default), else refused with 422 naming them;
 - anything else is unknown: refused with 422 (a misspelt field would otherwise be silently dropped).
 
@@ -26,7 +26,8 @@ seed + k and its own random numbers from it, so npsd makes it alone from that se
 without "Batch size"), and all_seeds lists seed, seed + 1, ....
 The scheduler is A1111's schedule type ("Automatic": A1111's choice for the sampler; npsd's
 schedule_type) for the samplers A1111 runs with k-diffusion. enable_hr runs the hires fix with
-A1111's latent upscalers (hr_scale, hr_upscaler, hr_second_pass_steps, denoising_strength; npsd/hires.py).
+A1111's latent upscalers (hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps, denoising_strength,
+hr_prompt, hr_negative_prompt; npsd/hires.py).
 With those samplers an inpainting request is A1111's inpainting (npsd/a1111_inpaint.py: its mask
 blur, inpainting_fill's masked content, inpaint_full_res's "only masked" crop with its padding, the
 denoised latents blended with the image's, the input pasted back over the kept region), and every
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 from ..errors import InputError
-from ..hires import LABELS as UPSCALER_LABELS, UPSCALERS, upscaler_named
+from ..hires import LABELS as UPSCALER_LABELS, MAX_RESIZE, UPSCALERS, upscaler_named
 from ..images import open_image, upright
 from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, SCHEDULE_LABELS, SCHEDULE_NAMED, _exif_user_comment,
                        parse_parameters, png_info, sampler_from_a1111, schedule_label)
@@ -66,14 +67,11 @@ USED_IMG2IMG = {"init_images", "denoising_strength", "mask", "mask_blur", "mask_
                 "initial_noise_multiplier", "include_init_images"}
 INERT = {"do_not_save_samples", "do_not_save_grid", "comments", "force_task_id", "s_tmin", "s_tmax",
          "refiner_switch_at", "token_merging_ratio", "token_merging_ratio_hr", "user"}
-USED_TXT2IMG = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength"}
+USED_TXT2IMG = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "hr_resize_x",
+                "hr_resize_y", "hr_prompt", "hr_negative_prompt"}
 # the hires fix's fields npsd lacks, refused when enable_hr is true (ignored, as by A1111, when false)
-HIRES_OFF = {"hr_resize_x": ((0,), "npsd enlarges by hr_scale; send 0"),
-             "hr_resize_y": ((0,), "npsd enlarges by hr_scale; send 0"),
-             "hr_sampler_name": (("", "Use same sampler"), "npsd's second pass uses the first pass's sampler"),
+HIRES_OFF = {"hr_sampler_name": (("", "Use same sampler"), "npsd's second pass uses the first pass's sampler"),
              "hr_scheduler": (("", "Use same scheduler"), "npsd's second pass uses the first pass's scheduler"),
-             "hr_prompt": (("",), "npsd's second pass uses the prompt"),
-             "hr_negative_prompt": (("",), "npsd's second pass uses the negative prompt"),
              "hr_checkpoint_name": (("", "Use same checkpoint"), "npsd's second pass uses the same model")}
 HIRES_DENOISING = 0.75                                      # A1111's txt2img default denoising_strength
 INERT_IMG2IMG = {"image_cfg_scale"}                        # instruct-pix2pix only
@@ -356,7 +354,8 @@ def read_request(kind, body, limits=None):
     return plan
 
 
-HIRES_NONE = {"hires_scale": None, "hires_upscaler": None, "hires_steps": None, "hires_strength": None}
+HIRES_NONE = {"hires_scale": None, "hires_upscaler": None, "hires_steps": None, "hires_strength": None,
+              "hires_resize": None, "hires_prompt": None, "hires_negative_prompt": None}
 
 
 def _hires(body):
@@ -369,7 +368,12 @@ def _hires(body):
     return {"hires_scale": _float(body, "hr_scale", 2.0, lo=1.0, hi=8.0),
             "hires_upscaler": upscaler_named(label),
             "hires_steps": _int(body, "hr_second_pass_steps", 0, lo=0, hi=1000),
-            "hires_strength": _float(body, "denoising_strength", HIRES_DENOISING, lo=0.0, hi=1.0)}
+            "hires_strength": _float(body, "denoising_strength", HIRES_DENOISING, lo=0.0, hi=1.0),
+            # hr_resize_x/y: A1111's "Resize width/height to" (both 0: by hr_scale); "" prompts: the first pass's
+            "hires_resize": resize if any(resize := (_int(body, "hr_resize_x", 0, lo=0, hi=MAX_RESIZE),
+                                                     _int(body, "hr_resize_y", 0, lo=0, hi=MAX_RESIZE))) else None,
+            "hires_prompt": _str(body, "hr_prompt") or None,
+            "hires_negative_prompt": _str(body, "hr_negative_prompt") or None}
 
 
 def _read_img2img(body, plan, limits):
@@ -518,7 +522,10 @@ def reload_settings(plan, settings, model_title, pos):
         fields.update(denoising_strength=settings["strength"], resize_mode=RESIZE_MODES.index(settings["resize_mode"]))
     elif settings.get("hires_scale"):
         fields.update(enable_hr=True, hr_scale=settings["hires_scale"], hr_upscaler=UPSCALERS[settings["hires_upscaler"]][0],
-                      hr_second_pass_steps=settings["hires_steps"], denoising_strength=settings["hires_strength"])
+                      hr_second_pass_steps=settings["hires_steps"], denoising_strength=settings["hires_strength"],
+                      hr_resize_x=(settings.get("hires_resize") or (0, 0))[0],
+                      hr_resize_y=(settings.get("hires_resize") or (0, 0))[1],
+                      hr_prompt=settings.get("hires_prompt") or "", hr_negative_prompt=settings.get("hires_negative_prompt") or "")
     if plan.mode == "inpaint":
         fields.update(mask_blur=settings["mask_blur"], inpainting_fill=MASKED_CONTENT.index(settings["masked_content"]),
                       inpaint_full_res=settings["inpaint_area"] == "only masked",
