@@ -65,6 +65,9 @@ class Hires:
     strength  how much the second pass redraws, in [0, 1] (A1111's "Denoising strength")
     resize    (width, height) instead of scale (A1111's "Hires resize"): enlarge to cover that size
               and crop the middle; one of them 0: that side follows the image's aspect ratio
+    sampler, schedule_type
+              the second pass's sampler and A1111 schedule type (A1111's "Hires sampler", "Hires
+              schedule type"); None: the first pass's (its schedule type resolved for this sampler)
     prompt, negative_prompt
               the second pass's (A1111's "Hires prompt", "Hires negative prompt"); None: the first
               pass's (A1111's empty text; here "" is the empty prompt). A str for every prompt, or
@@ -77,8 +80,15 @@ class Hires:
     resize: tuple = None
     prompt: object = None
     negative_prompt: object = None
+    sampler: str = None
+    schedule_type: str = None
 
     def __post_init__(self):
+        from .schedulers import SAMPLERS, SCHEDULE_TYPES
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise InputError(f"unknown hires sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if self.schedule_type is not None and self.schedule_type not in SCHEDULE_TYPES:
+            raise InputError(f"unknown hires schedule_type {self.schedule_type!r}; use one of {', '.join(SCHEDULE_TYPES)}")
         if self.resize is not None and not (isinstance(self.resize, (tuple, list)) and len(self.resize) == 2
                                             and all(is_whole(v) and 0 <= v <= MAX_RESIZE for v in self.resize)
                                             and any(self.resize)):

@@ -326,10 +326,11 @@ class Pipeline:
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed,
                                   decoder=decoder, eta=eta, sde_noise=sde_noise,
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
-                                             seed_resize_from_h, seed_resize_from_w))
+                                             seed_resize_from_h, seed_resize_from_w),
+                                  second_sampler=hires.sampler if isinstance(hires, Hires) else None)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
-        hires_settings = self._hires_settings(hires, settings, attention_maps, schedule_type)
+        hires_settings = self._hires_settings(hires, settings, attention_maps, schedule_type, sde_noise)
         if hires_settings is not None and inpainting_mask_weight != 1 and self._inpainting_unet():
             raise InputError("inpainting_mask_weight below 1 with hires: A1111 then conditions the inpainting UNet's "
                              "second pass on the first pass's image, which npsd does not remake; leave it at 1")
@@ -377,9 +378,9 @@ class Pipeline:
         cond = self._encode_image(pixels - np.float32(weight) * pixels, None, False)         # [1, 4, h, w]
         return lambda x, t, context: _with_mask(self.unet, x, t, context, mask, cond)
 
-    def _hires_settings(self, hires, settings, attention_maps, schedule_type):
-        """The second pass's settings (its size and steps) of txt2img(hires=...), or None; checked
-        before the first pass runs."""
+    def _hires_settings(self, hires, settings, attention_maps, schedule_type, sde_noise="generator"):
+        """The second pass's settings (its size, steps, sampler, schedule type and SDE noise) of
+        txt2img(hires=...), or None; checked before the first pass runs."""
         if hires is None:
             return None
         if not isinstance(hires, Hires):
@@ -392,14 +393,24 @@ class Pipeline:
         if min(height, width) < smallest:
             raise InputError(f"the hires pass would be {width}x{height} pixels, below this model's smallest side "
                              f"{smallest}; give a larger hires scale or resize")
-        steps = hires.second_steps(settings["steps"], schedule_type is not None)
-        return dict(settings, height=height, width=width, steps=steps)
+        sampler = hires.sampler or settings["sampler"]
+        if hires.schedule_type is not None and schedule_type is None:
+            raise InputError("hires schedule_type is one of A1111's schedules; give the first pass one too "
+                             "(schedule_type=...), or leave it to the first pass's")
+        kind = hires.schedule_type or schedule_type                # A1111: hr_scheduler None is the first's
+        if kind is not None and sampler not in schedulers.KDIFFUSION_SAMPLERS:
+            raise InputError(f"the hires sampler {sampler!r} has no A1111 schedule type; with schedule_type use "
+                             f"one of {', '.join(schedulers.KDIFFUSION_SAMPLERS)}")
+        steps = hires.second_steps(settings["steps"], kind is not None)
+        return dict(settings, height=height, width=width, steps=steps, sampler=sampler, schedule_type=kind,
+                    sde_noise=sde_noise if sampler in schedulers.NOISE_SAMPLER_SAMPLERS else "generator")
 
     def _hires_pass(self, x0, hires, settings, first, eta, callback, progress, done):
         """Hires. fix's second pass (npsd/hires.py): enlarge the first pass's latents x0 and run img2img
         on them with a fresh generator of the seed. first: the first pass's (rng, prompt, ...,
         schedule_type) as txt2img got them; done: its steps (the callback's count goes on from there)."""
-        rng_name, prompt, negative_prompt, *text, schedule_type = first
+        rng_name, prompt, negative_prompt, *text, _ = first
+        schedule_type = settings["schedule_type"]                                  # (_hires_settings')
         f = self.vae_factor
         fh, fw = x0.shape[2] * f, x0.shape[3] * f                                 # the first pass's size
         (uh, uw), (cy, cx) = hires.upscaled(fh, fw), hires.crop(fh, fw, f)         # enlarged; cropped latents
@@ -625,9 +636,10 @@ class Pipeline:
     # --- the pieces of the loops ----------------------------------------------------------------
 
     def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae", eta=0.0,
-                  sde_noise="generator", variation=(None, 0.0, 0, 0, 0)):
+                  sde_noise="generator", variation=(None, 0.0, 0, 0, 0), second_sampler=None):
         """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
-        the image's own size first) and check every value; one-line errors."""
+        the image's own size first) and check every value; one-line errors. second_sampler: the hires
+        fix's own sampler, which sde_noise may be for."""
         defaults = generation_defaults(self.config)
         from_image = ()
         if image is not None and (height is None or width is None):
@@ -656,7 +668,8 @@ class Pipeline:
         schedulers.check_eta(eta)
         if sde_noise not in SDE_NOISES:
             raise InputError(f"sde_noise must be one of {', '.join(SDE_NOISES)}, got {sde_noise!r}")
-        if sde_noise == "brownian" and sampler not in schedulers.NOISE_SAMPLER_SAMPLERS:
+        if sde_noise == "brownian" and sampler not in schedulers.NOISE_SAMPLER_SAMPLERS \
+                and second_sampler not in schedulers.NOISE_SAMPLER_SAMPLERS:
             raise InputError(f"sde_noise='brownian' applies to {', '.join(schedulers.NOISE_SAMPLER_SAMPLERS)}, "
                              f"not to {sampler!r}")
         if decoder not in DECODERS:
@@ -672,7 +685,8 @@ class Pipeline:
             raise InputError(f"seed must be a whole number in [0, 2**64) or a list of them, one per image, got {seed!r}")
         seed = tuple(int(s) for s in seed) if isinstance(seed, (list, tuple)) else int(seed)
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
-                "width": int(width), "sampler": sampler, "seed": seed, "sde_noise": sde_noise,
+                "width": int(width), "sampler": sampler, "seed": seed,
+                "sde_noise": sde_noise if sampler in schedulers.NOISE_SAMPLER_SAMPLERS else "generator",
                 "variation": _check_variation(*variation, seeds, f)}
 
     def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
