@@ -255,6 +255,9 @@ def _generation_options(p, mode):
           help="A1111's hires resize, instead of --hires-scale: enlarge to cover WxH and crop the middle "
                "(0 for one side: from the other and the aspect ratio)")
         a("--hires-prompt", metavar="TEXT", help="the second pass's prompt (default: PROMPT)")
+        a("--hires-sampler", choices=SAMPLERS, help="the second pass's sampler (default: --sampler's)")
+        a("--hires-schedule-type", choices=SCHEDULE_TYPES,
+          help="the second pass's A1111 schedule type (default: --schedule-type's, resolved for the hires sampler)")
         a("--hires-negative-prompt", metavar="TEXT", help="the second pass's negative prompt (default: --negative-prompt)")
     if mode != "txt2img":
         a("--noise-multiplier", dest="initial_noise_multiplier", metavar="M", type=_float_in(0.0, what="multiplier"),
@@ -415,7 +418,8 @@ SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "
             "variation_strength", "eta_noise_seed_delta", "seed_resize_from", "initial_noise_multiplier",
             "inpainting_mask_weight", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
             "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
-            "hires_steps", "hires_strength", "hires_resize", "hires_prompt", "hires_negative_prompt")
+            "hires_steps", "hires_strength", "hires_resize", "hires_prompt", "hires_negative_prompt", "hires_sampler",
+            "hires_schedule_type")
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "masked_content": "original",
@@ -487,6 +491,8 @@ def resolve_settings(args, mode):
     settings["karras"] = bool(settings["karras"])
     if settings["hires_strength"] is None:
         settings["hires_strength"] = HIRES_STRENGTH
+    if stored.get("_bad_hires_sampler") and settings["hires_scale"] and getattr(args, "hires_sampler", None) is None:
+        raise InputError(stored["_bad_hires_sampler"])
     if stored.get("_bad_hires_upscaler") and settings["hires_scale"] and args.hires_upscaler is None:
         raise InputError(stored["_bad_hires_upscaler"])
     if getattr(args, "hires_scale", None) is not None and getattr(args, "hires_resize", None) is None:
@@ -496,7 +502,8 @@ def resolve_settings(args, mode):
     if settings["hires_resize"] and not settings["hires_scale"]:
         settings["hires_scale"] = HIRES_SCALE                  # (A1111's hr_scale, unused with a resize)
     if not settings["hires_scale"]:
-        given = [o for o in ("hires_prompt", "hires_negative_prompt") if settings[o] is not None]
+        given = [o for o in ("hires_prompt", "hires_negative_prompt", "hires_sampler", "hires_schedule_type")
+                 if settings[o] is not None]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} is the hires fix's; give --hires-scale or --hires-resize")
     if settings["hires_scale"]:
@@ -653,10 +660,12 @@ def _load_model(args, settings):
                              f"model's {layers} text encoder layers; give --clip-skip 0 to {layers}")
         raise UsageError(f"--clip-skip {settings['clip_skip']} skips more than this model's {layers} text encoder "
                          f"layers; give 0 to {layers} (A1111's 'Clip skip N' is --clip-skip N-1)")
-    if settings["sde_noise"] == "brownian" and settings["sampler"] not in NOISE_SAMPLER_SAMPLERS:
+    hires_sampler = settings.get("hires_sampler") if settings.get("hires_scale") else None
+    if settings["sde_noise"] == "brownian" and settings["sampler"] not in NOISE_SAMPLER_SAMPLERS \
+            and hires_sampler not in NOISE_SAMPLER_SAMPLERS:
         if args.sde_noise is not None:
-            raise UsageError(f"--sde-noise brownian applies to --sampler {', '.join(NOISE_SAMPLER_SAMPLERS)}, "
-                             f"not to {settings['sampler']}")
+            raise UsageError(f"--sde-noise brownian applies to --sampler (or --hires-sampler) "
+                             f"{', '.join(NOISE_SAMPLER_SAMPLERS)}, not to {settings['sampler']}")
         settings["sde_noise"] = "generator"          # --from-png's SDE sampler, run with another --sampler
     if settings["eta"] and settings["sampler"] != "ddim":
         warnings.warn(f"--eta is DDIM's; the {settings['sampler']} sampler ignores it")

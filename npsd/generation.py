@@ -75,7 +75,8 @@ def hires_of(settings):
         return None
     from .hires import Hires
     return Hires(settings["hires_scale"], settings["hires_upscaler"], settings["hires_steps"], settings["hires_strength"],
-                 settings.get("hires_resize"), settings.get("hires_prompt"), settings.get("hires_negative_prompt"))
+                 settings.get("hires_resize"), settings.get("hires_prompt"), settings.get("hires_negative_prompt"),
+                 settings.get("hires_sampler"), settings.get("hires_schedule_type"))
 
 
 def step_range(pipe, mode, settings):
@@ -83,16 +84,18 @@ def step_range(pipe, mode, settings):
     from img2img's start to the last step + 1, the hires fix's second pass counted on after the first."""
     from .schedulers import make_schedule, start_index
 
-    def steps_from(steps, strength):                  # (the first step, the schedule's steps)
-        schedule = make_schedule(settings["sampler"], steps, pipe.config, settings["karras"],
-                                 settings["timestep_spacing"], schedule_type=settings.get("schedule_type"))
+    def steps_from(steps, strength, sampler, schedule_type):        # (the first step, the schedule's steps)
+        schedule = make_schedule(sampler, steps, pipe.config, settings["karras"], settings["timestep_spacing"],
+                                 schedule_type=schedule_type)
         return (0 if strength is None else start_index(schedule, strength)), schedule.num_inference_steps
 
-    first, end = steps_from(settings["steps"], None if mode == "txt2img" else settings["strength"])
+    first, end = steps_from(settings["steps"], None if mode == "txt2img" else settings["strength"],
+                            settings["sampler"], settings.get("schedule_type"))
     hires = hires_of(settings) if mode == "txt2img" else None
     if hires is not None:
-        start, n = steps_from(hires.second_steps(settings["steps"], settings.get("schedule_type") is not None),
-                              hires.strength)
+        kind = hires.schedule_type or settings.get("schedule_type")
+        start, n = steps_from(hires.second_steps(settings["steps"], kind is not None), hires.strength,
+                              hires.sampler or settings["sampler"], kind)
         end += n - start
     return first, end
 

@@ -211,6 +211,9 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Hires resize": "x".join(map(str, settings["hires_resize"])) if hires and settings.get("hires_resize") else None,
         "Hires steps": settings["hires_steps"] if hires and settings["hires_steps"] else None,
         "Hires upscaler": UPSCALERS[settings["hires_upscaler"]][0] if hires else None,
+        "Hires sampler": A1111_SAMPLERS[settings["hires_sampler"]] if hires and settings.get("hires_sampler")
+        not in (None, settings["sampler"]) else None,
+        "Hires schedule type": _hires_schedule_label(settings) if hires else None,
         "Hires prompt": settings.get("hires_prompt") if hires and settings.get("hires_prompt") not in
         (None, settings["prompt"]) else None,
         "Hires negative prompt": settings.get("hires_negative_prompt") if hires and settings.get("hires_negative_prompt")
@@ -242,6 +245,16 @@ def schedule_label(settings):
     if kind is None:
         return "Karras" if settings["karras"] else None
     return SCHEDULE_LABELS[resolve_schedule_type(settings["sampler"], kind)]
+
+
+def _hires_schedule_label(settings):
+    """The "Hires schedule type" field: the label of the second pass's schedule where it is not the
+    first pass's (A1111 writes it so); None otherwise or on diffusers' schedules."""
+    kind = settings.get("hires_schedule_type") or settings.get("schedule_type")
+    if kind is None:
+        return None
+    label = SCHEDULE_LABELS[resolve_schedule_type(settings.get("hires_sampler") or settings["sampler"], kind)]
+    return label if label != schedule_label(settings) else None
 
 
 def _loras(settings):
@@ -332,7 +345,8 @@ def settings_from_png(path, mode):
         settings.update(_rng_from_field(f["RNG"]))
     # npsd writes "SDE noise: Brownian"; A1111 draws the noise of its SDE samplers so, without a field
     if f.get("SDE noise", "").strip().lower() == "brownian" or (
-            "npsd version" not in f and settings.get("sampler") in A1111_BROWNIAN):
+            "npsd version" not in f and (settings.get("sampler") in A1111_BROWNIAN
+                                         or settings.get("hires_sampler") in A1111_BROWNIAN)):
         settings["sde_noise"] = "brownian"
     if "VAE Decoder" in f:
         by_field = {v.lower(): k for k, v in DECODER_FIELD.items()}
@@ -354,12 +368,13 @@ def settings_from_png(path, mode):
 
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
-A1111_UNAPPLIED = ("Hires sampler", "Hires schedule type", "Hires CFG Scale", "Hires checkpoint", "Face restoration",
+A1111_UNAPPLIED = ("Hires CFG Scale", "Hires checkpoint", "Face restoration",
                    "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS", "Schedule min sigma", "Schedule max sigma",
                    "Schedule rho", "Discard penultimate sigma")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet", "Soft inpainting")   # extensions' (and built-in ones') fields
 # the hires fix's fields npsd applies (to txt2img only)
-HIRES_FIELDS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires prompt", "Hires negative prompt")
+HIRES_FIELDS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires prompt", "Hires negative prompt",
+                "Hires sampler", "Hires schedule type")
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
 # seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
 A1111_BROWNIAN = ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde")
@@ -388,7 +403,18 @@ def _hires_from_fields(f):
     found = {"hires_scale": _convert(f, "Hires upscale", float, "a number") or HIRES_SCALE,
              "hires_steps": _convert(f, "Hires steps", int, "a whole number"),
              "hires_resize": _hires_resize(f["Hires resize"]) if "Hires resize" in f else None,
-             "hires_prompt": f.get("Hires prompt"), "hires_negative_prompt": f.get("Hires negative prompt")}
+             "hires_prompt": f.get("Hires prompt") or None, "hires_negative_prompt": f.get("Hires negative prompt") or None}
+    suffix = None
+    if "Hires sampler" in f:
+        found["hires_sampler"], suffix = sampler_from_a1111(f["Hires sampler"])
+        if found["hires_sampler"] is None:                                   # an error unless --hires-sampler
+            found["_bad_hires_sampler"] = (f"--from-png: the stored hires sampler {f['Hires sampler']!r} is not one "
+                                           f"npsd has ({', '.join(A1111_SAMPLERS.values())}); give --hires-sampler")
+    text = f.get("Hires schedule type", "").strip()
+    found["hires_schedule_type"] = SCHEDULE_NAMED.get(text.lower()) if text else suffix   # (None: the first's)
+    if text and found["hires_schedule_type"] is None:
+        raise InputError(f"--from-png: the stored hires schedule type {text!r} is not one npsd has "
+                         f"({', '.join(SCHEDULE_LABELS.values())}); give --hires-schedule-type")
     label = f.get("Hires upscaler", UPSCALERS["latent"][0]).strip()          # A1111's default: Latent
     found["hires_upscaler"] = upscaler_named(label)
     if found["hires_upscaler"] is None:

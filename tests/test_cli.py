@@ -188,18 +188,19 @@ def test_from_png_of_a_decompression_bomb_is_one_line(tmp_path, capsys):
 
 
 def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, capsys):
-    """A1111 writes hires fix's second sampler, face restoration, its schedules' own sigma range,
+    """A1111 writes hires fix's checkpoint, face restoration, its schedules' own sigma range,
     rho and Beta parameters and its extensions' settings only when they are in use, and each changes
     its image: a re-make names them in one warning (they were ignored without a word); npsd's own
     PNGs, A1111's defaults ("Schedule type: Automatic", "Emphasis: Original") and what npsd applies
-    (its schedule types, Clip skip, seed resizing, the conditional mask weight, the hires fix's resize and
-    prompt) give none; img2img's
+    (its schedule types, Clip skip, seed resizing, the conditional mask weight, the hires fix's resize,
+    prompt and sampler) give none; img2img's
     noise multiplier is named when a txt2img re-make meets it."""
     from npsd.pngmeta import png_info
     base = f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 16x16"
     cases = {", Hires resize: 32x32, Hires upscaler: Latent, Hires prompt: a dog, Denoising strength: 0.7": None,
-             ", Hires upscale: 2, Hires upscaler: Latent, Hires sampler: Euler, Denoising strength: 0.7":
-             "Hires sampler: Euler",
+             ", Hires upscale: 2, Hires upscaler: Latent, Hires sampler: Euler, Denoising strength: 0.7": None,
+             ", Hires upscale: 2, Hires upscaler: Latent, Hires checkpoint: other, Denoising strength: 0.7":
+             "Hires checkpoint: other",
              ", Seed resize from: 32x32": None,
              ", Variation seed: 9, Variation seed strength: 0.3, ENSD: 31337": None,
              ", Conditional mask weight: 0.5": None,
@@ -426,6 +427,50 @@ def test_hires_resize_and_prompts_options_and_png_fields(model, tmp_path, capsys
         assert rc == 2 and err.count("\n") == 1 and message in err, err
 
 
+def test_hires_sampler_and_schedule_type_options_and_png_fields(model, tmp_path, capsys):
+    """--hires-sampler and --hires-schedule-type: the pipeline's Hires(sampler=..., schedule_type=...),
+    written as A1111 writes them (Hires sampler where it is another, Hires schedule type where the
+    second pass's resolved schedule is another); --from-png remakes it, also from an A1111 PNG (whose
+    Brownian hires sampler gets Brownian noise); a stored name npsd lacks is one line."""
+    from npsd import load
+    from npsd.hires import Hires
+    from npsd.pngmeta import png_info
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 4, "--sampler", "euler_a", "--schedule-type", "automatic", "--rng", "torch",
+        "--hires-scale", 1.5, "--hires-steps", 2, "--hires-sampler", "dpmpp_2m", "--hires-schedule-type", "exponential")
+    f = params_of(a)["fields"]
+    assert (f["Hires sampler"], f["Hires schedule type"]) == ("DPM++ 2M", "Exponential"), f
+    pipe = load(str(model))
+    ref = pipe.txt2img(PROMPT, num_inference_steps=int(f["Steps"]), guidance_scale=float(f["CFG scale"]), seed=4,
+                       sampler="euler_a", schedule_type="automatic", rng="torch", prompt_syntax="a1111", height=16,
+                       width=16, hires=Hires(1.5, steps=2, sampler="dpmpp_2m", schedule_type="exponential"))
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(ref))
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "b.png").read_bytes() == a.read_bytes(), err
+    # A1111's PNG: DPM++ 2M SDE in the second pass draws A1111's Brownian noise
+    text = (f"{PROMPT}\nNegative prompt: \nSteps: {f['Steps']}, Sampler: Euler a, CFG scale: {f['CFG scale']}, "
+            f"Seed: 4, Size: 16x16, Denoising strength: 0.7, Hires upscale: 1.5, Hires steps: 2, "
+            f"Hires upscaler: Latent, Hires sampler: DPM++ 2M SDE, Hires schedule type: Karras, RNG: CPU")
+    a1111 = tmp_path / "a1111.png"
+    Image.new("RGB", (24, 24)).save(a1111, pnginfo=png_info(text))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "c.png", "--quiet"], capsys)
+    assert rc == 0 and err == "", err
+    sde = pipe.txt2img(PROMPT, num_inference_steps=int(f["Steps"]), guidance_scale=float(f["CFG scale"]), seed=4,
+                       sampler="euler_a", schedule_type="uniform", rng="torch", prompt_syntax="a1111", height=16,
+                       width=16, sde_noise="brownian",
+                       hires=Hires(1.5, steps=2, sampler="dpmpp_2m_sde", schedule_type="karras"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(sde))
+    g = params_of(tmp_path / "c.png")["fields"]
+    assert (g["Hires sampler"], g["Hires schedule type"], g["SDE noise"]) == ("DPM++ 2M SDE", "Karras", "Brownian"), g
+    Image.new("RGB", (24, 24)).save(a1111, pnginfo=png_info(text.replace("DPM++ 2M SDE", "Restart")))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "d.png", "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "the stored hires sampler 'Restart' is not one npsd has" in err \
+        and "give --hires-sampler" in err, err
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "d.png", "--quiet",
+                      "--hires-sampler", "euler"], capsys)
+    assert rc == 0 and params_of(tmp_path / "d.png")["fields"]["Hires sampler"] == "Euler", err
+
+
 def test_hires_fix_options_and_png_fields(model, tmp_path, capsys):
     """--hires-scale runs the pipeline's hires fix and writes A1111's fields (Size: the first pass's,
     Denoising strength, Hires upscale / steps / upscaler); --from-png remakes it exactly, also from an
@@ -507,7 +552,8 @@ def test_from_png_of_a1111s_dpmpp_2m_sde_takes_its_brownian_noise(model, tmp_pat
     assert rc == 0 and "SDE noise" not in params_of(tmp_path / "c.png")["fields"], err
     rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "d.png", "--quiet", "--sampler", "euler",
                       "--sde-noise", "brownian"], capsys)
-    assert rc == 2 and "--sde-noise brownian applies to --sampler dpmpp_2m_sde, dpmpp_sde, dpmpp_3m_sde, not to euler" in err, err
+    assert rc == 2 and "--sde-noise brownian applies to --sampler (or --hires-sampler) dpmpp_2m_sde, dpmpp_sde, " \
+        "dpmpp_3m_sde, not to euler" in err, err
     path.unlink()                                                       # A1111's DPM++ SDE: the same
     Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(text.replace("DPM++ 2M SDE", "DPM++ SDE")))
     rc, _, err = run(["txt2img", "--from-png", path, "--model", model, "-o", tmp_path / "e.png", "--quiet"], capsys)

@@ -277,6 +277,29 @@ def test_hires_resize_and_prompts_same_pixels_as_the_pipeline(client, pipe):
     assert r.status_code == 422 and "hr_resize_x" in r.text
 
 
+def test_hires_sampler_and_scheduler_same_pixels_as_the_pipeline(client, pipe):
+    """hr_sampler_name and hr_scheduler: the pipeline's Hires(sampler=..., schedule_type=...), written as
+    A1111 writes them; "Use same sampler" / "Use same scheduler" are the first pass's; the model's
+    default sampler (the built-in model's DDIM, no A1111 schedule) with a k-diffusion hires sampler is
+    one line."""
+    body = txt2img(client, steps=4, seed=8, sampler_name="Euler a", enable_hr=True, hr_scale=1.5,
+                   hr_second_pass_steps=3, denoising_strength=0.55, hr_sampler_name="DPM++ 2M", hr_scheduler="Karras")
+    ref = pipe.txt2img(PROMPT, num_inference_steps=4, seed=8, sampler="euler_a", schedule_type="automatic",
+                       hires=Hires(1.5, "latent", 3, 0.55, sampler="dpmpp_2m", schedule_type="karras"))
+    assert np.array_equal(pixels(decode(body["images"][0])), pixels(ref))
+    text = json.loads(body["info"])["infotexts"][0]
+    assert "Hires sampler: DPM++ 2M, Hires schedule type: Karras" in text, text
+    same = txt2img(client, steps=4, seed=8, sampler_name="Euler a", enable_hr=True, hr_scale=1.5,
+                   hr_second_pass_steps=3, denoising_strength=0.55, hr_sampler_name="Use same sampler",
+                   hr_scheduler="Use same scheduler")
+    plain = pipe.txt2img(PROMPT, num_inference_steps=4, seed=8, sampler="euler_a", schedule_type="automatic",
+                         hires=Hires(1.5, "latent", 3, 0.55))
+    assert np.array_equal(pixels(decode(same["images"][0])), pixels(plain))
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "enable_hr": True, "hr_sampler_name": "Euler"})
+    assert r.status_code == 422 and "hr_sampler_name Euler (hr_scheduler as the first pass) after sampler_name DDIM" \
+        in r.text and "\\n" not in r.text, r.text
+
+
 def test_img2img_same_pixels_as_the_pipeline(client, pipe, picture):
     r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "denoising_strength": 0.6, "steps": 5, "seed": 7,
                                                "init_images": ["data:image/png;base64," + encode(picture)]})
@@ -372,7 +395,12 @@ def test_img2img_resize_modes(client, pipe, picture):
     ({"scheduler": "Karras Exponential"}, ["scheduler", "Karras", "Beta"]),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, ["hr_upscaler", "R-ESRGAN 4x+", "Latent (nearest-exact)",
                                                          "Lanczos"]),
-    ({"enable_hr": True, "hr_resize_x": 512, "hr_prompt": "other"}, ["hr_resize_x=512", "hr_prompt='other'"]),
+    ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, ["hr_checkpoint_name='other.safetensors'"]),
+    ({"enable_hr": True, "sampler_name": "Euler", "hr_sampler_name": "DDIM"},
+     ["hr_sampler_name DDIM (hr_scheduler as the first pass) after sampler_name Euler: npsd runs A1111's schedules in "
+      "both passes or in neither"]),
+    ({"enable_hr": True, "hr_sampler_name": "Euler b"}, ["hr_sampler_name 'Euler b' is not one npsd has"]),
+    ({"enable_hr": True, "hr_scheduler": "Karras2"}, ["hr_scheduler 'Karras2' is not one npsd has"]),
     ({"enable_hr": True, "hr_scale": 0.5}, ["hr_scale must be in [1.0, 8.0], got 0.5"]),
     ({"enable_hr": True, "npsd_attention_maps": True}, ["npsd_attention_maps records one pass"]),
     ({"scheduler": "Karras", "sampler_name": "DDIM"}, ["Karras", "DDIM"]),

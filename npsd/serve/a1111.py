@@ -10,7 +10,7 @@ falls in one of four groups:
 - INERT: A1111's bookkeeping, which changes no pixel npsd computes (do_not_save_samples, the hr_*
   fields while enable_hr is false, ...): accepted, ignored;
 - OFF: features npsd lacks (refiner, scripts, face restoration, tiling, styles, the hires fix's
-  second sampler and checkpoint, ...): accepted at their "off" value (what
+  checkpoint, ...): accepted at their "off" value (what
   clients such as webuiapi send by default), else refused with 422 naming them;
 - anything else is unknown: refused with 422 (a misspelt field would otherwise be silently dropped).
 
@@ -27,7 +27,7 @@ without "Batch size"), and all_seeds lists seed, seed + 1, ....
 The scheduler is A1111's schedule type ("Automatic": A1111's choice for the sampler; npsd's
 schedule_type) for the samplers A1111 runs with k-diffusion. enable_hr runs the hires fix with
 A1111's latent upscalers (hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps, denoising_strength,
-hr_prompt, hr_negative_prompt; npsd/hires.py).
+hr_prompt, hr_negative_prompt, hr_sampler_name, hr_scheduler; npsd/hires.py).
 With those samplers an inpainting request is A1111's inpainting (npsd/a1111_inpaint.py: its mask
 blur, inpainting_fill's masked content, inpaint_full_res's "only masked" crop with its padding, the
 denoised latents blended with the image's, the input pasted back over the kept region), and every
@@ -68,11 +68,9 @@ USED_IMG2IMG = {"init_images", "denoising_strength", "mask", "mask_blur", "mask_
 INERT = {"do_not_save_samples", "do_not_save_grid", "comments", "force_task_id", "s_tmin", "s_tmax",
          "refiner_switch_at", "token_merging_ratio", "token_merging_ratio_hr", "user"}
 USED_TXT2IMG = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "hr_resize_x",
-                "hr_resize_y", "hr_prompt", "hr_negative_prompt"}
+                "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler"}
 # the hires fix's fields npsd lacks, refused when enable_hr is true (ignored, as by A1111, when false)
-HIRES_OFF = {"hr_sampler_name": (("", "Use same sampler"), "npsd's second pass uses the first pass's sampler"),
-             "hr_scheduler": (("", "Use same scheduler"), "npsd's second pass uses the first pass's scheduler"),
-             "hr_checkpoint_name": (("", "Use same checkpoint"), "npsd's second pass uses the same model")}
+HIRES_OFF = {"hr_checkpoint_name": (("", "Use same checkpoint"), "npsd's second pass uses the same model")}
 HIRES_DENOISING = 0.75                                      # A1111's txt2img default denoising_strength
 INERT_IMG2IMG = {"image_cfg_scale"}                        # instruct-pix2pix only
 # feature field -> (its "off" values, what npsd lacks). None is always "off".
@@ -189,12 +187,12 @@ def _bool(body, name, default=None):
     return bool(v)
 
 
-def sampler_from_name(name):
+def sampler_from_name(name, field="sampler_name"):
     """A1111's sampler name ("DPM++ 2M", "Euler a", old "DPM++ 2M Karras") or npsd's ("dpmpp_2m")
     -> (npsd's name, the schedule type the name's suffix asks for or None)."""
     found, schedule = sampler_from_a1111(name)
     if found is None:
-        raise InputError(f"sampler_name {name!r} is not one npsd has; use one of {', '.join(A1111_SAMPLERS.values())}")
+        raise InputError(f"{field} {name!r} is not one npsd has; use one of {', '.join(A1111_SAMPLERS.values())}")
     return found, schedule
 
 
@@ -281,8 +279,6 @@ def _refuse_fields(kind, body):
     refused = [(k, OFF[k][1]) for k in body if k in OFF and k not in wrong_mode and not _is_off(body[k], OFF[k][0])]
     if not img2img and body.get("enable_hr"):
         refused += [(k, why) for k, (off, why) in HIRES_OFF.items() if k in body and not _is_off(body[k], off)]
-        if body.get("hr_sampler_name") == body.get("sampler_name"):                # the same sampler, named
-            refused = [(k, why) for k, why in refused if k != "hr_sampler_name"]
     if img2img and body.get("mask"):
         if body.get("inpainting_fill") not in (None, 0, 1, 2, 3):
             refused.append(("inpainting_fill", "A1111's masked content is 0 (fill), 1 (original), 2 (latent noise) "
@@ -339,7 +335,11 @@ def read_request(kind, body, limits=None):
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
                 # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)
                 "sde_noise": "brownian" if sampler in A1111_BROWNIAN else "generator",
-                **(_hires(body) if kind == "txt2img" else HIRES_NONE)}
+                **(_hires(body, sampler, schedule_type) if kind == "txt2img" else HIRES_NONE)}
+    if settings["hires_sampler"] in A1111_BROWNIAN:
+        settings["sde_noise"] = "brownian"
+    if sampler is not None:
+        check_hires(settings)                    # (else once the model's default sampler is known)
     plan = Plan(mode="txt2img", settings=settings, n_iter=n_iter,
                 overrides=check_options(body.get("override_settings") or {}, "override_settings"),
                 restore_afterwards=_bool(body, "override_settings_restore_afterwards", True),
@@ -355,11 +355,13 @@ def read_request(kind, body, limits=None):
 
 
 HIRES_NONE = {"hires_scale": None, "hires_upscaler": None, "hires_steps": None, "hires_strength": None,
-              "hires_resize": None, "hires_prompt": None, "hires_negative_prompt": None}
+              "hires_resize": None, "hires_prompt": None, "hires_negative_prompt": None, "hires_sampler": None,
+              "hires_schedule_type": None}
 
 
-def _hires(body):
-    """txt2img's hires fix fields -> the hires_* settings (npsd/cli.py's SETTINGS)."""
+def _hires(body, sampler, schedule_type):
+    """txt2img's hires fix fields -> the hires_* settings (npsd/cli.py's SETTINGS). sampler,
+    schedule_type: the first pass's."""
     if not _bool(body, "enable_hr", False):
         return HIRES_NONE
     label = _str(body, "hr_upscaler") or UPSCALERS["latent"][0]                 # A1111's default: Latent
@@ -373,7 +375,36 @@ def _hires(body):
             "hires_resize": resize if any(resize := (_int(body, "hr_resize_x", 0, lo=0, hi=MAX_RESIZE),
                                                      _int(body, "hr_resize_y", 0, lo=0, hi=MAX_RESIZE))) else None,
             "hires_prompt": _str(body, "hr_prompt") or None,
-            "hires_negative_prompt": _str(body, "hr_negative_prompt") or None}
+            "hires_negative_prompt": _str(body, "hr_negative_prompt") or None,
+            **_hires_sampler(body, sampler, schedule_type)}
+
+
+def _hires_sampler(body, sampler, schedule_type):
+    """hr_sampler_name and hr_scheduler -> hires_sampler, hires_schedule_type (None: the first pass's;
+    A1111 sets hr_scheduler to the first pass's scheduler where it is not given)."""
+    text = _str(body, "hr_sampler_name")
+    hires_sampler, suffix = (None, None) if text in (None, "", "Use same sampler") else \
+        sampler_from_name(text, "hr_sampler_name")
+    label = (_str(body, "hr_scheduler") or "").strip()
+    kind = None if label.lower() in ("", "use same scheduler") else SCHEDULE_NAMED.get(label.lower())
+    if label and label.lower() != "use same scheduler" and kind is None:
+        raise InputError(f"hr_scheduler {label!r} is not one npsd has; use one of {', '.join(SCHEDULE_LABELS.values())}")
+    return {"hires_sampler": hires_sampler, "hires_schedule_type": suffix if kind is None else kind}
+
+
+def check_hires(settings):
+    """The hires fix's own sampler and scheduler against the first pass's (settings with the sampler
+    known): npsd runs A1111's schedules in both passes or in neither."""
+    if not settings.get("hires_scale") or (settings["hires_sampler"] is None and settings["hires_schedule_type"] is None):
+        return
+    first, second = settings["sampler"], settings["hires_sampler"] or settings["sampler"]
+    on_a1111 = settings["schedule_type"] is not None
+    if on_a1111 != (second in KDIFFUSION_SAMPLERS) or (settings["hires_schedule_type"] and not on_a1111):
+        raise InputError(f"hr_sampler_name {A1111_SAMPLERS[second]} (hr_scheduler "
+                         f"{SCHEDULE_LABELS.get(settings['hires_schedule_type'], 'as the first pass')}) after "
+                         f"sampler_name {A1111_SAMPLERS[first]}: npsd runs A1111's schedules in both passes or in "
+                         f"neither; send two of {', '.join(A1111_SAMPLERS[s] for s in KDIFFUSION_SAMPLERS)}, or two "
+                         f"others without hr_scheduler")
 
 
 def _read_img2img(body, plan, limits):
@@ -525,7 +556,10 @@ def reload_settings(plan, settings, model_title, pos):
                       hr_second_pass_steps=settings["hires_steps"], denoising_strength=settings["hires_strength"],
                       hr_resize_x=(settings.get("hires_resize") or (0, 0))[0],
                       hr_resize_y=(settings.get("hires_resize") or (0, 0))[1],
-                      hr_prompt=settings.get("hires_prompt") or "", hr_negative_prompt=settings.get("hires_negative_prompt") or "")
+                      hr_prompt=settings.get("hires_prompt") or "", hr_negative_prompt=settings.get("hires_negative_prompt") or "",
+                      hr_sampler_name=A1111_SAMPLERS[settings["hires_sampler"]] if settings.get("hires_sampler") else "",
+                      hr_scheduler=SCHEDULE_LABELS[settings["hires_schedule_type"]] if settings.get("hires_schedule_type")
+                      else "")
     if plan.mode == "inpaint":
         fields.update(mask_blur=settings["mask_blur"], inpainting_fill=MASKED_CONTENT.index(settings["masked_content"]),
                       inpaint_full_res=settings["inpaint_area"] == "only masked",

@@ -418,6 +418,7 @@ class Server:
         generation.model_defaults(settings, self.pipe)           # steps, cfg scale, sampler, spacing, prediction type
         a1111.check_eta(settings["sampler"], settings["eta"])      # the sampler may be the model's default
         a1111.check_inpainting(settings)
+        a1111.check_hires(settings)
         if settings["sampler"] == "ddim":
             settings["eta"] = options["eta_ddim"] if settings["eta"] is None else settings["eta"]
         else:
