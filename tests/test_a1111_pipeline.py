@@ -43,6 +43,7 @@ from npsd import schedulers as S
 from npsd.hires import Hires
 from npsd.testing import assert_close
 from tests.test_kdiffusion import CONFIG, a1111_sampler_sigmas, kd  # noqa: F401 - the fixture
+from tests.test_rng import a1111_image_rng_first
 from tests.test_pipelines import SCHED, SIZE, make_image, models, npsd_pipe, reference  # noqa: F401
 
 TOL_IMAGE = 2e-5
@@ -82,49 +83,15 @@ class _LDM:
         return self.unet(x, t, encoder_hidden_states=cond).sample
 
 
-def a1111_slerp(val, low, high):
-    """modules/rng.py's slerp, as A1111 writes it (low, high: one image's noise [C, h, w])."""
-    low_norm = low / torch.norm(low, dim=1, keepdim=True)
-    high_norm = high / torch.norm(high, dim=1, keepdim=True)
-    dot = (low_norm * high_norm).sum(1)
-    if dot.mean() > 0.9995:
-        return low * val + high * (1 - val)
-    omega = torch.acos(dot)
-    so = torch.sin(omega)
-    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
-
-
 def a1111_first_noise(shape, seed, variation):
-    """ImageRNG.first: the seed's noise, mixed with the variation seed's (subseed, subseed_strength),
-    with "Seed resize from" (a fourth item (h, w) in pixels: drawn at h // 2 x w // 2, A1111's // 8
-    with the tiny VAE's factor, by fresh generators, and pasted centred into the image generator's
-    full-size draw, A1111's arithmetic); -> (noise, the generator of the later draws: the seed's, or
-    seed + ENSD's)."""
-    g = torch.Generator().manual_seed(seed)
-    if variation is None:
-        return torch.randn(shape, generator=g), g
-    subseed, strength, ensd, *resize = variation
-    noise_shape = shape if not resize else (*shape[:2], resize[0][0] // 2, resize[0][1] // 2)
-    if noise_shape != shape:
-        noise = torch.randn(noise_shape, generator=torch.Generator().manual_seed(seed))
-    else:
-        noise = torch.randn(shape, generator=g)
-    if strength:
-        subnoise = torch.randn(noise_shape, generator=torch.Generator().manual_seed(subseed))
-        noise = a1111_slerp(strength, noise[0], subnoise[0])[None]
-    if noise_shape != shape:
-        x = torch.randn(shape, generator=g)
-        dx = (shape[3] - noise_shape[3]) // 2
-        dy = (shape[2] - noise_shape[2]) // 2
-        w = noise_shape[3] if dx >= 0 else noise_shape[3] + 2 * dx
-        h = noise_shape[2] if dy >= 0 else noise_shape[2] + 2 * dy
-        tx = 0 if dx < 0 else dx
-        ty = 0 if dy < 0 else dy
-        dx = max(-dx, 0)
-        dy = max(-dy, 0)
-        x[:, :, ty:ty + h, tx:tx + w] = noise[:, :, dy:dy + h, dx:dx + w]
-        noise = x
-    return noise, (torch.Generator().manual_seed(seed + ensd) if ensd else g)
+    """ImageRNG.first (tests/test_rng.py's a1111_image_rng_first, as A1111 writes it, with the tiny
+    VAE's factor 2 for A1111's 8): the seed's noise, mixed with the variation seed's (subseed,
+    subseed_strength), with "Seed resize from" (a fourth item (h, w) in pixels); -> (noise, the
+    generator of the later draws: the seed's, or seed + ENSD's)."""
+    subseed, strength, ensd, *resize = variation or (None, 0.0, 0)
+    (rh, rw), = resize or [(0, 0)]
+    noise, (g,) = a1111_image_rng_first(shape[1:], [seed], [subseed], strength, rh, rw, f=2)
+    return torch.from_numpy(noise), (torch.Generator().manual_seed(seed + ensd) if ensd else g)
 
 
 def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, sigmas=None, hires=None,  # noqa: F811
