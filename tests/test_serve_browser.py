@@ -331,13 +331,29 @@ def test_hires_fix_from_the_page(server, browser):
     text = driver.find_element("id", "parameters").text
     assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic)" in text and "Denoising strength: 0.6" in text
     assert "npsd_attention_maps" in driver.find_element("id", "attention-note").text
+    # the resize, the hires sampler and schedule type, the hires prompts: A1111's fields, as sent
+    _set(driver, "hr_resize_x", SIZE + 8)
+    _set(driver, "hr_resize_y", SIZE)
+    _set(driver, "hr_prompt", "a blue square")
+    _js(driver, "document.getElementById('sampler_name').value = 'Euler a'")
+    _js(driver, "document.getElementById('hr_sampler_name').value = 'DPM++ 2M'")
+    _js(driver, "document.getElementById('hr_scheduler').value = 'Karras'")
+    src, _, _ = _run_and_watch(driver, driver.find_element("id", "generate").click)
+    assert _png(src).size == (SIZE + 8, SIZE)
+    text = driver.find_element("id", "parameters").text
+    assert f"Hires resize: {SIZE + 8}x{SIZE}," in text and "Hires sampler: DPM++ 2M, Hires schedule type: Karras" in text \
+        and "Hires prompt: a blue square" in text, text
     driver.find_element("id", "enable_hr").click()                    # off: the form forgets nothing
     _js(driver, "loadSettings(arguments[0])", {"mode": "txt2img", "enable_hr": True, "hr_scale": 2,
                                                "hr_upscaler": "Latent (nearest)", "hr_second_pass_steps": 4,
-                                               "denoising_strength": 0.45})
+                                               "denoising_strength": 0.45, "hr_resize_x": 0, "hr_resize_y": 0,
+                                               "hr_prompt": "", "hr_sampler_name": "", "hr_scheduler": ""})
     assert driver.find_element("id", "enable_hr").is_selected()
     assert [_js(driver, f"return document.getElementById('{i}').value") for i in
-            ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_denoising")] == ["2", "Latent (nearest)", "4", "0.45"]
+            ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_denoising", "hr_resize_x", "hr_prompt",
+             "hr_sampler_name", "hr_scheduler")] == ["2", "Latent (nearest)", "4", "0.45", "0", "", "Use same sampler",
+                                                     "Use same scheduler"]
+    _js(driver, "document.getElementById('sampler_name').value = ''")
     driver.find_element("id", "enable_hr").click()                    # leave the form as the other tests expect
 
 

@@ -7,6 +7,7 @@ const PNG = "data:image/png;base64,";
 const FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "seed", "subseed",
                 "subseed_strength", "width", "height", "denoising_strength", "mask_blur", "inpainting_fill",
                 "inpaint_full_res_padding"];
+const HIRES_TEXT = ["hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler"];   // sent as they are
 const NUMBERS = new Set(["steps", "cfg_scale", "seed", "subseed", "subseed_strength", "width", "height",
                          "denoising_strength", "mask_blur", "inpainting_fill", "inpaint_full_res_padding"]);
 const INPAINT_ONLY = ["mask_blur", "inpainting_fill", "inpaint_full_res_padding"];
@@ -75,9 +76,11 @@ function formRequest() {
       request.enable_hr = true;
       request.hr_upscaler = $("hr_upscaler").value;
       for (const [name, id] of [["hr_scale", "hr_scale"], ["hr_second_pass_steps", "hr_second_pass_steps"],
-                                ["denoising_strength", "hr_denoising"]]) {
+                                ["denoising_strength", "hr_denoising"], ["hr_resize_x", "hr_resize_x"],
+                                ["hr_resize_y", "hr_resize_y"]]) {
         if ($(id).value.trim() !== "") request[name] = Number($(id).value);
       }
+      for (const name of HIRES_TEXT) request[name] = $(name).value;   // "" and "Use same ...": the first pass's
     }
     return request;
   }
@@ -108,6 +111,12 @@ function loadSettings(settings) {
     $("hr_upscaler").value = settings.hr_upscaler;
     $("hr_second_pass_steps").value = settings.hr_second_pass_steps;
     $("hr_denoising").value = settings.denoising_strength;
+    $("hr_resize_x").value = settings.hr_resize_x || 0;
+    $("hr_resize_y").value = settings.hr_resize_y || 0;
+    $("hr_prompt").value = settings.hr_prompt || "";
+    $("hr_negative_prompt").value = settings.hr_negative_prompt || "";
+    $("hr_sampler_name").value = settings.hr_sampler_name || "Use same sampler";
+    $("hr_scheduler").value = settings.hr_scheduler || "Use same scheduler";
   }
   const model = settings.sd_model_checkpoint;
   if (model && model !== $("model").value && [...$("model").options].some((o) => o.value === model)) {
@@ -339,6 +348,8 @@ async function loadChoices() {
   $("sampler_name").append(...samplers.map((s) => new Option(s.name, s.name)));
   $("scheduler").append(...schedulers.map((s) => new Option(s.label, s.label)));
   $("hr_upscaler").append(...upscalers.map((u) => new Option(u.name, u.name)));
+  $("hr_sampler_name").append(...samplers.map((s) => new Option(s.name, s.name)));
+  $("hr_scheduler").append(...schedulers.map((s) => new Option(s.label, s.label)));
   $("model").replaceChildren(...models.map((m) => new Option(m.model_name || m.title, m.title)));
   if (options.sd_model_checkpoint) $("model").value = options.sd_model_checkpoint;
 }
