@@ -32,7 +32,7 @@ from .embeddings import load_used_embeddings
 from .prompts import (PROMPT_SYNTAXES, composable, encode_schedule, extract_loras, encode_weighted, pad_chunks,
                       prompt_syntax_used, repeat_last, split_and, text_at_step)
 from .brownian import SDE_NOISES, brownian_noise
-from .rng import SEED_LIMIT, make_rng
+from .rng import SEED_LIMIT, make_rng, seed_noise
 from .config import generation_defaults, sd15_config, with_fallbacks
 from .errors import InputError, NpsdError, is_flag, is_number, is_whole
 from .guidance import check_rescale, guided_model, uses_guidance
@@ -620,8 +620,8 @@ class Pipeline:
         """Steps 3-5 of A1111's inpainting (npsd/a1111_inpaint.py) from the image's latents z [B, 4, h, w],
         the start noise, the latent mask repaint [1, 1, h, w] (1 = repaint) and prepare's paste.
         multiplier: A1111's initial_noise_multiplier, of the noise that noises z (not of the fill's)."""
-        if masked_content == "latent noise":                                      # the seed's noise there
-            z = z * (1 - repaint) + noise * repaint
+        if masked_content == "latent noise":          # the seed's noise there (not the variation seed's)
+            z = z * (1 - repaint) + seed_noise(rng, noise) * repaint
         elif masked_content == "latent nothing":
             z = z * (1 - repaint)
         x = schedulers.noise_at_start(schedule, z, noise * np.float32(multiplier), start)

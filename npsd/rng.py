@@ -98,7 +98,7 @@ class Variation:
         self.first = False
         shape = tuple(shape)
         small = shape if self.resize is None else shape[:2] + tuple(self.resize)      # [B, C, h', w']
-        x = self.generator.standard_normal(shape, dtype=dtype)
+        x = self.own = self.generator.standard_normal(shape, dtype=dtype)       # the seed's own first draw
         noise = x if small == shape else make_rng(self.kind, self.seed).standard_normal(small, dtype=dtype)
         if self.strength:
             noise = slerp(self.strength, noise, make_rng(self.kind, self.variation_seed).standard_normal(small, dtype=dtype))
@@ -107,6 +107,16 @@ class Variation:
         if self.delta:
             self.generator = make_rng(self.kind, self.seed + self.delta)
         return noise
+
+
+def seed_noise(rng, noise):
+    """The seeds' own first draw, without A1111's variation seed and seed resize: what its "latent
+    noise" inpainting fill takes (create_random_tensors of the seeds alone). rng: the generator (a
+    Variation, or PerImage of them) whose first draw was noise, which it is without those options."""
+    generators = rng.generators if isinstance(rng, PerImage) else [rng]
+    if not all(isinstance(g, Variation) and not g.first for g in generators):
+        return noise
+    return np.concatenate([g.own for g in generators]) if len(generators) > 1 else generators[0].own
 
 
 def paste_centred(x, noise):
