@@ -72,7 +72,7 @@ def uses_guidance(scale):
     return scale is not None and float(scale) > 1.0
 
 
-def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0, weights=None):
+def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0, weights=None, skip_uncond=None):
     """Wrap a UNet into model(x, t) -> eps for npsd.schedulers.sample.
 
     unet(latents [B, 4, h, w], t, context [B, L, D]) -> eps [B, 4, h, w] (e.g. Pipeline.unet);
@@ -85,6 +85,9 @@ def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0
     weights: with several prompts per image (A1111's AND), for each image its parts' weights;
     context_cond then has one row per part (N in all) and the UNet sees [uncond, parts] at every
     scale, combined by ``composable_cfg``.
+    skip_uncond(k, t) -> True: model call k (at timestep t) leaves the unconditional pass out and
+    returns the conditional prediction (A1111's "Negative Guidance minimum sigma"; with several parts,
+    composable_cfg at scale 1 around the image's first part, as A1111's CFGDenoiser).
     """
     check_rescale(guidance_rescale)
     cond_at = context_cond if callable(context_cond) else (lambda k: context_cond)
@@ -96,11 +99,16 @@ def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0
                              "several: set guidance_rescale to 0 or remove AND")
         counts = [len(w) for w in weights]
 
+        firsts = np.cumsum([0] + counts[:-1])                                  # each image's first part
+
         def composed(x, t):
             k = next(calls)
+            parts = np.repeat(x, counts, axis=0)                               # each image once per part
+            if skip_uncond is not None and skip_uncond(k, t):
+                eps = unet(parts, t, cond_at(k))                               # [N, 4, h, w]
+                return composable_cfg(eps[firsts], eps, weights, 1.0)
             context = np.concatenate([uncond_at(k), cond_at(k)], axis=0)      # [B + N, L, D]
-            x_in = np.concatenate([x, np.repeat(x, counts, axis=0)], axis=0)  # each image once per part
-            eps = unet(x_in, t, context)                                       # [B + N, 4, h, w]
+            eps = unet(np.concatenate([x, parts], axis=0), t, context)         # [B + N, 4, h, w]
             return composable_cfg(eps[:len(x)], eps[len(x):], weights, scale)
         return composed
     if not uses_guidance(scale):
@@ -108,6 +116,8 @@ def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0
 
     def model(x, t):
         k = next(calls)
+        if skip_uncond is not None and skip_uncond(k, t):
+            return unet(x, t, cond_at(k))                                      # eps_cond, no guidance
         context = np.concatenate([uncond_at(k), cond_at(k)], axis=0)           # [2B, L, D]
         x_in = np.concatenate([x, x], axis=0)                                  # [B, 4, h, w] -> [2B, 4, h, w]
         eps_both = unet(x_in, t, context)                                      # [2B, 4, h, w]

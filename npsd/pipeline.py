@@ -263,7 +263,7 @@ class Pipeline:
                 prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 hires=None, variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, seed_resize_from_h=0,
-                seed_resize_from_w=0, inpainting_mask_weight=1.0):
+                seed_resize_from_w=0, inpainting_mask_weight=1.0, negative_guidance_min_sigma=0.0):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -320,6 +320,10 @@ class Pipeline:
         inpainting_mask_weight: A1111's "Inpainting conditioning mask strength" for a 9-channel
         inpainting UNet, in [0, 1]: img2img and inpaint give that UNet the image blended with its
         masked copy, lerp(image, image * (1 - mask), weight) (txt2img's image is gray: no effect).
+        negative_guidance_min_sigma: A1111's "Negative Guidance minimum sigma" (NGMS; 0: off), with a
+        schedule_type: every second model call below that noise level skips the unconditional pass
+        and takes the conditional prediction alone, about a quarter fewer UNet rows in all for a
+        value near the middle of the schedule (the same in img2img and inpaint).
         """
         _check_hooks(callback, progress, attention_maps)
         _check_image_options(1.0, inpainting_mask_weight)
@@ -327,7 +331,8 @@ class Pipeline:
                                   decoder=decoder, eta=eta, sde_noise=sde_noise,
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
                                              seed_resize_from_h, seed_resize_from_w),
-                                  second_sampler=hires.sampler if isinstance(hires, Hires) else None)
+                                  second_sampler=hires.sampler if isinstance(hires, Hires) else None,
+                                  ngms=negative_guidance_min_sigma)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         hires_settings = self._hires_settings(hires, settings, attention_maps, schedule_type, sde_noise)
@@ -442,7 +447,8 @@ class Pipeline:
                 rng="numpy", prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
-                seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0):
+                seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0,
+                negative_guidance_min_sigma=0.0):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -466,7 +472,8 @@ class Pipeline:
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
                                   decoder, eta, sde_noise,
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
-                                             seed_resize_from_h, seed_resize_from_w))
+                                             seed_resize_from_h, seed_resize_from_w),
+                                  ngms=negative_guidance_min_sigma)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"], mode=_check_resize_mode(resize_mode))
@@ -497,7 +504,8 @@ class Pipeline:
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 masked_content="original", inpaint_area="whole picture", masked_area_padding=32,
                 variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
-                seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0):
+                seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0,
+                negative_guidance_min_sigma=0.0):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -530,7 +538,8 @@ class Pipeline:
         settings = self._settings(num_inference_steps, guidance_scale, height, width, sampler, output_type, seed, img,
                                   decoder, eta, sde_noise,
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
-                                             seed_resize_from_h, seed_resize_from_w))
+                                             seed_resize_from_h, seed_resize_from_w),
+                                  ngms=negative_guidance_min_sigma)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         inpainting_unet = self._inpainting_unet()
@@ -636,7 +645,7 @@ class Pipeline:
     # --- the pieces of the loops ----------------------------------------------------------------
 
     def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae", eta=0.0,
-                  sde_noise="generator", variation=(None, 0.0, 0, 0, 0), second_sampler=None):
+                  sde_noise="generator", variation=(None, 0.0, 0, 0, 0), second_sampler=None, ngms=0.0):
         """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
         the image's own size first) and check every value; one-line errors. second_sampler: the hires
         fix's own sampler, which sde_noise may be for."""
@@ -684,7 +693,9 @@ class Pipeline:
         if not seeds or not all(is_whole(s) and 0 <= s < SEED_LIMIT for s in seeds):
             raise InputError(f"seed must be a whole number in [0, 2**64) or a list of them, one per image, got {seed!r}")
         seed = tuple(int(s) for s in seed) if isinstance(seed, (list, tuple)) else int(seed)
-        return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
+        if not is_number(ngms) or not 0 <= ngms < math.inf:
+            raise InputError(f"negative_guidance_min_sigma must be a finite number >= 0 (0: off), got {ngms!r}")
+        return {"ngms": float(ngms), "steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
                 "width": int(width), "sampler": sampler, "seed": seed,
                 "sde_noise": sde_noise if sampler in schedulers.NOISE_SAMPLER_SAMPLERS else "generator",
                 "variation": _check_variation(*variation, seeds, f)}
@@ -715,7 +726,7 @@ class Pipeline:
         if weights is not None and self.guidance_embedding_dim:
             raise InputError("an LCM-distilled UNet has no unconditional pass to combine the parts of a prompt "
                              "with AND; remove AND or its weight")
-        model = guided_model(unet, cond, uncond, scale, guidance_rescale, weights)
+        model = guided_model(unet, cond, uncond, scale, guidance_rescale, weights, _ngms(settings["ngms"], schedule))
         return rng, model, batch, schedule
 
     def _contexts(self, prompt, negative_prompt, num_images, guidance_scale, clip_skip, long_prompt,
@@ -883,6 +894,19 @@ def _posterior(sample_posterior, default, settings):
         raise InputError("variation_seed and eta_noise_seed_delta act on the start noise, the generator's first "
                          "draw, and sample_posterior=True would draw before it; leave sample_posterior out")
     return sample_posterior
+
+
+def _ngms(min_sigma, schedule):
+    """A1111's "Negative Guidance minimum sigma" (its s_min_uncond; 0: off) -> guided_model's
+    skip_uncond: every second model call (odd k) at a noise level below min_sigma goes without the
+    unconditional pass, as A1111's CFGDenoiser does, or None."""
+    if not min_sigma:
+        return None
+    if schedule.schedule_type is None:
+        raise InputError("negative_guidance_min_sigma is A1111's, compared with its samplers' noise levels: give a "
+                         "schedule_type (e.g. 'automatic'), or leave it at 0")
+    table = schedulers.sigmas_from_alphas_cumprod(schedule.alphas_cumprod)               # [N] sigma_t
+    return lambda k, t: k % 2 == 1 and schedulers.t_to_sigma([t], table)[0] < min_sigma
 
 
 def _per_prompt(value, prompts):

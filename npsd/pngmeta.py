@@ -197,6 +197,7 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Variation seed": settings.get("variation_seed") if settings.get("variation_strength") else None,
         "Variation seed strength": _num(settings["variation_strength"]) if settings.get("variation_strength") else None,
         "ENSD": settings.get("eta_noise_seed_delta") or None,
+        "NGMS": _num(settings["negative_guidance_min_sigma"]) if settings.get("negative_guidance_min_sigma") else None,
         "Seed resize from": "{}x{}".format(*settings["seed_resize_from"]) if settings.get("seed_resize_from") else None,
         "Noise multiplier": _num(settings["initial_noise_multiplier"]) if mode != "txt2img"
         and settings.get("initial_noise_multiplier") not in (None, 1.0) else None,
@@ -328,6 +329,7 @@ def settings_from_png(path, mode):
     settings["seed_resize_from"] = _seed_resize(f.get("Seed resize from"))
     if mode != "txt2img":                                             # (A1111 writes it in img2img only)
         settings["initial_noise_multiplier"] = _at_least_0(f, "Noise multiplier")
+    settings["negative_guidance_min_sigma"] = _at_least_0(f, "NGMS")
     settings["inpainting_mask_weight"] = _convert(f, "Conditional mask weight", float, "a number")
     if f.get("Timestep spacing") in SPACINGS and "schedule_type" not in settings:
         settings["timestep_spacing"] = f["Timestep spacing"]
@@ -369,7 +371,7 @@ def settings_from_png(path, mode):
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
 A1111_UNAPPLIED = ("Hires CFG Scale", "Hires checkpoint", "Face restoration",
-                   "Hypernet", "Token merging ratio", "Refiner", "Tiling", "NGMS", "Schedule min sigma", "Schedule max sigma",
+                   "Hypernet", "Token merging ratio", "Refiner", "Tiling", "Schedule min sigma", "Schedule max sigma",
                    "Schedule rho", "Discard penultimate sigma")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet", "Soft inpainting")   # extensions' (and built-in ones') fields
 # the hires fix's fields npsd applies (to txt2img only)

@@ -471,6 +471,39 @@ def test_hires_sampler_and_schedule_type_options_and_png_fields(model, tmp_path,
     assert rc == 0 and params_of(tmp_path / "d.png")["fields"]["Hires sampler"] == "Euler", err
 
 
+def test_ngms_option_and_png_field(model, tmp_path, capsys):
+    """--ngms: the pipeline's negative_guidance_min_sigma, written as A1111's "NGMS" field and remade by
+    --from-png (also from an A1111 PNG); without A1111's schedules it is one line."""
+    from npsd import load
+    from npsd.pngmeta import png_info
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 4, "--sampler", "euler_a", "--schedule-type", "automatic", "--rng", "torch",
+        "--ngms", 2.5, "--steps", 6)
+    f = params_of(a)["fields"]
+    assert f["NGMS"] == "2.5" and f["Steps"] == "6", f
+    pipe = load(str(model))
+    ref = pipe.txt2img(PROMPT, num_inference_steps=int(f["Steps"]), guidance_scale=float(f["CFG scale"]), seed=4,
+                       sampler="euler_a", schedule_type="automatic", rng="torch", prompt_syntax="a1111", height=16,
+                       width=16, negative_guidance_min_sigma=2.5)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(ref))
+    plain = pipe.txt2img(PROMPT, num_inference_steps=int(f["Steps"]), guidance_scale=float(f["CFG scale"]), seed=4,
+                         sampler="euler_a", schedule_type="automatic", rng="torch", prompt_syntax="a1111", height=16,
+                         width=16)
+    assert not np.array_equal(np.asarray(ref), np.asarray(plain))
+    text = (f"{PROMPT}\nNegative prompt: \nSteps: {f['Steps']}, Sampler: Euler a, CFG scale: {f['CFG scale']}, "
+            f"Seed: 4, Size: 16x16, NGMS: 2.5, RNG: CPU")
+    a1111 = tmp_path / "a1111.png"
+    Image.new("RGB", (16, 16)).save(a1111, pnginfo=png_info(text))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and err == "", err
+    uniform = pipe.txt2img(PROMPT, num_inference_steps=int(f["Steps"]), guidance_scale=float(f["CFG scale"]), seed=4,
+                           sampler="euler_a", schedule_type="uniform", rng="torch", prompt_syntax="a1111", height=16,
+                           width=16, negative_guidance_min_sigma=2.5)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(uniform))
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "c.png", "--ngms", 2, "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "negative_guidance_min_sigma is A1111's" in err, err
+
+
 def test_hires_fix_options_and_png_fields(model, tmp_path, capsys):
     """--hires-scale runs the pipeline's hires fix and writes A1111's fields (Size: the first pass's,
     Denoising strength, Hires upscale / steps / upscaler); --from-png remakes it exactly, also from an

@@ -1,4 +1,5 @@
-"""A1111's AND (composable diffusion, Liu et al. 2022) in npsd's pipelines, against an A1111 run.
+"""A1111's AND (composable diffusion, Liu et al. 2022) and its "Negative Guidance minimum sigma" in
+npsd's pipelines, against an A1111 run.
 
 The reference is A1111's procedure written out in torch, as its files do it: the parts of each prompt
 (modules/prompt_parser.py, get_multicond_prompt_list; its parser is compared with npsd's in
@@ -20,6 +21,8 @@ TOL_IMAGE = 2e-5 relative (images in [0, 1]), as tests/test_a1111_pipeline.py; m
 6.8e-2 away, with the parts padded with the empty prompt instead of their last token 4.0e-2, with two
 images' parts swapped in the batch 5.9e-2; npsd made wrong in the same three ways fails the same cases.
 """
+
+import itertools
 
 import numpy as np
 import pytest
@@ -44,9 +47,11 @@ def a1111_parts(prompt):
 
 
 def a1111_and_run(kd, models, prompts, seeds, sampler="euler_a", schedule_type="automatic", steps=5,  # noqa: F811
-                  scale=7.5, flat_weights=False, pad_with_empty=False, swap=False):
+                  scale=7.5, flat_weights=False, pad_with_empty=False, swap=False, s_min_uncond=0.0):
     """A1111's txt2img of len(prompts) images (one seed each) -> images [B, H, W, 3] in [0, 1].
-    The flags make the reference wrong on purpose (the module docstring's far-away runs)."""
+    The flags make the reference wrong on purpose (the module docstring's far-away runs).
+    s_min_uncond: A1111's "Negative Guidance minimum sigma" (CFGDenoiser.forward: on odd calls below
+    it, no uncond rows; each image's first part stands in for its uncond, combined at scale 1)."""
     ref = reference(StableDiffusionPipeline, models, EulerDiscreteScheduler(**SCHED))
     vae, scaling = models["vae"], ref.vae.config.scaling_factor
     with torch.no_grad():
@@ -73,16 +78,25 @@ def a1111_and_run(kd, models, prompts, seeds, sampler="euler_a", schedule_type="
         uncond = torch.cat([uncond] + [empty] * repeats, dim=1).expand(len(prompts), -1, -1)
         den = kd.external.CompVisDenoiser(_LDM(models["unet4"], ref.scheduler.alphas_cumprod.float()))
 
+        calls = itertools.count()
+
         def cfg_denoiser(x, sigma, **_):         # CFGDenoiser.forward and combine_denoised
+            step = next(calls)
+            skip_uncond = bool(step % 2 and s_min_uncond > 0 and sigma[0] < s_min_uncond)
             n = [len(c) for c in conds_list]
             x_in = torch.cat([torch.stack([x[i]] * k) for i, k in enumerate(n)] + [x])
             sigma_in = torch.cat([torch.stack([sigma[i]] * k) for i, k in enumerate(n)] + [sigma])
-            x_out = den(x_in, sigma_in, cond=torch.cat([tensor, uncond]))
+            if skip_uncond:
+                x_out = den(x_in[:-len(x)], sigma_in[:-len(x)], cond=tensor)
+                x_out = torch.cat([x_out, torch.cat([x_out[c[0][0]:c[0][0] + 1] for c in conds_list])])
+            else:
+                x_out = den(x_in, sigma_in, cond=torch.cat([tensor, uncond]))
+            cond_scale = 1.0 if skip_uncond else scale
             denoised_uncond = x_out[-uncond.shape[0]:]
             denoised = torch.clone(denoised_uncond)
             for i, conds in enumerate(conds_list):
                 for cond_index, weight in conds:
-                    denoised[i] += (x_out[cond_index] - denoised_uncond[i]) * (weight * scale)
+                    denoised[i] += (x_out[cond_index] - denoised_uncond[i]) * (weight * cond_scale)
             return denoised
 
         sigmas = torch.from_numpy(np.asarray(a1111_sampler_sigmas(kd, sampler, schedule_type, steps), np.float32))
@@ -97,11 +111,12 @@ def a1111_and_run(kd, models, prompts, seeds, sampler="euler_a", schedule_type="
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def npsd_and_run(models, prompts, seeds, sampler="euler_a", schedule_type="automatic", steps=5, scale=7.5):  # noqa: F811
+def npsd_and_run(models, prompts, seeds, sampler="euler_a", schedule_type="automatic", steps=5, scale=7.5,  # noqa: F811
+                 **options):
     pipe = npsd_pipe(models)
     return pipe.txt2img(prompts, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=scale,
                         height=SIZE, width=SIZE, seed=list(seeds), rng="torch", sampler=sampler,
-                        schedule_type=schedule_type, output_type="np", prompt_syntax="a1111")
+                        schedule_type=schedule_type, output_type="np", prompt_syntax="a1111", **options)
 
 
 CASES = {  # name: (prompts, seeds, sampler, scale)
@@ -179,3 +194,26 @@ def test_and_in_plain_syntax_is_a_word_and_errors_are_one_line(models):  # noqa:
     with pytest.raises(InputError, match="AND") as caught:
         pipe.txt2img("a cat AND a dog", prompt_syntax="a1111", attention_maps=AttentionMaps(), **kw)
     assert "\n" not in str(caught.value)
+
+
+NGMS_CASES = {  # name: (prompts, sampler, steps, s_min_uncond)
+    "one prompt, Euler a": (["a red circle on a blue background"], "euler_a", 6, 3.0),
+    "AND, DPM++ 2M": (["a red circle AND a blue square :0.7"], "dpmpp_2m", 6, 2.0),
+    "Heun: two calls a step": (["a red circle on a blue background"], "heun", 4, 5.0),
+}
+
+
+@pytest.mark.parametrize("case", NGMS_CASES)
+def test_negative_guidance_min_sigma_equals_a1111s(kd, models, case):  # noqa: F811
+    """A1111's "Negative Guidance minimum sigma" (NGMS, s_min_uncond): every odd model call below it
+    runs without the unconditional rows (CFGDenoiser counts its calls, Heun's two a step). Against the
+    reference's CFGDenoiser: measured 1.1e-6 to 1.6e-6, TOL_IMAGE; the same runs without NGMS are
+    1.3e-3 to 3.2e-2 away, and npsd skipping the even calls instead fails (checked by hand: 1.1e-3 to
+    2.6e-2)."""
+    prompts, sampler, steps, s_min = NGMS_CASES[case]
+    ours = npsd_and_run(models, prompts, [13], sampler, steps=steps, negative_guidance_min_sigma=s_min)
+    ref = a1111_and_run(kd, models, prompts, [13], sampler, steps=steps, s_min_uncond=s_min)
+    print(assert_close(ours, ref, TOL_IMAGE, f"NGMS {s_min}, {case} vs A1111"))
+    with pytest.raises(AssertionError, match="exceeds the tolerance") as caught:
+        assert_close(ours, a1111_and_run(kd, models, prompts, [13], sampler, steps=steps), TOL_IMAGE, "without NGMS")
+    print(str(caught.value)[:80])

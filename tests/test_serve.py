@@ -300,6 +300,18 @@ def test_hires_sampler_and_scheduler_same_pixels_as_the_pipeline(client, pipe):
         in r.text and "\\n" not in r.text, r.text
 
 
+def test_s_min_uncond_same_pixels_as_the_pipeline(client, pipe):
+    """s_min_uncond (A1111's Negative Guidance minimum sigma): the pipeline's negative_guidance_min_sigma,
+    in the infotext as NGMS; with a sampler A1111 runs without k-diffusion it is one line."""
+    body = txt2img(client, steps=6, seed=8, sampler_name="Euler a", s_min_uncond=3.0)
+    ref = pipe.txt2img(PROMPT, num_inference_steps=6, seed=8, sampler="euler_a", schedule_type="automatic",
+                       negative_guidance_min_sigma=3.0)
+    assert np.array_equal(pixels(decode(body["images"][0])), pixels(ref))
+    assert "NGMS: 3," in json.loads(body["info"])["infotexts"][0]
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "sampler_name": "DDIM", "s_min_uncond": 1})
+    assert r.status_code == 422 and "s_min_uncond (Negative Guidance minimum sigma) applies to the samplers" in r.text
+
+
 def test_img2img_same_pixels_as_the_pipeline(client, pipe, picture):
     r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "denoising_strength": 0.6, "steps": 5, "seed": 7,
                                                "init_images": ["data:image/png;base64," + encode(picture)]})

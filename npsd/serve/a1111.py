@@ -61,7 +61,7 @@ from ..schedulers import KDIFFUSION_SAMPLERS
 USED = {"prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w",
         "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
         "steps", "cfg_scale", "width", "height", "eta", "override_settings", "override_settings_restore_afterwards",
-        "send_images", "save_images", "npsd_attention_maps"}
+        "send_images", "save_images", "npsd_attention_maps", "s_min_uncond"}
 USED_IMG2IMG = {"init_images", "denoising_strength", "mask", "mask_blur", "mask_blur_x", "mask_blur_y",
                 "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode",
                 "initial_noise_multiplier", "include_init_images"}
@@ -84,7 +84,6 @@ OFF = {
     "styles": (([],), "npsd has no saved prompt styles; write them into the prompt"),
     "s_churn": ((0,), "npsd's samplers have no churn"),
     "s_noise": ((1,), "npsd's samplers have no noise multiplier"),
-    "s_min_uncond": ((0,), "npsd has no negative guidance minimum sigma"),
     "script_name": (("",), "npsd runs no A1111 scripts"),
     "script_args": (([],), "npsd runs no A1111 scripts"),
     "alwayson_scripts": (({},), "npsd runs no A1111 scripts or extensions (ControlNet, ADetailer, ...)"),
@@ -102,7 +101,7 @@ MAX_IMAGES = 100                                    # batch_size * n_iter of one
 # the options npsd has (GET/POST /sdapi/v1/options, override_settings) and their defaults
 OPTION_DEFAULTS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1, "randn_source": "numpy",
                    "eta_ddim": 0.0, "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0,
-                   "inpainting_mask_weight": 1.0}
+                   "inpainting_mask_weight": 1.0, "s_min_uncond": 0.0}
 READ_ONLY_OPTIONS = ("sd_checkpoint_hash",)
 RANDN_SOURCES = {"numpy": "numpy", "CPU": "torch"}   # randn_source -> the pipeline's rng
 
@@ -257,6 +256,8 @@ def check_options(options, where="options"):
         _float(checked, "initial_noise_multiplier", lo=0.0)
     if "inpainting_mask_weight" in checked:
         _float(checked, "inpainting_mask_weight", lo=0.0, hi=1.0)
+    if "s_min_uncond" in checked:
+        _float(checked, "s_min_uncond", lo=0.0)
     source = checked.get("randn_source")
     if source is not None and source not in RANDN_SOURCES:
         raise InputError(f"{where}: randn_source {source!r} is not one npsd reproduces; use 'CPU' (torch's CPU "
@@ -331,6 +332,8 @@ def read_request(kind, body, limits=None):
                 "masked_area_padding": 32, "resize_mode": "just resize", "variation_seed": subseed if variation_strength else None,
                 "variation_strength": variation_strength, "eta_noise_seed_delta": 0,
                 "seed_resize_from": resize if min(resize) > 0 else None, "initial_noise_multiplier": None,
+                # None: the option s_min_uncond's, as A1111's processing takes it
+                "negative_guidance_min_sigma": _float(body, "s_min_uncond", None, lo=0.0),
                 "inpainting_mask_weight": 1.0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
                 # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)

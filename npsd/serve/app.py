@@ -433,6 +433,11 @@ class Server:
             settings["variation_seed"] = secrets.randbelow(2**32 - settings["num_images"] * plan.n_iter + 1)
         settings["eta_noise_seed_delta"] = options["eta_noise_seed_delta"]
         settings["inpainting_mask_weight"] = options["inpainting_mask_weight"]
+        if settings["negative_guidance_min_sigma"] is None:
+            settings["negative_guidance_min_sigma"] = options["s_min_uncond"]
+        if settings["negative_guidance_min_sigma"] and settings["schedule_type"] is None:
+            raise InputError(f"s_min_uncond (Negative Guidance minimum sigma) applies to the samplers A1111 runs with "
+                             f"k-diffusion, not to {A1111_SAMPLERS[settings['sampler']]}; send 0 or another sampler_name")
         if plan.mode != "txt2img" and settings.get("initial_noise_multiplier") is None:
             settings["initial_noise_multiplier"] = options["initial_noise_multiplier"]
         if plan.attention_maps and prompt_syntax_used(settings["prompt"], settings["steps"]):
