@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError, is_number, is_whole
+from .schedulers import SAMPLERS, SCHEDULE_TYPES
 
 # npsd's name -> (A1111's label in "Hires upscaler", torch's interpolate mode; "-aa": antialias=True).
 # "Latent (antialiased)" is torch's antialiased bilinear, which for enlarging equals the plain one
@@ -84,7 +85,6 @@ class Hires:
     schedule_type: str = None
 
     def __post_init__(self):
-        from .schedulers import SAMPLERS, SCHEDULE_TYPES
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise InputError(f"unknown hires sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
         if self.schedule_type is not None and self.schedule_type not in SCHEDULE_TYPES:

@@ -342,7 +342,7 @@ class Pipeline:
         if hires_settings is not None:
             resources.check_request(self, prompt, num_images, hires_settings)
         first = (rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas, timestep_spacing,
-                 prediction_type, guidance_rescale, prompt_syntax, schedule_type)
+                 prediction_type, guidance_rescale, prompt_syntax)
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
                                                   guidance_rescale, prompt_syntax, schedule_type,
@@ -412,10 +412,10 @@ class Pipeline:
 
     def _hires_pass(self, x0, hires, settings, first, eta, callback, progress, done):
         """Hires. fix's second pass (npsd/hires.py): enlarge the first pass's latents x0 and run img2img
-        on them with a fresh generator of the seed. first: the first pass's (rng, prompt, ...,
-        schedule_type) as txt2img got them; done: its steps (the callback's count goes on from there)."""
-        rng_name, prompt, negative_prompt, *text, _ = first
-        schedule_type = settings["schedule_type"]                                  # (_hires_settings')
+        on them with a fresh generator of the seed. settings: _hires_settings'; first: the first pass's
+        (rng, prompt, ..., prompt_syntax) as txt2img got them; done: its steps (the callback's count goes on
+        from there)."""
+        rng_name, prompt, negative_prompt, *text = first
         f = self.vae_factor
         fh, fw = x0.shape[2] * f, x0.shape[3] * f                                 # the first pass's size
         (uh, uw), (cy, cx) = hires.upscaled(fh, fw), hires.crop(fh, fw, f)         # enlarged; cropped latents
@@ -427,10 +427,12 @@ class Pipeline:
                                                                            hires.upscaler)), None, False)
                                  for im in images])
         x0 = x0[:, :, cy // 2:x0.shape[2] - (cy + 1) // 2, cx // 2:x0.shape[3] - (cx + 1) // 2]   # the middle
-        prompt, negative_prompt = (_per_prompt(h, prompt) if h is not None else p for h, p in
-                                   ((hires.prompt, prompt), (hires.negative_prompt, negative_prompt)))
-        rng, model, batch, schedule = self._begin(settings, rng_name, prompt, negative_prompt, *text, schedule_type,
-                                                  self._unet_without_mask(settings))
+        if hires.negative_prompt is not None:                                      # A1111's hires prompts
+            negative_prompt = _per_prompt(hires.negative_prompt, prompt)
+        if hires.prompt is not None:
+            prompt = _per_prompt(hires.prompt, prompt)
+        rng, model, batch, schedule = self._begin(settings, rng_name, prompt, negative_prompt, *text,
+                                                  settings["schedule_type"], self._unet_without_mask(settings))
         start = schedulers.start_index(schedule, hires.strength)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)                   # A1111: the seed's first draw
         x = schedulers.noise_at_start(schedule, x0, noise, start)
@@ -695,10 +697,10 @@ class Pipeline:
         seed = tuple(int(s) for s in seed) if isinstance(seed, (list, tuple)) else int(seed)
         if not is_number(ngms) or not 0 <= ngms < math.inf:
             raise InputError(f"negative_guidance_min_sigma must be a finite number >= 0 (0: off), got {ngms!r}")
-        return {"ngms": float(ngms), "steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
+        return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
                 "width": int(width), "sampler": sampler, "seed": seed,
                 "sde_noise": sde_noise if sampler in schedulers.NOISE_SAMPLER_SAMPLERS else "generator",
-                "variation": _check_variation(*variation, seeds, f)}
+                "variation": _check_variation(*variation, seeds, f), "ngms": float(ngms)}
 
     def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
                timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, schedule_type, unet=None):

@@ -116,7 +116,7 @@ def seed_noise(rng, noise):
     generators = rng.generators if isinstance(rng, PerImage) else [rng]
     if not all(isinstance(g, Variation) and not g.first for g in generators):
         return noise
-    return np.concatenate([g.own for g in generators]) if len(generators) > 1 else generators[0].own
+    return np.concatenate([g.own for g in generators])
 
 
 def paste_centred(x, noise):
