@@ -52,10 +52,10 @@ from .blas import THREAD_VARS, limit_threads
 from .errors import CheckpointError, InputError, NpsdError, UsageError, one_line
 from .generation import (file_hash, model_defaults, model_file, network_hashes, pipeline_call,  # noqa: F401
                          png_size, step_range, to_images)                                         # (also cli's API)
-from .hires import MAX_RESIZE, SCALE as HIRES_SCALE, STRENGTH as HIRES_STRENGTH, UPSCALERS
+from .hires import SCALE as HIRES_SCALE, STRENGTH as HIRES_STRENGTH, UPSCALERS, check_resize
 from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .images import RESIZE_MODES, filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
-from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, short_hash
+from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, short_hash, size_of
 from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
 from .pipeline import DECODERS
 from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
@@ -133,24 +133,21 @@ def _sampler(text):
 
 def _size(text):
     """--seed-resize-from WxH -> (width, height), two whole numbers > 0."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT (e.g. 512x384), got {text!r}") from None
-    if w <= 0 or h <= 0:
+    if size_of(text) is None:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT (e.g. 512x384), got {text!r}")
+    if min(size_of(text)) <= 0:
         raise argparse.ArgumentTypeError(f"the width and height must be > 0, got {text}")
-    return w, h
+    return size_of(text)
 
 
 def _hires_resize(text):
     """--hires-resize WxH -> (width, height), whole numbers >= 0, not both 0 (0: from the other side)."""
+    if size_of(text) is None:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT (e.g. 1024x768, or 1024x0), got {text!r}")
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT (e.g. 1024x768, or 1024x0), got {text!r}") from None
-    if w < 0 or h < 0 or w == h == 0 or max(w, h) > MAX_RESIZE:
-        raise argparse.ArgumentTypeError(f"the width and height must be from 0 to {MAX_RESIZE}, not both 0, got {text}")
-    return w, h
+        return check_resize(size_of(text))
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _seed(text):

@@ -85,15 +85,12 @@ class Hires:
     schedule_type: str = None
 
     def __post_init__(self):
+        if self.resize is not None:
+            check_resize(self.resize)
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise InputError(f"unknown hires sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
         if self.schedule_type is not None and self.schedule_type not in SCHEDULE_TYPES:
             raise InputError(f"unknown hires schedule_type {self.schedule_type!r}; use one of {', '.join(SCHEDULE_TYPES)}")
-        if self.resize is not None and not (isinstance(self.resize, (tuple, list)) and len(self.resize) == 2
-                                            and all(is_whole(v) and 0 <= v <= MAX_RESIZE for v in self.resize)
-                                            and any(self.resize)):
-            raise InputError(f"hires resize must be (width, height), whole numbers from 0 to {MAX_RESIZE} (0: from the "
-                             f"other side and the aspect ratio), not both 0, got {self.resize!r}")
         for name in ("prompt", "negative_prompt"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str) and not (
@@ -140,6 +137,15 @@ class Hires:
         side // 8 latents), less the crop."""
         (uh, uw), (ch, cw) = self.upscaled(height, width), self.crop(height, width, factor)
         return (uh // factor - ch) * factor, (uw // factor - cw) * factor
+
+
+def check_resize(resize):
+    """A "Hires resize" (width, height), checked: whole numbers from 0 to MAX_RESIZE, not both 0."""
+    if not (isinstance(resize, (tuple, list)) and len(resize) == 2
+            and all(is_whole(v) and 0 <= v <= MAX_RESIZE for v in resize) and any(resize)):
+        raise InputError(f"hires resize must be (width, height), whole numbers from 0 to {MAX_RESIZE} (0: from the "
+                         f"other side and the aspect ratio), not both 0, got {resize!r}")
+    return tuple(resize)
 
 
 def _source(out_size, in_size, mode):

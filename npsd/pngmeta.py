@@ -31,7 +31,7 @@ from PIL import Image, PngImagePlugin
 from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .errors import InputError, UsageError
 from .images import RESIZE_MODES
-from .hires import LABELS as UPSCALER_LABELS, MAX_RESIZE, SCALE as HIRES_SCALE, UPSCALERS, upscaler_named
+from .hires import LABELS as UPSCALER_LABELS, SCALE as HIRES_SCALE, UPSCALERS, check_resize, upscaler_named
 from .version import __version__
 from .schedulers import (BETA_ALPHA, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES, SPACINGS,
                          resolve_schedule_type)
@@ -300,11 +300,9 @@ def settings_from_png(path, mode):
                 "guidance_scale": _convert(f, "CFG scale", float, "a number"),
                 "seed": _convert(f, "Seed", int, "a whole number")}
     if "Size" in f:
-        try:
-            w, h = (int(v) for v in f["Size"].lower().split("x"))
-        except ValueError:
-            raise InputError(f"--from-png: the stored Size is {f['Size']!r}, not WIDTHxHEIGHT") from None
-        settings["width"], settings["height"] = w, h
+        if size_of(f["Size"]) is None:
+            raise InputError(f"--from-png: the stored Size is {f['Size']!r}, not WIDTHxHEIGHT")
+        settings["width"], settings["height"] = size_of(f["Size"])
     suffix = None
     if "Sampler" in f:
         found = _sampler_from_field(f["Sampler"])
@@ -425,16 +423,23 @@ def _hires_from_fields(f):
     return found
 
 
+def size_of(text):
+    """"WIDTHxHEIGHT", as A1111 writes sizes ("512x768") -> (width, height), or None where the text is
+    not two whole numbers."""
+    try:
+        w, h = (int(v) for v in text.strip().lower().split("x"))
+    except ValueError:
+        return None
+    return w, h
+
+
 def _hires_resize(text):
     """A1111's "Hires resize: 1024x768" -> (1024, 768); 0 for a side it derives."""
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--from-png: the stored Hires resize is {text!r}, not WIDTHxHEIGHT") from None
-    if w < 0 or h < 0 or w == h == 0 or max(w, h) > MAX_RESIZE:
-        raise InputError(f"--from-png: the stored Hires resize {text!r} is not two sizes from 0 to {MAX_RESIZE}, "
-                         "not both 0; give --hires-scale or --hires-resize")
-    return w, h
+        return check_resize(size_of(text))
+    except InputError as e:
+        raise InputError(f"--from-png: the stored Hires resize {text!r}: {e}; give --hires-scale or --hires-resize") \
+            from None
 
 
 def unapplied_fields(fields, mode="txt2img"):
@@ -455,10 +460,7 @@ def _seed_resize(text):
     """A1111's "Seed resize from: WxH" -> (width, height), or None when absent (A1111 writes it only in use)."""
     if text is None:
         return None
-    try:
-        w, h = (int(v) for v in text.strip().lower().split("x"))
-    except ValueError:
-        w = h = 0
+    w, h = size_of(text) or (0, 0)
     if w <= 0 or h <= 0:
         raise InputError(f"--from-png: the stored 'Seed resize from' is {text!r}, not WIDTHxHEIGHT of two whole "
                          f"numbers > 0; give --seed-resize-from")

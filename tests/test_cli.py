@@ -418,8 +418,10 @@ def test_hires_resize_and_prompts_options_and_png_fields(model, tmp_path, capsys
     assert rc == 0 and Image.open(tmp_path / "d.png").size == (32, 32), err
     Image.new("RGB", (24, 20)).save(a1111, pnginfo=png_info(text.replace("24x20", "0x0")))
     rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "e.png", "--quiet"], capsys)
-    assert rc != 0 and err.count("\n") == 1 and "the stored Hires resize '0x0' is not two sizes" in err, err
-    for args, message in ((["--hires-resize", "0x0"], "the width and height must be from 0 to 16384, not both 0"),
+    assert rc != 0 and err.count("\n") == 1 and "the stored Hires resize '0x0': hires resize must be (width, height)" \
+        in err and "not both 0" in err, err
+    for args, message in ((["--hires-resize", "0x0"], "whole numbers from 0 to 16384 (0: from the other side and the "
+                                                       "aspect ratio), not both 0, got (0, 0)"),
                           (["--hires-resize", "big"], "expected WIDTHxHEIGHT"),
                           (["--hires-prompt", "x"], "--hires-prompt is the hires fix's; give --hires-scale or "
                                                     "--hires-resize")):
