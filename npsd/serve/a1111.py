@@ -389,10 +389,12 @@ def _hires_sampler(body, sampler, schedule_type):
     hires_sampler, suffix = (None, None) if text in (None, "", "Use same sampler") else \
         sampler_from_name(text, "hr_sampler_name")
     label = (_str(body, "hr_scheduler") or "").strip()
-    kind = None if label.lower() in ("", "use same scheduler") else SCHEDULE_NAMED.get(label.lower())
-    if label and label.lower() != "use same scheduler" and kind is None:
-        raise InputError(f"hr_scheduler {label!r} is not one npsd has; use one of {', '.join(SCHEDULE_LABELS.values())}")
-    return {"hires_sampler": hires_sampler, "hires_schedule_type": suffix if kind is None else kind}
+    kind = suffix
+    if label.lower() not in ("", "use same scheduler"):
+        if label.lower() not in SCHEDULE_NAMED:
+            raise InputError(f"hr_scheduler {label!r} is not one npsd has; use one of {', '.join(SCHEDULE_LABELS.values())}")
+        kind = SCHEDULE_NAMED[label.lower()]
+    return {"hires_sampler": hires_sampler, "hires_schedule_type": kind}
 
 
 def check_hires(settings):
