@@ -322,8 +322,8 @@ class Pipeline:
         masked copy, lerp(image, image * (1 - mask), weight) (txt2img's image is gray: no effect).
         negative_guidance_min_sigma: A1111's "Negative Guidance minimum sigma" (NGMS; 0: off), with a
         schedule_type: every second model call below that noise level skips the unconditional pass
-        and takes the conditional prediction alone, about a quarter fewer UNet rows in all for a
-        value near the middle of the schedule (the same in img2img and inpaint).
+        and takes the conditional prediction alone: with half the steps below it, a quarter of the
+        unconditional rows left out (the same in img2img and inpaint).
         """
         _check_hooks(callback, progress, attention_maps)
         _check_image_options(1.0, inpainting_mask_weight)
