@@ -56,6 +56,7 @@ from .hires import SCALE as HIRES_SCALE, STRENGTH as HIRES_STRENGTH, UPSCALERS, 
 from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .images import RESIZE_MODES, filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
 from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, short_hash, size_of
+from .prompts import EMPHASIS
 from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
 from .pipeline import DECODERS
 from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
@@ -221,6 +222,8 @@ def _generation_options(p, mode):
       help="how much of the variation seed's noise, 0 to 1 (default 0)")
     a("--ensd", dest="eta_noise_seed_delta", metavar="N", type=_seed, help="A1111's eta noise seed delta: the samplers' noise from seed + N "
                                               "(default 0)")
+    a("--emphasis", choices=EMPHASIS, help="A1111's emphasis mode for (word:1.2) weights: original (default), "
+                                           "no_norm, ignore, none (docs/prompts.md)")
     a("--ngms", dest="negative_guidance_min_sigma", metavar="SIGMA", type=_float_in(0.0, what="sigma"),
       help="A1111's negative guidance minimum sigma: every second model call below SIGMA skips the unconditional "
            "pass (with --schedule-type; default 0, off)")
@@ -416,7 +419,7 @@ SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
             "resize_mode", "mask_blur", "masked_content", "inpaint_area", "masked_area_padding", "variation_seed",
             "variation_strength", "eta_noise_seed_delta", "seed_resize_from", "initial_noise_multiplier",
-            "inpainting_mask_weight", "negative_guidance_min_sigma", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
+            "inpainting_mask_weight", "negative_guidance_min_sigma", "emphasis", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
             "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
             "hires_steps", "hires_strength", "hires_resize", "hires_prompt", "hires_negative_prompt", "hires_sampler",
             "hires_schedule_type")
@@ -425,7 +428,8 @@ OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long
                    "clip_skip": 0, "mask_blur": 0, "masked_content": "original",
                    "inpaint_area": "whole picture", "masked_area_padding": 32, "resize_mode": "just resize", "variation_strength": 0.0,
                    "eta_noise_seed_delta": 0, "seed_resize_from": None, "initial_noise_multiplier": 1.0,
-                   "inpainting_mask_weight": 1.0, "negative_guidance_min_sigma": 0.0, "prompt_syntax": "a1111", "lora": [], "lora_names": [],
+                   "inpainting_mask_weight": 1.0, "negative_guidance_min_sigma": 0.0, "emphasis": "original",
+                   "prompt_syntax": "a1111", "lora": [], "lora_names": [],
                    "ti_names": [], "vae_decoder": "vae", "sde_noise": "generator", "hires_upscaler": "latent",
                    "hires_steps": 0}
 

@@ -29,7 +29,7 @@ from PIL import Image
 from . import a1111_inpaint, clip, resources, schedulers, taesd, unet as unet_model, vae
 from .malloc import holding
 from .embeddings import load_used_embeddings
-from .prompts import (PROMPT_SYNTAXES, composable, encode_schedule, extract_loras, encode_weighted, pad_chunks,
+from .prompts import (EMPHASIS, PROMPT_SYNTAXES, composable, encode_schedule, extract_loras, encode_weighted, pad_chunks,
                       prompt_syntax_used, repeat_last, split_and, text_at_step)
 from .brownian import SDE_NOISES, brownian_noise
 from .rng import SEED_LIMIT, make_rng, seed_noise
@@ -263,7 +263,7 @@ class Pipeline:
                 prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 hires=None, variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, seed_resize_from_h=0,
-                seed_resize_from_w=0, inpainting_mask_weight=1.0, negative_guidance_min_sigma=0.0):
+                seed_resize_from_w=0, inpainting_mask_weight=1.0, negative_guidance_min_sigma=0.0, emphasis="original"):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -324,6 +324,9 @@ class Pipeline:
         schedule_type: every second model call below that noise level skips the unconditional pass
         and takes the conditional prediction alone: with half the steps below it, a quarter of the
         unconditional rows left out (the same in img2img and inpaint).
+        emphasis: A1111's "Emphasis mode" for prompt_syntax="a1111" (npsd.prompts.EMPHASIS): "original"
+        (the weights, then the mean restored), "no_norm" (the weights alone), "ignore" (brackets read,
+        weights not applied) or "none" (brackets are text); the same in img2img and inpaint.
         """
         _check_hooks(callback, progress, attention_maps)
         _check_image_options(1.0, inpainting_mask_weight)
@@ -332,7 +335,7 @@ class Pipeline:
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
                                              seed_resize_from_h, seed_resize_from_w),
                                   second_sampler=hires.sampler if isinstance(hires, Hires) else None,
-                                  ngms=negative_guidance_min_sigma)
+                                  ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax))
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         hires_settings = self._hires_settings(hires, settings, attention_maps, schedule_type, sde_noise)
@@ -450,7 +453,7 @@ class Pipeline:
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
                 seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0,
-                negative_guidance_min_sigma=0.0):
+                negative_guidance_min_sigma=0.0, emphasis="original"):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -475,7 +478,7 @@ class Pipeline:
                                   decoder, eta, sde_noise,
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
                                              seed_resize_from_h, seed_resize_from_w),
-                                  ngms=negative_guidance_min_sigma)
+                                  ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax))
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"], mode=_check_resize_mode(resize_mode))
@@ -507,7 +510,7 @@ class Pipeline:
                 masked_content="original", inpaint_area="whole picture", masked_area_padding=32,
                 variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
                 seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0,
-                negative_guidance_min_sigma=0.0):
+                negative_guidance_min_sigma=0.0, emphasis="original"):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -541,7 +544,7 @@ class Pipeline:
                                   decoder, eta, sde_noise,
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
                                              seed_resize_from_h, seed_resize_from_w),
-                                  ngms=negative_guidance_min_sigma)
+                                  ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax))
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         inpainting_unet = self._inpainting_unet()
@@ -647,7 +650,8 @@ class Pipeline:
     # --- the pieces of the loops ----------------------------------------------------------------
 
     def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae", eta=0.0,
-                  sde_noise="generator", variation=(None, 0.0, 0, 0, 0), second_sampler=None, ngms=0.0):
+                  sde_noise="generator", variation=(None, 0.0, 0, 0, 0), second_sampler=None, ngms=0.0,
+                  emphasis=("original", "plain")):
         """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
         the image's own size first) and check every value; one-line errors. second_sampler: the hires
         fix's own sampler, which sde_noise may be for."""
@@ -697,10 +701,15 @@ class Pipeline:
         seed = tuple(int(s) for s in seed) if isinstance(seed, (list, tuple)) else int(seed)
         if not is_number(ngms) or not 0 <= ngms < math.inf:
             raise InputError(f"negative_guidance_min_sigma must be a finite number >= 0 (0: off), got {ngms!r}")
+        emphasis, syntax = emphasis                                  # (the mode and the call's prompt_syntax)
+        if emphasis not in EMPHASIS:
+            raise InputError(f"emphasis must be one of {', '.join(EMPHASIS)}, got {emphasis!r}")
+        if emphasis != "original" and syntax != "a1111":
+            raise InputError(f"emphasis={emphasis!r} is A1111's way of weighting (word:1.2): give prompt_syntax='a1111'")
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
                 "width": int(width), "sampler": sampler, "seed": seed,
                 "sde_noise": sde_noise if sampler in schedulers.NOISE_SAMPLER_SAMPLERS else "generator",
-                "variation": _check_variation(*variation, seeds, f), "ngms": float(ngms)}
+                "variation": _check_variation(*variation, seeds, f), "ngms": float(ngms), "emphasis": emphasis}
 
     def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
                timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, schedule_type, unet=None):
@@ -720,8 +729,8 @@ class Pipeline:
                 raise InputError("an LCM-distilled UNet (time_cond_proj_dim) runs txt2img and img2img, not inpainting")
             unet = functools.partial(self.unet, w_emb=unet_model.guidance_embedding(scale, self.guidance_embedding_dim))
             scale = 1.0
-        cond, uncond, batch, weights = self._contexts(prompt, negative_prompt, num_images, scale,
-                                                      clip_skip, long_prompt, prompt_syntax, model_calls)
+        cond, uncond, batch, weights = self._contexts(prompt, negative_prompt, num_images, scale, clip_skip,
+                                                      long_prompt, prompt_syntax, model_calls, settings["emphasis"])
         if isinstance(settings["seed"], tuple) and len(settings["seed"]) != batch:
             raise InputError(f"{len(settings['seed'])} seeds for {batch} images; give one seed, or one per image "
                              f"(prompts x num_images)")
@@ -732,7 +741,7 @@ class Pipeline:
         return rng, model, batch, schedule
 
     def _contexts(self, prompt, negative_prompt, num_images, guidance_scale, clip_skip, long_prompt,
-                  prompt_syntax="plain", model_calls=1):
+                  prompt_syntax="plain", model_calls=1, emphasis="original"):
         """Encode prompt and negative prompt -> (cond [B, L, D], uncond [B, L, D] or None, B, weights).
 
         B = number of prompts * num_images (each prompt's images are consecutive, as in diffusers).
@@ -754,8 +763,9 @@ class Pipeline:
         texts = prompts + (negatives if guided else [])
         if getattr(self, "embeddings_dir", None):
             load_used_embeddings(self, self.embeddings_dir, texts)
-        if prompt_syntax == "a1111" and any(prompt_syntax_used(t, model_calls) for t in texts):
-            return self._a1111_contexts(prompts, negatives if guided else None, num_images, clip_skip, model_calls)
+        if prompt_syntax == "a1111" and (emphasis != "original" or any(prompt_syntax_used(t, model_calls) for t in texts)):
+            return self._a1111_contexts(prompts, negatives if guided else None, num_images, clip_skip, model_calls,
+                                        emphasis)
         if long_prompt == "truncate":
             ids, neg_ids = self.tokenizer(prompts), (self.tokenizer(negatives) if guided else None)
         elif long_prompt == "chunk":
@@ -775,7 +785,7 @@ class Pipeline:
         uncond = np.repeat(uncond, num_images, axis=0) if guided else None
         return cond, uncond, cond.shape[0], None
 
-    def _a1111_contexts(self, prompts, negatives, num_images, clip_skip, model_calls):
+    def _a1111_contexts(self, prompts, negatives, num_images, clip_skip, model_calls, emphasis="original"):
         """A1111's composable, weighted, chunked, scheduled prompts (npsd/prompts.py) -> (cond, uncond
         or None, B, weights), as _contexts. Each prompt's parts (split_and) are encoded once per
         distinct text; the parts are brought to one length by repeating their last token's vector
@@ -783,7 +793,8 @@ class Pipeline:
         parts = [split_and(p) for p in prompts]
         texts = list(dict.fromkeys(t for ps in parts for t, _ in ps))
         groups = [texts] + ([negatives] if negatives is not None else [])
-        schedules = [[encode_schedule(self, t, model_calls, clip_skip) for t in group] for group in groups]
+        schedules = [[encode_schedule(self, t, model_calls, clip_skip, emphasis=emphasis) for t in group]
+                     for group in groups]
         longest = max(c.shape[1] for sch in schedules[0] for _, c in sch)
         schedules[0] = [[(end, repeat_last(c, longest)) for end, c in sch] for sch in schedules[0]]
         contexts = pad_chunks([c for g in schedules for sch in g for _, c in sch], encode_weighted(self, "", clip_skip))

@@ -31,6 +31,7 @@ from PIL import Image, PngImagePlugin
 from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .errors import InputError, UsageError
 from .images import RESIZE_MODES
+from .prompts import EMPHASIS_LABELS
 from .hires import LABELS as UPSCALER_LABELS, SCALE as HIRES_SCALE, UPSCALERS, check_resize, upscaler_named
 from .version import __version__
 from .schedulers import (BETA_ALPHA, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES, SPACINGS,
@@ -198,6 +199,7 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Variation seed strength": _num(settings["variation_strength"]) if settings.get("variation_strength") else None,
         "ENSD": settings.get("eta_noise_seed_delta") or None,
         "NGMS": _num(settings["negative_guidance_min_sigma"]) if settings.get("negative_guidance_min_sigma") else None,
+        "Emphasis": EMPHASIS_LABELS[settings["emphasis"]] if settings.get("emphasis") not in (None, "original") else None,
         "Seed resize from": "{}x{}".format(*settings["seed_resize_from"]) if settings.get("seed_resize_from") else None,
         "Noise multiplier": _num(settings["initial_noise_multiplier"]) if mode != "txt2img"
         and settings.get("initial_noise_multiplier") not in (None, 1.0) else None,
@@ -328,6 +330,11 @@ def settings_from_png(path, mode):
     if mode != "txt2img":                                             # (A1111 writes it in img2img only)
         settings["initial_noise_multiplier"] = _at_least_0(f, "Noise multiplier")
     settings["negative_guidance_min_sigma"] = _at_least_0(f, "NGMS")
+    if "Emphasis" in f:                                               # A1111's "No norm": no_norm
+        settings["emphasis"] = emphasis_named(f["Emphasis"])
+        if settings["emphasis"] is None:
+            raise InputError(f"--from-png: the stored 'Emphasis' is {f['Emphasis']!r}, not one npsd has "
+                             f"({', '.join(EMPHASIS_LABELS.values())}); give --emphasis")
     settings["inpainting_mask_weight"] = _convert(f, "Conditional mask weight", float, "a number")
     if f.get("Timestep spacing") in SPACINGS and "schedule_type" not in settings:
         settings["timestep_spacing"] = f["Timestep spacing"]
@@ -451,8 +458,6 @@ def unapplied_fields(fields, mode="txt2img"):
     for k in ("Beta schedule alpha", "Beta schedule beta"):              # npsd: A1111's default Beta(0.6, 0.6)
         if k in fields and _float_or_none(fields[k]) != BETA_ALPHA:
             names.append(k)
-    if fields.get("Emphasis", "original").strip().lower() != "original":
-        names.append("Emphasis")                                        # npsd: A1111's "Original" (npsd/prompts.py)
     return [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]
 
 
@@ -496,6 +501,11 @@ def _named_values(text, field):
         return [(name, float(value)) for name, value in _named_pairs(text)]
     except ValueError:
         raise InputError(f"--from-png: the stored '{field}' is {text!r}, not NAME: STRENGTH, ...") from None
+
+
+def emphasis_named(label):
+    """A1111's emphasis label ("No norm", any case) -> npsd's name (npsd.prompts.EMPHASIS), or None."""
+    return {v.lower(): k for k, v in EMPHASIS_LABELS.items()}.get(label.strip().lower())
 
 
 def _choice(fields, name, choices, option):

@@ -46,6 +46,7 @@ SQUARE = 1 / 1.1                # [x]: weight / 1.1
 BREAK_WEIGHT = -1               # parse_attention's marker for BREAK (a piece ("BREAK", -1))
 COMMA_BACKTRACK = 20            # A1111's default "Prompt word wrap length limit", in tokens
 EMPHASIS = ("original", "no_norm", "ignore", "none")   # A1111's emphasis modes (lower case)
+EMPHASIS_LABELS = {"original": "Original", "no_norm": "No norm", "ignore": "Ignore", "none": "None"}   # A1111's names
 PROMPT_SYNTAXES = ("plain", "a1111")                   # the pipelines' prompt_syntax values
 
 

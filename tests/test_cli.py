@@ -193,7 +193,7 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
     its image: a re-make names them in one warning (they were ignored without a word); npsd's own
     PNGs, A1111's defaults ("Schedule type: Automatic", "Emphasis: Original") and what npsd applies
     (its schedule types, Clip skip, seed resizing, the conditional mask weight, the hires fix's resize,
-    prompt and sampler) give none; img2img's
+    prompt and sampler, the emphasis mode) give none; img2img's
     noise multiplier is named when a txt2img re-make meets it."""
     from npsd.pngmeta import png_info
     base = f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 16x16"
@@ -206,7 +206,7 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
              ", Conditional mask weight: 0.5": None,
              ", Noise multiplier: 0.9, Soft inpainting enabled: True": "Noise multiplier: 0.9, Soft inpainting enabled: True",
              ", Conditional mask weight: 1.0": None,
-             ", Schedule type: SGM Uniform, Emphasis: No norm": "Emphasis: No norm",
+             ", Schedule type: SGM Uniform, Emphasis: No norm": None,
              ", Schedule rho: 5, Discard penultimate sigma: True": "Schedule rho: 5, Discard penultimate sigma: True",
              ", Schedule type: Beta, Beta schedule alpha: 0.6, Beta schedule beta: 0.8": "Beta schedule beta: 0.8",
              ', ADetailer model: face_yolov8n.pt, ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny, '
@@ -504,6 +504,34 @@ def test_ngms_option_and_png_field(model, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(uniform))
     rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "c.png", "--ngms", 2, "--quiet"], capsys)
     assert rc != 0 and err.count("\n") == 1 and "negative_guidance_min_sigma is A1111's" in err, err
+
+
+def test_emphasis_option_and_png_field(model, tmp_path, capsys):
+    """--emphasis: the pipeline's emphasis=, written as A1111's "Emphasis" field (its labels) and remade
+    by --from-png, also from an A1111 PNG; an emphasis npsd lacks is one line."""
+    from npsd import load
+    from npsd.pngmeta import png_info
+    prompt = "a (red:1.5) circle on a [blue] background"
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 4, "--emphasis", "no_norm", prompt=prompt)
+    f = params_of(a)["fields"]
+    assert f["Emphasis"] == "No norm", f
+    pipe = load(str(model))
+    kw = dict(num_inference_steps=2, guidance_scale=float(f["CFG scale"]), seed=4, prompt_syntax="a1111", height=16,
+              width=16)
+    ref = pipe.txt2img(prompt, emphasis="no_norm", **kw)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(ref))
+    assert not np.array_equal(np.asarray(ref), np.asarray(pipe.txt2img(prompt, **kw)))
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "b.png").read_bytes() == a.read_bytes(), err
+    a1111 = tmp_path / "a1111.png"
+    stored = f"{prompt}\nNegative prompt: \nSteps: 2, Sampler: DDIM, CFG scale: {f['CFG scale']}, Seed: 4, Size: 16x16, Emphasis: Ignore"
+    Image.new("RGB", (16, 16)).save(a1111, pnginfo=png_info(stored))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "c.png", "--quiet"], capsys)
+    assert rc == 0 and params_of(tmp_path / "c.png")["fields"]["Emphasis"] == "Ignore", err
+    Image.new("RGB", (16, 16)).save(a1111, pnginfo=png_info(stored.replace("Ignore", "Strong")))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "d.png", "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "the stored 'Emphasis' is 'Strong', not one npsd has" in err, err
 
 
 def test_hires_fix_options_and_png_fields(model, tmp_path, capsys):

@@ -70,6 +70,24 @@ def test_weighted_prompt_uses_the_weighted_contexts(pipe):
     assert not np.array_equal(plain, pipe.txt2img("a (red:1.5) circle", prompt_syntax="a1111", **KW))
 
 
+@pytest.mark.parametrize("emphasis", ["no_norm", "ignore", "none"])
+def test_emphasis_modes_use_their_contexts(pipe, monkeypatch, emphasis):
+    """emphasis= (A1111's "Emphasis mode"): the UNet sees npsd.prompts.encode_weighted's contexts of that
+    mode (tests/test_prompts.py checks them against A1111's formulas), not the "original" ones; in
+    plain syntax it is one line."""
+    seen = _record_contexts(pipe, monkeypatch)
+    pipe.txt2img("a (red:1.5) circle", prompt_syntax="a1111", guidance_scale=1.0, emphasis=emphasis, **KW)
+    expected = prompts.encode_weighted(pipe, ["a (red:1.5) circle"], emphasis=emphasis)
+    original = prompts.encode_weighted(pipe, ["a (red:1.5) circle"])
+    assert np.abs(expected - original).max() > 1e-2
+    for context in seen:
+        np.testing.assert_allclose(context, expected, rtol=0, atol=2e-5)
+    with pytest.raises(InputError, match=f"emphasis='{emphasis}' is A1111's way of weighting .* give prompt_syntax='a1111'"):
+        pipe.txt2img("a red circle", emphasis=emphasis, **KW)
+    with pytest.raises(InputError, match="emphasis must be one of original, no_norm, ignore, none, got 'No norm'"):
+        pipe.txt2img("a red circle", emphasis="No norm", prompt_syntax="a1111", **KW)
+
+
 def _record_contexts(pipe, monkeypatch):
     seen = []
     unet = pipe.unet

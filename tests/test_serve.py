@@ -312,6 +312,15 @@ def test_s_min_uncond_same_pixels_as_the_pipeline(client, pipe):
     assert r.status_code == 422 and "s_min_uncond (Negative Guidance minimum sigma) applies to the samplers" in r.text
 
 
+def test_emphasis_option_same_pixels_as_the_pipeline(client, pipe):
+    """The option emphasis (A1111's "Emphasis mode", its labels): the pipeline's emphasis=, in the infotext."""
+    prompt = "a (red:1.5) circle on a [blue] background"
+    body = txt2img(client, prompt=prompt, steps=3, seed=8, override_settings={"emphasis": "No norm"})
+    ref = pipe.txt2img(prompt, num_inference_steps=3, seed=8, prompt_syntax="a1111", emphasis="no_norm")
+    assert np.array_equal(pixels(decode(body["images"][0])), pixels(ref))
+    assert "Emphasis: No norm" in json.loads(body["info"])["infotexts"][0]
+
+
 def test_img2img_same_pixels_as_the_pipeline(client, pipe, picture):
     r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "denoising_strength": 0.6, "steps": 5, "seed": 7,
                                                "init_images": ["data:image/png;base64," + encode(picture)]})
@@ -426,6 +435,7 @@ def test_img2img_resize_modes(client, pipe, picture):
     ({"override_settings": {"sd_vae": "x.pt"}}, ["sd_vae"]),
     ({"override_settings": {"CLIP_stop_at_last_layers": 9}}, ["CLIP_stop_at_last_layers 9 skips more than this model's"]),
     ({"override_settings": {"randn_source": "GPU"}}, ["randn_source"]),
+    ({"override_settings": {"emphasis": "Strong"}}, ["emphasis 'Strong' is not one npsd has", "No norm"]),
     ({"width": 66}, ["width", "multiple of 4"]),                       # the pipeline's check, after the queue
 ])
 def test_bad_input_is_one_line_422(client, fields, names):

@@ -50,7 +50,8 @@ from ..errors import InputError
 from ..hires import LABELS as UPSCALER_LABELS, MAX_RESIZE, UPSCALERS, upscaler_named
 from ..images import open_image, upright
 from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, SCHEDULE_LABELS, SCHEDULE_NAMED, _exif_user_comment,
-                       parse_parameters, png_info, sampler_from_a1111, schedule_label)
+                       emphasis_named, parse_parameters, png_info, sampler_from_a1111, schedule_label)
+from ..prompts import EMPHASIS_LABELS
 from ..rng import SEED_LIMIT
 from ..a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from ..images import RESIZE_MODES
@@ -101,7 +102,7 @@ MAX_IMAGES = 100                                    # batch_size * n_iter of one
 # the options npsd has (GET/POST /sdapi/v1/options, override_settings) and their defaults
 OPTION_DEFAULTS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1, "randn_source": "numpy",
                    "eta_ddim": 0.0, "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0,
-                   "inpainting_mask_weight": 1.0, "s_min_uncond": 0.0}
+                   "inpainting_mask_weight": 1.0, "s_min_uncond": 0.0, "emphasis": "Original"}
 READ_ONLY_OPTIONS = ("sd_checkpoint_hash",)
 RANDN_SOURCES = {"numpy": "numpy", "CPU": "torch"}   # randn_source -> the pipeline's rng
 
@@ -258,6 +259,9 @@ def check_options(options, where="options"):
         _float(checked, "inpainting_mask_weight", lo=0.0, hi=1.0)
     if "s_min_uncond" in checked:
         _float(checked, "s_min_uncond", lo=0.0)
+    if "emphasis" in checked and (not isinstance(checked["emphasis"], str) or emphasis_named(checked["emphasis"]) is None):
+        raise InputError(f"{where}: emphasis {checked['emphasis']!r} is not one npsd has; use one of "
+                         f"{', '.join(EMPHASIS_LABELS.values())}")
     source = checked.get("randn_source")
     if source is not None and source not in RANDN_SOURCES:
         raise InputError(f"{where}: randn_source {source!r} is not one npsd reproduces; use 'CPU' (torch's CPU "

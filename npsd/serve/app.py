@@ -59,7 +59,7 @@ from ..config import generation_defaults
 from ..errors import InputError, NpsdError, UsageError, one_line
 from ..images import default_size, heat_overlay, to_pil, write_png_atomic
 from ..hires import LATENT_UPSCALERS, UPSCALERS
-from ..pngmeta import A1111_SAMPLERS, SCHEDULE_LABELS, parameters_text
+from ..pngmeta import A1111_SAMPLERS, SCHEDULE_LABELS, emphasis_named, parameters_text
 from ..previews import preview, table_name
 from ..prompts import prompt_syntax_used
 from ..version import __version__
@@ -433,6 +433,7 @@ class Server:
             settings["variation_seed"] = secrets.randbelow(2**32 - settings["num_images"] * plan.n_iter + 1)
         settings["eta_noise_seed_delta"] = options["eta_noise_seed_delta"]
         settings["inpainting_mask_weight"] = options["inpainting_mask_weight"]
+        settings["emphasis"] = emphasis_named(options["emphasis"])
         if settings["negative_guidance_min_sigma"] is None:
             settings["negative_guidance_min_sigma"] = options["s_min_uncond"]
         if settings["negative_guidance_min_sigma"] and settings["schedule_type"] is None:
