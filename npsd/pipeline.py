@@ -29,7 +29,7 @@ from PIL import Image
 from . import a1111_inpaint, clip, resources, schedulers, taesd, unet as unet_model, vae
 from .malloc import holding
 from .embeddings import load_used_embeddings
-from .prompts import (EMPHASIS, PROMPT_SYNTAXES, composable, encode_schedule, extract_loras, encode_weighted, pad_chunks,
+from .prompts import (PROMPT_SYNTAXES, check_emphasis, composable, encode_schedule, extract_loras, encode_weighted, pad_chunks,
                       prompt_syntax_used, repeat_last, split_and, text_at_step)
 from .brownian import SDE_NOISES, brownian_noise
 from .rng import SEED_LIMIT, make_rng, seed_noise
@@ -702,9 +702,7 @@ class Pipeline:
         if not is_number(ngms) or not 0 <= ngms < math.inf:
             raise InputError(f"negative_guidance_min_sigma must be a finite number >= 0 (0: off), got {ngms!r}")
         emphasis, syntax = emphasis                                  # (the mode and the call's prompt_syntax)
-        if emphasis not in EMPHASIS:
-            raise InputError(f"emphasis must be one of {', '.join(EMPHASIS)}, got {emphasis!r}")
-        if emphasis != "original" and syntax != "a1111":
+        if check_emphasis(emphasis) != "original" and syntax != "a1111":
             raise InputError(f"emphasis={emphasis!r} is A1111's way of weighting (word:1.2): give prompt_syntax='a1111'")
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
                 "width": int(width), "sampler": sampler, "seed": seed,

@@ -402,7 +402,7 @@ def tokenize_weighted(tokenizer, text, comma_backtrack=COMMA_BACKTRACK, emphasis
     one). A textual-inversion word (Tokenizer.add_word) is never split across chunks. Each chunk is
     BOS, its tokens, EOS padding to 77; BOS, EOS and padding have multiplier 1. emphasis "none" does
     not parse brackets or BREAK at all (A1111's "None")."""
-    pieces = [(text, 1.0)] if _check_emphasis(emphasis) == "none" else parse_attention(text)
+    pieces = [(text, 1.0)] if check_emphasis(emphasis) == "none" else parse_attention(text)
     tokens_of = tokenizer.encode([t for t, _ in pieces])
     word_len = {ids[0]: len(ids) for ids in tokenizer.added_words.values()}
     comma = tokenizer.encode(",")[0][0]
@@ -474,7 +474,7 @@ def encode_weighted(pipe, texts, clip_skip=None, comma_backtrack=COMMA_BACKTRACK
 def apply_emphasis(z, multipliers, emphasis="original"):
     """z [B, 77, D] CLIP output of one chunk index, multipliers [B, 77] -> weighted z (A1111's
     sd_emphasis). "original": multiply, then restore the mean over the whole batch of chunks."""
-    emphasis = _check_emphasis(emphasis)
+    emphasis = check_emphasis(emphasis)
     if emphasis in ("ignore", "none"):
         return z
     weighted = z * multipliers[..., None].astype(z.dtype)                 # [B, 77, D]
@@ -521,7 +521,7 @@ def _check_text(text):
     return text
 
 
-def _check_emphasis(emphasis):
+def check_emphasis(emphasis):
     if emphasis not in EMPHASIS:
         raise InputError(f"emphasis must be one of {', '.join(EMPHASIS)}, got {emphasis!r}")
     return emphasis
