@@ -227,6 +227,9 @@ def _generation_options(p, mode):
     a("--ngms", dest="negative_guidance_min_sigma", metavar="SIGMA", type=_float_in(0.0, what="sigma"),
       help="A1111's negative guidance minimum sigma: every second model call below SIGMA skips the unconditional "
            "pass (with --schedule-type; default 0, off)")
+    a("--tiling", action=argparse.BooleanOptionalAction, default=None,
+      help="A1111's Tiling: every padded convolution wraps around the image's edges, so that the image tiles "
+           "seamlessly (default: off)")
     a("--seed-resize-from", metavar="WxH", type=_size,
       help="A1111's seed resize: the seed's start noise of a WxH image, pasted centred (default: off)")
     a("--inpainting-mask-weight", metavar="W", type=_float_in(0.0, 1.0, what="weight"),
@@ -419,7 +422,7 @@ SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
             "resize_mode", "mask_blur", "masked_content", "inpaint_area", "masked_area_padding", "variation_seed",
             "variation_strength", "eta_noise_seed_delta", "seed_resize_from", "initial_noise_multiplier",
-            "inpainting_mask_weight", "negative_guidance_min_sigma", "emphasis", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
+            "inpainting_mask_weight", "negative_guidance_min_sigma", "emphasis", "tiling", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
             "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
             "hires_steps", "hires_strength", "hires_resize", "hires_prompt", "hires_negative_prompt", "hires_sampler",
             "hires_schedule_type")
@@ -429,6 +432,7 @@ OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long
                    "inpaint_area": "whole picture", "masked_area_padding": 32, "resize_mode": "just resize", "variation_strength": 0.0,
                    "eta_noise_seed_delta": 0, "seed_resize_from": None, "initial_noise_multiplier": 1.0,
                    "inpainting_mask_weight": 1.0, "negative_guidance_min_sigma": 0.0, "emphasis": "original",
+                   "tiling": False,
                    "prompt_syntax": "a1111", "lora": [], "lora_names": [],
                    "ti_names": [], "vae_decoder": "vae", "sde_noise": "generator", "hires_upscaler": "latent",
                    "hires_steps": 0}

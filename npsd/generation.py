@@ -120,7 +120,7 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               seed_resize_from_h=(settings.get("seed_resize_from") or (0, 0))[1],
               inpainting_mask_weight=_or(settings.get("inpainting_mask_weight"), 1.0),
               negative_guidance_min_sigma=settings.get("negative_guidance_min_sigma") or 0.0,
-              emphasis=settings.get("emphasis") or "original")
+              emphasis=settings.get("emphasis") or "original", tiling=bool(settings.get("tiling")))
     if mode == "txt2img":
         return pipe.txt2img(settings["prompt"], hires=hires_of(settings), **kw)
     kw["resize_mode"] = settings.get("resize_mode") or "just resize"

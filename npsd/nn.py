@@ -27,7 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from . import fast as _fast
 from . import settings
-from .settings import chunk_bytes, fast, set_chunk_bytes, set_fast, set_threads  # noqa: F401  (nn.set_fast, ...)
+from .settings import chunk_bytes, fast, padding_mode, set_chunk_bytes, set_fast, set_threads  # noqa: F401  (nn.set_fast, ...)
 
 
 def upcast(a):
@@ -144,18 +144,26 @@ def group_norm(x, num_groups, weight, bias, eps):
 # Convolution: im2col + one GEMM per band of output rows
 # ---------------------------------------------------------------------------------------------
 
-def conv2d(x, weight, bias=None, stride=1, padding=0):
+def conv2d(x, weight, bias=None, stride=1, padding=0, padding_mode=None):
     """2-D convolution (cross-correlation, as in PyTorch).
 
     x [B, C, H, W], weight [O, C, kh, kw], bias [O] -> [B, O, Ho, Wo].
     padding: an int (all sides) or (top, bottom, left, right), e.g. (0, 1, 0, 1) for the VAE's
     asymmetric downsampling pad.
+    padding_mode: "zeros" (a border of zeros) or "circular" (the map wraps around: the row above
+    the first is the last, the column left of the first the last, as torch's padding_mode="circular";
+    images made so tile seamlessly); None: settings.PADDING_MODE, "zeros" unless a generation asked for
+    tiling.
     """
+    pad = (padding,) * 4 if np.isscalar(padding) else tuple(padding)
+    if (padding_mode or settings.PADDING_MODE) == "circular" and any(pad):
+        top, bottom, left, right = pad
+        x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), mode="wrap")   # [B, C, H + t + b, W + l + r]
+        pad = (0, 0, 0, 0)
     b, c, h, w = x.shape
     o, c_w, kh, kw = weight.shape
     if c_w != c:
         raise ValueError(f"conv2d: input has {c} channels but the weight expects {c_w}")
-    pad = (padding,) * 4 if np.isscalar(padding) else tuple(padding)
     if settings.FAST:
         return _fast.conv2d(x, weight, bias, stride, pad)
     weight, bias = upcast(weight), upcast(bias)                  # float16 weights: this layer's float32 copy

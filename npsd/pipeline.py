@@ -40,6 +40,7 @@ from .hires import LATENT_UPSCALERS, Hires, upscale_image, upscale_latents
 from .images import (RESIZE_MODES, default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil,
                      to_uint8)
 from .previews import taesd_for, with_previews
+from .settings import padding_mode
 from .tokenizer import Tokenizer
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -123,6 +124,18 @@ def _traced(generate):
             return generate(self, *args, **kwargs)
         finally:
             self._trace, trace.step = before, None
+    return run
+
+
+def _tiled(generate):
+    """tiling=True: the call's padded convolutions wrap around the map (npsd.settings.padding_mode("circular"),
+    AUTOMATIC1111's "Tiling"); False: zeros, as always."""
+    @functools.wraps(generate)
+    def run(self, *args, tiling=False, **kwargs):
+        if not is_flag(tiling):
+            raise InputError(f"tiling must be True or False, got {tiling!r}")
+        with padding_mode("circular" if tiling else "zeros"):
+            return generate(self, *args, **kwargs)
     return run
 
 
@@ -255,6 +268,7 @@ class Pipeline:
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     @_traced
+    @_tiled
     @_loras_from_prompt
     def txt2img(self, prompt, negative_prompt="", num_inference_steps=None, guidance_scale=None,
                 height=None, width=None, seed=None, sampler=None, latents=None, num_images=1,
@@ -327,6 +341,10 @@ class Pipeline:
         emphasis: A1111's "Emphasis mode" for prompt_syntax="a1111" (npsd.prompts.EMPHASIS): "original"
         (the weights, then the mean restored), "no_norm" (the weights alone), "ignore" (brackets read,
         weights not applied) or "none" (brackets are text); the same in img2img and inpaint.
+        tiling: AUTOMATIC1111's "Tiling": every padded convolution of the UNet and the VAE wraps around
+        the map's edges instead of reading zeros (torch's padding_mode="circular"; npsd.nn.conv2d), so
+        the image tiles seamlessly; the same in img2img and inpaint. TAESD, a separate model, keeps its
+        zeros (as in A1111).
         """
         _check_hooks(callback, progress, attention_maps)
         _check_image_options(1.0, inpainting_mask_weight)
@@ -444,6 +462,7 @@ class Pipeline:
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     @_traced
+    @_tiled
     @_loras_from_prompt
     def img2img(self, prompt, image, strength=0.8, negative_prompt="", num_inference_steps=None,
                 guidance_scale=None, height=None, width=None, seed=None, sampler=None, noise=None,
@@ -500,6 +519,7 @@ class Pipeline:
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     @_traced
+    @_tiled
     @_loras_from_prompt
     def inpaint(self, prompt, image, mask_image, strength=1.0, negative_prompt="", num_inference_steps=None,
                 guidance_scale=None, height=None, width=None, seed=None, sampler=None, latents=None,

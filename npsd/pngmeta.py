@@ -231,6 +231,7 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Batch pos": pos if batch > 1 else None,
         "EMA": "off" if settings["no_ema"] else None,
         "RNG": RNG_FIELD[settings["rng"]],
+        "Tiling": "True" if settings.get("tiling") else None,
         "SDE noise": "Brownian" if settings["sde_noise"] == "brownian" else None,
         "Prompt syntax": settings["prompt_syntax"],
         "Lora": ", ".join(f"{name}: {_num(strength)}" for name, strength in _loras(settings)) or None,
@@ -330,6 +331,8 @@ def settings_from_png(path, mode):
     if mode != "txt2img":                                             # (A1111 writes it in img2img only)
         settings["initial_noise_multiplier"] = _at_least_0(f, "Noise multiplier")
     settings["negative_guidance_min_sigma"] = _at_least_0(f, "NGMS")
+    if "Tiling" in f:                                                 # A1111 writes "True" or nothing
+        settings["tiling"] = _choice(f, "Tiling", ("true", "false"), "--tiling or --no-tiling") == "true"
     if "Emphasis" in f:                                               # A1111's "No norm": no_norm
         settings["emphasis"] = emphasis_named(f["Emphasis"])
         if settings["emphasis"] is None:
@@ -376,7 +379,7 @@ def settings_from_png(path, mode):
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
 A1111_UNAPPLIED = ("Hires CFG Scale", "Hires checkpoint", "Face restoration",
-                   "Hypernet", "Token merging ratio", "Refiner", "Tiling", "Schedule min sigma", "Schedule max sigma",
+                   "Hypernet", "Token merging ratio", "Refiner", "Schedule min sigma", "Schedule max sigma",
                    "Schedule rho", "Discard penultimate sigma")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet", "Soft inpainting")   # extensions' (and built-in ones') fields
 # the hires fix's fields npsd applies (to txt2img only)

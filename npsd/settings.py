@@ -1,6 +1,7 @@
-"""How npsd's layers run: the fast path or the plain one, its threads, and the memory budget of one temporary.
+"""How npsd's layers run: the fast path or the plain one, its threads, the memory budget of one
+temporary, and how convolutions pad.
 
-Three settings, read at every call by npsd/nn.py (the plain formulas), npsd/fast.py (the fast path)
+Four settings, read at every call by npsd/nn.py (the plain formulas), npsd/fast.py (the fast path)
 and npsd/vae.py (whose blocks have a fast version):
 
 - ``FAST``: True (the default) runs the fast path of npsd/fast.py; False runs the plain forward
@@ -8,10 +9,14 @@ and npsd/vae.py (whose blocks have a fast version):
   starts npsd with it off;
 - ``THREADS``: the threads the fast path splits its work across (``npsd --threads N``); by default
   one per CPU this process may use (``usable_cpus``);
-- ``CHUNK_BYTES``: the largest temporary (im2col matrix, attention score block) one call builds.
+- ``CHUNK_BYTES``: the largest temporary (im2col matrix, attention score block) one call builds;
+- ``PADDING_MODE``: how a padded convolution fills the border: "zeros" (the default) or "circular" (the
+  map wraps around, torch's padding_mode="circular"); a generation with ``tiling=True`` sets it for
+  its duration (AUTOMATIC1111's "Tiling": images that tile seamlessly).
 
 Change them with the functions below; npsd.nn offers the same functions under the same names
-(``nn.set_fast(False)``, ``with nn.fast(False): ...``, ``nn.set_threads(2)``, ``nn.chunk_bytes(n)``).
+(``nn.set_fast(False)``, ``with nn.fast(False): ...``, ``nn.set_threads(2)``, ``nn.chunk_bytes(n)``,
+``with nn.padding_mode("circular"): ...``).
 """
 
 import os
@@ -21,6 +26,9 @@ from contextlib import contextmanager
 CHUNK_BYTES = 128 * 2**20
 # True: the fast path (npsd/fast.py); False: the plain forward passes (npsd/nn.py, npsd/vae.py).
 FAST = os.environ.get("NPSD_FAST", "1") != "0"
+# How a padded convolution fills the border (nn.conv2d): "zeros" or "circular" (PADDING_MODES).
+PADDING_MODE = "zeros"
+PADDING_MODES = ("zeros", "circular")
 
 
 def cgroup_cpu_quota(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
@@ -123,3 +131,17 @@ def set_threads(n):
     if int(n) < 1:
         raise ValueError(f"threads must be a positive number, got {n}")
     THREADS = int(n)
+
+
+@contextmanager
+def padding_mode(mode):
+    """Temporarily choose how padded convolutions fill the border: ``with padding_mode("circular"): ...``
+    (PADDING_MODES)."""
+    global PADDING_MODE
+    if mode not in PADDING_MODES:
+        raise ValueError(f"padding mode must be one of {', '.join(PADDING_MODES)}, got {mode!r}")
+    old, PADDING_MODE = PADDING_MODE, mode
+    try:
+        yield
+    finally:
+        PADDING_MODE = old

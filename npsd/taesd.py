@@ -68,8 +68,9 @@ def relu(x):
 
 
 def conv3x3(p, x, stride=1):
-    """A 3x3 conv with padding 1 (bias optional). [B, C, H, W] -> [B, O, H/stride, W/stride]."""
-    return nn.conv2d(x, p["weight"], p.get("bias"), stride=stride, padding=1)
+    """A 3x3 conv with padding 1 of zeros (bias optional). [B, C, H, W] -> [B, O, H/stride, W/stride].
+    Zeros with tiling too: TAESD is a separate small model, which AUTOMATIC1111's Tiling leaves as it is."""
+    return nn.conv2d(x, p["weight"], p.get("bias"), stride=stride, padding=1, padding_mode="zeros")
 
 
 def block(p, x):

@@ -57,7 +57,7 @@ def resnet_block(p, x, config):
 
     x [B, C, H, W] -> [B, O, H, W]; when C != O the skip is a 1x1 conv (conv_shortcut).
     """
-    if settings.FAST:                                                      # same values, fewer full-size maps
+    if _fused():                                                           # same values, fewer full-size maps
         return _fast.vae_resnet_block(p, x, _norm_groups(config, p["norm1"], p["norm2"]), config["eps"])
     h = nn.silu(group_norm(x, p["norm1"], config))                         # [B, C, H, W]
     h = nn.conv2d(h, **p["conv1"], padding=1)                              # [B, O, H, W]
@@ -69,7 +69,7 @@ def resnet_block(p, x, config):
 
 def upsample(p, x):
     """Upsample2D: nearest-neighbour 2x upsampling, then a 3x3 conv. [B, C, h, w] -> [B, O, 2h, 2w]."""
-    if settings.FAST:                                                      # same values, fewer full-size maps
+    if _fused():                                                           # same values, fewer full-size maps
         return _fast.vae_upsample(p, x)
     x = nn.upsample_nearest(x)                                             # [B, C, 2h, 2w]: each pixel a 2x2 block
     return nn.conv2d(x, **p["conv"], padding=1)                            # [B, O, 2h, 2w]
@@ -82,7 +82,7 @@ def output_layers(p, x, config, trace=None):
     """
     if trace is not None:                                                  # the fast path never holds it
         _record(trace, "conv_out:in", nn.silu(group_norm(x, p["conv_norm_out"], config)))
-    if settings.FAST:                                                      # same values, fewer full-size maps
+    if _fused():                                                           # same values, fewer full-size maps
         groups = _norm_groups(config, p["conv_norm_out"])
         return _fast.vae_norm_silu_conv(x, p["conv_norm_out"], p["conv_out"], groups, config["eps"])
     x = nn.silu(group_norm(x, p["conv_norm_out"], config))                 # [B, C, H, W]
@@ -140,8 +140,10 @@ def down_block(p, x, config, trace=None):
         _record(trace, f"resnets.{j}", x)
     if p.get("downsamplers"):
         _record(trace, "downsamplers.0:in", x)
-        # pad right and bottom by one pixel only, then 3x3 stride 2 (the LDM downsampler)
-        x = nn.conv2d(x, **p["downsamplers"][0]["conv"], stride=2, padding=(0, 1, 0, 1))  # [B, O, H/2, W/2]
+        # pad right and bottom by one pixel of zeros only, then 3x3 stride 2 (the LDM downsampler, whose
+        # pad is a separate zero pad before the conv: it stays zeros with tiling too)
+        x = nn.conv2d(x, **p["downsamplers"][0]["conv"], stride=2, padding=(0, 1, 0, 1),
+                      padding_mode="zeros")                                # [B, O, H/2, W/2]
         _record(trace, "downsamplers.0", x)
     _record(trace, "", x)
     return x
@@ -169,6 +171,13 @@ def up_block(p, x, config, trace=None):
 # Encoder and decoder
 # ---------------------------------------------------------------------------------------------
 
+def _fused():
+    """True where the blocks run fast.py's fused versions: on the fast path with zero padding (they
+    write the zero border as they go). With circular padding (tiling) the blocks run as written
+    above, and their convolutions still take the fast kernels."""
+    return settings.FAST and settings.PADDING_MODE == "zeros"
+
+
 def _fast_arguments(config):
     """(groups, eps, attention) as fast.vae_encoder and fast.vae_decoder take them."""
     return (lambda *norms: _norm_groups(config, *norms), config["eps"],
@@ -178,7 +187,7 @@ def _fast_arguments(config):
 def encoder(p, x, config, trace=None):
     """Image [B, 3, H, W] -> moments [B, 2*latent_channels, H/8, W/8] (before quant_conv).
     trace: None or an npsd.trace Scope ("vae.encoder"): records conv_in, down_blocks.i, mid_block, conv_out."""
-    if settings.FAST and trace is None:                                    # same values; maps reused in place
+    if _fused() and trace is None:                                         # same values; maps reused in place
         return _fast.vae_encoder(p, x, *_fast_arguments(config))
     _record(trace, ":in", x)
     _record(trace, "conv_in:in", x)
@@ -196,7 +205,7 @@ def encoder(p, x, config, trace=None):
 def decoder(p, z, config, trace=None):
     """Latent [B, latent_channels, h, w] (after post_quant_conv) -> image [B, 3, 8h, 8w].
     trace: None or an npsd.trace Scope ("vae.decoder"): records conv_in, mid_block, up_blocks.i, conv_out."""
-    if settings.FAST and trace is None:                                    # same values; each map reused in place
+    if _fused() and trace is None:                                         # same values; each map reused in place
         return _fast.vae_decoder(p, z, *_fast_arguments(config))
     _record(trace, ":in", z)
     _record(trace, "conv_in:in", z)
@@ -331,6 +340,9 @@ def decode(params, latents, config, tile_size=None, trace=None):
     latents = _check_input(latents, cin, "latents", "pass unscaled latents (divide by config['scaling_factor'])")
     if tile_size is not None and (int(tile_size) != tile_size or tile_size < 4 or tile_size % 4):
         raise InputError(f"tile_size must be a multiple of 4 latent pixels (e.g. 64), got {tile_size!r}")
+    if tile_size is not None and settings.PADDING_MODE == "circular":
+        raise InputError("tile_size decodes tiles on their own, which circular padding (tiling) would wrap "
+                         "each on itself: decode in one piece (tile_size=None)")
     images = []
     for i in range(latents.shape[0]):
         z = latents[i:i + 1]                                               # [1, 4, h, w]

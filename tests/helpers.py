@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from npsd import guidance, nn
+from npsd import unet as unet_model
+from npsd import vae as vae_model
 from npsd.params import unflatten
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -91,6 +93,39 @@ def _cfg_branches_swapped(original):
     return cfg
 
 
+class _ConvPaddedBy:
+    """npsd.nn as a model module sees it, except that conv2d pads as rule(stride, padding_mode) says
+    (a tiling bug: which convs wrap around under settings.padding_mode("circular"))."""
+
+    def __init__(self, original, rule):
+        self._nn, self._rule = original, rule
+
+    def __getattr__(self, name):
+        return getattr(self._nn, name)
+
+    def conv2d(self, x, weight, bias=None, stride=1, padding=0, padding_mode=None):
+        return self._nn.conv2d(x, weight, bias, stride, padding, self._rule(stride, padding_mode))
+
+
+def circular(*modules):
+    """AUTOMATIC1111's Tiling on torch modules (modules/sd_hijack.py, apply_circular): every
+    torch.nn.Conv2d pads circularly, for the block's duration: ``with circular(unet, vae): ...``."""
+    return _Circular([m for module in modules for m in module.modules() if type(m) is torch.nn.Conv2d])
+
+
+class _Circular:
+    def __init__(self, convs):
+        self.convs = convs
+
+    def __enter__(self):
+        for m in self.convs:
+            m.padding_mode = "circular"
+
+    def __exit__(self, *exc):
+        for m in self.convs:
+            m.padding_mode = "zeros"
+
+
 @dataclass(frozen=True)
 class Bug:
     """One small real bug: npsd functions replaced by wrong ones, and/or wrong config values.
@@ -137,6 +172,12 @@ BUGS = {
                        patches=((guidance, "cfg", _cfg_branches_swapped),)),
     # the VAE's GroupNorm eps is 1e-6: its wrong value is the UNet's 1e-5
     "vae_group_norm_eps": Bug("VAE GroupNorm eps 1e-5 instead of 1e-6", config={"vae": {"eps": 1e-5}}),
+    # tiling (settings.padding_mode("circular")): a conv that should wrap around pads with zeros, or
+    # the VAE's one-sided zero pad before its stride-2 conv wraps too
+    "tiling_downsamplers_zeros": Bug("tiling: the UNet's stride-2 downsamplers pad with zeros", patches=(
+        (unet_model, "nn", lambda nn_: _ConvPaddedBy(nn_, lambda stride, mode: "zeros" if stride == 2 else mode)),)),
+    "tiling_vae_pad_wrapped": Bug("tiling: the VAE's one-sided downsampler pad wraps around", patches=(
+        (vae_model, "nn", lambda nn_: _ConvPaddedBy(nn_, lambda stride, mode: None)),)),
 }
 
 

@@ -506,6 +506,47 @@ def test_ngms_option_and_png_field(model, tmp_path, capsys):
     assert rc != 0 and err.count("\n") == 1 and "negative_guidance_min_sigma is A1111's" in err, err
 
 
+def test_tiling_option_and_png_field(model, tmp_path, capsys):
+    """--tiling: the pipeline's tiling=True, written as A1111's "Tiling: True" and remade by --from-png
+    (also from an A1111 PNG, in img2img too); --no-tiling turns a stored one off; a stored value that is
+    not True or False is one line."""
+    from npsd import load
+    from npsd.pngmeta import png_info
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 4, "--tiling")
+    f = params_of(a)["fields"]
+    assert f["Tiling"] == "True", f
+    pipe = load(str(model))
+    kw = dict(num_inference_steps=int(f["Steps"]), guidance_scale=float(f["CFG scale"]), seed=4,
+              prompt_syntax="a1111", height=16, width=16)
+    tiled, plain = pipe.txt2img(PROMPT, tiling=True, **kw), pipe.txt2img(PROMPT, **kw)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(tiled))
+    assert not np.array_equal(np.asarray(tiled), np.asarray(plain))
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "b.png").read_bytes() == a.read_bytes(), err
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "c.png", "--quiet",
+                      "--no-tiling"], capsys)
+    assert rc == 0 and np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(plain)), err
+    assert "Tiling" not in params_of(tmp_path / "c.png")["fields"]
+    image = tmp_path / "in.png"
+    make_image(image)
+    text = (f"{PROMPT}\nNegative prompt: \nSteps: 3, Sampler: Euler, CFG scale: {f['CFG scale']}, Seed: 5, "
+            f"Size: 16x16, Denoising strength: 0.6, RNG: CPU, Tiling: True")
+    a1111 = tmp_path / "a1111.png"
+    Image.new("RGB", (16, 16)).save(a1111, pnginfo=png_info(text))
+    rc, _, err = run(["img2img", "--from-png", a1111, "--image", image, "--model", model, "-o", tmp_path / "d.png",
+                      "--quiet"], capsys)
+    assert rc == 0 and err == "", err
+    ref = pipe.img2img(PROMPT, str(image), strength=0.6, num_inference_steps=3, guidance_scale=float(f["CFG scale"]),
+                       seed=5, sampler="euler", schedule_type="uniform", rng="torch", prompt_syntax="a1111",
+                       tiling=True)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "d.png")), np.asarray(ref))
+    Image.new("RGB", (16, 16)).save(a1111, pnginfo=png_info(text.replace("Tiling: True", "Tiling: yes")))
+    rc, _, err = run(["img2img", "--from-png", a1111, "--image", image, "--model", model, "-o", tmp_path / "e.png",
+                      "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "the stored 'Tiling' is 'yes'" in err, err
+
+
 def test_emphasis_option_and_png_field(model, tmp_path, capsys):
     """--emphasis: the pipeline's emphasis=, written as A1111's "Emphasis" field (its labels) and remade
     by --from-png, also from an A1111 PNG; an emphasis npsd lacks is one line."""

@@ -312,6 +312,24 @@ def test_s_min_uncond_same_pixels_as_the_pipeline(client, pipe):
     assert r.status_code == 422 and "s_min_uncond (Negative Guidance minimum sigma) applies to the samplers" in r.text
 
 
+def test_tiling_same_pixels_as_the_pipeline(client, pipe, picture):
+    """tiling (the field, or A1111's option of that name when the field is left out): the pipeline's
+    tiling=True, in the infotext as "Tiling: True"; img2img too; a value that is not a flag is one line."""
+    body = txt2img(client, steps=3, seed=8, tiling=True)
+    ref = pipe.txt2img(PROMPT, num_inference_steps=3, seed=8, tiling=True)
+    assert np.array_equal(pixels(decode(body["images"][0])), pixels(ref))
+    assert "Tiling: True" in json.loads(body["info"])["infotexts"][0]
+    assert not np.array_equal(pixels(ref), pixels(pipe.txt2img(PROMPT, num_inference_steps=3, seed=8)))
+    by_option = txt2img(client, steps=3, seed=8, override_settings={"tiling": True})
+    assert np.array_equal(pixels(decode(by_option["images"][0])), pixels(ref))
+    r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "denoising_strength": 0.6, "steps": 3, "seed": 7,
+                                               "tiling": True, "init_images": [encode(picture)]})
+    assert r.status_code == 200, r.text
+    ref = pipe.img2img(PROMPT, picture, strength=0.6, num_inference_steps=3, seed=7, tiling=True)
+    assert np.array_equal(pixels(decode(r.json()["images"][0])), pixels(ref))
+    assert_one_line_422(client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "tiling": "yes"}), "tiling")
+
+
 def test_emphasis_option_same_pixels_as_the_pipeline(client, pipe):
     """The option emphasis (A1111's "Emphasis mode", its labels): the pipeline's emphasis=, in the infotext."""
     prompt = "a (red:1.5) circle on a [blue] background"
@@ -460,12 +478,11 @@ def test_bad_bodies_and_images(client, picture):
 
 
 def test_unsupported_fields_are_named(client, picture, mask):
-    r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "firstphase_width": 256, "tiling": True,
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "firstphase_width": 256,
                                                "alwayson_scripts": {"ControlNet": {"args": []}},
                                                "refiner_checkpoint": "sdxl_refiner", "restore_faces": True,
                                                "styles": ["cinematic"]})
-    assert_one_line_422(r, "firstphase_width", "tiling", "alwayson_scripts", "refiner_checkpoint", "restore_faces",
-                        "styles")
+    assert_one_line_422(r, "firstphase_width", "alwayson_scripts", "refiner_checkpoint", "restore_faces", "styles")
     # A1111's seed resizing, its noise multiplier and mask weight options are applied
     assert txt2img(client, seed=1, seed_resize_from_w=48, seed_resize_from_h=32,
                    override_settings={"inpainting_mask_weight": 0.5})["images"]

@@ -357,6 +357,23 @@ def test_hires_fix_from_the_page(server, browser):
     driver.find_element("id", "enable_hr").click()                    # leave the form as the other tests expect
 
 
+def test_tiling_from_the_page(server, browser):
+    """The tiling box sends A1111's tiling field: the parameters say "Tiling: True", and a gallery
+    entry's settings set the box back."""
+    driver = browser
+    _open(driver, server)
+    _set(driver, "prompt", PROMPT)
+    _set(driver, "steps", 2)
+    driver.find_element("id", "tiling").click()
+    _run_and_watch(driver, driver.find_element("id", "generate").click)
+    assert "Tiling: True" in driver.find_element("id", "parameters").text
+    _js(driver, "loadSettings(arguments[0])", {"mode": "txt2img"})
+    assert not driver.find_element("id", "tiling").is_selected()
+    _js(driver, "loadSettings(arguments[0])", {"mode": "txt2img", "tiling": True})
+    assert driver.find_element("id", "tiling").is_selected()
+    driver.find_element("id", "tiling").click()                       # leave the form as the other tests expect
+
+
 def test_error_is_one_line_on_the_page(server, browser):
     driver = browser
     _open(driver, server)

@@ -21,12 +21,13 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from npsd import settings
 from npsd.architecture import unet_shapes
 from npsd.errors import InputError
 from npsd.params import unflatten
 from npsd.testing import assert_close, compare
 from npsd.unet import unet
-from tests.helpers import BUGS, assert_caught, n2t, perturb_, t2n, to_numpy_params
+from tests.helpers import BUGS, assert_caught, circular, n2t, perturb_, t2n, to_numpy_params
 
 RTOL_TINY = 1e-5
 # Full size: 22 resnets and 16 transformers deep with up to 2560 input channels per conv. The
@@ -218,6 +219,9 @@ FULL_CASES = {
 }
 
 
+TILED_CASE = "20x28 batch 1, 154 tokens"      # the inputs of test_full_size_tiling
+
+
 def full_tolerances(case):
     return {**RTOL_FULL, "time_embedding": FULL_CASES[case][3]}
 
@@ -233,6 +237,9 @@ def full_size():
     for name, (shape, t, tokens, _) in FULL_CASES.items():
         latents, context = randn(*shape), randn(shape[0], tokens, 768)
         cases[name] = ((latents, t, context), reference(model, latents, t, context))
+    with circular(model):                        # A1111's Tiling: every Conv2d pads circularly
+        inputs = cases[TILED_CASE][0]
+        cases["tiled"] = (inputs, reference(model, *inputs))
     del model                                     # the params keep the weights alive: 3.4 GB once
     gc.collect()
     yield unflatten(params), cases
@@ -243,6 +250,27 @@ def test_full_size(full_size, case):
     params, cases = full_size
     (latents, t, context), ref = cases[case]
     check(params, SD15_CONFIG, latents, t, context, ref, full_tolerances(case))
+
+
+def test_full_size_tiling(full_size):
+    """Tiling (every padded conv wraps around, settings.padding_mode("circular")) at full size, on
+    20x28 latents (20 -> 10 -> 5 -> 3: stride 2 over odd sides), against diffusers' UNet with every
+    Conv2d circular: the same tolerances as without tiling (RTOL_FULL; measured eps 1.2e-6, the
+    untiled case 1.8e-6)."""
+    params, cases = full_size
+    (latents, t, context), ref = cases["tiled"]
+    with settings.padding_mode("circular"):
+        check(params, SD15_CONFIG, latents, t, context, ref, full_tolerances(TILED_CASE))
+
+
+def test_full_size_tiling_sensitivity(full_size, monkeypatch):
+    """Tiling's small real bug, the downsamplers' convs left zero-padded, fails the full-size check."""
+    params, cases = full_size
+    (latents, t, context), ref = cases["tiled"]
+    bug = BUGS["tiling_downsamplers_zeros"]
+    bug.inject(monkeypatch)
+    with settings.padding_mode("circular"):
+        assert_caught(bug, lambda: check(params, SD15_CONFIG, latents, t, context, ref, full_tolerances(TILED_CASE)))
 
 
 @pytest.mark.parametrize("bug", ["geglu_tanh", "group_norm_eps", "layer_norm_eps", "attention_scale", "timestep"])

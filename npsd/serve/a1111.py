@@ -9,7 +9,7 @@ falls in one of four groups:
   send_images; img2img: init_images, denoising_strength, mask, mask_blur, inpainting_mask_invert, ...);
 - INERT: A1111's bookkeeping, which changes no pixel npsd computes (do_not_save_samples, the hr_*
   fields while enable_hr is false, ...): accepted, ignored;
-- OFF: features npsd lacks (refiner, scripts, face restoration, tiling, styles, the hires fix's
+- OFF: features npsd lacks (refiner, scripts, face restoration, styles, the hires fix's
   checkpoint, ...): accepted at their "off" value (what
   clients such as webuiapi send by default), else refused with 422 naming them;
 - anything else is unknown: refused with 422 (a misspelt field would otherwise be silently dropped).
@@ -62,7 +62,7 @@ from ..schedulers import KDIFFUSION_SAMPLERS
 USED = {"prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w",
         "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
         "steps", "cfg_scale", "width", "height", "eta", "override_settings", "override_settings_restore_afterwards",
-        "send_images", "save_images", "npsd_attention_maps", "s_min_uncond"}
+        "send_images", "save_images", "npsd_attention_maps", "s_min_uncond", "tiling"}
 USED_IMG2IMG = {"init_images", "denoising_strength", "mask", "mask_blur", "mask_blur_x", "mask_blur_y",
                 "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode",
                 "initial_noise_multiplier", "include_init_images"}
@@ -81,7 +81,6 @@ OFF = {
     "firstpass_image": (("",), "npsd's hires fix starts from its own first pass"),
     "refiner_checkpoint": (("", "None"), "npsd has no refiner pass"),
     "restore_faces": ((False,), "npsd has no face restoration"),
-    "tiling": ((False,), "npsd has no tiling (seamless) mode"),
     "styles": (([],), "npsd has no saved prompt styles; write them into the prompt"),
     "s_churn": ((0,), "npsd's samplers have no churn"),
     "s_noise": ((1,), "npsd's samplers have no noise multiplier"),
@@ -102,7 +101,7 @@ MAX_IMAGES = 100                                    # batch_size * n_iter of one
 # the options npsd has (GET/POST /sdapi/v1/options, override_settings) and their defaults
 OPTION_DEFAULTS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1, "randn_source": "numpy",
                    "eta_ddim": 0.0, "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0,
-                   "inpainting_mask_weight": 1.0, "s_min_uncond": 0.0, "emphasis": "Original"}
+                   "inpainting_mask_weight": 1.0, "s_min_uncond": 0.0, "emphasis": "Original", "tiling": False}
 READ_ONLY_OPTIONS = ("sd_checkpoint_hash",)
 RANDN_SOURCES = {"numpy": "numpy", "CPU": "torch"}   # randn_source -> the pipeline's rng
 
@@ -259,6 +258,8 @@ def check_options(options, where="options"):
         _float(checked, "inpainting_mask_weight", lo=0.0, hi=1.0)
     if "s_min_uncond" in checked:
         _float(checked, "s_min_uncond", lo=0.0)
+    if "tiling" in checked:
+        _bool(checked, "tiling")
     if "emphasis" in checked and (not isinstance(checked["emphasis"], str) or emphasis_named(checked["emphasis"]) is None):
         raise InputError(f"{where}: emphasis {checked['emphasis']!r} is not one npsd has; use one of "
                          f"{', '.join(EMPHASIS_LABELS.values())}")
@@ -338,6 +339,7 @@ def read_request(kind, body, limits=None):
                 "seed_resize_from": resize if min(resize) > 0 else None, "initial_noise_multiplier": None,
                 # None: the option s_min_uncond's, as A1111's processing takes it
                 "negative_guidance_min_sigma": _float(body, "s_min_uncond", None, lo=0.0),
+                "tiling": _bool(body, "tiling"),                # None: the option tiling's, as in A1111
                 "inpainting_mask_weight": 1.0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
                 # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)

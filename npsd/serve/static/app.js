@@ -67,6 +67,7 @@ function formRequest() {
     if (request[name] !== undefined && !Number.isSafeInteger(request[name])) throw new Error(SEED_TOO_LARGE);
   }
   if ($("attention-maps").checked) request.npsd_attention_maps = true;
+  if ($("tiling").checked) request.tiling = true;
   if (mode() !== "inpaint") {
     for (const name of INPAINT_ONLY) delete request[name];
   }
@@ -104,6 +105,7 @@ function loadSettings(settings) {
     $("subseed_strength").value = 0;
   }
   $("inpaint_full_res").checked = Boolean(settings.inpaint_full_res);
+  $("tiling").checked = Boolean(settings.tiling);
   if (["txt2img", "img2img", "inpaint"].includes(settings.mode)) setMode(settings.mode);
   $("enable_hr").checked = Boolean(settings.enable_hr);
   if (settings.enable_hr) {
