@@ -332,6 +332,18 @@ class ScheduleOptions:
 DEFAULT_SCHEDULE_OPTIONS = ScheduleOptions()
 
 
+def sigma_table(config):
+    """The model's training table sigma_t, float64 [N], increasing (a zero-SNR schedule's last made
+    finite): what A1111's schedule types are computed from."""
+    return sigmas_from_alphas_cumprod(_finite_terminal(alphas_cumprod(_section(config))))
+
+
+def a1111_model_ends(sigma_table):
+    """The model's (sigma_min, sigma_max) as A1111 compares its options with them: the ends of
+    k-diffusion's float32 table, as Python floats."""
+    return float(np.float32(sigma_table[0])), float(np.float32(sigma_table[-1]))
+
+
 def t_to_sigma(t, sigma_table):
     """The noise level at the (fractional) timestep t: log(sigma) interpolated linearly between
     the neighbouring entries of the training table (k-diffusion's DiscreteSchedule.t_to_sigma).
@@ -370,8 +382,7 @@ def a1111_sigmas(schedule_type, n, sigma_table, options=DEFAULT_SCHEDULE_OPTIONS
     N = len(table)
     if schedule_type not in SCHEDULE_TYPES or schedule_type == "automatic":
         raise InputError(f"unknown schedule_type {schedule_type!r}; use one of {', '.join(SCHEDULE_TYPES[1:])}")
-    model_ends = float(np.float32(table[0])), float(np.float32(table[-1]))    # (k-diffusion's float32 table)
-    given = options.overrides(schedule_type, *model_ends)
+    given = options.overrides(schedule_type, *a1111_model_ends(table))
     lo, hi = given.get("sigma_min", float(table[0])), given.get("sigma_max", float(table[-1]))
     rho = given.get("rho", A1111_DEFAULT_RHO.get(schedule_type))
     if schedule_type in A1111_USES_ENDS and not lo < hi:
