@@ -454,3 +454,14 @@ def test_schedule_options_equal_a1111s(kd, models, sampler, schedule_type, stren
     err = float(np.abs(plain - ref).max() / np.abs(ref).max())
     print(f"the same without the options: {err:.3g}")
     assert err > 1e2 * TOL_IMAGE
+
+
+def test_schedule_options_need_a_schedule_type(models):  # noqa: F811
+    """schedule_options without an A1111 schedule_type (diffusers' schedule, which has none of these
+    settings) is one line, as negative_guidance_min_sigma."""
+    from npsd.errors import InputError
+    pipe = npsd_pipe(models)
+    with pytest.raises(InputError, match="schedule_options are A1111's settings of its schedule types: give a "
+                                         "schedule_type"):
+        pipe.txt2img(PROMPT, num_inference_steps=2, height=SIZE, width=SIZE, sampler="euler",
+                     schedule_options=S.ScheduleOptions(sigma_min=0.1))
