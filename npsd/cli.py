@@ -55,7 +55,8 @@ from .generation import (file_hash, model_defaults, model_file, network_hashes, 
 from .hires import SCALE as HIRES_SCALE, STRENGTH as HIRES_STRENGTH, UPSCALERS, check_resize
 from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .images import RESIZE_MODES, filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
-from .pngmeta import parameters_text, sampler_from_a1111, settings_from_png, short_hash, size_of
+from .pngmeta import (SCHEDULE_SETTINGS, parameters_text, sampler_from_a1111, settings_from_png, short_hash,
+                      size_of)
 from .prompts import EMPHASIS
 from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
 from .pipeline import DECODERS
@@ -290,6 +291,19 @@ def _generation_options(p, mode):
       help="AUTOMATIC1111's schedule type, for the samplers A1111 runs with k-diffusion (" + ", ".join(KDIFFUSION_SAMPLERS)
            + "): its sigmas, timesteps, start and img2img steps, to remake its images (with --rng torch); "
              "automatic = A1111's choice per sampler (default: diffusers' schedule, --timestep-spacing and --karras)")
+    a("--schedule-sigma-min", metavar="SIGMA", type=_float_in(0.0, what="sigma"),
+      help="A1111's schedule min sigma: the schedule's smallest sigma instead of the model's (with --schedule-type; "
+           "0, the default: the model's)")
+    a("--schedule-sigma-max", metavar="SIGMA", type=_float_in(0.0, what="sigma"),
+      help="A1111's schedule max sigma: the schedule's largest sigma instead of the model's (0: the model's)")
+    a("--schedule-rho", metavar="RHO", type=_float_in(0.0, what="rho"),
+      help="A1111's schedule rho, for the karras and polyexponential types (0, the default: 7 and 1)")
+    a("--discard-penultimate-sigma", action="store_true", default=None,
+      help="A1111's always discard next-to-last sigma: one more sigma computed and the next-to-last dropped")
+    a("--beta-schedule-alpha", metavar="A", type=_float_in(0.0, lo_open=True, what="alpha"),
+      help="alpha of the beta schedule type's Beta distribution (default 0.6, A1111's)")
+    a("--beta-schedule-beta", metavar="B", type=_float_in(0.0, lo_open=True, what="beta"),
+      help="beta of the beta schedule type's Beta distribution (default 0.6, A1111's)")
     a("--prediction-type", choices=PREDICTION_TYPES,
       help="what the UNet predicts (default: the model's config, SD v1.x: epsilon)")
     a("--sde-noise", choices=SDE_NOISES,
@@ -425,7 +439,7 @@ SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "
             "inpainting_mask_weight", "negative_guidance_min_sigma", "emphasis", "tiling", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
             "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
             "hires_steps", "hires_strength", "hires_resize", "hires_prompt", "hires_negative_prompt", "hires_sampler",
-            "hires_schedule_type")
+            "hires_schedule_type", *SCHEDULE_SETTINGS)
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "masked_content": "original",
@@ -492,6 +506,11 @@ def resolve_settings(args, mode):
     if settings["schedule_type"] and settings["sampler"] is not None and settings["sampler"] not in KDIFFUSION_SAMPLERS:
         raise UsageError(f"--schedule-type applies to the samplers {', '.join(KDIFFUSION_SAMPLERS)}, "
                          f"not to {settings['sampler']}")
+    if not settings["schedule_type"]:                         # (diffusers' schedule: A1111's settings do not apply)
+        given = [o for o in SCHEDULE_SETTINGS if getattr(args, o, None) is not None]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} is a setting of A1111's schedule types; give --schedule-type")
+        settings.update(dict.fromkeys(SCHEDULE_SETTINGS))
     if args.lora is not None:                                  # --lora replaces the image's LoRAs
         settings["lora_names"] = []
     for k, default in OPTION_DEFAULTS.items():

@@ -12,7 +12,7 @@ import hashlib
 import os
 
 from .config import generation_defaults, with_fallbacks
-from .pngmeta import short_hash
+from .pngmeta import schedule_options_of, short_hash
 
 
 def file_hash(path, chunk=1 << 22):
@@ -56,7 +56,13 @@ def network_hashes(pipe, settings, args):
 
 def model_defaults(settings, pipe):
     """Fill the settings left None with the model's own defaults: npsd.config.generation_defaults
-    (what the pipeline uses too), and the timestep spacing and prediction type of its scheduler."""
+    (what the pipeline uses too), and the timestep spacing and prediction type of its scheduler.
+    A schedule sigma_min or sigma_max equal to the model's own is A1111's "not overridden": 0."""
+    from .schedulers import a1111_model_ends, sigma_table
+    ends = a1111_model_ends(sigma_table(pipe.config))
+    for k, end in zip(("schedule_sigma_min", "schedule_sigma_max"), ends):
+        if settings.get(k) == end:
+            settings[k] = 0.0
     defaults = generation_defaults(pipe.config)
     scheduler = with_fallbacks("scheduler", pipe.config.get("scheduler"))
     settings["steps"] = settings["steps"] or defaults["num_inference_steps"]
@@ -120,7 +126,8 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               seed_resize_from_h=(settings.get("seed_resize_from") or (0, 0))[1],
               inpainting_mask_weight=_or(settings.get("inpainting_mask_weight"), 1.0),
               negative_guidance_min_sigma=settings.get("negative_guidance_min_sigma") or 0.0,
-              emphasis=settings.get("emphasis") or "original", tiling=bool(settings.get("tiling")))
+              emphasis=settings.get("emphasis") or "original", tiling=bool(settings.get("tiling")),
+              schedule_options=schedule_options_of(settings))
     if mode == "txt2img":
         return pipe.txt2img(settings["prompt"], hires=hires_of(settings), **kw)
     kw["resize_mode"] = settings.get("resize_mode") or "just resize"

@@ -277,7 +277,8 @@ class Pipeline:
                 prediction_type=None, guidance_rescale=0.0, prompt_syntax="plain", progress=False,
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 hires=None, variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, seed_resize_from_h=0,
-                seed_resize_from_w=0, inpainting_mask_weight=1.0, negative_guidance_min_sigma=0.0, emphasis="original"):
+                seed_resize_from_w=0, inpainting_mask_weight=1.0, negative_guidance_min_sigma=0.0, emphasis="original",
+                schedule_options=None):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -345,6 +346,10 @@ class Pipeline:
         the map's edges instead of reading zeros (torch's padding_mode="circular"; npsd.nn.conv2d), so
         the image tiles seamlessly; the same in img2img and inpaint. TAESD, a separate model, keeps its
         zeros (as in A1111).
+        schedule_options: an npsd.schedulers.ScheduleOptions with A1111's settings of its schedule
+        types (its "Schedule min sigma", "Schedule max sigma", "Schedule rho", "Always discard
+        next-to-last sigma", "Beta schedule alpha" and "beta"), with a schedule_type; they apply to the
+        hires pass too, and in img2img and inpaint. None: A1111's defaults.
         """
         _check_hooks(callback, progress, attention_maps)
         _check_image_options(1.0, inpainting_mask_weight)
@@ -353,7 +358,8 @@ class Pipeline:
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
                                              seed_resize_from_h, seed_resize_from_w),
                                   second_sampler=hires.sampler if isinstance(hires, Hires) else None,
-                                  ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax))
+                                  ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax),
+                                  schedule_options=schedule_options)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         hires_settings = self._hires_settings(hires, settings, attention_maps, schedule_type, sde_noise)
@@ -472,7 +478,8 @@ class Pipeline:
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
                 seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0,
-                negative_guidance_min_sigma=0.0, emphasis="original"):
+                negative_guidance_min_sigma=0.0, emphasis="original",
+                schedule_options=None):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -497,7 +504,8 @@ class Pipeline:
                                   decoder, eta, sde_noise,
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
                                              seed_resize_from_h, seed_resize_from_w),
-                                  ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax))
+                                  ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax),
+                                  schedule_options=schedule_options)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"], mode=_check_resize_mode(resize_mode))
@@ -530,7 +538,8 @@ class Pipeline:
                 masked_content="original", inpaint_area="whole picture", masked_area_padding=32,
                 variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
                 seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0,
-                negative_guidance_min_sigma=0.0, emphasis="original"):
+                negative_guidance_min_sigma=0.0, emphasis="original",
+                schedule_options=None):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -564,7 +573,8 @@ class Pipeline:
                                   decoder, eta, sde_noise,
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
                                              seed_resize_from_h, seed_resize_from_w),
-                                  ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax))
+                                  ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax),
+                                  schedule_options=schedule_options)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         inpainting_unet = self._inpainting_unet()
@@ -671,7 +681,7 @@ class Pipeline:
 
     def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae", eta=0.0,
                   sde_noise="generator", variation=(None, 0.0, 0, 0, 0), second_sampler=None, ngms=0.0,
-                  emphasis=("original", "plain")):
+                  emphasis=("original", "plain"), schedule_options=None):
         """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
         the image's own size first) and check every value; one-line errors. second_sampler: the hires
         fix's own sampler, which sde_noise may be for."""
@@ -727,7 +737,8 @@ class Pipeline:
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
                 "width": int(width), "sampler": sampler, "seed": seed,
                 "sde_noise": sde_noise if sampler in schedulers.NOISE_SAMPLER_SAMPLERS else "generator",
-                "variation": _check_variation(*variation, seeds, f), "ngms": float(ngms), "emphasis": emphasis}
+                "variation": _check_variation(*variation, seeds, f), "ngms": float(ngms), "emphasis": emphasis,
+                "schedule_options": schedule_options}
 
     def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
                timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, schedule_type, unet=None):
@@ -737,7 +748,8 @@ class Pipeline:
         rng = make_rng(rng, settings["seed"], settings["variation"])
         schedule = schedulers.make_schedule(settings["sampler"], settings["steps"], self.config, use_karras_sigmas,
                                             timestep_spacing, prediction_type=prediction_type,
-                                            schedule_type=schedule_type)
+                                            schedule_type=schedule_type,
+                                            schedule_options=settings["schedule_options"])
         model_calls = settings["steps"] * (2 if settings["sampler"] in schedulers.TWO_STAGE else 1)
         scale, unet = settings["guidance_scale"], unet or self.unet
         if self.guidance_embedding_dim:

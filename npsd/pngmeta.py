@@ -34,8 +34,8 @@ from .images import RESIZE_MODES
 from .prompts import EMPHASIS_LABELS
 from .hires import LABELS as UPSCALER_LABELS, SCALE as HIRES_SCALE, UPSCALERS, check_resize, upscaler_named
 from .version import __version__
-from .schedulers import (BETA_ALPHA, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES, SPACINGS,
-                         resolve_schedule_type)
+from .schedulers import (A1111_AUTOMATIC, A1111_DISCARD_PENULTIMATE, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS,
+                         SCHEDULE_TYPES, SPACINGS, ScheduleOptions, resolve_schedule_type)
 
 KEY = "parameters"
 NEGATIVE = "Negative prompt:"
@@ -58,6 +58,15 @@ assert tuple(SCHEDULE_LABELS) == SCHEDULE_TYPES
 # a "Schedule type" field or A1111 API "scheduler" (its name or label, any case) -> --schedule-type
 SCHEDULE_NAMED = {**{name: name for name in SCHEDULE_LABELS},
                   **{label.lower(): name for name, label in SCHEDULE_LABELS.items()}, "sgmuniform": "sgm_uniform"}
+# A1111's settings of its schedule types: a run's setting -> (its npsd.schedulers.ScheduleOptions
+# field, A1111's field in the parameters; "Discard penultimate sigma: True" is A1111's
+# always_discard_next_to_last_sigma)
+SCHEDULE_SETTINGS = {"schedule_sigma_min": ("sigma_min", "Schedule min sigma"),
+                     "schedule_sigma_max": ("sigma_max", "Schedule max sigma"),
+                     "schedule_rho": ("rho", "Schedule rho"),
+                     "discard_penultimate_sigma": ("discard_penultimate", "Discard penultimate sigma"),
+                     "beta_schedule_alpha": ("beta_alpha", "Beta schedule alpha"),
+                     "beta_schedule_beta": ("beta_beta", "Beta schedule beta")}
 # --rng <-> the "RNG" field (A1111's value "CPU" is torch's CPU generator, which rng="torch" reproduces)
 RNG_FIELD = {"numpy": "numpy", "torch": "CPU"}
 # --vae-decoder <-> A1111's "VAE Decoder" field ("Full" or "TAESD"; A1111 writes it only for TAESD).
@@ -200,6 +209,7 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "ENSD": settings.get("eta_noise_seed_delta") or None,
         "NGMS": _num(settings["negative_guidance_min_sigma"]) if settings.get("negative_guidance_min_sigma") else None,
         "Emphasis": EMPHASIS_LABELS[settings["emphasis"]] if settings.get("emphasis") not in (None, "original") else None,
+        **schedule_fields(settings, hires),
         "Seed resize from": "{}x{}".format(*settings["seed_resize_from"]) if settings.get("seed_resize_from") else None,
         "Noise multiplier": _num(settings["initial_noise_multiplier"]) if mode != "txt2img"
         and settings.get("initial_noise_multiplier") not in (None, 1.0) else None,
@@ -249,6 +259,44 @@ def schedule_label(settings):
     if kind is None:
         return "Karras" if settings["karras"] else None
     return SCHEDULE_LABELS[resolve_schedule_type(settings["sampler"], kind)]
+
+
+def schedule_options_of(settings):
+    """The npsd.schedulers.ScheduleOptions of a run's settings (SCHEDULE_SETTINGS; those left None:
+    A1111's defaults), or None without a schedule type."""
+    if settings.get("schedule_type") is None:
+        return None
+    return ScheduleOptions(**{field: settings[k] for k, (field, _) in SCHEDULE_SETTINGS.items()
+                              if settings.get(k) is not None})
+
+
+def schedule_fields(settings, hires):
+    """The fields A1111's get_sigmas writes for its schedule settings, in either pass (hires: a
+    txt2img with the hires fix): an overridden sigma_min, sigma_max or rho where a schedule type
+    makes the sigmas (with "Automatic", the samplers in A1111_AUTOMATIC; the others take k-diffusion's
+    get_sigmas, which reads none), "Discard penultimate sigma" where the setting discards one (not
+    where the sampler does by itself), Beta's alpha and beta where Beta makes them. A1111 writes the
+    settings' floats as Python prints them (5.0). The model's own ends are 0 here
+    (npsd.generation.model_defaults)."""
+    options = schedule_options_of(settings)
+    if options is None:
+        return {}
+    passes = [(settings["sampler"], settings["schedule_type"])]
+    if hires:
+        passes.append((settings.get("hires_sampler") or settings["sampler"],
+                       settings.get("hires_schedule_type") or settings["schedule_type"]))
+    label = {field: name for field, name in SCHEDULE_SETTINGS.values()}
+    fields = {}
+    for sampler, kind in passes:
+        used = resolve_schedule_type(sampler, kind)
+        if kind != "automatic" or sampler in A1111_AUTOMATIC:
+            fields.update({label[k]: repr(v) for k, v in options.overrides(used, 0.0, 0.0).items()})
+        if options.discard_penultimate and sampler not in A1111_DISCARD_PENULTIMATE:
+            fields[label["discard_penultimate"]] = "True"
+        if used == "beta":
+            fields.update({label["beta_alpha"]: repr(float(options.beta_alpha)),
+                           label["beta_beta"]: repr(float(options.beta_beta))})
+    return fields
 
 
 def _hires_schedule_label(settings):
@@ -333,6 +381,9 @@ def settings_from_png(path, mode):
     settings["negative_guidance_min_sigma"] = _at_least_0(f, "NGMS")
     if "Tiling" in f:                                                 # A1111 writes "True" or nothing
         settings["tiling"] = _choice(f, "Tiling", ("true", "false"), "--tiling or --no-tiling") == "true"
+    for k, (_, name) in SCHEDULE_SETTINGS.items():                   # (applied with a schedule type)
+        settings[k] = _at_least_0(f, name) if k != "discard_penultimate_sigma" else (
+            f.get(name, "").strip().lower() == "true" or None)
     if "Emphasis" in f:                                               # A1111's "No norm": no_norm
         settings["emphasis"] = emphasis_named(f["Emphasis"])
         if settings["emphasis"] is None:
@@ -379,8 +430,7 @@ def settings_from_png(path, mode):
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
 A1111_UNAPPLIED = ("Hires CFG Scale", "Hires checkpoint", "Face restoration",
-                   "Hypernet", "Token merging ratio", "Refiner", "Schedule min sigma", "Schedule max sigma",
-                   "Schedule rho", "Discard penultimate sigma")
+                   "Hypernet", "Token merging ratio", "Refiner")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet", "Soft inpainting")   # extensions' (and built-in ones') fields
 # the hires fix's fields npsd applies (to txt2img only)
 HIRES_FIELDS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires prompt", "Hires negative prompt",
@@ -458,9 +508,6 @@ def unapplied_fields(fields, mode="txt2img"):
     names = [k for k in fields if k in A1111_UNAPPLIED or k.startswith(A1111_UNAPPLIED_PREFIXES)
              or (k in HIRES_FIELDS and mode != "txt2img")
              or (k == "Noise multiplier" and mode == "txt2img")]                 # (an img2img field)
-    for k in ("Beta schedule alpha", "Beta schedule beta"):              # npsd: A1111's default Beta(0.6, 0.6)
-        if k in fields and _float_or_none(fields[k]) != BETA_ALPHA:
-            names.append(k)
     return [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]
 
 
@@ -480,13 +527,6 @@ def _at_least_0(f, name):
     if value is not None and not value >= 0:
         raise InputError(f"--from-png: the stored '{name}' is {f[name]!r}, not a number >= 0")
     return value
-
-
-def _float_or_none(text):
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def _named_pairs(text):

@@ -271,6 +271,77 @@ A1111_DISCARD_PENULTIMATE = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
 # model that is not SDXL
 AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
 BETA_ALPHA = BETA_BETA = 0.6    # A1111's default Beta distribution (Lee et al. 2024)
+# which of A1111's settings each schedule type reads (A1111's modules/sd_schedulers.py): the types whose
+# function computes with sigma_min and sigma_max (the others pass over them), and the default rho of the
+# two that have one (its Scheduler.default_rho; -1, "none", for the rest)
+A1111_USES_ENDS = ("normal", "sgm_uniform", "karras", "exponential", "polyexponential", "kl_optimal", "beta")
+A1111_DEFAULT_RHO = {"karras": 7.0, "polyexponential": 1.0}
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """AUTOMATIC1111's settings that change the sigmas of its schedule types (its Settings > Sampler
+    parameters; A1111 1.10's KDiffusionSampler.get_sigmas in modules/sd_samplers_kdiffusion.py).
+    A1111's option names and the fields it writes in an image's parameters are given in brackets.
+
+    sigma_min, sigma_max  the schedule's ends in place of the model's smallest and largest sigma
+                    (sigma_min, sigma_max; "Schedule min sigma", "Schedule max sigma"); 0 or the
+                    model's own value: not overridden. Only the types in A1111_USES_ENDS read them.
+    rho             Karras' and Polyexponential's rho (rho; "Schedule rho"); 0 or the type's
+                    default (A1111_DEFAULT_RHO): not overridden. The other types have none.
+    discard_penultimate  compute n + 2 sigmas and drop the next-to-last, as A1111 does by itself for
+                    DPM2, DPM2 a and DPM++ 3M SDE (always_discard_next_to_last_sigma; "Discard
+                    penultimate sigma"); for those samplers it changes nothing
+    beta_alpha, beta_beta  the Beta distribution of the "beta" type (beta_dist_alpha, beta_dist_beta;
+                    "Beta schedule alpha", "Beta schedule beta")
+    """
+    sigma_min: float = 0.0
+    sigma_max: float = 0.0
+    rho: float = 0.0
+    discard_penultimate: bool = False
+    beta_alpha: float = BETA_ALPHA
+    beta_beta: float = BETA_BETA
+
+    def __post_init__(self):
+        for name in ("sigma_min", "sigma_max", "rho"):
+            v = getattr(self, name)
+            if not is_number(v) or not 0 <= v < math.inf:
+                raise InputError(f"schedule {name} must be a finite number >= 0 (0: the default), got {v!r}")
+        for name in ("beta_alpha", "beta_beta"):
+            v = getattr(self, name)
+            if not is_number(v) or not 0 < v < math.inf:
+                raise InputError(f"{name} must be a finite number > 0, got {v!r}")
+        if not is_flag(self.discard_penultimate):
+            raise InputError(f"discard_penultimate must be True or False, got {self.discard_penultimate!r}")
+
+    def overrides(self, schedule_type, sigma_min, sigma_max):
+        """What A1111 passes to schedule_type's function in place of the model's ends sigma_min,
+        sigma_max (float32 values, as k-diffusion's table holds them) and the type's default rho:
+        {"sigma_min": .., "sigma_max": .., "rho": ..}, only those overridden (A1111 writes each as a
+        field of the image's parameters whether or not the type reads it)."""
+        found = {}
+        if self.sigma_min not in (0, sigma_min):
+            found["sigma_min"] = float(self.sigma_min)
+        if self.sigma_max not in (0, sigma_max):
+            found["sigma_max"] = float(self.sigma_max)
+        if schedule_type in A1111_DEFAULT_RHO and self.rho not in (0, A1111_DEFAULT_RHO[schedule_type]):
+            found["rho"] = float(self.rho)
+        return found
+
+
+DEFAULT_SCHEDULE_OPTIONS = ScheduleOptions()
+
+
+def sigma_table(config):
+    """The model's training table sigma_t, float64 [N], increasing (a zero-SNR schedule's last made
+    finite): what A1111's schedule types are computed from."""
+    return sigmas_from_alphas_cumprod(_finite_terminal(alphas_cumprod(_section(config))))
+
+
+def a1111_model_ends(sigma_table):
+    """The model's (sigma_min, sigma_max) as A1111 compares its options with them: the ends of
+    k-diffusion's float32 table, as Python floats."""
+    return float(np.float32(sigma_table[0])), float(np.float32(sigma_table[-1]))
 
 
 def t_to_sigma(t, sigma_table):
@@ -284,18 +355,19 @@ def t_to_sigma(t, sigma_table):
     return np.exp((1 - w) * log_table[low] + w * log_table[high])              # [n]
 
 
-def a1111_sigmas(schedule_type, n, sigma_table):
+def a1111_sigmas(schedule_type, n, sigma_table, options=DEFAULT_SCHEDULE_OPTIONS):
     """The n + 1 noise levels of A1111's schedule type for n steps on a model with the given
     training table sigma_t (increasing, [N]), float64, as A1111's modules/sd_schedulers.py and
     k-diffusion make them (ddim: as many as its stride gives). All but kl_optimal end with 0.
-    sigma_min, sigma_max = the table's ends.
+    sigma_min, sigma_max = the table's ends, or options' (a ScheduleOptions) where they override
+    them; rho = the type's A1111_DEFAULT_RHO, or options'.
 
     uniform           t = linspace(N - 1, 0, n), sigma = t_to_sigma(t)  (k-diffusion's get_sigmas)
     normal            the same from sigma_to_t(sigma_max) to sigma_to_t(sigma_min)
     sgm_uniform       n of the n + 1 timesteps of that linspace, the last dropped (Stability's SGM)
-    karras            Karras et al. 2022 eq. 5, rho 7, sigma_max .. sigma_min
+    karras            Karras et al. 2022 eq. 5, sigma_max .. sigma_min, rho (7)
     exponential       evenly spaced in log(sigma), sigma_max .. sigma_min
-    polyexponential   exp(r^rho (log sigma_max - log sigma_min) + log sigma_min), r = 1 .. 0, rho 1
+    polyexponential   exp(r^rho (log sigma_max - log sigma_min) + log sigma_min), r = 1 .. 0, rho (1)
     kl_optimal        tan((1 - i / n) atan(sigma_max) + i / n atan(sigma_min)), i = 0..n (the "KL-optimal"
                       discretisation of Sabour et al. 2024): the last is sigma_min, not 0
     align_your_steps  AYS_SD15, or n of its values interpolated linearly in log(sigma)
@@ -303,20 +375,27 @@ def a1111_sigmas(schedule_type, n, sigma_table):
     ddim              sigma_t for t = 1, 1 + k, 1 + 2k, .. < N, k = max(N // n, 1), largest first (DDIM's
                       own spacing, Song et al. 2021): n steps when k divides N - 1 evenly enough, else
                       one or more extra (30 steps: 31)
-    beta              sigma_min + (sigma_max - sigma_min) ppf(1 - i / (n - 1)) of Beta(0.6, 0.6)
+    beta              sigma_min + (sigma_max - sigma_min) ppf(1 - i / (n - 1)) of Beta(alpha, beta) (0.6, 0.6)
+    uniform, align_your_steps, simple and ddim read neither sigma_min nor sigma_max (A1111_USES_ENDS).
     """
     table = np.asarray(sigma_table, dtype=np.float64)                          # [N]
     N = len(table)
-    lo, hi = float(table[0]), float(table[-1])
+    if schedule_type not in SCHEDULE_TYPES or schedule_type == "automatic":
+        raise InputError(f"unknown schedule_type {schedule_type!r}; use one of {', '.join(SCHEDULE_TYPES[1:])}")
+    given = options.overrides(schedule_type, *a1111_model_ends(table))
+    lo, hi = given.get("sigma_min", float(table[0])), given.get("sigma_max", float(table[-1]))
+    rho = given.get("rho", A1111_DEFAULT_RHO.get(schedule_type))
+    if schedule_type in A1111_USES_ENDS and not lo < hi:
+        raise InputError(f"the schedule's sigma_min {lo:g} must be below its sigma_max {hi:g}")
     i = np.arange(n, dtype=np.float64)                                         # [n] step index
     if schedule_type in ("uniform", "normal", "sgm_uniform"):
         start, end = (N - 1.0, 0.0) if schedule_type == "uniform" else sigma_to_t(np.array([hi, lo]), table)
         count = n + 1 if schedule_type == "sgm_uniform" else n
         s = t_to_sigma(np.linspace(start, end, count)[:n], table)              # [n]
     elif schedule_type == "karras":
-        s = karras_sigmas(lo, hi, n)
+        s = karras_sigmas(lo, hi, n, rho)
     elif schedule_type in ("exponential", "polyexponential"):
-        ramp = np.linspace(1, 0, n) ** 1.0                                     # polyexponential: rho = 1
+        ramp = np.linspace(1, 0, n) ** (rho or 1.0)                            # exponential: rho = 1
         s = np.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo))        # [n]
     elif schedule_type == "kl_optimal":
         r = np.arange(n + 1) / n                                               # [n + 1]
@@ -331,11 +410,9 @@ def a1111_sigmas(schedule_type, n, sigma_table):
         s = table[N - 1 - (i * (N / n)).astype(np.int64)]                      # [n]
     elif schedule_type == "ddim":
         s = table[1::max(N // n, 1)][::-1]                                     # [about n]
-    elif schedule_type == "beta":
+    else:                                                                      # beta
         from scipy import stats
-        s = lo + stats.beta.ppf(1 - np.linspace(0, 1, n), BETA_ALPHA, BETA_BETA) * (hi - lo)  # [n]
-    else:
-        raise InputError(f"unknown schedule_type {schedule_type!r}; use one of {', '.join(SCHEDULE_TYPES)}")
+        s = lo + stats.beta.ppf(1 - np.linspace(0, 1, n), options.beta_alpha, options.beta_beta) * (hi - lo)  # [n]
     return np.append(s, 0.0)                                                   # [n + 1]
 
 
@@ -344,15 +421,16 @@ def resolve_schedule_type(sampler, schedule_type):
     return A1111_AUTOMATIC.get(sampler, "uniform") if schedule_type == "automatic" else schedule_type
 
 
-def a1111_schedule_sigmas(sampler, schedule_type, n, sigma_table):
+def a1111_schedule_sigmas(sampler, schedule_type, n, sigma_table, options=DEFAULT_SCHEDULE_OPTIONS):
     """The sigmas [n + 1] A1111 samples `sampler` on for n steps with `schedule_type` (SCHEDULE_TYPES;
-    "automatic": A1111_AUTOMATIC's choice or uniform): for DPM2, DPM2 a and DPM++ 3M SDE it makes
-    n + 2 and drops the next-to-last (A1111's discard_next_to_last_sigma). -> (sigmas, the type used)."""
+    "automatic": A1111_AUTOMATIC's choice or uniform) and options (a ScheduleOptions): for DPM2, DPM2 a
+    and DPM++ 3M SDE, or any sampler with options.discard_penultimate, it makes n + 2 and drops the
+    next-to-last (A1111's discard_next_to_last_sigma). -> (sigmas, the type used)."""
     used = resolve_schedule_type(sampler, schedule_type)
-    if sampler in A1111_DISCARD_PENULTIMATE:
-        s = a1111_sigmas(used, n + 1, sigma_table)                             # [n + 2]
+    if sampler in A1111_DISCARD_PENULTIMATE or options.discard_penultimate:
+        s = a1111_sigmas(used, n + 1, sigma_table, options)                    # [n + 2]
         return np.append(s[:-2], s[-1]), used                                  # [n + 1]
-    return a1111_sigmas(used, n, sigma_table), used
+    return a1111_sigmas(used, n, sigma_table, options), used
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +535,7 @@ def lcm_timesteps(num_inference_steps, num_train_timesteps=1000, original_infere
 
 
 def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False, timestep_spacing=None,
-                  skip_prk_steps=None, prediction_type=None, schedule_type=None):
+                  skip_prk_steps=None, prediction_type=None, schedule_type=None, schedule_options=None):
     """Compute the Schedule of one sampler for num_inference_steps steps, as diffusers does, or, with
     schedule_type, as AUTOMATIC1111 does.
 
@@ -470,11 +548,19 @@ def make_schedule(sampler, num_inference_steps, config, use_karras_sigmas=False,
     (a1111_schedule_sigmas), the model's timesteps at them fractional (k-diffusion's sigma_to_t), the
     start N(0, I) sigma_0 (in x_t for dpmpp_2m and dpmpp_2m_sde); it replaces timestep_spacing and
     use_karras_sigmas (schedule_type="karras" is A1111's Karras). None: diffusers' schedule.
+    schedule_options: a ScheduleOptions (A1111's sigma_min, sigma_max, rho, discard and Beta settings)
+    for a schedule_type; None: A1111's defaults.
     """
     check_sampler(sampler)
+    if schedule_options is not None and not isinstance(schedule_options, ScheduleOptions):
+        raise InputError(f"schedule_options must be an npsd.schedulers.ScheduleOptions(...) or None, "
+                         f"got {type(schedule_options).__name__}")
     if schedule_type is not None:
         return _a1111_schedule(sampler, num_inference_steps, config, schedule_type, use_karras_sigmas,
-                               timestep_spacing, prediction_type)
+                               timestep_spacing, prediction_type, schedule_options or DEFAULT_SCHEDULE_OPTIONS)
+    if schedule_options not in (None, DEFAULT_SCHEDULE_OPTIONS):
+        raise InputError("schedule_options are A1111's settings of its schedule types: give a schedule_type "
+                         "(e.g. 'automatic'), or leave them out")
     sched_config = _section(config)
     N = int(sched_config["num_train_timesteps"])
     n = num_inference_steps
@@ -560,7 +646,7 @@ def _mid_timesteps(sampler, sigmas, table):
     return (sigma_to_t(sm, table) * (sm > 0)).astype(np.float32)
 
 
-def _a1111_schedule(sampler, n, config, schedule_type, use_karras_sigmas, timestep_spacing, prediction_type):
+def _a1111_schedule(sampler, n, config, schedule_type, use_karras_sigmas, timestep_spacing, prediction_type, options):
     """make_schedule's schedule_type branch: A1111's sigmas for a k-diffusion sampler."""
     if schedule_type not in SCHEDULE_TYPES:
         raise InputError(f"unknown schedule_type {schedule_type!r}; use one of {', '.join(SCHEDULE_TYPES)}")
@@ -577,7 +663,7 @@ def _a1111_schedule(sampler, n, config, schedule_type, use_karras_sigmas, timest
                                        else prediction_type)
     ac = alphas_cumprod(sched_config)                                          # [N]
     table = sigmas_from_alphas_cumprod(_finite_terminal(ac))                   # [N] sigma_t, increasing
-    s, used = a1111_schedule_sigmas(sampler, schedule_type, int(n), table)     # [n + 1] float64
+    s, used = a1111_schedule_sigmas(sampler, schedule_type, int(n), table, options)  # [n + 1] float64
     sigmas = s.astype(np.float32)                                              # [n + 1]
     asked, n = int(n), len(s) - 1                                              # (ddim: n may differ)
     ts = sigma_to_t(sigmas[:-1], table).astype(np.float32)                     # [n], fractional

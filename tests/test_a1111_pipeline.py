@@ -17,7 +17,8 @@ schedules), ``rng="torch"`` (A1111's "CPU" random numbers) and, for its SDE samp
   sigmas[n - t_enc - 1], t_enc = int(min(strength, 0.999) n), and runs the rest.
 
 TOL_IMAGE = 2e-5 relative (images in [0, 1]), as tests/test_same_seed.py for diffusers; measured
-1.2e-6 to 3.2e-6, the hires fix 1.4e-6 to 4.9e-6 (the test output prints each). npsd's default
+1.2e-6 to 3.2e-6, the hires fix 1.4e-6 to 4.9e-6, runs with A1111's schedule options 1.2e-6 to
+3.0e-6 (the test output prints each; without the options they are 6.3e-2 to 1.1e-1 away). npsd's default
 (diffusers') schedule against the same A1111 run is 1.2e-1 away, img2img with diffusers' start 8.3e-2
 (test_diffusers_schedule_is_not_a1111s), and a hires pass that goes on with the first pass's
 generator 3.2e-1.
@@ -95,14 +96,15 @@ def a1111_first_noise(shape, seed, variation):
 
 
 def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, sigmas=None, hires=None,  # noqa: F811
-              variation=None, unet_key="unet4", noise_multiplier=1.0, mask_weight=1.0):
+              variation=None, unet_key="unet4", noise_multiplier=1.0, mask_weight=1.0, opts=None):
     """The A1111 run (module docstring) -> images [1, H, W, 3] in [0, 1]. sigmas: instead of A1111's
     (tests/test_kdiffusion.py's a1111_sampler_sigmas), these [steps + 1]. hires: (scale, torch's
     interpolate mode, antialias, steps, strength) for A1111's hires fix with a latent upscaler.
     variation: (variation seed, strength, ENSD[, seed resize from (h, w)]), A1111's seed options.
     noise_multiplier: img2img's initial_noise_multiplier (StableDiffusionProcessingImg2Img.sample:
     x *= it, before the sampler's xi = x0 + x sigma). mask_weight: A1111's inpainting_mask_weight, for
-    a 9-channel UNet in img2img (inpainting_image_conditioning without a mask)."""
+    a 9-channel UNet in img2img (inpainting_image_conditioning without a mask). opts: A1111's options
+    that change the schedule (tests/test_kdiffusion.py's a1111_reference_sigmas), in both passes."""
     ref = reference(StableDiffusionPipeline, models, EulerDiscreteScheduler(**SCHED))
     vae, scaling = models["vae"], ref.vae.config.scaling_factor
     with torch.no_grad():
@@ -118,7 +120,7 @@ def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, si
             return d_uncond + (d_cond - d_uncond) * GUIDANCE
 
         if sigmas is None:
-            sigmas = a1111_sampler_sigmas(kd, sampler, schedule_type, steps)
+            sigmas = a1111_sampler_sigmas(kd, sampler, schedule_type, steps, opts)
         sigmas = torch.from_numpy(np.asarray(sigmas, np.float32))
         shape = (1, 4, SIZE // 2, SIZE // 2)
         noise, g = a1111_first_noise(shape, seed, variation)
@@ -142,7 +144,7 @@ def a1111_run(kd, models, sampler, schedule_type, seed, steps, strength=None, si
         x = getattr(kd.sampling, FUNCTIONS[sampler])(guided, x, sigmas, disable=True, **kw)
         if hires is not None:
             x = a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, *hires, variation=variation,
-                                 vae=vae, scaling=scaling)
+                                 vae=vae, scaling=scaling, opts=opts)
         image = vae.decode(x / scaling).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
@@ -176,7 +178,7 @@ def a1111_resize_with_upscaler(im, w, h, upscaler_name):
 
 
 def a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, scale, mode, antialias, hr_steps,
-                     strength, variation=None, vae=None, scaling=None):  # noqa: F811
+                     strength, variation=None, vae=None, scaling=None, opts=None):  # noqa: F811
     """A1111's sample_hr_pass: interpolate the latents to int(scale * side) // 8 (a latent upscaler,
     mode: torch's interpolate mode), or (mode "Lanczos", "Nearest", "None": an image upscaler) decode
     them to the 8-bit image, enlarge it to int(scale * side) and encode it again (vae, scaling; the
@@ -192,7 +194,7 @@ def a1111_hires_pass(kd, sampler, schedule_type, seed, steps, guided, x, scale, 
     else:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, antialias=antialias)
     n = hr_steps or steps
-    sigmas = torch.from_numpy(a1111_sampler_sigmas(kd, sampler, schedule_type, n).astype(np.float32))
+    sigmas = torch.from_numpy(a1111_sampler_sigmas(kd, sampler, schedule_type, n, opts).astype(np.float32))
     noise, g = a1111_first_noise(x.shape, seed, variation)
     t_enc = int(min(strength, 0.999) * n)
     xi = x + noise * sigmas[n - t_enc - 1]
@@ -433,3 +435,33 @@ def test_mask_weight_of_an_inpainting_unet_in_img2img_equals_a1111s(kd, models, 
     print(assert_close(ours, ref, TOL_IMAGE, f"9-channel UNet img2img, mask weight {weight} vs A1111"))
     plain = npsd_run(models, "euler_a", "automatic", 13, 5, 0.7, unet_key="unet9")
     assert np.abs(plain - ref).max() > 1e2 * TOL_IMAGE
+
+
+@pytest.mark.parametrize("sampler, schedule_type, strength, opts, hires", [
+    ("euler_a", "automatic", None, {"always_discard_next_to_last_sigma": True}, Hires(2.0, "latent", 3, 0.6)),
+    ("dpmpp_2m", "karras", None, {"sigma_min": 0.1, "sigma_max": 10.0, "rho": 5.0}, Hires(1.5, "latent", 4, 0.55)),
+    ("heun", "beta", 0.7, {"beta_dist_alpha": 0.5, "beta_dist_beta": 0.8, "sigma_max": 9.0}, None)])
+def test_schedule_options_equal_a1111s(kd, models, sampler, schedule_type, strength, opts, hires):  # noqa: F811
+    """A1111's options sigma_min, sigma_max, rho, always_discard_next_to_last_sigma and Beta's alpha
+    and beta, in both passes of the hires fix and in img2img, against npsd's schedule_options; without
+    them the same run is far (asserted), so the options are what is compared."""
+    from tests.test_kdiffusion import npsd_options
+    spec = None if hires is None else (hires.scale, "bilinear", False, hires.steps, hires.strength)
+    ref = a1111_run(kd, models, sampler, schedule_type, 23, 5, strength, hires=spec, opts=opts)
+    ours = npsd_run(models, sampler, schedule_type, 23, 5, strength, hires=hires, schedule_options=npsd_options(opts))
+    print(assert_close(ours, ref, TOL_IMAGE, f"{sampler} {schedule_type} {opts} hires {hires is not None} vs A1111"))
+    plain = npsd_run(models, sampler, schedule_type, 23, 5, strength, hires=hires)
+    err = float(np.abs(plain - ref).max() / np.abs(ref).max())
+    print(f"the same without the options: {err:.3g}")
+    assert err > 1e2 * TOL_IMAGE
+
+
+def test_schedule_options_need_a_schedule_type(models):  # noqa: F811
+    """schedule_options without an A1111 schedule_type (diffusers' schedule, which has none of these
+    settings) is one line, as negative_guidance_min_sigma."""
+    from npsd.errors import InputError
+    pipe = npsd_pipe(models)
+    with pytest.raises(InputError, match="schedule_options are A1111's settings of its schedule types: give a "
+                                         "schedule_type"):
+        pipe.txt2img(PROMPT, num_inference_steps=2, height=SIZE, width=SIZE, sampler="euler",
+                     schedule_options=S.ScheduleOptions(sigma_min=0.1))

@@ -188,12 +188,12 @@ def test_from_png_of_a_decompression_bomb_is_one_line(tmp_path, capsys):
 
 
 def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, capsys):
-    """A1111 writes hires fix's checkpoint, face restoration, its schedules' own sigma range,
-    rho and Beta parameters and its extensions' settings only when they are in use, and each changes
-    its image: a re-make names them in one warning (they were ignored without a word); npsd's own
-    PNGs, A1111's defaults ("Schedule type: Automatic", "Emphasis: Original") and what npsd applies
-    (its schedule types, Clip skip, seed resizing, the conditional mask weight, the hires fix's resize,
-    prompt and sampler, the emphasis mode) give none; img2img's
+    """A1111 writes hires fix's checkpoint, face restoration and its extensions' settings only when
+    they are in use, and each changes its image: a re-make names them in one warning (they were
+    ignored without a word); npsd's own PNGs, A1111's defaults ("Schedule type: Automatic",
+    "Emphasis: Original") and what npsd applies (its schedule types and their settings, Clip skip,
+    seed resizing, the conditional mask weight, the hires fix's resize, prompt and sampler, the
+    emphasis mode) give none; img2img's
     noise multiplier is named when a txt2img re-make meets it."""
     from npsd.pngmeta import png_info
     base = f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 16x16"
@@ -207,8 +207,8 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
              ", Noise multiplier: 0.9, Soft inpainting enabled: True": "Noise multiplier: 0.9, Soft inpainting enabled: True",
              ", Conditional mask weight: 1.0": None,
              ", Schedule type: SGM Uniform, Emphasis: No norm": None,
-             ", Schedule rho: 5, Discard penultimate sigma: True": "Schedule rho: 5, Discard penultimate sigma: True",
-             ", Schedule type: Beta, Beta schedule alpha: 0.6, Beta schedule beta: 0.8": "Beta schedule beta: 0.8",
+             ", Schedule rho: 5, Discard penultimate sigma: True": None,
+             ", Schedule type: Beta, Beta schedule alpha: 0.6, Beta schedule beta: 0.8": None,
              ', ADetailer model: face_yolov8n.pt, ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny, '
              'Weight: 1"': "ADetailer model: face_yolov8n.pt, ControlNet 0",
              ", Schedule type: Automatic, Emphasis: Original, Clip skip: 2": None,
@@ -545,6 +545,55 @@ def test_tiling_option_and_png_field(model, tmp_path, capsys):
     rc, _, err = run(["img2img", "--from-png", a1111, "--image", image, "--model", model, "-o", tmp_path / "e.png",
                       "--quiet"], capsys)
     assert rc != 0 and err.count("\n") == 1 and "the stored 'Tiling' is 'yes'" in err, err
+
+
+def test_schedule_options_and_png_fields(model, tmp_path, capsys):
+    """--schedule-sigma-min, --schedule-sigma-max, --schedule-rho, --discard-penultimate-sigma and
+    --beta-schedule-alpha / -beta: the pipeline's schedule_options, written as A1111 1.10's get_sigmas
+    writes them (only where they apply; the option's float as Python prints it) and remade by
+    --from-png, also from an A1111 PNG; without a schedule type they are one line."""
+    from npsd import load, schedulers as S
+    from npsd.pngmeta import png_info
+    pipe = load(str(model))
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 4, "--sampler", "dpmpp_2m", "--schedule-type", "karras", "--rng", "torch",
+        "--schedule-sigma-min", 0.1, "--schedule-sigma-max", 10, "--schedule-rho", 5, "--discard-penultimate-sigma")
+    f = params_of(a)["fields"]
+    assert (f["Schedule min sigma"], f["Schedule max sigma"], f["Schedule rho"], f["Discard penultimate sigma"]) == \
+        ("0.1", "10.0", "5.0", "True") and "Beta schedule alpha" not in f, f
+    kw = dict(num_inference_steps=int(f["Steps"]), guidance_scale=float(f["CFG scale"]), seed=4, sampler="dpmpp_2m",
+              schedule_type="karras", rng="torch", prompt_syntax="a1111", height=16, width=16)
+    ref = pipe.txt2img(PROMPT, schedule_options=S.ScheduleOptions(0.1, 10.0, 5.0, True), **kw)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(ref))
+    assert not np.array_equal(np.asarray(ref), np.asarray(pipe.txt2img(PROMPT, **kw)))
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and err == "" and np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(ref)), err
+    text = (f"{PROMPT}\nNegative prompt: \nSteps: {f['Steps']}, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: "
+            f"{f['CFG scale']}, Seed: 4, Size: 16x16, Schedule min sigma: 0.1, Schedule max sigma: 10.0, "
+            f"Schedule rho: 5.0, Discard penultimate sigma: True, RNG: CPU")       # as A1111 writes them
+    a1111 = tmp_path / "a1111.png"
+    Image.new("RGB", (16, 16)).save(a1111, pnginfo=png_info(text))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "c.png", "--quiet"], capsys)
+    assert rc == 0 and err == "" and np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(ref)), err
+    # where they apply: rho not for Beta, whose alpha and beta A1111 always writes; no override with
+    # "Automatic" on a sampler without its own schedule (k-diffusion's get_sigmas), nor at the model's
+    # own sigma_min; the discard where the sampler does not discard by itself
+    own_min = S.a1111_model_ends(S.sigma_table(pipe.config))[0]
+    for extra, written, absent in [
+            (("--schedule-type", "beta", "--schedule-rho", 3, "--beta-schedule-alpha", 0.5),
+             {"Beta schedule alpha": "0.5", "Beta schedule beta": "0.6"}, ("Schedule rho",)),
+            (("--schedule-type", "automatic", "--schedule-sigma-min", 0.1, "--discard-penultimate-sigma"),
+             {"Discard penultimate sigma": "True"}, ("Schedule min sigma",)),
+            (("--schedule-type", "uniform", "--schedule-sigma-min", 0.1), {"Schedule min sigma": "0.1"}, ()),
+            (("--schedule-type", "karras", "--schedule-sigma-min", repr(own_min), "--sampler", "dpm2",
+              "--discard-penultimate-sigma"), {}, ("Schedule min sigma", "Discard penultimate sigma"))]:
+        out = tmp_path / "d.png"
+        gen(capsys, model, out, "--sampler", "euler", *extra, "--overwrite")
+        f = params_of(out)["fields"]
+        assert {k: f.get(k) for k in written} == written and not any(k in f for k in absent), (extra, f)
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "e.png", "--schedule-rho", 3, "--quiet"],
+                     capsys)
+    assert rc != 0 and err.count("\n") == 1 and "--schedule-rho is a setting of A1111's schedule types" in err, err
 
 
 def test_emphasis_option_and_png_field(model, tmp_path, capsys):

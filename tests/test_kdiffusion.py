@@ -44,6 +44,12 @@ Tolerances (relative error = max |npsd - ref| / max |ref|, npsd.testing; ``pytes
   k-diffusion samplers (LMS, DPM2 and DPM2 a among them) on eight schedule types, 3 and 20 steps:
   measured 1.1e-7 to 2.0e-6 (DPM2 a with KL Optimal, whose last step ends at sigma_min: 3.6e-6);
   tolerances RTOL_LOOP (1e-5 for the three added samplers).
+- A1111's settings of its schedules (schedulers.ScheduleOptions: sigma_min, sigma_max, rho, the
+  discarded sigma, Beta's alpha and beta), against the references given them and A1111's get_sigmas
+  written out: each sigma measured at most 3.3e-6 (Karras at rho 1.5: k-diffusion's float32);
+  tolerance RTOL_A1111_OPTIONS = 2e-5; three small bugs (rho applied to Exponential, the sigma
+  discarded twice, sigma_min ignored by KL Optimal) are 0.7 to 1.0 off. Whole runs with them:
+  measured 2.3e-7 to 8.1e-7; tolerances RTOL_LOOP.
 """
 
 import dataclasses
@@ -553,21 +559,35 @@ A1111_AUTOMATIC_EXPECTED = {"euler": "uniform", "euler_a": "uniform", "heun": "u
 A1111_DISCARD_EXPECTED = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
 RTOL_A1111_SIGMA = 2e-6        # each sigma against its reference's own value
 RTOL_A1111_T = 5e-4            # fractional timesteps, absolute (as T_ATOL)
+# A1111 1.10's modules/shared_options.py: the sampler parameters that change the schedules
+RTOL_A1111_OPTIONS = 2e-5      # the same with A1111's options (test_a1111_schedule_options_equal_their_references)
+A1111_OPTION_DEFAULTS = {"sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,
+                         "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6}
 
 
-def a1111_reference_sigmas(kd, schedule_type, n):
+def a1111_reference_sigmas(kd, schedule_type, n, opts=None):
     """A1111's sigmas for n steps of one schedule type, made from independent code where it exists:
     k-diffusion's CompVisDenoiser (get_sigmas, sigma_to_t, t_to_sigma, its sigma table) and
     get_sigmas_karras / _exponential / _polyexponential, diffusers' Beta conversion and AYS table;
-    the rest (kl_optimal, simple, the AYS interpolation) written here from A1111's definitions."""
+    the rest (kl_optimal, simple, the AYS interpolation) written here from A1111's definitions.
+    opts: A1111's options {"sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta"} (absent:
+    their defaults 0, 0, 0, 0.6, 0.6), applied as A1111 1.10's KDiffusionSampler.get_sigmas does."""
+    opts = dict(A1111_OPTION_DEFAULTS, **(opts or {}))
     den = denoiser(kd)
-    lo, hi = den.sigma_min.item(), den.sigma_max.item()
+    m_lo, m_hi = den.sigma_min.item(), den.sigma_max.item()
+    # get_sigmas: kwargs = the model's ends, each replaced by the option where it is neither 0 nor the
+    # model's own; rho passed where the scheduler has a default_rho (not -1) and the option is neither
+    # 0 nor that default
+    lo = opts["sigma_min"] if opts["sigma_min"] != 0 and opts["sigma_min"] != m_lo else m_lo
+    hi = opts["sigma_max"] if opts["sigma_max"] != 0 and opts["sigma_max"] != m_hi else m_hi
+    default_rho = {"karras": 7.0, "polyexponential": 1.0}.get(schedule_type, -1)
+    kw = {"rho": opts["rho"]} if default_rho != -1 and opts["rho"] != 0 and opts["rho"] != default_rho else {}
     table = den.sigmas                                                         # [1000] float32
     zero = torch.zeros(1)
     if schedule_type == "uniform":
         s = den.get_sigmas(n)
     elif schedule_type in ("karras", "exponential", "polyexponential"):
-        s = getattr(kd.sampling, f"get_sigmas_{schedule_type}")(n, lo, hi)
+        s = getattr(kd.sampling, f"get_sigmas_{schedule_type}")(n, lo, hi, **kw)
     elif schedule_type in ("normal", "sgm_uniform"):
         start, end = den.sigma_to_t(torch.tensor(hi)), den.sigma_to_t(torch.tensor(lo))
         count = n + 1 if schedule_type == "sgm_uniform" else n
@@ -582,7 +602,8 @@ def a1111_reference_sigmas(kd, schedule_type, n):
     elif schedule_type == "beta":
         from diffusers import EulerDiscreteScheduler
         s = torch.cat([torch.from_numpy(EulerDiscreteScheduler()._convert_to_beta(
-            torch.tensor([hi, lo]), n)).float(), zero])
+            torch.tensor([hi, lo], dtype=torch.float64), n, opts["beta_dist_alpha"], opts["beta_dist_beta"])).float(),
+            zero])
     else:                                                                      # align_your_steps
         from diffusers.schedulers import AysSchedules
         # diffusers' 10 steps end 0.152 -> 0; NVIDIA's list, and A1111's, goes on to 0.029 (sigma_min)
@@ -593,14 +614,15 @@ def a1111_reference_sigmas(kd, schedule_type, n):
     return s.numpy().astype(np.float64)
 
 
-def a1111_sampler_sigmas(kd, name, schedule_type, n):
+def a1111_sampler_sigmas(kd, name, schedule_type, n, opts=None):
     """What A1111's KDiffusionSampler.get_sigmas gives sampler `name` (with "Automatic" resolved and
-    the next-to-last sigma discarded where A1111 does)."""
+    the next-to-last sigma discarded where A1111 does: the sampler's own option, or the option
+    always_discard_next_to_last_sigma)."""
     used = A1111_AUTOMATIC_EXPECTED[name] if schedule_type == "automatic" else schedule_type
-    if name in A1111_DISCARD_EXPECTED:
-        s = a1111_reference_sigmas(kd, used, n + 1)
+    if name in A1111_DISCARD_EXPECTED or (opts or {}).get("always_discard_next_to_last_sigma"):
+        s = a1111_reference_sigmas(kd, used, n + 1, opts)
         return np.append(s[:-2], s[-1])
-    return a1111_reference_sigmas(kd, used, n)
+    return a1111_reference_sigmas(kd, used, n, opts)
 
 
 def rel_each(a, b):
@@ -679,20 +701,178 @@ def test_a1111_run_equals_kdiffusion(kd, name, schedule_type):
     and the same step noise (x compared in k-diffusion's variable)."""
     worst = 0.0
     for n in (3, 20):
-        sigmas = a1111_sampler_sigmas(kd, name, schedule_type, n).astype(np.float32)
-        z = randn(n)
-        noises = torch_draws(200 + n, 2 * n)
-        fn = getattr(kd.sampling, KD_RUN[name])
-        kw = {}
-        if name in ("euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde"):
-            draws = iter(noises)
-            kw["noise_sampler"] = lambda sigma, sigma_next: torch.from_numpy(next(draws))
-        ref = fn(denoiser(kd), torch.from_numpy(z * sigmas[0]), torch.from_numpy(sigmas), disable=True,
-                 extra_args={}, **kw).numpy()
-        sched = S.make_schedule(name, n, CONFIG, schedule_type=schedule_type)
-        out = S.sample(fake_eps_np, z * np.float32(sched.init_noise_sigma), sched, noises=noises)
-        if name in S.DPM_SOLVERS:                    # x_t -> x at the last sigma (kl_optimal: sigma_min)
-            out = out * np.float32(math.sqrt(float(sigmas[-1]) ** 2 + 1))
-        c = assert_close(out, ref, RTOL_LOOP.get(name, 1e-5), f"{name} {schedule_type} n={n}")
-        worst = max(worst, c.max_rel)
+        worst = max(worst, a1111_run(kd, name, schedule_type, n).max_rel)
     print(f"A1111 run {name} {schedule_type}: {worst:.3g}")
+
+
+def a1111_run(kd, name, schedule_type, n, opts=None):
+    """npsd's run of sampler `name` on A1111's schedule (with A1111's options opts) against k-diffusion's
+    on A1111's sigmas, from the same N(0, I) and the same step noise -> assert_close's comparison."""
+    sigmas = a1111_sampler_sigmas(kd, name, schedule_type, n, opts).astype(np.float32)
+    z = randn(n)
+    noises = torch_draws(200 + n, 2 * n)
+    fn = getattr(kd.sampling, KD_RUN[name])
+    kw = {}
+    if name in ("euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde"):
+        draws = iter(noises)
+        kw["noise_sampler"] = lambda sigma, sigma_next: torch.from_numpy(next(draws))
+    ref = fn(denoiser(kd), torch.from_numpy(z * sigmas[0]), torch.from_numpy(sigmas), disable=True,
+             extra_args={}, **kw).numpy()
+    sched = S.make_schedule(name, n, CONFIG, schedule_type=schedule_type, schedule_options=npsd_options(opts))
+    out = S.sample(fake_eps_np, z * np.float32(sched.init_noise_sigma), sched, noises=noises)
+    if name in S.DPM_SOLVERS:                    # x_t -> x at the last sigma (kl_optimal: sigma_min)
+        out = out * np.float32(math.sqrt(float(sigmas[-1]) ** 2 + 1))
+    return assert_close(out, ref, RTOL_LOOP.get(name, 1e-5), f"{name} {schedule_type} n={n} {opts or ''}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A1111's sampler parameters that change its schedules (schedulers.ScheduleOptions)
+# ---------------------------------------------------------------------------------------------
+
+def npsd_options(opts):
+    """A1111's options (a1111_reference_sigmas' opts) -> npsd's ScheduleOptions, or None."""
+    if opts is None:
+        return None
+    o = dict(A1111_OPTION_DEFAULTS, **opts)
+    return S.ScheduleOptions(sigma_min=o["sigma_min"], sigma_max=o["sigma_max"], rho=o["rho"],
+                             discard_penultimate=o["always_discard_next_to_last_sigma"],
+                             beta_alpha=o["beta_dist_alpha"], beta_beta=o["beta_dist_beta"])
+
+
+# option sets, each read by some of the types and passed over by the others (uniform, simple, ddim
+# and align_your_steps read none; rho only karras and polyexponential; Beta's only beta)
+A1111_OPTION_SETS = ({"sigma_min": 0.1}, {"sigma_max": 10.0}, {"sigma_min": 0.05, "sigma_max": 8.0, "rho": 3.0},
+                     {"rho": 5.0}, {"rho": 1.5}, {"sigma_min": 0.3, "beta_dist_alpha": 0.5, "beta_dist_beta": 0.8},
+                     {"beta_dist_alpha": 1.0, "beta_dist_beta": 0.3})
+
+
+@pytest.mark.parametrize("schedule_type", [t for t in S.SCHEDULE_TYPES if t != "automatic"])
+def test_a1111_schedule_options_equal_their_references(kd, schedule_type):
+    """Every schedule type with A1111's sigma_min, sigma_max, rho and Beta options: each sigma
+    against the reference (k-diffusion's functions given the overrides, diffusers' Beta conversion
+    given alpha and beta, A1111's get_sigmas written out), n = 2 .. 150. Measured at most 3.3e-6
+    (Karras, rho 1.5) and 1.7e-6 (KL Optimal, sigma_min 0.3): the references' float32, whose rounding
+    near sigma_max^(1 / rho) is a larger part of the small sigmas as rho falls; tolerance
+    RTOL_A1111_OPTIONS = 2e-5."""
+    table = S.sigmas_from_alphas_cumprod(S.alphas_cumprod(CONFIG))
+    worst = 0.0
+    for opts in A1111_OPTION_SETS:
+        for n in (2, 3, 7, 10, 20, 33, 150):
+            ref = a1111_reference_sigmas(kd, schedule_type, n, opts)
+            got = S.a1111_sigmas(schedule_type, n, table, npsd_options(opts))
+            assert got.shape == ref.shape, (schedule_type, n, opts, got.shape)
+            worst = max(worst, rel_each(got, ref))
+    print(f"A1111 {schedule_type} with options: each sigma within {worst:.3g} of the reference (tolerance "
+          f"{RTOL_A1111_OPTIONS})")
+    assert worst <= RTOL_A1111_OPTIONS
+
+
+def test_a1111_karras_rho_below_1_is_float32_rounding_in_kdiffusion(kd):
+    """Karras with rho = 0.5 spaces sigma^2 evenly from 213.6 down to 0.00085: k-diffusion does it in
+    float32, whose rounding near 213.6 (1.5e-5) is 2% of the last sigma^2, so A1111's last sigma is
+    2.2e-3 from the formula's (measured). npsd computes in float64: against k-diffusion's function run
+    in float64 it is within 4e-16 (measured); tolerance RTOL_A1111_SIGMA."""
+    table = S.sigmas_from_alphas_cumprod(S.alphas_cumprod(CONFIG))
+    got = S.a1111_sigmas("karras", 20, table, S.ScheduleOptions(rho=0.5))
+    as_a1111 = rel_each(got, a1111_reference_sigmas(kd, "karras", 20, {"rho": 0.5}))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        lo, hi = float(np.float32(table[0])), float(np.float32(table[-1]))
+        in_float64 = rel_each(got, kd.sampling.get_sigmas_karras(20, lo, hi, rho=0.5).numpy())
+    finally:
+        torch.set_default_dtype(default)
+    print(f"Karras rho 0.5: {in_float64:.3g} from k-diffusion in float64, {as_a1111:.3g} from it in float32")
+    assert in_float64 <= RTOL_A1111_SIGMA and 1e-3 < as_a1111 < 1e-2
+
+
+@pytest.mark.parametrize("name", ["euler", "dpm2", "dpmpp_2m_sde"])
+def test_a1111_discard_penultimate_sigma(kd, name):
+    """always_discard_next_to_last_sigma: n + 2 sigmas, the next-to-last dropped; for DPM2 (which
+    discards by itself) nothing changes: it is not discarded twice."""
+    opts = {"always_discard_next_to_last_sigma": True, "sigma_min": 0.1}
+    for n in (2, 10, 20):
+        sched = S.make_schedule(name, n, CONFIG, schedule_type="automatic", schedule_options=npsd_options(opts))
+        ref = a1111_sampler_sigmas(kd, name, "automatic", n, opts)
+        assert len(sched.sigmas) == n + 1
+        err = rel_each(sched.sigmas, ref)
+        assert err <= RTOL_A1111_OPTIONS, (name, n, err)
+        if name in A1111_DISCARD_EXPECTED:
+            plain = S.make_schedule(name, n, CONFIG, schedule_type="automatic",
+                                    schedule_options=npsd_options({"sigma_min": 0.1}))
+            np.testing.assert_array_equal(sched.sigmas, plain.sigmas)
+
+
+def test_a1111_options_not_overridden_at_zero_or_the_default():
+    """A1111's rule: sigma_min and sigma_max at 0 or at the model's own value (k-diffusion's float32
+    table end), rho at 0 or at the type's default_rho, override nothing; rho is no setting of the
+    types whose default_rho is -1 (all but Karras and Polyexponential)."""
+    table = S.sigmas_from_alphas_cumprod(S.alphas_cumprod(CONFIG))
+    m_lo, m_hi = float(np.float32(table[0])), float(np.float32(table[-1]))
+    for kind in ("karras", "polyexponential", "exponential", "kl_optimal", "normal", "beta"):
+        base = S.a1111_sigmas(kind, 10, table)
+        rho = {"karras": 7.0, "polyexponential": 1.0}.get(kind, 0.0)
+        for o in (S.ScheduleOptions(), S.ScheduleOptions(sigma_min=m_lo, sigma_max=m_hi, rho=rho)):
+            assert o.overrides(kind, m_lo, m_hi) == {}
+            np.testing.assert_array_equal(S.a1111_sigmas(kind, 10, table, o), base)
+    o = S.ScheduleOptions(rho=3.0)
+    assert [k for k in S.SCHEDULE_TYPES if o.overrides(k, m_lo, m_hi)] == ["karras", "polyexponential"]
+    for kind in ("exponential", "uniform", "kl_optimal", "beta"):
+        np.testing.assert_array_equal(S.a1111_sigmas(kind, 10, table, o), S.a1111_sigmas(kind, 10, table))
+    assert S.ScheduleOptions(sigma_min=0.1, sigma_max=9.0, rho=7.0).overrides("karras", m_lo, m_hi) == \
+        {"sigma_min": 0.1, "sigma_max": 9.0}
+    for kind in ("uniform", "simple", "ddim", "align_your_steps"):     # types that read no ends
+        np.testing.assert_array_equal(S.a1111_sigmas(kind, 10, table, S.ScheduleOptions(sigma_min=0.5, sigma_max=5.0)),
+                                      S.a1111_sigmas(kind, 10, table))
+
+
+def test_a1111_option_mutants_fail(kd, monkeypatch):
+    """Three small bugs, each far beyond the tolerance of the tests above (RTOL_A1111_OPTIONS = 2e-5):
+    rho applied to Exponential, the next-to-last sigma discarded twice (DPM2 with the option), and
+    sigma_min ignored by KL Optimal."""
+    table = S.sigmas_from_alphas_cumprod(S.alphas_cumprod(CONFIG))
+    n = 10
+    errors = {}
+    with monkeypatch.context() as m:
+        m.setitem(S.A1111_DEFAULT_RHO, "exponential", 1.0)         # the rho rule of Polyexponential
+        errors["rho on exponential"] = rel_each(S.a1111_sigmas("exponential", n, table, S.ScheduleOptions(rho=3.0)),
+                                                a1111_reference_sigmas(kd, "exponential", n, {"rho": 3.0}))
+    twice = S.a1111_schedule_sigmas("dpm2", "karras", n + 1, table, S.ScheduleOptions(discard_penultimate=True))[0]
+    twice = np.append(twice[:-2], twice[-1])                                                             # [n + 1]
+    errors["discarded twice"] = rel_each(twice, a1111_sampler_sigmas(
+        kd, "dpm2", "karras", n, {"always_discard_next_to_last_sigma": True}))
+    errors["kl_optimal without sigma_min"] = rel_each(S.a1111_sigmas("kl_optimal", n, table),
+                                                      a1111_reference_sigmas(kd, "kl_optimal", n, {"sigma_min": 0.1}))
+    print(", ".join(f"{k}: {v:.3g}" for k, v in errors.items()), f"(tolerance {RTOL_A1111_OPTIONS})")
+    for what, err in errors.items():
+        assert err > 10 * RTOL_A1111_OPTIONS, what
+
+
+@pytest.mark.parametrize("name, schedule_type, opts", [
+    ("dpmpp_2m", "karras", {"sigma_min": 0.1, "sigma_max": 10.0, "rho": 5.0}),
+    ("euler_a", "polyexponential", {"rho": 2.0, "always_discard_next_to_last_sigma": True}),
+    ("heun", "kl_optimal", {"sigma_min": 0.05, "sigma_max": 12.0}),
+    ("dpm2", "beta", {"beta_dist_alpha": 0.5, "beta_dist_beta": 0.8, "sigma_min": 0.2,
+                      "always_discard_next_to_last_sigma": True}),
+    ("dpmpp_2m_sde", "sgm_uniform", {"sigma_max": 8.0})])
+def test_a1111_run_with_options_equals_kdiffusion(kd, name, schedule_type, opts):
+    """Whole runs on schedules changed by A1111's options, against k-diffusion's samplers on A1111's
+    sigmas (a1111_run); tolerances RTOL_LOOP (1e-5 for DPM2), as the runs without options."""
+    worst = max(a1111_run(kd, name, schedule_type, n, opts).max_rel for n in (3, 20))
+    print(f"A1111 run {name} {schedule_type} {opts}: {worst:.3g} (tolerance {RTOL_LOOP.get(name, 1e-5)})")
+
+
+def test_a1111_options_refused():
+    from npsd.errors import InputError
+    with pytest.raises(InputError, match="give a schedule_type"):
+        S.make_schedule("euler", 20, CONFIG, schedule_options=S.ScheduleOptions(rho=3.0))
+    with pytest.raises(InputError, match="schedule_options must be an npsd.schedulers.ScheduleOptions"):
+        S.make_schedule("euler", 20, CONFIG, schedule_type="karras", schedule_options={"rho": 3.0})
+    with pytest.raises(InputError, match="schedule sigma_min must be a finite number >= 0"):
+        S.ScheduleOptions(sigma_min=-1.0)
+    with pytest.raises(InputError, match="beta_alpha must be a finite number > 0"):
+        S.ScheduleOptions(beta_alpha=0)
+    with pytest.raises(InputError, match="discard_penultimate must be True or False"):
+        S.ScheduleOptions(discard_penultimate="yes")
+    with pytest.raises(InputError, match="sigma_min 20 must be below its sigma_max 14.6"):
+        S.make_schedule("euler", 20, CONFIG, schedule_type="karras", schedule_options=S.ScheduleOptions(sigma_min=20.0))

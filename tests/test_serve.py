@@ -330,6 +330,37 @@ def test_tiling_same_pixels_as_the_pipeline(client, pipe, picture):
     assert_one_line_422(client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "tiling": "yes"}), "tiling")
 
 
+def test_schedule_options_same_pixels_as_the_pipeline(client, pipe):
+    """The options sigma_min, sigma_max, rho, always_discard_next_to_last_sigma, beta_dist_alpha and
+    beta_dist_beta (A1111's sampler parameters): the pipeline's schedule_options, in the infotext as
+    A1111 writes them; set with POST /sdapi/v1/options they serve later requests, and a sampler A1111
+    runs without k-diffusion (the built-in model's DDIM) reads none of them, as in A1111."""
+    from npsd.schedulers import ScheduleOptions
+    opts = {"sigma_min": 0.1, "sigma_max": 10.0, "rho": 5.0, "always_discard_next_to_last_sigma": True}
+    body = txt2img(client, steps=4, seed=8, sampler_name="DPM++ 2M", scheduler="Karras", override_settings=opts)
+    kw = dict(num_inference_steps=4, seed=8, sampler="dpmpp_2m", schedule_type="karras")
+    ref = pipe.txt2img(PROMPT, schedule_options=ScheduleOptions(0.1, 10.0, 5.0, True), **kw)
+    assert np.array_equal(pixels(decode(body["images"][0])), pixels(ref))
+    assert not np.array_equal(pixels(ref), pixels(pipe.txt2img(PROMPT, **kw)))
+    text = json.loads(body["info"])["infotexts"][0]
+    assert "Schedule min sigma: 0.1, Schedule max sigma: 10.0, Schedule rho: 5.0, Discard penultimate sigma: True" \
+        in text, text
+    try:
+        r = client.post("/sdapi/v1/options", json={"beta_dist_alpha": 0.5, "beta_dist_beta": 0.8})
+        assert r.status_code == 200, r.text
+        assert client.get("/sdapi/v1/options").json()["beta_dist_alpha"] == 0.5
+        body = txt2img(client, steps=4, seed=8, sampler_name="Euler", scheduler="Beta")
+        ref = pipe.txt2img(PROMPT, num_inference_steps=4, seed=8, sampler="euler", schedule_type="beta",
+                           schedule_options=ScheduleOptions(beta_alpha=0.5, beta_beta=0.8))
+        assert np.array_equal(pixels(decode(body["images"][0])), pixels(ref))
+        assert "Beta schedule alpha: 0.5, Beta schedule beta: 0.8" in json.loads(body["info"])["infotexts"][0]
+        body = txt2img(client, steps=4, seed=8, sampler_name="DDIM")
+        assert np.array_equal(pixels(decode(body["images"][0])),
+                              pixels(pipe.txt2img(PROMPT, num_inference_steps=4, seed=8, sampler="ddim")))
+    finally:
+        client.post("/sdapi/v1/options", json={"beta_dist_alpha": 0.6, "beta_dist_beta": 0.6})
+
+
 def test_emphasis_option_same_pixels_as_the_pipeline(client, pipe):
     """The option emphasis (A1111's "Emphasis mode", its labels): the pipeline's emphasis=, in the infotext."""
     prompt = "a (red:1.5) circle on a [blue] background"
@@ -454,6 +485,11 @@ def test_img2img_resize_modes(client, pipe, picture):
     ({"override_settings": {"CLIP_stop_at_last_layers": 9}}, ["CLIP_stop_at_last_layers 9 skips more than this model's"]),
     ({"override_settings": {"randn_source": "GPU"}}, ["randn_source"]),
     ({"override_settings": {"emphasis": "Strong"}}, ["emphasis 'Strong' is not one npsd has", "No norm"]),
+    ({"override_settings": {"rho": -1}}, ["rho must be >= 0.0, got -1"]),
+    ({"override_settings": {"beta_dist_beta": 0}}, ["beta_dist_beta must be > 0.0, got 0"]),
+    ({"override_settings": {"always_discard_next_to_last_sigma": "yes"}}, ["always_discard_next_to_last_sigma must be"]),
+    ({"override_settings": {"sigma_min": 20.0}, "sampler_name": "Euler", "scheduler": "Karras"},
+     ["sigma_min 20 must be below its sigma_max 14.6"]),
     ({"width": 66}, ["width", "multiple of 4"]),                       # the pipeline's check, after the queue
 ])
 def test_bad_input_is_one_line_422(client, fields, names):

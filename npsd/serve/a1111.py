@@ -55,7 +55,7 @@ from ..prompts import EMPHASIS_LABELS
 from ..rng import SEED_LIMIT
 from ..a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from ..images import RESIZE_MODES
-from ..schedulers import KDIFFUSION_SAMPLERS
+from ..schedulers import BETA_ALPHA, BETA_BETA, KDIFFUSION_SAMPLERS
 
 # --- the fields ---------------------------------------------------------------------------------
 
@@ -101,7 +101,13 @@ MAX_IMAGES = 100                                    # batch_size * n_iter of one
 # the options npsd has (GET/POST /sdapi/v1/options, override_settings) and their defaults
 OPTION_DEFAULTS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1, "randn_source": "numpy",
                    "eta_ddim": 0.0, "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0,
-                   "inpainting_mask_weight": 1.0, "s_min_uncond": 0.0, "emphasis": "Original", "tiling": False}
+                   "inpainting_mask_weight": 1.0, "s_min_uncond": 0.0, "emphasis": "Original", "tiling": False,
+                   "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,
+                   "beta_dist_alpha": BETA_ALPHA, "beta_dist_beta": BETA_BETA}
+# A1111's options that change its schedule types' sigmas -> the run's settings (npsd.pngmeta.SCHEDULE_SETTINGS)
+SCHEDULE_OPTIONS = {"sigma_min": "schedule_sigma_min", "sigma_max": "schedule_sigma_max", "rho": "schedule_rho",
+                    "always_discard_next_to_last_sigma": "discard_penultimate_sigma",
+                    "beta_dist_alpha": "beta_schedule_alpha", "beta_dist_beta": "beta_schedule_beta"}
 READ_ONLY_OPTIONS = ("sd_checkpoint_hash",)
 RANDN_SOURCES = {"numpy": "numpy", "CPU": "torch"}   # randn_source -> the pipeline's rng
 
@@ -256,8 +262,15 @@ def check_options(options, where="options"):
         _float(checked, "initial_noise_multiplier", lo=0.0)
     if "inpainting_mask_weight" in checked:
         _float(checked, "inpainting_mask_weight", lo=0.0, hi=1.0)
-    if "s_min_uncond" in checked:
-        _float(checked, "s_min_uncond", lo=0.0)
+    for name in ("s_min_uncond", "sigma_min", "sigma_max", "rho"):
+        if name in checked:
+            _float(checked, name, lo=0.0)
+    for name in ("beta_dist_alpha", "beta_dist_beta"):
+        if name in checked:
+            _float(checked, name, lo=0.0, lo_open=True)
+    discard = checked.get("always_discard_next_to_last_sigma")
+    if discard is not None and not isinstance(discard, bool):
+        raise InputError(f"{where}: always_discard_next_to_last_sigma must be true or false, got {discard!r}")
     if "tiling" in checked:
         _bool(checked, "tiling")
     if "emphasis" in checked and (not isinstance(checked["emphasis"], str) or emphasis_named(checked["emphasis"]) is None):

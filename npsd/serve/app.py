@@ -62,6 +62,7 @@ from ..hires import LATENT_UPSCALERS, UPSCALERS
 from ..pngmeta import A1111_SAMPLERS, SCHEDULE_LABELS, emphasis_named, parameters_text
 from ..previews import preview, table_name
 from ..prompts import prompt_syntax_used
+from ..schedulers import A1111_DEFAULT_RHO
 from ..version import __version__
 from . import a1111
 
@@ -415,6 +416,8 @@ class Server:
         if plan.settings["sampler"] is None:                      # the model's default sampler
             settings["sampler"] = generation_defaults(self.pipe.config)["sampler"]
             settings["schedule_type"] = a1111.schedule_for(settings["sampler"], settings["schedule_type"])
+        if settings["schedule_type"] is not None:                 # (A1111's other samplers read none of them)
+            settings.update({k: options[name] for name, k in a1111.SCHEDULE_OPTIONS.items()})
         generation.model_defaults(settings, self.pipe)           # steps, cfg scale, sampler, spacing, prediction type
         a1111.check_eta(settings["sampler"], settings["eta"])      # the sampler may be the model's default
         a1111.check_inpainting(settings)
@@ -663,10 +666,9 @@ def create_app(settings=None):
 
     @app.get("/sdapi/v1/schedulers")
     def schedulers():
-        rho = {"karras": 7.0, "polyexponential": 1.0}                  # A1111's default_rho of each
         inner = ("uniform", "sgm_uniform", "simple", "normal", "ddim", "beta")   # those that read the model's sigmas
         return [{"name": name, "label": label, "aliases": ["SGMUniform"] if name == "sgm_uniform" else None,
-                 "default_rho": rho.get(name, -1.0), "need_inner_model": name in inner}
+                 "default_rho": A1111_DEFAULT_RHO.get(name, -1.0), "need_inner_model": name in inner}
                 for name, label in SCHEDULE_LABELS.items()]
 
     @app.get("/sdapi/v1/latent-upscale-modes")
