@@ -3,11 +3,12 @@ VAE wraps around the map instead of reading zeros, as A1111 does by setting padd
 on every torch.nn.Conv2d of its model (modules/sd_hijack.py, apply_circular).
 
 The layer, against torch's circular padding (F.pad(mode="circular") then the conv), on both the
-plain and the fast path: measured 1.9e-7 .. 1.2e-6, tolerance RTOL_LAYER = 1e-5 (as tests/test_nn.py).
+plain and the fast path: measured 9.3e-8 .. 6.0e-7, tolerance RTOL_LAYER = 1e-5 (as tests/test_nn.py).
 Whole runs, against diffusers' pipelines whose UNet and VAE have every Conv2d set to circular (A1111's
 procedure on diffusers' models; the VAE's downsampler pads with F.pad zeros before a conv of padding
 0, so it stays zeros on both sides), from the seed alone (rng="torch"): txt2img, img2img and
-inpainting measured 6.2e-7 .. 2.8e-6, tolerance TOL_IMAGE = 2e-5 (tests/test_same_seed.py's). The
+inpainting measured 1.3e-6 .. 2.2e-6, tolerance TOL_IMAGE = 2e-5 (tests/test_same_seed.py's); the
+hires fix against tests/test_hires_options.py's A1111 run with circular convs, 2.0e-6 and 2.9e-6. The
 full-size UNet and VAE are checked in tests/test_unet.py and tests/test_vae.py.
 """
 
@@ -25,12 +26,15 @@ from npsd import vae as vae_model
 from npsd.errors import InputError
 from npsd.testing import assert_close
 from tests.helpers import BUGS, circular, n2t, t2n
+from npsd.hires import Hires
+from tests.test_a1111_pipeline import GUIDANCE, NEGATIVE, PROMPT
+from tests.test_hires_options import TOL_8BIT, a1111_hires_run
+from tests.test_kdiffusion import kd  # noqa: F401 - the fixture
 from tests.test_pipelines import make_image, models, npsd_pipe  # noqa: F401
 from tests.test_same_seed import run_both
 
 RTOL_LAYER = 1e-5
 TOL_IMAGE = 2e-5
-PROMPT = "a red circle on a blue background"
 rng = np.random.default_rng(0)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")    # diffusers' schedulers, NumPy 2
@@ -174,3 +178,31 @@ def test_bad_tiling_and_tiled_vae_decode_are_one_line_errors(models):
     with pytest.raises(ValueError, match="padding mode must be one of zeros, circular"):
         with settings.padding_mode("reflect"):
             pass
+
+
+HIRES_CASES = {  # name: (sampler, schedule type, Hires, tolerance)
+    "latent upscaler": ("euler_a", "automatic", Hires(scale=1.5, upscaler="latent", steps=3, strength=0.6), TOL_IMAGE),
+    "image upscaler (8-bit image)": ("dpmpp_2m", "karras", Hires(scale=1.5, upscaler="none", steps=3, strength=0.5),
+                                     TOL_8BIT),
+}
+
+
+@pytest.mark.parametrize("case", HIRES_CASES)
+def test_tiled_hires_fix_equals_an_a1111_run(kd, models, case):  # noqa: F811
+    """The hires fix with tiling against tests/test_hires_options.py's A1111 run with every Conv2d of
+    the UNet and the VAE circular: both passes, and with an image upscaler the decode and encode
+    between them, wrap around (measured 2.0e-6 and 2.9e-6). Tiling left out of the second pass
+    (its UNet zero-padded) fails the check."""
+    sampler, schedule_type, hires, tol = HIRES_CASES[case]
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=GUIDANCE, height=32, width=32, seed=21,
+              rng="torch", sampler=sampler, schedule_type=schedule_type, output_type="np", hires=hires)
+    pipe = npsd_pipe(models)
+    ours = pipe.txt2img(PROMPT, tiling=True, **kw)
+    with circular(models["unet4"], models["vae"]):
+        ref = a1111_hires_run(kd, models, sampler, schedule_type, 21, 4, 32, 32, hires)
+    print(f"{assert_close(ours, ref, tol, f'tiled hires, {case}')}, tolerance {tol:g}")
+    second = pipe._hires_pass
+    pipe._hires_pass = lambda *a, **k: _zeros_in(second)(*a, **k)                # the second pass untiled
+    with pytest.raises(AssertionError, match="exceeds the tolerance") as failure:
+        assert_close(pipe.txt2img(PROMPT, tiling=True, **kw), ref, tol, f"tiled hires, {case}, second pass untiled")
+    print(f"  {str(failure.value).split('; ')[0]}")
