@@ -76,7 +76,8 @@ def hires_of(settings):
     from .hires import Hires
     return Hires(settings["hires_scale"], settings["hires_upscaler"], settings["hires_steps"], settings["hires_strength"],
                  settings.get("hires_resize"), settings.get("hires_prompt"), settings.get("hires_negative_prompt"),
-                 settings.get("hires_sampler"), settings.get("hires_schedule_type"))
+                 settings.get("hires_sampler"), settings.get("hires_schedule_type"),
+                 settings.get("hires_token_merging_ratio"))
 
 
 def step_range(pipe, mode, settings):
@@ -120,7 +121,8 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               seed_resize_from_h=(settings.get("seed_resize_from") or (0, 0))[1],
               inpainting_mask_weight=_or(settings.get("inpainting_mask_weight"), 1.0),
               negative_guidance_min_sigma=settings.get("negative_guidance_min_sigma") or 0.0,
-              emphasis=settings.get("emphasis") or "original")
+              emphasis=settings.get("emphasis") or "original",
+              token_merging_ratio=settings.get("token_merging_ratio") or 0.0)
     if mode == "txt2img":
         return pipe.txt2img(settings["prompt"], hires=hires_of(settings), **kw)
     kw["resize_mode"] = settings.get("resize_mode") or "just resize"

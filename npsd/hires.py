@@ -75,7 +75,7 @@ class Hires:
               pass's (A1111's empty text; here "" is the empty prompt). A str for every prompt, or
               a list with one per prompt
     token_merging_ratio
-              the second pass's ToMe ratio in [0, 0.75) (A1111's "Token merging ratio hr"; npsd/tome.py);
+              the second pass's ToMe ratio in [0, 0.9] (A1111's "Token merging ratio hr"; npsd/tome.py);
               None: the first pass's. 0 turns merging off in this pass, which A1111 cannot do (its 0
               means the first pass's), so an image made so reads back from its PNG with the first's
     """

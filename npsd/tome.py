@@ -27,13 +27,15 @@ import numpy as np
 from .errors import InputError, is_number
 
 STRIDE = 2                                  # tomesd's sx = sy: one destination per 2x2 cell
-MAX_RATIO = 1 - 1 / STRIDE**2               # 0.75: at most every source merged (tomesd's maximum)
+# A1111's slider goes to 0.9; tomesd merges at most every source, 1 - 1/4 = 0.75 of the tokens (r is
+# capped at |S|), so the ratios from 0.75 to 0.9 give the same image
+MAX_RATIO = 0.9
 
 
 def check_ratio(ratio, name="token_merging_ratio"):
-    """ratio in [0, MAX_RATIO) as a float, else a one-line InputError."""
-    if not is_number(ratio) or not 0 <= ratio < MAX_RATIO:
-        raise InputError(f"{name} must be a number in [0, {MAX_RATIO}) (0: off), got {ratio!r}")
+    """ratio in [0, MAX_RATIO] as a float, else a one-line InputError."""
+    if not is_number(ratio) or not 0 <= ratio <= MAX_RATIO:
+        raise InputError(f"{name} must be a number in [0, {MAX_RATIO}] (0: off), got {ratio!r}")
     return float(ratio)
 
 
@@ -45,7 +47,7 @@ def bipartite_soft_matching(metric, h, w, r):
     is_dst = np.zeros((h, w), bool)
     is_dst[:h // STRIDE * STRIDE:STRIDE, :w // STRIDE * STRIDE:STRIDE] = True
     dst, src = np.flatnonzero(is_dst), np.flatnonzero(~is_dst)                   # token indices, raster order
-    r = min(r, len(src))
+    r = min(r, len(src))                                                         # (ratios above 0.75)
     m = metric / np.linalg.norm(metric, axis=-1, keepdims=True)                  # unit vectors
     scores = m[:, src] @ m[:, dst].transpose(0, 2, 1)                            # [B, |S|, |D|] cosines
     best = scores.argmax(axis=-1)                                                # [B, |S|] d(s)
@@ -74,7 +76,7 @@ def bipartite_soft_matching(metric, h, w, r):
 
 @dataclass(frozen=True)
 class TokenMerging:
-    """A UNet call's ToMe: ratio of the tokens merged, in (0, MAX_RATIO), and the latent map h x w."""
+    """A UNet call's ToMe: ratio of the tokens merged, in (0, MAX_RATIO], and the latent map h x w."""
     ratio: float
     h: int
     w: int

@@ -209,7 +209,7 @@ def unet(params, latents, t, context, config, trace=None, w_emb=None, token_merg
              ...; docs/traces.md); or a dict, which receives the top-level block outputs without
              the "unet." ("conv_in", "time_embedding", "down_blocks.0", ..., "mid_block", "up_blocks.3")
     w_emb:   an LCM UNet's (time_embedding.cond_proj) guidance_embedding(w) [1 or B, D]; else None
-    token_merging_ratio: ToMe's (npsd/tome.py), in [0, 0.75): the share of the tokens merged before
+    token_merging_ratio: ToMe's (npsd/tome.py), in [0, 0.9]: the share of the tokens merged before
              self-attention in the transformer blocks at the full h x w map; 0: none (as before, at no cost)
     returns  eps [B, out_channels, h, w]
     """

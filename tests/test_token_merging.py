@@ -70,7 +70,7 @@ def randn(*shape):
 # The matching
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("h, w, ratio", [(8, 8, 0.5), (7, 9, 0.3), (16, 12, 0.74), (5, 6, 0.1)])
+@pytest.mark.parametrize("h, w, ratio", [(8, 8, 0.5), (7, 9, 0.3), (16, 12, 0.74), (5, 6, 0.1), (8, 6, 0.9)])
 def test_matching_as_tomesd(h, w, ratio):
     """The same tokens merged into the same destinations as tomesd's, and the same values.
 
@@ -95,10 +95,10 @@ def test_matching_as_tomesd(h, w, ratio):
 
 
 def test_ratio_checked():
-    for bad in (-0.1, 0.75, 1.0, float("nan"), "0.5", True, None):
-        with pytest.raises(InputError, match=r"token_merging_ratio must be a number in \[0, 0.75\)"):
+    for bad in (-0.1, 0.91, 1.0, float("nan"), "0.5", True, None):
+        with pytest.raises(InputError, match=r"token_merging_ratio must be a number in \[0, 0.9\]"):
             tome.check_ratio(bad)
-    assert tome.check_ratio(0) == 0.0 and tome.check_ratio(np.float32(0.5)) == 0.5
+    assert tome.check_ratio(0) == 0.0 and tome.check_ratio(np.float32(0.5)) == 0.5 and tome.check_ratio(0.9) == 0.9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def tomesd_unet(model, latents, t, context, ratio):
 
 
 @pytest.mark.parametrize("shape, t, ratio", [((2, 4, 16, 16), [999.0, 20.0], 0.5), ((2, 4, 16, 12), 500, 0.3),
-                                             ((1, 4, 15, 13), 261.5, 0.7)])
+                                             ((1, 4, 15, 13), 261.5, 0.7), ((2, 4, 8, 10), 30.0, 0.9)])
 def test_unet_as_tomesd(tiny_unet, shape, t, ratio):
     from tests.test_unet import TINY_SD_CONFIG
     model, params = tiny_unet
@@ -314,7 +314,7 @@ def test_ratio_0_is_the_default_path(models):  # noqa: F811
     kw = dict(num_inference_steps=3, height=SIZE, width=SIZE, seed=3, output_type="np")
     np.testing.assert_array_equal(pipe.txt2img("a red circle", token_merging_ratio=0, **kw),
                                   pipe.txt2img("a red circle", **kw))
-    with pytest.raises(InputError, match=r"^token_merging_ratio must be a number in \[0, 0.75\) \(0: off\), got 0.75$"):
-        pipe.txt2img("a red circle", token_merging_ratio=0.75, **kw)
+    with pytest.raises(InputError, match=r"^token_merging_ratio must be a number in \[0, 0.9\] \(0: off\), got 0.95$"):
+        pipe.txt2img("a red circle", token_merging_ratio=0.95, **kw)
     with pytest.raises(InputError, match=r"^hires token_merging_ratio must be a number"):
         Hires(token_merging_ratio=-0.1)

@@ -436,6 +436,7 @@ class Server:
         settings["emphasis"] = emphasis_named(options["emphasis"])
         if settings["negative_guidance_min_sigma"] is None:
             settings["negative_guidance_min_sigma"] = options["s_min_uncond"]
+        settings.update(a1111.token_merging(settings, options, plan.overrides, plan.mode != "txt2img"))
         if settings["negative_guidance_min_sigma"] and settings["schedule_type"] is None:
             raise InputError(f"s_min_uncond (Negative Guidance minimum sigma) applies to the samplers A1111 runs with "
                              f"k-diffusion, not to {A1111_SAMPLERS[settings['sampler']]}; send 0 or another sampler_name")
