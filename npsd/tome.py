@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import blas
 from .errors import InputError, is_number
 
 STRIDE = 2                                  # tomesd's sx = sy: one destination per 2x2 cell
@@ -49,7 +50,8 @@ def bipartite_soft_matching(metric, h, w, r):
     dst, src = np.flatnonzero(is_dst), np.flatnonzero(~is_dst)                   # token indices, raster order
     r = min(r, len(src))                                                         # (ratios above 0.75)
     m = metric / np.linalg.norm(metric, axis=-1, keepdims=True)                  # unit vectors
-    scores = m[:, src] @ m[:, dst].transpose(0, 2, 1)                            # [B, |S|, |D|] cosines
+    with blas.single_threaded():          # (OpenBLAS's threads cost 20x the product at 1024 tokens; npsd/blas.py)
+        scores = m[:, src] @ m[:, dst].transpose(0, 2, 1)                        # [B, |S|, |D|] cosines
     best = scores.argmax(axis=-1)                                                # [B, |S|] d(s)
     order = np.argsort(-scores.max(axis=-1), axis=-1, kind="stable")             # most similar first
     merged, kept = order[:, :r], order[:, r:]                                    # [B, r], [B, |S| - r] into S

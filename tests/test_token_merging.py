@@ -3,8 +3,13 @@
 A1111 (modules/sd_models.py, apply_token_merging) patches its ldm model with
 tomesd.apply_patch(model, ratio, use_rand=False, merge_attn=True, merge_crossattn=False,
 merge_mlp=False). The references here are tomesd's own functions: bipartite_soft_matching_random2d
-(merge.py) for the matching, compute_merge (patch.py) and the three lines of its ldm block patch
-(ToMeBlock._forward, which A1111 runs) for a transformer block and a whole diffusers UNet.
+(merge.py) for the matching; compute_merge (patch.py) and the three lines of its ldm block patch
+(ToMeBlock._forward, which A1111 runs) for a transformer block; tomesd.apply_patch on diffusers' UNet
+(its diffusers block patch, which gives the ldm lines' numbers bit for bit: checked) for a whole UNet
+and for whole A1111 runs, assembled as tests/test_a1111_pipeline.py assembles them.
+
+Which tokens merge is an argsort of similarities, so a near tie could flip between npsd and torch and
+move a result far outside a tolerance; none did in the runs here (RTOL_BLOCK's comment).
 """
 
 import dataclasses
@@ -84,7 +89,7 @@ def test_matching_as_tomesd(h, w, ratio):
     ref_merge, ref_unmerge = bipartite_soft_matching_random2d(n2t(metric), w, h, 2, 2, r, no_rand=True)
     onehot = np.broadcast_to(np.eye(n, dtype=np.float32), (b, n, n))
     ours, theirs = merge(onehot), t2n(ref_merge(n2t(onehot.copy())))
-    assert ours.shape == theirs.shape == (b, n - r, n)
+    assert ours.shape == theirs.shape == (b, n - min(r, n - (h // 2) * (w // 2)), n)    # at most every source
     for k in range(b):
         np.testing.assert_array_equal(ours[k][np.lexsort(ours[k].T)], theirs[k][np.lexsort(theirs[k].T)])
     # values through a per-token function between merge and unmerge (as attention's output)
@@ -106,7 +111,7 @@ def test_ratio_checked():
 # ---------------------------------------------------------------------------------------------
 
 BLOCK = dict(dim=64, num_attention_heads=4, attention_head_dim=16, cross_attention_dim=24, activation_fn="geglu")
-# Measured: the block 1.0e-7 (ratios 0.3, 0.5, 0.7), the tiny UNet 0.9e-6 .. 1.0e-6 (as without merging,
+# Measured: the block 1.0e-7 .. 1.7e-7 (ratios 0.3, 0.5, 0.7), the tiny UNet 0.9e-6 .. 1.0e-6 (as without merging,
 # tests/test_unet.py's RTOL_TINY); over 150 more UNet calls (seeds, t and ratios 0.3 .. 0.7, 1500
 # matchings) at most 1.8e-6: npsd never chose other tokens than tomesd. The bugs below give 1.9e-2 ..
 # 2.1 at the block, 1.8e-2 and 1.6e-1 at the UNet.
