@@ -101,12 +101,12 @@ def transformer_block(p, x, context, heads, config, trace=None, tome=None):
     """
     _record(trace, ":in", x)                                                                # before x changes in place
     eps = config["layer_norm_eps"]
-    h = nn.layer_norm(x, **p["norm1"], eps=eps)                                             # [B, N, C]
     if tome is None or not tome.applies(x.shape[1]):
-        x += attention(p["attn1"], h, None, heads, _scope(trace, "attn1"))
+        x += attention(p["attn1"], nn.layer_norm(x, **p["norm1"], eps=eps), None, heads, _scope(trace, "attn1"))
     else:                           # ToMe (npsd/tome.py): attend over N - r tokens, the metric is x
         merge, unmerge = tome.matching(x)
-        x += unmerge(attention(p["attn1"], merge(h), None, heads, _scope(trace, "attn1")))  # [B, N, C]
+        h = merge(nn.layer_norm(x, **p["norm1"], eps=eps))                                  # [B, N - r, C]
+        x += unmerge(attention(p["attn1"], h, None, heads, _scope(trace, "attn1")))         # [B, N, C]
     x += attention(p["attn2"], nn.layer_norm(x, **p["norm2"], eps=eps), context, heads, _scope(trace, "attn2"))
     # GEGLU feed-forward (Shazeer 2020): value * GELU(gate), [B, N, C] -> [B, N, 4C] -> [B, N, C]
     h = nn.layer_norm(x, **p["norm3"], eps=eps)                                             # [B, N, C]
@@ -130,7 +130,8 @@ def spatial_transformer(p, x, context, heads, config, trace=None, tome=None):
     h = h.reshape(b, c, hh * ww).transpose(0, 2, 1)                                     # [B, H*W, C] (view)
     h = nn.linear_or_conv1x1(h, **p["proj_in"])                                         # [B, H*W, C]
     for k, block in enumerate(p["transformer_blocks"]):
-        h = transformer_block(block, h, context, heads, config, _scope(trace, f"transformer_blocks.{k}"), tome)  # [B, H*W, C]
+        h = transformer_block(block, h, context, heads, config, _scope(trace, f"transformer_blocks.{k}"),
+                              tome)                                                     # [B, H*W, C]
     h = h.transpose(0, 2, 1).reshape(b, c, hh, ww)                                      # [B, C, H, W] (view)
     h = nn.conv1x1(h, **p["proj_out"])                                                  # [B, C, H, W]
     h += x
@@ -165,7 +166,8 @@ def mid_block(p, x, temb, context, heads, config, trace=None, tome=None):
     x = resnet(p["resnets"][0], x, temb, config, _scope(trace, "resnets.0"))
     for j, res in enumerate(p["resnets"][1:]):
         if "attentions" in p:
-            x = spatial_transformer(p["attentions"][j], x, context, heads, config, _scope(trace, f"attentions.{j}"), tome)
+            x = spatial_transformer(p["attentions"][j], x, context, heads, config, _scope(trace, f"attentions.{j}"),
+                                    tome)
         x = resnet(res, x, temb, config, _scope(trace, f"resnets.{j + 1}"))
     _record(trace, "", x)
     return x
@@ -180,7 +182,8 @@ def up_block(p, x, skips, temb, context, heads, config, size, trace=None, tome=N
         x = np.concatenate([x, skips.pop()], axis=1)                                    # [B, C + Cskip, H, W]
         x = resnet(res, x, temb, config, _scope(trace, f"resnets.{j}"))                 # [B, C', H, W]
         if "attentions" in p:
-            x = spatial_transformer(p["attentions"][j], x, context, heads, config, _scope(trace, f"attentions.{j}"), tome)
+            x = spatial_transformer(p["attentions"][j], x, context, heads, config, _scope(trace, f"attentions.{j}"),
+                                    tome)
     if "upsamplers" in p:
         _record(trace, "upsamplers.0:in", x)
         x = nn.upsample_nearest(x, size)                                                # [B, C', H, W] -> [B, C', size]

@@ -175,7 +175,8 @@ BLOCK_BUGS = {
     "merged tokens summed, not averaged":
         (tome, "bipartite_soft_matching", "total / count[..., None]", "total"),
     "the metric LN(x) instead of the block's input x":
-        (unet_model, "transformer_block", "tome.matching(x)", "tome.matching(h)"),
+        (unet_model, "transformer_block", "tome.matching(x)",
+         "tome.matching(nn.layer_norm(x, **p[\"norm1\"], eps=eps))"),
 }
 
 
@@ -269,7 +270,7 @@ def a1111_run_with_tome(monkeypatch, kd, models, ratio, hr_ratio=None, **run):
     UNet with get_token_merging_ratio() before sampling, and sample_hr_pass with
     get_token_merging_ratio(for_hr=True) before the second pass (hr_ratio; None: the first's)."""
     from tests import test_a1111_pipeline as a1111
-    unet = models["unet4"]
+    unet = models[run.get("unet_key", "unet4")]
     first_pass_hires = a1111.a1111_hires_pass
 
     def hires_pass(*args, **kwargs):
@@ -284,25 +285,28 @@ def a1111_run_with_tome(monkeypatch, kd, models, ratio, hr_ratio=None, **run):
         tomesd.remove_patch(unet)
 
 
-# (txt2img or img2img or hires; sampler, schedule type, seed, steps, strength, first ratio, npsd's Hires
-# and A1111's hires spec (scale, mode, antialias, steps, strength))
-RUNS = {"txt2img": ("euler_a", "automatic", 42, 5, None, 0.5, None, None),
-        "img2img": ("dpmpp_2m", "karras", 7, 8, 0.6, 0.3, None, None),
+# (sampler, schedule type, seed, steps, strength, first ratio, npsd's Hires and A1111's hires spec (scale,
+# mode, antialias, steps, strength), the UNet: "unet9" a 9-channel inpainting one)
+RUNS = {"txt2img": ("euler_a", "automatic", 42, 5, None, 0.5, None, None, "unet4"),
+        "img2img": ("dpmpp_2m", "karras", 7, 8, 0.6, 0.3, None, None, "unet4"),
         "hires": ("euler", "automatic", 11, 5, None, 0.3, Hires(2.0, "latent", 4, 0.55, token_merging_ratio=0.6),
-                  (2.0, "bilinear", False, 4, 0.55))}
+                  (2.0, "bilinear", False, 4, 0.55), "unet4"),
+        "inpainting UNet img2img": ("euler", "automatic", 5, 6, 0.7, 0.5, None, None, "unet9")}
 
 
 @pytest.mark.parametrize("run", RUNS)
 def test_a1111_run_with_token_merging(kd, models, monkeypatch, run):  # noqa: F811
     """npsd's txt2img/img2img with token_merging_ratio (and a hires pass with its own ratio) against
     A1111's run with tomesd: within tests/test_a1111_pipeline.py's TOL_IMAGE, 2e-5 (measured: txt2img
-    2.0e-6, img2img 1.6e-6, hires 2.6e-6). The same run without merging (1.1e-2 .. 2.2e-2), or with
-    the first pass's ratio in the hires pass (1.3e-3), is far outside it."""
-    sampler, schedule_type, seed, steps, strength, ratio, hires, spec = RUNS[run]
+    2.0e-6, img2img 1.6e-6, hires 2.6e-6, a 9-channel inpainting UNet's img2img 1.9e-6). The same run
+    without merging (1.1e-2 .. 2.2e-2), or with the first pass's ratio in the hires pass (1.3e-3), is far
+    outside it."""
+    sampler, schedule_type, seed, steps, strength, ratio, hires, spec, unet_key = RUNS[run]
     hr_ratio = None if hires is None else hires.token_merging_ratio
     ref = a1111_run_with_tome(monkeypatch, kd, models, ratio, hr_ratio, sampler=sampler, schedule_type=schedule_type,
-                              seed=seed, steps=steps, strength=strength, hires=spec)
-    ours = npsd_run(models, sampler, schedule_type, seed, steps, strength, hires, token_merging_ratio=ratio)
+                              seed=seed, steps=steps, strength=strength, hires=spec, unet_key=unet_key)
+    ours = npsd_run(models, sampler, schedule_type, seed, steps, strength, hires, unet_key=unet_key,
+                    token_merging_ratio=ratio)
     print(f"\n  {assert_close(ours, ref, TOL_IMAGE, f'{run} with token merging vs A1111')}, tolerance {TOL_IMAGE:g}")
     wrong = {"without merging": dict(token_merging_ratio=0.0)}
     if hires is not None:
@@ -311,14 +315,24 @@ def test_a1111_run_with_token_merging(kd, models, monkeypatch, run):  # noqa: F8
     for what, options in wrong.items():
         kw = dict(dict(hires=hires, token_merging_ratio=ratio), **options)
         assert_caught(what, lambda: assert_close(npsd_run(models, sampler, schedule_type, seed, steps, strength,
-                                                          **kw), ref, TOL_IMAGE, run))
+                                                          unet_key=unet_key, **kw), ref, TOL_IMAGE, run))
 
 
 def test_ratio_0_is_the_default_path(models):  # noqa: F811
+    """Ratio 0 gives the default path's numbers bit for bit; a ratio reaches the UNet in every pipeline
+    (inpaint with a 9-channel UNet included)."""
+    from tests.test_pipelines import make_image
     pipe = npsd_pipe(models)
     kw = dict(num_inference_steps=3, height=SIZE, width=SIZE, seed=3, output_type="np")
-    np.testing.assert_array_equal(pipe.txt2img("a red circle", token_merging_ratio=0, **kw),
-                                  pipe.txt2img("a red circle", **kw))
+    default = pipe.txt2img("a red circle", **kw)
+    np.testing.assert_array_equal(pipe.txt2img("a red circle", token_merging_ratio=0, **kw), default)
+    assert not np.array_equal(pipe.txt2img("a red circle", token_merging_ratio=0.5, **kw), default)
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[8:24, 8:24] = True
+    inpaint = npsd_pipe(models, "unet9").inpaint
+    default = inpaint("a red circle", make_image(), mask, **kw)
+    np.testing.assert_array_equal(inpaint("a red circle", make_image(), mask, token_merging_ratio=0, **kw), default)
+    assert not np.array_equal(inpaint("a red circle", make_image(), mask, token_merging_ratio=0.5, **kw), default)
     with pytest.raises(InputError, match=r"^token_merging_ratio must be a number in \[0, 0.9\] \(0: off\), got 0.95$"):
         pipe.txt2img("a red circle", token_merging_ratio=0.95, **kw)
     with pytest.raises(InputError, match=r"^hires token_merging_ratio must be a number"):
