@@ -64,6 +64,7 @@ from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
 from .brownian import SDE_NOISES
 from .clip import layer_count
 from .rng import RNG_KINDS, SEED_LIMIT
+from .tome import check_ratio
 from .schedulers import (KDIFFUSION_SAMPLERS, NOISE_SAMPLER_SAMPLERS, PREDICTION_TYPES, SAMPLERS, SCHEDULE_TYPES,
                          SIGMA_SAMPLERS, SPACINGS)
 
@@ -93,6 +94,14 @@ def _int_at_least(lo, what=None):
         return v
     parse.__name__ = what or "integer"
     return parse
+
+
+def _ratio(text):
+    """--token-merging-ratio R: a number in [0, 0.9] (npsd/tome.py)."""
+    try:
+        return check_ratio(float(text), "the ratio")
+    except (ValueError, InputError) as e:
+        raise argparse.ArgumentTypeError(str(e) if isinstance(e, InputError) else f"expected a number, got {text!r}") from None
 
 
 def _float_in(lo, hi=math.inf, lo_open=False, what=None):
@@ -231,6 +240,9 @@ def _generation_options(p, mode):
     a("--tiling", action=argparse.BooleanOptionalAction, default=None,
       help="A1111's Tiling: every padded convolution wraps around the image's edges, so that the image tiles "
            "seamlessly (default: off)")
+    a("--token-merging-ratio", metavar="R", type=_ratio,
+      help="A1111's token merging ratio (ToMe): merge that share of the full-size map's tokens before "
+           "self-attention, in [0, 0.9] (faster at large sizes, the image changes a little; default 0, off)")
     a("--seed-resize-from", metavar="WxH", type=_size,
       help="A1111's seed resize: the seed's start noise of a WxH image, pasted centred (default: off)")
     a("--inpainting-mask-weight", metavar="W", type=_float_in(0.0, 1.0, what="weight"),
@@ -266,6 +278,8 @@ def _generation_options(p, mode):
         a("--hires-schedule-type", choices=SCHEDULE_TYPES,
           help="the second pass's A1111 schedule type (default: --schedule-type's, resolved for the hires sampler)")
         a("--hires-negative-prompt", metavar="TEXT", help="the second pass's negative prompt (default: --negative-prompt)")
+        a("--hires-token-merging-ratio", metavar="R", type=_ratio,
+          help="the second pass's token merging ratio, in [0, 0.9] (default: --token-merging-ratio's)")
     if mode != "txt2img":
         a("--noise-multiplier", dest="initial_noise_multiplier", metavar="M", type=_float_in(0.0, what="multiplier"),
           help="A1111's noise multiplier for img2img: the noise added to the image times M, >= 0 (default 1)")
@@ -436,17 +450,17 @@ SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "
             "num_images", "strength", "eta", "karras", "timestep_spacing", "clip_skip", "long_prompt",
             "resize_mode", "mask_blur", "masked_content", "inpaint_area", "masked_area_padding", "variation_seed",
             "variation_strength", "eta_noise_seed_delta", "seed_resize_from", "initial_noise_multiplier",
-            "inpainting_mask_weight", "negative_guidance_min_sigma", "emphasis", "tiling", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
+            "inpainting_mask_weight", "negative_guidance_min_sigma", "emphasis", "tiling", "token_merging_ratio", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
             "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
             "hires_steps", "hires_strength", "hires_resize", "hires_prompt", "hires_negative_prompt", "hires_sampler",
-            "hires_schedule_type", *SCHEDULE_SETTINGS)
+            "hires_schedule_type", "hires_token_merging_ratio", *SCHEDULE_SETTINGS)
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "masked_content": "original",
                    "inpaint_area": "whole picture", "masked_area_padding": 32, "resize_mode": "just resize", "variation_strength": 0.0,
                    "eta_noise_seed_delta": 0, "seed_resize_from": None, "initial_noise_multiplier": 1.0,
                    "inpainting_mask_weight": 1.0, "negative_guidance_min_sigma": 0.0, "emphasis": "original",
-                   "tiling": False,
+                   "tiling": False, "token_merging_ratio": 0.0,
                    "prompt_syntax": "a1111", "lora": [], "lora_names": [],
                    "ti_names": [], "vae_decoder": "vae", "sde_noise": "generator", "hires_upscaler": "latent",
                    "hires_steps": 0}
@@ -529,8 +543,8 @@ def resolve_settings(args, mode):
     if settings["hires_resize"] and not settings["hires_scale"]:
         settings["hires_scale"] = HIRES_SCALE                  # (A1111's hr_scale, unused with a resize)
     if not settings["hires_scale"]:
-        given = [o for o in ("hires_prompt", "hires_negative_prompt", "hires_sampler", "hires_schedule_type")
-                 if settings[o] is not None]
+        given = [o for o in ("hires_prompt", "hires_negative_prompt", "hires_sampler", "hires_schedule_type",
+                             "hires_token_merging_ratio") if settings[o] is not None]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} is the hires fix's; give --hires-scale or --hires-resize")
     if settings["hires_scale"]:

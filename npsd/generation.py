@@ -82,7 +82,8 @@ def hires_of(settings):
     from .hires import Hires
     return Hires(settings["hires_scale"], settings["hires_upscaler"], settings["hires_steps"], settings["hires_strength"],
                  settings.get("hires_resize"), settings.get("hires_prompt"), settings.get("hires_negative_prompt"),
-                 settings.get("hires_sampler"), settings.get("hires_schedule_type"))
+                 settings.get("hires_sampler"), settings.get("hires_schedule_type"),
+                 settings.get("hires_token_merging_ratio"))
 
 
 def step_range(pipe, mode, settings):
@@ -127,7 +128,8 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               inpainting_mask_weight=_or(settings.get("inpainting_mask_weight"), 1.0),
               negative_guidance_min_sigma=settings.get("negative_guidance_min_sigma") or 0.0,
               emphasis=settings.get("emphasis") or "original", tiling=bool(settings.get("tiling")),
-              schedule_options=schedule_options_of(settings))
+              schedule_options=schedule_options_of(settings),
+              token_merging_ratio=settings.get("token_merging_ratio") or 0.0)
     if mode == "txt2img":
         return pipe.txt2img(settings["prompt"], hires=hires_of(settings), **kw)
     kw["resize_mode"] = settings.get("resize_mode") or "just resize"

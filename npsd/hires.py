@@ -30,6 +30,7 @@ from PIL import Image
 
 from .errors import InputError, is_number, is_whole
 from .schedulers import SAMPLERS, SCHEDULE_TYPES
+from .tome import check_ratio
 
 # npsd's name -> (A1111's label in "Hires upscaler", torch's interpolate mode; "-aa": antialias=True).
 # "Latent (antialiased)" is torch's antialiased bilinear, which for enlarging equals the plain one
@@ -73,6 +74,10 @@ class Hires:
               the second pass's (A1111's "Hires prompt", "Hires negative prompt"); None: the first
               pass's (A1111's empty text; here "" is the empty prompt). A str for every prompt, or
               a list with one per prompt
+    token_merging_ratio
+              the second pass's ToMe ratio in [0, 0.9] (A1111's "Token merging ratio hr"; npsd/tome.py);
+              None: the first pass's. 0 turns merging off in this pass, which A1111 cannot do (its 0
+              means the first pass's), so an image made so reads back from its PNG with the first's
     """
     scale: float = SCALE
     upscaler: str = "latent"
@@ -83,6 +88,7 @@ class Hires:
     negative_prompt: object = None
     sampler: str = None
     schedule_type: str = None
+    token_merging_ratio: float = None
 
     def __post_init__(self):
         if self.resize is not None:
@@ -104,6 +110,8 @@ class Hires:
             raise InputError(f"hires steps must be a whole number >= 0 (0: as the first pass), got {self.steps!r}")
         if not is_number(self.strength) or not 0.0 <= float(self.strength) <= 1.0:
             raise InputError(f"hires strength must be between 0 and 1, got {self.strength!r}")
+        if self.token_merging_ratio is not None:
+            check_ratio(self.token_merging_ratio, "hires token_merging_ratio")
 
     def second_steps(self, first_steps, a1111_start):
         """The second pass's steps; refused when it would run none (diffusers' img2img start, which

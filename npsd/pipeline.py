@@ -42,6 +42,7 @@ from .images import (RESIZE_MODES, default_size, fit_size, mask_to_array, open_i
 from .previews import taesd_for, with_previews
 from .settings import padding_mode
 from .tokenizer import Tokenizer
+from .tome import check_ratio
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 # What turns the final latents into images: the model's VAE, or TAESD (npsd/taesd.py, pipe.taesd):
@@ -183,11 +184,12 @@ class Pipeline:
         return context
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
-    def unet(self, latents, t, context, w_emb=None):
+    def unet(self, latents, t, context, w_emb=None, token_merging_ratio=0.0):
         """latents [B, C, h, w], t scalar or [B], context [B, L, 768] -> predicted noise [B, 4, h, w].
-        w_emb: an LCM UNet's guidance_embedding (npsd.unet), else None."""
+        w_emb: an LCM UNet's guidance_embedding (npsd.unet), else None. token_merging_ratio: ToMe's
+        (npsd/tome.py), 0: off."""
         return unet_model.unet(self.params["unet"], latents, t, context, self.config["unet"], trace=self._trace,
-                               w_emb=w_emb)
+                               w_emb=w_emb, token_merging_ratio=token_merging_ratio)
 
     @property
     def guidance_embedding_dim(self):
@@ -278,7 +280,7 @@ class Pipeline:
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 hires=None, variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, seed_resize_from_h=0,
                 seed_resize_from_w=0, inpainting_mask_weight=1.0, negative_guidance_min_sigma=0.0, emphasis="original",
-                schedule_options=None):
+                schedule_options=None, token_merging_ratio=0.0):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -350,6 +352,11 @@ class Pipeline:
         types (its "Schedule min sigma", "Schedule max sigma", "Schedule rho", "Always discard
         next-to-last sigma", "Beta schedule alpha" and "beta"), with a schedule_type; they apply to the
         hires pass too, and in img2img and inpaint. None: A1111's defaults.
+        token_merging_ratio: A1111's "Token merging ratio" (ToMe for Stable Diffusion, npsd/tome.py),
+        in [0, 0.9]: that share of the tokens of the transformer blocks at the full latent map is merged
+        before their self-attention, which then costs less, and the image changes a little (at most 3
+        in 4 tokens merge: 0.75 to 0.9 are the same); 0: off. hires.token_merging_ratio sets the second
+        pass's (the same in img2img and inpaint).
         """
         _check_hooks(callback, progress, attention_maps)
         _check_image_options(1.0, inpainting_mask_weight)
@@ -359,7 +366,7 @@ class Pipeline:
                                              seed_resize_from_h, seed_resize_from_w),
                                   second_sampler=hires.sampler if isinstance(hires, Hires) else None,
                                   ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax),
-                                  schedule_options=schedule_options)
+                                  schedule_options=schedule_options, tome=token_merging_ratio)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         hires_settings = self._hires_settings(hires, settings, attention_maps, schedule_type, sde_noise)
@@ -408,7 +415,7 @@ class Pipeline:
         if pixels is None or weight == 1:
             pixels = np.zeros((1, 3, settings["height"], settings["width"]), np.float32)
         cond = self._encode_image(pixels - np.float32(weight) * pixels, None, False)         # [1, 4, h, w]
-        return lambda x, t, context: _with_mask(self.unet, x, t, context, mask, cond)
+        return lambda x, t, context, **options: _with_mask(self.unet, x, t, context, mask, cond, **options)
 
     def _hires_settings(self, hires, settings, attention_maps, schedule_type, sde_noise="generator"):
         """The second pass's settings (its size, steps, sampler, schedule type and SDE noise) of
@@ -434,8 +441,10 @@ class Pipeline:
             raise InputError(f"the hires sampler {sampler!r} has no A1111 schedule type; with schedule_type use "
                              f"one of {', '.join(schedulers.KDIFFUSION_SAMPLERS)}")
         steps = hires.second_steps(settings["steps"], kind is not None)
+        tome = settings["token_merging_ratio"] if hires.token_merging_ratio is None else hires.token_merging_ratio
         return dict(settings, height=height, width=width, steps=steps, sampler=sampler, schedule_type=kind,
-                    sde_noise=sde_noise if sampler in schedulers.NOISE_SAMPLER_SAMPLERS else "generator")
+                    sde_noise=sde_noise if sampler in schedulers.NOISE_SAMPLER_SAMPLERS else "generator",
+                    token_merging_ratio=tome)
 
     def _hires_pass(self, x0, hires, settings, first, eta, callback, progress, done):
         """Hires. fix's second pass (npsd/hires.py): enlarge the first pass's latents x0 and run img2img
@@ -478,8 +487,8 @@ class Pipeline:
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
                 seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0,
-                negative_guidance_min_sigma=0.0, emphasis="original",
-                schedule_options=None):
+                negative_guidance_min_sigma=0.0, emphasis="original", schedule_options=None,
+                token_merging_ratio=0.0):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -505,7 +514,7 @@ class Pipeline:
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
                                              seed_resize_from_h, seed_resize_from_w),
                                   ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax),
-                                  schedule_options=schedule_options)
+                                  schedule_options=schedule_options, tome=token_merging_ratio)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         img = fit_size(img, settings["height"], settings["width"], mode=_check_resize_mode(resize_mode))
@@ -538,8 +547,8 @@ class Pipeline:
                 masked_content="original", inpaint_area="whole picture", masked_area_padding=32,
                 variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
                 seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0,
-                negative_guidance_min_sigma=0.0, emphasis="original",
-                schedule_options=None):
+                negative_guidance_min_sigma=0.0, emphasis="original", schedule_options=None,
+                token_merging_ratio=0.0):
         """Repaint the white part of mask_image.
 
         With a 4-channel (ordinary) checkpoint: the course's method (RePaint-style blending, as
@@ -574,7 +583,7 @@ class Pipeline:
                                   variation=(variation_seed, variation_strength, eta_noise_seed_delta,
                                              seed_resize_from_h, seed_resize_from_w),
                                   ngms=negative_guidance_min_sigma, emphasis=(emphasis, prompt_syntax),
-                                  schedule_options=schedule_options)
+                                  schedule_options=schedule_options, tome=token_merging_ratio)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
         inpainting_unet = self._inpainting_unet()
@@ -613,8 +622,8 @@ class Pipeline:
             masked_pixels = pixels * (mask_px < 0.5)                               # the kept region only
         masked = None                                                              # its latents, below
 
-        def nine_channel_unet(x, t, context):                      # the UNet also reads mask and masked image
-            return _with_mask(self.unet, x, t, context, mask, masked)
+        def nine_channel_unet(x, t, context, **options):           # the UNet also reads mask and masked image
+            return _with_mask(self.unet, x, t, context, mask, masked, **options)
 
         diffusers_order = rng == "torch" and not a1111
         sample_posterior = _posterior(sample_posterior, diffusers_order, settings)
@@ -681,7 +690,7 @@ class Pipeline:
 
     def _settings(self, steps, guidance, height, width, sampler, output_type, seed, image=None, decoder="vae", eta=0.0,
                   sde_noise="generator", variation=(None, 0.0, 0, 0, 0), second_sampler=None, ngms=0.0,
-                  emphasis=("original", "plain"), schedule_options=None):
+                  emphasis=("original", "plain"), schedule_options=None, tome=0.0):
         """Fill None with the model's defaults (npsd.config.generation_defaults; for height and width
         the image's own size first) and check every value; one-line errors. second_sampler: the hires
         fix's own sampler, which sde_noise may be for."""
@@ -734,11 +743,12 @@ class Pipeline:
         emphasis, syntax = emphasis                                  # (the mode and the call's prompt_syntax)
         if check_emphasis(emphasis) != "original" and syntax != "a1111":
             raise InputError(f"emphasis={emphasis!r} is A1111's way of weighting (word:1.2): give prompt_syntax='a1111'")
+        tome = check_ratio(tome)
         return {"steps": int(steps), "guidance_scale": float(guidance), "height": int(height),
                 "width": int(width), "sampler": sampler, "seed": seed,
                 "sde_noise": sde_noise if sampler in schedulers.NOISE_SAMPLER_SAMPLERS else "generator",
                 "variation": _check_variation(*variation, seeds, f), "ngms": float(ngms), "emphasis": emphasis,
-                "schedule_options": schedule_options}
+                "schedule_options": schedule_options, "token_merging_ratio": tome}
 
     def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
                timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, schedule_type, unet=None):
@@ -759,6 +769,8 @@ class Pipeline:
                 raise InputError("an LCM-distilled UNet (time_cond_proj_dim) runs txt2img and img2img, not inpainting")
             unet = functools.partial(self.unet, w_emb=unet_model.guidance_embedding(scale, self.guidance_embedding_dim))
             scale = 1.0
+        if settings["token_merging_ratio"]:                                    # ToMe (npsd/tome.py)
+            unet = functools.partial(unet, token_merging_ratio=settings["token_merging_ratio"])
         cond, uncond, batch, weights = self._contexts(prompt, negative_prompt, num_images, scale, clip_skip,
                                                       long_prompt, prompt_syntax, model_calls, settings["emphasis"])
         if isinstance(settings["seed"], tuple) and len(settings["seed"]) != batch:
@@ -960,11 +972,13 @@ def _per_prompt(value, prompts):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _with_mask(unet, x, t, context, mask, masked):
+def _with_mask(unet, x, t, context, mask, masked, **options):
     """A 9-channel inpainting UNet at x [b, 4, h, w]: it reads [x, mask, masked image latents] along the
-    channels (diffusers' order), mask [1, 1, h, w] and masked [1, 4, h, w] repeated for the batch."""
+    channels (diffusers' order), mask [1, 1, h, w] and masked [1, 4, h, w] repeated for the batch.
+    options: the UNet call's keywords (token_merging_ratio)."""
     b = x.shape[0]
-    return unet(np.concatenate([x, np.repeat(mask, b, axis=0), np.repeat(masked, b, axis=0)], axis=1), t, context)
+    return unet(np.concatenate([x, np.repeat(mask, b, axis=0), np.repeat(masked, b, axis=0)], axis=1), t, context,
+                **options)
 
 
 def _check_resize_mode(mode):

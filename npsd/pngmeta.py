@@ -33,6 +33,7 @@ from .errors import InputError, UsageError
 from .images import RESIZE_MODES
 from .prompts import EMPHASIS_LABELS
 from .hires import LABELS as UPSCALER_LABELS, SCALE as HIRES_SCALE, UPSCALERS, check_resize, upscaler_named
+from .tome import check_ratio
 from .version import __version__
 from .schedulers import (A1111_AUTOMATIC, A1111_DISCARD_PENULTIMATE, KDIFFUSION_SAMPLERS, PREDICTION_TYPES, SAMPLERS,
                          SCHEDULE_TYPES, SPACINGS, ScheduleOptions, resolve_schedule_type)
@@ -207,6 +208,8 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Variation seed": settings.get("variation_seed") if settings.get("variation_strength") else None,
         "Variation seed strength": _num(settings["variation_strength"]) if settings.get("variation_strength") else None,
         "ENSD": settings.get("eta_noise_seed_delta") or None,
+        "Token merging ratio": _num(settings["token_merging_ratio"]) if settings.get("token_merging_ratio") else None,
+        "Token merging ratio hr": _num(_hires_tome(settings)) if hires and _hires_tome(settings) else None,
         "NGMS": _num(settings["negative_guidance_min_sigma"]) if settings.get("negative_guidance_min_sigma") else None,
         "Emphasis": EMPHASIS_LABELS[settings["emphasis"]] if settings.get("emphasis") not in (None, "original") else None,
         **schedule_fields(settings, hires),
@@ -384,6 +387,7 @@ def settings_from_png(path, mode):
     for k, (_, name) in SCHEDULE_SETTINGS.items():                   # (applied with a schedule type)
         settings[k] = _at_least_0(f, name) if k != "discard_penultimate_sigma" else (
             f.get(name, "").strip().lower() == "true" or None)
+    settings["token_merging_ratio"] = _ratio(f, "Token merging ratio")
     if "Emphasis" in f:                                               # A1111's "No norm": no_norm
         settings["emphasis"] = emphasis_named(f["Emphasis"])
         if settings["emphasis"] is None:
@@ -430,11 +434,11 @@ def settings_from_png(path, mode):
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
 A1111_UNAPPLIED = ("Hires CFG Scale", "Hires checkpoint", "Face restoration",
-                   "Hypernet", "Token merging ratio", "Refiner")
+                   "Hypernet", "Refiner")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet", "Soft inpainting")   # extensions' (and built-in ones') fields
 # the hires fix's fields npsd applies (to txt2img only)
 HIRES_FIELDS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires prompt", "Hires negative prompt",
-                "Hires sampler", "Hires schedule type")
+                "Hires sampler", "Hires schedule type", "Token merging ratio hr")
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
 # seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
 A1111_BROWNIAN = ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde")
@@ -458,12 +462,20 @@ def _schedule_from_fields(f, sampler, suffix):
     return {"schedule_type": kind or "uniform"}
 
 
+def _hires_tome(settings):
+    """The hires pass's token merging ratio: its own, or (None) the first pass's, as A1111's
+    get_token_merging_ratio(for_hr=True)."""
+    own = settings.get("hires_token_merging_ratio")
+    return settings.get("token_merging_ratio") if own is None else own
+
+
 def _hires_from_fields(f):
     """A1111's hires fix fields -> the hires_* settings (or "_bad_hires_upscaler" for an upscaler npsd lacks)."""
     found = {"hires_scale": _convert(f, "Hires upscale", float, "a number") or HIRES_SCALE,
              "hires_steps": _convert(f, "Hires steps", int, "a whole number"),
              "hires_resize": _hires_resize(f["Hires resize"]) if "Hires resize" in f else None,
-             "hires_prompt": f.get("Hires prompt") or None, "hires_negative_prompt": f.get("Hires negative prompt") or None}
+             "hires_prompt": f.get("Hires prompt") or None, "hires_negative_prompt": f.get("Hires negative prompt") or None,
+             "hires_token_merging_ratio": _ratio(f, "Token merging ratio hr")}
     suffix = None
     if "Hires sampler" in f:
         found["hires_sampler"], suffix = sampler_from_a1111(f["Hires sampler"])
@@ -520,6 +532,14 @@ def _seed_resize(text):
         raise InputError(f"--from-png: the stored 'Seed resize from' is {text!r}, not WIDTHxHEIGHT of two whole "
                          f"numbers > 0; give --seed-resize-from")
     return w, h
+
+
+def _ratio(f, name):
+    """A stored token merging ratio (npsd/tome.py), or None."""
+    value = _convert(f, name, float, "a number")
+    if value is not None:
+        check_ratio(value, f"--from-png: the stored '{name}'")
+    return value
 
 
 def _at_least_0(f, name):

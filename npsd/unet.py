@@ -24,6 +24,7 @@ from .architecture import context_width
 from .config import with_fallbacks
 from .errors import InputError
 from .params import flatten
+from .tome import TokenMerging, check_ratio
 from .trace import record as _record, scope as _scope
 
 # an npsd.attention_maps.AttentionMaps while a generation collects cross-attention maps, else None
@@ -92,14 +93,20 @@ def attention(p, x, context, heads, trace=None):
     return out
 
 
-def transformer_block(p, x, context, heads, config, trace=None):
+def transformer_block(p, x, context, heads, config, trace=None, tome=None):
     """BasicTransformerBlock: pre-LayerNorm self-attention, cross-attention, GEGLU MLP; x [B, N, C].
 
     x += attn1(LN(x));  x += attn2(LN(x), context);  x += W2 GEGLU(LN(x))   (modified in place)
+    tome: an npsd.tome.TokenMerging, or None; where it applies, x += unmerge(attn1(merge(LN(x)))).
     """
     _record(trace, ":in", x)                                                                # before x changes in place
     eps = config["layer_norm_eps"]
-    x += attention(p["attn1"], nn.layer_norm(x, **p["norm1"], eps=eps), None, heads, _scope(trace, "attn1"))
+    if tome is None or not tome.applies(x.shape[1]):
+        x += attention(p["attn1"], nn.layer_norm(x, **p["norm1"], eps=eps), None, heads, _scope(trace, "attn1"))
+    else:                           # ToMe (npsd/tome.py): attend over N - r tokens, the metric is x
+        merge, unmerge = tome.matching(x)
+        h = merge(nn.layer_norm(x, **p["norm1"], eps=eps))                                  # [B, N - r, C]
+        x += unmerge(attention(p["attn1"], h, None, heads, _scope(trace, "attn1")))         # [B, N, C]
     x += attention(p["attn2"], nn.layer_norm(x, **p["norm2"], eps=eps), context, heads, _scope(trace, "attn2"))
     # GEGLU feed-forward (Shazeer 2020): value * GELU(gate), [B, N, C] -> [B, N, 4C] -> [B, N, C]
     h = nn.layer_norm(x, **p["norm3"], eps=eps)                                             # [B, N, C]
@@ -112,7 +119,7 @@ def transformer_block(p, x, context, heads, config, trace=None):
     return x
 
 
-def spatial_transformer(p, x, context, heads, config, trace=None):
+def spatial_transformer(p, x, context, heads, config, trace=None, tome=None):
     """Transformer2DModel: GN, proj_in, transformer blocks over the H*W tokens, proj_out, residual.
 
     x [B, C, H, W], context [B, M, Cc] -> [B, C, H, W].
@@ -123,7 +130,8 @@ def spatial_transformer(p, x, context, heads, config, trace=None):
     h = h.reshape(b, c, hh * ww).transpose(0, 2, 1)                                     # [B, H*W, C] (view)
     h = nn.linear_or_conv1x1(h, **p["proj_in"])                                         # [B, H*W, C]
     for k, block in enumerate(p["transformer_blocks"]):
-        h = transformer_block(block, h, context, heads, config, _scope(trace, f"transformer_blocks.{k}"))  # [B, H*W, C]
+        h = transformer_block(block, h, context, heads, config, _scope(trace, f"transformer_blocks.{k}"),
+                              tome)                                                     # [B, H*W, C]
     h = h.transpose(0, 2, 1).reshape(b, c, hh, ww)                                      # [B, C, H, W] (view)
     h = nn.conv1x1(h, **p["proj_out"])                                                  # [B, C, H, W]
     h += x
@@ -131,7 +139,7 @@ def spatial_transformer(p, x, context, heads, config, trace=None):
     return h
 
 
-def down_block(p, x, temb, context, heads, config, trace=None):
+def down_block(p, x, temb, context, heads, config, trace=None, tome=None):
     """(CrossAttn)DownBlock2D: x [B, Cin, H, W] -> (output, skips) with output [B, C, H/2, W/2]
     (H/2 rounded up; no downsampler on the last level) and one skip per resnet and downsampler."""
     _record(trace, ":in", x)
@@ -140,7 +148,7 @@ def down_block(p, x, temb, context, heads, config, trace=None):
         x = resnet(res, x, temb, config, _scope(trace, f"resnets.{j}"))                 # [B, C, H, W]
         if "attentions" in p:
             x = spatial_transformer(p["attentions"][j], x, context, heads, config,
-                                    _scope(trace, f"attentions.{j}"))                   # [B, C, H, W]
+                                    _scope(trace, f"attentions.{j}"), tome)             # [B, C, H, W]
         skips.append(x)
     if "downsamplers" in p:
         _record(trace, "downsamplers.0:in", x)
@@ -152,19 +160,20 @@ def down_block(p, x, temb, context, heads, config, trace=None):
     return x, skips
 
 
-def mid_block(p, x, temb, context, heads, config, trace=None):
+def mid_block(p, x, temb, context, heads, config, trace=None, tome=None):
     """UNetMidBlock2DCrossAttn: ResBlock, then (transformer, ResBlock) pairs; [B, C, h, w] kept."""
     _record(trace, ":in", x)
     x = resnet(p["resnets"][0], x, temb, config, _scope(trace, "resnets.0"))
     for j, res in enumerate(p["resnets"][1:]):
         if "attentions" in p:
-            x = spatial_transformer(p["attentions"][j], x, context, heads, config, _scope(trace, f"attentions.{j}"))
+            x = spatial_transformer(p["attentions"][j], x, context, heads, config, _scope(trace, f"attentions.{j}"),
+                                    tome)
         x = resnet(res, x, temb, config, _scope(trace, f"resnets.{j + 1}"))
     _record(trace, "", x)
     return x
 
 
-def up_block(p, x, skips, temb, context, heads, config, size, trace=None):
+def up_block(p, x, skips, temb, context, heads, config, size, trace=None, tome=None):
     """(CrossAttn)UpBlock2D: each resnet takes [x, skip] concatenated on channels (the skips are
     popped from the end of `skips`, last in first out); then nearest upsampling to `size` (the
     spatial size of the next skip, so odd sizes round-trip) and a 3x3 conv."""
@@ -173,7 +182,8 @@ def up_block(p, x, skips, temb, context, heads, config, size, trace=None):
         x = np.concatenate([x, skips.pop()], axis=1)                                    # [B, C + Cskip, H, W]
         x = resnet(res, x, temb, config, _scope(trace, f"resnets.{j}"))                 # [B, C', H, W]
         if "attentions" in p:
-            x = spatial_transformer(p["attentions"][j], x, context, heads, config, _scope(trace, f"attentions.{j}"))
+            x = spatial_transformer(p["attentions"][j], x, context, heads, config, _scope(trace, f"attentions.{j}"),
+                                    tome)
     if "upsamplers" in p:
         _record(trace, "upsamplers.0:in", x)
         x = nn.upsample_nearest(x, size)                                                # [B, C', H, W] -> [B, C', size]
@@ -187,7 +197,7 @@ def up_block(p, x, skips, temb, context, heads, config, size, trace=None):
 # The whole UNet
 # ---------------------------------------------------------------------------------------------
 
-def unet(params, latents, t, context, config, trace=None, w_emb=None):
+def unet(params, latents, t, context, config, trace=None, w_emb=None, token_merging_ratio=0.0):
     """Predict the noise in `latents` (LDM eq. 2: eps_theta(z_t, t, tau(y))).
 
     params:  the UNet's nested params (diffusers UNet2DConditionModel names)
@@ -202,10 +212,12 @@ def unet(params, latents, t, context, config, trace=None, w_emb=None):
              ...; docs/traces.md); or a dict, which receives the top-level block outputs without
              the "unet." ("conv_in", "time_embedding", "down_blocks.0", ..., "mid_block", "up_blocks.3")
     w_emb:   an LCM UNet's (time_embedding.cond_proj) guidance_embedding(w) [1 or B, D]; else None
+    token_merging_ratio: ToMe's (npsd/tome.py), in [0, 0.9]: the share of the tokens merged before
+             self-attention in the transformer blocks at the full h x w map; 0: none (as before, at no cost)
     returns  eps [B, out_channels, h, w]
     """
     if isinstance(trace, dict):
-        return _unet_into_dict(params, latents, t, context, config, trace, w_emb)
+        return _unet_into_dict(params, latents, t, context, config, trace, w_emb, token_merging_ratio)
     if ("cond_proj" in params["time_embedding"]) != (w_emb is not None):
         raise InputError("an LCM UNet (time_embedding.cond_proj) needs w_emb=guidance_embedding(w, D), and only "
                          "it takes one")
@@ -215,6 +227,8 @@ def unet(params, latents, t, context, config, trace=None, w_emb=None):
     b = latents.shape[0]
     levels = len(params["down_blocks"])
     heads = _heads(config["num_heads"], levels)                                         # one per level
+    ratio = check_ratio(token_merging_ratio)
+    tome = TokenMerging(ratio, *latents.shape[2:]) if ratio else None                  # None: no merging
 
     _record(trace, ":in", latents)
     dim = params["time_embedding"]["linear_1"]["weight"].shape[1]                     # 320 = block_out_channels[0]
@@ -227,19 +241,19 @@ def unet(params, latents, t, context, config, trace=None, w_emb=None):
     skips = [x]                                                                         # 1 + 3 + 3 + 3 + 2 = 12 at SD size
     for i, block in enumerate(params["down_blocks"]):
         x, block_skips = down_block(block, x, temb, context, heads[i], config,
-                                    _scope(trace, f"down_blocks.{i}"))                  # [B, C_i, h/2^i.., ..]
+                                    _scope(trace, f"down_blocks.{i}"), tome)            # [B, C_i, h/2^i.., ..]
         skips += block_skips
 
     if "mid_block" in params:
         x = mid_block(params["mid_block"], x, temb, context, heads[-1], config,
-                      _scope(trace, "mid_block"))                                       # [B, 1280, h/8, w/8]
+                      _scope(trace, "mid_block"), tome)                                 # [B, 1280, h/8, w/8]
 
     for i, block in enumerate(params["up_blocks"]):
         n = len(block["resnets"])
         # the upsampler goes to the size of the skip that the next up block takes first
         size = skips[-n - 1].shape[2:] if "upsamplers" in block else None
         x = up_block(block, x, skips, temb, context, heads[levels - 1 - i], config, size,
-                     _scope(trace, f"up_blocks.{i}"))                                   # pops n skips
+                     _scope(trace, f"up_blocks.{i}"), tome)                             # pops n skips
 
     _record(trace, "conv_norm_out:in", x)
     x = nn.group_norm(x, config["norm_groups"], **params["conv_norm_out"], eps=config["resnet_eps"])  # [B, 320, h, w]
@@ -252,11 +266,11 @@ def unet(params, latents, t, context, config, trace=None, w_emb=None):
     return x
 
 
-def _unet_into_dict(params, latents, t, context, config, into, w_emb=None):
+def _unet_into_dict(params, latents, t, context, config, into, w_emb=None, token_merging_ratio=0.0):
     """unet(..., trace={}): a Trace of the top-level block outputs, copied into the dict."""
     from .trace import Trace
     top = Trace(only=r"unet\.(time_embedding|conv_in|down_blocks\.\d+|mid_block|up_blocks\.\d+)")
-    eps = unet(params, latents, t, context, config, trace=top, w_emb=w_emb)
+    eps = unet(params, latents, t, context, config, trace=top, w_emb=w_emb, token_merging_ratio=token_merging_ratio)
     into.update({name[len("unet."):]: x for name, x in top.tensors.items()})
     return eps
 

@@ -596,6 +596,45 @@ def test_schedule_options_and_png_fields(model, tmp_path, capsys):
     assert rc != 0 and err.count("\n") == 1 and "--schedule-rho is a setting of A1111's schedule types" in err, err
 
 
+def test_token_merging_options_and_png_fields(model, tmp_path, capsys):
+    """--token-merging-ratio and --hires-token-merging-ratio: the pipeline's token_merging_ratio and the
+    Hires field, written as A1111's "Token merging ratio" and "Token merging ratio hr" and remade by
+    --from-png; without the hr field the hires pass runs with the first pass's ratio (A1111's
+    get_token_merging_ratio(for_hr=True)); a ratio out of range is one line."""
+    from npsd import load
+    from npsd.hires import Hires
+    from npsd.pngmeta import png_info
+    a = tmp_path / "a.png"
+    gen(capsys, model, a, "--seed", 4, "--token-merging-ratio", 0.5, "--hires-scale", 2,
+        "--hires-token-merging-ratio", 0.3, "--steps", 3, "--hires-steps", 2)
+    f = params_of(a)["fields"]
+    assert (f["Token merging ratio"], f["Token merging ratio hr"]) == ("0.5", "0.3"), f
+    pipe = load(str(model))
+    kw = dict(num_inference_steps=3, guidance_scale=float(f["CFG scale"]), seed=4, prompt_syntax="a1111", height=16,
+              width=16, token_merging_ratio=0.5)
+    ref = pipe.txt2img(PROMPT, hires=Hires(2, steps=2, token_merging_ratio=0.3), **kw)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(ref))
+    assert not np.array_equal(np.asarray(ref), np.asarray(pipe.txt2img(PROMPT, hires=Hires(2, steps=2), **kw)))
+    rc, _, err = run(["txt2img", "--from-png", a, "--model", model, "-o", tmp_path / "b.png", "--quiet"], capsys)
+    assert rc == 0 and (tmp_path / "b.png").read_bytes() == a.read_bytes(), err
+    # without the hr field (A1111 writes it whenever the first pass merges; a text written by hand may
+    # leave it out) the hires pass takes the first pass's ratio, as A1111's for_hr=True falls back
+    text = read_parameters(a).replace("Token merging ratio hr: 0.3, ", "")
+    a1111 = tmp_path / "a1111.png"
+    Image.new("RGB", (32, 32)).save(a1111, pnginfo=png_info(text))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "c.png", "--quiet"], capsys)
+    assert rc == 0 and err == "", err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")),
+                          np.asarray(pipe.txt2img(PROMPT, hires=Hires(2, steps=2, token_merging_ratio=0.5), **kw)))
+    assert params_of(tmp_path / "c.png")["fields"]["Token merging ratio hr"] == "0.5"
+    Image.new("RGB", (32, 32)).save(a1111, pnginfo=png_info(text.replace("ratio: 0.5", "ratio: 1.5")))
+    rc, _, err = run(["txt2img", "--from-png", a1111, "--model", model, "-o", tmp_path / "d.png", "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "the stored 'Token merging ratio' must be a number in [0, 0.9]" in err, err
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "e.png", "--token-merging-ratio", "0.95"],
+                     capsys)
+    assert rc != 0 and err.count("\n") == 1 and "--token-merging-ratio: the ratio must be a number in [0, 0.9]" in err, err
+
+
 def test_emphasis_option_and_png_field(model, tmp_path, capsys):
     """--emphasis: the pipeline's emphasis=, written as A1111's "Emphasis" field (its labels) and remade
     by --from-png, also from an A1111 PNG; an emphasis npsd lacks is one line."""

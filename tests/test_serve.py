@@ -370,6 +370,33 @@ def test_emphasis_option_same_pixels_as_the_pipeline(client, pipe):
     assert "Emphasis: No norm" in json.loads(body["info"])["infotexts"][0]
 
 
+def test_token_merging_same_pixels_as_the_pipeline(client, pipe, picture):
+    """token_merging_ratio and token_merging_ratio_hr (request fields and options) as A1111's
+    get_token_merging_ratio picks them (a request's 0: the options'): the pipeline's token_merging_ratio
+    and Hires field, in the infotext; img2img takes the option token_merging_ratio_img2img."""
+    body = txt2img(client, steps=3, seed=8, token_merging_ratio=0.5, enable_hr=True, hr_scale=1.5,
+                   hr_second_pass_steps=2, denoising_strength=0.6, token_merging_ratio_hr=0.3)
+    ref = pipe.txt2img(PROMPT, num_inference_steps=3, seed=8, token_merging_ratio=0.5,
+                       hires=Hires(1.5, "latent", 2, 0.6, token_merging_ratio=0.3), prompt_syntax="a1111")
+    assert np.array_equal(pixels(decode(body["images"][0])), pixels(ref))
+    assert "Token merging ratio: 0.5, Token merging ratio hr: 0.3" in json.loads(body["info"])["infotexts"][0]
+    body = txt2img(client, steps=3, seed=8, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2,
+                   denoising_strength=0.6, override_settings={"token_merging_ratio": 0.5})
+    assert np.array_equal(pixels(decode(body["images"][0])),
+                          pixels(pipe.txt2img(PROMPT, num_inference_steps=3, seed=8, token_merging_ratio=0.5,
+                                              hires=Hires(1.5, "latent", 2, 0.6), prompt_syntax="a1111")))
+    assert "Token merging ratio: 0.5, Token merging ratio hr: 0.5" in json.loads(body["info"])["infotexts"][0]
+    r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "denoising_strength": 0.6, "steps": 5, "seed": 7,
+                                               "init_images": [encode(picture)],
+                                               "override_settings": {"token_merging_ratio_img2img": 0.4}})
+    assert r.status_code == 200, r.text
+    ref = pipe.img2img(PROMPT, picture, strength=0.6, num_inference_steps=5, seed=7, token_merging_ratio=0.4)
+    assert np.array_equal(pixels(decode(r.json()["images"][0])), pixels(ref))
+    assert "Token merging ratio: 0.4" in json.loads(r.json()["info"])["infotexts"][0]
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "token_merging_ratio": 0.95})
+    assert r.status_code == 422 and "token_merging_ratio must be in [0.0, 0.9], got 0.95" in r.text, r.text
+
+
 def test_img2img_same_pixels_as_the_pipeline(client, pipe, picture):
     r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "denoising_strength": 0.6, "steps": 5, "seed": 7,
                                                "init_images": ["data:image/png;base64," + encode(picture)]})

@@ -56,24 +56,26 @@ from ..rng import SEED_LIMIT
 from ..a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from ..images import RESIZE_MODES
 from ..schedulers import BETA_ALPHA, BETA_BETA, KDIFFUSION_SAMPLERS
+from ..tome import MAX_RATIO
 
 # --- the fields ---------------------------------------------------------------------------------
 
 USED = {"prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w",
         "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
         "steps", "cfg_scale", "width", "height", "eta", "override_settings", "override_settings_restore_afterwards",
-        "send_images", "save_images", "npsd_attention_maps", "s_min_uncond", "tiling"}
+        "send_images", "save_images", "npsd_attention_maps", "s_min_uncond", "tiling", "token_merging_ratio"}
 USED_IMG2IMG = {"init_images", "denoising_strength", "mask", "mask_blur", "mask_blur_x", "mask_blur_y",
                 "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode",
                 "initial_noise_multiplier", "include_init_images"}
 INERT = {"do_not_save_samples", "do_not_save_grid", "comments", "force_task_id", "s_tmin", "s_tmax",
-         "refiner_switch_at", "token_merging_ratio", "token_merging_ratio_hr", "user"}
+         "refiner_switch_at", "user"}
 USED_TXT2IMG = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "hr_resize_x",
-                "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler"}
+                "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler", "token_merging_ratio_hr"}
 # the hires fix's fields npsd lacks, refused when enable_hr is true (ignored, as by A1111, when false)
 HIRES_OFF = {"hr_checkpoint_name": (("", "Use same checkpoint"), "npsd's second pass uses the same model")}
 HIRES_DENOISING = 0.75                                      # A1111's txt2img default denoising_strength
-INERT_IMG2IMG = {"image_cfg_scale"}                        # instruct-pix2pix only
+INERT_IMG2IMG = {"image_cfg_scale",                         # instruct-pix2pix only
+                 "token_merging_ratio_hr"}                  # (A1111's img2img has no hires pass)
 # feature field -> (its "off" values, what npsd lacks). None is always "off".
 OFF = {
     "firstphase_width": ((0,), "A1111's old hires fix; send hr_scale"),
@@ -103,11 +105,13 @@ OPTION_DEFAULTS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1, "
                    "eta_ddim": 0.0, "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0,
                    "inpainting_mask_weight": 1.0, "s_min_uncond": 0.0, "emphasis": "Original", "tiling": False,
                    "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,
-                   "beta_dist_alpha": BETA_ALPHA, "beta_dist_beta": BETA_BETA}
+                   "beta_dist_alpha": BETA_ALPHA, "beta_dist_beta": BETA_BETA,
+                   "token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0, "token_merging_ratio_hr": 0.0}
 # A1111's options that change its schedule types' sigmas -> the run's settings (npsd.pngmeta.SCHEDULE_SETTINGS)
 SCHEDULE_OPTIONS = {"sigma_min": "schedule_sigma_min", "sigma_max": "schedule_sigma_max", "rho": "schedule_rho",
                     "always_discard_next_to_last_sigma": "discard_penultimate_sigma",
                     "beta_dist_alpha": "beta_schedule_alpha", "beta_dist_beta": "beta_schedule_beta"}
+TOME_OPTIONS = ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")
 READ_ONLY_OPTIONS = ("sd_checkpoint_hash",)
 RANDN_SOURCES = {"numpy": "numpy", "CPU": "torch"}   # randn_source -> the pipeline's rng
 
@@ -273,6 +277,9 @@ def check_options(options, where="options"):
         raise InputError(f"{where}: always_discard_next_to_last_sigma must be true or false, got {discard!r}")
     if "tiling" in checked:
         _bool(checked, "tiling")
+    for name in TOME_OPTIONS:
+        if name in checked:
+            _float(checked, name, lo=0.0, hi=MAX_RATIO)
     if "emphasis" in checked and (not isinstance(checked["emphasis"], str) or emphasis_named(checked["emphasis"]) is None):
         raise InputError(f"{where}: emphasis {checked['emphasis']!r} is not one npsd has; use one of "
                          f"{', '.join(EMPHASIS_LABELS.values())}")
@@ -353,6 +360,8 @@ def read_request(kind, body, limits=None):
                 # None: the option s_min_uncond's, as A1111's processing takes it
                 "negative_guidance_min_sigma": _float(body, "s_min_uncond", None, lo=0.0),
                 "tiling": _bool(body, "tiling"),                # None: the option tiling's, as in A1111
+                # None or 0: the options' (a1111.token_merging), as A1111's get_token_merging_ratio
+                "token_merging_ratio": _float(body, "token_merging_ratio", None, lo=0.0, hi=MAX_RATIO),
                 "inpainting_mask_weight": 1.0, "no_ema": False, "rng": None, "prediction_type": None, "guidance_rescale": 0.0,
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
                 # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)
@@ -378,7 +387,7 @@ def read_request(kind, body, limits=None):
 
 HIRES_NONE = {"hires_scale": None, "hires_upscaler": None, "hires_steps": None, "hires_strength": None,
               "hires_resize": None, "hires_prompt": None, "hires_negative_prompt": None, "hires_sampler": None,
-              "hires_schedule_type": None}
+              "hires_schedule_type": None, "hires_token_merging_ratio": None}
 
 
 def _hires(body, sampler, schedule_type):
@@ -398,6 +407,7 @@ def _hires(body, sampler, schedule_type):
                                                      _int(body, "hr_resize_y", 0, lo=0, hi=MAX_RESIZE))) else None,
             "hires_prompt": _str(body, "hr_prompt") or None,
             "hires_negative_prompt": _str(body, "hr_negative_prompt") or None,
+            "hires_token_merging_ratio": _float(body, "token_merging_ratio_hr", None, lo=0.0, hi=MAX_RATIO),
             **_hires_sampler(body, sampler, schedule_type)}
 
 
@@ -414,6 +424,21 @@ def _hires_sampler(body, sampler, schedule_type):
             raise InputError(f"hr_scheduler {label!r} is not one npsd has; use one of {', '.join(SCHEDULE_LABELS.values())}")
         kind = SCHEDULE_NAMED[label.lower()]
     return {"hires_sampler": hires_sampler, "hires_schedule_type": kind}
+
+
+def token_merging(settings, options, overrides, img2img):
+    """The token merging ratios of a run -> settings' token_merging_ratio and hires_token_merging_ratio,
+    as A1111's get_token_merging_ratio (modules/processing.py) picks them, where a request's 0 is unset:
+    txt2img the request's or the option token_merging_ratio; img2img the request's, the option
+    token_merging_ratio where override_settings sets it, token_merging_ratio_img2img, or
+    token_merging_ratio; the hires pass the request's token_merging_ratio_hr, the option, or the first pass's."""
+    if img2img:
+        first = (settings["token_merging_ratio"] or overrides.get("token_merging_ratio")
+                 or options["token_merging_ratio_img2img"] or options["token_merging_ratio"])
+    else:
+        first = settings["token_merging_ratio"] or options["token_merging_ratio"]
+    hires = settings["hires_token_merging_ratio"] or options["token_merging_ratio_hr"] or first
+    return {"token_merging_ratio": first, "hires_token_merging_ratio": hires if settings.get("hires_scale") else None}
 
 
 def check_hires(settings):
@@ -584,6 +609,10 @@ def reload_settings(plan, settings, model_title, pos):
                       hr_sampler_name=A1111_SAMPLERS[settings["hires_sampler"]] if settings.get("hires_sampler") else "",
                       hr_scheduler=SCHEDULE_LABELS[settings["hires_schedule_type"]] if settings.get("hires_schedule_type")
                       else "")
+    if settings.get("token_merging_ratio"):
+        fields["token_merging_ratio"] = settings["token_merging_ratio"]
+    if settings.get("hires_token_merging_ratio"):
+        fields["token_merging_ratio_hr"] = settings["hires_token_merging_ratio"]
     if plan.mode == "inpaint":
         fields.update(mask_blur=settings["mask_blur"], inpainting_fill=MASKED_CONTENT.index(settings["masked_content"]),
                       inpaint_full_res=settings["inpaint_area"] == "only masked",

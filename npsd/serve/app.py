@@ -441,6 +441,7 @@ class Server:
             settings["negative_guidance_min_sigma"] = options["s_min_uncond"]
         if settings["tiling"] is None:
             settings["tiling"] = options["tiling"]
+        settings.update(a1111.token_merging(settings, options, plan.overrides, plan.mode != "txt2img"))
         if settings["negative_guidance_min_sigma"] and settings["schedule_type"] is None:
             raise InputError(f"s_min_uncond (Negative Guidance minimum sigma) applies to the samplers A1111 runs with "
                              f"k-diffusion, not to {A1111_SAMPLERS[settings['sampler']]}; send 0 or another sampler_name")
