@@ -73,6 +73,12 @@ class Hires:
               the second pass's (A1111's "Hires prompt", "Hires negative prompt"); None: the first
               pass's (A1111's empty text; here "" is the empty prompt). A str for every prompt, or
               a list with one per prompt
+    checkpoint
+              the npsd.Pipeline whose text encoder, UNet and VAE run the second pass (A1111's "Hires
+              checkpoint": its VAE encodes the enlarged image of an image upscaler and decodes the
+              result); None: the first pass's model (A1111's "Use same checkpoint")
+    checkpoint_name
+              what the PNG's "Hires checkpoint" field calls it (A1111: "NAME [hash]"); None: left out
     """
     scale: float = SCALE
     upscaler: str = "latent"
@@ -83,8 +89,13 @@ class Hires:
     negative_prompt: object = None
     sampler: str = None
     schedule_type: str = None
+    checkpoint: object = None
+    checkpoint_name: str = None
 
     def __post_init__(self):
+        if self.checkpoint is not None and not (hasattr(self.checkpoint, "unet") and hasattr(self.checkpoint, "params")):
+            raise InputError(f"hires checkpoint must be an npsd.Pipeline (npsd.load(PATH)) or None, got "
+                             f"{type(self.checkpoint).__name__}")
         if self.resize is not None:
             check_resize(self.resize)
         if self.sampler is not None and self.sampler not in SAMPLERS:
