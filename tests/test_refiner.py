@@ -46,6 +46,7 @@ from npsd.testing import assert_close
 from tests.helpers import assert_caught, perturb_
 from tests.test_a1111_pipeline import ANCESTRAL, FUNCTIONS, GUIDANCE, NEGATIVE, PROMPT, _LDM, a1111_resize_with_upscaler
 from tests.test_kdiffusion import a1111_sampler_sigmas, kd  # noqa: F401 - the fixture
+from tests.test_cli import gen, model, run  # noqa: F401 - the fixture
 from tests.test_pipelines import SCHED, SIZE, models, npsd_pipe, reference, tiny_unet  # noqa: F401
 
 TOL_IMAGE = 2e-5
@@ -298,3 +299,52 @@ def test_refiner_errors_are_one_line(models, refiner_models):  # noqa: F811
         with pytest.raises(InputError, match=message) as caught:
             call()
         assert "\n" not in str(caught.value)
+
+
+# --- the command line and the PNG ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def refiner_folder(models, tmp_path_factory):  # noqa: F811
+    """Another tiny model saved as a diffusers folder "tiny-refiner" in a folder of models."""
+    folder = tmp_path_factory.mktemp("checkpoints") / "tiny-refiner"
+    other = other_models(models, 31)
+    other["text"].save_pretrained(folder / "text_encoder")
+    other["vae"].save_pretrained(folder / "vae")
+    other["unet4"].save_pretrained(folder / "unet")
+    return folder
+
+
+def test_refiner_and_hires_checkpoint_on_the_command_line(model, refiner_folder, tmp_path, capsys):  # noqa: F811
+    from npsd.generation import file_hash
+    from npsd.pngmeta import read_parameters
+    common = ["--seed", 3, "--sampler", "euler_a", "--schedule-type", "automatic", "--rng", "torch"]
+    title = f"tiny-refiner [{file_hash(refiner_folder / 'unet' / 'diffusion_pytorch_model.safetensors')}]"
+    runs = {"refiner": ["--refiner", refiner_folder, "--refiner-switch-at", 0.5],
+            "hires checkpoint": ["--hires-scale", 2, "--hires-steps", 2, "--hires-checkpoint", refiner_folder],
+            "both, first pass": ["--refiner", refiner_folder, "--hires-scale", 2, "--hires-steps", 2,
+                                 "--hires-refiner-pass", "first pass"]}
+    fields = {"refiner": [f"Refiner: {title}", "Refiner switch at: 0.5"], "hires checkpoint": [f"Hires checkpoint: {title}"],
+              "both, first pass": [f"Refiner: {title}", "Refiner switch at: 0.8", "Hires refiner: first pass"]}
+    for name, options in runs.items():
+        a, b, plain = tmp_path / f"{name}-a.png", tmp_path / f"{name}-b.png", tmp_path / f"{name}-plain.png"
+        gen(capsys, model, a, *common, *options)
+        text = read_parameters(str(a))
+        for field in fields[name]:
+            assert field in text, (name, text)
+        # --from-png finds the checkpoint by name in --models-dir and remakes the image
+        gen(capsys, model, b, "--models-dir", refiner_folder.parent, "--from-png", a, prompt=None)
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), name
+        assert read_parameters(str(b)) == text
+        # (without the second model the image differs)
+        gen(capsys, model, plain, *common, *[o for o in options if o is not refiner_folder and o not in (
+            "--refiner", "--hires-checkpoint", "--refiner-switch-at", 0.5, "--hires-refiner-pass", "first pass")])
+        assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(plain))), name
+    rc, _, err = run(["txt2img", "--from-png", tmp_path / "refiner-a.png", "--model", model, "-o", tmp_path / "c.png",
+                      "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "the image used the refiner 'tiny-refiner'; give --models-dir" in err
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "d.png", "--refiner", refiner_folder,
+                      "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "give --schedule-type" in err
+    rc, _, err = run(["txt2img", PROMPT, "--model", model, "-o", tmp_path / "d.png", "--refiner-switch-at", 0.5,
+                      "--quiet"], capsys)
+    assert rc != 0 and err.count("\n") == 1 and "--refiner-switch-at is the refiner's; give --refiner PATH" in err
