@@ -417,7 +417,7 @@ class Pipeline:
         return self.unet_in_channels == 2 * self.latent_channels + 1
 
     def _check_refiner(self, refiner, schedule_type, attention_maps):
-        """txt2img's refiner: None or an npsd.refiner.Refiner whose pipeline fits this one, checked."""
+        """txt2img's and img2img's refiner: None or an npsd.refiner.Refiner whose pipeline fits this one, checked."""
         if refiner is None:
             return
         if not isinstance(refiner, Refiner):
@@ -539,7 +539,7 @@ class Pipeline:
                 variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
                 seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0,
                 negative_guidance_min_sigma=0.0, emphasis="original",
-                schedule_options=None):
+                schedule_options=None, refiner=None):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -553,8 +553,9 @@ class Pipeline:
         rng="torch" (as diffusers), the mean with rng="numpy" or an A1111 schedule_type (A1111 draws
         the sample from torch's global generator, which no seed sets, so the seed's first draw is
         its start noise). initial_noise_multiplier: A1111's "Noise multiplier for img2img", >= 0: the
-        noise added to the image's latents (drawn or given) is multiplied by it. Other arguments as in
-        txt2img.
+        noise added to the image's latents (drawn or given) is multiplied by it. refiner: as in txt2img
+        (the image is encoded by this model's VAE, as A1111 encodes it before sampling). Other arguments
+        as in txt2img.
         """
         _check_strength(strength)
         _check_hooks(callback, progress, attention_maps)
@@ -568,12 +569,16 @@ class Pipeline:
                                   schedule_options=schedule_options)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
+        self._check_refiner(refiner, schedule_type, attention_maps)
+        if refiner is not None:
+            resources.check_request(refiner.pipeline, prompt, num_images, settings)
         img = fit_size(img, settings["height"], settings["width"], mode=_check_resize_mode(resize_mode))
         sample_posterior = _posterior(sample_posterior, rng == "torch" and schedule_type is None, settings)
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
                                                   guidance_rescale, prompt_syntax, schedule_type,
-                                                  self._unet_without_mask(settings, to_array(img), inpainting_mask_weight))
+                                                  self._unet_without_mask(settings, to_array(img), inpainting_mask_weight),
+                                                  refiner)
         start = schedulers.start_index(schedule, strength)
         per_image = batch if isinstance(settings["seed"], tuple) else 1             # one sample per seed
         x0 = self._encode_image(to_array(img), rng, sample_posterior, per_image)   # [1 or B, 4, h, w], scaled
@@ -583,7 +588,8 @@ class Pipeline:
         x = schedulers.noise_at_start(schedule, x0, noise, start)                   # x at step `start`
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress, attention_maps=attention_maps,
                          settings=settings)
-        return self._output(x, output_type, decoder, a1111=schedule.schedule_type is not None)
+        last = refiner.pipeline if getattr(model, "switched", False) else self      # the model that ended it
+        return self._output(x, output_type, decoder, a1111=schedule.schedule_type is not None, by=last)
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     @_traced

@@ -38,7 +38,7 @@ SWITCH_AT = 0.8                 # A1111's default "Switch at"
 
 @dataclass(frozen=True)
 class Refiner:
-    """What Pipeline.txt2img(refiner=...) switches to (A1111's "Refiner").
+    """What Pipeline.txt2img(refiner=...) and img2img(refiner=...) switch to (A1111's "Refiner").
 
     pipeline     the refiner: an npsd.Pipeline (npsd.load(...)) of the same latent space and noise
                  schedule as the base; its text encoder, UNet and VAE take over

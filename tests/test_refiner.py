@@ -1,5 +1,5 @@
-"""AUTOMATIC1111's "Refiner" and "Hires checkpoint" (npsd/refiner.py, Pipeline.txt2img(refiner=...),
-npsd.hires.Hires(checkpoint=...)) against an A1111 run with two checkpoints.
+"""AUTOMATIC1111's "Refiner" and "Hires checkpoint" (npsd/refiner.py, Pipeline.txt2img(refiner=...) and
+img2img(refiner=...), npsd.hires.Hires(checkpoint=...)) against an A1111 run with two checkpoints.
 
 The reference is tests/test_a1111_pipeline.py's A1111 run (diffusers' tiny random models, k-diffusion's
 samplers on A1111's sigmas, the image's torch generator), with two different sets of tiny models (text
@@ -27,7 +27,8 @@ one model call early or late (9.5e-2, 1.1e-2, 1.9e-2), the refiner guided by the
 encoder's conds (5.2e-4), the image decoded by the base's VAE (0.94), the refiner in the first pass
 where A1111's option says the second (0.92), the second pass kept on the refiner that ended the first
 (0.90), the image upscaler's image decoded by the base instead of the refiner that ended the first
-pass (1.1e-2), the hires checkpoint ignored (0.90).
+pass (1.1e-2), the hires checkpoint ignored (0.90); in img2img the switch one call late (0.20) and the
+image decoded by the base's VAE (0.83).
 """
 
 import numpy as np
@@ -47,7 +48,7 @@ from tests.helpers import assert_caught, perturb_
 from tests.test_a1111_pipeline import ANCESTRAL, FUNCTIONS, GUIDANCE, NEGATIVE, PROMPT, _LDM, a1111_resize_with_upscaler
 from tests.test_kdiffusion import a1111_sampler_sigmas, kd  # noqa: F401 - the fixture
 from tests.test_cli import gen, model, run  # noqa: F401 - the fixture
-from tests.test_pipelines import SCHED, SIZE, models, npsd_pipe, reference, tiny_unet  # noqa: F401
+from tests.test_pipelines import SCHED, SIZE, make_image, models, npsd_pipe, reference, tiny_unet  # noqa: F401
 
 TOL_IMAGE = 2e-5
 TOL_8BIT = 1e-4
@@ -110,9 +111,11 @@ class A1111Denoiser:
 
 
 def a1111_refiner_run(kd, base, refiner, sampler, schedule_type, seed, steps, switch_at, hires=None,  # noqa: F811
-                      hires_pass="second pass", hires_model=None):
+                      hires_pass="second pass", hires_model=None, strength=None):
     """A1111's txt2img with a refiner (and the hires fix: hires (scale, upscaler "latent" or "none", steps,
-    strength), hires_model its checkpoint) -> (images [1, H, W, 3] in [0, 1], the switch calls per pass)."""
+    strength), hires_model its checkpoint), or with strength its img2img of make_image() (the image
+    encoded by the base's VAE, the posterior's mean) -> (images [1, H, W, 3] in [0, 1], the switch
+    calls per pass)."""
     vae_scaling = reference(StableDiffusionPipeline, base, EulerDiscreteScheduler(**SCHED)).vae.config.scaling_factor
 
     def run(den, x, n, t_enc):                 # sample (t_enc None) or sample_img2img, the seed's generator
@@ -128,10 +131,15 @@ def a1111_refiner_run(kd, base, refiner, sampler, schedule_type, seed, steps, sw
         acts = PASSES[hires_pass] if hires is not None else (1,)
         refiner = refiner if switch_at is not None else None
         den = A1111Denoiser(kd, base, PROMPT, NEGATIVE, refiner if 1 in acts else None, switch_at)
-        x = run(den, torch.zeros(1, 4, SIZE // OPT_F, SIZE // OPT_F), steps, None)
+        if strength is None:
+            x = run(den, torch.zeros(1, 4, SIZE // OPT_F, SIZE // OPT_F), steps, None)
+        else:
+            pixels = torch.from_numpy(np.asarray(make_image(), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+            x0 = base["vae"].encode(pixels).latent_dist.mean * vae_scaling
+            x = run(den, x0, steps, int(min(strength, 0.999) * steps))
         switches = [den.switch_call]
         if hires is not None:
-            scale, upscaler, hr_steps, strength = hires
+            scale, upscaler, hr_steps, hr_strength = hires
             side = int(SIZE * scale)
             second = hires_model or base                              # reload_model_weights(info=hr_checkpoint_info)
             if upscaler == "latent":
@@ -143,7 +151,7 @@ def a1111_refiner_run(kd, base, refiner, sampler, schedule_type, seed, steps, sw
                 image = torch.from_numpy(np.moveaxis(np.array(image).astype(np.float32) / 255.0, 2, 0))[None]
                 x = second["vae"].encode(image * 2 - 1).latent_dist.mean * vae_scaling
             den = A1111Denoiser(kd, second, PROMPT, NEGATIVE, refiner if 2 in acts else None, switch_at)
-            x = run(den, x, hr_steps, int(min(strength, 0.999) * hr_steps))
+            x = run(den, x, hr_steps, int(min(hr_strength, 0.999) * hr_steps))
             switches.append(den.switch_call)
         image = den.current["vae"].decode(x / vae_scaling).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), switches
@@ -161,22 +169,25 @@ class Recorded(SwitchingModel):
 
 
 def npsd_run(models, pipe, refiner_pipe, sampler, schedule_type, seed, steps, switch_at, hires=None,
-             hires_pass="second pass", hires_pipe=None, monkeypatch=None, model_class=None):
-    """npsd's txt2img of the same run -> (images, the switch calls per pass). model_class: what switches
-    (default npsd's SwitchingModel, recorded)."""
+             hires_pass="second pass", hires_pipe=None, monkeypatch=None, model_class=None, strength=None):
+    """npsd's txt2img (with strength: img2img) of the same run -> (images, the switch calls per pass).
+    model_class: what switches (default npsd's SwitchingModel, recorded)."""
     Recorded.log = []
     monkeypatch.setattr("npsd.pipeline.SwitchingModel", model_class or Recorded)
     hr, refiner = None, (None if switch_at is None else Refiner(refiner_pipe, switch_at, hires_pass))
     if hires is not None:
-        scale, upscaler, hr_steps, strength = hires
-        hr = Hires(scale=scale, upscaler=upscaler, steps=hr_steps, strength=strength, checkpoint=hires_pipe)
-    out = pipe.txt2img(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE,
-                       height=SIZE, width=SIZE, seed=seed, rng="torch", sampler=sampler, schedule_type=schedule_type,
-                       output_type="np", hires=hr, refiner=refiner)
+        scale, upscaler, hr_steps, hr_strength = hires
+        hr = Hires(scale=scale, upscaler=upscaler, steps=hr_steps, strength=hr_strength, checkpoint=hires_pipe)
+    kw = dict(negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
+              seed=seed, rng="torch", sampler=sampler, schedule_type=schedule_type, output_type="np", refiner=refiner)
+    if strength is not None:
+        out = pipe.img2img(PROMPT, make_image(), strength=strength, **kw)
+    else:
+        out = pipe.txt2img(PROMPT, hires=hr, **kw)
     return out, [m.switch_call for m in Recorded.log]
 
 
-CASES = {  # name: (sampler, schedule type, steps, switch_at, hires, hires_pass, hires checkpoint)
+CASES = {  # name: (sampler, schedule type, steps, switch_at (None: no refiner), hires, hires_pass, hires checkpoint)
     "euler a, 0.5": ("euler_a", "automatic", 6, 0.5, None, "second pass", False),
     "heun, 0.8 (inside a step)": ("heun", "karras", 5, 0.8, None, "second pass", False),
     "dpm++ 2s a, 0.5": ("dpmpp_2s_a", "automatic", 5, 0.5, None, "second pass", False),
@@ -190,6 +201,9 @@ CASES = {  # name: (sampler, schedule type, steps, switch_at, hires, hires_pass,
     "hires checkpoint alone": ("dpmpp_2m", "automatic", 4, None, (1.5, "latent", 3, 0.6), "second pass", True),
     "hires checkpoint alone, image upscaler": ("euler_a", "karras", 4, None, (1.5, "none", 3, 0.6), "second pass",
                                                True),
+    # img2img (an 8th item: the strength)
+    "img2img, dpm++ 2m, 0.8": ("dpmpp_2m", "automatic", 6, 0.8, None, "second pass", False, 0.6),
+    "img2img, heun, 0.5": ("heun", "karras", 5, 0.5, None, "second pass", False, 0.75),
 }
 
 
@@ -199,12 +213,13 @@ def _pipes(models, refiner_models, hires_models):
 
 @pytest.mark.parametrize("case", CASES)
 def test_refiner_equals_an_a1111_run(kd, models, refiner_models, hires_models, case, monkeypatch):  # noqa: F811
-    sampler, schedule_type, steps, switch_at, hires, hires_pass, with_checkpoint = CASES[case]
+    sampler, schedule_type, steps, switch_at, hires, hires_pass, with_checkpoint, *strength = CASES[case]
+    strength = strength[0] if strength else None
     pipe, refiner_pipe, hires_pipe = _pipes(models, refiner_models, hires_models)
     ours, our_switches = npsd_run(models, pipe, refiner_pipe, sampler, schedule_type, 21, steps, switch_at, hires,
-                                  hires_pass, hires_pipe if with_checkpoint else None, monkeypatch)
+                                  hires_pass, hires_pipe if with_checkpoint else None, monkeypatch, strength=strength)
     ref, switches = a1111_refiner_run(kd, models, refiner_models, sampler, schedule_type, 21, steps, switch_at, hires,
-                                      hires_pass, hires_models if with_checkpoint else None)
+                                      hires_pass, hires_models if with_checkpoint else None, strength)
     print(f"\n  {case}: switched at model calls {switches} (npsd {our_switches})")
     assert [s for s in our_switches if s is not None] == [s for s in switches if s is not None]
     tol = TOL_8BIT if hires is not None and hires[1] == "none" else TOL_IMAGE
@@ -242,16 +257,20 @@ BUGS = {
     "the image upscaler's image decoded by the base": ("hires, both passes, image upscaler",
                                                        lambda p, r, h, k: dict(decode_first=p)),
     "the hires checkpoint ignored": ("hires checkpoint alone", lambda p, r, h, k: dict(hires_pipe=None)),
+    "img2img: the switch one call late": ("img2img, heun, 0.5", lambda p, r, h, k: dict(switch_call=k + 1)),
+    "img2img: the image decoded by the base's VAE": ("img2img, dpm++ 2m, 0.8",
+                                                     lambda p, r, h, k: dict(refiner_pipe=_with(r, p, "vae"))),
 }
 
 
 @pytest.mark.parametrize("bug", BUGS)
 def test_refiner_bugs_fail(kd, models, refiner_models, hires_models, bug, monkeypatch):  # noqa: F811
     case, wrong = BUGS[bug]
-    sampler, schedule_type, steps, switch_at, hires, hires_pass, with_checkpoint = CASES[case]
+    sampler, schedule_type, steps, switch_at, hires, hires_pass, with_checkpoint, *strength = CASES[case]
+    strength = strength[0] if strength else None
     pipe, refiner_pipe, hires_pipe = _pipes(models, refiner_models, hires_models)
     ref, switches = a1111_refiner_run(kd, models, refiner_models, sampler, schedule_type, 21, steps, switch_at, hires,
-                                      hires_pass, hires_models if with_checkpoint else None)
+                                      hires_pass, hires_models if with_checkpoint else None, strength)
     kw = dict(refiner_pipe=refiner_pipe, hires_pass=hires_pass, hires_pipe=hires_pipe if with_checkpoint else None)
     kw.update(wrong(pipe, refiner_pipe, hires_pipe, next((s for s in switches if s is not None), None)))
     switch_call, decode_first = kw.pop("switch_call", None), kw.pop("decode_first", None)
@@ -261,7 +280,8 @@ def test_refiner_bugs_fail(kd, models, refiner_models, hires_models, bug, monkey
 
     def check():
         ours, _ = npsd_run(models, pipe, kw["refiner_pipe"], sampler, schedule_type, 21, steps, switch_at, hires,
-                           kw["hires_pass"], kw["hires_pipe"], monkeypatch, SwitchAt if switch_call is not None else None)
+                           kw["hires_pass"], kw["hires_pipe"], monkeypatch, SwitchAt if switch_call is not None else None,
+                           strength)
         assert_close(ours, ref, tol, bug)
     SwitchAt.call = switch_call
     assert_caught(bug, check)
