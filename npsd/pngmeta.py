@@ -448,6 +448,8 @@ A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet", "Soft inpainting")   # e
 # the hires fix's fields npsd applies (to txt2img only)
 HIRES_FIELDS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires prompt", "Hires negative prompt",
                 "Hires sampler", "Hires schedule type", "Hires checkpoint", "Hires refiner")
+# A1111's refiner's fields, which npsd's command line applies to txt2img
+REFINER_FIELDS = ("Refiner", "Refiner switch at")
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
 # seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
 A1111_BROWNIAN = ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde")
@@ -551,7 +553,7 @@ def unapplied_fields(fields, mode="txt2img"):
     """The stored fields npsd leaves out: "name: value" (the name alone for a long value). mode: the
     command that re-makes the image (hires fix applies to txt2img only)."""
     names = [k for k in fields if k in A1111_UNAPPLIED or k.startswith(A1111_UNAPPLIED_PREFIXES)
-             or (k in HIRES_FIELDS and mode != "txt2img")
+             or (k in HIRES_FIELDS + REFINER_FIELDS and mode != "txt2img")      # (npsd's CLI: txt2img's)
              or (k == "Noise multiplier" and mode == "txt2img")]                 # (an img2img field)
     return [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]
 

@@ -359,6 +359,13 @@ def test_refiner_and_hires_checkpoint_on_the_command_line(model, refiner_folder,
         gen(capsys, model, plain, *common, *[o for o in options if o is not refiner_folder and o not in (
             "--refiner", "--hires-checkpoint", "--refiner-switch-at", 0.5, "--hires-refiner-pass", "first pass")])
         assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(plain))), name
+    from npsd.pngmeta import png_info, settings_from_png
+    a1111 = tmp_path / "a1111-img2img.png"                 # (the command line's img2img has no refiner)
+    Image.new("RGB", (16, 16)).save(a1111, pnginfo=png_info(f"{PROMPT}\nSteps: 2, Sampler: Euler a, Seed: 5, Size: "
+                                                            f"16x16, Denoising strength: 0.5, Refiner: other [0123456789], "
+                                                            f"Refiner switch at: 0.8"))
+    with pytest.warns(UserWarning, match=r"does not apply \(Refiner: other \[0123456789\], Refiner switch at: 0.8\)"):
+        settings_from_png(str(a1111), "img2img")
     rc, _, err = run(["txt2img", "--from-png", tmp_path / "refiner-a.png", "--model", model, "-o", tmp_path / "c.png",
                       "--quiet"], capsys)
     assert rc != 0 and err.count("\n") == 1 and "the image used the refiner 'tiny-refiner'; give --models-dir" in err
