@@ -45,6 +45,7 @@ import sys
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 from . import nn, resources
 from .version import __version__
@@ -55,9 +56,10 @@ from .generation import (file_hash, model_defaults, model_file, network_hashes, 
 from .hires import SCALE as HIRES_SCALE, STRENGTH as HIRES_STRENGTH, UPSCALERS, check_resize
 from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .images import RESIZE_MODES, filmstrip, heat_overlay, leftover_parts, to_pil, write_png_atomic
-from .pngmeta import (SCHEDULE_SETTINGS, parameters_text, sampler_from_a1111, settings_from_png, short_hash,
-                      size_of)
+from .pngmeta import (SCHEDULE_SETTINGS, checkpoint_title, parameters_text, sampler_from_a1111, settings_from_png,
+                      short_hash, size_of)
 from .prompts import EMPHASIS
+from .refiner import HIRES_PASSES as REFINER_PASSES, SWITCH_AT as REFINER_SWITCH_AT
 from .loading import BUILTIN_SAME_VALUES, WEIGHTS_DTYPES
 from .pipeline import DECODERS
 from .previews import PREVIEW_METHODS, check_method, preview, taesd_for
@@ -280,6 +282,17 @@ def _generation_options(p, mode):
         a("--hires-negative-prompt", metavar="TEXT", help="the second pass's negative prompt (default: --negative-prompt)")
         a("--hires-token-merging-ratio", metavar="R", type=_ratio,
           help="the second pass's token merging ratio, in [0, 0.9] (default: --token-merging-ratio's)")
+        a("--hires-checkpoint", metavar="PATH", help="A1111's Hires checkpoint: another model (same latents) runs the "
+                                                    "second pass (default: --model)")
+        a("--refiner", metavar="PATH", help="A1111's Refiner, with --schedule-type: another model (same latents) "
+                                           "takes over at --refiner-switch-at (npsd/refiner.py)")
+        a("--refiner-switch-at", metavar="F", type=_float_in(0.0, 1.0, what="switch point"),
+          help=f"the completed ratio (999 - timestep) / 1000 at which --refiner takes over, 0 to 1 (default "
+               f"{REFINER_SWITCH_AT}; 1: never)")
+        a("--hires-refiner-pass", choices=tuple(REFINER_PASSES),
+          help="with the hires fix, the passes --refiner acts in (A1111's option; default: 'second pass')")
+        a("--models-dir", metavar="DIR", help="where --from-png's Refiner and Hires checkpoint are found by name "
+                                              "(NAME.safetensors, NAME.ckpt or a diffusers folder NAME)")
     if mode != "txt2img":
         a("--noise-multiplier", dest="initial_noise_multiplier", metavar="M", type=_float_in(0.0, what="multiplier"),
           help="A1111's noise multiplier for img2img: the noise added to the image times M, >= 0 (default 1)")
@@ -453,7 +466,8 @@ SETTINGS = ("prompt", "negative_prompt", "steps", "guidance_scale", "sampler", "
             "inpainting_mask_weight", "negative_guidance_min_sigma", "emphasis", "tiling", "token_merging_ratio", "no_ema", "rng", "prediction_type", "guidance_rescale", "prompt_syntax", "lora",
             "lora_names", "ti_names", "vae_decoder", "sde_noise", "schedule_type", "hires_scale", "hires_upscaler",
             "hires_steps", "hires_strength", "hires_resize", "hires_prompt", "hires_negative_prompt", "hires_sampler",
-            "hires_schedule_type", "hires_token_merging_ratio", *SCHEDULE_SETTINGS)
+            "hires_schedule_type", "hires_token_merging_ratio", "hires_checkpoint", "refiner", "refiner_switch_at",
+            "hires_refiner_pass", *SCHEDULE_SETTINGS)
 # the options whose default is not the model's: the pipeline's own defaults (npsd/pipeline.py)
 OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long_prompt": "truncate", "eta": 0.0,
                    "clip_skip": 0, "mask_blur": 0, "masked_content": "original",
@@ -463,7 +477,7 @@ OPTION_DEFAULTS = {"rng": "numpy", "negative_prompt": "", "num_images": 1, "long
                    "tiling": False, "token_merging_ratio": 0.0,
                    "prompt_syntax": "a1111", "lora": [], "lora_names": [],
                    "ti_names": [], "vae_decoder": "vae", "sde_noise": "generator", "hires_upscaler": "latent",
-                   "hires_steps": 0}
+                   "hires_steps": 0, "hires_refiner_pass": "second pass"}
 
 
 # --- the generation command ---------------------------------------------------------------------
@@ -547,8 +561,19 @@ def resolve_settings(args, mode):
                              "hires_token_merging_ratio") if settings[o] is not None]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} is the hires fix's; give --hires-scale or --hires-resize")
-    if settings["hires_scale"]:
+    if settings["refiner_switch_at"] is None:
+        settings["refiner_switch_at"] = REFINER_SWITCH_AT
+    if not settings["refiner"] and getattr(args, "refiner_switch_at", None) is not None:
+        raise UsageError("--refiner-switch-at is the refiner's; give --refiner PATH")
+    if settings["refiner"] and not settings["schedule_type"]:
+        raise UsageError("--refiner switches at A1111's completed ratio, computed from its schedules' noise levels; "
+                         "give --schedule-type (e.g. automatic)")
+    if not settings["hires_scale"] and getattr(args, "hires_checkpoint", None) is not None:
+        raise UsageError("--hires-checkpoint is the hires fix's; give --hires-scale or --hires-resize")
+    if settings["hires_scale"] or settings["refiner"]:
         given = [o for o in ("save_steps", "attention_maps", "trace") if getattr(args, o, None) is not None]
+        if given and not settings["hires_scale"]:
+            raise UsageError(f"--{given[0].replace('_', '-')} records one model; give it without --refiner")
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} records one pass; give it without --hires-scale")
     if settings["strength"] is None:
@@ -564,7 +589,9 @@ def check_inputs(args, mode):
         raise UsageError(f"{mode} needs --image FILE" + (" and --mask FILE" if mode == "inpaint" else ""))
     if mode == "inpaint" and mask is None:
         raise UsageError("inpaint needs --mask FILE (white = repaint)")
-    for path, what in ((args.model, "--model"), (args.vae, "--vae"), (image, "--image"), (mask, "--mask")):
+    for path, what in ((args.model, "--model"), (args.vae, "--vae"), (image, "--image"), (mask, "--mask"),
+                       (getattr(args, "refiner", None), "--refiner"),
+                       (getattr(args, "hires_checkpoint", None), "--hires-checkpoint")):
         check_exists(path, what)
     check_lora_files(args.lora)
     if args.save_steps is not None:
@@ -688,6 +715,7 @@ def _load_model(args, settings):
     if args.vae is not None:
         attach_vae(pipe, args.vae, args.weights_dtype)
     attach_networks(pipe, args, settings)
+    pipe.others = {key: _load_other(args, settings, key, pipe) for key in ("refiner", "hires_checkpoint")}
     _note(args, f"npsd: loaded in {time.perf_counter() - t0:.1f} s")
     if "prediction_type" in pipe.info:                              # SD 2.x single files: v or epsilon
         kind, reason = pipe.info["prediction_type"]
@@ -712,6 +740,39 @@ def _load_model(args, settings):
         warnings.warn(f"--eta is DDIM's; the {settings['sampler']} sampler ignores it")
         settings["eta"] = 0.0
     return pipe
+
+
+def checkpoint_file(folder, name, what):
+    """--from-png's checkpoint NAME (A1111's "Refiner" or "Hires checkpoint") -> NAME.safetensors,
+    NAME.ckpt or a diffusers folder NAME under folder (--models-dir), searched recursively."""
+    if folder is None:
+        raise UsageError(f"--from-png: the image used the {what} {name!r}; give --models-dir (a folder with "
+                         f"{name}.safetensors) or --{what.replace(' ', '-')} PATH")
+    check_folder(folder, "--models-dir")
+    for path in sorted(Path(folder).rglob("*")):
+        if path.stem == name and (path.suffix.lower() in (".safetensors", ".ckpt") and path.is_file()
+                                  or path.is_dir() and (path / "unet").is_dir()):
+            return str(path)
+    raise UsageError(f"--from-png: no {name}.safetensors, {name}.ckpt or diffusers folder {name} in --models-dir "
+                     f"{folder} (the image's {what}); check the folder, or give --{what.replace(' ', '-')} PATH")
+
+
+def _load_other(args, settings, key, pipe):
+    """The refiner or hires checkpoint (key) of a run, loaded as --model is (its --vae too, as A1111 gives
+    its chosen VAE to every model; the same embeddings folder), or None. settings[key]: a path given
+    as an option, or --from-png's name, found in --models-dir."""
+    import npsd
+    value = settings.get(key)
+    if not value or (key == "hires_checkpoint" and not settings["hires_scale"]):
+        return None
+    what = key.replace("_", " ")
+    path = value if getattr(args, key, None) is not None else checkpoint_file(args.models_dir, value, what)
+    _note(args, f"npsd: loading the {what} {path} ...")
+    other = npsd.load(path, ema=not settings["no_ema"], weights_dtype=args.weights_dtype)
+    if args.vae is not None:
+        attach_vae(other, args.vae, args.weights_dtype)
+    other.embeddings_dir, other.path = args.embeddings_dir, path
+    return other
 
 
 class _Generation:
@@ -793,7 +854,8 @@ class _Generation:
     def _call_pipeline(self):
         """The pipeline call of the subcommand -> float32 images [B, H, W, 3] in [0, 1]."""
         return pipeline_call(self.pipe, self.mode, self.settings, getattr(self.args, "image", None),
-                             getattr(self.args, "mask", None), self.on_step, self.maps, self.trace)
+                             getattr(self.args, "mask", None), self.on_step, self.maps, self.trace,
+                             **getattr(self.pipe, "others", {}))
 
     def on_step(self, i, t, latents, x0_pred):
         """The pipeline's callback after every step: the step's previews (--save-steps), the progress bar."""
@@ -876,10 +938,17 @@ class _Generation:
             vae_file = vae_weights_file(args.vae) if args.vae else None
             self.hashes["vae"] = file_hash(vae_file) if vae_file else None
             self.hashes["networks"] = network_hashes(self.pipe, self.settings, args)
+            self.hashes["checkpoints"] = {field: checkpoint_title(other.path, file_hash(model_file(other, other.path))
+                                                                  if model_file(other, other.path) else None)
+                                          for field, other in (("Refiner", self.pipe.others.get("refiner")),
+                                                               ("Hires checkpoint",
+                                                                self.pipe.others.get("hires_checkpoint")))
+                                          if other is not None} if getattr(self.pipe, "others", None) else {}
         vae_name = os.path.basename(os.path.normpath(args.vae)) if args.vae else None
         text = parameters_text(self.settings, self.mode, self.model_name, self.hashes["model"], vae_name,
                                self.hashes["vae"], width, height, self.n, pos, self.hashes["networks"],
-                               self._taesd_hash() if self.settings["vae_decoder"] == "taesd" else None)
+                               self._taesd_hash() if self.settings["vae_decoder"] == "taesd" else None,
+                               self.hashes["checkpoints"])
         return text + (f", {extra}" if extra else "")
 
     def save(self, image, path, text):

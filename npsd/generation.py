@@ -107,11 +107,14 @@ def step_range(pipe, mode, settings):
     return first, end
 
 
-def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, attention_maps=None, trace=None):
+def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, attention_maps=None, trace=None,
+                  refiner=None, hires_checkpoint=None):
     """Run txt2img, img2img or inpaint (`mode`) with the settings of a run (SETTINGS, the model's
     defaults filled in; image, mask: paths or PIL images) -> float32 images [B, H, W, 3] in [0, 1].
-    trace: an npsd.trace.Trace to record the run into, or None. What the command line and `npsd
-    serve` (npsd/serve/) call."""
+    trace: an npsd.trace.Trace to record the run into, or None. refiner, hires_checkpoint: the loaded
+    Pipelines of A1111's "Refiner" (at settings["refiner_switch_at"], in the passes of
+    settings["hires_refiner_pass"]) and "Hires checkpoint" (txt2img), or None. What the command line
+    and `npsd serve` (npsd/serve/) call."""
     kw = dict(negative_prompt=settings["negative_prompt"], num_inference_steps=settings["steps"],
               guidance_scale=settings["guidance_scale"], height=settings["height"], width=settings["width"],
               seed=settings["seed"], sampler=settings["sampler"], num_images=settings["num_images"], output_type="np",
@@ -131,7 +134,14 @@ def pipeline_call(pipe, mode, settings, image=None, mask=None, callback=None, at
               schedule_options=schedule_options_of(settings),
               token_merging_ratio=settings.get("token_merging_ratio") or 0.0)
     if mode == "txt2img":
-        return pipe.txt2img(settings["prompt"], hires=hires_of(settings), **kw)
+        hires = hires_of(settings)
+        if hires is not None and hires_checkpoint is not None:
+            import dataclasses
+            hires = dataclasses.replace(hires, checkpoint=hires_checkpoint)
+        if refiner is not None:
+            from .refiner import Refiner
+            refiner = Refiner(refiner, settings["refiner_switch_at"], settings.get("hires_refiner_pass") or "second pass")
+        return pipe.txt2img(settings["prompt"], hires=hires, refiner=refiner, **kw)
     kw["resize_mode"] = settings.get("resize_mode") or "just resize"
     kw["initial_noise_multiplier"] = _or(settings.get("initial_noise_multiplier"), 1.0)
     if mode == "img2img":

@@ -72,7 +72,8 @@ def uses_guidance(scale):
     return scale is not None and float(scale) > 1.0
 
 
-def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0, weights=None, skip_uncond=None):
+def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0, weights=None, skip_uncond=None,
+                 first_call=0):
     """Wrap a UNet into model(x, t) -> eps for npsd.schedulers.sample.
 
     unet(latents [B, 4, h, w], t, context [B, L, D]) -> eps [B, 4, h, w] (e.g. Pipeline.unet);
@@ -88,11 +89,13 @@ def guided_model(unet, context_cond, context_uncond, scale, guidance_rescale=0.0
     skip_uncond(k, t) -> True: model call k (at timestep t) leaves the unconditional pass out and
     returns the conditional prediction (A1111's "Negative Guidance minimum sigma"; with several parts,
     composable_cfg at scale 1 around the image's first part, as A1111's CFGDenoiser).
+    first_call: the index k of the first call (a refiner's model takes over at call k of a pass,
+    npsd/refiner.py, and goes on counting from there, as A1111's CFGDenoiser.step).
     """
     check_rescale(guidance_rescale)
     cond_at = context_cond if callable(context_cond) else (lambda k: context_cond)
     uncond_at = context_uncond if callable(context_uncond) else (lambda k: context_uncond)
-    calls = itertools.count()
+    calls = itertools.count(first_call)
     if weights is not None:
         if guidance_rescale > 0:
             raise InputError("guidance_rescale rescales one prompt's guidance; a prompt with AND combines "

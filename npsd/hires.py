@@ -78,6 +78,12 @@ class Hires:
               the second pass's ToMe ratio in [0, 0.9] (A1111's "Token merging ratio hr"; npsd/tome.py);
               None: the first pass's. 0 turns merging off in this pass, which A1111 cannot do (its 0
               means the first pass's), so an image made so reads back from its PNG with the first's
+    checkpoint
+              the npsd.Pipeline whose text encoder, UNet and VAE run the second pass (A1111's "Hires
+              checkpoint": its VAE encodes the enlarged image of an image upscaler and decodes the
+              result); None: the first pass's model (A1111's "Use same checkpoint")
+    checkpoint_name
+              what the PNG's "Hires checkpoint" field calls it (A1111: "NAME [hash]"); None: left out
     """
     scale: float = SCALE
     upscaler: str = "latent"
@@ -89,8 +95,13 @@ class Hires:
     sampler: str = None
     schedule_type: str = None
     token_merging_ratio: float = None
+    checkpoint: object = None
+    checkpoint_name: str = None
 
     def __post_init__(self):
+        if self.checkpoint is not None and not (hasattr(self.checkpoint, "unet") and hasattr(self.checkpoint, "params")):
+            raise InputError(f"hires checkpoint must be an npsd.Pipeline (npsd.load(PATH)) or None, got "
+                             f"{type(self.checkpoint).__name__}")
         if self.resize is not None:
             check_resize(self.resize)
         if self.sampler is not None and self.sampler not in SAMPLERS:

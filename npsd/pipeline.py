@@ -40,6 +40,7 @@ from .hires import LATENT_UPSCALERS, Hires, upscale_image, upscale_latents
 from .images import (RESIZE_MODES, default_size, fit_size, mask_to_array, open_image, postprocess, to_array, to_pil,
                      to_uint8)
 from .previews import taesd_for, with_previews
+from .refiner import Refiner, SwitchingModel
 from .settings import padding_mode
 from .tokenizer import Tokenizer
 from .tome import check_ratio
@@ -92,6 +93,10 @@ def _loras_from_prompt(generate):
                                  "of LoRAs to both passes: give the hires prompt the prompt's tags")
             hires_prompt = texts[0][0] if isinstance(hires.prompt, str) else [t for t, _ in texts]
             kwargs["hires"] = dataclasses.replace(hires, prompt=hires_prompt)
+        others = kwargs.get("refiner") is not None or getattr(hires, "checkpoint", None) is not None
+        if tags and others:
+            raise InputError("<lora:...> tags with a refiner or hires checkpoint: npsd applies LoRAs to this model "
+                             "only; load the LoRA into each model (load_lora) and leave the tags out")
         loaded = []
         try:
             for tag in tags:
@@ -106,6 +111,11 @@ def _loras_from_prompt(generate):
             for name in loaded:
                 self.unload_lora(name)
     return run
+
+
+def _refiner_in(refiner, pass_number, hires):
+    """The refiner for this pass (1 or 2) of a txt2img with (hires) or without the hires fix, or None."""
+    return refiner if refiner is not None and refiner.acts_in(pass_number, hires) else None
 
 
 def _counting_on(callback, offset, i, t, x, x0_pred, **kw):
@@ -280,7 +290,7 @@ class Pipeline:
                 attention_maps=None, preview=None, decoder="vae", sde_noise="generator", schedule_type=None,
                 hires=None, variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, seed_resize_from_h=0,
                 seed_resize_from_w=0, inpainting_mask_weight=1.0, negative_guidance_min_sigma=0.0, emphasis="original",
-                schedule_options=None, token_merging_ratio=0.0):
+                schedule_options=None, token_merging_ratio=0.0, refiner=None):
         """Text to image.
 
         prompt: str or list of str; negative_prompt: str or a list of the same length ("" is the
@@ -357,6 +367,10 @@ class Pipeline:
         before their self-attention, which then costs less, and the image changes a little (at most 3
         in 4 tokens merge: 0.75 to 0.9 are the same); 0: off. hires.token_merging_ratio sets the second
         pass's (the same in img2img and inpaint).
+        refiner: an npsd.refiner.Refiner for AUTOMATIC1111's "Refiner" (with a schedule_type): at the
+        first model call whose completed ratio (999 - timestep) / 1000 reaches refiner.switch_at, the
+        refiner's text encoder, UNet and then VAE take over (npsd/refiner.py); with hires, in the passes
+        refiner.hires_pass names. None: this pipeline alone.
         """
         _check_hooks(callback, progress, attention_maps)
         _check_image_options(1.0, inpainting_mask_weight)
@@ -375,12 +389,17 @@ class Pipeline:
                              "second pass on the first pass's image, which npsd does not remake; leave it at 1")
         if hires_settings is not None:
             resources.check_request(self, prompt, num_images, hires_settings)
+        self._check_refiner(refiner, schedule_type, attention_maps)
+        for other in (refiner.pipeline if refiner is not None else None, hires.checkpoint if hires_settings else None):
+            if other is not None:                               # (one model runs at a time: each alone)
+                resources.check_request(other, prompt, num_images, hires_settings or settings)
         first = (rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas, timestep_spacing,
                  prediction_type, guidance_rescale, prompt_syntax)
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
                                                   guidance_rescale, prompt_syntax, schedule_type,
-                                                  self._unet_without_mask(settings))
+                                                  self._unet_without_mask(settings),
+                                                  _refiner_in(refiner, 1, hires_settings is not None))
         h, w = settings["height"] // self.vae_factor, settings["width"] // self.vae_factor
         shape = (batch, self.latent_channels, h, w)
         if latents is None:
@@ -390,9 +409,11 @@ class Pipeline:
         x = latents * np.float32(schedule.init_noise_sigma)                        # x_T
         x = self._sample(model, x, schedule, rng, 0, eta, callback, progress, attention_maps=attention_maps,
                          settings=settings)
+        last = refiner.pipeline if getattr(model, "switched", False) else self      # the model that ended the pass
         if hires_settings is not None:
-            x = self._hires_pass(x, hires, hires_settings, first, eta, callback, progress, schedule.num_inference_steps)
-        return self._output(x, output_type, decoder, a1111=schedule.schedule_type is not None)
+            x, last = self._hires_pass(x, hires, hires_settings, first, eta, callback, progress,
+                                       schedule.num_inference_steps, last, _refiner_in(refiner, 2, True))
+        return self._output(x, output_type, decoder, a1111=schedule.schedule_type is not None, by=last)
 
     def _inpainting_unet(self):
         """True for a 9-channel inpainting UNet (it also reads a mask and a masked image's latents),
@@ -401,6 +422,36 @@ class Pipeline:
             raise NpsdError(f"a UNet with {self.unet_in_channels} input channels is neither an ordinary "
                             f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) model")
         return self.unet_in_channels == 2 * self.latent_channels + 1
+
+    def _check_refiner(self, refiner, schedule_type, attention_maps):
+        """txt2img's and img2img's refiner: None or an npsd.refiner.Refiner whose pipeline fits this one, checked."""
+        if refiner is None:
+            return
+        if not isinstance(refiner, Refiner):
+            raise InputError(f"refiner must be an npsd.refiner.Refiner(pipeline, switch_at) or None, got "
+                             f"{type(refiner).__name__}")
+        if schedule_type is None:
+            raise InputError("the refiner's switch is A1111's, computed from the noise levels of its schedules: give "
+                             "a schedule_type (e.g. 'automatic'), or leave refiner out")
+        if attention_maps is not None or self._trace is not None:
+            raise InputError("attention maps and traces record one model; give them without a refiner")
+        self._check_other(refiner.pipeline, "the refiner")
+
+    def _check_other(self, other, what):
+        """A second model that takes over part of a generation (a refiner, a hires checkpoint) must read
+        and write the same latents on the same noise schedule; npsd does not remake the others."""
+        for name, mine, its in (("latent channels", self.latent_channels, other.latent_channels),
+                                ("VAE factor", self.vae_factor, other.vae_factor),
+                                ("noise schedule", with_fallbacks("scheduler", self.config.get("scheduler")),
+                                 with_fallbacks("scheduler", other.config.get("scheduler")))):
+            if mine != its:
+                values = f" ({its} vs {mine})" if isinstance(mine, int) else ""
+                raise InputError(f"{what}'s {name} differs from this model's{values}; npsd switches only between "
+                                 f"models of one latent space and noise schedule")
+        if self._inpainting_unet() or other._inpainting_unet() or self.guidance_embedding_dim \
+                or other.guidance_embedding_dim:
+            raise InputError(f"{what} and this model must both be ordinary UNets (not 9-channel inpainting or "
+                             f"LCM-distilled ones) for npsd to switch between them")
 
     def _unet_without_mask(self, settings, pixels=None, weight=1.0):
         """The UNet call of txt2img and img2img: None (self.unet), or for a 9-channel inpainting UNet
@@ -427,6 +478,8 @@ class Pipeline:
                              f"or None, got {type(hires).__name__}")
         if attention_maps is not None or self._trace is not None:
             raise InputError("attention maps and traces record one pass; give them without hires")
+        if hires.checkpoint is not None:
+            self._check_other(hires.checkpoint, "the hires checkpoint")
         height, width = hires.size(settings["height"], settings["width"], self.vae_factor)
         smallest = self.vae_factor * 2 ** (len(self.params["unet"]["down_blocks"]) - 1)
         if min(height, width) < smallest:
@@ -446,11 +499,16 @@ class Pipeline:
                     sde_noise=sde_noise if sampler in schedulers.NOISE_SAMPLER_SAMPLERS else "generator",
                     token_merging_ratio=tome)
 
-    def _hires_pass(self, x0, hires, settings, first, eta, callback, progress, done):
+    def _hires_pass(self, x0, hires, settings, first, eta, callback, progress, done, ended_by=None, refiner=None):
         """Hires. fix's second pass (npsd/hires.py): enlarge the first pass's latents x0 and run img2img
         on them with a fresh generator of the seed. settings: _hires_settings'; first: the first pass's
         (rng, prompt, ..., prompt_syntax) as txt2img got them; done: its steps (the callback's count goes on
-        from there)."""
+        from there). The pass runs on hires.checkpoint (A1111's "Hires checkpoint"), else on self;
+        ended_by: the pipeline whose VAE decodes the first pass for an image upscaler (the refiner where
+        it took over; default self); refiner: an npsd.refiner.Refiner for this pass, or None.
+        -> (latents, the pipeline that ended the pass)."""
+        runner = hires.checkpoint if hires.checkpoint is not None else self
+        ended_by = ended_by or self
         rng_name, prompt, negative_prompt, *text = first
         f = self.vae_factor
         fh, fw = x0.shape[2] * f, x0.shape[3] * f                                 # the first pass's size
@@ -458,8 +516,8 @@ class Pipeline:
         if hires.upscaler in LATENT_UPSCALERS:
             x0 = upscale_latents(x0, uh // f, uw // f, hires.upscaler)
         else:                                   # A1111's 8-bit image, enlarged with PIL, encoded again
-            images = [Image.fromarray(u) for u in to_uint8(self.decode_latents(x0), truncate=True)]
-            x0 = np.concatenate([self._encode_image(to_array(upscale_image(im, uw, uh,
+            images = [Image.fromarray(u) for u in to_uint8(ended_by.decode_latents(x0), truncate=True)]
+            x0 = np.concatenate([runner._encode_image(to_array(upscale_image(im, uw, uh,
                                                                            hires.upscaler)), None, False)
                                  for im in images])
         x0 = x0[:, :, cy // 2:x0.shape[2] - (cy + 1) // 2, cx // 2:x0.shape[3] - (cx + 1) // 2]   # the middle
@@ -467,13 +525,15 @@ class Pipeline:
             negative_prompt = _per_prompt(hires.negative_prompt, prompt)
         if hires.prompt is not None:
             prompt = _per_prompt(hires.prompt, prompt)
-        rng, model, batch, schedule = self._begin(settings, rng_name, prompt, negative_prompt, *text,
-                                                  settings["schedule_type"], self._unet_without_mask(settings))
+        rng, model, batch, schedule = runner._begin(settings, rng_name, prompt, negative_prompt, *text,
+                                                    settings["schedule_type"], runner._unet_without_mask(settings),
+                                                    refiner)
         start = schedulers.start_index(schedule, hires.strength)
         noise = rng.standard_normal(x0.shape, dtype=np.float32)                   # A1111: the seed's first draw
         x = schedulers.noise_at_start(schedule, x0, noise, start)
         on = None if callback is None else functools.partial(_counting_on, callback, done - start)
-        return self._sample(model, x, schedule, rng, start, eta, on, progress, settings=settings)
+        x = runner._sample(model, x, schedule, rng, start, eta, on, progress, settings=settings)
+        return x, (refiner.pipeline if getattr(model, "switched", False) else runner)
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     @_traced
@@ -488,7 +548,7 @@ class Pipeline:
                 variation_seed=None, variation_strength=0.0, eta_noise_seed_delta=0, resize_mode="just resize",
                 seed_resize_from_h=0, seed_resize_from_w=0, initial_noise_multiplier=1.0, inpainting_mask_weight=1.0,
                 negative_guidance_min_sigma=0.0, emphasis="original", schedule_options=None,
-                token_merging_ratio=0.0):
+                token_merging_ratio=0.0, refiner=None):
         """Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the step that
         `strength` selects, and denoise the remaining steps.
 
@@ -502,8 +562,9 @@ class Pipeline:
         rng="torch" (as diffusers), the mean with rng="numpy" or an A1111 schedule_type (A1111 draws
         the sample from torch's global generator, which no seed sets, so the seed's first draw is
         its start noise). initial_noise_multiplier: A1111's "Noise multiplier for img2img", >= 0: the
-        noise added to the image's latents (drawn or given) is multiplied by it. Other arguments as in
-        txt2img.
+        noise added to the image's latents (drawn or given) is multiplied by it. refiner: as in txt2img
+        (the image is encoded by this model's VAE, as A1111 encodes it before sampling). Other arguments
+        as in txt2img.
         """
         _check_strength(strength)
         _check_hooks(callback, progress, attention_maps)
@@ -517,12 +578,16 @@ class Pipeline:
                                   schedule_options=schedule_options, tome=token_merging_ratio)
         callback = with_previews(self, callback, preview) if preview is not None else callback
         resources.check_request(self, prompt, num_images, settings)                 # refuse what cannot fit
+        self._check_refiner(refiner, schedule_type, attention_maps)
+        if refiner is not None:
+            resources.check_request(refiner.pipeline, prompt, num_images, settings)
         img = fit_size(img, settings["height"], settings["width"], mode=_check_resize_mode(resize_mode))
         sample_posterior = _posterior(sample_posterior, rng == "torch" and schedule_type is None, settings)
         rng, model, batch, schedule = self._begin(settings, rng, prompt, negative_prompt, num_images, clip_skip,
                                                   long_prompt, use_karras_sigmas, timestep_spacing, prediction_type,
                                                   guidance_rescale, prompt_syntax, schedule_type,
-                                                  self._unet_without_mask(settings, to_array(img), inpainting_mask_weight))
+                                                  self._unet_without_mask(settings, to_array(img), inpainting_mask_weight),
+                                                  refiner)
         start = schedulers.start_index(schedule, strength)
         per_image = batch if isinstance(settings["seed"], tuple) else 1             # one sample per seed
         x0 = self._encode_image(to_array(img), rng, sample_posterior, per_image)   # [1 or B, 4, h, w], scaled
@@ -532,7 +597,8 @@ class Pipeline:
         x = schedulers.noise_at_start(schedule, x0, noise, start)                   # x at step `start`
         x = self._sample(model, x, schedule, rng, start, eta, callback, progress, attention_maps=attention_maps,
                          settings=settings)
-        return self._output(x, output_type, decoder, a1111=schedule.schedule_type is not None)
+        last = refiner.pipeline if getattr(model, "switched", False) else self      # the model that ended it
+        return self._output(x, output_type, decoder, a1111=schedule.schedule_type is not None, by=last)
 
     @holding()                                # its temporaries stay in the heap (npsd/malloc.py)
     @_traced
@@ -751,15 +817,29 @@ class Pipeline:
                 "schedule_options": schedule_options, "token_merging_ratio": tome}
 
     def _begin(self, settings, rng, prompt, negative_prompt, num_images, clip_skip, long_prompt, use_karras_sigmas,
-               timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, schedule_type, unet=None):
+               timestep_spacing, prediction_type, guidance_rescale, prompt_syntax, schedule_type, unet=None,
+               refiner=None):
         """What every generation sets up first -> (the generator, model(x, t) with guidance, batch, schedule).
-        unet: the UNet call to guide (default self.unet)."""
+        unet: the UNet call to guide (default self.unet). refiner: an npsd.refiner.Refiner that takes
+        over this pass's model calls from its switch on (npsd.refiner.SwitchingModel), or None."""
         check_rescale(guidance_rescale)
         rng = make_rng(rng, settings["seed"], settings["variation"])
         schedule = schedulers.make_schedule(settings["sampler"], settings["steps"], self.config, use_karras_sigmas,
                                             timestep_spacing, prediction_type=prediction_type,
                                             schedule_type=schedule_type,
                                             schedule_options=settings["schedule_options"])
+        text = (prompt, negative_prompt, num_images, clip_skip, long_prompt, guidance_rescale, prompt_syntax)
+        model, batch = self._guided(settings, schedule, *text, unet=unet)
+        if refiner is not None:
+            table = schedulers.sigmas_from_alphas_cumprod(schedule.alphas_cumprod)           # [1000] sigma_t
+            model = SwitchingModel(model, lambda k: refiner.pipeline._guided(settings, schedule, *text, first_call=k)[0],
+                                   lambda t: schedulers.t_to_sigma([t], table)[0], table, refiner.switch_at)
+        return rng, model, batch, schedule
+
+    def _guided(self, settings, schedule, prompt, negative_prompt, num_images, clip_skip, long_prompt, guidance_rescale,
+                prompt_syntax, unet=None, first_call=0):
+        """The prompts encoded by this pipeline's text encoder and its UNet (or unet) guided -> (model(x, t),
+        batch). first_call: the model call it starts at (npsd.guidance.guided_model)."""
         model_calls = settings["steps"] * (2 if settings["sampler"] in schedulers.TWO_STAGE else 1)
         scale, unet = settings["guidance_scale"], unet or self.unet
         if self.guidance_embedding_dim:
@@ -779,8 +859,9 @@ class Pipeline:
         if weights is not None and self.guidance_embedding_dim:
             raise InputError("an LCM-distilled UNet has no unconditional pass to combine the parts of a prompt "
                              "with AND; remove AND or its weight")
-        model = guided_model(unet, cond, uncond, scale, guidance_rescale, weights, _ngms(settings["ngms"], schedule))
-        return rng, model, batch, schedule
+        model = guided_model(unet, cond, uncond, scale, guidance_rescale, weights, _ngms(settings["ngms"], schedule),
+                             first_call)
+        return model, batch
 
     def _contexts(self, prompt, negative_prompt, num_images, guidance_scale, clip_skip, long_prompt,
                   prompt_syntax="plain", model_calls=1, emphasis="original"):
@@ -916,13 +997,15 @@ class Pipeline:
             mean = vae.sample(mean, logvar, rng.standard_normal(mean.shape, dtype=np.float32))
         return mean * np.float32(self.scaling_factor)
 
-    def _output(self, latents, output_type, decoder="vae", a1111=False, paste_back=None):
+    def _output(self, latents, output_type, decoder="vae", a1111=False, paste_back=None, by=None):
         """The latents as output_type asks. a1111: 8 bits by truncation, as A1111 saves (else rounded,
         as diffusers). paste_back(uint8 [B, H, W, 3]) -> uint8 [B, H, W, 3]: A1111's inpainting's last
-        step, after which "np" returns the 8-bit images / 255."""
+        step, after which "np" returns the 8-bit images / 255. by: the pipeline whose VAE decodes
+        (a refiner or hires checkpoint that ended the sampling; None: self)."""
         if output_type == "latent":
             return latents
-        images = self.decode_latents(latents, decoder)                                  # [B, H, W, 3]
+        by = self if by is None or decoder == "taesd" else by
+        images = by.decode_latents(latents, decoder)                                    # [B, H, W, 3]
         if paste_back is not None:
             images = paste_back(to_uint8(images, truncate=True)).astype(np.float32) / np.float32(255)
         if output_type == "np":

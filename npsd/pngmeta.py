@@ -23,6 +23,7 @@ back, from npsd's images and A1111's, as the command line's settings (npsd/cli.p
 """
 
 import json
+import os
 import re
 import warnings
 
@@ -32,6 +33,7 @@ from .a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from .errors import InputError, UsageError
 from .images import RESIZE_MODES
 from .prompts import EMPHASIS_LABELS
+from .refiner import HIRES_PASSES as REFINER_PASSES
 from .hires import LABELS as UPSCALER_LABELS, SCALE as HIRES_SCALE, UPSCALERS, check_resize, upscaler_named
 from .tome import check_ratio
 from .version import __version__
@@ -180,13 +182,17 @@ def read_parameters(path):
 # --- A1111's fields <-> the command line's settings ---------------------------------------------
 
 def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, width, height, batch, pos,
-                    networks=None, taesd_hash=None):
+                    networks=None, taesd_hash=None, checkpoints=None):
     """The "parameters" text of one image made by the command line (settings: npsd/cli.py's SETTINGS,
     the model's defaults filled in). Settings at their default values are left out. networks: the
     "Lora hashes" and "TI hashes" fields (npsd/cli.py's network_hashes). taesd_hash: the short hash
-    of the TAESD weights that decoded the image (settings["vae_decoder"] == "taesd")."""
+    of the TAESD weights that decoded the image (settings["vae_decoder"] == "taesd"). checkpoints: the
+    "Refiner" and "Hires checkpoint" titles, "NAME [hash]" (checkpoint_title), of those in use."""
     taesd = settings.get("vae_decoder", "vae") == "taesd"
     hires = mode == "txt2img" and settings.get("hires_scale")
+    checkpoints = checkpoints or {}
+    switch_at = settings.get("refiner_switch_at")
+    refined = checkpoints.get("Refiner") is not None and switch_at is not None and switch_at < 1   # (A1111: once it switched)
     fields = {
         "Steps": settings["steps"],
         "Sampler": A1111_SAMPLERS[settings["sampler"]],
@@ -227,6 +233,7 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         "Hires resize": "x".join(map(str, settings["hires_resize"])) if hires and settings.get("hires_resize") else None,
         "Hires steps": settings["hires_steps"] if hires and settings["hires_steps"] else None,
         "Hires upscaler": UPSCALERS[settings["hires_upscaler"]][0] if hires else None,
+        "Hires checkpoint": checkpoints.get("Hires checkpoint") if hires else None,
         "Hires sampler": A1111_SAMPLERS[settings["hires_sampler"]] if hires and settings.get("hires_sampler")
         not in (None, settings["sampler"]) else None,
         "Hires schedule type": _hires_schedule_label(settings) if hires else None,
@@ -234,6 +241,10 @@ def parameters_text(settings, mode, model_name, model_hash, vae_name, vae_hash, 
         (None, settings["prompt"]) else None,
         "Hires negative prompt": settings.get("hires_negative_prompt") if hires and settings.get("hires_negative_prompt")
         not in (None, settings["negative_prompt"]) else None,
+        "Hires refiner": settings.get("hires_refiner_pass") if refined and hires
+        and settings.get("hires_refiner_pass") not in (None, "second pass") else None,
+        "Refiner": checkpoints.get("Refiner") if refined else None,
+        "Refiner switch at": _num(settings["refiner_switch_at"]) if refined else None,
         "Eta": _num(settings["eta"]) if settings["eta"] else None,
         "Clip skip": settings["clip_skip"] + 1 if settings["clip_skip"] else None,
         "Timestep spacing": settings["timestep_spacing"],
@@ -423,6 +434,8 @@ def settings_from_png(path, mode):
     if f.get("Prompt syntax") in ("a1111", "plain"):
         settings["prompt_syntax"] = f["Prompt syntax"]
     settings["lora_names"] = _named_values(f.get("Lora"), "Lora") or None
+    if mode == "txt2img":                                             # A1111's refiner, hires checkpoint
+        settings.update(_checkpoints_from_fields(f, "hires_scale" in settings))
     settings["ti_names"] = [name for name, _ in _named_pairs(f.get("TI hashes"))] or None
     unapplied = unapplied_fields(f, mode)
     if unapplied:
@@ -433,12 +446,13 @@ def settings_from_png(path, mode):
 
 # A1111's fields that change its image and that npsd does not apply (A1111 writes each only when it
 # is in use): a re-make from such a PNG says so instead of ignoring them
-A1111_UNAPPLIED = ("Hires CFG Scale", "Hires checkpoint", "Face restoration",
-                   "Hypernet", "Refiner")
+A1111_UNAPPLIED = ("Hires CFG Scale", "Face restoration", "Hypernet", "Refiner switch by sampling steps")
 A1111_UNAPPLIED_PREFIXES = ("ADetailer ", "ControlNet", "Soft inpainting")   # extensions' (and built-in ones') fields
 # the hires fix's fields npsd applies (to txt2img only)
 HIRES_FIELDS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires prompt", "Hires negative prompt",
-                "Hires sampler", "Hires schedule type", "Token merging ratio hr")
+                "Hires sampler", "Hires schedule type", "Token merging ratio hr", "Hires checkpoint", "Hires refiner")
+# A1111's refiner's fields, which npsd's command line applies to txt2img
+REFINER_FIELDS = ("Refiner", "Refiner switch at")
 # the samplers A1111 runs with k-diffusion's BrownianTreeNoiseSampler (a Brownian tree of the image's
 # seed): npsd's sde_noise="brownian" (npsd/brownian.py); its own default draws the noise step by step
 A1111_BROWNIAN = ("dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde")
@@ -495,6 +509,38 @@ def _hires_from_fields(f):
     return found
 
 
+def checkpoint_title(name, digest):
+    """A checkpoint as A1111's infotext names it (CheckpointInfo.short_title): "NAME [hash]", NAME the
+    file's name without its extension, hash the first 10 hex digits of its SHA-256 (npsd.generation.file_hash)."""
+    stem = os.path.splitext(os.path.basename(os.path.normpath(name)))[0]
+    return f"{stem} [{digest}]" if digest else stem
+
+
+def title_name(text):
+    """"NAME [hash]" (checkpoint_title) -> (NAME, hash or None)."""
+    text = text.strip()
+    if text.endswith("]") and " [" in text:
+        name, digest = text[:-1].rsplit(" [", 1)
+        return name.strip(), digest.strip() or None
+    return text, None
+
+
+def _checkpoints_from_fields(f, hires):
+    """A1111's "Refiner", "Refiner switch at", "Hires refiner" and (with the hires fix) "Hires
+    checkpoint" -> the settings refiner, refiner_switch_at, hires_refiner_pass, hires_checkpoint (names),
+    and "_refiner", "_hires_checkpoint": (name, hash) for the files found under that name."""
+    found = {}
+    if "Refiner" in f:
+        found["_refiner"] = title_name(f["Refiner"])
+        found["refiner"] = found["_refiner"][0]
+        found["refiner_switch_at"] = _convert(f, "Refiner switch at", float, "a number")
+        found["hires_refiner_pass"] = _choice(f, "Hires refiner", REFINER_PASSES, "--hires-refiner-pass")
+    if hires and "Hires checkpoint" in f:
+        found["_hires_checkpoint"] = title_name(f["Hires checkpoint"])
+        found["hires_checkpoint"] = found["_hires_checkpoint"][0]
+    return found
+
+
 def size_of(text):
     """"WIDTHxHEIGHT", as A1111 writes sizes ("512x768") -> (width, height), or None where the text is
     not two whole numbers."""
@@ -518,7 +564,7 @@ def unapplied_fields(fields, mode="txt2img"):
     """The stored fields npsd leaves out: "name: value" (the name alone for a long value). mode: the
     command that re-makes the image (hires fix applies to txt2img only)."""
     names = [k for k in fields if k in A1111_UNAPPLIED or k.startswith(A1111_UNAPPLIED_PREFIXES)
-             or (k in HIRES_FIELDS and mode != "txt2img")
+             or (k in HIRES_FIELDS + REFINER_FIELDS and mode != "txt2img")      # (npsd's CLI: txt2img's)
              or (k == "Noise multiplier" and mode == "txt2img")]                 # (an img2img field)
     return [f"{k}: {fields[k]}" if len(str(fields[k])) <= 30 else k for k in names]
 

@@ -199,8 +199,8 @@ def test_from_png_names_the_a1111_settings_it_does_not_apply(model, tmp_path, ca
     base = f"{PROMPT}\nNegative prompt: \nSteps: 1, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 16x16"
     cases = {", Hires resize: 32x32, Hires upscaler: Latent, Hires prompt: a dog, Denoising strength: 0.7": None,
              ", Hires upscale: 2, Hires upscaler: Latent, Hires sampler: Euler, Denoising strength: 0.7": None,
-             ", Hires upscale: 2, Hires upscaler: Latent, Hires checkpoint: other, Denoising strength: 0.7":
-             "Hires checkpoint: other",
+             ", Hires upscale: 2, Hires upscaler: Latent, Hires CFG Scale: 5, Denoising strength: 0.7":
+             "Hires CFG Scale: 5",
              ", Seed resize from: 32x32": None,
              ", Variation seed: 9, Variation seed strength: 0.3, ENSD: 31337": None,
              ", Conditional mask weight: 0.5": None,

@@ -492,7 +492,12 @@ def test_img2img_resize_modes(client, pipe, picture):
     ({"scheduler": "Karras Exponential"}, ["scheduler", "Karras", "Beta"]),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, ["hr_upscaler", "R-ESRGAN 4x+", "Latent (nearest-exact)",
                                                          "Lanczos"]),
-    ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, ["hr_checkpoint_name='other.safetensors'"]),
+    ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"},
+     ["hr_checkpoint_name 'other.safetensors' is not a model this server offers"]),
+    ({"refiner_checkpoint": "sdxl_refiner"}, ["refiner_checkpoint 'sdxl_refiner' is not a model this server offers"]),
+    ({"refiner_checkpoint": "second", "sampler_name": "DDIM"}, ["refiner_checkpoint", "DDIM is not one"]),
+    ({"refiner_checkpoint": "second", "refiner_switch_at": 2}, ["refiner_switch_at must be in [0.0, 1.0]"]),
+    ({"override_settings": {"hires_fix_refiner_pass": "third"}}, ["hires_fix_refiner_pass 'third' is not one of"]),
     ({"enable_hr": True, "sampler_name": "Euler", "hr_sampler_name": "DDIM"},
      ["hr_sampler_name DDIM (hr_scheduler as the first pass) after sampler_name Euler: npsd runs A1111's schedules in "
       "both passes or in neither"]),
@@ -543,9 +548,8 @@ def test_bad_bodies_and_images(client, picture):
 def test_unsupported_fields_are_named(client, picture, mask):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "firstphase_width": 256,
                                                "alwayson_scripts": {"ControlNet": {"args": []}},
-                                               "refiner_checkpoint": "sdxl_refiner", "restore_faces": True,
-                                               "styles": ["cinematic"]})
-    assert_one_line_422(r, "firstphase_width", "alwayson_scripts", "refiner_checkpoint", "restore_faces", "styles")
+                                               "restore_faces": True, "styles": ["cinematic"]})
+    assert_one_line_422(r, "firstphase_width", "alwayson_scripts", "restore_faces", "styles")
     # A1111's seed resizing, its noise multiplier and mask weight options are applied
     assert txt2img(client, seed=1, seed_resize_from_w=48, seed_resize_from_h=32,
                    override_settings={"inpainting_mask_weight": 0.5})["images"]
@@ -788,6 +792,51 @@ def test_weights_in_float16(folders, pipe):
         assert c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "second.safetensors"}).status_code == 200
         txt2img(c, seed=43)
         assert server.loaded["title"] == "second.safetensors" and dtypes() == {np.dtype(np.float16)}
+
+
+def test_refiner_and_hires_checkpoint_from_the_models_folder(tmp_path, pipe):
+    """refiner_checkpoint (with refiner_switch_at and the option hires_fix_refiner_pass) and
+    hr_checkpoint_name name models of --models-dir as sd_model_checkpoint does; the images are the
+    pipeline's with npsd.refiner.Refiner and npsd.hires.Hires(checkpoint=...), their infotexts carry
+    A1111's "Refiner", "Refiner switch at", "Hires refiner" and "Hires checkpoint"."""
+    from safetensors.numpy import load_file, save_file
+    from npsd.generation import file_hash
+    from npsd.hires import Hires
+    from npsd.refiner import Refiner
+    models = tmp_path / "models"
+    models.mkdir()
+    weights = load_file(str(weights_path(BUILTIN_MODEL)))
+    rng = np.random.default_rng(0)                          # another checkpoint of the same design
+    save_file({k: (v * (1 + 0.2 * rng.standard_normal(v.shape))).astype(v.dtype) for k, v in weights.items()},
+              str(models / "tweaked.safetensors"))
+    tweaked = npsd.load(str(models / "tweaked.safetensors"))
+    title = f"tweaked [{file_hash(models / 'tweaked.safetensors')}]"
+    common = dict(seed=45, steps=4, sampler_name="Euler a", scheduler="Automatic")
+    kw = dict(num_inference_steps=4, seed=45, sampler="euler_a", schedule_type="automatic")
+    app = create_app(ServeSettings(models_dir=str(models)))
+    with TestClient(app) as c:
+        plain = txt2img(c, **common)
+        body = txt2img(c, refiner_checkpoint="tweaked.safetensors", refiner_switch_at=0.5, **common)
+        text = json.loads(body["info"])["infotexts"][0]
+        assert f"Refiner: {title}" in text and "Refiner switch at: 0.5" in text, text
+        ours = pixels(decode(body["images"][0]))
+        assert np.array_equal(ours, pixels(pipe.txt2img(PROMPT, refiner=Refiner(tweaked, 0.5), **kw)))
+        assert not np.array_equal(ours, pixels(decode(plain["images"][0])))
+        hires = dict(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.6)
+        body = txt2img(c, hr_checkpoint_name="tweaked", refiner_checkpoint="tweaked", refiner_switch_at=0.8,
+                       override_settings={"hires_fix_refiner_pass": "first pass"}, **hires, **common)
+        text = json.loads(body["info"])["infotexts"][0]
+        assert all(f in text for f in (f"Hires checkpoint: {title}", f"Refiner: {title}", "Hires refiner: first pass"))
+        ref = pipe.txt2img(PROMPT, refiner=Refiner(tweaked, 0.8, "first pass"),
+                           hires=Hires(scale=1.5, steps=2, strength=0.6, checkpoint=tweaked), **kw)
+        assert np.array_equal(pixels(decode(body["images"][0])), pixels(ref))
+        assert list(app.state.server.others) == ["tweaked.safetensors"]         # loaded once, kept for the next job
+        assert client_models_unchanged(c)
+
+
+def client_models_unchanged(c):
+    """The refiner and hires checkpoint leave sd_model_checkpoint as it was."""
+    return c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "npsd-tiny"
 
 
 # --- the command line ---------------------------------------------------------------------------

@@ -9,8 +9,8 @@ falls in one of four groups:
   send_images; img2img: init_images, denoising_strength, mask, mask_blur, inpainting_mask_invert, ...);
 - INERT: A1111's bookkeeping, which changes no pixel npsd computes (do_not_save_samples, the hr_*
   fields while enable_hr is false, ...): accepted, ignored;
-- OFF: features npsd lacks (refiner, scripts, face restoration, styles, the hires fix's
-  checkpoint, ...): accepted at their "off" value (what
+- OFF: features npsd lacks (scripts, face restoration, styles, img2img's refiner, ...): accepted at
+  their "off" value (what
   clients such as webuiapi send by default), else refused with 422 naming them;
 - anything else is unknown: refused with 422 (a misspelt field would otherwise be silently dropped).
 
@@ -27,7 +27,9 @@ without "Batch size"), and all_seeds lists seed, seed + 1, ....
 The scheduler is A1111's schedule type ("Automatic": A1111's choice for the sampler; npsd's
 schedule_type) for the samplers A1111 runs with k-diffusion. enable_hr runs the hires fix with
 A1111's latent upscalers (hr_scale or hr_resize_x/y, hr_upscaler, hr_second_pass_steps, denoising_strength,
-hr_prompt, hr_negative_prompt, hr_sampler_name, hr_scheduler; npsd/hires.py).
+hr_prompt, hr_negative_prompt, hr_sampler_name, hr_scheduler, hr_checkpoint_name; npsd/hires.py);
+refiner_checkpoint and refiner_switch_at run A1111's refiner (npsd/refiner.py; the option
+hires_fix_refiner_pass), in txt2img; checkpoints are named as sd_model_checkpoint is.
 With those samplers an inpainting request is A1111's inpainting (npsd/a1111_inpaint.py: its mask
 blur, inpainting_fill's masked content, inpaint_full_res's "only masked" crop with its padding, the
 denoised latents blended with the image's, the input pasted back over the kept region), and every
@@ -52,6 +54,7 @@ from ..images import open_image, upright
 from ..pngmeta import (A1111_BROWNIAN, A1111_SAMPLERS, KEY, SCHEDULE_LABELS, SCHEDULE_NAMED, _exif_user_comment,
                        emphasis_named, parse_parameters, png_info, sampler_from_a1111, schedule_label)
 from ..prompts import EMPHASIS_LABELS
+from ..refiner import HIRES_PASSES as REFINER_PASSES
 from ..rng import SEED_LIMIT
 from ..a1111_inpaint import INPAINT_AREAS, MASKED_CONTENT
 from ..images import RESIZE_MODES
@@ -68,11 +71,14 @@ USED_IMG2IMG = {"init_images", "denoising_strength", "mask", "mask_blur", "mask_
                 "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "resize_mode",
                 "initial_noise_multiplier", "include_init_images"}
 INERT = {"do_not_save_samples", "do_not_save_grid", "comments", "force_task_id", "s_tmin", "s_tmax",
-         "refiner_switch_at", "user"}
+         "refiner_switch_at", "user"}   # (refiner_switch_at: img2img's)
 USED_TXT2IMG = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength", "hr_resize_x",
-                "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler", "token_merging_ratio_hr"}
+                "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler", "token_merging_ratio_hr",
+                "hr_checkpoint_name", "refiner_checkpoint"}
 # the hires fix's fields npsd lacks, refused when enable_hr is true (ignored, as by A1111, when false)
-HIRES_OFF = {"hr_checkpoint_name": (("", "Use same checkpoint"), "npsd's second pass uses the same model")}
+HIRES_OFF = {}
+NO_CHECKPOINT = ("", "None", "none")                        # refiner_checkpoint off (A1111's processing.py)
+SAME_CHECKPOINT = ("", "Use same checkpoint")               # hr_checkpoint_name off
 HIRES_DENOISING = 0.75                                      # A1111's txt2img default denoising_strength
 INERT_IMG2IMG = {"image_cfg_scale",                         # instruct-pix2pix only
                  "token_merging_ratio_hr"}                  # (A1111's img2img has no hires pass)
@@ -81,7 +87,7 @@ OFF = {
     "firstphase_width": ((0,), "A1111's old hires fix; send hr_scale"),
     "firstphase_height": ((0,), "A1111's old hires fix; send hr_scale"),
     "firstpass_image": (("",), "npsd's hires fix starts from its own first pass"),
-    "refiner_checkpoint": (("", "None"), "npsd has no refiner pass"),
+    "refiner_checkpoint": (NO_CHECKPOINT, "npsd's refiner runs in txt2img"),
     "restore_faces": ((False,), "npsd has no face restoration"),
     "styles": (([],), "npsd has no saved prompt styles; write them into the prompt"),
     "s_churn": ((0,), "npsd's samplers have no churn"),
@@ -94,7 +100,7 @@ OFF = {
     "latent_mask": (("",), "npsd has no separate latent mask"),
 }
 OFF_TXT2IMG = ("firstphase_width", "firstphase_height", "firstpass_image")
-OFF_IMG2IMG = ("latent_mask",)
+OFF_IMG2IMG = ("latent_mask", "refiner_checkpoint")        # (txt2img reads refiner_checkpoint)
 
 # the samplers whose noise A1111 scales by eta; npsd's use eta = 1 (ddim reads eta itself)
 ETA_ONE = ("euler_a", "dpm2_a", "dpmpp_2m_sde", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_3m_sde")
@@ -106,7 +112,8 @@ OPTION_DEFAULTS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1, "
                    "inpainting_mask_weight": 1.0, "s_min_uncond": 0.0, "emphasis": "Original", "tiling": False,
                    "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,
                    "beta_dist_alpha": BETA_ALPHA, "beta_dist_beta": BETA_BETA,
-                   "token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0, "token_merging_ratio_hr": 0.0}
+                   "token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0, "token_merging_ratio_hr": 0.0,
+                   "hires_fix_refiner_pass": "second pass"}
 # A1111's options that change its schedule types' sigmas -> the run's settings (npsd.pngmeta.SCHEDULE_SETTINGS)
 SCHEDULE_OPTIONS = {"sigma_min": "schedule_sigma_min", "sigma_max": "schedule_sigma_max", "rho": "schedule_rho",
                     "always_discard_next_to_last_sigma": "discard_penultimate_sigma",
@@ -283,6 +290,9 @@ def check_options(options, where="options"):
     if "emphasis" in checked and (not isinstance(checked["emphasis"], str) or emphasis_named(checked["emphasis"]) is None):
         raise InputError(f"{where}: emphasis {checked['emphasis']!r} is not one npsd has; use one of "
                          f"{', '.join(EMPHASIS_LABELS.values())}")
+    if checked.get("hires_fix_refiner_pass", "second pass") not in REFINER_PASSES:
+        raise InputError(f"{where}: hires_fix_refiner_pass {checked['hires_fix_refiner_pass']!r} is not one of "
+                         f"{', '.join(REFINER_PASSES)}")
     source = checked.get("randn_source")
     if source is not None and source not in RANDN_SOURCES:
         raise InputError(f"{where}: randn_source {source!r} is not one npsd reproduces; use 'CPU' (torch's CPU "
@@ -366,7 +376,8 @@ def read_request(kind, body, limits=None):
                 "prompt_syntax": "a1111", "lora": [], "lora_names": [], "ti_names": [], "vae_decoder": "vae",
                 # A1111 draws its SDE samplers' step noise from a Brownian tree of the seed (npsd/brownian.py)
                 "sde_noise": "brownian" if sampler in A1111_BROWNIAN else "generator",
-                **(_hires(body, sampler, schedule_type) if kind == "txt2img" else HIRES_NONE)}
+                **(_hires(body, sampler, schedule_type) if kind == "txt2img" else HIRES_NONE),
+                **(_refiner(body, sampler, schedule_type) if kind == "txt2img" else REFINER_NONE)}
     if settings["hires_sampler"] in A1111_BROWNIAN:
         settings["sde_noise"] = "brownian"
     if sampler is not None:
@@ -387,7 +398,22 @@ def read_request(kind, body, limits=None):
 
 HIRES_NONE = {"hires_scale": None, "hires_upscaler": None, "hires_steps": None, "hires_strength": None,
               "hires_resize": None, "hires_prompt": None, "hires_negative_prompt": None, "hires_sampler": None,
-              "hires_schedule_type": None, "hires_token_merging_ratio": None}
+              "hires_schedule_type": None, "hires_token_merging_ratio": None,
+              "hires_checkpoint": None}
+REFINER_NONE = {"refiner": None, "refiner_switch_at": None}
+
+
+def _refiner(body, sampler, schedule_type):
+    """refiner_checkpoint, refiner_switch_at -> the settings refiner (the checkpoint's name, found in the
+    server's models as sd_model_checkpoint is) and refiner_switch_at. A1111 compares the ratio with
+    refiner_switch_at only where it is given: without it the refiner takes over at the first call (0)."""
+    name = _str(body, "refiner_checkpoint")
+    if name is None or name.strip() in NO_CHECKPOINT:
+        return REFINER_NONE
+    if sampler is not None and schedule_type is None:
+        raise InputError(f"refiner_checkpoint: npsd's refiner switches at A1111's completed ratio, from the noise "
+                         f"levels of the samplers A1111 runs with k-diffusion; {A1111_SAMPLERS[sampler]} is not one")
+    return {"refiner": name.strip(), "refiner_switch_at": _float(body, "refiner_switch_at", 0.0, lo=0.0, hi=1.0)}
 
 
 def _hires(body, sampler, schedule_type):
@@ -408,6 +434,8 @@ def _hires(body, sampler, schedule_type):
             "hires_prompt": _str(body, "hr_prompt") or None,
             "hires_negative_prompt": _str(body, "hr_negative_prompt") or None,
             "hires_token_merging_ratio": _float(body, "token_merging_ratio_hr", None, lo=0.0, hi=MAX_RATIO),
+            "hires_checkpoint": None if (_str(body, "hr_checkpoint_name") or "").strip() in SAME_CHECKPOINT
+            else body["hr_checkpoint_name"].strip(),
             **_hires_sampler(body, sampler, schedule_type)}
 
 
@@ -608,11 +636,13 @@ def reload_settings(plan, settings, model_title, pos):
                       hr_prompt=settings.get("hires_prompt") or "", hr_negative_prompt=settings.get("hires_negative_prompt") or "",
                       hr_sampler_name=A1111_SAMPLERS[settings["hires_sampler"]] if settings.get("hires_sampler") else "",
                       hr_scheduler=SCHEDULE_LABELS[settings["hires_schedule_type"]] if settings.get("hires_schedule_type")
-                      else "")
+                      else "", hr_checkpoint_name=settings.get("hires_checkpoint") or "Use same checkpoint")
     if settings.get("token_merging_ratio"):
         fields["token_merging_ratio"] = settings["token_merging_ratio"]
     if settings.get("hires_token_merging_ratio"):
         fields["token_merging_ratio_hr"] = settings["hires_token_merging_ratio"]
+    if plan.mode == "txt2img" and settings.get("refiner"):
+        fields.update(refiner_checkpoint=settings["refiner"], refiner_switch_at=settings["refiner_switch_at"])
     if plan.mode == "inpaint":
         fields.update(mask_blur=settings["mask_blur"], inpainting_fill=MASKED_CONTENT.index(settings["masked_content"]),
                       inpaint_full_res=settings["inpaint_area"] == "only masked",

@@ -52,7 +52,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from .. import generation, resources
+from .. import generation, pngmeta, resources
 from ..attention_maps import AttentionMaps
 from ..clip import layer_count
 from ..config import generation_defaults
@@ -123,16 +123,17 @@ class Models:
         return {"title": title, "model_name": a1111.model_name_of(title) if path.is_file() else title,
                 "path": str(path), "file": str(file)}
 
-    def find(self, name):
+    def find(self, name, field="sd_model_checkpoint"):
         """A title ("sub/model.safetensors", optionally with A1111's " [hash]"), a model_name or a short
-        hash -> the entry; anything else (a path outside the folder included) is a one-line InputError."""
+        hash -> the entry; anything else (a path outside the folder included) is a one-line InputError
+        naming the request's field."""
         plain = re.sub(r"\s*\[[0-9a-fA-F]{8,64}\]$", "", name.strip())
         entries = self.entries()
         for e in entries:
             if plain in (e["title"], e["model_name"]) or plain.lower() == (self.short_hash(e) or "-"):
                 return e
         titles = ", ".join(e["title"] for e in entries[:8]) + (", ..." if len(entries) > 8 else "")
-        raise InputError(f"sd_model_checkpoint {name!r} is not a model this server offers ({titles}); "
+        raise InputError(f"{field} {name!r} is not a model this server offers ({titles}); "
                          "see GET /sdapi/v1/sd-models")
 
     def full_hash(self, entry, compute=False):
@@ -308,6 +309,7 @@ class Server:
         self.models = Models(settings.models_dir)
         self.options = dict(a1111.OPTION_DEFAULTS)
         self.pipe = self.loaded = None
+        self.others = {}                 # title -> Pipeline: the refiners and hires checkpoints of the last job
         self._load(self.models.find(settings.model) if settings.model else self.models.entries()[0])
         self.options["sd_model_checkpoint"] = self.loaded["title"]
         self.gallery, self.gallery_lock, self.image_ids = [], threading.Lock(), itertools.count(1)
@@ -332,6 +334,34 @@ class Server:
         if title != self.loaded["title"]:
             self._load(self.models.find(title))
 
+    def _others(self, settings):
+        """The job's refiner and hires checkpoint (A1111's refiner_checkpoint, hr_checkpoint_name; named
+        as sd_model_checkpoint) -> ({"refiner": Pipeline or None, "hires_checkpoint": ...}, {PNG field:
+        "NAME [hash]"}). Loaded beside the model (two or three models in memory: each runs alone, and
+        resources.check_request checks each); those of the job before are let go unless used again."""
+        import npsd
+        pipes, titles, kept = {}, {}, {}
+        for key, field, label in (("refiner", "refiner_checkpoint", "Refiner"),
+                                  ("hires_checkpoint", "hr_checkpoint_name", "Hires checkpoint")):
+            if not settings.get(key) or (key == "hires_checkpoint" and not settings.get("hires_scale")):
+                pipes[key] = None
+                continue
+            entry = self.models.find(settings[key], field)
+            if entry["title"] == self.loaded["title"]:
+                pipes[key] = self.pipe
+            else:
+                pipe = self.others.get(entry["title"]) or kept.get(entry["title"])
+                if pipe is None:
+                    pipe = npsd.load(entry["path"], weights_dtype=self.settings.weights_dtype)
+                    pipe.embeddings_dir = self.settings.embeddings_dir
+                kept[entry["title"]] = pipes[key] = pipe
+            file = generation.model_file(pipes[key], entry["path"]) or entry["file"]
+            self.models.full_hash(dict(entry, file=file), compute=True)
+            titles[label] = pngmeta.checkpoint_title(entry["model_name"], self.models.short_hash(dict(entry, file=file)))
+        self.others = kept
+        gc.collect()
+        return pipes, titles
+
     def set_options(self, options):
         """POST /sdapi/v1/options: queued, so that the jobs before it keep the options they were sent with."""
         def run(job):
@@ -349,6 +379,9 @@ class Server:
     def submit(self, plan):
         if "sd_model_checkpoint" in plan.overrides:          # refused now, not after the queue
             self.models.find(plan.overrides["sd_model_checkpoint"])
+        for key, field in (("refiner", "refiner_checkpoint"), ("hires_checkpoint", "hr_checkpoint_name")):
+            if plan.settings.get(key):
+                self.models.find(plan.settings[key], field)
         return self.worker.submit(plan.mode, lambda job: self._generate(plan, job))
 
     def _generate(self, plan, job):
@@ -357,6 +390,8 @@ class Server:
         if not plan.restore_afterwards:
             self.options.update(plan.overrides)
         pipe, settings = self.pipe, self._settings(plan, options)
+        settings["hires_refiner_pass"] = options["hires_fix_refiner_pass"]
+        others, titles = self._others(settings)
         count = settings["num_images"] * plan.n_iter
         first, end = generation.step_range(pipe, plan.mode, settings)
         job.begin(pipe, count, end - first)
@@ -371,7 +406,7 @@ class Server:
             job.start_iteration(k)
             try:
                 out = generation.pipeline_call(pipe, plan.mode, call, plan.image, plan.mask, job.on_step,
-                                               maps if k == 0 else None)
+                                               maps if k == 0 else None, **others)
             except Interrupted as stop:                    # A1111: the last step's x_0, decoded
                 out, stopped = pipe.decode_latents(stop.x0, call["vae_decoder"]), stop.step
             if networks is None:
@@ -381,7 +416,7 @@ class Server:
             extra = f", Interrupted at step: {stopped}/{job.steps}" if stopped else ""
             size = generation.png_size(pipe, plan.mode, call, plan.image, img)
             text = parameters_text(call, plan.mode, self._model_label(), self.models.short_hash(self.loaded),
-                                   None, None, *size, 1, 1, networks) + extra
+                                   None, None, *size, 1, 1, networks, None, titles) + extra
             images.append(img)
             texts.append(text)
             seeds.append(call["seed"])
