@@ -64,6 +64,20 @@ def a1111_target(width, height, hr_resize_x, hr_resize_y):
     return hr_upscale_to_x, hr_upscale_to_y, truncate_x, truncate_y
 
 
+def a1111_sample(kd, guided, x, n, t_enc, sampler, schedule_type, seed):  # noqa: F811
+    """A1111's sample (t_enc None: from the seed's noise times the first sigma) or sample_img2img (x
+    noised to the sigma of step n - t_enc - 1, sampled from there) of k-diffusion's `sampler` on A1111's
+    sigmas for n steps of schedule_type, the seed's torch generator drawing the start and each
+    ancestral step's noise; guided(x, sigma) the denoiser."""
+    sigmas = torch.from_numpy(a1111_sampler_sigmas(kd, sampler, schedule_type, n).astype(np.float32))
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x.shape, generator=g)
+    x = noise * sigmas[0] if t_enc is None else x + noise * sigmas[n - t_enc - 1]
+    kw = {"noise_sampler": lambda s, s_next: torch.randn(x.shape, generator=g)} if sampler in ANCESTRAL else {}
+    start = 0 if t_enc is None else n - t_enc - 1
+    return getattr(kd.sampling, FUNCTIONS[sampler])(guided, x, sigmas[start:], disable=True, **kw)
+
+
 def a1111_hires_run(kd, models, sampler, schedule_type, seed, steps, height, width, hires,  # noqa: F811
                     shift=0, same_prompts=False, first_sampler=False):
     """A1111's txt2img with the hires fix -> images [1, H, W, 3] in [0, 1]. shift moves the crop by
@@ -84,18 +98,9 @@ def a1111_hires_run(kd, models, sampler, schedule_type, seed, steps, height, wid
             return d_uncond + (d_cond - d_uncond) * GUIDANCE
         return guided
 
-    def run(x, n, t_enc, guided, sampler, schedule_type):   # sample (t_enc None) or sample_img2img, the seed's generator
-        sigmas = torch.from_numpy(a1111_sampler_sigmas(kd, sampler, schedule_type, n).astype(np.float32))
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(x.shape, generator=g)
-        x = noise * sigmas[0] if t_enc is None else x + noise * sigmas[n - t_enc - 1]
-        kw = {"noise_sampler": lambda s, s_next: torch.randn(x.shape, generator=g)} if sampler in ANCESTRAL else {}
-        start = 0 if t_enc is None else n - t_enc - 1
-        return getattr(kd.sampling, FUNCTIONS[sampler])(guided, x, sigmas[start:], disable=True, **kw)
-
     with torch.no_grad():
-        x = run(torch.zeros(1, 4, height // OPT_F, width // OPT_F), steps, None, guided_by(PROMPT, NEGATIVE), sampler,
-                schedule_type)
+        x = a1111_sample(kd, guided_by(PROMPT, NEGATIVE), torch.zeros(1, 4, height // OPT_F, width // OPT_F), steps,
+                         None, sampler, schedule_type, seed)
         rx, ry = hires.resize or (0, 0)
         if hires.resize is None:
             to_x, to_y, tx, ty = int(width * hires.scale), int(height * hires.scale), 0, 0
@@ -117,8 +122,8 @@ def a1111_hires_run(kd, models, sampler, schedule_type, seed, steps, height, wid
         n = hires.steps or steps
         # the hires sampler (hr_sampler_name or sampler_name) on hr_scheduler, which is the first pass's
         # scheduler where it is None ("Automatic" resolved for the hires sampler)
-        x = run(x, n, int(min(hires.strength, 0.999) * n), guided_by(prompt, negative), hires.sampler or sampler,
-                hires.schedule_type or schedule_type)
+        x = a1111_sample(kd, guided_by(prompt, negative), x, n, int(min(hires.strength, 0.999) * n),
+                         hires.sampler or sampler, hires.schedule_type or schedule_type, seed)
         image = vae.decode(x / scaling).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 

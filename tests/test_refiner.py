@@ -45,8 +45,9 @@ from npsd.hires import Hires
 from npsd.refiner import Refiner, SwitchingModel
 from npsd.testing import assert_close
 from tests.helpers import assert_caught, perturb_
-from tests.test_a1111_pipeline import ANCESTRAL, FUNCTIONS, GUIDANCE, NEGATIVE, PROMPT, _LDM, a1111_resize_with_upscaler
-from tests.test_kdiffusion import a1111_sampler_sigmas, kd  # noqa: F401 - the fixture
+from tests.test_a1111_pipeline import GUIDANCE, NEGATIVE, PROMPT, _LDM, a1111_resize_with_upscaler
+from tests.test_hires_options import a1111_sample
+from tests.test_kdiffusion import kd  # noqa: F401 - the fixture
 from tests.test_cli import gen, model, run  # noqa: F401 - the fixture
 from tests.test_pipelines import SCHED, SIZE, make_image, models, npsd_pipe, reference, tiny_unet  # noqa: F401
 
@@ -119,13 +120,7 @@ def a1111_refiner_run(kd, base, refiner, sampler, schedule_type, seed, steps, sw
     vae_scaling = reference(StableDiffusionPipeline, base, EulerDiscreteScheduler(**SCHED)).vae.config.scaling_factor
 
     def run(den, x, n, t_enc):                 # sample (t_enc None) or sample_img2img, the seed's generator
-        sigmas = torch.from_numpy(a1111_sampler_sigmas(kd, sampler, schedule_type, n).astype(np.float32))
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(x.shape, generator=g)
-        x = noise * sigmas[0] if t_enc is None else x + noise * sigmas[n - t_enc - 1]
-        kw = {"noise_sampler": lambda s, s_next: torch.randn(x.shape, generator=g)} if sampler in ANCESTRAL else {}
-        start = 0 if t_enc is None else n - t_enc - 1
-        return getattr(kd.sampling, FUNCTIONS[sampler])(den, x, sigmas[start:], disable=True, **kw)
+        return a1111_sample(kd, den, x, n, t_enc, sampler, schedule_type, seed)
 
     with torch.no_grad():
         acts = PASSES[hires_pass] if hires is not None else (1,)
