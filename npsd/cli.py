@@ -654,8 +654,8 @@ def generate(args, argv_for_restart=None):
     started = time.perf_counter()
     limiter = _limit_threads(args, argv_for_restart)  # noqa: F841 (kept alive while generating)
     settings, stored, select, outputs = _plan(args)                 # all checked before any work
-    pipe = _load_model(args, settings)
-    run = _Generation(args, settings, pipe, outputs, select)
+    pipe, others = _load_model(args, settings)
+    run = _Generation(args, settings, pipe, outputs, select, others)
     run.check_model(stored.get("_model"), stored.get("_taesd_hash"))
     run.run()
     for path in outputs + ([args.trace] if args.trace is not None else []):
@@ -705,7 +705,8 @@ def _plan(args):
 
 
 def _load_model(args, settings):
-    """Load the model (and --vae), then fill the settings left None with its defaults -> the Pipeline."""
+    """Load the model (and --vae), then fill the settings left None with its defaults -> (the Pipeline,
+    {"refiner": .., "hires_checkpoint": ..}: each (its Pipeline, its path) or None)."""
     import npsd
     t0 = time.perf_counter()
     _note(args, f"npsd: loading {args.model or 'the built-in model'} ...")
@@ -715,7 +716,7 @@ def _load_model(args, settings):
     if args.vae is not None:
         attach_vae(pipe, args.vae, args.weights_dtype)
     attach_networks(pipe, args, settings)
-    pipe.others = {key: _load_other(args, settings, key, pipe) for key in ("refiner", "hires_checkpoint")}
+    others = {key: _load_other(args, settings, key) for key in ("refiner", "hires_checkpoint")}
     _note(args, f"npsd: loaded in {time.perf_counter() - t0:.1f} s")
     if "prediction_type" in pipe.info:                              # SD 2.x single files: v or epsilon
         kind, reason = pipe.info["prediction_type"]
@@ -739,7 +740,7 @@ def _load_model(args, settings):
     if settings["eta"] and settings["sampler"] != "ddim":
         warnings.warn(f"--eta is DDIM's; the {settings['sampler']} sampler ignores it")
         settings["eta"] = 0.0
-    return pipe
+    return pipe, others
 
 
 def checkpoint_file(folder, name, what):
@@ -757,7 +758,7 @@ def checkpoint_file(folder, name, what):
                      f"{folder} (the image's {what}); check the folder, or give --{what.replace(' ', '-')} PATH")
 
 
-def _load_other(args, settings, key, pipe):
+def _load_other(args, settings, key):
     """The refiner or hires checkpoint (key) of a run, loaded as --model is (its --vae too, as A1111 gives
     its chosen VAE to every model; the same embeddings folder), or None. settings[key]: a path given
     as an option, or --from-png's name, found in --models-dir."""
@@ -771,8 +772,14 @@ def _load_other(args, settings, key, pipe):
     other = npsd.load(path, ema=not settings["no_ema"], weights_dtype=args.weights_dtype)
     if args.vae is not None:
         attach_vae(other, args.vae, args.weights_dtype)
-    other.embeddings_dir, other.path = args.embeddings_dir, path
-    return other
+    other.embeddings_dir = args.embeddings_dir
+    return other, path
+
+
+def _file_hash(pipe, path):
+    """The hash of the weights file that pipe was loaded from (path), or None for a diffusers folder."""
+    weights = model_file(pipe, path)
+    return file_hash(weights) if weights else None
 
 
 class _Generation:
@@ -780,8 +787,9 @@ class _Generation:
     run, the files it writes (each listed before it appears, so that Ctrl-C can remove them all),
     the progress bar, and the --save-steps previews and filmstrip."""
 
-    def __init__(self, args, settings, pipe, outputs, select):
+    def __init__(self, args, settings, pipe, outputs, select, others):
         self.args, self.settings, self.pipe, self.outputs, self.select = args, settings, pipe, outputs, select
+        self.others = others                      # the refiner and hires checkpoint: (Pipeline, path) or None
         self.mode, self.n = args.command, settings["num_images"]
         self.start, self.total = step_range(pipe, self.mode, settings)     # the callback's steps
         uses = taesd_uses(args, settings)
@@ -855,7 +863,7 @@ class _Generation:
         """The pipeline call of the subcommand -> float32 images [B, H, W, 3] in [0, 1]."""
         return pipeline_call(self.pipe, self.mode, self.settings, getattr(self.args, "image", None),
                              getattr(self.args, "mask", None), self.on_step, self.maps, self.trace,
-                             **getattr(self.pipe, "others", {}))
+                             **{key: other and other[0] for key, other in self.others.items()})
 
     def on_step(self, i, t, latents, x0_pred):
         """The pipeline's callback after every step: the step's previews (--save-steps), the progress bar."""
@@ -938,12 +946,9 @@ class _Generation:
             vae_file = vae_weights_file(args.vae) if args.vae else None
             self.hashes["vae"] = file_hash(vae_file) if vae_file else None
             self.hashes["networks"] = network_hashes(self.pipe, self.settings, args)
-            self.hashes["checkpoints"] = {field: checkpoint_title(other.path, file_hash(model_file(other, other.path))
-                                                                  if model_file(other, other.path) else None)
-                                          for field, other in (("Refiner", self.pipe.others.get("refiner")),
-                                                               ("Hires checkpoint",
-                                                                self.pipe.others.get("hires_checkpoint")))
-                                          if other is not None} if getattr(self.pipe, "others", None) else {}
+            self.hashes["checkpoints"] = {field: checkpoint_title(self.others[key][1], _file_hash(*self.others[key]))
+                                          for field, key in (("Refiner", "refiner"), ("Hires checkpoint", "hires_checkpoint"))
+                                          if self.others[key] is not None}
         vae_name = os.path.basename(os.path.normpath(args.vae)) if args.vae else None
         text = parameters_text(self.settings, self.mode, self.model_name, self.hashes["model"], vae_name,
                                self.hashes["vae"], width, height, self.n, pos, self.hashes["networks"],
