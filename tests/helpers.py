@@ -172,8 +172,11 @@ BUGS = {
                        patches=((guidance, "cfg", _cfg_branches_swapped),)),
     # the VAE's GroupNorm eps is 1e-6: its wrong value is the UNet's 1e-5
     "vae_group_norm_eps": Bug("VAE GroupNorm eps 1e-5 instead of 1e-6", config={"vae": {"eps": 1e-5}}),
-    # tiling (settings.padding_mode("circular")): a conv that should wrap around pads with zeros, or
-    # the VAE's one-sided zero pad before its stride-2 conv wraps too
+}
+
+# Bugs of tiling alone (they change nothing without settings.padding_mode("circular")): a conv that
+# should wrap around pads with zeros, or the VAE's one-sided zero pad before its stride-2 conv wraps too
+TILING_BUGS = {
     "tiling_downsamplers_zeros": Bug("tiling: the UNet's stride-2 downsamplers pad with zeros", patches=(
         (unet_model, "nn", lambda nn_: _ConvPaddedBy(nn_, lambda stride, mode: "zeros" if stride == 2 else mode)),)),
     "tiling_vae_pad_wrapped": Bug("tiling: the VAE's one-sided downsampler pad wraps around", patches=(

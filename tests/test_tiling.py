@@ -25,7 +25,7 @@ from npsd import nn, settings
 from npsd import vae as vae_model
 from npsd.errors import InputError
 from npsd.testing import assert_close
-from tests.helpers import BUGS, circular, n2t, t2n
+from tests.helpers import TILING_BUGS, circular, n2t, t2n
 from npsd.hires import Hires
 from tests.test_a1111_pipeline import GUIDANCE, NEGATIVE, PROMPT
 from tests.test_hires_options import TOL_8BIT, a1111_hires_run
@@ -138,7 +138,7 @@ def test_tiling_bugs_fail(models, monkeypatch, bug):
     elif bug == "VAE decoder zero-padded":
         monkeypatch.setattr(vae_model, "decoder", _zeros_in(vae_model.decoder))
     else:
-        bug = BUGS[bug]
+        bug = TILING_BUGS[bug]
         bug.inject(monkeypatch)
     ours, ref = tiled_runs(models, "txt2img", "unet4", None, "euler")
     with pytest.raises(AssertionError, match="exceeds the tolerance") as failure:

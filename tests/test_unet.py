@@ -27,7 +27,7 @@ from npsd.errors import InputError
 from npsd.params import unflatten
 from npsd.testing import assert_close, compare
 from npsd.unet import unet
-from tests.helpers import BUGS, assert_caught, circular, n2t, perturb_, t2n, to_numpy_params
+from tests.helpers import BUGS, TILING_BUGS, assert_caught, circular, n2t, perturb_, t2n, to_numpy_params
 
 RTOL_TINY = 1e-5
 # Full size: 22 resnets and 16 transformers deep with up to 2560 input channels per conv. The
@@ -267,7 +267,7 @@ def test_full_size_tiling_sensitivity(full_size, monkeypatch):
     """Tiling's small real bug, the downsamplers' convs left zero-padded, fails the full-size check."""
     params, cases = full_size
     (latents, t, context), ref = cases["tiled"]
-    bug = BUGS["tiling_downsamplers_zeros"]
+    bug = TILING_BUGS["tiling_downsamplers_zeros"]
     bug.inject(monkeypatch)
     with settings.padding_mode("circular"):
         assert_caught(bug, lambda: check(params, SD15_CONFIG, latents, t, context, ref, full_tolerances(TILED_CASE)))

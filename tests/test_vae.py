@@ -27,7 +27,7 @@ from npsd.config import sd15_config
 from npsd.errors import CheckpointError, InputError
 from npsd.params import flatten
 from npsd.testing import assert_close
-from tests.helpers import BUGS, assert_caught, circular, n2t, perturb_, t2n, to_numpy_params
+from tests.helpers import BUGS, TILING_BUGS, assert_caught, circular, n2t, perturb_, t2n, to_numpy_params
 
 RTOL = 1e-5
 # The full SD v1.5 VAE: measured on both kernel paths (npsd/fast.py / the plain npsd/nn.py), and the
@@ -374,7 +374,7 @@ def test_sd15_tiling(sd15):
 
 
 def test_sd15_tiling_sensitivity(sd15, monkeypatch):
-    bug = BUGS["tiling_vae_pad_wrapped"]
+    bug = TILING_BUGS["tiling_vae_pad_wrapped"]
     bug.inject(monkeypatch)
     with settings.padding_mode("circular"):
         mean = vae.encode(sd15["params"], sd15["images"], sd15["config"])[0]
