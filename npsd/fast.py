@@ -88,6 +88,7 @@ def cpu_vendor(cpuinfo="/proc/cpuinfo"):
 
 
 VENDOR = cpu_vendor()      # read once; the attention blocks and the Winograd line depend on it
+MEASURED_VENDORS = ("AuthenticAMD", "GenuineIntel")    # where those were measured (docs/speed.md)
 
 
 def exp2_is_vectorised(opt_func_info=None):
@@ -493,10 +494,11 @@ def layer_norm(x, weight, bias, eps=1e-5):
 
 def attention_block_elements(vendor):
     """The scores (queries x keys) in one attention block. 2^18 (1 MiB: 64 queries x 4096 keys, a
-    core's L2 cache), as first chosen; on AMD 2^19, twice the queries sharing each packing of K and
-    V that BLAS makes per block: a 4096-token layer took 5-7% less time on both AMD machines of the
-    README, though the block no longer fits in L2 there (docs/speed.md section 4)."""
-    return 2**19 if vendor == "AuthenticAMD" else 2**18
+    core's L2 cache), as first chosen; on AMD and Intel 2^19, twice the queries sharing each packing
+    of K and V that BLAS makes per block: a 4096-token layer took 5-7% less time on both AMD machines
+    of the README, the same on the Intel one, where the VAE's 512-wide head took 11% less
+    (docs/speed.md section 4)."""
+    return 2**19 if vendor in MEASURED_VENDORS else 2**18
 
 
 BLOCK_ELEMENTS = attention_block_elements(VENDOR)
@@ -609,8 +611,9 @@ WINOGRAD = True                     # False: every 3x3 conv by im2col (to measur
 def winograd_min_positions(vendor):
     """The fewest output positions (batch x height x width) of a 3x3 stride-1 conv that Winograd
     takes; below, transforming the weights on every call costs more than the multiplications save.
-    Measured on AMD (1024: one image at 32x32); elsewhere 2048, as first chosen (docs/speed.md section 3)."""
-    return 1024 if vendor == "AuthenticAMD" else 2048
+    Measured on AMD and Intel (1024: one image at 32x32); elsewhere 2048, as first chosen
+    (docs/speed.md section 3)."""
+    return 1024 if vendor in MEASURED_VENDORS else 2048
 
 
 WINOGRAD_MIN_POSITIONS = winograd_min_positions(VENDOR)
@@ -618,10 +621,10 @@ WINOGRAD_MIN_POSITIONS = winograd_min_positions(VENDOR)
 
 def winograd_small_map_positions(vendor):
     """The fewest output positions of a 3x3 stride-1 conv below WINOGRAD_MIN_POSITIONS that still
-    takes Winograd, as a small map (winograd_small_map). Measured on AMD: 512 (two images at 16x16,
-    0.78-0.89 of im2col's time; one image at 16x16 took 0.96, so the line is not lower); elsewhere
-    not measured, so no small maps there (docs/speed.md section 3)."""
-    return 512 if vendor == "AuthenticAMD" else winograd_min_positions(vendor)
+    takes Winograd, as a small map (winograd_small_map). Measured on AMD and Intel: 512 (two images
+    at 16x16, 0.78-0.95 of im2col's time; one image at 16x16 took 0.96 on AMD and 1.19 on Intel, so
+    the line is not lower); elsewhere not measured, so no small maps there (docs/speed.md section 3)."""
+    return 512 if vendor in MEASURED_VENDORS else winograd_min_positions(vendor)
 
 
 WINOGRAD_SMALL_MAP_POSITIONS = winograd_small_map_positions(VENDOR)

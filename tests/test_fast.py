@@ -137,14 +137,14 @@ def test_im2col_bands_of_one_image(monkeypatch, stride):
 
 def test_choices_by_cpu_vendor(tmp_path):
     """Winograd in bands from 1024 output positions, as a small map from 512, and attention blocks of
-    2^19 scores on AMD (where they were measured), 2048 (no small maps) and 2^18 elsewhere; the vendor
-    is read from /proc/cpuinfo's vendor_id, and an unreadable file means 'elsewhere'."""
-    assert fast.winograd_min_positions("AuthenticAMD") == 1024
-    assert fast.winograd_min_positions("GenuineIntel") == fast.winograd_min_positions(None) == 2048
-    assert fast.winograd_small_map_positions("AuthenticAMD") == 512
-    assert fast.winograd_small_map_positions("GenuineIntel") == fast.winograd_min_positions("GenuineIntel")
-    assert fast.attention_block_elements("AuthenticAMD") == 2**19
-    assert fast.attention_block_elements("GenuineIntel") == fast.attention_block_elements(None) == 2**18
+    2^19 scores on AMD and Intel (where they were measured), 2048 (no small maps) and 2^18 elsewhere;
+    the vendor is read from /proc/cpuinfo's vendor_id, and an unreadable file means 'elsewhere'."""
+    assert fast.winograd_min_positions("AuthenticAMD") == fast.winograd_min_positions("GenuineIntel") == 1024
+    assert fast.winograd_min_positions("CentaurHauls") == fast.winograd_min_positions(None) == 2048
+    assert fast.winograd_small_map_positions("AuthenticAMD") == fast.winograd_small_map_positions("GenuineIntel") == 512
+    assert fast.winograd_small_map_positions(None) == fast.winograd_min_positions(None)
+    assert fast.attention_block_elements("AuthenticAMD") == fast.attention_block_elements("GenuineIntel") == 2**19
+    assert fast.attention_block_elements("CentaurHauls") == fast.attention_block_elements(None) == 2**18
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
     assert fast.cpu_vendor(info) == "AuthenticAMD"
@@ -186,13 +186,13 @@ def test_exp2_where_numpy_vectorises_it():
                                         (2, 4, 64), (1, 32, 64)])
 def test_winograd_is_used_at_sd_sizes_and_matches(b, c, side, monkeypatch):
     """At the default lines the SD UNet's 64x64 maps and two images at 32x32 go through Winograd in
-    bands, one image at 32x32 too on AMD (1024 positions); two images at 16x16 as a small map on AMD
-    (512), through im2col elsewhere; one image at 16x16 and 8x8 maps through im2col, and so do convs
+    bands, one image at 32x32 too on AMD and Intel (1024 positions); two images at 16x16 as a small
+    map there (512), through im2col elsewhere; one image at 16x16 and 8x8 maps through im2col, and so do convs
     with fewer than 64 input channels (SD's conv_in, 4) at any size (checked by counting calls)."""
     positions = b * side * side
     bands = positions >= fast.WINOGRAD_MIN_POSITIONS and c >= 64
     small_map = not bands and positions >= fast.WINOGRAD_SMALL_MAP_POSITIONS and c >= 64
-    assert small_map == (fast.VENDOR == "AuthenticAMD" and (b, c, side) == (2, 64, 16))
+    assert small_map == (fast.VENDOR in fast.MEASURED_VENDORS and (b, c, side) == (2, 64, 16))
     calls = []
     for name in ("winograd_f2x2_3x3", "winograd_small_map"):
         original = getattr(fast, name)
